@@ -1,0 +1,31 @@
+"""Test-wide settings. XLA flags must be set before JAX is imported anywhere."""
+
+import os
+
+# 8 simulated CPU devices for the sharding tests; single-threaded Eigen avoids a hang seen
+# with some jaxlib versions on 2-core machines.
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false"):
+  if _flag.split("=")[0] not in _flags:
+    _flags = f"{_flags} {_flag}".strip()
+os.environ["XLA_FLAGS"] = _flags
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache shared by all tests (and xdist workers) of one run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+  """A fresh numpy Generator per test, seeded by the test's name so failures reproduce."""
+  import zlib
+  name = os.environ.get("PYTEST_CURRENT_TEST", "seed")
+  return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def pytest_report_header(config):
+  return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"

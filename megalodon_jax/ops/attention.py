@@ -1,0 +1,107 @@
+"""Chunked causal softmax attention (SPEC §4): the plain-XLA path, reference for the Pallas kernel.
+
+The sequence is cut into chunks of C steps; a query sees only the keys of its own chunk at or
+before it (and, with packed sequences, only keys of its own segment). Scores are NOT scaled by
+1/sqrt(d): Megalodon normalises q and k itself (scale = 1.0). Softmax runs in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from megalodon_jax.config import ConfigError
+
+
+def num_chunks(length: int, chunk_size: int) -> tuple[int, int]:
+  """(number of chunks, chunk length) for a sequence of `length` steps."""
+  if length <= chunk_size:
+    return 1, length
+  if length % chunk_size:
+    raise ConfigError(
+        f"sequence length {length} is longer than chunk_size={chunk_size} but not a multiple of it; "
+        f"pad it to {(length // chunk_size + 1) * chunk_size} (segment id 0) or use chunk_size >= {length}")
+  return length // chunk_size, chunk_size
+
+
+def _check_qkv(q, k, v):
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(
+        "expected q, k: [batch, length, heads, qk_dim] of equal shape and v: [batch, length, heads, v_dim], "
+        f"got q{q.shape} k{k.shape} v{v.shape}")
+
+
+def chunked_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
+                          segment_ids: jax.Array | None = None, scale: float = 1.0,
+                          dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """q, k: [B, L, H, dk]; v: [B, L, H, dv]; segment_ids: [B, L] int -> [B, L, H, dv] in v.dtype."""
+  _check_qkv(q, k, v)
+  batch, length, heads, _ = q.shape
+  n, c = num_chunks(length, chunk_size)
+  split = lambda t: t.reshape(batch, n, c, heads, t.shape[-1])
+  qc, kc, vc = split(q), split(k), split(v)
+  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
+  if scale != 1.0:
+    scores = scores * scale
+  mask = jnp.tril(jnp.ones((c, c), dtype=bool))[None, None, None]
+  if segment_ids is not None:
+    seg = segment_ids.reshape(batch, n, c)
+    mask = mask & (seg[:, :, None, :, None] == seg[:, :, None, None, :])
+  scores = jnp.where(mask, scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("attention dropout needs dropout_rng")
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v.dtype), vc)
+  return out.reshape(batch, length, heads, v.shape[-1])
+
+
+def cached_attention_xla(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: jax.Array | int,
+                         scale: float = 1.0) -> jax.Array:
+  """Attention of T new queries to the keys of the current chunk (decoding / prefill).
+
+  q: [B, T, H, dk] at chunk positions start..start+T-1; k_buf: [B, C, H, dk], v_buf: [B, C, H, dv]
+  already hold the new keys/values at [start, start+T). Entries past start+T-1 are stale and
+  masked out. Returns [B, T, H, dv].
+  """
+  steps = q.shape[1]
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_buf, preferred_element_type=jnp.float32)
+  if scale != 1.0:
+    scores = scores * scale
+  query_pos = start + jnp.arange(steps)
+  mask = jnp.arange(k_buf.shape[1])[None, :] <= query_pos[:, None]
+  scores = jnp.where(mask[None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_buf.dtype), v_buf)
+
+
+@functools.lru_cache(maxsize=None)
+def _pallas_available() -> bool:
+  try:
+    import kernels_pallas.chunk_attention  # noqa: F401
+  except ImportError:
+    return False
+  return jax.default_backend() in ("gpu", "tpu")
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
+                      segment_ids: jax.Array | None = None, impl: str = "auto",
+                      dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Dispatches between the XLA path and the Pallas kernel. Shapes as `chunked_attention_xla`.
+
+  impl: 'xla', 'pallas' (error if unavailable) or 'auto' (Pallas on GPU/TPU when no attention
+  dropout is asked for, XLA otherwise).
+  """
+  use_pallas = impl == "pallas" or (impl == "auto" and dropout_rate == 0.0 and _pallas_available())
+  if use_pallas:
+    if dropout_rate > 0.0:
+      raise ConfigError("the Pallas attention kernel has no attention dropout; set attention_impl='xla' "
+                        "or attention_dropout=0")
+    from kernels_pallas import chunk_attention as kernel
+    return kernel.chunk_attention(q, k, v, chunk_size=chunk_size, segment_ids=segment_ids)
+  return chunked_attention_xla(q, k, v, chunk_size=chunk_size, segment_ids=segment_ids,
+                               dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -105,3 +105,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: i
     return kernel.chunk_attention(q, k, v, chunk_size=chunk_size, segment_ids=segment_ids)
   return chunked_attention_xla(q, k, v, chunk_size=chunk_size, segment_ids=segment_ids,
                                dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+def cached_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: jax.Array | int, *,
+                     impl: str = "auto") -> jax.Array:
+  """Decoding/prefill attention to the current chunk; shapes as `cached_attention_xla`."""
+  if impl == "pallas" or (impl == "auto" and _pallas_available()):
+    from kernels_pallas import chunk_attention as kernel
+    return kernel.cached_chunk_attention(q, k_buf, v_buf, start)
+  return cached_attention_xla(q, k_buf, v_buf, start)

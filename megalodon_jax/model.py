@@ -1,0 +1,155 @@
+"""The Megalodon language model: blocks, the LM, parameter initialisation (SPEC §1, §6)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from megalodon_jax.cache import LayerCache, ModelCache
+from megalodon_jax.config import MegalodonConfig, check_sequence_length
+from megalodon_jax.layers import initializers
+from megalodon_jax.layers.ffn import NormalizedFFN
+from megalodon_jax.layers.mega_attention import MovingAverageGatedAttention
+from megalodon_jax.layers.timestep_norm import TimestepNorm
+from megalodon_jax.ops import rope
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rescale_init(config: MegalodonConfig, layer_id: int) -> float | None:
+  return 0.1 * (0.5 ** layer_id) if config.rescale_nffn else None
+
+
+class MegalodonBlock(nn.Module):
+  """Two-hop residual block: y = MEGA(x) (includes + x); out = x + FFN(LayerNorm(y)).
+
+  Called as (x, layer_cache, positions, segment_ids, cache_count) -> (out, new_layer_cache), the
+  shape `nn.scan` needs. x: [B, L, D].
+  """
+  config: MegalodonConfig
+  layer_id: int = 0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, layer_cache: LayerCache | None, positions, segment_ids, cache_count):
+    cfg = self.config
+    y, new_cache = MovingAverageGatedAttention(cfg, name="mega")(
+        x, positions, segment_ids=segment_ids, cache=layer_cache, cache_count=cache_count,
+        deterministic=self.deterministic)
+    out = NormalizedFFN(cfg.ffn_hidden_dim, cfg.swiglu, rescale_init(cfg, self.layer_id), cfg.norm_eps,
+                        cfg.dropout, cfg.hidden_dropout, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                        name="nffn")(y, x, self.deterministic)
+    return out, new_cache
+
+
+def _block_class(config: MegalodonConfig):
+  if config.remat_policy == "none":
+    return MegalodonBlock
+  if config.remat_policy == "save_cema_attention":
+    policy = jax.checkpoint_policies.save_only_these_names("cema_out", "attention_out")
+  else:
+    policy = REMAT_POLICIES[config.remat_policy]
+  return nn.remat(MegalodonBlock, policy=policy, prevent_cse=not config.scan_layers)
+
+
+class _OutputHead(nn.Module):
+  """x: [B, L, D] -> float32 logits [B, L, V] (matmul accumulated in float32)."""
+  vocab_size: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", initializers.embedding(x.shape[-1]), (x.shape[-1], self.vocab_size),
+                        self.param_dtype)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+class MegalodonLM(nn.Module):
+  """tokens -> embedding (* sqrt(D) optionally) -> blocks -> TimestepNorm -> head; float32 logits.
+
+  Call: model.apply({"params": p}, tokens, segment_ids=None, cache=None, deterministic=True)
+    tokens: [B, L] int; segment_ids: [B, L] int (packed documents; 0 = padding) or None.
+    Without a cache returns logits [B, L, V]; with a ModelCache returns (logits, new_cache).
+  With a cache, L must satisfy count + L <= C, or count == 0 and L a multiple of C (the decoding
+  helpers in decoding.py split inputs that way).
+  """
+  config: MegalodonConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
+               cache: ModelCache | None = None, deterministic: bool = True):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length] integers, got shape {tokens.shape}")
+    if segment_ids is not None and segment_ids.shape != tokens.shape:
+      raise ValueError(f"segment_ids shape {segment_ids.shape} must equal tokens shape {tokens.shape}")
+    length = tokens.shape[1]
+    if cache is None:
+      check_sequence_length(cfg, length)
+    elif length > cfg.chunk_size and length % cfg.chunk_size:
+      raise ValueError(f"with a cache, feed at most chunk_size={cfg.chunk_size} steps or whole chunks; "
+                       f"got {length} (use decoding.prefill, which splits the input)")
+
+    embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=initializers.embedding(cfg.model_dim),
+                     dtype=dtype, param_dtype=pdtype, name="embed")
+    x = embed(tokens)
+    if cfg.scale_emb:
+      x = x * jnp.asarray(math.sqrt(cfg.model_dim), dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+    count = jnp.zeros((), jnp.int32) if cache is None else cache.count
+    positions = rope.chunk_positions(length, cfg.chunk_size, segment_ids, offset=count)
+    layer_caches = None if cache is None else cache.layers
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+      x, new_layers = scanned(cfg, 0, deterministic, name="layers")(x, layer_caches, positions, segment_ids, count)
+    else:
+      new_layers = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else layer_caches[i]
+        x, new_layer = block(cfg, i, deterministic, name=f"layers_{i}")(x, layer_cache, positions, segment_ids, count)
+        new_layers.append(new_layer)
+      new_layers = tuple(new_layers)
+
+    padding_mask = None if segment_ids is None else segment_ids == 0
+    x, final_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, param_dtype=pdtype, name="final_norm")(
+        x, None if cache is None else cache.final_norm, padding_mask=padding_mask, segment_ids=segment_ids)
+    if cfg.share_emb:
+      logits = jnp.dot(x.astype(dtype), embed.embedding.astype(dtype).T, preferred_element_type=jnp.float32)
+    else:
+      logits = _OutputHead(cfg.vocab_size, dtype, pdtype, name="output")(x)
+    if cache is None:
+      return logits
+    new_count = ((count + length) % cfg.chunk_size).astype(jnp.int32)
+    return logits, ModelCache(layers=new_layers, final_norm=final_state, count=new_count)
+
+
+def init_params(config: MegalodonConfig, rng: jax.Array, length: int | None = None) -> Any:
+  """Initialised parameters (float `config.param_dtype`), as the release initialises them.
+
+  With scan_layers the per-layer FFN rescale (0.1 * 0.5**layer_id) cannot come from one shared
+  initialiser, so it is written in here.
+  """
+  length = min(config.chunk_size, 8) if length is None else length
+  tokens = jnp.zeros((1, length), jnp.int32)
+  params = MegalodonLM(config).init({"params": rng}, tokens)["params"]
+  if config.scan_layers and config.rescale_nffn:
+    alphas = jnp.stack([jnp.full((config.model_dim,), rescale_init(config, i)) for i in range(config.num_layers)])
+    params["layers"]["nffn"]["alpha"] = alphas.astype(params["layers"]["nffn"]["alpha"].dtype)
+  return params
+
+
+def param_count(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,77 @@
+"""Defaults shared by every experiment config; each config file starts from `base_config()`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from megalodon_jax.config import MegalodonConfig, PRESETS
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """All MegalodonConfig fields for a preset, as a ConfigDict (overridable from the command line)."""
+  fields = MegalodonConfig(**{**PRESETS[preset], **overrides}).to_dict()
+  return ml_collections.ConfigDict(fields)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config("small")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "shakespeare_works"  # any TFDS text dataset with a "text" feature
+  c.data.data_dir = ""  # '' -> ~/.cache/megalodon_jax/tfds (the embedded corpus is built there)
+  c.data.text_key = "text"
+  c.data.tokenizer = "bytes"  # "bytes" or a path to a sentencepiece .model file
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.seq_len = 256
+  c.data.batch_size = 16  # global batch (rows) per optimiser step
+  c.data.shuffle_seed = 0
+  c.data.num_epochs = 0  # 0: repeat forever
+  c.data.worker_count = 0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup = 2000
+  c.optim.scheduler = "linear"  # linear | cosine | constant (the release's schedules)
+  c.optim.lr_init_ratio = 1e-4
+  c.optim.lr_end_ratio = 0.01
+  c.optim.cycles = 1.0
+  c.optim.weight_decay = 0.1
+  c.optim.decay_norms_and_cema = False  # the release decays everything; we skip norms/CEMA/biases by default
+  c.optim.beta1 = 0.9
+  c.optim.beta2 = 0.98
+  c.optim.epsilon = 1e-8
+  c.optim.clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 10000
+  c.train.microbatches = 1  # gradient accumulation
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.eval_batches = 20
+  c.train.max_nonfinite_streak = 20  # stop after this many consecutive skipped (non-finite) steps
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "\n"
+  c.sample.max_new_tokens = 256
+  c.sample.temperature = 0.8
+  c.sample.top_k = 0
+  c.sample.top_p = 0.95
+  c.sample.seed = 0
+
+  # Device mesh (see megalodon_jax/sharding): -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.sequence = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_data = 1  # across slices / hosts (multi-slice TPU pods)
+  c.mesh.dcn_fsdp = 1
+  return c

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, the jitted train/eval steps, checkpoints, metrics."""

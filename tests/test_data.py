@@ -311,6 +311,25 @@ def test_state_restore_shakespeare(shakespeare_dir):
       np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_orbax_checkpoint_round_trip(rng, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+  source = [{"text": t} for t in random_texts(rng, 13, 90)]
+  cfg = D.DataConfig(seq_len=10, batch_size=2, shuffle_window=7, seed=2)
+  it = D.make_train_iterator(cfg, source=source)
+  for _ in range(9):
+    next(it)
+  manager = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
+  manager.save(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = [next(it) for _ in range(5)]
+  resumed = D.make_train_iterator(cfg, source=source)
+  manager.restore(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+  for a, b in zip([next(resumed) for _ in range(5)], expected):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_process_shards_are_disjoint_and_cover(rng):
   texts = [f"<{i}>" + t for i, t in enumerate(random_texts(rng, 23, 50))]
   source = [{"text": t} for t in texts]

@@ -229,12 +229,6 @@ def test_shakespeare_build_splits(shakespeare_dir):
   assert {f"shakespeare_works-{s}.array_record-00000-of-00001" for s in ("train", "validation", "test")} <= files
 
 
-def test_tensorflow_is_not_needed(shakespeare_dir):
-  import importlib.util
-  import sys
-  assert importlib.util.find_spec("tensorflow") is None or "tensorflow" not in sys.modules
-
-
 def test_eval_batches_cover_the_split_once(shakespeare_dir):
   cfg = D.DataConfig(data_dir=str(shakespeare_dir), seq_len=256, batch_size=8)
   texts = list(committed_works()["validation"].values())

@@ -18,18 +18,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config("small")
 
+  # Fields of megalodon_jax.data.DataConfig ('' means unset), except batch_size, which is GLOBAL here
+  # (rows per optimiser step over all processes); each process reads batch_size / process_count.
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "shakespeare_works"  # any TFDS text dataset with a "text" feature
-  c.data.data_dir = ""  # '' -> ~/.cache/megalodon_jax/tfds (the embedded corpus is built there)
-  c.data.text_key = "text"
-  c.data.tokenizer = "bytes"  # "bytes" or a path to a sentencepiece .model file
+  c.data.dataset = "shakespeare_works"  # any TFDS text dataset prepared in data_dir (array_record)
+  c.data.data_dir = ""  # '' -> tfds's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.text_key = ""  # '' -> "text" ("book_text" for pg19)
+  c.data.tokenizer = "byte"  # "byte" or "sentencepiece:/path/to/tokenizer.model"
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.seq_len = 256
-  c.data.batch_size = 16  # global batch (rows) per optimiser step
-  c.data.shuffle_seed = 0
-  c.data.num_epochs = 0  # 0: repeat forever
-  c.data.worker_count = 0
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 0  # 0 -> same as batch_size
+  c.data.add_bos = True
+  c.data.add_eos = True
+  c.data.seed = 0
+  c.data.num_epochs = 0  # 0 -> repeat forever
+  c.data.shuffle_documents = True
+  c.data.shuffle_window = 1024
+  c.data.read_threads = 2
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3

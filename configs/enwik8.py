@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
                          dropout=0.1, hidden_dropout=0.1, attention_dropout=0.0,
                          dtype="bfloat16", scan_layers=True)
   c.data.dataset = "enwik8"
-  c.data.tokenizer = "bytes"
+  c.data.tokenizer = "byte"
   c.data.seq_len = 8192
   c.data.batch_size = 8
   c.optim.lr = 5e-3

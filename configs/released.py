@@ -13,7 +13,7 @@ def released_config(preset: str, *, dataset: str = "c4/en:3.1.0", seq_len: int =
   c = base_config()
   c.model = model_config(preset, vocab_size=32000, dtype="bfloat16", param_dtype="float32", scan_layers=True)
   c.data.dataset = dataset
-  c.data.tokenizer = ""  # required: path to the sentencepiece model
+  c.data.tokenizer = ""  # required: "sentencepiece:/path/to/tokenizer.model"
   c.data.seq_len = seq_len
   c.data.batch_size = batch_size
   c.data.eval_split = "validation"

@@ -83,15 +83,18 @@ class Progress:
   def __init__(self, total: int, initial: int = 0, enabled: bool | None = None):
     enabled = jax.process_index() == 0 if enabled is None else enabled
     self._bar = None
+    self._position = initial
     if enabled:
       from tqdm import tqdm
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
-  def update(self, steps: int, **postfix: Any) -> None:
+  def advance_to(self, step: int, **postfix: Any) -> None:
+    """Moves the bar to `step` and shows the given values."""
     if self._bar is not None:
-      self._bar.update(steps)
+      self._bar.update(step - self._position)
       self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                             refresh=False)
+    self._position = step
 
   def write(self, message: str) -> None:
     if self._bar is not None:

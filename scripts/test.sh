@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up and runs the test suite (unit tests and notebooks) on the CPU. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q "$@" tests experiments/notebooks

@@ -304,6 +304,11 @@ def adamw(learning_rate: float | optax.Schedule, *, b1: float = 0.9, b2: float =
 _BATCH_KEYS = ("inputs", "targets", "weights")
 
 
+def _global_norm(tree: Any) -> jax.Array:
+  """L2 norm of all leaves together, in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
+
+
 def make_train_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation, *,
                     donate: bool = True) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
   """One jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)` for any LM.
@@ -329,6 +334,6 @@ def make_train_step(apply_fn: Callable[..., jax.Array], optimizer: optax.Gradien
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+    return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads), "tokens": tokens}
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())

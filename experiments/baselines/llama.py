@@ -464,14 +464,61 @@ def make_decode_step(model: Llama) -> Callable[[Any, Cache, jax.Array], tuple[ja
   return jax.jit(step, donate_argnums=(1,))
 
 
-def main() -> None:
-  """Prints the presets' parameter counts next to the Megalodon presets they match."""
+def check_attention_backends(seq_len: int = 256) -> bool:
+  """Compares the cuDNN and XLA attention paths (forward, gradients, cached decoding) in bf16.
+
+  Needs a GPU; prints one line per check and returns whether all passed. The tolerances are those
+  of bf16 (relative L2 error below 2%).
+  """
+  base = LlamaConfig(vocab_size=1000, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2,
+                     ffn_hidden_dim=512, dtype="bfloat16")
+  tokens = jax.random.randint(jax.random.key(0), (2, seq_len), 0, base.vocab_size)
+  params = jax.jit(Llama(base).init)(jax.random.key(1), tokens)["params"]
+
+  def rel(a, b):
+    a, b = [jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(t)]) for t in (a, b)]
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+  def loss_and_grad(cfg):
+    loss = lambda p: jnp.mean(jax.nn.logsumexp(Llama(cfg).apply({"params": p}, tokens), axis=-1))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  def decode(cfg, steps=8):
+    step, cache, outs = make_decode_step(Llama(cfg)), init_cache(cfg, 2, seq_len), []
+    _, cache = step(params, cache, tokens[:, :seq_len - steps])
+    for t in range(seq_len - steps, seq_len):
+      logits, cache = step(params, cache, tokens[:, t:t + 1])
+      outs.append(logits)
+    return jnp.concatenate(outs, axis=1)
+
+  xla, cudnn = base.replace(attention_impl="xla"), base.replace(attention_impl="cudnn")
+  errors = {
+      "forward logits": rel(jax.jit(Llama(cudnn).apply)({"params": params}, tokens),
+                            jax.jit(Llama(xla).apply)({"params": params}, tokens)),
+      "gradients": rel(loss_and_grad(cudnn)[1], loss_and_grad(xla)[1]),
+      "cached decode": rel(decode(base.replace(decode_attention_impl="cudnn")), decode(base)),
+      "decode vs forward": rel(decode(base), jax.jit(Llama(xla).apply)({"params": params}, tokens)[:, -8:]),
+  }
+  for name, error in errors.items():
+    print(f"{'PASS' if error < 2e-2 else 'FAIL'}  {name:18s} relative L2 error {error:.2e}")
+  return all(error < 2e-2 for error in errors.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Prints the presets' parameter counts next to the Megalodon presets they match;
+  with --check-attention (GPU), also compares the cuDNN and XLA attention paths."""
+  import argparse
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("--check-attention", action="store_true")
+  args = parser.parse_args(argv)
   from megalodon_jax import config as mega_config
   for name, mega in (("llama200M", "mega200M"), ("llama1.3B", "mega1.3B")):
     ours = count_params(preset(name))
     theirs = mega_config.count_params(mega_config.preset(mega))
     print(f"{name:10s} {ours:>15,d}   {mega:9s} {theirs:>15,d}   ratio {ours / theirs:.4f}   "
           f"train FLOPs/token @2048: {flops_per_token(preset(name), 2048):.3e}")
+  if args.check_attention and not check_attention_backends():
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

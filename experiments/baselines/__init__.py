@@ -1,0 +1,1 @@
+"""Baseline models measured against Megalodon in the same benchmark run."""

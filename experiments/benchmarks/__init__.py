@@ -1,0 +1,1 @@
+"""Benchmark scripts and the shared timing, results and ceiling-measurement helpers."""

@@ -1,0 +1,286 @@
+"""Benchmark plumbing: timing statistics, results files, memory queries, the shared train step and
+the measured ceilings."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.baselines import llama as L
+from experiments.benchmarks import floors, harness
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def check_ordered_stats(stats, iters):
+  times = stats["times_ms"]
+  assert len(times) == iters and all(t > 0 for t in times)
+  assert stats["min_ms"] <= stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["max_ms"]
+  assert stats["min_ms"] == min(times) and stats["max_ms"] == max(times)
+  assert stats["median_ms"] == pytest.approx(sorted(times)[iters // 2] if iters % 2 else
+                                             (sorted(times)[iters // 2 - 1] + sorted(times)[iters // 2]) / 2)
+
+
+def test_time_fn_returns_ordered_stats_and_calls_as_asked():
+  add = jax.jit(lambda x: x + 1.0)
+  calls = []
+
+  def fn(x):
+    calls.append(1)
+    return add(x)
+
+  stats = harness.time_fn(fn, jnp.ones((64,)), warmup=2, iters=5, inner=3)
+  check_ordered_stats(stats, iters=5)
+  assert len(calls) == 2 + 5 * 3
+  assert (stats["warmup"], stats["iters"], stats["inner"]) == (2, 5, 3)
+
+
+class Pending:
+  """Stands in for an asynchronously dispatched result: ready only `delay` seconds after the call
+  returned, and only for whoever waits for it (jax.block_until_ready calls this method)."""
+
+  def __init__(self, delay: float):
+    self.delay = delay
+
+  def block_until_ready(self):
+    time.sleep(self.delay)
+    return self
+
+
+def test_time_fn_waits_for_asynchronous_results():
+  stats = harness.time_fn(lambda: Pending(0.03), warmup=1, iters=3)
+  check_ordered_stats(stats, iters=3)
+  assert 30.0 <= stats["median_ms"] < 1000.0
+  fast = harness.time_fn(jax.jit(lambda x: x + 1), jnp.ones((4,)), warmup=1, iters=3)
+  assert fast["median_ms"] < 20.0
+
+
+def test_time_stateful_waits_for_asynchronous_results():
+  stats, state = harness.time_stateful(lambda s: (s + 1, Pending(0.03)), 0, warmup=1, iters=3)
+  assert state == 4
+  assert 30.0 <= stats["median_ms"] < 1000.0
+
+
+def test_time_stateful_threads_a_donated_state():
+  step = jax.jit(lambda state, x: (state + x, jnp.sum(state)), donate_argnums=(0,))
+  stats, state = harness.time_stateful(step, jnp.zeros((8,)), jnp.full((8,), 2.0), warmup=2, iters=3)
+  check_ordered_stats(stats, iters=3)
+  np.testing.assert_array_equal(np.asarray(state), np.full((8,), 2.0 * 5))
+
+
+def test_bad_counts_are_rejected():
+  with pytest.raises(ValueError, match="iters >= 1"):
+    harness.time_fn(lambda: None, iters=0)
+
+
+def test_throughput_helpers():
+  assert harness.tokens_per_second(4096, 2.0) == pytest.approx(2_048_000)
+  # 1e9 FLOPs/token at 5e5 tokens/s is 5e14 FLOP/s: half of a 1000 TFLOP/s peak.
+  assert harness.mfu(1e9, 5e5, 1000.0) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device memory
+# ---------------------------------------------------------------------------------------------
+
+class FakeDevice:
+  def __init__(self, stats):
+    self._stats = stats
+
+  def memory_stats(self):
+    if isinstance(self._stats, Exception):
+      raise self._stats
+    return self._stats
+
+
+def test_memory_queries_read_allocator_stats_or_return_none():
+  device = FakeDevice({"peak_bytes_in_use": 7 << 20, "bytes_in_use": 3 << 20})
+  assert harness.peak_memory_bytes(device) == 7 << 20
+  assert harness.memory_in_use_bytes(device) == 3 << 20
+  assert harness.peak_memory_bytes(FakeDevice(None)) is None
+  assert harness.peak_memory_bytes(FakeDevice({})) is None
+  assert harness.memory_in_use_bytes(FakeDevice(RuntimeError("no stats on this backend"))) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Results files
+# ---------------------------------------------------------------------------------------------
+
+def reject_constant(name):
+  raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_write_results_writes_valid_json_with_metadata(tmp_path, capsys):
+  rows = [
+      {"model": "llama", "seq_len": np.int64(2048), "median_ms": np.float32(12.5), "ratio": float("nan")},
+      {"model": "megalodon", "seq_len": 4096, "median_ms": jnp.asarray(3.25), "times_ms": [1.0, 2.0]},
+  ]
+  path = harness.write_results("Train step 200M", rows, {"batch": 4, "dtype": "bfloat16"},
+                               results_dir=tmp_path)
+  today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+  assert path.parent == tmp_path
+  assert path.name == f"{today}_{harness.device_kind()}_train-step-200m.json"
+  data = json.loads(path.read_text(), parse_constant=reject_constant)
+  meta = data["metadata"]
+  assert data["name"] == "Train step 200M"
+  assert meta["date"].startswith(today)
+  assert meta["jax_version"] == jax.__version__
+  assert meta["backend"] == jax.default_backend()
+  assert meta["device_kind"] == jax.devices()[0].device_kind
+  assert re.fullmatch(r"[0-9a-f]{40}", meta["git_commit"])  # the tests run inside a git checkout
+  assert meta["batch"] == 4 and meta["dtype"] == "bfloat16"
+  assert data["rows"] == [
+      {"model": "llama", "seq_len": 2048, "median_ms": 12.5, "ratio": None},
+      {"model": "megalodon", "seq_len": 4096, "median_ms": 3.25, "times_ms": [1.0, 2.0]},
+  ]
+  printed = capsys.readouterr().out
+  assert "megalodon" in printed and str(path) in printed
+
+
+def test_write_results_refuses_to_overwrite_run_metadata(tmp_path):
+  with pytest.raises(ValueError, match="jax_version"):
+    harness.write_results("x", [{"a": 1}], {"jax_version": "mine"}, results_dir=tmp_path, print_table=False)
+  with pytest.raises(ValueError, match="no letters or digits"):
+    harness.write_results("//", [{"a": 1}], results_dir=tmp_path, print_table=False)
+  assert not list(tmp_path.iterdir())
+
+
+def test_format_table_aligns_columns():
+  rows = [{"name": "a", "ms": 1.5}, {"name": "longer name", "ms": 1234.5678, "note": "x"}]
+  lines = harness.format_table(rows).splitlines()
+  assert lines[0].split() == ["name", "ms", "note"]
+  assert len(lines) == 4
+  # Each column starts at the same offset on every line; numbers are right-aligned.
+  name_width = len("longer name")
+  assert all(line[name_width:name_width + 2] == "  " for line in lines)
+  ms_ends = {lines[0].index("ms") + 2, lines[2].index("1.5") + 3, lines[3].index("1234.6") + 6}
+  assert len(ms_ends) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step
+# ---------------------------------------------------------------------------------------------
+
+def bigram_apply(params, inputs, bias=None):
+  """A bigram LM: logits[b, t] = W[inputs[b, t]] (+ bias)."""
+  logits = params["w"][inputs]
+  return logits if bias is None else logits + bias
+
+
+def numpy_bigram_step(w, inputs, targets, weights, bias, lr):
+  """float64 loss and SGD update of the bigram model, with the closed-form softmax gradient."""
+  logits = w[inputs] + bias
+  logits = logits - logits.max(-1, keepdims=True)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  nll = -np.log(np.take_along_axis(probs, targets[..., None], -1)[..., 0])
+  loss = (nll * weights).sum() / weights.sum()
+  dlogits = probs.copy()
+  np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1)
+  dlogits *= (weights / weights.sum())[..., None]
+  grad = np.zeros_like(w)
+  np.add.at(grad, inputs.reshape(-1), dlogits.reshape(-1, w.shape[1]))
+  return loss, w - lr * grad, np.linalg.norm(grad)
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_train_step_matches_closed_form_sgd(with_weights, rng):
+  vocab, lr = 11, 0.5
+  w = rng.standard_normal((vocab, vocab))
+  inputs = rng.integers(0, vocab, (3, 6))
+  targets = rng.integers(0, vocab, (3, 6))
+  bias = rng.standard_normal(vocab)
+  weights = (rng.random((3, 6)) < 0.7).astype(np.float64) if with_weights else np.ones((3, 6))
+  batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets), "bias": jnp.asarray(bias, jnp.float32)}
+  if with_weights:
+    batch["weights"] = jnp.asarray(weights, jnp.float32)
+  step = harness.make_train_step(bigram_apply, optax.sgd(lr))
+  params = {"w": jnp.asarray(w, jnp.float32)}
+  new_params, _, metrics = step(params, optax.sgd(lr).init(params), batch)
+  loss, new_w, grad_norm = numpy_bigram_step(w, inputs, targets, weights, bias, lr)
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norm, rtol=1e-5)
+  assert float(metrics["tokens"]) == weights.sum()
+  np.testing.assert_allclose(np.asarray(new_params["w"]), new_w, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_names_missing_batch_keys():
+  step = harness.make_train_step(bigram_apply, optax.sgd(0.1), donate=False)
+  params = {"w": jnp.zeros((4, 4))}
+  with pytest.raises(KeyError, match="targets"):
+    step(params, optax.sgd(0.1).init(params), {"inputs": jnp.zeros((1, 2), jnp.int32)})
+
+
+def test_adamw_decays_matrices_only():
+  params = {"w": jnp.full((2, 3), 2.0), "scale": jnp.full((3,), 2.0)}
+  opt = harness.adamw(0.1, weight_decay=0.5)
+
+  @jax.jit
+  def one_step(params):
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  new = one_step(params)
+  np.testing.assert_allclose(np.asarray(new["w"]), 2.0 * (1 - 0.1 * 0.5), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(new["scale"]), 2.0)
+
+
+def test_train_step_fits_a_batch_with_the_llama_baseline(rng):
+  cfg = L.preset("tiny", num_layers=1)
+  model = L.Llama(cfg)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  # Initialisation under jit: eagerly it would compile every primitive separately.
+  params = jax.jit(model.init)(jax.random.key(0), batch["inputs"])["params"]
+  opt = harness.adamw(3e-2, weight_decay=0.0)
+  step = harness.make_train_step(lambda p, x: model.apply({"params": p}, x), opt)
+  losses = []
+
+  def stateful(state, batch):
+    params, opt_state, metrics = step(*state, batch)
+    losses.append(metrics["loss"])
+    return (params, opt_state), metrics
+
+  stats, _ = harness.time_stateful(stateful, (params, jax.jit(opt.init)(params)), batch, warmup=2, iters=28)
+  check_ordered_stats(stats, iters=28)
+  losses = np.asarray(losses)
+  # Small init: the first loss is close to uniform guessing; 30 steps on one batch memorise it.
+  assert abs(losses[0] - np.log(cfg.vocab_size)) < 0.05
+  assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings
+# ---------------------------------------------------------------------------------------------
+
+def test_copy_bandwidth_counts_read_and_write():
+  result = floors.measure_copy_bandwidth(1 << 20, warmup=1, iters=3, inner=2)
+  assert result["bytes_moved"] == 2 << 20
+  assert result["gb_per_s"] == pytest.approx(result["bytes_moved"] / (result["median_ms"] * 1e-3) / 1e9)
+  with pytest.raises(ValueError, match="smaller than one"):
+    floors.measure_copy_bandwidth(2)
+
+
+def test_matmul_peak_counts_two_n_cubed():
+  result = floors.measure_matmul_peak(64, warmup=1, iters=3, inner=2)
+  assert result["flops"] == 2 * 64**3
+  assert result["tflops"] == pytest.approx(result["flops"] / (result["median_ms"] * 1e-3) / 1e12)
+
+
+def test_floors_script_writes_both_ceilings(tmp_path):
+  floors.main(["--small", "--iters", "2", "--results-dir", str(tmp_path)])
+  (path,) = tmp_path.glob("*_floors.json")
+  data = json.loads(path.read_text(), parse_constant=reject_constant)
+  by_name = {row["ceiling"]: row for row in data["rows"]}
+  assert set(by_name) == {"copy_bandwidth", "matmul_peak"}
+  assert all(row["value"] > 0 for row in by_name.values())
+  assert data["metadata"]["matmul_n"] == 512

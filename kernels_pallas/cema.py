@@ -200,6 +200,45 @@ def _complex_power(q: Array, exponent: int) -> Array:
   return jnp.ones_like(q) if result is None else result
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Step algebra shared by the GPU and TPU kernels.  Arrays are any broadcast-compatible float32
+# shapes: on GPU one group of lanes [block_d * split] per call, on TPU a whole [N, block_d] tile
+# with the per-step input as a [1, block_d] row.  k is the reset flag (None: no segments).
+# ----------------------------------------------------------------------------------------------
+
+def _fwd_update(sr, si, x, k, qre, qim):
+  """Folded state s_t = k q s_{t-1} + x_t (real and imaginary parts)."""
+  if k is not None:
+    sr, si = k * sr, k * si
+  # Written so that each line contracts to two FMAs.
+  return (x - qim * si) + qre * sr, qim * sr + qre * si
+
+
+def _fwd_output(acc, sr, si, cre, cim):
+  """acc + Re(c s) with c = eta p."""
+  return (acc + cre * sr) - cim * si
+
+
+def _rev_update(er, ei, dy, k, ere, eim, qre, qim):
+  """Adjoint in E-form: w_t = k_{t+1} E_{t+1} + eta dy_t, E_t = q w_t.  Returns (w, E)."""
+  if k is not None:
+    er, ei = k * er, k * ei
+  wr = er + ere * dy
+  wi = ei + eim * dy
+  return wr, wi, qre * wr - qim * wi, qre * wi + qim * wr
+
+
+def _param_update(vr, vi, zr, zi, x, k, qre, qim):
+  """v_t = k q v_{t-1} + x_t and its q-tangent z_t = k (q z_{t-1} + v_{t-1})."""
+  if k is not None:
+    vr, vi, zr, zi = k * vr, k * vi, k * zr, k * zi
+  znr = (vr - qim * zi) + qre * zr
+  zni = (vi + qim * zr) + qre * zi
+  vnr = (x - qim * vi) + qre * vr
+  vni = qim * vr + qre * vi
+  return vnr, vni, znr, zni
+
 # ----------------------------------------------------------------------------------------------
 # GPU (Triton) kernels.
 # ----------------------------------------------------------------------------------------------
@@ -311,14 +350,9 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       acc = om * x if spec.emit else None
       new_r, new_i = [], []
       for g in groups:
-        a, bb = sr[g], si[g]
-        if k is not None:
-          a, bb = k * a, k * bb
-        nr = (x - qim[g] * bb) + qre[g] * a
-        ni = qim[g] * a + qre[g] * bb
+        nr, ni = _fwd_update(sr[g], si[g], x, k, qre[g], qim[g])
         if spec.emit:
-          acc = acc + cre[g] * nr
-          acc = acc - cim[g] * ni
+          acc = _fwd_output(acc, nr, ni, cre[g], cim[g])
         new_r.append(nr)
         new_i.append(ni)
       if spec.emit:
@@ -348,16 +382,12 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       acc = om * dy if spec.emit else None
       out_r, out_i, out_p = [], [], []
       for g in groups:
-        a, bb = er_[g], ei_[g]
-        if k is not None:
-          a, bb = k * a, k * bb
-        wr = a + ere[g] * dy
-        wi = bb + eim[g] * dy
+        wr, _, nr, ni = _rev_update(er_[g], ei_[g], dy, k, ere[g], eim[g], qre[g], qim[g])
         if spec.emit:
           acc = acc + pp[g] * wr
           out_p.append(ctp[g] + x * wr)
-        out_r.append(qre[g] * wr - qim[g] * wi)
-        out_i.append(qre[g] * wi + qim[g] * wr)
+        out_r.append(nr)
+        out_i.append(ni)
       if spec.emit:
         dx = _lane_sum(acc, spec)
         plgpu.store(r["dx"].at[b, time_of(step), d_out], dx.astype(r["dx"].dtype), mask=omask)
@@ -386,13 +416,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       x, dy, k = inputs
       out = [[] for _ in range(8)]
       for g in groups:
-        a, bb, za, zb = vr[g], vi[g], zr[g], zi[g]
-        if k is not None:
-          a, bb, za, zb = k * a, k * bb, k * za, k * zb
-        znr = (a - qim[g] * zb) + qre[g] * za
-        zni = (bb + qim[g] * za) + qre[g] * zb
-        vnr = (x - qim[g] * bb) + qre[g] * a
-        vni = qim[g] * a + qre[g] * bb
+        vnr, vni, znr, zni = _param_update(vr[g], vi[g], zr[g], zi[g], x, k, qre[g], qim[g])
         for slot, value in enumerate((vnr, vni, znr, zni, avr[g] + dy * vnr, avi[g] + dy * vni,
                                       azr[g] + dy * znr, azi[g] + dy * zni)):
           out[slot].append(value)

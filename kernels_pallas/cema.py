@@ -132,6 +132,8 @@ class CemaKernelConfig:
   num_chunks: parallel time chunks of the forward / reverse scans (1 = one sequential walk).
   param_block_d, param_split: the same for the parameter-gradient scan (no output sum over n).
   num_warps: warps per program on GPU.
+  tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16
+    on hardware unless they cover the whole axis).
   """
   block_d: int = 32
   block_t: int = 16
@@ -140,6 +142,8 @@ class CemaKernelConfig:
   param_block_d: int = 32
   param_split: int = 4
   num_warps: int = 4
+  tpu_block_d: int = 128
+  tpu_block_t: int = 256
 
   def validate(self, ndim: int) -> "CemaKernelConfig":
     for name in ("block_d", "block_t", "split", "param_block_d", "param_split", "num_warps"):
@@ -149,6 +153,8 @@ class CemaKernelConfig:
     for name in ("split", "param_split"):
       if ndim % getattr(self, name):
         raise ValueError(f"CemaKernelConfig.{name}={getattr(self, name)} must divide N={ndim}.")
+    if self.tpu_block_d < 1 or self.tpu_block_t < 1:
+      raise ValueError("CemaKernelConfig.tpu_block_d and tpu_block_t must be positive.")
     if self.num_chunks < 1:
       raise ValueError(f"CemaKernelConfig.num_chunks must be >= 1; got {self.num_chunks}.")
     return self
@@ -645,6 +651,260 @@ def _gpu_param(x, dy, keep, p, q, eta, h0, g_last, cfg: CemaKernelConfig, interp
                 num_warps=cfg.num_warps, name="cema_param_scan")
   back = lambda re, im: _from_lanes(lax.complex(out[re][:, 0], out[im][:, 0]), dim, split)  # noqa: E731
   acc_v, acc_z, z_last = back("avr", "avi"), back("azr", "azi"), back("zlr", "zli")
+  ct_eta = pf * jnp.sum(acc_v, axis=0)
+  ct_q = pf * (eta * jnp.sum(acc_z, axis=0) + jnp.sum(g_last * z_last, axis=0))
+  return ct_q, ct_eta
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels: grid (batch, channel block, time tile) with the time axis sequential and
+# the state in VMEM scratch; orders on sublanes ([N, block_d] tiles), channels on lanes.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _TpuSpec:
+  mode: str
+  has_init: bool
+  has_keep: bool
+  length: int
+  block_t: int
+  in_names: tuple[str, ...]
+  out_names: tuple[str, ...]
+
+
+def _tpu_scan_kernel(*refs, spec: _TpuSpec):
+  n_io = len(spec.in_names) + len(spec.out_names)
+  r = dict(zip(spec.in_names + spec.out_names, refs[:n_io]))
+  scratch = refs[n_io:]
+  t = pl.program_id(2)
+  n_t = pl.num_programs(2)
+  reverse = spec.mode == "rev"
+  tile = (n_t - 1 - t) if reverse else t
+  n_valid = jnp.minimum(spec.block_t, spec.length - tile * spec.block_t)
+  coef = lambda name: r[name][...]  # noqa: E731
+  qre, qim = coef("qre"), coef("qim")
+
+  if spec.mode == "fwd":
+    state = scratch[:2]
+    stage_x = scratch[2]
+  elif spec.mode == "rev":
+    state = scratch[:4]  # E re / im, ct_p, ct_omega
+    stage_x, stage_dy, stage_dx = scratch[4:7]
+  else:
+    state = scratch[:8]  # v, z (re / im), sum dy v, sum dy z (re / im)
+    stage_x, stage_dy = scratch[8:10]
+
+  @pl.when(t == 0)
+  def _init():
+    for ref in state:
+      ref[...] = jnp.zeros(ref.shape, jnp.float32)
+    if spec.has_init:
+      state[0][...] = r["ire"][...]
+      state[1][...] = r["iim"][...]
+
+  stage_x[...] = r["x"][...].astype(jnp.float32)
+  if spec.mode != "fwd":
+    stage_dy[...] = r["dy"][...].astype(jnp.float32)
+
+  def row(ref, s):
+    return ref[pl.ds(s, 1), :]
+
+  def keep(s):
+    return r["keep"][pl.ds(s, 1), :] if spec.has_keep else None
+
+  def index(i):
+    return n_valid - 1 - i if reverse else i
+
+  if spec.mode == "fwd":
+    cre, cim, om = coef("cre"), coef("cim"), coef("om")
+
+    def body(i, carry):
+      s = index(i)
+      x = row(stage_x, s)
+      sr, si = _fwd_update(*carry, x, keep(s), qre, qim)
+      y = jnp.sum(_fwd_output(0.0, sr, si, cre, cim), axis=0, keepdims=True) + om * x
+      r["y"][pl.ds(s, 1), :] = y.astype(r["y"].dtype)
+      return sr, si
+
+  elif spec.mode == "rev":
+    ere, eim, pp, om = coef("ere"), coef("eim"), coef("p"), coef("om")
+
+    def body(i, carry):
+      er, ei, ctp, ctom = carry
+      s = index(i)
+      x, dy = row(stage_x, s), row(stage_dy, s)
+      wr, _, er, ei = _rev_update(er, ei, dy, keep(s), ere, eim, qre, qim)
+      stage_dx[pl.ds(s, 1), :] = jnp.sum(pp * wr, axis=0, keepdims=True) + om * dy
+      return er, ei, ctp + x * wr, ctom + dy * x
+
+  else:
+
+    def body(i, carry):
+      vr, vi, zr, zi, avr, avi, azr, azi = carry
+      s = index(i)
+      x, dy = row(stage_x, s), row(stage_dy, s)
+      vr, vi, zr, zi = _param_update(vr, vi, zr, zi, x, keep(s), qre, qim)
+      return (vr, vi, zr, zi, avr + dy * vr, avi + dy * vi, azr + dy * zr, azi + dy * zi)
+
+  carry = tuple(ref[...] for ref in state)
+  carry = lax.fori_loop(0, n_valid, body, carry)
+  for ref, value in zip(state, carry):
+    ref[...] = value
+  if spec.mode == "rev":
+    r["dx"][...] = stage_dx[...].astype(r["dx"].dtype)
+
+  @pl.when(t == n_t - 1)
+  def _final():
+    if spec.mode == "fwd":
+      r["fre"][...], r["fim"][...] = state[0][...], state[1][...]
+    elif spec.mode == "rev":
+      r["fre"][...], r["fim"][...] = state[0][...], state[1][...]
+      r["ctp"][...] = state[2][...]
+      r["ctom"][...] = state[3][...]
+    else:
+      for name, ref in zip(("zlr", "zli", "avr", "avi", "azr", "azi"), state[2:4] + state[4:]):
+        r[name][...] = ref[...]
+
+
+def _tpu_launch(spec: _TpuSpec, inputs: dict[str, Array], out_shapes: dict, *, batch: int,
+                dim: int, ndim: int, cfg: CemaKernelConfig, interpret: bool, name: str):
+  """Runs _tpu_scan_kernel over (batch, channel blocks, time tiles)."""
+  from jax.experimental.pallas import tpu as pltpu  # Mosaic only; imported where used.
+  block_d = dim if dim <= cfg.tpu_block_d else cfg.tpu_block_d
+  block_t = spec.block_t
+  n_t = pl.cdiv(spec.length, block_t)
+  reverse = spec.mode == "rev"
+  tile = (lambda t: n_t - 1 - t) if reverse else (lambda t: t)
+  seq_spec = pl.BlockSpec((None, block_t, block_d), lambda b, d, t: (b, tile(t), d))
+  keep_spec = pl.BlockSpec((None, block_t, 1), lambda b, d, t: (b, tile(t), 0))
+  coef_spec = pl.BlockSpec((ndim, block_d), lambda b, d, t: (0, d))
+  row_spec = pl.BlockSpec((1, block_d), lambda b, d, t: (0, d))
+  state_spec = pl.BlockSpec((None, ndim, block_d), lambda b, d, t: (b, 0, d))
+  vec_state_spec = pl.BlockSpec((None, 1, block_d), lambda b, d, t: (b, 0, d))
+
+  def spec_of(n):
+    if n in ("x", "dy", "y", "dx"):
+      return seq_spec
+    if n == "keep":
+      return keep_spec
+    if n == "om":
+      return row_spec
+    if n in ("ire", "iim") or n in ("fre", "fim", "ctp", "zlr", "zli", "avr", "avi", "azr", "azi"):
+      return state_spec
+    if n == "ctom":
+      return vec_state_spec
+    return coef_spec
+
+  vmem = lambda *shape: pltpu.VMEM(shape, jnp.float32)  # noqa: E731
+  n_state = {"fwd": 2, "rev": 3, "param": 8}[spec.mode]
+  scratch = [vmem(ndim, block_d) for _ in range(n_state)]
+  if spec.mode == "rev":
+    scratch.append(vmem(1, block_d))  # ct_omega
+  n_stage = {"fwd": 1, "rev": 3, "param": 2}[spec.mode]
+  scratch += [vmem(block_t, block_d) for _ in range(n_stage)]
+  grid = (batch, pl.cdiv(dim, block_d), n_t)
+  outs = pl.pallas_call(
+      functools.partial(_tpu_scan_kernel, spec=spec),
+      out_shape=tuple(out_shapes[n] for n in spec.out_names),
+      grid=grid,
+      in_specs=[spec_of(n) for n in spec.in_names],
+      out_specs=tuple(spec_of(n) for n in spec.out_names),
+      scratch_shapes=scratch,
+      interpret=interpret,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      name=name,
+  )(*(inputs[n] for n in spec.in_names))
+  return dict(zip(spec.out_names, outs))
+
+
+def _tpu_block_t(length: int, cfg: CemaKernelConfig) -> int:
+  return length if length <= cfg.tpu_block_t else cfg.tpu_block_t
+
+
+def _tpu_common(x, keep, q, ndim):
+  """Inputs shared by the TPU passes: [N, D] coefficient planes and the [B, L, 1] keep flags."""
+  inputs = {"qre": jnp.real(q).T.astype(jnp.float32), "qim": jnp.imag(q).T.astype(jnp.float32)}
+  names = []
+  if keep is not None:
+    inputs["keep"] = keep[..., None]
+    names.append("keep")
+  return inputs, names
+
+
+def _state_planes(h: Array) -> tuple[Array, Array]:
+  """[B, D, N] complex -> two [B, N, D] float32 planes."""
+  h = jnp.swapaxes(h, 1, 2)
+  return _split_complex(h)
+
+
+def _from_planes(re: Array, im: Array) -> Array:
+  return jnp.swapaxes(lax.complex(re, im), 1, 2)
+
+
+def _tpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
+  batch, length, dim = x.shape
+  ndim = p.shape[1]
+  pf = _folded_p(p)
+  inputs, names = _tpu_common(x, keep, q, ndim)
+  c = eta * pf
+  inputs.update(x=x, cre=jnp.real(c).T, cim=jnp.imag(c).T, om=omega[None])
+  names = ["x", *names, "qre", "qim", "cre", "cim", "om"]
+  if h0 is not None:
+    inputs["ire"], inputs["iim"] = _state_planes(h0 / pf)
+    names += ["ire", "iim"]
+  spec = _TpuSpec("fwd", h0 is not None, keep is not None, length, _tpu_block_t(length, cfg),
+                  tuple(names), ("y", "fre", "fim"))
+  state = jax.ShapeDtypeStruct((batch, ndim, dim), jnp.float32)
+  out = _tpu_launch(spec, inputs, {"y": jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                   "fre": state, "fim": state},
+                    batch=batch, dim=dim, ndim=ndim, cfg=cfg, interpret=interpret,
+                    name="cema_fwd_scan_tpu")
+  return out["y"], pf * _from_planes(out["fre"], out["fim"])
+
+
+def _tpu_reverse(dy, x, keep, p, q, eta, omega, g_last, cfg: CemaKernelConfig, interpret: bool):
+  batch, length, dim = x.shape
+  ndim = p.shape[1]
+  keep_rev = None
+  if keep is not None:
+    keep_rev = jnp.concatenate([keep[:, 1:], jnp.ones((batch, 1), jnp.float32)], axis=1)
+  inputs, names = _tpu_common(x, keep_rev, q, ndim)
+  inputs.update(dy=dy, x=x, ere=jnp.real(eta).T.astype(jnp.float32),
+                eim=jnp.imag(eta).T.astype(jnp.float32), p=p.T, om=omega[None])
+  inputs["ire"], inputs["iim"] = _state_planes(g_last)
+  names = ["dy", "x", *names, "qre", "qim", "ere", "eim", "p", "om", "ire", "iim"]
+  spec = _TpuSpec("rev", True, keep is not None, length, _tpu_block_t(length, cfg), tuple(names),
+                  ("dx", "fre", "fim", "ctp", "ctom"))
+  state = jax.ShapeDtypeStruct((batch, ndim, dim), jnp.float32)
+  out = _tpu_launch(spec, inputs, {"dx": jax.ShapeDtypeStruct(x.shape, x.dtype), "fre": state,
+                                   "fim": state, "ctp": state,
+                                   "ctom": jax.ShapeDtypeStruct((batch, 1, dim), jnp.float32)},
+                    batch=batch, dim=dim, ndim=ndim, cfg=cfg, interpret=interpret,
+                    name="cema_rev_scan_tpu")
+  ct_h0 = _from_planes(out["fre"], out["fim"])
+  return out["dx"], jnp.sum(out["ctp"], axis=0).T, jnp.sum(out["ctom"], axis=(0, 1)), ct_h0
+
+
+def _tpu_param(x, dy, keep, p, q, eta, h0, g_last, cfg: CemaKernelConfig, interpret: bool):
+  batch, length, dim = x.shape
+  ndim = p.shape[1]
+  pf = _folded_p(p)
+  inputs, names = _tpu_common(x, keep, q, ndim)
+  inputs.update(x=x, dy=dy)
+  names = ["x", "dy", *names, "qre", "qim"]
+  if h0 is not None:
+    inputs["ire"], inputs["iim"] = _state_planes(h0 / pf)
+    names += ["ire", "iim"]
+  out_names = ("zlr", "zli", "avr", "avi", "azr", "azi")
+  spec = _TpuSpec("param", h0 is not None, keep is not None, length, _tpu_block_t(length, cfg),
+                  tuple(names), out_names)
+  state = jax.ShapeDtypeStruct((batch, ndim, dim), jnp.float32)
+  out = _tpu_launch(spec, inputs, {n: state for n in out_names}, batch=batch, dim=dim,
+                    ndim=ndim, cfg=cfg, interpret=interpret, name="cema_param_scan_tpu")
+  acc_v = _from_planes(out["avr"], out["avi"])
+  acc_z = _from_planes(out["azr"], out["azi"])
+  z_last = _from_planes(out["zlr"], out["zli"])
   ct_eta = pf * jnp.sum(acc_v, axis=0)
   ct_q = pf * (eta * jnp.sum(acc_z, axis=0) + jnp.sum(g_last * z_last, axis=0))
   return ct_q, ct_eta

@@ -87,6 +87,9 @@ CASES = {
     "h0_segments": Case("h0_segments", use_h0=True, use_segments=True),
     "chunked_bf16": Case("chunked_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
                          config=dataclasses.replace(SMALL, num_chunks=3)),
+    # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
+    "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
+                            config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
 }
 
 PARAM_NAMES = ("x", "alpha", "delta", "theta", "gamma", "omega", "h0")

@@ -16,21 +16,28 @@ Three passes, all O(1) memory per step beyond their inputs and outputs (no [B, L
     so no stored states are needed: v = s (= h / p), z = dv/dq with z_t = k_t (q z_{t-1} + v_{t-1});
     ct(eta) = p sum_t dy_t v_t and ct(q) = eta p sum_t dy_t z_t + G p z_{L-1}, G = ct(h_last).
 
-Parallelism on GPU: one program per (batch, channel block[, time chunk]); a program walks its
-time range in tiles of `block_t` statically unrolled steps, prefetching the next tile's inputs
-while it computes the current one.  Each channel's N orders are spread over `split` lanes
-(threads), N / split orders per lane, so the per-step output sum over n is an in-register sum
-plus log2(split) lane shuffles.  Optionally the time axis is cut into `num_chunks` chunks run in
-parallel: a first pass finds every chunk's local final state from zero, a tiny XLA combine gives
-each chunk its true starting state, and a second pass produces the outputs.
+GPU (Triton): one program per (batch, channel block[, time chunk]); a program walks its time
+range in tiles of `block_t` statically unrolled steps, prefetching the next tile's inputs while
+it computes the current one.  All register arrays are 1-D lane vectors of one layout (no dynamic
+indexing); each channel's N orders are spread over `split` lanes, N / split orders per lane, so
+the per-step sum over n is an in-register sum plus log2(split) lane shuffles.  Optionally the time
+axis is cut into `num_chunks` chunks run in parallel: a first pass finds every chunk's local final
+state from zero, a tiny XLA combine gives each chunk its true starting state, and a second pass
+produces the outputs (worth it only when batch * dim is too small to fill the GPU).
+
+TPU (Mosaic): grid (batch, channel block, time tile) with the time axis sequential, the state in
+VMEM scratch as [N, block_d] tiles (orders on sublanes, channels on lanes).
+
+Both families share the per-step algebra (_fwd_update, _rev_update, _param_update).  cema_pallas
+dispatches on jax.default_backend(): "tpu" -> Mosaic kernels, anything else -> Triton kernels, in
+the Pallas interpreter when the backend is CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

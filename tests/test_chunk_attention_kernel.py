@@ -212,6 +212,51 @@ def test_cached_attention_equals_rows_of_chunk_attention(rng):
 
 
 # ----------------------------------------------------------------------------------------------
+# Native lowering (no GPU/TPU here): jax.export lowers for another platform without compiling, which
+# runs the Pallas -> Triton IR and Pallas -> Mosaic lowerings with all their checks (power-of-2
+# shapes, supported primitives, TPU block tiling). It cannot catch compiler resource limits.
+
+_NATIVE_CHECKS = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
+                  jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
+
+
+def _lower_natively(fn, target, *avals):
+  exported = jax.export.export(jax.jit(fn), platforms=[target], disabled_checks=_NATIVE_CHECKS)(*avals)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform,heads,dk,dv,fwd_impl", [
+    ("triton", 2, 256, 2048, "blocks"),  # the SPEC preset head sizes
+    ("triton", 2, 256, 2048, "flash"),
+    ("triton", 1, 48, 80, "blocks"),  # head dims that are not powers of 2 (masked feature tails)
+    ("mosaic", 2, 256, 2048, "blocks"),  # lane-aligned heads: packed [B, L, H*d] layout
+    ("mosaic", 2, 64, 96, "blocks"),  # small heads: transposed layout
+])
+@pytest.mark.parametrize("segments", [False, True])
+def test_kernels_lower_natively(platform, heads, dk, dv, fwd_impl, segments):
+  batch, length, chunk = 1, 512, 256
+  target = {"triton": "cuda", "mosaic": "tpu"}[platform]
+  config = ca.KernelConfig(fwd_impl=fwd_impl)
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
+  attention = functools.partial(ca.chunk_attention, platform=platform, config=config, interpret=False)
+  module = _lower_natively(_vjp_fn(attention, chunk, 1.0), target, q, q, v, seg, v)
+  kernel_call = {"triton": "__gpu$xla.gpu.triton", "mosaic": "tpu_custom_call"}[platform]
+  # Every kernel of the forward and backward passes, not an XLA fallback.
+  expected = {"mosaic": 3, "triton": 6 if fwd_impl == "blocks" else 5}[platform]
+  assert module.count(kernel_call) == expected
+
+  cached = functools.partial(ca.cached_chunk_attention, platform=platform, config=config, interpret=False)
+  for steps in (1, 16):
+    module = _lower_natively(cached, target, jax.ShapeDtypeStruct((batch, steps, heads, dk), jnp.bfloat16),
+                             jax.ShapeDtypeStruct((batch, chunk, heads, dk), jnp.bfloat16),
+                             jax.ShapeDtypeStruct((batch, chunk, heads, dv), jnp.bfloat16),
+                             jax.ShapeDtypeStruct((), jnp.int32))
+    assert kernel_call in module
+
+
+# ----------------------------------------------------------------------------------------------
 # Model entry point and errors
 
 

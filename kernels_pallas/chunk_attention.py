@@ -72,7 +72,9 @@ class KernelConfig:
     (of 128 on real hardware); chunks are padded to a multiple of max(block_q, block_k).
   block_d: GPU only; width of the output feature tiles of the block matmuls and of the dv tiles
     of the flash forward.
-  block_c: GPU only; width of the feature chunks over which Q K^T and dO V^T are contracted.
+  block_c: GPU only; width of the feature chunks over which dO V^T (the dv contraction) is done.
+  block_qk: GPU only; the same for Q K^T (dk). When it covers dk the query tile is loaded once and
+    held across the key loop.
   block_r: GPU only; reduction step of the block matmuls (a power of 2 dividing block_q, block_k).
   num_warps, num_stages: Triton launch parameters (None: a heuristic per kernel).
   fwd_impl: GPU forward, 'blocks' (Q K^T once, probability tiles through HBM) or 'flash' (online
@@ -82,6 +84,7 @@ class KernelConfig:
   block_k: int | None = None
   block_d: int | None = None
   block_c: int | None = None
+  block_qk: int | None = None
   block_r: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
@@ -128,6 +131,7 @@ class _Plan:
   geom: _Geom
   block_d: int = 0
   block_c: int = 0
+  block_qk: int = 0
   block_r: int = 0
   num_warps: int | None = None
   num_stages: int | None = None
@@ -325,7 +329,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int, heads: int,
                  n_chunks: int, q_len: int, k_len: int, dk: int, dv: int, dtype, cached: bool = False) -> _Plan:
-  wide = jnp.dtype(dtype).itemsize >= 4  # float32 runs on CUDA cores: smaller tiles
+  wide = jnp.dtype(dtype).itemsize >= 4  # float32 runs on CUDA cores with 2x the bytes: smaller tiles
   if cached:  # few queries: small query tiles, more dv tiles for parallelism
     bq = _gpu_block(config.block_q, 64, q_len, "block_q")
     bk = _gpu_block(config.block_k, 64, k_len, "block_k")
@@ -335,14 +339,17 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
     bk = _gpu_block(config.block_k, 64 if wide else 128, k_len, "block_k")
     default_d = 64 if wide else (128 if config.fwd_impl == "flash" else 256)
     block_d = _gpu_feature_block(config.block_d, default_d, max(dk, dv), "block_d")
-  block_c = _gpu_feature_block(config.block_c, 32 if wide else 64, max(dk, dv), "block_c")
-  block_r = config.block_r if config.block_r is not None else 64
+  block_c = _gpu_feature_block(config.block_c, 32 if wide else 64, dv, "block_c")
+  # Q K^T in one step when dk is small enough: the Q tile then stays put across the key loop.
+  block_qk = _gpu_feature_block(config.block_qk, 64 if wide else 256, dk, "block_qk")
+  block_r = config.block_r if config.block_r is not None else (32 if wide else 64)
   if not _is_pow2(block_r) or block_r < 16:
     raise ValueError(f"block_r={block_r}: must be a power of 2 >= 16")
   block_r = min(block_r, bq, bk)
   geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bq, bk)
-  return _Plan("triton", interpret, scale, geom, block_d=block_d, block_c=block_c, block_r=block_r,
-               num_warps=config.num_warps, num_stages=config.num_stages, fwd_impl=config.fwd_impl)
+  return _Plan("triton", interpret, scale, geom, block_d=block_d, block_c=block_c, block_qk=block_qk,
+               block_r=block_r, num_warps=config.num_warps, num_stages=config.num_stages,
+               fwd_impl=config.fwd_impl)
 
 
 def _tr_params(plan: _Plan, warps: int, stages: int) -> plgpu.CompilerParams:
@@ -375,27 +382,71 @@ def _iota(n: int) -> jax.Array:
   return jnp.arange(n, dtype=jnp.int32)
 
 
-def _tr_load(ref, row0, row_valid, col0, cols: int, width: int) -> jax.Array:
-  """Masked [rows, cols] tile of a [L, width] ref; rows/columns outside the valid range read 0."""
-  col_ok = (col0 + _iota(cols)) < width
-  return plgpu.load(ref.at[pl.ds(row0, row_valid.shape[0]), pl.ds(col0, cols)],
-                    mask=row_valid[:, None] & col_ok[None, :], other=0.0)
+class _Rows:
+  """A tile of `size` rows starting at chunk position `start` of a chunk holding `length` rows.
+
+  `masked` is static: False when every tile of this size divides the chunk exactly, so loads and
+  stores go without a row mask (Triton then vectorises them without having to prove anything).
+  """
+
+  def __init__(self, start, size: int, length: int, step_divides: bool):
+    self.start, self.size = start, size
+    self.idx = start + _iota(size)
+    self.valid = self.idx < length
+    self.masked = not step_divides
+
+  def load_mask(self):
+    return self.valid if self.masked else None
 
 
-def _tr_abt(a_ref, a_row0, a_valid, b_ref, b_row0, b_valid, width: int, chunk: int) -> jax.Array:
-  """A[rows_a] @ B[rows_b]^T contracted over `width` features in chunks: [len(a), len(b)] f32."""
-  chunk = min(chunk, max(16, _next_pow2(width)))
+def _tile_mask(row_mask, col0, cols: int, width: int):
+  """Row mask (or None) combined with the feature-tail mask (only when cols does not divide width)."""
+  col_mask = None if width % cols == 0 else (col0 + _iota(cols)) < width
+  if row_mask is None and col_mask is None:
+    return None
+  if col_mask is None:
+    return jnp.broadcast_to(row_mask[:, None], (row_mask.shape[0], cols))
+  if row_mask is None:
+    return col_mask[None, :]
+  return row_mask[:, None] & col_mask[None, :]
+
+
+def _tr_load(ref, row0, rows: _Rows, col0, cols: int, width: int) -> jax.Array:
+  """[rows, cols] tile of a [L, width] ref at (row0, col0); masked-off entries read 0."""
+  mask = _tile_mask(rows.load_mask(), col0, cols, width)
+  block = ref.at[pl.ds(row0, rows.size), pl.ds(col0, cols)]
+  return plgpu.load(block) if mask is None else plgpu.load(block, mask=mask, other=0.0)
+
+
+def _tr_store(ref, row0, rows: _Rows, col0, value, width: int) -> None:
+  mask = _tile_mask(rows.load_mask(), col0, value.shape[1], width)
+  plgpu.store(ref.at[pl.ds(row0, rows.size), pl.ds(col0, value.shape[1])], value, mask=mask)
+
+
+def _tr_abt(a_ref, a_row0, a_rows: _Rows, b_ref, b_row0, b_rows: _Rows, width: int, chunk: int,
+            a_tile=None) -> jax.Array:
+  """A[rows_a] @ B[rows_b]^T contracted over `width` features in chunks: [a.size, b.size] f32.
+
+  a_tile: A's rows already loaded (one chunk covering the whole width).
+  """
   steps = _cdiv(width, chunk)
 
   def step(c, acc):
-    a = _tr_load(a_ref, a_row0, a_valid, c * chunk, chunk, width)
-    b = _tr_load(b_ref, b_row0, b_valid, c * chunk, chunk, width)
+    a = a_tile if a_tile is not None else _tr_load(a_ref, a_row0, a_rows, c * chunk, chunk, width)
+    b = _tr_load(b_ref, b_row0, b_rows, c * chunk, chunk, width)
     return acc + plgpu.dot(a, b, trans_b=True)
 
-  acc = jnp.zeros((a_valid.shape[0], b_valid.shape[0]), jnp.float32)
+  acc = jnp.zeros((a_rows.size, b_rows.size), jnp.float32)
   if steps == 1:
     return step(0, acc)
+  if a_tile is not None:
+    raise ValueError("a preloaded tile must cover the whole contraction")
   return lax.fori_loop(0, steps, step, acc)
+
+
+def _tr_q_tile(q_ref, q_row0, q_rows: _Rows, g: _Geom, chunk: int):
+  """The query tile, loaded once before the key loop when Q K^T takes one step."""
+  return _tr_load(q_ref, q_row0, q_rows, 0, chunk, g.dk) if chunk >= g.dk else None
 
 
 def _tr_mask(q_pos, k_pos, q_valid, k_valid, q_seg, k_seg) -> jax.Array:
@@ -405,15 +456,24 @@ def _tr_mask(q_pos, k_pos, q_valid, k_valid, q_seg, k_seg) -> jax.Array:
   return mask
 
 
-def _tr_load_seg(seg_ref, row0, valid):
+def _tr_load_seg(seg_ref, row0, rows: _Rows):
   if seg_ref is None:
     return None
-  return plgpu.load(seg_ref.at[pl.ds(row0, valid.shape[0])], mask=valid, other=0)
+  block = seg_ref.at[pl.ds(row0, rows.size)]
+  return plgpu.load(block) if not rows.masked else plgpu.load(block, mask=rows.valid, other=0)
 
 
 def _tr_key_blocks(i, g: _Geom, q_offset=0):
   """Key blocks visited by query block i: those with a key at or before its last query."""
   return jnp.minimum(lax.div(q_offset + (i + 1) * g.bq + g.bk - 1, g.bk), g.nbk)
+
+
+def _q_rows(i, g: _Geom) -> _Rows:
+  return _Rows(i * g.bq, g.bq, g.q_len, g.q_len % g.bq == 0)
+
+
+def _k_rows(j, g: _Geom) -> _Rows:
+  return _Rows(j * g.bk, g.bk, g.k_len, g.k_len % g.bk == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,31 +489,30 @@ def _tr_scores_kernel(q_ref, k_ref, seg_ref, p_ref, mrun_ref, lse_ref, *, g: _Ge
   """
   i = g.nbq - 1 - pl.program_id(0)  # heaviest query blocks first
   n = pl.program_id(1)
-  q_idx = i * g.bq + _iota(g.bq)
-  q_valid = q_idx < g.q_len
-  q_row0 = n * g.q_len + i * g.bq
-  buf_row0 = n * g.cpq + i * g.bq
-  q_seg = _tr_load_seg(seg_ref, q_row0, q_valid)
+  qr = _q_rows(i, g)
+  q_row0 = n * g.q_len + qr.start
+  buf_row0 = n * g.cpq + qr.start
+  q_seg = _tr_load_seg(seg_ref, q_row0, qr)
+  q_tile = _tr_q_tile(q_ref, q_row0, qr, g, chunk)
 
   def body(j, carry):
     m_prev, l_prev = carry
-    k_idx = j * g.bk + _iota(g.bk)
-    k_valid = k_idx < g.k_len
-    k_row0 = n * g.k_len + j * g.bk
-    s = _tr_abt(q_ref, q_row0, q_valid, k_ref, k_row0, k_valid, g.dk, chunk) * scale2
-    mask = _tr_mask(q_idx, k_idx, q_valid, k_valid, q_seg, _tr_load_seg(seg_ref, k_row0, k_valid))
+    kr = _k_rows(j, g)
+    k_row0 = n * g.k_len + kr.start
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk, q_tile) * scale2
+    mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, q_seg, _tr_load_seg(seg_ref, k_row0, kr))
     s = jnp.where(mask, s, _MASK)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
     l_new = l_prev * jnp.exp2(m_prev - m_new) + jnp.sum(p, axis=1)
-    plgpu.store(p_ref.at[pl.ds(buf_row0, g.bq), pl.ds(j * g.bk, g.bk)], p.astype(p_ref.dtype))
+    plgpu.store(p_ref.at[pl.ds(buf_row0, g.bq), pl.ds(kr.start, g.bk)], p.astype(p_ref.dtype))
     plgpu.store(mrun_ref.at[j, pl.ds(buf_row0, g.bq)], m_new)
     return m_new, l_new
 
   init = (jnp.full((g.bq,), _MASK, jnp.float32), jnp.zeros((g.bq,), jnp.float32))
   m, l = lax.fori_loop(0, _tr_key_blocks(i, g), body, init)
   lse = m + jnp.log2(jnp.where(l > 0.0, l, 1.0))
-  plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], lse, mask=q_valid)
+  plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], lse, mask=qr.load_mask())
 
 
 def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, y_ref, *, g: _Geom, width: int, bd: int,
@@ -466,26 +525,25 @@ def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, y_ref, *, g: _Geom,
   t = pl.program_id(0)
   i = g.nbq - 1 - pl.program_id(1)
   n = pl.program_id(2)
-  r_valid = (i * g.bq + _iota(g.bq)) < g.q_len
-  buf_row0 = n * g.cpq + i * g.bq
+  qr = _q_rows(i, g)
+  buf_row0 = n * g.cpq + qr.start
   if mrun_ref is not None:
-    lse = plgpu.load(lse_ref.at[pl.ds(n * g.q_len + i * g.bq, g.bq)], mask=r_valid, other=0.0)
+    lse_block = lse_ref.at[pl.ds(n * g.q_len + qr.start, g.bq)]
+    lse = plgpu.load(lse_block) if not qr.masked else plgpu.load(lse_block, mask=qr.valid, other=0.0)
 
   def body(s, acc):
     c0 = s * step
-    x_valid = (c0 + _iota(step)) < g.k_len
     m = plgpu.load(m_ref.at[pl.ds(buf_row0, g.bq), pl.ds(c0, step)])
     if mrun_ref is not None:
       m_run = plgpu.load(mrun_ref.at[lax.div(c0, g.bk), pl.ds(buf_row0, g.bq)])
       m = m.astype(jnp.float32) * jnp.exp2(m_run - lse)[:, None]
-    x = _tr_load(x_ref, n * g.k_len + c0, x_valid, t * bd, bd, width)
+    xr = _Rows(c0, step, g.k_len, g.k_len % step == 0)
+    x = _tr_load(x_ref, n * g.k_len + c0, xr, t * bd, bd, width)
     return acc + plgpu.dot(m.astype(x.dtype), x)
 
   n_steps = _tr_key_blocks(i, g) * (g.bk // step)
   acc = lax.fori_loop(0, n_steps, body, jnp.zeros((g.bq, bd), jnp.float32))
-  col_ok = (t * bd + _iota(bd)) < width
-  plgpu.store(y_ref.at[pl.ds(n * g.q_len + i * g.bq, g.bq), pl.ds(t * bd, bd)], acc.astype(y_ref.dtype),
-              mask=r_valid[:, None] & col_ok[None, :])
+  _tr_store(y_ref, n * g.q_len + qr.start, qr, t * bd, acc.astype(y_ref.dtype), width)
 
 
 def _tr_block_tmatmul_kernel(m_ref, x_ref, y_ref, *, g: _Geom, width: int, bd: int, step: int):
@@ -493,24 +551,22 @@ def _tr_block_tmatmul_kernel(m_ref, x_ref, y_ref, *, g: _Geom, width: int, bd: i
   t = pl.program_id(0)
   j = pl.program_id(1)
   n = pl.program_id(2)
-  c_valid = (j * g.bk + _iota(g.bk)) < g.k_len
-  r_start = lax.div(j * g.bk, g.bq) * g.bq  # first query block that sees key block j
+  kr = _k_rows(j, g)
+  r_start = lax.div(kr.start, g.bq) * g.bq  # first query block that sees key block j
 
   def body(s, acc):
     r0 = r_start + s * step
-    r_valid = (r0 + _iota(step)) < g.q_len
-    m = plgpu.load(m_ref.at[pl.ds(n * g.cpq + r0, step), pl.ds(j * g.bk, g.bk)])
-    x = _tr_load(x_ref, n * g.q_len + r0, r_valid, t * bd, bd, width)
+    m = plgpu.load(m_ref.at[pl.ds(n * g.cpq + r0, step), pl.ds(kr.start, g.bk)])
+    xr = _Rows(r0, step, g.q_len, g.q_len % step == 0)
+    x = _tr_load(x_ref, n * g.q_len + r0, xr, t * bd, bd, width)
     return acc + plgpu.dot(m.astype(x.dtype), x, trans_a=True)
 
   acc = lax.fori_loop(0, lax.div(g.cpq - r_start, step), body, jnp.zeros((g.bk, bd), jnp.float32))
-  col_ok = (t * bd + _iota(bd)) < width
-  plgpu.store(y_ref.at[pl.ds(n * g.k_len + j * g.bk, g.bk), pl.ds(t * bd, bd)], acc.astype(y_ref.dtype),
-              mask=c_valid[:, None] & col_ok[None, :])
+  _tr_store(y_ref, n * g.k_len + kr.start, kr, t * bd, acc.astype(y_ref.dtype), width)
 
 
 def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, p_ref, ds_ref, *,
-                         g: _Geom, scale: float, chunk: int):
+                         g: _Geom, scale: float, chunk_qk: int, chunk_v: int):
   """Backward step 1 for tile (i, j): P = exp2(S - lse), dP = dO V^T, dS = scale P (dP - delta)."""
   j = pl.program_id(0)
   i = pl.program_id(1)
@@ -518,21 +574,20 @@ def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_re
 
   @pl.when(j < _tr_key_blocks(i, g))
   def _visited():
-    q_idx = i * g.bq + _iota(g.bq)
-    q_valid = q_idx < g.q_len
-    q_row0 = n * g.q_len + i * g.bq
-    k_idx = j * g.bk + _iota(g.bk)
-    k_valid = k_idx < g.k_len
-    k_row0 = n * g.k_len + j * g.bk
-    s = _tr_abt(q_ref, q_row0, q_valid, k_ref, k_row0, k_valid, g.dk, chunk) * (scale * _LOG2E)
-    mask = _tr_mask(q_idx, k_idx, q_valid, k_valid, _tr_load_seg(seg_ref, q_row0, q_valid),
-                    _tr_load_seg(seg_ref, k_row0, k_valid))
-    lse = plgpu.load(lse_ref.at[pl.ds(q_row0, g.bq)], mask=q_valid, other=0.0)
+    qr, kr = _q_rows(i, g), _k_rows(j, g)
+    q_row0 = n * g.q_len + qr.start
+    k_row0 = n * g.k_len + kr.start
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk_qk) * (scale * _LOG2E)
+    mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, _tr_load_seg(seg_ref, q_row0, qr),
+                    _tr_load_seg(seg_ref, k_row0, kr))
+    stat_mask = qr.load_mask()
+    lse_block, delta_block = lse_ref.at[pl.ds(q_row0, g.bq)], delta_ref.at[pl.ds(q_row0, g.bq)]
+    lse = plgpu.load(lse_block) if stat_mask is None else plgpu.load(lse_block, mask=stat_mask, other=0.0)
     p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-    dp = _tr_abt(do_ref, q_row0, q_valid, v_ref, k_row0, k_valid, g.dv, chunk)
-    delta = plgpu.load(delta_ref.at[pl.ds(q_row0, g.bq)], mask=q_valid, other=0.0)
+    dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
+    delta = plgpu.load(delta_block) if stat_mask is None else plgpu.load(delta_block, mask=stat_mask, other=0.0)
     ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0) * scale
-    tile = (pl.ds(n * g.cpq + i * g.bq, g.bq), pl.ds(j * g.bk, g.bk))
+    tile = (pl.ds(n * g.cpq + qr.start, g.bq), pl.ds(kr.start, g.bk))
     plgpu.store(p_ref.at[tile], p.astype(p_ref.dtype))
     plgpu.store(ds_ref.at[tile], ds.astype(ds_ref.dtype))
 
@@ -547,24 +602,23 @@ def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g
   i = g.nbq - 1 - pl.program_id(1)
   n = pl.program_id(2)
   q_off = 0 if off_ref is None else off_ref[()]
-  q_idx = i * g.bq + _iota(g.bq)
-  q_valid = q_idx < g.q_len
-  q_row0 = n * g.q_len + i * g.bq
-  q_seg = _tr_load_seg(seg_ref, q_row0, q_valid)
+  qr = _q_rows(i, g)
+  q_row0 = n * g.q_len + qr.start
+  q_seg = _tr_load_seg(seg_ref, q_row0, qr)
+  q_tile = _tr_q_tile(q_ref, q_row0, qr, g, chunk)
 
   def body(j, carry):
     acc, m_prev, l_prev = carry
-    k_idx = j * g.bk + _iota(g.bk)
-    k_valid = k_idx < g.k_len
-    k_row0 = n * g.k_len + j * g.bk
-    s = _tr_abt(q_ref, q_row0, q_valid, k_ref, k_row0, k_valid, g.dk, chunk) * scale2
-    mask = _tr_mask(q_off + q_idx, k_idx, q_valid, k_valid, q_seg, _tr_load_seg(seg_ref, k_row0, k_valid))
+    kr = _k_rows(j, g)
+    k_row0 = n * g.k_len + kr.start
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk, q_tile) * scale2
+    mask = _tr_mask(q_off + qr.idx, kr.idx, qr.valid, kr.valid, q_seg, _tr_load_seg(seg_ref, k_row0, kr))
     s = jnp.where(mask, s, _MASK)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_new)
     p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
     l_new = l_prev * correction + jnp.sum(p, axis=1)
-    v = _tr_load(v_ref, k_row0, k_valid, t * bd, bd, g.dv)
+    v = _tr_load(v_ref, k_row0, kr, t * bd, bd, g.dv)
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_new, l_new
 
@@ -572,11 +626,9 @@ def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g
           jnp.zeros((g.bq,), jnp.float32))
   acc, m, l = lax.fori_loop(0, _tr_key_blocks(i, g, q_off), body, init)
   l = jnp.where(l > 0.0, l, 1.0)
-  col_ok = (t * bd + _iota(bd)) < g.dv
-  plgpu.store(o_ref.at[pl.ds(q_row0, g.bq), pl.ds(t * bd, bd)], (acc / l[:, None]).astype(o_ref.dtype),
-              mask=q_valid[:, None] & col_ok[None, :])
+  _tr_store(o_ref, q_row0, qr, t * bd, (acc / l[:, None]).astype(o_ref.dtype), g.dv)
   if lse_ref is not None:  # every dv tile computes the same statistics; identical writes
-    plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], m + jnp.log2(l), mask=q_valid)
+    plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], m + jnp.log2(l), mask=qr.load_mask())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,7 +642,7 @@ def _tr_blocks_forward(plan: _Plan, q, k, v, segment_ids):
   p_shape = (g.batch, g.heads, rows, g.cpk)
   mrun_shape = (g.batch, g.heads, g.nbk, rows)
   lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
-  kernel = functools.partial(_tr_scores_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_c)
+  kernel = functools.partial(_tr_scores_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk)
   p_buf, mrun, lse = pl.pallas_call(
       kernel,
       grid=(g.nbq, g.n_chunks, g.batch, g.heads),
@@ -648,11 +700,13 @@ def _tr_block_tmatmul(plan: _Plan, m_buf, x, out_dtype):
   )(m_buf, x)
 
 
-def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  """Backward step 1: the P and dS tile buffers, [B, H, n*cpq, cpk] each."""
   g = plan.geom
   tile_shape = (g.batch, g.heads, g.n_chunks * g.cpq, g.cpk)
-  kernel = functools.partial(_tr_bwd_tiles_kernel, g=g, scale=plan.scale, chunk=plan.block_c)
-  p_buf, ds_buf = pl.pallas_call(
+  kernel = functools.partial(_tr_bwd_tiles_kernel, g=g, scale=plan.scale, chunk_qk=plan.block_qk,
+                             chunk_v=plan.block_c)
+  return pl.pallas_call(
       kernel,
       grid=(g.nbk, g.nbq, g.n_chunks, g.batch, g.heads),
       in_specs=[_rows_spec(q), _rows_spec(k), _rows_spec(v), _rows_spec(d_out), _bh_spec(lse.shape),
@@ -663,6 +717,10 @@ def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
       interpret=plan.interpret,
       name="chunk_attention_bwd_tiles",
   )(q, k, v, d_out, lse, delta, segment_ids)
+
+
+def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  p_buf, ds_buf = _tr_bwd_tiles(plan, q, k, v, segment_ids, lse, delta, d_out)
   dv = _tr_block_tmatmul(plan, p_buf, d_out, v.dtype)
   dk = _tr_block_tmatmul(plan, ds_buf, q, k.dtype)
   dq = _tr_block_matmul(plan, ds_buf, k, None, None, q.dtype)
@@ -680,7 +738,7 @@ def _tr_flash_forward(plan: _Plan, q, k, v, segment_ids, start, *, save_lse: boo
     out_shape.append(jax.ShapeDtypeStruct(lse_shape, jnp.float32))
     out_specs.append(_bh_spec(lse_shape))
   off_spec = None if start is None else pl.BlockSpec((), lambda *g_: ())
-  kernel = functools.partial(_tr_flash_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_c, bd=bd)
+  kernel = functools.partial(_tr_flash_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk, bd=bd)
   if not save_lse:
     kernel = functools.partial(_drop_lse_ref, kernel)
   outs = pl.pallas_call(

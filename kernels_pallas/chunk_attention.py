@@ -335,9 +335,12 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
     bk = _gpu_block(config.block_k, 64, k_len, "block_k")
     block_d = _gpu_feature_block(config.block_d, 128, dv, "block_d")
   else:
+    flash = config.fwd_impl == "flash"
     bq = _gpu_block(config.block_q, 64 if wide else 128, q_len, "block_q")
-    bk = _gpu_block(config.block_k, 64 if wide else 128, k_len, "block_k")
-    default_d = 64 if wide else (128 if config.fwd_impl == "flash" else 256)
+    # Flash holds Q [bq, dk] and double-buffers K [bk, dk] and V [bk, block_d] in shared memory:
+    # 128-row key tiles at dk 256 would need ~256 KiB, more than an H100/H200 SM has.
+    bk = _gpu_block(config.block_k, 64 if wide or flash else 128, k_len, "block_k")
+    default_d = 64 if wide else (128 if flash else 256)
     block_d = _gpu_feature_block(config.block_d, default_d, max(dk, dv), "block_d")
   block_c = _gpu_feature_block(config.block_c, 32 if wide else 64, dv, "block_c")
   # Q K^T in one step when dk is small enough: the Q tile then stays put across the key loop.
@@ -577,15 +580,16 @@ def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_re
     qr, kr = _q_rows(i, g), _k_rows(j, g)
     q_row0 = n * g.q_len + qr.start
     k_row0 = n * g.k_len + kr.start
+    # dP first: only its accumulator is live during the long dv loop (fewer registers there).
+    dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
     s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk_qk) * (scale * _LOG2E)
     mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, _tr_load_seg(seg_ref, q_row0, qr),
                     _tr_load_seg(seg_ref, k_row0, kr))
     stat_mask = qr.load_mask()
     lse_block, delta_block = lse_ref.at[pl.ds(q_row0, g.bq)], delta_ref.at[pl.ds(q_row0, g.bq)]
     lse = plgpu.load(lse_block) if stat_mask is None else plgpu.load(lse_block, mask=stat_mask, other=0.0)
-    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-    dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
     delta = plgpu.load(delta_block) if stat_mask is None else plgpu.load(delta_block, mask=stat_mask, other=0.0)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
     ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0) * scale
     tile = (pl.ds(n * g.cpq + qr.start, g.bq), pl.ds(kr.start, g.bk))
     plgpu.store(p_ref.at[tile], p.astype(p_ref.dtype))
@@ -637,25 +641,29 @@ def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g
 
 def _tr_blocks_forward(plan: _Plan, q, k, v, segment_ids):
   """Forward via stored probability tiles. Returns out [B, L, H, dv], lse [B, H, L] (base 2)."""
+  p_buf, mrun, lse = _tr_scores(plan, q, k, v.dtype, segment_ids)
+  return _tr_block_matmul(plan, p_buf, v, mrun, lse, v.dtype), lse
+
+
+def _tr_scores(plan: _Plan, q, k, p_dtype, segment_ids):
+  """Forward step 1: P~ tiles [B, H, n*cpq, cpk], running maxima [B, H, nbk, n*cpq], lse [B, H, L]."""
   g = plan.geom
   rows = g.n_chunks * g.cpq
   p_shape = (g.batch, g.heads, rows, g.cpk)
   mrun_shape = (g.batch, g.heads, g.nbk, rows)
   lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
   kernel = functools.partial(_tr_scores_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk)
-  p_buf, mrun, lse = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       grid=(g.nbq, g.n_chunks, g.batch, g.heads),
       in_specs=[_rows_spec(q), _rows_spec(k), _seg_spec(segment_ids)],
       out_specs=[_bh_spec(p_shape), _bh_spec(mrun_shape), _bh_spec(lse_shape)],
-      out_shape=[jax.ShapeDtypeStruct(p_shape, v.dtype), jax.ShapeDtypeStruct(mrun_shape, jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct(p_shape, p_dtype), jax.ShapeDtypeStruct(mrun_shape, jnp.float32),
                  jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
       compiler_params=_tr_params(plan, _tr_warps(g.bq * g.bk), 2),
       interpret=plan.interpret,
       name="chunk_attention_scores",
   )(q, k, segment_ids)
-  out = _tr_block_matmul(plan, p_buf, v, mrun, lse, v.dtype)
-  return out, lse
 
 
 def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype):

@@ -70,6 +70,7 @@ class KernelConfig:
 
   block_q, block_k: rows of the query / key tiles. GPU: powers of 2 >= 16. TPU: multiples of 8
     (of 128 on real hardware); chunks are padded to a multiple of max(block_q, block_k).
+  bwd_block_q, bwd_block_k: GPU only; the same for the backward kernels (None: 128 at 16 bits).
   block_d: GPU only; width of the output feature tiles of the block matmuls and of the dv tiles
     of the flash forward.
   block_c: GPU only; width of the feature chunks over which dO V^T (the dv contraction) is done.
@@ -82,6 +83,8 @@ class KernelConfig:
   """
   block_q: int | None = None
   block_k: int | None = None
+  bwd_block_q: int | None = None
+  bwd_block_k: int | None = None
   block_d: int | None = None
   block_c: int | None = None
   block_qk: int | None = None
@@ -128,7 +131,8 @@ class _Plan:
   platform: str
   interpret: bool
   scale: float
-  geom: _Geom
+  geom: _Geom  # forward tiles
+  bwd_geom: _Geom | None = None  # backward tiles (None: as the forward)
   block_d: int = 0
   block_c: int = 0
   block_qk: int = 0
@@ -202,7 +206,8 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int
 
   q, k: [B, L, H, dk]; v: [B, L, H, dv]; segment_ids: [B, L] int (a query attends only keys with
   its id) -> [B, L, H, dv] in v.dtype. If L <= chunk_size the sequence is one chunk; otherwise L
-  must be a multiple of chunk_size. block_q/block_k override `config`'s tile rows. interpret:
+  must be a multiple of chunk_size. block_q/block_k override `config`'s tile rows (forward and
+  backward). interpret:
   None runs the kernels natively on their platform and interpreted elsewhere. platform: None
   (from jax.default_backend()), 'triton' or 'mosaic'.
   """
@@ -216,8 +221,7 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int
                        f"got {segment_ids.dtype}{segment_ids.shape}")
     segment_ids = segment_ids.astype(jnp.int32)
   platform, interpret = _resolve_platform(platform, interpret)
-  config = KernelConfig() if config is None else config
-  config = dataclasses.replace(config, block_q=block_q or config.block_q, block_k=block_k or config.block_k)
+  config = _with_tiles(config, block_q, block_k)
   if config.fwd_impl not in ("blocks", "flash"):
     raise ValueError(f"fwd_impl must be 'blocks' or 'flash', got {config.fwd_impl!r}")
   if platform == "triton":
@@ -251,8 +255,7 @@ def cached_chunk_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, sta
   if start.ndim:
     raise ValueError(f"start must be a scalar, got shape {start.shape}")
   platform, interpret = _resolve_platform(platform, interpret)
-  config = KernelConfig() if config is None else config
-  config = dataclasses.replace(config, block_q=block_q or config.block_q, block_k=block_k or config.block_k)
+  config = _with_tiles(config, block_q, block_k)
   if platform == "triton":
     plan = _triton_plan(config, interpret, float(scale), batch, heads, 1, steps, cache_len, dk, dv,
                         q.dtype, cached=True)
@@ -280,6 +283,13 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
   """Plain-JAX reference with `cached_chunk_attention`'s signature (tiling arguments are ignored)."""
   del block_q, block_k, interpret, config, platform
   return xla_attention.cached_attention_xla(q, k_buf, v_buf, start, scale=scale)
+
+
+def _with_tiles(config: KernelConfig | None, block_q: int | None, block_k: int | None) -> KernelConfig:
+  """block_q/block_k arguments set the tiles of both passes (unless the config sets bwd_* itself)."""
+  config = KernelConfig() if config is None else config
+  return dataclasses.replace(config, block_q=block_q or config.block_q, block_k=block_k or config.block_k,
+                             bwd_block_q=config.bwd_block_q or block_q, bwd_block_k=config.bwd_block_k or block_k)
 
 
 def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -329,30 +339,36 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int, heads: int,
                  n_chunks: int, q_len: int, k_len: int, dk: int, dv: int, dtype, cached: bool = False) -> _Plan:
+  """Default tiles sized for an H100/H200 SM (227 KiB shared memory, 64K registers) at bf16.
+
+  The forward and backward kernels share nothing but lse, so their tiles are chosen apart: the
+  forward holds a [block_q, dk] Q tile and double-buffers [block_k, dk] K tiles (64-row keys keep
+  that near 128 KiB at dk 256); the backward tile kernel and the matmuls want square 128 tiles.
+  """
   wide = jnp.dtype(dtype).itemsize >= 4  # float32 runs on CUDA cores with 2x the bytes: smaller tiles
+  flash = config.fwd_impl == "flash"
   if cached:  # few queries: small query tiles, more dv tiles for parallelism
     bq = _gpu_block(config.block_q, 64, q_len, "block_q")
     bk = _gpu_block(config.block_k, 64, k_len, "block_k")
     block_d = _gpu_feature_block(config.block_d, 128, dv, "block_d")
   else:
-    flash = config.fwd_impl == "flash"
     bq = _gpu_block(config.block_q, 64 if wide else 128, q_len, "block_q")
-    # Flash holds Q [bq, dk] and double-buffers K [bk, dk] and V [bk, block_d] in shared memory:
-    # 128-row key tiles at dk 256 would need ~256 KiB, more than an H100/H200 SM has.
-    bk = _gpu_block(config.block_k, 64 if wide or flash else 128, k_len, "block_k")
-    default_d = 64 if wide else (128 if flash else 256)
-    block_d = _gpu_feature_block(config.block_d, default_d, max(dk, dv), "block_d")
-  block_c = _gpu_feature_block(config.block_c, 32 if wide else 64, dv, "block_c")
+    bk = _gpu_block(config.block_k, 64, k_len, "block_k")
+    block_d = _gpu_feature_block(config.block_d, 64 if wide else (128 if flash else 256), max(dk, dv), "block_d")
+  bwd_bq = _gpu_block(config.bwd_block_q, 64 if wide else 128, q_len, "bwd_block_q")
+  bwd_bk = _gpu_block(config.bwd_block_k, 64 if wide else 128, k_len, "bwd_block_k")
+  block_c = _gpu_feature_block(config.block_c, 32 if wide else 64, max(dk, dv), "block_c")
   # Q K^T in one step when dk is small enough: the Q tile then stays put across the key loop.
   block_qk = _gpu_feature_block(config.block_qk, 64 if wide else 256, dk, "block_qk")
   block_r = config.block_r if config.block_r is not None else (32 if wide else 64)
   if not _is_pow2(block_r) or block_r < 16:
     raise ValueError(f"block_r={block_r}: must be a power of 2 >= 16")
-  block_r = min(block_r, bq, bk)
+  block_r = min(block_r, bq, bk, bwd_bq, bwd_bk)
   geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bq, bk)
-  return _Plan("triton", interpret, scale, geom, block_d=block_d, block_c=block_c, block_qk=block_qk,
-               block_r=block_r, num_warps=config.num_warps, num_stages=config.num_stages,
-               fwd_impl=config.fwd_impl)
+  bwd_geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bwd_bq, bwd_bk)
+  return _Plan("triton", interpret, scale, geom, bwd_geom=bwd_geom, block_d=block_d, block_c=block_c,
+               block_qk=block_qk, block_r=block_r, num_warps=config.num_warps,
+               num_stages=config.num_stages, fwd_impl=config.fwd_impl)
 
 
 def _tr_params(plan: _Plan, warps: int, stages: int) -> plgpu.CompilerParams:
@@ -712,8 +728,9 @@ def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
   """Backward step 1: the P and dS tile buffers, [B, H, n*cpq, cpk] each."""
   g = plan.geom
   tile_shape = (g.batch, g.heads, g.n_chunks * g.cpq, g.cpk)
-  kernel = functools.partial(_tr_bwd_tiles_kernel, g=g, scale=plan.scale, chunk_qk=plan.block_qk,
-                             chunk_v=plan.block_c)
+  # Both contractions in block_c chunks: pipelined loops with small shared-memory buffers.
+  kernel = functools.partial(_tr_bwd_tiles_kernel, g=g, scale=plan.scale,
+                             chunk_qk=min(plan.block_c, plan.block_qk), chunk_v=plan.block_c)
   return pl.pallas_call(
       kernel,
       grid=(g.nbk, g.nbq, g.n_chunks, g.batch, g.heads),
@@ -728,6 +745,7 @@ def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
 
 
 def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  plan = dataclasses.replace(plan, geom=plan.bwd_geom)
   p_buf, ds_buf = _tr_bwd_tiles(plan, q, k, v, segment_ids, lse, delta, d_out)
   dv = _tr_block_tmatmul(plan, p_buf, d_out, v.dtype)
   dk = _tr_block_tmatmul(plan, ds_buf, q, k.dtype)

@@ -128,19 +128,20 @@ def _check_against_references(rng, platform, *, batch, length, heads, dk, dv, ch
 _TRITON_CASES = {
     # several chunks, batch > 1, two heads, dk != dv
     "chunks_heads": dict(batch=2, length=64, heads=2, dk=16, dv=32, chunk_size=32,
-                         config=ca.KernelConfig(block_q=16, block_k=16)),
+                         config=ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)),
     # L < C (one chunk of 40): masked tail rows, block_q != block_k, scale != 1
     "short_tail": dict(batch=1, length=40, heads=1, dk=16, dv=32, chunk_size=64, scale=0.7,
-                       config=ca.KernelConfig(block_q=32, block_k=16)),
+                       config=ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32)),
     # odd chunk size (24, not a multiple of the tiles), dv not a power of 2, packed segments
     "odd_chunks_segments": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
-                                config=ca.KernelConfig(block_q=16, block_k=32, block_d=32)),
-    # one chunk (L == C) in bfloat16
+                                config=ca.KernelConfig(block_q=16, block_k=32, bwd_block_q=32, bwd_block_k=16, block_d=32)),
+    # one chunk (L == C) in bfloat16; default backward tiles (capped at the chunk: 32 x 32)
     "one_chunk_bf16": dict(batch=1, length=32, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
                            scale=0.5, config=ca.KernelConfig(block_q=16, block_k=16)),
     # the buffer-free flash forward, with segments and tails
     "flash_forward": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
-                          config=ca.KernelConfig(block_q=32, block_k=16, block_d=32, fwd_impl="flash")),
+                          config=ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=16, block_d=32,
+                                                 fwd_impl="flash")),
 }
 
 

@@ -33,13 +33,18 @@ from kernels_pallas import chunk_attention as ca  # noqa: E402
 from megalodon_jax.ops import attention as xla_attention  # noqa: E402
 
 TARGET_FWD_BWD_MS = 3.8
+KNOBS = ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "block_d", "block_c", "block_qk", "block_r",
+         "num_warps", "num_stages")
 
 # Tilings tried by --sweep (each differs from the defaults in one or two knobs).
 SWEEP = [
     ca.KernelConfig(),
-    ca.KernelConfig(block_q=64, block_k=64),
-    ca.KernelConfig(block_q=128, block_k=64),
-    ca.KernelConfig(block_q=64, block_k=128),
+    ca.KernelConfig(block_q=64),
+    ca.KernelConfig(block_k=128, block_qk=128),
+    ca.KernelConfig(bwd_block_q=64, bwd_block_k=64),
+    ca.KernelConfig(bwd_block_q=128, bwd_block_k=64),
+    ca.KernelConfig(bwd_block_q=64, bwd_block_k=128),
+    ca.KernelConfig(bwd_block_k=256, num_warps=8),
     ca.KernelConfig(block_d=128),
     ca.KernelConfig(block_c=32),
     ca.KernelConfig(block_c=128),
@@ -51,9 +56,9 @@ SWEEP = [
     ca.KernelConfig(num_stages=4),
     ca.KernelConfig(fwd_impl="flash"),
     ca.KernelConfig(fwd_impl="flash", block_q=64, block_d=256),
-    ca.KernelConfig(fwd_impl="flash", block_qk=64, block_k=128),
 ]
-CPU_SWEEP = [ca.KernelConfig(block_q=16, block_k=16), ca.KernelConfig(block_q=32, block_k=16, block_d=16),
+CPU_SWEEP = [ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16),
+             ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32, block_d=16),
              ca.KernelConfig(block_q=16, block_k=16, fwd_impl="flash")]
 
 
@@ -73,7 +78,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--profile", action="store_true", help="time every kernel stage separately")
   parser.add_argument("--sweep", action="store_true", help="time fwd+bwd for the tilings in SWEEP")
   parser.add_argument("--no-xla", action="store_true", help="skip the XLA path (errors and timings)")
-  for knob in ("block_q", "block_k", "block_d", "block_c", "block_qk", "block_r", "num_warps", "num_stages"):
+  for knob in KNOBS:
     parser.add_argument("--" + knob.replace("_", "-"), type=int, default=None)
   parser.add_argument("--fwd-impl", default="blocks", choices=["blocks", "flash"])
   args = parser.parse_args()
@@ -86,11 +91,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def config_from_args(args) -> ca.KernelConfig:
-  knobs = {k: getattr(args, k) for k in ("block_q", "block_k", "block_d", "block_c", "block_qk", "block_r",
-                                         "num_warps", "num_stages")}
+  knobs = {k: getattr(args, k) for k in KNOBS}
   if args.cpu:  # tiles that fit the tiny shapes
-    knobs["block_q"] = knobs["block_q"] or 16
-    knobs["block_k"] = knobs["block_k"] or 16
+    for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+      knobs[name] = knobs[name] or 16
   return ca.KernelConfig(fwd_impl=args.fwd_impl, **knobs)
 
 
@@ -194,11 +198,12 @@ def report_profile(args, config, inputs) -> None:
                                          args.chunk_size, args.chunk_size, args.dk, args.dv, q.dtype)
   plan = make_plan(dataclasses.replace(config, fwd_impl="blocks"))
   flash_plan = make_plan(dataclasses.replace(config, fwd_impl="flash"))
+  bwd_plan = dataclasses.replace(plan, geom=plan.bwd_geom)  # the backward kernels' own tiles
   p_buf, mrun, lse = jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s))(q, k, seg)
   out = ca._tr_block_matmul(plan, p_buf, v, mrun, lse, v.dtype)
   delta_fn = jax.jit(lambda o, do: jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32)))
   delta = delta_fn(out, d_out)
-  tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(plan, *a))
+  tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(bwd_plan, *a))
   p_bwd, ds_buf = tiles(q, k, v, seg, lse, delta, d_out)
   stages = [
       ("fwd scores (S, online stats, P~ tiles)", jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s)),
@@ -210,16 +215,18 @@ def report_profile(args, config, inputs) -> None:
        + args.dv),
       ("bwd delta = rowsum(O dO) (XLA)", delta_fn, (out, d_out), None),
       ("bwd tiles (S, P, dP, dS)", tiles, (q, k, v, seg, lse, delta, d_out), args.dk + args.dv),
-      ("bwd dV = P^T dO", jax.jit(lambda m, x: ca._tr_block_tmatmul(plan, m, x, v.dtype)), (p_bwd, d_out), args.dv),
-      ("bwd dK = dS^T Q", jax.jit(lambda m, x: ca._tr_block_tmatmul(plan, m, x, k.dtype)), (ds_buf, q), args.dk),
-      ("bwd dQ = dS K", jax.jit(lambda m, x: ca._tr_block_matmul(plan, m, x, None, None, q.dtype)),
+      ("bwd dV = P^T dO", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_plan, m, x, v.dtype)), (p_bwd, d_out),
+       args.dv),
+      ("bwd dK = dS^T Q", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_plan, m, x, k.dtype)), (ds_buf, q),
+       args.dk),
+      ("bwd dQ = dS K", jax.jit(lambda m, x: ca._tr_block_matmul(bwd_plan, m, x, None, None, q.dtype)),
        (ds_buf, k), args.dk),
   ]
   pairs = args.batch * args.heads * args.chunks * args.chunk_size ** 2 / 2
   buffer_mb = np.prod(p_buf.shape) * p_buf.dtype.itemsize / 2 ** 20
   print(f"\nper-stage times (median of {args.iters}); probability-tile buffer {buffer_mb:.0f} MiB each "
-        f"(plan: block_q={plan.geom.bq} block_k={plan.geom.bk} block_d={plan.block_d} block_c={plan.block_c} "
-        f"block_qk={plan.block_qk} block_r={plan.block_r}):")
+        f"(fwd tiles {plan.geom.bq}x{plan.geom.bk}, bwd tiles {bwd_plan.geom.bq}x{bwd_plan.geom.bk}, "
+        f"block_d={plan.block_d} block_c={plan.block_c} block_qk={plan.block_qk} block_r={plan.block_r}):")
   total = 0.0
   for name, fn, fn_args, width in stages:
     t = timed(fn, *fn_args, iters=args.iters, warmup=args.warmup)

@@ -207,9 +207,8 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int
   q, k: [B, L, H, dk]; v: [B, L, H, dv]; segment_ids: [B, L] int (a query attends only keys with
   its id) -> [B, L, H, dv] in v.dtype. If L <= chunk_size the sequence is one chunk; otherwise L
   must be a multiple of chunk_size. block_q/block_k override `config`'s tile rows (forward and
-  backward). interpret:
-  None runs the kernels natively on their platform and interpreted elsewhere. platform: None
-  (from jax.default_backend()), 'triton' or 'mosaic'.
+  backward). interpret: None runs the kernels natively on their platform and interpreted
+  elsewhere. platform: None (from jax.default_backend()), 'triton' (GPU) or 'mosaic' (TPU).
   """
   _check_qkv(q, k, v)
   batch, length, heads, dk = q.shape

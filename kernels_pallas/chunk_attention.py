@@ -555,7 +555,8 @@ def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, y_ref, *, g: _Geom,
     if mrun_ref is not None:
       m_run = plgpu.load(mrun_ref.at[lax.div(c0, g.bk), pl.ds(buf_row0, g.bq)])
       m = m.astype(jnp.float32) * jnp.exp2(m_run - lse)[:, None]
-    xr = _Rows(c0, step, g.k_len, g.k_len % step == 0)
+    # The steps run over whole key tiles (to cpk): rows need no mask only if the tiles divide k_len.
+    xr = _Rows(c0, step, g.k_len, g.k_len % g.bk == 0)
     x = _tr_load(x_ref, n * g.k_len + c0, xr, t * bd, bd, width)
     return acc + plgpu.dot(m.astype(x.dtype), x)
 
@@ -575,7 +576,7 @@ def _tr_block_tmatmul_kernel(m_ref, x_ref, y_ref, *, g: _Geom, width: int, bd: i
   def body(s, acc):
     r0 = r_start + s * step
     m = plgpu.load(m_ref.at[pl.ds(n * g.cpq + r0, step), pl.ds(kr.start, g.bk)])
-    xr = _Rows(r0, step, g.q_len, g.q_len % step == 0)
+    xr = _Rows(r0, step, g.q_len, g.q_len % g.bq == 0)  # steps run to cpq, as above
     x = _tr_load(x_ref, n * g.q_len + r0, xr, t * bd, bd, width)
     return acc + plgpu.dot(m.astype(x.dtype), x, trans_a=True)
 

@@ -132,6 +132,10 @@ _TRITON_CASES = {
     # L < C (one chunk of 40): masked tail rows, block_q != block_k, scale != 1
     "short_tail": dict(batch=1, length=40, heads=1, dk=16, dv=32, chunk_size=64, scale=0.7,
                        config=ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32)),
+    # L = 48 < C: the 16-row reduction steps divide L but the 32-row tiles do not
+    "steps_divide_tiles_do_not": dict(batch=1, length=48, heads=1, dk=16, dv=32, chunk_size=64,
+                                      config=ca.KernelConfig(block_q=16, block_k=32, bwd_block_q=32,
+                                                             bwd_block_k=16, block_r=16)),
     # odd chunk size (24, not a multiple of the tiles), dv not a power of 2, packed segments
     "odd_chunks_segments": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
                                 config=ca.KernelConfig(block_q=16, block_k=32, bwd_block_q=32, bwd_block_k=16, block_d=32)),

@@ -5,7 +5,8 @@ Target on one H200: kernel fwd+bwd <= 3.8 ms (XLA path ~7.5 ms, the released CUD
 
   python experiments/gpu_checks/check_chunk_attention.py             # errors + fwd, fwd+bwd timings
   python experiments/gpu_checks/check_chunk_attention.py --profile   # + time of every kernel stage
-  python experiments/gpu_checks/check_chunk_attention.py --sweep     # + fwd+bwd for a list of tilings
+  python experiments/gpu_checks/check_chunk_attention.py --sweep --skip-checks --sweep-entries 0,1,2
+                                                                     # fwd+bwd for tilings in SWEEP
   python experiments/gpu_checks/check_chunk_attention.py --cpu       # tiny shapes, interpret mode
 
 Errors: the kernel and the XLA path (both in the input dtype) against a float32 XLA reference
@@ -77,6 +78,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--profile", action="store_true", help="time every kernel stage separately")
   parser.add_argument("--sweep", action="store_true", help="time fwd+bwd for the tilings in SWEEP")
+  parser.add_argument("--sweep-entries", default=None,
+                      help="comma-separated indices into SWEEP (default: all; each costs a compilation)")
+  parser.add_argument("--skip-checks", action="store_true", help="skip the error report and the main timings")
   parser.add_argument("--no-xla", action="store_true", help="skip the XLA path (errors and timings)")
   for knob in KNOBS:
     parser.add_argument("--" + knob.replace("_", "-"), type=int, default=None)
@@ -242,7 +246,10 @@ def report_sweep(args, inputs) -> None:
   _, total_flops = flop_counts(args)
   print("\nsweep: fwd+bwd per tiling (differences from the defaults)")
   best = None
-  for config in (CPU_SWEEP if args.cpu else SWEEP):
+  configs = CPU_SWEEP if args.cpu else SWEEP
+  if args.sweep_entries:
+    configs = [configs[int(i)] for i in args.sweep_entries.split(",")]
+  for config in configs:
     label = ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
                       if getattr(config, f.name) != getattr(ca.KernelConfig(), f.name)) or "defaults"
     kernel, _ = attention_fns(args, config)
@@ -270,8 +277,9 @@ def main() -> None:
   config = config_from_args(args)
   inputs = make_inputs(args)
   kernel, xla = attention_fns(args, config)
-  report_errors(args, kernel, xla, inputs)
-  report_timings(args, kernel, xla, inputs)
+  if not args.skip_checks:
+    report_errors(args, kernel, xla, inputs)
+    report_timings(args, kernel, xla, inputs)
   if args.profile:
     report_profile(args, config, inputs)
   if args.sweep:

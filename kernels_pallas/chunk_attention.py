@@ -1,0 +1,1152 @@
+"""Pallas kernels for Megalodon's chunked causal softmax attention (SPEC §4).
+
+The function is exactly `megalodon_jax.ops.attention.chunked_attention_xla`: the sequence is cut
+into chunks of C steps, a query sees the keys of its own chunk at or before it (and, with packed
+sequences, only keys with its segment id), scores are `scale * q.k` with scale 1.0 by default (no
+1/sqrt(d)), the softmax runs in float32 and the probabilities are cast to v.dtype before they
+multiply v. Blocks above the diagonal and blocks of other chunks are never visited.
+
+Why the GPU kernels are not one flash-attention kernel. Megalodon's value heads are 8x wider
+than its q/k heads (dk 256, dv 2048). A flash kernel keeps a [block_q, dv] float32 accumulator in
+registers; at dv 2048 that does not fit, so dv must be tiled over the grid, and then every dv tile
+recomputes Q K^T (8 times with 256-wide tiles), and the backward pass needs the full dv
+contraction dO V^T before dS exists. So the GPU path computes every product exactly once, as
+GEMM-shaped kernels over the visited (query block, key block) tiles of each chunk, passing the
+[block_q, block_k] probability tiles through HBM:
+
+  forward   1. scores: S = Q K^T per visited tile, online softmax statistics (float32, base 2);
+               stores P~ = exp2(S - running max) tiles, the running max per (row, key block), lse.
+            2. block-causal matmul over dv tiles: O_i = sum_j diag(exp2(m_ij - lse_i)) P~_ij V_j.
+  backward  3. per visited tile: S, P = exp2(S - lse), dP = dO V^T (full dv), dS = P (dP - delta);
+               stores P and dS tiles (delta = rowsum(O * dO) comes from XLA).
+            4. dV = P^T dO, dK = dS^T Q (block-causal transposed matmuls), dQ = dS K.
+
+Per chunk and head that is C^2 (dk + dv) FLOPs forward and C^2 (3 dk + 2 dv) backward (causal
+halves), the minimum, at the cost of a transient [B, H, L, C] buffer (one in the forward pass, two
+in the backward pass; the XLA path materialises more). A flash forward without the buffer
+(online softmax, dv tiled over the grid) is available as `KernelConfig(fwd_impl="flash")`; it is
+also the kernel of `cached_chunk_attention` (decoding / prefill).
+
+TPU (Mosaic): VMEM holds a [block_q, dv] float32 accumulator easily, so those kernels are plain
+flash-attention-2 (forward with online softmax; backward dK/dV kernel and dQ kernel), following
+the idioms of jax.experimental.pallas.ops.tpu.flash_attention (lane-broadcast statistics,
+clamped index maps for skipped blocks, scratch accumulators).
+
+Dispatch: `jax.default_backend()` 'gpu' -> Triton kernels, 'tpu' -> Mosaic kernels, anything
+else -> the Triton kernels in interpret mode (slow; for tests). `platform=` overrides this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+import numpy as np
+
+from megalodon_jax.ops import attention as xla_attention
+
+# A large finite negative score for masked entries: keeps every max/exp finite (no inf - inf).
+_MASK = -0.7 * float(np.finfo(np.float32).max)
+_LOG2E = math.log2(math.e)
+_LANES = 128
+_SUBLANES = 8
+_PLATFORMS = ("triton", "mosaic")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tile sizes and launch parameters. They change speed, not results (beyond rounding).
+
+  block_q, block_k: rows of the query / key tiles. GPU: powers of 2 >= 16. TPU: multiples of 8
+    (of 128 on real hardware); chunks are padded to a multiple of max(block_q, block_k).
+  bwd_block_q, bwd_block_k: GPU only; the same for the backward kernels (None: 128 at 16 bits).
+  block_d: GPU only; width of the output feature tiles of the block matmuls and of the dv tiles
+    of the flash forward.
+  block_c: GPU only; width of the feature chunks over which dO V^T (the dv contraction) is done.
+  block_qk: GPU only; the same for Q K^T (dk). When it covers dk the query tile is loaded once and
+    held across the key loop.
+  block_r: GPU only; reduction step of the block matmuls (a power of 2 dividing block_q, block_k).
+  num_warps, num_stages: Triton launch parameters (None: a heuristic per kernel).
+  fwd_impl: GPU forward, 'blocks' (Q K^T once, probability tiles through HBM) or 'flash' (online
+    softmax with dv tiled over the grid; no [B, H, L, C] buffer, Q K^T recomputed per dv tile).
+  """
+  block_q: int | None = None
+  block_k: int | None = None
+  bwd_block_q: int | None = None
+  bwd_block_k: int | None = None
+  block_d: int | None = None
+  block_c: int | None = None
+  block_qk: int | None = None
+  block_r: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  fwd_impl: str = "blocks"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geom:
+  """Static geometry of one call. Rows of a chunk n are n*q_len .. n*q_len + q_len - 1."""
+  batch: int
+  heads: int
+  n_chunks: int
+  q_len: int  # queries per chunk
+  k_len: int  # keys per chunk
+  dk: int
+  dv: int
+  bq: int
+  bk: int
+
+  @property
+  def nbq(self) -> int:
+    return _cdiv(self.q_len, self.bq)
+
+  @property
+  def nbk(self) -> int:
+    return _cdiv(self.k_len, self.bk)
+
+  @property
+  def cpq(self) -> int:
+    """Rows per chunk of the probability-tile buffers (chunk padded to whole query blocks)."""
+    return self.nbq * self.bq
+
+  @property
+  def cpk(self) -> int:
+    return self.nbk * self.bk
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Everything static about one attention call (hashable: a custom_vjp nondiff argument)."""
+  platform: str
+  interpret: bool
+  scale: float
+  geom: _Geom  # forward tiles
+  bwd_geom: _Geom | None = None  # backward tiles (None: as the forward)
+  block_d: int = 0
+  block_c: int = 0
+  block_qk: int = 0
+  block_r: int = 0
+  num_warps: int | None = None
+  num_stages: int | None = None
+  fwd_impl: str = "blocks"
+  packed: bool = False  # Mosaic: q/k/v viewed as [B, L, H*d] (else transposed to [B*H, L, d])
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and (x & (x - 1)) == 0
+
+
+def _default_platform() -> str:
+  return "mosaic" if jax.default_backend() == "tpu" else "triton"
+
+
+def _resolve_platform(platform: str | None, interpret: bool | None) -> tuple[str, bool]:
+  platform = _default_platform() if platform is None else platform
+  if platform not in _PLATFORMS:
+    raise ValueError(f"platform must be one of {_PLATFORMS} or None (auto), got {platform!r}")
+  if interpret is None:
+    native = {"triton": "gpu", "mosaic": "tpu"}[platform]
+    interpret = jax.default_backend() != native
+  return platform, bool(interpret)
+
+
+def _gpu_block(requested: int | None, default: int, length: int, name: str) -> int:
+  block = default if requested is None else requested
+  if not _is_pow2(block) or block < 16:
+    raise ValueError(f"{name}={block}: GPU tiles must be powers of 2 >= 16 (Triton); pick 16, 32, 64, ...")
+  # No point in tiles longer than the (power-of-2 rounded) chunk.
+  return min(block, max(16, _next_pow2(length)))
+
+
+def _gpu_feature_block(requested: int | None, default: int, width: int, name: str) -> int:
+  block = default if requested is None else requested
+  if not _is_pow2(block) or block < 16:
+    raise ValueError(f"{name}={block}: must be a power of 2 >= 16")
+  return min(block, max(16, _next_pow2(width)))
+
+
+def _tpu_block(requested: int | None, length: int, name: str) -> int:
+  block = 128 if requested is None else requested
+  if block % _SUBLANES:
+    raise ValueError(f"{name}={block}: TPU tiles must be multiples of {_SUBLANES} (of 128 on real TPUs)")
+  if requested is None:
+    block = min(block, _cdiv(length, _SUBLANES) * _SUBLANES)
+  return block
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
+                    segment_ids: jax.Array | None = None, scale: float = 1.0,
+                    block_q: int | None = None, block_k: int | None = None,
+                    interpret: bool | None = None, config: KernelConfig | None = None,
+                    platform: str | None = None) -> jax.Array:
+  """Chunked causal softmax attention; differentiable in q, k and v.
+
+  q, k: [B, L, H, dk]; v: [B, L, H, dv]; segment_ids: [B, L] int (a query attends only keys with
+  its id) -> [B, L, H, dv] in v.dtype. If L <= chunk_size the sequence is one chunk; otherwise L
+  must be a multiple of chunk_size. block_q/block_k override `config`'s tile rows (forward and
+  backward). interpret: None runs the kernels natively on their platform and interpreted
+  elsewhere. platform: None (from jax.default_backend()), 'triton' (GPU) or 'mosaic' (TPU).
+  """
+  _check_qkv(q, k, v)
+  batch, length, heads, dk = q.shape
+  dv = v.shape[-1]
+  n_chunks, chunk_len = xla_attention.num_chunks(length, chunk_size)
+  if segment_ids is not None:
+    if segment_ids.shape != (batch, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be an integer array of shape [batch, length] = {(batch, length)}, "
+                       f"got {segment_ids.dtype}{segment_ids.shape}")
+    segment_ids = segment_ids.astype(jnp.int32)
+  platform, interpret = _resolve_platform(platform, interpret)
+  config = _with_tiles(config, block_q, block_k)
+  if config.fwd_impl not in ("blocks", "flash"):
+    raise ValueError(f"fwd_impl must be 'blocks' or 'flash', got {config.fwd_impl!r}")
+  if platform == "triton":
+    plan = _triton_plan(config, interpret, float(scale), batch, heads, n_chunks, chunk_len, chunk_len,
+                        dk, dv, q.dtype)
+    return _attention(plan, q, k, v, segment_ids)
+  return _mosaic_chunk_attention(config, interpret, float(scale), q, k, v, segment_ids, n_chunks, chunk_len)
+
+
+def cached_chunk_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: jax.Array | int, *,
+                           scale: float = 1.0, block_q: int | None = None, block_k: int | None = None,
+                           interpret: bool | None = None, config: KernelConfig | None = None,
+                           platform: str | None = None) -> jax.Array:
+  """Attention of T new queries to the keys of the current chunk (decoding / prefill); forward only.
+
+  q: [B, T, H, dk] at chunk positions start..start+T-1 (start: int or traced int scalar);
+  k_buf: [B, C, H, dk], v_buf: [B, C, H, dv] already hold the new keys/values at [start, start+T);
+  entries past start+T-1 are stale and masked. Returns [B, T, H, dv] in v_buf.dtype.
+  """
+  if (q.ndim != 4 or k_buf.ndim != 4 or v_buf.ndim != 4 or k_buf.shape[0] != q.shape[0]
+      or k_buf.shape[2:] != q.shape[2:] or v_buf.shape[:3] != k_buf.shape[:3]):
+    raise ValueError("expected q: [B, T, H, dk], k_buf: [B, C, H, dk], v_buf: [B, C, H, dv], "
+                     f"got q{q.shape} k_buf{k_buf.shape} v_buf{v_buf.shape}")
+  batch, steps, heads, dk = q.shape
+  cache_len, dv = k_buf.shape[1], v_buf.shape[-1]
+  if steps > cache_len:
+    raise ValueError(f"{steps} new queries do not fit in a chunk buffer of {cache_len} steps")
+  if isinstance(start, int) and not 0 <= start <= cache_len - steps:
+    raise ValueError(f"start={start} with {steps} new queries overruns the chunk buffer of {cache_len} steps")
+  start = jnp.asarray(start, jnp.int32)
+  if start.ndim:
+    raise ValueError(f"start must be a scalar, got shape {start.shape}")
+  platform, interpret = _resolve_platform(platform, interpret)
+  config = _with_tiles(config, block_q, block_k)
+  if platform == "triton":
+    plan = _triton_plan(config, interpret, float(scale), batch, heads, 1, steps, cache_len, dk, dv,
+                        q.dtype, cached=True)
+    out, _ = _tr_flash_forward(plan, q, k_buf, v_buf, None, start, save_lse=False)
+    return out
+  return _mosaic_cached_attention(config, interpret, float(scale), q, k_buf, v_buf, start)
+
+
+def chunk_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
+                              segment_ids: jax.Array | None = None, scale: float = 1.0,
+                              block_q: int | None = None, block_k: int | None = None,
+                              interpret: bool | None = None, config: KernelConfig | None = None,
+                              platform: str | None = None) -> jax.Array:
+  """Plain-JAX reference with `chunk_attention`'s signature (tiling arguments are ignored)."""
+  del block_q, block_k, interpret, config, platform
+  return xla_attention.chunked_attention_xla(q, k, v, chunk_size=chunk_size, segment_ids=segment_ids,
+                                             scale=scale)
+
+
+def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array,
+                                     start: jax.Array | int, *, scale: float = 1.0,
+                                     block_q: int | None = None, block_k: int | None = None,
+                                     interpret: bool | None = None, config: KernelConfig | None = None,
+                                     platform: str | None = None) -> jax.Array:
+  """Plain-JAX reference with `cached_chunk_attention`'s signature (tiling arguments are ignored)."""
+  del block_q, block_k, interpret, config, platform
+  return xla_attention.cached_attention_xla(q, k_buf, v_buf, start, scale=scale)
+
+
+def _with_tiles(config: KernelConfig | None, block_q: int | None, block_k: int | None) -> KernelConfig:
+  """block_q/block_k arguments set the tiles of both passes (unless the config sets bwd_* itself)."""
+  config = KernelConfig() if config is None else config
+  return dataclasses.replace(config, block_q=block_q or config.block_q, block_k=block_k or config.block_k,
+                             bwd_block_q=config.bwd_block_q or block_q, bwd_block_k=config.bwd_block_k or block_k)
+
+
+def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(
+        "expected q, k: [batch, length, heads, qk_dim] of equal shape and v: [batch, length, heads, v_dim], "
+        f"got q{q.shape} k{k.shape} v{v.shape}")
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp shared by both platforms
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(plan: _Plan, q, k, v, segment_ids):
+  return _attention_fwd(plan, q, k, v, segment_ids)[0]
+
+
+def _attention_fwd(plan: _Plan, q, k, v, segment_ids):
+  if plan.platform == "triton":
+    if plan.fwd_impl == "flash":
+      out, lse = _tr_flash_forward(plan, q, k, v, segment_ids, None, save_lse=True)
+    else:
+      out, lse = _tr_blocks_forward(plan, q, k, v, segment_ids)
+  else:
+    out, lse = _mosaic_forward(plan, q, k, v, segment_ids, None, save_lse=True)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def _attention_bwd(plan: _Plan, residuals, d_out):
+  q, k, v, segment_ids, out, lse = residuals
+  # delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij: one fused XLA reduction, [B, H, L] float32.
+  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  if plan.platform == "triton":
+    dq, dk, dv = _tr_backward(plan, q, k, v, segment_ids, lse, delta, d_out)
+  else:
+    dq, dk, dv = _mosaic_backward(plan, q, k, v, segment_ids, lse, delta, d_out)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (Pallas Triton): plan and shared helpers
+
+
+def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int, heads: int,
+                 n_chunks: int, q_len: int, k_len: int, dk: int, dv: int, dtype, cached: bool = False) -> _Plan:
+  """Default tiles sized for an H100/H200 SM (227 KiB shared memory, 64K registers) at bf16.
+
+  The forward and backward kernels share nothing but lse, so their tiles are chosen apart: the
+  forward holds a [block_q, dk] Q tile and double-buffers [block_k, dk] K tiles (64-row keys keep
+  that near 128 KiB at dk 256); the backward tile kernel and the matmuls want square 128 tiles.
+  """
+  wide = jnp.dtype(dtype).itemsize >= 4  # float32 runs on CUDA cores with 2x the bytes: smaller tiles
+  flash = config.fwd_impl == "flash"
+  if cached:  # few queries: small query tiles, more dv tiles for parallelism
+    bq = _gpu_block(config.block_q, 64, q_len, "block_q")
+    bk = _gpu_block(config.block_k, 64, k_len, "block_k")
+    block_d = _gpu_feature_block(config.block_d, 128, dv, "block_d")
+  else:
+    bq = _gpu_block(config.block_q, 64 if wide else 128, q_len, "block_q")
+    bk = _gpu_block(config.block_k, 64, k_len, "block_k")
+    block_d = _gpu_feature_block(config.block_d, 64 if wide else (128 if flash else 256), max(dk, dv), "block_d")
+  bwd_bq = _gpu_block(config.bwd_block_q, 64 if wide else 128, q_len, "bwd_block_q")
+  bwd_bk = _gpu_block(config.bwd_block_k, 64 if wide else 128, k_len, "bwd_block_k")
+  block_c = _gpu_feature_block(config.block_c, 32 if wide else 64, max(dk, dv), "block_c")
+  # Q K^T in one step when dk is small enough: the Q tile then stays put across the key loop.
+  block_qk = _gpu_feature_block(config.block_qk, 64 if wide else 256, dk, "block_qk")
+  block_r = config.block_r if config.block_r is not None else (32 if wide else 64)
+  if not _is_pow2(block_r) or block_r < 16:
+    raise ValueError(f"block_r={block_r}: must be a power of 2 >= 16")
+  block_r = min(block_r, bq, bk, bwd_bq, bwd_bk)
+  geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bq, bk)
+  bwd_geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bwd_bq, bwd_bk)
+  return _Plan("triton", interpret, scale, geom, bwd_geom=bwd_geom, block_d=block_d, block_c=block_c,
+               block_qk=block_qk, block_r=block_r, num_warps=config.num_warps,
+               num_stages=config.num_stages, fwd_impl=config.fwd_impl)
+
+
+def _tr_params(plan: _Plan, warps: int, stages: int) -> plgpu.CompilerParams:
+  return plgpu.CompilerParams(num_warps=plan.num_warps or warps, num_stages=plan.num_stages or stages)
+
+
+def _tr_warps(*tile_elems: int) -> int:
+  return 8 if max(tile_elems) >= 128 * 128 else 4
+
+
+def _rows_spec(x) -> pl.BlockSpec:
+  """[B, L, H, d] array; the kernel sees the [L, d] rows of one (batch, head): grid ends in (b, h)."""
+  _, length, _, width = x.shape
+  return pl.BlockSpec((None, length, None, width), lambda *g: (g[-2], 0, g[-1], 0))
+
+
+def _bh_spec(shape) -> pl.BlockSpec:
+  """[B, H, ...] array; the kernel sees the [...] part of one (batch, head)."""
+  rest = tuple(shape[2:])
+  return pl.BlockSpec((None, None, *rest), lambda *g: (g[-2], g[-1]) + (0,) * len(rest))
+
+
+def _seg_spec(segment_ids) -> pl.BlockSpec | None:
+  if segment_ids is None:
+    return None
+  return pl.BlockSpec((None, segment_ids.shape[1]), lambda *g: (g[-2], 0))
+
+
+def _iota(n: int) -> jax.Array:
+  return jnp.arange(n, dtype=jnp.int32)
+
+
+class _Rows:
+  """A tile of `size` rows starting at chunk position `start` of a chunk holding `length` rows.
+
+  `masked` is static: False when every tile of this size divides the chunk exactly, so loads and
+  stores go without a row mask (Triton then vectorises them without having to prove anything).
+  """
+
+  def __init__(self, start, size: int, length: int, step_divides: bool):
+    self.start, self.size = start, size
+    self.idx = start + _iota(size)
+    self.valid = self.idx < length
+    self.masked = not step_divides
+
+  def load_mask(self):
+    return self.valid if self.masked else None
+
+
+def _tile_mask(row_mask, col0, cols: int, width: int):
+  """Row mask (or None) combined with the feature-tail mask (only when cols does not divide width)."""
+  col_mask = None if width % cols == 0 else (col0 + _iota(cols)) < width
+  if row_mask is None and col_mask is None:
+    return None
+  if col_mask is None:
+    return jnp.broadcast_to(row_mask[:, None], (row_mask.shape[0], cols))
+  if row_mask is None:
+    return col_mask[None, :]
+  return row_mask[:, None] & col_mask[None, :]
+
+
+def _tr_load(ref, row0, rows: _Rows, col0, cols: int, width: int) -> jax.Array:
+  """[rows, cols] tile of a [L, width] ref at (row0, col0); masked-off entries read 0."""
+  mask = _tile_mask(rows.load_mask(), col0, cols, width)
+  block = ref.at[pl.ds(row0, rows.size), pl.ds(col0, cols)]
+  return plgpu.load(block) if mask is None else plgpu.load(block, mask=mask, other=0.0)
+
+
+def _tr_store(ref, row0, rows: _Rows, col0, value, width: int) -> None:
+  mask = _tile_mask(rows.load_mask(), col0, value.shape[1], width)
+  plgpu.store(ref.at[pl.ds(row0, rows.size), pl.ds(col0, value.shape[1])], value, mask=mask)
+
+
+def _tr_abt(a_ref, a_row0, a_rows: _Rows, b_ref, b_row0, b_rows: _Rows, width: int, chunk: int,
+            a_tile=None) -> jax.Array:
+  """A[rows_a] @ B[rows_b]^T contracted over `width` features in chunks: [a.size, b.size] f32.
+
+  a_tile: A's rows already loaded (one chunk covering the whole width).
+  """
+  steps = _cdiv(width, chunk)
+
+  def step(c, acc):
+    a = a_tile if a_tile is not None else _tr_load(a_ref, a_row0, a_rows, c * chunk, chunk, width)
+    b = _tr_load(b_ref, b_row0, b_rows, c * chunk, chunk, width)
+    return acc + plgpu.dot(a, b, trans_b=True)
+
+  acc = jnp.zeros((a_rows.size, b_rows.size), jnp.float32)
+  if steps == 1:
+    return step(0, acc)
+  if a_tile is not None:
+    raise ValueError("a preloaded tile must cover the whole contraction")
+  return lax.fori_loop(0, steps, step, acc)
+
+
+def _tr_q_tile(q_ref, q_row0, q_rows: _Rows, g: _Geom, chunk: int):
+  """The query tile, loaded once before the key loop when Q K^T takes one step."""
+  return _tr_load(q_ref, q_row0, q_rows, 0, chunk, g.dk) if chunk >= g.dk else None
+
+
+def _tr_mask(q_pos, k_pos, q_valid, k_valid, q_seg, k_seg) -> jax.Array:
+  mask = (k_pos[None, :] <= q_pos[:, None]) & q_valid[:, None] & k_valid[None, :]
+  if q_seg is not None:
+    mask = mask & (q_seg[:, None] == k_seg[None, :])
+  return mask
+
+
+def _tr_load_seg(seg_ref, row0, rows: _Rows):
+  if seg_ref is None:
+    return None
+  block = seg_ref.at[pl.ds(row0, rows.size)]
+  return plgpu.load(block) if not rows.masked else plgpu.load(block, mask=rows.valid, other=0)
+
+
+def _tr_key_blocks(i, g: _Geom, q_offset=0):
+  """Key blocks visited by query block i: those with a key at or before its last query."""
+  return jnp.minimum(lax.div(q_offset + (i + 1) * g.bq + g.bk - 1, g.bk), g.nbk)
+
+
+def _q_rows(i, g: _Geom) -> _Rows:
+  return _Rows(i * g.bq, g.bq, g.q_len, g.q_len % g.bq == 0)
+
+
+def _k_rows(j, g: _Geom) -> _Rows:
+  return _Rows(j * g.bk, g.bk, g.k_len, g.k_len % g.bk == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU kernels
+
+
+def _tr_scores_kernel(q_ref, k_ref, seg_ref, p_ref, mrun_ref, lse_ref, *, g: _Geom, scale2: float,
+                      chunk: int):
+  """Forward step 1 for query block i of chunk n: S = Q K^T once per visited tile, online stats.
+
+  Writes P~_ij = exp2(S_ij - m_ij) (m_ij: running row max after key block j) into the tile
+  buffer [n*cpq + i*bq.., j*bk..], m_ij into mrun[j, rows], and lse (base 2) per valid row.
+  """
+  i = g.nbq - 1 - pl.program_id(0)  # heaviest query blocks first
+  n = pl.program_id(1)
+  qr = _q_rows(i, g)
+  q_row0 = n * g.q_len + qr.start
+  buf_row0 = n * g.cpq + qr.start
+  q_seg = _tr_load_seg(seg_ref, q_row0, qr)
+  q_tile = _tr_q_tile(q_ref, q_row0, qr, g, chunk)
+
+  def body(j, carry):
+    m_prev, l_prev = carry
+    kr = _k_rows(j, g)
+    k_row0 = n * g.k_len + kr.start
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk, q_tile) * scale2
+    mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, q_seg, _tr_load_seg(seg_ref, k_row0, kr))
+    s = jnp.where(mask, s, _MASK)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+    l_new = l_prev * jnp.exp2(m_prev - m_new) + jnp.sum(p, axis=1)
+    plgpu.store(p_ref.at[pl.ds(buf_row0, g.bq), pl.ds(kr.start, g.bk)], p.astype(p_ref.dtype))
+    plgpu.store(mrun_ref.at[j, pl.ds(buf_row0, g.bq)], m_new)
+    return m_new, l_new
+
+  init = (jnp.full((g.bq,), _MASK, jnp.float32), jnp.zeros((g.bq,), jnp.float32))
+  m, l = lax.fori_loop(0, _tr_key_blocks(i, g), body, init)
+  lse = m + jnp.log2(jnp.where(l > 0.0, l, 1.0))
+  plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], lse, mask=qr.load_mask())
+
+
+def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, y_ref, *, g: _Geom, width: int, bd: int,
+                            step: int):
+  """Y_i = sum_{visited j} M_ij X_j for query block i, feature tile t (block-causal matmul).
+
+  With mrun/lse (forward) the rows of M = P~ are first scaled by exp2(m_ij - lse_i), which turns
+  them into the normalised probabilities.
+  """
+  t = pl.program_id(0)
+  i = g.nbq - 1 - pl.program_id(1)
+  n = pl.program_id(2)
+  qr = _q_rows(i, g)
+  buf_row0 = n * g.cpq + qr.start
+  if mrun_ref is not None:
+    lse_block = lse_ref.at[pl.ds(n * g.q_len + qr.start, g.bq)]
+    lse = plgpu.load(lse_block) if not qr.masked else plgpu.load(lse_block, mask=qr.valid, other=0.0)
+
+  def body(s, acc):
+    c0 = s * step
+    m = plgpu.load(m_ref.at[pl.ds(buf_row0, g.bq), pl.ds(c0, step)])
+    if mrun_ref is not None:
+      m_run = plgpu.load(mrun_ref.at[lax.div(c0, g.bk), pl.ds(buf_row0, g.bq)])
+      m = m.astype(jnp.float32) * jnp.exp2(m_run - lse)[:, None]
+    # The steps run over whole key tiles (to cpk): rows need no mask only if the tiles divide k_len.
+    xr = _Rows(c0, step, g.k_len, g.k_len % g.bk == 0)
+    x = _tr_load(x_ref, n * g.k_len + c0, xr, t * bd, bd, width)
+    return acc + plgpu.dot(m.astype(x.dtype), x)
+
+  n_steps = _tr_key_blocks(i, g) * (g.bk // step)
+  acc = lax.fori_loop(0, n_steps, body, jnp.zeros((g.bq, bd), jnp.float32))
+  _tr_store(y_ref, n * g.q_len + qr.start, qr, t * bd, acc.astype(y_ref.dtype), width)
+
+
+def _tr_block_tmatmul_kernel(m_ref, x_ref, y_ref, *, g: _Geom, width: int, bd: int, step: int):
+  """Y_j = sum_{visited i} M_ij^T X_i for key block j, feature tile t (block-causal, transposed)."""
+  t = pl.program_id(0)
+  j = pl.program_id(1)
+  n = pl.program_id(2)
+  kr = _k_rows(j, g)
+  r_start = lax.div(kr.start, g.bq) * g.bq  # first query block that sees key block j
+
+  def body(s, acc):
+    r0 = r_start + s * step
+    m = plgpu.load(m_ref.at[pl.ds(n * g.cpq + r0, step), pl.ds(kr.start, g.bk)])
+    xr = _Rows(r0, step, g.q_len, g.q_len % g.bq == 0)  # steps run to cpq, as above
+    x = _tr_load(x_ref, n * g.q_len + r0, xr, t * bd, bd, width)
+    return acc + plgpu.dot(m.astype(x.dtype), x, trans_a=True)
+
+  acc = lax.fori_loop(0, lax.div(g.cpq - r_start, step), body, jnp.zeros((g.bk, bd), jnp.float32))
+  _tr_store(y_ref, n * g.k_len + kr.start, kr, t * bd, acc.astype(y_ref.dtype), width)
+
+
+def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, p_ref, ds_ref, *,
+                         g: _Geom, scale: float, chunk_qk: int, chunk_v: int):
+  """Backward step 1 for tile (i, j): P = exp2(S - lse), dP = dO V^T, dS = scale P (dP - delta)."""
+  j = pl.program_id(0)
+  i = pl.program_id(1)
+  n = pl.program_id(2)
+
+  @pl.when(j < _tr_key_blocks(i, g))
+  def _visited():
+    qr, kr = _q_rows(i, g), _k_rows(j, g)
+    q_row0 = n * g.q_len + qr.start
+    k_row0 = n * g.k_len + kr.start
+    # dP first: only its accumulator is live during the long dv loop (fewer registers there).
+    dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk_qk) * (scale * _LOG2E)
+    mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, _tr_load_seg(seg_ref, q_row0, qr),
+                    _tr_load_seg(seg_ref, k_row0, kr))
+    stat_mask = qr.load_mask()
+    lse_block, delta_block = lse_ref.at[pl.ds(q_row0, g.bq)], delta_ref.at[pl.ds(q_row0, g.bq)]
+    lse = plgpu.load(lse_block) if stat_mask is None else plgpu.load(lse_block, mask=stat_mask, other=0.0)
+    delta = plgpu.load(delta_block) if stat_mask is None else plgpu.load(delta_block, mask=stat_mask, other=0.0)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0) * scale
+    tile = (pl.ds(n * g.cpq + qr.start, g.bq), pl.ds(kr.start, g.bk))
+    plgpu.store(p_ref.at[tile], p.astype(p_ref.dtype))
+    plgpu.store(ds_ref.at[tile], ds.astype(ds_ref.dtype))
+
+
+def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g: _Geom, scale2: float,
+                     chunk: int, bd: int):
+  """Flash forward for query block i, dv tile t of chunk n (online softmax, f32 statistics).
+
+  Query rows of a chunk sit at chunk positions offset + 0.. (offset = `start` when decoding).
+  """
+  t = pl.program_id(0)
+  i = g.nbq - 1 - pl.program_id(1)
+  n = pl.program_id(2)
+  q_off = 0 if off_ref is None else off_ref[()]
+  qr = _q_rows(i, g)
+  q_row0 = n * g.q_len + qr.start
+  q_seg = _tr_load_seg(seg_ref, q_row0, qr)
+  q_tile = _tr_q_tile(q_ref, q_row0, qr, g, chunk)
+
+  def body(j, carry):
+    acc, m_prev, l_prev = carry
+    kr = _k_rows(j, g)
+    k_row0 = n * g.k_len + kr.start
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk, q_tile) * scale2
+    mask = _tr_mask(q_off + qr.idx, kr.idx, qr.valid, kr.valid, q_seg, _tr_load_seg(seg_ref, k_row0, kr))
+    s = jnp.where(mask, s, _MASK)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    correction = jnp.exp2(m_prev - m_new)
+    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+    l_new = l_prev * correction + jnp.sum(p, axis=1)
+    v = _tr_load(v_ref, k_row0, kr, t * bd, bd, g.dv)
+    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l_new
+
+  init = (jnp.zeros((g.bq, bd), jnp.float32), jnp.full((g.bq,), _MASK, jnp.float32),
+          jnp.zeros((g.bq,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, _tr_key_blocks(i, g, q_off), body, init)
+  l = jnp.where(l > 0.0, l, 1.0)
+  _tr_store(o_ref, q_row0, qr, t * bd, (acc / l[:, None]).astype(o_ref.dtype), g.dv)
+  if lse_ref is not None:  # every dv tile computes the same statistics; identical writes
+    plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], m + jnp.log2(l), mask=qr.load_mask())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU wrappers
+
+
+def _tr_blocks_forward(plan: _Plan, q, k, v, segment_ids):
+  """Forward via stored probability tiles. Returns out [B, L, H, dv], lse [B, H, L] (base 2)."""
+  p_buf, mrun, lse = _tr_scores(plan, q, k, v.dtype, segment_ids)
+  return _tr_block_matmul(plan, p_buf, v, mrun, lse, v.dtype), lse
+
+
+def _tr_scores(plan: _Plan, q, k, p_dtype, segment_ids):
+  """Forward step 1: P~ tiles [B, H, n*cpq, cpk], running maxima [B, H, nbk, n*cpq], lse [B, H, L]."""
+  g = plan.geom
+  rows = g.n_chunks * g.cpq
+  p_shape = (g.batch, g.heads, rows, g.cpk)
+  mrun_shape = (g.batch, g.heads, g.nbk, rows)
+  lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
+  kernel = functools.partial(_tr_scores_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk)
+  return pl.pallas_call(
+      kernel,
+      grid=(g.nbq, g.n_chunks, g.batch, g.heads),
+      in_specs=[_rows_spec(q), _rows_spec(k), _seg_spec(segment_ids)],
+      out_specs=[_bh_spec(p_shape), _bh_spec(mrun_shape), _bh_spec(lse_shape)],
+      out_shape=[jax.ShapeDtypeStruct(p_shape, p_dtype), jax.ShapeDtypeStruct(mrun_shape, jnp.float32),
+                 jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
+      compiler_params=_tr_params(plan, _tr_warps(g.bq * g.bk), 2),
+      interpret=plan.interpret,
+      name="chunk_attention_scores",
+  )(q, k, segment_ids)
+
+
+def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype):
+  """Y = block-causal M @ X: M [B, H, n*cpq, cpk] tiles, X [B, L, H, d] -> [B, L, H, d]."""
+  g = plan.geom
+  width = x.shape[-1]
+  bd = min(plan.block_d, max(16, _next_pow2(width)))
+  step = min(plan.block_r, g.bk)
+  kernel = functools.partial(_tr_block_matmul_kernel, g=g, width=width, bd=bd, step=step)
+  in_specs = [_bh_spec(m_buf.shape), _rows_spec(x)]
+  in_specs += [None, None] if mrun is None else [_bh_spec(mrun.shape), _bh_spec(lse.shape)]
+  out_shape = jax.ShapeDtypeStruct((g.batch, g.n_chunks * g.q_len, g.heads, width), out_dtype)
+  return pl.pallas_call(
+      kernel,
+      grid=(_cdiv(width, bd), g.nbq, g.n_chunks, g.batch, g.heads),
+      in_specs=in_specs,
+      out_specs=_rows_spec(out_shape),
+      out_shape=out_shape,
+      compiler_params=_tr_params(plan, _tr_warps(g.bq * bd), 3),
+      interpret=plan.interpret,
+      name="chunk_attention_block_matmul",
+  )(m_buf, x, mrun, lse)
+
+
+def _tr_block_tmatmul(plan: _Plan, m_buf, x, out_dtype):
+  """Y = block-causal M^T @ X: M [B, H, n*cpq, cpk] tiles, X [B, L, H, d] -> [B, L, H, d]."""
+  g = plan.geom
+  width = x.shape[-1]
+  bd = min(plan.block_d, max(16, _next_pow2(width)))
+  step = min(plan.block_r, g.bq)
+  kernel = functools.partial(_tr_block_tmatmul_kernel, g=g, width=width, bd=bd, step=step)
+  out_shape = jax.ShapeDtypeStruct((g.batch, g.n_chunks * g.k_len, g.heads, width), out_dtype)
+  return pl.pallas_call(
+      kernel,
+      grid=(_cdiv(width, bd), g.nbk, g.n_chunks, g.batch, g.heads),
+      in_specs=[_bh_spec(m_buf.shape), _rows_spec(x)],
+      out_specs=_rows_spec(out_shape),
+      out_shape=out_shape,
+      compiler_params=_tr_params(plan, _tr_warps(g.bk * bd), 3),
+      interpret=plan.interpret,
+      name="chunk_attention_block_tmatmul",
+  )(m_buf, x)
+
+
+def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  """Backward step 1: the P and dS tile buffers, [B, H, n*cpq, cpk] each."""
+  g = plan.geom
+  tile_shape = (g.batch, g.heads, g.n_chunks * g.cpq, g.cpk)
+  # Both contractions in block_c chunks: pipelined loops with small shared-memory buffers.
+  kernel = functools.partial(_tr_bwd_tiles_kernel, g=g, scale=plan.scale,
+                             chunk_qk=min(plan.block_c, plan.block_qk), chunk_v=plan.block_c)
+  return pl.pallas_call(
+      kernel,
+      grid=(g.nbk, g.nbq, g.n_chunks, g.batch, g.heads),
+      in_specs=[_rows_spec(q), _rows_spec(k), _rows_spec(v), _rows_spec(d_out), _bh_spec(lse.shape),
+                _bh_spec(delta.shape), _seg_spec(segment_ids)],
+      out_specs=[_bh_spec(tile_shape), _bh_spec(tile_shape)],
+      out_shape=[jax.ShapeDtypeStruct(tile_shape, d_out.dtype), jax.ShapeDtypeStruct(tile_shape, q.dtype)],
+      compiler_params=_tr_params(plan, _tr_warps(g.bq * g.bk), 3),
+      interpret=plan.interpret,
+      name="chunk_attention_bwd_tiles",
+  )(q, k, v, d_out, lse, delta, segment_ids)
+
+
+def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  plan = dataclasses.replace(plan, geom=plan.bwd_geom)
+  p_buf, ds_buf = _tr_bwd_tiles(plan, q, k, v, segment_ids, lse, delta, d_out)
+  dv = _tr_block_tmatmul(plan, p_buf, d_out, v.dtype)
+  dk = _tr_block_tmatmul(plan, ds_buf, q, k.dtype)
+  dq = _tr_block_matmul(plan, ds_buf, k, None, None, q.dtype)
+  return dq, dk, dv
+
+
+def _tr_flash_forward(plan: _Plan, q, k, v, segment_ids, start, *, save_lse: bool):
+  """Flash forward; start: None (chunked attention) or an int32 scalar (cached attention)."""
+  g = plan.geom
+  bd = plan.block_d
+  lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
+  out_shape = [jax.ShapeDtypeStruct((g.batch, g.n_chunks * g.q_len, g.heads, g.dv), v.dtype)]
+  out_specs = [_rows_spec(out_shape[0])]
+  if save_lse:
+    out_shape.append(jax.ShapeDtypeStruct(lse_shape, jnp.float32))
+    out_specs.append(_bh_spec(lse_shape))
+  off_spec = None if start is None else pl.BlockSpec((), lambda *g_: ())
+  kernel = functools.partial(_tr_flash_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk, bd=bd)
+  if not save_lse:
+    kernel = functools.partial(_drop_lse_ref, kernel)
+  outs = pl.pallas_call(
+      kernel,
+      grid=(_cdiv(g.dv, bd), g.nbq, g.n_chunks, g.batch, g.heads),
+      in_specs=[off_spec, _rows_spec(q), _rows_spec(k), _rows_spec(v), _seg_spec(segment_ids)],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_tr_params(plan, _tr_warps(g.bq * bd), 2),
+      interpret=plan.interpret,
+      name="chunk_attention_flash_fwd",
+  )(start, q, k, v, segment_ids)
+  return (outs[0], outs[1]) if save_lse else (outs[0], None)
+
+
+def _drop_lse_ref(kernel, off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref):
+  kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU (Pallas Mosaic): flash-attention-2 kernels
+
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def _lanes(x: jax.Array, width: int) -> jax.Array:
+  """Widen lane-broadcast statistics [rows, 128] to [rows, width] (all lanes hold the same value)."""
+  if width == _LANES:
+    return x
+  if width % _LANES == 0:
+    return jnp.tile(x, (1, width // _LANES))
+  if width < _LANES:
+    return x[:, :width]
+  raise ValueError(f"TPU kernels need feature/tile widths < 128 or multiples of 128, got {width}")
+
+
+def _mosaic_mask(shape, row0, col0, qseg_ref, kseg_ref) -> jax.Array:
+  rows = row0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+  cols = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+  mask = cols <= rows
+  if qseg_ref is not None:
+    q_seg = _lanes(qseg_ref[...], shape[1])  # [bq, bk]
+    k_seg = kseg_ref[:1, :]  # [1, bk]
+    mask = jnp.logical_and(mask, q_seg == k_seg)
+  return mask
+
+
+def _mosaic_fwd_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
+                       *, bq: int, bk: int, nbk: int, scale: float):
+  i, j = pl.program_id(3), pl.program_id(4)
+  q_off = off_ref[0]
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, _MASK, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(j * bk <= q_off + (i + 1) * bq - 1)
+  def _run():
+    s = lax.dot_general(q_ref[...], k_ref[...], _TRANS_B, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+      s = s * scale
+    mask = _mosaic_mask((bq, bk), q_off + i * bq, j * bk, qseg_ref, kseg_ref)
+    s = jnp.where(mask, s, _MASK)
+    m_prev = m_sc[...]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])  # [bq, 128]
+    p = jnp.where(mask, jnp.exp(s - _lanes(m_next, bk)), 0.0)
+    alpha = jnp.exp(m_prev - m_next)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1)[:, None]
+    m_sc[...] = m_next
+    v = v_ref[...]
+    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc_sc[...] = acc_sc[...] * _lanes(alpha, acc_sc.shape[1]) + pv
+
+  @pl.when(j == nbk - 1)
+  def _store():
+    l = l_sc[...]
+    l = jnp.where(l == 0.0, 1.0, l)
+    o_ref[...] = (acc_sc[...] / _lanes(l, acc_sc.shape[1])).astype(o_ref.dtype)
+    if lse_ref is not None:
+      lse_ref[...] = m_sc[...] + jnp.log(l)
+
+
+def _mosaic_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref,
+                       dk_sc, dv_sc, *, bq: int, bk: int, nbq: int, scale: float):
+  j, i = pl.program_id(3), pl.program_id(4)
+
+  @pl.when(i == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when((i + 1) * bq - 1 >= j * bk)
+  def _run():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+      s = s * scale
+    mask = _mosaic_mask((bq, bk), i * bq, j * bk, qseg_ref, kseg_ref)
+    p = jnp.where(mask, jnp.exp(s - _lanes(lse_ref[...], bk)), 0.0)
+    dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+    ds = jnp.where(mask, p * (dp - _lanes(delta_ref[...], bk)), 0.0)
+    if scale != 1.0:
+      ds = ds * scale
+    dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+  @pl.when(i == nbq - 1)
+  def _store():
+    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _mosaic_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, dq_sc, *,
+                      bq: int, bk: int, nbk: int, scale: float):
+  i, j = pl.program_id(3), pl.program_id(4)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(j * bk <= (i + 1) * bq - 1)
+  def _run():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+      s = s * scale
+    mask = _mosaic_mask((bq, bk), i * bq, j * bk, qseg_ref, kseg_ref)
+    p = jnp.where(mask, jnp.exp(s - _lanes(lse_ref[...], bk)), 0.0)
+    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+    ds = jnp.where(mask, p * (dp - _lanes(delta_ref[...], bk)), 0.0)
+    if scale != 1.0:
+      ds = ds * scale
+    dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  @pl.when(j == nbk - 1)
+  def _store():
+    dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU wrappers
+
+
+def _mosaic_plan(config: KernelConfig, interpret: bool, scale: float, batch: int, heads: int, n_chunks: int,
+                 q_len: int, k_len: int, dk: int, dv: int) -> _Plan:
+  """q_len/k_len must already be multiples of the tiles chosen by `_mosaic_tiles`."""
+  bq, bk = _mosaic_tiles(config, q_len, k_len)
+  # [B, L, H, d] viewed as [B, L, H*d] needs lane-aligned head slices; otherwise transpose.
+  packed = heads == 1 or (dk % _LANES == 0 and dv % _LANES == 0)
+  geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bq, bk)
+  return _Plan("mosaic", interpret, scale, geom, packed=packed)
+
+
+def _mosaic_tiles(config: KernelConfig, q_len: int, k_len: int) -> tuple[int, int]:
+  return _tpu_block(config.block_q, q_len, "block_q"), _tpu_block(config.block_k, k_len, "block_k")
+
+
+def _pad_chunks(x, n_chunks: int, chunk_len: int, padded_len: int):
+  """[B, n*chunk_len, ...] -> [B, n*padded_len, ...], zero rows appended to every chunk."""
+  if padded_len == chunk_len:
+    return x
+  shaped = x.reshape(x.shape[0], n_chunks, chunk_len, *x.shape[2:])
+  pad = [(0, 0)] * shaped.ndim
+  pad[2] = (0, padded_len - chunk_len)
+  return jnp.pad(shaped, pad).reshape(x.shape[0], n_chunks * padded_len, *x.shape[2:])
+
+
+def _unpad_chunks(x, n_chunks: int, chunk_len: int, padded_len: int):
+  if padded_len == chunk_len:
+    return x
+  shaped = x.reshape(x.shape[0], n_chunks, padded_len, *x.shape[2:])[:, :, :chunk_len]
+  return shaped.reshape(x.shape[0], n_chunks * chunk_len, *x.shape[2:])
+
+
+def _mosaic_chunk_attention(config, interpret, scale, q, k, v, segment_ids, n_chunks, chunk_len):
+  """Pads every chunk to whole tiles (outside the custom_vjp, so autodiff slices the padding off).
+
+  Padded keys sit after every real query of their chunk, so the causal mask already hides them;
+  padded query rows are dropped (their zero cotangent adds nothing to dK/dV).
+  """
+  bq, bk = _mosaic_tiles(config, chunk_len, chunk_len)
+  padded = _cdiv(chunk_len, max(bq, bk)) * max(bq, bk)
+  if padded % bq or padded % bk:
+    raise ValueError(f"block_q={bq} and block_k={bk} must divide each other on TPU")
+  batch, _, heads, dk = q.shape
+  plan = _mosaic_plan(config, interpret, scale, batch, heads, n_chunks, padded, padded, dk, v.shape[-1])
+  pad = functools.partial(_pad_chunks, n_chunks=n_chunks, chunk_len=chunk_len, padded_len=padded)
+  segs = None if segment_ids is None else pad(segment_ids)
+  out = _attention(plan, pad(q), pad(k), pad(v), segs)
+  return _unpad_chunks(out, n_chunks, chunk_len, padded)
+
+
+def _mosaic_cached_attention(config, interpret, scale, q, k_buf, v_buf, start):
+  steps, cache_len = q.shape[1], k_buf.shape[1]
+  bq, bk = _mosaic_tiles(config, steps, cache_len)
+  q_pad = _cdiv(steps, bq) * bq
+  k_pad = _cdiv(cache_len, bk) * bk
+  batch, _, heads, dk = q.shape
+  plan = _mosaic_plan(config, interpret, scale, batch, heads, 1, q_pad, k_pad, dk, v_buf.shape[-1])
+  q = _pad_chunks(q, 1, steps, q_pad)
+  k_buf = _pad_chunks(k_buf, 1, cache_len, k_pad)  # padded keys lie past every query position
+  v_buf = _pad_chunks(v_buf, 1, cache_len, k_pad)
+  out, _ = _mosaic_forward(plan, q, k_buf, v_buf, None, start, save_lse=False)
+  return out[:, :steps]
+
+
+class _MosaicLayout:
+  """How [B, L, H, d] arrays are handed to the Mosaic kernels as 3-D [A, L, W] arrays."""
+
+  def __init__(self, plan: _Plan):
+    self.packed = plan.packed
+    self.heads = plan.geom.heads
+
+  def to3(self, x):
+    batch, length, heads, width = x.shape
+    if self.packed:  # free reshape; head h is the h-th lane-aligned column block
+      return x.reshape(batch, length, heads * width)
+    return x.transpose(0, 2, 1, 3).reshape(batch * heads, length, width)
+
+  def from3(self, y, batch: int):
+    if self.packed:
+      return y.reshape(batch, y.shape[1], self.heads, -1)
+    return y.reshape(batch, self.heads, y.shape[1], y.shape[2]).transpose(0, 2, 1, 3)
+
+  def index(self, b, h):
+    """(leading index, column block) of head h of batch element b."""
+    return (b, h) if self.packed else (b * self.heads + h, 0)
+
+
+def _mosaic_seg_inputs(segment_ids, q_len_total: int):
+  """Lane/sublane-broadcast segment ids (the layouts Mosaic compares without relayouts)."""
+  if segment_ids is None:
+    return None, None
+  batch = segment_ids.shape[0]
+  q_seg = lax.broadcast_in_dim(segment_ids, (batch, q_len_total, _LANES), (0, 1))
+  k_seg = lax.broadcast_in_dim(segment_ids, (batch, _SUBLANES, q_len_total), (0, 2))
+  return q_seg, k_seg
+
+
+def _mosaic_params(semantics) -> pltpu.CompilerParams:
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _mosaic_forward(plan: _Plan, q, k, v, segment_ids, start, *, save_lse: bool):
+  """Flash forward. Returns out [B, Lq, H, dv] and lse [B, H, Lq, 128] (natural log) or None."""
+  g = plan.geom
+  lay = _MosaicLayout(plan)
+  q3, k3, v3 = lay.to3(q), lay.to3(k), lay.to3(v)
+  offset = jnp.zeros((1,), jnp.int32) if start is None else jnp.reshape(start, (1,)).astype(jnp.int32)
+
+  def visible(i, j, off_ref):
+    return j * g.bk <= off_ref[0] + (i + 1) * g.bq - 1
+
+  def q_map(b, h, n, i, j, off_ref):
+    a, c = lay.index(b, h)
+    return (a, n * g.nbq + i, c)
+
+  def kv_map(b, h, n, i, j, off_ref):
+    a, c = lay.index(b, h)
+    # Skipped blocks re-use block 0, the first one the next query block needs: no DMA wasted.
+    return (a, n * g.nbk + jnp.where(visible(i, j, off_ref), j, 0), c)
+
+  def lse_map(b, h, n, i, j, off_ref):
+    return (b, h, n * g.nbq + i, 0)
+
+  q_seg, k_seg = _mosaic_seg_inputs(segment_ids, g.n_chunks * g.q_len)
+  seg_specs = [None, None]
+  if q_seg is not None:
+    seg_specs = [
+        pl.BlockSpec((None, g.bq, _LANES), lambda b, h, n, i, j, off: (b, n * g.nbq + i, 0)),
+        pl.BlockSpec((None, _SUBLANES, g.bk),
+                     lambda b, h, n, i, j, off: (b, 0, n * g.nbk + jnp.where(visible(i, j, off), j, 0))),
+    ]
+  rows = g.n_chunks * g.q_len
+  out_shape = [jax.ShapeDtypeStruct((q3.shape[0], rows, v3.shape[2]), v.dtype)]
+  out_specs = [pl.BlockSpec((None, g.bq, g.dv), q_map)]
+  if save_lse:
+    out_shape.append(jax.ShapeDtypeStruct((g.batch, g.heads, rows, _LANES), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, g.bq, _LANES), lse_map))
+  kernel = functools.partial(_mosaic_fwd_kernel, bq=g.bq, bk=g.bk, nbk=g.nbk, scale=plan.scale)
+  if not save_lse:
+    kernel = functools.partial(_mosaic_drop_lse, kernel)
+  outs = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(g.batch, g.heads, g.n_chunks, g.nbq, g.nbk),
+          in_specs=[pl.BlockSpec((None, g.bq, g.dk), q_map), pl.BlockSpec((None, g.bk, g.dk), kv_map),
+                    pl.BlockSpec((None, g.bk, g.dv), kv_map), *seg_specs],
+          out_specs=out_specs,
+          scratch_shapes=[pltpu.VMEM((g.bq, _LANES), jnp.float32), pltpu.VMEM((g.bq, _LANES), jnp.float32),
+                          pltpu.VMEM((g.bq, g.dv), jnp.float32)],
+      ),
+      out_shape=out_shape,
+      compiler_params=_mosaic_params(("parallel",) * 4 + ("arbitrary",)),
+      interpret=plan.interpret,
+      name="chunk_attention_fwd_tpu",
+  )(offset, q3, k3, v3, q_seg, k_seg)
+  out = lay.from3(outs[0], g.batch)
+  return out, (outs[1] if save_lse else None)
+
+
+def _mosaic_drop_lse(kernel, off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, m_sc, l_sc, acc_sc):
+  kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, None, m_sc, l_sc, acc_sc)
+
+
+def _mosaic_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  """lse: [B, H, L, 128] from the forward; delta: [B, H, L] float32."""
+  g = plan.geom
+  lay = _MosaicLayout(plan)
+  q3, k3, v3, do3 = lay.to3(q), lay.to3(k), lay.to3(v), lay.to3(d_out)
+  delta = jnp.broadcast_to(delta[..., None], (*delta.shape, _LANES))
+  q_seg, k_seg = _mosaic_seg_inputs(segment_ids, g.n_chunks * g.q_len)
+  semantics = _mosaic_params(("parallel",) * 4 + ("arbitrary",))
+
+  # dK, dV: grid (b, h, n, key block j, query block i); skipped i (< first visible) re-use it.
+  def first_q(j):
+    return lax.div(j * g.bk, g.bq)
+
+  def kv_rows(b, h, n, j, i):
+    a, c = lay.index(b, h)
+    return (a, n * g.nbk + j, c)
+
+  def q_rows(b, h, n, j, i):
+    a, c = lay.index(b, h)
+    return (a, n * g.nbq + jnp.maximum(i, first_q(j)), c)
+
+  def stat_rows(b, h, n, j, i):
+    return (b, h, n * g.nbq + jnp.maximum(i, first_q(j)), 0)
+
+  seg_specs = [None, None]
+  if q_seg is not None:
+    seg_specs = [pl.BlockSpec((None, g.bq, _LANES),
+                              lambda b, h, n, j, i: (b, n * g.nbq + jnp.maximum(i, first_q(j)), 0)),
+                 pl.BlockSpec((None, _SUBLANES, g.bk), lambda b, h, n, j, i: (b, 0, n * g.nbk + j))]
+  dk3, dv3 = pl.pallas_call(
+      functools.partial(_mosaic_dkv_kernel, bq=g.bq, bk=g.bk, nbq=g.nbq, scale=plan.scale),
+      grid=(g.batch, g.heads, g.n_chunks, g.nbk, g.nbq),
+      in_specs=[pl.BlockSpec((None, g.bq, g.dk), q_rows), pl.BlockSpec((None, g.bk, g.dk), kv_rows),
+                pl.BlockSpec((None, g.bk, g.dv), kv_rows), pl.BlockSpec((None, g.bq, g.dv), q_rows),
+                pl.BlockSpec((None, None, g.bq, _LANES), stat_rows),
+                pl.BlockSpec((None, None, g.bq, _LANES), stat_rows), *seg_specs],
+      out_specs=[pl.BlockSpec((None, g.bk, g.dk), kv_rows), pl.BlockSpec((None, g.bk, g.dv), kv_rows)],
+      out_shape=[jax.ShapeDtypeStruct(k3.shape, k.dtype), jax.ShapeDtypeStruct(v3.shape, v.dtype)],
+      scratch_shapes=[pltpu.VMEM((g.bk, g.dk), jnp.float32), pltpu.VMEM((g.bk, g.dv), jnp.float32)],
+      compiler_params=semantics,
+      interpret=plan.interpret,
+      name="chunk_attention_dkv_tpu",
+  )(q3, k3, v3, do3, lse, delta, q_seg, k_seg)
+
+  # dQ: grid (b, h, n, query block i, key block j); skipped j re-use block 0.
+  def dq_visible(i, j):
+    return j * g.bk <= (i + 1) * g.bq - 1
+
+  def q_rows2(b, h, n, i, j):
+    a, c = lay.index(b, h)
+    return (a, n * g.nbq + i, c)
+
+  def kv_rows2(b, h, n, i, j):
+    a, c = lay.index(b, h)
+    return (a, n * g.nbk + jnp.where(dq_visible(i, j), j, 0), c)
+
+  seg_specs = [None, None]
+  if q_seg is not None:
+    seg_specs = [pl.BlockSpec((None, g.bq, _LANES), lambda b, h, n, i, j: (b, n * g.nbq + i, 0)),
+                 pl.BlockSpec((None, _SUBLANES, g.bk),
+                              lambda b, h, n, i, j: (b, 0, n * g.nbk + jnp.where(dq_visible(i, j), j, 0)))]
+  dq3 = pl.pallas_call(
+      functools.partial(_mosaic_dq_kernel, bq=g.bq, bk=g.bk, nbk=g.nbk, scale=plan.scale),
+      grid=(g.batch, g.heads, g.n_chunks, g.nbq, g.nbk),
+      in_specs=[pl.BlockSpec((None, g.bq, g.dk), q_rows2), pl.BlockSpec((None, g.bk, g.dk), kv_rows2),
+                pl.BlockSpec((None, g.bk, g.dv), kv_rows2), pl.BlockSpec((None, g.bq, g.dv), q_rows2),
+                pl.BlockSpec((None, None, g.bq, _LANES), lambda b, h, n, i, j: (b, h, n * g.nbq + i, 0)),
+                pl.BlockSpec((None, None, g.bq, _LANES), lambda b, h, n, i, j: (b, h, n * g.nbq + i, 0)),
+                *seg_specs],
+      out_specs=pl.BlockSpec((None, g.bq, g.dk), q_rows2),
+      out_shape=jax.ShapeDtypeStruct(q3.shape, q.dtype),
+      scratch_shapes=[pltpu.VMEM((g.bq, g.dk), jnp.float32)],
+      compiler_params=semantics,
+      interpret=plan.interpret,
+      name="chunk_attention_dq_tpu",
+  )(q3, k3, v3, do3, lse, delta, q_seg, k_seg)
+  return lay.from3(dq3, g.batch), lay.from3(dk3, g.batch), lay.from3(dv3, g.batch)

@@ -293,7 +293,7 @@ def load_state_dict(path: str | os.PathLike | Sequence[str | os.PathLike]) -> di
 def save_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
   """Writes a state dict as .npz, .safetensors or .pt/.pth (needs torch)."""
   path = os.fspath(path)
-  arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+  arrays = {k: np.asarray(v, order="C") for k, v in state.items()}  # (ascontiguousarray would make 0-d arrays 1-d)
   if path.endswith(".npz"):
     np.savez(path, **arrays)
   elif path.endswith(".safetensors"):

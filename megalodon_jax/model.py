@@ -144,7 +144,7 @@ def init_params(config: MegalodonConfig, rng: jax.Array, length: int | None = No
   """
   length = min(config.chunk_size, 8) if length is None else length
   tokens = jnp.zeros((1, length), jnp.int32)
-  params = MegalodonLM(config).init({"params": rng}, tokens)["params"]
+  params = jax.jit(lambda r: MegalodonLM(config).init({"params": r}, tokens)["params"])(rng)
   if config.scan_layers and config.rescale_nffn:
     alphas = jnp.stack([jnp.full((config.model_dim,), rescale_init(config, i)) for i in range(config.num_layers)])
     params["layers"]["nffn"]["alpha"] = alphas.astype(params["layers"]["nffn"]["alpha"].dtype)

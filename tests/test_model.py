@@ -122,8 +122,8 @@ def test_document_at_chunk_offset_equals_document_alone(rng, params, forward):
 def test_bfloat16_compute_with_float32_params(rng, params):
   cfg = CFG.replace(dtype="bfloat16")
   tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, size=(2, 2 * CFG.chunk_size)))
-  logits16 = MegalodonLM(cfg).apply({"params": params}, tokens)
-  logits32 = MegalodonLM(CFG).apply({"params": params}, tokens)
+  logits16 = jax.jit(MegalodonLM(cfg).apply)({"params": params}, tokens)
+  logits32 = jax.jit(MegalodonLM(CFG).apply)({"params": params}, tokens)
   assert logits16.dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   rel = np.linalg.norm(logits16 - logits32) / np.linalg.norm(logits32)
@@ -145,6 +145,6 @@ def test_remat_policies_give_the_same_gradients(rng, params, policy):
   tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, size=(1, 2 * CFG.chunk_size)))
   def grads(cfg):
     model = MegalodonLM(cfg)
-    return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
+    return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(params)
   for a, b in zip(jax.tree.leaves(grads(CFG)), jax.tree.leaves(grads(CFG.replace(remat_policy=policy)))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -6,11 +6,13 @@ y_t = Re(sum_n eta_n h_t,n) + omega_d x_t.  All math runs in float32 / complex64
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class CemaCoefficients(NamedTuple):
@@ -38,3 +40,610 @@ def cema_coefficients(alpha: jax.Array, delta: jax.Array, theta: jax.Array,
   gamma = gamma.astype(jnp.float32) / math.sqrt(ndim)
   eta = jax.lax.complex(gamma[..., 0], gamma[..., 1])
   return CemaCoefficients(p=alpha, q=q, eta=eta)
+
+
+METHODS = ("sequential", "associative", "fft", "chunked", "pallas")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ---------------------------------------------------------------------------------------------
+# Accurate powers q^t.
+#
+# Why not exp(t * log q) in float32: the phase t * angle(q) is off by about t * eps radians, and
+# angle(q) itself (atan2 of the float32 components) is off by about eps, which again grows by t.
+# At t = 1e6 that is ~0.1 rad. Splitting t into high/low parts fixes the first error but not the
+# second: the stored q is a pair of float32 numbers, and its powers are what the recurrence
+# (sequential scan) actually applies, so the FFT kernel must match powers of that exact value.
+# It matters well before 1e6: with |q| = 1 - 1e-3 the kernel's mass sits at lags ~1e3, where an
+# atan2-rounded phase is already off by ~1e-4 relative.
+#
+# Choice: exponentiation by squaring of the stored complex64 q in double-float arithmetic (each
+# real number a pair hi + lo of float32, ~44 significant bits). Squaring doubles a relative error,
+# so q^(2^k) carries about 2^k * 2^-44; at t = 2^20 that is ~1e-7, i.e. float32-accurate phase and
+# magnitude for t up to ~1M (and ~1e-4 at 1e9). No angle is ever formed, so there is no
+# reduction modulo 2*pi to get wrong. Magnitudes need no rescaling: |q| <= 1, so every partial
+# product is at least as large as the result and underflow only happens where the result itself
+# is below float32 range.
+#
+# The double-float products are built only from exact float32 products of 12-bit halves (split by
+# masking mantissa bits, not by Veltkamp's multiply-by-4097), so fused multiply-adds that a
+# compiler may form (e.g. XLA:GPU) cannot change any result. Sums use Knuth's two-sum.
+#
+# Cost: powers for t < L are formed as q^(T j) * q^l with T ~ sqrt(L): the double-float work is
+# on ~2 sqrt(L) exponents per (d, n), all in ONE rolled loop (one masked multiply and one squaring
+# per bit, stacked into a single double-float product so XLA emits few kernels: an unrolled chain
+# of these small elementwise ops takes minutes to compile). The rest is one complex64 multiply per
+# entry, and the kernel K_t never materialises [D, N, L]: it is an einsum of the two tables.
+# ---------------------------------------------------------------------------------------------
+
+_MANTISSA_HIGH_BITS = 0xFFFFF000  # sign, exponent and the top 11 stored mantissa bits
+
+
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """a = hi + lo exactly, hi and lo with at most 12 significant bits each."""
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  hi = jax.lax.bitcast_convert_type(bits & jnp.uint32(_MANTISSA_HIGH_BITS), jnp.float32)
+  return hi, a - hi
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """s + e == a + b exactly, s = fl(a + b) (Knuth)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _fast_two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """s + e == a + b exactly, assuming |a| >= |b| (Dekker)."""
+  s = a + b
+  return s, b - (s - a)
+
+
+def _df_mul(x, y):
+  """Double-float product (hi, lo) * (hi, lo), ~2^-44 relative; every float32 product is exact."""
+  ah, al = _split(x[0])
+  bh, bl = _split(y[0])
+  s, e1 = _two_sum(ah * bh, ah * bl)
+  s, e2 = _two_sum(s, al * bh)
+  tail = (e1 + e2) + (al * bl + (x[0] * y[1] + x[1] * y[0]))
+  return _fast_two_sum(s, tail)
+
+
+def _df_add(x, y):
+  s, e = _two_sum(x[0], y[0])
+  return _fast_two_sum(s, e + (x[1] + y[1]))
+
+
+def _dfc_mul(z, w):
+  """Complex double-float product. z, w: (hi, lo), each [2, ...] with axis 0 = (re, im).
+
+  The four real products run as one stacked double-float product, the two sums as one.
+  """
+  a = tuple(jnp.concatenate([part, part]) for part in z)  # zr zi zr zi
+  b = tuple(jnp.concatenate([part, part[::-1]]) for part in w)  # wr wi wi wr
+  ph, pl = _df_mul(a, b)  # zr wr, zi wi, zr wi, zi wr
+  sign = jnp.array([-1.0, 1.0], jnp.float32).reshape((2,) + (1,) * (ph.ndim - 1))
+  return _df_add((ph[0::2], pl[0::2]), (ph[1::2] * sign, pl[1::2] * sign))
+
+
+def _dfc_power(q: jax.Array, exponents: jax.Array, bits: int):
+  """q^e by binary exponentiation: q [...] complex64, exponents [K] int32 in [0, 2^bits)
+  -> double-float (hi, lo), each [2, ..., K] (axis 0: re, im).
+
+  Rolled loop: each iteration forms result * base (where the bit is set) and base * base as one
+  stacked complex product.
+  """
+  shape = q.shape + exponents.shape
+  base = jnp.broadcast_to(jnp.stack([jnp.real(q), jnp.imag(q)])[..., None], (2,) + shape)
+  zero = jnp.zeros((2,) + shape, jnp.float32)
+  one = jnp.zeros((2,) + shape, jnp.float32).at[0].set(1.0)
+
+  def body(_, carry):
+    result, base, rest = carry
+    # axis 1 stacks the two products: (result, base) * (base, base); axis 0 stays (re, im).
+    left = tuple(jnp.stack([r, b], axis=1) for r, b in zip(result, base))
+    right = tuple(jnp.stack([b, b], axis=1) for b in base)
+    ph, pl = _dfc_mul(left, right)
+    take = (rest & 1) == 1
+    result = (jnp.where(take, ph[:, 0], result[0]), jnp.where(take, pl[:, 0], result[1]))
+    return result, (ph[:, 1], pl[:, 1]), rest >> 1
+
+  result, _, _ = jax.lax.fori_loop(0, bits, body, ((one, zero), (base, zero), exponents))
+  return result
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _exact_powers(q: jax.Array, exponents: jax.Array, bits: int) -> jax.Array:
+  """q^e: q [...] complex64, exponents [K] int32 -> [..., K] complex64."""
+  hi, lo = _dfc_power(q, exponents, bits)
+  return jax.lax.complex(hi[0] + lo[0], hi[1] + lo[1])
+
+
+@_exact_powers.defjvp
+def _exact_powers_jvp(bits, primals, tangents):
+  # d q^e = e q^(e-1) dq = e q^e (dq / q); |q| > 0 for every q built by cema_coefficients.
+  q, exponents = primals
+  dq = tangents[0]
+  powers = _exact_powers(q, exponents, bits)
+  safe_q = jnp.where(q == 0, jnp.ones_like(q), q)
+  ratio = jnp.where(q == 0, jnp.zeros_like(q), dq / safe_q)
+  return powers, (powers * exponents.astype(jnp.float32).astype(powers.dtype)) * ratio[..., None]
+
+
+def _is_static_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class _PowerTables(NamedTuple):
+  """q^t = high[t // block] * low[t % block] (relative to `offset`), plus requested extras."""
+  high: jax.Array   # [..., J] complex64: q^(offset + block j)
+  low: jax.Array    # [..., T] complex64: q^l, l < block
+  extra: jax.Array  # [..., E] complex64: q^e for the requested static e
+  block: int
+
+
+def _power_blocks(length: int) -> tuple[int, int]:
+  """(T, J): t = T j + l with l < T and j < J covers 0..length-1; T a power of 2 near sqrt."""
+  block = 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(length)))))
+  return block, -(-length // block)
+
+
+def _power_tables(q: jax.Array, length: int, offset: int | jax.Array = 0,
+                  extra: tuple[int, ...] = ()) -> _PowerTables:
+  """All powers a path needs, from one double-float loop."""
+  block, count = _power_blocks(length)
+  low = np.arange(block)
+  high = block * np.arange(count)
+  fixed = np.asarray(extra, np.int64)
+  if _is_static_int(offset):
+    if offset < 0:
+      raise ValueError(f"offset must be >= 0 (|q| < 1 makes negative powers blow up), got {offset}")
+    exponents = np.concatenate([low, offset + high, fixed])
+    if exponents.max() >= 2**31:
+      raise ValueError(f"exponent {exponents.max()} does not fit in int32")
+    bits = max(1, int(exponents.max()).bit_length())
+    exponents = jnp.asarray(exponents, jnp.int32)
+  else:
+    exponents = jnp.concatenate([jnp.asarray(low, jnp.int32),
+                                 jnp.asarray(offset, jnp.int32) + jnp.asarray(high, jnp.int32),
+                                 jnp.asarray(fixed, jnp.int32)])
+    bits = 31
+  powers = _exact_powers(jnp.asarray(q).astype(jnp.complex64), exponents, bits)
+  return _PowerTables(high=powers[..., block:block + count], low=powers[..., :block],
+                      extra=powers[..., block + count:], block=block)
+
+
+def _expand(tables: _PowerTables, length: int) -> jax.Array:
+  """[..., length] complex64 from the two tables (one complex64 product per entry)."""
+  out = tables.high[..., :, None] * tables.low[..., None, :]
+  return out.reshape(*out.shape[:-2], -1)[..., :length]
+
+
+def _check_length(length) -> None:
+  if not _is_static_int(length) or length < 1:
+    raise ValueError(f"length must be a static Python int >= 1, got {length!r}")
+
+
+def cema_powers(q: jax.Array, length: int, offset: int | jax.Array = 0) -> jax.Array:
+  """Accurate q^(offset + t) for t < length (see the comment above _split).
+
+  q: [D, N] (any shape) complex; length: static int >= 1; offset: int >= 0, static or a traced
+  int32 scalar (offset + length < 2^31). Returns [D, N, length] complex64. Differentiable in q.
+  """
+  _check_length(length)
+  return _expand(_power_tables(q, length, offset), length)
+
+
+def _complex_einsum_real(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Re(einsum(a, b)) for complex a, b in float32 (full precision, no TF32)."""
+  return (jnp.einsum(spec, jnp.real(a), jnp.real(b), precision=_HIGHEST)
+          - jnp.einsum(spec, jnp.imag(a), jnp.imag(b), precision=_HIGHEST))
+
+
+def _complex_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum of complex a, b as four float32 einsums (full precision)."""
+  ar, ai, br, bi = jnp.real(a), jnp.imag(a), jnp.real(b), jnp.imag(b)
+  re = (jnp.einsum(spec, ar, br, precision=_HIGHEST) - jnp.einsum(spec, ai, bi, precision=_HIGHEST))
+  im = (jnp.einsum(spec, ar, bi, precision=_HIGHEST) + jnp.einsum(spec, ai, br, precision=_HIGHEST))
+  return jax.lax.complex(re, im)
+
+
+def _kernel_from_tables(coeffs: CemaCoefficients, tables: _PowerTables, length: int) -> jax.Array:
+  weights = (coeffs.p * coeffs.eta)[..., None] * tables.high  # [D, N, J]
+  kernel = _complex_einsum_real("dnj,dnl->djl", weights, tables.low)
+  return kernel.reshape(kernel.shape[0], -1)[:, :length]
+
+
+def cema_kernel(coeffs: CemaCoefficients, length: int) -> jax.Array:
+  """K_t = Re(sum_n p_n eta_n q_n^t) for t < length: [D, length] float32.
+
+  Formed as an einsum of q^(T j) and q^l tables (t = T j + l), never as a [D, N, L] array.
+  """
+  _check_length(length)
+  _dims(coeffs)
+  return _kernel_from_tables(coeffs, _power_tables(coeffs.q, length), length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, validation and segment bookkeeping.
+# ---------------------------------------------------------------------------------------------
+
+def _dims(coeffs: CemaCoefficients) -> tuple[int, int]:
+  if coeffs.p.ndim != 2 or coeffs.q.shape != coeffs.p.shape or coeffs.eta.shape != coeffs.p.shape:
+    raise ValueError(
+        "coeffs must hold p, q, eta of equal shape [D, N] (build them with cema_coefficients), got "
+        f"p{tuple(coeffs.p.shape)} q{tuple(coeffs.q.shape)} eta{tuple(coeffs.eta.shape)}")
+  return coeffs.p.shape
+
+
+def _check_x(x: jax.Array, dim: int) -> None:
+  if x.ndim != 3:
+    raise ValueError(f"x must be [batch, length, dim], got shape {tuple(x.shape)}")
+  if x.shape[-1] != dim:
+    raise ValueError(
+        f"x has {x.shape[-1]} channels (last dim) but the CEMA coefficients have D={dim}; "
+        "pass x as [batch, length, dim] with dim matching the parameters")
+  if x.shape[1] < 1:
+    raise ValueError("x has length 0; CEMA needs at least one step")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a floating dtype (float32 or bfloat16), got {x.dtype}")
+
+
+def _check_h0(h0: jax.Array | None, batch: int, dim: int, order: int) -> jax.Array | None:
+  if h0 is None:
+    return None
+  if tuple(h0.shape) != (batch, dim, order):
+    raise ValueError(
+        f"h0 must be the complex state [batch, D, N] = {(batch, dim, order)}, got {tuple(h0.shape)}")
+  return jnp.asarray(h0).astype(jnp.complex64)
+
+
+def _check_omega(omega: jax.Array, dim: int) -> jax.Array:
+  omega = jnp.asarray(omega)
+  if omega.shape not in ((dim,), (dim, 1)):
+    raise ValueError(f"omega must have shape [D] or [D, 1] with D={dim}, got {tuple(omega.shape)}")
+  return omega.reshape(dim).astype(jnp.float32)
+
+
+def _run_index(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array | None:
+  """[B, L] int32: how many resets happened at or before t (0 until the first new run).
+
+  A new run starts where the id differs from the previous step's; t = 0 never resets, so the
+  first run continues from h0. Runs, not ids, decide what is connected: ids 1 1 2 2 1 1 are three
+  documents.
+  """
+  if segment_ids is None:
+    return None
+  if tuple(segment_ids.shape) != (batch, length):
+    raise ValueError(
+        f"segment_ids must be [batch, length] = {(batch, length)}, got {tuple(segment_ids.shape)}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be integers, got {segment_ids.dtype}")
+  resets = segment_ids[:, 1:] != segment_ids[:, :-1]
+  resets = jnp.concatenate([jnp.zeros((batch, 1), bool), resets], axis=1)
+  return jnp.cumsum(resets.astype(jnp.int32), axis=1)
+
+
+class _Inputs(NamedTuple):
+  x: jax.Array          # [B, L, D] float32
+  omega: jax.Array      # [D] float32
+  h0: jax.Array | None  # [B, D, N] complex64
+  run: jax.Array | None  # [B, L] int32 (see _run_index)
+
+
+def _prepare(x, coeffs, omega, h0, segment_ids) -> _Inputs:
+  dim, order = _dims(coeffs)
+  _check_x(x, dim)
+  batch, length, _ = x.shape
+  return _Inputs(x=x.astype(jnp.float32), omega=_check_omega(omega, dim),
+                 h0=_check_h0(h0, batch, dim, order), run=_run_index(segment_ids, batch, length))
+
+
+def _readout(h: jax.Array, eta: jax.Array) -> jax.Array:
+  """Re(sum_n eta_n h_n): h [..., D, N] -> [..., D] float32."""
+  return jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1)
+
+
+def _finish(y, h_last, return_state):
+  return (y, h_last) if return_state else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Path 1: sequential scan (the reference).
+# ---------------------------------------------------------------------------------------------
+
+def cema_sequential(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
+                    h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+                    return_state: bool = False):
+  """h_t = q h_{t-1} + p x_t by lax.scan over time (one step per iteration).
+
+  x: [B, L, D] float; coeffs: [D, N]; omega: [D] or [D, 1]; h0: [B, D, N] complex or None;
+  segment_ids: [B, L] int or None. Returns y: [B, L, D] float32, and h_L: [B, D, N] complex64
+  when return_state.
+  """
+  inp = _prepare(x, coeffs, omega, h0, segment_ids)
+  batch, length, dim = inp.x.shape
+  order = coeffs.p.shape[1]
+  h = jnp.zeros((batch, dim, order), jnp.complex64) if inp.h0 is None else inp.h0
+  xs = jnp.swapaxes(inp.x, 0, 1)  # [L, B, D]
+  resets = None if inp.run is None else jnp.swapaxes(
+      jnp.diff(inp.run, axis=1, prepend=0) > 0, 0, 1)  # [L, B]
+
+  def step(h, inputs):
+    x_t, reset_t = inputs
+    decayed = coeffs.q * h
+    if reset_t is not None:
+      decayed = jnp.where(reset_t[:, None, None], jnp.zeros_like(decayed), decayed)
+    h = decayed + coeffs.p * x_t[..., None]
+    return h, _readout(h, coeffs.eta) + inp.omega * x_t
+
+  h_last, ys = jax.lax.scan(step, h, (xs, resets))
+  return _finish(jnp.swapaxes(ys, 0, 1), h_last, return_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path 2: associative scan over affine maps h -> a h + b.
+# ---------------------------------------------------------------------------------------------
+#
+# The elements are (a, b) with (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2). Every a is a power of
+# q (q^m for a span of m steps without reset) or 0 (a reset inside the span), so a is carried as
+# its exponent m (-1 for 0) and applied through an accurate table of q^m. Multiplying the a's in
+# complex64 instead is exact algebra but poor numerics: all a_t are the same number, so the tree
+# forms q^(2^k) by repeated squaring and its rounding errors add up coherently (~2^k eps, not
+# ~sqrt(2^k) eps as in the sequential scan); at L = 8192 with |q| = 1 - 1e-3 that alone costs
+# ~1e-5 relative error in h.
+
+
+def _compose(powers: jax.Array, first, second):
+  """(m1, b1) then (m2, b2): h -> q^m2 (q^m1 h + b1) + b2; m = -1 encodes a = 0 (a reset).
+
+  powers: [D, N, L+1] = q^0..q^L; m: [B, S] int32; b: [B, S, D, N] complex64.
+  """
+  m1, b1 = first
+  m2, b2 = second
+  a2 = jnp.moveaxis(jnp.take(powers, jnp.maximum(m2, 0), axis=-1, mode="clip"), (0, 1), (2, 3))
+  a2 = jnp.where((m2 >= 0)[..., None, None], a2, jnp.zeros_like(a2))
+  return jnp.where((m1 < 0) | (m2 < 0), -1, m1 + m2), a2 * b1 + b2
+
+
+def cema_associative(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
+                     h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+                     return_state: bool = False):
+  """Parallel prefix (lax.associative_scan) over (a_t, b_t) = (q, p x_t); a reset sets a_t = 0.
+
+  Same signature and results as cema_sequential; O(log L) depth, [B, L, D, N] complex memory
+  plus a [D, N, L+1] table of powers (see the comment above _compose).
+  """
+  inp = _prepare(x, coeffs, omega, h0, segment_ids)
+  batch, length, _ = inp.x.shape
+  powers = cema_powers(coeffs.q, length + 1)
+  steps = jnp.ones((batch, length), jnp.int32)  # a_t = q^1
+  if inp.run is not None:
+    reset = jnp.diff(inp.run, axis=1, prepend=0) > 0
+    steps = jnp.where(reset, -1, steps)  # a_t = 0
+  b = (coeffs.p * inp.x[..., None]).astype(jnp.complex64)  # [B, L, D, N]
+  if inp.h0 is not None:
+    b = b.at[:, 0].add(coeffs.q * inp.h0)  # t = 0 never resets
+  _, h = jax.lax.associative_scan(functools.partial(_compose, powers), (steps, b), axis=1)
+  y = _readout(h, coeffs.eta) + inp.omega * inp.x
+  return _finish(y, h[:, -1], return_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms: initial-state term and final state.
+# ---------------------------------------------------------------------------------------------
+
+def _state_from_tables(h0: jax.Array, coeffs: CemaCoefficients, tables: _PowerTables,
+                       length: int, run: jax.Array | None) -> jax.Array:
+  # Re(sum_n (eta q h0)_n q_n^t): the extra q is folded into the [B, D, N] weights.
+  batch, dim, _ = h0.shape
+  weights = (coeffs.eta * coeffs.q * h0)[..., None] * tables.high  # [B, D, N, J]
+  out = _complex_einsum_real("bdnj,dnl->bjld", weights, tables.low)
+  out = out.reshape(batch, -1, dim)[:, :length]
+  if run is not None:
+    out = jnp.where((run == 0)[..., None], out, 0.0)
+  return out
+
+
+def cema_state_contribution(h0: jax.Array, coeffs: CemaCoefficients, length: int,
+                            segment_ids: jax.Array | None = None) -> jax.Array:
+  """Re(sum_n eta_n q_n^(t+1) h0_n) for t < length: [B, L, D] float32.
+
+  h0: [B, D, N] complex; segment_ids: [B, L] int or None. Zero from the first reset on (the
+  state is dropped there).
+  """
+  _check_length(length)
+  dim, order = _dims(coeffs)
+  h0 = jnp.asarray(h0)
+  if h0.ndim != 3:
+    raise ValueError(f"h0 must be the complex state [batch, D, N], got shape {tuple(h0.shape)}")
+  h0 = _check_h0(h0, h0.shape[0], dim, order)
+  run = _run_index(segment_ids, h0.shape[0], length)
+  return _state_from_tables(h0, coeffs, _power_tables(coeffs.q, length), length, run)
+
+
+def _final_from_tables(x: jax.Array, coeffs: CemaCoefficients, tables: _PowerTables,
+                       h0: jax.Array | None, run: jax.Array | None) -> jax.Array:
+  """x: [B, L, D] float32; tables for length L with extra = (L,)."""
+  batch, length, dim = x.shape
+  if run is not None:
+    x = jnp.where((run == run[:, -1:])[..., None], x, 0.0)
+  block, count = tables.block, tables.high.shape[-1]
+  # t = L-1-j = T i + l: reverse time, pad to J*T steps (zeros add nothing) and fold.
+  reversed_x = jnp.pad(jnp.flip(x, axis=1), ((0, 0), (0, count * block - length), (0, 0)))
+  reversed_x = reversed_x.reshape(batch, count, block, dim)  # [B, J, T, D]
+  inner = jax.lax.complex(
+      jnp.einsum("dnl,bjld->bdnj", jnp.real(tables.low), reversed_x, precision=_HIGHEST),
+      jnp.einsum("dnl,bjld->bdnj", jnp.imag(tables.low), reversed_x, precision=_HIGHEST))
+  h = coeffs.p * _complex_einsum("bdnj,dnj->bdn", inner, tables.high)
+  if h0 is not None:
+    carried = tables.extra[..., 0] * h0  # q^L h0
+    if run is not None:
+      carried = jnp.where((run[:, -1] == 0)[:, None, None], carried, jnp.zeros_like(carried))
+    h = h + carried
+  return h
+
+
+def cema_final_state(x: jax.Array, coeffs: CemaCoefficients, h0: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
+  """h_L = sum_j q^(L-1-j) p x_j + q^L h0 in closed form: [B, D, N] complex64.
+
+  x: [B, L, D]; with segment_ids only the last run contributes, and h0 only if there is no reset.
+  Computed as two einsums over t = L-1-j = T i + l, never forming [D, N, L].
+  """
+  dim, order = _dims(coeffs)
+  _check_x(x, dim)
+  batch, length, _ = x.shape
+  h0 = _check_h0(h0, batch, dim, order)
+  run = _run_index(segment_ids, batch, length)
+  tables = _power_tables(coeffs.q, length, extra=(length,))
+  return _final_from_tables(x.astype(jnp.float32), coeffs, tables, h0, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path 3: FFT convolution with the Vandermonde kernel.
+# ---------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def cema_fft(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
+             h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+             return_state: bool = False):
+  """y = causal_conv(x, K) + Re(sum_n eta_n q_n^(t+1) h0_n) + omega x, FFT size 2 next_pow2(L).
+
+  Same signature as cema_sequential. Cannot reset state inside a sequence (segment_ids).
+  """
+  if segment_ids is not None:
+    raise ValueError(
+        "the FFT path cannot reset state at segment boundaries (it is one convolution over the "
+        "whole sequence); use method 'chunked', 'associative' or 'sequential' with segment_ids")
+  inp = _prepare(x, coeffs, omega, h0, None)
+  length = inp.x.shape[1]
+  tables = _power_tables(coeffs.q, length, extra=(length,))
+  n_fft = 2 * _next_pow2(length)
+  kernel = _kernel_from_tables(coeffs, tables, length)  # [D, L]
+  x_f = jnp.fft.rfft(inp.x, n=n_fft, axis=1)  # [B, F, D]
+  k_f = jnp.fft.rfft(kernel, n=n_fft, axis=-1).T  # [F, D]
+  y = jnp.fft.irfft(x_f * k_f, n=n_fft, axis=1)[:, :length].astype(jnp.float32)
+  y = y + inp.omega * inp.x
+  if inp.h0 is not None:
+    y = y + _state_from_tables(inp.h0, coeffs, tables, length, None)
+  h_last = _final_from_tables(inp.x, coeffs, tables, inp.h0, None) if return_state else None
+  return _finish(y, h_last, return_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path 4: chunked (dense inside a chunk, scan across chunks).
+# ---------------------------------------------------------------------------------------------
+
+class _ChunkOperators(NamedTuple):
+  """Linear maps of one chunk of T steps (built once, shared by every chunk)."""
+  toeplitz: jax.Array     # [D, T, T] float32: K[t - s] for s <= t, else 0 (input -> output)
+  readout: jax.Array      # [D, N, T] complex64: eta q^(t+1) (incoming state -> output)
+  powers: jax.Array       # [D, N, T+1] complex64: q^0 .. q^T
+
+
+def _chunk_operators(coeffs: CemaCoefficients, chunk: int) -> _ChunkOperators:
+  powers = cema_powers(coeffs.q, chunk + 1)
+  weights = (coeffs.p * coeffs.eta)[..., None] * powers[..., :chunk]
+  kernel = jnp.sum(jnp.real(weights), axis=1)  # [D, T]: K_t = Re(sum_n p eta q^t)
+  lag = jnp.arange(chunk)[:, None] - jnp.arange(chunk)[None, :]
+  toeplitz = jnp.where(lag >= 0, kernel[:, jnp.clip(lag, 0)], 0.0)
+  return _ChunkOperators(toeplitz=toeplitz, readout=coeffs.eta[..., None] * powers[..., 1:],
+                         powers=powers)
+
+
+def _chunk_step(ops: _ChunkOperators, coeffs: CemaCoefficients, h: jax.Array, x: jax.Array,
+                last: jax.Array, run: jax.Array | None, run_before: jax.Array | None):
+  """One chunk. h: [B, D, N] state before the chunk; x: [B, T, D]; last: int32 scalar, the
+  chunk position whose state is returned (T-1, or the last real step of a padded final chunk);
+  run: [B, T] run index (see _run_index) or None; run_before: [B] run index before the chunk.
+  Returns (h at position `last`, y [B, T, D] without the omega x term).
+  """
+  steps = x.shape[1]
+  lag = last - jnp.arange(steps)  # state at `last` sees x_s through q^(last - s), s <= last
+  into_state = jnp.where(lag >= 0, jnp.take(ops.powers, jnp.clip(lag, 0), axis=-1, mode="clip"), 0.0)
+  into_state = coeffs.p[..., None] * into_state  # [D, N, T]
+  decay = jnp.take(ops.powers, last + 1, axis=-1, mode="clip")  # q^(last + 1)
+  if run is None:
+    y = jnp.einsum("dts,bsd->btd", ops.toeplitz, x, precision=_HIGHEST)
+    y = y + _complex_einsum_real("bdn,dnt->btd", h, ops.readout)
+    carried = decay * h
+  else:
+    same_run = run[:, :, None] == run[:, None, :]  # [B, T, T]
+    y = jnp.einsum("dts,bts,bsd->btd", ops.toeplitz, same_run.astype(jnp.float32), x,
+                   precision=_HIGHEST)
+    continues = (run == run_before[:, None])[..., None]  # no reset in [chunk start, t]
+    y = y + jnp.where(continues, _complex_einsum_real("bdn,dnt->btd", h, ops.readout), 0.0)
+    last_run = jnp.take(run, last, axis=1, mode="clip")
+    x = jnp.where((run == last_run[:, None])[..., None], x, 0.0)
+    carried = jnp.where((last_run == run_before)[:, None, None], decay * h, jnp.zeros_like(h))
+  injected = jax.lax.complex(
+      jnp.einsum("dns,bsd->bdn", jnp.real(into_state), x, precision=_HIGHEST),
+      jnp.einsum("dns,bsd->bdn", jnp.imag(into_state), x, precision=_HIGHEST))
+  return carried + injected, y
+
+
+def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
+                 h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+                 return_state: bool = False, chunk: int = 64):
+  """Dense [T, T] Toeplitz work inside chunks of T = chunk steps, lax.scan across chunks.
+
+  Same signature as cema_sequential plus `chunk` (a sequence shorter than `chunk` is one chunk).
+  When L is not a multiple of T the input is zero-padded at the end to whole chunks, and the
+  state returned by the last chunk is the state at its last REAL step (each chunk is told which
+  position to report), so padding changes neither y[:, :L] nor h_L. (Simply carrying the state
+  through the padded steps would keep decaying it by q per step.)
+  """
+  if not _is_static_int(chunk) or chunk < 1:
+    raise ValueError(f"chunk must be a static int >= 1, got {chunk!r}")
+  inp = _prepare(x, coeffs, omega, h0, segment_ids)
+  batch, length, dim = inp.x.shape
+  order = coeffs.p.shape[1]
+  chunk = min(chunk, length)
+  count = -(-length // chunk)
+  pad = count * chunk - length
+  ops = _chunk_operators(coeffs, chunk)
+  h = jnp.zeros((batch, dim, order), jnp.complex64) if inp.h0 is None else inp.h0
+  lasts = jnp.full((count,), chunk - 1, jnp.int32).at[-1].set(chunk - 1 - pad)
+  xs = jnp.pad(inp.x, ((0, 0), (0, pad), (0, 0))).reshape(batch, count, chunk, dim)
+  xs = jnp.moveaxis(xs, 1, 0)
+  runs = befores = None
+  if inp.run is not None:
+    befores = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), inp.run[:, :-1]], axis=1)
+    befores = jnp.moveaxis(befores[:, ::chunk], 1, 0)  # [count, B]
+    runs = jnp.pad(inp.run, ((0, 0), (0, pad)), mode="edge")  # padding joins the last run
+    runs = jnp.moveaxis(runs.reshape(batch, count, chunk), 1, 0)
+
+  def body(h, chunk_inputs):
+    return _chunk_step(ops, coeffs, h, *chunk_inputs)
+
+  h, ys = jax.lax.scan(body, h, (xs, lasts, runs, befores))
+  y = jnp.moveaxis(ys, 0, 1).reshape(batch, count * chunk, dim)[:, :length]
+  y = y + inp.omega * inp.x
+  return _finish(y, h, return_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatcher.
+# ---------------------------------------------------------------------------------------------
+
+def cema(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array, h0: jax.Array | None = None,
+         *, method: str = "chunked", segment_ids: jax.Array | None = None,
+         return_state: bool = False, chunk: int = 64):
+  """CEMA by one of METHODS; all give the same y [B, L, D] float32 (and h_L when return_state)."""
+  kwargs = dict(segment_ids=segment_ids, return_state=return_state)
+  if method == "sequential":
+    return cema_sequential(x, coeffs, omega, h0, **kwargs)
+  if method == "associative":
+    return cema_associative(x, coeffs, omega, h0, **kwargs)
+  if method == "fft":
+    return cema_fft(x, coeffs, omega, h0, **kwargs)
+  if method == "chunked":
+    return cema_chunked(x, coeffs, omega, h0, chunk=chunk, **kwargs)
+  if method == "pallas":
+    from kernels_pallas import cema as cema_kernels  # lazy: Pallas is optional at import time
+    return cema_kernels.cema_pallas(x, coeffs, omega, h0, **kwargs)
+  raise ValueError(f"unknown CEMA method {method!r}; valid methods: {', '.join(METHODS)}")

@@ -294,7 +294,8 @@ def _check_h0(h0: jax.Array | None, batch: int, dim: int, order: int) -> jax.Arr
     return None
   if tuple(h0.shape) != (batch, dim, order):
     raise ValueError(
-        f"h0 must be the complex state [batch, D, N] = {(batch, dim, order)}, got {tuple(h0.shape)}")
+        f"h0 must be the complex state [batch, D, N] = {(batch, dim, order)}, "
+        f"got {tuple(h0.shape)}")
   return jnp.asarray(h0).astype(jnp.complex64)
 
 
@@ -542,6 +543,7 @@ class _ChunkOperators(NamedTuple):
   """Linear maps of one chunk of T steps (built once, shared by every chunk)."""
   toeplitz: jax.Array     # [D, T, T] float32: K[t - s] for s <= t, else 0 (input -> output)
   readout: jax.Array      # [D, N, T] complex64: eta q^(t+1) (incoming state -> output)
+  into_state: jax.Array   # [D, N, T] complex64: p q^(T-1-s) (input -> state at the chunk end)
   powers: jax.Array       # [D, N, T+1] complex64: q^0 .. q^T
 
 
@@ -552,7 +554,16 @@ def _chunk_operators(coeffs: CemaCoefficients, chunk: int) -> _ChunkOperators:
   lag = jnp.arange(chunk)[:, None] - jnp.arange(chunk)[None, :]
   toeplitz = jnp.where(lag >= 0, kernel[:, jnp.clip(lag, 0)], 0.0)
   return _ChunkOperators(toeplitz=toeplitz, readout=coeffs.eta[..., None] * powers[..., 1:],
+                         into_state=coeffs.p[..., None] * jnp.flip(powers[..., :chunk], axis=-1),
                          powers=powers)
+
+
+@jax.checkpoint
+def _masked_toeplitz(toeplitz: jax.Array, same_run: jax.Array, x: jax.Array) -> jax.Array:
+  """sum_s K[t-s] [same run] x_s: [B, T, D]. Rematerialised in the backward pass so the
+  [B, D, T, T] product is not kept for every chunk."""
+  return jnp.einsum("dts,bts,bsd->btd", toeplitz, same_run.astype(jnp.float32), x,
+                    precision=_HIGHEST)
 
 
 def _chunk_step(ops: _ChunkOperators, coeffs: CemaCoefficients, h: jax.Array, x: jax.Array,
@@ -563,26 +574,25 @@ def _chunk_step(ops: _ChunkOperators, coeffs: CemaCoefficients, h: jax.Array, x:
   Returns (h at position `last`, y [B, T, D] without the omega x term).
   """
   steps = x.shape[1]
-  lag = last - jnp.arange(steps)  # state at `last` sees x_s through q^(last - s), s <= last
-  into_state = jnp.where(lag >= 0, jnp.take(ops.powers, jnp.clip(lag, 0), axis=-1, mode="clip"), 0.0)
-  into_state = coeffs.p[..., None] * into_state  # [D, N, T]
-  decay = jnp.take(ops.powers, last + 1, axis=-1, mode="clip")  # q^(last + 1)
+  decay = jnp.take(ops.powers, last + 1, axis=-1, mode="clip")  # q^(last + 1): [D, N]
   if run is None:
     y = jnp.einsum("dts,bsd->btd", ops.toeplitz, x, precision=_HIGHEST)
     y = y + _complex_einsum_real("bdn,dnt->btd", h, ops.readout)
     carried = decay * h
   else:
-    same_run = run[:, :, None] == run[:, None, :]  # [B, T, T]
-    y = jnp.einsum("dts,bts,bsd->btd", ops.toeplitz, same_run.astype(jnp.float32), x,
-                   precision=_HIGHEST)
+    y = _masked_toeplitz(ops.toeplitz, run[:, :, None] == run[:, None, :], x)
     continues = (run == run_before[:, None])[..., None]  # no reset in [chunk start, t]
     y = y + jnp.where(continues, _complex_einsum_real("bdn,dnt->btd", h, ops.readout), 0.0)
     last_run = jnp.take(run, last, axis=1, mode="clip")
     x = jnp.where((run == last_run[:, None])[..., None], x, 0.0)
     carried = jnp.where((last_run == run_before)[:, None, None], decay * h, jnp.zeros_like(h))
+  # The state at `last` sees x_s through q^(last - s). Shifting x right by T-1-last turns that
+  # into the fixed end-of-chunk operator (no per-chunk gathered operator to store for backward).
+  shifted = jax.lax.dynamic_slice_in_dim(jnp.pad(x, ((0, 0), (steps, 0), (0, 0))), last + 1,
+                                         steps, axis=1)
   injected = jax.lax.complex(
-      jnp.einsum("dns,bsd->bdn", jnp.real(into_state), x, precision=_HIGHEST),
-      jnp.einsum("dns,bsd->bdn", jnp.imag(into_state), x, precision=_HIGHEST))
+      jnp.einsum("dns,bsd->bdn", jnp.real(ops.into_state), shifted, precision=_HIGHEST),
+      jnp.einsum("dns,bsd->bdn", jnp.imag(ops.into_state), shifted, precision=_HIGHEST))
   return carried + injected, y
 
 

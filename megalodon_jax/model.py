@@ -15,7 +15,7 @@ from megalodon_jax.layers import initializers
 from megalodon_jax.layers.ffn import NormalizedFFN
 from megalodon_jax.layers.mega_attention import MovingAverageGatedAttention
 from megalodon_jax.layers.timestep_norm import TimestepNorm
-from megalodon_jax.ops import rope
+from megalodon_jax.ops import backend, rope
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -124,7 +124,8 @@ class MegalodonLM(nn.Module):
       new_layers = tuple(new_layers)
 
     padding_mask = None if segment_ids is None else segment_ids == 0
-    x, final_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, param_dtype=pdtype, name="final_norm")(
+    x, final_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl),
+                                  pdtype, name="final_norm")(
         x, None if cache is None else cache.final_norm, padding_mask=padding_mask, segment_ids=segment_ids)
     if cfg.share_emb:
       logits = jnp.dot(x.astype(dtype), embed.embedding.astype(dtype).T, preferred_element_type=jnp.float32)

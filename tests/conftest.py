@@ -5,7 +5,8 @@ import os
 # 8 simulated CPU devices for the sharding tests; single-threaded Eigen avoids a hang seen
 # with some jaxlib versions on 2-core machines.
 _flags = os.environ.get("XLA_FLAGS", "")
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false"):
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false",
+              "--xla_cpu_use_fusion_emitters=false"):  # much faster CPU compiles of small test shapes
   if _flag.split("=")[0] not in _flags:
     _flags = f"{_flags} {_flag}".strip()
 os.environ["XLA_FLAGS"] = _flags

@@ -15,7 +15,7 @@ from megalodon_jax.layers import initializers
 from megalodon_jax.layers.cema import CEMA
 from megalodon_jax.layers.norms import RMSNorm
 from megalodon_jax.layers.timestep_norm import TimestepNorm
-from megalodon_jax.ops import attention, norms, rope
+from megalodon_jax.ops import attention, backend, norms, rope
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -40,9 +40,10 @@ class MovingAverageGatedAttention(nn.Module):
     dropout = lambda rate, t: nn.Dropout(rate)(t, deterministic=deterministic)
 
     padding_mask = None if segment_ids is None else segment_ids == 0
-    x_tsn, norm_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, param_dtype=pdtype, name="timenorm")(
+    x_tsn, norm_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl),
+                                     pdtype, name="timenorm")(
         x, None if cache is None else cache.norm, padding_mask=padding_mask, segment_ids=segment_ids)
-    cema = CEMA(cfg.cema_ndim, cfg.cema_method, cfg.cema_chunk, pdtype, name="cema")
+    cema = CEMA(cfg.cema_ndim, backend.cema_method(cfg.cema_method), cfg.cema_chunk, pdtype, name="cema")
     if cache is None:
       x_cema, cema_state = cema(x_tsn, segment_ids=segment_ids), None
     else:

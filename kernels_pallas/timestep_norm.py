@@ -1,0 +1,648 @@
+"""Fused Pallas kernels for TimestepNorm (SPEC §3), forward and backward (jax.custom_vjp).
+
+Semantics are those of megalodon_jax.ops.timestep_norm (read its docstring); this module only
+changes how the statistics are evaluated.
+
+Design (one program per (sequence, group) and time split; groups and batches are in the grid):
+  * Forward: the program walks its time range in tiles of T steps, carrying the running
+    (count, mean, var) of its group. Per tile it reads x once, forms the per-step group mean and
+    variance, turns them into running statistics with masked [T, T] prefix sums (shifted by the
+    carried mean so nothing cancels catastrophically), writes y once and merges the tile into the
+    carry. The carry at the start of every tile (12 bytes) is saved for the backward.
+  * Backward: the same tiles in reverse order, carrying the adjoint (d mean, d var) of the running
+    statistics. Per tile it reads x and dy once, recomputes the statistics from the saved carry,
+    solves the reverse recurrence of the Welford merges in closed form (it telescopes into
+    reverse prefix sums weighted by the counts), writes dx once and accumulates the per-feature
+    weight/bias gradients; the adjoint left at the start is the gradient of the incoming state.
+  * Optional time splits (time_splits=S > 1): S programs per (sequence, group) cover consecutive
+    ranges. A summary pre-pass (forward: the range's (count, mean, var); backward: the range's
+    affine adjoint map) plus an O(S) combine in XLA give each range its carry. This buys
+    parallelism when batch * groups is small, at the price of one extra read of x (and dy).
+  Bytes with S = 1: forward reads x, writes y; backward reads x and dy, writes dx; the rest is
+  O(B G L / T).
+
+Backends: the GPU (Triton) variant is below; interpret=True (the default on CPU) runs it through
+the Pallas interpreter. Counts inside the kernels are float32 (exact below 2**24 steps); the
+returned count is computed exactly in int32 outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from megalodon_jax.ops import timestep_norm as tsn_ops
+
+TimestepNormState = tsn_ops.TimestepNormState
+
+# Bits of the per-step flags array handed to the kernels.
+_VALID = 1
+_RESET = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tunables. block_t: time steps per tile (power of 2); num_warps/num_stages: Triton launch
+  parameters; time_splits: programs per (sequence, group) along time (1 = single pass);
+  prefetch: load the next tile while computing the current one (register double buffering);
+  cumsum: running sums within a tile by scans instead of masked [T, T] reductions (used only
+  without segment_ids)."""
+  block_t: int = 64
+  num_warps: int = 4
+  num_stages: int = 1
+  time_splits: int = 1
+  prefetch: bool = True
+  cumsum: bool = False
+
+  def __post_init__(self):
+    if self.block_t < 8 or self.block_t & (self.block_t - 1):
+      raise ValueError(f"block_t must be a power of 2 >= 8, got {self.block_t}")
+    if self.time_splits < 1:
+      raise ValueError(f"time_splits must be >= 1, got {self.time_splits}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tile math shared by the forward and backward kernels. Per-step quantities are [T] vectors
+# ("rows"); carries are scalars. Everything is float32.
+# --------------------------------------------------------------------------------------------
+
+
+def _tsum(mask, rows):
+  """out[t] = sum_s mask[t, s] * rows[s]  (a masked prefix / suffix sum; mask: [T, T] bool)."""
+  return jnp.sum(jnp.where(mask, rows[None, :], 0.0), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sums:
+  """Running sums along the time axis of a tile, restricted to the step's segment.
+
+  same: [T, T] bool (steps in the same segment) or None (no resets). With use_cumsum (only
+  without resets) the sums are scans (O(T)); otherwise masked [T, T] reductions (O(T^2), but
+  made of nothing more than selects and row sums)."""
+  same: jax.Array | None
+  use_cumsum: bool
+
+  def prefix(self, rows):
+    """Inclusive: sum over s <= t."""
+    if self.use_cumsum:
+      return jnp.cumsum(rows, axis=0)
+    return _tsum(self._mask(lambda s, t: s <= t, rows), rows)
+
+  def suffix(self, rows):
+    """Inclusive: sum over s >= t."""
+    if self.use_cumsum:
+      return jnp.sum(rows) - jnp.cumsum(rows, axis=0) + rows
+    return _tsum(self._mask(lambda s, t: s >= t, rows), rows)
+
+  def suffix_strict(self, rows):
+    """Exclusive: sum over s > t."""
+    if self.use_cumsum:
+      return jnp.sum(rows) - jnp.cumsum(rows, axis=0)
+    return _tsum(self._mask(lambda s, t: s > t, rows), rows)
+
+  def _mask(self, cmp, rows):
+    idx = jnp.arange(rows.shape[0])
+    mask = cmp(idx[None, :], idx[:, None])
+    return mask if self.same is None else mask & self.same
+
+
+def _safe_inv(a):
+  return jnp.where(a > 0, 1.0 / jnp.where(a > 0, a, 1.0), 0.0)
+
+
+@dataclasses.dataclass
+class _TileStats:
+  """Statistics of one tile. Rows: m, v (step mean/var), cnt, sd (running count and shifted sum),
+  mu, var, rstd (running statistics after each step); c: the shift; masks and segment flags."""
+  m: jax.Array
+  v: jax.Array
+  cnt: jax.Array
+  sd: jax.Array
+  mu: jax.Array
+  var: jax.Array
+  rstd: jax.Array
+  c: jax.Array
+  sums: _Sums                   # Running sums within segments.
+  first: jax.Array | bool       # rows: step continues the carried statistics (no reset before it).
+  last: jax.Array | bool        # rows: step is in the tile's last segment.
+  no_reset: jax.Array | bool    # scalar: no reset anywhere in the tile.
+  is_last_row: jax.Array
+
+
+def _tile_stats(xf, colmask, valid, reset, carry, *, k: int, eps: float, segmented: bool,
+                use_cumsum: bool):
+  """xf: [T, C] float32 (0 in padded columns); valid, reset: [T] bool; carry: (n, mu, var)."""
+  n_c, mu_c, var_c = carry
+  tile = xf.shape[0]
+  idx = jnp.arange(tile)
+  lower = idx[None, :] <= idx[:, None]
+  is_last_row = idx == tile - 1
+  inv_k = 1.0 / k
+  m = jnp.sum(xf, axis=1) * inv_k
+  xc = xf - m[:, None]
+  v = jnp.sum(jnp.where(colmask[None, :], xc * xc, 0.0), axis=1) * inv_k
+  validf = jnp.where(valid, 1.0, 0.0)
+  # Shift: the carried mean, or (nothing carried yet) the mean of this tile's valid steps.
+  tile_mean = jnp.sum(jnp.where(valid, m, 0.0)) / jnp.maximum(jnp.sum(validf), 1.0)
+  c = jnp.where(n_c > 0, mu_c, tile_mean)
+  mc = m - c
+  d = jnp.where(valid, mc, 0.0)
+  q = jnp.where(valid, v + mc * mc, 0.0)
+  if segmented:
+    segno = _tsum(lower, jnp.where(reset, 1.0, 0.0))
+    same = segno[:, None] == segno[None, :]
+    first = segno == 0
+    seg_end = jnp.sum(jnp.where(is_last_row, segno, 0.0))
+    last = segno == seg_end
+    no_reset = seg_end == 0
+  else:
+    same, first, last, no_reset = None, True, True, True
+  sums = _Sums(same=same, use_cumsum=use_cumsum and not segmented)
+  n0 = jnp.where(first, n_c, 0.0)
+  cnt = sums.prefix(validf) + n0
+  sd = sums.prefix(d) + n0 * (mu_c - c)
+  sq = sums.prefix(q) + n0 * (var_c + (mu_c - c) * (mu_c - c))
+  has = cnt > 0
+  inv = _safe_inv(cnt)
+  off = sd * inv
+  mu = jnp.where(has, c + off, jnp.where(first, mu_c, 0.0))
+  var = jnp.where(has, jnp.maximum(sq * inv - off * off, 0.0), jnp.where(first, var_c, 0.0))
+  rstd = lax.rsqrt(var + eps)
+  return _TileStats(m=m, v=v, cnt=cnt, sd=sd, mu=mu, var=var, rstd=rstd, c=c, sums=sums,
+                    first=first, last=last, no_reset=no_reset, is_last_row=is_last_row)
+
+
+def _last(st: _TileStats, rows):
+  return jnp.sum(jnp.where(st.is_last_row, rows, 0.0))
+
+
+def _tile_carry_out(st: _TileStats):
+  """Running statistics after the tile's last row."""
+  return _last(st, st.cnt), _last(st, st.mu), _last(st, st.var)
+
+
+def _tile_backward(st: _TileStats, xf, dy, w_hat, colmask, valid, carry, u_mu, u_var, *, k: int):
+  """Reverse recurrence through one tile.
+
+  xf, dy: [T, C] float32 (0 in padded columns); w_hat: [C] (weight + 1, 0 in padded columns);
+  carry: the forward (n, mu, var) before the tile; u_mu, u_var: adjoint of the statistics after
+  the tile's last row from everything later. Returns (dx [T, C], dw [C], db [C], adjoint of the
+  statistics before the tile (mu, var), and the tile's adjoint map coefficients (alpha, beta):
+  out = (alpha u_mu + beta u_var + .., alpha u_var + ..)).
+  """
+  n_c = carry[0]
+  mu_b = st.mu[:, None]
+  r_b = st.rstd[:, None]
+  dyw = dy * w_hat[None, :]
+  xmu = xf - mu_b
+  # Local adjoints of each step's running (mean, var) from its own output y_t.
+  a_sum = jnp.sum(dyw, axis=1)
+  b_sum = jnp.sum(dyw * xmu, axis=1)
+  l_mu = jnp.where(valid, -st.rstd * a_sum, 0.0)
+  l_var = jnp.where(valid, -0.5 * st.rstd * st.rstd * st.rstd * b_sum, 0.0)
+  validf = jnp.where(valid, 1.0, 0.0)
+  inv = jnp.where(valid, _safe_inv(st.cnt), 0.0)
+  # delta_t = m_t - (running mean before step t); irrelevant (0) when nothing came before.
+  cnt_ex = st.cnt - validf
+  d = jnp.where(valid, st.m - st.c, 0.0)
+  delta = jnp.where(valid & (cnt_ex > 0), (st.m - st.c) - (st.sd - d) * _safe_inv(cnt_ex), 0.0)
+  two_d = 2.0 * delta * inv
+  # Adjoints telescope: prod (1 - 1/n_u) over a run of steps is n_t / n_s.
+  sv = st.sums.suffix(l_var * inv)
+  sm = st.sums.suffix(l_mu * inv)
+  w_acc = st.sums.suffix_strict(two_d * sv)
+  z_acc = st.sums.suffix_strict(two_d)
+  n_end = _last(st, st.cnt)
+
+  def ratio(a):  # prod of (1 - 1/n) from after `a` to the tile end; 1 if no valid step follows.
+    return jnp.where(n_end > 0, a / jnp.where(n_end > 0, n_end, 1.0), 1.0)
+
+  p = jnp.where(st.last, ratio(st.cnt), 0.0)
+  g_mu = st.cnt * (sm - w_acc) + p * (u_mu - u_var * z_acc)
+  g_var = st.cnt * sv + p * u_var
+  e = st.m - st.mu
+  g_m = inv * (g_mu + 2.0 * e * g_var)
+  g_v = inv * g_var
+  inv_k = 1.0 / k
+  dx = r_b * dyw + (g_m * inv_k)[:, None] + (2.0 * inv_k * g_v)[:, None] * (xf - st.m[:, None])
+  keep = valid[:, None] & colmask[None, :]
+  dx = jnp.where(keep, dx, 0.0)
+  dw = jnp.sum(jnp.where(keep, dy * xmu * r_b, 0.0), axis=0)
+  db = jnp.sum(jnp.where(keep, dy, 0.0), axis=0)
+  # The statistics before the tile ("row -1") belong to the first segment's chain.
+  first = st.first
+  sm0 = jnp.sum(jnp.where(first, l_mu * inv, 0.0))
+  sv0 = jnp.sum(jnp.where(first, l_var * inv, 0.0))
+  w0 = jnp.sum(jnp.where(first, two_d * sv, 0.0))
+  z0 = jnp.sum(jnp.where(first, two_d, 0.0))
+  alpha = jnp.where(st.no_reset, ratio(n_c), 0.0)
+  out_mu = n_c * (sm0 - w0) + alpha * (u_mu - u_var * z0)
+  out_var = n_c * sv0 + alpha * u_var
+  return dx, dw, db, out_mu, out_var, alpha, -alpha * z0
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (Triton) kernels: whole-sequence blocks per (sequence, group); tiles are read with masked
+# loads (power-of-2 tile shapes, masked tails).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  length: int
+  groups: int
+  k: int           # features per group
+  kp: int          # k rounded up to a power of 2
+  tile: int        # T
+  tiles: int       # tiles per split
+  has_flags: bool
+  segmented: bool
+
+
+def _tile_rows(dims: _Dims, tile_idx):
+  t0 = tile_idx * dims.tile
+  return pl.ds(t0, dims.tile), (t0 + jnp.arange(dims.tile)) < dims.length
+
+
+def _load_raw(dims: _Dims, seq_refs, flags_ref, tile_idx):
+  """Loads one tile as stored: ([T, Kp] per ref in seq_refs, flags [T] int32 or None).
+
+  Raw values (not yet decoded) are what the prefetching loops carry to the next iteration."""
+  from jax.experimental.pallas import triton as plgpu
+  rows, in_range = _tile_rows(dims, tile_idx)
+  colmask = jnp.arange(dims.kp) < dims.k
+  tiles = tuple(
+      plgpu.load(ref.at[rows, :], mask=in_range[:, None] & colmask[None, :], other=0.0,
+                 eviction_policy="evict_first") for ref in seq_refs)
+  flags = None
+  if dims.has_flags:
+    flags = plgpu.load(flags_ref.at[rows], mask=in_range, other=0)
+  return tiles, flags
+
+
+def _decode(dims: _Dims, tile_idx, raw):
+  """-> (tuple of [T, Kp] float32 tiles, valid [T] bool, reset [T] bool)."""
+  tiles, flags = raw
+  _, in_range = _tile_rows(dims, tile_idx)
+  tiles = tuple(t.astype(jnp.float32) for t in tiles)
+  if flags is None:
+    return tiles, in_range, jnp.zeros((dims.tile,), jnp.bool_)
+  return tiles, in_range & ((flags & _VALID) != 0), in_range & ((flags & _RESET) != 0)
+
+
+def _store_tile(dims: _Dims, ref, tile_idx, value):
+  from jax.experimental.pallas import triton as plgpu
+  rows, in_range = _tile_rows(dims, tile_idx)
+  colmask = jnp.arange(dims.kp) < dims.k
+  plgpu.store(ref.at[rows, :], value.astype(ref.dtype), mask=in_range[:, None] & colmask[None, :])
+
+
+def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, cumsum: bool):
+  """Forward over one time split of one (sequence, group).
+
+  Inputs: x [L, Kp], (w_hat, bias [Kp] unless summary), carry-in n, mu, var (scalars),
+  (flags [L]). Outputs: (y [L, Kp] and the carry before every tile [tiles] x 3, unless summary),
+  carry-out n, mu, var (scalars).
+  """
+  from jax.experimental.pallas import triton as plgpu
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  if not summary:
+    w_ref, b_ref = refs.pop(0), refs.pop(0)
+  n_ref, mu_ref, var_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  flags_ref = refs.pop(0) if dims.has_flags else None
+  if not summary:
+    y_ref, tn_ref, tmu_ref, tvar_ref = refs.pop(0), refs.pop(0), refs.pop(0), refs.pop(0)
+  n_out, mu_out, var_out = refs
+  colmask = jnp.arange(dims.kp) < dims.k
+  if not summary:
+    w_hat = plgpu.load(w_ref, mask=colmask, other=0.0)
+    bias = plgpu.load(b_ref, mask=colmask, other=0.0)
+  first_tile = pl.program_id(1) * dims.tiles
+  load = functools.partial(_load_raw, dims, (x_ref,), flags_ref)
+
+  def body(j, state):
+    carry, cur = state
+    tile_idx = first_tile + j
+    nxt = load(tile_idx + 1) if prefetch else None
+    (xf,), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
+    st = _tile_stats(xf, colmask, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                     use_cumsum=cumsum)
+    if not summary:
+      for ref, value in zip((tn_ref, tmu_ref, tvar_ref), carry):
+        plgpu.store(ref.at[j], value)
+      y = (xf - st.mu[:, None]) * st.rstd[:, None] * w_hat[None, :] + bias[None, :]
+      _store_tile(dims, y_ref, tile_idx, jnp.where(valid[:, None], y, 0.0))
+    return _tile_carry_out(st), nxt
+
+  carry = (n_ref[...], mu_ref[...], var_ref[...])
+  init = (carry, load(first_tile) if prefetch else None)
+  (n, mu, var), _ = lax.fori_loop(0, dims.tiles, body, init)
+  n_out[...], mu_out[...], var_out[...] = n, mu, var
+
+
+def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, cumsum: bool):
+  """Backward over one time split of one (sequence, group), tiles in reverse order.
+
+  Inputs: x, dy [L, Kp], w_hat [Kp], saved carries [tiles] x 3, adjoint after the split
+  u_mu, u_var (scalars), (flags [L]). Outputs: dx [L, Kp], dw, db [Kp] and the adjoint before the
+  split (scalars); in summary mode only the split's adjoint map: v_mu, v_var, alpha, beta with
+  before = (alpha u_mu + beta u_var + v_mu, alpha u_var + v_var).
+  """
+  from jax.experimental.pallas import triton as plgpu
+  refs = list(refs)
+  x_ref, dy_ref, w_ref, tn_ref, tmu_ref, tvar_ref, umu_ref, uvar_ref = refs[:8]
+  refs = refs[8:]
+  flags_ref = refs.pop(0) if dims.has_flags else None
+  colmask = jnp.arange(dims.kp) < dims.k
+  w_hat = plgpu.load(w_ref, mask=colmask, other=0.0)
+  first_tile = pl.program_id(1) * dims.tiles
+  load = functools.partial(_load_raw, dims, (x_ref, dy_ref), flags_ref)
+
+  def body(j, state):
+    u, maps, acc, cur = state
+    local = dims.tiles - 1 - j
+    tile_idx = first_tile + local
+    nxt = load(tile_idx - 1) if prefetch else None
+    (xf, dy), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
+    carry = (tn_ref[local], tmu_ref[local], tvar_ref[local])
+    st = _tile_stats(xf, colmask, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                     use_cumsum=cumsum)
+    dx, dw, db, out_mu, out_var, alpha, beta = _tile_backward(
+        st, xf, dy, w_hat, colmask, valid, carry, u[0], u[1], k=dims.k)
+    if summary:
+      a_acc, b_acc = maps
+      maps = (alpha * a_acc, alpha * b_acc + beta * a_acc)
+    else:
+      _store_tile(dims, refs[0], tile_idx, dx)
+      acc = (acc[0] + dw, acc[1] + db)
+    return (out_mu, out_var), maps, acc, nxt
+
+  zeros = jnp.zeros((dims.kp,), jnp.float32)
+  u0 = (jnp.float32(0.0), jnp.float32(0.0)) if summary else (umu_ref[...], uvar_ref[...])
+  init = (u0, (jnp.float32(1.0), jnp.float32(0.0)), (zeros, zeros),
+          load(first_tile + dims.tiles - 1) if prefetch else None)
+  (u_mu, u_var), (alpha, beta), (dw, db), _ = lax.fori_loop(0, dims.tiles, body, init)
+  if summary:
+    vmu_ref, vvar_ref, alpha_ref, beta_ref = refs
+    vmu_ref[...], vvar_ref[...], alpha_ref[...], beta_ref[...] = u_mu, u_var, alpha, beta
+  else:
+    _, dw_ref, db_ref, omu_ref, ovar_ref = refs
+    plgpu.store(dw_ref, dw, mask=colmask)
+    plgpu.store(db_ref, db, mask=colmask)
+    omu_ref[...], ovar_ref[...] = u_mu, u_var
+
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers. Arrays: x4/y4/dy4/dx4 [B, L, G, K]; w_hat, bias [G, K]; per-program
+# scalars [B*G, S]; saved carries [B*G, S, tiles]; flags [B, L] int32; dw, db partials
+# [B*G, S, K]. Grid (B*G, S).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Everything static about one call."""
+  dims: _Dims
+  batch: int
+  splits: int
+  eps: float
+  config: KernelConfig
+  interpret: bool
+
+
+def _block_specs(spec: _Spec):
+  d, groups = spec.dims, spec.dims.groups
+  seq = pl.BlockSpec((None, d.length, None, d.kp), lambda bg, s: (bg // groups, 0, bg % groups, 0))
+  feat = pl.BlockSpec((None, d.kp), lambda bg, s: (bg % groups, 0))
+  scalar = pl.BlockSpec((None, None), lambda bg, s: (bg, s))
+  saved = pl.BlockSpec((None, None, d.tiles), lambda bg, s: (bg, s, 0))
+  flags = pl.BlockSpec((None, d.length), lambda bg, s: (bg // groups, 0))
+  partial = pl.BlockSpec((None, None, d.kp), lambda bg, s: (bg, s, 0))
+  return seq, feat, scalar, saved, flags, partial
+
+
+def _call(spec: _Spec, kernel, in_specs, out_specs, out_shape, name):
+  from jax.experimental.pallas import triton as plgpu
+  cfg = spec.config
+  return pl.pallas_call(
+      kernel, grid=(spec.batch * spec.dims.groups, spec.splits), in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape, interpret=spec.interpret, name=name,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _fwd_call(spec: _Spec, x4, w_hat, bias, n_in, mu_in, var_in, flags, *, summary: bool):
+  seq, feat, scalar, saved, flag_spec, _ = _block_specs(spec)
+  d = spec.dims
+  programs = (spec.batch * d.groups, spec.splits)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args, in_specs = [x4], [seq]
+  if not summary:
+    args += [w_hat, bias]
+    in_specs += [feat, feat]
+  args += [n_in, mu_in, var_in]
+  in_specs += [scalar] * 3
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  out_shape, out_specs = [], []
+  if not summary:
+    out_shape += [jax.ShapeDtypeStruct(x4.shape, x4.dtype)] + [f32(programs + (d.tiles,))] * 3
+    out_specs += [seq] + [saved] * 3
+  out_shape += [f32(programs)] * 3
+  out_specs += [scalar] * 3
+  kernel = functools.partial(_fwd_kernel, dims=d, eps=spec.eps, summary=summary,
+                             prefetch=spec.config.prefetch, cumsum=spec.config.cumsum)
+  name = "timestep_norm_fwd_summary" if summary else "timestep_norm_fwd"
+  return _call(spec, kernel, in_specs, out_specs, out_shape, name)(*args)
+
+
+def _bwd_call(spec: _Spec, x4, dy4, w_hat, saved, u_mu, u_var, flags, *, summary: bool):
+  seq, feat, scalar, saved_spec, flag_spec, partial = _block_specs(spec)
+  d = spec.dims
+  programs = (spec.batch * d.groups, spec.splits)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = [x4, dy4, w_hat, *saved, u_mu, u_var]
+  in_specs = [seq, seq, feat] + [saved_spec] * 3 + [scalar] * 2
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  if summary:
+    out_shape, out_specs = [f32(programs)] * 4, [scalar] * 4
+  else:
+    out_shape = ([jax.ShapeDtypeStruct(x4.shape, x4.dtype)] + [f32(programs + (d.k,))] * 2
+                 + [f32(programs)] * 2)
+    out_specs = [seq, partial, partial, scalar, scalar]
+  kernel = functools.partial(_bwd_kernel, dims=d, eps=spec.eps, summary=summary,
+                             prefetch=spec.config.prefetch, cumsum=spec.config.cumsum)
+  name = "timestep_norm_bwd_summary" if summary else "timestep_norm_bwd"
+  return _call(spec, kernel, in_specs, out_specs, out_shape, name)(*args)
+
+
+def _split_has_reset(spec: _Spec, flags):
+  """[B*G, S] bool: the split contains a reset (its summary must not merge with what precedes)."""
+  d = spec.dims
+  span = d.tiles * d.tile
+  reset = (flags & _RESET) != 0
+  reset = jnp.pad(reset, ((0, 0), (0, spec.splits * span - d.length)))
+  any_reset = jnp.any(reset.reshape(spec.batch, spec.splits, span), axis=-1)
+  return jnp.repeat(any_reset, d.groups, axis=0)
+
+
+def _split_carries(spec: _Spec, x4, n0, mu0, var0, flags):
+  """Carry-in (n, mu, var) [B*G, S] of every split: summaries of the splits, merged in order."""
+  if spec.splits == 1:
+    return n0[:, None], mu0[:, None], var0[:, None]
+  zeros = jnp.zeros((spec.batch * spec.dims.groups, spec.splits), jnp.float32)
+  n_s, mu_s, var_s = _fwd_call(spec, x4, None, None, zeros, zeros, zeros, flags, summary=True)
+  has_reset = (_split_has_reset(spec, flags) if spec.dims.has_flags
+               else jnp.zeros(n_s.shape, jnp.bool_))
+  carries = [(n0, mu0, var0)]
+  for s in range(spec.splits - 1):
+    prev = TimestepNormState(*carries[-1])
+    here = TimestepNormState(n_s[:, s], mu_s[:, s][:, None], var_s[:, s][:, None])
+    merged = tsn_ops.merge_stats(TimestepNormState(prev.count, prev.mean[:, None], prev.var[:, None]),
+                                 here)
+    cut = has_reset[:, s]
+    carries.append((jnp.where(cut, here.count, merged.count),
+                    jnp.where(cut, here.mean[:, 0], merged.mean[:, 0]),
+                    jnp.where(cut, here.var[:, 0], merged.var[:, 0])))
+  return tuple(jnp.stack(c, axis=1) for c in zip(*carries))
+
+
+def _split_adjoints(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
+  """Adjoint (mu, var) [B*G, S] of the statistics at the end of every split."""
+  if spec.splits == 1:
+    return g_mu[:, None], g_var[:, None]
+  zeros = jnp.zeros((spec.batch * spec.dims.groups, spec.splits), jnp.float32)
+  v_mu, v_var, alpha, beta = _bwd_call(spec, x4, dy4, w_hat, saved, zeros, zeros, flags,
+                                       summary=True)
+  u = [(g_mu, g_var)]
+  for s in range(spec.splits - 1, 0, -1):
+    u_mu, u_var = u[-1]
+    u.append((alpha[:, s] * u_mu + beta[:, s] * u_var + v_mu[:, s], alpha[:, s] * u_var + v_var[:, s]))
+  u = u[::-1]
+  return jnp.stack([a for a, _ in u], axis=1), jnp.stack([b for _, b in u], axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tsn_core(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
+  y4, mu_out, var_out, _ = _tsn_fwd_impl(spec, x4, w_hat, bias, n0, mu0, var0, flags)
+  return y4, mu_out, var_out
+
+
+def _tsn_fwd_impl(spec, x4, w_hat, bias, n0, mu0, var0, flags):
+  n_in, mu_in, var_in = _split_carries(spec, x4, n0, mu0, var0, flags)
+  y4, tn, tmu, tvar, _, mu_o, var_o = _fwd_call(spec, x4, w_hat, bias, n_in, mu_in, var_in, flags,
+                                                summary=False)
+  return y4, mu_o[:, -1], var_o[:, -1], (tn, tmu, tvar)
+
+
+def _tsn_fwd(spec, x4, w_hat, bias, n0, mu0, var0, flags):
+  y4, mu_out, var_out, saved = _tsn_fwd_impl(spec, x4, w_hat, bias, n0, mu0, var0, flags)
+  return (y4, mu_out, var_out), (x4, w_hat, n0, saved, flags)
+
+
+def _tsn_bwd(spec, residuals, cotangents):
+  x4, w_hat, n0, saved, flags = residuals
+  dy4, g_mu, g_var = cotangents
+  dy4 = dy4.astype(x4.dtype)
+  u_mu, u_var = _split_adjoints(spec, x4, dy4, w_hat, saved, g_mu, g_var, flags)
+  dx4, dw, db, o_mu, o_var = _bwd_call(spec, x4, dy4, w_hat, saved, u_mu, u_var, flags,
+                                       summary=False)
+  groups, k = spec.dims.groups, spec.dims.k
+  dw = dw.reshape(spec.batch, groups, spec.splits, k).sum(axis=(0, 2))
+  db = db.reshape(spec.batch, groups, spec.splits, k).sum(axis=(0, 2))
+  flags_ct = None if flags is None else np.zeros(flags.shape, jax.dtypes.float0)
+  return dx4, dw, db, jnp.zeros_like(n0), o_mu[:, 0], o_var[:, 0], flags_ct
+
+
+_tsn_core.defvjp(_tsn_fwd, _tsn_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+
+
+def _final_count(count0, valid, reset):
+  """Exact int32 count after the last step: valid steps since the last reset (or all + prior)."""
+  steps = jnp.arange(valid.shape[1])[None, :]
+  last_reset = jnp.max(jnp.where(reset, steps, -1), axis=1, keepdims=True)
+  since = jnp.sum(valid & (steps >= last_reset), axis=1, dtype=jnp.int32)
+  return since + jnp.where(last_reset[:, 0] < 0, count0, 0)
+
+
+def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, num_groups: int,
+                         eps: float = 1e-5, state: TimestepNormState | None = None,
+                         padding_mask: jax.Array | None = None,
+                         segment_ids: jax.Array | None = None, interpret: bool | None = None,
+                         config: KernelConfig | None = None) -> tuple[jax.Array, TimestepNormState]:
+  """Fused TimestepNorm; same contract as megalodon_jax.ops.timestep_norm.timestep_norm.
+
+  x: [B, L, D]; weight, bias: [D] (weight applied as weight + 1); state: count [B], mean/var
+  [B, G]; padding_mask: [B, L] bool (True = padded); segment_ids: [B, L] int.
+  interpret: run the Pallas interpreter (default: True when JAX's default backend is the CPU).
+  config: KernelConfig tunables (tile size, warps, stages, time splits, prefetch).
+  Returns y [B, L, D] in x.dtype and the state after the last step. Differentiable (custom VJP)
+  w.r.t. x, weight, bias and the incoming state's mean and var.
+  """
+  tsn_ops.check_inputs(x, weight, bias, num_groups, state, padding_mask, segment_ids)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  config = config or KernelConfig()
+  if state is None:
+    state = tsn_ops.initial_state(x.shape[0], num_groups)
+  return _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids,
+                               num_groups=num_groups, eps=float(eps), interpret=bool(interpret),
+                               config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "eps", "interpret", "config"))
+def _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids, *, num_groups, eps,
+                          interpret, config):
+  batch, length, dim = x.shape
+  k = dim // num_groups
+  tile = min(config.block_t, max(8, pl.next_power_of_2(length)))
+  total_tiles = pl.cdiv(length, tile)
+  splits = min(config.time_splits, total_tiles)
+  tiles = pl.cdiv(total_tiles, splits)
+  has_flags = padding_mask is not None or segment_ids is not None
+  dims = _Dims(length=length, groups=num_groups, k=k, kp=pl.next_power_of_2(k), tile=tile,
+               tiles=tiles, has_flags=has_flags, segmented=segment_ids is not None)
+  spec = _Spec(dims=dims, batch=batch, splits=splits, eps=eps, config=config, interpret=interpret)
+  valid = jnp.ones((batch, length), jnp.bool_) if padding_mask is None else ~padding_mask
+  reset = tsn_ops.reset_flags(segment_ids, batch, length)
+  flags = (jnp.where(valid, _VALID, 0) | jnp.where(reset, _RESET, 0)).astype(jnp.int32)
+  count0 = jnp.asarray(state.count, jnp.int32)
+  n0 = jnp.repeat(count0.astype(jnp.float32), num_groups)
+  mu0 = jnp.asarray(state.mean, jnp.float32).reshape(batch * num_groups)
+  var0 = jnp.asarray(state.var, jnp.float32).reshape(batch * num_groups)
+  w_hat = (weight.astype(jnp.float32) + 1.0).reshape(num_groups, k)
+  b = bias.astype(jnp.float32).reshape(num_groups, k)
+  x4 = x.reshape(batch, length, num_groups, k)
+  y4, mu_out, var_out = _tsn_core(spec, x4, w_hat, b, n0, mu0, var0, flags if has_flags else None)
+  new_state = TimestepNormState(
+      count=_final_count(count0, valid, reset),
+      mean=mu_out.reshape(batch, num_groups).astype(jnp.float32),
+      var=var_out.reshape(batch, num_groups).astype(jnp.float32))
+  return y4.reshape(batch, length, dim), new_state
+
+
+def timestep_norm_reference(x: jax.Array, weight: jax.Array, bias: jax.Array, *, num_groups: int,
+                            eps: float = 1e-5, state: TimestepNormState | None = None,
+                            padding_mask: jax.Array | None = None,
+                            segment_ids: jax.Array | None = None, interpret: bool | None = None,
+                            config: KernelConfig | None = None) -> tuple[jax.Array, TimestepNormState]:
+  """Plain-JAX reference with the kernel's signature (interpret/config are ignored)."""
+  del interpret, config
+  return tsn_ops.timestep_norm(x, weight, bias, num_groups=num_groups, eps=eps, state=state,
+                               padding_mask=padding_mask, segment_ids=segment_ids,
+                               method="associative")

@@ -132,6 +132,7 @@ class _TileStats:
   first: jax.Array | bool       # rows: step continues the carried statistics (no reset before it).
   last: jax.Array | bool        # rows: step is in the tile's last segment.
   no_reset: jax.Array | bool    # scalar: no reset anywhere in the tile.
+  n_valid: jax.Array            # scalar: number of valid (unpadded) steps.
   is_last_row: jax.Array
 
 
@@ -148,8 +149,9 @@ def _tile_stats(xf, colmask, valid, reset, carry, *, k: int, eps: float, segment
   xc = xf - m[:, None]
   v = jnp.sum(jnp.where(colmask[None, :], xc * xc, 0.0), axis=1) * inv_k
   validf = jnp.where(valid, 1.0, 0.0)
+  n_valid = jnp.sum(validf)
   # Shift: the carried mean, or (nothing carried yet) the mean of this tile's valid steps.
-  tile_mean = jnp.sum(jnp.where(valid, m, 0.0)) / jnp.maximum(jnp.sum(validf), 1.0)
+  tile_mean = jnp.sum(jnp.where(valid, m, 0.0)) / jnp.maximum(n_valid, 1.0)
   c = jnp.where(n_c > 0, mu_c, tile_mean)
   mc = m - c
   d = jnp.where(valid, mc, 0.0)
@@ -175,16 +177,20 @@ def _tile_stats(xf, colmask, valid, reset, carry, *, k: int, eps: float, segment
   var = jnp.where(has, jnp.maximum(sq * inv - off * off, 0.0), jnp.where(first, var_c, 0.0))
   rstd = lax.rsqrt(var + eps)
   return _TileStats(m=m, v=v, cnt=cnt, sd=sd, mu=mu, var=var, rstd=rstd, c=c, sums=sums,
-                    first=first, last=last, no_reset=no_reset, is_last_row=is_last_row)
+                    first=first, last=last, no_reset=no_reset, n_valid=n_valid,
+                    is_last_row=is_last_row)
 
 
 def _last(st: _TileStats, rows):
   return jnp.sum(jnp.where(st.is_last_row, rows, 0.0))
 
 
-def _tile_carry_out(st: _TileStats):
-  """Running statistics after the tile's last row."""
-  return _last(st, st.cnt), _last(st, st.mu), _last(st, st.var)
+def _tile_carry_out(st: _TileStats, carry):
+  """Running statistics after the tile's last row; a fully padded tile passes the carry through
+  bit for bit (as padded steps do in the XLA op)."""
+  keep = st.no_reset & (st.n_valid == 0)
+  return tuple(jnp.where(keep, old, _last(st, new))
+               for old, new in zip(carry, (st.cnt, st.mu, st.var)))
 
 
 def _tile_backward(st: _TileStats, xf, dy, w_hat, colmask, valid, carry, u_mu, u_var, *, k: int):
@@ -339,7 +345,7 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
         plgpu.store(ref.at[j], value)
       y = (xf - st.mu[:, None]) * st.rstd[:, None] * w_hat[None, :] + bias[None, :]
       _store_tile(dims, y_ref, tile_idx, jnp.where(valid[:, None], y, 0.0))
-    return _tile_carry_out(st), nxt
+    return _tile_carry_out(st, carry), nxt
 
   carry = (n_ref[...], mu_ref[...], var_ref[...])
   init = (carry, load(first_tile) if prefetch else None)

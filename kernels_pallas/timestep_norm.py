@@ -68,8 +68,11 @@ class KernelConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-tile math shared by the forward and backward kernels. Per-step quantities are [T] vectors
-# ("rows"); carries are scalars. Everything is float32.
+# Per-tile math shared by all kernels. A tile is [T, C] (T steps, C features). Per-step
+# quantities ("rows") and carries have backend-specific shapes, hidden behind a small `ops`
+# object: the GPU kernels handle one group per program (rows [T], carries scalars); the TPU
+# kernel handles all G groups of a sequence (rows [T, G], carries [1, G], per-step flags
+# [T, 1]) and does group sums and time sums as matmuls. Everything is float32.
 # --------------------------------------------------------------------------------------------
 
 
@@ -79,8 +82,8 @@ def _tsum(mask, rows):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Sums:
-  """Running sums along the time axis of a tile, restricted to the step's segment.
+class _VectorSums:
+  """Running sums of [T] rows along a tile, restricted to the step's segment (GPU).
 
   same: [T, T] bool (steps in the same segment) or None (no resets). With use_cumsum (only
   without resets) the sums are scans (O(T)); otherwise masked [T, T] reductions (O(T^2), but
@@ -112,6 +115,104 @@ class _Sums:
     return mask if self.same is None else mask & self.same
 
 
+class _GpuOps:
+  """Rows [T] for one group; carries are scalars."""
+
+  def __init__(self, tile: int, kp: int, k: int):
+    self.tile = tile
+    self.colmask = (jnp.arange(kp) < k)[None, :]
+
+  def steps(self):
+    return jnp.arange(self.tile)
+
+  def gsum(self, a):
+    return jnp.sum(a, axis=1)
+
+  def gbcast(self, rows):
+    return rows[:, None]
+
+  def rowmask(self, flags):
+    return flags[:, None]
+
+  def rsum(self, rows):
+    return jnp.sum(rows)
+
+  def colsum(self, a):
+    return jnp.sum(a, axis=0)
+
+  def segments(self, reset, segmented: bool, use_cumsum: bool):
+    """(segment number of each step within the tile or None, running-sum helper)."""
+    if not segmented:
+      return None, _VectorSums(same=None, use_cumsum=use_cumsum)
+    reset_f = jnp.where(reset, 1.0, 0.0)
+    idx = self.steps()
+    segno = jnp.cumsum(reset_f) if use_cumsum else _tsum(idx[None, :] <= idx[:, None], reset_f)
+    return segno, _VectorSums(same=segno[:, None] == segno[None, :], use_cumsum=False)
+
+
+def _dot(a, b, dims=((1,), (0,))):
+  return lax.dot_general(a, b, (dims, ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MatrixSums:
+  """Running sums of [T, G] rows as matmuls with M = (s <= t) & same segment (TPU)."""
+  lower: jax.Array   # [T, T] float32 0/1
+
+  def prefix(self, rows):
+    return _dot(self.lower, rows)
+
+  def suffix(self, rows):
+    return _dot(self.lower, rows, ((0,), (0,)))   # M^T rows: same-segment steps s >= t.
+
+  def suffix_strict(self, rows):
+    return self.suffix(rows) - rows
+
+
+class _TpuOps:
+  """Rows [T, G] for all groups of a sequence; carries [1, G]; per-step flags [T, 1].
+
+  onehot: [D, G] float32 group membership of the features."""
+
+  def __init__(self, tile: int, onehot):
+    self.tile = tile
+    self.onehot = onehot
+    self.colmask = None
+
+  def steps(self):
+    return lax.broadcasted_iota(jnp.int32, (self.tile, 1), 0)
+
+  def gsum(self, a):
+    return _dot(a, self.onehot)
+
+  def gbcast(self, rows):
+    return _dot(rows, self.onehot, ((1,), (1,)))
+
+  def rowmask(self, flags):
+    return flags
+
+  def rsum(self, rows):
+    return jnp.sum(rows, axis=0, keepdims=True)
+
+  def colsum(self, a):
+    return jnp.sum(a, axis=0, keepdims=True)
+
+  def segments(self, reset, segmented: bool, use_cumsum: bool):
+    del use_cumsum
+    t = self.tile
+    row = lax.broadcasted_iota(jnp.int32, (t, t), 0)
+    col = lax.broadcasted_iota(jnp.int32, (t, t), 1)
+    lower = jnp.where(col <= row, 1.0, 0.0)
+    if not segmented:
+      return None, _MatrixSums(lower)
+    reset_f = jnp.where(reset, 1.0, 0.0)                              # [T, 1]
+    segno = _dot(lower, reset_f)                                      # [T, 1]
+    # Resets strictly after s and at or before t: (lower diag(reset) strictly_upper)[t, s].
+    between = _dot(_dot(lower, jnp.where(row == col, reset_f, 0.0)), jnp.where(row > col, 1.0, 0.0))
+    return segno, _MatrixSums(jnp.where((col <= row) & (between == 0.0), 1.0, 0.0))
+
+
 def _safe_inv(a):
   return jnp.where(a > 0, 1.0 / jnp.where(a > 0, a, 1.0), 0.0)
 
@@ -119,7 +220,7 @@ def _safe_inv(a):
 @dataclasses.dataclass
 class _TileStats:
   """Statistics of one tile. Rows: m, v (step mean/var), cnt, sd (running count and shifted sum),
-  mu, var, rstd (running statistics after each step); c: the shift; masks and segment flags."""
+  mu, var, rstd (running statistics after each step); c: the shift; segment flags."""
   m: jax.Array
   v: jax.Array
   cnt: jax.Array
@@ -128,44 +229,42 @@ class _TileStats:
   var: jax.Array
   rstd: jax.Array
   c: jax.Array
-  sums: _Sums                   # Running sums within segments.
+  sums: object                  # Running sums within segments (_VectorSums / _MatrixSums).
   first: jax.Array | bool       # rows: step continues the carried statistics (no reset before it).
   last: jax.Array | bool        # rows: step is in the tile's last segment.
-  no_reset: jax.Array | bool    # scalar: no reset anywhere in the tile.
-  n_valid: jax.Array            # scalar: number of valid (unpadded) steps.
+  no_reset: jax.Array | bool    # carry-shaped: no reset anywhere in the tile.
+  n_valid: jax.Array            # carry-shaped: number of valid (unpadded) steps.
   is_last_row: jax.Array
 
 
-def _tile_stats(xf, colmask, valid, reset, carry, *, k: int, eps: float, segmented: bool,
+def _tile_stats(ops, xf, valid, reset, carry, *, k: int, eps: float, segmented: bool,
                 use_cumsum: bool):
-  """xf: [T, C] float32 (0 in padded columns); valid, reset: [T] bool; carry: (n, mu, var)."""
+  """xf: [T, C] float32 (0 in padded columns); valid, reset: step flags; carry: (n, mu, var)."""
   n_c, mu_c, var_c = carry
-  tile = xf.shape[0]
-  idx = jnp.arange(tile)
-  lower = idx[None, :] <= idx[:, None]
-  is_last_row = idx == tile - 1
+  is_last_row = ops.steps() == ops.tile - 1
   inv_k = 1.0 / k
-  m = jnp.sum(xf, axis=1) * inv_k
-  xc = xf - m[:, None]
-  v = jnp.sum(jnp.where(colmask[None, :], xc * xc, 0.0), axis=1) * inv_k
+  m = ops.gsum(xf) * inv_k
+  xc = xf - ops.gbcast(m)
+  sq_dev = xc * xc
+  if ops.colmask is not None:
+    sq_dev = jnp.where(ops.colmask, sq_dev, 0.0)
+  v = ops.gsum(sq_dev) * inv_k
   validf = jnp.where(valid, 1.0, 0.0)
-  n_valid = jnp.sum(validf)
+  n_valid = ops.rsum(validf)
   # Shift: the carried mean, or (nothing carried yet) the mean of this tile's valid steps.
-  tile_mean = jnp.sum(jnp.where(valid, m, 0.0)) / jnp.maximum(n_valid, 1.0)
+  tile_mean = ops.rsum(jnp.where(valid, m, 0.0)) / jnp.maximum(n_valid, 1.0)
   c = jnp.where(n_c > 0, mu_c, tile_mean)
   mc = m - c
   d = jnp.where(valid, mc, 0.0)
   q = jnp.where(valid, v + mc * mc, 0.0)
+  segno, sums = ops.segments(reset, segmented, use_cumsum)
   if segmented:
-    segno = _tsum(lower, jnp.where(reset, 1.0, 0.0))
-    same = segno[:, None] == segno[None, :]
     first = segno == 0
-    seg_end = jnp.sum(jnp.where(is_last_row, segno, 0.0))
+    seg_end = ops.rsum(jnp.where(is_last_row, segno, 0.0))
     last = segno == seg_end
     no_reset = seg_end == 0
   else:
-    same, first, last, no_reset = None, True, True, True
-  sums = _Sums(same=same, use_cumsum=use_cumsum and not segmented)
+    first, last, no_reset = True, True, True
   n0 = jnp.where(first, n_c, 0.0)
   cnt = sums.prefix(validf) + n0
   sd = sums.prefix(d) + n0 * (mu_c - c)
@@ -181,37 +280,40 @@ def _tile_stats(xf, colmask, valid, reset, carry, *, k: int, eps: float, segment
                     is_last_row=is_last_row)
 
 
-def _last(st: _TileStats, rows):
-  return jnp.sum(jnp.where(st.is_last_row, rows, 0.0))
+def _last(ops, st: _TileStats, rows):
+  return ops.rsum(jnp.where(st.is_last_row, rows, 0.0))
 
 
-def _tile_carry_out(st: _TileStats, carry):
+def _tile_carry_out(ops, st: _TileStats, carry):
   """Running statistics after the tile's last row; a fully padded tile passes the carry through
   bit for bit (as padded steps do in the XLA op)."""
   keep = st.no_reset & (st.n_valid == 0)
-  return tuple(jnp.where(keep, old, _last(st, new))
+  return tuple(jnp.where(keep, old, _last(ops, st, new))
                for old, new in zip(carry, (st.cnt, st.mu, st.var)))
 
 
-def _tile_backward(st: _TileStats, xf, dy, w_hat, colmask, valid, carry, u_mu, u_var, *, k: int):
+def _tile_output(ops, st: _TileStats, xf, w_hat, bias, valid):
+  """y: [T, C] (0 on padded steps). w_hat, bias: broadcastable to [T, C]."""
+  y = (xf - ops.gbcast(st.mu)) * ops.gbcast(st.rstd) * w_hat + bias
+  return jnp.where(ops.rowmask(valid), y, 0.0)
+
+
+def _tile_backward(ops, st: _TileStats, xf, dy, w_hat, valid, carry, u_mu, u_var, *, k: int):
   """Reverse recurrence through one tile.
 
-  xf, dy: [T, C] float32 (0 in padded columns); w_hat: [C] (weight + 1, 0 in padded columns);
-  carry: the forward (n, mu, var) before the tile; u_mu, u_var: adjoint of the statistics after
-  the tile's last row from everything later. Returns (dx [T, C], dw [C], db [C], adjoint of the
-  statistics before the tile (mu, var), and the tile's adjoint map coefficients (alpha, beta):
-  out = (alpha u_mu + beta u_var + .., alpha u_var + ..)).
+  xf, dy: [T, C] float32 (0 in padded columns); w_hat: broadcastable to [T, C] (weight + 1, 0 in
+  padded columns); carry: the forward (n, mu, var) before the tile; u_mu, u_var: adjoint of the
+  statistics after the tile's last row from everything later. Returns dx [T, C], the tile's
+  per-feature dw, db, the adjoint of the statistics before the tile (mu, var), and the tile's
+  adjoint map coefficients (alpha, beta): before = (alpha u_mu + beta u_var + .., alpha u_var + ..).
   """
   n_c = carry[0]
-  mu_b = st.mu[:, None]
-  r_b = st.rstd[:, None]
-  dyw = dy * w_hat[None, :]
-  xmu = xf - mu_b
+  r_b = ops.gbcast(st.rstd)
+  dyw = dy * w_hat
+  xmu = xf - ops.gbcast(st.mu)
   # Local adjoints of each step's running (mean, var) from its own output y_t.
-  a_sum = jnp.sum(dyw, axis=1)
-  b_sum = jnp.sum(dyw * xmu, axis=1)
-  l_mu = jnp.where(valid, -st.rstd * a_sum, 0.0)
-  l_var = jnp.where(valid, -0.5 * st.rstd * st.rstd * st.rstd * b_sum, 0.0)
+  l_mu = jnp.where(valid, -st.rstd * ops.gsum(dyw), 0.0)
+  l_var = jnp.where(valid, -0.5 * st.rstd * st.rstd * st.rstd * ops.gsum(dyw * xmu), 0.0)
   validf = jnp.where(valid, 1.0, 0.0)
   inv = jnp.where(valid, _safe_inv(st.cnt), 0.0)
   # delta_t = m_t - (running mean before step t); irrelevant (0) when nothing came before.
@@ -224,7 +326,7 @@ def _tile_backward(st: _TileStats, xf, dy, w_hat, colmask, valid, carry, u_mu, u
   sm = st.sums.suffix(l_mu * inv)
   w_acc = st.sums.suffix_strict(two_d * sv)
   z_acc = st.sums.suffix_strict(two_d)
-  n_end = _last(st, st.cnt)
+  n_end = _last(ops, st, st.cnt)
 
   def ratio(a):  # prod of (1 - 1/n) from after `a` to the tile end; 1 if no valid step follows.
     return jnp.where(n_end > 0, a / jnp.where(n_end > 0, n_end, 1.0), 1.0)
@@ -233,20 +335,22 @@ def _tile_backward(st: _TileStats, xf, dy, w_hat, colmask, valid, carry, u_mu, u
   g_mu = st.cnt * (sm - w_acc) + p * (u_mu - u_var * z_acc)
   g_var = st.cnt * sv + p * u_var
   e = st.m - st.mu
-  g_m = inv * (g_mu + 2.0 * e * g_var)
-  g_v = inv * g_var
   inv_k = 1.0 / k
-  dx = r_b * dyw + (g_m * inv_k)[:, None] + (2.0 * inv_k * g_v)[:, None] * (xf - st.m[:, None])
-  keep = valid[:, None] & colmask[None, :]
+  g_m = inv * (g_mu + 2.0 * e * g_var) * inv_k
+  g_v = 2.0 * inv_k * inv * g_var
+  dx = r_b * dyw + ops.gbcast(g_m) + ops.gbcast(g_v) * (xf - ops.gbcast(st.m))
+  keep = ops.rowmask(valid)
+  if ops.colmask is not None:
+    keep = keep & ops.colmask
   dx = jnp.where(keep, dx, 0.0)
-  dw = jnp.sum(jnp.where(keep, dy * xmu * r_b, 0.0), axis=0)
-  db = jnp.sum(jnp.where(keep, dy, 0.0), axis=0)
+  dw = ops.colsum(jnp.where(keep, dy * xmu * r_b, 0.0))
+  db = ops.colsum(jnp.where(keep, dy, 0.0))
   # The statistics before the tile ("row -1") belong to the first segment's chain.
   first = st.first
-  sm0 = jnp.sum(jnp.where(first, l_mu * inv, 0.0))
-  sv0 = jnp.sum(jnp.where(first, l_var * inv, 0.0))
-  w0 = jnp.sum(jnp.where(first, two_d * sv, 0.0))
-  z0 = jnp.sum(jnp.where(first, two_d, 0.0))
+  sm0 = ops.rsum(jnp.where(first, l_mu * inv, 0.0))
+  sv0 = ops.rsum(jnp.where(first, l_var * inv, 0.0))
+  w0 = ops.rsum(jnp.where(first, two_d * sv, 0.0))
+  z0 = ops.rsum(jnp.where(first, two_d, 0.0))
   alpha = jnp.where(st.no_reset, ratio(n_c), 0.0)
   out_mu = n_c * (sm0 - w0) + alpha * (u_mu - u_var * z0)
   out_var = n_c * sv0 + alpha * u_var
@@ -332,20 +436,21 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
     bias = plgpu.load(b_ref, mask=colmask, other=0.0)
   first_tile = pl.program_id(1) * dims.tiles
   load = functools.partial(_load_raw, dims, (x_ref,), flags_ref)
+  ops = _GpuOps(dims.tile, dims.kp, dims.k)
 
   def body(j, state):
     carry, cur = state
     tile_idx = first_tile + j
     nxt = load(tile_idx + 1) if prefetch else None
     (xf,), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
-    st = _tile_stats(xf, colmask, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+    st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
                      use_cumsum=cumsum)
     if not summary:
       for ref, value in zip((tn_ref, tmu_ref, tvar_ref), carry):
         plgpu.store(ref.at[j], value)
-      y = (xf - st.mu[:, None]) * st.rstd[:, None] * w_hat[None, :] + bias[None, :]
-      _store_tile(dims, y_ref, tile_idx, jnp.where(valid[:, None], y, 0.0))
-    return _tile_carry_out(st, carry), nxt
+      _store_tile(dims, y_ref, tile_idx,
+                  _tile_output(ops, st, xf, w_hat[None, :], bias[None, :], valid))
+    return _tile_carry_out(ops, st, carry), nxt
 
   carry = (n_ref[...], mu_ref[...], var_ref[...])
   init = (carry, load(first_tile) if prefetch else None)
@@ -370,6 +475,7 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
   w_hat = plgpu.load(w_ref, mask=colmask, other=0.0)
   first_tile = pl.program_id(1) * dims.tiles
   load = functools.partial(_load_raw, dims, (x_ref, dy_ref), flags_ref)
+  ops = _GpuOps(dims.tile, dims.kp, dims.k)
 
   def body(j, state):
     u, maps, acc, cur = state
@@ -378,10 +484,10 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
     nxt = load(tile_idx - 1) if prefetch else None
     (xf, dy), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
     carry = (tn_ref[local], tmu_ref[local], tvar_ref[local])
-    st = _tile_stats(xf, colmask, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+    st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
                      use_cumsum=cumsum)
     dx, dw, db, out_mu, out_var, alpha, beta = _tile_backward(
-        st, xf, dy, w_hat, colmask, valid, carry, u[0], u[1], k=dims.k)
+        ops, st, xf, dy, w_hat[None, :], valid, carry, u[0], u[1], k=dims.k)
     if summary:
       a_acc, b_acc = maps
       maps = (alpha * a_acc, alpha * b_acc + beta * a_acc)
@@ -407,9 +513,9 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers. Arrays: x4/y4/dy4/dx4 [B, L, G, K]; w_hat, bias [G, K]; per-program
-# scalars [B*G, S]; saved carries [B*G, S, tiles]; flags [B, L] int32; dw, db partials
-# [B*G, S, K]. Grid (B*G, S).
+# Triton pallas_call wrappers. Arrays: x4/y4/dy4/dx4 [B, L, G, K]; w_hat, bias [G, K];
+# per-program scalars [B*G, S]; saved carries [B*G, S, tiles]; flags [B, L] int32; dw, db
+# partials [B*G, S, K]. Grid (B*G, S).
 # --------------------------------------------------------------------------------------------
 
 
@@ -422,6 +528,7 @@ class _Spec:
   eps: float
   config: KernelConfig
   interpret: bool
+  backend: str
 
 
 def _block_specs(spec: _Spec):
@@ -538,36 +645,204 @@ def _split_adjoints(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
   return jnp.stack([a for a, _ in u], axis=1), jnp.stack([b for _, b in u], axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tsn_core(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
-  y4, mu_out, var_out, _ = _tsn_fwd_impl(spec, x4, w_hat, bias, n0, mu0, var0, flags)
-  return y4, mu_out, var_out
-
-
-def _tsn_fwd_impl(spec, x4, w_hat, bias, n0, mu0, var0, flags):
+def _triton_forward(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
+  """-> y4, mean and var after the last step [B*G], residuals for the backward."""
   n_in, mu_in, var_in = _split_carries(spec, x4, n0, mu0, var0, flags)
   y4, tn, tmu, tvar, _, mu_o, var_o = _fwd_call(spec, x4, w_hat, bias, n_in, mu_in, var_in, flags,
                                                 summary=False)
   return y4, mu_o[:, -1], var_o[:, -1], (tn, tmu, tvar)
 
 
-def _tsn_fwd(spec, x4, w_hat, bias, n0, mu0, var0, flags):
-  y4, mu_out, var_out, saved = _tsn_fwd_impl(spec, x4, w_hat, bias, n0, mu0, var0, flags)
-  return (y4, mu_out, var_out), (x4, w_hat, n0, saved, flags)
-
-
-def _tsn_bwd(spec, residuals, cotangents):
-  x4, w_hat, n0, saved, flags = residuals
-  dy4, g_mu, g_var = cotangents
-  dy4 = dy4.astype(x4.dtype)
+def _triton_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
+  """-> dx4, d w_hat [G, K], d bias [G, K], d mean0, d var0 [B*G]."""
   u_mu, u_var = _split_adjoints(spec, x4, dy4, w_hat, saved, g_mu, g_var, flags)
   dx4, dw, db, o_mu, o_var = _bwd_call(spec, x4, dy4, w_hat, saved, u_mu, u_var, flags,
                                        summary=False)
   groups, k = spec.dims.groups, spec.dims.k
   dw = dw.reshape(spec.batch, groups, spec.splits, k).sum(axis=(0, 2))
   db = db.reshape(spec.batch, groups, spec.splits, k).sum(axis=(0, 2))
+  return dx4, dw, db, o_mu[:, 0], o_var[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels: grid (B, time tiles); each program holds all G groups of one tile of
+# one sequence ([T, D] blocks, pipelined by Pallas), with the carry in VMEM scratch across the
+# sequential time axis. Group and time sums are matmuls. time_splits, prefetch, num_warps and
+# num_stages do not apply. Arrays: x, y, dy, dx [B, L, D]; w_hat, bias [1, D]; onehot [D, G];
+# per-sequence statistics [B, 1, G]; saved carries [B, tiles, 3, G]; flags [B, L, 1] int32;
+# dw, db [B, 1, D].
+# --------------------------------------------------------------------------------------------
+
+
+def _mosaic_tile_inputs(dims: _Dims, tile_idx, x_refs, flags_ref):
+  """Tiles as float32 (rows past the end zeroed: edge blocks hold garbage), valid, reset [T, 1]."""
+  steps = tile_idx * dims.tile + lax.broadcasted_iota(jnp.int32, (dims.tile, 1), 0)
+  in_range = steps < dims.length
+  tiles = tuple(jnp.where(in_range, ref[...].astype(jnp.float32), 0.0) for ref in x_refs)
+  if flags_ref is None:
+    return tiles, in_range, jnp.zeros((dims.tile, 1), jnp.bool_)
+  flags = flags_ref[...]
+  return tiles, in_range & ((flags & _VALID) != 0), in_range & ((flags & _RESET) != 0)
+
+
+def _mosaic_fwd_kernel(*refs, dims: _Dims, eps: float):
+  refs = list(refs)
+  x_ref, w_ref, b_ref, onehot_ref, n_ref, mu_ref, var_ref = refs[:7]
+  flags_ref = refs[7] if dims.has_flags else None
+  y_ref, saved_ref, mu_out, var_out, carry_ref = refs[-5:]
+  i = pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _():
+    carry_ref[0:1, :] = n_ref[...]
+    carry_ref[1:2, :] = mu_ref[...]
+    carry_ref[2:3, :] = var_ref[...]
+
+  carry = (carry_ref[0:1, :], carry_ref[1:2, :], carry_ref[2:3, :])
+  ops = _TpuOps(dims.tile, onehot_ref[...])
+  (xf,), valid, reset = _mosaic_tile_inputs(dims, i, (x_ref,), flags_ref)
+  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                   use_cumsum=False)
+  saved_ref[...] = carry_ref[...]
+  y_ref[...] = _tile_output(ops, st, xf, w_ref[...], b_ref[...], valid).astype(y_ref.dtype)
+  n, mu, var = _tile_carry_out(ops, st, carry)
+  carry_ref[0:1, :], carry_ref[1:2, :], carry_ref[2:3, :] = n, mu, var
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _():
+    mu_out[...] = mu
+    var_out[...] = var
+
+
+def _mosaic_bwd_kernel(*refs, dims: _Dims, eps: float):
+  refs = list(refs)
+  x_ref, dy_ref, w_ref, onehot_ref, saved_ref, gmu_ref, gvar_ref = refs[:7]
+  flags_ref = refs[7] if dims.has_flags else None
+  dx_ref, dw_ref, db_ref, omu_ref, ovar_ref, u_ref = refs[-6:]
+  i = pl.program_id(1)
+  tile_idx = pl.num_programs(1) - 1 - i
+
+  @pl.when(i == 0)
+  def _():
+    u_ref[0:1, :] = gmu_ref[...]
+    u_ref[1:2, :] = gvar_ref[...]
+    dw_ref[...] = jnp.zeros_like(dw_ref)
+    db_ref[...] = jnp.zeros_like(db_ref)
+
+  ops = _TpuOps(dims.tile, onehot_ref[...])
+  (xf, dy), valid, reset = _mosaic_tile_inputs(dims, tile_idx, (x_ref, dy_ref), flags_ref)
+  carry = (saved_ref[0:1, :], saved_ref[1:2, :], saved_ref[2:3, :])
+  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                   use_cumsum=False)
+  dx, dw, db, out_mu, out_var, _, _ = _tile_backward(
+      ops, st, xf, dy, w_ref[...], valid, carry, u_ref[0:1, :], u_ref[1:2, :], k=dims.k)
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  dw_ref[...] += dw
+  db_ref[...] += db
+  u_ref[0:1, :] = out_mu
+  u_ref[1:2, :] = out_var
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _():
+    omu_ref[...] = out_mu
+    ovar_ref[...] = out_var
+
+
+def _mosaic_call(spec: _Spec, kernel, in_specs, out_specs, out_shape, scratch, name):
+  from jax.experimental.pallas import tpu as pltpu
+  d = spec.dims
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=0, grid=(spec.batch, d.tiles), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(scratch, jnp.float32)])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=spec.interpret, name=name,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")))
+
+
+def _mosaic_specs(spec: _Spec, reverse: bool):
+  d = spec.dims
+  dim, groups, n = d.groups * d.k, d.groups, d.tiles
+  tile = (lambda b, i: (b, n - 1 - i, 0)) if reverse else (lambda b, i: (b, i, 0))
+  seq = pl.BlockSpec((None, d.tile, dim), tile)
+  flags = pl.BlockSpec((None, d.tile, 1), tile)
+  row = pl.BlockSpec((1, dim), lambda b, i: (0, 0))
+  onehot = pl.BlockSpec((dim, groups), lambda b, i: (0, 0))
+  stats = pl.BlockSpec((None, 1, groups), lambda b, i: (b, 0, 0))
+  saved = pl.BlockSpec((None, None, 3, groups),
+                       (lambda b, i: (b, n - 1 - i, 0, 0)) if reverse else (lambda b, i: (b, i, 0, 0)))
+  per_seq = pl.BlockSpec((None, 1, dim), lambda b, i: (b, 0, 0))
+  return seq, flags, row, onehot, stats, saved, per_seq
+
+
+def _onehot(dims: _Dims):
+  return (jnp.arange(dims.groups * dims.k)[:, None] // dims.k
+          == jnp.arange(dims.groups)[None, :]).astype(jnp.float32)
+
+
+def _mosaic_forward(spec: _Spec, x, w_hat, bias, n0, mu0, var0, flags):
+  d = spec.dims
+  seq, flag_spec, row, onehot, stats, saved, _ = _mosaic_specs(spec, reverse=False)
+  args = [x, w_hat, bias, _onehot(d), n0, mu0, var0]
+  in_specs = [seq, row, row, onehot, stats, stats, stats]
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32((spec.batch, d.tiles, 3, d.groups)),
+               f32(n0.shape), f32(n0.shape)]
+  kernel = functools.partial(_mosaic_fwd_kernel, dims=d, eps=spec.eps)
+  y, saved_carries, mu_out, var_out = _mosaic_call(
+      spec, kernel, in_specs, [seq, saved, stats, stats], out_shape, (3, d.groups),
+      "timestep_norm_fwd")(*args)
+  return y, mu_out, var_out, saved_carries
+
+
+def _mosaic_backward(spec: _Spec, x, dy, w_hat, saved_carries, g_mu, g_var, flags):
+  d = spec.dims
+  seq, flag_spec, row, onehot, stats, saved, per_seq = _mosaic_specs(spec, reverse=True)
+  args = [x, dy, w_hat, _onehot(d), saved_carries, g_mu, g_var]
+  in_specs = [seq, seq, row, onehot, saved, stats, stats]
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  dim = d.groups * d.k
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32((spec.batch, 1, dim)),
+               f32((spec.batch, 1, dim)), f32(g_mu.shape), f32(g_mu.shape)]
+  kernel = functools.partial(_mosaic_bwd_kernel, dims=d, eps=spec.eps)
+  dx, dw, db, o_mu, o_var = _mosaic_call(
+      spec, kernel, in_specs, [seq, per_seq, per_seq, stats, stats], out_shape, (2, d.groups),
+      "timestep_norm_bwd")(*args)
+  return dx, jnp.sum(dw, axis=0), jnp.sum(db, axis=0), o_mu, o_var
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp over either backend (arguments and results in the backend's layout).
+# --------------------------------------------------------------------------------------------
+
+_BACKENDS = {"triton": (_triton_forward, _triton_backward),
+             "mosaic": (_mosaic_forward, _mosaic_backward)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tsn_core(spec: _Spec, x, w_hat, bias, n0, mu0, var0, flags):
+  y, mu_out, var_out, _ = _BACKENDS[spec.backend][0](spec, x, w_hat, bias, n0, mu0, var0, flags)
+  return y, mu_out, var_out
+
+
+def _tsn_fwd(spec, x, w_hat, bias, n0, mu0, var0, flags):
+  y, mu_out, var_out, saved = _BACKENDS[spec.backend][0](spec, x, w_hat, bias, n0, mu0, var0,
+                                                         flags)
+  return (y, mu_out, var_out), (x, w_hat, n0, saved, flags)
+
+
+def _tsn_bwd(spec, residuals, cotangents):
+  x, w_hat, n0, saved, flags = residuals
+  dy, g_mu, g_var = cotangents
+  dx, dw, db, d_mu0, d_var0 = _BACKENDS[spec.backend][1](spec, x, dy.astype(x.dtype), w_hat, saved,
+                                                         g_mu, g_var, flags)
   flags_ct = None if flags is None else np.zeros(flags.shape, jax.dtypes.float0)
-  return dx4, dw, db, jnp.zeros_like(n0), o_mu[:, 0], o_var[:, 0], flags_ct
+  return dx, dw, db, jnp.zeros_like(n0), d_mu0, d_var0, flags_ct
 
 
 _tsn_core.defvjp(_tsn_fwd, _tsn_bwd)
@@ -576,6 +851,8 @@ _tsn_core.defvjp(_tsn_fwd, _tsn_bwd)
 # --------------------------------------------------------------------------------------------
 # Public API.
 # --------------------------------------------------------------------------------------------
+
+BACKENDS = tuple(_BACKENDS)
 
 
 def _final_count(count0, valid, reset):
@@ -590,65 +867,93 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
                          eps: float = 1e-5, state: TimestepNormState | None = None,
                          padding_mask: jax.Array | None = None,
                          segment_ids: jax.Array | None = None, interpret: bool | None = None,
-                         config: KernelConfig | None = None) -> tuple[jax.Array, TimestepNormState]:
+                         config: KernelConfig | None = None,
+                         backend: str | None = None) -> tuple[jax.Array, TimestepNormState]:
   """Fused TimestepNorm; same contract as megalodon_jax.ops.timestep_norm.timestep_norm.
 
   x: [B, L, D]; weight, bias: [D] (weight applied as weight + 1); state: count [B], mean/var
   [B, G]; padding_mask: [B, L] bool (True = padded); segment_ids: [B, L] int.
   interpret: run the Pallas interpreter (default: True when JAX's default backend is the CPU).
-  config: KernelConfig tunables (tile size, warps, stages, time splits, prefetch).
+  config: KernelConfig tunables (tile size, warps, stages, time splits, prefetch, cumsum).
+  backend: "triton" (GPU) or "mosaic" (TPU); default: mosaic on TPU, triton elsewhere (both run
+  interpreted on CPU).
   Returns y [B, L, D] in x.dtype and the state after the last step. Differentiable (custom VJP)
   w.r.t. x, weight, bias and the incoming state's mean and var.
   """
   tsn_ops.check_inputs(x, weight, bias, num_groups, state, padding_mask, segment_ids)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
+  if backend is None:
+    backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   config = config or KernelConfig()
   if state is None:
     state = tsn_ops.initial_state(x.shape[0], num_groups)
   return _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids,
                                num_groups=num_groups, eps=float(eps), interpret=bool(interpret),
-                               config=config)
+                               config=config, backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups", "eps", "interpret", "config"))
-def _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids, *, num_groups, eps,
-                          interpret, config):
-  batch, length, dim = x.shape
+def _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, has_flags,
+               segmented) -> _Spec:
   k = dim // num_groups
-  tile = min(config.block_t, max(8, pl.next_power_of_2(length)))
-  total_tiles = pl.cdiv(length, tile)
-  splits = min(config.time_splits, total_tiles)
-  tiles = pl.cdiv(total_tiles, splits)
-  has_flags = padding_mask is not None or segment_ids is not None
+  if backend == "mosaic":
+    # Blocks of [T, D]: T a multiple of 8, or the whole (short) sequence.
+    tile = config.block_t if length >= config.block_t else length
+    splits, tiles = 1, pl.cdiv(length, tile)
+  else:
+    tile = min(config.block_t, max(8, pl.next_power_of_2(length)))
+    total_tiles = pl.cdiv(length, tile)
+    splits = min(config.time_splits, total_tiles)
+    tiles = pl.cdiv(total_tiles, splits)
   dims = _Dims(length=length, groups=num_groups, k=k, kp=pl.next_power_of_2(k), tile=tile,
-               tiles=tiles, has_flags=has_flags, segmented=segment_ids is not None)
-  spec = _Spec(dims=dims, batch=batch, splits=splits, eps=eps, config=config, interpret=interpret)
+               tiles=tiles, has_flags=has_flags, segmented=segmented)
+  return _Spec(dims=dims, batch=batch, splits=splits, eps=eps, config=config, interpret=interpret,
+               backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "eps", "interpret", "config", "backend"))
+def _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids, *, num_groups, eps,
+                          interpret, config, backend):
+  batch, length, dim = x.shape
+  has_flags = padding_mask is not None or segment_ids is not None
+  spec = _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, has_flags,
+                    segment_ids is not None)
   valid = jnp.ones((batch, length), jnp.bool_) if padding_mask is None else ~padding_mask
   reset = tsn_ops.reset_flags(segment_ids, batch, length)
   flags = (jnp.where(valid, _VALID, 0) | jnp.where(reset, _RESET, 0)).astype(jnp.int32)
   count0 = jnp.asarray(state.count, jnp.int32)
-  n0 = jnp.repeat(count0.astype(jnp.float32), num_groups)
-  mu0 = jnp.asarray(state.mean, jnp.float32).reshape(batch * num_groups)
-  var0 = jnp.asarray(state.var, jnp.float32).reshape(batch * num_groups)
-  w_hat = (weight.astype(jnp.float32) + 1.0).reshape(num_groups, k)
-  b = bias.astype(jnp.float32).reshape(num_groups, k)
-  x4 = x.reshape(batch, length, num_groups, k)
-  y4, mu_out, var_out = _tsn_core(spec, x4, w_hat, b, n0, mu0, var0, flags if has_flags else None)
-  new_state = TimestepNormState(
-      count=_final_count(count0, valid, reset),
-      mean=mu_out.reshape(batch, num_groups).astype(jnp.float32),
-      var=var_out.reshape(batch, num_groups).astype(jnp.float32))
-  return y4.reshape(batch, length, dim), new_state
+  mean0 = jnp.asarray(state.mean, jnp.float32)
+  var0 = jnp.asarray(state.var, jnp.float32)
+  w_hat = weight.astype(jnp.float32) + 1.0
+  b = bias.astype(jnp.float32)
+  k = dim // num_groups
+  if backend == "mosaic":
+    stats = lambda a: a.reshape(batch, 1, num_groups)
+    n0 = jnp.broadcast_to(count0.astype(jnp.float32)[:, None, None], (batch, 1, num_groups))
+    args = (x, w_hat.reshape(1, dim), b.reshape(1, dim), n0, stats(mean0), stats(var0),
+            flags[..., None] if has_flags else None)
+  else:
+    stats = lambda a: a.reshape(batch * num_groups)
+    n0 = jnp.repeat(count0.astype(jnp.float32), num_groups)
+    args = (x.reshape(batch, length, num_groups, k), w_hat.reshape(num_groups, k),
+            b.reshape(num_groups, k), n0, stats(mean0), stats(var0), flags if has_flags else None)
+  y, mu_out, var_out = _tsn_core(spec, *args)
+  new_state = TimestepNormState(count=_final_count(count0, valid, reset),
+                                mean=mu_out.reshape(batch, num_groups),
+                                var=var_out.reshape(batch, num_groups))
+  return y.reshape(batch, length, dim), new_state
 
 
 def timestep_norm_reference(x: jax.Array, weight: jax.Array, bias: jax.Array, *, num_groups: int,
                             eps: float = 1e-5, state: TimestepNormState | None = None,
                             padding_mask: jax.Array | None = None,
                             segment_ids: jax.Array | None = None, interpret: bool | None = None,
-                            config: KernelConfig | None = None) -> tuple[jax.Array, TimestepNormState]:
-  """Plain-JAX reference with the kernel's signature (interpret/config are ignored)."""
-  del interpret, config
+                            config: KernelConfig | None = None,
+                            backend: str | None = None) -> tuple[jax.Array, TimestepNormState]:
+  """Plain-JAX reference with the kernel's signature (interpret/config/backend are ignored)."""
+  del interpret, config, backend
   return tsn_ops.timestep_norm(x, weight, bias, num_groups=num_groups, eps=eps, state=state,
                                padding_mask=padding_mask, segment_ids=segment_ids,
                                method="associative")

@@ -18,10 +18,14 @@ from megalodon_jax.ops import timestep_norm as tsn
 
 B, L, D, G = 2, 37, 24, 4
 
+# (backend, config): the Triton (GPU) variant with its options, and the Mosaic (TPU) variant
+# with a tile that does not divide L and one longer than L (a single whole-sequence block).
 CONFIGS = {
-    "tile8": K.KernelConfig(block_t=8),
-    "tile16_splits3_cumsum": K.KernelConfig(block_t=16, time_splits=3, cumsum=True),
-    "tile8_splits2_noprefetch": K.KernelConfig(block_t=8, time_splits=2, prefetch=False),
+    "tile8": ("triton", K.KernelConfig(block_t=8)),
+    "tile16_splits3_cumsum": ("triton", K.KernelConfig(block_t=16, time_splits=3, cumsum=True)),
+    "tile8_splits2_noprefetch": ("triton", K.KernelConfig(block_t=8, time_splits=2, prefetch=False)),
+    "mosaic_tile8": ("mosaic", K.KernelConfig(block_t=8)),
+    "mosaic_tile64": ("mosaic", K.KernelConfig(block_t=64)),
 }
 
 
@@ -49,7 +53,10 @@ def make_inputs(rng, *, pad=True, segments=True, carry=True, dtype=np.float32):
 
 
 def run(fn, config, x, w, b, mask, seg, state):
-  return fn(x, w, b, num_groups=G, state=state, padding_mask=mask, segment_ids=seg, config=config)
+  """config: a CONFIGS key (or None for the references)."""
+  backend, config = CONFIGS[config] if config else (None, None)
+  return fn(x, w, b, num_groups=G, state=state, padding_mask=mask, segment_ids=seg, config=config,
+            backend=backend)
 
 
 def max_rel(got, want):
@@ -62,7 +69,7 @@ def max_rel(got, want):
 def test_forward_matches_reference(rng, config, case):
   opts = {} if case == "everything" else {"pad": False, "segments": False, "carry": False}
   args = make_inputs(rng, **opts)
-  y, state = run(K.timestep_norm_pallas, CONFIGS[config], *args)
+  y, state = run(K.timestep_norm_pallas, config, *args)
   y_ref, state_ref = run(K.timestep_norm_reference, None, *args)
   assert y.dtype == jnp.float32 and y.shape == (B, L, D)
   assert max_rel(y, y_ref) < 1e-5
@@ -79,16 +86,15 @@ def loss_and_grads(fn, config, x, w, b, mask, seg, state, rng_weights):
   wy, wm, wv = rng_weights
 
   def loss(x, w, b, mean, var):
-    y, new = fn(x, w, b, num_groups=G, state=state._replace(mean=mean, var=var), padding_mask=mask,
-                segment_ids=seg, config=config)
+    y, new = run(fn, config, x, w, b, mask, seg, state._replace(mean=mean, var=var))
     return (jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(new.mean * wm)
             + jnp.sum(new.var * wv))
   return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, b, state.mean, state.var)
 
 
-def sequential_reference(x, w, b, *, config, **kwargs):
+def sequential_reference(x, w, b, *, config, backend, **kwargs):
   """The op's sequential scan: the same semantics as timestep_norm_reference, compiles faster."""
-  del config
+  del config, backend
   return tsn.timestep_norm(x, w, b, method="sequential", **kwargs)
 
 
@@ -106,7 +112,7 @@ def grad_case():
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_gradients_match_reference(grad_case, config):
   args, weights, want = grad_case
-  got = loss_and_grads(K.timestep_norm_pallas, CONFIGS[config], *args, weights)
+  got = loss_and_grads(K.timestep_norm_pallas, config, *args, weights)
   for name, g, r in zip(("x", "weight", "bias", "mean", "var"), got, want):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     assert max_rel(g, r) < 2e-5, name
@@ -119,7 +125,7 @@ def test_all_padded_passes_state_and_gradient_through(rng):
   gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one."""
   x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
   mask = np.ones((B, L), bool)
-  config = CONFIGS["tile8_splits2_noprefetch"]
+  config = "tile8_splits2_noprefetch"
   y, new = run(K.timestep_norm_pallas, config, x, w, b, mask, None, state)
   assert np.all(np.asarray(y) == 0.0)
   for got, want in zip(new, state):
@@ -134,7 +140,7 @@ def test_all_padded_passes_state_and_gradient_through(rng):
 
 def test_two_pieces_equal_one_pass(rng):
   x, w, b, mask, seg, state = make_inputs(rng)
-  config = CONFIGS["tile8"]
+  config = "tile8"
   cut = 20
   seg[:, cut] = seg[:, cut - 1]   # No reset at the cut: statistics continue across it.
   seg[:, cut + 1:] = np.maximum(seg[:, cut + 1:], seg[:, cut:cut + 1])
@@ -150,7 +156,7 @@ def test_two_pieces_equal_one_pass(rng):
 def test_bfloat16(rng):
   x, w, b, mask, seg, state = make_inputs(rng)
   xb = jnp.asarray(x, jnp.bfloat16)
-  config = CONFIGS["tile16_splits3_cumsum"]
+  config = "tile16_splits3_cumsum"
   y, new = run(K.timestep_norm_pallas, config, xb, w, b, mask, seg, state)
   y_ref, new_ref = run(K.timestep_norm_reference, None, xb, w, b, mask, seg, state)
   assert y.dtype == jnp.bfloat16
@@ -189,6 +195,23 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
+def test_lowers_to_mosaic():
+  """The TPU variant lowers to Mosaic for a TPU target (no TPU needed)."""
+  config = K.KernelConfig(block_t=128)
+
+  def grads(x, w, b, mask, seg):
+    def loss(x, w, b):
+      y, new = K.timestep_norm_pallas(x, w, b, num_groups=8, padding_mask=mask, segment_ids=seg,
+                                      interpret=False, config=config, backend="mosaic")
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(new.var)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+  shapes = (jax.ShapeDtypeStruct((2, 300, 512), jnp.bfloat16), jax.ShapeDtypeStruct((512,), jnp.float32),
+            jax.ShapeDtypeStruct((512,), jnp.float32), jax.ShapeDtypeStruct((2, 300), jnp.bool_),
+            jax.ShapeDtypeStruct((2, 300), jnp.int32))
+  text = export.export(jax.jit(grads), platforms=["tpu"])(*shapes).mlir_module()
+  assert text.count("tpu_custom_call") == 2
+
+
 def test_config_and_input_errors():
   with pytest.raises(ValueError, match="block_t"):
     K.KernelConfig(block_t=48)
@@ -197,3 +220,5 @@ def test_config_and_input_errors():
   x = jnp.zeros((2, 5, 12))
   with pytest.raises(ValueError, match="divisible by num_groups"):
     K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=5)
+  with pytest.raises(ValueError, match="backend"):
+    K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=4, backend="cuda")

@@ -376,8 +376,11 @@ class _Dims:
 
 
 def _tile_rows(dims: _Dims, tile_idx):
+  """(slice of the tile's rows, [T] mask of the rows inside the sequence). The backward's
+  prefetch asks for tile -1, so both ends are masked."""
   t0 = tile_idx * dims.tile
-  return pl.ds(t0, dims.tile), (t0 + jnp.arange(dims.tile)) < dims.length
+  steps = t0 + jnp.arange(dims.tile)
+  return pl.ds(t0, dims.tile), (steps >= 0) & (steps < dims.length)
 
 
 def _load_raw(dims: _Dims, seq_refs, flags_ref, tile_idx):

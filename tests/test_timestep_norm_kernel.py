@@ -195,6 +195,17 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
+def test_op_dispatches_to_the_kernel(rng):
+  """megalodon_jax.ops.timestep_norm(method="pallas") runs this kernel (interpreted on CPU)."""
+  x, w, b, mask, seg, state = make_inputs(rng)
+  y, new = tsn.timestep_norm(x, w, b, num_groups=G, state=state, padding_mask=mask,
+                             segment_ids=seg, method="pallas")
+  y_ref, new_ref = run(sequential_reference, None, x, w, b, mask, seg, state)
+  assert max_rel(y, y_ref) < 1e-5
+  np.testing.assert_array_equal(new.count, new_ref.count)
+  np.testing.assert_allclose(new.var, new_ref.var, rtol=1e-5)
+
+
 def test_lowers_to_mosaic():
   """The TPU variant lowers to Mosaic for a TPU target (no TPU needed)."""
   config = K.KernelConfig(block_t=128)

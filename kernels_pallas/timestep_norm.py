@@ -8,7 +8,8 @@ Design (one program per (sequence, group) and time split; groups and batches are
     (count, mean, var) of its group. Per tile it reads x once, forms the per-step group mean and
     variance, turns them into running statistics with masked [T, T] prefix sums (shifted by the
     carried mean so nothing cancels catastrophically), writes y once and merges the tile into the
-    carry. The carry at the start of every tile (12 bytes) is saved for the backward.
+    carry. The carry at the start of every tile and the tile's shift (16 bytes) are saved for
+    the backward.
   * Backward: the same tiles in reverse order, carrying the adjoint (d mean, d var) of the running
     statistics. Per tile it reads x and dy once, recomputes the statistics from the saved carry,
     solves the reverse recurrence of the Welford merges in closed form (it telescopes into
@@ -40,6 +41,9 @@ from jax.experimental import pallas as pl
 from megalodon_jax.ops import timestep_norm as tsn_ops
 
 TimestepNormState = tsn_ops.TimestepNormState
+
+# Per tile, the forward saves for the backward: the carried (count, mean, var) and the shift.
+_SAVED = 4
 
 # Bits of the per-step flags array handed to the kernels.
 _VALID = 1
@@ -220,7 +224,8 @@ def _safe_inv(a):
 @dataclasses.dataclass
 class _TileStats:
   """Statistics of one tile. Rows: m, v (step mean/var), cnt, sd (running count and shifted sum),
-  mu, var, rstd (running statistics after each step); c: the shift; segment flags."""
+  mu, var, rstd (running statistics after each step); c: the shift subtracted
+  before summing (saved for the backward); segment flags."""
   m: jax.Array
   v: jax.Array
   cnt: jax.Array
@@ -233,13 +238,14 @@ class _TileStats:
   first: jax.Array | bool       # rows: step continues the carried statistics (no reset before it).
   last: jax.Array | bool        # rows: step is in the tile's last segment.
   no_reset: jax.Array | bool    # carry-shaped: no reset anywhere in the tile.
-  n_valid: jax.Array            # carry-shaped: number of valid (unpadded) steps.
+  n_valid: jax.Array | None     # carry-shaped: number of valid steps (None when not needed).
   is_last_row: jax.Array
 
 
 def _tile_stats(ops, xf, valid, reset, carry, *, k: int, eps: float, segmented: bool,
-                use_cumsum: bool):
-  """xf: [T, C] float32 (0 in padded columns); valid, reset: step flags; carry: (n, mu, var)."""
+                use_cumsum: bool, shift=None):
+  """xf: [T, C] float32 (0 in padded columns); valid, reset: step flags; carry: (n, mu, var);
+  shift: the forward's shift when recomputing in the backward (None: choose it)."""
   n_c, mu_c, var_c = carry
   is_last_row = ops.steps() == ops.tile - 1
   inv_k = 1.0 / k
@@ -250,10 +256,13 @@ def _tile_stats(ops, xf, valid, reset, carry, *, k: int, eps: float, segmented: 
     sq_dev = jnp.where(ops.colmask, sq_dev, 0.0)
   v = ops.gsum(sq_dev) * inv_k
   validf = jnp.where(valid, 1.0, 0.0)
-  n_valid = ops.rsum(validf)
-  # Shift: the carried mean, or (nothing carried yet) the mean of this tile's valid steps.
-  tile_mean = ops.rsum(jnp.where(valid, m, 0.0)) / jnp.maximum(n_valid, 1.0)
-  c = jnp.where(n_c > 0, mu_c, tile_mean)
+  n_valid = None
+  if shift is None:
+    # The carried mean, or (nothing carried yet) the mean of this tile's valid steps.
+    n_valid = ops.rsum(validf)
+    tile_mean = ops.rsum(jnp.where(valid, m, 0.0)) / jnp.maximum(n_valid, 1.0)
+    shift = jnp.where(n_c > 0, mu_c, tile_mean)
+  c = shift
   mc = m - c
   d = jnp.where(valid, mc, 0.0)
   q = jnp.where(valid, v + mc * mc, 0.0)
@@ -420,8 +429,8 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
   """Forward over one time split of one (sequence, group).
 
   Inputs: x [L, Kp], (w_hat, bias [Kp] unless summary), carry-in n, mu, var (scalars),
-  (flags [L]). Outputs: (y [L, Kp] and the carry before every tile [tiles] x 3, unless summary),
-  carry-out n, mu, var (scalars).
+  (flags [L]). Outputs: (y [L, Kp] and, per tile, the carry before it and its shift
+  [tiles] x 4, unless summary), carry-out n, mu, var (scalars).
   """
   from jax.experimental.pallas import triton as plgpu
   refs = list(refs)
@@ -431,7 +440,7 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
   n_ref, mu_ref, var_ref = refs.pop(0), refs.pop(0), refs.pop(0)
   flags_ref = refs.pop(0) if dims.has_flags else None
   if not summary:
-    y_ref, tn_ref, tmu_ref, tvar_ref = refs.pop(0), refs.pop(0), refs.pop(0), refs.pop(0)
+    y_ref, saved_refs = refs.pop(0), [refs.pop(0) for _ in range(_SAVED)]
   n_out, mu_out, var_out = refs
   colmask = jnp.arange(dims.kp) < dims.k
   if not summary:
@@ -449,7 +458,7 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
     st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
                      use_cumsum=cumsum)
     if not summary:
-      for ref, value in zip((tn_ref, tmu_ref, tvar_ref), carry):
+      for ref, value in zip(saved_refs, (*carry, st.c)):
         plgpu.store(ref.at[j], value)
       _store_tile(dims, y_ref, tile_idx,
                   _tile_output(ops, st, xf, w_hat[None, :], bias[None, :], valid))
@@ -464,15 +473,17 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
 def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, cumsum: bool):
   """Backward over one time split of one (sequence, group), tiles in reverse order.
 
-  Inputs: x, dy [L, Kp], w_hat [Kp], saved carries [tiles] x 3, adjoint after the split
+  Inputs: x, dy [L, Kp], w_hat [Kp], saved carries and shifts [tiles] x 4, adjoint after the split
   u_mu, u_var (scalars), (flags [L]). Outputs: dx [L, Kp], dw, db [Kp] and the adjoint before the
   split (scalars); in summary mode only the split's adjoint map: v_mu, v_var, alpha, beta with
   before = (alpha u_mu + beta u_var + v_mu, alpha u_var + v_var).
   """
   from jax.experimental.pallas import triton as plgpu
   refs = list(refs)
-  x_ref, dy_ref, w_ref, tn_ref, tmu_ref, tvar_ref, umu_ref, uvar_ref = refs[:8]
-  refs = refs[8:]
+  x_ref, dy_ref, w_ref = refs[:3]
+  saved_refs = refs[3:3 + _SAVED]
+  umu_ref, uvar_ref = refs[3 + _SAVED:5 + _SAVED]
+  refs = refs[5 + _SAVED:]
   flags_ref = refs.pop(0) if dims.has_flags else None
   colmask = jnp.arange(dims.kp) < dims.k
   w_hat = plgpu.load(w_ref, mask=colmask, other=0.0)
@@ -486,9 +497,9 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
     tile_idx = first_tile + local
     nxt = load(tile_idx - 1) if prefetch else None
     (xf, dy), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
-    carry = (tn_ref[local], tmu_ref[local], tvar_ref[local])
+    *carry, shift = (ref[local] for ref in saved_refs)
     st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
-                     use_cumsum=cumsum)
+                     use_cumsum=cumsum, shift=shift)
     dx, dw, db, out_mu, out_var, alpha, beta = _tile_backward(
         ops, st, xf, dy, w_hat[None, :], valid, carry, u[0], u[1], k=dims.k)
     if summary:
@@ -517,7 +528,8 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
 
 # --------------------------------------------------------------------------------------------
 # Triton pallas_call wrappers. Arrays: x4/y4/dy4/dx4 [B, L, G, K]; w_hat, bias [G, K];
-# per-program scalars [B*G, S]; saved carries [B*G, S, tiles]; flags [B, L] int32; dw, db
+# per-program scalars [B*G, S]; saved carries and shifts 4 x [B*G, S, tiles]; flags [B, L]
+# int32; dw, db
 # partials [B*G, S, K]. Grid (B*G, S).
 # --------------------------------------------------------------------------------------------
 
@@ -570,8 +582,9 @@ def _fwd_call(spec: _Spec, x4, w_hat, bias, n_in, mu_in, var_in, flags, *, summa
     in_specs.append(flag_spec)
   out_shape, out_specs = [], []
   if not summary:
-    out_shape += [jax.ShapeDtypeStruct(x4.shape, x4.dtype)] + [f32(programs + (d.tiles,))] * 3
-    out_specs += [seq] + [saved] * 3
+    out_shape += ([jax.ShapeDtypeStruct(x4.shape, x4.dtype)]
+                  + [f32(programs + (d.tiles,))] * _SAVED)
+    out_specs += [seq] + [saved] * _SAVED
   out_shape += [f32(programs)] * 3
   out_specs += [scalar] * 3
   kernel = functools.partial(_fwd_kernel, dims=d, eps=spec.eps, summary=summary,
@@ -586,7 +599,7 @@ def _bwd_call(spec: _Spec, x4, dy4, w_hat, saved, u_mu, u_var, flags, *, summary
   programs = (spec.batch * d.groups, spec.splits)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   args = [x4, dy4, w_hat, *saved, u_mu, u_var]
-  in_specs = [seq, seq, feat] + [saved_spec] * 3 + [scalar] * 2
+  in_specs = [seq, seq, feat] + [saved_spec] * _SAVED + [scalar] * 2
   if d.has_flags:
     args.append(flags)
     in_specs.append(flag_spec)
@@ -651,9 +664,9 @@ def _split_adjoints(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
 def _triton_forward(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
   """-> y4, mean and var after the last step [B*G], residuals for the backward."""
   n_in, mu_in, var_in = _split_carries(spec, x4, n0, mu0, var0, flags)
-  y4, tn, tmu, tvar, _, mu_o, var_o = _fwd_call(spec, x4, w_hat, bias, n_in, mu_in, var_in, flags,
-                                                summary=False)
-  return y4, mu_o[:, -1], var_o[:, -1], (tn, tmu, tvar)
+  y4, *saved, _, mu_o, var_o = _fwd_call(spec, x4, w_hat, bias, n_in, mu_in, var_in, flags,
+                                         summary=False)
+  return y4, mu_o[:, -1], var_o[:, -1], tuple(saved)
 
 
 def _triton_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
@@ -672,7 +685,8 @@ def _triton_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
 # one sequence ([T, D] blocks, pipelined by Pallas), with the carry in VMEM scratch across the
 # sequential time axis. Group and time sums are matmuls. time_splits, prefetch, num_warps and
 # num_stages do not apply. Arrays: x, y, dy, dx [B, L, D]; w_hat, bias [1, D]; onehot [D, G];
-# per-sequence statistics [B, 1, G]; saved carries [B, tiles, 3, G]; flags [B, L, 1] int32;
+# per-sequence statistics [B, 1, G]; saved carries and shifts [B, tiles, 4, G]; flags
+# [B, L, 1] int32;
 # dw, db [B, 1, D].
 # --------------------------------------------------------------------------------------------
 
@@ -706,7 +720,8 @@ def _mosaic_fwd_kernel(*refs, dims: _Dims, eps: float):
   (xf,), valid, reset = _mosaic_tile_inputs(dims, i, (x_ref,), flags_ref)
   st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
                    use_cumsum=False)
-  saved_ref[...] = carry_ref[...]
+  saved_ref[0:3, :] = carry_ref[...]
+  saved_ref[3:4, :] = st.c
   y_ref[...] = _tile_output(ops, st, xf, w_ref[...], b_ref[...], valid).astype(y_ref.dtype)
   n, mu, var = _tile_carry_out(ops, st, carry)
   carry_ref[0:1, :], carry_ref[1:2, :], carry_ref[2:3, :] = n, mu, var
@@ -736,7 +751,7 @@ def _mosaic_bwd_kernel(*refs, dims: _Dims, eps: float):
   (xf, dy), valid, reset = _mosaic_tile_inputs(dims, tile_idx, (x_ref, dy_ref), flags_ref)
   carry = (saved_ref[0:1, :], saved_ref[1:2, :], saved_ref[2:3, :])
   st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
-                   use_cumsum=False)
+                   use_cumsum=False, shift=saved_ref[3:4, :])
   dx, dw, db, out_mu, out_var, _, _ = _tile_backward(
       ops, st, xf, dy, w_ref[...], valid, carry, u_ref[0:1, :], u_ref[1:2, :], k=dims.k)
   dx_ref[...] = dx.astype(dx_ref.dtype)
@@ -771,7 +786,7 @@ def _mosaic_specs(spec: _Spec, reverse: bool):
   row = pl.BlockSpec((1, dim), lambda b, i: (0, 0))
   onehot = pl.BlockSpec((dim, groups), lambda b, i: (0, 0))
   stats = pl.BlockSpec((None, 1, groups), lambda b, i: (b, 0, 0))
-  saved = pl.BlockSpec((None, None, 3, groups),
+  saved = pl.BlockSpec((None, None, _SAVED, groups),
                        (lambda b, i: (b, n - 1 - i, 0, 0)) if reverse else (lambda b, i: (b, i, 0, 0)))
   per_seq = pl.BlockSpec((None, 1, dim), lambda b, i: (b, 0, 0))
   return seq, flags, row, onehot, stats, saved, per_seq
@@ -791,7 +806,8 @@ def _mosaic_forward(spec: _Spec, x, w_hat, bias, n0, mu0, var0, flags):
     args.append(flags)
     in_specs.append(flag_spec)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32((spec.batch, d.tiles, 3, d.groups)),
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+               f32((spec.batch, d.tiles, _SAVED, d.groups)),
                f32(n0.shape), f32(n0.shape)]
   kernel = functools.partial(_mosaic_fwd_kernel, dims=d, eps=spec.eps)
   y, saved_carries, mu_out, var_out = _mosaic_call(

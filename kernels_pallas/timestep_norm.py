@@ -22,9 +22,28 @@ Design (one program per (sequence, group) and time split; groups and batches are
   Bytes with S = 1: forward reads x, writes y; backward reads x and dy, writes dx; the rest is
   O(B G L / T).
 
-Backends: the GPU (Triton) variant is below; interpret=True (the default on CPU) runs it through
-the Pallas interpreter. Counts inside the kernels are float32 (exact below 2**24 steps); the
-returned count is computed exactly in int32 outside.
+Backward in closed form. Within a tile and a segment, with n_t the running count after step t,
+m_t the step mean, mu_t / r_t the running mean / rsqrt(var + eps), delta_t = m_t - mu_{t-1},
+e_t = m_t - mu_t and the local adjoints of y_t, l_mu_t = -r_t sum_k dy w^ and
+l_var_t = -r_t^3 / 2 sum_k dy w^ (x - mu_t), the adjoints of the running (mean, var) are
+  G_var_t = n_t SV_t + P_t U_var,   SV_t = sum_{s>=t} l_var_s / n_s
+  G_mu_t  = n_t (sum_{s>=t} l_mu_s / n_s - sum_{s>t} 2 delta_s SV_s / n_s)
+            + P_t (U_mu - U_var sum_{s>t} 2 delta_s / n_s)
+where (U_mu, U_var) is the adjoint arriving from after the tile and P_t = n_t / n_end is the
+product of (1 - 1/n) along the rest of the segment; then
+  dx_t = r_t w^ dy_t + (G_mu_t + 2 e_t G_var_t) / (n_t K) + 2 G_var_t (x_t - m_t) / (n_t K).
+
+Numerics: the release adds Kahan compensation to its step-by-step Welford updates; here every
+tile is summed relative to a shift (the carried mean) and merged into the carry with Chan's
+formula, so rounding grows with the number of tiles, not of steps. Counts inside the kernels are
+float32 (exact below 2**24 steps); the returned count is computed exactly in int32 outside.
+
+Backends: "triton" (GPU; one program per (sequence, group, split), tiles read with masked loads,
+power-of-2 tile shapes) and "mosaic" (TPU; one program per sequence holding all groups, Pallas
+pipelines [T, D] blocks along a sequential time grid axis, group and time sums are matmuls). Both
+share the per-tile math below and run through the Pallas interpreter on CPU (interpret=True is
+the default there). The Mosaic variant has only been run interpreted and lowered for a TPU
+target, not compiled on a TPU.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ class Shape:
   pad: bool = False        # Random padding (and a padded tail).
   segments: bool = False   # Packed sequences (segment resets).
   carry: bool = False      # A carried incoming state.
+  extra: tuple = ()        # Kernel configurations checked on this shape besides the default.
 
   def __str__(self):
     extras = "".join(f"+{n}" for n in ("pad", "segments", "carry") if getattr(self, n))
@@ -55,7 +56,9 @@ class Shape:
 GPU_SHAPES = [
     Shape(1, 32768, 4096, 64, "bfloat16"),                                   # The target.
     Shape(2, 8192, 2048, 64, "bfloat16", carry=True),                        # mega1.3B width.
-    Shape(2, 3001, 768, 12, "float32", pad=True, segments=True, carry=True),  # Odd everything.
+    Shape(2, 3001, 768, 12, "float32", pad=True, segments=True, carry=True,   # Odd everything.
+          extra=(K.KernelConfig(block_t=128, num_warps=8, time_splits=3),
+                 K.KernelConfig(block_t=32, time_splits=5, cumsum=True, prefetch=False))),
 ]
 CPU_SHAPES = [
     Shape(1, 100, 64, 4, "bfloat16"),
@@ -243,7 +246,8 @@ def main():
     if args.cpu:
       configs = CPU_SWEEP
     else:
-      configs = [DEFAULT] + ([c for c in SWEEPS[args.sweep] if c != DEFAULT] if i == 0 else [])
+      sweep = SWEEPS[args.sweep] if i == 0 else []
+      configs = [DEFAULT] + [c for c in (*sweep, *shape.extra) if c != DEFAULT]
     rows += check_shape(shape, configs, args)
 
   print("\n=== summary (fwd+bwd, fastest first, per shape) ===")

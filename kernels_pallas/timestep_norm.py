@@ -73,14 +73,15 @@ _RESET = 2
 class KernelConfig:
   """Tunables. block_t: time steps per tile (power of 2); num_warps/num_stages: Triton launch
   parameters; time_splits: programs per (sequence, group) along time (1 = single pass);
-  prefetch: load the next tile while computing the current one (register double buffering);
+  prefetch: how many tiles the Triton loops load ahead of the one they compute (kept in
+  registers; more tiles in flight hide more memory latency; 0 = load when needed);
   cumsum: running sums within a tile by scans instead of masked [T, T] reductions (used only
   without segment_ids)."""
   block_t: int = 64
   num_warps: int = 4
   num_stages: int = 1
   time_splits: int = 1
-  prefetch: bool = True
+  prefetch: int = 1
   cumsum: bool = False
 
   def __post_init__(self):
@@ -88,6 +89,8 @@ class KernelConfig:
       raise ValueError(f"block_t must be a power of 2 >= 8, got {self.block_t}")
     if self.time_splits < 1:
       raise ValueError(f"time_splits must be >= 1, got {self.time_splits}")
+    if not 0 <= int(self.prefetch) <= 8:
+      raise ValueError(f"prefetch must be a number of tiles in [0, 8], got {self.prefetch}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +447,16 @@ def _store_tile(dims: _Dims, ref, tile_idx, value):
   plgpu.store(ref.at[rows, :], value.astype(ref.dtype), mask=in_range[:, None] & colmask[None, :])
 
 
-def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, cumsum: bool):
+def _next_tile(queue, load, tile_idx, ahead_idx):
+  """(raw tile to compute now, updated queue). queue holds the raw tiles loaded ahead, oldest
+  first; the load of tile ahead_idx is issued before the current tile is used, so up to
+  len(queue) + 1 tiles are in flight while computing."""
+  if not queue:
+    return load(tile_idx), queue
+  return queue[0], queue[1:] + (load(ahead_idx),)
+
+
+def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: int, cumsum: bool):
   """Forward over one time split of one (sequence, group).
 
   Inputs: x [L, Kp], (w_hat, bias [Kp] unless summary), carry-in n, mu, var (scalars),
@@ -470,10 +482,10 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
   ops = _GpuOps(dims.tile, dims.kp, dims.k)
 
   def body(j, state):
-    carry, cur = state
+    carry, queue = state
     tile_idx = first_tile + j
-    nxt = load(tile_idx + 1) if prefetch else None
-    (xf,), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
+    raw, queue = _next_tile(queue, load, tile_idx, tile_idx + prefetch)
+    (xf,), valid, reset = _decode(dims, tile_idx, raw)
     st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
                      use_cumsum=cumsum)
     if not summary:
@@ -481,15 +493,15 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
         plgpu.store(ref.at[j], value)
       _store_tile(dims, y_ref, tile_idx,
                   _tile_output(ops, st, xf, w_hat[None, :], bias[None, :], valid))
-    return _tile_carry_out(ops, st, carry), nxt
+    return _tile_carry_out(ops, st, carry), queue
 
   carry = (n_ref[...], mu_ref[...], var_ref[...])
-  init = (carry, load(first_tile) if prefetch else None)
+  init = (carry, tuple(load(first_tile + d) for d in range(prefetch)))
   (n, mu, var), _ = lax.fori_loop(0, dims.tiles, body, init)
   n_out[...], mu_out[...], var_out[...] = n, mu, var
 
 
-def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, cumsum: bool):
+def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: int, cumsum: bool):
   """Backward over one time split of one (sequence, group), tiles in reverse order.
 
   Inputs: x, dy [L, Kp], w_hat [Kp], saved carries and shifts [tiles] x 4, adjoint after the split
@@ -511,11 +523,11 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
   ops = _GpuOps(dims.tile, dims.kp, dims.k)
 
   def body(j, state):
-    u, maps, acc, cur = state
+    u, maps, acc, queue = state
     local = dims.tiles - 1 - j
     tile_idx = first_tile + local
-    nxt = load(tile_idx - 1) if prefetch else None
-    (xf, dy), valid, reset = _decode(dims, tile_idx, cur if prefetch else load(tile_idx))
+    raw, queue = _next_tile(queue, load, tile_idx, tile_idx - prefetch)
+    (xf, dy), valid, reset = _decode(dims, tile_idx, raw)
     *carry, shift = (ref[local] for ref in saved_refs)
     st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
                      use_cumsum=cumsum, shift=shift)
@@ -527,12 +539,12 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: bool, c
     else:
       _store_tile(dims, refs[0], tile_idx, dx)
       acc = (acc[0] + dw, acc[1] + db)
-    return (out_mu, out_var), maps, acc, nxt
+    return (out_mu, out_var), maps, acc, queue
 
   zeros = jnp.zeros((dims.kp,), jnp.float32)
   u0 = (jnp.float32(0.0), jnp.float32(0.0)) if summary else (umu_ref[...], uvar_ref[...])
   init = (u0, (jnp.float32(1.0), jnp.float32(0.0)), (zeros, zeros),
-          load(first_tile + dims.tiles - 1) if prefetch else None)
+          tuple(load(first_tile + dims.tiles - 1 - d) for d in range(prefetch)))
   (u_mu, u_var), (alpha, beta), (dw, db), _ = lax.fori_loop(0, dims.tiles, body, init)
   if summary:
     vmu_ref, vvar_ref, alpha_ref, beta_ref = refs
@@ -607,7 +619,7 @@ def _fwd_call(spec: _Spec, x4, w_hat, bias, n_in, mu_in, var_in, flags, *, summa
   out_shape += [f32(programs)] * 3
   out_specs += [scalar] * 3
   kernel = functools.partial(_fwd_kernel, dims=d, eps=spec.eps, summary=summary,
-                             prefetch=spec.config.prefetch, cumsum=spec.config.cumsum)
+                             prefetch=int(spec.config.prefetch), cumsum=spec.config.cumsum)
   name = "timestep_norm_fwd_summary" if summary else "timestep_norm_fwd"
   return _call(spec, kernel, in_specs, out_specs, out_shape, name)(*args)
 
@@ -629,7 +641,7 @@ def _bwd_call(spec: _Spec, x4, dy4, w_hat, saved, u_mu, u_var, flags, *, summary
                  + [f32(programs)] * 2)
     out_specs = [seq, partial, partial, scalar, scalar]
   kernel = functools.partial(_bwd_kernel, dims=d, eps=spec.eps, summary=summary,
-                             prefetch=spec.config.prefetch, cumsum=spec.config.cumsum)
+                             prefetch=int(spec.config.prefetch), cumsum=spec.config.cumsum)
   name = "timestep_norm_bwd_summary" if summary else "timestep_norm_bwd"
   return _call(spec, kernel, in_specs, out_specs, out_shape, name)(*args)
 

@@ -22,8 +22,9 @@ B, L, D, G = 2, 37, 24, 4
 # with a tile that does not divide L and one longer than L (a single whole-sequence block).
 CONFIGS = {
     "tile8": ("triton", K.KernelConfig(block_t=8)),
-    "tile16_splits3_cumsum": ("triton", K.KernelConfig(block_t=16, time_splits=3, cumsum=True)),
-    "tile8_splits2_noprefetch": ("triton", K.KernelConfig(block_t=8, time_splits=2, prefetch=False)),
+    "tile16_splits3_cumsum_ahead3": ("triton", K.KernelConfig(block_t=16, time_splits=3, cumsum=True,
+                                                              prefetch=3)),
+    "tile8_splits2_noprefetch": ("triton", K.KernelConfig(block_t=8, time_splits=2, prefetch=0)),
     "mosaic_tile8": ("mosaic", K.KernelConfig(block_t=8)),
     "mosaic_tile64": ("mosaic", K.KernelConfig(block_t=64)),
 }
@@ -65,7 +66,7 @@ def max_rel(got, want):
 
 
 @pytest.mark.parametrize("config,case", [(c, "everything") for c in CONFIGS]
-                         + [("tile16_splits3_cumsum", "plain")])
+                         + [("tile16_splits3_cumsum_ahead3", "plain")])
 def test_forward_matches_reference(rng, config, case):
   opts = {} if case == "everything" else {"pad": False, "segments": False, "carry": False}
   args = make_inputs(rng, **opts)
@@ -162,7 +163,7 @@ def test_two_pieces_equal_one_pass(rng):
 def test_bfloat16(rng):
   x, w, b, mask, seg, state = make_inputs(rng)
   xb = jnp.asarray(x, jnp.bfloat16)
-  config = "tile16_splits3_cumsum"
+  config = "tile16_splits3_cumsum_ahead3"
   y, new = run(K.timestep_norm_pallas, config, xb, w, b, mask, seg, state)
   y_ref, new_ref = run(K.timestep_norm_reference, None, xb, w, b, mask, seg, state)
   assert y.dtype == jnp.bfloat16
@@ -174,7 +175,7 @@ def test_bfloat16(rng):
 def test_bfloat16_gradient(rng):
   x, w, b, mask, seg, state = make_inputs(rng)
   xb = jnp.asarray(x, jnp.bfloat16)
-  config = "tile16_splits3_cumsum"
+  config = "tile16_splits3_cumsum_ahead3"
   dx = jax.grad(lambda x: jnp.sum(run(K.timestep_norm_pallas, config, x, w, b, mask, seg,
                                       state)[0].astype(jnp.float32)))(xb)
   dx_ref = jax.grad(lambda x: jnp.sum(run(sequential_reference, None, x, w, b, mask, seg,
@@ -241,6 +242,8 @@ def test_config_and_input_errors():
     K.KernelConfig(block_t=48)
   with pytest.raises(ValueError, match="time_splits"):
     K.KernelConfig(time_splits=0)
+  with pytest.raises(ValueError, match="prefetch"):
+    K.KernelConfig(prefetch=-1)
   x = jnp.zeros((2, 5, 12))
   with pytest.raises(ValueError, match="divisible by num_groups"):
     K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=5)

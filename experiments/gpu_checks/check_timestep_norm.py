@@ -58,7 +58,7 @@ GPU_SHAPES = [
     Shape(2, 8192, 2048, 64, "bfloat16", carry=True),                        # mega1.3B width.
     Shape(2, 3001, 768, 12, "float32", pad=True, segments=True, carry=True,   # Odd everything.
           extra=(K.KernelConfig(block_t=128, num_warps=8, time_splits=3),
-                 K.KernelConfig(block_t=32, time_splits=5, cumsum=True, prefetch=False))),
+                 K.KernelConfig(block_t=32, time_splits=5, cumsum=True, prefetch=0))),
 ]
 CPU_SHAPES = [
     Shape(1, 100, 64, 4, "bfloat16"),
@@ -68,23 +68,26 @@ CPU_SHAPES = [
 DEFAULT = K.KernelConfig()
 SWEEPS = {
     "none": [],
+    # Tile size / warps, running sums by masked reductions or scans, tiles loaded ahead (bytes in
+    # flight per program), Triton's own pipelining instead, and time splits (more programs).
     "default": [
-        K.KernelConfig(block_t=64, num_warps=4),
-        K.KernelConfig(block_t=64, num_warps=8),
-        K.KernelConfig(block_t=128, num_warps=8),
-        K.KernelConfig(block_t=64, num_warps=4, cumsum=True),
-        K.KernelConfig(block_t=128, num_warps=8, cumsum=True),
-        K.KernelConfig(block_t=256, num_warps=8, cumsum=True),
-        K.KernelConfig(block_t=64, num_warps=4, time_splits=2),
-        K.KernelConfig(block_t=64, num_warps=4, time_splits=4),
-        K.KernelConfig(block_t=128, num_warps=8, time_splits=4, cumsum=True),
-        K.KernelConfig(block_t=64, num_warps=4, prefetch=False, num_stages=3),
+        K.KernelConfig(block_t=64, num_warps=4, prefetch=3),
+        K.KernelConfig(block_t=128, num_warps=8, prefetch=1),
+        K.KernelConfig(block_t=128, num_warps=8, prefetch=3),
+        K.KernelConfig(block_t=64, num_warps=4, cumsum=True, prefetch=3),
+        K.KernelConfig(block_t=128, num_warps=8, cumsum=True, prefetch=3),
+        K.KernelConfig(block_t=256, num_warps=8, cumsum=True, prefetch=2),
+        K.KernelConfig(block_t=64, num_warps=4, prefetch=0, num_stages=4),
+        K.KernelConfig(block_t=128, num_warps=8, cumsum=True, prefetch=0, num_stages=4),
+        K.KernelConfig(block_t=64, num_warps=4, time_splits=4, prefetch=2),
+        K.KernelConfig(block_t=64, num_warps=4, time_splits=8, prefetch=1),
+        K.KernelConfig(block_t=128, num_warps=8, time_splits=4, cumsum=True, prefetch=2),
     ],
 }
 SWEEPS["full"] = [
     K.KernelConfig(block_t=t, num_warps=w, time_splits=s, cumsum=c, prefetch=p, num_stages=st)
-    for t in (32, 64, 128, 256) for w in (4, 8) for s in (1, 2, 4) for c in (False, True)
-    for p, st in ((True, 1), (False, 3))
+    for t in (64, 128, 256) for w in (4, 8) for s in (1, 4) for c in (False, True)
+    for p, st in ((1, 1), (3, 1), (0, 4))
 ]
 CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True)]
 
@@ -215,7 +218,7 @@ def check_shape(shape: Shape, configs, args) -> list[dict]:
 
 def describe(c: K.KernelConfig) -> str:
   return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
-          f"{' cumsum' if c.cumsum else ''}{'' if c.prefetch else ' noprefetch'}")
+          f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
 
 
 def format_row(row: dict) -> str:

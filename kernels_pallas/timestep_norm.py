@@ -81,7 +81,7 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 1
   time_splits: int = 1
-  prefetch: int = 1
+  prefetch: int = 2
   cumsum: bool = False
 
   def __post_init__(self):

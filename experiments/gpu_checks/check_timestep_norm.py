@@ -1,0 +1,269 @@
+"""GPU check of the fused TimestepNorm Pallas kernels: accuracy against the XLA op, and timings.
+
+Run from the repository root on a GPU machine:
+    python experiments/gpu_checks/check_timestep_norm.py            # accuracy + default sweep
+    python experiments/gpu_checks/check_timestep_norm.py --sweep full
+    python experiments/gpu_checks/check_timestep_norm.py --cpu      # tiny shapes, interpreted
+
+For every shape: errors of the kernel (not interpreted) and of the XLA "associative" op against a
+float32 evaluation of the XLA op on the same (bf16-rounded) inputs, for y, the final state and the
+gradients w.r.t. x, weight, bias and the incoming state's mean/var; then the median time (after
+warm-up, block_until_ready) of forward and forward+backward for the XLA op and for each kernel
+configuration of the sweep, with the effective bandwidth and a measured memory floor (a fused
+XLA elementwise pass that moves the same bytes: fwd reads x and writes y, bwd reads x and dy and
+writes dx). The target shape is B=1, L=32768, D=4096, G=64 in bfloat16 (fwd+bwd <= 0.6 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+import traceback
+
+if "--cpu" in sys.argv:
+  os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels_pallas import timestep_norm as K  # noqa: E402
+from megalodon_jax.ops import timestep_norm as tsn  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  batch: int
+  length: int
+  dim: int
+  groups: int
+  dtype: str
+  pad: bool = False        # Random padding (and a padded tail).
+  segments: bool = False   # Packed sequences (segment resets).
+  carry: bool = False      # A carried incoming state.
+  extra: tuple = ()        # Kernel configurations checked on this shape besides the default.
+
+  def __str__(self):
+    extras = "".join(f"+{n}" for n in ("pad", "segments", "carry") if getattr(self, n))
+    return f"B{self.batch} L{self.length} D{self.dim} G{self.groups} {self.dtype}{extras}"
+
+
+GPU_SHAPES = [
+    Shape(1, 32768, 4096, 64, "bfloat16"),                                   # The target.
+    Shape(2, 8192, 2048, 64, "bfloat16", carry=True),                        # mega1.3B width.
+    Shape(2, 3001, 768, 12, "float32", pad=True, segments=True, carry=True,   # Odd everything.
+          extra=(K.KernelConfig(block_t=128, num_warps=8, time_splits=3),
+                 K.KernelConfig(block_t=32, time_splits=5, cumsum=True, prefetch=0))),
+]
+CPU_SHAPES = [
+    Shape(1, 100, 64, 4, "bfloat16"),
+    Shape(2, 37, 24, 4, "float32", pad=True, segments=True, carry=True),
+]
+
+DEFAULT = K.KernelConfig()
+SWEEPS = {
+    "none": [],
+    # Tile size / warps, running sums by masked reductions or scans, tiles loaded ahead (bytes in
+    # flight per program), Triton's own pipelining instead, and time splits (more programs).
+    "default": [
+        K.KernelConfig(block_t=64, num_warps=4, prefetch=3),
+        K.KernelConfig(block_t=128, num_warps=8, prefetch=1),
+        K.KernelConfig(block_t=128, num_warps=8, prefetch=3),
+        K.KernelConfig(block_t=64, num_warps=4, cumsum=True, prefetch=3),
+        K.KernelConfig(block_t=128, num_warps=8, cumsum=True, prefetch=3),
+        K.KernelConfig(block_t=256, num_warps=8, cumsum=True, prefetch=2),
+        K.KernelConfig(block_t=64, num_warps=4, prefetch=0, num_stages=4),
+        K.KernelConfig(block_t=128, num_warps=8, cumsum=True, prefetch=0, num_stages=4),
+        K.KernelConfig(block_t=64, num_warps=4, time_splits=4, prefetch=2),
+        K.KernelConfig(block_t=64, num_warps=4, time_splits=8, prefetch=1),
+        K.KernelConfig(block_t=128, num_warps=8, time_splits=4, cumsum=True, prefetch=2),
+    ],
+}
+SWEEPS["full"] = [
+    K.KernelConfig(block_t=t, num_warps=w, time_splits=s, cumsum=c, prefetch=p, num_stages=st)
+    for t in (64, 128, 256) for w in (4, 8) for s in (1, 4) for c in (False, True)
+    for p, st in ((1, 1), (3, 1), (0, 4))
+]
+CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True)]
+
+
+def make_inputs(shape: Shape, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  b, l, d, g = shape.batch, shape.length, shape.dim, shape.groups
+  x = jnp.asarray(1.5 + rng.standard_normal((b, l, d), np.float32), shape.dtype)
+  w = jnp.asarray(0.2 * rng.standard_normal(d), jnp.float32)
+  bias = jnp.asarray(0.2 * rng.standard_normal(d), jnp.float32)
+  mask = seg = None
+  if shape.pad:
+    m = rng.random((b, l)) < 0.1
+    m[:, -17:] = True
+    mask = jnp.asarray(m)
+  if shape.segments:
+    seg = jnp.asarray(np.cumsum(rng.random((b, l)) < 2e-3, axis=1), jnp.int32)
+  state = tsn.initial_state(b, g)
+  if shape.carry:
+    state = tsn.TimestepNormState(jnp.full((b,), 1000, jnp.int32),
+                                  jnp.asarray(1.5 + 0.1 * rng.standard_normal((b, g)), jnp.float32),
+                                  jnp.asarray(1.0 + 0.1 * rng.random((b, g)), jnp.float32))
+  dy = jnp.asarray(rng.standard_normal((b, l, d), np.float32), shape.dtype)
+  dmean = jnp.asarray(rng.standard_normal((b, g)), jnp.float32)
+  dvar = jnp.asarray(rng.standard_normal((b, g)), jnp.float32)
+  return x, w, bias, mask, seg, state, (dy, dmean, dvar)
+
+
+def op_fn(kind: str, shape: Shape, config: K.KernelConfig | None, interpret: bool):
+  """(x, w, b, mean0, var0) -> (y, mean, var) for the XLA op or the kernel."""
+  def fn(x, w, b, mean0, var0, count0, mask, seg):
+    state = tsn.TimestepNormState(count0, mean0, var0)
+    if kind == "xla":
+      y, new = tsn.timestep_norm(x, w, b, num_groups=shape.groups, state=state, padding_mask=mask,
+                                 segment_ids=seg, method="associative")
+    else:
+      y, new = K.timestep_norm_pallas(x, w, b, num_groups=shape.groups, state=state,
+                                      padding_mask=mask, segment_ids=seg, interpret=interpret,
+                                      config=config)
+    return y, new.mean, new.var
+  return fn
+
+
+def forward_and_vjp(fn):
+  """Jitted forward, and jitted forward+backward returning (y, state, grads)."""
+  fwd = jax.jit(lambda x, w, b, m0, v0, c0, mask, seg: fn(x, w, b, m0, v0, c0, mask, seg)[0])
+
+  @jax.jit
+  def fwd_bwd(x, w, b, m0, v0, c0, mask, seg, cts):
+    out, pullback = jax.vjp(lambda *a: fn(*a, c0, mask, seg), x, w, b, m0, v0)
+    return out, pullback(cts)
+  return fwd, fwd_bwd
+
+
+def median_time(f, *args, warmup: int, iters: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def errors(result, truth) -> dict:
+  (y, mean, var), grads = result
+  (y_t, mean_t, var_t), grads_t = truth
+  out = {"y": rel(y, y_t), "mean": rel(mean, mean_t), "var": rel(var, var_t)}
+  for name, g, gt in zip(("dx", "dw", "db", "dmean0", "dvar0"), grads, grads_t):
+    out[name] = rel(g, gt)
+  return out
+
+
+def memory_floor(x, dy, warmup, iters):
+  """Times of fused elementwise passes with the kernel's traffic: (fwd, bwd)."""
+  fwd = jax.jit(lambda x: (x.astype(jnp.float32) * 1.5 + 0.5).astype(x.dtype))
+  bwd = jax.jit(lambda x, dy: (x.astype(jnp.float32) * dy.astype(jnp.float32) + 0.5).astype(x.dtype))
+  return median_time(fwd, x, warmup=warmup, iters=iters), median_time(bwd, x, dy, warmup=warmup,
+                                                                          iters=iters)
+
+
+def check_shape(shape: Shape, configs, args) -> list[dict]:
+  x, w, b, mask, seg, state, cts = make_inputs(shape)
+  common = (w, b, state.mean, state.var, state.count, mask, seg)
+  itemsize = jnp.dtype(shape.dtype).itemsize
+  n = shape.batch * shape.length * shape.dim
+  print(f"\n=== {shape} ===", flush=True)
+
+  # Truth: the XLA op in float32 on the same (rounded) inputs.
+  _, truth_fb = forward_and_vjp(op_fn("xla", shape, None, args.interpret))
+  f32_cts = (cts[0].astype(jnp.float32), cts[1], cts[2])
+  truth = truth_fb(x.astype(jnp.float32), *common, f32_cts)
+
+  rows = []
+  runs = [("xla", None)] + [("pallas", c) for c in configs]
+  for kind, config in runs:
+    name = "xla associative" if kind == "xla" else describe(config)
+    row = {"shape": str(shape), "impl": name}
+    try:
+      fwd, fwd_bwd = forward_and_vjp(op_fn(kind, shape, config, args.interpret))
+      result = fwd_bwd(x, *common, cts)
+      row.update(errors(result, truth))
+      row["fwd_ms"] = 1e3 * median_time(fwd, x, *common, warmup=args.warmup, iters=args.iters)
+      row["fwdbwd_ms"] = 1e3 * median_time(fwd_bwd, x, *common, cts, warmup=args.warmup,
+                                           iters=args.iters)
+      row["fwd_GBps"] = 2 * n * itemsize / row["fwd_ms"] / 1e6
+      row["fwdbwd_GBps"] = 5 * n * itemsize / row["fwdbwd_ms"] / 1e6
+    except Exception as e:  # Report and continue with the next configuration.
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      if args.verbose:
+        traceback.print_exc()
+    print(format_row(row), flush=True)
+    rows.append(row)
+
+  floor_f, floor_b = memory_floor(x, cts[0], args.warmup, args.iters)
+  print(f"memory floor (fused elementwise, same bytes): fwd {1e3 * floor_f:.3f} ms, "
+        f"fwd+bwd {1e3 * (floor_f + floor_b):.3f} ms "
+        f"({2 * n * itemsize / floor_f / 1e9:.0f} GB/s fwd)", flush=True)
+  return rows
+
+
+def describe(c: K.KernelConfig) -> str:
+  return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
+          f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
+
+
+def format_row(row: dict) -> str:
+  if "error" in row:
+    return f"  {row['impl']:<44} FAILED {row['error']}"
+  errs = " ".join(f"{k}={row[k]:.1e}" for k in ("y", "mean", "var", "dx", "dw", "db", "dmean0",
+                                                  "dvar0"))
+  return (f"  {row['impl']:<44} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_GBps']:6.0f} GB/s)  "
+          f"fwd+bwd {row['fwdbwd_ms']:8.3f} ms ({row['fwdbwd_GBps']:6.0f} GB/s)  | rel err {errs}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cpu", action="store_true", help="tiny shapes, interpreted kernels")
+  parser.add_argument("--sweep", choices=sorted(SWEEPS), default="default",
+                      help="kernel configurations to time on the first (target) shape")
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+  args = parser.parse_args()
+  args.interpret = args.cpu
+  if args.cpu:
+    args.iters, args.warmup = min(args.iters, 2), 1
+  print(f"jax {jax.__version__}; devices: {jax.devices()}")
+  shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
+  rows = []
+  for i, shape in enumerate(shapes):
+    if args.cpu:
+      configs = CPU_SWEEP
+    else:
+      sweep = SWEEPS[args.sweep] if i == 0 else []
+      configs = [DEFAULT] + [c for c in (*sweep, *shape.extra) if c != DEFAULT]
+    rows += check_shape(shape, configs, args)
+
+  print("\n=== summary (fwd+bwd, fastest first, per shape) ===")
+  for shape in shapes:
+    ok = sorted((r for r in rows if r["shape"] == str(shape) and "error" not in r),
+                key=lambda r: r["fwdbwd_ms"])
+    print(f"{shape}")
+    for r in ok[:5]:
+      print(f"  {r['impl']:<44} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwdbwd_ms']:.3f} ms  "
+            f"max rel err {max(r[k] for k in ('y', 'dx', 'dw', 'db')):.1e}")
+  failed = [r for r in rows if "error" in r]
+  print(f"{len(failed)} failed configuration(s)" + (": see FAILED lines above" if failed else ""))
+
+
+if __name__ == "__main__":
+  main()

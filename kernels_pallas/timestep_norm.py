@@ -1,0 +1,1009 @@
+"""Fused Pallas kernels for TimestepNorm (SPEC §3), forward and backward (jax.custom_vjp).
+
+Semantics are those of megalodon_jax.ops.timestep_norm (read its docstring); this module only
+changes how the statistics are evaluated.
+
+Design (one program per (sequence, group) and time split; groups and batches are in the grid):
+  * Forward: the program walks its time range in tiles of T steps, carrying the running
+    (count, mean, var) of its group. Per tile it reads x once, forms the per-step group mean and
+    variance, turns them into running statistics with masked [T, T] prefix sums (shifted by the
+    carried mean so nothing cancels catastrophically), writes y once and merges the tile into the
+    carry. The carry at the start of every tile and the tile's shift (16 bytes) are saved for
+    the backward.
+  * Backward: the same tiles in reverse order, carrying the adjoint (d mean, d var) of the running
+    statistics. Per tile it reads x and dy once, recomputes the statistics from the saved carry,
+    solves the reverse recurrence of the Welford merges in closed form (it telescopes into
+    reverse prefix sums weighted by the counts), writes dx once and accumulates the per-feature
+    weight/bias gradients; the adjoint left at the start is the gradient of the incoming state.
+  * Optional time splits (time_splits=S > 1): S programs per (sequence, group) cover consecutive
+    ranges. A summary pre-pass (forward: the range's (count, mean, var); backward: the range's
+    affine adjoint map) plus an O(S) combine in XLA give each range its carry. This buys
+    parallelism when batch * groups is small, at the price of one extra read of x (and dy).
+  Bytes with S = 1: forward reads x, writes y; backward reads x and dy, writes dx; the rest is
+  O(B G L / T).
+
+Backward in closed form. Within a tile and a segment, with n_t the running count after step t,
+m_t the step mean, mu_t / r_t the running mean / rsqrt(var + eps), delta_t = m_t - mu_{t-1},
+e_t = m_t - mu_t and the local adjoints of y_t, l_mu_t = -r_t sum_k dy w^ and
+l_var_t = -r_t^3 / 2 sum_k dy w^ (x - mu_t), the adjoints of the running (mean, var) are
+  G_var_t = n_t SV_t + P_t U_var,   SV_t = sum_{s>=t} l_var_s / n_s
+  G_mu_t  = n_t (sum_{s>=t} l_mu_s / n_s - sum_{s>t} 2 delta_s SV_s / n_s)
+            + P_t (U_mu - U_var sum_{s>t} 2 delta_s / n_s)
+where (U_mu, U_var) is the adjoint arriving from after the tile and P_t = n_t / n_end is the
+product of (1 - 1/n) along the rest of the segment; then
+  dx_t = r_t w^ dy_t + (G_mu_t + 2 e_t G_var_t) / (n_t K) + 2 G_var_t (x_t - m_t) / (n_t K).
+
+Numerics: the release adds Kahan compensation to its step-by-step Welford updates; here every
+tile is summed relative to a shift (the carried mean) and merged into the carry with Chan's
+formula, so rounding grows with the number of tiles, not of steps. Counts inside the kernels are
+float32 (exact below 2**24 steps); the returned count is computed exactly in int32 outside.
+
+Backends: "triton" (GPU; one program per (sequence, group, split), tiles read with masked loads,
+power-of-2 tile shapes) and "mosaic" (TPU; one program per sequence holding all groups, Pallas
+pipelines [T, D] blocks along a sequential time grid axis, group and time sums are matmuls). Both
+share the per-tile math below and run through the Pallas interpreter on CPU (interpret=True is
+the default there). The Mosaic variant has only been run interpreted and lowered for a TPU
+target, not compiled on a TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from megalodon_jax.ops import timestep_norm as tsn_ops
+
+TimestepNormState = tsn_ops.TimestepNormState
+
+# Per tile, the forward saves for the backward: the carried (count, mean, var) and the shift.
+_SAVED = 4
+
+# Bits of the per-step flags array handed to the kernels.
+_VALID = 1
+_RESET = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tunables. block_t: time steps per tile (power of 2); num_warps/num_stages: Triton launch
+  parameters; time_splits: programs per (sequence, group) along time (1 = single pass);
+  prefetch: how many tiles the Triton loops load ahead of the one they compute (kept in
+  registers; more tiles in flight hide more memory latency; 0 = load when needed);
+  cumsum: running sums within a tile by scans instead of masked [T, T] reductions (used only
+  without segment_ids)."""
+  block_t: int = 64
+  num_warps: int = 4
+  num_stages: int = 1
+  time_splits: int = 1
+  prefetch: int = 2
+  cumsum: bool = False
+
+  def __post_init__(self):
+    if self.block_t < 8 or self.block_t & (self.block_t - 1):
+      raise ValueError(f"block_t must be a power of 2 >= 8, got {self.block_t}")
+    if self.time_splits < 1:
+      raise ValueError(f"time_splits must be >= 1, got {self.time_splits}")
+    if not 0 <= int(self.prefetch) <= 8:
+      raise ValueError(f"prefetch must be a number of tiles in [0, 8], got {self.prefetch}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tile math shared by all kernels. A tile is [T, C] (T steps, C features). Per-step
+# quantities ("rows") and carries have backend-specific shapes, hidden behind a small `ops`
+# object: the GPU kernels handle one group per program (rows [T], carries scalars); the TPU
+# kernel handles all G groups of a sequence (rows [T, G], carries [1, G], per-step flags
+# [T, 1]) and does group sums and time sums as matmuls. Everything is float32.
+# --------------------------------------------------------------------------------------------
+
+
+def _tsum(mask, rows):
+  """out[t] = sum_s mask[t, s] * rows[s]  (a masked prefix / suffix sum; mask: [T, T] bool)."""
+  return jnp.sum(jnp.where(mask, rows[None, :], 0.0), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VectorSums:
+  """Running sums of [T] rows along a tile, restricted to the step's segment (GPU).
+
+  same: [T, T] bool (steps in the same segment) or None (no resets). With use_cumsum (only
+  without resets) the sums are scans (O(T)); otherwise masked [T, T] reductions (O(T^2), but
+  made of nothing more than selects and row sums)."""
+  same: jax.Array | None
+  use_cumsum: bool
+
+  def prefix(self, rows):
+    """Inclusive: sum over s <= t."""
+    if self.use_cumsum:
+      return jnp.cumsum(rows, axis=0)
+    return _tsum(self._mask(lambda s, t: s <= t, rows), rows)
+
+  def suffix(self, rows):
+    """Inclusive: sum over s >= t."""
+    if self.use_cumsum:
+      return jnp.sum(rows) - jnp.cumsum(rows, axis=0) + rows
+    return _tsum(self._mask(lambda s, t: s >= t, rows), rows)
+
+  def suffix_strict(self, rows):
+    """Exclusive: sum over s > t."""
+    if self.use_cumsum:
+      return jnp.sum(rows) - jnp.cumsum(rows, axis=0)
+    return _tsum(self._mask(lambda s, t: s > t, rows), rows)
+
+  def _mask(self, cmp, rows):
+    idx = jnp.arange(rows.shape[0])
+    mask = cmp(idx[None, :], idx[:, None])
+    return mask if self.same is None else mask & self.same
+
+
+class _GpuOps:
+  """Rows [T] for one group; carries are scalars."""
+
+  def __init__(self, tile: int, kp: int, k: int):
+    self.tile = tile
+    self.colmask = (jnp.arange(kp) < k)[None, :]
+
+  def steps(self):
+    return jnp.arange(self.tile)
+
+  def gsum(self, a):
+    return jnp.sum(a, axis=1)
+
+  def gbcast(self, rows):
+    return rows[:, None]
+
+  def rowmask(self, flags):
+    return flags[:, None]
+
+  def rsum(self, rows):
+    return jnp.sum(rows)
+
+  def colsum(self, a):
+    return jnp.sum(a, axis=0)
+
+  def segments(self, reset, segmented: bool, use_cumsum: bool):
+    """(segment number of each step within the tile or None, running-sum helper)."""
+    if not segmented:
+      return None, _VectorSums(same=None, use_cumsum=use_cumsum)
+    reset_f = jnp.where(reset, 1.0, 0.0)
+    idx = self.steps()
+    segno = jnp.cumsum(reset_f) if use_cumsum else _tsum(idx[None, :] <= idx[:, None], reset_f)
+    return segno, _VectorSums(same=segno[:, None] == segno[None, :], use_cumsum=False)
+
+
+def _dot(a, b, dims=((1,), (0,))):
+  return lax.dot_general(a, b, (dims, ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MatrixSums:
+  """Running sums of [T, G] rows as matmuls with M = (s <= t) & same segment (TPU)."""
+  lower: jax.Array   # [T, T] float32 0/1
+
+  def prefix(self, rows):
+    return _dot(self.lower, rows)
+
+  def suffix(self, rows):
+    return _dot(self.lower, rows, ((0,), (0,)))   # M^T rows: same-segment steps s >= t.
+
+  def suffix_strict(self, rows):
+    return self.suffix(rows) - rows
+
+
+class _TpuOps:
+  """Rows [T, G] for all groups of a sequence; carries [1, G]; per-step flags [T, 1].
+
+  onehot: [D, G] float32 group membership of the features."""
+
+  def __init__(self, tile: int, onehot):
+    self.tile = tile
+    self.onehot = onehot
+    self.colmask = None
+
+  def steps(self):
+    return lax.broadcasted_iota(jnp.int32, (self.tile, 1), 0)
+
+  def gsum(self, a):
+    return _dot(a, self.onehot)
+
+  def gbcast(self, rows):
+    return _dot(rows, self.onehot, ((1,), (1,)))
+
+  def rowmask(self, flags):
+    return flags
+
+  def rsum(self, rows):
+    return jnp.sum(rows, axis=0, keepdims=True)
+
+  def colsum(self, a):
+    return jnp.sum(a, axis=0, keepdims=True)
+
+  def segments(self, reset, segmented: bool, use_cumsum: bool):
+    del use_cumsum
+    t = self.tile
+    row = lax.broadcasted_iota(jnp.int32, (t, t), 0)
+    col = lax.broadcasted_iota(jnp.int32, (t, t), 1)
+    lower = jnp.where(col <= row, 1.0, 0.0)
+    if not segmented:
+      return None, _MatrixSums(lower)
+    reset_f = jnp.where(reset, 1.0, 0.0)                              # [T, 1]
+    segno = _dot(lower, reset_f)                                      # [T, 1]
+    # Resets strictly after s and at or before t: (lower diag(reset) strictly_upper)[t, s].
+    between = _dot(_dot(lower, jnp.where(row == col, reset_f, 0.0)), jnp.where(row > col, 1.0, 0.0))
+    return segno, _MatrixSums(jnp.where((col <= row) & (between == 0.0), 1.0, 0.0))
+
+
+def _safe_inv(a):
+  return jnp.where(a > 0, 1.0 / jnp.where(a > 0, a, 1.0), 0.0)
+
+
+@dataclasses.dataclass
+class _TileStats:
+  """Statistics of one tile. Rows: m, v (step mean/var), cnt, sd (running count and shifted sum),
+  mu, var, rstd (running statistics after each step); c: the shift subtracted
+  before summing (saved for the backward); segment flags."""
+  m: jax.Array
+  v: jax.Array
+  cnt: jax.Array
+  sd: jax.Array
+  mu: jax.Array
+  var: jax.Array
+  rstd: jax.Array
+  c: jax.Array
+  sums: object                  # Running sums within segments (_VectorSums / _MatrixSums).
+  first: jax.Array | bool       # rows: step continues the carried statistics (no reset before it).
+  last: jax.Array | bool        # rows: step is in the tile's last segment.
+  no_reset: jax.Array | bool    # carry-shaped: no reset anywhere in the tile.
+  n_valid: jax.Array | None     # carry-shaped: number of valid steps (None when not needed).
+  is_last_row: jax.Array
+
+
+def _tile_stats(ops, xf, valid, reset, carry, *, k: int, eps: float, segmented: bool,
+                use_cumsum: bool, shift=None):
+  """xf: [T, C] float32 (0 in padded columns); valid, reset: step flags; carry: (n, mu, var);
+  shift: the forward's shift when recomputing in the backward (None: choose it)."""
+  n_c, mu_c, var_c = carry
+  is_last_row = ops.steps() == ops.tile - 1
+  inv_k = 1.0 / k
+  m = ops.gsum(xf) * inv_k
+  xc = xf - ops.gbcast(m)
+  sq_dev = xc * xc
+  if ops.colmask is not None:
+    sq_dev = jnp.where(ops.colmask, sq_dev, 0.0)
+  v = ops.gsum(sq_dev) * inv_k
+  validf = jnp.where(valid, 1.0, 0.0)
+  n_valid = None
+  if shift is None:
+    # The carried mean, or (nothing carried yet) the mean of this tile's valid steps.
+    n_valid = ops.rsum(validf)
+    tile_mean = ops.rsum(jnp.where(valid, m, 0.0)) / jnp.maximum(n_valid, 1.0)
+    shift = jnp.where(n_c > 0, mu_c, tile_mean)
+  c = shift
+  mc = m - c
+  d = jnp.where(valid, mc, 0.0)
+  q = jnp.where(valid, v + mc * mc, 0.0)
+  segno, sums = ops.segments(reset, segmented, use_cumsum)
+  if segmented:
+    first = segno == 0
+    seg_end = ops.rsum(jnp.where(is_last_row, segno, 0.0))
+    last = segno == seg_end
+    no_reset = seg_end == 0
+  else:
+    first, last, no_reset = True, True, True
+  n0 = jnp.where(first, n_c, 0.0)
+  cnt = sums.prefix(validf) + n0
+  sd = sums.prefix(d) + n0 * (mu_c - c)
+  sq = sums.prefix(q) + n0 * (var_c + (mu_c - c) * (mu_c - c))
+  has = cnt > 0
+  inv = _safe_inv(cnt)
+  off = sd * inv
+  mu = jnp.where(has, c + off, jnp.where(first, mu_c, 0.0))
+  var = jnp.where(has, jnp.maximum(sq * inv - off * off, 0.0), jnp.where(first, var_c, 0.0))
+  rstd = lax.rsqrt(var + eps)
+  return _TileStats(m=m, v=v, cnt=cnt, sd=sd, mu=mu, var=var, rstd=rstd, c=c, sums=sums,
+                    first=first, last=last, no_reset=no_reset, n_valid=n_valid,
+                    is_last_row=is_last_row)
+
+
+def _last(ops, st: _TileStats, rows):
+  return ops.rsum(jnp.where(st.is_last_row, rows, 0.0))
+
+
+def _tile_carry_out(ops, st: _TileStats, carry):
+  """Running statistics after the tile's last row; a fully padded tile passes the carry through
+  bit for bit (as padded steps do in the XLA op)."""
+  keep = st.no_reset & (st.n_valid == 0)
+  return tuple(jnp.where(keep, old, _last(ops, st, new))
+               for old, new in zip(carry, (st.cnt, st.mu, st.var)))
+
+
+def _tile_output(ops, st: _TileStats, xf, w_hat, bias, valid):
+  """y: [T, C] (0 on padded steps). w_hat, bias: broadcastable to [T, C]."""
+  y = (xf - ops.gbcast(st.mu)) * ops.gbcast(st.rstd) * w_hat + bias
+  return jnp.where(ops.rowmask(valid), y, 0.0)
+
+
+def _tile_backward(ops, st: _TileStats, xf, dy, w_hat, valid, carry, u_mu, u_var, *, k: int):
+  """Reverse recurrence through one tile.
+
+  xf, dy: [T, C] float32 (0 in padded columns); w_hat: broadcastable to [T, C] (weight + 1, 0 in
+  padded columns); carry: the forward (n, mu, var) before the tile; u_mu, u_var: adjoint of the
+  statistics after the tile's last row from everything later. Returns dx [T, C], the tile's
+  per-feature dw, db, the adjoint of the statistics before the tile (mu, var), and the tile's
+  adjoint map coefficients (alpha, beta): before = (alpha u_mu + beta u_var + .., alpha u_var + ..).
+  """
+  n_c = carry[0]
+  r_b = ops.gbcast(st.rstd)
+  dyw = dy * w_hat
+  xmu = xf - ops.gbcast(st.mu)
+  # Local adjoints of each step's running (mean, var) from its own output y_t.
+  l_mu = jnp.where(valid, -st.rstd * ops.gsum(dyw), 0.0)
+  l_var = jnp.where(valid, -0.5 * st.rstd * st.rstd * st.rstd * ops.gsum(dyw * xmu), 0.0)
+  validf = jnp.where(valid, 1.0, 0.0)
+  inv = jnp.where(valid, _safe_inv(st.cnt), 0.0)
+  # delta_t = m_t - (running mean before step t); irrelevant (0) when nothing came before.
+  cnt_ex = st.cnt - validf
+  d = jnp.where(valid, st.m - st.c, 0.0)
+  delta = jnp.where(valid & (cnt_ex > 0), (st.m - st.c) - (st.sd - d) * _safe_inv(cnt_ex), 0.0)
+  two_d = 2.0 * delta * inv
+  # Adjoints telescope: prod (1 - 1/n_u) over a run of steps is n_t / n_s.
+  sv = st.sums.suffix(l_var * inv)
+  sm = st.sums.suffix(l_mu * inv)
+  w_acc = st.sums.suffix_strict(two_d * sv)
+  z_acc = st.sums.suffix_strict(two_d)
+  n_end = _last(ops, st, st.cnt)
+
+  def ratio(a):  # prod of (1 - 1/n) from after `a` to the tile end; 1 if no valid step follows.
+    return jnp.where(n_end > 0, a / jnp.where(n_end > 0, n_end, 1.0), 1.0)
+
+  p = jnp.where(st.last, ratio(st.cnt), 0.0)
+  g_mu = st.cnt * (sm - w_acc) + p * (u_mu - u_var * z_acc)
+  g_var = st.cnt * sv + p * u_var
+  e = st.m - st.mu
+  inv_k = 1.0 / k
+  g_m = inv * (g_mu + 2.0 * e * g_var) * inv_k
+  g_v = 2.0 * inv_k * inv * g_var
+  dx = r_b * dyw + ops.gbcast(g_m) + ops.gbcast(g_v) * (xf - ops.gbcast(st.m))
+  keep = ops.rowmask(valid)
+  if ops.colmask is not None:
+    keep = keep & ops.colmask
+  dx = jnp.where(keep, dx, 0.0)
+  dw = ops.colsum(jnp.where(keep, dy * xmu * r_b, 0.0))
+  db = ops.colsum(jnp.where(keep, dy, 0.0))
+  # The statistics before the tile ("row -1") belong to the first segment's chain.
+  first = st.first
+  sm0 = ops.rsum(jnp.where(first, l_mu * inv, 0.0))
+  sv0 = ops.rsum(jnp.where(first, l_var * inv, 0.0))
+  w0 = ops.rsum(jnp.where(first, two_d * sv, 0.0))
+  z0 = ops.rsum(jnp.where(first, two_d, 0.0))
+  alpha = jnp.where(st.no_reset, ratio(n_c), 0.0)
+  out_mu = n_c * (sm0 - w0) + alpha * (u_mu - u_var * z0)
+  out_var = n_c * sv0 + alpha * u_var
+  return dx, dw, db, out_mu, out_var, alpha, -alpha * z0
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (Triton) kernels: whole-sequence blocks per (sequence, group); tiles are read with masked
+# loads (power-of-2 tile shapes, masked tails).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  length: int
+  groups: int
+  k: int           # features per group
+  kp: int          # k rounded up to a power of 2
+  tile: int        # T
+  tiles: int       # tiles per split
+  has_flags: bool
+  segmented: bool
+
+
+def _tile_rows(dims: _Dims, tile_idx):
+  """(slice of the tile's rows, [T] mask of the rows inside the sequence). The backward's
+  prefetch asks for tile -1, so both ends are masked."""
+  t0 = tile_idx * dims.tile
+  steps = t0 + jnp.arange(dims.tile)
+  return pl.ds(t0, dims.tile), (steps >= 0) & (steps < dims.length)
+
+
+def _load_raw(dims: _Dims, seq_refs, flags_ref, tile_idx):
+  """Loads one tile as stored: ([T, Kp] per ref in seq_refs, flags [T] int32 or None).
+
+  Raw values (not yet decoded) are what the prefetching loops carry to the next iteration."""
+  from jax.experimental.pallas import triton as plgpu
+  rows, in_range = _tile_rows(dims, tile_idx)
+  colmask = jnp.arange(dims.kp) < dims.k
+  tiles = tuple(
+      plgpu.load(ref.at[rows, :], mask=in_range[:, None] & colmask[None, :], other=0.0,
+                 eviction_policy="evict_first") for ref in seq_refs)
+  flags = None
+  if dims.has_flags:
+    flags = plgpu.load(flags_ref.at[rows], mask=in_range, other=0)
+  return tiles, flags
+
+
+def _decode(dims: _Dims, tile_idx, raw):
+  """-> (tuple of [T, Kp] float32 tiles, valid [T] bool, reset [T] bool)."""
+  tiles, flags = raw
+  _, in_range = _tile_rows(dims, tile_idx)
+  tiles = tuple(t.astype(jnp.float32) for t in tiles)
+  if flags is None:
+    return tiles, in_range, jnp.zeros((dims.tile,), jnp.bool_)
+  return tiles, in_range & ((flags & _VALID) != 0), in_range & ((flags & _RESET) != 0)
+
+
+def _store_tile(dims: _Dims, ref, tile_idx, value):
+  from jax.experimental.pallas import triton as plgpu
+  rows, in_range = _tile_rows(dims, tile_idx)
+  colmask = jnp.arange(dims.kp) < dims.k
+  plgpu.store(ref.at[rows, :], value.astype(ref.dtype), mask=in_range[:, None] & colmask[None, :])
+
+
+def _next_tile(queue, load, tile_idx, ahead_idx):
+  """(raw tile to compute now, updated queue). queue holds the raw tiles loaded ahead, oldest
+  first; the load of tile ahead_idx is issued before the current tile is used, so up to
+  len(queue) + 1 tiles are in flight while computing."""
+  if not queue:
+    return load(tile_idx), queue
+  return queue[0], queue[1:] + (load(ahead_idx),)
+
+
+def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: int, cumsum: bool):
+  """Forward over one time split of one (sequence, group).
+
+  Inputs: x [L, Kp], (w_hat, bias [Kp] unless summary), carry-in n, mu, var (scalars),
+  (flags [L]). Outputs: (y [L, Kp] and, per tile, the carry before it and its shift
+  [tiles] x 4, unless summary), carry-out n, mu, var (scalars).
+  """
+  from jax.experimental.pallas import triton as plgpu
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  if not summary:
+    w_ref, b_ref = refs.pop(0), refs.pop(0)
+  n_ref, mu_ref, var_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  flags_ref = refs.pop(0) if dims.has_flags else None
+  if not summary:
+    y_ref, saved_refs = refs.pop(0), [refs.pop(0) for _ in range(_SAVED)]
+  n_out, mu_out, var_out = refs
+  colmask = jnp.arange(dims.kp) < dims.k
+  if not summary:
+    w_hat = plgpu.load(w_ref, mask=colmask, other=0.0)
+    bias = plgpu.load(b_ref, mask=colmask, other=0.0)
+  first_tile = pl.program_id(1) * dims.tiles
+  load = functools.partial(_load_raw, dims, (x_ref,), flags_ref)
+  ops = _GpuOps(dims.tile, dims.kp, dims.k)
+
+  def body(j, state):
+    carry, queue = state
+    tile_idx = first_tile + j
+    raw, queue = _next_tile(queue, load, tile_idx, tile_idx + prefetch)
+    (xf,), valid, reset = _decode(dims, tile_idx, raw)
+    st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                     use_cumsum=cumsum)
+    if not summary:
+      for ref, value in zip(saved_refs, (*carry, st.c)):
+        plgpu.store(ref.at[j], value)
+      _store_tile(dims, y_ref, tile_idx,
+                  _tile_output(ops, st, xf, w_hat[None, :], bias[None, :], valid))
+    return _tile_carry_out(ops, st, carry), queue
+
+  carry = (n_ref[...], mu_ref[...], var_ref[...])
+  init = (carry, tuple(load(first_tile + d) for d in range(prefetch)))
+  (n, mu, var), _ = lax.fori_loop(0, dims.tiles, body, init)
+  n_out[...], mu_out[...], var_out[...] = n, mu, var
+
+
+def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: int, cumsum: bool):
+  """Backward over one time split of one (sequence, group), tiles in reverse order.
+
+  Inputs: x, dy [L, Kp], w_hat [Kp], saved carries and shifts [tiles] x 4, adjoint after the split
+  u_mu, u_var (scalars), (flags [L]). Outputs: dx [L, Kp], dw, db [Kp] and the adjoint before the
+  split (scalars); in summary mode only the split's adjoint map: v_mu, v_var, alpha, beta with
+  before = (alpha u_mu + beta u_var + v_mu, alpha u_var + v_var).
+  """
+  from jax.experimental.pallas import triton as plgpu
+  refs = list(refs)
+  x_ref, dy_ref, w_ref = refs[:3]
+  saved_refs = refs[3:3 + _SAVED]
+  umu_ref, uvar_ref = refs[3 + _SAVED:5 + _SAVED]
+  refs = refs[5 + _SAVED:]
+  flags_ref = refs.pop(0) if dims.has_flags else None
+  colmask = jnp.arange(dims.kp) < dims.k
+  w_hat = plgpu.load(w_ref, mask=colmask, other=0.0)
+  first_tile = pl.program_id(1) * dims.tiles
+  load = functools.partial(_load_raw, dims, (x_ref, dy_ref), flags_ref)
+  ops = _GpuOps(dims.tile, dims.kp, dims.k)
+
+  def body(j, state):
+    u, maps, acc, queue = state
+    local = dims.tiles - 1 - j
+    tile_idx = first_tile + local
+    raw, queue = _next_tile(queue, load, tile_idx, tile_idx - prefetch)
+    (xf, dy), valid, reset = _decode(dims, tile_idx, raw)
+    *carry, shift = (ref[local] for ref in saved_refs)
+    st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                     use_cumsum=cumsum, shift=shift)
+    dx, dw, db, out_mu, out_var, alpha, beta = _tile_backward(
+        ops, st, xf, dy, w_hat[None, :], valid, carry, u[0], u[1], k=dims.k)
+    if summary:
+      a_acc, b_acc = maps
+      maps = (alpha * a_acc, alpha * b_acc + beta * a_acc)
+    else:
+      _store_tile(dims, refs[0], tile_idx, dx)
+      acc = (acc[0] + dw, acc[1] + db)
+    return (out_mu, out_var), maps, acc, queue
+
+  zeros = jnp.zeros((dims.kp,), jnp.float32)
+  u0 = (jnp.float32(0.0), jnp.float32(0.0)) if summary else (umu_ref[...], uvar_ref[...])
+  init = (u0, (jnp.float32(1.0), jnp.float32(0.0)), (zeros, zeros),
+          tuple(load(first_tile + dims.tiles - 1 - d) for d in range(prefetch)))
+  (u_mu, u_var), (alpha, beta), (dw, db), _ = lax.fori_loop(0, dims.tiles, body, init)
+  if summary:
+    vmu_ref, vvar_ref, alpha_ref, beta_ref = refs
+    vmu_ref[...], vvar_ref[...], alpha_ref[...], beta_ref[...] = u_mu, u_var, alpha, beta
+  else:
+    _, dw_ref, db_ref, omu_ref, ovar_ref = refs
+    plgpu.store(dw_ref, dw, mask=colmask)
+    plgpu.store(db_ref, db, mask=colmask)
+    omu_ref[...], ovar_ref[...] = u_mu, u_var
+
+
+
+# --------------------------------------------------------------------------------------------
+# Triton pallas_call wrappers. Arrays: x4/y4/dy4/dx4 [B, L, G, K]; w_hat, bias [G, K];
+# per-program scalars [B*G, S]; saved carries and shifts 4 x [B*G, S, tiles]; flags [B, L]
+# int32; dw, db
+# partials [B*G, S, K]. Grid (B*G, S).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Everything static about one call."""
+  dims: _Dims
+  batch: int
+  splits: int
+  eps: float
+  config: KernelConfig
+  interpret: bool
+  backend: str
+
+
+def _block_specs(spec: _Spec):
+  d, groups = spec.dims, spec.dims.groups
+  seq = pl.BlockSpec((None, d.length, None, d.kp), lambda bg, s: (bg // groups, 0, bg % groups, 0))
+  feat = pl.BlockSpec((None, d.kp), lambda bg, s: (bg % groups, 0))
+  scalar = pl.BlockSpec((None, None), lambda bg, s: (bg, s))
+  saved = pl.BlockSpec((None, None, d.tiles), lambda bg, s: (bg, s, 0))
+  flags = pl.BlockSpec((None, d.length), lambda bg, s: (bg // groups, 0))
+  partial = pl.BlockSpec((None, None, d.kp), lambda bg, s: (bg, s, 0))
+  return seq, feat, scalar, saved, flags, partial
+
+
+def _call(spec: _Spec, kernel, in_specs, out_specs, out_shape, name):
+  from jax.experimental.pallas import triton as plgpu
+  cfg = spec.config
+  return pl.pallas_call(
+      kernel, grid=(spec.batch * spec.dims.groups, spec.splits), in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape, interpret=spec.interpret, name=name,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _fwd_call(spec: _Spec, x4, w_hat, bias, n_in, mu_in, var_in, flags, *, summary: bool):
+  seq, feat, scalar, saved, flag_spec, _ = _block_specs(spec)
+  d = spec.dims
+  programs = (spec.batch * d.groups, spec.splits)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args, in_specs = [x4], [seq]
+  if not summary:
+    args += [w_hat, bias]
+    in_specs += [feat, feat]
+  args += [n_in, mu_in, var_in]
+  in_specs += [scalar] * 3
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  out_shape, out_specs = [], []
+  if not summary:
+    out_shape += ([jax.ShapeDtypeStruct(x4.shape, x4.dtype)]
+                  + [f32(programs + (d.tiles,))] * _SAVED)
+    out_specs += [seq] + [saved] * _SAVED
+  out_shape += [f32(programs)] * 3
+  out_specs += [scalar] * 3
+  kernel = functools.partial(_fwd_kernel, dims=d, eps=spec.eps, summary=summary,
+                             prefetch=int(spec.config.prefetch), cumsum=spec.config.cumsum)
+  name = "timestep_norm_fwd_summary" if summary else "timestep_norm_fwd"
+  return _call(spec, kernel, in_specs, out_specs, out_shape, name)(*args)
+
+
+def _bwd_call(spec: _Spec, x4, dy4, w_hat, saved, u_mu, u_var, flags, *, summary: bool):
+  seq, feat, scalar, saved_spec, flag_spec, partial = _block_specs(spec)
+  d = spec.dims
+  programs = (spec.batch * d.groups, spec.splits)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = [x4, dy4, w_hat, *saved, u_mu, u_var]
+  in_specs = [seq, seq, feat] + [saved_spec] * _SAVED + [scalar] * 2
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  if summary:
+    out_shape, out_specs = [f32(programs)] * 4, [scalar] * 4
+  else:
+    out_shape = ([jax.ShapeDtypeStruct(x4.shape, x4.dtype)] + [f32(programs + (d.k,))] * 2
+                 + [f32(programs)] * 2)
+    out_specs = [seq, partial, partial, scalar, scalar]
+  kernel = functools.partial(_bwd_kernel, dims=d, eps=spec.eps, summary=summary,
+                             prefetch=int(spec.config.prefetch), cumsum=spec.config.cumsum)
+  name = "timestep_norm_bwd_summary" if summary else "timestep_norm_bwd"
+  return _call(spec, kernel, in_specs, out_specs, out_shape, name)(*args)
+
+
+def _split_has_reset(spec: _Spec, flags):
+  """[B*G, S] bool: the split contains a reset (its summary must not merge with what precedes)."""
+  d = spec.dims
+  span = d.tiles * d.tile
+  reset = (flags & _RESET) != 0
+  reset = jnp.pad(reset, ((0, 0), (0, spec.splits * span - d.length)))
+  any_reset = jnp.any(reset.reshape(spec.batch, spec.splits, span), axis=-1)
+  return jnp.repeat(any_reset, d.groups, axis=0)
+
+
+def _split_carries(spec: _Spec, x4, n0, mu0, var0, flags):
+  """Carry-in (n, mu, var) [B*G, S] of every split: summaries of the splits, merged in order."""
+  if spec.splits == 1:
+    return n0[:, None], mu0[:, None], var0[:, None]
+  zeros = jnp.zeros((spec.batch * spec.dims.groups, spec.splits), jnp.float32)
+  n_s, mu_s, var_s = _fwd_call(spec, x4, None, None, zeros, zeros, zeros, flags, summary=True)
+  has_reset = (_split_has_reset(spec, flags) if spec.dims.has_flags
+               else jnp.zeros(n_s.shape, jnp.bool_))
+  carries = [(n0, mu0, var0)]
+  for s in range(spec.splits - 1):
+    prev = TimestepNormState(*carries[-1])
+    here = TimestepNormState(n_s[:, s], mu_s[:, s][:, None], var_s[:, s][:, None])
+    merged = tsn_ops.merge_stats(TimestepNormState(prev.count, prev.mean[:, None], prev.var[:, None]),
+                                 here)
+    cut = has_reset[:, s]
+    carries.append((jnp.where(cut, here.count, merged.count),
+                    jnp.where(cut, here.mean[:, 0], merged.mean[:, 0]),
+                    jnp.where(cut, here.var[:, 0], merged.var[:, 0])))
+  return tuple(jnp.stack(c, axis=1) for c in zip(*carries))
+
+
+def _split_adjoints(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
+  """Adjoint (mu, var) [B*G, S] of the statistics at the end of every split."""
+  if spec.splits == 1:
+    return g_mu[:, None], g_var[:, None]
+  zeros = jnp.zeros((spec.batch * spec.dims.groups, spec.splits), jnp.float32)
+  v_mu, v_var, alpha, beta = _bwd_call(spec, x4, dy4, w_hat, saved, zeros, zeros, flags,
+                                       summary=True)
+  u = [(g_mu, g_var)]
+  for s in range(spec.splits - 1, 0, -1):
+    u_mu, u_var = u[-1]
+    u.append((alpha[:, s] * u_mu + beta[:, s] * u_var + v_mu[:, s], alpha[:, s] * u_var + v_var[:, s]))
+  u = u[::-1]
+  return jnp.stack([a for a, _ in u], axis=1), jnp.stack([b for _, b in u], axis=1)
+
+
+def _triton_forward(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
+  """-> y4, mean and var after the last step [B*G], residuals for the backward."""
+  n_in, mu_in, var_in = _split_carries(spec, x4, n0, mu0, var0, flags)
+  y4, *saved, _, mu_o, var_o = _fwd_call(spec, x4, w_hat, bias, n_in, mu_in, var_in, flags,
+                                         summary=False)
+  return y4, mu_o[:, -1], var_o[:, -1], tuple(saved)
+
+
+def _triton_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
+  """-> dx4, d w_hat [G, K], d bias [G, K], d mean0, d var0 [B*G]."""
+  u_mu, u_var = _split_adjoints(spec, x4, dy4, w_hat, saved, g_mu, g_var, flags)
+  dx4, dw, db, o_mu, o_var = _bwd_call(spec, x4, dy4, w_hat, saved, u_mu, u_var, flags,
+                                       summary=False)
+  groups, k = spec.dims.groups, spec.dims.k
+  dw = dw.reshape(spec.batch, groups, spec.splits, k).sum(axis=(0, 2))
+  db = db.reshape(spec.batch, groups, spec.splits, k).sum(axis=(0, 2))
+  return dx4, dw, db, o_mu[:, 0], o_var[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels: grid (B, time tiles); each program holds all G groups of one tile of
+# one sequence ([T, D] blocks, pipelined by Pallas), with the carry in VMEM scratch across the
+# sequential time axis. Group and time sums are matmuls. time_splits, prefetch, num_warps and
+# num_stages do not apply. Arrays: x, y, dy, dx [B, L, D]; w_hat, bias [1, D]; onehot [D, G];
+# per-sequence statistics [B, 1, G]; saved carries and shifts [B, tiles, 4, G]; flags
+# [B, L, 1] int32;
+# dw, db [B, 1, D].
+# --------------------------------------------------------------------------------------------
+
+
+def _mosaic_tile_inputs(dims: _Dims, tile_idx, x_refs, flags_ref):
+  """Tiles as float32 (rows past the end zeroed: edge blocks hold garbage), valid, reset [T, 1]."""
+  steps = tile_idx * dims.tile + lax.broadcasted_iota(jnp.int32, (dims.tile, 1), 0)
+  in_range = steps < dims.length
+  tiles = tuple(jnp.where(in_range, ref[...].astype(jnp.float32), 0.0) for ref in x_refs)
+  if flags_ref is None:
+    return tiles, in_range, jnp.zeros((dims.tile, 1), jnp.bool_)
+  flags = flags_ref[...]
+  return tiles, in_range & ((flags & _VALID) != 0), in_range & ((flags & _RESET) != 0)
+
+
+def _mosaic_fwd_kernel(*refs, dims: _Dims, eps: float):
+  refs = list(refs)
+  x_ref, w_ref, b_ref, onehot_ref, n_ref, mu_ref, var_ref = refs[:7]
+  flags_ref = refs[7] if dims.has_flags else None
+  y_ref, saved_ref, mu_out, var_out, carry_ref = refs[-5:]
+  i = pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _():
+    carry_ref[0:1, :] = n_ref[...]
+    carry_ref[1:2, :] = mu_ref[...]
+    carry_ref[2:3, :] = var_ref[...]
+
+  carry = (carry_ref[0:1, :], carry_ref[1:2, :], carry_ref[2:3, :])
+  ops = _TpuOps(dims.tile, onehot_ref[...])
+  (xf,), valid, reset = _mosaic_tile_inputs(dims, i, (x_ref,), flags_ref)
+  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                   use_cumsum=False)
+  saved_ref[0:3, :] = carry_ref[...]
+  saved_ref[3:4, :] = st.c
+  y_ref[...] = _tile_output(ops, st, xf, w_ref[...], b_ref[...], valid).astype(y_ref.dtype)
+  n, mu, var = _tile_carry_out(ops, st, carry)
+  carry_ref[0:1, :], carry_ref[1:2, :], carry_ref[2:3, :] = n, mu, var
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _():
+    mu_out[...] = mu
+    var_out[...] = var
+
+
+def _mosaic_bwd_kernel(*refs, dims: _Dims, eps: float):
+  refs = list(refs)
+  x_ref, dy_ref, w_ref, onehot_ref, saved_ref, gmu_ref, gvar_ref = refs[:7]
+  flags_ref = refs[7] if dims.has_flags else None
+  dx_ref, dw_ref, db_ref, omu_ref, ovar_ref, u_ref = refs[-6:]
+  i = pl.program_id(1)
+  tile_idx = pl.num_programs(1) - 1 - i
+
+  @pl.when(i == 0)
+  def _():
+    u_ref[0:1, :] = gmu_ref[...]
+    u_ref[1:2, :] = gvar_ref[...]
+    dw_ref[...] = jnp.zeros_like(dw_ref)
+    db_ref[...] = jnp.zeros_like(db_ref)
+
+  ops = _TpuOps(dims.tile, onehot_ref[...])
+  (xf, dy), valid, reset = _mosaic_tile_inputs(dims, tile_idx, (x_ref, dy_ref), flags_ref)
+  carry = (saved_ref[0:1, :], saved_ref[1:2, :], saved_ref[2:3, :])
+  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                   use_cumsum=False, shift=saved_ref[3:4, :])
+  dx, dw, db, out_mu, out_var, _, _ = _tile_backward(
+      ops, st, xf, dy, w_ref[...], valid, carry, u_ref[0:1, :], u_ref[1:2, :], k=dims.k)
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  dw_ref[...] += dw
+  db_ref[...] += db
+  u_ref[0:1, :] = out_mu
+  u_ref[1:2, :] = out_var
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _():
+    omu_ref[...] = out_mu
+    ovar_ref[...] = out_var
+
+
+def _mosaic_call(spec: _Spec, kernel, in_specs, out_specs, out_shape, scratch, name):
+  from jax.experimental.pallas import tpu as pltpu
+  d = spec.dims
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=0, grid=(spec.batch, d.tiles), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(scratch, jnp.float32)])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=spec.interpret, name=name,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")))
+
+
+def _mosaic_specs(spec: _Spec, reverse: bool):
+  d = spec.dims
+  dim, groups, n = d.groups * d.k, d.groups, d.tiles
+  tile = (lambda b, i: (b, n - 1 - i, 0)) if reverse else (lambda b, i: (b, i, 0))
+  seq = pl.BlockSpec((None, d.tile, dim), tile)
+  flags = pl.BlockSpec((None, d.tile, 1), tile)
+  row = pl.BlockSpec((1, dim), lambda b, i: (0, 0))
+  onehot = pl.BlockSpec((dim, groups), lambda b, i: (0, 0))
+  stats = pl.BlockSpec((None, 1, groups), lambda b, i: (b, 0, 0))
+  saved = pl.BlockSpec((None, None, _SAVED, groups),
+                       (lambda b, i: (b, n - 1 - i, 0, 0)) if reverse else (lambda b, i: (b, i, 0, 0)))
+  per_seq = pl.BlockSpec((None, 1, dim), lambda b, i: (b, 0, 0))
+  return seq, flags, row, onehot, stats, saved, per_seq
+
+
+def _onehot(dims: _Dims):
+  return (jnp.arange(dims.groups * dims.k)[:, None] // dims.k
+          == jnp.arange(dims.groups)[None, :]).astype(jnp.float32)
+
+
+def _mosaic_forward(spec: _Spec, x, w_hat, bias, n0, mu0, var0, flags):
+  d = spec.dims
+  seq, flag_spec, row, onehot, stats, saved, _ = _mosaic_specs(spec, reverse=False)
+  args = [x, w_hat, bias, _onehot(d), n0, mu0, var0]
+  in_specs = [seq, row, row, onehot, stats, stats, stats]
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+               f32((spec.batch, d.tiles, _SAVED, d.groups)),
+               f32(n0.shape), f32(n0.shape)]
+  kernel = functools.partial(_mosaic_fwd_kernel, dims=d, eps=spec.eps)
+  y, saved_carries, mu_out, var_out = _mosaic_call(
+      spec, kernel, in_specs, [seq, saved, stats, stats], out_shape, (3, d.groups),
+      "timestep_norm_fwd")(*args)
+  return y, mu_out, var_out, saved_carries
+
+
+def _mosaic_backward(spec: _Spec, x, dy, w_hat, saved_carries, g_mu, g_var, flags):
+  d = spec.dims
+  seq, flag_spec, row, onehot, stats, saved, per_seq = _mosaic_specs(spec, reverse=True)
+  args = [x, dy, w_hat, _onehot(d), saved_carries, g_mu, g_var]
+  in_specs = [seq, seq, row, onehot, saved, stats, stats]
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(flag_spec)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  dim = d.groups * d.k
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32((spec.batch, 1, dim)),
+               f32((spec.batch, 1, dim)), f32(g_mu.shape), f32(g_mu.shape)]
+  kernel = functools.partial(_mosaic_bwd_kernel, dims=d, eps=spec.eps)
+  dx, dw, db, o_mu, o_var = _mosaic_call(
+      spec, kernel, in_specs, [seq, per_seq, per_seq, stats, stats], out_shape, (2, d.groups),
+      "timestep_norm_bwd")(*args)
+  return dx, jnp.sum(dw, axis=0), jnp.sum(db, axis=0), o_mu, o_var
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp over either backend (arguments and results in the backend's layout).
+# --------------------------------------------------------------------------------------------
+
+_BACKENDS = {"triton": (_triton_forward, _triton_backward),
+             "mosaic": (_mosaic_forward, _mosaic_backward)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tsn_core(spec: _Spec, x, w_hat, bias, n0, mu0, var0, flags):
+  y, mu_out, var_out, _ = _BACKENDS[spec.backend][0](spec, x, w_hat, bias, n0, mu0, var0, flags)
+  return y, mu_out, var_out
+
+
+def _tsn_fwd(spec, x, w_hat, bias, n0, mu0, var0, flags):
+  y, mu_out, var_out, saved = _BACKENDS[spec.backend][0](spec, x, w_hat, bias, n0, mu0, var0,
+                                                         flags)
+  return (y, mu_out, var_out), (x, w_hat, n0, saved, flags)
+
+
+def _tsn_bwd(spec, residuals, cotangents):
+  x, w_hat, n0, saved, flags = residuals
+  dy, g_mu, g_var = cotangents
+  dx, dw, db, d_mu0, d_var0 = _BACKENDS[spec.backend][1](spec, x, dy.astype(x.dtype), w_hat, saved,
+                                                         g_mu, g_var, flags)
+  flags_ct = None if flags is None else np.zeros(flags.shape, jax.dtypes.float0)
+  return dx, dw, db, jnp.zeros_like(n0), d_mu0, d_var0, flags_ct
+
+
+_tsn_core.defvjp(_tsn_fwd, _tsn_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+
+BACKENDS = tuple(_BACKENDS)
+
+
+def _final_count(count0, valid, reset):
+  """Exact int32 count after the last step: valid steps since the last reset (or all + prior)."""
+  steps = jnp.arange(valid.shape[1])[None, :]
+  last_reset = jnp.max(jnp.where(reset, steps, -1), axis=1, keepdims=True)
+  since = jnp.sum(valid & (steps >= last_reset), axis=1, dtype=jnp.int32)
+  return since + jnp.where(last_reset[:, 0] < 0, count0, 0)
+
+
+def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, num_groups: int,
+                         eps: float = 1e-5, state: TimestepNormState | None = None,
+                         padding_mask: jax.Array | None = None,
+                         segment_ids: jax.Array | None = None, interpret: bool | None = None,
+                         config: KernelConfig | None = None,
+                         backend: str | None = None) -> tuple[jax.Array, TimestepNormState]:
+  """Fused TimestepNorm; same contract as megalodon_jax.ops.timestep_norm.timestep_norm.
+
+  x: [B, L, D]; weight, bias: [D] (weight applied as weight + 1); state: count [B], mean/var
+  [B, G]; padding_mask: [B, L] bool (True = padded); segment_ids: [B, L] int.
+  interpret: run the Pallas interpreter (default: True when JAX's default backend is the CPU).
+  config: KernelConfig tunables (tile size, warps, stages, time splits, prefetch, cumsum).
+  backend: "triton" (GPU) or "mosaic" (TPU); default: mosaic on TPU, triton elsewhere (both run
+  interpreted on CPU).
+  Returns y [B, L, D] in x.dtype and the state after the last step. Differentiable (custom VJP)
+  w.r.t. x, weight, bias and the incoming state's mean and var.
+  """
+  tsn_ops.check_inputs(x, weight, bias, num_groups, state, padding_mask, segment_ids)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if backend is None:
+    backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  config = config or KernelConfig()
+  if state is None:
+    state = tsn_ops.initial_state(x.shape[0], num_groups)
+  return _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids,
+                               num_groups=num_groups, eps=float(eps), interpret=bool(interpret),
+                               config=config, backend=backend)
+
+
+def _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, has_flags,
+               segmented) -> _Spec:
+  k = dim // num_groups
+  if backend == "mosaic":
+    # Blocks of [T, D]: T a multiple of 8, or the whole (short) sequence.
+    tile = config.block_t if length >= config.block_t else length
+    splits, tiles = 1, pl.cdiv(length, tile)
+  else:
+    tile = min(config.block_t, max(8, pl.next_power_of_2(length)))
+    total_tiles = pl.cdiv(length, tile)
+    splits = min(config.time_splits, total_tiles)
+    tiles = pl.cdiv(total_tiles, splits)
+  dims = _Dims(length=length, groups=num_groups, k=k, kp=pl.next_power_of_2(k), tile=tile,
+               tiles=tiles, has_flags=has_flags, segmented=segmented)
+  return _Spec(dims=dims, batch=batch, splits=splits, eps=eps, config=config, interpret=interpret,
+               backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "eps", "interpret", "config", "backend"))
+def _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids, *, num_groups, eps,
+                          interpret, config, backend):
+  batch, length, dim = x.shape
+  has_flags = padding_mask is not None or segment_ids is not None
+  spec = _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, has_flags,
+                    segment_ids is not None)
+  valid = jnp.ones((batch, length), jnp.bool_) if padding_mask is None else ~padding_mask
+  reset = tsn_ops.reset_flags(segment_ids, batch, length)
+  flags = (jnp.where(valid, _VALID, 0) | jnp.where(reset, _RESET, 0)).astype(jnp.int32)
+  count0 = jnp.asarray(state.count, jnp.int32)
+  mean0 = jnp.asarray(state.mean, jnp.float32)
+  var0 = jnp.asarray(state.var, jnp.float32)
+  w_hat = weight.astype(jnp.float32) + 1.0
+  b = bias.astype(jnp.float32)
+  k = dim // num_groups
+  if backend == "mosaic":
+    stats = lambda a: a.reshape(batch, 1, num_groups)
+    n0 = jnp.broadcast_to(count0.astype(jnp.float32)[:, None, None], (batch, 1, num_groups))
+    args = (x, w_hat.reshape(1, dim), b.reshape(1, dim), n0, stats(mean0), stats(var0),
+            flags[..., None] if has_flags else None)
+  else:
+    stats = lambda a: a.reshape(batch * num_groups)
+    n0 = jnp.repeat(count0.astype(jnp.float32), num_groups)
+    args = (x.reshape(batch, length, num_groups, k), w_hat.reshape(num_groups, k),
+            b.reshape(num_groups, k), n0, stats(mean0), stats(var0), flags if has_flags else None)
+  y, mu_out, var_out = _tsn_core(spec, *args)
+  new_state = TimestepNormState(count=_final_count(count0, valid, reset),
+                                mean=mu_out.reshape(batch, num_groups),
+                                var=var_out.reshape(batch, num_groups))
+  return y.reshape(batch, length, dim), new_state
+
+
+def timestep_norm_reference(x: jax.Array, weight: jax.Array, bias: jax.Array, *, num_groups: int,
+                            eps: float = 1e-5, state: TimestepNormState | None = None,
+                            padding_mask: jax.Array | None = None,
+                            segment_ids: jax.Array | None = None, interpret: bool | None = None,
+                            config: KernelConfig | None = None,
+                            backend: str | None = None) -> tuple[jax.Array, TimestepNormState]:
+  """Plain-JAX reference with the kernel's signature (interpret/config/backend are ignored)."""
+  del interpret, config, backend
+  return tsn_ops.timestep_norm(x, weight, bias, num_groups=num_groups, eps=eps, state=state,
+                               padding_mask=padding_mask, segment_ids=segment_ids,
+                               method="associative")

@@ -1,0 +1,251 @@
+"""Pallas TimestepNorm kernels (interpreted on CPU) against the plain-JAX reference.
+
+Shapes are deliberately odd: L = 37 is not a multiple of any tile, D / G = 6 features per group
+is not a power of 2 (the kernels pad it to 8 and mask), and the time splits do not divide the
+tiles evenly.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from kernels_pallas import timestep_norm as K
+from megalodon_jax.ops import timestep_norm as tsn
+
+B, L, D, G = 2, 37, 24, 4
+
+# (backend, config): the Triton (GPU) variant with its options, and the Mosaic (TPU) variant
+# with a tile that does not divide L and one longer than L (a single whole-sequence block).
+CONFIGS = {
+    "tile8": ("triton", K.KernelConfig(block_t=8)),
+    "tile16_splits3_cumsum_ahead3": ("triton", K.KernelConfig(block_t=16, time_splits=3, cumsum=True,
+                                                              prefetch=3)),
+    "tile8_splits2_noprefetch": ("triton", K.KernelConfig(block_t=8, time_splits=2, prefetch=0)),
+    "mosaic_tile8": ("mosaic", K.KernelConfig(block_t=8)),
+    "mosaic_tile64": ("mosaic", K.KernelConfig(block_t=64)),
+}
+
+
+def make_inputs(rng, *, pad=True, segments=True, carry=True, dtype=np.float32):
+  x = (3.0 + 2.0 * rng.standard_normal((B, L, D))).astype(dtype)
+  w = (0.3 * rng.standard_normal(D)).astype(np.float32)
+  b = (0.3 * rng.standard_normal(D)).astype(np.float32)
+  mask = seg = state = None
+  if pad:
+    mask = rng.random((B, L)) < 0.2
+    mask[0, :2] = True
+    mask[1, 16:32] = True   # Whole tiles (and a whole time split of tile8_splits2) padded.
+    mask[1, -3:] = True     # Padded tail.
+  if segments:
+    seg = np.cumsum(rng.random((B, L)) < 0.12, axis=1).astype(np.int32)
+    seg[0, :6] = seg[0, 0]  # The carried state of row 0 stays in use for a few steps.
+    seg[0, 16:] += 5        # A reset exactly at a tile / split boundary.
+    seg[0, 9:] += 3         # ... and one in the middle of a tile.
+  if carry:
+    state = tsn.TimestepNormState(
+        count=np.array([6, 0], np.int32),   # Row 1: count 0 with a nonzero mean/var.
+        mean=(3.0 + rng.standard_normal((B, G))).astype(np.float32),
+        var=(1.0 + rng.random((B, G))).astype(np.float32))
+  return x, w, b, mask, seg, state
+
+
+def run(fn, config, x, w, b, mask, seg, state):
+  """config: a CONFIGS key (or None for the references)."""
+  backend, config = CONFIGS[config] if config else (None, None)
+  return fn(x, w, b, num_groups=G, state=state, padding_mask=mask, segment_ids=seg, config=config,
+            backend=backend)
+
+
+def max_rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+
+
+@pytest.mark.parametrize("config,case", [(c, "everything") for c in CONFIGS]
+                         + [("tile16_splits3_cumsum_ahead3", "plain")])
+def test_forward_matches_reference(rng, config, case):
+  opts = {} if case == "everything" else {"pad": False, "segments": False, "carry": False}
+  args = make_inputs(rng, **opts)
+  y, state = run(K.timestep_norm_pallas, config, *args)
+  y_ref, state_ref = run(K.timestep_norm_reference, None, *args)
+  assert y.dtype == jnp.float32 and y.shape == (B, L, D)
+  assert max_rel(y, y_ref) < 1e-5
+  np.testing.assert_array_equal(state.count, state_ref.count)
+  assert state.count.dtype == jnp.int32
+  np.testing.assert_allclose(state.mean, state_ref.mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.var, state_ref.var, rtol=1e-5, atol=1e-6)
+  if case == "everything":
+    assert np.all(np.asarray(y)[args[3]] == 0.0)   # Padded steps are exactly 0.
+
+
+def loss_and_grads(fn, config, x, w, b, mask, seg, state, rng_weights):
+  """Gradients of a random linear functional of (y, new mean, new var) w.r.t. every input."""
+  wy, wm, wv = rng_weights
+
+  def loss(x, w, b, mean, var):
+    y, new = run(fn, config, x, w, b, mask, seg, state._replace(mean=mean, var=var))
+    return (jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(new.mean * wm)
+            + jnp.sum(new.var * wv))
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, b, state.mean, state.var)
+
+
+def sequential_reference(x, w, b, *, config, backend, **kwargs):
+  """The op's sequential scan: the same semantics as timestep_norm_reference, compiles faster."""
+  del config, backend
+  return tsn.timestep_norm(x, w, b, method="sequential", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def grad_case():
+  """Inputs, output weights and reference gradients shared by the gradient tests."""
+  rng = np.random.default_rng(1234)
+  args = make_inputs(rng)
+  weights = (rng.standard_normal((B, L, D)).astype(np.float32),
+             rng.standard_normal((B, G)).astype(np.float32),
+             rng.standard_normal((B, G)).astype(np.float32))
+  return args, weights, loss_and_grads(sequential_reference, None, *args, weights)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "tile8"])
+def test_gradients_match_reference(grad_case, config):
+  args, weights, want = grad_case
+  got = loss_and_grads(K.timestep_norm_pallas, config, *args, weights)
+  for name, g, r in zip(("x", "weight", "bias", "mean", "var"), got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    assert max_rel(g, r) < 2e-5, name
+  assert np.max(np.abs(np.asarray(got[0])[args[3]])) == 0.0   # No gradient into padded steps.
+  assert np.max(np.abs(np.asarray(want[3]))) > 1e-2           # The carried state does matter.
+
+
+def test_all_padded_passes_the_state_through(rng):
+  """A fully padded sequence: output 0 and the state unchanged bit for bit (even with count 0)."""
+  x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
+  mask = np.ones((B, L), bool)
+  y, new = run(K.timestep_norm_pallas, "tile8_splits2_noprefetch", x, w, b, mask, None, state)
+  assert np.all(np.asarray(y) == 0.0)
+  for got, want in zip(new, state):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_all_padded_passes_the_gradient_through(rng):
+  """The gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one."""
+  x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
+  mask = np.ones((B, L), bool)
+  config = "tile8_splits2_noprefetch"
+  wm = rng.standard_normal((B, G)).astype(np.float32)
+  grads = jax.grad(lambda m, v: jnp.sum(run(K.timestep_norm_pallas, config, x, w, b, mask, None,
+                                            state._replace(mean=m, var=v))[1].mean * wm),
+                   argnums=(0, 1))(state.mean, state.var)
+  np.testing.assert_allclose(grads[0], wm, rtol=1e-6)
+  np.testing.assert_array_equal(grads[1], 0.0)
+
+
+def test_two_pieces_equal_one_pass(rng):
+  x, w, b, mask, seg, state = make_inputs(rng)
+  config = "tile8"
+  cut = 20
+  seg[:, cut] = seg[:, cut - 1]   # No reset at the cut: statistics continue across it.
+  seg[:, cut + 1:] = np.maximum(seg[:, cut + 1:], seg[:, cut:cut + 1])
+  y, new = run(K.timestep_norm_pallas, config, x, w, b, mask, seg, state)
+  y1, s1 = run(K.timestep_norm_pallas, config, x[:, :cut], w, b, mask[:, :cut], seg[:, :cut], state)
+  y2, s2 = run(K.timestep_norm_pallas, config, x[:, cut:], w, b, mask[:, cut:], seg[:, cut:], s1)
+  np.testing.assert_allclose(np.concatenate([y1, y2], axis=1), y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(s2.count, new.count)
+  np.testing.assert_allclose(s2.mean, new.mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(s2.var, new.var, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16(rng):
+  x, w, b, mask, seg, state = make_inputs(rng)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  config = "tile16_splits3_cumsum_ahead3"
+  y, new = run(K.timestep_norm_pallas, config, xb, w, b, mask, seg, state)
+  y_ref, new_ref = run(K.timestep_norm_reference, None, xb, w, b, mask, seg, state)
+  assert y.dtype == jnp.bfloat16
+  assert max_rel(y.astype(jnp.float32), y_ref.astype(jnp.float32)) < 1e-2
+  np.testing.assert_allclose(new.var, new_ref.var, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bfloat16_gradient(rng):
+  x, w, b, mask, seg, state = make_inputs(rng)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  config = "tile16_splits3_cumsum_ahead3"
+  dx = jax.grad(lambda x: jnp.sum(run(K.timestep_norm_pallas, config, x, w, b, mask, seg,
+                                      state)[0].astype(jnp.float32)))(xb)
+  dx_ref = jax.grad(lambda x: jnp.sum(run(sequential_reference, None, x, w, b, mask, seg,
+                                          state)[0].astype(jnp.float32)))(xb)
+  assert dx.dtype == jnp.bfloat16
+  assert max_rel(dx.astype(jnp.float32), dx_ref.astype(jnp.float32)) < 2e-2
+
+
+@pytest.mark.parametrize("cumsum,segments", [(True, False), (False, True)])
+def test_lowers_to_triton(cumsum, segments):
+  """The forward and backward kernels lower to Triton IR for a CUDA target (no GPU needed):
+  catches primitives or shapes that the Pallas Triton backend does not support."""
+  config = K.KernelConfig(block_t=64, time_splits=2, cumsum=cumsum)
+
+  def grads(x, w, b, mask, seg):
+    def loss(x, w, b):
+      y, new = K.timestep_norm_pallas(x, w, b, num_groups=4, padding_mask=mask,
+                                      segment_ids=seg if segments else None, interpret=False,
+                                      config=config)
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(new.var)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+  shapes = (jax.ShapeDtypeStruct((1, 300, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256,), jnp.float32),
+            jax.ShapeDtypeStruct((256,), jnp.float32), jax.ShapeDtypeStruct((1, 300), jnp.bool_),
+            jax.ShapeDtypeStruct((1, 300), jnp.int32))
+  exported = export.export(
+      jax.jit(grads), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+  text = exported.mlir_module()
+  for name in ("timestep_norm_fwd", "timestep_norm_fwd_summary", "timestep_norm_bwd",
+               "timestep_norm_bwd_summary"):
+    assert f'name = "{name}"' in text, name
+
+
+def test_op_dispatches_to_the_kernel(rng):
+  """megalodon_jax.ops.timestep_norm(method="pallas") runs this kernel (interpreted on CPU)."""
+  x, w, b, mask, seg, state = make_inputs(rng)
+  y, new = tsn.timestep_norm(x, w, b, num_groups=G, state=state, padding_mask=mask,
+                             segment_ids=seg, method="pallas")
+  y_ref, new_ref = run(sequential_reference, None, x, w, b, mask, seg, state)
+  assert max_rel(y, y_ref) < 1e-5
+  np.testing.assert_array_equal(new.count, new_ref.count)
+  np.testing.assert_allclose(new.var, new_ref.var, rtol=1e-5)
+
+
+def test_lowers_to_mosaic():
+  """The TPU variant lowers to Mosaic for a TPU target (no TPU needed)."""
+  config = K.KernelConfig(block_t=128)
+
+  def grads(x, w, b, mask, seg):
+    def loss(x, w, b):
+      y, new = K.timestep_norm_pallas(x, w, b, num_groups=8, padding_mask=mask, segment_ids=seg,
+                                      interpret=False, config=config, backend="mosaic")
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(new.var)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+  shapes = (jax.ShapeDtypeStruct((2, 300, 512), jnp.bfloat16), jax.ShapeDtypeStruct((512,), jnp.float32),
+            jax.ShapeDtypeStruct((512,), jnp.float32), jax.ShapeDtypeStruct((2, 300), jnp.bool_),
+            jax.ShapeDtypeStruct((2, 300), jnp.int32))
+  text = export.export(jax.jit(grads), platforms=["tpu"])(*shapes).mlir_module()
+  assert text.count("tpu_custom_call") == 2
+
+
+def test_config_and_input_errors():
+  with pytest.raises(ValueError, match="block_t"):
+    K.KernelConfig(block_t=48)
+  with pytest.raises(ValueError, match="time_splits"):
+    K.KernelConfig(time_splits=0)
+  with pytest.raises(ValueError, match="prefetch"):
+    K.KernelConfig(prefetch=-1)
+  x = jnp.zeros((2, 5, 12))
+  with pytest.raises(ValueError, match="divisible by num_groups"):
+    K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=5)
+  with pytest.raises(ValueError, match="backend"):
+    K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=4, backend="cuda")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Config the model was trained with.")
@@ -30,6 +30,8 @@ _PLOT = flags.DEFINE_string("plot", None, "PNG path for the perplexity-vs-contex
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   from megalodon_jax import data as data_lib
   from megalodon_jax.training import context_study, loop
   config = _CONFIG.value

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Config the model was trained with.")
@@ -23,6 +23,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   from megalodon_jax.training import loop, sampling
   config = _CONFIG.value
   sample = dict(config.sample.to_dict())

@@ -8,7 +8,7 @@ Resumes automatically from the newest checkpoint in --workdir. SIGTERM saves a c
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Experiment config file.",
@@ -20,6 +20,8 @@ _SAMPLE = flags.DEFINE_bool("sample", True, "Print a sample from the trained mod
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file at INFO
   from megalodon_jax.training import loop, sampling
   config = _CONFIG.value
   summary = loop.train_and_evaluate(config, _WORKDIR.value)

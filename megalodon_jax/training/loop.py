@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -279,5 +280,6 @@ def load_params(experiment: Experiment, workdir: str, step: int | None = None) -
       step, state, _ = restored
   finally:
     checkpointer.close()
-  _print(f"loaded checkpoint step {step} from {directory}")
+  if jax.process_index() == 0:
+    print(f"loaded checkpoint step {step} from {directory}", file=sys.stderr, flush=True)
   return state.params

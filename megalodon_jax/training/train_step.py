@@ -80,7 +80,7 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     denom = jnp.maximum(count, 1.0)
     loss = nll / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

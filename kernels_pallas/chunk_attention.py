@@ -321,7 +321,9 @@ def _attention_fwd(plan: _Plan, q, k, v, segment_ids):
 def _attention_bwd(plan: _Plan, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
   # delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij: one fused XLA reduction, [B, H, L] float32.
-  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  # Reduce over the contiguous feature axis first, transpose the small result after: the einsum
+  # form reduced across a transposed layout and took 0.8 ms on an H200 at L=32768, dv=2048.
+  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   if plan.platform == "triton":
     dq, dk, dv = _tr_backward(plan, q, k, v, segment_ids, lse, delta, d_out)
   else:

@@ -17,7 +17,11 @@ def cema_method(requested: str) -> str:
 
 
 def timestep_norm_method(requested: str) -> str:
-  """config.timestep_norm_impl -> an ops.timestep_norm method ('xla' is the associative scan)."""
+  """config.timestep_norm_impl -> an ops.timestep_norm method ('xla' is the associative scan).
+
+  'auto' is the associative scan everywhere for now: on an H200 it ran fwd+bwd in 1.55 ms against
+  1.92 ms for the best Pallas tiling (L=32768, D=4096, 64 groups; gpu_checks, 2026-11-28).
+  """
   if requested == "auto":
-    return "pallas" if has_accelerator() else "associative"
+    return "associative"
   return {"xla": "associative"}.get(requested, requested)

@@ -250,3 +250,24 @@ def test_llama_rows_that_cannot_fit_are_reported_without_running(monkeypatch):
   assert row["error"].startswith("OOM (not run): KV cache") and "tokens_per_s" not in row
   assert row["cache_gib"] * 2**30 == llama_lib.cache_bytes(llama_lib.preset("tiny", dtype="bfloat16"), 64,
                                                            100_000 + bench_decode.total_steps(args))
+
+
+def test_scanned_initialisation_gives_the_unrolled_parameter_layout():
+  mega = mega_config.preset("tiny", scan_layers=True)
+  from megalodon_jax.model import init_params
+  scanned = jax.eval_shape(lambda: bench_decode.unstack_layers(init_params(mega, jax.random.key(0)),
+                                                                mega.num_layers))
+  unrolled = jax.eval_shape(lambda: init_params(mega.replace(scan_layers=False), jax.random.key(0)))
+  assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+  assert jax.tree.leaves(scanned) == jax.tree.leaves(unrolled)  # shapes and dtypes
+  cfg = llama_lib.preset("tiny", scan_layers=True)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  stacked = jax.eval_shape(lambda: llama_lib.Llama(cfg).init(jax.random.key(0), tokens)["params"])
+  layers = jax.eval_shape(lambda: llama_lib.Llama(cfg.replace(scan_layers=False)).init(jax.random.key(0), tokens)["params"])
+  split = jax.eval_shape(lambda p: bench_decode.unstack_layers(p, cfg.num_layers), stacked)
+  assert jax.tree.structure(split) == jax.tree.structure(layers) and jax.tree.leaves(split) == jax.tree.leaves(layers)
+  # Values: layer i of the unrolled layout is slice i of the stack.
+  params = {"layers": {"w": jnp.arange(6.0).reshape(3, 2)}, "embed": jnp.ones(2)}
+  out = bench_decode.unstack_layers(params, 3)
+  np.testing.assert_array_equal(out["layers_2"]["w"], [4.0, 5.0])
+  assert set(out) == {"embed", "layers_0", "layers_1", "layers_2"}

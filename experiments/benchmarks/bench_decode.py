@@ -136,8 +136,9 @@ def megalodon_cache(cfg: mega_config.MegalodonConfig, batch: int, context: int, 
 
 
 def llama_config(preset: str, args: argparse.Namespace) -> llama_lib.LlamaConfig:
+  # attention_impl only matters without a cache (here: parameter initialisation).
   return llama_lib.preset(preset, dtype=args.dtype, param_dtype=args.param_dtype, scan_layers=False,
-                          decode_attention_impl=args.llama_decode_attention)
+                          attention_impl="xla", decode_attention_impl=args.llama_decode_attention)
 
 
 def llama_cache(cfg: llama_lib.LlamaConfig, batch: int, context: int, extra: int) -> dict[str, Any]:
@@ -152,8 +153,19 @@ def first_tokens(batch: int) -> jax.Array:
   return jnp.ones((batch, 1), jnp.int32)
 
 
-def init_params(init: Callable[[jax.Array], Any]) -> Any:
-  return jax.jit(init)(jax.random.key(0))
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+  """Parameters of a model with scanned layers ("layers": leaves with a leading layer axis) in
+  the layout of the same model with unrolled layers ("layers_0", "layers_1", ...)."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], params["layers"])
+  return out
+
+
+def init_unrolled(init_scanned: Callable[[jax.Array], Any], num_layers: int) -> Any:
+  """Initialises through the scanned model (one layer body to compile instead of num_layers) and
+  returns the unrolled layout the decode step uses."""
+  return jax.jit(lambda rng: unstack_layers(init_scanned(rng), num_layers))(jax.random.key(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +199,9 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int],
   cfg = megalodon_config(preset, args)
   model = MegalodonLM(cfg)
   impls = bench_train.megalodon_impls(cfg)
-  params = init_params(lambda rng: mega_init(cfg, rng))
+  # The XLA paths and scanned layers make the same parameters with a much smaller program to compile.
+  init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla", scan_layers=True)
+  params = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
   step = greedy_step(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache))
   chunk, steps = cfg.chunk_size, total_steps(args)
   abstract_state = jax.eval_shape(lambda: (megalodon_cache(cfg, batch, 0, 0), first_tokens(batch)))
@@ -235,7 +249,9 @@ def llama_row(size: str, preset: str, batch: int, context: int, args: argparse.N
     model = llama_lib.Llama(cfg)
     if preset not in params_cache:
       params_cache.clear()
-      params_cache[preset] = init_params(lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+      scanned = llama_lib.Llama(cfg.replace(scan_layers=True))
+      params_cache[preset] = init_unrolled(
+          lambda rng: scanned.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], cfg.num_layers)
     params = params_cache[preset]
     step = greedy_step(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache))
     state = (llama_cache(cfg, batch, context, extra), first_tokens(batch))

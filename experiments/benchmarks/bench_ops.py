@@ -375,10 +375,13 @@ def measure_fma_rate(n: int = 1 << 24, chain: int = 512, *, warmup: int = 2, ite
 
   x = jax.jit(lambda: noise_normal(12, (n,), jnp.float32))()
   a, b = jnp.float32(0.999), jnp.float32(1e-3)
-  stats = harness.time_fn(jax.jit(kernel), x, a, b, warmup=warmup, iters=iters, inner=inner)
+  compiled = jax.jit(kernel).lower(x, a, b).compile()
+  # One fused kernel is what makes this compute-bound; more would be memory-bound (rate too low).
+  fusions = compiled.as_text().count("kind=k")
+  stats = harness.time_fn(compiled, x, a, b, warmup=warmup, iters=iters, inner=inner)
   fmas = float(n) * chain
   rate = fmas / (stats["median_ms"] * 1e-3)
-  return {**stats, "n": n, "chain": chain, "fma_per_s": rate, "tflops": 2 * rate / 1e12}
+  return {**stats, "n": n, "chain": chain, "fusions": fusions, "fma_per_s": rate, "tflops": 2 * rate / 1e12}
 
 
 @dataclasses.dataclass
@@ -408,7 +411,7 @@ def measure_ceilings(smoke: bool, args: argparse.Namespace) -> tuple[Ceilings, l
   rows = floors.floor_rows(measured) + [{
       "ceiling": "fp32_fma_rate", "value": fma["tflops"], "unit": "TFLOP/s (2 per FMA)",
       "median_ms": fma["median_ms"], "p10_ms": fma["p10_ms"], "p90_ms": fma["p90_ms"],
-      "size": f"{fma['n']} x {fma['chain']} FMAs"}]
+      "size": f"{fma['n']} x {fma['chain']} FMAs in {fma['fusions']} fused kernel(s)"}]
   return Ceilings(measured["copy_gb_per_s"], measured["matmul_tflops"], fma["fma_per_s"]), rows
 
 
@@ -548,7 +551,8 @@ def add_speedups_vs_xla(rows: list[dict[str, Any]]) -> None:
 SUMMARY_COLUMNS = ("op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_floor_ms", "fwdbwd_floor_ms",
                    "fwdbwd_floor_kind", "fwd_x_floor", "fwdbwd_x_floor", "fwd_released_ms",
                    "fwdbwd_released_ms", "fwd_speedup_vs_released", "fwdbwd_speedup_vs_released",
-                   "fwdbwd_speedup_vs_xla", "fwdbwd_tflops", "fwdbwd_frac_matmul_peak", "target_fwdbwd_ms",
+                   "fwd_speedup_vs_xla", "fwdbwd_speedup_vs_xla", "fwd_tflops", "fwdbwd_tflops",
+                   "fwdbwd_frac_matmul_peak", "target_fwdbwd_ms",
                    "target_met", "fwd_error", "fwdbwd_error", "error", "fwd_lowering", "fwdbwd_lowering")
 
 
@@ -636,7 +640,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   ceilings, ceiling_rows = None, []
   if not (args.skip_ceilings or args.lower_only):
     ceilings, ceiling_rows = measure_ceilings(args.smoke, args)
-    print(harness.format_table(ceiling_rows), flush=True)
+    # Also on their own, in floors.py's format (plus the fp32 FMA rate).
+    harness.write_results("floors", ceiling_rows, {"floors_source": "bench_ops.measure_ceilings"},
+                          results_dir=args.results_dir)
   meta = {"ops_settings": {k: v for k, v in vars(args).items()}, "ceilings": ceiling_rows,
           "cema_fma_per_element": {"fwd": CEMA_FMA_FWD, "bwd": CEMA_FMA_BWD},
           "timing": "median of iters samples, each the mean of `inner` back-to-back calls, after warmup"}

@@ -132,9 +132,12 @@ def build_megalodon(preset: str, spec: RowSpec, args: argparse.Namespace) -> Mod
   from megalodon_jax.model import MegalodonLM, init_params
   cfg = megalodon_config(preset, spec, args)
   module = MegalodonLM(cfg)
+  # Initialise through the XLA paths: same parameters, and no kernel is compiled for the short
+  # init sequence.
+  init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla")
   return Model(
       name=preset,
-      init=lambda rng: init_params(cfg, rng),
+      init=lambda rng: init_params(init_cfg, rng),
       apply=lambda params, tokens: module.apply({"params": params}, tokens),
       vocab_size=cfg.vocab_size,
       flops_per_token=mega_metrics.model_flops_per_token(cfg, spec.length),
@@ -147,10 +150,11 @@ def build_llama(preset: str, spec: RowSpec, args: argparse.Namespace) -> Model:
   cfg = llama_lib.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=True,
                          remat_policy=spec.remat, attention_impl=args.llama_attention)
   module = llama_lib.Llama(cfg)
+  init_module = llama_lib.Llama(cfg.replace(attention_impl="xla"))  # same parameters, no cuDNN at init
   init_tokens = jnp.zeros((1, 8), jnp.int32)
   return Model(
       name=preset,
-      init=lambda rng: module.init(rng, init_tokens)["params"],
+      init=lambda rng: init_module.init(rng, init_tokens)["params"],
       apply=lambda params, tokens: module.apply({"params": params}, tokens),
       vocab_size=cfg.vocab_size,
       flops_per_token=llama_lib.flops_per_token(cfg, spec.length),
@@ -309,20 +313,21 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def measure(spec: RowSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
   """One row, or two when it runs out of memory and --oom-remat asks for a retry."""
-  rows = []
+  retry = None
   try:
-    rows.append(run_row(spec, args))
+    rows = [run_row(spec, args)]
   except Exception as err:  # noqa: BLE001 - one failing row must not end the run
     if args.verbose:
       traceback.print_exc()
-    rows.append({"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat,
-                 "error": ("OOM: " if is_oom(err) else "") + bench_ops.failure(err)})
-    retry = args.oom_remat if spec.arch == "megalodon" else llama_policy(args.oom_remat or "none")
-    if is_oom(err) and args.oom_remat and retry != spec.remat:
-      free_memory()
-      rows.extend(measure(dataclasses.replace(spec, remat=retry), argparse.Namespace(**{**vars(args), "oom_remat": ""})))
-  finally:
-    free_memory()
+    rows = [{"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat,
+             "error": ("OOM: " if is_oom(err) else "") + bench_ops.failure(err)}]
+    policy = args.oom_remat if spec.arch == "megalodon" else llama_policy(args.oom_remat or "none")
+    if is_oom(err) and args.oom_remat and policy != spec.remat:
+      retry = policy
+  # Outside the except clause: the error's traceback (and the failed row's arrays) are released.
+  free_memory()
+  if retry:
+    rows += measure(dataclasses.replace(spec, remat=retry), argparse.Namespace(**{**vars(args), "oom_remat": ""}))
   return rows
 
 

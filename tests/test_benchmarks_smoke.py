@@ -110,6 +110,19 @@ def test_kernel_config_overrides_are_parsed_and_checked():
     bench_ops.parse_overrides("block_t")
 
 
+def test_variants_add_labelled_pallas_rows_next_to_their_op_and_carry_their_tiling():
+  args = bench_ops.parse_args(["--smoke", "--ops", "cema,chunk_attention", "--cema-impls", "chunked",
+                               "--variant", "cema:block_t=4", "--variant", "cema:blok_t=4"])
+  cases = bench_ops.build_cases(args, bench_ops.kernel_mode(args))
+  assert [(c.op, c.impl) for c in cases] == [
+      ("cema", "chunked"), ("cema", "pallas[block_t=4]"), ("cema", "pallas[blok_t=4]"),
+      ("chunk_attention", "pallas"), ("chunk_attention", "xla")]
+  primals, _ = bench_ops.build_inputs(cases[1], abstract=True)
+  jax.eval_shape(cases[1].fn, *primals)  # a valid override traces
+  with pytest.raises(ValueError, match="unknown CemaKernelConfig field"):
+    jax.eval_shape(cases[2].fn, *primals)  # the variant's own overrides reach the kernel call
+
+
 # ---------------------------------------------------------------------------------------------
 # bench_train
 # ---------------------------------------------------------------------------------------------
@@ -132,20 +145,32 @@ def test_bench_train_smoke_measures_both_models_with_the_same_step(tmp_path):
   llama, mega = rows
   assert llama["flops_per_token"] == llama_lib.flops_per_token(llama_lib.preset("tiny"), 16)
   assert mega["mega_over_llama"] == pytest.approx(mega["tokens_per_s"] / llama["tokens_per_s"])
+  causal = bench_train.megalodon_flops_per_token_causal(mega_config.preset("tiny"), 16)
+  assert mega["mfu_measured_peak_causal"] == pytest.approx(causal * mega["tokens_per_s"] / (peak * 1e12))
   assert mega["impls"] == "cema=chunked tsn=associative attn=xla"  # 'auto' on a CPU
 
 
-def test_megalodon_causal_flops_count_attention_pairs_like_llama():
-  cfg = mega_config.preset("tiny")
-  seq = 3 * cfg.chunk_size
-  # Brute force: per chunk, query i sees i + 1 keys; q.k costs 2 Z and p.v 2 V FLOPs per pair.
-  pairs_per_chunk = sum(i + 1 for i in range(cfg.chunk_size))
-  attention_fwd_per_token = cfg.num_layers * pairs_per_chunk * 2 * (cfg.z_dim + cfg.value_dim) / cfg.chunk_size
-  from megalodon_jax.training import metrics
-  without_attention = metrics.model_flops_per_token(cfg, seq) - 3 * cfg.num_layers * 2 * (cfg.z_dim + cfg.value_dim) * cfg.chunk_size
-  got = bench_train.megalodon_flops_per_token_causal(cfg, seq)
-  # The closed form uses C / 2 keys per query (the brute force has (C + 1) / 2).
-  assert got == pytest.approx(without_attention + 3 * attention_fwd_per_token, rel=1.0 / cfg.chunk_size)
+@pytest.mark.parametrize("name", ["tiny", "tiny_swiglu", "mega1.3B"])
+def test_megalodon_flops_are_counted_the_way_the_llama_baseline_counts(name):
+  from megalodon_jax.model import init_params
+  cfg = mega_config.preset(name)
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  # Matmul weights from the parameter tree: every Dense kernel and the head (or the tied embedding).
+  kernels = sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+                if path[-1].key == "kernel")
+  tied = math.prod(params["embed"]["embedding"].shape) if cfg.share_emb else 0
+  assert bench_train.megalodon_matmul_params(cfg) == kernels + tied
+  # Attention by brute force: query i of a chunk sees i + 1 keys, 2 Z + 2 V FLOPs per pair.
+  seq = 2 * cfg.chunk_size
+  pairs_per_token = sum(i + 1 for i in range(cfg.chunk_size)) / cfg.chunk_size
+  attention = 3 * cfg.num_layers * pairs_per_token * 2 * (cfg.z_dim + cfg.value_dim)
+  cema = 3 * cfg.num_layers * 10 * cfg.model_dim * cfg.cema_ndim
+  expected = 6 * (kernels + tied) + attention + cema
+  # The closed form takes C / 2 keys per query where the brute force has (C + 1) / 2.
+  assert bench_train.megalodon_flops_per_token_causal(cfg, seq) == pytest.approx(expected, rel=1.0 / cfg.chunk_size)
+  llama = llama_lib.preset("tiny")
+  llama_attention = 3 * llama.num_layers * 2 * llama.model_dim * seq  # the same causal convention
+  assert llama_lib.flops_per_token(llama, seq) == 6 * llama_lib.count_matmul_params(llama) + llama_attention
 
 
 def fake_args(**overrides) -> argparse.Namespace:
@@ -156,18 +181,21 @@ def fake_args(**overrides) -> argparse.Namespace:
 def test_out_of_memory_rows_are_reported_and_retried_with_the_asked_policy(monkeypatch):
   calls = []
 
-  def run_row(spec, args):
+  def run_row(spec, args, row):
     calls.append(spec.remat)
+    row["compile_s"] = 1.0
     if spec.remat == "none":
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99.00GiB.")
-    return {"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat}
+    row["tokens_per_s"] = 5.0
+    return row
 
   monkeypatch.setattr(bench_train, "run_row", run_row)
   spec = bench_train.RowSpec("tiny", "megalodon", 1, 32, "none")
   rows = bench_train.measure(spec, fake_args(oom_remat="save_cema_attention"))
   assert calls == ["none", "save_cema_attention"]
   assert rows[0]["error"].startswith("OOM: RuntimeError") and "99.00GiB" in rows[0]["error"]
-  assert rows[1]["remat"] == "save_cema_attention" and "error" not in rows[1]
+  assert rows[0]["compile_s"] == 1.0 and "tokens_per_s" not in rows[0]  # what was measured before the failure
+  assert rows[1]["remat"] == "save_cema_attention" and "error" not in rows[1] and rows[1]["tokens_per_s"] == 5.0
   # Llama has no CEMA to save: it retries by recomputing everything. Without --oom-remat: no retry.
   calls.clear()
   llama = bench_train.measure(bench_train.RowSpec("tiny", "llama", 1, 32, "none"),
@@ -178,7 +206,7 @@ def test_out_of_memory_rows_are_reported_and_retried_with_the_asked_policy(monke
 
 
 def test_other_failures_are_reported_without_retry(monkeypatch):
-  def run_row(spec, args):
+  def run_row(spec, args, row):
     raise ValueError("lowering failed\nsecond line")
 
   monkeypatch.setattr(bench_train, "run_row", run_row)
@@ -262,8 +290,9 @@ def test_scanned_initialisation_gives_the_unrolled_parameter_layout():
   assert jax.tree.leaves(scanned) == jax.tree.leaves(unrolled)  # shapes and dtypes
   cfg = llama_lib.preset("tiny", scan_layers=True)
   tokens = jnp.zeros((1, 4), jnp.int32)
-  stacked = jax.eval_shape(lambda: llama_lib.Llama(cfg).init(jax.random.key(0), tokens)["params"])
-  layers = jax.eval_shape(lambda: llama_lib.Llama(cfg.replace(scan_layers=False)).init(jax.random.key(0), tokens)["params"])
+  init = lambda c: llama_lib.Llama(c).init(jax.random.key(0), tokens)["params"]
+  stacked = jax.eval_shape(lambda: init(cfg))
+  layers = jax.eval_shape(lambda: init(cfg.replace(scan_layers=False)))
   split = jax.eval_shape(lambda p: bench_decode.unstack_layers(p, cfg.num_layers), stacked)
   assert jax.tree.structure(split) == jax.tree.structure(layers) and jax.tree.leaves(split) == jax.tree.leaves(layers)
   # Values: layer i of the unrolled layout is slice i of the stack.

@@ -573,7 +573,16 @@ def build_cases(args: argparse.Namespace, mode: KernelMode) -> list[Case]:
     if bad:
       raise SystemExit(f"--{op.replace('_', '-')}-impls: unknown {sorted(bad)}; choose from {IMPLS[op]}")
     cases.extend(builders[op](shapes, impls, mode))
-  return cases
+  for op, text in args.variants:
+    if op in args.ops:
+      # On top of the op's own overrides (--OP-config, or the smoke tiles); later keys win.
+      merged = lambda base: f"{base},{text}" if base else text
+      variant_mode = dataclasses.replace(mode, configs=tuple((o, merged(t) if o == op else t) for o, t in mode.configs))
+      for case in builders[op](shapes, ["pallas"], variant_mode):
+        cases.append(dataclasses.replace(case, impl=f"pallas[{text}]"))
+  # Keep every (op, shape) together: its impls share one set of inputs.
+  order = {key: i for i, key in reversed(list(enumerate((c.op, c.shape) for c in cases)))}
+  return sorted(cases, key=lambda c: order[(c.op, c.shape)])
 
 
 def _split(text: str) -> list[str]:
@@ -596,6 +605,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="kernels_pallas.timestep_norm.KernelConfig overrides, e.g. 'time_splits=4'")
   parser.add_argument("--chunk-attention-config", dest="chunk_attention_config", default="",
                       help="kernels_pallas.chunk_attention.KernelConfig overrides, e.g. 'block_q=64'")
+  parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="OP:K=V,...",
+                      help="an extra Pallas row with these tiling overrides, e.g. timestep_norm:time_splits=8 "
+                           "(repeatable; labelled pallas[K=V,...])")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=15)
   parser.add_argument("--inner", type=int, default=3, help="back-to-back calls per timed sample")
@@ -613,6 +625,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   bad = set(args.ops) - set(OPS)
   if bad:
     parser.error(f"--ops: unknown {sorted(bad)}; choose from {OPS}")
+  variants = []
+  for item in args.variants:
+    op, _, text = item.partition(":")
+    if op not in OPS or not text:
+      parser.error(f"--variant {item!r} must look like OP:K=V,... with OP one of {OPS}")
+    variants.append((op, text))
+  args.variants = variants
   args.passes = _split(args.passes)
   if set(args.passes) - set(PASSES) or not args.passes:
     parser.error(f"--passes must be a non-empty subset of {PASSES}")

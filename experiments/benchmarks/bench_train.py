@@ -116,16 +116,26 @@ def megalodon_impls(cfg: mega_config.MegalodonConfig) -> str:
           f"tsn={backend.timestep_norm_method(cfg.timestep_norm_impl)} attn={attn}")
 
 
-def megalodon_flops_per_token_causal(cfg: mega_config.MegalodonConfig, seq_len: int) -> float:
-  """model_flops_per_token with attention counted like the Llama module counts it (causal half).
+def megalodon_matmul_params(cfg: mega_config.MegalodonConfig) -> int:
+  """Weights that take part in a matmul per token (the Llama module's convention): the block
+  projections wz, wv, wr, wh1, wh2, the FFN and the output head (the tied embedding counts once,
+  as the head; an untied input embedding is a gather and does not count)."""
+  d, z, v, f = cfg.model_dim, cfg.z_dim, cfg.value_dim, cfg.ffn_hidden_dim
+  per_layer = d * z + 2 * d * v + d * d + v * d + (3 if cfg.swiglu else 2) * d * f
+  return cfg.num_layers * per_layer + cfg.vocab_size * d
 
-  Per token and layer the forward pass does 2 Z (C / 2) FLOPs for q.k and 2 V (C / 2) for p.v
-  over the C / 2 keys a query sees on average, i.e. (Z + V) C; training is 3x that.
+
+def megalodon_flops_per_token_causal(cfg: mega_config.MegalodonConfig, seq_len: int) -> float:
+  """Training FLOPs per token counted exactly as llama.flops_per_token counts the baseline's.
+
+  6 per matmul weight; attention inside chunks of C: a query sees (C + 1) / 2 keys on average, so
+  the forward pass does about 2 Z C / 2 FLOPs for q.k and 2 V C / 2 for p.v per token and layer,
+  3x that for training; CEMA as training.metrics counts it (10 FLOPs per (token, d, n) forward).
   """
   chunk = min(seq_len, cfg.chunk_size)
-  full = mega_metrics.model_flops_per_token(cfg, seq_len)
-  counted = 3 * cfg.num_layers * 2 * (cfg.z_dim + cfg.value_dim) * chunk
-  return full - counted + 3 * cfg.num_layers * (cfg.z_dim + cfg.value_dim) * chunk
+  attention_fwd = cfg.num_layers * (cfg.z_dim + cfg.value_dim) * chunk
+  cema_fwd = cfg.num_layers * 10 * cfg.model_dim * cfg.cema_ndim
+  return 6.0 * megalodon_matmul_params(cfg) + 3.0 * (attention_fwd + cema_fwd)
 
 
 def build_megalodon(preset: str, spec: RowSpec, args: argparse.Namespace) -> Model:
@@ -216,12 +226,15 @@ def abstract_batch(spec: RowSpec) -> dict[str, jax.ShapeDtypeStruct]:
   return {"inputs": shape, "targets": shape}
 
 
-def run_row(spec: RowSpec, args: argparse.Namespace) -> dict[str, Any]:
-  """Builds, compiles and times one configuration. Raises on failure (the caller records it)."""
+def base_row(spec: RowSpec) -> dict[str, Any]:
+  return {"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat}
+
+
+def run_row(spec: RowSpec, args: argparse.Namespace, row: dict[str, Any]) -> dict[str, Any]:
+  """Builds, compiles and times one configuration, filling in `row` as it goes (so a failure
+  still leaves e.g. the compiled memory footprint). Raises on failure; the caller records it."""
   model = build_model(spec, args)
-  row: dict[str, Any] = {"size": spec.size, "arch": spec.arch, "model": model.name,
-                         "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat, "impls": model.extra["impls"],
-                         "n_params": model.extra["n_params"]}
+  row.update(model=model.name, impls=model.extra["impls"], n_params=model.extra["n_params"])
   optimizer = harness.adamw(args.learning_rate)
   step = harness.make_train_step(model.apply, optimizer)
   if args.lower_only:
@@ -314,18 +327,19 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def measure(spec: RowSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
   """One row, or two when it runs out of memory and --oom-remat asks for a retry."""
   retry = None
+  row = base_row(spec)
   try:
-    rows = [run_row(spec, args)]
+    run_row(spec, args, row)
   except Exception as err:  # noqa: BLE001 - one failing row must not end the run
     if args.verbose:
       traceback.print_exc()
-    rows = [{"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat,
-             "error": ("OOM: " if is_oom(err) else "") + bench_ops.failure(err)}]
+    row["error"] = ("OOM: " if is_oom(err) else "") + bench_ops.failure(err)
     policy = args.oom_remat if spec.arch == "megalodon" else llama_policy(args.oom_remat or "none")
     if is_oom(err) and args.oom_remat and policy != spec.remat:
       retry = policy
   # Outside the except clause: the error's traceback (and the failed row's arrays) are released.
   free_memory()
+  rows = [row]
   if retry:
     rows += measure(dataclasses.replace(spec, remat=retry), argparse.Namespace(**{**vars(args), "oom_remat": ""}))
   return rows
@@ -341,8 +355,9 @@ def free_memory() -> None:
 # --------------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ("size", "arch", "shape", "remat", "impls", "step_ms", "tokens_per_s", "model_tflops",
-                 "mfu_measured_peak", "mfu_989", "mem_gib", "compile_s", "released_tokens_per_s", "x_released",
-                 "mega_over_llama", "target", "target_met", "target_ratio_met", "error", "lowered_kib")
+                 "mfu_measured_peak", "mfu_measured_peak_causal", "mfu_989", "mem_gib", "compile_s",
+                 "released_tokens_per_s", "x_released", "mega_over_llama", "target", "target_met",
+                 "target_ratio_met", "error", "lowered_kib")
 
 
 def summary_lines(rows: list[dict[str, Any]], matmul_tflops: float | None) -> list[str]:
@@ -358,9 +373,9 @@ def summary_lines(rows: list[dict[str, Any]], matmul_tflops: float | None) -> li
                    f"{'MET' if row['target_met'] else 'NOT met'}")
   if matmul_tflops:
     lines.append(f"measured bf16 matmul peak: {matmul_tflops:.1f} TFLOP/s (datasheet {DATASHEET_TFLOPS:.0f})")
-  lines.append("Megalodon MFU uses training.metrics.model_flops_per_token, which counts chunk attention as "
-               "2 (Z+V) C FLOPs/token/layer forward; the Llama count is the causal half. "
-               "mfu_measured_peak_causal (JSON) counts Megalodon the Llama way.")
+  lines.append("MFU: Megalodon from training.metrics.model_flops_per_token, which counts chunk attention as "
+               "2 (Z+V) C FLOPs per token and layer forward (every query against the whole chunk); Llama's "
+               "flops_per_token counts the causal half. mfu_measured_peak_causal counts Megalodon the Llama way.")
   return lines
 
 

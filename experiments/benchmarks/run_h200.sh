@@ -62,7 +62,8 @@ gpu_snapshot() {
 case "$CALL" in
   A)  # ~6-8 min: floors (inside bench_ops), 3 ops x {Pallas, XLA}, then the kernel owners' checks.
     gpu_snapshot
-    step ops 330 python3 -m experiments.benchmarks.bench_ops --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    step ops 320 python3 -m experiments.benchmarks.bench_ops --variant timestep_norm:time_splits=8 \
+      --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     step check_chunk_attention 60 python3 experiments/gpu_checks/check_chunk_attention.py
     if [ -f experiments/gpu_checks/check_timestep_norm.py ]; then
       step check_timestep_norm 60 python3 experiments/gpu_checks/check_timestep_norm.py

@@ -192,16 +192,21 @@ def _memory_fields(params: Any, cache: Any, step_bytes: int | None) -> dict[str,
   return fields
 
 
-def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int],
-                   args: argparse.Namespace) -> list[dict[str, Any]]:
-  """One compile for all contexts: the step's shapes do not depend on the context."""
+def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args: argparse.Namespace,
+                   params_cache: dict[str, Any]) -> list[dict[str, Any]]:
+  """One compile for all contexts: the step's shapes do not depend on the context.
+  params_cache: {preset: params}, shared by the batch sizes of one model size."""
   from megalodon_jax.model import MegalodonLM, init_params as mega_init
   cfg = megalodon_config(preset, args)
   model = MegalodonLM(cfg)
   impls = bench_train.megalodon_impls(cfg)
-  # The XLA paths and scanned layers make the same parameters with a much smaller program to compile.
-  init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla", scan_layers=True)
-  params = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
+  if preset not in params_cache:
+    params_cache.clear()
+    # The XLA paths and scanned layers make the same parameters with a much smaller program to compile.
+    init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla",
+                           scan_layers=True)
+    params_cache[preset] = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
+  params = params_cache[preset]
   step = greedy_step(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache))
   chunk, steps = cfg.chunk_size, total_steps(args)
   abstract_state = jax.eval_shape(lambda: (megalodon_cache(cfg, batch, 0, 0), first_tokens(batch)))
@@ -359,15 +364,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
   for size in args.sizes:
     mega_preset, llama_preset = args.size_table[size]
-    llama_params: dict[str, Any] = {}  # one set of Llama parameters per size, shared by its rows
-    for batch in args.batches:
-      if "llama" in args.archs:
+    # One model at a time, its parameters shared by its rows (so live memory is that model's).
+    params: dict[str, Any] = {}
+    if "llama" in args.archs:
+      for batch in args.batches:
         for context in args.contexts:
-          emit([llama_row(size, llama_preset, batch, context, args, llama_params)])
+          emit([llama_row(size, llama_preset, batch, context, args, params)])
           jax.clear_caches()
-      if "megalodon" in args.archs:
+    params.clear()
+    gc.collect()
+    if "megalodon" in args.archs:
+      for batch in args.batches:
         try:
-          emit(megalodon_rows(size, mega_preset, batch, args.contexts, args))
+          emit(megalodon_rows(size, mega_preset, batch, args.contexts, args, params))
         except Exception as err:  # noqa: BLE001 - e.g. the compile failed: every context fails
           failed = [_base_row(size, "megalodon", batch, c) for c in args.contexts]
           for row in failed:
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           emit(failed)
         jax.clear_caches()
         gc.collect()
-    llama_params.clear()
+    params.clear()
     gc.collect()
   path = harness.write_results(args.name, rows, meta, results_dir=args.results_dir, print_table=False)
   print(f"\n== {args.name}: greedy decoding, Megalodon (constant-size cache) vs Llama (KV cache)")

@@ -32,6 +32,7 @@ on. Results are rewritten to experiments/results/<date>_<device>_ops.json after 
 
   python -m experiments.benchmarks.bench_ops                       # everything, on the GPU
   python -m experiments.benchmarks.bench_ops --ops cema --cema-lengths 32768 --cema-impls pallas
+  python -m experiments.benchmarks.bench_ops --variant timestep_norm:time_splits=8   # + a tiling variant row
   python -m experiments.benchmarks.bench_ops --smoke               # tiny shapes, CPU, interpreted kernels
   python -m experiments.benchmarks.bench_ops --lower-only          # lower every program for CUDA, run nothing
 """

@@ -249,8 +249,9 @@ def test_bench_decode_smoke_memory_flat_for_megalodon_and_linear_for_llama(tmp_p
   mega = [r for r in rows if r["arch"] == "megalodon"]
   steps = 1 + 2 * 2  # smoke: warmup 1, iters 2 x inner 2
   cfg = llama_lib.preset("tiny", dtype="bfloat16")
-  for row in llama:  # keys and values of context + steps positions, plus the int32 index
-    assert row["cache_gib"] * 2**30 == llama_lib.cache_bytes(cfg, 2, row["context"] + steps) + 4
+  for row in llama:  # keys and values of context + steps positions (rounded up to 128), plus the int32 index
+    assert bench_decode.llama_cache_length(row["context"], steps) == 128
+    assert row["cache_gib"] * 2**30 == llama_lib.cache_bytes(cfg, 2, 128) + 4
   assert mega[0]["cache_gib"] == mega[1]["cache_gib"]  # constant in the context
   for row in mega:
     assert row["ms_per_step"] == max(row["ms_per_step_empty_chunk"], row["ms_per_step_full_chunk"])
@@ -274,10 +275,38 @@ def test_megalodon_cache_is_built_as_after_context_tokens():
 def test_llama_rows_that_cannot_fit_are_reported_without_running(monkeypatch):
   monkeypatch.setattr(bench_train, "device_capacity_bytes", lambda: 1 << 20)
   args = bench_decode.parse_args(["--smoke"])
-  row = bench_decode.llama_row("tiny", "tiny", 64, 100_000, args, {})
+  row = bench_decode.llama_row("tiny", "tiny", 64, 100_000, args, {}, ["xla"])
   assert row["error"].startswith("OOM (not run): KV cache") and "tokens_per_s" not in row
-  assert row["cache_gib"] * 2**30 == llama_lib.cache_bytes(llama_lib.preset("tiny", dtype="bfloat16"), 64,
-                                                           100_000 + bench_decode.total_steps(args))
+  length = bench_decode.llama_cache_length(100_000, bench_decode.total_steps(args))
+  assert length == 100_096 and length % 128 == 0
+  assert row["cache_gib"] * 2**30 == llama_lib.cache_bytes(llama_lib.preset("tiny", dtype="bfloat16"), 64, length)
+
+
+def test_llama_baseline_uses_the_fastest_attention_core_probed_at_32k(monkeypatch, tmp_path):
+  speed = {"cudnn": 2.0, "xla": 3.0}
+  calls = []
+
+  def fake_time(row, preset, batch, context, args, params_cache, impl):
+    calls.append((impl, batch, context))
+    if impl == "cudnn" and batch == 16:
+      raise RuntimeError("cuDNN does not support this")
+    row[f"compile_s_{impl}"] = 1.0
+    row[f"ms_per_step_{impl}"] = speed[impl]
+
+  monkeypatch.setattr(bench_decode, "_time_llama_impl", fake_time)
+  rows = bench_decode.main(["--smoke", "--archs", "llama", "--batches", "1", "--contexts", "4096,32768",
+                            "--llama-decode-attention", "cudnn,xla", "--results-dir", str(tmp_path)])
+  # The probe (batch 1, 32K) times both cores; the other rows use only the faster one.
+  assert calls == [("cudnn", 1, 32768), ("xla", 1, 32768), ("cudnn", 1, 4096)]
+  assert [r["context"] for r in rows] == [32768, 4096]
+  assert rows[0]["impls"] == "decode_attn=cudnn" and rows[0]["ms_per_step"] == 2.0
+  assert rows[0]["ms_per_step_xla"] == 3.0 and rows[0]["tokens_per_s"] == pytest.approx(1 / 2e-3)
+  # A core that fails leaves the row to the others; the row fails only if all do.
+  row = bench_decode.llama_row("tiny", "tiny", 16, 64, bench_decode.parse_args(["--smoke"]), {}, ["cudnn", "xla"])
+  assert row["impls"] == "decode_attn=xla" and row["error_cudnn"].startswith("cudnn: RuntimeError")
+  assert "error" not in row
+  row = bench_decode.llama_row("tiny", "tiny", 16, 64, bench_decode.parse_args(["--smoke"]), {}, ["cudnn"])
+  assert row["error"] == "cudnn: RuntimeError: cuDNN does not support this" and "tokens_per_s" not in row
 
 
 def test_scanned_initialisation_gives_the_unrolled_parameter_layout():

@@ -8,12 +8,14 @@ datasheet figure, and memory. Both models use exactly the same step (harness.mak
 optimizer (harness.adamw) and loss.
 
   Megalodon: megalodon_jax.model.MegalodonLM(config.preset("mega200M" | "mega1.3B")), kernels as
-             config's "auto" picks them (Pallas CEMA, TimestepNorm and chunked attention on a GPU).
+             config's "auto" picks them (Pallas CEMA, TimestepNorm and chunked attention on a GPU;
+             the XLA TimestepNorm if kernels_pallas.timestep_norm is absent); the impls column says.
   Llama:     experiments.baselines.llama presets "llama200M" | "llama1.3B" (parameter counts within
              0.5%), cuDNN flash attention.
 
 MFU uses model FLOPs per token: megalodon_jax.training.metrics.model_flops_per_token and the
-Llama module's flops_per_token. Memory: "mem_gib" is what XLA's buffer assignment of the compiled
+Llama module's flops_per_token ("mfu_measured_peak_causal" counts Megalodon's attention the way
+the Llama module counts its own: the causal half of each chunk). Memory: "mem_gib" is what XLA's buffer assignment of the compiled
 step holds (arguments + outputs - donated aliases + temporaries), a per-row peak independent of
 earlier rows; "live_gib" is the allocator's bytes in use with the row's state resident.
 

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The H200 benchmark runs, as three device calls of at most ~9 minutes each.
+#
+#   bash experiments/benchmarks/run_h200.sh A    # ops: Pallas vs XLA vs floors (+ the kernels' GPU checks;
+#                                                #   SKIP_CHECKS=1 leaves those out)
+#   bash experiments/benchmarks/run_h200.sh B    # train step: Megalodon vs Llama, 200M and 1.3B
+#   bash experiments/benchmarks/run_h200.sh C    # decoding: batch 1 / 16 at 4K / 32K / 128K
+#   bash experiments/benchmarks/run_h200.sh smoke  # all three scripts in --smoke mode (CPU, ~3 min)
+#
+# Run from the repository root. Results (JSON, one file per benchmark) and logs go to $OUT when it
+# is set (the device tool returns $OUT), else to experiments/results. Every step has its own time
+# limit, so one slow or hanging step cannot take the whole call down; the benchmarks rewrite their
+# JSON after every row, so a step cut short still leaves what it measured. Extra arguments after
+# the call letter are passed to every benchmark script of that call (e.g. --iters 5).
+set -uo pipefail
+
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# Grow GPU memory on demand (no 75% preallocation), up to 96% of the device: the 1.3B train step
+# without rematerialisation needs most of the 141 GB.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.96
+# Reuse compilations if a call is repeated on the same (still warm) machine.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/megalodon_jax_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
+# The device copy of the repository may have no .git: record the commit the lead ran.
+export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+
+RESULTS="${OUT:-experiments/results}"
+LOGS="$RESULTS/logs"
+mkdir -p "$LOGS"
+CALL="${1:-}"
+shift || true
+EXTRA=("$@")
+START=$SECONDS
+STATUS=()
+
+# step NAME SECONDS CMD...: runs CMD with a time limit, output to the terminal and $LOGS/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo
+  echo "=== [$((SECONDS - START)) s] $name (limit ${limit} s): $*"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  case $rc in
+    0) STATUS+=("$name: ok") ;;
+    124|137) STATUS+=("$name: TIMED OUT after ${limit} s (partial results kept)") ;;
+    *) STATUS+=("$name: exit code $rc") ;;
+  esac
+}
+
+gpu_snapshot() {
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit,temperature.gpu \
+      --format=csv | tee "$LOGS/nvidia-smi-$CALL.csv"
+  fi
+  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+}
+
+case "$CALL" in
+  A)  # ~6-8 min: floors (inside bench_ops), 3 ops x {Pallas, XLA}, then the kernel owners' checks.
+    gpu_snapshot
+    step ops 320 python3 -m experiments.benchmarks.bench_ops --variant timestep_norm:time_splits=8 \
+      --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    if [ "${SKIP_CHECKS:-0}" != 1 ]; then  # SKIP_CHECKS=1: the benchmark only (~4-5 min)
+      step check_chunk_attention 60 python3 experiments/gpu_checks/check_chunk_attention.py
+      if [ -f experiments/gpu_checks/check_timestep_norm.py ]; then
+        step check_timestep_norm 60 python3 experiments/gpu_checks/check_timestep_norm.py
+      fi
+      step check_cema 90 python3 experiments/gpu_checks/check_cema.py --iters 10 --skip-baselines \
+        --json "$RESULTS/check_cema.json"
+    fi
+    ;;
+  B)  # ~7-9 min: 8 train-step compiles (2 sizes x 2 shapes x 2 models).
+    gpu_snapshot
+    step train_200M 200 python3 -m experiments.benchmarks.bench_train --sizes 200M --name train_200M \
+      --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    step train_1.3B 320 python3 -m experiments.benchmarks.bench_train --sizes 1.3B --name train_1.3B \
+      --oom-remat save_cema_attention --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    ;;
+  C)  # ~6-8 min: per size, 6 Llama compiles (one per batch x context) and 2 Megalodon compiles.
+    gpu_snapshot
+    step decode_200M 230 python3 -m experiments.benchmarks.bench_decode --sizes 200M --name decode_200M \
+      --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    step decode_1.3B 290 python3 -m experiments.benchmarks.bench_decode --sizes 1.3B --name decode_1.3B \
+      --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    ;;
+  smoke)  # CPU check of the three scripts end to end.
+    export JAX_PLATFORMS=cpu
+    step ops_smoke 300 python3 -m experiments.benchmarks.bench_ops --smoke --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    step train_smoke 300 python3 -m experiments.benchmarks.bench_train --smoke --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    step decode_smoke 300 python3 -m experiments.benchmarks.bench_decode --smoke --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    ;;
+  *)
+    echo "usage: bash experiments/benchmarks/run_h200.sh A|B|C|smoke [extra benchmark args]" >&2
+    exit 2
+    ;;
+esac
+
+echo
+echo "=== call $CALL done in $((SECONDS - START)) s; results in $RESULTS"
+printf '  %s\n' "${STATUS[@]}"

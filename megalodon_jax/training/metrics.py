@@ -31,14 +31,14 @@ def model_flops_per_token(config: MegalodonConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward = 3x forward), model FLOPs only.
 
   Matmuls: 6 per parameter (embedding lookups excluded, a tied head counted once as a matmul).
-  Attention inside chunks of C: q.k^T with Z-dim heads and p.v with V-dim heads, causal so half the
-  C x C scores: per token 2 * 2 * (Z + V) * C / 2 forward. CEMA: ~10 float32 FLOPs per (token, d, n)
-  forward (complex multiply-add and output projection).
+  Attention inside chunks of C: q.k^T with Z-dim heads and p.v with V-dim heads; a full C x C block
+  would cost 2 (Z + V) C FLOPs per token, causal attention is counted once, i.e. half of that, as
+  for the Llama baseline. CEMA: ~10 float32 FLOPs per (token, d, n) forward.
   """
   chunk = min(seq_len, config.chunk_size)
   dense_params = count_params(config) - config.vocab_size * config.model_dim * (1 if not config.share_emb else 0)
   matmul = 6 * dense_params
-  attention = 3 * config.num_layers * 2 * (config.z_dim + config.value_dim) * chunk
+  attention = 3 * config.num_layers * (config.z_dim + config.value_dim) * chunk
   cema = 3 * config.num_layers * 10 * config.model_dim * config.cema_ndim
   return float(matmul + attention + cema)
 

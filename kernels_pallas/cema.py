@@ -6,46 +6,67 @@ with k_t = 0 at the first step t > 0 of a new segment (the state restarts) and 1
 t = 0 the state continues from h0.  Complex numbers travel through the kernels as separate
 float32 real / imaginary arrays because Pallas has no complex dtype.
 
-Three passes, all O(1) memory per step beyond their inputs and outputs (no [B, L, D, N] tensor):
-  * forward scan: writes y (and the final state).  The state is kept divided by p (s = h / p) so
-    the update is s = k q s + x with no per-order multiply by p; eta p weights the output.
-  * reverse scan (backward for x): the adjoint w_t (JAX cotangent of h_t) obeys
-    w_t = k_{t+1} q w_{t+1} + eta dy_t, and dx_t = omega dy_t + sum_n p Re(w_t,n).  It also gives
-    the cotangents of p (sum_t x_t Re w_t), omega (sum_t dy_t x_t) and h0 (q w_0).
-  * parameter scan (backward for q and eta): forward-mode tangents, all running forward in time,
-    so no stored states are needed: v = s (= h / p), z = dv/dq with z_t = k_t (q z_{t-1} + v_{t-1});
-    ct(eta) = p sum_t dy_t v_t and ct(q) = eta p sum_t dy_t z_t + G p z_{L-1}, G = ct(h_last).
+GPU (Triton) family: two scans, both time-parallel, all O(1) memory per step beyond their inputs
+and outputs (no [B, L, D, N] tensor).
+  * forward: the state is kept divided by p (s = h / p) so the update is s = k q s + x with no
+    per-order multiply by p; eta p weights the output.
+  * backward: ONE reverse-time scan gives every cotangent.  With the cotangent of the final state
+    G = ct(h_last), the adjoint w_t = ct(h_t) is w = eta u + g where
+        u_t = k_{t+1} q u_{t+1} + dy_t            (real input: the adjoint without eta or G)
+        g_t = k_{t+1} q g_{t+1},  g_{L-1} = G     (only when G is not a symbolic zero)
+    and the lagged sums u'_t = k_{t+1} (q u'_{t+1} + u_{t+1}) (same for g') carry the q-gradient:
+        dx_t   = omega dy_t + sum_n p Re(w_t)
+        ct_p   = sum_t x_t Re(w_t) = Re(eta A) + sum_t x_t Re(g_t),   A = sum_t x_t u_t
+        ct_eta = sum_t dy_t h_t = p A + q h0 u_0
+        ct_q   = sum_t k_t w_t h_{t-1} = p (eta sum_t x_t u'_t + sum_t x_t g'_t)
+                 + h0 (eta (u_0 + q u'_0) + g_0 + q g'_0)
+        ct_h0  = q w_0
+    (JAX's convention: dL = Re(ct * d(param)).)  No forward state is needed, so the backward
+    neither stores nor recomputes h; there is no separate parameter pass.
+Time parallelism: the sequence is cut into `num_chunks` chunks, one program per (batch, channel
+block, chunk).  A cheap first pass ("local") finds every chunk's final state from a zero start
+(s for the forward, u for the backward); a small XLA combine over chunks, with q^chunk from
+double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state; the main
+pass then runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
+true values differ by q^i U'_in at step i, whose contribution to sum_t x_t u'_t is U'_in times
+q times the forward pass's chunk-local state, kept as a residual.  So the backward's first pass
+only needs u, and the forward and backward share one chunk partition of time.
 
-GPU (Triton): one program per (batch, channel block[, time chunk]); a program walks its time
-range in tiles of `block_t` statically unrolled steps, prefetching the next tile's inputs while
-it computes the current one.  All register arrays are 1-D lane vectors of one layout (no dynamic
-indexing); each channel's N orders are spread over `split` lanes, N / split orders per lane, so
-the per-step sum over n is an in-register sum plus log2(split) lane shuffles.  Optionally the time
-axis is cut into `num_chunks` chunks run in parallel: a first pass finds every chunk's local final
-state from zero, a tiny XLA combine gives each chunk its true starting state, and a second pass
-produces the outputs (worth it only when batch * dim is too small to fill the GPU).
+A program walks its chunk in tiles of `block_t` statically unrolled steps, prefetching the next
+tile's inputs while it computes the current one.  Register arrays are 1-D lane vectors of one
+layout (no dynamic indexing); each channel's N orders are spread over `split` lanes, N / split
+orders per lane, so the per-step sum over n is an in-register sum (plus log2(split) lane
+shuffles).  With segment ids, each tile first checks for resets and runs reset-free tiles without
+the per-step reset multiplies.
 
-TPU (Mosaic): grid (batch, channel block, time tile) with the time axis sequential, the state in
-VMEM scratch as [N, block_d] tiles (orders on sublanes, channels on lanes).
+TPU (Mosaic) family: grid (batch, channel block, time tile) with the time axis sequential, the
+state in VMEM scratch as [N, block_d] tiles (orders on sublanes, channels on lanes); three
+passes (forward, adjoint, forward-mode parameter tangents v = s, z = dv/dq).
 
-Both families share the per-step algebra (_fwd_update, _rev_update, _param_update).  cema_pallas
-dispatches on jax.default_backend(): "tpu" -> Mosaic kernels, anything else -> Triton kernels, in
-the Pallas interpreter when the backend is CPU.
+Both families share the per-step algebra (_fwd_update, ...).  cema_pallas dispatches on
+jax.default_backend(): "tpu" -> Mosaic kernels, anything else -> Triton kernels, in the Pallas
+interpreter when the backend is CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from megalodon_jax.ops.cema import CemaCoefficients
+# Double-float complex product (exact float32 partial products, so FMA contraction cannot change
+# it); the accurate-power scheme of ops.cema, reused for the chunk decays q^chunk.
+from megalodon_jax.ops.cema import _dfc_mul
 
 # p is folded into the state (s = h / p); p below this floor is treated as the floor so that
 # h0 / p stays finite.  Only affects channels whose input scale is already below 1e-30.
@@ -129,35 +150,52 @@ def cema_reference(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array |
 # Kernel configuration.
 # ----------------------------------------------------------------------------------------------
 
+# Programs a GPU pass should have to keep every SM busy: about four resident programs on each of
+# the 132 SMs of an H100/H200 (a scan step is a short dependent chain, so several warps per
+# scheduler hide its latency).
+_TARGET_PROGRAMS = 512
+# default_config never makes chunks shorter than this: a chunk's first-pass summary and its share
+# of the XLA combine cost about as much as this many steps.
+_MIN_CHUNK = 256
+_MAX_CHUNKS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class CemaKernelConfig:
-  """Tiling of the three scan passes.
+  """Tiling of the scan kernels.
 
-  block_d: channels per program of the forward and reverse scans (block_d * split lanes).
-  block_t: time steps per unrolled tile (inputs of the next tile are prefetched).
-  split: lanes per channel in the forward / reverse scans (N / split orders per lane).
-  num_chunks: parallel time chunks of the forward / reverse scans (1 = one sequential walk).
-  param_block_d, param_split: the same for the parameter-gradient scan (no output sum over n).
-  num_warps: warps per program on GPU.
-  tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16
-    on hardware unless they cover the whole axis).
+  block_d, split, num_warps: channels per program (block_d * split lanes), lanes per channel
+    (N / split orders per lane) and warps per program of the forward scans.
+  bwd_block_d, bwd_split, bwd_num_warps: the same for the backward scan, which carries more
+    state per order (u, u', two complex accumulators), so fewer orders per lane keep it in
+    registers.
+  block_t: time steps per statically unrolled tile (the next tile's inputs load meanwhile).
+  num_chunks: parallel time chunks of both scans (1 = one sequential walk per program); fewer are
+    used when the sequence has fewer than num_chunks tiles.
+  reset_branch: with segment_ids, run tiles without a reset through a copy of the step code that
+    skips the per-step reset multiplies.
+  tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
+    hardware unless they cover the whole axis).
   """
-  block_d: int = 32
+  block_d: int = 128
   block_t: int = 16
-  split: int = 4
-  num_chunks: int = 1
-  param_block_d: int = 32
-  param_split: int = 4
+  split: int = 1
   num_warps: int = 4
+  bwd_block_d: int = 64
+  bwd_split: int = 2
+  bwd_num_warps: int = 4
+  num_chunks: int = 1
+  reset_branch: bool = True
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
   def validate(self, ndim: int) -> "CemaKernelConfig":
-    for name in ("block_d", "block_t", "split", "param_block_d", "param_split", "num_warps"):
+    for name in ("block_d", "block_t", "split", "num_warps", "bwd_block_d", "bwd_split",
+                 "bwd_num_warps"):
       value = getattr(self, name)
       if value < 1 or value & (value - 1):
         raise ValueError(f"CemaKernelConfig.{name} must be a power of two; got {value}.")
-    for name in ("split", "param_split"):
+    for name in ("split", "bwd_split"):
       if ndim % getattr(self, name):
         raise ValueError(f"CemaKernelConfig.{name}={getattr(self, name)} must divide N={ndim}.")
     if self.tpu_block_d < 1 or self.tpu_block_t < 1:
@@ -167,10 +205,26 @@ class CemaKernelConfig:
     return self
 
 
+def _largest_split(ndim: int, cap: int) -> int:
+  """Largest power of two <= cap dividing ndim."""
+  split = 1
+  while split * 2 <= cap and ndim % (split * 2) == 0:
+    split *= 2
+  return split
+
+
 def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelConfig:
-  """A tiling that keeps every lane of an H100/H200-class GPU busy for typical shapes."""
-  split = 4 if ndim % 4 == 0 else (2 if ndim % 2 == 0 else 1)
-  return CemaKernelConfig(split=split, param_split=split)
+  """Tiling for an H100/H200-class GPU: enough (batch, channel block, chunk) programs to fill it.
+
+  One lane per channel in the forward (all N orders in registers, no lane shuffles), two in the
+  backward; time chunks are added until about _TARGET_PROGRAMS programs exist, but never shorter
+  than _MIN_CHUNK steps (short sequences run as one chunk).
+  """
+  base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2))
+  programs = batch * pl.cdiv(dim, base.block_d)
+  wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
+  chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))
+  return dataclasses.replace(base, num_chunks=chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,21 +253,6 @@ def _lane_omega(omega: Array, split: int) -> Array:
   lanes = jnp.zeros((omega.shape[0], split), jnp.float32).at[:, 0].set(omega)
   return lanes.reshape(-1)
 
-
-def _complex_power(q: Array, exponent: int) -> Array:
-  """q ** exponent for a static positive integer exponent, by repeated squaring in complex64."""
-  result = None
-  base = q
-  while exponent:
-    if exponent & 1:
-      result = base if result is None else result * base
-    exponent >>= 1
-    if exponent:
-      base = base * base
-  return jnp.ones_like(q) if result is None else result
-
-
-
 # ----------------------------------------------------------------------------------------------
 # Step algebra shared by the GPU and TPU kernels.  Arrays are any broadcast-compatible float32
 # shapes: on GPU one group of lanes [block_d * split] per call, on TPU a whole [N, block_d] tile
@@ -229,7 +268,9 @@ def _fwd_update(sr, si, x, k, qre, qim):
 
 
 def _fwd_output(acc, sr, si, cre, cim):
-  """acc + Re(c s) with c = eta p."""
+  """acc + Re(c s) (c = eta p in the forward, p eta in the backward); acc None starts a sum."""
+  if acc is None:
+    return cre * sr - cim * si
   return (acc + cre * sr) - cim * si
 
 
@@ -252,21 +293,61 @@ def _param_update(vr, vi, zr, zi, x, k, qre, qim):
   vni = qim * vr + qre * vi
   return vnr, vni, znr, zni
 
+
+# ----------------------------------------------------------------------------------------------
+# Accurate chunk decays.
+# ----------------------------------------------------------------------------------------------
+
+def _accurate_powers(q: Array, exponents: tuple[int, ...]) -> Array:
+  """q ** e for static integers e >= 0: q [...] complex -> [..., len(exponents)] complex64.
+
+  Square-and-multiply on the stored complex64 q in double-float arithmetic (ops.cema explains the
+  scheme): about 2^-44 relative error per squaring, so q^2048 keeps float32 accuracy where plain
+  complex64 squaring drifts by ~2048 eps.  Unrolled over the (static) exponent bits, so XLA fuses
+  it into a few elementwise kernels (no device loop).
+  """
+  exps = np.asarray(exponents, np.int64)
+  if exps.ndim != 1 or exps.size == 0 or exps.min() < 0:
+    raise ValueError(f"exponents must be non-negative integers; got {exponents}.")
+  q = jnp.asarray(q).astype(jnp.complex64)
+  shape = (2,) + q.shape + (exps.size,)
+  base = (jnp.broadcast_to(jnp.stack([jnp.real(q), jnp.imag(q)])[..., None], shape),
+          jnp.zeros(shape, jnp.float32))
+  result = (jnp.zeros(shape, jnp.float32).at[0].set(1.0), jnp.zeros(shape, jnp.float32))
+  bits = max(1, int(exps.max()).bit_length())
+  for bit in range(bits):
+    take = ((exps >> bit) & 1).astype(bool)
+    if take.any():
+      hi, lo = _dfc_mul(result, base)
+      result = (jnp.where(take, hi, result[0]), jnp.where(take, lo, result[1]))
+    if bit + 1 < bits:
+      base = _dfc_mul(base, base)
+  return lax.complex(result[0][0] + result[1][0], result[0][1] + result[1][1])
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU (Triton) kernels.
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class _ScanSpec:
-  """Static description of one scan-kernel launch."""
-  mode: str            # "fwd" | "rev" | "param"
-  emit: bool           # write per-step outputs (False: only the final state, for chunk pass 1)
-  has_init: bool       # read an initial state (else zeros)
-  has_keep: bool       # segment resets present
+  """Static description of one scan-kernel launch.
+
+  mode "local": s = k q s + x from zero over each chunk; writes only each chunk's final state.
+  mode "fwd": the forward scan from each chunk's starting state; writes y and final states.
+  mode "bwd": the reverse-time adjoint scan (see the module docstring); writes dx and per-chunk
+    final states and accumulators.
+  """
+  mode: str
+  reverse: bool        # walk each chunk from its last step to its first
+  has_init: bool       # read each chunk's starting state (else zeros)
+  has_keep: bool       # segment resets present ("keep" holds the per-step flag)
+  has_g: bool          # bwd: carry the final-state cotangent part g of the adjoint
+  reset_branch: bool
   length: int          # L
   dim: int             # D
-  groups: int          # G = N / split
-  split: int           # S
+  groups: int          # N / split orders per lane
+  split: int           # lanes per channel
   block_d: int
   block_t: int
   chunk: int           # time steps per chunk (== length when there is one chunk)
@@ -277,19 +358,31 @@ class _ScanSpec:
 def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Callable):
   """Walks `length` steps in tiles of block_t unrolled steps, prefetching the next tile.
 
-  load_fn(step, valid) -> per-step inputs (loads masked by `valid`);
-  step_fn(carry, inputs, step) -> carry.
+  load_fn(step, valid) -> tuple of per-step inputs whose last entry is the reset flag (or None);
+  step_fn(carry, inputs_without_flag, step, flag_or_None) -> carry.
   """
   tile = spec.block_t
   n_tiles = length // tile
   rem = length - n_tiles * tile
 
+  def run(carry, inputs, first, use_keep):
+    for s in range(tile):
+      *data, k = inputs[s]
+      carry = step_fn(carry, data, first + s, k if use_keep else None)
+    return carry
+
   def tile_body(i, state):
     carry, pre = state
     valid = (i + 1) < n_tiles
     nxt = tuple(load_fn((i + 1) * tile + s, valid) for s in range(tile))
-    for s in range(tile):
-      carry = step_fn(carry, pre[s], i * tile + s)
+    first = i * tile
+    if spec.has_keep and spec.reset_branch:
+      # The flag is uniform over the program, so this branch never diverges inside a warp.
+      clean = functools.reduce(jnp.minimum, [inputs[-1] for inputs in pre]) > 0.5
+      carry = lax.cond(clean, lambda c: run(c, pre, first, False),
+                       lambda c: run(c, pre, first, True), carry)
+    else:
+      carry = run(carry, pre, first, spec.has_keep)
     return carry, nxt
 
   pre = tuple(load_fn(s, n_tiles > 0) for s in range(tile))
@@ -297,7 +390,8 @@ def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Calla
 
   def rem_body(r, carry):
     step = n_tiles * tile + r
-    return step_fn(carry, load_fn(step, True), step)
+    *data, k = load_fn(step, True)
+    return step_fn(carry, data, step, k)
 
   return lax.fori_loop(0, rem, rem_body, carry)
 
@@ -309,10 +403,27 @@ def _lane_sum(acc: Array, spec: _ScanSpec) -> Array:
   return jnp.sum(acc.reshape(spec.block_d, spec.split), axis=1)
 
 
+# Independent accumulation chains for the per-step sum over orders: a single chain would be a
+# dependent run of 2 N / split FMAs per step.
+_SUM_CHAINS = 4
+
+
+def _chain_add(chains: list, g: int, value_fn: Callable) -> None:
+  """chains[g % len] <- value_fn(chains[g % len]) (value_fn(None) starts a chain)."""
+  j = g % len(chains)
+  chains[j] = value_fn(chains[j])
+
+
+def _chains_total(chains: list) -> Array:
+  values = [c for c in chains if c is not None]
+  while len(values) > 1:
+    values = [a + b for a, b in zip(values[0::2], values[1::2])] + values[len(values) // 2 * 2:]
+  return values[0]
+
+
 def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   """One program: batch b, channel block blk, time chunk c (see _ScanSpec for the modes)."""
-  names = spec.in_names + spec.out_names
-  r = dict(zip(names, refs))
+  r = dict(zip(spec.in_names + spec.out_names, refs))
   b, blk, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   lanes = spec.block_d * spec.split
   lane = jnp.arange(lanes, dtype=jnp.int32)
@@ -322,21 +433,30 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   d_out = blk * spec.block_d + jnp.arange(spec.block_d, dtype=jnp.int32)
   omask = d_out < spec.dim
   groups = range(spec.groups)
-  reverse = spec.mode == "rev"
+  t_lo = c * spec.chunk
+  n_steps = jnp.minimum(spec.chunk, spec.length - t_lo)
+  n_chains = min(_SUM_CHAINS, spec.groups)
+
+  def time_of(step):
+    return t_lo + n_steps - 1 - step if spec.reverse else t_lo + step
 
   def coef(name):
     return [plgpu.load(r[name].at[g, flat], mask=lmask, other=0.0) for g in groups]
 
-  def init(name):
+  def lane_coef(name):
+    return plgpu.load(r[name].at[flat], mask=lmask, other=0.0)
+
+  def zeros():
+    return [jnp.zeros((lanes,), jnp.float32) for _ in groups]
+
+  def state_in(name):
     if not spec.has_init:
-      return [jnp.zeros((lanes,), jnp.float32) for _ in groups]
+      return zeros()
     return [plgpu.load(r[name].at[b, c, g, flat], mask=lmask, other=0.0) for g in groups]
 
-  t_lo = c * spec.chunk
-  length = jnp.minimum(spec.chunk, spec.length - t_lo)
-
-  def time_of(step):
-    return spec.length - 1 - (t_lo + step) if reverse else t_lo + step
+  def state_out(name, values):
+    for g in groups:
+      plgpu.store(r[name].at[b, c, g, flat], values[g], mask=lmask)
 
   def load_row(name, step, valid):
     row = plgpu.load(r[name].at[b, time_of(step), d_lane], mask=lmask & valid, other=0.0)
@@ -347,113 +467,117 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       return None
     return plgpu.load(r["keep"].at[b, time_of(step)], mask=valid, other=1.0)
 
+  def store_row(name, step, chains):
+    value = _lane_sum(_chains_total(chains), spec)
+    plgpu.store(r[name].at[b, time_of(step), d_out], value.astype(r[name].dtype), mask=omask)
+
   qre, qim = coef("qre"), coef("qim")
 
-  if spec.mode == "fwd":
-    if spec.emit:
-      cre, cim = coef("cre"), coef("cim")
-      om = plgpu.load(r["om"].at[flat], mask=lmask, other=0.0)
+  if spec.mode == "local":
 
     def load_fn(step, valid):
       return load_row("x", step, valid), load_keep(step, valid)
 
-    def step_fn(carry, inputs, step):
+    def step_fn(carry, data, step, k):
       sr, si = carry
-      x, k = inputs
-      acc = om * x if spec.emit else None
+      (x,) = data
+      new = [_fwd_update(sr[g], si[g], x, k, qre[g], qim[g]) for g in groups]
+      return [v[0] for v in new], [v[1] for v in new]
+
+    sr, si = _run_tiles(spec, n_steps, (zeros(), zeros()), load_fn, step_fn)
+    state_out("fre", sr)
+    state_out("fim", si)
+
+  elif spec.mode == "fwd":
+    cre, cim, om = coef("cre"), coef("cim"), lane_coef("om")
+
+    def load_fn(step, valid):
+      return load_row("x", step, valid), load_keep(step, valid)
+
+    def step_fn(carry, data, step, k):
+      sr, si = carry
+      (x,) = data
+      chains = [om * x] + [None] * (n_chains - 1)
       new_r, new_i = [], []
       for g in groups:
         nr, ni = _fwd_update(sr[g], si[g], x, k, qre[g], qim[g])
-        if spec.emit:
-          acc = _fwd_output(acc, nr, ni, cre[g], cim[g])
+        _chain_add(chains, g, lambda acc, nr=nr, ni=ni, g=g: _fwd_output(acc, nr, ni, cre[g], cim[g]))
         new_r.append(nr)
         new_i.append(ni)
-      if spec.emit:
-        y = _lane_sum(acc, spec)
-        plgpu.store(r["y"].at[b, time_of(step), d_out], y.astype(r["y"].dtype), mask=omask)
+      store_row("y", step, chains)
       return new_r, new_i
 
-    sr, si = _run_tiles(spec, length, (init("ire"), init("iim")), load_fn, step_fn)
-    for g in groups:
-      plgpu.store(r["fre"].at[b, c, g, flat], sr[g], mask=lmask)
-      plgpu.store(r["fim"].at[b, c, g, flat], si[g], mask=lmask)
+    sr, si = _run_tiles(spec, n_steps, (state_in("s0re"), state_in("s0im")), load_fn, step_fn)
+    state_out("fre", sr)
+    state_out("fim", si)
 
-  elif spec.mode == "rev":
-    ere, eim = coef("ere"), coef("eim")
-    if spec.emit:
-      pp = coef("p")
-      om = plgpu.load(r["om"].at[flat], mask=lmask, other=0.0)
+  elif spec.mode == "bwd":
+    cre, cim, om = coef("cre"), coef("cim"), lane_coef("om")
+    pp = coef("p") if spec.has_g else None
 
     def load_fn(step, valid):
-      dy = load_row("dy", step, valid)
-      x = load_row("x", step, valid) if spec.emit else None
-      return dy, x, load_keep(step, valid)
+      return load_row("dy", step, valid), load_row("x", step, valid), load_keep(step, valid)
 
-    def step_fn(carry, inputs, step):
-      er_, ei_, ctp, ctom = carry
-      dy, x, k = inputs
-      acc = om * dy if spec.emit else None
-      out_r, out_i, out_p = [], [], []
+    def step_fn(carry, data, step, k):
+      u, v, acc_a, acc_b, ctom, gpart = carry
+      dy, x = data
+      chains = [om * dy] + [None] * (n_chains - 1)
+      nu, nv, na, nb = ([[], []] for _ in range(4))
+      ng = [[] for _ in range(7)]
       for g in groups:
-        wr, _, nr, ni = _rev_update(er_[g], ei_[g], dy, k, ere[g], eim[g], qre[g], qim[g])
-        if spec.emit:
-          acc = acc + pp[g] * wr
-          out_p.append(ctp[g] + x * wr)
-        out_r.append(nr)
-        out_i.append(ni)
-      if spec.emit:
-        dx = _lane_sum(acc, spec)
-        plgpu.store(r["dx"].at[b, time_of(step), d_out], dx.astype(r["dx"].dtype), mask=omask)
-        ctom = ctom + dy * x
-      return out_r, out_i, out_p, ctom
+        ur, ui, vr, vi = u[0][g], u[1][g], v[0][g], v[1][g]
+        if k is not None:
+          ur, ui, vr, vi = k * ur, k * ui, k * vr, k * vi
+        # u' = q u' + u uses u of the later step; then u = q u + dy.
+        vr, vi = (ur - qim[g] * vi) + qre[g] * vr, (ui + qim[g] * vr) + qre[g] * vi
+        ur, ui = _fwd_update(ur, ui, dy, None, qre[g], qim[g])
+        _chain_add(chains, g, lambda acc, ur=ur, ui=ui, g=g: _fwd_output(acc, ur, ui, cre[g], cim[g]))
+        for out, value in zip((nu[0], nu[1], nv[0], nv[1]), (ur, ui, vr, vi)):
+          out.append(value)
+        na[0].append(acc_a[0][g] + x * ur)
+        na[1].append(acc_a[1][g] + x * ui)
+        nb[0].append(acc_b[0][g] + x * vr)
+        nb[1].append(acc_b[1][g] + x * vi)
+        if spec.has_g:
+          # E-form: e = q g_{t+1} and f = q g'_{t+1} + g_{t+1}, so g_t = k e and g'_t = k f.
+          er, ei, fr, fi, acc_p, acc_gr, acc_gi = (part[g] for part in gpart)
+          gr, gi, hr, hi = (er, ei, fr, fi) if k is None else (k * er, k * ei, k * fr, k * fi)
+          _chain_add(chains, g, lambda acc, gr=gr, g=g: pp[g] * gr if acc is None else acc + pp[g] * gr)
+          for out, value in zip(ng, (qre[g] * gr - qim[g] * gi, qim[g] * gr + qre[g] * gi,
+                                     (gr - qim[g] * hi) + qre[g] * hr,
+                                     (gi + qim[g] * hr) + qre[g] * hi,
+                                     acc_p + x * gr, acc_gr + x * hr, acc_gi + x * hi)):
+            out.append(value)
+      store_row("dx", step, chains)
+      return nu, nv, na, nb, ctom + dy * x, ng if spec.has_g else gpart
 
-    zeros = [jnp.zeros((lanes,), jnp.float32) for _ in groups]
-    carry = (init("ire"), init("iim"), zeros if spec.emit else [],
-             jnp.zeros((lanes,), jnp.float32) if spec.emit else None)
-    er_, ei_, ctp, ctom = _run_tiles(spec, length, carry, load_fn, step_fn)
-    for g in groups:
-      plgpu.store(r["fre"].at[b, c, g, flat], er_[g], mask=lmask)
-      plgpu.store(r["fim"].at[b, c, g, flat], ei_[g], mask=lmask)
-      if spec.emit:
-        plgpu.store(r["ctp"].at[b, c, g, flat], ctp[g], mask=lmask)
-    if spec.emit:
-      plgpu.store(r["ctom"].at[b, c, flat], ctom, mask=lmask)
-
-  elif spec.mode == "param":
-
-    def load_fn(step, valid):
-      return load_row("x", step, valid), load_row("dy", step, valid), load_keep(step, valid)
-
-    def step_fn(carry, inputs, step):
-      vr, vi, zr, zi, avr, avi, azr, azi = carry
-      x, dy, k = inputs
-      out = [[] for _ in range(8)]
-      for g in groups:
-        vnr, vni, znr, zni = _param_update(vr[g], vi[g], zr[g], zi[g], x, k, qre[g], qim[g])
-        for slot, value in enumerate((vnr, vni, znr, zni, avr[g] + dy * vnr, avi[g] + dy * vni,
-                                      azr[g] + dy * znr, azi[g] + dy * zni)):
-          out[slot].append(value)
-      return tuple(out)
-
-    zeros = lambda: [jnp.zeros((lanes,), jnp.float32) for _ in groups]  # noqa: E731
-    carry = (init("ire"), init("iim"), zeros(), zeros(), zeros(), zeros(), zeros(), zeros())
-    vr, vi, zr, zi, avr, avi, azr, azi = _run_tiles(spec, length, carry, load_fn, step_fn)
-    for g in groups:
-      for name, value in (("avr", avr), ("avi", avi), ("azr", azr), ("azi", azi), ("zlr", zr),
-                          ("zli", zi)):
-        plgpu.store(r[name].at[b, c, g, flat], value[g], mask=lmask)
+    u0 = [state_in("u0re"), state_in("u0im")]
+    gpart = []
+    if spec.has_g:
+      gpart = [[plgpu.load(r[n].at[b, c, g, flat], mask=lmask, other=0.0) for g in groups]
+               for n in ("e0re", "e0im")] + [zeros() for _ in range(5)]
+    carry = (u0, [zeros(), zeros()], [zeros(), zeros()], [zeros(), zeros()],
+             jnp.zeros((lanes,), jnp.float32), gpart)
+    u, v, acc_a, acc_b, ctom, gpart = _run_tiles(spec, n_steps, carry, load_fn, step_fn)
+    for name, values in (("ure", u[0]), ("uim", u[1]), ("vre", v[0]), ("vim", v[1]),
+                         ("are", acc_a[0]), ("aim", acc_a[1]), ("bre", acc_b[0]),
+                         ("bim", acc_b[1])):
+      state_out(name, values)
+    plgpu.store(r["ctom"].at[b, c, flat], ctom, mask=lmask)
+    if spec.has_g:
+      for name, values in zip(("egre", "egim", "fgre", "fgim", "pg", "bgre", "bgim"), gpart):
+        state_out(name, values)
   else:
     raise ValueError(f"unknown scan mode {spec.mode!r}")
 
 
 def _launch(spec: _ScanSpec, batch: int, num_chunks: int, inputs: dict[str, Array],
             out_shapes: dict[str, jax.ShapeDtypeStruct], *, interpret: bool, num_warps: int,
-            name: str):
+            name: str) -> dict[str, Array]:
   """Runs _gpu_scan_kernel over the grid (batch, channel blocks, chunks)."""
   grid = (batch, pl.cdiv(spec.dim, spec.block_d), num_chunks)
-  kernel = functools.partial(_gpu_scan_kernel, spec=spec)
   outs = pl.pallas_call(
-      kernel,
+      functools.partial(_gpu_scan_kernel, spec=spec),
       out_shape=tuple(out_shapes[n] for n in spec.out_names),
       grid=grid,
       interpret=interpret,
@@ -464,203 +588,238 @@ def _launch(spec: _ScanSpec, batch: int, num_chunks: int, inputs: dict[str, Arra
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU pass orchestration (chunk split / combine, layouts) for the three scans.
+# GPU pass orchestration: chunk plan, combines across chunks, cotangent assembly.
 # ----------------------------------------------------------------------------------------------
 
-def _chunking(length: int, block_t: int, num_chunks: int) -> tuple[int, int]:
-  """(chunk length, number of chunks): chunks are whole tiles except possibly the last."""
-  num_chunks = max(1, min(num_chunks, pl.cdiv(length, block_t)))
-  if num_chunks == 1:
-    return length, 1
-  chunk = pl.cdiv(pl.cdiv(length, num_chunks), block_t) * block_t
-  return chunk, pl.cdiv(length, chunk)
+class _Plan(NamedTuple):
+  chunk: int   # steps per chunk (all but the last)
+  count: int   # number of chunks
+  last: int    # steps of the last chunk (1..chunk)
 
 
-def _chunk_keep(keep: Array | None, chunk: int, num_chunks: int) -> Array | None:
-  """[B, L] keep flags (in scan order) -> [B, C] product over each chunk (1: no reset inside)."""
+def _plan(length: int, cfg: CemaKernelConfig) -> _Plan:
+  """Chunks of whole tiles (except possibly the last), at least one tile each."""
+  tile = max(cfg.block_t, 1)
+  count = max(1, min(cfg.num_chunks, length // tile))
+  if count == 1:
+    return _Plan(length, 1, length)
+  chunk = pl.cdiv(pl.cdiv(length, count), tile) * tile
+  count = pl.cdiv(length, chunk)
+  return _Plan(chunk, count, length - (count - 1) * chunk)
+
+
+class _Flags(NamedTuple):
+  """Per-chunk reset bookkeeping, all [B, C] float32 (1 = no reset) or None without segments."""
+  fwd: Array | None    # prod_{t in c} k_t: the state entering chunk c survives it (forward)
+  bwd: Array | None    # prod_{t in c} k_{t+1}: the same for the reverse scan (k_L = 1)
+  after: Array | None  # k at the first step after chunk c (1 for the last chunk)
+
+
+def _reverse_keep(keep: Array) -> Array:
+  """[B, L] k_t -> k_{t+1} (k_L = 1): the flag the reverse scan applies at time t."""
+  return jnp.concatenate([keep[:, 1:], jnp.ones((keep.shape[0], 1), keep.dtype)], axis=1)
+
+
+def _chunk_flags(keep: Array | None, plan: _Plan) -> _Flags:
   if keep is None:
-    return None
+    return _Flags(None, None, None)
   batch, length = keep.shape
-  pad = chunk * num_chunks - length
-  keep = jnp.pad(keep, ((0, 0), (0, pad)), constant_values=1.0)
-  return jnp.prod(keep.reshape(batch, num_chunks, chunk), axis=-1)
+  pad = plan.chunk * plan.count - length
+
+  def per_chunk(flags):
+    flags = jnp.pad(flags, ((0, 0), (0, pad)), constant_values=1.0)
+    return jnp.prod(flags.reshape(batch, plan.count, plan.chunk), axis=-1)
+
+  after = jnp.concatenate([keep[:, plan.chunk::plan.chunk][:, :plan.count - 1],
+                           jnp.ones((batch, 1), keep.dtype)], axis=1)
+  return _Flags(per_chunk(keep), per_chunk(_reverse_keep(keep)), after)
 
 
-def _combine_chunks(local: Array, decay: Array, keep_chunks: Array | None,
-                    start: Array | None) -> Array:
-  """Starting state of every chunk from chunk-local final states.
-
-  local: [B, C, G, DS] complex, each chunk's final state from a zero start; decay: [G, DS]
-  complex q ** chunk; keep_chunks: [B, C] or None; start: [B, G, DS] complex or None (zeros).
-  Returns [B, C, G, DS]: start_0 = start, start_{c+1} = decay * keep_c * start_c + local_c.
-  """
-  batch, num_chunks = local.shape[:2]
-  current = jnp.zeros_like(local[:, 0]) if start is None else start
-  starts = [current]
-  for c in range(num_chunks - 1):
-    factor = decay[None]
-    if keep_chunks is not None:
-      factor = factor * keep_chunks[:, c, None, None]
-    current = factor * current + local[:, c]
-    starts.append(current)
-  return jnp.stack(starts, axis=1)
+def _times(flag: Array | None, c: int, value: Array) -> Array:
+  """value [B, D, N] times the [B] flags of chunk c (no-op without segments)."""
+  return value if flag is None else flag[:, c, None, None] * value
 
 
 def _split_complex(a: Array) -> tuple[Array, Array]:
   return jnp.real(a).astype(jnp.float32), jnp.imag(a).astype(jnp.float32)
 
 
-def _gpu_scan_with_chunks(mode: str, cfg: CemaKernelConfig, seq_inputs: dict[str, Array],
-                          coef_inputs: dict[str, Array], keep: Array | None,
-                          start: Array | None, emit_shapes: dict[str, jax.ShapeDtypeStruct],
-                          q_lanes: Array, *, batch: int, length: int, dim: int, groups: int,
-                          interpret: bool):
-  """Forward ("fwd") or reverse ("rev") scan, optionally split into parallel time chunks.
-
-  start: [B, G, DS] complex initial state or None.  keep: [B, L] flags in scan order, indexed by
-  original time (the kernel reverses the index for "rev").  Returns the emit outputs plus
-  "fre"/"fim" ([B, C, G, DS] final state of every chunk) and the chunk count.
-  """
-  chunk, num_chunks = _chunking(length, cfg.block_t, cfg.num_chunks)
-  split = cfg.split
-  lanes_total = dim * split
-  state_shape = lambda c: jax.ShapeDtypeStruct((batch, c, groups, lanes_total), jnp.float32)  # noqa: E731
-  seq_names = tuple(seq_inputs)
-  keep_names = ("keep",) if keep is not None else ()
-  base = dict(seq_inputs, **coef_inputs)
-  if keep is not None:
-    base["keep"] = keep
-
-  def spec(emit, has_init, in_names, out_names):
-    return _ScanSpec(mode=mode, emit=emit, has_init=has_init, has_keep=keep is not None,
-                     length=length, dim=dim, groups=groups, split=split, block_d=cfg.block_d,
-                     block_t=cfg.block_t, chunk=chunk, in_names=in_names, out_names=out_names)
-
-  coef_names = tuple(coef_inputs)
-  if num_chunks == 1:
-    starts = None if start is None else start[:, None]
-  else:
-    # Pass 1: every chunk's final state from a zero start (no outputs, only the scanned input).
-    first_seq = seq_names[:1]
-    first_coefs = tuple(n for n in coef_names if n in ("qre", "qim", "ere", "eim"))
-    sp = spec(False, False, first_seq + keep_names + first_coefs, ("fre", "fim"))
-    out = _launch(sp, batch, num_chunks, base,
-                  {"fre": state_shape(num_chunks), "fim": state_shape(num_chunks)},
-                  interpret=interpret, num_warps=cfg.num_warps, name=f"cema_{mode}_chunk_states")
-    local = lax.complex(out["fre"], out["fim"])
-    scan_keep = None if keep is None else (keep[:, ::-1] if mode == "rev" else keep)
-    # The scan's first step never resets (k_0 = 1), and chunk 0's factor is never used.
-    keep_chunks = _chunk_keep(scan_keep, chunk, num_chunks)
-    decay = _complex_power(q_lanes, chunk)
-    starts = _combine_chunks(local, decay, keep_chunks, start)
-  inputs = dict(base)
-  init_names = ()
-  if starts is not None:
-    inputs["ire"], inputs["iim"] = _split_complex(starts)
-    init_names = ("ire", "iim")
-  out_shapes = dict(emit_shapes, fre=state_shape(num_chunks), fim=state_shape(num_chunks))
-  for name in ("ctp",):
-    if name in out_shapes:
-      out_shapes[name] = state_shape(num_chunks)
-  if "ctom" in out_shapes:
-    out_shapes["ctom"] = jax.ShapeDtypeStruct((batch, num_chunks, lanes_total), jnp.float32)
-  sp = spec(True, starts is not None, seq_names + keep_names + coef_names + init_names,
-            tuple(emit_shapes) + ("fre", "fim"))
-  out = _launch(sp, batch, num_chunks, inputs, out_shapes, interpret=interpret,
-                num_warps=cfg.num_warps, name=f"cema_{mode}_scan")
-  return out, num_chunks
-
-
 def _folded_p(p: Array) -> Array:
   return jnp.maximum(p, _P_FLOOR)
 
 
+def _lane_planes(a: Array, split: int) -> tuple[Array, Array]:
+  """[..., D, N] complex -> two [..., G, D * split] float32 lane planes."""
+  return _split_complex(_to_lanes(a, split))
+
+
+def _natural(out: dict[str, Array], re: str, im: str, dim: int, split: int) -> Array:
+  """Kernel lane planes [B, C, G, DS] -> [B, C, D, N] complex64."""
+  return _from_lanes(lax.complex(out[re], out[im]), dim, split)
+
+
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
-  """y [B, L, D] f32 and h_last [B, D, N] c64 via the folded-state forward scan."""
+  """Forward scan: y [B, L, D] f32, h_last [B, D, N] c64, and the backward's residuals
+  (chunk-local states F [B, C, D, N] c64 and decay q^chunk [D, N], both None for one chunk)."""
   batch, length, dim = x.shape
   ndim = p.shape[1]
+  plan = _plan(length, cfg)
   split = cfg.split
   groups = ndim // split
   pf = _folded_p(p)
-  c = eta * pf
-  q_lanes = _to_lanes(q, split)
-  coefs = {}
-  coefs["qre"], coefs["qim"] = _split_complex(q_lanes)
-  coefs["cre"], coefs["cim"] = _split_complex(_to_lanes(c, split))
-  coefs["om"] = _lane_omega(omega, split)
-  start = None if h0 is None else _to_lanes(h0 / pf, split)
-  out, num_chunks = _gpu_scan_with_chunks(
-      "fwd", cfg, {"x": x}, coefs, keep, start,
-      {"y": jax.ShapeDtypeStruct((batch, length, dim), jnp.float32)}, q_lanes,
-      batch=batch, length=length, dim=dim, groups=groups, interpret=interpret)
-  s_last = lax.complex(out["fre"][:, -1], out["fim"][:, -1])
-  h_last = pf * _from_lanes(s_last, dim, split)
-  return out["y"], h_last
+  coefs = dict(zip(("qre", "qim"), _lane_planes(q, split)))
+  keep_in = {} if keep is None else {"keep": keep}
+  keep_names = tuple(keep_in)
+  state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
+
+  def spec(mode, has_init, in_names, out_names):
+    return _ScanSpec(mode=mode, reverse=False, has_init=has_init, has_keep=keep is not None,
+                     has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
+                     groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
+                     chunk=plan.chunk, in_names=in_names, out_names=out_names)
+
+  start = None if h0 is None else h0 / pf[None]
+  local = decay = None
+  if plan.count > 1:
+    out = _launch(spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
+                  batch, plan.count, dict(x=x, **keep_in, **coefs), {"fre": state, "fim": state},
+                  interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_chunk_states")
+    local = _natural(out, "fre", "fim", dim, split)
+    decay = _accurate_powers(q, (plan.chunk,))[..., 0]
+    flags = _chunk_flags(keep, plan)
+    current = jnp.zeros_like(local[:, 0]) if start is None else start
+    starts = [current]
+    for c in range(plan.count - 1):
+      current = _times(flags.fwd, c, decay * current) + local[:, c]
+      starts.append(current)
+    starts = jnp.stack(starts, axis=1)
+  else:
+    starts = None if start is None else start[:, None]
+  inputs = dict(x=x, **keep_in, **coefs)
+  inputs["cre"], inputs["cim"] = _lane_planes(eta * pf, split)
+  inputs["om"] = _lane_omega(omega, split)
+  init_names = ()
+  if starts is not None:
+    inputs["s0re"], inputs["s0im"] = _lane_planes(starts, split)
+    init_names = ("s0re", "s0im")
+  names = ("x",) + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
+  out = _launch(spec("fwd", starts is not None, names, ("y", "fre", "fim")), batch, plan.count,
+                inputs, {"y": jax.ShapeDtypeStruct(x.shape, jnp.float32), "fre": state,
+                         "fim": state},
+                interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_scan")
+  s_last = _from_lanes(lax.complex(out["fre"][:, -1], out["fim"][:, -1]), dim, split)
+  return out["y"], pf * s_last, local, decay
 
 
-def _gpu_reverse(dy, x, keep, p, q, eta, omega, g_last, cfg: CemaKernelConfig, interpret: bool):
-  """Adjoint scan: dx (x.dtype), ct_p [D, N], ct_omega [D], ct_h0 [B, D, N] c64."""
+def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
+                  cfg: CemaKernelConfig, interpret: bool):
+  """One reverse scan for every cotangent (module docstring).
+
+  dy: [B, L, D] f32; g_last: [B, D, N] c64 or None (a symbolic zero); local, decay: the
+  forward's chunk residuals.  Returns dx (x.dtype), ct_p [D, N], ct_q, ct_eta [D, N] c64,
+  ct_omega [D], ct_h0 [B, D, N] c64.
+  """
   batch, length, dim = x.shape
   ndim = p.shape[1]
-  split = cfg.split
+  plan = _plan(length, cfg)
+  split = cfg.bwd_split
   groups = ndim // split
-  # w_t = k_{t+1} q w_{t+1} + ...: the reset flag seen at original time t is keep[t + 1]; the
-  # last step receives ct(h_last) unscaled.
-  keep_rev = None
-  if keep is not None:
-    keep_rev = jnp.concatenate([keep[:, 1:], jnp.ones((batch, 1), jnp.float32)], axis=1)
-  q_lanes = _to_lanes(q, split)
-  coefs = {}
-  coefs["qre"], coefs["qim"] = _split_complex(q_lanes)
-  coefs["ere"], coefs["eim"] = _split_complex(_to_lanes(eta, split))
-  coefs["p"] = _to_lanes(p, split)
-  coefs["om"] = _lane_omega(omega, split)
-  start = _to_lanes(g_last, split)
-  emit_shapes = {
-      "dx": jax.ShapeDtypeStruct((batch, length, dim), x.dtype),
-      "ctp": None,
-      "ctom": None,
-  }
-  out, num_chunks = _gpu_scan_with_chunks(
-      "rev", cfg, {"dy": dy, "x": x}, coefs, keep_rev, start, emit_shapes, q_lanes,
-      batch=batch, length=length, dim=dim, groups=groups, interpret=interpret)
-  ct_h0 = _from_lanes(lax.complex(out["fre"][:, -1], out["fim"][:, -1]), dim, split)
-  ct_p = _from_lanes(jnp.sum(out["ctp"], axis=(0, 1)), dim, split)
-  ct_omega = jnp.sum(out["ctom"], axis=(0, 1)).reshape(dim, split)[:, 0]
-  return out["dx"], ct_p, ct_omega, ct_h0
+  has_g = g_last is not None
+  keep_rev = None if keep is None else _reverse_keep(keep)
+  keep_in = {} if keep is None else {"keep": keep_rev}
+  keep_names = tuple(keep_in)
+  flags = _chunk_flags(keep, plan)
+  coefs = dict(zip(("qre", "qim"), _lane_planes(q, split)))
+  state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
+  last = plan.count - 1
 
+  def spec(mode, has_init, in_names, out_names):
+    return _ScanSpec(mode=mode, reverse=True, has_init=has_init, has_keep=keep is not None,
+                     has_g=has_g and mode == "bwd", reset_branch=cfg.reset_branch,
+                     length=length, dim=dim, groups=groups, split=split,
+                     block_d=cfg.bwd_block_d, block_t=cfg.block_t, chunk=plan.chunk,
+                     in_names=in_names, out_names=out_names)
 
-def _gpu_param(x, dy, keep, p, q, eta, h0, g_last, cfg: CemaKernelConfig, interpret: bool):
-  """Forward-mode parameter scan: ct_q [D, N] c64 and ct_eta [D, N] c64."""
-  batch, length, dim = x.shape
-  ndim = p.shape[1]
-  split = cfg.param_split
-  groups = ndim // split
-  pf = _folded_p(p)
-  inputs = {"x": x, "dy": dy}
-  in_names = ["x", "dy"]
-  if keep is not None:
-    inputs["keep"] = keep
-    in_names.append("keep")
-  inputs["qre"], inputs["qim"] = _split_complex(_to_lanes(q, split))
-  in_names += ["qre", "qim"]
+  # Decay across chunk c (its own length), applied from the later chunk to the earlier one.
+  decays = [decay] * plan.count
+  if plan.count > 1 and has_g and plan.last != plan.chunk:
+    decays[last] = _accurate_powers(q, (plan.last,))[..., 0]
+
+  def run_back(incoming, local_parts, flag):
+    """in[c - 1] = flag_c decay_c in[c] + local_c from in[last]; returns in[0..last], in[-1]."""
+    values = [None] * plan.count
+    values[last] = incoming
+    for c in range(last, 0, -1):
+      carried = None if values[c] is None else _times(flag, c, decays[c] * values[c])
+      part = None if local_parts is None else local_parts[:, c]
+      values[c - 1] = part if carried is None else (carried if part is None else carried + part)
+    return values
+
+  inputs = dict(dy=dy, x=x, **keep_in, **coefs)
+  init_names = ()
+  u_in = [None] * plan.count
+  if plan.count > 1:
+    out = _launch(spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
+                  batch, plan.count, dict(x=dy, **keep_in, **coefs), {"fre": state, "fim": state},
+                  interpret=interpret, num_warps=cfg.bwd_num_warps, name="cema_bwd_chunk_states")
+    u_in = run_back(None, _natural(out, "fre", "fim", dim, split), flags.bwd)
+    u_in[last] = jnp.zeros_like(u_in[0])
+    inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
+    init_names = ("u0re", "u0im")
+  inputs["cre"], inputs["cim"] = _lane_planes(eta * p, split)
+  inputs["om"] = _lane_omega(omega, split)
+  names = ("dy", "x") + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
+  out_names = ("dx", "ure", "uim", "vre", "vim", "are", "aim", "bre", "bim", "ctom")
+  out_shapes = {n: state for n in out_names}
+  out_shapes["dx"] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  out_shapes["ctom"] = jax.ShapeDtypeStruct((batch, plan.count, dim * split), jnp.float32)
+  if has_g:
+    eg_in = run_back(g_last, None, flags.bwd)
+    inputs["p"] = _to_lanes(p, split)
+    inputs["e0re"], inputs["e0im"] = _lane_planes(jnp.stack(eg_in, axis=1), split)
+    names += ("p", "e0re", "e0im")
+    g_names = ("egre", "egim", "fgre", "fgim", "pg", "bgre", "bgim")
+    out_names += g_names
+    out_shapes.update({n: state for n in g_names})
+  out = _launch(spec("bwd", bool(init_names), names, out_names), batch, plan.count, inputs,
+                out_shapes, interpret=interpret, num_warps=cfg.bwd_num_warps,
+                name="cema_bwd_scan")
+  nat = functools.partial(_natural, out, dim=dim, split=split)
+
+  def lagged(kernel_final):
+    """True lagged sums entering each chunk (in[c]) and after time 0 (in[-1]), plus the
+    correction sum_c after_c in[c] F_c to the kernel's sum_t x_t (lagged) of zero-start chunks."""
+    values = run_back(jnp.zeros_like(kernel_final[:, 0]), kernel_final, flags.bwd)
+    before = _times(flags.bwd, 0, decays[0] * values[0]) if plan.count > 1 else 0.0
+    final = before + kernel_final[:, 0]
+    correction = 0.0
+    if plan.count > 1:
+      for c in range(plan.count):
+        correction = correction + _times(flags.after, c, values[c]) * local[:, c]
+    return final, correction
+
+  acc_a = jnp.sum(nat("are", "aim"), axis=1)                         # [B, D, N]
+  v_final, v_corr = lagged(nat("vre", "vim"))
+  acc_b = jnp.sum(nat("bre", "bim"), axis=1) + q * v_corr            # X_c = q F_c for u'
+  u_first = nat("ure", "uim")[:, 0]                                  # u_0
+  w_first = eta * u_first                                            # w_0 without g
+  h0_factor = eta * (u_first + q * v_final)                          # w_0 + q w'_0 without g
+  ct_p = jnp.real(eta * jnp.sum(acc_a, axis=0))
+  ct_q = p * eta * jnp.sum(acc_b, axis=0)
+  if has_g:
+    f_final, f_corr = lagged(nat("fgre", "fgim"))
+    acc_bg = jnp.sum(nat("bgre", "bgim"), axis=1) + f_corr            # X_c = F_c in E-form
+    ct_p = ct_p + jnp.sum(_from_lanes(out["pg"], dim, split), axis=(0, 1))
+    ct_q = ct_q + p * jnp.sum(acc_bg, axis=0)
+    h0_factor = h0_factor + f_final                                  # g_0 + q g'_0
+    q_g_first = nat("egre", "egim")[:, 0]                            # q g_0
+  ct_eta = p * jnp.sum(acc_a, axis=0)
+  ct_h0 = q * w_first + (q_g_first if has_g else 0.0)
   if h0 is not None:
-    start = _to_lanes(h0 / pf, split)[:, None]
-    inputs["ire"], inputs["iim"] = _split_complex(start)
-    in_names += ["ire", "iim"]
-  out_names = ("avr", "avi", "azr", "azi", "zlr", "zli")
-  shape = jax.ShapeDtypeStruct((batch, 1, groups, dim * split), jnp.float32)
-  spec = _ScanSpec(mode="param", emit=True, has_init=h0 is not None, has_keep=keep is not None,
-                   length=length, dim=dim, groups=groups, split=split,
-                   block_d=cfg.param_block_d, block_t=cfg.block_t, chunk=length,
-                   in_names=tuple(in_names), out_names=out_names)
-  out = _launch(spec, batch, 1, inputs, {n: shape for n in out_names}, interpret=interpret,
-                num_warps=cfg.num_warps, name="cema_param_scan")
-  back = lambda re, im: _from_lanes(lax.complex(out[re][:, 0], out[im][:, 0]), dim, split)  # noqa: E731
-  acc_v, acc_z, z_last = back("avr", "avi"), back("azr", "azi"), back("zlr", "zli")
-  ct_eta = pf * jnp.sum(acc_v, axis=0)
-  ct_q = pf * (eta * jnp.sum(acc_z, axis=0) + jnp.sum(g_last * z_last, axis=0))
-  return ct_q, ct_eta
+    ct_eta = ct_eta + q * jnp.sum(h0 * u_first, axis=0)
+    ct_q = ct_q + jnp.sum(h0 * h0_factor, axis=0)
+  ct_omega = jnp.sum(out["ctom"], axis=(0, 1)).reshape(dim, split)[:, 0]
+  return out["dx"], ct_p, ct_q, ct_eta, ct_omega, ct_h0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -917,6 +1076,7 @@ def _tpu_param(x, dy, keep, p, q, eta, h0, g_last, cfg: CemaKernelConfig, interp
   return ct_q, ct_eta
 
 
+
 # ----------------------------------------------------------------------------------------------
 # custom_vjp core and the public entry point.
 # ----------------------------------------------------------------------------------------------
@@ -929,47 +1089,56 @@ class _Static:
 
 
 def _forward_impl(st: _Static, x, keep, p, q, eta, omega, h0):
+  """(y, h_last, residuals for the backward)."""
   if st.platform == "tpu":
-    return _tpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
-  return _gpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
+    y, h_last = _tpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
+    return y, h_last, ()
+  y, h_last, local, decay = _gpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
+  return y, h_last, (local, decay)
 
 
-def _backward_impl(st: _Static, x, keep, p, q, eta, omega, h0, dy, g_last):
+def _backward_impl(st: _Static, x, keep, p, q, eta, omega, h0, dy, g_last, extra):
   if st.platform == "tpu":
+    if g_last is None:
+      g_last = jnp.zeros((x.shape[0],) + p.shape, jnp.complex64)
     dx, ct_p, ct_omega, ct_h0 = _tpu_reverse(dy, x, keep, p, q, eta, omega, g_last, st.cfg,
                                              st.interpret)
     ct_q, ct_eta = _tpu_param(x, dy, keep, p, q, eta, h0, g_last, st.cfg, st.interpret)
-  else:
-    dx, ct_p, ct_omega, ct_h0 = _gpu_reverse(dy, x, keep, p, q, eta, omega, g_last, st.cfg,
-                                             st.interpret)
-    ct_q, ct_eta = _gpu_param(x, dy, keep, p, q, eta, h0, g_last, st.cfg, st.interpret)
-  return dx, ct_p, ct_q, ct_eta, ct_omega, ct_h0
+    return dx, ct_p, ct_q, ct_eta, ct_omega, ct_h0
+  return _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, *extra, st.cfg, st.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _cema_core(st: _Static, x, keep, p, q, eta, omega, h0):
-  return _forward_impl(st, x, keep, p, q, eta, omega, h0)
+  y, h_last, _ = _forward_impl(st, x, keep, p, q, eta, omega, h0)
+  return y, h_last
 
 
-def _cema_core_fwd(st: _Static, x, keep, p, q, eta, omega, h0):
-  out = _forward_impl(st, x, keep, p, q, eta, omega, h0)
-  return out, (x, keep, p, q, eta, omega, h0)
+def _cema_core_fwd(st: _Static, *primals):
+  # symbolic_zeros: primals arrive wrapped with their `perturbed` bits.
+  args = custom_vjp_primal_tree_values(primals)
+  y, h_last, extra = _forward_impl(st, *args)
+  return (y, h_last), (args, extra)
 
 
 def _cema_core_bwd(st: _Static, residuals, cotangents):
-  x, keep, p, q, eta, omega, h0 = residuals
+  (x, keep, p, q, eta, omega, h0), extra = residuals
   dy, g_last = cotangents
+  # An unused output arrives as a symbolic zero: a zero dy is materialised (rare), a zero
+  # ct(h_last) (the usual training case) removes the g part of the adjoint from the kernel.
+  if isinstance(dy, SymbolicZero):
+    dy = jnp.zeros(x.shape, jnp.float32)
   dy = dy.astype(jnp.float32)
-  g_last = g_last.astype(jnp.complex64)
+  g_last = None if isinstance(g_last, SymbolicZero) else g_last.astype(jnp.complex64)
   dx, ct_p, ct_q, ct_eta, ct_omega, ct_h0 = _backward_impl(st, x, keep, p, q, eta, omega, h0,
-                                                           dy, g_last)
+                                                           dy, g_last, extra)
   keep_ct = None if keep is None else jnp.zeros_like(keep)
   h0_ct = None if h0 is None else ct_h0.astype(h0.dtype)
   return (dx.astype(x.dtype), keep_ct, ct_p.astype(p.dtype), ct_q.astype(q.dtype),
           ct_eta.astype(eta.dtype), ct_omega.astype(omega.dtype), h0_ct)
 
 
-_cema_core.defvjp(_cema_core_fwd, _cema_core_bwd)
+_cema_core.defvjp(_cema_core_fwd, _cema_core_bwd, symbolic_zeros=True)
 
 
 def _resolve_platform(platform: str | None) -> str:
@@ -993,8 +1162,9 @@ def cema_pallas(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array | No
   Returns y [batch, length, dim] float32, and with return_state also h_last [batch, dim, N] c64.
 
   interpret: run the kernels in the Pallas interpreter (default: only when the backend is CPU).
-  block_d / block_t / config: tiling overrides (see CemaKernelConfig).  platform: "gpu" (Triton
-  kernels) or "tpu" (Mosaic kernels); defaults to the default backend's family.
+  block_d / block_t / config: tiling overrides (see CemaKernelConfig; block_d sets the channel
+  block of both the forward and the backward scan).  platform: "gpu" (Triton kernels) or "tpu"
+  (Mosaic kernels); defaults to the default backend's family.
   """
   p, q, eta, omega_v, h0, keep = _normalize_inputs(x, coeffs, omega, h0, segment_ids)
   if x.dtype not in (jnp.float32, jnp.bfloat16):
@@ -1006,7 +1176,7 @@ def cema_pallas(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array | No
   cfg = config if config is not None else default_config(batch, length, dim, ndim)
   overrides = {}
   if block_d is not None:
-    overrides.update(block_d=block_d, param_block_d=block_d)
+    overrides.update(block_d=block_d, bwd_block_d=block_d)
   if block_t is not None:
     overrides["block_t"] = block_t
   cfg = dataclasses.replace(cfg, **overrides).validate(ndim)

@@ -1,8 +1,10 @@
 """CEMA Pallas kernels (interpret mode) against a float64 numpy recurrence and the lax.scan reference.
 
-Shapes are tiny and deliberately odd: L is not a multiple of the time tile, D not a multiple of
-the channel block, and N is split over lanes.  Each kernel configuration is compiled once (values
-and all gradients from one jitted value_and_grad) and shared by the tests of that case.
+Shapes are tiny and deliberately odd: L is not a multiple of the time tile or of the time chunk,
+D not a multiple of the channel block, and N is split over lanes.  Segment resets fall inside
+chunks, on chunk boundaries and right after them.  Each kernel configuration is compiled once
+(values and all gradients from one jitted value_and_grad) and shared by the tests of that case.
+The Triton lowering of the GPU kernels at the preset shape is checked with jax.export (no GPU).
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from kernels_pallas import cema as K
 from megalodon_jax.ops.cema import CemaCoefficients, cema_coefficients
 
 B, L, D, N = 2, 21, 6, 8
-# Tiny tiles so the tails are exercised: 21 = 5 * 4 + 1 steps, 6 = 4 + 2 channels.
-SMALL = K.CemaKernelConfig(block_d=4, block_t=4, split=2, num_chunks=1, param_block_d=2,
-                           param_split=4, num_warps=1)
+# Tiny tiles so the tails are exercised: 21 = 10 * 2 + 1 steps, 6 = 4 + 2 channels; the backward
+# splits the orders over other lanes (N / 4 per lane instead of N / 2) than the forward.
+SMALL = K.CemaKernelConfig(block_d=4, block_t=2, split=2, num_chunks=1, bwd_block_d=4,
+                           bwd_split=4, num_warps=1, bwd_num_warps=1)
+# Three chunks of 8, 8 and 5 steps (the last one two tiles and a remainder step).
+CHUNKED = dataclasses.replace(SMALL, num_chunks=3)
+CHUNK = 8
 # XLA's CPU backend at -O0 compiles the interpreted kernels about twice as fast.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 RTOL = 1e-5
@@ -80,13 +87,19 @@ class Case:
   x_dtype: str = "float32"
   config: K.CemaKernelConfig = SMALL
   platform: str = "gpu"
+  # The loss reads h_last (a cotangent G for the final state); without it the backward sees a
+  # symbolic zero and runs the kernel without the g part of the adjoint.
+  use_state: bool = True
 
 
 CASES = {
-    "plain": Case("plain", use_h0=False, use_segments=False),
-    "h0_segments": Case("h0_segments", use_h0=True, use_segments=True),
-    "chunked_bf16": Case("chunked_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
-                         config=dataclasses.replace(SMALL, num_chunks=3)),
+    # The training path: chunked, no segments, no h0, only y differentiated.
+    "chunked": Case("chunked", use_h0=False, use_segments=False, config=CHUNKED, use_state=False),
+    "chunked_h0_segments": Case("chunked_h0_segments", use_h0=True, use_segments=True,
+                                config=CHUNKED),
+    # One chunk, bf16 input, and every tile through the reset-multiply steps.
+    "one_chunk_bf16": Case("one_chunk_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
+                           config=dataclasses.replace(SMALL, reset_branch=False)),
     # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
     "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
                             config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
@@ -116,9 +129,19 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
       "w_h": (rng.normal(size=(B, D, N)) + 1j * rng.normal(size=(B, D, N))).astype(np.complex64),
   }
   if case.use_segments:
-    inputs["segment_ids"][0, 1] = inputs["segment_ids"][0, 0] + 1  # a reset at t = 1 for sure
-    inputs["segment_ids"][0, 2:] += 1
+    inputs["segment_ids"] = segments_with_resets_at(inputs["segment_ids"], {0: (1, CHUNK, 2 * CHUNK + 1),
+                                                                           1: (CHUNK + 1, 2 * CHUNK)})
   return inputs
+
+
+def segments_with_resets_at(seg: np.ndarray, resets: dict) -> np.ndarray:
+  """Adds a reset (new id from there on) at the given steps of each row: t = 1, the first step of
+  a chunk (its incoming state is dropped) and the step after a chunk start."""
+  seg = seg.copy()
+  for row, steps in resets.items():
+    for t in steps:
+      seg[row, t:] += 1
+  return seg
 
 
 def jax_loss(fn, case: Case, inputs: dict):
@@ -129,7 +152,9 @@ def jax_loss(fn, case: Case, inputs: dict):
     coeffs = cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
     y, h_last = fn(params["x"].astype(x_dtype), coeffs, params["omega"], params.get("h0"),
                    segment_ids=inputs["segment_ids"], return_state=True)
-    total = jnp.sum(inputs["w_y"] * y) + jnp.sum(jnp.real(inputs["w_h"] * h_last))
+    total = jnp.sum(inputs["w_y"] * y)
+    if case.use_state:
+      total = total + jnp.sum(jnp.real(inputs["w_h"] * h_last))
     return total, (y, h_last)
 
   return loss
@@ -159,20 +184,23 @@ def run_case(name: str, which: str):
   return float(loss), np.asarray(y), np.asarray(h_last), grads
 
 
-def np_loss(inputs: dict, params: dict) -> float:
+def np_loss(case: Case, inputs: dict, params: dict) -> float:
   p, q, eta = np_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
   keep = np_keep(inputs["segment_ids"], B, L)
   y, h_last = np_cema(params["x"], p, q, eta, params["omega"].reshape(-1), params.get("h0"), keep)
-  return float(np.sum(inputs["w_y"] * y) + np.sum(np.real(inputs["w_h"] * h_last)))
+  total = np.sum(inputs["w_y"] * y)
+  if case.use_state:
+    total = total + np.sum(np.real(inputs["w_h"] * h_last))
+  return float(total)
 
 
-def directional_fd(inputs: dict, direction: dict, eps: float = 1e-5) -> float:
+def directional_fd(case: Case, inputs: dict, direction: dict, eps: float = 1e-5) -> float:
   """Central finite difference of the float64 loss along `direction`."""
   base = {n: np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64)
           for n, v in params_of(inputs).items()}
   plus = {n: v + eps * direction.get(n, 0) for n, v in base.items()}
   minus = {n: v - eps * direction.get(n, 0) for n, v in base.items()}
-  return (np_loss(inputs, plus) - np_loss(inputs, minus)) / (2 * eps)
+  return (np_loss(case, inputs, plus) - np_loss(case, inputs, minus)) / (2 * eps)
 
 
 def grad_dot(grads: dict, direction: dict) -> float:
@@ -186,7 +214,7 @@ def grad_dot(grads: dict, direction: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def test_reference_matches_float64():
-  case = CASES["h0_segments"]
+  case = CASES["chunked_h0_segments"]
   inputs = make_inputs(case, seed=3)
   coeffs = cema_coefficients(*(jnp.asarray(inputs[n]) for n in ("alpha", "delta", "theta", "gamma")))
   y, h_last = K.cema_reference(jnp.asarray(inputs["x"]), coeffs, jnp.asarray(inputs["omega"]),
@@ -240,21 +268,22 @@ def test_kernel_grads_match_float64_finite_differences(name):
       direction = direction + 1j * rng.normal(size=shape)
     if param == "x" and case.x_dtype == "bfloat16":
       continue  # the kernel's dx is rounded to bfloat16; checked against the reference instead
-    expected = directional_fd(inputs, {param: direction})
+    expected = directional_fd(case, inputs, {param: direction})
     got = grad_dot(grads, {param: direction})
     scale = np.sum(np.abs(grads[param]) * np.abs(direction))
     assert abs(got - expected) <= RTOL * scale, (param, got, expected)
 
 
 def test_bf16_input_gradient_is_rounded_float32_gradient():
-  _, _, _, grads = run_case("chunked_bf16", "kernel")
-  _, _, _, grads_r = run_case("chunked_bf16", "reference")
+  _, _, _, grads = run_case("one_chunk_bf16", "kernel")
+  _, _, _, grads_r = run_case("one_chunk_bf16", "reference")
   assert grads["x"].dtype == np.float32  # cast back to the float32 parameter by the test's astype
   assert rel_err(grads["x"], grads_r["x"]) < 1e-2  # bfloat16 rounding of dx
 
 
 def test_every_step_a_new_segment_is_memoryless():
-  """With a reset at every step, y_t = (sum_n p Re eta + omega) x_t for t > 0 (only t=0 sees h0)."""
+  """With a reset at every step, y_t = (sum_n p Re eta + omega) x_t for t > 0 (only t=0 sees h0),
+  also across the three chunks (4 + 4 + 1 steps): no state crosses a chunk boundary."""
   rng = np.random.default_rng(11)
   x = jnp.asarray(rng.normal(size=(1, 9, 4)), jnp.float32)
   coeffs = cema_coefficients(jnp.asarray(rng.normal(size=(4, 4, 1)), jnp.float32),
@@ -264,8 +293,10 @@ def test_every_step_a_new_segment_is_memoryless():
   omega = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
   h0 = jnp.asarray(rng.normal(size=(1, 4, 4)) + 1j * rng.normal(size=(1, 4, 4)), jnp.complex64)
   seg = jnp.arange(9, dtype=jnp.int32)[None]
-  cfg = K.CemaKernelConfig(block_d=4, block_t=2, split=2, param_split=2, param_block_d=2)
-  y = K.cema_pallas(x, coeffs, omega, h0, segment_ids=seg, interpret=True, config=cfg)
+  cfg = K.CemaKernelConfig(block_d=4, block_t=2, split=2, bwd_split=2, bwd_block_d=2, num_chunks=3)
+  run = jax.jit(lambda x, coeffs, omega, h0: K.cema_pallas(x, coeffs, omega, h0, segment_ids=seg,
+                                                             interpret=True, config=cfg))
+  y = run.lower(x, coeffs, omega, h0).compile(compiler_options=_FAST_COMPILE)(x, coeffs, omega, h0)
   gain = jnp.sum(coeffs.p * jnp.real(coeffs.eta), axis=-1) + omega
   np.testing.assert_allclose(y[0, 1:], gain * x[0, 1:], rtol=1e-5, atol=1e-6)
   first = jnp.sum(jnp.real(coeffs.eta * (coeffs.q * h0[0] + coeffs.p * x[0, 0, :, None])), -1)
@@ -292,11 +323,67 @@ def test_bad_inputs_raise_helpful_errors():
     K.cema_pallas(x, coeffs, jnp.ones(4), block_d=3)
 
 
-def test_complex_power_matches_numpy():
-  q = jnp.asarray([0.9 * np.exp(0.3j), 0.5 * np.exp(-1.1j), 0.999 + 0.0j], jnp.complex64)
-  for exponent in (1, 2, 7, 64, 1000):
-    want = np.asarray(q, np.complex128) ** exponent
-    np.testing.assert_allclose(np.asarray(K._complex_power(q, exponent)), want, rtol=2e-5, atol=1e-7)
+def test_accurate_powers_match_float64():
+  """Chunk decays q^chunk keep float32 accuracy for |q| near 1 and long chunks (plain complex64
+  squaring drifts by ~chunk * eps there)."""
+  rng = np.random.default_rng(5)
+  mags = np.array([0.9999, 0.99999, 0.999, 0.9, 0.5])
+  q = jnp.asarray(mags * np.exp(1j * rng.uniform(-np.pi, np.pi, mags.size)), jnp.complex64)
+  exponents = (0, 1, 7, 2048, 4097, 32768)
+  got = np.asarray(jax.jit(lambda q: K._accurate_powers(q, exponents)).lower(q).compile(
+      compiler_options=_FAST_COMPILE)(q))
+  want = np.asarray(q, np.complex128)[:, None] ** np.asarray(exponents)[None, :]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+  with pytest.raises(ValueError, match="non-negative"):
+    K._accurate_powers(q, (-1,))
+
+
+def test_chunk_plan_and_short_sequences():
+  assert K._plan(L, CHUNKED) == K._Plan(chunk=8, count=3, last=5)
+  assert K._plan(L, SMALL) == K._Plan(chunk=L, count=1, last=L)
+  # Chunks are at least one tile: 9 steps hold two tiles of 4, so at most two chunks.
+  tiles4 = dataclasses.replace(SMALL, block_t=4, num_chunks=3)
+  assert K._plan(9, tiles4) == K._Plan(chunk=8, count=2, last=1)
+  assert K._plan(3, tiles4).count == 1
+  assert K._plan(32768, dataclasses.replace(SMALL, block_t=16, num_chunks=16)) == K._Plan(2048, 16, 2048)
+
+
+def test_default_config_fills_the_gpu_and_falls_back_to_one_chunk():
+  preset = K.default_config(1, 32768, 4096, 16).validate(16)
+  programs = 4096 // preset.block_d * preset.num_chunks
+  assert preset.num_chunks > 1 and programs >= K._TARGET_PROGRAMS
+  assert K._plan(32768, preset).chunk >= K._MIN_CHUNK
+  assert K.default_config(1, 300, 4096, 16).num_chunks == 1  # too short to cut
+  assert K.default_config(16, 32768, 4096, 16).num_chunks == 1  # batch * blocks fill it already
+  assert K.default_config(1, 32768, 24, 3).validate(3).bwd_split == 1  # odd N, few channels
+  assert K.default_config(1, 32768, 24, 3).num_chunks == K._MAX_CHUNKS
+
+
+def test_gpu_kernels_lower_to_triton_at_preset_shape():
+  """jax.export for CUDA runs the real Pallas -> Triton lowering on CPU: every pass of the value
+  and gradient (chunk summaries, forward scan, backward scan with the g part and resets) at
+  B=1, L=32768, D=4096, N=16 with the default configuration."""
+
+  def value_and_grads(x, p, q, eta, omega, seg, h0, w):
+    def loss(x, p, q, eta, omega, h0):
+      y, h_last = K.cema_pallas(x, CemaCoefficients(p, q, eta), omega, h0, segment_ids=seg,
+                                return_state=True, interpret=False, platform="gpu")
+      return jnp.sum(w * y) + jnp.sum(jnp.real(h_last))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))(x, p, q, eta, omega, h0)
+
+  batch, length, dim, ndim = 1, 32768, 4096, 16
+  spec = jax.ShapeDtypeStruct
+  avals = (spec((batch, length, dim), jnp.bfloat16), spec((dim, ndim), jnp.float32),
+           spec((dim, ndim), jnp.complex64), spec((dim, ndim), jnp.complex64),
+           spec((dim,), jnp.float32), spec((batch, length), jnp.int32),
+           spec((batch, dim, ndim), jnp.complex64), spec((batch, length, dim), jnp.float32))
+  exported = export.export(
+      jax.jit(value_and_grads), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
+  text = exported.mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 4
+  for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
+    assert name in text, name
 
 
 def test_lane_layout_round_trip():

@@ -8,9 +8,12 @@ Run on a GPU machine from the repository root:
 Prints, per length: relative errors of the kernel against the lax.scan reference (values, final
 state, gradients of x / alpha / delta / theta / gamma / omega) and against a float64 numpy
 recurrence on a few channels; then times (median of --iters after warm-up, block_until_ready)
-of the kernel forward and forward+backward, of the per-pass kernels, of XLA baselines (the
-lax.scan reference and a jax.lax.associative_scan CEMA) and of the memory floor (a bf16 -> f32
-copy of x, the traffic of reading x once and writing y once, timed in the same run).
+of the kernel forward and forward+backward for each configuration (one row per configuration,
+printed as soon as it is timed; the backward column is their difference).  The first
+configuration also gets a per-pass breakdown: forward chunk summaries ("local"), the whole
+forward, backward chunk summaries and the whole backward (given the forward's residuals).
+Optionally XLA baselines (the lax.scan reference and a jax.lax.associative_scan CEMA) and the
+memory floor (a bf16 -> f32 copy of x, the traffic of reading x once and writing y once).
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def accuracy(x, params, w, kernel, args) -> dict:
   return out
 
 
-def timings(x, params, w, kernel, cfg, args) -> dict:
+def timings(x, params, w, kernel, args) -> dict:
   coeffs = cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
   omega = params["omega"]
   out = {}
@@ -145,19 +148,51 @@ def timings(x, params, w, kernel, cfg, args) -> dict:
   out["kernel_fwd"] = bench(fwd, x, coeffs, omega, iters=args.iters)
   fwd_bwd = jax.jit(jax.value_and_grad(loss_fn(kernel, w), argnums=(0, 1)))
   out["kernel_fwd_bwd"] = bench(fwd_bwd, x, params, iters=args.iters)
-  # Per-pass breakdown (the internal passes, on the already-prepared coefficients).
+  out["bwd_by_difference"] = out["kernel_fwd_bwd"] - out["kernel_fwd"]
+  return out
+
+
+def local_pass(x, q, cfg, *, reverse: bool, interpret: bool):
+  """The chunk-summary kernel alone (what the forward / backward launch first)."""
+  batch, length, dim = x.shape
+  ndim = q.shape[1]
+  plan = K._plan(length, cfg)
+  split = cfg.bwd_split if reverse else cfg.split
+  block_d = cfg.bwd_block_d if reverse else cfg.block_d
+  spec = K._ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=False, has_g=False,
+                     reset_branch=cfg.reset_branch, length=length, dim=dim, groups=ndim // split,
+                     split=split, block_d=block_d, block_t=cfg.block_t, chunk=plan.chunk,
+                     in_names=("x", "qre", "qim"), out_names=("fre", "fim"))
+  inputs = dict(x=x)
+  inputs["qre"], inputs["qim"] = K._lane_planes(q, split)
+  state = jax.ShapeDtypeStruct((batch, plan.count, ndim // split, dim * split), jnp.float32)
+  return K._launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
+                   interpret=interpret, num_warps=cfg.bwd_num_warps if reverse else cfg.num_warps,
+                   name="local")
+
+
+def pass_timings(x, params, w, cfg, args) -> dict:
+  """Per-pass times of the GPU kernel family for one configuration."""
+  coeffs = cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
   p, q, eta = coeffs.p, coeffs.q, coeffs.eta
-  om = omega.reshape(-1)
+  om = params["omega"].reshape(-1)
   interp = args.cpu
   dy = jnp.asarray(w, jnp.float32)
-  g0 = jnp.zeros((x.shape[0], x.shape[2], p.shape[1]), jnp.complex64)
-  passes = {
-      "pass_fwd": jax.jit(lambda x: K._gpu_forward(x, None, p, q, eta, om, None, cfg, interp)),
-      "pass_rev": jax.jit(lambda x: K._gpu_reverse(dy, x, None, p, q, eta, om, g0, cfg, interp)),
-      "pass_param": jax.jit(lambda x: K._gpu_param(x, dy, None, p, q, eta, None, g0, cfg, interp)),
-  }
-  for name, fn in passes.items():
-    out[name] = bench(fn, x, iters=args.iters)
+  out = {}
+  if K._plan(x.shape[1], cfg).count > 1:
+    out["pass_fwd_local"] = bench(jax.jit(lambda x: local_pass(x, q, cfg, reverse=False,
+                                                               interpret=interp)),
+                                  x, iters=args.iters)
+  forward = jax.jit(lambda x: K._gpu_forward(x, None, p, q, eta, om, None, cfg, interp))
+  out["pass_fwd"] = bench(forward, x, iters=args.iters)
+  _, _, local, decay = forward(x)
+  if K._plan(x.shape[1], cfg).count > 1:
+    out["pass_bwd_local"] = bench(jax.jit(lambda d: local_pass(d, q, cfg, reverse=True,
+                                                               interpret=interp)),
+                                  dy, iters=args.iters)
+  backward = jax.jit(lambda x, dy, local, decay: K._gpu_backward(
+      x, None, p, q, eta, om, None, dy, None, local, decay, cfg, interp))
+  out["pass_bwd"] = bench(backward, x, dy, local, decay, iters=args.iters)
   return out
 
 
@@ -189,19 +224,23 @@ def baselines(x, params, w, args) -> dict:
   return out
 
 
+# Most promising first (a time limit may cut the sweep short); each entry replaces fields of
+# default_config(B, L, D, N), which at B=1, D=4096, L=32768 has 16 chunks, one lane per channel in
+# the forward (block_d 128) and two in the backward (block_d 64), 4 warps, tiles of 16 steps.
 SWEEP = {
     "default": {},
+    "chunks32": {"num_chunks": 32},
+    "bwd_split1_bd32_w1": {"bwd_split": 1, "bwd_block_d": 32, "bwd_num_warps": 1},
+    "bd32_w1": {"block_d": 32, "num_warps": 1, "bwd_block_d": 32, "bwd_num_warps": 2},
+    "chunks8": {"num_chunks": 8},
     "t8": {"block_t": 8},
-    "t32": {"block_t": 32},
-    "bd16": {"block_d": 16, "param_block_d": 16},
-    "bd64_w8": {"block_d": 64, "param_block_d": 64, "num_warps": 8},
-    "split2": {"split": 2, "param_split": 2},
-    "split8_param8": {"split": 8, "param_split": 8},
-    "chunks2": {"num_chunks": 2},
-    "chunks4_split1_bd128": {"split": 1, "block_d": 128, "num_chunks": 4},
-    "chunks8_split1_bd128": {"split": 1, "block_d": 128, "num_chunks": 8},
-    "param_split2": {"param_split": 2},
-    "param_split8": {"param_split": 8},
+    "bwd_split4_bd32": {"bwd_split": 4, "bwd_block_d": 32},
+    "split2_bd64": {"split": 2, "block_d": 64},
+    "chunks64": {"num_chunks": 64},
+    # The previous default's tiling, now time-parallel (4 orders per lane, 32 channels/program).
+    "split4_bd32_chunks4": {"split": 4, "block_d": 32, "bwd_split": 4, "bwd_block_d": 32,
+                            "num_chunks": 4},
+    "one_chunk": {"num_chunks": 1},
 }
 
 
@@ -224,8 +263,11 @@ def main() -> None:
   parser.add_argument("--skip-ref-grads", action="store_true",
                       help="skip reference gradients (the lax.scan VJP stores [B, L, D, N] states)")
   parser.add_argument("--skip-baselines", action="store_true")
+  parser.add_argument("--skip-passes", action="store_true",
+                      help="no per-pass breakdown for the first configuration")
   parser.add_argument("--json", default=None, help="also write all numbers to this file")
   args = parser.parse_args()
+  sys.stdout.reconfigure(line_buffering=True)  # every row reaches a log even if the run is cut
 
   if args.cpu:
     lengths = args.lengths or [37]
@@ -238,7 +280,8 @@ def main() -> None:
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
   base_cfg = K.default_config(args.batch, max(lengths), dim, args.order)
   if args.cpu:
-    base_cfg = dataclasses.replace(base_cfg, block_d=4, block_t=4, param_block_d=4, num_warps=1)
+    base_cfg = dataclasses.replace(base_cfg, block_d=4, block_t=4, bwd_block_d=4, num_warps=1,
+                                   bwd_num_warps=1, num_chunks=3)
   names = ["default"]
   if args.sweep:
     names = list(SWEEP)
@@ -272,27 +315,41 @@ def main() -> None:
       row["baselines"] = base
     else:
       floor = None
-    print(f"{'config':>22s} | {'fwd ms':>8s} | {'fwd+bwd ms':>10s} | {'pass fwd':>8s} | "
-          f"{'pass rev':>8s} | {'pass param':>10s} | fwd/floor")
+    print(f"{'config':>22s} | {'fwd ms':>8s} | {'fwd+bwd ms':>10s} | {'bwd ms':>8s} | fwd/floor",
+          flush=True)
     row["configs"] = {}
-    for name in names:
+    for index, name in enumerate(names):
       cfg = dataclasses.replace(base_cfg, **SWEEP.get(name, {})).validate(args.order)
       kernel = lambda *a, cfg=cfg, **k: K.cema_pallas(*a, config=cfg, interpret=args.cpu, **k)  # noqa: E731
       try:
-        tm = timings(x, params, w, kernel, cfg, args)
+        tm = timings(x, params, w, kernel, args)
+        if index == 0 and not args.skip_passes:
+          tm.update(pass_timings(x, params, w, cfg, args))
       except Exception as err:  # noqa: BLE001
-        print(f"{name:>22s} | failed: {type(err).__name__}: {str(err)[:300]}")
+        print(f"{name:>22s} | failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
         row["configs"][name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
         continue
       ratio = f"{tm['kernel_fwd'] / floor:.1f}x" if floor else "-"
       print(f"{name:>22s} | {tm['kernel_fwd']:8.3f} | {tm['kernel_fwd_bwd']:10.3f} | "
-            f"{tm['pass_fwd']:8.3f} | {tm['pass_rev']:8.3f} | {tm['pass_param']:10.3f} | {ratio}")
+            f"{tm['bwd_by_difference']:8.3f} | {ratio}", flush=True)
+      passes = {k: v for k, v in tm.items() if k.startswith("pass_")}
+      if passes:
+        print(" " * 25 + "passes (ms): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in passes.items()),
+              flush=True)
       row["configs"][name] = dict(tm, config=dataclasses.asdict(cfg))
+      results[str(length)] = row
+      write_json(args.json, results)
     results[str(length)] = row
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+    write_json(args.json, results)
     print(f"\nwrote {args.json}")
+
+
+def write_json(path: str | None, results: dict) -> None:
+  """Rewritten after every timed configuration, so a run cut short keeps what it measured."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the recurrences, and multi-host (multi-controller) support.
 See mesh.py, rules.py, sequence_parallel.py, partitioning.py and distributed.py.
 """
 
-from megalodon_jax.sharding.mesh import MESH_AXES, MeshShape, create_mesh, describe, mesh_shape
+from megalodon_jax.sharding.mesh import MESH_AXES, MeshShape, create_mesh, describe, device_grid, mesh_shape
 from megalodon_jax.sharding.rules import (
     DEFAULT_RULES,
     LOGICAL_AXES,
@@ -33,6 +33,7 @@ __all__ = [
     "create_mesh",
     "current",
     "describe",
+    "device_grid",
     "logical_spec",
     "mesh_shape",
     "partitioned",

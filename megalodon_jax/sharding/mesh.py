@@ -95,8 +95,8 @@ def mesh_shape(config: Any, devices: Sequence[Any] | None = None) -> MeshShape:
   return MeshShape(_resolve(ici, len(devices) // count, "within-slice", MESH_AXES), dcn)
 
 
-def create_mesh(config: Any = None, devices: Sequence[Any] | None = None) -> Mesh:
-  """A Mesh with axes MESH_AXES from the config's sizes (see `mesh_shape`).
+def device_grid(config: Any = None, devices: Sequence[Any] | None = None) -> np.ndarray:
+  """The devices arranged as the mesh: an array of shape `mesh_shape(config, devices).sizes`.
 
   Within a slice the devices are placed by `mesh_utils.create_device_mesh` (topology-aware on
   TPU); with across-slice sizes, `create_hybrid_device_mesh` puts the DCN part of every axis
@@ -106,16 +106,19 @@ def create_mesh(config: Any = None, devices: Sequence[Any] | None = None) -> Mes
   shape = mesh_shape({} if config is None else config, devices)
   if all(d == 1 for d in shape.dcn):
     try:
-      grid = mesh_utils.create_device_mesh(shape.ici, devices, allow_split_physical_axes=True)
+      return mesh_utils.create_device_mesh(shape.ici, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
       # Unusual topologies (e.g. a sub-slice) that the TPU layout helper cannot tile: plain order.
-      grid = np.asarray(devices).reshape(shape.ici)
-  else:
-    attribute, _ = _granules(devices)
-    grid = mesh_utils.create_hybrid_device_mesh(
-        shape.ici, shape.dcn, devices, process_is_granule=attribute == "process_index",
-        allow_split_physical_axes=True)
-  return Mesh(grid, MESH_AXES)
+      return np.asarray(devices).reshape(shape.ici)
+  attribute, _ = _granules(devices)
+  return mesh_utils.create_hybrid_device_mesh(shape.ici, shape.dcn, devices,
+                                              process_is_granule=attribute == "process_index",
+                                              allow_split_physical_axes=True)
+
+
+def create_mesh(config: Any = None, devices: Sequence[Any] | None = None) -> Mesh:
+  """A Mesh with axes MESH_AXES from the config's sizes (see `mesh_shape` and `device_grid`)."""
+  return Mesh(device_grid(config, devices), MESH_AXES)
 
 
 def describe(mesh: Mesh) -> str:

@@ -198,3 +198,43 @@ def test_attention_needs_whole_chunks_per_slice():
     jax.eval_shape(lambda q: sp.chunked_attention(q, q, q, chunk_size=8, impl="xla"), q)  # fine
     with pytest.raises(ConfigError, match="not a multiple of chunk_size=16"):
       jax.eval_shape(lambda q: sp.chunked_attention(q, q, q, chunk_size=16, impl="xla"), q)
+
+
+# ---------------------------------------------------------------------------------------------
+# The communication report counts what the code exchanges.
+# ---------------------------------------------------------------------------------------------
+
+def collective_bytes(fn, *args) -> dict[str, int]:
+  """Bytes each device contributes to every all_gather / collective_permute in fn's lowered program."""
+  import re
+  text = jax.jit(fn).lower(*args).as_text()
+  pattern = re.compile(r'"stablehlo\.(all_gather|collective_permute)"\(.*:\s*\(tensor<([0-9x]*)x?(f32|i32)>\)')
+  out = {"all_gather": 0, "collective_permute": 0}
+  for kind, dims, _ in pattern.findall(text):
+    out[kind] += 4 * int(np.prod([int(d) for d in dims.split("x") if d] or [1]))
+  return out
+
+
+def test_comm_report_counts_the_exchanged_summaries():
+  from experiments import comm_report
+  from megalodon_jax.config import preset
+  cfg = preset("tiny", model_dim=D, cema_ndim=N, norm_num_groups=G)
+  rows = B // 2  # batch over data=2
+  expected = comm_report.summary_bytes(cfg, rows, packed=True)
+  par = parallelism("all_gather")
+  coeffs = cema_ops.cema_coefficients(*cema_params(np.random.default_rng(0))[:4])
+  x = jnp.zeros((B, L, D))
+  seg = jnp.ones((B, L), jnp.int32)
+
+  def cema_fn(x, seg):
+    with sharding.use(par):
+      return sp.cema(x, coeffs, jnp.ones((D,)), segment_ids=seg, chunk=4)
+
+  def tsn_fn(x, seg):
+    with sharding.use(par):
+      return sp.timestep_norm(x, jnp.zeros((D,)), jnp.zeros((D,)), num_groups=G, segment_ids=seg)
+
+  got = collective_bytes(cema_fn, x, seg)
+  assert got == {"all_gather": expected.cema, "collective_permute": expected.boundary_ids}
+  got = collective_bytes(tsn_fn, x, seg)
+  assert got == {"all_gather": expected.timestep_norm, "collective_permute": expected.boundary_ids}

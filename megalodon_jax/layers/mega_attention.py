@@ -54,6 +54,7 @@ class MovingAverageGatedAttention(nn.Module):
       x_cema, cema_state = cema(x_tsn, cache.cema, segment_ids=segment_ids, return_state=True)
     x_cema = checkpoint_name(x_cema, "cema_out")  # lets remat policies keep it (the costly scan)
     mx = RMSNorm(cfg.norm_eps, pdtype, name="rmsnorm")(x_cema).astype(dtype)
+    mx = constrain(mx, ("batch", "length", "act_embed"))
     mx = dropout(cfg.hidden_dropout, mx)
 
     # Shared representation z -> q, k: per-head RMS normalisation, then per-feature affine maps.
@@ -91,6 +92,7 @@ class MovingAverageGatedAttention(nn.Module):
 
     attn = checkpoint_name(attn, "attention_out")
     attn = dropout(cfg.hidden_dropout, attn.reshape(batch, length, cfg.value_dim) * r)
+    attn = constrain(attn, ("batch", "length", "value"))  # V over tensor: wh2 is row-parallel
     h = (dense(cfg.model_dim, "wh1", ("embed_tensor", "embed"))(mx)
          + dense(cfg.model_dim, "wh2", ("value", "embed"), bias=False)(attn))
     h = dropout(cfg.dropout, h)

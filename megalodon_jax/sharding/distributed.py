@@ -54,6 +54,15 @@ def cluster_detected() -> bool:
   return len(hosts) > 1 or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
+def is_initialized() -> bool:
+  """Whether jax.distributed.initialize has run in this process."""
+  check = getattr(jax.distributed, "is_initialized", None)
+  if check is not None:
+    return bool(check())
+  from jax._src import distributed as _state  # older/newer releases without the public helper
+  return getattr(_state.global_state, "client", None) is not None
+
+
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, *,
                mode: str = "auto", local_device_ids: Any = None, timeout_s: int = 300) -> bool:
   """Joins the multi-controller runtime if this is a multi-process run; returns whether it is.
@@ -65,7 +74,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   """
   if mode not in INITIALIZE_MODES:
     raise ConfigError(f"mesh.initialize must be one of {INITIALIZE_MODES}, got {mode!r}")
-  if jax.distributed.is_initialized():
+  if is_initialized():
     return True
   if coordinator_address:
     if num_processes < 1 or not 0 <= process_id < num_processes:

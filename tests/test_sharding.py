@@ -102,12 +102,14 @@ def test_every_parameter_has_logical_axes():
     axes = model_lib.param_logical_axes(cfg)
     shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
     flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, P))
-    assert len(flat_axes) == len(jax.tree.leaves(shapes))
-    for names, shape in zip(flat_axes, jax.tree.leaves(shapes)):
-      assert len(names) == len(shape.shape), (names, shape.shape)
-      assert all(n is None or n in sharding.LOGICAL_AXES for n in names)
-      if scan:
-        assert names[0] == "layers" or shape.shape[0] != cfg.num_layers or len(shape.shape) == 1
+    leaves = jax.tree_util.tree_leaves_with_path(shapes)
+    assert len(flat_axes) == len(leaves)
+    for names, (path, shape) in zip(flat_axes, leaves):
+      assert len(names) == len(shape.shape), (path, names, shape.shape)
+      assert all(n is None or n in sharding.LOGICAL_AXES for n in names), (path, names)
+      assert any(n is not None for n in names), (path, names)  # every parameter can be sharded somehow
+      stacked = scan and jax.tree_util.keystr(path[:1]) == "['layers']"
+      assert (names[0] == "layers") == stacked, (path, names)
 
 
 def test_parameters_and_adam_moments_are_sharded_fsdp_and_tensor():

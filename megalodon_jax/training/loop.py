@@ -24,8 +24,8 @@ import numpy as np
 
 from megalodon_jax import data as data_lib
 from megalodon_jax import model as model_lib
-from megalodon_jax.config import ConfigError, MegalodonConfig
 from megalodon_jax import sharding
+from megalodon_jax.config import ConfigError, MegalodonConfig
 from megalodon_jax.sharding import distributed, partitioning
 from megalodon_jax.training import checkpoint as checkpoint_lib
 from megalodon_jax.training import metrics as metrics_lib
@@ -94,6 +94,7 @@ class Experiment:
   model: model_lib.MegalodonLM
   optimizer: Any
   parallelism: sharding.Parallelism
+  _state_shardings: Any = dataclasses.field(default=None, init=False, repr=False)
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict) -> "Experiment":
@@ -109,7 +110,7 @@ class Experiment:
 
   def state_shardings(self) -> step_lib.TrainState:
     """A TrainState of NamedShardings: parameters and Adam moments by the logical rules, rest replicated."""
-    if getattr(self, "_state_shardings", None) is None:
+    if self._state_shardings is None:
       init, rng = self._init_fn()
       params = partitioning.param_shardings(self.model_cfg, self.parallelism)
       self._state_shardings = partitioning.train_state_shardings(jax.eval_shape(init, rng), params,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from megalodon_jax.config import MegalodonConfig, PRESETS
+from megalodon_jax.sharding.rules import DEFAULT_RULES, rules_to_config
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -73,12 +74,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 0.95
   c.sample.seed = 0
 
-  # Device mesh (see megalodon_jax/sharding): -1 takes the remaining devices.
+  # Device mesh and multi-host settings (see megalodon_jax/sharding). Sizes of the mesh axes inside
+  # a slice (ICI: one TPU slice or one GPU host) and across slices (DCN: between slices or hosts);
+  # each mesh axis is their product. -1 takes the remaining devices (at most one of each kind).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
-  c.mesh.sequence = 1
+  c.mesh.sequence = 1  # sequence parallelism: seq_len / sequence must be a multiple of chunk_size
   c.mesh.tensor = 1
-  c.mesh.dcn_data = 1  # across slices / hosts (multi-slice TPU pods)
+  c.mesh.dcn_data = 1
   c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_sequence = 1
+  c.mesh.dcn_tensor = 1
+  # Logical axis -> mesh axes ('a,b'; '' = replicated), e.g. --config.mesh.rules.embed=fsdp,tensor.
+  c.mesh.rules = ml_collections.ConfigDict(rules_to_config(DEFAULT_RULES))
+  c.mesh.sequence_combine = "all_gather"  # CEMA/TimestepNorm summaries: all_gather (depth 1) | doubling (log P)
+  # Data loaded in this many shards (0: one per data-parallel host); fix it to keep the same batches
+  # when the number of hosts changes (e.g. resuming on another topology).
+  c.mesh.loader_shards = 0
+  # Multi-host: jax.distributed.initialize runs automatically on TPU pods, SLURM and Open MPI
+  # ('auto'); elsewhere give process 0's host:port, the process count and this process's id.
+  c.mesh.initialize = "auto"  # auto | always | never
+  c.mesh.coordinator_address = ""
+  c.mesh.num_processes = 0
+  c.mesh.process_id = -1
   return c

@@ -16,6 +16,9 @@ from megalodon_jax.layers.ffn import NormalizedFFN
 from megalodon_jax.layers.mega_attention import MovingAverageGatedAttention
 from megalodon_jax.layers.timestep_norm import TimestepNorm
 from megalodon_jax.ops import backend, rope
+from megalodon_jax.sharding.rules import constrain, partitioned
+
+ACTIVATION = ("batch", "length", "act_embed")  # logical axes of the residual stream [B, L, D]
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -68,8 +71,8 @@ class _OutputHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", initializers.embedding(x.shape[-1]), (x.shape[-1], self.vocab_size),
-                        self.param_dtype)
+    kernel = self.param("kernel", partitioned(initializers.embedding(x.shape[-1]), ("embed", "vocab")),
+                        (x.shape[-1], self.vocab_size), self.param_dtype)
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
@@ -100,9 +103,10 @@ class MegalodonLM(nn.Module):
       raise ValueError(f"with a cache, feed at most chunk_size={cfg.chunk_size} steps or whole chunks; "
                        f"got {length} (use decoding.prefill, which splits the input)")
 
-    embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=initializers.embedding(cfg.model_dim),
+    embed = nn.Embed(cfg.vocab_size, cfg.model_dim,
+                     embedding_init=partitioned(initializers.embedding(cfg.model_dim), ("vocab", "embed")),
                      dtype=dtype, param_dtype=pdtype, name="embed")
-    x = embed(tokens)
+    x = constrain(embed(tokens), ACTIVATION)
     if cfg.scale_emb:
       x = x * jnp.asarray(math.sqrt(cfg.model_dim), dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
@@ -113,13 +117,15 @@ class MegalodonLM(nn.Module):
     block = _block_class(cfg)
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_layers = scanned(cfg, 0, deterministic, name="layers")(x, layer_caches, positions, segment_ids, count)
     else:
       new_layers = []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else layer_caches[i]
         x, new_layer = block(cfg, i, deterministic, name=f"layers_{i}")(x, layer_cache, positions, segment_ids, count)
+        x = constrain(x, ACTIVATION)
         new_layers.append(new_layer)
       new_layers = tuple(new_layers)
 
@@ -131,6 +137,7 @@ class MegalodonLM(nn.Module):
       logits = jnp.dot(x.astype(dtype), embed.embedding.astype(dtype).T, preferred_element_type=jnp.float32)
     else:
       logits = _OutputHead(cfg.vocab_size, dtype, pdtype, name="output")(x)
+    logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits
     new_count = ((count + length) % cfg.chunk_size).astype(jnp.int32)
@@ -141,15 +148,27 @@ def init_params(config: MegalodonConfig, rng: jax.Array, length: int | None = No
   """Initialised parameters (float `config.param_dtype`), as the release initialises them.
 
   With scan_layers the per-layer FFN rescale (0.1 * 0.5**layer_id) cannot come from one shared
-  initialiser, so it is written in here.
+  initialiser, so it is written in here. Plain arrays: the logical axis names the parameters are
+  created with are in `param_logical_axes`.
   """
-  length = min(config.chunk_size, 8) if length is None else length
-  tokens = jnp.zeros((1, length), jnp.int32)
-  params = jax.jit(lambda r: MegalodonLM(config).init({"params": r}, tokens)["params"])(rng)
+  params = jax.jit(lambda r: nn.unbox(_init_boxed(config, r, length)))(rng)
   if config.scan_layers and config.rescale_nffn:
     alphas = jnp.stack([jnp.full((config.model_dim,), rescale_init(config, i)) for i in range(config.num_layers)])
     params["layers"]["nffn"]["alpha"] = alphas.astype(params["layers"]["nffn"]["alpha"].dtype)
   return params
+
+
+def _init_boxed(config: MegalodonConfig, rng: jax.Array, length: int | None) -> Any:
+  """Parameters as nn.LogicallyPartitioned boxes (values and logical axis names)."""
+  length = min(config.chunk_size, 8) if length is None else length
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return MegalodonLM(config).init({"params": rng}, tokens)["params"]
+
+
+def param_logical_axes(config: MegalodonConfig) -> Any:
+  """The params tree with a PartitionSpec of logical axis names per leaf (nothing is allocated)."""
+  boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), None))
+  return nn.get_partition_spec(boxed)
 
 
 def param_count(params: Any) -> int:

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from megalodon_jax.layers import initializers
 from megalodon_jax.ops import cema as cema_ops
+from megalodon_jax.sharding import sequence_parallel
+from megalodon_jax.sharding.rules import partitioned
 
 
 class CEMA(nn.Module):
@@ -25,11 +27,14 @@ class CEMA(nn.Module):
                return_state: bool = False):
     """x: [B, L, D]; h0: [B, D, N] complex64 -> y [B, L, D] float32 (and h_last [B, D, N])."""
     dim, n = x.shape[-1], self.ndim
-    alpha = self.param("alpha", initializers.normal(0.2), (dim, n, 1), self.param_dtype)
-    delta = self.param("delta", initializers.normal(0.2), (dim, n, 1), self.param_dtype)
-    theta = self.param("theta", initializers.cema_theta, (dim, 1, 1), self.param_dtype)
-    gamma = self.param("gamma", initializers.cema_gamma, (dim, n, 2), self.param_dtype)
-    omega = self.param("omega", initializers.cema_omega, (dim, 1), self.param_dtype)
+    per_order = ("embed", "cema_order", None)
+    alpha = self.param("alpha", partitioned(initializers.normal(0.2), per_order), (dim, n, 1), self.param_dtype)
+    delta = self.param("delta", partitioned(initializers.normal(0.2), per_order), (dim, n, 1), self.param_dtype)
+    theta = self.param("theta", partitioned(initializers.cema_theta, ("embed", None, None)), (dim, 1, 1),
+                       self.param_dtype)
+    gamma = self.param("gamma", partitioned(initializers.cema_gamma, per_order), (dim, n, 2), self.param_dtype)
+    omega = self.param("omega", partitioned(initializers.cema_omega, ("embed", None)), (dim, 1), self.param_dtype)
     coeffs = cema_ops.cema_coefficients(alpha, delta, theta, gamma)
-    return cema_ops.cema(x, coeffs, omega.reshape(dim), h0, method=self.method, segment_ids=segment_ids,
-                         return_state=return_state, chunk=self.chunk)
+    # Same as ops.cema.cema on one device; sequence-parallel under an active sharding.Parallelism.
+    return sequence_parallel.cema(x, coeffs, omega.reshape(dim), h0, method=self.method, segment_ids=segment_ids,
+                                  return_state=return_state, chunk=self.chunk)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from megalodon_jax.layers import initializers
 from megalodon_jax.layers.norms import LayerNorm
+from megalodon_jax.sharding.rules import constrain, partitioned
 
 
 class NormalizedFFN(nn.Module):
@@ -27,16 +28,19 @@ class NormalizedFFN(nn.Module):
   @nn.compact
   def __call__(self, y: jax.Array, residual: jax.Array, deterministic: bool = True) -> jax.Array:
     dim = y.shape[-1]
-    dense = lambda features, name: nn.Dense(features, use_bias=False, kernel_init=initializers.linear_kernel,
-                                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda features, name, axes: nn.Dense(
+        features, use_bias=False, kernel_init=partitioned(initializers.linear_kernel, axes), dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
     u = LayerNorm(self.eps, self.param_dtype, name="norm")(y)
-    hidden = nn.silu(dense(self.hidden_dim, "fc1")(u))
+    hidden = nn.silu(dense(self.hidden_dim, "fc1", ("embed", "mlp"))(u))
     if self.swiglu:
-      hidden = hidden * dense(self.hidden_dim, "fc3")(u)
+      hidden = hidden * dense(self.hidden_dim, "fc3", ("embed", "mlp"))(u)
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(self.hidden_dropout)(hidden, deterministic=deterministic)
-    out = dense(dim, "fc2")(hidden)
+    out = dense(dim, "fc2", ("mlp", "embed"))(hidden)
     out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
     if self.rescale_init is not None:
-      alpha = self.param("alpha", nn.initializers.constant(self.rescale_init), (dim,), self.param_dtype)
+      alpha = self.param("alpha", partitioned(nn.initializers.constant(self.rescale_init), ("embed",)), (dim,),
+                         self.param_dtype)
       out = out * alpha.astype(out.dtype)
     return (out + residual).astype(residual.dtype)

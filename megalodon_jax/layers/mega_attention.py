@@ -16,6 +16,8 @@ from megalodon_jax.layers.cema import CEMA
 from megalodon_jax.layers.norms import RMSNorm
 from megalodon_jax.layers.timestep_norm import TimestepNorm
 from megalodon_jax.ops import attention, backend, norms, rope
+from megalodon_jax.sharding import sequence_parallel
+from megalodon_jax.sharding.rules import constrain, partitioned
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -35,8 +37,10 @@ class MovingAverageGatedAttention(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     batch, length, _ = x.shape
     heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
-    dense = lambda features, name, bias=True: nn.Dense(
-        features, use_bias=bias, kernel_init=initializers.linear_kernel, dtype=dtype, param_dtype=pdtype, name=name)
+    def dense(features, name, axes, bias=True):
+      return nn.Dense(features, use_bias=bias, kernel_init=partitioned(initializers.linear_kernel, axes),
+                      bias_init=partitioned(nn.initializers.zeros, axes[1:]), dtype=dtype, param_dtype=pdtype,
+                      name=name)
     dropout = lambda rate, t: nn.Dropout(rate)(t, deterministic=deterministic)
 
     padding_mask = None if segment_ids is None else segment_ids == 0
@@ -50,26 +54,30 @@ class MovingAverageGatedAttention(nn.Module):
       x_cema, cema_state = cema(x_tsn, cache.cema, segment_ids=segment_ids, return_state=True)
     x_cema = checkpoint_name(x_cema, "cema_out")  # lets remat policies keep it (the costly scan)
     mx = RMSNorm(cfg.norm_eps, pdtype, name="rmsnorm")(x_cema).astype(dtype)
+    mx = constrain(mx, ("batch", "length", "act_embed"))
     mx = dropout(cfg.hidden_dropout, mx)
 
     # Shared representation z -> q, k: per-head RMS normalisation, then per-feature affine maps.
-    z = dense(cfg.z_dim, "wz")(mx).reshape(batch, length, heads, dz)
+    z = dense(cfg.z_dim, "wz", ("embed", "qk"))(mx).reshape(batch, length, heads, dz)
     z = norms.rms_norm(z.astype(jnp.float32), None, cfg.norm_eps)
-    gamma = self.param("gamma", nn.initializers.zeros, (2, cfg.z_dim), pdtype).reshape(2, heads, dz)
-    beta = self.param("beta", nn.initializers.zeros, (2, cfg.z_dim), pdtype).reshape(2, heads, dz)
+    affine_init = partitioned(nn.initializers.zeros, (None, "qk"))
+    gamma = self.param("gamma", affine_init, (2, cfg.z_dim), pdtype).reshape(2, heads, dz)
+    beta = self.param("beta", affine_init, (2, cfg.z_dim), pdtype).reshape(2, heads, dz)
     scale = (gamma.astype(jnp.float32) + 1.0) / math.sqrt(dz)
     q = (z * scale[0] + beta[0]).astype(dtype)
     k = (z * scale[1] + beta[1]).astype(dtype)
     q = rope.apply_rope(q, positions, cfg.rope_base)
     k = rope.apply_rope(k, positions, cfg.rope_base)
-    v = nn.silu(dense(cfg.value_dim, "wv")(x_tsn)).reshape(batch, length, heads, dv)
-    r = nn.silu(dense(cfg.value_dim, "wr")(mx))
+    v = nn.silu(dense(cfg.value_dim, "wv", ("embed", "value"))(x_tsn)).reshape(batch, length, heads, dv)
+    r = nn.silu(dense(cfg.value_dim, "wr", ("embed", "value"))(mx))
+    heads_layout = ("batch", "length", "heads", None)
+    q, k, v = (constrain(t, heads_layout) for t in (q, k, v))
 
     new_cache = None
     if cache is None or length % cfg.chunk_size == 0:
       # Training, or whole chunks from a chunk boundary (prefill): the buffers end up empty.
       rng = self.make_rng("dropout") if cfg.attention_dropout > 0 and not deterministic else None
-      attn = attention.chunked_attention(
+      attn = sequence_parallel.chunked_attention(
           q, k, v, chunk_size=cfg.chunk_size, segment_ids=segment_ids, impl=cfg.attention_impl,
           dropout_rate=0.0 if deterministic else cfg.attention_dropout, dropout_rng=rng)
       if cache is not None:
@@ -84,6 +92,8 @@ class MovingAverageGatedAttention(nn.Module):
 
     attn = checkpoint_name(attn, "attention_out")
     attn = dropout(cfg.hidden_dropout, attn.reshape(batch, length, cfg.value_dim) * r)
-    h = dense(cfg.model_dim, "wh1")(mx) + dense(cfg.model_dim, "wh2", bias=False)(attn)
+    attn = constrain(attn, ("batch", "length", "value"))  # V over tensor: wh2 is row-parallel
+    h = (dense(cfg.model_dim, "wh1", ("embed_tensor", "embed"))(mx)
+         + dense(cfg.model_dim, "wh2", ("value", "embed"), bias=False)(attn))
     h = dropout(cfg.dropout, h)
     return (h + x).astype(x.dtype), new_cache

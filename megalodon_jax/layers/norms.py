@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from megalodon_jax.ops import norms
+from megalodon_jax.sharding.rules import partitioned
 
 
 class RMSNorm(nn.Module):
@@ -15,7 +16,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    weight = self.param("weight", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    weight = self.param("weight", partitioned(nn.initializers.zeros, ("embed",)), (x.shape[-1],), self.param_dtype)
     return norms.rms_norm(x, weight, self.eps)
 
 
@@ -27,6 +28,6 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
-    weight = self.param("weight", nn.initializers.zeros, (dim,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype)
+    weight = self.param("weight", partitioned(nn.initializers.zeros, ("embed",)), (dim,), self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (dim,), self.param_dtype)
     return norms.layer_norm(x, weight, bias, self.eps)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_jax.ops import timestep_norm as tsn_ops
+from megalodon_jax.sharding import sequence_parallel
+from megalodon_jax.sharding.rules import partitioned
 
 
 class TimestepNorm(nn.Module):
@@ -20,7 +22,8 @@ class TimestepNorm(nn.Module):
   def __call__(self, x: jax.Array, state: tsn_ops.TimestepNormState | None = None, *,
                padding_mask: jax.Array | None = None, segment_ids: jax.Array | None = None):
     dim = x.shape[-1]
-    weight = self.param("weight", nn.initializers.zeros, (dim,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype)
-    return tsn_ops.timestep_norm(x, weight, bias, num_groups=self.num_groups, eps=self.eps, state=state,
-                                 padding_mask=padding_mask, segment_ids=segment_ids, method=self.method)
+    weight = self.param("weight", partitioned(nn.initializers.zeros, ("embed",)), (dim,), self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (dim,), self.param_dtype)
+    # Same as ops.timestep_norm on one device; sequence-parallel under an active sharding.Parallelism.
+    return sequence_parallel.timestep_norm(x, weight, bias, num_groups=self.num_groups, eps=self.eps, state=state,
+                                           padding_mask=padding_mask, segment_ids=segment_ids, method=self.method)

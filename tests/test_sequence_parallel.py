@@ -1,0 +1,249 @@
+"""Sequence-parallel CEMA and TimestepNorm against the unsharded ops (values and gradients).
+
+The mesh splits the batch over `data` (2) and the sequence over `sequence` (4 slices). References
+are the unsharded sequential scans (ops.cema.cema_sequential, ops.timestep_norm 'sequential'),
+run on one device; the combine itself is checked against a plain numpy fold.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from megalodon_jax import sharding
+from megalodon_jax.config import ConfigError
+from megalodon_jax.ops import cema as cema_ops
+from megalodon_jax.ops import timestep_norm as tsn_ops
+from megalodon_jax.sharding import sequence_parallel as sp
+
+B, L, D, N, G = 4, 64, 8, 4, 2
+SLICES = 4
+TOL = 1e-5  # max |got - want| relative to max |want| (float32; observed errors are ~1e-7 to 1e-6)
+
+
+# Compile at LLVM -O0: these checks are about values, and it halves the compile time on CPU.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def run(fn, *args):
+  """jax.jit(fn)(*args), compiled with FAST_COMPILE."""
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def assert_close(got, want, tol=TOL):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape
+  error = float(np.max(np.abs(got - want)))
+  scale = float(np.max(np.abs(want)))
+  assert error <= tol * scale, f"max error {error:.3g} exceeds {tol} x max |reference| = {tol * scale:.3g}"
+
+
+def parallelism(schedule, sequence=SLICES, data=2):
+  mesh = sharding.create_mesh({"data": data, "sequence": sequence}, jax.devices()[:data * sequence])
+  return sharding.Parallelism(mesh, sharding.DEFAULT_RULES, schedule)
+
+
+def packed_segments(rng):
+  """[B, L] ids: runs that end exactly at slice boundaries (16, 32, 48), runs inside slices, an id
+  reused by a later run (1 2 1), a whole row of one document, and trailing padding (0)."""
+  seg = np.ones((B, L), np.int32)
+  seg[0, 16:] = 2
+  seg[0, 40:] = 1  # a new run with an earlier id: still a reset
+  seg[1, 5:] = 2
+  seg[1, 33:] = 3
+  seg[1, 56:] = 0  # padding
+  cut = rng.integers(17, 47)
+  seg[2, cut:] = 2
+  seg[2, 48:] = 3
+  return jnp.asarray(seg)  # row 3: one document across all slices
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix combine.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["all_gather", "doubling"])
+def test_exclusive_prefix_matches_a_sequential_fold(rng, schedule):
+  """Affine maps x -> a x + b composed in order (not commutative), 8 devices."""
+  size = 8
+  mesh = sharding.create_mesh({"data": 1, "sequence": size})
+  a = rng.uniform(0.5, 1.5, (size, 3)).astype(np.float32)
+  b = rng.standard_normal((size, 3)).astype(np.float32)
+
+  def compose(first, second):
+    return first[0] * second[0], second[0] * first[1] + second[1]
+
+  def body(a, b):
+    identity = (jnp.ones_like(a[0]), jnp.zeros_like(b[0]))
+    before, total = sp.exclusive_prefix((a[0], b[0]), compose, identity, axis="sequence", size=size,
+                                        schedule=schedule)
+    return jnp.stack(before)[None], jnp.stack(total)[None]
+
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=(P("sequence"), P("sequence")),
+                         out_specs=(P("sequence"), P("sequence")), check_vma=False)
+  before, total = map(np.asarray, run(mapped, a, b))
+  acc = (np.ones(3), np.zeros(3))
+  for r in range(size):
+    np.testing.assert_allclose(before[r], np.stack(acc), rtol=1e-6, atol=1e-6)
+    acc = (acc[0] * a[r], a[r] * acc[1] + b[r])
+  for r in range(size):
+    np.testing.assert_allclose(total[r], np.stack(acc), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CEMA.
+# ---------------------------------------------------------------------------------------------
+
+def cema_params(rng):
+  """Release-shaped parameters with some slow channels (|q| close to 1), so that the state carries
+  across slices of 16 steps."""
+  alpha = rng.normal(0.0, 0.5, (D, N, 1))
+  delta = rng.normal(0.0, 0.5, (D, N, 1))
+  alpha[:3] = -5.0 + rng.normal(0.0, 0.1, (3, N, 1))  # 1 - sigmoid(a) sigmoid(d) ~ 1 - 4e-5
+  delta[:3] = -5.0
+  theta = rng.normal(0.0, 1.0, (D, 1, 1))
+  gamma = rng.normal(0.0, 1.0, (D, N, 2))
+  omega = rng.normal(0.0, 0.3, (D,))
+  return tuple(jnp.asarray(p, jnp.float32) for p in (alpha, delta, theta, gamma, omega))
+
+
+def cema_objective(fn, x, h0, params, weights):
+  """A random linear functional of (y, h_L): its gradient is every input's gradient."""
+  alpha, delta, theta, gamma, omega = params
+  y, h = fn(x, cema_ops.cema_coefficients(alpha, delta, theta, gamma), omega, h0)
+  return jnp.sum(y * weights[0]) + jnp.sum(jnp.real(h) * weights[1] + jnp.imag(h) * weights[2]), (y, h)
+
+
+@pytest.mark.parametrize("schedule,packed", [("all_gather", True), ("doubling", True), ("all_gather", False)])
+def test_cema_matches_unsharded(rng, schedule, packed):
+  x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  h0 = jnp.asarray(rng.standard_normal((B, D, N)) + 1j * rng.standard_normal((B, D, N)), jnp.complex64)
+  params = cema_params(rng)
+  seg = packed_segments(rng) if packed else None
+  weights = (jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32),
+             jnp.asarray(rng.standard_normal((B, D, N)), jnp.float32),
+             jnp.asarray(rng.standard_normal((B, D, N)), jnp.float32))
+  par = parallelism(schedule)
+
+  def sharded(x, coeffs, omega, h0):
+    with sharding.use(par):  # the chunked XLA path inside each slice (the CPU default)
+      return sp.cema(x, coeffs, omega, h0, method="chunked", segment_ids=seg, return_state=True, chunk=4)
+
+  def reference(x, coeffs, omega, h0):
+    return cema_ops.cema(x, coeffs, omega, h0, method="sequential", segment_ids=seg, return_state=True)
+
+  grad = lambda fn: jax.value_and_grad(
+      lambda x, h0, p: cema_objective(fn, x, h0, p, weights), argnums=(0, 1, 2), has_aux=True)
+  (_, (y, h)), grads = run(grad(sharded), x, h0, params)
+  (_, (y_ref, h_ref)), grads_ref = run(grad(reference), x, h0, params)
+  assert_close(y, y_ref)
+  assert_close(h, h_ref)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):  # x, h0, 5 parameters
+    assert_close(got, want)
+
+
+def test_cema_slice_state_matters(rng):
+  """Guards the test above against vacuity: dropping the combine changes the outputs."""
+  x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  alpha, delta, theta, gamma, omega = cema_params(rng)
+  coeffs = cema_ops.cema_coefficients(alpha, delta, theta, gamma)
+  full = cema_ops.cema(x, coeffs, omega, method="sequential")
+  pieces = jnp.concatenate([cema_ops.cema(x[:, i:i + L // SLICES], coeffs, omega, method="sequential")
+                            for i in range(0, L, L // SLICES)], axis=1)
+  assert float(jnp.max(jnp.abs(full - pieces))) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# TimestepNorm.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule,packed", [("all_gather", True), ("doubling", True), ("doubling", False)])
+def test_timestep_norm_matches_unsharded(rng, schedule, packed):
+  x = jnp.asarray(rng.standard_normal((B, L, D)) * rng.uniform(0.5, 3.0, (B, 1, D))
+                  + np.linspace(-2.0, 2.0, L)[None, :, None], jnp.float32)  # drifting statistics
+  weight = jnp.asarray(rng.normal(0.0, 0.2, (D,)), jnp.float32)
+  bias = jnp.asarray(rng.normal(0.0, 0.2, (D,)), jnp.float32)
+  state = tsn_ops.TimestepNormState(jnp.asarray([3, 0, 7, 1], jnp.int32),
+                                    jnp.asarray(rng.standard_normal((B, G)), jnp.float32),
+                                    jnp.asarray(rng.uniform(0.5, 2.0, (B, G)), jnp.float32))
+  seg = packed_segments(rng) if packed else None
+  mask = None if seg is None else seg == 0
+  weights = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  par = parallelism(schedule)
+
+  def objective(fn, x, weight, bias, mean, var):
+    y, final = fn(x, weight, bias, tsn_ops.TimestepNormState(state.count, mean, var))
+    return jnp.sum(y * weights) + jnp.sum(final.mean) + jnp.sum(final.var), (y, final)
+
+  def sharded(x, weight, bias, st):
+    with sharding.use(par):
+      return sp.timestep_norm(x, weight, bias, num_groups=G, state=st, padding_mask=mask, segment_ids=seg)
+
+  def reference(x, weight, bias, st):
+    return tsn_ops.timestep_norm(x, weight, bias, num_groups=G, state=st, padding_mask=mask, segment_ids=seg,
+                                 method="sequential")
+
+  grad = lambda fn: jax.value_and_grad(lambda *a: objective(fn, *a), argnums=(0, 1, 2, 3, 4), has_aux=True)
+  args = (x, weight, bias, state.mean, state.var)
+  (_, (y, final)), grads = run(grad(sharded), *args)
+  (_, (y_ref, final_ref)), grads_ref = run(grad(reference), *args)
+  assert_close(y, y_ref)
+  np.testing.assert_array_equal(final.count, final_ref.count)
+  assert_close(final.mean, final_ref.mean)
+  assert_close(final.var, final_ref.var)
+  for got, want in zip(grads, grads_ref):  # x, weight, bias, state mean, state var
+    assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention stays local; a slice must hold whole chunks.
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_needs_whole_chunks_per_slice():
+  q = jnp.zeros((2, 32, 2, 4))
+  par = parallelism("all_gather", sequence=4, data=2)  # 8 steps per slice
+  with sharding.use(par):
+    jax.eval_shape(lambda q: sp.chunked_attention(q, q, q, chunk_size=8, impl="xla"), q)  # fine
+    with pytest.raises(ConfigError, match="not a multiple of chunk_size=16"):
+      jax.eval_shape(lambda q: sp.chunked_attention(q, q, q, chunk_size=16, impl="xla"), q)
+
+
+# ---------------------------------------------------------------------------------------------
+# The communication report counts what the code exchanges.
+# ---------------------------------------------------------------------------------------------
+
+def collective_bytes(fn, *args) -> dict[str, int]:
+  """Bytes each device contributes to every all_gather / collective_permute in fn's lowered program."""
+  import re
+  text = jax.jit(fn).lower(*args).as_text()
+  pattern = re.compile(r'"stablehlo\.(all_gather|collective_permute)"\(.*:\s*\(tensor<([0-9x]*)x?(f32|i32)>\)')
+  out = {"all_gather": 0, "collective_permute": 0}
+  for kind, dims, _ in pattern.findall(text):
+    out[kind] += 4 * int(np.prod([int(d) for d in dims.split("x") if d] or [1]))
+  return out
+
+
+def test_comm_report_counts_the_exchanged_summaries():
+  from experiments import comm_report
+  from megalodon_jax.config import preset
+  cfg = preset("tiny", model_dim=D, cema_ndim=N, norm_num_groups=G)
+  rows = B // 2  # batch over data=2
+  expected = comm_report.summary_bytes(cfg, rows, packed=True)
+  par = parallelism("all_gather")
+  coeffs = cema_ops.cema_coefficients(*cema_params(np.random.default_rng(0))[:4])
+  x = jnp.zeros((B, L, D))
+  seg = jnp.ones((B, L), jnp.int32)
+
+  def cema_fn(x, seg):
+    with sharding.use(par):
+      return sp.cema(x, coeffs, jnp.ones((D,)), segment_ids=seg, chunk=4)
+
+  def tsn_fn(x, seg):
+    with sharding.use(par):
+      return sp.timestep_norm(x, jnp.zeros((D,)), jnp.zeros((D,)), num_groups=G, segment_ids=seg)
+
+  got = collective_bytes(cema_fn, x, seg)
+  assert got == {"all_gather": expected.cema, "collective_permute": expected.boundary_ids}
+  got = collective_bytes(tsn_fn, x, seg)
+  assert got == {"all_gather": expected.timestep_norm, "collective_permute": expected.boundary_ids}

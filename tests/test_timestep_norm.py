@@ -172,8 +172,12 @@ def test_padded_steps_are_zero_and_keep_the_state(jitted, rng, method):
   assert np.all(y[mask] == 0.0)
   _, before = jitted(method)(x[:, :cut], w, b, state, mask[:, :cut], None)
   np.testing.assert_array_equal(new_state.count, before.count)
-  np.testing.assert_array_equal(new_state.mean, before.mean)   # Bit-for-bit unchanged.
-  np.testing.assert_array_equal(new_state.var, before.var)
+  if method == "sequential":  # One merge per step in order: padded steps change nothing, bit for bit.
+    np.testing.assert_array_equal(new_state.mean, before.mean)
+    np.testing.assert_array_equal(new_state.var, before.var)
+  else:  # The scan's merge tree depends on the length, so the rounding may differ by an ulp.
+    np.testing.assert_allclose(new_state.mean, before.mean, rtol=1e-6)
+    np.testing.assert_allclose(new_state.var, before.var, rtol=1e-6)
   np.testing.assert_array_equal(new_state.mean[1], state.mean[1])
   np.testing.assert_array_equal(new_state.var[1], state.var[1])
 

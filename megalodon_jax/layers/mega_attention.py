@@ -47,7 +47,7 @@ class MovingAverageGatedAttention(nn.Module):
     x_tsn, norm_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl),
                                      pdtype, name="timenorm")(
         x, None if cache is None else cache.norm, padding_mask=padding_mask, segment_ids=segment_ids)
-    cema = CEMA(cfg.cema_ndim, backend.cema_method(cfg.cema_method), cfg.cema_chunk, pdtype, name="cema")
+    cema = CEMA(cfg.cema_ndim, backend.cema_method(cfg.cema_method, length), cfg.cema_chunk, pdtype, name="cema")
     if cache is None:
       x_cema, cema_state = cema(x_tsn, segment_ids=segment_ids), None
     else:

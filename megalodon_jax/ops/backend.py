@@ -9,9 +9,20 @@ def has_accelerator() -> bool:
   return jax.default_backend() in ("gpu", "tpu")
 
 
-def cema_method(requested: str) -> str:
-  """config.cema_method -> an ops.cema method ('auto': the Pallas kernel on GPU/TPU, else 'chunked')."""
+# Inputs this short (decode steps) run the plain scan: a few fused elementwise ops per step, cheaper
+# than a kernel launch with time-chunk bookkeeping.
+SHORT_CEMA_INPUT = 8
+
+
+def cema_method(requested: str, length: int | None = None) -> str:
+  """config.cema_method -> an ops.cema method.
+
+  'auto': the sequential scan for inputs of at most SHORT_CEMA_INPUT steps, else the Pallas kernel on
+  GPU/TPU and the chunked XLA path elsewhere.
+  """
   if requested == "auto":
+    if length is not None and length <= SHORT_CEMA_INPUT:
+      return "sequential"
     return "pallas" if has_accelerator() else "chunked"
   return requested
 

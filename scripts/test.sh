@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q "$@" tests experiments/notebooks
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q --nbmake "$@" tests experiments/notebooks

@@ -5,6 +5,9 @@
 #                                                #   SKIP_CHECKS=1 leaves those out)
 #   bash experiments/benchmarks/run_h200.sh B    # train step: Megalodon vs Llama, 200M and 1.3B
 #   bash experiments/benchmarks/run_h200.sh C    # decoding: batch 1 / 16 at 4K / 32K / 128K
+#   bash experiments/benchmarks/run_h200.sh D    # the rows still missing: CEMA numerics (full), 1.3B at
+#                                                #   1 x 32768, decoding 1.3B; two queues side by side
+#                                                #   when the machine has two GPUs (one GPU each)
 #   bash experiments/benchmarks/run_h200.sh smoke  # all three scripts in --smoke mode (CPU, ~3 min)
 #
 # Run from the repository root. Results (JSON, one file per benchmark) and logs go to $OUT when it
@@ -28,14 +31,14 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 # The device copy of the repository may have no .git: record the commit the lead ran.
 export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
-RESULTS="${OUT:-experiments/results}"
+RESULTS="${RESULTS_DIR:-${OUT:-experiments/results}}"
 LOGS="$RESULTS/logs"
 mkdir -p "$LOGS"
 CALL="${1:-}"
 shift || true
 EXTRA=("$@")
 START=$SECONDS
-STATUS=()
+rm -f "$LOGS/status.txt"
 
 # step NAME SECONDS CMD...: runs CMD with a time limit, output to the terminal and $LOGS/NAME.log.
 step() {
@@ -46,9 +49,9 @@ step() {
   timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   case $rc in
-    0) STATUS+=("$name: ok") ;;
-    124|137) STATUS+=("$name: TIMED OUT after ${limit} s (partial results kept)") ;;
-    *) STATUS+=("$name: exit code $rc") ;;
+    0) echo "$name: ok" >> "$LOGS/status.txt" ;;
+    124|137) echo "$name: TIMED OUT after ${limit} s (partial results kept)" >> "$LOGS/status.txt" ;;
+    *) echo "$name: exit code $rc" >> "$LOGS/status.txt" ;;
   esac
 }
 
@@ -88,6 +91,34 @@ case "$CALL" in
     step decode_1.3B 290 python3 -m experiments.benchmarks.bench_decode --sizes 1.3B --name decode_1.3B \
       --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
+  D)  # ~8 min on 2 GPUs (twice that on one): each queue is pinned to its own GPU, so the two
+      # never share a device and their timings are as on a machine of one GPU.
+    gpu_snapshot
+    queue_numerics() {
+      step cema_numerics 330 python3 -m experiments.cema_numerics --preset=full --out_dir="$RESULTS" \
+        --plot_dir="$RESULTS/plots"
+      step check_cema_defaults 100 python3 experiments/gpu_checks/check_cema.py --iters 10 --skip-baselines \
+        --json "$RESULTS/check_cema.json"
+      if [ -d .v3 ]; then  # a candidate kernel carried beside the tree (not committed): same check
+        step check_cema_candidate 120 env PYTHONPATH=".v3:$PYTHONPATH" python3 .v3/check_cema.py --iters 10 \
+          --skip-baselines --json "$RESULTS/check_cema_candidate.json"
+      fi
+    }
+    queue_rows() {
+      step train_1.3B_32K 300 python3 -m experiments.benchmarks.bench_train --sizes 1.3B --shapes 1x32768 \
+        --name train_1.3B_32K --oom-remat save_cema_attention --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+      step decode_1.3B 260 python3 -m experiments.benchmarks.bench_decode --sizes 1.3B --name decode_1.3B \
+        --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+    }
+    if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -gt 1 ]; then
+      CUDA_VISIBLE_DEVICES=0 queue_numerics &
+      CUDA_VISIBLE_DEVICES=1 queue_rows &
+      wait
+    else
+      queue_numerics
+      queue_rows
+    fi
+    ;;
   smoke)  # CPU check of the three scripts end to end.
     export JAX_PLATFORMS=cpu
     step ops_smoke 300 python3 -m experiments.benchmarks.bench_ops --smoke --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
@@ -102,4 +133,4 @@ esac
 
 echo
 echo "=== call $CALL done in $((SECONDS - START)) s; results in $RESULTS"
-printf '  %s\n' "${STATUS[@]}"
+sed 's/^/  /' "$LOGS/status.txt"

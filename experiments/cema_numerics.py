@@ -242,8 +242,8 @@ def _apply(path: str, chunk: int, x, coeffs, *, return_state: bool):
   if path == "pallas" and jax.default_backend() == "cpu":
     # The Pallas interpreter: tiny tiles compile much faster; numerics are the kernel's.
     from kernels_pallas import cema as kernels
-    cfg = kernels.CemaKernelConfig(block_d=8, block_t=2, split=1, param_block_d=8, param_split=1,
-                                   num_warps=1)
+    cfg = kernels.CemaKernelConfig(block_d=8, block_t=2, split=1, num_warps=1, bwd_block_d=8,
+                                   bwd_split=1, bwd_num_warps=1)
     return kernels.cema_pallas(x, coeffs, omega, return_state=return_state, interpret=True,
                                config=cfg)
   return cema_ops.cema(x, coeffs, omega, method=path, return_state=return_state, chunk=chunk)

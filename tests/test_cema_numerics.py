@@ -187,7 +187,6 @@ def test_textbook_fft_kernel_drifts_where_the_project_fft_does_not(rng):
   assert cn.rel_err(textbook, ref.y) > 1e-5
 
 
-@pytest.mark.slow
 def test_pallas_kernel_in_the_interpreter_is_within_bounds(tmp_path):
   settings = dataclasses.replace(cn.PRESETS["ci"], paths=("pallas",), lengths=(256,), bf16_lengths=(),
                                  timing=())

@@ -413,7 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("--sizes", default="200M,1.3B", help="comma-separated subset of 200M,1.3B")
   parser.add_argument("--devices", default="1,2", help="device counts n; each row uses jax.devices()[:n]")
-  parser.add_argument("--modes", default="data,sequence", help=f"comma-separated subset of {','.join(MODES)}")
+  parser.add_argument("--modes", default=None,
+                      help=f"comma-separated subset of {','.join(MODES)} (default data,sequence; --smoke: all)")
   parser.add_argument("--data-rows", type=int, default=8, help="data parallel: rows per GPU")
   parser.add_argument("--data-length", type=int, default=4096, help="data parallel: tokens per row")
   parser.add_argument("--dp-axis", default="data", choices=("data", "fsdp"),
@@ -449,13 +450,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes, args.long_size = "tiny", "tiny"
     args.data_rows, args.data_length = 2, 32
     args.seq_lengths, args.long_lengths = "64", "256"
-    args.modes = args.modes if args.modes != "data,sequence" else "data,sequence,long"
+    args.modes = args.modes or ",".join(MODES)
     args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
   args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
   unknown = set(args.sizes + [args.long_size]) - set(args.size_table)
   if unknown:
     parser.error(f"unknown sizes {sorted(unknown)}; choose from {sorted(args.size_table)}")
-  args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+  args.modes = [m.strip() for m in (args.modes or "data,sequence").split(",") if m.strip()]
   if set(args.modes) - set(MODES):
     parser.error(f"--modes must be a subset of {MODES}")
   args.devices = sorted(set(_ints(args.devices)))

@@ -400,3 +400,21 @@ def test_scaling_efficiency_prefers_a_baseline_with_the_same_remat():
   assert rows[2]["efficiency"] == pytest.approx(0.9) and rows[2]["baseline_remat"] == "none"
   assert rows[2]["target_met"] is True
   assert rows[3]["efficiency"] == pytest.approx(0.9) and rows[3]["baseline_remat"] == "full"
+
+
+def test_bench_scaling_append_keeps_earlier_rows_and_replaces_remeasured_ones(tmp_path, monkeypatch):
+  from experiments.benchmarks import bench_scaling
+
+  def measure(spec, args, step=None):
+    tok_s = 100.0 * spec.devices * (0.9 if spec.devices > 1 else 1.0)
+    return [{**bench_scaling.base_row(spec), "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / spec.devices,
+             "step_ms": 1.0, "compile_s": 1.0, "first_loss": 4.0, "loss": 3.0}]
+
+  monkeypatch.setattr(bench_scaling, "measure", measure)
+  common = ["--smoke", "--results-dir", str(tmp_path), "--name", "scaling_test", "--append"]
+  bench_scaling.main(common + ["--modes", "sequence", "--devices", "1"])
+  rows = bench_scaling.main(common + ["--modes", "sequence", "--devices", "1,2"])
+  assert [(r["mode"], r["devices"]) for r in rows] == [("sequence", 1), ("sequence", 2)]
+  assert rows[1]["efficiency"] == pytest.approx(0.9)
+  saved = json.loads(next(tmp_path.glob("*_scaling-test.json")).read_text())
+  assert len(saved["rows"]) == 2

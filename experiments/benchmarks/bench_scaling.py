@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import json
 import math
 import time
 import traceback
@@ -440,6 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--smoke", action="store_true", help="tiny model and shapes on CPU devices (seconds)")
   parser.add_argument("--results-dir", default=None)
   parser.add_argument("--name", default="scaling")
+  parser.add_argument("--append", action="store_true",
+                      help="keep the rows of today's results file of the same name (a row measured again replaces "
+                           "its old version), so that several invocations fill one file")
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args(argv)
   for flag in ("single_remat", "oom_remat"):
@@ -470,6 +474,20 @@ def results_device() -> str:
   """'nvidia-h200x2' for the file name: the device kind and how many there are."""
   count = jax.device_count()
   return harness.device_kind() + (f"x{count}" if count > 1 else "")
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+  return tuple(row[k] for k in ("size", "mode", "devices", "shape", "remat"))
+
+
+def earlier_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """The rows of today's file of this name and device, if there is one."""
+  path = harness.results_path(args.name, results_dir=args.results_dir, device=results_device())
+  if not path.exists():
+    return []
+  rows = json.loads(path.read_text())["rows"]
+  print(f"appending to {path} ({len(rows)} rows)", flush=True)
+  return rows
 
 
 def precompile(specs: list[RowSpec], args: argparse.Namespace) -> list[Step | BaseException]:
@@ -505,10 +523,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "memory": "mem_gib: compiled step per device (arguments + outputs - aliases + temporaries); "
                     "peak_gib: allocator peak of the busiest device since the process started",
           "combine": "one CEMA + one TimestepNorm prefix combine, forward + backward (per layer)"}
-  rows: list[dict[str, Any]] = []
+  rows = earlier_rows(args) if args.append else []
   for i, spec in enumerate(specs):
     step, steps[i] = steps[i], None
-    rows += measure(spec, args, step)
+    new = measure(spec, args, step)
+    keys = {row_key(r) for r in new}
+    rows = [r for r in rows if row_key(r) not in keys] + new
     add_efficiency(rows)
     path = harness.write_results(args.name, rows, meta, results_dir=args.results_dir, print_table=False,
                                  device=results_device())

@@ -241,6 +241,17 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def results_path(name: str, *, results_dir: str | os.PathLike | None = None, device: str | None = None,
+                 date: str | None = None) -> pathlib.Path:
+  """<results_dir>/<YYYY-MM-DD>_<device>_<name>.json (today's UTC date unless `date` is given)."""
+  slug = _slug(name)
+  if not slug:
+    raise ValueError(f"results name {name!r} has no letters or digits; use e.g. 'train_step_200M'")
+  date = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+  directory = pathlib.Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
+  return directory / f"{date[:10]}_{_slug(device or device_kind())}_{slug}.json"
+
+
 def write_results(name: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None, *,
                   results_dir: str | os.PathLike | None = None, print_table: bool = True,
                   device: str | None = None) -> pathlib.Path:
@@ -253,18 +264,14 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[st
   own settings: shapes, dtypes, configs) may not reuse a key of run_metadata(). A file of the same
   name (same benchmark, device and day) is replaced. Returns the path written.
   """
-  slug = _slug(name)
-  if not slug:
-    raise ValueError(f"results name {name!r} has no letters or digits; use e.g. 'train_step_200M'")
   metadata = run_metadata()
   clash = set(meta or {}) & set(metadata)
   if clash:
     raise ValueError(f"meta keys {sorted(clash)} would overwrite the run metadata; rename them "
                      "(e.g. prefix with the benchmark's name)")
   metadata.update(meta or {})
-  directory = pathlib.Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / f"{metadata['date'][:10]}_{_slug(device or device_kind())}_{slug}.json"
+  path = results_path(name, results_dir=results_dir, device=device, date=metadata["date"])
+  path.parent.mkdir(parents=True, exist_ok=True)
   payload = {"name": name, "metadata": _jsonable(metadata), "rows": _jsonable(list(rows))}
   path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
   if print_table:

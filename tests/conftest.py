@@ -12,7 +12,8 @@ PLATFORM = os.environ.get("MEGALODON_TEST_PLATFORM", "").strip().lower()
 
 if PLATFORM:
   # Real devices: no simulated host devices and no CPU-only flags; fail loudly if the platform is absent.
-  os.environ["JAX_PLATFORMS"] = PLATFORM
+  # JAX expands the alias 'gpu' to cuda, rocm and oneapi and then fails on the absent ones: name CUDA.
+  os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(PLATFORM, PLATFORM)
 else:
   # 8 simulated CPU devices for the sharding tests; single-threaded Eigen avoids a hang seen
   # with some jaxlib versions on 2-core machines.

@@ -522,7 +522,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "targets": {f"{mode} on {TARGET_DEVICES} GPUs": f">= {t:.0%}" for mode, t in TARGET_EFFICIENCY.items()},
           "memory": "mem_gib: compiled step per device (arguments + outputs - aliases + temporaries); "
                     "peak_gib: allocator peak of the busiest device since the process started",
-          "combine": "one CEMA + one TimestepNorm prefix combine, forward + backward (per layer)"}
+          "combine": "one CEMA + one TimestepNorm prefix combine, forward + backward (per layer)",
+          "compile_s": "wall time of the row's compile; with compile_workers > 1 the rows compile concurrently"}
   rows = earlier_rows(args) if args.append else []
   for i, spec in enumerate(specs):
     step, steps[i] = steps[i], None

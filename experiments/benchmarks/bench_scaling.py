@@ -372,8 +372,8 @@ def add_efficiency(rows: list[dict[str, Any]]) -> None:
 
 TABLE_COLUMNS = ("size", "mode", "devices", "shape", "remat", "step_ms", "tokens_per_s", "tokens_per_s_per_gpu",
                  "efficiency", "baseline_remat", "target", "target_met", "combine_ms_per_layer",
-                 "combine_pct_of_step", "mem_gib", "peak_gib", "compile_s", "first_loss", "first_loss_rel_diff", "loss_rel_diff",
-                 "error")
+                 "combine_pct_of_step", "mem_gib", "peak_gib", "compile_s", "first_loss", "first_loss_rel_diff",
+                 "loss_rel_diff", "error")
 
 
 def row_line(row: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@
 #                                                   #   sequence-parallel step
 #   bash experiments/benchmarks/run_h200_x2.sh smoke  # the same steps on 8 simulated CPU devices
 #
-# Run from the repository root. Results and logs go to $OUT when it is set, else experiments/results:
+# Run from the repository root. Results and logs go to $RESULTS_DIR, else $OUT, else experiments/results:
 # one JSON per call, <date>_nvidia-h200x2_scaling-200m.json (X1) and ..._scaling-1.3b.json (X2),
 # which every step of the call appends to (bench_scaling --append) and rewrites after every row.
 # Every step has its own time limit, so a slow step cannot take the call down.
@@ -34,7 +34,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
-RESULTS="${OUT:-experiments/results}"
+RESULTS="${RESULTS_DIR:-${OUT:-experiments/results}}"
 LOGS="$RESULTS/logs"
 mkdir -p "$LOGS"
 CALL="${1:-}"

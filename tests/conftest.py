@@ -1,16 +1,29 @@
-"""Test-wide settings. XLA flags must be set before JAX is imported anywhere."""
+"""Test-wide settings. XLA flags must be set before JAX is imported anywhere.
+
+By default the tests run on the CPU with 8 simulated devices. With MEGALODON_TEST_PLATFORM set
+(e.g. `gpu`), they run on that platform's real devices instead, e.g. the sharding tests over NCCL:
+
+  MEGALODON_TEST_PLATFORM=gpu python3 -m pytest -q tests/test_sharding.py tests/test_sequence_parallel.py -m "not slow"
+"""
 
 import os
 
-# 8 simulated CPU devices for the sharding tests; single-threaded Eigen avoids a hang seen
-# with some jaxlib versions on 2-core machines.
-_flags = os.environ.get("XLA_FLAGS", "")
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false",
-              "--xla_cpu_use_fusion_emitters=false"):  # much faster CPU compiles of small test shapes
-  if _flag.split("=")[0] not in _flags:
-    _flags = f"{_flags} {_flag}".strip()
-os.environ["XLA_FLAGS"] = _flags
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+PLATFORM = os.environ.get("MEGALODON_TEST_PLATFORM", "").strip().lower()
+
+if PLATFORM:
+  # Real devices: no simulated host devices and no CPU-only flags; fail loudly if the platform is absent.
+  # JAX expands the alias 'gpu' to cuda, rocm and oneapi and then fails on the absent ones: name CUDA.
+  os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(PLATFORM, PLATFORM)
+else:
+  # 8 simulated CPU devices for the sharding tests; single-threaded Eigen avoids a hang seen
+  # with some jaxlib versions on 2-core machines.
+  _flags = os.environ.get("XLA_FLAGS", "")
+  for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false",
+                "--xla_cpu_use_fusion_emitters=false"):  # much faster CPU compiles of small test shapes
+    if _flag.split("=")[0] not in _flags:
+      _flags = f"{_flags} {_flag}".strip()
+  os.environ["XLA_FLAGS"] = _flags
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache shared by all tests (and xdist workers) of one run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
@@ -18,6 +31,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+if PLATFORM and PLATFORM != "cpu":
+  # GPUs run float32 matmuls in TF32 by default (~1e-3 relative): the equality checks against
+  # single-device values need full float32 on both sides.
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
@@ -29,4 +47,6 @@ def rng():
 
 
 def pytest_report_header(config):
-  return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+  precision = jax.config.jax_default_matmul_precision or "default"
+  return (f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}, "
+          f"float32 matmul precision: {precision}")

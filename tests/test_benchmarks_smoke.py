@@ -329,3 +329,92 @@ def test_scanned_initialisation_gives_the_unrolled_parameter_layout():
   out = bench_decode.unstack_layers(params, 3)
   np.testing.assert_array_equal(out["layers_2"]["w"], [4.0, 5.0])
   assert set(out) == {"embed", "layers_0", "layers_1", "layers_2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_scaling
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_scaling_smoke_data_and_sequence_parallel_match_one_device(tmp_path):
+  """Two compiles at a time (the GPU call's path); the data- and sequence-parallel steps start from
+  the same parameters and tokens as one device, so their first losses agree."""
+  from experiments.benchmarks import bench_scaling
+  rows = bench_scaling.main(["--smoke", "--modes", "data,sequence", "--devices", "1,2", "--compile-workers", "2",
+                             "--results-dir", str(tmp_path)])
+  files = list(tmp_path.glob("*_cpux8_scaling.json"))  # the device count is in the name
+  assert len(files) == 1
+  saved = json.loads(files[0].read_text())
+  assert saved["rows"] == json.loads(json.dumps(rows))
+  assert [(r["mode"], r["devices"], r["shape"]) for r in rows] == [
+      ("data", 1, "2x32"), ("data", 2, "4x32"), ("sequence", 1, "1x64"), ("sequence", 2, "1x64")]
+  for row in rows:
+    assert "error" not in row, row
+    batch, length = (int(v) for v in row["shape"].split("x"))
+    assert row["tokens_per_s"] == pytest.approx(batch * length / (row["step_ms"] * 1e-3))
+    assert row["tokens_per_s_per_gpu"] == pytest.approx(row["tokens_per_s"] / row["devices"])
+    assert row["mem_gib"] > 0 and row["compile_s"] > 0
+    assert 0.5 * math.log(64) < row["first_loss"] < 1.5 * math.log(64)
+  data1, data2, seq1, seq2 = rows
+  assert data2["mesh"].startswith("data=2 fsdp=1 sequence=1") and seq2["mesh"].startswith("data=1 fsdp=1 sequence=2")
+  assert data2["efficiency"] == pytest.approx(data2["tokens_per_s_per_gpu"] / data1["tokens_per_s"])
+  assert seq2["efficiency"] == pytest.approx(seq2["tokens_per_s_per_gpu"] / seq1["tokens_per_s"])
+  assert data2["first_loss_rel_diff"] < 1e-5  # the n=1 batch on each device: the same mean
+  assert seq2["first_loss_rel_diff"] < 1e-3  # bf16 activations, slices combined in another order
+  assert data2["target"] == "efficiency >= 90%" and seq2["target"] == "efficiency >= 85%"
+  assert seq2["combine_ms_per_layer"] > 0 and "combine_ms_per_layer" not in data2
+  assert seq2["combine_pct_of_step"] == pytest.approx(100 * 2 * seq2["combine_ms_per_layer"] / seq2["step_ms"])
+
+
+def test_bench_scaling_rows_and_out_of_memory_retry(monkeypatch):
+  from experiments.benchmarks import bench_scaling
+  args = bench_scaling.parse_args(["--smoke", "--devices", "1,2,4", "--single-remat", "full",
+                                   "--oom-remat", "save_cema_attention"])
+  specs = bench_scaling.row_specs(args)
+  assert [(s.mode, s.devices, s.batch, s.length, s.remat) for s in specs] == [
+      ("data", 1, 2, 32, "full"), ("data", 2, 4, 32, "none"), ("data", 4, 8, 32, "none"),
+      ("sequence", 1, 1, 64, "full"), ("sequence", 2, 1, 64, "none"), ("sequence", 4, 1, 64, "none"),
+      ("long", 4, 1, 256, "none")]
+  calls = []
+
+  def run_row(step, args, row):
+    calls.append(step.spec.remat)
+    if step.spec.remat == "none":
+      raise MemoryError("RESOURCE_EXHAUSTED (predicted): the step needs 200 GiB")
+    return row.update(step_ms=1.0, tokens_per_s=256e3, tokens_per_s_per_gpu=64e3, compile_s=1.0, first_loss=4.0)
+
+  monkeypatch.setattr(bench_scaling, "compile_step", lambda step: step)
+  monkeypatch.setattr(bench_scaling, "run_row", run_row)
+  rows = bench_scaling.measure(specs[-1], args)
+  assert calls == ["none", "save_cema_attention"]
+  assert rows[0]["error"].startswith("OOM: ") and "error" not in rows[1]
+  assert [r["remat"] for r in rows] == ["none", "save_cema_attention"]
+
+
+def test_scaling_efficiency_prefers_a_baseline_with_the_same_remat():
+  from experiments.benchmarks import bench_scaling
+  def row(devices, remat, tok_s, shape="1x64"):
+    return {"size": "tiny", "mode": "sequence", "devices": devices, "shape": shape, "remat": remat,
+            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / devices, "first_loss": 4.0, "loss": 3.0}
+  rows = [row(1, "full", 100.0), row(1, "none", 150.0), row(2, "none", 270.0), row(2, "dots", 180.0)]
+  bench_scaling.add_efficiency(rows)
+  assert rows[2]["efficiency"] == pytest.approx(0.9) and rows[2]["baseline_remat"] == "none"
+  assert rows[2]["target_met"] is True
+  assert rows[3]["efficiency"] == pytest.approx(0.9) and rows[3]["baseline_remat"] == "full"
+
+
+def test_bench_scaling_append_keeps_earlier_rows_and_replaces_remeasured_ones(tmp_path, monkeypatch):
+  from experiments.benchmarks import bench_scaling
+
+  def measure(spec, args, step=None):
+    tok_s = 100.0 * spec.devices * (0.9 if spec.devices > 1 else 1.0)
+    return [{**bench_scaling.base_row(spec), "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / spec.devices,
+             "step_ms": 1.0, "compile_s": 1.0, "first_loss": 4.0, "loss": 3.0}]
+
+  monkeypatch.setattr(bench_scaling, "measure", measure)
+  common = ["--smoke", "--results-dir", str(tmp_path), "--name", "scaling_test", "--append"]
+  bench_scaling.main(common + ["--modes", "sequence", "--devices", "1"])
+  rows = bench_scaling.main(common + ["--modes", "sequence", "--devices", "1,2"])
+  assert [(r["mode"], r["devices"]) for r in rows] == [("sequence", 1), ("sequence", 2)]
+  assert rows[1]["efficiency"] == pytest.approx(0.9)
+  saved = json.loads(next(tmp_path.glob("*_scaling-test.json")).read_text())
+  assert len(saved["rows"]) == 2

@@ -2,8 +2,13 @@
 the loss and gradients of a small model on 8 simulated devices, for several meshes
 (data, fsdp, sequence, tensor), equal the single-device values (float32, relative error < 1e-5),
 with packed sequences (segment ids, padding) and several attention chunks per sequence slice.
+
+On real devices (MEGALODON_TEST_PLATFORM=gpu, see conftest.py) the mesh sweep adapts to the device
+count: 8 devices run the CPU sweep; any other count n >= 2 puts all n devices on each axis in turn.
+Tests written for exactly 8 devices skip elsewhere, saying so.
 """
 
+import math
 import types
 
 import jax
@@ -21,6 +26,11 @@ from megalodon_jax.sharding import partitioning
 from megalodon_jax.training import train_step as step_lib
 
 TOL = 1e-5
+DEVICES = jax.device_count()
+ON_CPU = jax.default_backend() == "cpu"
+
+needs_8_devices = pytest.mark.skipif(DEVICES != 8, reason=f"written for exactly 8 devices; this host has {DEVICES} "
+                                     "(the CPU run simulates 8)")
 
 
 def assert_close(got, want, tol=TOL, what=""):
@@ -33,6 +43,7 @@ def assert_close(got, want, tol=TOL, what=""):
 # The mesh.
 # ---------------------------------------------------------------------------------------------
 
+@needs_8_devices
 @pytest.mark.parametrize("sizes,expected", [
     ({}, (8, 1, 1, 1)),
     ({"data": 2, "fsdp": 2, "sequence": 2}, (2, 2, 2, 1)),
@@ -85,6 +96,7 @@ def test_rules_round_trip_and_errors():
     sharding.rules_from_config({"embed": "model"})
 
 
+@needs_8_devices
 def test_logical_spec_drops_axes_that_do_not_divide():
   mesh = sharding.create_mesh({"data": 2, "fsdp": 4})
   rules = sharding.DEFAULT_RULES
@@ -112,6 +124,7 @@ def test_every_parameter_has_logical_axes():
       assert (names[0] == "layers") == stacked, (path, names)
 
 
+@needs_8_devices
 def test_parameters_and_adam_moments_are_sharded_fsdp_and_tensor():
   cfg = config_lib.preset("tiny")
   par = sharding.Parallelism(sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 4}))
@@ -169,8 +182,8 @@ def mean_loss(cfg):
   return loss
 
 
-# Compile at LLVM -O0: these checks are about values, and it halves the compile time on CPU.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# Compile at LLVM -O0 on the CPU: these checks are about values, and it halves the compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if ON_CPU else {}
 
 CONFIGS = {
     # One layer, sequential CEMA: the cheapest model to compile, for the mesh sweep.
@@ -205,7 +218,8 @@ def references():
   return References()
 
 
-@pytest.mark.parametrize("name,sizes,combine", [
+# The sweep on 8 devices (the simulated CPU run): mixed meshes, both combine schedules.
+EIGHT_DEVICE_CASES = [
     ("small", (8, 1, 1, 1), "all_gather"),
     ("small", (2, 2, 2, 1), "all_gather"),
     ("small", (1, 1, 8, 1), "all_gather"),
@@ -215,11 +229,34 @@ def references():
     pytest.param("scanned", (2, 2, 2, 1), "doubling", marks=pytest.mark.slow),
     pytest.param("small", (1, 8, 1, 1), "all_gather", marks=pytest.mark.slow),
     pytest.param("default", (2, 1, 2, 2), "all_gather", marks=pytest.mark.slow),
-])
+]
+
+
+def one_axis(axis: str, size: int) -> tuple[int, ...]:
+  """Mesh sizes with `size` devices on `axis` and 1 elsewhere."""
+  return tuple(size if a == axis else 1 for a in sharding.MESH_AXES)
+
+
+def mesh_cases(count: int) -> list:
+  """8 devices: EIGHT_DEVICE_CASES. n >= 2 other devices (real GPUs): every axis alone over all n,
+  the scanned model with the 'doubling' combine, and the default config (on a GPU: the Pallas
+  kernels inside shard_map) with the sequence split."""
+  if count == 8:
+    return EIGHT_DEVICE_CASES
+  if count < 2:
+    return [pytest.param("small", (1, 1, 1, 1), "all_gather",
+                         marks=pytest.mark.skip(reason=f"needs at least 2 devices, found {count}"))]
+  cases = [("small", one_axis(axis, count), "all_gather") for axis in sharding.MESH_AXES]
+  cases.append(("scanned", one_axis("sequence", count), "doubling"))
+  cases.append(("default", one_axis("sequence", count), "all_gather"))
+  return cases
+
+
+@pytest.mark.parametrize("name,sizes,combine", mesh_cases(DEVICES))
 def test_loss_and_gradients_match_single_device(references, name, sizes, combine):
   cfg = CONFIGS[name]
   params, batch, loss_ref, grads_ref = references[name]
-  mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+  mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, sizes)), jax.devices()[:math.prod(sizes)])
   par = sharding.Parallelism(mesh, sharding.DEFAULT_RULES, combine)
   params_sh = partitioning.param_shardings(cfg, par)
   batch_sh = par.sharding((B, L), ("batch", "length"))

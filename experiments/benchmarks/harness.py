@@ -241,26 +241,37 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def results_path(name: str, *, results_dir: str | os.PathLike | None = None, device: str | None = None,
+                 date: str | None = None) -> pathlib.Path:
+  """<results_dir>/<YYYY-MM-DD>_<device>_<name>.json (today's UTC date unless `date` is given)."""
+  slug = _slug(name)
+  if not slug:
+    raise ValueError(f"results name {name!r} has no letters or digits; use e.g. 'train_step_200M'")
+  date = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+  directory = pathlib.Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
+  return directory / f"{date[:10]}_{_slug(device or device_kind())}_{slug}.json"
+
+
 def write_results(name: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None, *,
-                  results_dir: str | os.PathLike | None = None, print_table: bool = True) -> pathlib.Path:
-  """Writes <results_dir>/<YYYY-MM-DD>_<device-kind>_<name>.json and prints the rows as a table.
+                  results_dir: str | os.PathLike | None = None, print_table: bool = True,
+                  device: str | None = None) -> pathlib.Path:
+  """Writes <results_dir>/<YYYY-MM-DD>_<device>_<name>.json and prints the rows as a table.
+
+  device: the file name's device part (default device_kind(), e.g. 'nvidia-h200'; multi-device
+  benchmarks say how many, e.g. 'nvidia-h200x2').
 
   The file holds {"name", "metadata": run_metadata() plus `meta`, "rows"}. `meta` (the benchmark's
   own settings: shapes, dtypes, configs) may not reuse a key of run_metadata(). A file of the same
   name (same benchmark, device and day) is replaced. Returns the path written.
   """
-  slug = _slug(name)
-  if not slug:
-    raise ValueError(f"results name {name!r} has no letters or digits; use e.g. 'train_step_200M'")
   metadata = run_metadata()
   clash = set(meta or {}) & set(metadata)
   if clash:
     raise ValueError(f"meta keys {sorted(clash)} would overwrite the run metadata; rename them "
                      "(e.g. prefix with the benchmark's name)")
   metadata.update(meta or {})
-  directory = pathlib.Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / f"{metadata['date'][:10]}_{device_kind()}_{slug}.json"
+  path = results_path(name, results_dir=results_dir, device=device, date=metadata["date"])
+  path.parent.mkdir(parents=True, exist_ok=True)
   payload = {"name": name, "metadata": _jsonable(metadata), "rows": _jsonable(list(rows))}
   path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
   if print_table:
@@ -309,18 +320,10 @@ def _global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
 
 
-def make_train_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation, *,
-                    donate: bool = True) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
-  """One jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)` for any LM.
-
-  apply_fn(params, inputs, **extra) -> logits [B, L, V]; e.g. for Flax
-  `lambda p, x, **kw: model.apply({"params": p}, x, **kw)`.
-  batch: {"inputs": [B, L] int, "targets": [B, L] int, optional "weights": [B, L]}; any other keys
-  (e.g. "segment_ids") are passed to apply_fn as keyword arguments.
-  The step runs forward, float32 cross-entropy, backward and the optimizer update in one program;
-  params and opt_state are donated (their buffers reused) unless donate=False.
-  metrics: {"loss", "grad_norm", "tokens"} (device scalars).
-  """
+def train_step_fn(apply_fn: Callable[..., jax.Array],
+                  optimizer: optax.GradientTransformation) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+  """The un-jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)` of make_train_step,
+  for callers that jit it themselves (e.g. with shardings, traced under a sharding.Parallelism)."""
 
   def loss_fn(params, batch):
     missing = {"inputs", "targets"} - set(batch)
@@ -336,4 +339,19 @@ def make_train_step(apply_fn: Callable[..., jax.Array], optimizer: optax.Gradien
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads), "tokens": tokens}
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  return step
+
+
+def make_train_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation, *,
+                    donate: bool = True) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+  """One jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)` for any LM.
+
+  apply_fn(params, inputs, **extra) -> logits [B, L, V]; e.g. for Flax
+  `lambda p, x, **kw: model.apply({"params": p}, x, **kw)`.
+  batch: {"inputs": [B, L] int, "targets": [B, L] int, optional "weights": [B, L]}; any other keys
+  (e.g. "segment_ids") are passed to apply_fn as keyword arguments.
+  The step runs forward, float32 cross-entropy, backward and the optimizer update in one program;
+  params and opt_state are donated (their buffers reused) unless donate=False.
+  metrics: {"loss", "grad_norm", "tokens"} (device scalars).
+  """
+  return jax.jit(train_step_fn(apply_fn, optimizer), donate_argnums=(0, 1) if donate else ())

@@ -925,13 +925,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  # Before JAX is imported: single-threaded Eigen (a hang was seen with it on small CPUs) and
-  # the older CPU emitters (much faster compiles of these many small programs; CPU only).
-  _flags = os.environ.get("XLA_FLAGS", "")
-  for _flag in ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in _flags:
-      _flags = f"{_flags} {_flag}".strip()
-  os.environ["XLA_FLAGS"] = _flags
+  # Before JAX is imported: the CPU flags this jaxlib accepts (megalodon_jax/xla_flags.py).
+  from megalodon_jax.xla_flags import add_xla_flags, cpu_flags
+  add_xla_flags(*cpu_flags())
   from absl import app as _app
   define_flags()
   _app.run(main)

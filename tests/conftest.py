@@ -8,6 +8,8 @@ By default the tests run on the CPU with 8 simulated devices. With MEGALODON_TES
 
 import os
 
+from megalodon_jax.xla_flags import add_xla_flags, cpu_flags
+
 PLATFORM = os.environ.get("MEGALODON_TEST_PLATFORM", "").strip().lower()
 
 if PLATFORM:
@@ -15,14 +17,8 @@ if PLATFORM:
   # JAX expands the alias 'gpu' to cuda, rocm and oneapi and then fails on the absent ones: name CUDA.
   os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(PLATFORM, PLATFORM)
 else:
-  # 8 simulated CPU devices for the sharding tests; single-threaded Eigen avoids a hang seen
-  # with some jaxlib versions on 2-core machines.
-  _flags = os.environ.get("XLA_FLAGS", "")
-  for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false",
-                "--xla_cpu_use_fusion_emitters=false"):  # much faster CPU compiles of small test shapes
-    if _flag.split("=")[0] not in _flags:
-      _flags = f"{_flags} {_flag}".strip()
-  os.environ["XLA_FLAGS"] = _flags
+  # 8 simulated CPU devices for the sharding tests, and the CPU flags this jaxlib accepts.
+  add_xla_flags("--xla_force_host_platform_device_count=8", *cpu_flags())
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache shared by all tests (and xdist workers) of one run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))

@@ -53,10 +53,10 @@ def _config(overrides: dict):
 
 
 def _start_worker(devices: int):
-  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false "
-                             "--xla_cpu_use_fusion_emitters=false")
-  os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, ROOT)
+  from megalodon_jax.xla_flags import cpu_flags
+  os.environ["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *cpu_flags()])
+  os.environ["JAX_PLATFORMS"] = "cpu"
   import jax
   try:  # gloo is the default CPU collectives in the jax versions we use; be explicit where it is an option
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

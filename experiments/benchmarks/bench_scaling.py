@@ -55,6 +55,7 @@ from megalodon_jax import sharding
 from megalodon_jax.ops import cema as cema_ops
 from megalodon_jax.sharding import partitioning
 from megalodon_jax.sharding import sequence_parallel as sp
+from megalodon_jax.xla_flags import cpu_flags
 
 MODES = ("data", "sequence", "long")
 SIZES = {"200M": "mega200M", "1.3B": "mega1.3B"}
@@ -156,7 +157,10 @@ def compiler_options() -> dict[str, Any]:
   the same program; GPU compiles keep XLA's defaults."""
   if jax.default_backend() != "cpu":
     return {}
-  return {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+  options: dict[str, Any] = {"xla_backend_optimization_level": 0}
+  if "--xla_cpu_use_fusion_emitters=false" in cpu_flags():  # a flag jaxlib 0.11 no longer has
+    options["xla_cpu_use_fusion_emitters"] = False
+  return options
 
 
 def make_batch(spec: RowSpec, vocab_size: int) -> dict[str, jax.Array]:

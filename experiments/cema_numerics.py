@@ -2,8 +2,15 @@
 
   python -m experiments.cema_numerics --preset=ci                       # ~30 s on a CPU (CI)
   python -m experiments.cema_numerics --preset=cpu --out_dir=experiments/results --plot_dir=docs/images
-  python -m experiments.cema_numerics --preset=full --out_dir=$OUT      # GPU, one ~5 minute run
+  python -m experiments.cema_numerics --preset=full --out_dir=$OUT      # GPU; stops at --budget_s=270
   python -m experiments.cema_numerics --from_json=<results.json> --plot_dir=/tmp/plots   # re-plot
+
+The full preset does not fit one 270 s budget on an H200 (the Pallas kernel alone compiles for
+about 60 s per length), so the committed H200 results are three runs merged: the preset as is,
+then `--lengths=65536,262144 --bf16_lengths=65536 --budget_s=330` and `--lengths=1048576
+--bf16_lengths=1048576 --budget_s=330` side by side on two GPUs, then
+  python -m experiments.cema_numerics --from_json=a.json,b.json,c.json --merged_out_dir=experiments/results \
+      --plot_dir=docs/images
 
 For every CEMA path (sequential scan, associative scan, FFT convolution, chunked, Pallas kernel),
 input dtype (float32, bfloat16), length and decay regime it measures the relative error
@@ -543,6 +550,56 @@ def write_results(results: dict[str, Any], out_dir: str | os.PathLike) -> pathli
   return stem
 
 
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One results dict from runs of the same study made in pieces (e.g. the full preset split by
+  length over several GPUs, or re-run with a larger --budget_s for the lengths a first run skipped).
+
+  Rows are concatenated; a `skipped` entry is dropped where another part measured that path, dtype
+  and length; settings list the union of lengths; metadata is the first part's, with
+  `merged_from` recording each part's date, lengths and elapsed time. All parts must come from
+  the same device and problem size (batch, dim, order, chunk, seed, regimes), or the numbers would
+  not be comparable.
+  """
+  if not parts:
+    raise ValueError("merge_results needs at least one results dict")
+  same = ("batch", "dim", "order", "chunk", "seed", "one_minus_q", "init_regime")
+  first = parts[0]
+  for part in parts[1:]:
+    if part["metadata"].get("device") != first["metadata"].get("device"):
+      raise ValueError(f"cannot merge runs from different devices: {first['metadata'].get('device')} "
+                       f"and {part['metadata'].get('device')}")
+    for key in same:
+      if part["settings"].get(key) != first["settings"].get(key):
+        raise ValueError(f"cannot merge runs with different settings.{key}: "
+                         f"{first['settings'].get(key)} and {part['settings'].get(key)}")
+  merged = {"name": first["name"], "metadata": dict(first["metadata"]), "settings": dict(first["settings"])}
+  for key in ("errors", "rounding", "timings", "failures"):
+    merged[key] = [row for part in parts for row in part.get(key, [])]
+  measured = {(r["path"], r["dtype"], r["length"]) for r in merged["errors"]}
+  measured_lengths = {r["length"] for r in merged["errors"]}
+
+  def still_skipped(entry):
+    if entry["path"] == "*":
+      return entry["length"] not in measured_lengths
+    return (entry["path"], entry["dtype"], entry["length"]) not in measured
+
+  merged["skipped"] = [e for part in parts for e in part.get("skipped", []) if still_skipped(e)]
+  for key in ("lengths", "bf16_lengths"):
+    values = []
+    for part in parts:
+      values.extend(v for v in part["settings"].get(key, []) if v not in values)
+    merged["settings"][key] = values
+  merged["reference_check"] = {
+      q: max(part.get("reference_check", {}).get(q, 0.0) for part in parts)
+      for q in first.get("reference_check", {})}
+  merged["elapsed_s"] = sum(part.get("elapsed_s", 0.0) for part in parts)
+  merged["metadata"]["merged_from"] = [
+      {"date": part["metadata"].get("date"), "lengths": part["settings"].get("lengths"),
+       "bf16_lengths": part["settings"].get("bf16_lengths"), "budget_s": part["settings"].get("budget_s"),
+       "elapsed_s": part.get("elapsed_s")} for part in parts]
+  return merged
+
+
 def _dumps(results: dict[str, Any]) -> str:
   """JSON with one table row per line (compact, and readable in a diff)."""
   parts = []
@@ -751,7 +808,8 @@ def plot(results: dict[str, Any], plot_dir: str | os.PathLike) -> list[pathlib.P
           ax.plot(*zip(*pts), marker=MARKERS[path], color=COLORS[path], label=path, ms=4)
       style(ax, "1 - |q|", "relative error", f"{LABELS[quantity]}, L={_short(n)}")
       ax.invert_xaxis()
-  _legend(axes[0, 0])
+  for ax in axes[0]:  # each column can hold different paths (some are skipped at some lengths)
+    _legend(ax)
   fig.suptitle(f"CEMA float32 error vs |q| (|q| -> 1 to the right) — {device}", fontsize=10)
   fig.tight_layout()
   save(fig, "error_vs_q")
@@ -875,7 +933,10 @@ def define_flags(flag_values=None) -> None:
   flags.DEFINE_bool("check_bounds", None, "Fail if a float32 error exceeds FLOAT32_BOUNDS.", **fv)
   flags.DEFINE_string("out_dir", "experiments/results", "Where the JSON and CSVs go.", **fv)
   flags.DEFINE_string("plot_dir", None, "Where the PNGs go (default: out_dir; '' for no plots).", **fv)
-  flags.DEFINE_string("from_json", None, "Only re-plot / summarise this results JSON.", **fv)
+  flags.DEFINE_list("from_json", None, "Only re-plot / summarise this results JSON; several "
+                    "(comma-separated) are merged into one (see merge_results).", **fv)
+  flags.DEFINE_string("merged_out_dir", None, "With several --from_json: write the merged JSON/CSVs "
+                      "here.", **fv)
 
 
 def settings_from_flags(flag_values) -> Settings:
@@ -905,7 +966,10 @@ def main(argv) -> None:
   flag_values = flags.FLAGS
   plot_dir = flag_values.plot_dir if flag_values.plot_dir is not None else flag_values.out_dir
   if flag_values.from_json:
-    results = json.loads(pathlib.Path(flag_values.from_json).read_text())
+    parts = [json.loads(pathlib.Path(path).read_text()) for path in flag_values.from_json]
+    results = parts[0] if len(parts) == 1 else merge_results(parts)
+    if flag_values.merged_out_dir:
+      print(f"merged results: {write_results(results, flag_values.merged_out_dir)}.json")
     settings = None
   else:
     settings = settings_from_flags(flag_values)

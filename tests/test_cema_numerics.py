@@ -174,6 +174,41 @@ def test_plots_and_summary_from_the_json(ci_run, tmp_path):
   assert "sequential" in text and "input rounding" in text
 
 
+def test_merging_runs_made_in_pieces_gives_back_the_whole_run(ci_run):
+  """The H200 study ran as pieces (split by length); merged, they must equal one run's table."""
+  results, _ = ci_run
+  whole = json.loads(json.dumps(results))
+  short, long_ = sorted(whole["settings"]["lengths"])
+  parts = []
+  for keep, skip in ((short, long_), (long_, short)):
+    part = json.loads(json.dumps(whole))
+    for key in ("errors", "rounding", "timings"):
+      part[key] = [r for r in part[key] if r["length"] == keep]
+    part["settings"]["lengths"] = [keep, skip]
+    part["skipped"] = [{"path": "*", "dtype": "*", "length": skip, "reason": "budget"}]
+    part["elapsed_s"] = 1.5
+    parts.append(part)
+  merged = cn.merge_results(parts)
+  key = lambda r: (r["path"], r["dtype"], r["length"], r["regime"])
+  assert sorted(map(key, merged["errors"])) == sorted(map(key, whole["errors"]))
+  assert sorted(merged["errors"], key=key) == sorted(whole["errors"], key=key)
+  assert len(merged["timings"]) == len(whole["timings"])
+  assert merged["skipped"] == []  # each part's skipped length was measured by the other
+  assert sorted(merged["settings"]["lengths"]) == [short, long_]
+  assert merged["elapsed_s"] == 3.0 and len(merged["metadata"]["merged_from"]) == 2
+  # A skip nobody made up for stays listed.
+  parts[1]["skipped"] = [{"path": "fft", "dtype": "float32", "length": 99, "reason": "budget"}]
+  assert cn.merge_results(parts)["skipped"] == parts[1]["skipped"]
+  other = json.loads(json.dumps(parts[1]))
+  other["settings"]["dim"] += 1
+  with pytest.raises(ValueError, match="settings.dim"):
+    cn.merge_results([parts[0], other])
+  other = json.loads(json.dumps(parts[1]))
+  other["metadata"]["device"] = "elsewhere"
+  with pytest.raises(ValueError, match="different devices"):
+    cn.merge_results([parts[0], other])
+
+
 def test_textbook_fft_kernel_drifts_where_the_project_fft_does_not(rng):
   """The metric sees a real loss of accuracy: exp(t log q) powers at |q| = 1 - 1e-6 over 4096 steps."""
   from megalodon_jax.ops import cema as cema_ops

@@ -253,3 +253,30 @@ def test_comm_report_counts_the_exchanged_summaries():
   assert got == {"all_gather": expected.cema, "collective_permute": expected.boundary_ids}
   got = collective_bytes(tsn_fn, x, seg)
   assert got == {"all_gather": expected.timestep_norm, "collective_permute": expected.boundary_ids}
+
+
+def test_sequence_step_splits_the_work():
+  """The whole bench_scaling train step over a 2-way sequence mesh does about half the work of one
+  device per device, and exchanges no activation-sized arrays (only per-layer summaries and the
+  parameter gradients): catches replicated compute or GSPMD resharding of [B, L, ...] activations."""
+  import re
+  from experiments.benchmarks import bench_scaling as bs
+  from megalodon_jax import config as mega_config
+
+  length = 4096
+  args = bs.parse_args(["--sizes", "200M"])
+  args.size_table = {"200M": "small"}
+  per_device = {}
+  for n in (1, 2):
+    spec = bs.RowSpec("200M", "sequence", n, 1, length, "none")
+    step = bs.compile_step(bs.build_step(spec, args))
+    cost = step.compiled.cost_analysis()
+    per_device[n] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    text = step.compiled.as_text()
+  assert per_device[2] <= 0.6 * per_device[1], per_device
+  cfg = mega_config.preset("small")
+  for line in text.splitlines():
+    m = re.search(r"= (.*?) (all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(", line)
+    if m:  # summaries [P, rows, D, N, 2] at most; an activation slice alone has length / 2 * D elements
+      sizes = [int(np.prod([int(d) for d in s.split(",") if d])) for s in re.findall(r"\[([\d,]*)\]", m.group(1))]
+      assert max(sizes) < length // 2 * cfg.model_dim, line[:200]

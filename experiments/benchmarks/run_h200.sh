@@ -95,6 +95,8 @@ case "$CALL" in
       # never share a device and their timings are as on a machine of one GPU.
     gpu_snapshot
     queue_numerics() {
+      # The full preset stops at its 270 s budget after 16K (plus 4K bf16); the longer lengths need
+      # two more runs and a merge (experiments/cema_numerics.py's docstring, docs/cema_numerics.md).
       step cema_numerics 330 python3 -m experiments.cema_numerics --preset=full --out_dir="$RESULTS" \
         --plot_dir="$RESULTS/plots"
       step check_cema_defaults 100 python3 experiments/gpu_checks/check_cema.py --iters 10 --skip-baselines \

@@ -4,6 +4,8 @@
 #   bash experiments/benchmarks/run_h200_x2.sh X1   # sharding tests on the GPUs (NCCL) + mega200M scaling
 #   bash experiments/benchmarks/run_h200_x2.sh X2   # mega1.3B scaling + the 65536 / 131072-token
 #                                                   #   sequence-parallel step
+#   bash experiments/benchmarks/run_h200_x2.sh P    # profile: why the 2-GPU sequence-parallel step is slow
+#                                                   #   (gpu_checks/check_sequence_parallel.py, ~4-5 min / 400 s)
 #   bash experiments/benchmarks/run_h200_x2.sh smoke  # the same steps on 8 simulated CPU devices
 #
 # Run from the repository root. Results and logs go to $RESULTS_DIR, else $OUT, else experiments/results:
@@ -127,6 +129,10 @@ case "$CALL" in
     scaling 1.3B_131K 130 1.3B --modes long --long-lengths 131072 --long-remat "$LONG_REMAT" \
       --oom-remat save_cema_attention --warmup 1 --iters 3
     ;;
+  P)
+    gpu_snapshot
+    step check_sequence_parallel 400 "$PYTHON" experiments/gpu_checks/check_sequence_parallel.py --json "$RESULTS/check_sequence_parallel.json" --trace_dir "$RESULTS/trace" --hlo_dir "$RESULTS/hlo" ${EXTRA[@]+"${EXTRA[@]}"}
+    ;;
   smoke)  # the calls' steps on 8 simulated CPU devices with the tiny model (~3 min)
     export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=8"
     sharding_tests 600 ""
@@ -134,7 +140,7 @@ case "$CALL" in
       --compile-workers "$WORKERS" --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   *)
-    echo "usage: bash experiments/benchmarks/run_h200_x2.sh X1|X2|smoke [extra bench_scaling args]" >&2
+    echo "usage: bash experiments/benchmarks/run_h200_x2.sh X1|X2|P|smoke [extra args of the call's script]" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-GPU runs (issue 7) on an nvidia-h200-x2 machine, as two device calls of at most ~9 minutes.
 #
-#   bash experiments/benchmarks/run_h200_x2.sh X1   # sharding tests on the GPUs (NCCL) + mega200M scaling
+#   bash experiments/benchmarks/run_h200_x2.sh T    # the sharding tests on the GPUs (NCCL), ~4 min
+#   bash experiments/benchmarks/run_h200_x2.sh X1   # mega200M scaling
 #   bash experiments/benchmarks/run_h200_x2.sh X2   # mega1.3B scaling + the 65536 / 131072-token
 #                                                   #   sequence-parallel step
 #   bash experiments/benchmarks/run_h200_x2.sh P    # profile: why the 2-GPU sequence-parallel step is slow
@@ -17,7 +18,8 @@
 # scaling step compiles all its rows at the same time (WORKERS, default 5, on the host's 32 cores;
 # WORKERS=1 compiles each row just before it runs), then times them one after the other (~10 steps
 # and an initialisation each, 10-25 s per row). Expected / limit:
-#   X1: GPU snapshot ~10 s; tests ~60-90 s / 120 s; 200M data n=1,2 + sequence 1x32768 n=1,2 ~4-5 min / 400 s
+#   T:  sharding tests ~220 s / 330 s (measured 2026-11-28)
+#   X1: GPU snapshot ~10 s; 200M data n=1,2 + sequence 1x32768 n=1,2 ~400 s (measured; compiles 241 s) / 400 s
 #   X2: 1.3B data n=1,2 + sequence 1x32768 n=1,2 + 1x65536 over all GPUs ~5-6 min / 400 s;
 #       1.3B 1x131072 over all GPUs ~2 min / 130 s (what is left of the call)
 # Rows run most important first, and a step cut short keeps the rows it finished.
@@ -114,9 +116,12 @@ sharding_tests() {
 }
 
 case "$CALL" in
+  T)  # 25 tests on 2 GPUs took 220 s on 2026-11-28 (compiles), more than X1 had room for.
+    gpu_snapshot
+    sharding_tests 330 gpu
+    ;;
   X1)
     gpu_snapshot
-    sharding_tests 120 gpu
     scaling 200M 400 200M --modes data,sequence --seq-lengths 32768
     ;;
   X2)
@@ -140,7 +145,7 @@ case "$CALL" in
       --compile-workers "$WORKERS" --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   *)
-    echo "usage: bash experiments/benchmarks/run_h200_x2.sh X1|X2|P|smoke [extra args of the call's script]" >&2
+    echo "usage: bash experiments/benchmarks/run_h200_x2.sh T|X1|X2|P|smoke [extra args of the call's script]" >&2
     exit 2
     ;;
 esac

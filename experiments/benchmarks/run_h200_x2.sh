@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU runs (issue 7) on an nvidia-h200-x2 machine, as two device calls of at most ~9 minutes.
+# Multi-GPU runs (issue 7) on an nvidia-h200-x2 machine, as device calls of at most ~9 minutes each.
 #
 #   bash experiments/benchmarks/run_h200_x2.sh T    # the sharding tests on the GPUs (NCCL), ~4 min
 #   bash experiments/benchmarks/run_h200_x2.sh X1   # mega200M scaling
@@ -19,7 +19,7 @@
 # WORKERS=1 compiles each row just before it runs), then times them one after the other (~10 steps
 # and an initialisation each, 10-25 s per row). Expected / limit:
 #   T:  sharding tests ~220 s / 330 s (measured 2026-11-28)
-#   X1: GPU snapshot ~10 s; 200M data n=1,2 + sequence 1x32768 n=1,2 ~400 s (measured; compiles 241 s) / 400 s
+#   X1: GPU snapshot ~10 s; 200M data n=1,2 + sequence 1x32768 n=1,2 ~280 s (measured; 241 s of it compiling) / 400 s
 #   X2: 1.3B data n=1,2 + sequence 1x32768 n=1,2 + 1x65536 over all GPUs ~5-6 min / 400 s;
 #       1.3B 1x131072 over all GPUs ~2 min / 130 s (what is left of the call)
 # Rows run most important first, and a step cut short keeps the rows it finished.

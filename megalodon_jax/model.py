@@ -56,8 +56,14 @@ class MegalodonBlock(nn.Module):
 def _block_class(config: MegalodonConfig):
   if config.remat_policy == "none":
     return MegalodonBlock
+  kernel_outputs = jax.checkpoint_policies.save_only_these_names("cema_out", "attention_out")
   if config.remat_policy == "save_cema_attention":
-    policy = jax.checkpoint_policies.save_only_these_names("cema_out", "attention_out")
+    policy = kernel_outputs
+  elif config.remat_policy == "save_dots_cema_attention":
+    # Keeps every projection output as well, so the backward recomputes only elementwise work
+    # (norms, gates, activations): the memory of the dots for most of the speed of no remat.
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, kernel_outputs)
   else:
     policy = REMAT_POLICIES[config.remat_policy]
   return nn.remat(MegalodonBlock, policy=policy, prevent_cse=not config.scan_layers)

@@ -140,7 +140,7 @@ def test_scanned_layers_equal_unrolled(rng, params):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "save_cema_attention"])
+@pytest.mark.parametrize("policy", ["full", "dots", "save_cema_attention", "save_dots_cema_attention"])
 def test_remat_policies_give_the_same_gradients(rng, params, policy):
   tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, size=(1, 2 * CFG.chunk_size)))
   def grads(cfg):

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from experiments.baselines import llama as llama_lib
 from experiments.benchmarks import bench_ops, bench_train, harness
@@ -81,27 +82,60 @@ def greedy_step(apply: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]) -
   return jax.jit(step, donate_argnums=(0,))
 
 
+def greedy_loop(apply: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], steps: int) -> Callable:
+  """loop((cache, tokens [B, 1]), params) -> ((cache, tokens), logits [B, V]): `steps` greedy steps
+  in one jitted lax.fori_loop, i.e. the generation loop on the device with no host dispatch
+  between tokens; cache donated."""
+
+  def loop(state, params):
+    def body(_, carry):
+      (cache, tokens), _ = carry
+      logits, cache = apply(params, cache, tokens)
+      last = logits[:, -1]
+      return (cache, jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None]), last
+
+    last = jax.eval_shape(lambda: apply(params, *state)[0][:, -1])
+    return lax.fori_loop(0, steps, body, (state, jnp.zeros(last.shape, last.dtype)))
+
+  return jax.jit(loop, donate_argnums=(0,))
+
+
+def decode_fn(apply: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], args: argparse.Namespace) -> Callable:
+  """The jitted function a row times: one step (--loop host) or --inner steps (--loop device)."""
+  return greedy_loop(apply, args.inner) if args.loop == "device" else greedy_step(apply)
+
+
+def _steps_per_call(args: argparse.Namespace) -> int:
+  return args.inner if args.loop == "device" else 1
+
+
 def time_decode(compiled: Callable, state: Any, params: Any, *, warmup: int, iters: int,
-                inner: int) -> tuple[Timing, Any]:
-  """Runs warmup + iters * inner steps threaded through `state`; per-sample mean of `inner` steps."""
+                inner: int, steps_per_call: int = 1) -> tuple[Timing, Any]:
+  """Runs warmup + iters * inner steps threaded through `state`; per-sample mean of `inner` steps.
+
+  steps_per_call: steps one call of `compiled` makes (1 for greedy_step; `inner` for greedy_loop,
+  which then is called once per sample)."""
+  calls = max(inner // steps_per_call, 1)
   logits = None
-  for _ in range(warmup):
+  for _ in range(-(-warmup // steps_per_call)):
     state, logits = compiled(state, params)
   jax.block_until_ready((state, logits))
   times = []
   for _ in range(iters):
     start = time.perf_counter()
-    for _ in range(inner):
+    for _ in range(calls):
       state, logits = compiled(state, params)
     jax.block_until_ready((state, logits))
-    times.append((time.perf_counter() - start) * 1e3 / inner)
+    times.append((time.perf_counter() - start) * 1e3 / (calls * steps_per_call))
   stats = harness.summarize_times(times)
   finite = bool(jnp.all(jnp.isfinite(logits)))
   return Timing(stats["median_ms"], stats["p10_ms"], stats["p90_ms"], finite), state
 
 
 def total_steps(args: argparse.Namespace) -> int:
-  return args.warmup + args.iters * args.inner
+  """Steps one row decodes (warm-up included): the cache must have room for them."""
+  warmup = -(-args.warmup // args.inner) * args.inner if args.loop == "device" else args.warmup
+  return warmup + args.iters * args.inner
 
 
 def tree_bytes(tree: Any) -> int:
@@ -217,7 +251,7 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
                            scan_layers=True)
     params_cache[preset] = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
   params = params_cache[preset]
-  step = greedy_step(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache))
+  step = decode_fn(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache), args)
   chunk, steps = cfg.chunk_size, total_steps(args)
   abstract_state = jax.eval_shape(lambda: (megalodon_cache(cfg, batch, 0, 0), first_tokens(batch)))
   compiled, compile_s, step_bytes = _compile(step, abstract_state, params)
@@ -230,7 +264,7 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
         state = (megalodon_cache(cfg, batch, context, count), first_tokens(batch))  # donated by each run
         row.update(_memory_fields(params, state[0], step_bytes))
         timing, state = time_decode(compiled, state, params, warmup=args.warmup, iters=args.iters,
-                                    inner=args.inner)
+                                    inner=args.inner, steps_per_call=_steps_per_call(args))
         if not timing.logits_finite:
           raise FloatingPointError(f"non-finite logits with the chunk {fill}")
         row[f"ms_per_step_{fill}_chunk"] = timing.ms_per_step
@@ -293,11 +327,12 @@ def _time_llama_impl(row: dict[str, Any], preset: str, batch: int, context: int,
     params_cache[preset] = init_unrolled(
         lambda rng: scanned.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], cfg.num_layers)
   params = params_cache[preset]
-  step = greedy_step(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache))
+  step = decode_fn(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache), args)
   state = (llama_cache(cfg, batch, context, total_steps(args)), first_tokens(batch))
   compiled, row[f"compile_s_{impl}"], step_bytes = _compile(step, state, params)
   row.update(_memory_fields(params, state[0], step_bytes))
-  timing, state = time_decode(compiled, state, params, warmup=args.warmup, iters=args.iters, inner=args.inner)
+  timing, state = time_decode(compiled, state, params, warmup=args.warmup, iters=args.iters, inner=args.inner,
+                              steps_per_call=_steps_per_call(args))
   del state, compiled
   if not timing.logits_finite:
     raise FloatingPointError("non-finite logits")
@@ -360,6 +395,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--inner", type=int, default=8, help="consecutive steps per timed sample")
+  parser.add_argument("--loop", default="host", choices=["host", "device"],
+                      help="host: one jitted call per token, queued by Python (a streaming generate); "
+                           "device: --inner tokens per call in one jitted lax.fori_loop (no host dispatch "
+                           "between tokens); both architectures are timed the same way")
   parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (seconds)")
   parser.add_argument("--results-dir", default=None)
   parser.add_argument("--name", default="decode")

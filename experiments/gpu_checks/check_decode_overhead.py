@@ -43,6 +43,8 @@ def parse_args(argv):
   parser.add_argument("--trace_dir", default="/tmp/decode_trace")
   parser.add_argument("--json", default=None)
   parser.add_argument("--archs", default="megalodon,llama")
+  parser.add_argument("--attention_impl", default="auto", help="Megalodon's attention_impl (auto, xla, pallas)")
+  parser.add_argument("--hlo_dir", default=None, help="write each traced step's optimized HLO here")
   parser.add_argument("--smoke", action="store_true")
   return parser.parse_args(argv)
 
@@ -100,7 +102,7 @@ def main(argv=None):
 
   common = ["--sizes", "tiny" if args.smoke else args.size, "--batches", str(args.batch),
             "--contexts", str(args.context), "--iters", str(args.iters), "--inner", str(args.inner),
-            "--warmup", str(args.inner)] + (["--smoke"] if args.smoke else [])
+            "--warmup", str(args.inner), "--attention-impl", args.attention_impl] + (["--smoke"] if args.smoke else [])
   results: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
 
   def save():
@@ -161,6 +163,10 @@ def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args
       state = (bench_decode.llama_cache(cfg, args.batch, args.context, 2 * args.trace_steps + 2),
                bench_decode.first_tokens(args.batch))
     p = params[mega_preset if arch == "megalodon" else llama_preset]
+    if args.hlo_dir:
+      os.makedirs(args.hlo_dir, exist_ok=True)
+      with open(os.path.join(args.hlo_dir, f"{arch}_decode_step.hlo.txt"), "w") as f:
+        f.write(step.lower(state, p).compile().as_text())
     for _ in range(args.trace_steps):
       state, logits = step(state, p)
     jax.block_until_ready((state, logits))

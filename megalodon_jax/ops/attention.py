@@ -79,6 +79,9 @@ def cached_attention_xla(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_buf.dtype), v_buf)
 
 
+PALLAS_MIN_CACHED_QUERIES = 16
+
+
 @functools.lru_cache(maxsize=None)
 def _pallas_available() -> bool:
   try:
@@ -109,8 +112,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: i
 
 def cached_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: jax.Array | int, *,
                      impl: str = "auto") -> jax.Array:
-  """Decoding/prefill attention to the current chunk; shapes as `cached_attention_xla`."""
-  if impl == "pallas" or (impl == "auto" and _pallas_available()):
+  """Decoding/prefill attention to the current chunk; shapes as `cached_attention_xla`.
+
+  'auto' sends fewer than PALLAS_MIN_CACHED_QUERIES queries (decoding) to XLA: the kernel's grid
+  has one query block, so a single query keeps a handful of programs busy (52 us per mega1.3B
+  layer on an H200, where XLA's matrix-vector products take a few)."""
+  if impl == "pallas" or (impl == "auto" and _pallas_available() and q.shape[1] >= PALLAS_MIN_CACHED_QUERIES):
     from kernels_pallas import chunk_attention as kernel
     return kernel.cached_chunk_attention(q, k_buf, v_buf, start)
   return cached_attention_xla(q, k_buf, v_buf, start)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_jax.config import ConfigError
+from megalodon_jax.ops import dense as dense_ops
 
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 DECODE_ATTENTION_IMPLS = ("xla", "cudnn")
@@ -276,12 +277,13 @@ class RMSNorm(nn.Module):
 
 
 def _dense(cfg: LlamaConfig, features, *, name: str, axis=-1, out_proj: bool = False) -> nn.DenseGeneral:
+  # dense_ops.dot_general: the same batch-1 decoding fix as Megalodon's projections (a fair baseline).
   # Projections that write into the residual stream start smaller (GPT-2 / Megatron scaling), so
   # the stream's variance does not grow with depth at initialisation.
   std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if out_proj else cfg.init_std
   return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=_jnp_dtype(cfg.dtype),
                          param_dtype=_jnp_dtype(cfg.param_dtype),
-                         kernel_init=nn.initializers.normal(std), name=name)
+                         kernel_init=nn.initializers.normal(std), dot_general=dense_ops.dot_general, name=name)
 
 
 def _cached_attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Cache,

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from megalodon_jax.layers import initializers
 from megalodon_jax.layers.norms import LayerNorm
+from megalodon_jax.ops import dense as dense_ops
 from megalodon_jax.sharding.rules import constrain, partitioned
 
 
@@ -30,7 +31,7 @@ class NormalizedFFN(nn.Module):
     dim = y.shape[-1]
     dense = lambda features, name, axes: nn.Dense(
         features, use_bias=False, kernel_init=partitioned(initializers.linear_kernel, axes), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        param_dtype=self.param_dtype, dot_general=dense_ops.dot_general, name=name)
     u = LayerNorm(self.eps, self.param_dtype, name="norm")(y)
     hidden = nn.silu(dense(self.hidden_dim, "fc1", ("embed", "mlp"))(u))
     if self.swiglu:

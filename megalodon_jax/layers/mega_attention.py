@@ -16,6 +16,7 @@ from megalodon_jax.layers.cema import CEMA
 from megalodon_jax.layers.norms import RMSNorm
 from megalodon_jax.layers.timestep_norm import TimestepNorm
 from megalodon_jax.ops import attention, backend, norms, rope
+from megalodon_jax.ops import dense as dense_ops
 from megalodon_jax.sharding import sequence_parallel
 from megalodon_jax.sharding.rules import constrain, partitioned
 
@@ -40,7 +41,7 @@ class MovingAverageGatedAttention(nn.Module):
     def dense(features, name, axes, bias=True):
       return nn.Dense(features, use_bias=bias, kernel_init=partitioned(initializers.linear_kernel, axes),
                       bias_init=partitioned(nn.initializers.zeros, axes[1:]), dtype=dtype, param_dtype=pdtype,
-                      name=name)
+                      dot_general=dense_ops.dot_general, name=name)
     dropout = lambda rate, t: nn.Dropout(rate)(t, deterministic=deterministic)
 
     padding_mask = None if segment_ids is None else segment_ids == 0

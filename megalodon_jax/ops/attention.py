@@ -69,14 +69,19 @@ def cached_attention_xla(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start
   masked out. Returns [B, T, H, dv].
   """
   steps = q.shape[1]
+  query_pos = start + jnp.arange(steps)
+  if steps == 1:
+    # One query: per head a row times a matrix, which XLA on GPU turns into a slow multiply and
+    # reduction (see ops/dense.py); the query twice makes both products real matrix products.
+    q = jax.lax.optimization_barrier(jnp.concatenate([q, q], axis=1))
+    query_pos = jnp.concatenate([query_pos, query_pos])
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_buf, preferred_element_type=jnp.float32)
   if scale != 1.0:
     scores = scores * scale
-  query_pos = start + jnp.arange(steps)
   mask = jnp.arange(k_buf.shape[1])[None, :] <= query_pos[:, None]
   scores = jnp.where(mask[None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_buf.dtype), v_buf)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_buf.dtype), v_buf)[:, :steps]
 
 
 PALLAS_MIN_CACHED_QUERIES = 16

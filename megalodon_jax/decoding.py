@@ -121,3 +121,46 @@ def generate(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Arra
       return
     if i + 1 < max_new_tokens:
       token, cache, rng = step(params, token, cache, rng)
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k: int, top_p: float):
+  model = MegalodonLM(config)
+
+  def loop(params, token, cache, rng):
+    def body(carry, _):
+      token, cache, rng = carry
+      logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+      rng, sub = jax.random.split(rng)
+      nxt = sample_logits(logits[:, 0], sub, temperature, top_k, top_p)
+      return (nxt, cache, rng), nxt
+
+    (_, cache, _), tokens = jax.lax.scan(body, (token, cache, rng), None, length=steps)
+    return tokens.T, cache
+
+  return jax.jit(loop, donate_argnums=(2,))
+
+
+def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Array,
+                       max_new_tokens: int, rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0) -> tuple[jax.Array, ModelCache]:
+  """The tokens `generate` would stream, made in one jitted lax.scan: [B, max_new_tokens] and the cache.
+
+  No host round trip per token (the host only launches the loop), which is how a server decodes:
+  on an H200, mega1.3B at batch 1 takes 2.3 ms per token this way against 3.3 ms when Python
+  dispatches every step (experiments/results, bench_decode --loop). No early stop: run it in
+  pieces to check for a stop token. Compiled once per (config, max_new_tokens, sampling settings).
+  """
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt must be [batch, k] with k >= 1 tokens, got shape {prompt.shape}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  logits, cache = prefill(params, config, prompt)
+  rng, sub = jax.random.split(rng)
+  first = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
+  if max_new_tokens == 1:
+    return first[:, None], cache
+  loop = _sample_loop(config, max_new_tokens - 1, float(temperature), int(top_k), float(top_p))
+  rest, cache = loop(params, first, cache, rng)
+  return jnp.concatenate([first[:, None], rest], axis=1), cache

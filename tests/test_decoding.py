@@ -79,3 +79,15 @@ def test_generate_is_deterministic_for_a_seed(setup):
                                                     temperature=1.0, top_k=10)))
   np.testing.assert_array_equal(run(3), run(3))
   assert not np.array_equal(run(3), run(4))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_on_device_makes_the_tokens_generate_streams(setup, temperature):
+  params, tokens, _ = setup
+  steps = CFG.chunk_size + 4  # crosses a chunk boundary inside the device loop
+  kwargs = dict(temperature=temperature, top_k=10)
+  streamed = np.stack(list(decoding.generate(params, CFG, tokens[:, :5], steps, jax.random.key(7), **kwargs)), 1)
+  on_device, cache = decoding.generate_on_device(params, CFG, tokens[:, :5], steps, jax.random.key(7), **kwargs)
+  np.testing.assert_array_equal(np.asarray(on_device), streamed)
+  assert len(np.unique(streamed)) > 1
+  assert int(cache.count) == (5 + steps - 1) % CFG.chunk_size  # the last token is sampled, not fed

@@ -8,6 +8,7 @@
 #   bash experiments/benchmarks/run_h200.sh D    # the rows still missing: CEMA numerics (full), 1.3B at
 #                                                #   1 x 32768, decoding 1.3B; two queues side by side
 #                                                #   when the machine has two GPUs (one GPU each)
+#   bash experiments/benchmarks/run_h200.sh E    # decoding, 1.3B and 200M, device and host generation loops
 #   bash experiments/benchmarks/run_h200.sh smoke  # all three scripts in --smoke mode (CPU, ~3 min)
 #
 # Run from the repository root. Results (JSON, one file per benchmark) and logs go to $OUT when it
@@ -121,6 +122,18 @@ case "$CALL" in
       queue_rows
     fi
     ;;
+  E)  # ~7 min: decoding after the batch-1 GEMM-path fix (ops/dense.py), both generation loops
+      # (--loop device: the tokens of a row in one jitted fori_loop; host: Python dispatches each step).
+    gpu_snapshot
+    step decode_overhead 170 python3 experiments/gpu_checks/check_decode_overhead.py --archs megalodon,llama \
+      --json "$RESULTS/decode_overhead.json" --trace_dir /tmp/decode_trace
+    for size in 1.3B 200M; do
+      for loop in device host; do
+        step "decode_${size}_${loop}" 240 python3 -m experiments.benchmarks.bench_decode --sizes "$size" --loop "$loop" \
+          --name "decode-${size,,}-${loop}-loop" --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+      done
+    done
+    ;;
   smoke)  # CPU check of the three scripts end to end.
     export JAX_PLATFORMS=cpu
     step ops_smoke 300 python3 -m experiments.benchmarks.bench_ops --smoke --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
@@ -128,7 +141,7 @@ case "$CALL" in
     step decode_smoke 300 python3 -m experiments.benchmarks.bench_decode --smoke --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   *)
-    echo "usage: bash experiments/benchmarks/run_h200.sh A|B|C|smoke [extra benchmark args]" >&2
+    echo "usage: bash experiments/benchmarks/run_h200.sh A|B|C|D|E|smoke [extra benchmark args]" >&2
     exit 2
     ;;
 esac

@@ -87,15 +87,16 @@ def test_positions_restart_at_chunks_and_documents():
   np.testing.assert_array_equal(np.asarray(rope.chunk_positions(3, 8, offset=2))[0], [2, 3, 4])
 
 
-@pytest.mark.parametrize("steps, expect", [(1, "xla"), (attention.PALLAS_MIN_CACHED_QUERIES, "pallas")])
-def test_auto_cached_attention_sends_single_queries_to_xla(rng, monkeypatch, steps, expect):
+@pytest.mark.parametrize("batch, steps, heads, expect", [
+    (1, 1, 2, "xla"), (1, attention.PALLAS_MIN_CACHED_QUERIES, 2, "pallas"), (3, 1, 2, "pallas"), (3, 1, 1, "xla")])
+def test_auto_cached_attention_sends_single_queries_to_xla(rng, monkeypatch, batch, steps, heads, expect):
   import kernels_pallas.chunk_attention as kernel
   used = []
   monkeypatch.setattr(attention, "_pallas_available", lambda: True)
   monkeypatch.setattr(kernel, "cached_chunk_attention", lambda *a: used.append("pallas") or attention.cached_attention_xla(*a))
-  q = jnp.asarray(rng.standard_normal((1, steps, 2, 8)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((1, 32, 2, 8)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((1, 32, 2, 4)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((batch, steps, heads, 8)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((batch, 32, heads, 8)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((batch, 32, heads, 4)), jnp.float32)
   out = attention.cached_attention(q, k, v, 3)
   np.testing.assert_allclose(out, attention.cached_attention_xla(q, k, v, 3), rtol=1e-6)
   assert (used[:1] or ["xla"])[0] == expect

@@ -119,10 +119,15 @@ def cached_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: ja
                      impl: str = "auto") -> jax.Array:
   """Decoding/prefill attention to the current chunk; shapes as `cached_attention_xla`.
 
-  'auto' sends fewer than PALLAS_MIN_CACHED_QUERIES queries (decoding) to XLA: the kernel's grid
-  has one query block, so a single query keeps a handful of programs busy (52 us per mega1.3B
-  layer on an H200, where XLA's matrix-vector products take a few)."""
-  if impl == "pallas" or (impl == "auto" and _pallas_available() and q.shape[1] >= PALLAS_MIN_CACHED_QUERIES):
+  'auto' sends fewer than PALLAS_MIN_CACHED_QUERIES queries (decoding) to XLA when there is one
+  sequence or one head: the kernel's grid has one query block, so a single query keeps a handful
+  of programs busy (52 us per mega1.3B layer on an H200, where XLA's products take a few). With
+  several sequences and several heads XLA's batched products want (batch, head) leading and
+  transpose the whole [B, C, H, d] buffers every step (16 ms per mega1.3B step at batch 16 when
+  Python dispatches each step, against 5.4 ms with the kernel), so those stay on the kernel."""
+  batch, steps, heads = q.shape[:3]
+  xla_is_faster = steps < PALLAS_MIN_CACHED_QUERIES and (batch == 1 or heads == 1)
+  if impl == "pallas" or (impl == "auto" and _pallas_available() and not xla_is_faster):
     from kernels_pallas import chunk_attention as kernel
     return kernel.cached_chunk_attention(q, k_buf, v_buf, start)
   return cached_attention_xla(q, k_buf, v_buf, start)

@@ -284,3 +284,10 @@ def test_floors_script_writes_both_ceilings(tmp_path):
   assert set(by_name) == {"copy_bandwidth", "matmul_peak"}
   assert all(row["value"] > 0 for row in by_name.values())
   assert data["metadata"]["matmul_n"] == 512
+
+
+def test_git_commit_prefers_the_environment(monkeypatch):
+  monkeypatch.setenv("GIT_COMMIT", "abc1234")
+  assert harness.git_commit() == {"git_commit": "abc1234", "git_dirty": None}
+  monkeypatch.delenv("GIT_COMMIT")
+  assert re.fullmatch(r"[0-9a-f]{40}", harness.git_commit()["git_commit"])

@@ -151,8 +151,11 @@ def device_kind() -> str:
 def git_commit() -> dict[str, Any]:
   """{"git_commit": sha or None, "git_dirty": bool or None} of the checkout holding this file.
 
-  Outside a git checkout (e.g. a copied tree) falls back to the GIT_COMMIT environment variable.
+  GIT_COMMIT in the environment wins: the device machine's copy of the tree carries a .git of
+  an older HEAD with the newer files on top, so its own answer would name the wrong commit.
   """
+  if os.environ.get("GIT_COMMIT"):
+    return {"git_commit": os.environ["GIT_COMMIT"], "git_dirty": None}
   def git(*argv: str) -> str:
     return subprocess.run(["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
                           check=True).stdout.strip()

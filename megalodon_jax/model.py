@@ -64,6 +64,13 @@ def _block_class(config: MegalodonConfig):
     # (norms, gates, activations): the memory of the dots for most of the speed of no remat.
     policy = jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, kernel_outputs)
+  elif config.remat_policy == "save_dots_norms_cema_attention":
+    # Also the outputs of the four normalisations, whose reductions (TimestepNorm's scan above
+    # all) the backward would otherwise recompute.
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("cema_out", "attention_out", "tsn_out", "cema_norm_out",
+                                                      "qk_norm_out", "ffn_norm_out"))
   else:
     policy = REMAT_POLICIES[config.remat_policy]
   return nn.remat(MegalodonBlock, policy=policy, prevent_cse=not config.scan_layers)

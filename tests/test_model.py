@@ -140,7 +140,8 @@ def test_scanned_layers_equal_unrolled(rng, params):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "save_cema_attention", "save_dots_cema_attention"])
+@pytest.mark.parametrize("policy", ["full", "dots", "save_cema_attention", "save_dots_cema_attention",
+                                    "save_dots_norms_cema_attention"])
 def test_remat_policies_give_the_same_gradients(rng, params, policy):
   tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, size=(1, 2 * CFG.chunk_size)))
   def grads(cfg):
@@ -148,3 +149,18 @@ def test_remat_policies_give_the_same_gradients(rng, params, policy):
     return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(params)
   for a, b in zip(jax.tree.leaves(grads(CFG)), jax.tree.leaves(grads(CFG.replace(remat_policy=policy)))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_save_dots_norms_policy_keeps_the_named_normalisations(params):
+  import contextlib, io
+  from jax.ad_checkpoint import print_saved_residuals
+  tokens = jnp.zeros((1, 2 * CFG.chunk_size), jnp.int32)
+  def saved(policy):
+    model = MegalodonLM(CFG.replace(remat_policy=policy))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(lambda p: jnp.mean(model.apply({"params": p}, tokens)), params)
+    return out.getvalue()
+  more, fewer = saved("save_dots_norms_cema_attention"), saved("save_dots_cema_attention")
+  for name in ("tsn_out", "cema_norm_out", "qk_norm_out", "ffn_norm_out"):
+    assert f"named '{name}'" in more and f"named '{name}'" not in fewer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from megalodon_jax.layers import initializers
 from megalodon_jax.layers.norms import LayerNorm
@@ -32,7 +33,7 @@ class NormalizedFFN(nn.Module):
     dense = lambda features, name, axes: nn.Dense(
         features, use_bias=False, kernel_init=partitioned(initializers.linear_kernel, axes), dtype=self.dtype,
         param_dtype=self.param_dtype, dot_general=dense_ops.dot_general, name=name)
-    u = LayerNorm(self.eps, self.param_dtype, name="norm")(y)
+    u = checkpoint_name(LayerNorm(self.eps, self.param_dtype, name="norm")(y), "ffn_norm_out")
     hidden = nn.silu(dense(self.hidden_dim, "fc1", ("embed", "mlp"))(u))
     if self.swiglu:
       hidden = hidden * dense(self.hidden_dim, "fc3", ("embed", "mlp"))(u)

@@ -48,19 +48,20 @@ class MovingAverageGatedAttention(nn.Module):
     x_tsn, norm_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl),
                                      pdtype, name="timenorm")(
         x, None if cache is None else cache.norm, padding_mask=padding_mask, segment_ids=segment_ids)
+    x_tsn = checkpoint_name(x_tsn, "tsn_out")  # names: what remat policies may keep (model.py)
     cema = CEMA(cfg.cema_ndim, backend.cema_method(cfg.cema_method, length), cfg.cema_chunk, pdtype, name="cema")
     if cache is None:
       x_cema, cema_state = cema(x_tsn, segment_ids=segment_ids), None
     else:
       x_cema, cema_state = cema(x_tsn, cache.cema, segment_ids=segment_ids, return_state=True)
     x_cema = checkpoint_name(x_cema, "cema_out")  # lets remat policies keep it (the costly scan)
-    mx = RMSNorm(cfg.norm_eps, pdtype, name="rmsnorm")(x_cema).astype(dtype)
+    mx = checkpoint_name(RMSNorm(cfg.norm_eps, pdtype, name="rmsnorm")(x_cema).astype(dtype), "cema_norm_out")
     mx = constrain(mx, ("batch", "length", "act_embed"))
     mx = dropout(cfg.hidden_dropout, mx)
 
     # Shared representation z -> q, k: per-head RMS normalisation, then per-feature affine maps.
     z = dense(cfg.z_dim, "wz", ("embed", "qk"))(mx).reshape(batch, length, heads, dz)
-    z = norms.rms_norm(z.astype(jnp.float32), None, cfg.norm_eps)
+    z = checkpoint_name(norms.rms_norm(z.astype(jnp.float32), None, cfg.norm_eps), "qk_norm_out")
     affine_init = partitioned(nn.initializers.zeros, (None, "qk"))
     gamma = self.param("gamma", affine_init, (2, cfg.z_dim), pdtype).reshape(2, heads, dz)
     beta = self.param("beta", affine_init, (2, cfg.z_dim), pdtype).reshape(2, heads, dz)

@@ -164,3 +164,8 @@ def test_save_dots_norms_policy_keeps_the_named_normalisations(params):
   more, fewer = saved("save_dots_norms_cema_attention"), saved("save_dots_cema_attention")
   for name in ("tsn_out", "cema_norm_out", "qk_norm_out", "ffn_norm_out"):
     assert f"named '{name}'" in more and f"named '{name}'" not in fewer
+
+
+def test_every_configurable_remat_policy_exists():
+  from megalodon_jax import config as config_lib, model as model_module
+  assert set(model_module.REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES)

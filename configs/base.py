@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.top_k = 0
   c.sample.top_p = 0.95
   c.sample.seed = 0
+  # Tokens per device call while streaming (decoding.generate): 1 is a host round trip per token.
+  c.sample.tokens_per_call = 16
 
   # Device mesh and multi-host settings (see megalodon_jax/sharding). Sizes of the mesh axes inside
   # a slice (ICI: one TPU slice or one GPU host) and across slices (DCN: between slices or hosts);

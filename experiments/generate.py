@@ -17,6 +17,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "Softmax temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: off).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
+_PER_CALL = flags.DEFINE_integer("tokens_per_call", None, "Tokens sampled per device call while streaming.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
 
 
@@ -29,7 +30,7 @@ def main(argv):
   config = _CONFIG.value
   sample = dict(config.sample.to_dict())
   for key, flag in (("prompt", _PROMPT), ("max_new_tokens", _MAX), ("temperature", _TEMPERATURE),
-                    ("top_k", _TOP_K), ("top_p", _TOP_P), ("seed", _SEED)):
+                    ("top_k", _TOP_K), ("top_p", _TOP_P), ("seed", _SEED), ("tokens_per_call", _PER_CALL)):
     if flag.value is not None:
       sample[key] = flag.value
   experiment = loop.Experiment.create(config)

@@ -91,3 +91,21 @@ def test_generate_on_device_makes_the_tokens_generate_streams(setup, temperature
   np.testing.assert_array_equal(np.asarray(on_device), streamed)
   assert len(np.unique(streamed)) > 1
   assert int(cache.count) == (5 + steps - 1) % CFG.chunk_size  # the last token is sampled, not fed
+
+
+@pytest.mark.parametrize("tokens_per_call", [3, CFG.chunk_size + 1])
+def test_generate_in_blocks_streams_the_same_tokens_and_stops_alike(setup, tokens_per_call):
+  params, tokens, _ = setup
+  run = lambda n, stop=None: np.stack(list(decoding.generate(
+      params, CFG, tokens[:, :5], 2 * CFG.chunk_size, jax.random.key(11), temperature=1.0, top_k=10,
+      stop_token=stop, tokens_per_call=n)))
+  one = run(1)
+  np.testing.assert_array_equal(run(tokens_per_call), one)
+  # A stop token that every sequence meets: both stop after the same step (batch of 1 sequence).
+  single = lambda n, stop: np.stack(list(decoding.generate(
+      params, CFG, tokens[:1, :5], 2 * CFG.chunk_size, jax.random.key(11), temperature=1.0, top_k=10,
+      stop_token=stop, tokens_per_call=n)))
+  stop = int(single(1, None)[4, 0])
+  stopped = single(tokens_per_call, stop)
+  assert stopped[-1, 0] == stop and len(stopped) <= 5
+  np.testing.assert_array_equal(stopped, single(1, stop))

@@ -126,15 +126,16 @@ def test_generation_from_a_checkpoint_is_deterministic(data_dir, tmp_path):
   experiment = loop.Experiment.create(config)
   params = loop.load_params(experiment, str(tmp_path))
 
-  def sample(seed):
+  def sample(seed, **overrides):
     out = io.StringIO()
-    settings = dict(config.sample.to_dict(), max_new_tokens=24, seed=seed)
+    settings = dict(config.sample.to_dict(), max_new_tokens=24, seed=seed, **overrides)
     sampling.stream_sample(experiment, params, "KING:", settings, out=out)
     return out.getvalue()
 
   first = sample(1)
   assert first.startswith("KING:") and len(first) > len("KING:")
   assert from_cli.rstrip("\n") == first == sample(1)
+  assert config.sample.tokens_per_call > 1 and sample(1, tokens_per_call=1) == first  # blocks change nothing
   assert sample(2) != first
 
 

@@ -25,7 +25,8 @@ def stream_sample(experiment, params: Any, prompt: str, sample_cfg: Mapping[str,
   stream = decoding.generate(
       params, experiment.model_cfg, np.asarray([ids], np.int32), int(sample_cfg["max_new_tokens"]),
       jax.random.PRNGKey(int(sample_cfg["seed"])), temperature=float(sample_cfg["temperature"]),
-      top_k=int(sample_cfg["top_k"]), top_p=float(sample_cfg["top_p"]), stop_token=tokenizer.eos_id)
+      top_k=int(sample_cfg["top_k"]), top_p=float(sample_cfg["top_p"]), stop_token=tokenizer.eos_id,
+      tokens_per_call=int(sample_cfg.get("tokens_per_call", 1)))
   for token in stream:
     token = int(token[0])
     if token == tokenizer.eos_id:

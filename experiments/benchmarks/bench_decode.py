@@ -22,8 +22,10 @@ and compute, layers unrolled (scan_layers=False) so that every layer's cache is 
 updated in place through donation.
 
 Timing: `--warmup` steps, then the median over `--iters` samples of the mean time of `--inner`
-consecutive steps (the host queues them back to back, as a generation loop does), waited for
-with block_until_ready. Rows that fail or cannot fit print a reason; the run goes on. Results are
+consecutive steps, waited for with block_until_ready. `--loop host` (default): one jitted call per
+step, queued back to back by Python, as a token-by-token generation loop does (a batch-1 step can
+then be bound by the host's dispatch); `--loop device`: the `--inner` steps of a sample in one
+jitted lax.fori_loop (decoding.generate_on_device). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
 rewritten to experiments/results/<date>_<device>_decode.json after every row.
 
   python -m experiments.benchmarks.bench_decode                      # 2 sizes x batch 1, 16 x 4K/32K/128K

@@ -37,7 +37,8 @@ def test_bench_ops_smoke_runs_every_op_and_writes_consistent_rows(tmp_path):
   rows = bench_ops.main(["--smoke", "--results-dir", str(tmp_path), "--cema-impls", "pallas,chunked"])
   saved = load_results(tmp_path, "ops")
   assert saved["rows"] == json.loads(json.dumps(rows))  # what was printed is what was written
-  assert [c["ceiling"] for c in saved["metadata"]["ceilings"]] == ["copy_bandwidth", "matmul_peak", "fp32_fma_rate"]
+  assert [c["ceiling"] for c in saved["metadata"]["ceilings"]] == ["copy_bandwidth", "matmul_peak", "fp32_fma_rate_xla",
+                                                             "fp32_fma_rate"]
   assert all(c["value"] > 0 for c in saved["metadata"]["ceilings"])
   got = {(r["op"], r["impl"]) for r in rows}
   assert got == {("cema", "pallas"), ("cema", "chunked"), ("timestep_norm", "pallas"),
@@ -62,6 +63,18 @@ def test_bench_ops_smoke_runs_every_op_and_writes_consistent_rows(tmp_path):
   s = bench_ops.SMOKE_SHAPES
   flops = 3 * bench_ops.attention_flops_fwd(1, s.attn_chunks, s.attn_chunk, s.attn_heads, s.attn_dk, s.attn_dv)
   assert attention["fwdbwd_tflops"] == pytest.approx(flops / (attention["fwdbwd_ms"] * 1e-3) / 1e12)
+
+
+def test_fma_chain_kernel_computes_the_chains_it_counts():
+  """The FMA-rate kernel (interpreted) does `chains` x `chain` multiply-adds per element."""
+  n, chain, chains = 256, 16, 3
+  x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+  ab = np.array([0.9, 0.01], np.float32)
+  got = bench_ops.fma_chain_kernel(n, chain, chains=chains, block=128, interpret=True)(x, ab)
+  ys = x[None, :].astype(np.float64) + 1e-3 * np.arange(chains)[:, None]
+  for _ in range(chain):
+    ys = ys * 0.9 + 0.01
+  np.testing.assert_allclose(np.asarray(got), ys.sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_flops_match_a_brute_force_count():

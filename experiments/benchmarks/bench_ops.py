@@ -386,12 +386,14 @@ def measure_fma_rate(n: int = 1 << 24, chain: int = 512, *, warmup: int = 2, ite
 
 
 def fma_chain_kernel(n: int, chain: int, *, chains: int = 4, block: int = 1024,
+                     inline_asm: bool = False,
                      interpret: bool = False) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """A Triton kernel of `chains` independent fp32 FMA chains per element.
 
   Returns f(x [n] f32, ab [2] f32) -> [n] f32: for i < chains, y_i = x + 1e-3 i, then `chain`
   times y_i = y_i * a + b; the result is the sum of the y_i. a and b are read at run time so
-  nothing folds.
+  nothing folds. inline_asm: each step is one PTX fma.rn.f32 (GPU only), which shows whether the
+  compiler's own code (multiply and add, to be contracted) reaches the same rate.
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
@@ -404,9 +406,17 @@ def fma_chain_kernel(n: int, chain: int, *, chains: int = 4, block: int = 1024,
     x = x_ref[...]
     ys = tuple(x + 1e-3 * i for i in range(chains))
 
+    if inline_asm:
+      a_full, b_full = jnp.full(x.shape, a), jnp.full(x.shape, b)
+      step = lambda y: plgpu.elementwise_inline_asm(
+          "fma.rn.f32 $0, $1, $2, $3;", args=[y, a_full, b_full], constraints="=r,r,r,r", pack=1,
+          result_shape_dtypes=[jax.ShapeDtypeStruct(y.shape, jnp.float32)])[0]
+    else:
+      step = lambda y: y * a + b
+
     def body(_, ys):
       for _ in range(8):  # unrolled so the loop overhead is negligible
-        ys = tuple(y * a + b for y in ys)
+        ys = tuple(step(y) for y in ys)
       return ys
 
     ys = jax.lax.fori_loop(0, chain // 8, body, ys)
@@ -421,7 +431,8 @@ def fma_chain_kernel(n: int, chain: int, *, chains: int = 4, block: int = 1024,
 
 
 def measure_fma_rate_pallas(n: int = 1 << 22, chain: int = 1024, *, chains: int = 4,
-                            warmup: int = 2, iters: int = 10, inner: int = 3) -> dict[str, Any]:
+                            inline_asm: bool = False, warmup: int = 2, iters: int = 10,
+                            inner: int = 3) -> dict[str, Any]:
   """fp32 FMA throughput of `fma_chain_kernel` on the GPU.
 
   The XLA chain (measure_fma_rate) gives each thread one dependent chain, so it measures FMA
@@ -429,7 +440,7 @@ def measure_fma_rate_pallas(n: int = 1 << 22, chain: int = 1024, *, chains: int 
   instruction-level parallelism that a hand-written recurrence kernel can use. Returns timing
   stats plus {"fma_per_s", "tflops"} (2 FLOPs per FMA).
   """
-  fn = jax.jit(fma_chain_kernel(n, chain, chains=chains))
+  fn = jax.jit(fma_chain_kernel(n, chain, chains=chains, inline_asm=inline_asm))
   x = jax.jit(lambda: noise_normal(13, (n,), jnp.float32))()
   ab = jnp.array([0.999, 1e-3], jnp.float32)
   stats = harness.time_fn(fn, x, ab, warmup=warmup, iters=iters, inner=inner)
@@ -470,13 +481,14 @@ def measure_ceilings(smoke: bool, args: argparse.Namespace) -> tuple[Ceilings, l
   best = fma["fma_per_s"]
   if jax.default_backend() == "gpu":
     # The floor must use the best rate any kernel reaches, or it would sit below what is possible.
-    for chains in (1, 4, 8):
+    for chains, asm in ((1, False), (4, False), (8, False), (8, True)):
+      label = f"{chains}chains" + ("_ptx_fma" if asm else "")
       try:
-        pfma = measure_fma_rate_pallas(chains=chains, warmup=2, iters=iters)
+        pfma = measure_fma_rate_pallas(chains=chains, inline_asm=asm, warmup=2, iters=iters)
       except Exception as e:  # a ceiling that cannot be measured must not stop the op rows
-        print(f"  fp32 FMA (Triton, {chains} chains): failed: {type(e).__name__}: {e}")
+        print(f"  fp32 FMA (Triton, {label}): failed: {type(e).__name__}: {e}")
         continue
-      rows.append({"ceiling": f"fp32_fma_rate_triton_{chains}chains", "value": pfma["tflops"],
+      rows.append({"ceiling": f"fp32_fma_rate_triton_{label}", "value": pfma["tflops"],
                    "unit": "TFLOP/s (2 per FMA)", "median_ms": pfma["median_ms"],
                    "p10_ms": pfma["p10_ms"], "p90_ms": pfma["p90_ms"],
                    "size": f"{pfma['n']} x {pfma['chains']} chains x {pfma['chain']} FMAs"})

@@ -174,6 +174,10 @@ class CemaKernelConfig:
     used when the sequence has fewer than num_chunks tiles.
   reset_branch: with segment_ids, run tiles without a reset through a copy of the step code that
     skips the per-step reset multiplies.
+  ptx_fma: write the GPU kernels' multiply-adds as PTX fma.rn.f32 (inline assembly). Triton code
+    compiled through XLA does not contract a * b + c into one FMA: an fp32 chain kernel runs at
+    30 TFLOP/s as multiply + add and at 58-60 as PTX FMAs on an H200 (bench_ops ceilings), and
+    these scans are arithmetic-bound. Ignored in the interpreter and on TPU.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -186,6 +190,7 @@ class CemaKernelConfig:
   bwd_num_warps: int = 4
   num_chunks: int = 1
   reset_branch: bool = True
+  ptx_fma: bool = True
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -259,38 +264,51 @@ def _lane_omega(omega: Array, split: int) -> Array:
 # with the per-step input as a [1, block_d] row.  k is the reset flag (None: no segments).
 # ----------------------------------------------------------------------------------------------
 
-def _fwd_update(sr, si, x, k, qre, qim):
-  """Folded state s_t = k q s_{t-1} + x_t (real and imaginary parts)."""
+def _plain_fma(a, b, c):
+  """a * b + c (the compiler may or may not contract it)."""
+  return a * b + c
+
+
+def _ptx_fma(a, b, c):
+  """a * b + c as one PTX fma.rn.f32 (GPU Triton kernels only; see CemaKernelConfig.ptx_fma)."""
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+  args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (a, b, c)]
+  return plgpu.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0]
+
+
+def _fwd_update(sr, si, x, k, qre, qim, fma=_plain_fma):
+  """Folded state s_t = k q s_{t-1} + x_t (real and imaginary parts): two FMAs per part."""
   if k is not None:
     sr, si = k * sr, k * si
-  # Written so that each line contracts to two FMAs.
-  return (x - qim * si) + qre * sr, qim * sr + qre * si
+  return fma(qre, sr, fma(-qim, si, x)), fma(qim, sr, qre * si)
 
 
-def _fwd_output(acc, sr, si, cre, cim):
+def _fwd_output(acc, sr, si, cre, cim, fma=_plain_fma):
   """acc + Re(c s) (c = eta p in the forward, p eta in the backward); acc None starts a sum."""
   if acc is None:
-    return cre * sr - cim * si
-  return (acc + cre * sr) - cim * si
+    return fma(-cim, si, cre * sr)
+  return fma(-cim, si, fma(cre, sr, acc))
 
 
-def _rev_update(er, ei, dy, k, ere, eim, qre, qim):
+def _rev_update(er, ei, dy, k, ere, eim, qre, qim, fma=_plain_fma):
   """Adjoint in E-form: w_t = k_{t+1} E_{t+1} + eta dy_t, E_t = q w_t.  Returns (w, E)."""
   if k is not None:
     er, ei = k * er, k * ei
-  wr = er + ere * dy
-  wi = ei + eim * dy
-  return wr, wi, qre * wr - qim * wi, qre * wi + qim * wr
+  wr = fma(ere, dy, er)
+  wi = fma(eim, dy, ei)
+  return wr, wi, fma(-qim, wi, qre * wr), fma(qim, wr, qre * wi)
 
 
-def _param_update(vr, vi, zr, zi, x, k, qre, qim):
+def _param_update(vr, vi, zr, zi, x, k, qre, qim, fma=_plain_fma):
   """v_t = k q v_{t-1} + x_t and its q-tangent z_t = k (q z_{t-1} + v_{t-1})."""
   if k is not None:
     vr, vi, zr, zi = k * vr, k * vi, k * zr, k * zi
-  znr = (vr - qim * zi) + qre * zr
-  zni = (vi + qim * zr) + qre * zi
-  vnr = (x - qim * vi) + qre * vr
-  vni = qim * vr + qre * vi
+  znr = fma(qre, zr, fma(-qim, zi, vr))
+  zni = fma(qre, zi, fma(qim, zr, vi))
+  vnr = fma(qre, vr, fma(-qim, vi, x))
+  vni = fma(qim, vr, qre * vi)
   return vnr, vni, znr, zni
 
 
@@ -351,6 +369,7 @@ class _ScanSpec:
   block_d: int
   block_t: int
   chunk: int           # time steps per chunk (== length when there is one chunk)
+  ptx_fma: bool        # multiply-adds as PTX FMAs (compiled GPU kernels only)
   in_names: tuple[str, ...]
   out_names: tuple[str, ...]
 
@@ -436,6 +455,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   t_lo = c * spec.chunk
   n_steps = jnp.minimum(spec.chunk, spec.length - t_lo)
   n_chains = min(_SUM_CHAINS, spec.groups)
+  fma = _ptx_fma if spec.ptx_fma else _plain_fma
 
   def time_of(step):
     return t_lo + n_steps - 1 - step if spec.reverse else t_lo + step
@@ -481,7 +501,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     def step_fn(carry, data, step, k):
       sr, si = carry
       (x,) = data
-      new = [_fwd_update(sr[g], si[g], x, k, qre[g], qim[g]) for g in groups]
+      new = [_fwd_update(sr[g], si[g], x, k, qre[g], qim[g], fma) for g in groups]
       return [v[0] for v in new], [v[1] for v in new]
 
     sr, si = _run_tiles(spec, n_steps, (zeros(), zeros()), load_fn, step_fn)
@@ -500,8 +520,9 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       chains = [om * x] + [None] * (n_chains - 1)
       new_r, new_i = [], []
       for g in groups:
-        nr, ni = _fwd_update(sr[g], si[g], x, k, qre[g], qim[g])
-        _chain_add(chains, g, lambda acc, nr=nr, ni=ni, g=g: _fwd_output(acc, nr, ni, cre[g], cim[g]))
+        nr, ni = _fwd_update(sr[g], si[g], x, k, qre[g], qim[g], fma)
+        _chain_add(chains, g,
+                   lambda acc, nr=nr, ni=ni, g=g: _fwd_output(acc, nr, ni, cre[g], cim[g], fma))
         new_r.append(nr)
         new_i.append(ni)
       store_row("y", step, chains)
@@ -529,27 +550,28 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
         if k is not None:
           ur, ui, vr, vi = k * ur, k * ui, k * vr, k * vi
         # u' = q u' + u uses u of the later step; then u = q u + dy.
-        vr, vi = (ur - qim[g] * vi) + qre[g] * vr, (ui + qim[g] * vr) + qre[g] * vi
-        ur, ui = _fwd_update(ur, ui, dy, None, qre[g], qim[g])
-        _chain_add(chains, g, lambda acc, ur=ur, ui=ui, g=g: _fwd_output(acc, ur, ui, cre[g], cim[g]))
+        vr, vi = (fma(qre[g], vr, fma(-qim[g], vi, ur)), fma(qre[g], vi, fma(qim[g], vr, ui)))
+        ur, ui = _fwd_update(ur, ui, dy, None, qre[g], qim[g], fma)
+        _chain_add(chains, g,
+                   lambda acc, ur=ur, ui=ui, g=g: _fwd_output(acc, ur, ui, cre[g], cim[g], fma))
         for out, value in zip((nu[0], nu[1], nv[0], nv[1]), (ur, ui, vr, vi)):
           out.append(value)
-        na[0].append(acc_a[0][g] + x * ur)
-        na[1].append(acc_a[1][g] + x * ui)
-        nb[0].append(acc_b[0][g] + x * vr)
-        nb[1].append(acc_b[1][g] + x * vi)
+        na[0].append(fma(x, ur, acc_a[0][g]))
+        na[1].append(fma(x, ui, acc_a[1][g]))
+        nb[0].append(fma(x, vr, acc_b[0][g]))
+        nb[1].append(fma(x, vi, acc_b[1][g]))
         if spec.has_g:
           # E-form: e = q g_{t+1} and f = q g'_{t+1} + g_{t+1}, so g_t = k e and g'_t = k f.
           er, ei, fr, fi, acc_p, acc_gr, acc_gi = (part[g] for part in gpart)
           gr, gi, hr, hi = (er, ei, fr, fi) if k is None else (k * er, k * ei, k * fr, k * fi)
-          _chain_add(chains, g, lambda acc, gr=gr, g=g: pp[g] * gr if acc is None else acc + pp[g] * gr)
-          for out, value in zip(ng, (qre[g] * gr - qim[g] * gi, qim[g] * gr + qre[g] * gi,
-                                     (gr - qim[g] * hi) + qre[g] * hr,
-                                     (gi + qim[g] * hr) + qre[g] * hi,
-                                     acc_p + x * gr, acc_gr + x * hr, acc_gi + x * hi)):
+          _chain_add(chains, g, lambda acc, gr=gr, g=g: pp[g] * gr if acc is None else fma(pp[g], gr, acc))
+          for out, value in zip(ng, (fma(-qim[g], gi, qre[g] * gr), fma(qim[g], gr, qre[g] * gi),
+                                     fma(qre[g], hr, fma(-qim[g], hi, gr)),
+                                     fma(qre[g], hi, fma(qim[g], hr, gi)),
+                                     fma(x, gr, acc_p), fma(x, hr, acc_gr), fma(x, hi, acc_gi))):
             out.append(value)
       store_row("dx", step, chains)
-      return nu, nv, na, nb, ctom + dy * x, ng if spec.has_g else gpart
+      return nu, nv, na, nb, fma(dy, x, ctom), ng if spec.has_g else gpart
 
     u0 = [state_in("u0re"), state_in("u0im")]
     gpart = []
@@ -676,7 +698,8 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     return _ScanSpec(mode=mode, reverse=False, has_init=has_init, has_keep=keep is not None,
                      has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
                      groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
-                     chunk=plan.chunk, in_names=in_names, out_names=out_names)
+                     chunk=plan.chunk, in_names=in_names, out_names=out_names,
+                     ptx_fma=cfg.ptx_fma and not interpret)
 
   start = None if h0 is None else h0 / pf[None]
   local = decay = None
@@ -738,7 +761,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
                      has_g=has_g and mode == "bwd", reset_branch=cfg.reset_branch,
                      length=length, dim=dim, groups=groups, split=split,
                      block_d=cfg.bwd_block_d, block_t=cfg.block_t, chunk=plan.chunk,
-                     in_names=in_names, out_names=out_names)
+                     in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret)
 
   # Decay across chunk c (its own length), applied from the later chunk to the earlier one.
   decays = [decay] * plan.count

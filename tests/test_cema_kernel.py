@@ -384,6 +384,19 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape():
   assert text.count("__gpu$xla.gpu.triton") == 4
   for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
     assert name in text, name
+  # The multiply-adds are PTX FMAs (CemaKernelConfig.ptx_fma): XLA's Triton pipeline would
+  # otherwise leave them as separate multiplies and adds, half the arithmetic rate.
+  assert "fma.rn.f32" in text
+
+
+def test_ptx_fma_off_leaves_no_inline_assembly():
+  x = jnp.zeros((1, 64, 8), jnp.float32)
+  coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),
+                            jnp.ones((8, 4), jnp.complex64))
+  cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), ptx_fma=False)
+  run = lambda x: K.cema_pallas(x, coeffs, jnp.zeros((8,)), interpret=False, platform="gpu", config=cfg)
+  text = jax.jit(run).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text and "fma.rn.f32" not in text
 
 
 def test_lane_layout_round_trip():

@@ -32,6 +32,12 @@ CONFIGS = {
                                                                      scan_chunk=2, scan_groups=2))),
     "tiled_t16_gb4_c4": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=16, groups_per_block=4,
                                                                       scan_chunk=4))),
+    # Single-pass forward (decoupled look-back); the second merges every summary back to the
+    # start of its chain (the interpreter runs programs in order: otherwise one step back).
+    "lookback_t8_gb2": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=8, groups_per_block=2,
+                                                                     lookback=True))),
+    "lookback_t8_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=8, groups_per_block=4, lookback=True, lookback_shortcut=False))),
 }
 TILED = "tiled_t8_gb2_c2"
 
@@ -77,7 +83,7 @@ CASES = {"everything": {}, "plain": {"pad": False, "segments": False, "carry": F
 
 @pytest.mark.parametrize("config,case", [(c, "everything") for c in CONFIGS]
                          + [("tile16_splits3_cumsum_ahead3", "plain"), ("tiled_t16_gb4_c4", "plain"),
-                            (TILED, "no_segments")])
+                            (TILED, "no_segments"), ("lookback_t8_gb4_walk", "no_segments")])
 def test_forward_matches_reference(rng, config, case):
   opts = CASES[case]
   args = make_inputs(rng, **opts)
@@ -125,7 +131,7 @@ def make_grad_case(segments: bool):
   return args, weights, loss_and_grads(sequential_reference, None, *args, weights)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "tile8"])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in ("tile8", "lookback_t8_gb4_walk")])
 def test_gradients_match_reference(grad_case, config):
   check_gradients(grad_case, config)
 
@@ -145,7 +151,7 @@ def check_gradients(case, config):
   assert np.max(np.abs(np.asarray(want[3]))) > 1e-2           # The carried state does matter.
 
 
-@pytest.mark.parametrize("config", ["tile8_splits2_noprefetch", TILED])
+@pytest.mark.parametrize("config", ["tile8_splits2_noprefetch", TILED, "lookback_t8_gb4_walk"])
 def test_all_padded_passes_the_state_through(rng, config):
   """A fully padded sequence: output 0 and the state unchanged bit for bit (even with count 0)."""
   x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
@@ -237,11 +243,13 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_tiled_lowers_to_triton(segments):
-  """The tiled design's six kernels lower to Triton IR for a CUDA target (no GPU needed), at the
-  target's group width (64 features) with 4 groups per program."""
-  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4))
+@pytest.mark.parametrize("segments,lookback", [(False, False), (True, False), (True, True)])
+def test_tiled_lowers_to_triton(segments, lookback):
+  """The tiled design's six kernels (or the single-pass forward and the three backward ones)
+  lower to Triton IR for a CUDA target (no GPU needed), at the target's group width (64
+  features) with 4 groups per program."""
+  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4,
+                                              lookback=lookback))
 
   def fwd_and_grads(x, w, b, mask, seg):
     def loss(x, w, b):
@@ -257,8 +265,11 @@ def test_tiled_lowers_to_triton(segments):
       jax.jit(fwd_and_grads), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
   text = exported.mlir_module()
-  for name in ("fwd_summary", "fwd_scan", "fwd", "bwd_summary", "bwd_scan", "bwd"):
-    assert f'name = "timestep_norm_tiled_{name}"' in text, name
+  names = ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd"]
+  names += ["lookback_fwd"] if lookback else ["tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
+  for name in names:
+    assert f'name = "timestep_norm_{name}"' in text, name
+  assert ("lookback" in text) == lookback
 
 
 def welford_float64(x, num_groups, eps=1e-5):

@@ -108,11 +108,15 @@ SWEEPS["tiled"] = [
     TILED(block_t=64, groups_per_block=2, num_warps=8),
     TILED(block_t=128, groups_per_block=1, num_warps=8),
     TILED(block_t=64, groups_per_block=4, num_warps=8),
-    TILED(block_t=32, groups_per_block=2, num_warps=4, scan_chunk=128, scan_groups=8),
+    # Single-pass forward (decoupled look-back), same backward.
+    TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True),
+    TILED(block_t=64, groups_per_block=1, num_warps=4, lookback=True),
+    TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True),
 ]
 BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
              TILED(block_t=64, groups_per_block=2, num_warps=8)]
 CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True),
+             TILED(block_t=16, groups_per_block=2, lookback=True),
              TILED(block_t=16, groups_per_block=2, scan_chunk=2)]
 
 
@@ -318,8 +322,8 @@ def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
 def describe(c: K.KernelConfig) -> str:
   if c.tiled is not None:
     t = c.tiled
-    return (f"tiled T{t.block_t} Gb{t.groups_per_block} w{t.num_warps} "
-            f"scan C{t.scan_chunk} W{t.scan_groups} w{t.scan_warps}")
+    return (f"{'lookback' if t.lookback else 'tiled'} T{t.block_t} Gb{t.groups_per_block} "
+            f"w{t.num_warps} scan C{t.scan_chunk} W{t.scan_groups} w{t.scan_warps}")
   return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
           f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
 
@@ -357,7 +361,8 @@ def main():
   print(f"jax {jax.__version__}; devices: {jax.devices()}")
   shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
   if args.shapes == "target" and not args.cpu:
-    tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None][:1]
+    tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None and not c.tiled.lookback][:1]
+    tiled += [c for c in SWEEPS[args.sweep] if c.tiled is not None and c.tiled.lookback][:1]
     shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
   rows = []
   for i, shape in enumerate(shapes):
@@ -370,6 +375,7 @@ def main():
     if args.breakdown and i == 0:
       for config in (CPU_SWEEP[-1:] if args.cpu else BREAKDOWN):
         rows += breakdown(shape, config, args)
+    write_json(args, rows)   # After every shape: a run cut short keeps what it measured.
 
   print("\n=== summary (fwd+bwd, fastest first, per shape) ===")
   for shape in shapes:
@@ -382,11 +388,16 @@ def main():
             f"max rel err {max(r[k] for k in ('y', 'dx', 'dw', 'db')):.1e}")
   failed = [r for r in rows if "error" in r]
   print(f"{len(failed)} failed configuration(s)" + (": see FAILED lines above" if failed else ""))
+  write_json(args, rows)
+  if args.json:
+    print(f"wrote {args.json}")
+
+
+def write_json(args, rows):
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "rows": rows}, f,
                 indent=1)
-    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ class TiledConfig:
   kernels; scan_chunk: tiles merged per step of the (sequential) scans over tiles (power of 2);
   scan_groups: groups per program of those scans; scan_warps: their Triton warps; lookback: the
   forward as one kernel with a decoupled look-back across programs instead of three (reads x
-  once; see "GPU single-pass forward"); spin_limit: polls of a look-back before it gives up (NaN
+  once; see "GPU single-pass forward"); lookback_backward: with lookback, the backward as one
+  kernel the same way (reads x and dy once); spin_limit: polls of a look-back before it gives up (NaN
   results instead of a hang); lookback_shortcut=False (for tests): only the tiles that start a
   chain mark their statistics-after as ready, so every look-back merges the summaries all the way
   back (in the interpreter, where programs run in order, it otherwise stops after one tile)."""
@@ -90,7 +91,8 @@ class TiledConfig:
   scan_groups: int = 16
   scan_warps: int = 4
   lookback: bool = False
-  spin_limit: int = 1 << 22
+  lookback_backward: bool = False
+  spin_limit: int = 1 << 16
   lookback_shortcut: bool = True
 
   def __post_init__(self):
@@ -1429,6 +1431,148 @@ def _lookback_forward(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
                                                                          after[:, -1, 0])
 
 
+def _compose(e, l):
+  """The adjoint map of tile(s) e (earlier) after l (later), each (a_mu, a_var, z, nr) with
+  map(U) = (a_mu + nr (U_mu - z U_var), a_var + nr U_var); nr = 0 makes a constant map."""
+  a_mu_e, a_var_e, z_e, nr_e = e
+  a_mu_l, a_var_l, z_l, nr_l = l
+  return (a_mu_e + nr_e * (a_mu_l - z_e * a_var_l), a_var_e + nr_e * a_var_l, z_e + z_l,
+          nr_e * nr_l)
+
+
+def _lookback_bwd_kernel(*refs, dims: _Dims, eps: float, spin_limit: int, interpret: bool,
+                         shortcut: bool):
+  """The backward in one kernel: the mirror image of _lookback_fwd_kernel, walking to later
+  tiles and composing the tiles' adjoint maps (payload a_mu, a_var, z0, no-reset; the end of the
+  sequence is the constant map of the final adjoint divided by the final count)."""
+  from jax.experimental.pallas import triton as plgpu
+  refs = list(refs)
+  x_ref, dy_ref, w_ref, cn_ref, cmu_ref, cvar_ref, end_ref = refs[:7]
+  flags_ref = refs[7] if dims.has_flags else None
+  dx_ref, dw_ref, db_ref, counter_ref, status_ref, agg_ref, inc_ref = refs[-7:]
+  gb, tiles = dims.gb, dims.tiles
+  nj = dims.groups // gb
+  int32 = lambda v, shape=(): lax.full(shape, v, jnp.int32)
+  d = plgpu.atomic_add(counter_ref, (pl.ds(0, 1),), int32(1, (1,))).reshape(())
+  j = d % nj
+  i = tiles - 1 - (d // nj) % tiles
+  b = d // (nj * tiles)
+  groups = pl.ds(j * gb, gb)
+  ops = _BlockOps(dims.tile, dims.kp, dims.k)
+  (xf, dy), valid, reset = _tiled_inputs(dims, i, (x_ref, dy_ref), flags_ref, groups=groups,
+                                         lead=(b,))
+  carry = tuple(plgpu.load(ref.at[b, i, groups]) for ref in (cn_ref, cmu_ref, cvar_ref))
+  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
+                   use_cumsum=True)
+  w_hat = _load_features(dims, w_ref.at[groups, :])[None]
+  zero = jnp.zeros((gb,), jnp.float32)
+  g0 = _tile_backward(ops, st, xf, dy, w_hat, valid, carry, zero, zero, k=dims.k)
+  has_reset = jnp.sum(jnp.where(reset, 1.0, 0.0)) > 0 if dims.segmented else False
+  own = (jnp.broadcast_to(g0.a_mu, (gb,)), jnp.broadcast_to(g0.a_var, (gb,)),
+         jnp.broadcast_to(g0.z0, (gb,)), jnp.where(has_reset, zero, zero + 1.0))
+  end = tuple(plgpu.load(end_ref.at[b, pl.ds(p, 1), groups]).reshape(gb) for p in range(2))
+  end = (*end, zero, zero)
+
+  def publish(ref, k, values):
+    for p, value in enumerate(values):
+      plgpu.atomic_add(ref, (b, k, pl.ds(p, 1), groups), value.reshape(1, gb))
+
+  def read(ref, k):
+    return tuple(plgpu.atomic_add(ref, (b, k, pl.ds(p, 1), groups), zero[None]).reshape(gb)
+                 for p in range(4))
+
+  starts = (i == tiles - 1) | has_reset
+  publish(agg_ref, i, own)
+  publish(inc_ref, i, tuple(jnp.where(starts, v, 0.0) for v in _compose(own, end)))
+  _barrier(interpret)
+  plgpu.atomic_add(status_ref, (b, i, j), jnp.where(starts, 2, 1).astype(jnp.int32))
+
+  def cond(state):
+    _, done, spins, _ = state
+    return jnp.logical_not(done) & (spins < spin_limit)
+
+  def body(state):
+    k, done, spins, acc = state
+    kk = jnp.minimum(k, tiles - 1)
+    status = plgpu.atomic_add(status_ref, (b, kk, j), int32(0))
+    status = jnp.where(k >= tiles, 2, status)
+    _barrier(interpret)
+    after, summ = read(inc_ref, kk), read(agg_ref, kk)
+    vals = tuple(jnp.where(k >= tiles, e, jnp.where(status == 2, a, s))
+                 for e, a, s in zip(end, after, summ))
+    ready = status != 0
+    acc = tuple(jnp.where(ready, m, a) for m, a in zip(_compose(acc, vals), acc))
+    return (jnp.where(ready, k + 1, k), ready & (status == 2), spins + 1, acc)
+
+  start = (i + 1, i < 0, i * 0, (zero, zero, zero, zero + 1.0))
+  if interpret:
+    guarded = lambda _, state: jax.tree.map(lambda new, old: jnp.where(state[1], old, new),
+                                            body(state), state)
+    _, done, _, acc = lax.fori_loop(0, tiles, guarded, start)
+  else:
+    _, done, _, acc = lax.while_loop(cond, body, start)
+  u_mu, u_var = (jnp.where(done, a, jnp.nan) for a in acc[:2])
+
+  @pl.when(jnp.logical_not(starts))
+  def _():
+    publish(inc_ref, i, _compose(own, (u_mu, u_var, zero, zero)))
+    if shortcut:
+      _barrier(interpret)
+      plgpu.atomic_add(status_ref, (b, i, j), int32(1))
+
+  n_end = _last(ops, st, st.cnt)
+  g = _tile_backward(ops, st, xf, dy, w_hat, valid, carry, n_end * u_mu, n_end * u_var, k=dims.k)
+  _tiled_store(dims, dx_ref, i, g.dx, groups=groups, lead=(b,))
+  mask = jnp.broadcast_to((jnp.arange(dims.kp) < dims.k)[None, :], (gb, dims.kp))
+  plgpu.store(dw_ref.at[b, i, groups, :], g.dw, mask=mask)
+  plgpu.store(db_ref.at[b, i, groups, :], g.db, mask=mask)
+
+
+def _lookback_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
+  """The backward in one kernel; same results as _tiled_backward."""
+  d = spec.dims
+  batch, tiles, groups = spec.batch, d.tiles, d.groups
+  cn, cmu, cvar, n_end = saved
+  per_seq = lambda a: a.reshape(batch, groups)
+  inv_end = _safe_inv(n_end)
+  end = jnp.stack([per_seq(g_mu) * inv_end, per_seq(g_var) * inv_end], axis=1)     # [B, 2, G]
+  full = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))
+  seq_shape = (batch, d.length, groups, d.kp)
+  part_shape = (batch, tiles, groups, d.kp)
+  args = [x4, dy4, w_hat, cn, cmu, cvar, end]
+  in_specs = [full(seq_shape), full(seq_shape), full((groups, d.kp))] + [
+      full(a.shape) for a in (cn, cmu, cvar, end)]
+  if d.has_flags:
+    args.append(flags)
+    in_specs.append(full(flags.shape))
+  buf = (batch, tiles, 4, groups)
+  scratch = [jnp.zeros((1,), jnp.int32), jnp.zeros((batch, tiles, groups // d.gb), jnp.int32),
+             jnp.zeros(buf, jnp.float32), jnp.zeros(buf, jnp.float32)]
+  first = len(args)
+  args += scratch
+  in_specs += [full(a.shape) for a in scratch]
+  part = jax.ShapeDtypeStruct((batch, tiles, groups, d.k), jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(x4.shape, x4.dtype), part, part] + [
+      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in scratch]
+  out_specs = [full(seq_shape), full(part_shape), full(part_shape)] + [
+      full(a.shape) for a in scratch]
+  cfg = spec.config.tiled
+  kernel = functools.partial(_lookback_bwd_kernel, dims=d, eps=spec.eps,
+                             spin_limit=cfg.spin_limit, interpret=spec.interpret,
+                             shortcut=cfg.lookback_shortcut)
+  dx4, dw, db, _, _, _, after = _tiled_call(
+      spec, kernel, (batch * tiles * (groups // d.gb),), in_specs, out_specs, out_shape,
+      "timestep_norm_lookback_bwd", cfg.num_warps,
+      aliases={first + a: 3 + a for a in range(4)})(*args)
+  n0 = cn[:, 0]
+  through = n_end == 0
+  if d.segmented:
+    through &= ~jnp.any((flags & _RESET) != 0, axis=1)[:, None]
+  d_mu0 = jnp.where(through, per_seq(g_mu), n0 * after[:, 0, 0])
+  d_var0 = jnp.where(through, per_seq(g_var), n0 * after[:, 0, 1])
+  return dx4, jnp.sum(dw, axis=(0, 1)), jnp.sum(db, axis=(0, 1)), d_mu0.reshape(-1), d_var0.reshape(-1)
+
+
 # --------------------------------------------------------------------------------------------
 # TPU (Mosaic) kernels: grid (B, time tiles); each program holds all G groups of one tile of
 # one sequence ([T, D] blocks, pipelined by Pallas), with the carry in VMEM scratch across the
@@ -1591,6 +1735,7 @@ def _mosaic_backward(spec: _Spec, x, dy, w_hat, saved_carries, g_mu, g_var, flag
 _BACKENDS = {"triton": (_triton_forward, _triton_backward),
              "triton_tiled": (_tiled_forward, _tiled_backward),
              "triton_lookback": (_lookback_forward, _tiled_backward),
+             "triton_lookback2": (_lookback_forward, _lookback_backward),
              "mosaic": (_mosaic_forward, _mosaic_backward)}
 
 
@@ -1677,7 +1822,9 @@ def _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, 
     tile = min(config.tiled.block_t, max(8, pl.next_power_of_2(length)))
     splits, tiles = 1, pl.cdiv(length, tile)
     gb = _pow2_divisor(num_groups, config.tiled.groups_per_block)
-    backend = "triton_lookback" if config.tiled.lookback else "triton_tiled"
+    backend = {(False, False): "triton_tiled", (True, False): "triton_lookback",
+               (True, True): "triton_lookback2"}.get(
+                   (config.tiled.lookback, config.tiled.lookback_backward), "triton_tiled")
   elif backend == "mosaic":
     # Blocks of [T, D]: T a multiple of 8, or the whole (short) sequence.
     tile = config.block_t if length >= config.block_t else length

@@ -7,6 +7,7 @@ groups per program and scan chunks of 2 and 4 tiles (5 or 3 tiles: the last chun
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,12 @@ CONFIGS = {
                                                                      lookback=True))),
     "lookback_t8_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
         block_t=8, groups_per_block=4, lookback=True, lookback_shortcut=False))),
+    # ... and the single-pass backward as well.
+    "lookback2_t8_gb2": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=8, groups_per_block=2, lookback=True, lookback_backward=True))),
+    "lookback2_t16_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=16, groups_per_block=4, lookback=True, lookback_backward=True,
+        lookback_shortcut=False))),
 }
 TILED = "tiled_t8_gb2_c2"
 
@@ -131,14 +138,16 @@ def make_grad_case(segments: bool):
   return args, weights, loss_and_grads(sequential_reference, None, *args, weights)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in ("tile8", "lookback_t8_gb4_walk")])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in ("tile8", "lookback_t8_gb4_walk",
+                                                                     "lookback2_t8_gb2")])
 def test_gradients_match_reference(grad_case, config):
   check_gradients(grad_case, config)
 
 
-def test_tiled_gradients_without_segments():
+@pytest.mark.parametrize("config", [TILED, "lookback2_t8_gb2"])
+def test_tiled_gradients_without_segments(config):
   """The tiled design's scans take a separate path (prefix sums) without segment_ids."""
-  check_gradients(make_grad_case(segments=False), TILED)
+  check_gradients(make_grad_case(segments=False), config)
 
 
 def check_gradients(case, config):
@@ -163,7 +172,7 @@ def test_all_padded_passes_the_state_through(rng, config):
 
 
 @pytest.mark.parametrize("config", [pytest.param("tile8_splits2_noprefetch", marks=pytest.mark.slow),
-                                    TILED])
+                                    TILED, "lookback2_t16_gb4_walk"])
 def test_all_padded_passes_the_gradient_through(rng, config):
   """The gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one (the tiled
   design chains adjoints divided by the count, so count 0 is a special case there)."""
@@ -243,13 +252,15 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
-@pytest.mark.parametrize("segments,lookback", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("segments,lookback", [(False, False), (True, False), (True, True),
+                                               (True, "both")])
 def test_tiled_lowers_to_triton(segments, lookback):
   """The tiled design's six kernels (or the single-pass forward and the three backward ones)
   lower to Triton IR for a CUDA target (no GPU needed), at the target's group width (64
   features) with 4 groups per program."""
   config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4,
-                                              lookback=lookback))
+                                              lookback=bool(lookback),
+                                              lookback_backward=lookback == "both"))
 
   def fwd_and_grads(x, w, b, mask, seg):
     def loss(x, w, b):
@@ -265,11 +276,10 @@ def test_tiled_lowers_to_triton(segments, lookback):
       jax.jit(fwd_and_grads), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
   text = exported.mlir_module()
-  names = ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd"]
+  names = (["lookback_bwd"] if lookback == "both"
+           else ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd"])
   names += ["lookback_fwd"] if lookback else ["tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
-  for name in names:
-    assert f'name = "timestep_norm_{name}"' in text, name
-  assert ("lookback" in text) == lookback
+  assert set(re.findall(r'name = "timestep_norm_(\w+)"', text)) == set(names)
 
 
 def welford_float64(x, num_groups, eps=1e-5):

@@ -104,13 +104,10 @@ SWEEPS["tiled"] = [
     TILED(block_t=64, groups_per_block=1, num_warps=4),
     TILED(block_t=32, groups_per_block=2, num_warps=4),
     TILED(block_t=16, groups_per_block=4, num_warps=4),
-    TILED(block_t=64, groups_per_block=2, num_warps=4),
     TILED(block_t=64, groups_per_block=2, num_warps=8),
     TILED(block_t=128, groups_per_block=1, num_warps=8),
-    TILED(block_t=64, groups_per_block=4, num_warps=8),
     # Single-pass forward (decoupled look-back), same backward.
     TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True),
-    TILED(block_t=64, groups_per_block=1, num_warps=4, lookback=True),
     TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True),
     # ... and the single-pass backward.
     TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True, lookback_backward=True),

@@ -38,6 +38,13 @@ tile is summed relative to a shift (the carried mean) and merged into the carry 
 formula, so rounding grows with the number of tiles, not of steps. Counts inside the kernels are
 float32 (exact below 2**24 steps); the returned count is computed exactly in int32 outside.
 
+Tiled GPU design (KernelConfig(tiled=TiledConfig(...)); see its section below): for a few long
+sequences, one program per (sequence, time tile, block of groups) instead: a summary pass, a
+small scan over tiles and a main pass (forward: x read twice; backward: x and dy read twice), or
+with TiledConfig.lookback (and lookback_backward) each direction as one kernel whose programs
+chain their tiles by a decoupled look-back (x, and x and dy, read once). Same semantics and
+residual-free inputs; the per-tile math is the code shared above.
+
 Backends: "triton" (GPU; one program per (sequence, group, split), tiles read with masked loads,
 power-of-2 tile shapes) and "mosaic" (TPU; one program per sequence holding all groups, Pallas
 pipelines [T, D] blocks along a sequential time grid axis, group and time sums are matmuls). Both

@@ -42,8 +42,8 @@ Tiled GPU design (KernelConfig(tiled=TiledConfig(...)); see its section below): 
 sequences, one program per (sequence, time tile, block of groups) instead: a summary pass, a
 small scan over tiles and a main pass (forward: x read twice; backward: x and dy read twice), or
 with TiledConfig.lookback (and lookback_backward) each direction as one kernel whose programs
-chain their tiles by a decoupled look-back (x, and x and dy, read once). Same semantics and
-residual-free inputs; the per-tile math is the code shared above.
+chain their tiles by a decoupled look-back (x, and x and dy, read once). Same semantics, API and
+features; the per-tile math is the code shared above.
 
 Backends: "triton" (GPU; one program per (sequence, group, split), tiles read with masked loads,
 power-of-2 tile shapes) and "mosaic" (TPU; one program per sequence holding all groups, Pallas

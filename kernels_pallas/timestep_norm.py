@@ -1797,7 +1797,8 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
   [B, G]; padding_mask: [B, L] bool (True = padded); segment_ids: [B, L] int.
   interpret: run the Pallas interpreter (default: True when JAX's default backend is the CPU).
   config: KernelConfig tunables (tile size, warps, stages, time splits, prefetch, cumsum; or
-  tiled=TiledConfig(...) for the tiled GPU design).
+  tiled=TiledConfig(...) for the tiled GPU design); None: default_config(backend) (Triton: the
+  tiled design).
   backend: "triton" (GPU) or "mosaic" (TPU); default: mosaic on TPU, triton elsewhere (both run
   interpreted on CPU).
   Returns y [B, L, D] in x.dtype and the state after the last step. Differentiable (custom VJP)
@@ -1810,7 +1811,7 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
     backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  config = config or KernelConfig()
+  config = config or default_config(backend)
   if config.tiled is not None and backend != "triton":
     raise ValueError("KernelConfig.tiled selects a Triton (GPU) design; use backend='triton' or "
                      "leave config.tiled unset for the Mosaic backend")
@@ -1819,6 +1820,14 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
   return _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids,
                                num_groups=num_groups, eps=float(eps), interpret=bool(interpret),
                                config=config, backend=backend)
+
+
+def default_config(backend: str = "triton") -> KernelConfig:
+  """The configuration used when none is given. Triton: the tiled design with TiledConfig()'s
+  defaults (fastest measured variant on an H200 at B1 L32768 D4096 G64 bf16, 2026-11-28:
+  fwd 0.29 ms, fwd+bwd 1.02 ms device time; the XLA associative op 0.46 / 1.26 ms, the
+  per-(sequence, group) kernel 0.37 / 1.52 ms). Mosaic: KernelConfig()."""
+  return KernelConfig(tiled=TiledConfig()) if backend == "triton" else KernelConfig()
 
 
 def _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, has_flags,

@@ -73,7 +73,7 @@ CPU_SHAPES = [
     Shape(2, 37, 24, 4, "float32", pad=True, segments=True, carry=True),
 ]
 
-DEFAULT = K.KernelConfig()
+DEFAULT = K.default_config("triton")
 SWEEPS = {
     "none": [],
     # Tile size / warps, running sums by masked reductions or scans, tiles loaded ahead (bytes in
@@ -113,6 +113,14 @@ SWEEPS["tiled"] = [
     TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True, lookback_backward=True),
     TILED(block_t=64, groups_per_block=1, num_warps=4, lookback=True, lookback_backward=True),
     TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True, lookback_backward=True),
+]
+# A short final comparison (< 90 s with --shapes target_only): the default (tiled), the
+# per-(sequence, group) kernel's old default and the single-pass look-back variants.
+SWEEPS["final"] = [
+    K.KernelConfig(),
+    TILED(lookback=True),
+    TILED(lookback=True, lookback_backward=True),
+    TILED(block_t=32, groups_per_block=1, lookback=True, lookback_backward=True),
 ]
 BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
              TILED(block_t=64, groups_per_block=2, num_warps=8)]
@@ -349,9 +357,9 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--pipeline", type=int, default=10,
                       help="back-to-back calls per sample of the pipelined times")
-  parser.add_argument("--shapes", choices=("all", "target"), default="all",
+  parser.add_argument("--shapes", choices=("all", "target", "target_only"), default="all",
                       help="target: only B1 L32768 D4096 G64 bf16 (plus a small odd-shape check "
-                           "of the sweep's first tiled configuration)")
+                           "of the sweep's first tiled configurations); target_only: without it")
   parser.add_argument("--breakdown", action="store_true",
                       help="time the tiled design's kernels one by one on the target shape")
   parser.add_argument("--json", help="write all rows to this JSON file")
@@ -366,6 +374,8 @@ def main():
     tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None and not c.tiled.lookback][:1]
     tiled += [c for c in SWEEPS[args.sweep] if c.tiled is not None and c.tiled.lookback_backward][:1]
     shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
+  if args.shapes == "target_only" and not args.cpu:
+    shapes = shapes[:1]
   rows = []
   for i, shape in enumerate(shapes):
     if args.cpu:

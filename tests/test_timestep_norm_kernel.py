@@ -2,10 +2,12 @@
 
 Shapes are deliberately odd: L = 37 is not a multiple of any tile, D / G = 6 features per group
 is not a power of 2 (the kernels pad it to 8 and mask), and the time splits do not divide the
-tiles evenly.
+tiles evenly. The tiled GPU design (KernelConfig.tiled) runs with tiles of 8 and 16 steps, 2 and 4
+groups per program and scan chunks of 2 and 4 tiles (5 or 3 tiles: the last chunk is partial).
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,24 @@ CONFIGS = {
     "tile8_splits2_noprefetch": ("triton", K.KernelConfig(block_t=8, time_splits=2, prefetch=0)),
     "mosaic_tile8": ("mosaic", K.KernelConfig(block_t=8)),
     "mosaic_tile64": ("mosaic", K.KernelConfig(block_t=64)),
+    "tiled_t8_gb2_c2": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=8, groups_per_block=2,
+                                                                     scan_chunk=2, scan_groups=2))),
+    "tiled_t16_gb4_c4": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=16, groups_per_block=4,
+                                                                      scan_chunk=4))),
+    # Single-pass forward (decoupled look-back); the second merges every summary back to the
+    # start of its chain (the interpreter runs programs in order: otherwise one step back).
+    "lookback_t8_gb2": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=8, groups_per_block=2,
+                                                                     lookback=True))),
+    "lookback_t8_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=8, groups_per_block=4, lookback=True, lookback_shortcut=False))),
+    # ... and the single-pass backward as well.
+    "lookback2_t8_gb2": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=8, groups_per_block=2, lookback=True, lookback_backward=True))),
+    "lookback2_t16_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=16, groups_per_block=4, lookback=True, lookback_backward=True,
+        lookback_shortcut=False))),
 }
+TILED = "tiled_t8_gb2_c2"
 
 
 def make_inputs(rng, *, pad=True, segments=True, carry=True, dtype=np.float32):
@@ -65,10 +84,15 @@ def max_rel(got, want):
   return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
 
 
+CASES = {"everything": {}, "plain": {"pad": False, "segments": False, "carry": False},
+         "no_segments": {"segments": False}}
+
+
 @pytest.mark.parametrize("config,case", [(c, "everything") for c in CONFIGS]
-                         + [("tile16_splits3_cumsum_ahead3", "plain")])
+                         + [("tile16_splits3_cumsum_ahead3", "plain"), ("tiled_t16_gb4_c4", "plain"),
+                            (TILED, "no_segments"), ("lookback_t8_gb4_walk", "no_segments")])
 def test_forward_matches_reference(rng, config, case):
-  opts = {} if case == "everything" else {"pad": False, "segments": False, "carry": False}
+  opts = CASES[case]
   args = make_inputs(rng, **opts)
   y, state = run(K.timestep_norm_pallas, config, *args)
   y_ref, state_ref = run(K.timestep_norm_reference, None, *args)
@@ -78,7 +102,7 @@ def test_forward_matches_reference(rng, config, case):
   assert state.count.dtype == jnp.int32
   np.testing.assert_allclose(state.mean, state_ref.mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.var, state_ref.var, rtol=1e-5, atol=1e-6)
-  if case == "everything":
+  if args[3] is not None:
     assert np.all(np.asarray(y)[args[3]] == 0.0)   # Padded steps are exactly 0.
 
 
@@ -102,17 +126,32 @@ def sequential_reference(x, w, b, *, config, backend, **kwargs):
 @pytest.fixture(scope="module")
 def grad_case():
   """Inputs, output weights and reference gradients shared by the gradient tests."""
+  return make_grad_case(segments=True)
+
+
+def make_grad_case(segments: bool):
   rng = np.random.default_rng(1234)
-  args = make_inputs(rng)
+  args = make_inputs(rng, segments=segments)
   weights = (rng.standard_normal((B, L, D)).astype(np.float32),
              rng.standard_normal((B, G)).astype(np.float32),
              rng.standard_normal((B, G)).astype(np.float32))
   return args, weights, loss_and_grads(sequential_reference, None, *args, weights)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "tile8"])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in ("tile8", "lookback_t8_gb4_walk",
+                                                                     "lookback2_t8_gb2")])
 def test_gradients_match_reference(grad_case, config):
-  args, weights, want = grad_case
+  check_gradients(grad_case, config)
+
+
+@pytest.mark.parametrize("config", [TILED, "lookback2_t8_gb2"])
+def test_tiled_gradients_without_segments(config):
+  """The tiled design's scans take a separate path (prefix sums) without segment_ids."""
+  check_gradients(make_grad_case(segments=False), config)
+
+
+def check_gradients(case, config):
+  args, weights, want = case
   got = loss_and_grads(K.timestep_norm_pallas, config, *args, weights)
   for name, g, r in zip(("x", "weight", "bias", "mean", "var"), got, want):
     assert g.shape == r.shape and g.dtype == r.dtype, name
@@ -121,33 +160,37 @@ def test_gradients_match_reference(grad_case, config):
   assert np.max(np.abs(np.asarray(want[3]))) > 1e-2           # The carried state does matter.
 
 
-def test_all_padded_passes_the_state_through(rng):
+@pytest.mark.parametrize("config", ["tile8_splits2_noprefetch", TILED, "lookback_t8_gb4_walk"])
+def test_all_padded_passes_the_state_through(rng, config):
   """A fully padded sequence: output 0 and the state unchanged bit for bit (even with count 0)."""
   x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
   mask = np.ones((B, L), bool)
-  y, new = run(K.timestep_norm_pallas, "tile8_splits2_noprefetch", x, w, b, mask, None, state)
+  y, new = run(K.timestep_norm_pallas, config, x, w, b, mask, None, state)
   assert np.all(np.asarray(y) == 0.0)
   for got, want in zip(new, state):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.slow
-def test_all_padded_passes_the_gradient_through(rng):
-  """The gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one."""
+@pytest.mark.parametrize("config", [pytest.param("tile8_splits2_noprefetch", marks=pytest.mark.slow),
+                                    TILED, "lookback2_t16_gb4_walk"])
+def test_all_padded_passes_the_gradient_through(rng, config):
+  """The gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one (the tiled
+  design chains adjoints divided by the count, so count 0 is a special case there)."""
   x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
   mask = np.ones((B, L), bool)
-  config = "tile8_splits2_noprefetch"
-  wm = rng.standard_normal((B, G)).astype(np.float32)
-  grads = jax.grad(lambda m, v: jnp.sum(run(K.timestep_norm_pallas, config, x, w, b, mask, None,
-                                            state._replace(mean=m, var=v))[1].mean * wm),
-                   argnums=(0, 1))(state.mean, state.var)
+  wm, wv = rng.standard_normal((2, B, G)).astype(np.float32)
+
+  def loss(m, v):
+    new = run(K.timestep_norm_pallas, config, x, w, b, mask, None, state._replace(mean=m, var=v))[1]
+    return jnp.sum(new.mean * wm) + jnp.sum(new.var * wv)
+  grads = jax.grad(loss, argnums=(0, 1))(state.mean, state.var)
   np.testing.assert_allclose(grads[0], wm, rtol=1e-6)
-  np.testing.assert_array_equal(grads[1], 0.0)
+  np.testing.assert_allclose(grads[1], wv, rtol=1e-6)
 
 
-def test_two_pieces_equal_one_pass(rng):
+@pytest.mark.parametrize("config", ["tile8", TILED])
+def test_two_pieces_equal_one_pass(rng, config):
   x, w, b, mask, seg, state = make_inputs(rng)
-  config = "tile8"
   cut = 20
   seg[:, cut] = seg[:, cut - 1]   # No reset at the cut: statistics continue across it.
   seg[:, cut + 1:] = np.maximum(seg[:, cut + 1:], seg[:, cut:cut + 1])
@@ -209,6 +252,68 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
+@pytest.mark.parametrize("segments,lookback", [(False, False), (True, False), (True, True),
+                                               (True, "both")])
+def test_tiled_lowers_to_triton(segments, lookback):
+  """The tiled design's six kernels (or the single-pass forward and the three backward ones)
+  lower to Triton IR for a CUDA target (no GPU needed), at the target's group width (64
+  features) with 4 groups per program."""
+  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4,
+                                              lookback=bool(lookback),
+                                              lookback_backward=lookback == "both"))
+
+  def fwd_and_grads(x, w, b, mask, seg):
+    def loss(x, w, b):
+      y, new = K.timestep_norm_pallas(x, w, b, num_groups=8, padding_mask=mask,
+                                      segment_ids=seg if segments else None, interpret=False,
+                                      config=config)
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(new.var), y
+    return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+  shapes = (jax.ShapeDtypeStruct((2, 300, 512), jnp.bfloat16), jax.ShapeDtypeStruct((512,), jnp.float32),
+            jax.ShapeDtypeStruct((512,), jnp.float32), jax.ShapeDtypeStruct((2, 300), jnp.bool_),
+            jax.ShapeDtypeStruct((2, 300), jnp.int32))
+  exported = export.export(
+      jax.jit(fwd_and_grads), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+  text = exported.mlir_module()
+  names = (["lookback_bwd"] if lookback == "both"
+           else ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd"])
+  names += ["lookback_fwd"] if lookback else ["tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
+  assert set(re.findall(r'name = "timestep_norm_(\w+)"', text)) == set(names)
+
+
+def welford_float64(x, num_groups, eps=1e-5):
+  """Step-by-step float64 TimestepNorm without weight, bias, padding or carried state."""
+  x = np.asarray(x, np.float64)
+  batch, length, dim = x.shape
+  xg = x.reshape(batch, length, num_groups, dim // num_groups)
+  y = np.zeros_like(xg)
+  for b in range(batch):
+    n, mu, var = 0, np.zeros(num_groups), np.zeros(num_groups)
+    for t in range(length):
+      m_t, v_t = xg[b, t].mean(-1), xg[b, t].var(-1)
+      n += 1
+      delta = m_t - mu
+      mu = mu + delta / n
+      var = ((n - 1) * var + v_t) / n + delta ** 2 * (n - 1) / n ** 2
+      y[b, t] = (xg[b, t] - mu[:, None]) / np.sqrt(var[:, None] + eps)
+  return y.reshape(batch, length, dim)
+
+
+def test_tiled_has_no_catastrophic_cancellation(rng):
+  """A large offset (1000 sigma) and a drift of the mean along time (30 sigma): the tiled design's
+  sums about the carried means keep float32 accuracy (sums of squares about 0 would lose ~6
+  digits to cancellation)."""
+  x = 1000.0 + rng.standard_normal((B, L, D)) + np.linspace(0.0, 30.0, L)[None, :, None]
+  x = x.astype(np.float32)
+  zeros = np.zeros(D, np.float32)
+  y, _ = K.timestep_norm_pallas(x, zeros, zeros, num_groups=G,
+                                config=CONFIGS[TILED][1])
+  want = welford_float64(x, G)
+  # float32 inputs of magnitude 1000 carry absolute errors ~6e-5: so does any float32 method.
+  assert np.max(np.abs(np.asarray(y, np.float64) - want)) < 2e-3
+
+
 def test_op_dispatches_to_the_kernel(rng):
   """megalodon_jax.ops.timestep_norm(method="pallas") runs this kernel (interpreted on CPU)."""
   x, w, b, mask, seg, state = make_inputs(rng)
@@ -244,8 +349,15 @@ def test_config_and_input_errors():
     K.KernelConfig(time_splits=0)
   with pytest.raises(ValueError, match="prefetch"):
     K.KernelConfig(prefetch=-1)
+  with pytest.raises(ValueError, match="block_t must be a power of 2"):
+    K.TiledConfig(block_t=48)
+  with pytest.raises(ValueError, match="groups_per_block"):
+    K.TiledConfig(groups_per_block=3)
   x = jnp.zeros((2, 5, 12))
   with pytest.raises(ValueError, match="divisible by num_groups"):
     K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=5)
   with pytest.raises(ValueError, match="backend"):
     K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=4, backend="cuda")
+  with pytest.raises(ValueError, match="Mosaic"):
+    K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=4, backend="mosaic",
+                           config=K.KernelConfig(tiled=K.TiledConfig()))

@@ -3,6 +3,8 @@
 Run from the repository root on a GPU machine:
     python experiments/gpu_checks/check_timestep_norm.py            # accuracy + default sweep
     python experiments/gpu_checks/check_timestep_norm.py --sweep full
+    python experiments/gpu_checks/check_timestep_norm.py --sweep tiled --shapes target \
+        --breakdown --json "$OUT/tsn_tiled.json"   # the tiled design's variants vs the others
     python experiments/gpu_checks/check_timestep_norm.py --cpu      # tiny shapes, interpreted
 
 For every shape: errors of the kernel (not interpreted) and of the XLA "associative" op against a
@@ -12,12 +14,18 @@ warm-up, block_until_ready) of forward and forward+backward for the XLA op and f
 configuration of the sweep, with the effective bandwidth and a measured memory floor (a fused
 XLA elementwise pass that moves the same bytes: fwd reads x and writes y, bwd reads x and dy and
 writes dx). The target shape is B=1, L=32768, D=4096, G=64 in bfloat16 (fwd+bwd <= 0.6 ms).
+Times are given twice: "fwd"/"fwd+bwd" are medians of single calls (host dispatch included, as
+in earlier logs); "pipe" are medians over samples of --pipeline back-to-back calls divided by
+their number (host dispatch hidden behind the GPU work: the device time). --breakdown times the
+kernels of the tiled design one by one (pipelined); --json writes every row.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import os
 import statistics
 import sys
@@ -65,7 +73,7 @@ CPU_SHAPES = [
     Shape(2, 37, 24, 4, "float32", pad=True, segments=True, carry=True),
 ]
 
-DEFAULT = K.KernelConfig()
+DEFAULT = K.default_config("triton")
 SWEEPS = {
     "none": [],
     # Tile size / warps, running sums by masked reductions or scans, tiles loaded ahead (bytes in
@@ -89,7 +97,36 @@ SWEEPS["full"] = [
     for t in (64, 128, 256) for w in (4, 8) for s in (1, 4) for c in (False, True)
     for p, st in ((1, 1), (3, 1), (0, 4))
 ]
-CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True)]
+TILED = lambda **kw: K.KernelConfig(tiled=K.TiledConfig(**kw))
+# The tiled design: tile shape (T steps x Gb groups of 64 features) against warps, and the scan.
+SWEEPS["tiled"] = [
+    TILED(block_t=32, groups_per_block=1, num_warps=4),
+    TILED(block_t=64, groups_per_block=1, num_warps=4),
+    TILED(block_t=32, groups_per_block=2, num_warps=4),
+    TILED(block_t=16, groups_per_block=4, num_warps=4),
+    TILED(block_t=64, groups_per_block=2, num_warps=8),
+    TILED(block_t=128, groups_per_block=1, num_warps=8),
+    # Single-pass forward (decoupled look-back), same backward.
+    TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True),
+    TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True),
+    # ... and the single-pass backward.
+    TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True, lookback_backward=True),
+    TILED(block_t=64, groups_per_block=1, num_warps=4, lookback=True, lookback_backward=True),
+    TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True, lookback_backward=True),
+]
+# A short final comparison (< 90 s with --shapes target_only): the default (tiled), the
+# per-(sequence, group) kernel's old default and the single-pass look-back variants.
+SWEEPS["final"] = [
+    K.KernelConfig(),
+    TILED(lookback=True),
+    TILED(lookback=True, lookback_backward=True),
+    TILED(block_t=32, groups_per_block=1, lookback=True, lookback_backward=True),
+]
+BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
+             TILED(block_t=64, groups_per_block=2, num_warps=8)]
+CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True),
+             TILED(block_t=16, groups_per_block=2, lookback=True, lookback_backward=True),
+             TILED(block_t=16, groups_per_block=2, scan_chunk=2)]
 
 
 def make_inputs(shape: Shape, seed: int = 0):
@@ -142,14 +179,16 @@ def forward_and_vjp(fn):
   return fwd, fwd_bwd
 
 
-def median_time(f, *args, warmup: int, iters: int) -> float:
+def median_time(f, *args, warmup: int, iters: int, pipeline: int = 1) -> float:
+  """Median over iters samples of (time of `pipeline` back-to-back calls) / pipeline."""
   for _ in range(warmup):
     jax.block_until_ready(f(*args))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
+    out = [f(*args) for _ in range(pipeline)]
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / pipeline)
   return statistics.median(times)
 
 
@@ -168,12 +207,12 @@ def errors(result, truth) -> dict:
   return out
 
 
-def memory_floor(x, dy, warmup, iters):
+def memory_floor(x, dy, warmup, iters, pipeline=1):
   """Times of fused elementwise passes with the kernel's traffic: (fwd, bwd)."""
   fwd = jax.jit(lambda x: (x.astype(jnp.float32) * 1.5 + 0.5).astype(x.dtype))
   bwd = jax.jit(lambda x, dy: (x.astype(jnp.float32) * dy.astype(jnp.float32) + 0.5).astype(x.dtype))
-  return median_time(fwd, x, warmup=warmup, iters=iters), median_time(bwd, x, dy, warmup=warmup,
-                                                                          iters=iters)
+  return (median_time(fwd, x, warmup=warmup, iters=iters, pipeline=pipeline),
+          median_time(bwd, x, dy, warmup=warmup, iters=iters, pipeline=pipeline))
 
 
 def check_shape(shape: Shape, configs, args) -> list[dict]:
@@ -200,6 +239,10 @@ def check_shape(shape: Shape, configs, args) -> list[dict]:
       row["fwd_ms"] = 1e3 * median_time(fwd, x, *common, warmup=args.warmup, iters=args.iters)
       row["fwdbwd_ms"] = 1e3 * median_time(fwd_bwd, x, *common, cts, warmup=args.warmup,
                                            iters=args.iters)
+      row["fwd_pipe_ms"] = 1e3 * median_time(fwd, x, *common, warmup=1, iters=args.iters,
+                                             pipeline=args.pipeline)
+      row["fwdbwd_pipe_ms"] = 1e3 * median_time(fwd_bwd, x, *common, cts, warmup=1,
+                                                iters=args.iters, pipeline=args.pipeline)
       row["fwd_GBps"] = 2 * n * itemsize / row["fwd_ms"] / 1e6
       row["fwdbwd_GBps"] = 5 * n * itemsize / row["fwdbwd_ms"] / 1e6
     except Exception as e:  # Report and continue with the next configuration.
@@ -210,13 +253,87 @@ def check_shape(shape: Shape, configs, args) -> list[dict]:
     rows.append(row)
 
   floor_f, floor_b = memory_floor(x, cts[0], args.warmup, args.iters)
+  pipe_f, pipe_b = memory_floor(x, cts[0], args.warmup, args.iters, args.pipeline)
   print(f"memory floor (fused elementwise, same bytes): fwd {1e3 * floor_f:.3f} ms, "
         f"fwd+bwd {1e3 * (floor_f + floor_b):.3f} ms "
-        f"({2 * n * itemsize / floor_f / 1e9:.0f} GB/s fwd)", flush=True)
+        f"({2 * n * itemsize / floor_f / 1e9:.0f} GB/s fwd); pipelined fwd {1e3 * pipe_f:.3f} ms, "
+        f"fwd+bwd {1e3 * (pipe_f + pipe_b):.3f} ms ({2 * n * itemsize / pipe_f / 1e9:.0f} GB/s)",
+        flush=True)
+  rows.append({"shape": str(shape), "impl": "memory floor", "fwd_ms": 1e3 * floor_f,
+               "fwdbwd_ms": 1e3 * (floor_f + floor_b), "fwd_pipe_ms": 1e3 * pipe_f,
+               "fwdbwd_pipe_ms": 1e3 * (pipe_f + pipe_b)})
+  return rows
+
+
+def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
+  """Pipelined time of each kernel of the tiled design (and the XLA glue) on its own."""
+  x, w, b, mask, seg, state, (dy, dmean, dvar) = make_inputs(shape)
+  batch, length, dim = x.shape
+  groups = shape.groups
+  k = dim // groups
+  spec = K._make_spec(batch, length, dim, groups, 1e-5, args.interpret, config, "triton",
+                      mask is not None or seg is not None, seg is not None)
+  valid = jnp.ones((batch, length), jnp.bool_) if mask is None else ~mask
+  reset = tsn.reset_flags(seg, batch, length)
+  flags = (jnp.where(valid, K._VALID, 0) | jnp.where(reset, K._RESET, 0)).astype(jnp.int32)
+  x4, dy4 = x.reshape(batch, length, groups, k), dy.reshape(batch, length, groups, k)
+  w_hat, bias = (w + 1.0).reshape(groups, k), b.reshape(groups, k)
+  per = lambda a: a.reshape(-1)
+  n0 = jnp.repeat(state.count.astype(jnp.float32), groups)
+  stats0 = (n0, per(state.mean), per(state.var))
+  fwd = jax.jit(lambda x4, w, b, *s: K._tiled_forward(spec, x4, w, b, *s, flags))
+  y4, mu_end, var_end, saved = fwd(x4, w_hat, bias, *stats0)
+  bwd = jax.jit(lambda x4, dy4, w, saved, gm, gv: K._tiled_backward(spec, x4, dy4, w, saved, gm, gv,
+                                                                    flags))
+  d = spec.dims
+  f = None if not d.has_flags else flags
+  parts = {
+      "fwd (3 kernels)": (fwd, (x4, w_hat, bias, *stats0)),
+      "bwd (3 kernels + XLA)": (bwd, (x4, dy4, w_hat, saved, per(dmean), per(dvar))),
+      "fwd summary": (jax.jit(lambda x4: K._tile_call(
+          spec, functools.partial(K._tiled_fwd_summary_kernel, dims=d), (x4, f), ("seq", "flags"),
+          ("tstat",) * 3, x4.dtype, "fwd_summary")), (x4,)),
+      "fwd scan": (jax.jit(lambda cn, cmu, cvar, a, b_, c: K._scan_call(
+          spec, K._tiled_fwd_scan_kernel, (cn, cmu, cvar), K._tile_resets(spec, f), (a, b_, c),
+          3, 3, "fwd_scan")), (*saved[:3], *(s.reshape(batch, groups) for s in stats0))),
+      "fwd main": (jax.jit(lambda x4, w, b, cn, cmu, cvar: K._tile_call(
+          spec, functools.partial(K._tiled_fwd_kernel, dims=d, eps=spec.eps),
+          (x4, w, b, cn, cmu, cvar, f), ("seq", "feat", "feat", "tstat", "tstat", "tstat", "flags"),
+          ("seq",), x4.dtype, "fwd_main")), (x4, w_hat, bias, *saved[:3])),
+      "bwd summary": (jax.jit(lambda x4, dy4, w, cn, cmu, cvar: K._tile_call(
+          spec, functools.partial(K._tiled_bwd_summary_kernel, dims=d, eps=spec.eps),
+          (x4, dy4, w, cn, cmu, cvar, f), ("seq", "seq", "feat", "tstat", "tstat", "tstat", "flags"),
+          ("tstat",) * 3, x4.dtype, "bwd_summary")), (x4, dy4, w_hat, *saved[:3])),
+      "bwd scan": (jax.jit(lambda a, b_, c, gm, gv: K._scan_call(
+          spec, K._tiled_bwd_scan_kernel, (a, b_, c), K._tile_resets(spec, f), (gm, gv), 2, 2,
+          "bwd_scan")), (*saved[:3], dmean, dvar)),
+      "bwd main": (jax.jit(lambda x4, dy4, w, cn, cmu, cvar, um, uv: K._tile_call(
+          spec, functools.partial(K._tiled_bwd_kernel, dims=d, eps=spec.eps),
+          (x4, dy4, w, cn, cmu, cvar, um, uv, f),
+          ("seq", "seq", "feat", "tstat", "tstat", "tstat", "tstat", "tstat", "flags"),
+          ("seq", "partial", "partial"), x4.dtype, "bwd_main")),
+          (x4, dy4, w_hat, *saved[:3], saved[1], saved[2])),
+  }
+  rows = []
+  print(f"  breakdown of {describe(config)} (pipelined, ms):", flush=True)
+  for name, (fn, fargs) in parts.items():
+    try:
+      ms = 1e3 * median_time(fn, *fargs, warmup=2, iters=args.iters, pipeline=args.pipeline)
+      print(f"    {name:<24} {ms:8.4f}", flush=True)
+      rows.append({"shape": str(shape), "impl": describe(config), "part": name, "ms": ms})
+    except Exception as e:  # Report and continue.
+      print(f"    {name:<24} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+      if args.verbose:
+        traceback.print_exc()
   return rows
 
 
 def describe(c: K.KernelConfig) -> str:
+  if c.tiled is not None:
+    t = c.tiled
+    kind = "lookback2" if t.lookback_backward else "lookback" if t.lookback else "tiled"
+    return (f"{kind} T{t.block_t} Gb{t.groups_per_block} "
+            f"w{t.num_warps} scan C{t.scan_chunk} W{t.scan_groups} w{t.scan_warps}")
   return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
           f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
 
@@ -226,8 +343,9 @@ def format_row(row: dict) -> str:
     return f"  {row['impl']:<44} FAILED {row['error']}"
   errs = " ".join(f"{k}={row[k]:.1e}" for k in ("y", "mean", "var", "dx", "dw", "db", "dmean0",
                                                   "dvar0"))
-  return (f"  {row['impl']:<44} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_GBps']:6.0f} GB/s)  "
-          f"fwd+bwd {row['fwdbwd_ms']:8.3f} ms ({row['fwdbwd_GBps']:6.0f} GB/s)  | rel err {errs}")
+  return (f"  {row['impl']:<44} fwd {row['fwd_ms']:7.3f} ms (pipe {row['fwd_pipe_ms']:7.3f}, "
+          f"{row['fwd_GBps']:5.0f} GB/s)  fwd+bwd {row['fwdbwd_ms']:7.3f} ms (pipe "
+          f"{row['fwdbwd_pipe_ms']:7.3f}, {row['fwdbwd_GBps']:5.0f} GB/s)  | rel err {errs}")
 
 
 def main():
@@ -237,6 +355,14 @@ def main():
                       help="kernel configurations to time on the first (target) shape")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--pipeline", type=int, default=10,
+                      help="back-to-back calls per sample of the pipelined times")
+  parser.add_argument("--shapes", choices=("all", "target", "target_only"), default="all",
+                      help="target: only B1 L32768 D4096 G64 bf16 (plus a small odd-shape check "
+                           "of the sweep's first tiled configurations); target_only: without it")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="time the tiled design's kernels one by one on the target shape")
+  parser.add_argument("--json", help="write all rows to this JSON file")
   parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
   args = parser.parse_args()
   args.interpret = args.cpu
@@ -244,6 +370,12 @@ def main():
     args.iters, args.warmup = min(args.iters, 2), 1
   print(f"jax {jax.__version__}; devices: {jax.devices()}")
   shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
+  if args.shapes == "target" and not args.cpu:
+    tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None and not c.tiled.lookback][:1]
+    tiled += [c for c in SWEEPS[args.sweep] if c.tiled is not None and c.tiled.lookback_backward][:1]
+    shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
+  if args.shapes == "target_only" and not args.cpu:
+    shapes = shapes[:1]
   rows = []
   for i, shape in enumerate(shapes):
     if args.cpu:
@@ -252,17 +384,32 @@ def main():
       sweep = SWEEPS[args.sweep] if i == 0 else []
       configs = [DEFAULT] + [c for c in (*sweep, *shape.extra) if c != DEFAULT]
     rows += check_shape(shape, configs, args)
+    if args.breakdown and i == 0:
+      for config in (CPU_SWEEP[-1:] if args.cpu else BREAKDOWN):
+        rows += breakdown(shape, config, args)
+    write_json(args, rows)   # After every shape: a run cut short keeps what it measured.
 
   print("\n=== summary (fwd+bwd, fastest first, per shape) ===")
   for shape in shapes:
-    ok = sorted((r for r in rows if r["shape"] == str(shape) and "error" not in r),
-                key=lambda r: r["fwdbwd_ms"])
+    ok = sorted((r for r in rows if r["shape"] == str(shape) and "y" in r),
+                key=lambda r: r["fwdbwd_pipe_ms"])
     print(f"{shape}")
-    for r in ok[:5]:
-      print(f"  {r['impl']:<44} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwdbwd_ms']:.3f} ms  "
+    for r in ok[:8]:
+      print(f"  {r['impl']:<44} fwd {r['fwd_ms']:.3f} ms (pipe {r['fwd_pipe_ms']:.3f})  fwd+bwd "
+            f"{r['fwdbwd_ms']:.3f} ms (pipe {r['fwdbwd_pipe_ms']:.3f})  "
             f"max rel err {max(r[k] for k in ('y', 'dx', 'dw', 'db')):.1e}")
   failed = [r for r in rows if "error" in r]
   print(f"{len(failed)} failed configuration(s)" + (": see FAILED lines above" if failed else ""))
+  write_json(args, rows)
+  if args.json:
+    print(f"wrote {args.json}")
+
+
+def write_json(args, rows):
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "rows": rows}, f,
+                indent=1)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class MegalodonLM(nn.Module):
       new_layers = tuple(new_layers)
 
     padding_mask = None if segment_ids is None else segment_ids == 0
-    x, final_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl),
+    x, final_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl, length),
                                   pdtype, name="final_norm")(
         x, None if cache is None else cache.final_norm, padding_mask=padding_mask, segment_ids=segment_ids)
     if cfg.share_emb:

@@ -45,7 +45,7 @@ class MovingAverageGatedAttention(nn.Module):
     dropout = lambda rate, t: nn.Dropout(rate)(t, deterministic=deterministic)
 
     padding_mask = None if segment_ids is None else segment_ids == 0
-    x_tsn, norm_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl),
+    x_tsn, norm_state = TimestepNorm(cfg.norm_num_groups, cfg.norm_eps, backend.timestep_norm_method(cfg.timestep_norm_impl, length),
                                      pdtype, name="timenorm")(
         x, None if cache is None else cache.norm, padding_mask=padding_mask, segment_ids=segment_ids)
     x_tsn = checkpoint_name(x_tsn, "tsn_out")  # names: what remat policies may keep (model.py)

@@ -27,12 +27,17 @@ def cema_method(requested: str, length: int | None = None) -> str:
   return requested
 
 
-def timestep_norm_method(requested: str) -> str:
+def timestep_norm_method(requested: str, length: int | None = None) -> str:
   """config.timestep_norm_impl -> an ops.timestep_norm method ('xla' is the associative scan).
 
-  'auto' is the associative scan everywhere for now: on an H200 it ran fwd+bwd in 1.55 ms against
-  1.92 ms for the best Pallas tiling (L=32768, D=4096, 64 groups; gpu_checks, 2026-11-28).
+  'auto': the Pallas kernel on GPU (its tiled design ran fwd+bwd in 1.02 ms of device time against
+  1.26 ms for the associative scan at L=32768, D=4096, 64 groups on an H200; gpu_checks,
+  2026-11-28) except for inputs of at most SHORT_CEMA_INPUT steps (decode steps, where a kernel
+  launch with tile bookkeeping costs more than a few fused elementwise ops); the associative scan
+  elsewhere (the Mosaic kernel has not run on a TPU yet).
   """
   if requested == "auto":
+    if jax.default_backend() == "gpu" and (length is None or length > SHORT_CEMA_INPUT):
+      return "pallas"
     return "associative"
   return {"xla": "associative"}.get(requested, requested)

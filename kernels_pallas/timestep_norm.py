@@ -90,7 +90,10 @@ class TiledConfig:
   kernel the same way (reads x and dy once); spin_limit: polls of a look-back before it gives up (NaN
   results instead of a hang); lookback_shortcut=False (for tests): only the tiles that start a
   chain mark their statistics-after as ready, so every look-back merges the summaries all the way
-  back (in the interpreter, where programs run in order, it otherwise stops after one tile)."""
+  back (in the interpreter, where programs run in order, it otherwise stops after one tile).
+  The look-back variants run in the Pallas interpreter only: on an H200 with jax 0.11.2 Triton
+  rejects their kernels ("'tt.atomic_rmw' op failed to verify that ptr type matches value
+  type", 2026-11-28), so a compiled GPU call with lookback raises a ValueError."""
   block_t: int = 64
   groups_per_block: int = 2
   num_warps: int = 4
@@ -1835,6 +1838,11 @@ def _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, 
   k = dim // num_groups
   gb = 1
   if config.tiled is not None:
+    if config.tiled.lookback and not interpret:
+      raise ValueError(
+          "TiledConfig(lookback=True) runs in the Pallas interpreter only: Triton rejects the "
+          "single-pass look-back kernels on a GPU (see TiledConfig). Use the default TiledConfig() "
+          "(three kernels per direction) on a GPU.")
     tile = min(config.tiled.block_t, max(8, pl.next_power_of_2(length)))
     splits, tiles = 1, pl.cdiv(length, tile)
     gb = _pow2_divisor(num_groups, config.tiled.groups_per_block)

@@ -54,7 +54,7 @@ class MegalodonConfig:
   cema_method: str = "auto"  # auto: the Pallas kernel on GPU/TPU, the chunked XLA path elsewhere
   cema_chunk: int = 64  # T of the chunked CEMA path
   attention_impl: str = "auto"
-  timestep_norm_impl: str = "auto"  # auto: Pallas on GPU/TPU; xla: the associative scan
+  timestep_norm_impl: str = "auto"  # auto: Pallas on GPU (not for decode steps), else the associative scan
   remat_policy: str = "none"
   scan_layers: bool = False
 

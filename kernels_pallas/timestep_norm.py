@@ -40,10 +40,10 @@ float32 (exact below 2**24 steps); the returned count is computed exactly in int
 
 Tiled GPU design (KernelConfig(tiled=TiledConfig(...)); see its section below): for a few long
 sequences, one program per (sequence, time tile, block of groups) instead: a summary pass, a
-small scan over tiles and a main pass (forward: x read twice; backward: x and dy read twice), or
-with TiledConfig.lookback (and lookback_backward) each direction as one kernel whose programs
-chain their tiles by a decoupled look-back (x, and x and dy, read once). Same semantics, API and
-features; the per-tile math is the code shared above.
+small scan over tiles and a main pass (forward: x read twice; backward: x and dy read twice).
+Same semantics, API and features; the per-tile math is the code shared above. (Single-pass
+variants that chain tiles by a decoupled look-back were tried: Triton on an H200 rejected their
+atomics, so they were dropped; branch tsn2 has them.)
 
 Backends: "triton" (GPU; one program per (sequence, group, split), tiles read with masked loads,
 power-of-2 tile shapes) and "mosaic" (TPU; one program per sequence holding all groups, Pallas
@@ -84,26 +84,13 @@ class TiledConfig:
   block_t: time steps per tile (power of 2); groups_per_block: groups per program (power of 2;
   capped by the largest power of 2 dividing num_groups); num_warps: Triton warps of the per-tile
   kernels; scan_chunk: tiles merged per step of the (sequential) scans over tiles (power of 2);
-  scan_groups: groups per program of those scans; scan_warps: their Triton warps; lookback: the
-  forward as one kernel with a decoupled look-back across programs instead of three (reads x
-  once; see "GPU single-pass forward"); lookback_backward: with lookback, the backward as one
-  kernel the same way (reads x and dy once); spin_limit: polls of a look-back before it gives up (NaN
-  results instead of a hang); lookback_shortcut=False (for tests): only the tiles that start a
-  chain mark their statistics-after as ready, so every look-back merges the summaries all the way
-  back (in the interpreter, where programs run in order, it otherwise stops after one tile).
-  The look-back variants run in the Pallas interpreter only: on an H200 with jax 0.11.2 Triton
-  rejects their kernels ("'tt.atomic_rmw' op failed to verify that ptr type matches value
-  type", 2026-11-28), so a compiled GPU call with lookback raises a ValueError."""
+  scan_groups: groups per program of those scans; scan_warps: their Triton warps."""
   block_t: int = 64
   groups_per_block: int = 2
   num_warps: int = 4
   scan_chunk: int = 64
   scan_groups: int = 16
   scan_warps: int = 4
-  lookback: bool = False
-  lookback_backward: bool = False
-  spin_limit: int = 1 << 16
-  lookback_shortcut: bool = True
 
   def __post_init__(self):
     for name in ("block_t", "groups_per_block", "scan_chunk", "scan_groups", "num_warps",
@@ -888,30 +875,27 @@ def _tiled_masks(dims: _Dims, tile_idx):
   return pl.ds(t0, dims.tile), in_range, mask
 
 
-def _tiled_inputs(dims: _Dims, tile_idx, refs, flags_ref, groups=slice(None), lead=()):
+def _tiled_inputs(dims: _Dims, tile_idx, refs, flags_ref):
   """Tiles [T, Gb, Kp] float32 (0 outside the sequence and in padded columns) of every ref in
-  refs ([L, Gb, Kp] blocks; or [..., L, G, Kp] with lead the leading indices and groups the
-  slice of Gb groups; flags [..., L]), and valid, reset [T, 1] bool. One indexer per access:
+  refs ([L, Gb, Kp] blocks; flags [L]), and valid, reset [T, 1] bool. One indexer per access:
   Triton lowers no chained ref.at views."""
   from jax.experimental.pallas import triton as plgpu
   rows, in_range, mask = _tiled_masks(dims, tile_idx)
-  tiles = tuple(plgpu.load(ref.at[(*lead, rows, groups, slice(None))], mask=mask, other=0.0,
+  tiles = tuple(plgpu.load(ref.at[rows, :, :], mask=mask, other=0.0,
                            eviction_policy="evict_first").astype(jnp.float32) for ref in refs)
   if flags_ref is None:
     return tiles, in_range[:, None], jnp.zeros((dims.tile, 1), jnp.bool_)
-  flags = plgpu.load(flags_ref.at[(*lead, rows)], mask=in_range, other=0)
+  flags = plgpu.load(flags_ref.at[rows], mask=in_range, other=0)
   valid = in_range & ((flags & _VALID) != 0)
   reset = in_range & ((flags & _RESET) != 0)
   return tiles, valid[:, None], reset[:, None]
 
 
-def _tiled_store(dims: _Dims, ref, tile_idx, value, groups=slice(None), lead=()):
-  """Stores a [T, Gb, Kp] tile into ref[*lead] ([L, Gb, Kp], or [L, G, Kp] with groups the
-  slice of Gb groups). One indexer (no ref.at[..] chain): the interpreter's store discharge
-  drops the leading index of a chained view."""
+def _tiled_store(dims: _Dims, ref, tile_idx, value):
+  """Stores a [T, Gb, Kp] tile into ref ([L, Gb, Kp])."""
   from jax.experimental.pallas import triton as plgpu
   rows, _, mask = _tiled_masks(dims, tile_idx)
-  plgpu.store(ref.at[(*lead, rows, groups, slice(None))], value.astype(ref.dtype), mask=mask)
+  plgpu.store(ref.at[rows, :, :], value.astype(ref.dtype), mask=mask)
 
 
 def _load_features(dims: _Dims, ref):
@@ -1163,12 +1147,11 @@ def _tiled_shapes(spec: _Spec):
           min(cfg.scan_chunk, pl.next_power_of_2(d.tiles)))
 
 
-def _tiled_call(spec: _Spec, kernel, grid, in_specs, out_specs, out_shape, name, warps,
-                aliases=None):
+def _tiled_call(spec: _Spec, kernel, grid, in_specs, out_specs, out_shape, name, warps):
   from jax.experimental.pallas import triton as plgpu
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=spec.interpret, name=name, input_output_aliases=aliases or {},
+      interpret=spec.interpret, name=name,
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1))
 
 
@@ -1275,311 +1258,6 @@ def _tiled_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
     through &= ~jnp.any(resets != 0, axis=1)[:, None]
   d_mu0 = jnp.where(through, per_seq(g_mu), n0 * b_mu)
   d_var0 = jnp.where(through, per_seq(g_var), n0 * b_var)
-  return dx4, jnp.sum(dw, axis=(0, 1)), jnp.sum(db, axis=(0, 1)), d_mu0.reshape(-1), d_var0.reshape(-1)
-
-
-# --------------------------------------------------------------------------------------------
-# GPU single-pass forward (TiledConfig.lookback): the tiled design's summary, scan and main
-# passes fused into one kernel by a decoupled look-back (as in single-pass GPU prefix scans).
-# Programs take tile numbers from an atomic counter in launch order, so a program only waits
-# for tiles that running programs own (no deadlock). Each program loads its tile once, publishes
-# the tile's summary (status 1; a tile that starts the chain, tile 0 or one with a reset, at once
-# publishes the statistics after it, status 2), then walks back over the earlier tiles of its
-# (sequence, group block), merging their summaries (Chan) until it meets statistics-after (status
-# 2) or the incoming state; it publishes its own statistics-after (status 2) and writes y from
-# the tile still in registers. Reads x once and writes y once. The published values are written
-# and read with atomics (L2, coherent across SMs) and a CTA barrier orders them before the
-# status flag. A program that spins for more than spin_limit polls gives up and writes NaN.
-# Arrays: look-back buffers [B, tiles, 3, G] float32 (summaries, statistics after) and status
-# [B, tiles, G / Gb] int32, zeroed before the call; the counter [1] int32.
-# --------------------------------------------------------------------------------------------
-
-
-def _chan(a, b):
-  """merge_stats on (n, mean, var) vectors: b summarises steps after a's."""
-  na, ma, va = a
-  nb, mb, vb = b
-  n = na + nb
-  wb = jnp.where(n > 0, nb / jnp.where(n > 0, n, 1.0), 0.0)
-  wa = 1.0 - wb
-  delta = mb - ma
-  return n, ma + wb * delta, wa * va + wb * vb + (wa * wb) * (delta * delta)
-
-
-def _barrier(interpret: bool):
-  """CTA barrier (orders the published values before the status flag); the interpreter runs
-  one program at a time and cannot discharge it."""
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    plgpu.debug_barrier()
-
-
-def _lookback_fwd_kernel(*refs, dims: _Dims, eps: float, spin_limit: int, interpret: bool,
-                         shortcut: bool):
-  from jax.experimental.pallas import triton as plgpu
-  refs = list(refs)
-  x_ref, w_ref, b_ref, init_ref = refs[:4]
-  flags_ref = refs[4] if dims.has_flags else None
-  y_ref, carry_ref, counter_ref, status_ref, agg_ref, inc_ref = refs[-6:]
-  gb, tiles = dims.gb, dims.tiles
-  nj = dims.groups // gb
-  # No concrete constants (jnp.int32(..)) in here: they would become captured kernel operands.
-  int32 = lambda v, shape=(): lax.full(shape, v, jnp.int32)
-  d = plgpu.atomic_add(counter_ref, (pl.ds(0, 1),), int32(1, (1,))).reshape(())
-  j = d % nj
-  i = (d // nj) % tiles
-  b = d // (nj * tiles)
-  groups = pl.ds(j * gb, gb)
-  ops = _BlockOps(dims.tile, dims.kp, dims.k)
-  (xf,), valid, reset = _tiled_inputs(dims, i, (x_ref,), flags_ref, groups=groups, lead=(b,))
-  zero = jnp.zeros((gb,), jnp.float32)
-  if dims.segmented:
-    st0 = _tile_stats(ops, xf, valid, reset, (zero, zero, zero), k=dims.k, eps=1.0,
-                      segmented=True, use_cumsum=False)
-    summary = _tile_carry_out(ops, st0, (zero, zero, zero))
-    has_reset = jnp.sum(jnp.where(reset, 1.0, 0.0)) > 0
-  else:
-    summary = _tile_summary(ops, xf, valid, dims.k)
-    has_reset = False
-  summary = tuple(jnp.broadcast_to(v, (gb,)) for v in summary)
-  init = tuple(plgpu.load(init_ref.at[b, pl.ds(p, 1), groups]).reshape(gb) for p in range(3))
-
-  # Every buffer element starts at 0 and receives one nonzero addition: atomic adds serve as
-  # coherent writes (and run in the Pallas interpreter, which has no atomic exchange).
-  def publish(ref, k, values):
-    for p, value in enumerate(values):
-      plgpu.atomic_add(ref, (b, k, pl.ds(p, 1), groups), value.reshape(1, gb))
-
-  def read(ref, k):
-    return tuple(plgpu.atomic_add(ref, (b, k, pl.ds(p, 1), groups), zero[None]).reshape(gb)
-                 for p in range(3))
-
-  # The statistics after this tile are known now if the chain starts here.
-  starts = (i == 0) | has_reset
-  publish(agg_ref, i, summary)
-  publish(inc_ref, i, tuple(jnp.where(starts, jnp.where(has_reset, s, c), 0.0)
-                            for s, c in zip(summary, _chan(init, summary))))
-  _barrier(interpret)
-  plgpu.atomic_add(status_ref, (b, i, j), jnp.where(starts, 2, 1).astype(jnp.int32))
-
-  def cond(state):
-    _, done, spins, _ = state
-    return jnp.logical_not(done) & (spins < spin_limit)
-
-  def body(state):
-    k, done, spins, acc = state
-    kk = jnp.maximum(k, 0)
-    status = plgpu.atomic_add(status_ref, (b, kk, j), int32(0))
-    status = jnp.where(k < 0, 2, status)
-    _barrier(interpret)
-    after, summ = read(inc_ref, kk), read(agg_ref, kk)
-    vals = tuple(jnp.where(k < 0, s0, jnp.where(status == 2, a, s))
-                 for s0, a, s in zip(init, after, summ))
-    ready = status != 0
-    acc = tuple(jnp.where(ready, m, a) for m, a in zip(_chan(vals, acc), acc))
-    return (jnp.where(ready, k - 1, k), ready & (status == 2), spins + 1, acc)
-
-  start = (i - 1, i < 0, i * 0, (zero, zero, zero))
-  if interpret:
-    # Programs run one after another: no polling needed, and the interpreter cannot discharge a
-    # while loop around atomics. The same body, masked once done, over every earlier tile.
-    guarded = lambda _, state: jax.tree.map(lambda new, old: jnp.where(state[1], old, new),
-                                            body(state), state)
-    _, done, _, carry = lax.fori_loop(0, tiles, guarded, start)
-  else:
-    _, done, _, carry = lax.while_loop(cond, body, start)
-  carry = tuple(jnp.where(done, c, jnp.nan) for c in carry)
-
-  @pl.when(jnp.logical_not(starts))
-  def _():
-    publish(inc_ref, i, _chan(carry, summary))
-    if shortcut:
-      _barrier(interpret)
-      plgpu.atomic_add(status_ref, (b, i, j), int32(1))
-
-  for p, value in enumerate(carry):
-    plgpu.store(carry_ref.at[b, i, pl.ds(p, 1), groups], value.reshape(1, gb))
-  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
-                   use_cumsum=True)
-  y = _tile_output(ops, st, xf, _load_features(dims, w_ref.at[groups, :])[None],
-                   _load_features(dims, b_ref.at[groups, :])[None], valid)
-  _tiled_store(dims, y_ref, i, y, groups=groups, lead=(b,))
-
-
-def _lookback_forward(spec: _Spec, x4, w_hat, bias, n0, mu0, var0, flags):
-  """The forward in one kernel; same results and residuals as _tiled_forward."""
-  d = spec.dims
-  batch, tiles, groups = spec.batch, d.tiles, d.groups
-  per_seq = lambda a: a.reshape(batch, groups)
-  init = jnp.stack([per_seq(n0), per_seq(mu0), per_seq(var0)], axis=1)          # [B, 3, G]
-  full = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))
-  seq_shape = (batch, d.length, groups, d.kp)
-  args = [x4, w_hat, bias, init]
-  in_specs = [full(seq_shape), full((groups, d.kp)), full((groups, d.kp)), full(init.shape)]
-  if d.has_flags:
-    args.append(flags)
-    in_specs.append(full(flags.shape))
-  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  buf = (batch, tiles, 3, groups)
-  scratch = [jnp.zeros((1,), jnp.int32), jnp.zeros((batch, tiles, groups // d.gb), jnp.int32),
-             jnp.zeros(buf, jnp.float32), jnp.zeros(buf, jnp.float32)]
-  first = len(args)
-  args += scratch
-  in_specs += [full(a.shape) for a in scratch]
-  out_shape = [jax.ShapeDtypeStruct(x4.shape, x4.dtype), f32(buf)] + [
-      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in scratch]
-  out_specs = [full(seq_shape), full(buf)] + [full(a.shape) for a in scratch]
-  kernel = functools.partial(_lookback_fwd_kernel, dims=d, eps=spec.eps,
-                             spin_limit=spec.config.tiled.spin_limit, interpret=spec.interpret,
-                             shortcut=spec.config.tiled.lookback_shortcut)
-  y4, carries, _, _, _, after = _tiled_call(
-      spec, kernel, (batch * tiles * (groups // d.gb),), in_specs, out_specs, out_shape,
-      "timestep_norm_lookback_fwd", spec.config.tiled.num_warps,
-      aliases={first + a: 2 + a for a in range(4)})(*args)
-  cn, cmu, cvar = carries[:, :, 0], carries[:, :, 1], carries[:, :, 2]
-  return y4, after[:, -1, 1].reshape(-1), after[:, -1, 2].reshape(-1), (cn, cmu, cvar,
-                                                                         after[:, -1, 0])
-
-
-def _compose(e, l):
-  """The adjoint map of tile(s) e (earlier) after l (later), each (a_mu, a_var, z, nr) with
-  map(U) = (a_mu + nr (U_mu - z U_var), a_var + nr U_var); nr = 0 makes a constant map."""
-  a_mu_e, a_var_e, z_e, nr_e = e
-  a_mu_l, a_var_l, z_l, nr_l = l
-  return (a_mu_e + nr_e * (a_mu_l - z_e * a_var_l), a_var_e + nr_e * a_var_l, z_e + z_l,
-          nr_e * nr_l)
-
-
-def _lookback_bwd_kernel(*refs, dims: _Dims, eps: float, spin_limit: int, interpret: bool,
-                         shortcut: bool):
-  """The backward in one kernel: the mirror image of _lookback_fwd_kernel, walking to later
-  tiles and composing the tiles' adjoint maps (payload a_mu, a_var, z0, no-reset; the end of the
-  sequence is the constant map of the final adjoint divided by the final count)."""
-  from jax.experimental.pallas import triton as plgpu
-  refs = list(refs)
-  x_ref, dy_ref, w_ref, cn_ref, cmu_ref, cvar_ref, end_ref = refs[:7]
-  flags_ref = refs[7] if dims.has_flags else None
-  dx_ref, dw_ref, db_ref, counter_ref, status_ref, agg_ref, inc_ref = refs[-7:]
-  gb, tiles = dims.gb, dims.tiles
-  nj = dims.groups // gb
-  int32 = lambda v, shape=(): lax.full(shape, v, jnp.int32)
-  d = plgpu.atomic_add(counter_ref, (pl.ds(0, 1),), int32(1, (1,))).reshape(())
-  j = d % nj
-  i = tiles - 1 - (d // nj) % tiles
-  b = d // (nj * tiles)
-  groups = pl.ds(j * gb, gb)
-  ops = _BlockOps(dims.tile, dims.kp, dims.k)
-  (xf, dy), valid, reset = _tiled_inputs(dims, i, (x_ref, dy_ref), flags_ref, groups=groups,
-                                         lead=(b,))
-  carry = tuple(plgpu.load(ref.at[b, i, groups]) for ref in (cn_ref, cmu_ref, cvar_ref))
-  st = _tile_stats(ops, xf, valid, reset, carry, k=dims.k, eps=eps, segmented=dims.segmented,
-                   use_cumsum=True)
-  w_hat = _load_features(dims, w_ref.at[groups, :])[None]
-  zero = jnp.zeros((gb,), jnp.float32)
-  g0 = _tile_backward(ops, st, xf, dy, w_hat, valid, carry, zero, zero, k=dims.k)
-  has_reset = jnp.sum(jnp.where(reset, 1.0, 0.0)) > 0 if dims.segmented else False
-  own = (jnp.broadcast_to(g0.a_mu, (gb,)), jnp.broadcast_to(g0.a_var, (gb,)),
-         jnp.broadcast_to(g0.z0, (gb,)), jnp.where(has_reset, zero, zero + 1.0))
-  end = tuple(plgpu.load(end_ref.at[b, pl.ds(p, 1), groups]).reshape(gb) for p in range(2))
-  end = (*end, zero, zero)
-
-  def publish(ref, k, values):
-    for p, value in enumerate(values):
-      plgpu.atomic_add(ref, (b, k, pl.ds(p, 1), groups), value.reshape(1, gb))
-
-  def read(ref, k):
-    return tuple(plgpu.atomic_add(ref, (b, k, pl.ds(p, 1), groups), zero[None]).reshape(gb)
-                 for p in range(4))
-
-  starts = (i == tiles - 1) | has_reset
-  publish(agg_ref, i, own)
-  publish(inc_ref, i, tuple(jnp.where(starts, v, 0.0) for v in _compose(own, end)))
-  _barrier(interpret)
-  plgpu.atomic_add(status_ref, (b, i, j), jnp.where(starts, 2, 1).astype(jnp.int32))
-
-  def cond(state):
-    _, done, spins, _ = state
-    return jnp.logical_not(done) & (spins < spin_limit)
-
-  def body(state):
-    k, done, spins, acc = state
-    kk = jnp.minimum(k, tiles - 1)
-    status = plgpu.atomic_add(status_ref, (b, kk, j), int32(0))
-    status = jnp.where(k >= tiles, 2, status)
-    _barrier(interpret)
-    after, summ = read(inc_ref, kk), read(agg_ref, kk)
-    vals = tuple(jnp.where(k >= tiles, e, jnp.where(status == 2, a, s))
-                 for e, a, s in zip(end, after, summ))
-    ready = status != 0
-    acc = tuple(jnp.where(ready, m, a) for m, a in zip(_compose(acc, vals), acc))
-    return (jnp.where(ready, k + 1, k), ready & (status == 2), spins + 1, acc)
-
-  start = (i + 1, i < 0, i * 0, (zero, zero, zero, zero + 1.0))
-  if interpret:
-    guarded = lambda _, state: jax.tree.map(lambda new, old: jnp.where(state[1], old, new),
-                                            body(state), state)
-    _, done, _, acc = lax.fori_loop(0, tiles, guarded, start)
-  else:
-    _, done, _, acc = lax.while_loop(cond, body, start)
-  u_mu, u_var = (jnp.where(done, a, jnp.nan) for a in acc[:2])
-
-  @pl.when(jnp.logical_not(starts))
-  def _():
-    publish(inc_ref, i, _compose(own, (u_mu, u_var, zero, zero)))
-    if shortcut:
-      _barrier(interpret)
-      plgpu.atomic_add(status_ref, (b, i, j), int32(1))
-
-  n_end = _last(ops, st, st.cnt)
-  g = _tile_backward(ops, st, xf, dy, w_hat, valid, carry, n_end * u_mu, n_end * u_var, k=dims.k)
-  _tiled_store(dims, dx_ref, i, g.dx, groups=groups, lead=(b,))
-  mask = jnp.broadcast_to((jnp.arange(dims.kp) < dims.k)[None, :], (gb, dims.kp))
-  plgpu.store(dw_ref.at[b, i, groups, :], g.dw, mask=mask)
-  plgpu.store(db_ref.at[b, i, groups, :], g.db, mask=mask)
-
-
-def _lookback_backward(spec: _Spec, x4, dy4, w_hat, saved, g_mu, g_var, flags):
-  """The backward in one kernel; same results as _tiled_backward."""
-  d = spec.dims
-  batch, tiles, groups = spec.batch, d.tiles, d.groups
-  cn, cmu, cvar, n_end = saved
-  per_seq = lambda a: a.reshape(batch, groups)
-  inv_end = _safe_inv(n_end)
-  end = jnp.stack([per_seq(g_mu) * inv_end, per_seq(g_var) * inv_end], axis=1)     # [B, 2, G]
-  full = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))
-  seq_shape = (batch, d.length, groups, d.kp)
-  part_shape = (batch, tiles, groups, d.kp)
-  args = [x4, dy4, w_hat, cn, cmu, cvar, end]
-  in_specs = [full(seq_shape), full(seq_shape), full((groups, d.kp))] + [
-      full(a.shape) for a in (cn, cmu, cvar, end)]
-  if d.has_flags:
-    args.append(flags)
-    in_specs.append(full(flags.shape))
-  buf = (batch, tiles, 4, groups)
-  scratch = [jnp.zeros((1,), jnp.int32), jnp.zeros((batch, tiles, groups // d.gb), jnp.int32),
-             jnp.zeros(buf, jnp.float32), jnp.zeros(buf, jnp.float32)]
-  first = len(args)
-  args += scratch
-  in_specs += [full(a.shape) for a in scratch]
-  part = jax.ShapeDtypeStruct((batch, tiles, groups, d.k), jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x4.shape, x4.dtype), part, part] + [
-      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in scratch]
-  out_specs = [full(seq_shape), full(part_shape), full(part_shape)] + [
-      full(a.shape) for a in scratch]
-  cfg = spec.config.tiled
-  kernel = functools.partial(_lookback_bwd_kernel, dims=d, eps=spec.eps,
-                             spin_limit=cfg.spin_limit, interpret=spec.interpret,
-                             shortcut=cfg.lookback_shortcut)
-  dx4, dw, db, _, _, _, after = _tiled_call(
-      spec, kernel, (batch * tiles * (groups // d.gb),), in_specs, out_specs, out_shape,
-      "timestep_norm_lookback_bwd", cfg.num_warps,
-      aliases={first + a: 3 + a for a in range(4)})(*args)
-  n0 = cn[:, 0]
-  through = n_end == 0
-  if d.segmented:
-    through &= ~jnp.any((flags & _RESET) != 0, axis=1)[:, None]
-  d_mu0 = jnp.where(through, per_seq(g_mu), n0 * after[:, 0, 0])
-  d_var0 = jnp.where(through, per_seq(g_var), n0 * after[:, 0, 1])
   return dx4, jnp.sum(dw, axis=(0, 1)), jnp.sum(db, axis=(0, 1)), d_mu0.reshape(-1), d_var0.reshape(-1)
 
 
@@ -1744,8 +1422,6 @@ def _mosaic_backward(spec: _Spec, x, dy, w_hat, saved_carries, g_mu, g_var, flag
 
 _BACKENDS = {"triton": (_triton_forward, _triton_backward),
              "triton_tiled": (_tiled_forward, _tiled_backward),
-             "triton_lookback": (_lookback_forward, _tiled_backward),
-             "triton_lookback2": (_lookback_forward, _lookback_backward),
              "mosaic": (_mosaic_forward, _mosaic_backward)}
 
 
@@ -1838,17 +1514,10 @@ def _make_spec(batch, length, dim, num_groups, eps, interpret, config, backend, 
   k = dim // num_groups
   gb = 1
   if config.tiled is not None:
-    if config.tiled.lookback and not interpret:
-      raise ValueError(
-          "TiledConfig(lookback=True) runs in the Pallas interpreter only: Triton rejects the "
-          "single-pass look-back kernels on a GPU (see TiledConfig). Use the default TiledConfig() "
-          "(three kernels per direction) on a GPU.")
     tile = min(config.tiled.block_t, max(8, pl.next_power_of_2(length)))
     splits, tiles = 1, pl.cdiv(length, tile)
     gb = _pow2_divisor(num_groups, config.tiled.groups_per_block)
-    backend = {(False, False): "triton_tiled", (True, False): "triton_lookback",
-               (True, True): "triton_lookback2"}.get(
-                   (config.tiled.lookback, config.tiled.lookback_backward), "triton_tiled")
+    backend = "triton_tiled"
   elif backend == "mosaic":
     # Blocks of [T, D]: T a multiple of 8, or the whole (short) sequence.
     tile = config.block_t if length >= config.block_t else length

@@ -33,18 +33,6 @@ CONFIGS = {
                                                                      scan_chunk=2, scan_groups=2))),
     "tiled_t16_gb4_c4": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=16, groups_per_block=4,
                                                                       scan_chunk=4))),
-    # Single-pass forward (decoupled look-back); the second merges every summary back to the
-    # start of its chain (the interpreter runs programs in order: otherwise one step back).
-    "lookback_t8_gb2": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=8, groups_per_block=2,
-                                                                     lookback=True))),
-    "lookback_t8_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
-        block_t=8, groups_per_block=4, lookback=True, lookback_shortcut=False))),
-    # ... and the single-pass backward as well.
-    "lookback2_t8_gb2": ("triton", K.KernelConfig(tiled=K.TiledConfig(
-        block_t=8, groups_per_block=2, lookback=True, lookback_backward=True))),
-    "lookback2_t16_gb4_walk": ("triton", K.KernelConfig(tiled=K.TiledConfig(
-        block_t=16, groups_per_block=4, lookback=True, lookback_backward=True,
-        lookback_shortcut=False))),
 }
 TILED = "tiled_t8_gb2_c2"
 
@@ -90,7 +78,7 @@ CASES = {"everything": {}, "plain": {"pad": False, "segments": False, "carry": F
 
 @pytest.mark.parametrize("config,case", [(c, "everything") for c in CONFIGS]
                          + [("tile16_splits3_cumsum_ahead3", "plain"), ("tiled_t16_gb4_c4", "plain"),
-                            (TILED, "no_segments"), ("lookback_t8_gb4_walk", "no_segments")])
+                            (TILED, "no_segments"), ("tiled_t16_gb4_c4", "no_segments")])
 def test_forward_matches_reference(rng, config, case):
   opts = CASES[case]
   args = make_inputs(rng, **opts)
@@ -138,13 +126,12 @@ def make_grad_case(segments: bool):
   return args, weights, loss_and_grads(sequential_reference, None, *args, weights)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in ("tile8", "lookback_t8_gb4_walk",
-                                                                     "lookback2_t8_gb2")])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "tile8"])
 def test_gradients_match_reference(grad_case, config):
   check_gradients(grad_case, config)
 
 
-@pytest.mark.parametrize("config", [TILED, "lookback2_t8_gb2"])
+@pytest.mark.parametrize("config", [TILED, "tiled_t16_gb4_c4"])
 def test_tiled_gradients_without_segments(config):
   """The tiled design's scans take a separate path (prefix sums) without segment_ids."""
   check_gradients(make_grad_case(segments=False), config)
@@ -160,7 +147,7 @@ def check_gradients(case, config):
   assert np.max(np.abs(np.asarray(want[3]))) > 1e-2           # The carried state does matter.
 
 
-@pytest.mark.parametrize("config", ["tile8_splits2_noprefetch", TILED, "lookback_t8_gb4_walk"])
+@pytest.mark.parametrize("config", ["tile8_splits2_noprefetch", TILED, "tiled_t16_gb4_c4"])
 def test_all_padded_passes_the_state_through(rng, config):
   """A fully padded sequence: output 0 and the state unchanged bit for bit (even with count 0)."""
   x, w, b, _, _, state = make_inputs(rng, pad=False, segments=False)
@@ -172,7 +159,7 @@ def test_all_padded_passes_the_state_through(rng, config):
 
 
 @pytest.mark.parametrize("config", [pytest.param("tile8_splits2_noprefetch", marks=pytest.mark.slow),
-                                    TILED, "lookback2_t16_gb4_walk"])
+                                    TILED, "tiled_t16_gb4_c4"])
 def test_all_padded_passes_the_gradient_through(rng, config):
   """The gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one (the tiled
   design chains adjoints divided by the count, so count 0 is a special case there)."""
@@ -252,13 +239,11 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
-@pytest.mark.parametrize("segments,lookback", [(False, False), (True, False)])
-def test_tiled_lowers_to_triton(segments, lookback):
+@pytest.mark.parametrize("segments", [False, True])
+def test_tiled_lowers_to_triton(segments):
   """The tiled design's six kernels lower to Triton IR for a CUDA target (no GPU needed), at the
   target's group width (64 features) with 4 groups per program."""
-  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4,
-                                              lookback=bool(lookback),
-                                              lookback_backward=lookback == "both"))
+  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4))
 
   def fwd_and_grads(x, w, b, mask, seg):
     def loss(x, w, b):
@@ -274,21 +259,9 @@ def test_tiled_lowers_to_triton(segments, lookback):
       jax.jit(fwd_and_grads), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
   text = exported.mlir_module()
-  names = (["lookback_bwd"] if lookback == "both"
-           else ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd"])
-  names += ["lookback_fwd"] if lookback else ["tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
+  names = ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd",
+           "tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
   assert set(re.findall(r'name = "timestep_norm_(\w+)"', text)) == set(names)
-
-
-@pytest.mark.parametrize("both", [False, True])
-def test_lookback_variants_refuse_to_compile_for_a_gpu(both):
-  """Triton rejects the look-back kernels on an H200 (TiledConfig docstring): a compiled call
-  says so instead of failing inside XLA."""
-  config = K.KernelConfig(tiled=K.TiledConfig(lookback=True, lookback_backward=both))
-  x = jnp.zeros((1, 64, 128), jnp.float32)
-  w = jnp.zeros((128,), jnp.float32)
-  with pytest.raises(ValueError, match="interpreter only"):
-    K.timestep_norm_pallas(x, w, w, num_groups=2, interpret=False, config=config)
 
 
 def welford_float64(x, num_groups, eps=1e-5):

@@ -106,26 +106,13 @@ SWEEPS["tiled"] = [
     TILED(block_t=16, groups_per_block=4, num_warps=4),
     TILED(block_t=64, groups_per_block=2, num_warps=8),
     TILED(block_t=128, groups_per_block=1, num_warps=8),
-    # Single-pass forward (decoupled look-back), same backward.
-    TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True),
-    TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True),
-    # ... and the single-pass backward.
-    TILED(block_t=32, groups_per_block=2, num_warps=4, lookback=True, lookback_backward=True),
-    TILED(block_t=64, groups_per_block=1, num_warps=4, lookback=True, lookback_backward=True),
-    TILED(block_t=64, groups_per_block=2, num_warps=8, lookback=True, lookback_backward=True),
 ]
-# A short final comparison (< 90 s with --shapes target_only): the default (tiled), the
-# per-(sequence, group) kernel's old default and the single-pass look-back variants.
-SWEEPS["final"] = [
-    K.KernelConfig(),
-    TILED(lookback=True),
-    TILED(lookback=True, lookback_backward=True),
-    TILED(block_t=32, groups_per_block=1, lookback=True, lookback_backward=True),
-]
+# A short final comparison (< 90 s with --shapes target_only): the default (tiled) and the
+# per-(sequence, group) kernel's old default.
+SWEEPS["final"] = [K.KernelConfig()]
 BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
              TILED(block_t=64, groups_per_block=2, num_warps=8)]
 CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True),
-             TILED(block_t=16, groups_per_block=2, lookback=True, lookback_backward=True),
              TILED(block_t=16, groups_per_block=2, scan_chunk=2)]
 
 
@@ -331,8 +318,7 @@ def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
 def describe(c: K.KernelConfig) -> str:
   if c.tiled is not None:
     t = c.tiled
-    kind = "lookback2" if t.lookback_backward else "lookback" if t.lookback else "tiled"
-    return (f"{kind} T{t.block_t} Gb{t.groups_per_block} "
+    return (f"tiled T{t.block_t} Gb{t.groups_per_block} "
             f"w{t.num_warps} scan C{t.scan_chunk} W{t.scan_groups} w{t.scan_warps}")
   return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
           f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
@@ -371,8 +357,7 @@ def main():
   print(f"jax {jax.__version__}; devices: {jax.devices()}")
   shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
   if args.shapes == "target" and not args.cpu:
-    tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None and not c.tiled.lookback][:1]
-    tiled += [c for c in SWEEPS[args.sweep] if c.tiled is not None and c.tiled.lookback_backward][:1]
+    tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None][:1]
     shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
   if args.shapes == "target_only" and not args.cpu:
     shapes = shapes[:1]

@@ -178,6 +178,12 @@ class CemaKernelConfig:
     compiled through XLA does not contract a * b + c into one FMA: an fp32 chain kernel runs at
     30 TFLOP/s as multiply + add and at 58-60 as PTX FMAs on an H200 (bench_ops ceilings), and
     these scans are arithmetic-bound. Ignored in the interpreter and on TPU.
+  ptx_shuffle: with split > 1, sum each channel's lanes with PTX butterfly shuffles and store the
+    row from the channel's first lane. Triton's own reduction returns a [block_d] row in another
+    layout, and converting it back for the store goes through shared memory with two block-wide
+    barriers per time step (seen in the SASS of the backward scan). Needs one lane per thread
+    (block_d * split == 32 * num_warps); other tilings keep the reduction. Ignored in the
+    interpreter and on TPU.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -191,6 +197,7 @@ class CemaKernelConfig:
   num_chunks: int = 1
   reset_branch: bool = True
   ptx_fma: bool = True
+  ptx_shuffle: bool = True
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -370,6 +377,7 @@ class _ScanSpec:
   block_t: int
   chunk: int           # time steps per chunk (== length when there is one chunk)
   ptx_fma: bool        # multiply-adds as PTX FMAs (compiled GPU kernels only)
+  ptx_shuffle: bool    # per-channel lane sums as PTX shuffles (needs one lane per thread)
   in_names: tuple[str, ...]
   out_names: tuple[str, ...]
 
@@ -415,9 +423,38 @@ def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Calla
   return lax.fori_loop(0, rem, rem_body, carry)
 
 
+def _use_shuffle(cfg: CemaKernelConfig, split: int, block_d: int, num_warps: int,
+                 interpret: bool) -> bool:
+  """Whether a scan's lane sums can be PTX shuffles: compiled, split > 1, one lane per thread."""
+  return (cfg.ptx_shuffle and not interpret and split > 1
+          and block_d * split == 32 * num_warps)
+
+
+def _ptx_shuffle_xor(a: Array, mask: int) -> Array:
+  """The value held by lane (lane ^ mask) of the same warp (PTX shfl.sync.bfly).
+
+  Valid only when each thread holds exactly one element of `a` in lane order, which
+  _use_shuffle guarantees (a [32 * num_warps] vector gets one element per thread).
+  """
+  return plgpu.elementwise_inline_asm(
+      f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, 0xffffffff;", args=[a], constraints="=r,r",
+      pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+
+
 def _lane_sum(acc: Array, spec: _ScanSpec) -> Array:
-  """[block_d * S] lane partial sums -> [block_d] per-channel sums."""
+  """[block_d * S] lane partial sums -> per-channel sums.
+
+  Returns [block_d] (one per channel), or with spec.ptx_shuffle the [block_d * S] lane vector
+  in which every lane holds its channel's sum (butterfly over the S lanes of a channel, which
+  are adjacent threads of one warp).
+  """
   if spec.split == 1:
+    return acc
+  if spec.ptx_shuffle:
+    width = 1
+    while width < spec.split:
+      acc = acc + _ptx_shuffle_xor(acc, width)
+      width *= 2
     return acc
   return jnp.sum(acc.reshape(spec.block_d, spec.split), axis=1)
 
@@ -451,6 +488,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   lmask = d_lane < spec.dim
   d_out = blk * spec.block_d + jnp.arange(spec.block_d, dtype=jnp.int32)
   omask = d_out < spec.dim
+  first_lane = lmask & (lane % spec.split == 0)
   groups = range(spec.groups)
   t_lo = c * spec.chunk
   n_steps = jnp.minimum(spec.chunk, spec.length - t_lo)
@@ -488,8 +526,12 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     return plgpu.load(r["keep"].at[b, time_of(step)], mask=valid, other=1.0)
 
   def store_row(name, step, chains):
-    value = _lane_sum(_chains_total(chains), spec)
-    plgpu.store(r[name].at[b, time_of(step), d_out], value.astype(r[name].dtype), mask=omask)
+    value = _lane_sum(_chains_total(chains), spec).astype(r[name].dtype)
+    if spec.ptx_shuffle:
+      # Every lane holds its channel's sum; the channel's first lane writes it.
+      plgpu.store(r[name].at[b, time_of(step), d_lane], value, mask=first_lane)
+    else:
+      plgpu.store(r[name].at[b, time_of(step), d_out], value, mask=omask)
 
   qre, qim = coef("qre"), coef("qim")
 
@@ -699,7 +741,8 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
                      groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
                      chunk=plan.chunk, in_names=in_names, out_names=out_names,
-                     ptx_fma=cfg.ptx_fma and not interpret)
+                     ptx_fma=cfg.ptx_fma and not interpret,
+                     ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret))
 
   start = None if h0 is None else h0 / pf[None]
   local = decay = None
@@ -761,7 +804,9 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
                      has_g=has_g and mode == "bwd", reset_branch=cfg.reset_branch,
                      length=length, dim=dim, groups=groups, split=split,
                      block_d=cfg.bwd_block_d, block_t=cfg.block_t, chunk=plan.chunk,
-                     in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret)
+                     in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret,
+                     ptx_shuffle=_use_shuffle(cfg, split, cfg.bwd_block_d, cfg.bwd_num_warps,
+                                              interpret))
 
   # Decay across chunk c (its own length), applied from the later chunk to the earlier one.
   decays = [decay] * plan.count

@@ -406,3 +406,29 @@ def test_lane_layout_round_trip():
   # n = g * split + j sits at lane d * split + j of group g.
   assert float(lanes[1, 2 * 2 + 1]) == float(a[2, 1 * 2 + 1])
   np.testing.assert_array_equal(K._from_lanes(lanes, 3, 2), a)
+
+
+def _lowered_gpu_gradient_text(cfg) -> str:
+  """The CUDA lowering (on the CPU) of the kernel's value and x-gradient at a small shape."""
+  x = jnp.zeros((1, 64, 8), jnp.float32)
+  coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),
+                            jnp.ones((8, 4), jnp.complex64))
+  run = lambda x: jnp.sum(K.cema_pallas(x, coeffs, jnp.zeros((8,)), interpret=False,
+                                        platform="gpu", config=cfg))
+  return jax.jit(jax.grad(run)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_lane_sums_are_ptx_shuffles_only_with_one_lane_per_thread():
+  """Split channels sum their lanes with shfl.sync.bfly (CemaKernelConfig.ptx_shuffle), which is
+  only valid when each thread holds one lane: block_d * split == 32 * num_warps."""
+  base = dataclasses.replace(K.default_config(1, 64, 8, 4), split=2, block_d=64, bwd_split=2,
+                             bwd_block_d=64, num_warps=4, bwd_num_warps=4)
+  assert "shfl.sync.bfly.b32" in _lowered_gpu_gradient_text(base)
+  assert "shfl.sync.bfly.b32" not in _lowered_gpu_gradient_text(
+      dataclasses.replace(base, ptx_shuffle=False))
+  # 64 lanes on 128 threads: every lane would be held by two threads, so no shuffles.
+  assert "shfl.sync.bfly.b32" not in _lowered_gpu_gradient_text(
+      dataclasses.replace(base, block_d=32, bwd_block_d=32))
+  assert K._use_shuffle(base, 2, 64, 4, interpret=False)
+  assert not K._use_shuffle(base, 2, 64, 4, interpret=True)
+  assert not K._use_shuffle(base, 1, 128, 4, interpret=False)

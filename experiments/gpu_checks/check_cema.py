@@ -19,11 +19,14 @@ memory floor (a bf16 -> f32 copy of x, the traffic of reading x once and writing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -65,15 +68,38 @@ def rel_err(a, b) -> float:
   return float(num / den)
 
 
+# Set by --timing-lock: processes of one --parallel sweep compile side by side but time one at a
+# time, holding an exclusive lock on this file.
+_TIMING_LOCK: str | None = None
+
+
+@contextlib.contextmanager
+def timing_lock():
+  if _TIMING_LOCK is None:
+    yield
+    return
+  with open(_TIMING_LOCK, "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def bench(fn, *args, iters: int, warmup: int = 2) -> float:
-  """Median wall time in ms of fn(*args) (already jitted), after warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+  """Median wall time in ms of fn(*args) (already jitted), after warm-up.
+
+  The first call (which compiles) runs outside the timing lock, the rest inside it.
+  """
+  jax.block_until_ready(fn(*args))
+  with timing_lock():
+    for _ in range(warmup - 1):
+      jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append((time.perf_counter() - start) * 1e3)
   return statistics.median(times)
 
 
@@ -162,7 +188,8 @@ def local_pass(x, q, cfg, *, reverse: bool, interpret: bool):
   spec = K._ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=False, has_g=False,
                      reset_branch=cfg.reset_branch, length=length, dim=dim, groups=ndim // split,
                      split=split, block_d=block_d, block_t=cfg.block_t, chunk=plan.chunk,
-                     in_names=("x", "qre", "qim"), out_names=("fre", "fim"))
+                     in_names=("x", "qre", "qim"), out_names=("fre", "fim"),
+                     ptx_fma=cfg.ptx_fma and not interpret, ptx_shuffle=False)
   inputs = dict(x=x)
   inputs["qre"], inputs["qim"] = K._lane_planes(q, split)
   state = jax.ShapeDtypeStruct((batch, plan.count, ndim // split, dim * split), jnp.float32)
@@ -229,6 +256,16 @@ def baselines(x, params, w, args) -> dict:
 # the forward (block_d 128) and two in the backward (block_d 64), 4 warps, tiles of 16 steps.
 SWEEP = {
     "default": {},
+    "no_shuffle": {"ptx_shuffle": False},
+    "f_s2bd64": {"split": 2, "block_d": 64},
+    "f_s2bd64_c8": {"split": 2, "block_d": 64, "num_chunks": 8},
+    "f_s2bd64_b_s4bd32": {"split": 2, "block_d": 64, "bwd_split": 4, "bwd_block_d": 32},
+    "f_s2bd64_b_s4bd32_c8": {"split": 2, "block_d": 64, "bwd_split": 4, "bwd_block_d": 32,
+                             "num_chunks": 8},
+    "f_s2bd64_b_s4bd32_c32": {"split": 2, "block_d": 64, "bwd_split": 4, "bwd_block_d": 32,
+                              "num_chunks": 32},
+    "f_s4bd32_b_s4bd32_c8": {"split": 4, "block_d": 32, "bwd_split": 4, "bwd_block_d": 32,
+                             "num_chunks": 8},
     "chunks32": {"num_chunks": 32},
     "bwd_split1_bd32_w1": {"bwd_split": 1, "bwd_block_d": 32, "bwd_num_warps": 1},
     "bd32_w1": {"block_d": 32, "num_warps": 1, "bwd_block_d": 32, "bwd_num_warps": 2},
@@ -266,7 +303,15 @@ def main() -> None:
   parser.add_argument("--skip-passes", action="store_true",
                       help="no per-pass breakdown for the first configuration")
   parser.add_argument("--json", default=None, help="also write all numbers to this file")
+  parser.add_argument("--skip-accuracy", action="store_true", help="timings only")
+  parser.add_argument("--parallel", type=int, default=0,
+                      help="run each configuration in its own process, this many at once: they "
+                           "compile side by side (the kernels take about a minute each) and "
+                           "time one at a time")
+  parser.add_argument("--timing-lock", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  global _TIMING_LOCK
+  _TIMING_LOCK = args.timing_lock
   sys.stdout.reconfigure(line_buffering=True)  # every row reaches a log even if the run is cut
 
   if args.cpu:
@@ -287,6 +332,9 @@ def main() -> None:
     names = list(SWEEP)
   if args.configs:
     names = args.configs
+  if args.parallel > 0:
+    run_parallel(names, args)
+    return
   results = {}
   params = make_params(dim, args.order, seed=0)
   for length in lengths:
@@ -298,7 +346,7 @@ def main() -> None:
     cfg = base_cfg
     kernel = lambda *a, cfg=cfg, **k: K.cema_pallas(*a, config=cfg, interpret=args.cpu, **k)  # noqa: E731
     try:
-      acc = accuracy(x, params, w, kernel, args)
+      acc = {} if args.skip_accuracy else accuracy(x, params, w, kernel, args)
     except Exception:  # noqa: BLE001 - keep going to the timings; print why
       traceback.print_exc()
       acc = {"error": "see traceback"}
@@ -343,6 +391,73 @@ def main() -> None:
   if args.json:
     write_json(args.json, results)
     print(f"\nwrote {args.json}")
+
+
+def run_parallel(names: list[str], args) -> None:
+  """One child process per configuration (at most args.parallel at once); merges their JSON.
+
+  The first configuration's child also checks accuracy (unless --skip-accuracy); every child
+  times its per-pass breakdown (unless --skip-passes).
+  """
+  workdir = os.path.abspath(os.path.dirname(args.json) if args.json else ".")
+  os.makedirs(workdir, exist_ok=True)
+  lock = os.path.join(workdir, "check_cema.timing.lock")
+  passthrough = ["--batch", str(args.batch), "--order", str(args.order), "--iters", str(args.iters),
+                 "--skip-baselines", "--timing-lock", lock]
+  if args.lengths:
+    passthrough += ["--lengths", *map(str, args.lengths)]
+  if args.dim:
+    passthrough += ["--dim", str(args.dim)]
+  for flag in ("skip_ref_grads", "skip_passes", "cpu"):
+    if getattr(args, flag):
+      passthrough.append("--" + flag.replace("_", "-"))
+  pending = list(enumerate(names))
+  running = []
+  while pending or running:
+    while pending and len(running) < args.parallel:
+      index, name = pending.pop(0)
+      extra = [] if index == 0 and not args.skip_accuracy else ["--skip-accuracy"]
+      out_json = os.path.join(workdir, f"check_cema.{name}.json")
+      log_path = os.path.join(workdir, f"check_cema.{name}.log")
+      cmd = [sys.executable, os.path.abspath(__file__), "--configs", name, "--json", out_json,
+             *passthrough, *extra]
+      log = open(log_path, "w")
+      running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
+                      out_json, log_path))
+      print(f"started {name}", flush=True)
+    time.sleep(2)
+    for item in list(running):
+      name, proc, log, _, log_path = item
+      if proc.poll() is not None:
+        log.close()
+        running.remove(item)
+        print(f"--- {name} (exit {proc.returncode}) ---", flush=True)
+        with open(log_path) as f:
+          lines = f.read().splitlines()
+        keep = [l for l in lines if " | " in l or "passes" in l or ":" in l and "e-" in l]
+        print("\n".join(keep[-12:] if proc.returncode == 0 else lines[-20:]), flush=True)
+  merged = {}
+  for name in names:
+    path = os.path.join(workdir, f"check_cema.{name}.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      for length, row in json.load(f).items():
+        into = merged.setdefault(length, {k: v for k, v in row.items() if k != "configs"})
+        if row.get("accuracy"):
+          into["accuracy"] = row["accuracy"]
+        into.setdefault("configs", {}).update(row.get("configs", {}))
+  print("\nsummary (ms):")
+  print(f"{'L':>6s} {'config':>28s} | {'fwd':>7s} | {'fwd+bwd':>7s} | passes")
+  for length, row in merged.items():
+    for name, tm in row.get("configs", {}).items():
+      if "error" in tm:
+        print(f"{length:>6s} {name:>28s} | failed: {tm['error'][:120]}")
+        continue
+      passes = ", ".join(f"{k[5:]} {v:.3f}" for k, v in tm.items() if k.startswith("pass_"))
+      print(f"{length:>6s} {name:>28s} | {tm['kernel_fwd']:7.3f} | {tm['kernel_fwd_bwd']:7.3f} | "
+            f"{passes}")
+  write_json(args.json, merged)
 
 
 def write_json(path: str | None, results: dict) -> None:

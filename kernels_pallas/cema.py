@@ -827,10 +827,20 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   init_names = ()
   u_in = [None] * plan.count
   if plan.count > 1:
-    out = _launch(spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
-                  batch, plan.count, dict(x=dy, **keep_in, **coefs), {"fre": state, "fim": state},
-                  interpret=interpret, num_warps=cfg.bwd_num_warps, name="cema_bwd_chunk_states")
-    u_in = run_back(None, _natural(out, "fre", "fim", dim, split), flags.bwd)
+    # The chunk summaries carry only u, as light as the forward's summaries, so they use the
+    # forward's tiling (its channel blocks fill the GPU in one wave; with the backward's tiling
+    # and registers an H200 ran them in 1.3 waves). They leave the kernel in natural layout.
+    fsplit = cfg.split
+    local_spec = dataclasses.replace(
+        spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
+        split=fsplit, groups=ndim // fsplit, block_d=cfg.block_d, ptx_shuffle=False)
+    local_state = jax.ShapeDtypeStruct((batch, plan.count, ndim // fsplit, dim * fsplit),
+                                       jnp.float32)
+    local_coefs = dict(zip(("qre", "qim"), _lane_planes(q, fsplit)))
+    out = _launch(local_spec, batch, plan.count, dict(x=dy, **keep_in, **local_coefs),
+                  {"fre": local_state, "fim": local_state}, interpret=interpret,
+                  num_warps=cfg.num_warps, name="cema_bwd_chunk_states")
+    u_in = run_back(None, _natural(out, "fre", "fim", dim, fsplit), flags.bwd)
     u_in[last] = jnp.zeros_like(u_in[0])
     inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
     init_names = ("u0re", "u0im")

@@ -5,6 +5,7 @@ raw measurements, the memory-fit and out-of-memory paths."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -116,6 +117,11 @@ def test_kernel_config_overrides_are_parsed_and_checked():
   from kernels_pallas import cema as cema_kernels
   config = bench_ops.kernel_config(cema_kernels.CemaKernelConfig, "num_chunks=4, split=1")
   assert (config.num_chunks, config.split) == (4, 1)
+  # A variant of the shape's default changes only the fields it names (the class defaults would
+  # silently drop the default's time chunks).
+  base = cema_kernels.default_config(1, 32768, 4096, 16)
+  variant = bench_ops.kernel_config(cema_kernels.CemaKernelConfig, "ptx_shuffle=false", base)
+  assert variant == dataclasses.replace(base, ptx_shuffle=False) and variant.num_chunks > 1
   assert bench_ops.parse_overrides("fwd_impl=flash,prefetch=false") == {"fwd_impl": "flash", "prefetch": False}
   with pytest.raises(ValueError, match="unknown CemaKernelConfig"):
     bench_ops.kernel_config(cema_kernels.CemaKernelConfig, "blok_d=8")

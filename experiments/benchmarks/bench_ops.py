@@ -149,8 +149,14 @@ def parse_overrides(text: str) -> dict[str, Any]:
   return out
 
 
-def kernel_config(cls: type, text: str) -> Any:
-  """An instance of the kernel's config dataclass with the overrides in `text` (None if empty)."""
+def kernel_config(cls: type, text: str, base: Any = None) -> Any:
+  """The kernel's config with the overrides in `text` applied to `base` (an instance of cls; the
+  class defaults when None), or None when there are no overrides.
+
+  Pass the kernel's own default for the shape as `base` where it depends on the shape (CEMA's
+  default_config picks time chunks from B, L and D): a variant row then differs from the default
+  row only in the fields it names.
+  """
   if not text:
     return None
   overrides = parse_overrides(text)
@@ -158,7 +164,7 @@ def kernel_config(cls: type, text: str) -> Any:
   unknown = set(overrides) - names
   if unknown:
     raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; valid: {sorted(names)}")
-  return cls(**overrides)
+  return dataclasses.replace(base, **overrides) if base is not None else cls(**overrides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +250,9 @@ def _cema_fn(impl: str, mode: KernelMode) -> Callable[..., jax.Array]:
     omega = params["omega"].reshape(-1)
     if impl == "pallas":
       from kernels_pallas import cema as cema_kernels
-      config = kernel_config(cema_kernels.CemaKernelConfig, mode.config_text("cema"))
+      batch, length, dim = x.shape
+      base = cema_kernels.default_config(batch, length, dim, coeffs.p.shape[-1])
+      config = kernel_config(cema_kernels.CemaKernelConfig, mode.config_text("cema"), base)
       interpret = False if mode.lower_only else mode.interpret
       platform = "gpu" if mode.lower_only else None
       return cema_kernels.cema_pallas(x, coeffs, omega, config=config, interpret=interpret, platform=platform)

@@ -184,6 +184,9 @@ class CemaKernelConfig:
     barriers per time step (seen in the SASS of the backward scan). Needs one lane per thread
     (block_d * split == 32 * num_warps); other tilings keep the reduction. Ignored in the
     interpreter and on TPU.
+  bwd_summary_tiling: "forward" or "backward": which tiling (block_d, split, num_warps or their
+    bwd_ counterparts) the backward's chunk summaries use. They carry only u, as light as the
+    forward's summaries; on an H200 the backward tiling ran them in 1.3 waves (ncu).
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -198,6 +201,7 @@ class CemaKernelConfig:
   reset_branch: bool = True
   ptx_fma: bool = True
   ptx_shuffle: bool = True
+  bwd_summary_tiling: str = "forward"
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -212,6 +216,9 @@ class CemaKernelConfig:
         raise ValueError(f"CemaKernelConfig.{name}={getattr(self, name)} must divide N={ndim}.")
     if self.tpu_block_d < 1 or self.tpu_block_t < 1:
       raise ValueError("CemaKernelConfig.tpu_block_d and tpu_block_t must be positive.")
+    if self.bwd_summary_tiling not in ("forward", "backward"):
+      raise ValueError("CemaKernelConfig.bwd_summary_tiling must be 'forward' or 'backward'; "
+                       f"got {self.bwd_summary_tiling!r}.")
     if self.num_chunks < 1:
       raise ValueError(f"CemaKernelConfig.num_chunks must be >= 1; got {self.num_chunks}.")
     return self
@@ -827,19 +834,21 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   init_names = ()
   u_in = [None] * plan.count
   if plan.count > 1:
-    # The chunk summaries carry only u, as light as the forward's summaries, so they use the
-    # forward's tiling (its channel blocks fill the GPU in one wave; with the backward's tiling
-    # and registers an H200 ran them in 1.3 waves). They leave the kernel in natural layout.
-    fsplit = cfg.split
+    # The chunk summaries leave the kernel in natural layout, so their tiling is free
+    # (CemaKernelConfig.bwd_summary_tiling).
+    forward_tiling = cfg.bwd_summary_tiling == "forward"
+    fsplit = cfg.split if forward_tiling else split
     local_spec = dataclasses.replace(
         spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
-        split=fsplit, groups=ndim // fsplit, block_d=cfg.block_d, ptx_shuffle=False)
+        split=fsplit, groups=ndim // fsplit,
+        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d, ptx_shuffle=False)
     local_state = jax.ShapeDtypeStruct((batch, plan.count, ndim // fsplit, dim * fsplit),
                                        jnp.float32)
     local_coefs = dict(zip(("qre", "qim"), _lane_planes(q, fsplit)))
     out = _launch(local_spec, batch, plan.count, dict(x=dy, **keep_in, **local_coefs),
                   {"fre": local_state, "fim": local_state}, interpret=interpret,
-                  num_warps=cfg.num_warps, name="cema_bwd_chunk_states")
+                  num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps,
+                  name="cema_bwd_chunk_states")
     u_in = run_back(None, _natural(out, "fre", "fim", dim, fsplit), flags.bwd)
     u_in[last] = jnp.zeros_like(u_in[0])
     inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)

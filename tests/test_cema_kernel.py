@@ -97,6 +97,10 @@ CASES = {
     "chunked": Case("chunked", use_h0=False, use_segments=False, config=CHUNKED, use_state=False),
     "chunked_h0_segments": Case("chunked_h0_segments", use_h0=True, use_segments=True,
                                 config=CHUNKED),
+    # The backward's chunk summaries in the backward's own tiling (N / 4 orders per lane).
+    "chunked_segments_bwd_summary_tiling": Case(
+        "chunked_segments_bwd_summary_tiling", use_h0=False, use_segments=True,
+        config=dataclasses.replace(CHUNKED, bwd_summary_tiling="backward")),
     # One chunk, bf16 input, and every tile through the reset-multiply steps.
     "one_chunk_bf16": Case("one_chunk_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
                            config=dataclasses.replace(SMALL, reset_branch=False)),
@@ -321,6 +325,8 @@ def test_bad_inputs_raise_helpful_errors():
     K.cema_pallas(x, coeffs, jnp.ones(4), config=K.CemaKernelConfig(split=8))
   with pytest.raises(ValueError, match="power of two"):
     K.cema_pallas(x, coeffs, jnp.ones(4), block_d=3)
+  with pytest.raises(ValueError, match="bwd_summary_tiling must be 'forward' or 'backward'"):
+    K.cema_pallas(x, coeffs, jnp.ones(4), config=K.CemaKernelConfig(bwd_summary_tiling="fwd"))
 
 
 def test_accurate_powers_match_float64():

@@ -654,6 +654,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def build_cases(args: argparse.Namespace, mode: KernelMode) -> list[Case]:
   shapes = SMOKE_SHAPES if args.smoke else Shapes()
+  if args.cema_dim or args.cema_batch:
+    shapes = dataclasses.replace(shapes, cema_dim=args.cema_dim or shapes.cema_dim,
+                                 cema_batch=args.cema_batch or shapes.cema_batch)
   if args.cema_lengths:
     shapes = dataclasses.replace(shapes, cema_lengths=tuple(args.cema_lengths))
   builders = {"cema": cema_cases, "timestep_norm": tsn_cases, "chunk_attention": attention_cases}
@@ -690,6 +693,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--chunk-attention-impls", dest="chunk_attention_impls", default=None,
                       help=f"default {DEFAULT_IMPLS['chunk_attention']}")
   parser.add_argument("--cema-lengths", type=int, nargs="*", default=None)
+  parser.add_argument("--cema-dim", type=int, default=None, help="CEMA channels (default 4096)")
+  parser.add_argument("--cema-batch", type=int, default=None, help="CEMA batch (default 1)")
   parser.add_argument("--passes", default="fwd,fwdbwd", help="comma-separated subset of fwd,fwdbwd")
   parser.add_argument("--cema-config", default="", help="CemaKernelConfig overrides, e.g. 'num_chunks=4,split=1'")
   parser.add_argument("--timestep-norm-config", dest="timestep_norm_config", default="",

@@ -97,10 +97,11 @@ CASES = {
     "chunked": Case("chunked", use_h0=False, use_segments=False, config=CHUNKED, use_state=False),
     "chunked_h0_segments": Case("chunked_h0_segments", use_h0=True, use_segments=True,
                                 config=CHUNKED),
-    # The backward's chunk summaries in the backward's own tiling (N / 4 orders per lane).
+    # The backward's chunk summaries in the forward's tiling (N / 2 orders per lane, where the
+    # backward scan has N / 4).
     "chunked_segments_bwd_summary_tiling": Case(
         "chunked_segments_bwd_summary_tiling", use_h0=False, use_segments=True,
-        config=dataclasses.replace(CHUNKED, bwd_summary_tiling="backward")),
+        config=dataclasses.replace(CHUNKED, bwd_summary_tiling="forward")),
     # One chunk, bf16 input, and every tile through the reset-multiply steps.
     "one_chunk_bf16": Case("one_chunk_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
                            config=dataclasses.replace(SMALL, reset_branch=False)),

@@ -190,9 +190,10 @@ def local_pass(x, q, cfg, *, reverse: bool, interpret: bool):
   batch, length, dim = x.shape
   ndim = q.shape[1]
   plan = K._plan(length, cfg)
-  # Both directions' chunk summaries use the forward's tiling (kernels_pallas.cema._gpu_backward).
-  split = cfg.split
-  block_d = cfg.block_d
+  # The backward's summaries use the tiling that CemaKernelConfig.bwd_summary_tiling names.
+  own = reverse and cfg.bwd_summary_tiling == "backward"
+  split = cfg.bwd_split if own else cfg.split
+  block_d = cfg.bwd_block_d if own else cfg.block_d
   spec = K._ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=False, has_g=False,
                      reset_branch=cfg.reset_branch, length=length, dim=dim, groups=ndim // split,
                      split=split, block_d=block_d, block_t=cfg.block_t, chunk=plan.chunk,
@@ -202,7 +203,7 @@ def local_pass(x, q, cfg, *, reverse: bool, interpret: bool):
   inputs["qre"], inputs["qim"] = K._lane_planes(q, split)
   state = jax.ShapeDtypeStruct((batch, plan.count, ndim // split, dim * split), jnp.float32)
   return K._launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
-                   interpret=interpret, num_warps=cfg.num_warps,
+                   interpret=interpret, num_warps=cfg.bwd_num_warps if own else cfg.num_warps,
                    name="local")
 
 

@@ -1,0 +1,137 @@
+"""Registers and instruction mix of the CEMA Triton kernels for sm_90a, on a machine with no GPU.
+
+    pip install triton          # any recent release; it carries ptxas and cuobjdump
+    python experiments/gpu_checks/sass_report.py --config "{'num_chunks': 16}" --out /tmp/sass
+
+Step 1 (this Python, with JAX): cross-lowers the CEMA value-and-gradient for CUDA at B=1,
+L=32768, D=4096, N=16 and saves each Pallas kernel's Triton IR (.ttir).  Step 2 (--triton-python,
+default this Python): compiles each .ttir with Triton for sm_90a (num_warps from the config) and
+disassembles it.  Prints per kernel: registers per thread, spills, shared memory, and the mix of
+instructions in its main loop (the largest backward branch), e.g. how many are FP32 arithmetic.
+XLA compiles the same IR with its own Triton, so register counts can differ (ncu on an H200:
+backward scan 204 and chunk summaries 126 / 80 registers under XLA; 231 and 128 / 80 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+_COMPILE = r'''
+import os, re, subprocess, sys, collections
+import triton
+from triton.backends.compiler import GPUTarget
+path, num_warps = sys.argv[1], int(sys.argv[2])
+kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": num_warps, "num_stages": 1})
+base = path.rsplit(".", 1)[0]
+open(base + ".cubin", "wb").write(kernel.asm["cubin"])
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+for args, suffix in ((["--dump-resource-usage"], ".usage"), (["--dump-sass"], ".sass")):
+  text = subprocess.run([os.path.join(bin_dir, "cuobjdump"), *args, base + ".cubin"],
+                        capture_output=True, text=True, check=True).stdout
+  open(base + suffix, "w").write(text)
+'''
+
+
+def dump_ttir(out_dir: str, overrides: dict) -> list[tuple[str, int]]:
+  """Writes one .ttir per Pallas kernel; returns (path, num_warps) pairs."""
+  os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
+  sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+  import jax
+  import jax.numpy as jnp
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  from kernels_pallas import cema as K
+  from megalodon_jax.ops.cema import CemaCoefficients
+
+  batch, length, dim, ndim = 1, 32768, 4096, 16
+  cfg = dataclasses.replace(K.default_config(batch, length, dim, ndim), **overrides)
+  print(cfg)
+  warps = {"cema_fwd_chunk_states": cfg.num_warps, "cema_fwd_scan": cfg.num_warps,
+           "cema_bwd_chunk_states": cfg.bwd_num_warps if cfg.bwd_summary_tiling == "backward"
+           else cfg.num_warps, "cema_bwd_scan": cfg.bwd_num_warps}
+  saved = []
+  original = registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = original(*args, **kwargs)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    name = re.search(r"tt.func public @(\w+)", text).group(1)
+    path = os.path.join(out_dir, f"{len(saved):02d}_{name}.ttir")
+    with open(path, "w") as f:
+      f.write(text)
+    saved.append((path, warps.get(name, cfg.num_warps)))
+    return result
+
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    spec = jax.ShapeDtypeStruct
+    def loss(x, p, q, eta, omega):
+      y = K.cema_pallas(x, CemaCoefficients(p, q, eta), omega, config=cfg, interpret=False,
+                        platform="gpu")
+      return jnp.sum(y)
+    avals = (spec((batch, length, dim), jnp.bfloat16), spec((dim, ndim), jnp.float32),
+             spec((dim, ndim), jnp.complex64), spec((dim, ndim), jnp.complex64),
+             spec((dim,), jnp.float32))
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*avals).lower(
+        lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = original
+  return saved
+
+
+def loop_mix(sass: str) -> str:
+  """Instruction counts of the largest loop (a branch back to an earlier address)."""
+  body = [(int(m.group(1), 16), m.group(2).strip())
+          for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+  best = None
+  for addr, text in body:
+    if "BRA" not in text:
+      continue
+    target = re.search(r"0x([0-9a-f]+)", text.split("BRA")[-1])
+    if target and int(target.group(1), 16) < addr:
+      lo = int(target.group(1), 16)
+      count = sum(1 for a, _ in body if lo <= a <= addr)
+      if best is None or count > best[0]:
+        best = (count, lo, addr)
+  if best is None:
+    return "no loop"
+  count, lo, hi = best
+  ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                            for a, t in body if lo <= a <= hi)
+  fp = ops["FFMA"] + ops["FMUL"] + ops["FADD"]
+  top = " ".join(f"{k}:{v}" for k, v in ops.most_common(10))
+  return f"loop {count} instructions, {fp / count:.0%} FP32 arithmetic; {top}"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="{}", help="CemaKernelConfig overrides, as a dict")
+  parser.add_argument("--out", default="/tmp/cema_sass")
+  parser.add_argument("--triton-python", default=sys.executable,
+                      help="a Python with triton installed (may differ from the JAX one)")
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  kernels = dump_ttir(args.out, ast.literal_eval(args.config))
+  env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
+  for path, num_warps in kernels:
+    subprocess.run([args.triton_python, "-c", _COMPILE, path, str(num_warps)], check=True, env=env)
+    base = path.rsplit(".", 1)[0]
+    usage = open(base + ".usage").read()
+    resources = re.search(r"REG:(\d+).*?SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    regs, shared, local = resources.groups() if resources else ("?", "?", "?")
+    print(f"{os.path.basename(base)}: {regs} registers, {shared} B shared, {local} B local "
+          f"(spills), {num_warps} warps")
+    print("  " + loop_mix(open(base + ".sass").read()), flush=True)
+
+
+if __name__ == "__main__":
+  main()

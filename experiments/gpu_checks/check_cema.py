@@ -3,6 +3,9 @@
 Run on a GPU machine from the repository root:
     python experiments/gpu_checks/check_cema.py                 # B=1, D=4096, N=16, L=16384,32768
     python experiments/gpu_checks/check_cema.py --sweep         # also time alternative tilings
+    python experiments/gpu_checks/check_cema.py --sweep --parallel 9 --lengths 32768 --json out/s.json
+        # one process per tiling: all compile side by side (about a minute each), then each
+        # times alone; logs and JSON per tiling next to out/s.json
     python experiments/gpu_checks/check_cema.py --cpu           # tiny end-to-end run (interpret)
 
 Prints, per length: relative errors of the kernel against the lax.scan reference (values, final

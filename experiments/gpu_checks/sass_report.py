@@ -1,13 +1,16 @@
-"""Registers and instruction mix of the CEMA Triton kernels for sm_90a, on a machine with no GPU.
+"""Registers and instruction mix of the Triton kernels for sm_90a, on a machine with no GPU.
 
     pip install triton          # any recent release; it carries ptxas and cuobjdump
     python experiments/gpu_checks/sass_report.py --config "{'num_chunks': 16}" --out /tmp/sass
+    python experiments/gpu_checks/sass_report.py --op timestep_norm --config "{'block_t': 32}"
 
-Step 1 (this Python, with JAX): cross-lowers the CEMA value-and-gradient for CUDA at B=1,
-L=32768, D=4096, N=16 and saves each Pallas kernel's Triton IR (.ttir).  Step 2 (--triton-python,
+Step 1 (this Python, with JAX): cross-lowers the op's value-and-gradient for CUDA (CEMA at B=1,
+L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64) and saves each Pallas
+kernel's Triton IR (.ttir).  Step 2 (--triton-python,
 default this Python): compiles each .ttir with Triton for sm_90a (num_warps from the config) and
-disassembles it.  Prints per kernel: registers per thread, spills, shared memory, and the mix of
-instructions in its main loop (the largest backward branch), e.g. how many are FP32 arithmetic.
+disassembles it.  Prints per kernel: registers per thread, local memory (spills), shared memory,
+block-wide barriers, and the mix of instructions in its main loop (the largest backward branch;
+the whole kernel when it has none), e.g. how many are FP32 arithmetic.
 XLA compiles the same IR with its own Triton, so register counts can differ (ncu on an H200:
 backward scan 204 and chunk summaries 126 / 80 registers under XLA; 231 and 128 / 80 here).
 """
@@ -40,13 +43,10 @@ for args, suffix in ((["--dump-resource-usage"], ".usage"), (["--dump-sass"], ".
 '''
 
 
-def dump_ttir(out_dir: str, overrides: dict) -> list[tuple[str, int]]:
-  """Writes one .ttir per Pallas kernel; returns (path, num_warps) pairs."""
-  os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
-  sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+def _cema_gradient(overrides: dict):
+  """CEMA value-and-gradient at B=1, L=32768, D=4096, N=16: (function, avals, warps per kernel)."""
   import jax
   import jax.numpy as jnp
-  from jax._src.pallas.triton import pallas_call_registration as registration
 
   from kernels_pallas import cema as K
   from megalodon_jax.ops.cema import CemaCoefficients
@@ -57,31 +57,74 @@ def dump_ttir(out_dir: str, overrides: dict) -> list[tuple[str, int]]:
   warps = {"cema_fwd_chunk_states": cfg.num_warps, "cema_fwd_scan": cfg.num_warps,
            "cema_bwd_chunk_states": cfg.bwd_num_warps if cfg.bwd_summary_tiling == "backward"
            else cfg.num_warps, "cema_bwd_scan": cfg.bwd_num_warps}
+
+  def loss(x, p, q, eta, omega):
+    y = K.cema_pallas(x, CemaCoefficients(p, q, eta), omega, config=cfg, interpret=False,
+                      platform="gpu")
+    return jnp.sum(y)
+
+  spec = jax.ShapeDtypeStruct
+  avals = (spec((batch, length, dim), jnp.bfloat16), spec((dim, ndim), jnp.float32),
+           spec((dim, ndim), jnp.complex64), spec((dim, ndim), jnp.complex64),
+           spec((dim,), jnp.float32))
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4)), avals, warps
+
+
+def _timestep_norm_gradient(overrides: dict):
+  """Tiled TimestepNorm value-and-gradient at B=1, L=32768, D=4096, G=64 (TiledConfig overrides)."""
+  import jax
+  import jax.numpy as jnp
+
+  from kernels_pallas import timestep_norm as T
+
+  batch, length, dim, groups = 1, 32768, 4096, 64
+  cfg = T.default_config("triton")
+  cfg = dataclasses.replace(cfg, tiled=dataclasses.replace(cfg.tiled, **overrides))
+  print(cfg)
+  scan = ("timestep_norm_tiled_fwd_scan", "timestep_norm_tiled_bwd_scan")
+  warps = collections.defaultdict(lambda: cfg.tiled.num_warps,
+                                  {name: cfg.tiled.scan_warps for name in scan})
+
+  def loss(x, weight, bias):
+    y, _ = T.timestep_norm_pallas(x, weight, bias, num_groups=groups, interpret=False,
+                                  backend="triton", config=cfg)
+    return jnp.sum(y.astype(jnp.float32))
+
+  spec = jax.ShapeDtypeStruct
+  avals = (spec((batch, length, dim), jnp.bfloat16), spec((dim,), jnp.float32),
+           spec((dim,), jnp.float32))
+  return jax.grad(loss, argnums=(0, 1, 2)), avals, warps
+
+
+OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient}
+
+
+def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
+  """Writes one .ttir per Pallas kernel of the op's gradient; returns (path, num_warps) pairs."""
+  os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
+  sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+  import jax
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  gradient, avals, warps = OPS[op](overrides)
   saved = []
   original = registration.lowering.lower_jaxpr_to_triton_module
 
   def capture(*args, **kwargs):
     result = original(*args, **kwargs)
     text = result.module.operation.get_asm(enable_debug_info=False)
+    # Load hints that newer Triton releases spell differently; they do not change the SASS mix.
+    text = re.sub(r" (evictionPolicy|cacheModifier) = \w+", "", text)
     name = re.search(r"tt.func public @(\w+)", text).group(1)
     path = os.path.join(out_dir, f"{len(saved):02d}_{name}.ttir")
     with open(path, "w") as f:
       f.write(text)
-    saved.append((path, warps.get(name, cfg.num_warps)))
+    saved.append((path, warps[name]))
     return result
 
   registration.lowering.lower_jaxpr_to_triton_module = capture
   try:
-    spec = jax.ShapeDtypeStruct
-    def loss(x, p, q, eta, omega):
-      y = K.cema_pallas(x, CemaCoefficients(p, q, eta), omega, config=cfg, interpret=False,
-                        platform="gpu")
-      return jnp.sum(y)
-    avals = (spec((batch, length, dim), jnp.bfloat16), spec((dim, ndim), jnp.float32),
-             spec((dim, ndim), jnp.complex64), spec((dim, ndim), jnp.complex64),
-             spec((dim,), jnp.float32))
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*avals).lower(
-        lowering_platforms=("cuda",))
+    jax.jit(gradient).trace(*avals).lower(lowering_platforms=("cuda",))
   finally:
     registration.lowering.lower_jaxpr_to_triton_module = original
   return saved
@@ -101,36 +144,41 @@ def loop_mix(sass: str) -> str:
       count = sum(1 for a, _ in body if lo <= a <= addr)
       if best is None or count > best[0]:
         best = (count, lo, addr)
-  if best is None:
-    return "no loop"
+  if best is None:  # no loop (one tile per program): the whole kernel
+    best = (len(body), body[0][0], body[-1][0])
   count, lo, hi = best
   ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
                             for a, t in body if lo <= a <= hi)
   fp = ops["FFMA"] + ops["FMUL"] + ops["FADD"]
   top = " ".join(f"{k}:{v}" for k, v in ops.most_common(10))
-  return f"loop {count} instructions, {fp / count:.0%} FP32 arithmetic; {top}"
+  what = "loop" if count < len(body) else "kernel (no loop)"
+  return f"{what}: {count} instructions, {fp / count:.0%} FP32 arithmetic; {top}"
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="{}", help="CemaKernelConfig overrides, as a dict")
+  parser.add_argument("--op", default="cema", choices=sorted(OPS))
+  parser.add_argument("--config", default="{}",
+                      help="overrides, as a dict: CemaKernelConfig fields, or TiledConfig fields "
+                           "for timestep_norm")
   parser.add_argument("--out", default="/tmp/cema_sass")
   parser.add_argument("--triton-python", default=sys.executable,
                       help="a Python with triton installed (may differ from the JAX one)")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  kernels = dump_ttir(args.out, ast.literal_eval(args.config))
+  kernels = dump_ttir(args.out, args.op, ast.literal_eval(args.config))
   env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
   for path, num_warps in kernels:
     subprocess.run([args.triton_python, "-c", _COMPILE, path, str(num_warps)], check=True, env=env)
     base = path.rsplit(".", 1)[0]
     usage = open(base + ".usage").read()
-    resources = re.search(r"REG:(\d+).*?SHARED:(\d+)\s+LOCAL:(\d+)", usage)
-    regs, shared, local = resources.groups() if resources else ("?", "?", "?")
-    print(f"{os.path.basename(base)}: {regs} registers, {shared} B shared, {local} B local "
-          f"(spills), {num_warps} warps")
-    print("  " + loop_mix(open(base + ".sass").read()), flush=True)
+    resources = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)", usage)
+    regs, stack, shared = resources.groups() if resources else ("?", "?", "?")
+    sass = open(base + ".sass").read()
+    print(f"{os.path.basename(base)}: {regs} registers, {stack} B stack (spills), {shared} B "
+          f"shared, {sass.count('BAR.SYNC')} BAR.SYNC, {num_warps} warps")
+    print("  " + loop_mix(sass), flush=True)
 
 
 if __name__ == "__main__":

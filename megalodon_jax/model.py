@@ -16,6 +16,7 @@ from megalodon_jax.layers.ffn import NormalizedFFN
 from megalodon_jax.layers.mega_attention import MovingAverageGatedAttention
 from megalodon_jax.layers.timestep_norm import TimestepNorm
 from megalodon_jax.ops import backend, rope
+from megalodon_jax.ops.logits import output_logits
 from megalodon_jax.sharding.rules import constrain, partitioned
 
 ACTIVATION = ("batch", "length", "act_embed")  # logical axes of the residual stream [B, L, D]
@@ -81,7 +82,7 @@ class _OutputHead(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", partitioned(initializers.embedding(x.shape[-1]), ("embed", "vocab")),
                         (x.shape[-1], self.vocab_size), self.param_dtype)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    return output_logits(x, kernel, self.dtype)
 
 
 class MegalodonLM(nn.Module):
@@ -142,7 +143,7 @@ class MegalodonLM(nn.Module):
                                   pdtype, name="final_norm")(
         x, None if cache is None else cache.final_norm, padding_mask=padding_mask, segment_ids=segment_ids)
     if cfg.share_emb:
-      logits = jnp.dot(x.astype(dtype), embed.embedding.astype(dtype).T, preferred_element_type=jnp.float32)
+      logits = output_logits(x, embed.embedding.T, dtype)
     else:
       logits = _OutputHead(cfg.vocab_size, dtype, pdtype, name="output")(x)
     logits = constrain(logits, ("batch", "length", "vocab"))

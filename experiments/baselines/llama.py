@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from megalodon_jax.config import ConfigError
 from megalodon_jax.ops import dense as dense_ops
+from megalodon_jax.ops.logits import output_logits
 
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 DECODE_ATTENTION_IMPLS = ("xla", "cudnn")
@@ -399,11 +400,11 @@ class Llama(nn.Module):
     x, new_layers = self._blocks(x, positions, layer_caches, index)
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, embed.embedding.astype(dtype), preferred_element_type=jnp.float32)
+      logits = output_logits(x, embed.embedding.T, dtype)
     else:
       head = self.param("lm_head", nn.initializers.normal(cfg.init_std), (cfg.model_dim, cfg.vocab_size),
                         param_dtype)
-      logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+      logits = output_logits(x, head, dtype)
     if cache is None:
       return logits
     return logits, {"layers": new_layers, "index": index + length}

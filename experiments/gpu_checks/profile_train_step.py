@@ -64,6 +64,7 @@ def parse_args(argv):
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--trace_dir", default="/tmp/train_trace")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--hlo", default=None, help="write the compiled step's HLO text (gzip) here")
   parser.add_argument("--smoke", action="store_true", help="tiny model and shape on the CPU")
   return parser.parse_args(argv)
 
@@ -94,7 +95,7 @@ def device_kernels(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
       continue
     if "Stream" not in threads.get((ev.get("pid"), ev.get("tid")), ""):
       continue
-    out.append({"name": ev["name"], "ts": ev["ts"], "dur": ev.get("dur", 0)})
+    out.append({"name": ev["name"], "ts": ev["ts"], "dur": ev.get("dur", 0), "args": ev.get("args", {})})
   return out
 
 
@@ -112,7 +113,16 @@ def summarize(kernels: list[dict[str, Any]], steps: int, top: int) -> dict[str, 
     by_name[k["name"]][0] += 1
     by_name[k["name"]][1] += k["dur"]
   ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+  # Copies have no telling kernel name; the HLO op behind each (when the trace says) does.
+  copies = collections.defaultdict(lambda: [0, 0.0])
+  for k in kernels:
+    if "memcpy" in k["name"].lower() or "memset" in k["name"].lower():
+      op = str(k["args"].get("hlo_op") or k["args"].get("long_name") or k["args"])[:160]
+      copies[op][0] += 1
+      copies[op][1] += k["dur"]
   return {
+      "copies": [{"op": op, "calls": c / steps, "ms": d / steps / 1e3}
+                 for op, (c, d) in sorted(copies.items(), key=lambda kv: -kv[1][1])[:top]],
       "kernels_per_step": len(kernels) / steps,
       "busy_ms": busy / steps / 1e3,
       "span_ms": (end - start) / steps / 1e3,
@@ -143,6 +153,9 @@ def main(argv=None):
   compiled = step.lower(params, opt_state, batch).compile()
   print(f"compiled {spec.size} {spec.arch} {spec.batch}x{spec.length} remat={spec.remat} "
         f"in {time.perf_counter() - t0:.1f} s", flush=True)
+  if args.hlo:
+    with gzip.open(args.hlo, "wt") as f:
+      f.write(compiled.as_text())
   state = (params, opt_state)
   for _ in range(args.warmup):
     *state, metrics = compiled(*state, batch)
@@ -167,6 +180,9 @@ def main(argv=None):
   print("top kernels:")
   for k in out.get("top", []):
     print(f"  {k['ms']:8.3f} ms  x{k['calls']:6.1f}  [{k['category']}] {k['name']}")
+  print("copies (by HLO op):")
+  for k in out.get("copies", []):
+    print(f"  {k['ms']:8.3f} ms  x{k['calls']:6.1f}  {k['op']}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

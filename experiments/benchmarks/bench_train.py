@@ -96,7 +96,7 @@ def _kernel_available(module: str) -> bool:
 
 
 def megalodon_config(preset: str, spec: RowSpec, args: argparse.Namespace) -> mega_config.MegalodonConfig:
-  """The preset with bf16 compute, float32 parameters, scanned layers and the chosen kernels.
+  """The preset with bf16 compute, float32 parameters, scanned (or unrolled) layers and the chosen kernels.
 
   'auto' TimestepNorm falls back to the XLA path when kernels_pallas.timestep_norm is not
   installed, so the row still runs (the impls column says which ran).
@@ -104,7 +104,7 @@ def megalodon_config(preset: str, spec: RowSpec, args: argparse.Namespace) -> me
   tsn = args.timestep_norm_impl
   if tsn == "auto" and backend.has_accelerator() and not _kernel_available("kernels_pallas.timestep_norm"):
     tsn = "xla"
-  return mega_config.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=True,
+  return mega_config.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=args.scan_layers == "true",
                             remat_policy=spec.remat, cema_method=args.cema_method,
                             attention_impl=args.attention_impl, timestep_norm_impl=tsn)
 
@@ -159,7 +159,7 @@ def build_megalodon(preset: str, spec: RowSpec, args: argparse.Namespace) -> Mod
 
 
 def build_llama(preset: str, spec: RowSpec, args: argparse.Namespace) -> Model:
-  cfg = llama_lib.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=True,
+  cfg = llama_lib.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=args.scan_layers == "true",
                          remat_policy=spec.remat, attention_impl=args.llama_attention)
   module = llama_lib.Llama(cfg)
   init_module = llama_lib.Llama(cfg.replace(attention_impl="xla"))  # same parameters, no cuDNN at init
@@ -415,6 +415,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--attention-impl", default="auto", choices=mega_config.ATTENTION_IMPLS)
   parser.add_argument("--timestep-norm-impl", default="auto", choices=mega_config.TIMESTEP_NORM_IMPLS)
   parser.add_argument("--llama-attention", default="auto", choices=llama_lib.ATTENTION_IMPLS)
+  parser.add_argument("--scan-layers", default="true", choices=["true", "false"],
+                      help="both models: layers as one lax.scan (fast compile; XLA copies each layer's saved "
+                           "activations in and out of stacked buffers) or unrolled (each its own buffer)")
   parser.add_argument("--learning-rate", type=float, default=1e-4)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=8)

@@ -142,6 +142,21 @@ _TRITON_CASES = {
     # one chunk (L == C) in bfloat16; default backward tiles (capped at the chunk: 32 x 32)
     "one_chunk_bf16": dict(batch=1, length=32, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
                            scale=0.5, config=ca.KernelConfig(block_q=16, block_k=16)),
+    # the one-pass forward (running maxima per key tile, applied inside the P V matmul)
+    "online_scores": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
+                          config=ca.KernelConfig(block_q=16, block_k=32, bwd_block_q=16, bwd_block_k=16,
+                                                 fwd_scores="online")),
+    # block matmuls on finer tiles than the kernels that wrote the probability tiles (tails of
+    # 40 % 32 rows, segments), backward with S and P before dP
+    "reader_tiles_s_first": dict(batch=1, length=80, heads=1, dk=16, dv=48, chunk_size=40, segments=True,
+                                 config=ca.KernelConfig(block_q=32, block_k=32, mm_block_q=16, mm_block_k=16,
+                                                        bwd_block_q=32, bwd_block_k=32, bwd_mm_block_q=16,
+                                                        bwd_mm_block_k=32, block_r=16, block_d=32,
+                                                        bwd_order="s_first")),
+    # s_first in bfloat16 (P is held in bf16 across the dv loop), scale != 1
+    "s_first_bf16": dict(batch=1, length=64, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
+                         scale=0.6, config=ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16,
+                                                           bwd_block_k=32, bwd_order="s_first")),
     # the buffer-free flash forward, with segments and tails
     "flash_forward": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
                           config=ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=16, block_d=32,
@@ -295,6 +310,19 @@ def test_bad_inputs_raise(bad):
     kwargs = dict(block_q=24, platform="triton")
   with pytest.raises(ValueError):
     ca.chunk_attention(q, k, v, chunk_size=32, **kwargs)
+
+
+@pytest.mark.parametrize("config,match", [
+    (ca.KernelConfig(block_q=16, mm_block_q=32), "must divide"),
+    (ca.KernelConfig(block_k=32, mm_block_k=16, fwd_scores="online"), "online"),
+    (ca.KernelConfig(bwd_block_k=16, bwd_mm_block_k=32), "must divide"),
+    (ca.KernelConfig(fwd_scores="twice"), "fwd_scores"),
+    (ca.KernelConfig(bwd_order="ds_first"), "bwd_order"),
+])
+def test_bad_tilings_raise(config, match):
+  q = jnp.zeros((1, 64, 1, 16))
+  with pytest.raises(ValueError, match=match):
+    ca.chunk_attention(q, q, q, chunk_size=64, config=config, platform="triton")
 
 
 def test_cached_bad_start_raises():

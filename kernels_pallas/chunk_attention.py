@@ -14,12 +14,17 @@ contraction dO V^T before dS exists. So the GPU path computes every product exac
 GEMM-shaped kernels over the visited (query block, key block) tiles of each chunk, passing the
 [block_q, block_k] probability tiles through HBM:
 
-  forward   1. scores: S = Q K^T per visited tile, online softmax statistics (float32, base 2);
-               stores P~ = exp2(S - running max) tiles, the running max per (row, key block), lse.
-            2. block-causal matmul over dv tiles: O_i = sum_j diag(exp2(m_ij - lse_i)) P~_ij V_j.
+  forward   1. scores, two passes over the visited key blocks of a query block: the row maxima m
+               of S = Q K^T (float32, base 2), then S again and the tiles P~ = exp2(S - m) stored
+               with the row sums l (lse = m + log2 l; 1 / l kept for step 2).
+            2. block-causal matmul over dv tiles: O_i = (1 / l_i) sum_j P~_ij V_j (the division
+               once, after the loop). (KernelConfig(fwd_scores='online'): one pass with running
+               maxima per key block instead, which step 2 applies to every tile inside its loop.)
   backward  3. per visited tile: S, P = exp2(S - lse), dP = dO V^T (full dv), dS = P (dP - delta);
                stores P and dS tiles (delta = rowsum(O * dO) comes from XLA).
             4. dV = P^T dO, dK = dS^T Q (block-causal transposed matmuls), dQ = dS K.
+  The matmuls of steps 2 and 4 may use finer tiles than the kernels that wrote the tiles (they
+  read only tiles those kernels visited); step 3 wants wide tiles (its cost is streaming dO and V).
 
 Per chunk and head that is C^2 (dk + dv) FLOPs forward and C^2 (3 dk + 2 dv) backward (causal
 halves), the minimum, at the cost of a transient [B, H, L, C] buffer (one in the forward pass, two
@@ -93,6 +98,8 @@ class KernelConfig:
     per key block, which the matmul applies to every probability tile before multiplying.
   bwd_order: GPU backward tiles kernel, 'dp_first' (dO V^T, then S: only one [bq, bk] accumulator
     is live during the long dv loop) or 's_first' (S and P first, P held while dP accumulates).
+  delta_impl: GPU backward, delta = rowsum(O dO) by an XLA reduction ('xla') or a Pallas kernel
+    ('pallas').
   """
   block_q: int | None = None
   block_k: int | None = None
@@ -117,6 +124,7 @@ class KernelConfig:
   fwd_impl: str = "blocks"
   fwd_scores: str = "twopass"
   bwd_order: str = "dp_first"
+  delta_impl: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +181,7 @@ class _Plan:
   fwd_impl: str = "blocks"
   fwd_scores: str = "twopass"
   bwd_order: str = "dp_first"
+  delta_impl: str = "xla"
   packed: bool = False  # Mosaic: q/k/v viewed as [B, L, H*d] (else transposed to [B*H, L, d])
 
 
@@ -318,7 +327,7 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
 
 def _check_choices(config: KernelConfig) -> None:
   for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online")),
-                        ("bwd_order", ("dp_first", "s_first"))):
+                        ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas"))):
     if getattr(config, name) not in allowed:
       raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(config, name)!r}")
 
@@ -359,7 +368,8 @@ def _attention_fwd(plan: _Plan, q, k, v, segment_ids):
 
 def _attention_bwd(plan: _Plan, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
-  delta = _delta(out, d_out)
+  delta = _tr_delta(plan, out, d_out) if plan.platform == "triton" and plan.delta_impl == "pallas" else \
+      _delta(out, d_out)
   if plan.platform == "triton":
     dq, dk, dv = _tr_backward(plan, q, k, v, segment_ids, lse, delta, d_out)
   else:
@@ -424,7 +434,7 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
   return _Plan("triton", interpret, scale, geom, bwd_geom=bwd_geom, mm_geom=mm_geom, bwd_mm_geom=bwd_mm_geom,
                block_d=block_d, block_c=block_c,
                block_qk=block_qk, block_r=block_r, launch=launch, fwd_impl=config.fwd_impl,
-               fwd_scores=config.fwd_scores, bwd_order=config.bwd_order)
+               fwd_scores=config.fwd_scores, bwd_order=config.bwd_order, delta_impl=config.delta_impl)
 
 
 def _reader_geom(writer: _Geom, block_q: int | None, block_k: int | None, name: str) -> _Geom:
@@ -753,6 +763,19 @@ def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_re
     plgpu.store(ds_ref.at[tile], ds.astype(ds_ref.dtype))
 
 
+def _tr_delta_kernel(o_ref, do_ref, delta_ref, *, rows: int, length: int, width: int, chunk: int):
+  """delta for `rows` rows of one (batch, head): rowsum(O * dO) over the feature chunks."""
+  r = _Rows(pl.program_id(0) * rows, rows, length, length % rows == 0)
+
+  def body(c, acc):
+    o = _tr_load(o_ref, r.start, r, c * chunk, chunk, width).astype(jnp.float32)
+    do = _tr_load(do_ref, r.start, r, c * chunk, chunk, width).astype(jnp.float32)
+    return acc + jnp.sum(o * do, axis=1)
+
+  acc = lax.fori_loop(0, _cdiv(width, chunk), body, jnp.zeros((rows,), jnp.float32))
+  plgpu.store(delta_ref.at[pl.ds(r.start, rows)], acc, mask=r.load_mask())
+
+
 def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g: _Geom, scale2: float,
                      chunk: int, bd: int):
   """Flash forward for query block i, dv tile t of chunk n (online softmax, f32 statistics).
@@ -910,6 +933,25 @@ def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
   dk = _tr_block_tmatmul(mm_plan, ds_buf, q, k.dtype)
   dq = _tr_block_matmul(mm_plan, ds_buf, k, None, None, q.dtype)
   return dq, dk, dv
+
+
+def _tr_delta(plan: _Plan, out, d_out):
+  """delta = rowsum(O dO) as a Pallas kernel: out, d_out [B, L, H, dv] -> [B, H, L] float32."""
+  batch, length, heads, width = out.shape
+  rows = min(64, max(16, _next_pow2(length)))
+  chunk = _gpu_feature_block(None, 256, width, "delta chunk")
+  kernel = functools.partial(_tr_delta_kernel, rows=rows, length=length, width=width, chunk=chunk)
+  shape = (batch, heads, length)
+  return pl.pallas_call(
+      kernel,
+      grid=(_cdiv(length, rows), batch, heads),
+      in_specs=[_rows_spec(out), _rows_spec(d_out)],
+      out_specs=_bh_spec(shape),
+      out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+      compiler_params=_tr_params(plan, "delta", 4, 3),
+      interpret=plan.interpret,
+      name="chunk_attention_delta",
+  )(out, d_out)
 
 
 def _tr_flash_forward(plan: _Plan, q, k, v, segment_ids, start, *, save_lse: bool):

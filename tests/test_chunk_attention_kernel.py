@@ -147,12 +147,12 @@ _TRITON_CASES = {
                           config=ca.KernelConfig(block_q=16, block_k=32, bwd_block_q=16, bwd_block_k=16,
                                                  fwd_scores="online")),
     # block matmuls on finer tiles than the kernels that wrote the probability tiles (tails of
-    # 40 % 32 rows, segments), backward with S and P before dP
+    # 40 % 32 rows, segments), backward with S and P before dP, delta from the Pallas kernel
     "reader_tiles_s_first": dict(batch=1, length=80, heads=1, dk=16, dv=48, chunk_size=40, segments=True,
                                  config=ca.KernelConfig(block_q=32, block_k=32, mm_block_q=16, mm_block_k=16,
                                                         bwd_block_q=32, bwd_block_k=32, bwd_mm_block_q=16,
                                                         bwd_mm_block_k=32, block_r=16, block_d=32,
-                                                        bwd_order="s_first")),
+                                                        bwd_order="s_first", delta_impl="pallas")),
     # s_first in bfloat16 (P is held in bf16 across the dv loop), scale != 1
     "s_first_bf16": dict(batch=1, length=64, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
                          scale=0.6, config=ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16,
@@ -318,6 +318,7 @@ def test_bad_inputs_raise(bad):
     (ca.KernelConfig(bwd_block_k=16, bwd_mm_block_k=32), "must divide"),
     (ca.KernelConfig(fwd_scores="twice"), "fwd_scores"),
     (ca.KernelConfig(bwd_order="ds_first"), "bwd_order"),
+    (ca.KernelConfig(delta_impl="triton"), "delta_impl"),
 ])
 def test_bad_tilings_raise(config, match):
   q = jnp.zeros((1, 64, 1, 16))

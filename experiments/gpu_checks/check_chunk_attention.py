@@ -63,7 +63,7 @@ SWEEP = {
     "tiles_block_c128_s2": dict(block_c=128, tiles_stages=2),
     "matmul_stages4": dict(matmul_stages=4),
     "matmul_block_r128_s2": dict(block_r=128, matmul_stages=2),
-    "matmul_block_d128": dict(block_d=128),
+    "delta_pallas": dict(delta_impl="pallas"),
 }
 CPU_TILES = dict(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)
 CPU_SWEEP = {
@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--go-file", default=None, help=argparse.SUPPRESS)
   for knob in KNOBS:
-    kind = str if knob in ("fwd_impl", "fwd_scores", "bwd_order") else int
+    kind = str if knob in ("fwd_impl", "fwd_scores", "bwd_order", "delta_impl") else int
     parser.add_argument("--" + knob.replace("_", "-"), type=kind, default=None)
   args = parser.parse_args(argv)
   defaults = dict(batch=1, chunks=2, chunk_size=32, heads=2, dk=16, dv=32, iters=2) if args.cpu else \
@@ -221,14 +221,14 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
     pv = jax.jit(lambda p, x, m, l: ca._tr_block_matmul(mm_plan, p, x, m, l, v.dtype))
     pv_args = (p_buf, v, stats, lse)
   out = pv(*pv_args)
-  delta_fn = jax.jit(lambda o, do: ca._delta(o, do))
+  delta_fn = jax.jit(lambda o, do: ca._tr_delta(plan, o, do) if plan.delta_impl == "pallas" else ca._delta(o, do))
   delta = delta_fn(out, d_out)
   tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(tiles_plan, *a))
   p_bwd, ds_buf = tiles(q, k, v, seg, lse, delta, d_out)
   return [
       ("fwd scores (S, stats, P~ tiles)", scores, (q, k, seg), args.dk * (2 if plan.fwd_scores == "twopass" else 1)),
       ("fwd O = P V (block matmul)", pv, pv_args, args.dv),
-      ("bwd delta = rowsum(O dO) (XLA)", delta_fn, (out, d_out), None),
+      ("bwd delta = rowsum(O dO)", delta_fn, (out, d_out), None),
       ("bwd tiles (S, P, dP, dS)", tiles, (q, k, v, seg, lse, delta, d_out), args.dk + args.dv),
       ("bwd dV = P^T dO", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_mm_plan, m, x, v.dtype)), (p_bwd, d_out),
        args.dv),
@@ -316,7 +316,7 @@ def print_row(name: str, row: dict) -> None:
 
 
 _SHORT = {"fwd scores (S, stats, P~ tiles)": "scores", "fwd O = P V (block matmul)": "PV",
-          "bwd delta = rowsum(O dO) (XLA)": "delta", "bwd tiles (S, P, dP, dS)": "tiles",
+          "bwd delta = rowsum(O dO)": "delta", "bwd tiles (S, P, dP, dS)": "tiles",
           "bwd dV = P^T dO": "dV", "bwd dK = dS^T Q": "dK", "bwd dQ = dS K": "dQ"}
 
 

@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="--parallel: seconds after which configurations still compiling are dropped")
   parser.add_argument("--json", default=None, help="write all numbers to this file")
   parser.add_argument("--skip-checks", action="store_true", help="no errors against the reference")
+  parser.add_argument("--no-stages", action="store_true",
+                      help="--configs/--sweep: only fwd and fwd+bwd (fewer compilations)")
   parser.add_argument("--no-xla", action="store_true", help="skip the XLA path's timings")
   parser.add_argument("--timing-lock", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
@@ -239,12 +241,17 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
   ]
 
 
-def errors(args, config, inputs) -> dict:
-  """max |kernel - ref| / max |ref| per output, ref: the XLA path in float32 on the same inputs."""
+def reference_fn(args, inputs):
+  """The float32 XLA path's (out, dq, dk, dv), compiled now (run it later: it needs several GiB)."""
   q, k, v, d_out, seg = inputs
   up = lambda x: x.astype(jnp.float32)
-  exact = jax.jit(fwd_bwd(xla_fn(args)))(up(q), up(k), up(v), seg, up(d_out))
-  got = jax.jit(fwd_bwd(kernel_fn(args, config)))(q, k, v, seg, d_out)
+  compiled = jax.jit(fwd_bwd(xla_fn(args))).lower(up(q), up(k), up(v), seg, up(d_out)).compile()
+  return lambda: compiled(up(q), up(k), up(v), seg, up(d_out))
+
+
+def errors(got, exact) -> dict:
+  """max |kernel - ref| / max |ref| per output (got, exact: (out, dq, dk, dv))."""
+  up = lambda x: x.astype(jnp.float32)
   result = {}
   for label, a, r in zip(("out", "dq", "dk", "dv"), got, exact):
     diff = jnp.abs(up(a) - r)
@@ -268,6 +275,8 @@ def run_config(args, name: str, overrides: dict, inputs, with_stages: bool) -> d
   both = jax.jit(fwd_bwd(kernel))
   jax.block_until_ready(fwd(q, k, v, seg))  # compile
   jax.block_until_ready(both(q, k, v, seg, d_out))
+  reference = None if args.skip_checks else reference_fn(args, inputs)
+  with_stages = with_stages and not args.no_stages
   stages = stage_functions(args, config, inputs) if with_stages and config.fwd_impl == "blocks" else []
   widths = {stage: width for stage, _, _, width in stages}
   for _, fn, fn_args, _ in stages:
@@ -287,8 +296,8 @@ def run_config(args, name: str, overrides: dict, inputs, with_stages: bool) -> d
     del stages
     # After the timings and still under the lock: the float32 reference needs several GiB, and
     # processes of a --parallel sweep hold what they allocated until they exit.
-    if not args.skip_checks:
-      row["errors"] = errors(args, config, inputs)
+    if reference is not None:
+      row["errors"] = errors(both(q, k, v, seg, d_out), reference())
   row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
   row["fwd_bwd_tflops"] = total_flops / row["fwd_bwd_ms"] / 1e9
   row["stages_tflops"] = {stage: 2 * pairs * width / row["stages_ms"][stage] / 1e9
@@ -398,7 +407,7 @@ def run_parallel(args, names: list[str]) -> dict:
     value = getattr(args, name)
     if value is not None:
       passthrough += ["--" + name.replace("_", "-"), str(value)]
-  for flag in ("cpu", "segments", "skip_checks"):
+  for flag in ("cpu", "segments", "skip_checks", "no_stages"):
     if getattr(args, flag):
       passthrough.append("--" + flag.replace("_", "-"))
   env = dict(os.environ)

@@ -331,3 +331,22 @@ def test_cached_bad_start_raises():
   buf = jnp.zeros((1, 8, 1, 16))
   with pytest.raises(ValueError, match="overruns"):
     ca.cached_chunk_attention(q, buf, buf, 6)
+
+
+def test_gpu_check_sweep_tilings_are_valid():
+  """Every tiling the GPU check script sweeps builds a plan at the preset shape (no GPU needed),
+  and its writer/reader tiles nest, so a sweep never loses a GPU run to a bad entry."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "gpu_checks" / "check_chunk_attention.py"
+  spec = importlib.util.spec_from_file_location("check_chunk_attention", path)
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  args = check.parse_args([])
+  for name, overrides in check.SWEEP.items():
+    config = check.config_for(args, overrides)
+    plan = ca._triton_plan(config, False, 1.0, args.batch, args.heads, args.chunks, args.chunk_size,
+                           args.chunk_size, args.dk, args.dv, jnp.bfloat16)
+    for writer, reader in ((plan.geom, plan.mm_geom), (plan.bwd_geom, plan.bwd_mm_geom)):
+      assert writer.bq % reader.bq == 0 and writer.bk % reader.bk == 0, name
+      assert reader.row_pitch == writer.cpq, name

@@ -404,6 +404,52 @@ def steps_breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
   return rows
 
 
+def atomic_probe() -> list[dict]:
+  """Compiles and runs tiny Pallas kernels with atomic adds (for single-pass look-back designs).
+
+  Pallas (jax 0.10) lowers an atomic add of an integer *tensor* as tt.atomic_rmw fadd (it tests
+  the value's type for IntegerType, which a tensor type is not); scalars lower as add. The
+  look-back variants of branch tsn2 used a [1] int32 counter and failed to verify on the H200.
+  Each case: OK with the result, or FAILED with the error."""
+  from jax import lax
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  int32 = lambda v, shape=(): lax.full(shape, v, jnp.int32)
+
+  def counter_scalar(c_ref, o_ref):
+    zero = pl.program_id(0) * 0   # A traced index: the interpreter rejects a Python int here.
+    o_ref[...] = plgpu.atomic_add(c_ref, (zero,), int32(1))
+
+  def counter_tensor(c_ref, o_ref):
+    o_ref[...] = plgpu.atomic_add(c_ref, (pl.ds(0, 1),), int32(1, (1,))).reshape(())
+
+  def float_tensor(f_ref, o_ref):
+    old = plgpu.atomic_add(f_ref, (pl.ds(0, 1), pl.ds(0, 4)), jnp.ones((1, 4), jnp.float32))
+    o_ref[...] = jnp.sum(old).astype(jnp.int32)
+
+  cases = [("int32 scalar counter", counter_scalar, jnp.zeros((1,), jnp.int32)),
+           ("int32 [1] tensor counter", counter_tensor, jnp.zeros((1,), jnp.int32)),
+           ("float32 [1, 4] tensor", float_tensor, jnp.zeros((1, 4), jnp.float32))]
+  rows = []
+  print("\n=== atomic probe (64 programs each) ===")
+  for name, kernel, arg in cases:
+    row = {"shape": "atomic probe", "impl": name}
+    try:
+      full = pl.BlockSpec(arg.shape, lambda p: (0,) * arg.ndim)
+      out = pl.pallas_call(kernel, grid=(64,), in_specs=[full],
+                           out_specs=pl.BlockSpec((None,), lambda p: (p,)),
+                           out_shape=jax.ShapeDtypeStruct((64,), jnp.int32),
+                           compiler_params=plgpu.CompilerParams(num_warps=4))(arg)
+      values = sorted(np.asarray(out).tolist())
+      row["result"] = f"old values {values[:3]}..{values[-2:]}"
+    except Exception as e:  # Report and continue.
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    print(f"  {name:<28} {row.get('result') or 'FAILED ' + row['error']}", flush=True)
+    rows.append(row)
+  return rows
+
+
 def describe(c: K.KernelConfig) -> str:
   if c.tiled is not None:
     t = c.tiled
@@ -442,6 +488,8 @@ def main():
   parser.add_argument("--breakdown", action="store_true",
                       help="time the tiled design's kernels one by one on the target shape")
   parser.add_argument("--json", help="write all rows to this JSON file")
+  parser.add_argument("--atomic-probe", action="store_true",
+                      help="first compile and run tiny kernels with atomic adds (see atomic_probe)")
   parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
   args = parser.parse_args()
   args.interpret = args.cpu
@@ -455,7 +503,7 @@ def main():
     shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
   if args.shapes == "target_only" and not args.cpu:
     shapes = shapes[:1]
-  rows = []
+  rows = atomic_probe() if args.atomic_probe and not args.cpu else []
   for i, shape in enumerate(shapes):
     if args.cpu:
       configs = CPU_SWEEP

@@ -122,6 +122,8 @@ SWEEPS["steps"] = [
     TILED(**ONE_PASS_SCAN),
 ]
 STEPS_BREAKDOWN = [STEPS(**ONE_PASS_SCAN, pass_block_t=32, pass_groups=1, pass_tiles=8)]
+# The default (step-wise backward since 2026-11-29) against the previous one (TiledConfig()).
+SWEEPS["previous"] = [TILED()]
 BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
              TILED(block_t=64, groups_per_block=2, num_warps=8)]
 CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True),
@@ -229,7 +231,7 @@ def check_shape(shape: Shape, configs, args) -> list[dict]:
   truth = truth_fb(x.astype(jnp.float32), *common, f32_cts)
 
   rows = []
-  runs = [("xla", None)] + [("pallas", c) for c in configs]
+  runs = [("xla", None)] * (not args.skip_xla) + [("pallas", c) for c in configs]
   for kind, config in runs:
     name = "xla associative" if kind == "xla" else describe(config)
     row = {"shape": str(shape), "impl": name}
@@ -488,6 +490,8 @@ def main():
   parser.add_argument("--breakdown", action="store_true",
                       help="time the tiled design's kernels one by one on the target shape")
   parser.add_argument("--json", help="write all rows to this JSON file")
+  parser.add_argument("--skip-xla", action="store_true",
+                      help="do not time the XLA op (its float32 run is still the reference)")
   parser.add_argument("--atomic-probe", action="store_true",
                       help="first compile and run tiny kernels with atomic adds (see atomic_probe)")
   parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")

@@ -14,12 +14,17 @@ contraction dO V^T before dS exists. So the GPU path computes every product exac
 GEMM-shaped kernels over the visited (query block, key block) tiles of each chunk, passing the
 [block_q, block_k] probability tiles through HBM:
 
-  forward   1. scores: S = Q K^T per visited tile, online softmax statistics (float32, base 2);
-               stores P~ = exp2(S - running max) tiles, the running max per (row, key block), lse.
-            2. block-causal matmul over dv tiles: O_i = sum_j diag(exp2(m_ij - lse_i)) P~_ij V_j.
+  forward   1. scores, two passes over the visited key blocks of a query block: the row maxima m
+               of S = Q K^T (float32, base 2), then S again and the tiles P~ = exp2(S - m) stored
+               with the row sums l (lse = m + log2 l; 1 / l kept for step 2).
+            2. block-causal matmul over dv tiles: O_i = (1 / l_i) sum_j P~_ij V_j (the division
+               once, after the loop). (KernelConfig(fwd_scores='online'): one pass with running
+               maxima per key block instead, which step 2 applies to every tile inside its loop.)
   backward  3. per visited tile: S, P = exp2(S - lse), dP = dO V^T (full dv), dS = P (dP - delta);
                stores P and dS tiles (delta = rowsum(O * dO) comes from XLA).
             4. dV = P^T dO, dK = dS^T Q (block-causal transposed matmuls), dQ = dS K.
+  The matmuls of steps 2 and 4 may use finer tiles than the kernels that wrote the tiles (they
+  read only tiles those kernels visited); step 3 wants wide tiles (its cost is streaming dO and V).
 
 Per chunk and head that is C^2 (dk + dv) FLOPs forward and C^2 (3 dk + 2 dv) backward (causal
 halves), the minimum, at the cost of a transient [B, H, L, C] buffer (one in the forward pass, two
@@ -71,27 +76,55 @@ class KernelConfig:
   block_q, block_k: rows of the query / key tiles. GPU: powers of 2 >= 16. TPU: multiples of 8
     (of 128 on real hardware); chunks are padded to a multiple of max(block_q, block_k).
   bwd_block_q, bwd_block_k: GPU only; the same for the backward kernels (None: 128 at 16 bits).
+  mm_block_q, mm_block_k, bwd_mm_block_q, bwd_mm_block_k: GPU only; tiles of the block matmuls
+    (forward P V; backward dV, dK, dQ) when they differ from those of the kernel that wrote the
+    probability tiles (None: the same). They must divide the writer's tiles, so that every tile
+    a matmul reads lies inside a tile the writer visited.
   block_d: GPU only; width of the output feature tiles of the block matmuls and of the dv tiles
     of the flash forward.
   block_c: GPU only; width of the feature chunks over which dO V^T (the dv contraction) is done.
   block_qk: GPU only; the same for Q K^T (dk). When it covers dk the query tile is loaded once and
     held across the key loop.
   block_r: GPU only; reduction step of the block matmuls (a power of 2 dividing block_q, block_k).
-  num_warps, num_stages: Triton launch parameters (None: a heuristic per kernel).
+  num_warps, num_stages: Triton launch parameters of every GPU kernel (None: per kernel, below).
+  scores_warps, scores_stages, matmul_warps, matmul_stages, tiles_warps, tiles_stages: the same for
+    one GPU kernel family only (the forward scores kernel; the block matmuls of both passes; the
+    backward tiles kernel). None: num_warps / num_stages, else a heuristic.
   fwd_impl: GPU forward, 'blocks' (Q K^T once, probability tiles through HBM) or 'flash' (online
     softmax with dv tiled over the grid; no [B, H, L, C] buffer, Q K^T recomputed per dv tile).
+  fwd_scores: GPU 'blocks' forward. 'twopass': the scores kernel finds the row maxima first, then
+    stores P~ = exp2(S - row max) and the block matmul divides its output rows by the row sums
+    (Q K^T twice, nothing rescaled inside the matmul loop). 'online': one pass with running maxima
+    per key block, which the matmul applies to every probability tile before multiplying.
+  bwd_order: GPU backward tiles kernel, 'dp_first' (dO V^T, then S: only one [bq, bk] accumulator
+    is live during the long dv loop) or 's_first' (S and P first, P held while dP accumulates).
+  delta_impl: GPU backward, delta = rowsum(O dO) by an XLA reduction ('xla') or a Pallas kernel
+    ('pallas').
   """
   block_q: int | None = None
   block_k: int | None = None
   bwd_block_q: int | None = None
   bwd_block_k: int | None = None
+  mm_block_q: int | None = None
+  mm_block_k: int | None = None
+  bwd_mm_block_q: int | None = None
+  bwd_mm_block_k: int | None = None
   block_d: int | None = None
   block_c: int | None = None
   block_qk: int | None = None
   block_r: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  scores_warps: int | None = None
+  scores_stages: int | None = None
+  matmul_warps: int | None = None
+  matmul_stages: int | None = None
+  tiles_warps: int | None = None
+  tiles_stages: int | None = None
   fwd_impl: str = "blocks"
+  fwd_scores: str = "twopass"
+  bwd_order: str = "dp_first"
+  delta_impl: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +139,11 @@ class _Geom:
   dv: int
   bq: int
   bk: int
+  pitch: int = 0  # rows per chunk of the tile buffer this geometry reads (0: its own cpq)
+
+  @property
+  def row_pitch(self) -> int:
+    return self.pitch or self.cpq
 
   @property
   def nbq(self) -> int:
@@ -133,13 +171,17 @@ class _Plan:
   scale: float
   geom: _Geom  # forward tiles
   bwd_geom: _Geom | None = None  # backward tiles (None: as the forward)
+  mm_geom: _Geom | None = None  # forward block matmul (None: as geom)
+  bwd_mm_geom: _Geom | None = None  # backward block matmuls (None: as bwd_geom)
   block_d: int = 0
   block_c: int = 0
   block_qk: int = 0
   block_r: int = 0
-  num_warps: int | None = None
-  num_stages: int | None = None
+  launch: tuple = ()  # ((kernel family, num_warps or None, num_stages or None), ...)
   fwd_impl: str = "blocks"
+  fwd_scores: str = "twopass"
+  bwd_order: str = "dp_first"
+  delta_impl: str = "xla"
   packed: bool = False  # Mosaic: q/k/v viewed as [B, L, H*d] (else transposed to [B*H, L, d])
 
 
@@ -221,8 +263,7 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int
     segment_ids = segment_ids.astype(jnp.int32)
   platform, interpret = _resolve_platform(platform, interpret)
   config = _with_tiles(config, block_q, block_k)
-  if config.fwd_impl not in ("blocks", "flash"):
-    raise ValueError(f"fwd_impl must be 'blocks' or 'flash', got {config.fwd_impl!r}")
+  _check_choices(config)
   if platform == "triton":
     plan = _triton_plan(config, interpret, float(scale), batch, heads, n_chunks, chunk_len, chunk_len,
                         dk, dv, q.dtype)
@@ -284,6 +325,13 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
   return xla_attention.cached_attention_xla(q, k_buf, v_buf, start, scale=scale)
 
 
+def _check_choices(config: KernelConfig) -> None:
+  for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online")),
+                        ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas"))):
+    if getattr(config, name) not in allowed:
+      raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(config, name)!r}")
+
+
 def _with_tiles(config: KernelConfig | None, block_q: int | None, block_k: int | None) -> KernelConfig:
   """block_q/block_k arguments set the tiles of both passes (unless the config sets bwd_* itself)."""
   config = KernelConfig() if config is None else config
@@ -320,10 +368,8 @@ def _attention_fwd(plan: _Plan, q, k, v, segment_ids):
 
 def _attention_bwd(plan: _Plan, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
-  # delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij: one fused XLA reduction, [B, H, L] float32.
-  # Reduce over the contiguous feature axis first, transpose the small result after: the einsum
-  # form reduced across a transposed layout and took 0.8 ms on an H200 at L=32768, dv=2048.
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+  delta = _tr_delta(plan, out, d_out) if plan.platform == "triton" and plan.delta_impl == "pallas" else \
+      _delta(out, d_out)
   if plan.platform == "triton":
     dq, dk, dv = _tr_backward(plan, q, k, v, segment_ids, lse, delta, d_out)
   else:
@@ -332,6 +378,15 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _delta(out, d_out):
+  """delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij: [B, L, H, dv] twice -> [B, H, L] float32.
+
+  One fused XLA reduction over the contiguous feature axis; the small result is transposed after
+  (the einsum form reduced across a transposed layout and took 0.8 ms on an H200 at L=32768).
+  """
+  return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,16 +419,38 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
   block_r = config.block_r if config.block_r is not None else (32 if wide else 64)
   if not _is_pow2(block_r) or block_r < 16:
     raise ValueError(f"block_r={block_r}: must be a power of 2 >= 16")
-  block_r = min(block_r, bq, bk, bwd_bq, bwd_bk)
   geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bq, bk)
   bwd_geom = _Geom(batch, heads, n_chunks, q_len, k_len, dk, dv, bwd_bq, bwd_bk)
-  return _Plan("triton", interpret, scale, geom, bwd_geom=bwd_geom, block_d=block_d, block_c=block_c,
-               block_qk=block_qk, block_r=block_r, num_warps=config.num_warps,
-               num_stages=config.num_stages, fwd_impl=config.fwd_impl)
+  mm_geom = _reader_geom(geom, config.mm_block_q, config.mm_block_k, "mm_block")
+  bwd_mm_geom = _reader_geom(bwd_geom, config.bwd_mm_block_q, config.bwd_mm_block_k, "bwd_mm_block")
+  if config.fwd_scores == "online" and (mm_geom.bq, mm_geom.bk) != (bq, bk):
+    raise ValueError("fwd_scores='online' stores running maxima per key tile: mm_block_q/mm_block_k must "
+                     "equal block_q/block_k (or use fwd_scores='twopass')")
+  block_r = min(block_r, mm_geom.bq, mm_geom.bk, bwd_mm_geom.bq, bwd_mm_geom.bk)
+  launch = tuple((family, getattr(config, f"{family}_warps") or config.num_warps,
+                  getattr(config, f"{family}_stages") or config.num_stages)
+                 for family in ("scores", "matmul", "tiles"))
+  launch += (("flash", config.num_warps, config.num_stages),)
+  return _Plan("triton", interpret, scale, geom, bwd_geom=bwd_geom, mm_geom=mm_geom, bwd_mm_geom=bwd_mm_geom,
+               block_d=block_d, block_c=block_c,
+               block_qk=block_qk, block_r=block_r, launch=launch, fwd_impl=config.fwd_impl,
+               fwd_scores=config.fwd_scores, bwd_order=config.bwd_order, delta_impl=config.delta_impl)
 
 
-def _tr_params(plan: _Plan, warps: int, stages: int) -> plgpu.CompilerParams:
-  return plgpu.CompilerParams(num_warps=plan.num_warps or warps, num_stages=plan.num_stages or stages)
+def _reader_geom(writer: _Geom, block_q: int | None, block_k: int | None, name: str) -> _Geom:
+  """Geometry of a block matmul reading the tile buffer written with `writer`'s tiles."""
+  bq = _gpu_block(block_q, writer.bq, writer.q_len, name + "_q")
+  bk = _gpu_block(block_k, writer.bk, writer.k_len, name + "_k")
+  if writer.bq % bq or writer.bk % bk:
+    raise ValueError(f"{name}_q/{name}_k = {bq}/{bk} must divide the tiles {writer.bq}/{writer.bk} of the "
+                     "kernel that writes the probability tiles (a matmul may only read tiles it wrote)")
+  return dataclasses.replace(writer, bq=bq, bk=bk, pitch=writer.cpq)
+
+
+def _tr_params(plan: _Plan, family: str, warps: int, stages: int) -> plgpu.CompilerParams:
+  """Launch parameters of one kernel family: the config's choice, else the given heuristic."""
+  chosen_warps, chosen_stages = next(((w, st) for f, w, st in plan.launch if f == family), (None, None))
+  return plgpu.CompilerParams(num_warps=chosen_warps or warps, num_stages=chosen_stages or stages)
 
 
 def _tr_warps(*tile_elems: int) -> int:
@@ -535,21 +612,79 @@ def _tr_scores_kernel(q_ref, k_ref, seg_ref, p_ref, mrun_ref, lse_ref, *, g: _Ge
   plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], lse, mask=qr.load_mask())
 
 
-def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, y_ref, *, g: _Geom, width: int, bd: int,
-                            step: int):
+def _tr_scores_twopass_kernel(q_ref, k_ref, seg_ref, p_ref, rscale_ref, lse_ref, *, g: _Geom, scale2: float,
+                              chunk: int):
+  """Forward step 1, two passes over the visited key blocks of query block i of chunk n.
+
+  Pass 1 finds the row maxima m of S = Q K^T (base 2); pass 2 recomputes S and writes
+  P~_ij = exp2(S_ij - m) into the tile buffer [n*cpq + i*bq.., j*bk..]. Stores lse (base 2) and
+  the row scale 1 / sum_j P~_ij that turns P~ V into the output.
+  """
+  i = g.nbq - 1 - pl.program_id(0)  # heaviest query blocks first
+  n = pl.program_id(1)
+  qr = _q_rows(i, g)
+  q_row0 = n * g.q_len + qr.start
+  buf_row0 = n * g.cpq + qr.start
+  q_seg = _tr_load_seg(seg_ref, q_row0, qr)
+  q_tile = _tr_q_tile(q_ref, q_row0, qr, g, chunk)
+  n_blocks = _tr_key_blocks(i, g)
+  # Without segment ids, key blocks wholly at or before the block's first query need no mask
+  # (their keys are valid: they precede a query of the chunk); the rest (the diagonal) do.
+  n_full = 0 if seg_ref is not None else jnp.minimum(lax.div(i * g.bq + 1, g.bk), n_blocks)
+
+  def scores(j, masked: bool):
+    kr = _k_rows(j, g)
+    k_row0 = n * g.k_len + kr.start
+    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk, q_tile) * scale2
+    if not masked:
+      return kr, s, None
+    mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, q_seg, _tr_load_seg(seg_ref, k_row0, kr))
+    return kr, s, mask
+
+  def max_body(masked, j, m):
+    _, s, mask = scores(j, masked)
+    return jnp.maximum(m, jnp.max(s if mask is None else jnp.where(mask, s, _MASK), axis=1))
+
+  m = jnp.full((g.bq,), _MASK, jnp.float32)
+  m = lax.fori_loop(0, n_full, functools.partial(max_body, False), m)
+  m = lax.fori_loop(n_full, n_blocks, functools.partial(max_body, True), m)
+
+  def exp_body(masked, j, l):
+    kr, s, mask = scores(j, masked)
+    p = jnp.exp2(s - m[:, None])
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    plgpu.store(p_ref.at[pl.ds(buf_row0, g.bq), pl.ds(kr.start, g.bk)], p.astype(p_ref.dtype))
+    return l + jnp.sum(p, axis=1)
+
+  l = jnp.zeros((g.bq,), jnp.float32)
+  l = lax.fori_loop(0, n_full, functools.partial(exp_body, False), l)
+  l = lax.fori_loop(n_full, n_blocks, functools.partial(exp_body, True), l)
+  l = jnp.where(l > 0.0, l, 1.0)  # rows with no visible key (padding) get output 0
+  plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], m + jnp.log2(l), mask=qr.load_mask())
+  plgpu.store(rscale_ref.at[pl.ds(q_row0, g.bq)], 1.0 / l, mask=qr.load_mask())
+
+
+def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, rscale_ref, y_ref, *, g: _Geom, width: int,
+                            bd: int, step: int):
   """Y_i = sum_{visited j} M_ij X_j for query block i, feature tile t (block-causal matmul).
 
-  With mrun/lse (forward) the rows of M = P~ are first scaled by exp2(m_ij - lse_i), which turns
-  them into the normalised probabilities.
+  With mrun/lse (forward, 'online' scores) the rows of M = P~ are first scaled by
+  exp2(m_ij - lse_i), which turns them into the normalised probabilities. With rscale (forward,
+  'twopass' scores) the rows of the result are scaled by it at the end.
   """
   t = pl.program_id(0)
   i = g.nbq - 1 - pl.program_id(1)
   n = pl.program_id(2)
   qr = _q_rows(i, g)
-  buf_row0 = n * g.cpq + qr.start
+  buf_row0 = n * g.row_pitch + qr.start
+
+  def row_stat(ref):
+    block = ref.at[pl.ds(n * g.q_len + qr.start, g.bq)]
+    return plgpu.load(block) if not qr.masked else plgpu.load(block, mask=qr.valid, other=0.0)
+
   if mrun_ref is not None:
-    lse_block = lse_ref.at[pl.ds(n * g.q_len + qr.start, g.bq)]
-    lse = plgpu.load(lse_block) if not qr.masked else plgpu.load(lse_block, mask=qr.valid, other=0.0)
+    lse = row_stat(lse_ref)
 
   def body(s, acc):
     c0 = s * step
@@ -564,6 +699,8 @@ def _tr_block_matmul_kernel(m_ref, x_ref, mrun_ref, lse_ref, y_ref, *, g: _Geom,
 
   n_steps = _tr_key_blocks(i, g) * (g.bk // step)
   acc = lax.fori_loop(0, n_steps, body, jnp.zeros((g.bq, bd), jnp.float32))
+  if rscale_ref is not None:
+    acc = acc * row_stat(rscale_ref)[:, None]
   _tr_store(y_ref, n * g.q_len + qr.start, qr, t * bd, acc.astype(y_ref.dtype), width)
 
 
@@ -577,17 +714,17 @@ def _tr_block_tmatmul_kernel(m_ref, x_ref, y_ref, *, g: _Geom, width: int, bd: i
 
   def body(s, acc):
     r0 = r_start + s * step
-    m = plgpu.load(m_ref.at[pl.ds(n * g.cpq + r0, step), pl.ds(kr.start, g.bk)])
-    xr = _Rows(r0, step, g.q_len, g.q_len % g.bq == 0)  # steps run to cpq, as above
+    m = plgpu.load(m_ref.at[pl.ds(n * g.row_pitch + r0, step), pl.ds(kr.start, g.bk)])
+    xr = _Rows(r0, step, g.q_len, g.row_pitch == g.q_len)  # steps run to the buffer's padded rows
     x = _tr_load(x_ref, n * g.q_len + r0, xr, t * bd, bd, width)
     return acc + plgpu.dot(m.astype(x.dtype), x, trans_a=True)
 
-  acc = lax.fori_loop(0, lax.div(g.cpq - r_start, step), body, jnp.zeros((g.bk, bd), jnp.float32))
+  acc = lax.fori_loop(0, lax.div(g.row_pitch - r_start, step), body, jnp.zeros((g.bk, bd), jnp.float32))
   _tr_store(y_ref, n * g.k_len + kr.start, kr, t * bd, acc.astype(y_ref.dtype), width)
 
 
 def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, p_ref, ds_ref, *,
-                         g: _Geom, scale: float, chunk_qk: int, chunk_v: int):
+                         g: _Geom, scale: float, chunk_qk: int, chunk_v: int, s_first: bool):
   """Backward step 1 for tile (i, j): P = exp2(S - lse), dP = dO V^T, dS = scale P (dP - delta)."""
   j = pl.program_id(0)
   i = pl.program_id(1)
@@ -598,20 +735,45 @@ def _tr_bwd_tiles_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_re
     qr, kr = _q_rows(i, g), _k_rows(j, g)
     q_row0 = n * g.q_len + qr.start
     k_row0 = n * g.k_len + kr.start
-    # dP first: only its accumulator is live during the long dv loop (fewer registers there).
-    dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
-    s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk_qk) * (scale * _LOG2E)
-    mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, _tr_load_seg(seg_ref, q_row0, qr),
-                    _tr_load_seg(seg_ref, k_row0, kr))
-    stat_mask = qr.load_mask()
-    lse_block, delta_block = lse_ref.at[pl.ds(q_row0, g.bq)], delta_ref.at[pl.ds(q_row0, g.bq)]
-    lse = plgpu.load(lse_block) if stat_mask is None else plgpu.load(lse_block, mask=stat_mask, other=0.0)
-    delta = plgpu.load(delta_block) if stat_mask is None else plgpu.load(delta_block, mask=stat_mask, other=0.0)
-    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-    ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0) * scale
     tile = (pl.ds(n * g.cpq + qr.start, g.bq), pl.ds(kr.start, g.bk))
-    plgpu.store(p_ref.at[tile], p.astype(p_ref.dtype))
+    stat_mask = qr.load_mask()
+
+    def row_stat(ref):
+      block = ref.at[pl.ds(q_row0, g.bq)]
+      return plgpu.load(block) if stat_mask is None else plgpu.load(block, mask=stat_mask, other=0.0)
+
+    def probs():
+      s = _tr_abt(q_ref, q_row0, qr, k_ref, k_row0, kr, g.dk, chunk_qk) * (scale * _LOG2E)
+      mask = _tr_mask(qr.idx, kr.idx, qr.valid, kr.valid, _tr_load_seg(seg_ref, q_row0, qr),
+                      _tr_load_seg(seg_ref, k_row0, kr))
+      p = jnp.where(mask, jnp.exp2(s - row_stat(lse_ref)[:, None]), 0.0)
+      plgpu.store(p_ref.at[tile], p.astype(p_ref.dtype))
+      return p  # masked entries are 0, so dS = P (dP - delta) needs no mask of its own
+
+    if s_first:  # P is stored (and its S accumulator freed) before the long dv loop starts
+      # held as stored (bf16 for 16-bit inputs: half the registers across the dv loop)
+      p = probs().astype(p_ref.dtype)
+      dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
+    else:  # dP first: only its accumulator is live during the long dv loop (fewer registers there)
+      dp = _tr_abt(do_ref, q_row0, qr, v_ref, k_row0, kr, g.dv, chunk_v)
+      p = probs()
+    ds = p.astype(jnp.float32) * (dp - row_stat(delta_ref)[:, None])
+    if scale != 1.0:
+      ds = ds * scale
     plgpu.store(ds_ref.at[tile], ds.astype(ds_ref.dtype))
+
+
+def _tr_delta_kernel(o_ref, do_ref, delta_ref, *, rows: int, length: int, width: int, chunk: int):
+  """delta for `rows` rows of one (batch, head): rowsum(O * dO) over the feature chunks."""
+  r = _Rows(pl.program_id(0) * rows, rows, length, length % rows == 0)
+
+  def body(c, acc):
+    o = _tr_load(o_ref, r.start, r, c * chunk, chunk, width).astype(jnp.float32)
+    do = _tr_load(do_ref, r.start, r, c * chunk, chunk, width).astype(jnp.float32)
+    return acc + jnp.sum(o * do, axis=1)
+
+  acc = lax.fori_loop(0, _cdiv(width, chunk), body, jnp.zeros((rows,), jnp.float32))
+  plgpu.store(delta_ref.at[pl.ds(r.start, rows)], acc, mask=r.load_mask())
 
 
 def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g: _Geom, scale2: float,
@@ -659,33 +821,48 @@ def _tr_flash_kernel(off_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, g
 
 def _tr_blocks_forward(plan: _Plan, q, k, v, segment_ids):
   """Forward via stored probability tiles. Returns out [B, L, H, dv], lse [B, H, L] (base 2)."""
-  p_buf, mrun, lse = _tr_scores(plan, q, k, v.dtype, segment_ids)
-  return _tr_block_matmul(plan, p_buf, v, mrun, lse, v.dtype), lse
+  p_buf, stats, lse = _tr_scores(plan, q, k, v.dtype, segment_ids)
+  mm_plan = dataclasses.replace(plan, geom=plan.mm_geom)
+  if plan.fwd_scores == "twopass":
+    return _tr_block_matmul(mm_plan, p_buf, v, None, None, v.dtype, rscale=stats), lse
+  return _tr_block_matmul(mm_plan, p_buf, v, stats, lse, v.dtype), lse
 
 
 def _tr_scores(plan: _Plan, q, k, p_dtype, segment_ids):
-  """Forward step 1: P~ tiles [B, H, n*cpq, cpk], running maxima [B, H, nbk, n*cpq], lse [B, H, L]."""
+  """Forward step 1: P~ tiles [B, H, n*cpq, cpk], statistics, lse [B, H, L] (base 2).
+
+  The statistics are the row scales [B, H, L] ('twopass') or the running maxima
+  [B, H, nbk, n*cpq] ('online').
+  """
   g = plan.geom
   rows = g.n_chunks * g.cpq
   p_shape = (g.batch, g.heads, rows, g.cpk)
-  mrun_shape = (g.batch, g.heads, g.nbk, rows)
   lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
-  kernel = functools.partial(_tr_scores_kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk)
+  if plan.fwd_scores == "twopass":
+    stats_shape = lse_shape
+    kernel = _tr_scores_twopass_kernel
+  else:
+    stats_shape = (g.batch, g.heads, g.nbk, rows)
+    kernel = _tr_scores_kernel
+  kernel = functools.partial(kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk)
   return pl.pallas_call(
       kernel,
       grid=(g.nbq, g.n_chunks, g.batch, g.heads),
       in_specs=[_rows_spec(q), _rows_spec(k), _seg_spec(segment_ids)],
-      out_specs=[_bh_spec(p_shape), _bh_spec(mrun_shape), _bh_spec(lse_shape)],
-      out_shape=[jax.ShapeDtypeStruct(p_shape, p_dtype), jax.ShapeDtypeStruct(mrun_shape, jnp.float32),
+      out_specs=[_bh_spec(p_shape), _bh_spec(stats_shape), _bh_spec(lse_shape)],
+      out_shape=[jax.ShapeDtypeStruct(p_shape, p_dtype), jax.ShapeDtypeStruct(stats_shape, jnp.float32),
                  jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
-      compiler_params=_tr_params(plan, _tr_warps(g.bq * g.bk), 2),
+      compiler_params=_tr_params(plan, "scores", _tr_warps(g.bq * g.bk), 2),
       interpret=plan.interpret,
       name="chunk_attention_scores",
   )(q, k, segment_ids)
 
 
-def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype):
-  """Y = block-causal M @ X: M [B, H, n*cpq, cpk] tiles, X [B, L, H, d] -> [B, L, H, d]."""
+def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype, rscale=None):
+  """Y = block-causal M @ X: M [B, H, n*cpq, cpk] tiles, X [B, L, H, d] -> [B, L, H, d].
+
+  mrun, lse: running maxima and lse that normalise M's tiles; rscale [B, H, L]: scales Y's rows.
+  """
   g = plan.geom
   width = x.shape[-1]
   bd = min(plan.block_d, max(16, _next_pow2(width)))
@@ -693,6 +870,7 @@ def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype):
   kernel = functools.partial(_tr_block_matmul_kernel, g=g, width=width, bd=bd, step=step)
   in_specs = [_bh_spec(m_buf.shape), _rows_spec(x)]
   in_specs += [None, None] if mrun is None else [_bh_spec(mrun.shape), _bh_spec(lse.shape)]
+  in_specs += [None if rscale is None else _bh_spec(rscale.shape)]
   out_shape = jax.ShapeDtypeStruct((g.batch, g.n_chunks * g.q_len, g.heads, width), out_dtype)
   return pl.pallas_call(
       kernel,
@@ -700,10 +878,10 @@ def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype):
       in_specs=in_specs,
       out_specs=_rows_spec(out_shape),
       out_shape=out_shape,
-      compiler_params=_tr_params(plan, _tr_warps(g.bq * bd), 3),
+      compiler_params=_tr_params(plan, "matmul", _tr_warps(g.bq * bd), 3),
       interpret=plan.interpret,
       name="chunk_attention_block_matmul",
-  )(m_buf, x, mrun, lse)
+  )(m_buf, x, mrun, lse, rscale)
 
 
 def _tr_block_tmatmul(plan: _Plan, m_buf, x, out_dtype):
@@ -720,7 +898,7 @@ def _tr_block_tmatmul(plan: _Plan, m_buf, x, out_dtype):
       in_specs=[_bh_spec(m_buf.shape), _rows_spec(x)],
       out_specs=_rows_spec(out_shape),
       out_shape=out_shape,
-      compiler_params=_tr_params(plan, _tr_warps(g.bk * bd), 3),
+      compiler_params=_tr_params(plan, "matmul", _tr_warps(g.bk * bd), 3),
       interpret=plan.interpret,
       name="chunk_attention_block_tmatmul",
   )(m_buf, x)
@@ -732,7 +910,8 @@ def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
   tile_shape = (g.batch, g.heads, g.n_chunks * g.cpq, g.cpk)
   # Both contractions in block_c chunks: pipelined loops with small shared-memory buffers.
   kernel = functools.partial(_tr_bwd_tiles_kernel, g=g, scale=plan.scale,
-                             chunk_qk=min(plan.block_c, plan.block_qk), chunk_v=plan.block_c)
+                             chunk_qk=min(plan.block_c, plan.block_qk), chunk_v=plan.block_c,
+                             s_first=plan.bwd_order == "s_first")
   return pl.pallas_call(
       kernel,
       grid=(g.nbk, g.nbq, g.n_chunks, g.batch, g.heads),
@@ -740,19 +919,39 @@ def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
                 _bh_spec(delta.shape), _seg_spec(segment_ids)],
       out_specs=[_bh_spec(tile_shape), _bh_spec(tile_shape)],
       out_shape=[jax.ShapeDtypeStruct(tile_shape, d_out.dtype), jax.ShapeDtypeStruct(tile_shape, q.dtype)],
-      compiler_params=_tr_params(plan, _tr_warps(g.bq * g.bk), 3),
+      compiler_params=_tr_params(plan, "tiles", _tr_warps(g.bq * g.bk), 3),
       interpret=plan.interpret,
       name="chunk_attention_bwd_tiles",
   )(q, k, v, d_out, lse, delta, segment_ids)
 
 
 def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
-  plan = dataclasses.replace(plan, geom=plan.bwd_geom)
-  p_buf, ds_buf = _tr_bwd_tiles(plan, q, k, v, segment_ids, lse, delta, d_out)
-  dv = _tr_block_tmatmul(plan, p_buf, d_out, v.dtype)
-  dk = _tr_block_tmatmul(plan, ds_buf, q, k.dtype)
-  dq = _tr_block_matmul(plan, ds_buf, k, None, None, q.dtype)
+  p_buf, ds_buf = _tr_bwd_tiles(dataclasses.replace(plan, geom=plan.bwd_geom), q, k, v, segment_ids, lse,
+                                 delta, d_out)
+  mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
+  dv = _tr_block_tmatmul(mm_plan, p_buf, d_out, v.dtype)
+  dk = _tr_block_tmatmul(mm_plan, ds_buf, q, k.dtype)
+  dq = _tr_block_matmul(mm_plan, ds_buf, k, None, None, q.dtype)
   return dq, dk, dv
+
+
+def _tr_delta(plan: _Plan, out, d_out):
+  """delta = rowsum(O dO) as a Pallas kernel: out, d_out [B, L, H, dv] -> [B, H, L] float32."""
+  batch, length, heads, width = out.shape
+  rows = min(64, max(16, _next_pow2(length)))
+  chunk = _gpu_feature_block(None, 256, width, "delta chunk")
+  kernel = functools.partial(_tr_delta_kernel, rows=rows, length=length, width=width, chunk=chunk)
+  shape = (batch, heads, length)
+  return pl.pallas_call(
+      kernel,
+      grid=(_cdiv(length, rows), batch, heads),
+      in_specs=[_rows_spec(out), _rows_spec(d_out)],
+      out_specs=_bh_spec(shape),
+      out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+      compiler_params=_tr_params(plan, "delta", 4, 3),
+      interpret=plan.interpret,
+      name="chunk_attention_delta",
+  )(out, d_out)
 
 
 def _tr_flash_forward(plan: _Plan, q, k, v, segment_ids, start, *, save_lse: bool):
@@ -775,7 +974,7 @@ def _tr_flash_forward(plan: _Plan, q, k, v, segment_ids, start, *, save_lse: boo
       in_specs=[off_spec, _rows_spec(q), _rows_spec(k), _rows_spec(v), _seg_spec(segment_ids)],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_tr_params(plan, _tr_warps(g.bq * bd), 2),
+      compiler_params=_tr_params(plan, "flash", _tr_warps(g.bq * bd), 2),
       interpret=plan.interpret,
       name="chunk_attention_flash_fwd",
   )(start, q, k, v, segment_ids)

@@ -142,6 +142,21 @@ _TRITON_CASES = {
     # one chunk (L == C) in bfloat16; default backward tiles (capped at the chunk: 32 x 32)
     "one_chunk_bf16": dict(batch=1, length=32, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
                            scale=0.5, config=ca.KernelConfig(block_q=16, block_k=16)),
+    # the one-pass forward (running maxima per key tile, applied inside the P V matmul)
+    "online_scores": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
+                          config=ca.KernelConfig(block_q=16, block_k=32, bwd_block_q=16, bwd_block_k=16,
+                                                 fwd_scores="online")),
+    # block matmuls on finer tiles than the kernels that wrote the probability tiles (tails of
+    # 40 % 32 rows, segments), backward with S and P before dP, delta from the Pallas kernel
+    "reader_tiles_s_first": dict(batch=1, length=80, heads=1, dk=16, dv=48, chunk_size=40, segments=True,
+                                 config=ca.KernelConfig(block_q=32, block_k=32, mm_block_q=16, mm_block_k=16,
+                                                        bwd_block_q=32, bwd_block_k=32, bwd_mm_block_q=16,
+                                                        bwd_mm_block_k=32, block_r=16, block_d=32,
+                                                        bwd_order="s_first", delta_impl="pallas")),
+    # s_first in bfloat16 (P is held in bf16 across the dv loop), scale != 1
+    "s_first_bf16": dict(batch=1, length=64, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
+                         scale=0.6, config=ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16,
+                                                           bwd_block_k=32, bwd_order="s_first")),
     # the buffer-free flash forward, with segments and tails
     "flash_forward": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
                           config=ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=16, block_d=32,
@@ -297,8 +312,41 @@ def test_bad_inputs_raise(bad):
     ca.chunk_attention(q, k, v, chunk_size=32, **kwargs)
 
 
+@pytest.mark.parametrize("config,match", [
+    (ca.KernelConfig(block_q=16, mm_block_q=32), "must divide"),
+    (ca.KernelConfig(block_k=32, mm_block_k=16, fwd_scores="online"), "online"),
+    (ca.KernelConfig(bwd_block_k=16, bwd_mm_block_k=32), "must divide"),
+    (ca.KernelConfig(fwd_scores="twice"), "fwd_scores"),
+    (ca.KernelConfig(bwd_order="ds_first"), "bwd_order"),
+    (ca.KernelConfig(delta_impl="triton"), "delta_impl"),
+])
+def test_bad_tilings_raise(config, match):
+  q = jnp.zeros((1, 64, 1, 16))
+  with pytest.raises(ValueError, match=match):
+    ca.chunk_attention(q, q, q, chunk_size=64, config=config, platform="triton")
+
+
 def test_cached_bad_start_raises():
   q = jnp.zeros((1, 4, 1, 16))
   buf = jnp.zeros((1, 8, 1, 16))
   with pytest.raises(ValueError, match="overruns"):
     ca.cached_chunk_attention(q, buf, buf, 6)
+
+
+def test_gpu_check_sweep_tilings_are_valid():
+  """Every tiling the GPU check script sweeps builds a plan at the preset shape (no GPU needed),
+  and its writer/reader tiles nest, so a sweep never loses a GPU run to a bad entry."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "gpu_checks" / "check_chunk_attention.py"
+  spec = importlib.util.spec_from_file_location("check_chunk_attention", path)
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  args = check.parse_args([])
+  for name, overrides in check.SWEEP.items():
+    config = check.config_for(args, overrides)
+    plan = ca._triton_plan(config, False, 1.0, args.batch, args.heads, args.chunks, args.chunk_size,
+                           args.chunk_size, args.dk, args.dv, jnp.bfloat16)
+    for writer, reader in ((plan.geom, plan.mm_geom), (plan.bwd_geom, plan.bwd_mm_geom)):
+      assert writer.bq % reader.bq == 0 and writer.bk % reader.bk == 0, name
+      assert reader.row_pitch == writer.cpq, name

@@ -33,8 +33,14 @@ CONFIGS = {
                                                                      scan_chunk=2, scan_groups=2))),
     "tiled_t16_gb4_c4": ("triton", K.KernelConfig(tiled=K.TiledConfig(block_t=16, groups_per_block=4,
                                                                       scan_chunk=4))),
+    # The step-wise backward: per-step kernels on 2 groups (4 without segment_ids), passes over
+    # x and dy in tiles of 8 steps x 4 groups, 3 tiles per dx program (5 tiles: a partial one).
+    "steps_t16_p8": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=16, groups_per_block=2, scan_chunk=4, scan_groups=2, backward="steps",
+        step_groups=4, pass_block_t=8, pass_groups=4, pass_tiles=3))),
 }
 TILED = "tiled_t8_gb2_c2"
+STEPS = "steps_t16_p8"
 
 
 def make_inputs(rng, *, pad=True, segments=True, carry=True, dtype=np.float32):
@@ -131,7 +137,7 @@ def test_gradients_match_reference(grad_case, config):
   check_gradients(grad_case, config)
 
 
-@pytest.mark.parametrize("config", [TILED, "tiled_t16_gb4_c4"])
+@pytest.mark.parametrize("config", [TILED, "tiled_t16_gb4_c4", STEPS])
 def test_tiled_gradients_without_segments(config):
   """The tiled design's scans take a separate path (prefix sums) without segment_ids."""
   check_gradients(make_grad_case(segments=False), config)
@@ -159,7 +165,7 @@ def test_all_padded_passes_the_state_through(rng, config):
 
 
 @pytest.mark.parametrize("config", [pytest.param("tile8_splits2_noprefetch", marks=pytest.mark.slow),
-                                    TILED, "tiled_t16_gb4_c4"])
+                                    TILED, "tiled_t16_gb4_c4", STEPS])
 def test_all_padded_passes_the_gradient_through(rng, config):
   """The gradient w.r.t. the incoming state is the gradient w.r.t. the outgoing one (the tiled
   design chains adjoints divided by the count, so count 0 is a special case there)."""
@@ -239,11 +245,13 @@ def test_lowers_to_triton(cumsum, segments):
     assert f'name = "{name}"' in text, name
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_tiled_lowers_to_triton(segments):
-  """The tiled design's six kernels lower to Triton IR for a CUDA target (no GPU needed), at the
+@pytest.mark.parametrize("segments,backward", [(False, "tiles"), (True, "tiles"), (True, "steps")])
+def test_tiled_lowers_to_triton(segments, backward):
+  """The tiled design's kernels lower to Triton IR for a CUDA target (no GPU needed), at the
   target's group width (64 features) with 4 groups per program."""
-  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4))
+  config = K.KernelConfig(tiled=K.TiledConfig(block_t=64, groups_per_block=4, scan_chunk=4,
+                                              backward=backward, pass_block_t=32, pass_groups=1,
+                                              pass_tiles=3))
 
   def fwd_and_grads(x, w, b, mask, seg):
     def loss(x, w, b):
@@ -259,8 +267,9 @@ def test_tiled_lowers_to_triton(segments):
       jax.jit(fwd_and_grads), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
   text = exported.mlir_module()
-  names = ["tiled_bwd_summary", "tiled_bwd_scan", "tiled_bwd",
-           "tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
+  names = ["tiled_bwd_scan", "tiled_fwd_summary", "tiled_fwd_scan", "tiled_fwd"]
+  names += (["tiled_bwd_summary", "tiled_bwd"] if backward == "tiles" else
+            ["steps_bwd_sums", "steps_bwd_maps", "steps_bwd_coefficients", "steps_bwd_apply"])
   assert set(re.findall(r'name = "timestep_norm_(\w+)"', text)) == set(names)
 
 
@@ -335,6 +344,14 @@ def test_config_and_input_errors():
     K.TiledConfig(block_t=48)
   with pytest.raises(ValueError, match="groups_per_block"):
     K.TiledConfig(groups_per_block=3)
+  with pytest.raises(ValueError, match="'tiles' or 'steps'"):
+    K.TiledConfig(backward="chunks")
+  with pytest.raises(ValueError, match="pass_block_t"):
+    K.TiledConfig(pass_block_t=24)
+  with pytest.raises(ValueError, match="pass_block_t must be >= 8"):
+    K.TiledConfig(pass_block_t=4)
+  with pytest.raises(ValueError, match="pass_tiles"):
+    K.TiledConfig(pass_tiles=0)
   x = jnp.zeros((2, 5, 12))
   with pytest.raises(ValueError, match="divisible by num_groups"):
     K.timestep_norm_pallas(x, jnp.zeros(12), jnp.zeros(12), num_groups=5)

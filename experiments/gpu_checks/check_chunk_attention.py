@@ -1,28 +1,40 @@
 """GPU check of the Pallas chunked-attention kernel against the XLA path: errors and timings.
 
 Default shape (SPEC presets): B=1, 16 chunks of 2048, 4 heads, dk 256, dv 2048, bfloat16.
-Target on one H200: kernel fwd+bwd <= 3.8 ms (XLA path ~7.5 ms, the released CUDA kernel 5.76 ms).
+Target on one H200: kernel fwd+bwd <= 3.8 ms (XLA path ~9.8 ms, the released CUDA kernel 5.76 ms).
 
   python experiments/gpu_checks/check_chunk_attention.py             # errors + fwd, fwd+bwd timings
   python experiments/gpu_checks/check_chunk_attention.py --profile   # + time of every kernel stage
-  python experiments/gpu_checks/check_chunk_attention.py --sweep --skip-checks --sweep-entries 0,1,2
-                                                                     # fwd+bwd for tilings in SWEEP
+  python experiments/gpu_checks/check_chunk_attention.py --sweep --parallel 12 --json "$OUT/sweep.json"
+      # every tiling in SWEEP in its own process: they compile side by side, then each times
+      # alone (a file lock) its errors, fwd, fwd+bwd and every stage; logs/JSON next to the JSON
+  python experiments/gpu_checks/check_chunk_attention.py --configs default s_first_128x256
   python experiments/gpu_checks/check_chunk_attention.py --cpu       # tiny shapes, interpret mode
 
-Errors: the kernel and the XLA path (both in the input dtype) against a float32 XLA reference
-computed from the same inputs, so the kernel's error can be read next to XLA's own rounding.
-FLOPs count the causal half of every chunk (C^2/2 query-key pairs per chunk and head):
-forward 2 (dk + dv) per pair, backward 2 (3 dk + 2 dv) per pair (Q K^T recomputed, dV, dP, dQ, dK).
+Errors: the kernel (in the input dtype) against a float32 XLA reference computed from the same
+inputs: max |a - ref| / max |ref| per output; the XLA path in the input dtype, for scale, is in
+the plain run. FLOPs count the causal half of every chunk (C^2/2 query-key pairs per chunk and
+head): forward 2 (dk + dv) per pair, backward 2 (3 dk + 2 dv) per pair.
+
+Timings: a function is dispatched --iters times back to back and waited for once (median of 3
+such rounds), so the per-call dispatch overhead of the small stage functions is hidden behind
+the GPU work and stage times add up to the whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
@@ -34,36 +46,39 @@ from kernels_pallas import chunk_attention as ca  # noqa: E402
 from megalodon_jax.ops import attention as xla_attention  # noqa: E402
 
 TARGET_FWD_BWD_MS = 3.8
-KNOBS = ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "block_d", "block_c", "block_qk", "block_r",
-         "num_warps", "num_stages")
+KNOBS = tuple(f.name for f in dataclasses.fields(ca.KernelConfig))
 
-# Tilings tried by --sweep (each differs from the defaults in one or two knobs).
-SWEEP = [
-    ca.KernelConfig(),
-    ca.KernelConfig(block_q=64),
-    ca.KernelConfig(block_k=128, block_qk=128),
-    ca.KernelConfig(bwd_block_q=64, bwd_block_k=64),
-    ca.KernelConfig(bwd_block_q=128, bwd_block_k=64),
-    ca.KernelConfig(bwd_block_q=64, bwd_block_k=128),
-    ca.KernelConfig(bwd_block_k=256, num_warps=8),
-    ca.KernelConfig(block_d=128),
-    ca.KernelConfig(block_c=32),
-    ca.KernelConfig(block_c=128),
-    ca.KernelConfig(block_qk=64),
-    ca.KernelConfig(block_r=32),
-    ca.KernelConfig(block_r=128),
-    ca.KernelConfig(num_warps=4),
-    ca.KernelConfig(num_stages=2),
-    ca.KernelConfig(num_stages=4),
-    ca.KernelConfig(fwd_impl="flash"),
-    ca.KernelConfig(fwd_impl="flash", block_q=64, block_d=256),
-]
-CPU_SWEEP = [ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16),
-             ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32, block_d=16),
-             ca.KernelConfig(block_q=16, block_k=16, fwd_impl="flash")]
+# Tilings tried by --sweep: KernelConfig overrides (names are stable: JSON keys, --configs).
+_BWD_WIDE = dict(bwd_block_k=256, bwd_mm_block_k=128, bwd_order="s_first", tiles_warps=16)
+SWEEP = {
+    "default": {},
+    "online_scores": dict(fwd_scores="online"),  # the previous forward
+    "scores_128x128_w8": dict(block_k=128, mm_block_k=64, scores_warps=8),
+    "scores_w8": dict(scores_warps=8),
+    "tiles_s_first_128x256_w16_s2": dict(_BWD_WIDE, tiles_stages=2),
+    "tiles_s_first_128x256_w16_s3": dict(_BWD_WIDE, tiles_stages=3),
+    "tiles_s_first_256x128_w16_s2": dict(bwd_block_q=256, bwd_mm_block_q=128, bwd_order="s_first",
+                                         tiles_warps=16, tiles_stages=2),
+    "tiles_stages4": dict(tiles_stages=4),
+    "tiles_block_c128_s2": dict(block_c=128, tiles_stages=2),
+    "matmul_stages4": dict(matmul_stages=4),
+    "matmul_block_r128_s2": dict(block_r=128, matmul_stages=2),
+    "delta_pallas": dict(delta_impl="pallas"),
+}
+CPU_TILES = dict(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)
+CPU_SWEEP = {
+    "default": {},
+    "online_scores": dict(fwd_scores="online"),
+    "mm_tiles_s_first": dict(block_q=32, block_k=32, mm_block_q=16, mm_block_k=16, bwd_block_k=32,
+                             bwd_mm_block_k=16, bwd_order="s_first", block_r=16),
+}
 
 
-def parse_args() -> argparse.Namespace:
+# ----------------------------------------------------------------------------------------------
+# Arguments, inputs, functions
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cpu", action="store_true", help="tiny shapes, kernels in interpret mode")
   parser.add_argument("--batch", type=int, default=None)
@@ -74,32 +89,41 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--dv", type=int, default=None)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   parser.add_argument("--segments", action="store_true", help="also pass packed-sequence segment ids")
-  parser.add_argument("--iters", type=int, default=None, help="timed repetitions (median reported)")
-  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=None, help="calls per timing round (3 rounds, median)")
   parser.add_argument("--profile", action="store_true", help="time every kernel stage separately")
-  parser.add_argument("--sweep", action="store_true", help="time fwd+bwd for the tilings in SWEEP")
-  parser.add_argument("--sweep-entries", default=None,
-                      help="comma-separated indices into SWEEP (default: all; each costs a compilation)")
-  parser.add_argument("--skip-checks", action="store_true", help="skip the error report and the main timings")
-  parser.add_argument("--no-xla", action="store_true", help="skip the XLA path (errors and timings)")
+  parser.add_argument("--sweep", action="store_true", help="time every tiling in SWEEP (with stages)")
+  parser.add_argument("--configs", nargs="*", default=None, help="names from SWEEP to time (with stages)")
+  parser.add_argument("--parallel", type=int, default=0,
+                      help="one process per configuration, this many at once: compile side by side, "
+                           "time one at a time")
+  parser.add_argument("--deadline", type=float, default=170.0,
+                      help="--parallel: seconds after which configurations still compiling are dropped")
+  parser.add_argument("--json", default=None, help="write all numbers to this file")
+  parser.add_argument("--skip-checks", action="store_true", help="no errors against the reference")
+  parser.add_argument("--no-stages", action="store_true",
+                      help="--configs/--sweep: only fwd and fwd+bwd (fewer compilations)")
+  parser.add_argument("--no-xla", action="store_true", help="skip the XLA path's timings")
+  parser.add_argument("--timing-lock", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--go-file", default=None, help=argparse.SUPPRESS)
   for knob in KNOBS:
-    parser.add_argument("--" + knob.replace("_", "-"), type=int, default=None)
-  parser.add_argument("--fwd-impl", default="blocks", choices=["blocks", "flash"])
-  args = parser.parse_args()
-  defaults = dict(batch=1, chunks=2, chunk_size=32, heads=2, dk=16, dv=32, iters=3) if args.cpu else \
-      dict(batch=1, chunks=16, chunk_size=2048, heads=4, dk=256, dv=2048, iters=20)
+    kind = str if knob in ("fwd_impl", "fwd_scores", "bwd_order", "delta_impl") else int
+    parser.add_argument("--" + knob.replace("_", "-"), type=kind, default=None)
+  args = parser.parse_args(argv)
+  defaults = dict(batch=1, chunks=2, chunk_size=32, heads=2, dk=16, dv=32, iters=2) if args.cpu else \
+      dict(batch=1, chunks=16, chunk_size=2048, heads=4, dk=256, dv=2048, iters=10)
   for name, value in defaults.items():
     if getattr(args, name) is None:
       setattr(args, name, value)
   return args
 
 
-def config_from_args(args) -> ca.KernelConfig:
-  knobs = {k: getattr(args, k) for k in KNOBS}
-  if args.cpu:  # tiles that fit the tiny shapes
-    for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
-      knobs[name] = knobs[name] or 16
-  return ca.KernelConfig(fwd_impl=args.fwd_impl, **knobs)
+def config_for(args, overrides: dict) -> ca.KernelConfig:
+  """Command-line knobs, then the named overrides (CPU runs get tiles that fit the tiny shapes)."""
+  knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+  if args.cpu:
+    knobs = {**CPU_TILES, **knobs}
+  return ca.KernelConfig(**{**knobs, **overrides})
 
 
 def make_inputs(args):
@@ -120,12 +144,13 @@ def make_inputs(args):
   return q, k, v, d_out, segment_ids
 
 
-def attention_fns(args, config):
-  common = dict(chunk_size=args.chunk_size)
-  kernel = lambda q, k, v, s: ca.chunk_attention(q, k, v, segment_ids=s, config=config,
-                                                 interpret=True if args.cpu else None, **common)
-  xla = lambda q, k, v, s: xla_attention.chunked_attention_xla(q, k, v, segment_ids=s, **common)
-  return kernel, xla
+def kernel_fn(args, config):
+  return lambda q, k, v, s: ca.chunk_attention(q, k, v, segment_ids=s, config=config, chunk_size=args.chunk_size,
+                                               interpret=True if args.cpu else None)
+
+
+def xla_fn(args):
+  return lambda q, k, v, s: xla_attention.chunked_attention_xla(q, k, v, segment_ids=s, chunk_size=args.chunk_size)
 
 
 def fwd_bwd(attention):
@@ -135,18 +160,6 @@ def fwd_bwd(attention):
   return run
 
 
-def timed(fn, *args, iters: int, warmup: int) -> float:
-  """Median wall time in ms of a jitted call, after warm-up (which includes compilation)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
-
-
 def flop_counts(args) -> tuple[float, float]:
   pairs = args.batch * args.heads * args.chunks * args.chunk_size ** 2 / 2
   fwd = 2 * pairs * (args.dk + args.dv)
@@ -154,136 +167,318 @@ def flop_counts(args) -> tuple[float, float]:
   return fwd, fwd + bwd
 
 
-def report_errors(args, kernel, xla, inputs) -> None:
+# ----------------------------------------------------------------------------------------------
+# Timing (a file lock keeps the processes of a --parallel sweep from timing at the same time)
+
+_TIMING_LOCK: str | None = None
+
+
+@contextlib.contextmanager
+def timing_lock():
+  if _TIMING_LOCK is None:
+    yield
+    return
+  with open(_TIMING_LOCK, "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def timed(fn, *fn_args, iters: int, rounds: int = 3) -> float:
+  """ms per call: `iters` calls dispatched back to back, one wait; median over `rounds` (after a warm-up)."""
+  jax.block_until_ready(fn(*fn_args))
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*fn_args)  # the previous result is freed here: memory stays at one call's outputs
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) * 1e3 / iters)
+  return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# One configuration: errors, whole-op timings, stage timings
+
+
+def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int | None]]:
+  """(name, jitted fn, its arguments, feature width for a FLOP rate) of every GPU kernel stage.
+
+  Uses the kernel module's private helpers so that every stage runs exactly as inside the op.
+  """
   q, k, v, d_out, seg = inputs
-  up = lambda x: x.astype(jnp.float32)
-  exact = jax.jit(fwd_bwd(xla))(up(q), up(k), up(v), seg, up(d_out))
-  results = {"kernel": jax.jit(fwd_bwd(kernel))(q, k, v, seg, d_out)}
-  if not args.no_xla:
-    results["xla"] = jax.jit(fwd_bwd(xla))(q, k, v, seg, d_out)
-  print(f"\nerrors vs float32 XLA reference (max |a - ref| / max |ref|; max |a - ref|):")
-  for name, got in results.items():
-    cells = []
-    for label, a, r in zip(("out", "dq", "dk", "dv"), got, exact):
-      diff = jnp.abs(up(a) - r)
-      finite = bool(jnp.all(jnp.isfinite(up(a))))
-      cells.append(f"{label} {float(jnp.max(diff) / jnp.max(jnp.abs(r))):.2e} ({float(jnp.max(diff)):.2e})"
-                   + ("" if finite else " NON-FINITE"))
-    print(f"  {name:7s}", "  ".join(cells))
-  if "xla" in results:
-    cells = []
-    for label, a, b in zip(("out", "dq", "dk", "dv"), results["kernel"], results["xla"]):
-      diff = float(jnp.max(jnp.abs(up(a) - up(b))))
-      cells.append(f"{label} {diff / float(jnp.max(jnp.abs(up(b)))):.2e}")
-    print("  kernel vs xla (same dtype):", "  ".join(cells))
-
-
-def report_timings(args, kernel, xla, inputs) -> None:
-  q, k, v, d_out, seg = inputs
-  fwd_flops, total_flops = flop_counts(args)
-  rows = [("kernel", kernel)] + ([] if args.no_xla else [("xla", xla)])
-  print(f"\ntimings (median of {args.iters}, ms) and achieved TFLOP/s "
-        f"(fwd {fwd_flops / 1e12:.3f} TFLOP, fwd+bwd {total_flops / 1e12:.3f} TFLOP):")
-  for name, attention in rows:
-    t_fwd = timed(jax.jit(attention), q, k, v, seg, iters=args.iters, warmup=args.warmup)
-    t_all = timed(jax.jit(fwd_bwd(attention)), q, k, v, seg, d_out, iters=args.iters, warmup=args.warmup)
-    print(f"  {name:7s} fwd {t_fwd:9.3f} ms ({fwd_flops / t_fwd / 1e9:7.1f} TFLOP/s)   "
-          f"fwd+bwd {t_all:9.3f} ms ({total_flops / t_all / 1e9:7.1f} TFLOP/s)")
-    if name == "kernel" and not args.cpu:
-      verdict = "MET" if t_all <= TARGET_FWD_BWD_MS else "NOT met"
-      print(f"          target fwd+bwd <= {TARGET_FWD_BWD_MS} ms: {verdict}")
-
-
-def report_profile(args, config, inputs) -> None:
-  """Time of each GPU kernel stage (private helpers of the kernel module)."""
-  q, k, v, d_out, seg = inputs
-  length = args.chunks * args.chunk_size
-  make_plan = lambda cfg: ca._triton_plan(cfg, args.cpu, 1.0, args.batch, args.heads, args.chunks,
-                                         args.chunk_size, args.chunk_size, args.dk, args.dv, q.dtype)
-  plan = make_plan(dataclasses.replace(config, fwd_impl="blocks"))
-  flash_plan = make_plan(dataclasses.replace(config, fwd_impl="flash"))
-  bwd_plan = dataclasses.replace(plan, geom=plan.bwd_geom)  # the backward kernels' own tiles
-  p_buf, mrun, lse = jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s))(q, k, seg)
-  out = ca._tr_block_matmul(plan, p_buf, v, mrun, lse, v.dtype)
-  delta_fn = jax.jit(lambda o, do: jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32)))
+  plan = ca._triton_plan(dataclasses.replace(config, fwd_impl="blocks"), args.cpu, 1.0, args.batch, args.heads,
+                         args.chunks, args.chunk_size, args.chunk_size, args.dk, args.dv, q.dtype)
+  mm_plan = dataclasses.replace(plan, geom=plan.mm_geom)
+  tiles_plan = dataclasses.replace(plan, geom=plan.bwd_geom)
+  bwd_mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
+  scores = jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s))
+  p_buf, stats, lse = scores(q, k, seg)
+  if plan.fwd_scores == "twopass":
+    pv = jax.jit(lambda p, x, r: ca._tr_block_matmul(mm_plan, p, x, None, None, v.dtype, rscale=r))
+    pv_args = (p_buf, v, stats)
+  else:
+    pv = jax.jit(lambda p, x, m, l: ca._tr_block_matmul(mm_plan, p, x, m, l, v.dtype))
+    pv_args = (p_buf, v, stats, lse)
+  out = pv(*pv_args)
+  delta_fn = jax.jit(lambda o, do: ca._tr_delta(plan, o, do) if plan.delta_impl == "pallas" else ca._delta(o, do))
   delta = delta_fn(out, d_out)
-  tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(bwd_plan, *a))
+  tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(tiles_plan, *a))
   p_bwd, ds_buf = tiles(q, k, v, seg, lse, delta, d_out)
-  stages = [
-      ("fwd scores (S, online stats, P~ tiles)", jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s)),
-       (q, k, seg), args.dk),
-      ("fwd O = P V (block matmul)", jax.jit(lambda *a: ca._tr_block_matmul(plan, *a, v.dtype)),
-       (p_buf, v, mrun, lse), args.dv),
-      ("fwd flash (alternative forward)", jax.jit(lambda *a: ca._tr_flash_forward(
-          flash_plan, *a, None, save_lse=True)), (q, k, v, seg), args.dk * -(-args.dv // flash_plan.block_d)
-       + args.dv),
-      ("bwd delta = rowsum(O dO) (XLA)", delta_fn, (out, d_out), None),
+  return [
+      ("fwd scores (S, stats, P~ tiles)", scores, (q, k, seg), args.dk * (2 if plan.fwd_scores == "twopass" else 1)),
+      ("fwd O = P V (block matmul)", pv, pv_args, args.dv),
+      ("bwd delta = rowsum(O dO)", delta_fn, (out, d_out), None),
       ("bwd tiles (S, P, dP, dS)", tiles, (q, k, v, seg, lse, delta, d_out), args.dk + args.dv),
-      ("bwd dV = P^T dO", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_plan, m, x, v.dtype)), (p_bwd, d_out),
+      ("bwd dV = P^T dO", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_mm_plan, m, x, v.dtype)), (p_bwd, d_out),
        args.dv),
-      ("bwd dK = dS^T Q", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_plan, m, x, k.dtype)), (ds_buf, q),
+      ("bwd dK = dS^T Q", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_mm_plan, m, x, k.dtype)), (ds_buf, q),
        args.dk),
-      ("bwd dQ = dS K", jax.jit(lambda m, x: ca._tr_block_matmul(bwd_plan, m, x, None, None, q.dtype)),
+      ("bwd dQ = dS K", jax.jit(lambda m, x: ca._tr_block_matmul(bwd_mm_plan, m, x, None, None, q.dtype)),
        (ds_buf, k), args.dk),
   ]
-  pairs = args.batch * args.heads * args.chunks * args.chunk_size ** 2 / 2
-  buffer_mb = np.prod(p_buf.shape) * p_buf.dtype.itemsize / 2 ** 20
-  print(f"\nper-stage times (median of {args.iters}); probability-tile buffer {buffer_mb:.0f} MiB each "
-        f"(fwd tiles {plan.geom.bq}x{plan.geom.bk}, bwd tiles {bwd_plan.geom.bq}x{bwd_plan.geom.bk}, "
-        f"block_d={plan.block_d} block_c={plan.block_c} block_qk={plan.block_qk} block_r={plan.block_r}):")
-  total = 0.0
-  for name, fn, fn_args, width in stages:
-    t = timed(fn, *fn_args, iters=args.iters, warmup=args.warmup)
-    rate = "" if width is None else f"  {2 * pairs * width / t / 1e9:7.1f} TFLOP/s"
-    if not name.startswith("fwd flash"):
-      total += t
-    print(f"  {name:42s} {t:9.3f} ms{rate}")
-  print(f"  {'sum (blocks fwd + bwd)':42s} {total:9.3f} ms   (length {length})")
 
 
-def report_sweep(args, inputs) -> None:
+def reference_fn(args, inputs):
+  """The float32 XLA path's (out, dq, dk, dv), compiled now (run it later: it needs several GiB)."""
   q, k, v, d_out, seg = inputs
-  _, total_flops = flop_counts(args)
-  print("\nsweep: fwd+bwd per tiling (differences from the defaults)")
+  up = lambda x: x.astype(jnp.float32)
+  compiled = jax.jit(fwd_bwd(xla_fn(args))).lower(up(q), up(k), up(v), seg, up(d_out)).compile()
+  return lambda: compiled(up(q), up(k), up(v), seg, up(d_out))
+
+
+def errors(got, exact) -> dict:
+  """max |kernel - ref| / max |ref| per output (got, exact: (out, dq, dk, dv))."""
+  up = lambda x: x.astype(jnp.float32)
+  result = {}
+  for label, a, r in zip(("out", "dq", "dk", "dv"), got, exact):
+    diff = jnp.abs(up(a) - r)
+    result[label] = float(jnp.max(diff) / jnp.max(jnp.abs(r)))
+    if not bool(jnp.all(jnp.isfinite(up(a)))):
+      result[label] = float("nan")
+  return result
+
+
+def run_config(args, name: str, overrides: dict, inputs, with_stages: bool) -> dict:
+  """Errors, fwd and fwd+bwd times, and (with_stages) every stage's time, of one configuration.
+
+  In a --parallel child everything is compiled (and the errors computed) first, then the child
+  reports ready, waits for the go file and times under the lock.
+  """
+  config = config_for(args, overrides)
+  q, k, v, d_out, seg = inputs
+  row = {"config": {k_: v_ for k_, v_ in dataclasses.asdict(config).items() if v_ is not None}}
+  kernel = kernel_fn(args, config)
+  fwd = jax.jit(kernel)
+  both = jax.jit(fwd_bwd(kernel))
+  jax.block_until_ready(fwd(q, k, v, seg))  # compile
+  jax.block_until_ready(both(q, k, v, seg, d_out))
+  reference = None if args.skip_checks else reference_fn(args, inputs)
+  with_stages = with_stages and not args.no_stages
+  stages = stage_functions(args, config, inputs) if with_stages and config.fwd_impl == "blocks" else []
+  widths = {stage: width for stage, _, _, width in stages}
+  for _, fn, fn_args, _ in stages:
+    jax.block_until_ready(fn(*fn_args))
+  if args.go_file:
+    open(args.ready_file, "w").close()
+    while not os.path.exists(args.go_file):
+      time.sleep(0.5)
+  fwd_flops, total_flops = flop_counts(args)
+  pairs = args.batch * args.heads * args.chunks * args.chunk_size ** 2 / 2
+  with timing_lock():
+    row["fwd_ms"] = timed(fwd, q, k, v, seg, iters=args.iters)
+    row["fwd_bwd_ms"] = timed(both, q, k, v, seg, d_out, iters=args.iters)
+    row["stages_ms"] = {}
+    for stage, fn, fn_args, _ in stages:
+      row["stages_ms"][stage] = timed(fn, *fn_args, iters=args.iters)
+    del stages
+    # After the timings and still under the lock: the float32 reference needs several GiB, and
+    # processes of a --parallel sweep hold what they allocated until they exit.
+    if reference is not None:
+      row["errors"] = errors(both(q, k, v, seg, d_out), reference())
+  row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+  row["fwd_bwd_tflops"] = total_flops / row["fwd_bwd_ms"] / 1e9
+  row["stages_tflops"] = {stage: 2 * pairs * width / row["stages_ms"][stage] / 1e9
+                          for stage, width in widths.items() if width is not None}
+  return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def print_row(name: str, row: dict) -> None:
+  if "error" in row:
+    print(f"{name:32s} FAILED: {row['error'][:300]}", flush=True)
+    return
+  errs = row.get("errors", {})
+  err = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+  print(f"{name:32s} fwd {row['fwd_ms']:7.3f} ms  fwd+bwd {row['fwd_bwd_ms']:7.3f} ms "
+        f"({row['fwd_bwd_tflops']:5.1f} TFLOP/s)  err: {err}", flush=True)
+  for stage, t in row.get("stages_ms", {}).items():
+    rate = row["stages_tflops"].get(stage)
+    print(f"    {stage:38s} {t:7.3f} ms" + ("" if rate is None else f"  {rate:6.1f} TFLOP/s"), flush=True)
+  if row.get("stages_ms"):
+    print(f"    {'sum of stages':38s} {sum(row['stages_ms'].values()):7.3f} ms", flush=True)
+
+
+_SHORT = {"fwd scores (S, stats, P~ tiles)": "scores", "fwd O = P V (block matmul)": "PV",
+          "bwd delta = rowsum(O dO)": "delta", "bwd tiles (S, P, dP, dS)": "tiles",
+          "bwd dV = P^T dO": "dV", "bwd dK = dS^T Q": "dK", "bwd dQ = dS K": "dQ"}
+
+
+def print_summary(results: dict) -> None:
+  stage_names = []
+  for row in results.values():
+    for stage in row.get("stages_ms", {}):
+      if stage not in stage_names:
+        stage_names.append(stage)
+  short = [_SHORT.get(s, s[:9]) for s in stage_names]
+  print("\nsummary (ms; max relative error over out/dq/dk/dv vs the float32 XLA reference):")
+  print(f"{'config':32s} {'fwd':>7s} {'fwd+bwd':>8s} {'maxerr':>8s} " + " ".join(f"{s:>9s}" for s in short))
   best = None
-  configs = CPU_SWEEP if args.cpu else SWEEP
-  if args.sweep_entries:
-    configs = [configs[int(i)] for i in args.sweep_entries.split(",")]
-  for config in configs:
-    label = ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
-                      if getattr(config, f.name) != getattr(ca.KernelConfig(), f.name)) or "defaults"
-    kernel, _ = attention_fns(args, config)
-    try:
-      t = timed(jax.jit(fwd_bwd(kernel)), q, k, v, seg, d_out, iters=args.iters, warmup=args.warmup)
-    except Exception as e:  # a tiling that does not compile (e.g. shared memory) is reported, not fatal
-      print(f"  {label:50s} FAILED: {str(e).splitlines()[0][:150]}")
+  for name, row in results.items():
+    if "error" in row:
+      print(f"{name:32s} FAILED")
       continue
-    print(f"  {label:50s} {t:9.3f} ms ({total_flops / t / 1e9:7.1f} TFLOP/s)")
-    if best is None or t < best[0]:
-      best = (t, label)
-  if best is not None:
-    print(f"  best: {best[1]} at {best[0]:.3f} ms")
+    errs = row.get("errors", {})
+    maxerr = f"{max(errs.values()):.1e}" if errs else "-"
+    cells = " ".join(f"{row['stages_ms'][s]:9.3f}" if s in row.get("stages_ms", {}) else f"{'-':>9s}"
+                     for s in stage_names)
+    print(f"{name:32s} {row['fwd_ms']:7.3f} {row['fwd_bwd_ms']:8.3f} {maxerr:>8s} {cells}")
+    if best is None or row["fwd_bwd_ms"] < best[1]:
+      best = (name, row["fwd_bwd_ms"])
+  if best:
+    verdict = "MET" if best[1] <= TARGET_FWD_BWD_MS else "NOT met"
+    print(f"best fwd+bwd: {best[0]} {best[1]:.3f} ms (target <= {TARGET_FWD_BWD_MS} ms: {verdict})")
+  for stage, label in zip(stage_names, short):
+    rows = [(row["stages_ms"][stage], name) for name, row in results.items() if stage in row.get("stages_ms", {})]
+    if rows:
+      t, name = min(rows)
+      print(f"  best {label:9s} {t:7.3f} ms  {name}")
+
+
+def write_json(path: str | None, data: dict) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump(data, f, indent=1)
+
+
+def report_plain(args, inputs) -> dict:
+  """The default (or command-line) configuration against the XLA path, in this process."""
+  q, k, v, d_out, seg = inputs
+  results = {}
+  row = run_config(args, "kernel", {}, inputs, with_stages=args.profile and not args.cpu)
+  results["kernel"] = row
+  print_row("kernel", row)
+  if not args.no_xla:
+    xla = xla_fn(args)
+    _, total_flops = flop_counts(args)
+    t_fwd = timed(jax.jit(xla), q, k, v, seg, iters=args.iters)
+    t_all = timed(jax.jit(fwd_bwd(xla)), q, k, v, seg, d_out, iters=args.iters)
+    results["xla"] = {"fwd_ms": t_fwd, "fwd_bwd_ms": t_all}
+    print(f"{'xla':32s} fwd {t_fwd:7.3f} ms  fwd+bwd {t_all:7.3f} ms ({total_flops / t_all / 1e9:5.1f} TFLOP/s)")
+  return results
+
+
+def run_configs_here(args, names: list[str], inputs) -> dict:
+  sweep = CPU_SWEEP if args.cpu else SWEEP
+  results = {}
+  for name in names:
+    try:
+      results[name] = run_config(args, name, sweep[name], inputs, with_stages=True)
+    except Exception as err:  # noqa: BLE001 - a tiling that fails to compile is reported, not fatal
+      traceback.print_exc()
+      results[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
+    print_row(name, results[name])
+    write_json(args.json, results)
+  return results
+
+
+def run_parallel(args, names: list[str]) -> dict:
+  """One child process per configuration, args.parallel at a time; merges their JSON."""
+  workdir = os.path.abspath(os.path.dirname(args.json) if args.json else tempfile.mkdtemp())
+  os.makedirs(workdir, exist_ok=True)
+  lock = os.path.join(workdir, "check_attention.timing.lock")
+  passthrough = []
+  for name in ("batch", "chunks", "chunk_size", "heads", "dk", "dv", "dtype", "iters", *KNOBS):
+    value = getattr(args, name)
+    if value is not None:
+      passthrough += ["--" + name.replace("_", "-"), str(value)]
+  for flag in ("cpu", "segments", "skip_checks", "no_stages"):
+    if getattr(args, flag):
+      passthrough.append("--" + flag.replace("_", "-"))
+  env = dict(os.environ)
+  results = {}
+  for wave_start in range(0, len(names), args.parallel):
+    wave = names[wave_start:wave_start + args.parallel]
+    go_file = os.path.join(workdir, f"check_attention.go.{wave_start}")
+    running = []
+    for name in wave:
+      paths = {ext: os.path.join(workdir, f"check_attention.{name}.{ext}") for ext in ("json", "log", "ready")}
+      cmd = [sys.executable, os.path.abspath(__file__), "--configs", name, "--json", paths["json"],
+             "--ready-file", paths["ready"], "--go-file", go_file, "--timing-lock", lock, *passthrough]
+      log = open(paths["log"], "w")
+      running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, paths))
+    print(f"started {len(wave)}: {', '.join(wave)}", flush=True)
+    started = time.time()
+    while running:
+      time.sleep(1)
+      waiting = [item for item in running if not os.path.exists(item[3]["ready"]) and item[1].poll() is None]
+      if not os.path.exists(go_file) and (not waiting or time.time() - started > args.deadline):
+        for name, proc, _, _ in waiting:  # still compiling at the deadline: dropped
+          proc.kill()
+          results[name] = {"error": f"still compiling after {args.deadline:.0f} s; dropped"}
+        print(f"compiled after {time.time() - started:.0f} s; timing", flush=True)
+        open(go_file, "w").close()
+      for item in list(running):
+        name, proc, log, paths = item
+        if proc.poll() is None:
+          continue
+        log.close()
+        running.remove(item)
+        if name not in results:
+          try:
+            with open(paths["json"]) as f:
+              results[name] = json.load(f)[name]
+          except (OSError, KeyError, json.JSONDecodeError):
+            with open(paths["log"]) as f:
+              tail = f.read().splitlines()[-15:]
+            results[name] = {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        print_row(name, results[name])
+  return results
 
 
 def main() -> None:
+  global _TIMING_LOCK
   args = parse_args()
+  _TIMING_LOCK = args.timing_lock
+  sys.stdout.reconfigure(line_buffering=True)
   if args.cpu:
     jax.config.update("jax_platforms", "cpu")
+  names = list(CPU_SWEEP if args.cpu else SWEEP) if args.sweep else args.configs
+  header = (f"shape: B={args.batch} chunks={args.chunks}x{args.chunk_size} H={args.heads} dk={args.dk} "
+            f"dv={args.dv} {args.dtype}{' with segment ids' if args.segments else ''}")
+  if names and args.parallel > 0:  # the parent never touches the GPU
+    print(header, flush=True)
+    results = run_parallel(args, names)
+    print_summary(results)
+    write_json(args.json, {"shape": header, "results": results})
+    return
   print(f"jax {jax.__version__}, device: {jax.devices()[0].device_kind}, backend {jax.default_backend()}")
-  print(f"shape: B={args.batch} chunks={args.chunks}x{args.chunk_size} H={args.heads} dk={args.dk} "
-        f"dv={args.dv} {args.dtype}{' with segment ids' if args.segments else ''}")
+  print(header, flush=True)
   if not args.cpu and jax.default_backend() != "gpu":
     print("warning: not on a GPU; the kernels run in interpret mode (use --cpu for tiny shapes)")
-  config = config_from_args(args)
   inputs = make_inputs(args)
-  kernel, xla = attention_fns(args, config)
-  if not args.skip_checks:
-    report_errors(args, kernel, xla, inputs)
-    report_timings(args, kernel, xla, inputs)
-  if args.profile:
-    report_profile(args, config, inputs)
-  if args.sweep:
-    report_sweep(args, inputs)
+  if names:
+    results = run_configs_here(args, names, inputs)
+    if not args.go_file:
+      print_summary(results)
+  else:
+    results = report_plain(args, inputs)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,26 @@ SWEEPS["tiled"] = [
 # A short final comparison (< 90 s with --shapes target_only): the default (tiled) and the
 # per-(sequence, group) kernel's old default.
 SWEEPS["final"] = [K.KernelConfig()]
+# The step-wise backward (TiledConfig.backward="steps") against the per-tile one, with the
+# scans over tiles in one pass of one group per program (scan_chunk >= tiles), and the passes
+# over x and dy in smaller tiles than the forward's.
+STEPS = functools.partial(TILED, backward="steps")
+ONE_PASS_SCAN = {"scan_chunk": 512, "scan_groups": 1}
+SWEEPS["steps"] = [
+    STEPS(**ONE_PASS_SCAN),
+    STEPS(**ONE_PASS_SCAN, pass_block_t=32, pass_groups=1, pass_tiles=8),
+    STEPS(**ONE_PASS_SCAN, pass_block_t=32, pass_groups=2, pass_tiles=4),
+    TILED(**ONE_PASS_SCAN),
+]
+STEPS_BREAKDOWN = [STEPS(**ONE_PASS_SCAN, pass_block_t=32, pass_groups=1, pass_tiles=8)]
+# The default (step-wise backward since 2026-11-29) against the previous one (TiledConfig()).
+SWEEPS["previous"] = [TILED()]
 BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
              TILED(block_t=64, groups_per_block=2, num_warps=8)]
 CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True),
-             TILED(block_t=16, groups_per_block=2, scan_chunk=2)]
+             TILED(block_t=16, groups_per_block=2, scan_chunk=2),
+             STEPS(block_t=16, groups_per_block=2, scan_chunk=2, pass_block_t=8, pass_groups=1,
+                   pass_tiles=3)]
 
 
 def make_inputs(shape: Shape, seed: int = 0):
@@ -215,7 +231,7 @@ def check_shape(shape: Shape, configs, args) -> list[dict]:
   truth = truth_fb(x.astype(jnp.float32), *common, f32_cts)
 
   rows = []
-  runs = [("xla", None)] + [("pallas", c) for c in configs]
+  runs = [("xla", None)] * (not args.skip_xla) + [("pallas", c) for c in configs]
   for kind, config in runs:
     name = "xla associative" if kind == "xla" else describe(config)
     row = {"shape": str(shape), "impl": name}
@@ -274,12 +290,14 @@ def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
                                                                     flags))
   d = spec.dims
   f = None if not d.has_flags else flags
+  moments = config.tiled.backward == "steps"
   parts = {
       "fwd (3 kernels)": (fwd, (x4, w_hat, bias, *stats0)),
       "bwd (3 kernels + XLA)": (bwd, (x4, dy4, w_hat, saved, per(dmean), per(dvar))),
       "fwd summary": (jax.jit(lambda x4: K._tile_call(
-          spec, functools.partial(K._tiled_fwd_summary_kernel, dims=d), (x4, f), ("seq", "flags"),
-          ("tstat",) * 3, x4.dtype, "fwd_summary")), (x4,)),
+          spec, functools.partial(K._tiled_fwd_summary_kernel, dims=d, moments=moments),
+          (x4, f), ("seq", "flags"), ("tstat",) * 3 + ("step",) * (2 * moments), x4.dtype,
+          "fwd_summary")), (x4,)),
       "fwd scan": (jax.jit(lambda cn, cmu, cvar, a, b_, c: K._scan_call(
           spec, K._tiled_fwd_scan_kernel, (cn, cmu, cvar), K._tile_resets(spec, f), (a, b_, c),
           3, 3, "fwd_scan")), (*saved[:3], *(s.reshape(batch, groups) for s in stats0))),
@@ -315,11 +333,134 @@ def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
   return rows
 
 
+def steps_breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
+  """Pipelined time of each kernel of the step-wise backward (TiledConfig.backward="steps")."""
+  x, w, b, mask, seg, state, (dy, dmean, dvar) = make_inputs(shape)
+  batch, length, dim = x.shape
+  groups = shape.groups
+  k = dim // groups
+  spec = K._make_spec(batch, length, dim, groups, 1e-5, args.interpret, config, "triton",
+                      mask is not None or seg is not None, seg is not None)
+  valid = jnp.ones((batch, length), jnp.bool_) if mask is None else ~mask
+  reset = tsn.reset_flags(seg, batch, length)
+  flags = (jnp.where(valid, K._VALID, 0) | jnp.where(reset, K._RESET, 0)).astype(jnp.int32)
+  x4, dy4 = x.reshape(batch, length, groups, k), dy.reshape(batch, length, groups, k)
+  w_hat, bias = (w + 1.0).reshape(groups, k), b.reshape(groups, k)
+  per = lambda a: a.reshape(-1)
+  n0 = jnp.repeat(state.count.astype(jnp.float32), groups)
+  stats0 = (n0, per(state.mean), per(state.var))
+  fwd = jax.jit(lambda x4, w, b, *s: K._tiled_forward(spec, x4, w, b, *s, flags))
+  y4, mu_end, var_end, saved = fwd(x4, w_hat, bias, *stats0)
+  bwd = jax.jit(lambda x4, dy4, w, saved, gm, gv: K._tiled_backward(spec, x4, dy4, w, saved, gm, gv,
+                                                                    flags))
+  d = spec.dims
+  f = None if not d.has_flags else flags
+  cn, cmu, cvar, n_end, m, v = saved
+  pd, sd = K._pass_dims(spec), K._steps_dims(spec)
+  per_program = min(spec.config.tiled.pass_tiles, pd.tiles)
+  ad = K._pass_dims(spec, per_program)
+  warps = spec.config.tiled.scan_warps
+  sums = jax.jit(lambda x4, dy4, w: K._tile_call(
+      spec, functools.partial(K._steps_bwd_sums_kernel, dims=pd), (x4, dy4, w),
+      ("seq", "seq", "feat"), ("step", "step"), x4.dtype, "sums", dims=pd))
+  s1, s3 = sums(x4, dy4, w_hat)
+  step_kinds = ("step",) * 4 + ("tstat",) * 3
+
+  def adjoint(summary, *a):
+    kinds = step_kinds + ("tstat", "tstat") * (not summary) + ("flags",)
+    outs = ("tstat",) * 3 if summary else ("step",) * 4
+    return K._tile_call(spec, functools.partial(K._steps_bwd_adjoint_kernel, dims=sd, eps=spec.eps,
+                                                summary=summary),
+                        (*a, f), kinds, outs, x4.dtype, "adjoint", dims=sd, warps=warps)
+  maps_fn = jax.jit(functools.partial(adjoint, True))
+  maps = maps_fn(m, v, s1, s3, cn, cmu, cvar)
+  resets = K._tile_resets(spec, f)
+  scan_fn = jax.jit(lambda maps, gm, gv: K._chain_tile_maps(spec, maps, n_end, resets, gm, gv))
+  u_mu, u_var, _, _ = scan_fn(maps, per(dmean), per(dvar))
+  coef_fn = jax.jit(functools.partial(adjoint, False))
+  coefs = coef_fn(m, v, s1, s3, cn, cmu, cvar, u_mu, u_var)
+  apply_fn = jax.jit(lambda x4, dy4, w, *c: K._tile_call(
+      spec, functools.partial(K._steps_bwd_apply_kernel, dims=pd, per_program=per_program),
+      (x4, dy4, w, *c), ("seq", "seq", "feat") + ("step",) * 4, ("seq", "partial", "partial"),
+      x4.dtype, "apply", dims=ad))
+  parts = {
+      "fwd (3 kernels)": (fwd, (x4, w_hat, bias, *stats0)),
+      "bwd (5 kernels + XLA)": (bwd, (x4, dy4, w_hat, saved, per(dmean), per(dvar))),
+      "bwd sums": (sums, (x4, dy4, w_hat)),
+      "bwd maps": (maps_fn, (m, v, s1, s3, cn, cmu, cvar)),
+      "bwd scan": (scan_fn, (maps, per(dmean), per(dvar))),
+      "bwd coefficients": (coef_fn, (m, v, s1, s3, cn, cmu, cvar, u_mu, u_var)),
+      "bwd apply": (apply_fn, (x4, dy4, w_hat, *coefs)),
+  }
+  rows = []
+  print(f"  breakdown of {describe(config)} (pipelined, ms):", flush=True)
+  for name, (fn, fargs) in parts.items():
+    try:
+      ms = 1e3 * median_time(fn, *fargs, warmup=2, iters=args.iters, pipeline=args.pipeline)
+      print(f"    {name:<24} {ms:8.4f}", flush=True)
+      rows.append({"shape": str(shape), "impl": describe(config), "part": name, "ms": ms})
+    except Exception as e:  # Report and continue.
+      print(f"    {name:<24} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+      if args.verbose:
+        traceback.print_exc()
+  return rows
+
+
+def atomic_probe() -> list[dict]:
+  """Compiles and runs tiny Pallas kernels with atomic adds (for single-pass look-back designs).
+
+  Pallas (jax 0.10) lowers an atomic add of an integer *tensor* as tt.atomic_rmw fadd (it tests
+  the value's type for IntegerType, which a tensor type is not); scalars lower as add. The
+  look-back variants of branch tsn2 used a [1] int32 counter and failed to verify on the H200.
+  Each case: OK with the result, or FAILED with the error."""
+  from jax import lax
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  int32 = lambda v, shape=(): lax.full(shape, v, jnp.int32)
+
+  def counter_scalar(c_ref, o_ref):
+    zero = pl.program_id(0) * 0   # A traced index: the interpreter rejects a Python int here.
+    o_ref[...] = plgpu.atomic_add(c_ref, (zero,), int32(1))
+
+  def counter_tensor(c_ref, o_ref):
+    o_ref[...] = plgpu.atomic_add(c_ref, (pl.ds(0, 1),), int32(1, (1,))).reshape(())
+
+  def float_tensor(f_ref, o_ref):
+    old = plgpu.atomic_add(f_ref, (pl.ds(0, 1), pl.ds(0, 4)), jnp.ones((1, 4), jnp.float32))
+    o_ref[...] = jnp.sum(old).astype(jnp.int32)
+
+  cases = [("int32 scalar counter", counter_scalar, jnp.zeros((1,), jnp.int32)),
+           ("int32 [1] tensor counter", counter_tensor, jnp.zeros((1,), jnp.int32)),
+           ("float32 [1, 4] tensor", float_tensor, jnp.zeros((1, 4), jnp.float32))]
+  rows = []
+  print("\n=== atomic probe (64 programs each) ===")
+  for name, kernel, arg in cases:
+    row = {"shape": "atomic probe", "impl": name}
+    try:
+      full = pl.BlockSpec(arg.shape, lambda p: (0,) * arg.ndim)
+      out = pl.pallas_call(kernel, grid=(64,), in_specs=[full],
+                           out_specs=pl.BlockSpec((None,), lambda p: (p,)),
+                           out_shape=jax.ShapeDtypeStruct((64,), jnp.int32),
+                           compiler_params=plgpu.CompilerParams(num_warps=4))(arg)
+      values = sorted(np.asarray(out).tolist())
+      row["result"] = f"old values {values[:3]}..{values[-2:]}"
+    except Exception as e:  # Report and continue.
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    print(f"  {name:<28} {row.get('result') or 'FAILED ' + row['error']}", flush=True)
+    rows.append(row)
+  return rows
+
+
 def describe(c: K.KernelConfig) -> str:
   if c.tiled is not None:
     t = c.tiled
-    return (f"tiled T{t.block_t} Gb{t.groups_per_block} "
+    text = (f"tiled T{t.block_t} Gb{t.groups_per_block} "
             f"w{t.num_warps} scan C{t.scan_chunk} W{t.scan_groups} w{t.scan_warps}")
+    if t.backward == "steps":
+      text += (f" steps S{t.step_groups} pass T{t.pass_block_t or t.block_t}"
+               f" Gb{t.pass_groups or t.groups_per_block} R{t.pass_tiles}")
+    return text
   return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
           f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
 
@@ -349,6 +490,10 @@ def main():
   parser.add_argument("--breakdown", action="store_true",
                       help="time the tiled design's kernels one by one on the target shape")
   parser.add_argument("--json", help="write all rows to this JSON file")
+  parser.add_argument("--skip-xla", action="store_true",
+                      help="do not time the XLA op (its float32 run is still the reference)")
+  parser.add_argument("--atomic-probe", action="store_true",
+                      help="first compile and run tiny kernels with atomic adds (see atomic_probe)")
   parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
   args = parser.parse_args()
   args.interpret = args.cpu
@@ -358,10 +503,11 @@ def main():
   shapes = CPU_SHAPES if args.cpu else GPU_SHAPES
   if args.shapes == "target" and not args.cpu:
     tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None][:1]
+    tiled += STEPS_BREAKDOWN if args.sweep == "steps" else []
     shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
   if args.shapes == "target_only" and not args.cpu:
     shapes = shapes[:1]
-  rows = []
+  rows = atomic_probe() if args.atomic_probe and not args.cpu else []
   for i, shape in enumerate(shapes):
     if args.cpu:
       configs = CPU_SWEEP
@@ -370,8 +516,11 @@ def main():
       configs = [DEFAULT] + [c for c in (*sweep, *shape.extra) if c != DEFAULT]
     rows += check_shape(shape, configs, args)
     if args.breakdown and i == 0:
-      for config in (CPU_SWEEP[-1:] if args.cpu else BREAKDOWN):
+      for config in (CPU_SWEEP[2:3] if args.cpu else BREAKDOWN[:1 if args.sweep == "steps" else 2]):
         rows += breakdown(shape, config, args)
+      if args.sweep == "steps" or args.cpu:
+        for config in (CPU_SWEEP[3:] if args.cpu else STEPS_BREAKDOWN):
+          rows += steps_breakdown(shape, config, args)
     write_json(args, rows)   # After every shape: a run cut short keeps what it measured.
 
   print("\n=== summary (fwd+bwd, fastest first, per shape) ===")

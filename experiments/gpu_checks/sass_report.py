@@ -82,6 +82,8 @@ def _timestep_norm_gradient(overrides: dict):
   cfg = dataclasses.replace(cfg, tiled=dataclasses.replace(cfg.tiled, **overrides))
   print(cfg)
   scan = ("timestep_norm_tiled_fwd_scan", "timestep_norm_tiled_bwd_scan")
+  # The step-wise backward's per-step kernels run with the scans' warps.
+  scan += ("timestep_norm_steps_bwd_maps", "timestep_norm_steps_bwd_coefficients")
   warps = collections.defaultdict(lambda: cfg.tiled.num_warps,
                                   {name: cfg.tiled.scan_warps for name in scan})
 

@@ -41,9 +41,9 @@ float32 (exact below 2**24 steps); the returned count is computed exactly in int
 Tiled GPU design (KernelConfig(tiled=TiledConfig(...)); see its section below): for a few long
 sequences, one program per (sequence, time tile, block of groups) instead: a summary pass, a
 small scan over tiles and a main pass (forward: x read twice; backward: x and dy read twice).
-Same semantics, API and features; the per-tile math is the code shared above. Its default
-backward (TiledConfig.backward="steps", see "Step-wise backward") makes two plain passes over x
-and dy around small kernels on per-step sums over each group's features. (Single-pass
+Same semantics, API and features; the per-tile math is the code shared above. The GPU default
+(GPU_DEFAULT) uses its step-wise backward (TiledConfig.backward="steps", see "Step-wise
+backward"): two plain passes over x and dy around small kernels on per-step sums. (Single-pass
 variants that chain tiles by a decoupled look-back were tried: Triton on an H200 rejected their
 atomics, so they were dropped; branch tsn2 has them.)
 

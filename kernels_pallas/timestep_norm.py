@@ -1755,9 +1755,10 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
 
 # The Triton default: the tiled design with the step-wise backward, scans over tiles in one pass
 # of one group per program, and the backward's passes in tiles of 32 steps x 2 groups, 4 tiles
-# per dx program. H200, B1 L32768 D4096 G64 bf16 (2026-11-29, per-step arrays still step-major
-# then): fwd+bwd 0.895 ms device time against 1.029 ms for TiledConfig() (per-tile backward) and
-# 1.264 ms for the XLA associative op; the odd-shape check (padding, segments, carry) passed.
+# per dx program. H200, B1 L32768 D4096 G64 bf16 (2026-11-29): fwd 0.292 ms, fwd+bwd 0.758 ms
+# device time against 0.293 / 1.031 ms for TiledConfig() (per-tile backward); the XLA
+# associative op took 0.465 / 1.264 ms. With step-major per-step arrays it was 0.316 / 0.895 ms;
+# the odd-shape check (float32, padding, segments, carry) passed on the GPU.
 GPU_DEFAULT = TiledConfig(backward="steps", scan_chunk=512, scan_groups=1, pass_block_t=32,
                           pass_groups=2, pass_tiles=4)
 

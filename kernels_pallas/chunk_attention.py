@@ -60,6 +60,8 @@ from megalodon_jax.ops import attention as xla_attention
 # A large finite negative score for masked entries: keeps every max/exp finite (no inf - inf).
 _MASK = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)
+# fwd_scores='bounded': the largest exponent (base 2) of a stored P~ tile entry.
+_BOUND_MARGIN = 64.0
 _LANES = 128
 _SUBLANES = 8
 _PLATFORMS = ("triton", "mosaic")
@@ -96,6 +98,9 @@ class KernelConfig:
     stores P~ = exp2(S - row max) and the block matmul divides its output rows by the row sums
     (Q K^T twice, nothing rescaled inside the matmul loop). 'online': one pass with running maxima
     per key block, which the matmul applies to every probability tile before multiplying.
+    'bounded': 'twopass' whose first pass skips the off-diagonal key blocks of a query block when
+    the Cauchy-Schwarz bound |q| max|k| of every row is within 2^64 of the row's diagonal maximum
+    (exact up to rounding either way; without segment ids; costs an XLA pass over q and k).
   bwd_order: GPU backward tiles kernel, 'dp_first' (dO V^T, then S: only one [bq, bk] accumulator
     is live during the long dv loop) or 's_first' (S and P first, P held while dP accumulates).
   delta_impl: GPU backward, delta = rowsum(O dO) by an XLA reduction ('xla') or a Pallas kernel
@@ -326,7 +331,7 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
 
 
 def _check_choices(config: KernelConfig) -> None:
-  for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online")),
+  for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online", "bounded")),
                         ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas"))):
     if getattr(config, name) not in allowed:
       raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(config, name)!r}")
@@ -612,13 +617,18 @@ def _tr_scores_kernel(q_ref, k_ref, seg_ref, p_ref, mrun_ref, lse_ref, *, g: _Ge
   plgpu.store(lse_ref.at[pl.ds(q_row0, g.bq)], lse, mask=qr.load_mask())
 
 
-def _tr_scores_twopass_kernel(q_ref, k_ref, seg_ref, p_ref, rscale_ref, lse_ref, *, g: _Geom, scale2: float,
-                              chunk: int):
+def _tr_scores_twopass_kernel(q_ref, k_ref, seg_ref, bound_ref, p_ref, rscale_ref, lse_ref, *, g: _Geom,
+                              scale2: float, chunk: int):
   """Forward step 1, two passes over the visited key blocks of query block i of chunk n.
 
   Pass 1 finds the row maxima m of S = Q K^T (base 2); pass 2 recomputes S and writes
   P~_ij = exp2(S_ij - m) into the tile buffer [n*cpq + i*bq.., j*bk..]. Stores lse (base 2) and
   the row scale 1 / sum_j P~_ij that turns P~ V into the output.
+
+  With bound_ref (rows' upper bounds of S, |q_i| max_j |k_j| |scale2|; no segment ids), pass 1
+  covers only the diagonal key blocks when every valid row's bound is within _BOUND_MARGIN of
+  its diagonal maximum: that maximum then serves as m (P~ <= 2^_BOUND_MARGIN, far from overflow,
+  and >= 1 at the row's own diagonal maximum, so nothing underflows that matters).
   """
   i = g.nbq - 1 - pl.program_id(0)  # heaviest query blocks first
   n = pl.program_id(1)
@@ -646,8 +656,14 @@ def _tr_scores_twopass_kernel(q_ref, k_ref, seg_ref, p_ref, rscale_ref, lse_ref,
     return jnp.maximum(m, jnp.max(s if mask is None else jnp.where(mask, s, _MASK), axis=1))
 
   m = jnp.full((g.bq,), _MASK, jnp.float32)
-  m = lax.fori_loop(0, n_full, functools.partial(max_body, False), m)
-  m = lax.fori_loop(n_full, n_blocks, functools.partial(max_body, True), m)
+  m = lax.fori_loop(n_full, n_blocks, functools.partial(max_body, True), m)  # diagonal blocks
+  n_rest = n_full
+  if bound_ref is not None:
+    block = bound_ref.at[pl.ds(q_row0, g.bq)]
+    bound = plgpu.load(block) if not qr.masked else plgpu.load(block, mask=qr.valid, other=0.0)
+    gap = jnp.max(jnp.where(qr.valid, bound - m, -1.0))
+    n_rest = jnp.where(gap <= _BOUND_MARGIN, 0, n_full)
+  m = lax.fori_loop(0, n_rest, functools.partial(max_body, False), m)
 
   def exp_body(masked, j, l):
     kr, s, mask = scores(j, masked)
@@ -823,7 +839,7 @@ def _tr_blocks_forward(plan: _Plan, q, k, v, segment_ids):
   """Forward via stored probability tiles. Returns out [B, L, H, dv], lse [B, H, L] (base 2)."""
   p_buf, stats, lse = _tr_scores(plan, q, k, v.dtype, segment_ids)
   mm_plan = dataclasses.replace(plan, geom=plan.mm_geom)
-  if plan.fwd_scores == "twopass":
+  if plan.fwd_scores != "online":
     return _tr_block_matmul(mm_plan, p_buf, v, None, None, v.dtype, rscale=stats), lse
   return _tr_block_matmul(mm_plan, p_buf, v, stats, lse, v.dtype), lse
 
@@ -838,24 +854,48 @@ def _tr_scores(plan: _Plan, q, k, p_dtype, segment_ids):
   rows = g.n_chunks * g.cpq
   p_shape = (g.batch, g.heads, rows, g.cpk)
   lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
-  if plan.fwd_scores == "twopass":
-    stats_shape = lse_shape
-    kernel = _tr_scores_twopass_kernel
-  else:
+  bound = None
+  if plan.fwd_scores == "online":
     stats_shape = (g.batch, g.heads, g.nbk, rows)
     kernel = _tr_scores_kernel
+  else:
+    stats_shape = lse_shape
+    kernel = _tr_scores_twopass_kernel
+    if plan.fwd_scores == "bounded" and segment_ids is None:
+      bound = _score_bound(q, k, g, plan.scale * _LOG2E)
   kernel = functools.partial(kernel, g=g, scale2=plan.scale * _LOG2E, chunk=plan.block_qk)
+  if plan.fwd_scores == "online":
+    kernel = functools.partial(_drop_bound_ref, kernel)
   return pl.pallas_call(
       kernel,
       grid=(g.nbq, g.n_chunks, g.batch, g.heads),
-      in_specs=[_rows_spec(q), _rows_spec(k), _seg_spec(segment_ids)],
+      in_specs=[_rows_spec(q), _rows_spec(k), _seg_spec(segment_ids),
+                None if bound is None else _bh_spec(bound.shape)],
       out_specs=[_bh_spec(p_shape), _bh_spec(stats_shape), _bh_spec(lse_shape)],
       out_shape=[jax.ShapeDtypeStruct(p_shape, p_dtype), jax.ShapeDtypeStruct(stats_shape, jnp.float32),
                  jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
       compiler_params=_tr_params(plan, "scores", _tr_warps(g.bq * g.bk), 2),
       interpret=plan.interpret,
       name="chunk_attention_scores",
-  )(q, k, segment_ids)
+  )(q, k, segment_ids, bound)
+
+
+def _drop_bound_ref(kernel, q_ref, k_ref, seg_ref, bound_ref, *refs):
+  del bound_ref
+  kernel(q_ref, k_ref, seg_ref, *refs)
+
+
+def _score_bound(q, k, g: _Geom, scale2: float):
+  """Upper bounds of every query row's scores (base 2): |q_i| max_{j in chunk} |k_j| |scale2|.
+
+  q, k: [B, L, H, dk] -> [B, H, L] float32 (an XLA pass over q and k, 1/8 of v's size).
+  """
+  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))  # [B, L, H]
+  k_max = jnp.max(norm(k).reshape(g.batch, g.n_chunks, g.k_len, g.heads), axis=2)  # [B, n, H]
+  q_norm = norm(q).reshape(g.batch, g.n_chunks, g.q_len, g.heads)
+  bound = q_norm * k_max[:, :, None, :] * abs(scale2)
+  # A hair of headroom for the rounding of the norms and of the MMA.
+  return (bound * (1.0 + 1e-3) + 1e-3).reshape(g.batch, g.n_chunks * g.q_len, g.heads).transpose(0, 2, 1)
 
 
 def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype, rscale=None):

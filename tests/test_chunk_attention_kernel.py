@@ -157,6 +157,9 @@ _TRITON_CASES = {
     "s_first_bf16": dict(batch=1, length=64, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
                          scale=0.6, config=ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16,
                                                            bwd_block_k=32, bwd_order="s_first")),
+    # first pass on the diagonal key blocks only when the score bound allows (q tail rows)
+    "bounded_scores": dict(batch=2, length=80, heads=2, dk=16, dv=32, chunk_size=40,
+                           config=ca.KernelConfig(block_q=16, block_k=16, fwd_scores="bounded")),
     # the buffer-free flash forward, with segments and tails
     "flash_forward": dict(batch=1, length=48, heads=2, dk=16, dv=48, chunk_size=24, segments=True,
                           config=ca.KernelConfig(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=16, block_d=32,
@@ -310,6 +313,32 @@ def test_bad_inputs_raise(bad):
     kwargs = dict(block_q=24, platform="triton")
   with pytest.raises(ValueError):
     ca.chunk_attention(q, k, v, chunk_size=32, **kwargs)
+
+
+@pytest.mark.parametrize("far_score", [60.0, 200.0])
+def test_bounded_scores_with_far_off_diagonal_maxima(far_score):
+  """fwd_scores='bounded' when the diagonal maximum lies far (base 2) below the row maximum.
+
+  Queries 16..31 and key 0 point along e_1 with |q| |k_0| log2(e) = far_score; the other keys are
+  tiny, so the diagonal blocks' maximum is ~0 and the bound equals the true maximum. At 60 (within
+  the margin) the first pass skips key block 0 and the tiles hold P~ up to 2^60; at 200 it must
+  not (exp2(200) overflows float32). Both must give the float64 softmax.
+  """
+  rng = np.random.default_rng(7)
+  length, dk, dv = 32, 16, 16
+  q = rng.normal(size=(1, length, 1, dk)) * 0.05
+  k = rng.normal(size=(1, length, 1, dk)) * 0.05
+  q[0, 16:, 0, :] = 0.0
+  q[0, 16:, 0, 0] = 6.0
+  k[0, 0, 0, :] = 0.0
+  k[0, 0, 0, 0] = far_score / ca._LOG2E / 6.0
+  v, d_out = rng.normal(size=(1, length, 1, dv)), rng.normal(size=(1, length, 1, dv))
+  q, k, v, d_out = (jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out))
+  config = ca.KernelConfig(block_q=16, block_k=16, fwd_scores="bounded")
+  got = _compiled_kernel_vjp("triton", config, length, 1.0, _avals(q, k, v, None, d_out))(q, k, v, None, d_out)
+  exact = dense_attention_f64(q, k, v, d_out, _dense_mask(length, length, None, 1), 1.0)
+  for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
+    assert _rel_err(g, e) < 1e-5, (name, _rel_err(g, e))
 
 
 @pytest.mark.parametrize("config,match", [

@@ -62,7 +62,7 @@ SWEEP = {
     "tiles_stages4": dict(tiles_stages=4),
     "tiles_block_c128_s2": dict(block_c=128, tiles_stages=2),
     "matmul_stages4": dict(matmul_stages=4),
-    "matmul_block_r128_s2": dict(block_r=128, matmul_stages=2),
+    "bounded_scores": dict(fwd_scores="bounded"),
     "delta_pallas": dict(delta_impl="pallas"),
 }
 CPU_TILES = dict(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)
@@ -216,7 +216,7 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
   bwd_mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
   scores = jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s))
   p_buf, stats, lse = scores(q, k, seg)
-  if plan.fwd_scores == "twopass":
+  if plan.fwd_scores != "online":
     pv = jax.jit(lambda p, x, r: ca._tr_block_matmul(mm_plan, p, x, None, None, v.dtype, rscale=r))
     pv_args = (p_buf, v, stats)
   else:

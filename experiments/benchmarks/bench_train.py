@@ -95,6 +95,11 @@ def _kernel_available(module: str) -> bool:
   return importlib.util.find_spec(module) is not None
 
 
+def scan_layers(args: argparse.Namespace) -> bool:
+  """--scan-layers; scanned when the caller's namespace has no such option (bench_scaling)."""
+  return getattr(args, "scan_layers", "true") == "true"
+
+
 def megalodon_config(preset: str, spec: RowSpec, args: argparse.Namespace) -> mega_config.MegalodonConfig:
   """The preset with bf16 compute, float32 parameters, scanned (or unrolled) layers and the chosen kernels.
 
@@ -104,7 +109,7 @@ def megalodon_config(preset: str, spec: RowSpec, args: argparse.Namespace) -> me
   tsn = args.timestep_norm_impl
   if tsn == "auto" and backend.has_accelerator() and not _kernel_available("kernels_pallas.timestep_norm"):
     tsn = "xla"
-  return mega_config.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=args.scan_layers == "true",
+  return mega_config.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=scan_layers(args),
                             remat_policy=spec.remat, cema_method=args.cema_method,
                             attention_impl=args.attention_impl, timestep_norm_impl=tsn)
 
@@ -159,7 +164,7 @@ def build_megalodon(preset: str, spec: RowSpec, args: argparse.Namespace) -> Mod
 
 
 def build_llama(preset: str, spec: RowSpec, args: argparse.Namespace) -> Model:
-  cfg = llama_lib.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=args.scan_layers == "true",
+  cfg = llama_lib.preset(preset, dtype=args.dtype, param_dtype="float32", scan_layers=scan_layers(args),
                          remat_policy=spec.remat, attention_impl=args.llama_attention)
   module = llama_lib.Llama(cfg)
   init_module = llama_lib.Llama(cfg.replace(attention_impl="xla"))  # same parameters, no cuDNN at init

@@ -39,6 +39,41 @@ REMAT_POLICIES = {
         _policies.save_only_these_names(*_KERNEL_OUTPUTS, *_NORM_OUTPUTS)),
 }
 
+# Primitives whose outputs remat_policy "none" recomputes in the backward instead of storing:
+# elementwise maps, casts and layout changes (none of them reduce over an axis or mix rows).
+# Recomputing them costs a fused read of their (stored) inputs; storing them cost, per tensor,
+# a write into nn.scan's stacked residual buffer, the buffer's zero-fill, and a copy back out in
+# the backward loop. On mega200M at 1x32768 the step stored ~3.1 GB of activations per layer,
+# largely the same [L, 2048] GEMM output in three or four elementwise forms (the linearisation
+# points of silu, its sigmoid, the gated product) and float32 copies of normalised values.
+RECOMPUTED_PRIMITIVES = frozenset({
+    "abs", "add", "add_any", "and", "broadcast_in_dim", "ceil", "clamp", "complex", "concatenate", "conj",
+    "convert_element_type", "copy", "copy_p", "cos", "div", "eq", "erf", "exp", "exp2", "expand_dims",
+    "floor", "ge", "gt", "imag", "integer_pow", "iota", "le", "log", "log1p", "logistic", "lt", "max",
+    "min", "mul", "name", "ne", "neg", "not", "or", "pad", "pow", "real", "rem", "reshape", "rev", "round",
+    "rsqrt", "select_n", "sharding_constraint", "sign", "sin", "slice", "sqrt", "square", "squeeze", "stack",
+    "stop_gradient", "sub", "tan", "tanh", "transpose",
+})
+
+
+def store_all_but_elementwise(prim, *avals, **__) -> bool:
+  """Checkpoint policy of remat_policy "none": store every output except elementwise ones.
+
+  Everything that costs a pass of its own stays stored: matmuls, the Pallas kernels' outputs and
+  residuals (CEMA, TimestepNorm, attention), reductions (norm statistics), scans. Only chains of
+  elementwise work (biases, silu, gates, rotary, the normalised values, residual adds) are redone
+  in the backward, where XLA fuses them into the consumers that need them. Nothing is
+  recomputed in a forward without differentiation, so inference is unchanged.
+
+  Complex values cannot be stored (jax.checkpoint rounds every stored floating residual with
+  reduce_precision, which rejects complex64 in jax 0.10): operations on complex inputs are
+  recomputed, except `real` and `imag`, whose float outputs are stored in their place (CEMA's
+  chunk states as its kernel takes them, so the complex recurrence behind them is not redone).
+  """
+  if any(jnp.issubdtype(getattr(a, "dtype", jnp.float32), jnp.complexfloating) for a in avals):
+    return prim.name in ("real", "imag")
+  return prim.name not in RECOMPUTED_PRIMITIVES
+
 
 def rescale_init(config: MegalodonConfig, layer_id: int) -> float | None:
   return 0.1 * (0.5 ** layer_id) if config.rescale_nffn else None
@@ -66,10 +101,20 @@ class MegalodonBlock(nn.Module):
     return out, new_cache
 
 
-def _block_class(config: MegalodonConfig):
+def _block_class(config: MegalodonConfig, store_elementwise: bool = False):
+  """The block as nn.scan / the layer loop calls it, checkpointed as config.remat_policy says.
+
+  remat_policy "none" recomputes nothing that costs a pass of its own (store_all_but_elementwise);
+  store_elementwise=True stores every linearisation point instead (the previous behaviour, kept
+  for comparisons: same values, more memory traffic).
+  """
   if config.remat_policy == "none":
-    return MegalodonBlock
-  return nn.remat(MegalodonBlock, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+    if store_elementwise:
+      return MegalodonBlock
+    policy = store_all_but_elementwise
+  else:
+    policy = REMAT_POLICIES[config.remat_policy]
+  return nn.remat(MegalodonBlock, policy=policy, prevent_cse=not config.scan_layers)
 
 
 class _OutputHead(nn.Module):
@@ -93,8 +138,11 @@ class MegalodonLM(nn.Module):
     Without a cache returns logits [B, L, V]; with a ModelCache returns (logits, new_cache).
   With a cache, L must satisfy count + L <= C, or count == 0 and L a multiple of C (the decoding
   helpers in decoding.py split inputs that way).
+  store_elementwise: with remat_policy "none", store the elementwise linearisation points for the
+  backward instead of recomputing them (see _block_class; for comparisons, same results).
   """
   config: MegalodonConfig
+  store_elementwise: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
@@ -123,7 +171,7 @@ class MegalodonLM(nn.Module):
     count = jnp.zeros((), jnp.int32) if cache is None else cache.count
     positions = rope.chunk_positions(length, cfg.chunk_size, segment_ids, offset=count)
     layer_caches = None if cache is None else cache.layers
-    block = _block_class(cfg)
+    block = _block_class(cfg, self.store_elementwise)
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,

@@ -56,7 +56,12 @@ RECOMPUTED_PRIMITIVES = frozenset({
 })
 
 
-def store_all_but_elementwise(prim, *avals, **__) -> bool:
+# checkpoint_name values that remat_policy "none" stores although elementwise: the first hop's
+# output y = h + x is one [B, L, D] tensor, its sources (wh1 and wh2 outputs) are two.
+STORED_NAMES = frozenset({"mega_out"})
+
+
+def store_all_but_elementwise(prim, *avals, **params) -> bool:
   """Checkpoint policy of remat_policy "none": store every output except elementwise ones.
 
   Everything that costs a pass of its own stays stored: matmuls, the Pallas kernels' outputs and
@@ -72,6 +77,8 @@ def store_all_but_elementwise(prim, *avals, **__) -> bool:
   """
   if any(jnp.issubdtype(getattr(a, "dtype", jnp.float32), jnp.complexfloating) for a in avals):
     return prim.name in ("real", "imag")
+  if prim.name == "name":
+    return params.get("name") in STORED_NAMES
   return prim.name not in RECOMPUTED_PRIMITIVES
 
 

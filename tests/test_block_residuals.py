@@ -142,3 +142,17 @@ def test_policy_recomputes_elementwise_and_keeps_the_rest():
   # Complex values cannot be stored; their real and imaginary parts can.
   assert not policy(prim("dot_general"), c64, c64)
   assert policy(prim("real"), c64) and policy(prim("imag"), c64)
+
+
+def test_bench_train_rows_per_block_residuals_variant():
+  from experiments.benchmarks import bench_train
+  args = bench_train.parse_args(["--smoke", "--shapes", "1x32", "--block-residuals", "recompute,store"])
+  specs = bench_train.row_specs(args)
+  assert [(s.arch, s.residuals) for s in specs] == [("llama", "recompute"), ("megalodon", "recompute"),
+                                                    ("megalodon", "store")]
+  assert bench_train.base_row(specs[2])["residuals"] == "store" and "residuals" not in bench_train.base_row(specs[0])
+  # Another remat policy has no variants: the choice only exists under "none".
+  args = bench_train.parse_args(["--smoke", "--archs", "megalodon", "--remat", "full", "--block-residuals", "store"])
+  assert [s.remat for s in bench_train.row_specs(args)] == ["full", "full"]  # the two smoke shapes
+  with pytest.raises(SystemExit):
+    bench_train.parse_args(["--smoke", "--block-residuals", "sometimes"])

@@ -190,24 +190,14 @@ def timings(x, params, w, kernel, args) -> dict:
 
 def local_pass(x, q, cfg, *, reverse: bool, interpret: bool):
   """The chunk-summary kernel alone (what the forward / backward launch first)."""
-  batch, length, dim = x.shape
-  ndim = q.shape[1]
-  plan = K._plan(length, cfg)
-  # The backward's summaries use the tiling that CemaKernelConfig.bwd_summary_tiling names.
+  plan = K._plan(x.shape[1], cfg)
+  # The backward's summaries use the tiling that CemaKernelConfig.bwd_summary_tiling names
+  # (and both use summary_split / summary_block when set).
   own = reverse and cfg.bwd_summary_tiling == "backward"
-  split = cfg.bwd_split if own else cfg.split
-  block_d = cfg.bwd_block_d if own else cfg.block_d
-  spec = K._ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=False, has_g=False,
-                     reset_branch=cfg.reset_branch, length=length, dim=dim, groups=ndim // split,
-                     split=split, block_d=block_d, block_t=cfg.block_t, chunk=plan.chunk,
-                     in_names=("x", "qre", "qim"), out_names=("fre", "fim"),
-                     ptx_fma=cfg.ptx_fma and not interpret, ptx_shuffle=False)
-  inputs = dict(x=x)
-  inputs["qre"], inputs["qim"] = K._lane_planes(q, split)
-  state = jax.ShapeDtypeStruct((batch, plan.count, ndim // split, dim * split), jnp.float32)
-  return K._launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
-                   interpret=interpret, num_warps=cfg.bwd_num_warps if own else cfg.num_warps,
-                   name="local")
+  return K._chunk_summaries(
+      x, None, q, cfg, plan, reverse=reverse, split=cfg.bwd_split if own else cfg.split,
+      block_d=cfg.bwd_block_d if own else cfg.block_d,
+      num_warps=cfg.bwd_num_warps if own else cfg.num_warps, interpret=interpret, name="local")
 
 
 def pass_timings(x, params, w, cfg, args) -> dict:
@@ -292,6 +282,14 @@ SWEEP = {
     "split4_bd32_chunks4": {"split": 4, "block_d": 32, "bwd_split": 4, "bwd_block_d": 32,
                             "num_chunks": 4},
     "one_chunk": {"num_chunks": 1},
+    # Blocked chunk summaries (CemaKernelConfig.summary_block S, summary_split lanes per
+    # channel): 2 S + 2 multiply-adds per S steps and order instead of 4 S.  SASS (Triton 3.9,
+    # sm_90a) loop instructions per step and order, fwd / bwd summaries: default 4.4 / 4.8.
+    "sb4": {"summary_block": 4},                                      # 2.9 / 3.3
+    "sb4_ss2": {"summary_block": 4, "summary_split": 2},              # 3.3 / 3.3
+    "sb8_ss2": {"summary_block": 8, "summary_split": 2},              # 3.1 / 3.1
+    "sb8_ss4": {"summary_block": 8, "summary_split": 4},              # 3.9 / 3.9
+    "sb16_ss4": {"summary_block": 16, "summary_split": 4},            # 3.8 / 3.9
 }
 
 

@@ -198,6 +198,10 @@ class CemaKernelConfig:
   summary_split: lanes per channel of both chunk-summary kernels (their results leave in
     natural layout, so their tiling is free); 0 keeps the pass's own split. The program keeps
     its number of lanes (block_d * split of the tiling it replaces).
+  sum_chains: independent accumulation chains of each step's sum over orders in the forward and
+    backward scans. Each chain beyond the first costs a multiply to start it and an add to
+    combine it, per step and lane; fewer chains make the sum a longer dependent run (2 N / split
+    multiply-adds), which the next step's independent state updates can hide.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -215,6 +219,7 @@ class CemaKernelConfig:
   bwd_summary_tiling: str = "backward"
   summary_block: int = 0
   summary_split: int = 0
+  sum_chains: int = 4
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -237,6 +242,8 @@ class CemaKernelConfig:
     if self.summary_block < 0 or (self.summary_block > 1 and self.block_t % self.summary_block):
       raise ValueError(f"CemaKernelConfig.summary_block={self.summary_block} must be 0, 1 or a "
                        f"divisor of block_t={self.block_t}.")
+    if self.sum_chains < 1:
+      raise ValueError(f"CemaKernelConfig.sum_chains must be >= 1; got {self.sum_chains}.")
     if self.summary_split:
       if self.summary_split & (self.summary_split - 1) or ndim % self.summary_split:
         raise ValueError(f"CemaKernelConfig.summary_split={self.summary_split} must be 0 or a "
@@ -430,6 +437,7 @@ class _ScanSpec:
   in_names: tuple[str, ...]
   out_names: tuple[str, ...]
   summary_block: int = 0  # mode "local": steps per blocked update (CemaKernelConfig.summary_block)
+  sum_chains: int = 4     # accumulation chains of the per-step sum over orders
 
 
 def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Callable,
@@ -516,11 +524,6 @@ def _lane_sum(acc: Array, spec: _ScanSpec) -> Array:
   return jnp.sum(acc.reshape(spec.block_d, spec.split), axis=1)
 
 
-# Independent accumulation chains for the per-step sum over orders: a single chain would be a
-# dependent run of 2 N / split FMAs per step.
-_SUM_CHAINS = 4
-
-
 def _chain_add(chains: list, g: int, value_fn: Callable) -> None:
   """chains[g % len] <- value_fn(chains[g % len]) (value_fn(None) starts a chain)."""
   j = g % len(chains)
@@ -549,7 +552,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   groups = range(spec.groups)
   t_lo = c * spec.chunk
   n_steps = jnp.minimum(spec.chunk, spec.length - t_lo)
-  n_chains = min(_SUM_CHAINS, spec.groups)
+  n_chains = min(spec.sum_chains, spec.groups)
   fma = _ptx_fma if spec.ptx_fma else _plain_fma
 
   def time_of(step):
@@ -854,7 +857,7 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
                      groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
                      chunk=plan.chunk, in_names=in_names, out_names=out_names,
-                     ptx_fma=cfg.ptx_fma and not interpret,
+                     ptx_fma=cfg.ptx_fma and not interpret, sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret))
 
   start = None if h0 is None else h0 / pf[None]
@@ -917,6 +920,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
                      length=length, dim=dim, groups=groups, split=split,
                      block_d=cfg.bwd_block_d, block_t=cfg.block_t, chunk=plan.chunk,
                      in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret,
+                     sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.bwd_block_d, cfg.bwd_num_warps,
                                               interpret))
 

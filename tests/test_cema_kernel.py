@@ -105,12 +105,13 @@ CASES = {
     # One chunk, bf16 input, and every tile through the reset-multiply steps.
     "one_chunk_bf16": Case("one_chunk_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
                            config=dataclasses.replace(SMALL, reset_branch=False)),
-    # Blocked chunk summaries (CemaKernelConfig.summary_block): tiles of 4 steps as 2 blocks of
-    # 2 (the first chunks) and 1 block of 4; the last chunk of 5 steps ends with a step-by-step
-    # remainder.  With segments, tiles with a reset run step by step, clean ones blocked.
+    # Blocked chunk summaries (CemaKernelConfig.summary_block): tiles of 4 steps as 1 block of 4
+    # or (next case) 2 blocks of 2; the last chunk of 5 steps ends with a step-by-step
+    # remainder.  With segments, tiles with a reset run step by step, clean ones blocked.  This
+    # case also sums each step's orders in one chain (sum_chains=1).
     "chunked_summary_block4": Case("chunked_summary_block4", use_h0=False, use_segments=False,
                                    config=dataclasses.replace(CHUNKED, block_t=4,
-                                                              summary_block=4),
+                                                              summary_block=4, sum_chains=1),
                                    use_state=False),
     "chunked_h0_segments_summary_block2_split4": Case(
         "chunked_h0_segments_summary_block2_split4", use_h0=True, use_segments=True,

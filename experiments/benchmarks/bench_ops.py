@@ -113,7 +113,7 @@ SMOKE_SHAPES = Shapes(cema_lengths=(16,), cema_dim=8, cema_order=2, tsn_length=3
                       attn_chunks=2, attn_chunk=16, attn_heads=2, attn_dk=16, attn_dv=32)
 # Tiles that fit the smoke shapes (and keep the interpreted kernels quick to compile).
 SMOKE_KERNEL_CONFIGS = {
-    "cema": "block_d=8,block_t=2,split=1,num_warps=1,bwd_block_d=8,bwd_split=1,bwd_num_warps=1",
+    "cema": "block_d=8,block_t=2,split=1,num_warps=1,bwd_block_d=8,bwd_split=1,bwd_num_warps=1,summary_block=0",
     "timestep_norm": "block_t=16",
     "chunk_attention": "block_q=16,block_k=16,bwd_block_q=16,bwd_block_k=16,block_d=16,block_c=16,"
                        "block_qk=16,block_r=16",

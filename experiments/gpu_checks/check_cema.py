@@ -327,7 +327,8 @@ SWEEP = {
     # Blocked chunk summaries (CemaKernelConfig.summary_block S, summary_split lanes per
     # channel): 2 S + 2 multiply-adds per S steps and order instead of 4 S.  SASS (Triton 3.9,
     # sm_90a) loop instructions per step and order, fwd / bwd summaries: default 4.4 / 4.8.
-    "sb4": {"summary_block": 4},                                      # 2.9 / 3.3
+    "plain_summaries": {"summary_block": 0, "summary_split": 0},  # the default before 2026-11-29
+    "sb4": {"summary_block": 4, "summary_split": 0},                                      # 2.9 / 3.3
     "sb4_ss2": {"summary_block": 4, "summary_split": 2},              # 3.3 / 3.3
     "sb8_ss2": {"summary_block": 8, "summary_split": 2},              # 3.1 / 3.1
     "sb8_ss4": {"summary_block": 8, "summary_split": 4},              # 3.9 / 3.9

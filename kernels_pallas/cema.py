@@ -189,6 +189,19 @@ class CemaKernelConfig:
     forward's summaries). At B=1 L=32768 on an H200, in one run: D=4096 3.668 / 3.669 ms fwd+bwd
     (forward / backward tiling), D=2048 2.063 / 1.983 ms; ncu showed the backward tiling running
     them in 1.3 waves at D=4096, which costs no more than the forward tiling's lower occupancy.
+  summary_block: S > 1 computes the chunk summaries (both passes) in blocks of S steps: the state
+    after a block is q^S s + sum_j q^(S-1-j) x_j, with the powers q^1..q^S precomputed, so a
+    block costs 2 S + 2 multiply-adds per order instead of 4 S (the plain step's complex
+    multiply). It holds 2 S coefficient registers per order, so S and the orders per lane
+    (summary_split) trade registers. 0 or 1: one step at a time. S must divide block_t; tiles
+    with a segment reset, and a chunk's steps after its last whole tile, run step by step.
+  summary_split: lanes per channel of both chunk-summary kernels (their results leave in
+    natural layout, so their tiling is free); 0 keeps the pass's own split. The program keeps
+    its number of lanes (block_d * split of the tiling it replaces).
+  sum_chains: independent accumulation chains of each step's sum over orders in the forward and
+    backward scans. Each chain beyond the first costs a multiply to start it and an add to
+    combine it, per step and lane; fewer chains make the sum a longer dependent run (2 N / split
+    multiply-adds), which the next step's independent state updates can hide.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -204,6 +217,9 @@ class CemaKernelConfig:
   ptx_fma: bool = True
   ptx_shuffle: bool = True
   bwd_summary_tiling: str = "backward"
+  summary_block: int = 0
+  summary_split: int = 0
+  sum_chains: int = 4
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -223,6 +239,15 @@ class CemaKernelConfig:
                        f"got {self.bwd_summary_tiling!r}.")
     if self.num_chunks < 1:
       raise ValueError(f"CemaKernelConfig.num_chunks must be >= 1; got {self.num_chunks}.")
+    if self.summary_block < 0 or (self.summary_block > 1 and self.block_t % self.summary_block):
+      raise ValueError(f"CemaKernelConfig.summary_block={self.summary_block} must be 0, 1 or a "
+                       f"divisor of block_t={self.block_t}.")
+    if self.sum_chains < 1:
+      raise ValueError(f"CemaKernelConfig.sum_chains must be >= 1; got {self.sum_chains}.")
+    if self.summary_split:
+      if self.summary_split & (self.summary_split - 1) or ndim % self.summary_split:
+        raise ValueError(f"CemaKernelConfig.summary_split={self.summary_split} must be 0 or a "
+                         f"power of two dividing N={ndim}.")
     return self
 
 
@@ -238,10 +263,14 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   """Tiling for an H100/H200-class GPU: enough (batch, channel block, chunk) programs to fill it.
 
   One lane per channel in the forward (all N orders in registers, no lane shuffles), two in the
-  backward; time chunks are added until about _TARGET_PROGRAMS programs exist, but never shorter
+  backward and in the blocked chunk summaries; time chunks are added until about _TARGET_PROGRAMS programs exist, but never shorter
   than _MIN_CHUNK steps (short sequences run as one chunk).
   """
-  base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2))
+  # Blocked chunk summaries, 4 steps per block on 2 lanes per channel: on an H200 at B=1,
+  # L=32768, D=4096 they took 0.588 / 0.594 ms (forward / backward summaries) against 0.631 /
+  # 0.673 step by step (experiments/results/gpu_checks/2026-11-29_nvidia-h200_cema_summaries_ab.json).
+  base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4,
+                          summary_split=_largest_split(ndim, 2))
   programs = batch * pl.cdiv(dim, base.block_d)
   wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
   chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))
@@ -317,6 +346,28 @@ def _rev_update(er, ei, dy, k, ere, eim, qre, qim, fma=_plain_fma):
   return wr, wi, fma(-qim, wi, qre * wr), fma(qim, wr, qre * wi)
 
 
+def _block_update(sr, si, xs, pw_re, pw_im, fma=_plain_fma):
+  """Real part of S = len(xs) reset-free steps of s = q s + x at once:
+  Re(q^S s) + x_{S-1} + sum_{j < S-1} Re(q^(S-1-j)) x_j, with pw[m] = q^(m+1).
+
+  One multiply-add per step (the powers are precomputed), two per block for q^S s.
+  """
+  S = len(xs)
+  acc = fma(pw_re[S - 1], sr, fma(-pw_im[S - 1], si, xs[S - 1]))
+  for j in range(S - 1):
+    acc = fma(pw_re[S - 2 - j], xs[j], acc)
+  return acc
+
+
+def _block_update_im(sr, si, xs, pw_re, pw_im, fma=_plain_fma):
+  """Imaginary part of _block_update: Im(q^S s) + sum_{j < S-1} Im(q^(S-1-j)) x_j."""
+  S = len(xs)
+  acc = fma(pw_im[S - 1], sr, pw_re[S - 1] * si)
+  for j in range(S - 1):
+    acc = fma(pw_im[S - 2 - j], xs[j], acc)
+  return acc
+
+
 def _param_update(vr, vi, zr, zi, x, k, qre, qim, fma=_plain_fma):
   """v_t = k q v_{t-1} + x_t and its q-tangent z_t = k (q z_{t-1} + v_{t-1})."""
   if k is not None:
@@ -389,19 +440,28 @@ class _ScanSpec:
   ptx_shuffle: bool    # per-channel lane sums as PTX shuffles (needs one lane per thread)
   in_names: tuple[str, ...]
   out_names: tuple[str, ...]
+  summary_block: int = 0  # mode "local": steps per blocked update (CemaKernelConfig.summary_block)
+  sum_chains: int = 4     # accumulation chains of the per-step sum over orders
 
 
-def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Callable):
+def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Callable,
+               block_fn: Callable | None = None, block: int = 1):
   """Walks `length` steps in tiles of block_t unrolled steps, prefetching the next tile.
 
   load_fn(step, valid) -> tuple of per-step inputs whose last entry is the reset flag (or None);
   step_fn(carry, inputs_without_flag, step, flag_or_None) -> carry.
+  block_fn(carry, [inputs_without_flag] * block) -> carry, if given, advances `block` reset-free
+  steps at once; it runs the tiles that have no reset (block divides block_t).
   """
   tile = spec.block_t
   n_tiles = length // tile
   rem = length - n_tiles * tile
 
   def run(carry, inputs, first, use_keep):
+    if block_fn is not None and not use_keep:
+      for s in range(0, tile, block):
+        carry = block_fn(carry, [tuple(inputs[s + j][:-1]) for j in range(block)])
+      return carry
     for s in range(tile):
       *data, k = inputs[s]
       carry = step_fn(carry, data, first + s, k if use_keep else None)
@@ -468,11 +528,6 @@ def _lane_sum(acc: Array, spec: _ScanSpec) -> Array:
   return jnp.sum(acc.reshape(spec.block_d, spec.split), axis=1)
 
 
-# Independent accumulation chains for the per-step sum over orders: a single chain would be a
-# dependent run of 2 N / split FMAs per step.
-_SUM_CHAINS = 4
-
-
 def _chain_add(chains: list, g: int, value_fn: Callable) -> None:
   """chains[g % len] <- value_fn(chains[g % len]) (value_fn(None) starts a chain)."""
   j = g % len(chains)
@@ -501,7 +556,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   groups = range(spec.groups)
   t_lo = c * spec.chunk
   n_steps = jnp.minimum(spec.chunk, spec.length - t_lo)
-  n_chains = min(_SUM_CHAINS, spec.groups)
+  n_chains = min(spec.sum_chains, spec.groups)
   fma = _ptx_fma if spec.ptx_fma else _plain_fma
 
   def time_of(step):
@@ -555,7 +610,27 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       new = [_fwd_update(sr[g], si[g], x, k, qre[g], qim[g], fma) for g in groups]
       return [v[0] for v in new], [v[1] for v in new]
 
-    sr, si = _run_tiles(spec, n_steps, (zeros(), zeros()), load_fn, step_fn)
+    block_fn, block = None, 1
+    if spec.summary_block > 1:
+      block = spec.summary_block
+      # powers[m][g] = q^(m + 1), m = 0..block-1 (loaded once; q is fixed per channel and order).
+      pw_re = [[plgpu.load(r["pwre"].at[m, g, flat], mask=lmask, other=0.0) for g in groups]
+               for m in range(block)]
+      pw_im = [[plgpu.load(r["pwim"].at[m, g, flat], mask=lmask, other=0.0) for g in groups]
+               for m in range(block)]
+
+      def block_fn(carry, datas):
+        sr, si = carry
+        xs = [data[0] for data in datas]
+        new_r, new_i = [], []
+        for g in groups:
+          new_r.append(_block_update(sr[g], si[g], xs, [w[g] for w in pw_re],
+                                     [w[g] for w in pw_im], fma))
+          new_i.append(_block_update_im(sr[g], si[g], xs, [w[g] for w in pw_re],
+                                        [w[g] for w in pw_im], fma))
+        return new_r, new_i
+
+    sr, si = _run_tiles(spec, n_steps, (zeros(), zeros()), load_fn, step_fn, block_fn, block)
     state_out("fre", sr)
     state_out("fim", si)
 
@@ -731,6 +806,42 @@ def _natural(out: dict[str, Array], re: str, im: str, dim: int, split: int) -> A
   return _from_lanes(lax.complex(out[re], out[im]), dim, split)
 
 
+def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig, plan: _Plan,
+                     *, reverse: bool, split: int, block_d: int, num_warps: int, interpret: bool,
+                     name: str) -> Array:
+  """Every chunk's final state of s = k q s + x from a zero start (mode "local").
+
+  x: [B, L, D] (the forward's x, or the backward's dy with reverse=True and keep holding the
+  reverse scan's flags); q: [D, N] c64.  split / block_d / num_warps: the tiling of the pass it
+  serves, replaced by CemaKernelConfig.summary_split when that is set.
+  Returns [B, C, D, N] complex64.
+  """
+  batch, length, dim = x.shape
+  ndim = q.shape[1]
+  if cfg.summary_split:
+    lanes = block_d * split
+    split = cfg.summary_split
+    block_d = max(1, lanes // split)
+  groups = ndim // split
+  block = cfg.summary_block if cfg.summary_block > 1 else 0
+  inputs = {"x": x}
+  if keep is not None:
+    inputs["keep"] = keep
+  inputs["qre"], inputs["qim"] = _lane_planes(q, split)
+  if block:
+    powers = jnp.moveaxis(_accurate_powers(q, tuple(range(1, block + 1))), -1, 0)  # [S, D, N]
+    inputs["pwre"], inputs["pwim"] = _lane_planes(powers, split)
+  spec = _ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=keep is not None,
+                   has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
+                   groups=groups, split=split, block_d=block_d, block_t=cfg.block_t,
+                   chunk=plan.chunk, ptx_fma=cfg.ptx_fma and not interpret, ptx_shuffle=False,
+                   in_names=tuple(inputs), out_names=("fre", "fim"), summary_block=block)
+  state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
+  out = _launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
+                interpret=interpret, num_warps=num_warps, name=name)
+  return _natural(out, "fre", "fim", dim, split)
+
+
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
   """Forward scan: y [B, L, D] f32, h_last [B, D, N] c64, and the backward's residuals
   (chunk-local states F [B, C, D, N] c64 and decay q^chunk [D, N], both None for one chunk)."""
@@ -750,16 +861,15 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
                      groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
                      chunk=plan.chunk, in_names=in_names, out_names=out_names,
-                     ptx_fma=cfg.ptx_fma and not interpret,
+                     ptx_fma=cfg.ptx_fma and not interpret, sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret))
 
   start = None if h0 is None else h0 / pf[None]
   local = decay = None
   if plan.count > 1:
-    out = _launch(spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
-                  batch, plan.count, dict(x=x, **keep_in, **coefs), {"fre": state, "fim": state},
-                  interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_chunk_states")
-    local = _natural(out, "fre", "fim", dim, split)
+    local = _chunk_summaries(x, keep, q, cfg, plan, reverse=False, split=split,
+                             block_d=cfg.block_d, num_warps=cfg.num_warps, interpret=interpret,
+                             name="cema_fwd_chunk_states")
     decay = _accurate_powers(q, (plan.chunk,))[..., 0]
     flags = _chunk_flags(keep, plan)
     current = jnp.zeros_like(local[:, 0]) if start is None else start
@@ -814,6 +924,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
                      length=length, dim=dim, groups=groups, split=split,
                      block_d=cfg.bwd_block_d, block_t=cfg.block_t, chunk=plan.chunk,
                      in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret,
+                     sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.bwd_block_d, cfg.bwd_num_warps,
                                               interpret))
 
@@ -839,19 +950,12 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
     # The chunk summaries leave the kernel in natural layout, so their tiling is free
     # (CemaKernelConfig.bwd_summary_tiling).
     forward_tiling = cfg.bwd_summary_tiling == "forward"
-    fsplit = cfg.split if forward_tiling else split
-    local_spec = dataclasses.replace(
-        spec("local", False, ("x",) + keep_names + ("qre", "qim"), ("fre", "fim")),
-        split=fsplit, groups=ndim // fsplit,
-        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d, ptx_shuffle=False)
-    local_state = jax.ShapeDtypeStruct((batch, plan.count, ndim // fsplit, dim * fsplit),
-                                       jnp.float32)
-    local_coefs = dict(zip(("qre", "qim"), _lane_planes(q, fsplit)))
-    out = _launch(local_spec, batch, plan.count, dict(x=dy, **keep_in, **local_coefs),
-                  {"fre": local_state, "fim": local_state}, interpret=interpret,
-                  num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps,
-                  name="cema_bwd_chunk_states")
-    u_in = run_back(None, _natural(out, "fre", "fim", dim, fsplit), flags.bwd)
+    summaries = _chunk_summaries(
+        dy, keep_rev, q, cfg, plan, reverse=True, split=cfg.split if forward_tiling else split,
+        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d,
+        num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps, interpret=interpret,
+        name="cema_bwd_chunk_states")
+    u_in = run_back(None, summaries, flags.bwd)
     u_in[last] = jnp.zeros_like(u_in[0])
     inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
     init_names = ("u0re", "u0im")
@@ -1268,6 +1372,8 @@ def cema_pallas(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array | No
     overrides.update(block_d=block_d, bwd_block_d=block_d)
   if block_t is not None:
     overrides["block_t"] = block_t
+    if cfg.summary_block > 1 and block_t % cfg.summary_block:
+      overrides["summary_block"] = 0  # the preset's blocks do not fit the tile asked for
   cfg = dataclasses.replace(cfg, **overrides).validate(ndim)
   st = _Static(cfg=cfg, interpret=bool(interpret), platform=_resolve_platform(platform))
   y, h_last = _cema_core(st, x, keep, p, q, eta, omega_v, h0)

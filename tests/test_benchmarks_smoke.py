@@ -458,3 +458,16 @@ def test_device_loop_decodes_the_same_tokens_and_cache_as_the_host_loop():
   np.testing.assert_allclose(logits, host_logits, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(state[0])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_train_summary_says_how_far_a_missed_target_is():
+  missed = {"arch": "megalodon", "size": "200M", "shape": "1x32768", "tokens_per_s": 189_000.0,
+            "model_tflops": 300.0}
+  met = {"arch": "megalodon", "size": "1.3B", "shape": "8x4096", "tokens_per_s": 50_000.0, "model_tflops": 400.0}
+  for row in (missed, met):
+    bench_train.add_derived(row, matmul_tflops=680.0)
+  assert missed["of_target"] == pytest.approx(189_000 / 252_000) and not missed["target_met"]
+  lines = bench_train.summary_lines([missed, met], 680.0)
+  assert any("200M 1x32768 >= 252,000 tok/s: NOT met (189,000 tok/s is 75.0% of it; 33.3% short)" in l
+             for l in lines), lines
+  assert any(l.endswith("1.3B 8x4096 >= 49,000 tok/s: MET") for l in lines), lines

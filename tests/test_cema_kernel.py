@@ -105,6 +105,17 @@ CASES = {
     # One chunk, bf16 input, and every tile through the reset-multiply steps.
     "one_chunk_bf16": Case("one_chunk_bf16", use_h0=True, use_segments=True, x_dtype="bfloat16",
                            config=dataclasses.replace(SMALL, reset_branch=False)),
+    # Blocked chunk summaries (CemaKernelConfig.summary_block): tiles of 4 steps as 1 block of 4
+    # or (next case) 2 blocks of 2; the last chunk of 5 steps ends with a step-by-step
+    # remainder.  With segments, tiles with a reset run step by step, clean ones blocked.  This
+    # case also sums each step's orders in one chain (sum_chains=1).
+    "chunked_summary_block4": Case("chunked_summary_block4", use_h0=False, use_segments=False,
+                                   config=dataclasses.replace(CHUNKED, block_t=4,
+                                                              summary_block=4, sum_chains=1),
+                                   use_state=False),
+    "chunked_h0_segments_summary_block2_split4": Case(
+        "chunked_h0_segments_summary_block2_split4", use_h0=True, use_segments=True,
+        config=dataclasses.replace(CHUNKED, block_t=4, summary_block=2, summary_split=4)),
     # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
     "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
                             config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
@@ -439,3 +450,38 @@ def test_lane_sums_are_ptx_shuffles_only_with_one_lane_per_thread():
   assert K._use_shuffle(base, 2, 64, 4, interpret=False)
   assert not K._use_shuffle(base, 2, 64, 4, interpret=True)
   assert not K._use_shuffle(base, 1, 128, 4, interpret=False)
+
+
+def test_blocked_summaries_lower_to_triton():
+  """summary_block / summary_split lower for CUDA (both chunk-summary kernels get the powers)."""
+  cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), block_t=16, num_chunks=4,
+                            summary_block=8, summary_split=2)
+  text = _lowered_gpu_gradient_text(cfg)
+  assert text.count("__gpu$xla.gpu.triton") == 4
+  assert "cema_fwd_chunk_states" in text and "cema_bwd_chunk_states" in text
+
+
+def test_blocked_summaries_match_float64_for_slow_decay():
+  """Chunk summaries in blocks of 16 against a float64 recurrence, |q| close to 1 and fast
+  rotations, 3 chunks of 48 steps (the last 44: two whole tiles and a 12-step remainder), in
+  both directions."""
+  rng = np.random.default_rng(13)
+  dim, ndim, length = 4, 4, 140
+  mags = 1 - 10.0 ** rng.uniform(-5, -1, (dim, ndim))
+  q = mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
+  x = rng.normal(size=(1, length, dim)).astype(np.float32)
+  cfg = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3,
+                           summary_block=16, summary_split=4)
+  plan = K._plan(length, cfg)
+  assert plan == K._Plan(48, 3, 44)
+  for reverse in (False, True):
+    got = K._chunk_summaries(jnp.asarray(x), None, jnp.asarray(q, jnp.complex64), cfg, plan,
+                             reverse=reverse, split=2, block_d=2, num_warps=1, interpret=True,
+                             name="summaries")
+    qs = np.asarray(jnp.asarray(q, jnp.complex64), np.complex128)
+    for c in range(plan.count):
+      steps = range(c * plan.chunk, min((c + 1) * plan.chunk, length))
+      s = np.zeros((dim, ndim), np.complex128)
+      for t in (reversed(steps) if reverse else steps):
+        s = qs * s + x[0, t, :, None]
+      np.testing.assert_allclose(np.asarray(got[0, c]), s, rtol=0, atol=2e-5 * np.abs(s).max())

@@ -157,6 +157,9 @@ _TRITON_CASES = {
     "s_first_bf16": dict(batch=1, length=64, heads=2, dk=16, dv=32, chunk_size=32, dtype=jnp.bfloat16,
                          scale=0.6, config=ca.KernelConfig(block_q=16, block_k=16, bwd_block_q=16,
                                                            bwd_block_k=32, bwd_order="s_first")),
+    # the plain two-pass forward (row maxima over every key block first)
+    "twopass_scores": dict(batch=2, length=80, heads=2, dk=16, dv=32, chunk_size=40,
+                           config=ca.KernelConfig(block_q=16, block_k=16, fwd_scores="twopass")),
     # first pass on the diagonal key blocks only when the score bound allows (q tail rows)
     "bounded_scores": dict(batch=2, length=80, heads=2, dk=16, dv=32, chunk_size=40,
                            config=ca.KernelConfig(block_q=16, block_k=16, fwd_scores="bounded")),

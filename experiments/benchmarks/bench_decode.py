@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   for row in rows:
     if "target_met" in row:
       print(f"target {row['size']} batch {row['batch']} context {row['context']}: Megalodon/Llama "
-            f"{row['mega_over_llama']:.2f}x {'MET' if row['target_met'] else 'NOT met'} ({row['target']})")
+            f"{row['mega_over_llama']:.2f}x {'MET' if row['target_met'] else 'NOT met'} ({row['target']}"
+            + ("" if row["target_met"] else
+               f"; {row['mega_over_llama'] / TARGET_MEGA_OVER_LLAMA:.1%} of it") + ")")
   print(f"note: {NOTE}\n-> {path}", flush=True)
   return rows
 

@@ -322,6 +322,7 @@ def add_derived(row: dict[str, Any], matmul_tflops: float | None) -> None:
     if target:
       row["target"] = f">= {target:,} tok/s"
       row["target_met"] = row["tokens_per_s"] >= target
+      row["of_target"] = row["tokens_per_s"] / target
   elif key[1] == LLAMA_FAIRNESS_SHAPE and matmul_tflops:
     row["target"] = f"MFU >= {TARGET_LLAMA_MFU:.0%} of measured peak"
     row["target_met"] = row["mfu_measured_peak"] >= TARGET_LLAMA_MFU
@@ -374,7 +375,7 @@ def free_memory() -> None:
 
 TABLE_COLUMNS = ("size", "arch", "shape", "remat", "residuals", "impls", "step_ms", "tokens_per_s", "model_tflops",
                  "mfu_measured_peak", "mfu_measured_peak_causal", "mfu_989", "mem_gib", "compile_s",
-                 "released_tokens_per_s", "x_released", "mega_over_llama", "target", "target_met",
+                 "released_tokens_per_s", "x_released", "mega_over_llama", "target", "target_met", "of_target",
                  "target_ratio_met", "error", "lowered_kib")
 
 
@@ -387,8 +388,11 @@ def summary_lines(rows: list[dict[str, Any]], matmul_tflops: float | None) -> li
       lines.append(f"Megalodon/Llama {row['size']} {row['shape']}: {row['mega_over_llama']:.3f}x{goal}")
   for row in rows:
     if "target_met" in row:
+      short = "" if row["target_met"] or "of_target" not in row else (
+          f" ({row['tokens_per_s']:,.0f} tok/s is {row['of_target']:.1%} of it; "
+          f"{1 / row['of_target'] - 1:.1%} short)")
       lines.append(f"target {row['arch']} {row['size']} {row['shape']} {row['target']}: "
-                   f"{'MET' if row['target_met'] else 'NOT met'}")
+                   f"{'MET' if row['target_met'] else 'NOT met'}{short}")
   if matmul_tflops:
     lines.append(f"measured bf16 matmul peak: {matmul_tflops:.1f} TFLOP/s (datasheet {DATASHEET_TFLOPS:.0f})")
   lines.append("MFU: Megalodon from training.metrics.model_flops_per_token, which counts chunk attention as "

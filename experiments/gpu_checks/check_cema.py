@@ -190,24 +190,14 @@ def timings(x, params, w, kernel, args) -> dict:
 
 def local_pass(x, q, cfg, *, reverse: bool, interpret: bool):
   """The chunk-summary kernel alone (what the forward / backward launch first)."""
-  batch, length, dim = x.shape
-  ndim = q.shape[1]
-  plan = K._plan(length, cfg)
-  # The backward's summaries use the tiling that CemaKernelConfig.bwd_summary_tiling names.
+  plan = K._plan(x.shape[1], cfg)
+  # The backward's summaries use the tiling that CemaKernelConfig.bwd_summary_tiling names
+  # (and both use summary_split / summary_block when set).
   own = reverse and cfg.bwd_summary_tiling == "backward"
-  split = cfg.bwd_split if own else cfg.split
-  block_d = cfg.bwd_block_d if own else cfg.block_d
-  spec = K._ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=False, has_g=False,
-                     reset_branch=cfg.reset_branch, length=length, dim=dim, groups=ndim // split,
-                     split=split, block_d=block_d, block_t=cfg.block_t, chunk=plan.chunk,
-                     in_names=("x", "qre", "qim"), out_names=("fre", "fim"),
-                     ptx_fma=cfg.ptx_fma and not interpret, ptx_shuffle=False)
-  inputs = dict(x=x)
-  inputs["qre"], inputs["qim"] = K._lane_planes(q, split)
-  state = jax.ShapeDtypeStruct((batch, plan.count, ndim // split, dim * split), jnp.float32)
-  return K._launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
-                   interpret=interpret, num_warps=cfg.bwd_num_warps if own else cfg.num_warps,
-                   name="local")
+  return K._chunk_summaries(
+      x, None, q, cfg, plan, reverse=reverse, split=cfg.bwd_split if own else cfg.split,
+      block_d=cfg.bwd_block_d if own else cfg.block_d,
+      num_warps=cfg.bwd_num_warps if own else cfg.num_warps, interpret=interpret, name="local")
 
 
 def pass_timings(x, params, w, cfg, args) -> dict:
@@ -233,6 +223,48 @@ def pass_timings(x, params, w, cfg, args) -> dict:
       x, None, p, q, eta, om, None, dy, None, local, decay, cfg, interp))
   out["pass_bwd"] = bench(backward, x, dy, local, decay, iters=args.iters)
   return out
+
+
+def summaries_only(names: list[str], base_cfg, args) -> None:
+  """Times only the chunk-summary kernels (forward on x, reverse on dy) of each configuration
+  and checks their results against the first configuration's: a cheap A/B of summary variants
+  (the scans do not change with summary_block / summary_split), with short compiles."""
+  results = {}
+  params = make_params(base_cfg_dim(args), args.order, seed=0)
+  coeffs = cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
+  for length in args.lengths or [32768]:
+    rng = np.random.default_rng(length)
+    dim = base_cfg_dim(args)
+    x = jnp.asarray(rng.normal(size=(args.batch, length, dim)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(args.batch, length, dim)), jnp.float32)
+    print(f"\n=== summaries only: B={args.batch} L={length} D={dim} N={args.order} ===")
+    print(f"{'config':>22s} | {'fwd_local ms':>12s} | {'bwd_local ms':>12s} | rel diff vs {names[0]} (fwd, bwd)")
+    first = None
+    row = {}
+    for name in names:
+      try:
+        cfg = dataclasses.replace(base_cfg, **SWEEP.get(name, {})).validate(args.order)
+        fwd = jax.jit(lambda x, cfg=cfg: local_pass(x, coeffs.q, cfg, reverse=False, interpret=args.cpu))
+        bwd = jax.jit(lambda d, cfg=cfg: local_pass(d, coeffs.q, cfg, reverse=True, interpret=args.cpu))
+        t_f = bench(fwd, x, iters=args.iters)
+        t_b = bench(bwd, dy, iters=args.iters)
+        out = (fwd(x), bwd(dy))
+        if first is None:
+          first, diff = out, (0.0, 0.0)
+        else:
+          diff = (rel_err(out[0], first[0]), rel_err(out[1], first[1]))
+        print(f"{name:>22s} | {t_f:12.3f} | {t_b:12.3f} | {diff[0]:.2e}, {diff[1]:.2e}", flush=True)
+        row[name] = {"fwd_local": t_f, "bwd_local": t_b, "rel_diff_fwd": diff[0],
+                     "rel_diff_bwd": diff[1], "config": dataclasses.asdict(cfg)}
+      except Exception as err:  # noqa: BLE001
+        print(f"{name:>22s} | failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        row[name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
+      results[str(length)] = row
+      write_json(args.json, results)
+
+
+def base_cfg_dim(args) -> int:
+  return args.dim or (12 if args.cpu else 4096)
 
 
 def baselines(x, params, w, args) -> dict:
@@ -292,6 +324,15 @@ SWEEP = {
     "split4_bd32_chunks4": {"split": 4, "block_d": 32, "bwd_split": 4, "bwd_block_d": 32,
                             "num_chunks": 4},
     "one_chunk": {"num_chunks": 1},
+    # Blocked chunk summaries (CemaKernelConfig.summary_block S, summary_split lanes per
+    # channel): 2 S + 2 multiply-adds per S steps and order instead of 4 S.  SASS (Triton 3.9,
+    # sm_90a) loop instructions per step and order, fwd / bwd summaries: default 4.4 / 4.8.
+    "plain_summaries": {"summary_block": 0, "summary_split": 0},  # the default before 2026-11-29
+    "sb4": {"summary_block": 4, "summary_split": 0},                                      # 2.9 / 3.3
+    "sb4_ss2": {"summary_block": 4, "summary_split": 2},              # 3.3 / 3.3
+    "sb8_ss2": {"summary_block": 8, "summary_split": 2},              # 3.1 / 3.1
+    "sb8_ss4": {"summary_block": 8, "summary_split": 4},              # 3.9 / 3.9
+    "sb16_ss4": {"summary_block": 16, "summary_split": 4},            # 3.8 / 3.9
 }
 
 
@@ -322,6 +363,9 @@ def main() -> None:
                       help="run each configuration in its own process, this many at once: they "
                            "compile side by side (the kernels take about a minute each) and "
                            "time one at a time")
+  parser.add_argument("--summaries-only", action="store_true",
+                      help="time only the chunk-summary kernels of each configuration and compare "
+                           "their results with the first configuration's (quick compiles)")
   parser.add_argument("--timing-lock", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--go-file", default=None, help=argparse.SUPPRESS)
@@ -348,6 +392,9 @@ def main() -> None:
     names = list(SWEEP)
   if args.configs:
     names = args.configs
+  if args.summaries_only:
+    summaries_only(names, base_cfg, args)
+    return
   if args.parallel > 0:
     run_parallel(names, args)
     return

@@ -52,7 +52,9 @@ KNOBS = tuple(f.name for f in dataclasses.fields(ca.KernelConfig))
 _BWD_WIDE = dict(bwd_block_k=256, bwd_mm_block_k=128, bwd_order="s_first", tiles_warps=16)
 SWEEP = {
     "default": {},
-    "online_scores": dict(fwd_scores="online"),  # the previous forward
+    "online_scores": dict(fwd_scores="online", block_k=64),  # the forward before 2026-11-28
+    # the default before 2026-11-29 (the combo below became the default)
+    "previous_default": dict(fwd_scores="twopass", block_k=64, mm_block_k=64, tiles_stages=3),
     "scores_128x128_w8": dict(block_k=128, mm_block_k=64, scores_warps=8),
     "scores_w8": dict(scores_warps=8),
     "tiles_s_first_128x256_w16_s2": dict(_BWD_WIDE, tiles_stages=2),
@@ -64,6 +66,15 @@ SWEEP = {
     "matmul_stages4": dict(matmul_stages=4),
     "bounded_scores": dict(fwd_scores="bounded"),
     "delta_pallas": dict(delta_impl="pallas"),
+    # Combinations of the 2026-11-29 sweep's best stages (scores: bounded and 128x128 tiles on 8
+    # warps; backward tiles: 4 pipeline stages).
+    "combo": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8, tiles_stages=4),
+    "combo_twopass": dict(block_k=128, mm_block_k=64, scores_warps=8, tiles_stages=4),
+    "combo_tiles_s3": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8,
+                           tiles_stages=3),
+    "combo_matmul_s4": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8,
+                            tiles_stages=4, matmul_stages=4),
+    "tiles_stages5": dict(tiles_stages=5),
 }
 CPU_TILES = dict(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16)
 CPU_SWEEP = {

@@ -14,7 +14,7 @@ ATTENTION_IMPLS = ("xla", "pallas", "auto")
 TIMESTEP_NORM_IMPLS = ("xla", "pallas", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_cema_attention", "save_dots_cema_attention",
-                  "save_dots_norms_cema_attention")
+                  "save_dots_norms_cema_attention", "recompute_elementwise")
 
 
 class ConfigError(ValueError):

@@ -39,13 +39,9 @@ REMAT_POLICIES = {
         _policies.save_only_these_names(*_KERNEL_OUTPUTS, *_NORM_OUTPUTS)),
 }
 
-# Primitives whose outputs remat_policy "none" recomputes in the backward instead of storing:
-# elementwise maps, casts and layout changes (none of them reduce over an axis or mix rows).
-# Recomputing them costs a fused read of their (stored) inputs; storing them cost, per tensor,
-# a write into nn.scan's stacked residual buffer, the buffer's zero-fill, and a copy back out in
-# the backward loop. On mega200M at 1x32768 the step stored ~3.1 GB of activations per layer,
-# largely the same [L, 2048] GEMM output in three or four elementwise forms (the linearisation
-# points of silu, its sigmoid, the gated product) and float32 copies of normalised values.
+# Primitives whose outputs remat_policy "recompute_elementwise" recomputes in the backward
+# instead of storing: elementwise maps, casts and layout changes (none reduces over an axis or
+# mixes rows).
 RECOMPUTED_PRIMITIVES = frozenset({
     "abs", "add", "add_any", "and", "broadcast_in_dim", "ceil", "clamp", "complex", "concatenate", "conj",
     "convert_element_type", "copy", "copy_p", "cos", "div", "eq", "erf", "exp", "exp2", "expand_dims",
@@ -54,21 +50,29 @@ RECOMPUTED_PRIMITIVES = frozenset({
     "rsqrt", "select_n", "sharding_constraint", "sign", "sin", "slice", "sqrt", "square", "squeeze", "stack",
     "stop_gradient", "sub", "tan", "tanh", "transpose",
 })
-
-
-# checkpoint_name values that remat_policy "none" stores although elementwise: the first hop's
-# output y = h + x is one [B, L, D] tensor, its sources (wh1 and wh2 outputs) are two.
+# checkpoint_name values that "recompute_elementwise" stores although elementwise: the first hop's
+# output y = h + x is one [B, L, D] tensor, its sources (the wh1 and wh2 outputs) are two.
 STORED_NAMES = frozenset({"mega_out"})
 
 
-def store_all_but_elementwise(prim, *avals, **params) -> bool:
-  """Checkpoint policy of remat_policy "none": store every output except elementwise ones.
+def recompute_elementwise(prim, *avals, **params) -> bool:
+  """Checkpoint policy "recompute_elementwise": store everything but elementwise results.
 
-  Everything that costs a pass of its own stays stored: matmuls, the Pallas kernels' outputs and
-  residuals (CEMA, TimestepNorm, attention), reductions (norm statistics), scans. Only chains of
-  elementwise work (biases, silu, gates, rotary, the normalised values, residual adds) are redone
-  in the backward, where XLA fuses them into the consumers that need them. Nothing is
-  recomputed in a forward without differentiation, so inference is unchanged.
+  Stored: the outputs of matmuls, of the Pallas kernels (CEMA, TimestepNorm, attention) together
+  with their forward residuals, so no kernel's forward runs again in the backward, of reductions
+  (norm statistics), scans, and the first hop's output (STORED_NAMES). Recomputed in the backward,
+  where XLA fuses them into the consumers that need them: elementwise chains (bias adds, silu,
+  the r gate, rotary, q/k affine maps, normalised values, residual adds, casts).
+
+  Stored per layer of mega200M at 1x32768 (bf16): 838 MiB, against 3019 MiB under "none" (which
+  keeps silu's linearisation points, the gated product and float32 normalised values, largely
+  the same [L, 2048] GEMM output in three or four forms) and 816 MiB under
+  save_dots_cema_attention (which re-runs TimestepNorm's forward and the attention's score pass
+  in the backward). Under nn.scan each stored tensor costs a write into a stacked buffer, that
+  buffer's zero-fill and a copy back out in the backward loop: the H200 train step (bench_train)
+  took 124.0 ms with this policy, against 147.8-150 ms with "none" and 134.0 ms with
+  save_dots_cema_attention (those two measured before main's kernel updates of 2026-11-29).
+  Without differentiation nothing is recomputed.
 
   Complex values cannot be stored (jax.checkpoint rounds every stored floating residual with
   reduce_precision, which rejects complex64 in jax 0.10): operations on complex inputs are
@@ -80,6 +84,9 @@ def store_all_but_elementwise(prim, *avals, **params) -> bool:
   if prim.name == "name":
     return params.get("name") in STORED_NAMES
   return prim.name not in RECOMPUTED_PRIMITIVES
+
+
+REMAT_POLICIES["recompute_elementwise"] = recompute_elementwise
 
 
 def rescale_init(config: MegalodonConfig, layer_id: int) -> float | None:
@@ -108,20 +115,10 @@ class MegalodonBlock(nn.Module):
     return out, new_cache
 
 
-def _block_class(config: MegalodonConfig, store_elementwise: bool = False):
-  """The block as nn.scan / the layer loop calls it, checkpointed as config.remat_policy says.
-
-  remat_policy "none" recomputes nothing that costs a pass of its own (store_all_but_elementwise);
-  store_elementwise=True stores every linearisation point instead (the previous behaviour, kept
-  for comparisons: same values, more memory traffic).
-  """
+def _block_class(config: MegalodonConfig):
   if config.remat_policy == "none":
-    if store_elementwise:
-      return MegalodonBlock
-    policy = store_all_but_elementwise
-  else:
-    policy = REMAT_POLICIES[config.remat_policy]
-  return nn.remat(MegalodonBlock, policy=policy, prevent_cse=not config.scan_layers)
+    return MegalodonBlock
+  return nn.remat(MegalodonBlock, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
 class _OutputHead(nn.Module):
@@ -145,11 +142,8 @@ class MegalodonLM(nn.Module):
     Without a cache returns logits [B, L, V]; with a ModelCache returns (logits, new_cache).
   With a cache, L must satisfy count + L <= C, or count == 0 and L a multiple of C (the decoding
   helpers in decoding.py split inputs that way).
-  store_elementwise: with remat_policy "none", store the elementwise linearisation points for the
-  backward instead of recomputing them (see _block_class; for comparisons, same results).
   """
   config: MegalodonConfig
-  store_elementwise: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
@@ -178,7 +172,7 @@ class MegalodonLM(nn.Module):
     count = jnp.zeros((), jnp.int32) if cache is None else cache.count
     positions = rope.chunk_positions(length, cfg.chunk_size, segment_ids, offset=count)
     layer_caches = None if cache is None else cache.layers
-    block = _block_class(cfg, self.store_elementwise)
+    block = _block_class(cfg)
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,

@@ -1,6 +1,6 @@
-"""remat_policy "none": the block stores matmul/kernel/reduction outputs and recomputes elementwise
-work in the backward (model.store_all_but_elementwise). Same loss and gradients as storing every
-linearisation point (MegalodonLM(store_elementwise=True), the previous behaviour), fewer bytes."""
+"""remat_policy "recompute_elementwise": the block stores matmul/kernel/reduction outputs and
+recomputes elementwise work in the backward (model.recompute_elementwise). Same loss and gradients
+as "none" (every linearisation point stored), far fewer stored bytes."""
 
 import contextlib
 import io
@@ -36,8 +36,8 @@ def batch():
   return inputs, targets
 
 
-def _loss_fn(cfg, store_elementwise):
-  model = MegalodonLM(cfg, store_elementwise=store_elementwise)
+def _loss_fn(cfg, policy):
+  model = MegalodonLM(cfg.replace(remat_policy=policy))
   def loss(p, inputs, targets):
     logits = model.apply({"params": p}, inputs)
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -48,10 +48,10 @@ def _loss_fn(cfg, store_elementwise):
 _GRADS = {}
 
 
-def _value_and_grad(cfg, store_elementwise, params, batch):
-  key = (cfg.dtype, store_elementwise)
+def _value_and_grad(cfg, policy, params, batch):
+  key = (cfg.dtype, policy)
   if key not in _GRADS:  # each variant is compiled once for the whole file
-    _GRADS[key] = jax.jit(jax.value_and_grad(_loss_fn(cfg, store_elementwise)))(params, *batch)
+    _GRADS[key] = jax.jit(jax.value_and_grad(_loss_fn(cfg, policy)))(params, *batch)
   return _GRADS[key]
 
 
@@ -59,9 +59,9 @@ def _float64(tree):
   return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
 
 
-def test_float32_loss_and_gradients_equal_storing_everything(params, batch):
-  loss_new, grads_new = _value_and_grad(CFG32, False, params, batch)
-  loss_old, grads_old = _value_and_grad(CFG32, True, params, batch)
+def test_float32_loss_and_gradients_equal_those_of_none(params, batch):
+  loss_new, grads_new = _value_and_grad(CFG32, "recompute_elementwise", params, batch)
+  loss_old, grads_old = _value_and_grad(CFG32, "none", params, batch)
   np.testing.assert_allclose(float(loss_new), float(loss_old), rtol=1e-6)
   for new, old in zip(_float64(grads_new), _float64(grads_old)):
     # float32 rounding: the recomputed elementwise values are the stored ones, up to fusion order.
@@ -71,11 +71,11 @@ def test_float32_loss_and_gradients_equal_storing_everything(params, batch):
 
 
 @pytest.mark.slow  # two more compiles of the train step (~1 min on 2 CPU cores)
-def test_bfloat16_gradients_as_accurate_as_storing_everything(params, batch):
-  """bf16 compute: both variants are judged against the float32 computation of the same step."""
-  _, reference = _value_and_grad(CFG32, False, params, batch)
-  loss_new, grads_new = _value_and_grad(CFG16, False, params, batch)
-  loss_old, grads_old = _value_and_grad(CFG16, True, params, batch)
+def test_bfloat16_gradients_as_accurate_as_those_of_none(params, batch):
+  """bf16 compute: both policies are judged against the float32 computation of the same step."""
+  _, reference = _value_and_grad(CFG32, "recompute_elementwise", params, batch)
+  loss_new, grads_new = _value_and_grad(CFG16, "recompute_elementwise", params, batch)
+  loss_old, grads_old = _value_and_grad(CFG16, "none", params, batch)
   np.testing.assert_allclose(float(loss_new), float(loss_old), rtol=1e-3)
   err = lambda grads: sum(np.sum((g - r) ** 2) for g, r in zip(_float64(grads), _float64(reference)))
   norm = sum(np.sum(r ** 2) for r in _float64(reference))
@@ -86,18 +86,18 @@ def test_bfloat16_gradients_as_accurate_as_storing_everything(params, batch):
 
 def test_forward_without_differentiation_is_unchanged(params, batch):
   inputs, _ = batch
-  forward = lambda store: jax.jit(MegalodonLM(CFG16, store_elementwise=store).apply)({"params": params}, inputs)
-  new, old = forward(False), forward(True)
+  forward = lambda policy: jax.jit(MegalodonLM(CFG16.replace(remat_policy=policy)).apply)({"params": params}, inputs)
+  new, old = forward("recompute_elementwise"), forward("none")
   np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
-def _saved(store_elementwise, inputs) -> tuple[str, int]:
+def _saved(policy, inputs) -> tuple[str, int]:
   """print_saved_residuals' listing (without the arguments) and its total bytes.
 
   Unrolled layers: under nn.scan the listing would show the scan's stacked outputs, not their sources.
   """
-  cfg = CFG16.replace(scan_layers=False, num_layers=2)
-  model = MegalodonLM(cfg, store_elementwise=store_elementwise)
+  cfg = CFG16.replace(scan_layers=False, num_layers=2, remat_policy=policy)
+  model = MegalodonLM(cfg)
   params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))  # tracing only
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -114,9 +114,9 @@ def _saved(store_elementwise, inputs) -> tuple[str, int]:
 
 def test_only_matmul_kernel_and_reduction_outputs_are_stored(batch):
   inputs, _ = batch
-  new, new_bytes = _saved(False, inputs)
-  old, old_bytes = _saved(True, inputs)
-  # The previous behaviour stored silu's linearisation points and the gated product.
+  new, new_bytes = _saved("recompute_elementwise", inputs)
+  old, old_bytes = _saved("none", inputs)
+  # "none" stores silu's linearisation points and the gated product.
   assert "'silu'" in old and "output of mul" in old
   # Inside the blocks (the output head keeps its bf16 casts of x and the kernel; each layer's
   # output is stored as the next layer's input, as under nn.scan).
@@ -133,7 +133,8 @@ def test_policy_recomputes_elementwise_and_keeps_the_rest():
   prim = lambda name: type("Prim", (), {"name": name})()
   f32 = jax.ShapeDtypeStruct((4, 8), jnp.float32)
   c64 = jax.ShapeDtypeStruct((4, 8), jnp.complex64)
-  policy = model_lib.store_all_but_elementwise
+  policy = model_lib.recompute_elementwise
+  assert model_lib.REMAT_POLICIES["recompute_elementwise"] is policy
   for name in ("mul", "add", "logistic", "convert_element_type", "rsqrt", "name", "stack"):
     assert not policy(prim(name), f32), name
   for name in ("dot_general", "pallas_call", "reduce_sum", "reduce_max", "cumsum", "custom_vjp_call"):
@@ -144,15 +145,8 @@ def test_policy_recomputes_elementwise_and_keeps_the_rest():
   assert policy(prim("real"), c64) and policy(prim("imag"), c64)
 
 
-def test_bench_train_rows_per_block_residuals_variant():
+def test_bench_train_accepts_the_policy_and_gives_llama_its_no_recompute_policy():
   from experiments.benchmarks import bench_train
-  args = bench_train.parse_args(["--smoke", "--shapes", "1x32", "--block-residuals", "recompute,store"])
-  specs = bench_train.row_specs(args)
-  assert [(s.arch, s.residuals) for s in specs] == [("llama", "recompute"), ("megalodon", "recompute"),
-                                                    ("megalodon", "store")]
-  assert bench_train.base_row(specs[2])["residuals"] == "store" and "residuals" not in bench_train.base_row(specs[0])
-  # Another remat policy has no variants: the choice only exists under "none".
-  args = bench_train.parse_args(["--smoke", "--archs", "megalodon", "--remat", "full", "--block-residuals", "store"])
-  assert [s.remat for s in bench_train.row_specs(args)] == ["full", "full"]  # the two smoke shapes
-  with pytest.raises(SystemExit):
-    bench_train.parse_args(["--smoke", "--block-residuals", "sometimes"])
+  args = bench_train.parse_args(["--smoke", "--shapes", "1x32", "--remat", "recompute_elementwise"])
+  assert [(s.arch, s.remat) for s in bench_train.row_specs(args)] == [("llama", "none"),
+                                                                      ("megalodon", "recompute_elementwise")]

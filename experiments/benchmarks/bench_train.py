@@ -74,14 +74,6 @@ class RowSpec:
   batch: int
   length: int
   remat: str
-  residuals: str = "recompute"  # Megalodon under remat "none": see BLOCK_RESIDUALS
-
-
-# How a Megalodon block under remat_policy "none" keeps what its backward needs (MegalodonLM's
-# store_elementwise): "recompute" stores matmul, kernel and reduction outputs and redoes the
-# elementwise work in the backward (the model's default); "store" stores every linearisation
-# point (the previous default; same values, ~3.3x the stored bytes per layer at mega200M).
-BLOCK_RESIDUALS = ("recompute", "store")
 
 
 @dataclasses.dataclass
@@ -156,7 +148,7 @@ def megalodon_flops_per_token_causal(cfg: mega_config.MegalodonConfig, seq_len: 
 def build_megalodon(preset: str, spec: RowSpec, args: argparse.Namespace) -> Model:
   from megalodon_jax.model import MegalodonLM, init_params
   cfg = megalodon_config(preset, spec, args)
-  module = MegalodonLM(cfg, store_elementwise=getattr(spec, "residuals", "recompute") == "store")
+  module = MegalodonLM(cfg)
   # Initialise through the XLA paths: same parameters, and no kernel is compiled for the short
   # init sequence.
   init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla")
@@ -195,7 +187,10 @@ def build_model(spec: RowSpec, args: argparse.Namespace) -> Model:
 
 
 def llama_policy(policy: str) -> str:
-  """Llama has no CEMA to save; its nearest policy to save_cema_attention is recomputing everything."""
+  """Llama has no CEMA to save; its nearest policy to save_cema_attention is recomputing everything,
+  and to recompute_elementwise (no costly recomputation) storing everything."""
+  if policy == "recompute_elementwise":
+    return "none"
   return policy if policy in llama_lib.REMAT_POLICIES else "full"
 
 
@@ -242,10 +237,7 @@ def abstract_batch(spec: RowSpec) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def base_row(spec: RowSpec) -> dict[str, Any]:
-  row = {"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat}
-  if spec.arch == "megalodon" and spec.remat == "none":
-    row["residuals"] = spec.residuals
-  return row
+  return {"size": spec.size, "arch": spec.arch, "shape": f"{spec.batch}x{spec.length}", "remat": spec.remat}
 
 
 def run_row(spec: RowSpec, args: argparse.Namespace, row: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +365,7 @@ def free_memory() -> None:
 # Driver
 # --------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("size", "arch", "shape", "remat", "residuals", "impls", "step_ms", "tokens_per_s", "model_tflops",
+TABLE_COLUMNS = ("size", "arch", "shape", "remat", "impls", "step_ms", "tokens_per_s", "model_tflops",
                  "mfu_measured_peak", "mfu_measured_peak_causal", "mfu_989", "mem_gib", "compile_s",
                  "released_tokens_per_s", "x_released", "mega_over_llama", "target", "target_met", "of_target",
                  "target_ratio_met", "error", "lowered_kib")
@@ -406,11 +398,8 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
   for size in args.sizes:
     for batch, length in args.shapes:
       for arch in args.archs:
-        if arch == "megalodon":
-          variants = args.block_residuals if args.remat == "none" else ["recompute"]
-          specs += [RowSpec(size, arch, batch, length, args.remat, residuals) for residuals in variants]
-        else:
-          specs.append(RowSpec(size, arch, batch, length, args.llama_remat or llama_policy(args.remat)))
+        remat = args.remat if arch == "megalodon" else (args.llama_remat or llama_policy(args.remat))
+        specs.append(RowSpec(size, arch, batch, length, remat))
   return specs
 
 
@@ -432,9 +421,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="Megalodon activation checkpointing policy (config.remat_policy)")
   parser.add_argument("--llama-remat", default=None, choices=llama_lib.REMAT_POLICIES,
                       help="Llama policy (default: --remat, or 'full' where Llama lacks it)")
-  parser.add_argument("--block-residuals", default="recompute",
-                      help="Megalodon under --remat none, comma-separated rows of " + "/".join(BLOCK_RESIDUALS) +
-                           ": recompute elementwise work in the backward (default) or store it")
   parser.add_argument("--oom-remat", default="", help="retry a row that runs out of memory with this policy")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
   parser.add_argument("--cema-method", default="auto", choices=mega_config.CEMA_METHODS)
@@ -466,9 +452,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.error(f"--sizes: unknown {sorted(unknown)}; choose from {sorted(args.size_table)}")
   args.shapes = [_parse_shape(s) for s in args.shapes.split(",") if s.strip()]
   args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-  args.block_residuals = [r.strip() for r in args.block_residuals.split(",") if r.strip()]
-  if not args.block_residuals or set(args.block_residuals) - set(BLOCK_RESIDUALS):
-    parser.error(f"--block-residuals must be a comma-separated subset of {BLOCK_RESIDUALS}")
   if set(args.archs) - set(ARCHS):
     parser.error(f"--archs must be a subset of {ARCHS}")
   return args
@@ -508,8 +491,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def _row_line(row: dict[str, Any]) -> str:
   head = f"{row['arch']:9s} {row['size']:5s} {row['shape']:8s} remat={row['remat']}"
-  if "residuals" in row:
-    head += f" residuals={row['residuals']}"
   if "error" in row:
     return f"{head} | failed: {row['error']}"
   if "lowered_kib" in row:

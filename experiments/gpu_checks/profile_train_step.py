@@ -59,8 +59,6 @@ def parse_args(argv):
   parser.add_argument("--shape", default="8x4096", help="BATCHxLENGTH")
   parser.add_argument("--arch", default="megalodon", choices=["megalodon", "llama"])
   parser.add_argument("--remat", default="save_dots_norms_cema_attention")
-  parser.add_argument("--block-residuals", default="recompute", choices=["recompute", "store"],
-                      help="Megalodon under --remat none: bench_train's --block-residuals (one of them)")
   parser.add_argument("--scan-layers", dest="scan_layers", default="true", choices=["true", "false"])
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--trace_steps", type=int, default=2)
@@ -145,7 +143,7 @@ def main(argv=None):
   shape = "2x16" if args.smoke else args.shape
   bargs = bench_train.parse_args(["--sizes", "tiny" if args.smoke else args.size, "--shapes", shape,
                                   "--archs", args.arch, "--remat", args.remat,
-                                  "--scan-layers", args.scan_layers, "--block-residuals", args.block_residuals] + (["--smoke"] if args.smoke else []))
+                                  "--scan-layers", args.scan_layers] + (["--smoke"] if args.smoke else []))
   (spec,) = bench_train.row_specs(bargs)
   model = bench_train.build_model(spec, bargs)
   optimizer = harness.adamw(bargs.learning_rate)
@@ -171,11 +169,10 @@ def main(argv=None):
     jax.block_until_ready(metrics)
   wall_ms = (time.perf_counter() - t0) * 1e3 / args.trace_steps
   out = summarize(device_kernels(load_trace_events(args.trace_dir)), args.trace_steps, args.top)
-  out.update(size=spec.size, arch=spec.arch, shape=shape, remat=spec.remat, residuals=spec.residuals,
-             scan_layers=args.scan_layers, traced_wall_ms=wall_ms,
+  out.update(size=spec.size, arch=spec.arch, shape=shape, remat=spec.remat, scan_layers=args.scan_layers, traced_wall_ms=wall_ms,
              tokens_per_s_traced=spec.batch * spec.length / wall_ms * 1e3, device=jax.devices()[0].device_kind,
              jax=jax.__version__, commit=os.environ.get("GIT_COMMIT", ""))
-  print(f"\n{out['size']} {out['arch']} {out['shape']} remat={out['remat']} residuals={out['residuals']}: wall {wall_ms:.1f} ms/step "
+  print(f"\n{out['size']} {out['arch']} {out['shape']} remat={out['remat']}: wall {wall_ms:.1f} ms/step "
         f"(traced), busy {out.get('busy_ms', 0):.1f} ms, span {out.get('span_ms', 0):.1f} ms, "
         f"{out.get('kernels_per_step', 0):.0f} kernels/step")
   if "error" in out:

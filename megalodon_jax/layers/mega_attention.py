@@ -98,6 +98,6 @@ class MovingAverageGatedAttention(nn.Module):
     h = (dense(cfg.model_dim, "wh1", ("embed_tensor", "embed"))(mx)
          + dense(cfg.model_dim, "wh2", ("value", "embed"), bias=False)(attn))
     h = dropout(cfg.dropout, h)
-    # Named so remat_policy "none" stores this sum (the FFN's LayerNorm input) rather than the two
-    # projections it is made of (model.STORED_NAMES).
+    # Named so remat_policy "recompute_elementwise" stores this sum (the FFN's LayerNorm input)
+    # rather than the two projections it is made of (model.STORED_NAMES).
     return checkpoint_name((h + x).astype(x.dtype), "mega_out"), new_cache

@@ -9,13 +9,14 @@ accepts with a cache.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megalodon_jax.cache import ModelCache, init_cache
+from megalodon_jax.cache import LayerCache, ModelCache, init_cache
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.model import MegalodonLM
 
@@ -164,3 +165,217 @@ def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray 
   loop = _sample_loop(config, max_new_tokens - 1, float(temperature), int(top_k), float(top_p))
   rest, cache, _ = loop(params, first, cache, rng)
   return jnp.concatenate([first[:, None], rest], axis=1), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused decoding: one token per sequence through a decode-time parameter layout.
+#
+# The model's decode step (`decode_step`) runs the training modules on a length-1 input: every
+# step recomputes the CEMA coefficients and affine offsets from the stored parameters, feeds each
+# projection a row duplicated behind an optimisation barrier (ops/dense.py: the copy is one kernel
+# per product, and the barrier stops XLA from fusing the normalisation that makes the row into
+# the GEMM), and leaves three products that share an input to XLA's dot merger. On an H200 the
+# mega1.3B step at batch 1 is ~27 kernels per layer, ~20 of them tiny (launch-bound, ~1.2 us).
+# `fuse_decode_params` moves the per-step parameter work out of the step once; `fused_decode_step`
+# does the same math on [B, D] rows with one GEMM for the products of mx (wz | wr | wh1) and, for
+# a single sequence, a second row made by multiplying the row by a runtime 0/1 mask (a parameter
+# XLA cannot see through), so the product stays a GEMM without a barrier and the producer of the
+# row can fuse into it.
+# ---------------------------------------------------------------------------------------------
+
+DUP_MODES = ("barrier", "mask")
+
+
+def _layer_params(params: Any, config: MegalodonConfig, index: int) -> Any:
+  if config.scan_layers:
+    return jax.tree.map(lambda leaf: leaf[index], params["layers"])
+  return params[f"layers_{index}"]
+
+
+def _fuse_layer(layer: Any, config: MegalodonConfig) -> dict[str, Any]:
+  """One block's parameters in decode layout (see fuse_decode_params)."""
+  from megalodon_jax.ops import cema as cema_ops
+  dtype = jnp.dtype(config.dtype)
+  f32 = jnp.float32
+  mega, ffn = layer["mega"], layer["nffn"]
+  cema = mega["cema"]
+  coeffs = cema_ops.cema_coefficients(cema["alpha"], cema["delta"], cema["theta"], cema["gamma"])
+  heads, dz = config.num_heads, config.z_head_dim
+  gamma = mega["gamma"].reshape(2, heads, dz).astype(f32)
+  fc_in = ffn["fc1"]["kernel"]
+  if config.swiglu:
+    fc_in = jnp.concatenate([fc_in, ffn["fc3"]["kernel"]], axis=1)
+  out = {
+      "tsn_weight": mega["timenorm"]["weight"], "tsn_bias": mega["timenorm"]["bias"],
+      "cema_p": coeffs.p, "cema_q": coeffs.q, "cema_eta": coeffs.eta,
+      "cema_omega": cema["omega"].reshape(-1).astype(f32),
+      "rms_scale": mega["rmsnorm"]["weight"].astype(f32) + 1.0,
+      # The three products of mx as one: columns [wz | wr | wh1].
+      "w_mx": jnp.concatenate([mega["wz"]["kernel"], mega["wr"]["kernel"], mega["wh1"]["kernel"]],
+                              axis=1).astype(dtype),
+      "b_mx": jnp.concatenate([mega["wz"]["bias"], mega["wr"]["bias"], mega["wh1"]["bias"]]).astype(dtype),
+      "qk_scale": (gamma + 1.0) / math.sqrt(dz),
+      "qk_shift": mega["beta"].reshape(2, heads, dz).astype(f32),
+      "wv": mega["wv"]["kernel"].astype(dtype), "bv": mega["wv"]["bias"].astype(dtype),
+      "wh2": mega["wh2"]["kernel"].astype(dtype),
+      "ffn_weight": ffn["norm"]["weight"], "ffn_bias": ffn["norm"]["bias"],
+      "fc_in": fc_in.astype(dtype), "fc2": ffn["fc2"]["kernel"].astype(dtype),
+  }
+  if "alpha" in ffn:
+    out["ffn_alpha"] = ffn["alpha"]
+  return out
+
+
+def fuse_decode_params(params: Any, config: MegalodonConfig) -> dict[str, Any]:
+  """The model's parameters in the layout `fused_decode_step` reads; compute once per generation.
+
+  Per layer: CEMA coefficients (p, q, eta, as ops.cema.cema_coefficients makes them every step),
+  norm scales as stored + 1 in float32, the q/k affine maps, projection kernels cast to the
+  compute dtype, [wz | wr | wh1] concatenated (and [fc1 | fc3] with SwiGLU). The values are those
+  the model computes from `params`, so the fused step gives the model's logits up to the
+  accumulation order of the products. Works with scanned or unrolled layers.
+  """
+  dtype = jnp.dtype(config.dtype)
+  fuse = jax.jit(lambda layer: _fuse_layer(layer, config))
+  embedding = params["embed"]["embedding"]
+  head = embedding.T if config.share_emb else params["output"]["kernel"]
+  return {
+      "embed": embedding,
+      "head": head,
+      "final_weight": params["final_norm"]["weight"], "final_bias": params["final_norm"]["bias"],
+      # Row mask of the single-sequence products (dup="mask"): a parameter, so XLA cannot fold it.
+      "row_mask": jnp.asarray([1, 0], dtype),
+      "layers": tuple(fuse(_layer_params(params, config, i)) for i in range(config.num_layers)),
+  }
+
+
+def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
+  """x: [B, K] @ w: [K, N] -> [B, N] in x's dtype, a real GEMM also when B == 1 (see above)."""
+  from megalodon_jax.ops import dense as dense_ops
+  dims = (((1,), (0,)), ((), ()))
+  if x.shape[0] != 1 or dup == "barrier":
+    return dense_ops.dot_general(x, w, dims)
+  doubled = x * row_mask[:, None].astype(x.dtype)  # [2, K]: x and 0 * x
+  return jax.lax.dot_general(doubled, w, dims)[:1]
+
+
+def _attend_one(q: jax.Array, key: jax.Array, value: jax.Array, count: jax.Array, row_mask: jax.Array,
+                dup: str, impl: str) -> jax.Array:
+  """q: [B, H, dk] at chunk position count; key/value: [B, C, H, d] (new entry written) -> [B, H, dv]."""
+  from megalodon_jax.ops import attention
+  if q.shape[0] != 1 or dup == "barrier":
+    return attention.cached_attention(q[:, None], key, value, count, impl=impl)[:, 0]
+  # ops.attention.cached_attention_xla's math with the masked second query instead of a barrier.
+  doubled = q[0][None] * row_mask[:, None, None].astype(q.dtype)  # [2, H, dk]
+  scores = jnp.einsum("qhd,khd->hqk", doubled, key[0], preferred_element_type=jnp.float32)
+  mask = jnp.arange(key.shape[1]) <= count
+  scores = jnp.where(mask[None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("hqk,khd->qhd", probs.astype(value.dtype), value[0])[:1]
+
+
+def _timestep_norm_step(x: jax.Array, state, weight: jax.Array, bias: jax.Array, num_groups: int,
+                        eps: float):
+  """x: [B, D] one step -> (normalised x [B, D] in x.dtype, new state); ops.timestep_norm's math."""
+  from megalodon_jax.ops import timestep_norm as tsn
+  x3 = x[:, None]
+  mean, var = tsn.step_stats(x3, num_groups)
+  new = tsn.merge_stats(state, tsn.TimestepNormState(jnp.ones_like(state.count), mean[:, 0], var[:, 0]))
+  valid = jnp.ones(x3.shape[:2], jnp.bool_)
+  y = tsn.normalize(x3, new.mean[:, None], new.var[:, None], weight, bias, valid, eps)
+  return y[:, 0], new
+
+
+def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
+                count: jax.Array, row_mask: jax.Array, dup: str) -> tuple[jax.Array, LayerCache]:
+  """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
+  from megalodon_jax.ops import norms, rope
+  cfg = config
+  dtype = jnp.dtype(cfg.dtype)
+  batch = x.shape[0]
+  heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
+  matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
+
+  x_tsn, norm_state = _timestep_norm_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"],
+                                          cfg.norm_num_groups, cfg.norm_eps)
+  # CEMA, one step of ops.cema.cema_sequential.
+  xf = x_tsn.astype(jnp.float32)
+  h = lp["cema_q"] * cache.cema + lp["cema_p"] * xf[..., None]
+  eta = lp["cema_eta"]
+  x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
+  mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
+
+  proj = matmul(mx, lp["w_mx"]) + lp["b_mx"]
+  z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
+  z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
+  q = (z * lp["qk_scale"][0] + lp["qk_shift"][0]).astype(dtype)
+  k = (z * lp["qk_scale"][1] + lp["qk_shift"][1]).astype(dtype)
+  position = (count % cfg.chunk_size)[None, None]
+  q = rope.apply_rope(q[:, None], position, cfg.rope_base)[:, 0]
+  k = rope.apply_rope(k[:, None], position, cfg.rope_base)[:, 0]
+  v = jax.nn.silu(matmul(x_tsn, lp["wv"]) + lp["bv"]).reshape(batch, heads, dv)
+  r = jax.nn.silu(r)
+  start = (0, count, 0, 0)
+  key = jax.lax.dynamic_update_slice(cache.key, k[:, None].astype(cache.key.dtype), start)
+  value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), start)
+  attn = _attend_one(q, key, value, count, row_mask, dup, cfg.attention_impl)
+  attn = attn.reshape(batch, cfg.value_dim) * r
+  y = ((h1 + matmul(attn, lp["wh2"])) + x).astype(x.dtype)
+
+  u = norms.layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
+  hidden = matmul(u, lp["fc_in"])
+  if cfg.swiglu:
+    gate, up = jnp.split(hidden, 2, axis=-1)
+    hidden = jax.nn.silu(gate) * up
+  else:
+    hidden = jax.nn.silu(hidden)
+  out = matmul(hidden, lp["fc2"])
+  if "ffn_alpha" in lp:
+    out = out * lp["ffn_alpha"].astype(out.dtype)
+  out = (out + x).astype(x.dtype)
+  return out, LayerCache(key, value, h, norm_state)
+
+
+def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
+                      dup: str = "mask") -> tuple[jax.Array, ModelCache]:
+  """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
+
+  For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
+  """
+  from megalodon_jax.ops.logits import output_logits
+  if dup not in DUP_MODES:
+    raise ValueError(f"dup must be one of {DUP_MODES}, got {dup!r}")
+  if not isinstance(cache.layers, tuple):
+    raise ValueError("fused decoding needs a cache with one LayerCache per layer (init_cache of a config "
+                     "with scan_layers=False); unstack a scanned cache first")
+  cfg = config
+  dtype = jnp.dtype(cfg.dtype)
+  x = jnp.take(fused["embed"], token, axis=0).astype(dtype)  # [B, D]
+  if cfg.scale_emb:
+    x = x * jnp.asarray(math.sqrt(cfg.model_dim), dtype)
+  count = cache.count
+  layers = []
+  for lp, layer_cache in zip(fused["layers"], cache.layers):
+    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup)
+    layers.append(new_layer)
+  x, final_state = _timestep_norm_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
+                                       cfg.norm_num_groups, cfg.norm_eps)
+  logits = output_logits(x, fused["head"], dtype)
+  new_count = ((count + 1) % cfg.chunk_size).astype(jnp.int32)
+  return logits, ModelCache(layers=tuple(layers), final_norm=final_state, count=new_count)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_step(config: MegalodonConfig, dup: str):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup),
+                 donate_argnums=(2,))
+
+
+def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
+                      dup: str = "mask") -> tuple[jax.Array, ModelCache]:
+  """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
+
+  The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
+  ('mask': a second, masked row; 'barrier': ops.dense's barrier, as the model does).
+  """
+  return _fused_step(config, dup)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

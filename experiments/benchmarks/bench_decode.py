@@ -162,6 +162,31 @@ def _tsn_impl(requested: str) -> str:
   return requested
 
 
+MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier")
+
+
+def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable]:
+  """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p) of a decode impl.
+
+  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>:
+  decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM).
+  """
+  from megalodon_jax import decoding
+  if impl == "model":
+    from megalodon_jax.model import MegalodonLM
+    model = MegalodonLM(cfg)
+    return (lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params)
+  if impl.startswith("fused-") and impl[len("fused-"):] in decoding.DUP_MODES:
+    dup = impl[len("fused-"):]
+
+    def apply(p, cache, tokens):
+      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup)
+      return logits[:, None], cache
+
+    return apply, (lambda params: decoding.fuse_decode_params(params, cfg))
+  raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS}")
+
+
 def megalodon_cache(cfg: mega_config.MegalodonConfig, batch: int, context: int, count: int) -> mega_cache.ModelCache:
   """A cache as after `context` tokens, `count` of them in the current chunk.
 
@@ -242,9 +267,8 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
                    params_cache: dict[str, Any]) -> list[dict[str, Any]]:
   """One compile for all contexts: the step's shapes do not depend on the context.
   params_cache: {preset: params}, shared by the batch sizes of one model size."""
-  from megalodon_jax.model import MegalodonLM, init_params as mega_init
+  from megalodon_jax.model import init_params as mega_init
   cfg = megalodon_config(preset, args)
-  model = MegalodonLM(cfg)
   impls = bench_train.megalodon_impls(cfg)
   if preset not in params_cache:
     params_cache.clear()
@@ -252,11 +276,30 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
     init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla",
                            scan_layers=True)
     params_cache[preset] = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
-  params = params_cache[preset]
-  step = decode_fn(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache), args)
+  rows = []
+  for decode_impl in getattr(args, "mega_decode", ["model"]):
+    try:
+      rows += _megalodon_impl_rows(size, cfg, batch, contexts, args, params_cache[preset], impls, decode_impl)
+    except Exception as err:  # noqa: BLE001 - e.g. the compile failed: every context fails
+      for context in contexts:
+        row = {**_base_row(size, "megalodon", batch, context), "impls": f"{impls} decode={decode_impl}"}
+        _record_failure(row, err, args)
+        rows.append(row)
+  return rows
+
+
+def _megalodon_impl_rows(size: str, cfg: mega_config.MegalodonConfig, batch: int, contexts: list[int],
+                         args: argparse.Namespace, stored_params: Any, impls: str,
+                         decode_impl: str) -> list[dict[str, Any]]:
+  """The rows of one decode impl (see megalodon_apply): one compile for all contexts."""
+  apply, prepare = megalodon_apply(cfg, decode_impl)
+  params = prepare(stored_params)
+  step = decode_fn(apply, args)
   chunk, steps = cfg.chunk_size, total_steps(args)
   abstract_state = jax.eval_shape(lambda: (megalodon_cache(cfg, batch, 0, 0), first_tokens(batch)))
   compiled, compile_s, step_bytes = _compile(step, abstract_state, params)
+  if decode_impl != "model":
+    impls = f"{impls} decode={decode_impl}"
   rows = []
   for context in contexts:
     row = {**_base_row(size, "megalodon", batch, context), "impls": impls, "compile_s": compile_s}
@@ -394,6 +437,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f"comma-separated subset of {llama_lib.DECODE_ATTENTION_IMPLS} (default cudnn,xla; "
                            "xla with --smoke); with several, all are timed at one setting (batch 1 / 32K) and "
                            "the fastest is used for every row")
+  parser.add_argument("--mega-decode", default="model",
+                      help=f"comma-separated Megalodon decode impls, each timed in its own rows: {MEGA_DECODE_IMPLS} "
+                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--inner", type=int, default=8, help="consecutive steps per timed sample")
@@ -420,6 +466,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
   args.contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
   args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+  args.mega_decode = [m.strip() for m in args.mega_decode.split(",") if m.strip()]
+  if not args.mega_decode or set(args.mega_decode) - set(MEGA_DECODE_IMPLS):
+    parser.error(f"--mega-decode must be a subset of {MEGA_DECODE_IMPLS}")
   args.llama_decode_attention = [a.strip() for a in (args.llama_decode_attention or "cudnn,xla").split(",")
                                  if a.strip()]
   if not args.llama_decode_attention or set(args.llama_decode_attention) - set(llama_lib.DECODE_ATTENTION_IMPLS):

@@ -1,0 +1,85 @@
+"""fuse_decode_params + fused_decode_step give the model's decode step (and so the full forward)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megalodon_jax import decoding, model as model_lib
+from megalodon_jax.config import preset
+from megalodon_jax.model import MegalodonLM
+
+CFGS = {"tiny": preset("tiny"), "tiny_swiglu": preset("tiny_swiglu")}
+
+
+@pytest.fixture(scope="module", params=sorted(CFGS))
+def setup(request):
+  cfg = CFGS[request.param]
+  params = model_lib.init_params(cfg, jax.random.key(1))
+  # Non-zero norm offsets, q/k affine and biases, so that a mixed-up parameter shows.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+  return cfg, params
+
+
+def _full_logits(cfg, params, tokens):
+  """Full-sequence forward over whole chunks, cut back to the tokens' length (causal)."""
+  length = tokens.shape[1]
+  chunks = -(-length // cfg.chunk_size)
+  padded = np.concatenate([tokens, np.zeros((tokens.shape[0], chunks * cfg.chunk_size - length), tokens.dtype)], 1)
+  return np.asarray(MegalodonLM(cfg).apply({"params": params}, jnp.asarray(padded))[:, :length])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dup", decoding.DUP_MODES)
+def test_fused_steps_equal_the_full_forward(setup, batch, dup):
+  cfg, params = setup
+  length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
+  tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
+  full = _full_logits(cfg, params, tokens)
+  prompt = 3
+  logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
+  fused = decoding.fuse_decode_params(params, cfg)
+  outputs = [np.asarray(logits)]
+  for t in range(prompt, length):
+    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup)
+    outputs.append(np.asarray(step)[:, None])
+  got = np.concatenate(outputs, axis=1)
+  np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
+  assert int(cache.count) == length % cfg.chunk_size
+
+
+def test_fused_step_matches_the_model_step_and_cache(setup):
+  """One step from the same cache: logits and every cache leaf equal to float32 rounding."""
+  cfg, params = setup
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(1, cfg.chunk_size + 2))
+  _, cache = decoding.prefill(params, cfg, tokens[:, :-1])
+  copy = jax.tree.map(jnp.copy, cache)
+  want_logits, want_cache = decoding.decode_step(params, cfg, tokens[:, -1], cache)
+  got_logits, got_cache = decoding.fused_decode_step(decoding.fuse_decode_params(params, cfg), cfg,
+                                                     tokens[:, -1], copy)
+  np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_fuse_decode_params_of_scanned_layers_equal_unrolled():
+  cfg = CFGS["tiny"]
+  scanned_cfg = cfg.replace(scan_layers=True)
+  scanned = model_lib.init_params(scanned_cfg, jax.random.key(3))
+  unrolled = {k: v for k, v in scanned.items() if k != "layers"}
+  for i in range(cfg.num_layers):
+    unrolled[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], scanned["layers"])
+  a = decoding.fuse_decode_params(scanned, scanned_cfg)
+  b = decoding.fuse_decode_params(unrolled, cfg)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_fused_step_rejects_bad_arguments(setup):
+  cfg, params = setup
+  fused = decoding.fuse_decode_params(params, cfg)
+  _, cache = decoding.prefill(params, cfg, np.zeros((1, 2), np.int32))
+  with pytest.raises(ValueError, match="dup must be one of"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="copy")

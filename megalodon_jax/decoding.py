@@ -286,8 +286,46 @@ def _timestep_norm_step(x: jax.Array, state, weight: jax.Array, bias: jax.Array,
   return y[:, 0], new
 
 
+def _timestep_norm_step_shifted(x: jax.Array, state, weight: jax.Array, bias: jax.Array, num_groups: int,
+                                eps: float):
+  """`_timestep_norm_step` with the step's moments in one pass, shifted by the running mean.
+
+  Two-pass statistics (mean, then the variance around it) are two dependent reductions, i.e. two
+  kernels on a GPU; the sums of x - mu and (x - mu)^2 are sibling reductions of one input (one
+  kernel). Shifting by the running mean mu keeps the cancellation in E[d^2] - E[d]^2 small, and
+  mu' - mu = E[d] is the Chan update's delta directly.
+  """
+  from megalodon_jax.ops import timestep_norm as tsn
+  batch, dim = x.shape
+  xg = x.astype(jnp.float32).reshape(batch, num_groups, dim // num_groups)
+  d = xg - state.mean[..., None]
+  shift = jnp.mean(d, axis=-1)  # step mean - mu
+  step_var = jnp.maximum(jnp.mean(d * d, axis=-1) - shift * shift, 0.0)
+  count = state.count + 1
+  wb = (1.0 / count.astype(jnp.float32))[:, None]
+  wa = 1.0 - wb
+  mean = state.mean + wb * shift
+  var = wa * state.var + wb * step_var + (wa * wb) * (shift * shift)
+  y = (xg - mean[..., None]) * jax.lax.rsqrt(var + eps)[..., None]
+  y = y.reshape(batch, dim) * (weight.astype(jnp.float32) + 1.0) + bias.astype(jnp.float32)
+  return y.astype(x.dtype), tsn.TimestepNormState(count, mean, var)
+
+
+def _layer_norm_shifted(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """ops.norms.layer_norm with mean and variance in one pass (sibling reductions), shifted by x[..., 0]."""
+  xf = x.astype(jnp.float32)
+  d = xf - xf[..., :1]
+  shift = jnp.mean(d, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+  y = (d - shift) * jax.lax.rsqrt(var + eps)
+  return (y * (weight.astype(jnp.float32) + 1.0) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+STATS_MODES = ("two_pass", "shifted")
+
+
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
-                count: jax.Array, row_mask: jax.Array, dup: str) -> tuple[jax.Array, LayerCache]:
+                count: jax.Array, row_mask: jax.Array, dup: str, stats: str) -> tuple[jax.Array, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
@@ -296,8 +334,8 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
   matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
 
-  x_tsn, norm_state = _timestep_norm_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"],
-                                          cfg.norm_num_groups, cfg.norm_eps)
+  tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
+  x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups, cfg.norm_eps)
   # CEMA, one step of ops.cema.cema_sequential.
   xf = x_tsn.astype(jnp.float32)
   h = lp["cema_q"] * cache.cema + lp["cema_p"] * xf[..., None]
@@ -322,7 +360,8 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   attn = attn.reshape(batch, cfg.value_dim) * r
   y = ((h1 + matmul(attn, lp["wh2"])) + x).astype(x.dtype)
 
-  u = norms.layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
+  layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
+  u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
   hidden = matmul(u, lp["fc_in"])
   if cfg.swiglu:
     gate, up = jnp.split(hidden, 2, axis=-1)
@@ -337,7 +376,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
-                      dup: str = "mask") -> tuple[jax.Array, ModelCache]:
+                      dup: str = "mask", stats: str = "two_pass") -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
@@ -345,6 +384,8 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   from megalodon_jax.ops.logits import output_logits
   if dup not in DUP_MODES:
     raise ValueError(f"dup must be one of {DUP_MODES}, got {dup!r}")
+  if stats not in STATS_MODES:
+    raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
   if not isinstance(cache.layers, tuple):
     raise ValueError("fused decoding needs a cache with one LayerCache per layer (init_cache of a config "
                      "with scan_layers=False); unstack a scanned cache first")
@@ -356,9 +397,10 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   count = cache.count
   layers = []
   for lp, layer_cache in zip(fused["layers"], cache.layers):
-    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup)
+    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats)
     layers.append(new_layer)
-  x, final_state = _timestep_norm_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
+  tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
+  x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
                                        cfg.norm_num_groups, cfg.norm_eps)
   logits = output_logits(x, fused["head"], dtype)
   new_count = ((count + 1) % cfg.chunk_size).astype(jnp.int32)
@@ -366,16 +408,18 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str):
-  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup),
+def _fused_step(config: MegalodonConfig, dup: str, stats: str):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats),
                  donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
-                      dup: str = "mask") -> tuple[jax.Array, ModelCache]:
+                      dup: str = "mask", stats: str = "two_pass") -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
-  ('mask': a second, masked row; 'barrier': ops.dense's barrier, as the model does).
+  ('mask': a second, masked row; 'barrier': ops.dense's barrier, as the model does). stats: the
+  TimestepNorm/LayerNorm moments as the model computes them ('two_pass') or in one shifted pass
+  ('shifted': fewer kernels, same values up to float32 rounding of the variance).
   """
-  return _fused_step(config, dup)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)
+  return _fused_step(config, dup, stats)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

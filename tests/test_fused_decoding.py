@@ -31,9 +31,9 @@ def _full_logits(cfg, params, tokens):
   return np.asarray(MegalodonLM(cfg).apply({"params": params}, jnp.asarray(padded))[:, :length])
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("dup", decoding.DUP_MODES)
-def test_fused_steps_equal_the_full_forward(setup, batch, dup):
+@pytest.mark.parametrize("batch,dup,stats", [(1, "mask", "two_pass"), (1, "barrier", "two_pass"), (2, "mask", "two_pass"),
+                                             (1, "mask", "shifted"), (2, "barrier", "shifted")])
+def test_fused_steps_equal_the_full_forward(setup, batch, dup, stats):
   cfg, params = setup
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
@@ -43,7 +43,7 @@ def test_fused_steps_equal_the_full_forward(setup, batch, dup):
   fused = decoding.fuse_decode_params(params, cfg)
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
-    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup)
+    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats)
     outputs.append(np.asarray(step)[:, None])
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
@@ -83,3 +83,5 @@ def test_fused_step_rejects_bad_arguments(setup):
   _, cache = decoding.prefill(params, cfg, np.zeros((1, 2), np.int32))
   with pytest.raises(ValueError, match="dup must be one of"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="copy")
+  with pytest.raises(ValueError, match="stats must be one of"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, stats="welford")

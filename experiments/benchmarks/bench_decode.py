@@ -162,25 +162,27 @@ def _tsn_impl(requested: str) -> str:
   return requested
 
 
-MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier")
+MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted")
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable]:
   """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p) of a decode impl.
 
   model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>:
-  decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM).
+  decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM;
+  -shifted: one-pass norm moments).
   """
   from megalodon_jax import decoding
   if impl == "model":
     from megalodon_jax.model import MegalodonLM
     model = MegalodonLM(cfg)
     return (lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params)
-  if impl.startswith("fused-") and impl[len("fused-"):] in decoding.DUP_MODES:
-    dup = impl[len("fused-"):]
+  if impl in MEGA_DECODE_IMPLS[1:]:
+    dup = impl.split("-")[1]
+    stats = "shifted" if impl.endswith("-shifted") else "two_pass"
 
     def apply(p, cache, tokens):
-      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup)
+      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats)
       return logits[:, None], cache
 
     return apply, (lambda params: decoding.fuse_decode_params(params, cfg))

@@ -223,6 +223,16 @@ def _fuse_layer(layer: Any, config: MegalodonConfig) -> dict[str, Any]:
   }
   if "alpha" in ffn:
     out["ffn_alpha"] = ffn["alpha"]
+  # The same CEMA/TimestepNorm parameters per norm group, real and imaginary parts apart, for the
+  # Pallas step kernel (kernels_pallas/decode_step.py): [G, K, N] and [G, K].
+  groups = config.norm_num_groups
+  per_group = lambda a: a.reshape((groups, a.shape[0] // groups) + a.shape[1:])
+  out["split"] = {
+      "p": per_group(coeffs.p), "q_re": per_group(jnp.real(coeffs.q)), "q_im": per_group(jnp.imag(coeffs.q)),
+      "eta_re": per_group(jnp.real(coeffs.eta)), "eta_im": per_group(jnp.imag(coeffs.eta)),
+      "omega": per_group(out["cema_omega"]), "tsn_weight": per_group(out["tsn_weight"]),
+      "tsn_bias": per_group(out["tsn_bias"]),
+  }
   return out
 
 
@@ -322,10 +332,46 @@ def _layer_norm_shifted(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: f
 
 
 STATS_MODES = ("two_pass", "shifted")
+CEMA_MODES = ("xla", "pallas")
+
+
+def split_cema_state(cache: ModelCache) -> ModelCache:
+  """The cache with every layer's CEMA state [B, D, N] complex64 as a (real, imag) float32 pair,
+  the layout `fused_decode_step(..., cema="pallas")` reads and writes (Pallas has no complex)."""
+  layers = tuple(layer._replace(cema=(jnp.real(layer.cema), jnp.imag(layer.cema))) for layer in cache.layers)
+  return cache._replace(layers=layers)
+
+
+def join_cema_state(cache: ModelCache) -> ModelCache:
+  """Inverse of split_cema_state: the model's cache layout again (for prefill or the model's step)."""
+  layers = tuple(layer._replace(cema=jax.lax.complex(*layer.cema)) for layer in cache.layers)
+  return cache._replace(layers=layers)
+
+
+def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema)."""
+  from kernels_pallas import decode_step
+  from megalodon_jax.ops import timestep_norm as tsn
+  batch, dim = x.shape
+  groups, order = config.norm_num_groups, config.cema_ndim
+  sp = lp["split"]
+  h_re, h_im = cache.cema
+  state = (batch, groups, dim // groups, order)
+  x_tsn, y, sumsq, mean, var, h_re, h_im = decode_step.tsn_cema_step(
+      x.reshape(batch, groups, -1), cache.norm.count[:, None], cache.norm.mean, cache.norm.var,
+      sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"], sp["eta_re"], sp["eta_im"], sp["omega"],
+      h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps)
+  y = y.reshape(batch, dim)
+  inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
+  mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
+  norm = tsn.TimestepNormState(cache.norm.count + 1, mean, var)
+  cema = (h_re.reshape(batch, dim, order), h_im.reshape(batch, dim, order))
+  return x_tsn.reshape(batch, dim), mx, norm, cema
 
 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
-                count: jax.Array, row_mask: jax.Array, dup: str, stats: str) -> tuple[jax.Array, LayerCache]:
+                count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
+                cema: str = "xla") -> tuple[jax.Array, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
@@ -334,14 +380,18 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
   matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
 
-  tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
-  x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups, cfg.norm_eps)
-  # CEMA, one step of ops.cema.cema_sequential.
-  xf = x_tsn.astype(jnp.float32)
-  h = lp["cema_q"] * cache.cema + lp["cema_p"] * xf[..., None]
-  eta = lp["cema_eta"]
-  x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
-  mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
+  if cema == "pallas":
+    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache)
+  else:
+    tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
+    x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
+                                 cfg.norm_eps)
+    # CEMA, one step of ops.cema.cema_sequential.
+    xf = x_tsn.astype(jnp.float32)
+    h = lp["cema_q"] * cache.cema + lp["cema_p"] * xf[..., None]
+    eta = lp["cema_eta"]
+    x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
+    mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
 
   proj = matmul(mx, lp["w_mx"]) + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
@@ -376,19 +426,24 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
-                      dup: str = "mask", stats: str = "two_pass") -> tuple[jax.Array, ModelCache]:
+                      dup: str = "mask", stats: str = "two_pass", cema: str = "xla") -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
   """
   from megalodon_jax.ops.logits import output_logits
+  if not isinstance(cache.layers, tuple) or not cache.layers:
+    raise ValueError("fused decoding needs a cache with one LayerCache per layer (init_cache of a config "
+                     "with scan_layers=False); unstack a scanned cache first")
   if dup not in DUP_MODES:
     raise ValueError(f"dup must be one of {DUP_MODES}, got {dup!r}")
   if stats not in STATS_MODES:
     raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
-  if not isinstance(cache.layers, tuple):
-    raise ValueError("fused decoding needs a cache with one LayerCache per layer (init_cache of a config "
-                     "with scan_layers=False); unstack a scanned cache first")
+  if cema not in CEMA_MODES:
+    raise ValueError(f"cema must be one of {CEMA_MODES}, got {cema!r}")
+  if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
+    raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
+                     "complex64 states: convert with split_cema_state / join_cema_state")
   cfg = config
   dtype = jnp.dtype(cfg.dtype)
   x = jnp.take(fused["embed"], token, axis=0).astype(dtype)  # [B, D]
@@ -397,7 +452,7 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   count = cache.count
   layers = []
   for lp, layer_cache in zip(fused["layers"], cache.layers):
-    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats)
+    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema)
     layers.append(new_layer)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
@@ -408,18 +463,20 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str, stats: str):
-  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats),
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema),
                  donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
-                      dup: str = "mask", stats: str = "two_pass") -> tuple[jax.Array, ModelCache]:
+                      dup: str = "mask", stats: str = "two_pass", cema: str = "xla") -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
   ('mask': a second, masked row; 'barrier': ops.dense's barrier, as the model does). stats: the
   TimestepNorm/LayerNorm moments as the model computes them ('two_pass') or in one shifted pass
-  ('shifted': fewer kernels, same values up to float32 rounding of the variance).
+  ('shifted': fewer kernels, same values up to float32 rounding of the variance). cema: the
+  TimestepNorm + CEMA + RMSNorm statistics of each block in XLA ('xla') or in one Pallas kernel
+  ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs).
   """
-  return _fused_step(config, dup, stats)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)
+  return _fused_step(config, dup, stats, cema)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -31,9 +31,11 @@ def _full_logits(cfg, params, tokens):
   return np.asarray(MegalodonLM(cfg).apply({"params": params}, jnp.asarray(padded))[:, :length])
 
 
-@pytest.mark.parametrize("batch,dup,stats", [(1, "mask", "two_pass"), (1, "barrier", "two_pass"), (2, "mask", "two_pass"),
-                                             (1, "mask", "shifted"), (2, "barrier", "shifted")])
-def test_fused_steps_equal_the_full_forward(setup, batch, dup, stats):
+@pytest.mark.parametrize("batch,dup,stats,cema", [
+    (1, "mask", "two_pass", "xla"), (1, "barrier", "two_pass", "xla"), (2, "mask", "two_pass", "xla"),
+    (1, "mask", "shifted", "xla"), (2, "barrier", "shifted", "xla"), (1, "mask", "two_pass", "pallas"),
+    (2, "mask", "shifted", "pallas")])
+def test_fused_steps_equal_the_full_forward(setup, batch, dup, stats, cema):
   cfg, params = setup
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
@@ -41,13 +43,20 @@ def test_fused_steps_equal_the_full_forward(setup, batch, dup, stats):
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
   fused = decoding.fuse_decode_params(params, cfg)
+  if cema == "pallas":
+    cache = decoding.split_cema_state(cache)
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
-    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats)
+    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats, cema=cema)
     outputs.append(np.asarray(step)[:, None])
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
   assert int(cache.count) == length % cfg.chunk_size
+  if cema == "pallas":  # the split states convert back to the model's cache: prefill continues from it
+    cache = decoding.join_cema_state(cache)
+    more, _ = decoding.prefill(params, cfg, tokens[:, :2], cache)
+    want = _full_logits(cfg, params, np.concatenate([tokens, tokens[:, :2]], axis=1))[:, length:]
+    np.testing.assert_allclose(np.asarray(more), want, atol=2e-4, rtol=0)
 
 
 def test_fused_step_matches_the_model_step_and_cache(setup):
@@ -83,5 +92,7 @@ def test_fused_step_rejects_bad_arguments(setup):
   _, cache = decoding.prefill(params, cfg, np.zeros((1, 2), np.int32))
   with pytest.raises(ValueError, match="dup must be one of"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="copy")
+  with pytest.raises(ValueError, match="split_cema_state"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, cema="pallas")
   with pytest.raises(ValueError, match="stats must be one of"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, stats="welford")

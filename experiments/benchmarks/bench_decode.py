@@ -162,30 +162,36 @@ def _tsn_impl(requested: str) -> str:
   return requested
 
 
-MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted")
+MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted",
+                     "fused-mask-pallas", "fused-mask-shifted-pallas", "fused-barrier-pallas")
 
 
-def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable]:
-  """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p) of a decode impl.
+def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
+  """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p,
+  prepare_cache(model cache) -> the cache apply reads) of a decode impl.
 
-  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>:
+  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>[-shifted][-pallas]:
   decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM;
-  -shifted: one-pass norm moments).
+  -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in kernels_pallas.decode_step, with
+  the cache's CEMA states split into float32 pairs).
   """
   from megalodon_jax import decoding
   if impl == "model":
     from megalodon_jax.model import MegalodonLM
     model = MegalodonLM(cfg)
-    return (lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params)
+    return ((lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params),
+            (lambda cache: cache))
   if impl in MEGA_DECODE_IMPLS[1:]:
-    dup = impl.split("-")[1]
-    stats = "shifted" if impl.endswith("-shifted") else "two_pass"
+    parts = impl.split("-")
+    dup, stats = parts[1], "shifted" if "shifted" in parts else "two_pass"
+    cema = "pallas" if "pallas" in parts else "xla"
 
     def apply(p, cache, tokens):
-      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats)
+      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema)
       return logits[:, None], cache
 
-    return apply, (lambda params: decoding.fuse_decode_params(params, cfg))
+    return (apply, (lambda params: decoding.fuse_decode_params(params, cfg)),
+            decoding.split_cema_state if cema == "pallas" else (lambda cache: cache))
   raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS}")
 
 
@@ -294,11 +300,11 @@ def _megalodon_impl_rows(size: str, cfg: mega_config.MegalodonConfig, batch: int
                          args: argparse.Namespace, stored_params: Any, impls: str,
                          decode_impl: str) -> list[dict[str, Any]]:
   """The rows of one decode impl (see megalodon_apply): one compile for all contexts."""
-  apply, prepare = megalodon_apply(cfg, decode_impl)
+  apply, prepare, prepare_cache = megalodon_apply(cfg, decode_impl)
   params = prepare(stored_params)
   step = decode_fn(apply, args)
   chunk, steps = cfg.chunk_size, total_steps(args)
-  abstract_state = jax.eval_shape(lambda: (megalodon_cache(cfg, batch, 0, 0), first_tokens(batch)))
+  abstract_state = jax.eval_shape(lambda: (prepare_cache(megalodon_cache(cfg, batch, 0, 0)), first_tokens(batch)))
   compiled, compile_s, step_bytes = _compile(step, abstract_state, params)
   if decode_impl != "model":
     impls = f"{impls} decode={decode_impl}"
@@ -308,7 +314,7 @@ def _megalodon_impl_rows(size: str, cfg: mega_config.MegalodonConfig, batch: int
     try:
       fills = {"empty": context % chunk, "full": max(chunk - steps, 0)}
       for fill, count in fills.items():
-        state = (megalodon_cache(cfg, batch, context, count), first_tokens(batch))  # donated by each run
+        state = (prepare_cache(megalodon_cache(cfg, batch, context, count)), first_tokens(batch))  # donated
         row.update(_memory_fields(params, state[0], step_bytes))
         timing, state = time_decode(compiled, state, params, warmup=args.warmup, iters=args.iters,
                                     inner=args.inner, steps_per_call=_steps_per_call(args))

@@ -47,7 +47,9 @@ def parse_args(argv):
   parser.add_argument("--hlo_dir", default=None, help="write each traced step's optimized HLO here")
   parser.add_argument("--mega-decode", default="model",
                       help="comma-separated Megalodon decode impls (bench_decode.MEGA_DECODE_IMPLS), one row each")
-  parser.add_argument("--loops", default="host,device", help="which of host,device to time (the trace needs host)")
+  parser.add_argument("--loops", default="host,device",
+                      help="which of host,device to time; each row is also traced once (host-loop steps) unless "
+                           "--trace_steps 0")
   parser.add_argument("--smoke", action="store_true")
   return parser.parse_args(argv)
 
@@ -131,7 +133,7 @@ def main(argv=None):
                                    bargs.llama_decode_attention)
       row[f"{loop}_ms"] = r.get("ms_per_step")
       row[f"{loop}_error"] = r.get("error")
-      if loop == "host" and "error" not in r:
+      if "trace" not in row and "error" not in r and args.trace_steps > 0:  # once per row, whichever loop
         row.update(trace=_trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args, impl))
       params.clear()
       jax.clear_caches()
@@ -163,10 +165,11 @@ def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args
   try:
     if arch == "megalodon":
       cfg = bench_decode.megalodon_config(mega_preset, bargs)
-      apply, prepare = bench_decode.megalodon_apply(cfg, impl)
+      apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
       step = bench_decode.greedy_step(apply)
       count = max(cfg.chunk_size - 2 * args.trace_steps - 2, 0)
-      state = (bench_decode.megalodon_cache(cfg, args.batch, args.context, count), bench_decode.first_tokens(args.batch))
+      state = (prepare_cache(bench_decode.megalodon_cache(cfg, args.batch, args.context, count)),
+               bench_decode.first_tokens(args.batch))
     else:
       from experiments.baselines import llama as llama_lib
       cfg = bench_decode.llama_config(llama_preset, bargs, bargs.llama_decode_attention[0])

@@ -1,0 +1,150 @@
+"""One decoding step of a block's TimestepNorm + CEMA as a single Pallas (Triton) kernel.
+
+In a batch-1 decode step every kernel is tiny and costs its launch (~1-1.5 us on an H200), so the
+XLA version of TimestepNorm (step moments, state merge, normalisation) followed by one CEMA step
+and the RMSNorm statistics takes 4-9 kernels per layer. Everything here is local to a block of
+whole norm groups: a group's moments are a reduction over its K features, the CEMA state update
+is elementwise per (feature, order) and its readout a sum over the orders. Only the RMSNorm that
+follows needs a sum over all features; the kernel writes the per-group sums of y^2 and leaves the
+final 64-term sum to the caller (see megalodon_jax.decoding).
+
+Per program (sequence b, groups [j GB, (j + 1) GB)), one step:
+  TimestepNorm  m, v = mean, variance of x over each group's K features (two-pass, in registers);
+                n' = n + 1, w = 1 / n', delta = m - mu, mu' = mu + w delta,
+                var' = (1 - w) var + w v + (1 - w) w delta^2 (ops.timestep_norm.merge_stats);
+                x_tsn = (x - mu') rsqrt(var' + eps) (weight + 1) + bias, rounded to x.dtype.
+  CEMA          h' = q h + p x_tsn (complex, as real/imag float32 arrays: Pallas has no complex);
+                y = Re(sum_n eta_n h'_n) + omega x_tsn (ops.cema.cema_sequential's step).
+  RMS partial   s = sum over the group of y^2.
+
+Arrays (G groups of K features, D = G K, N CEMA orders):
+  x [B, G, K] (compute dtype); count [B, 1] int32 steps merged so far; mean, var [B, G] float32;
+  weight, bias [G, K]; p, q_re, q_im, eta_re, eta_im [G, K, N] float32 (cema_coefficients);
+  omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (updated in place).
+Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, mean', var' [B, G],
+h_re', h_im'.
+
+`tsn_cema_step_reference` is the same math in plain JAX (the test oracle). `tsn_cema_step` runs
+the Triton kernel on a GPU and the Pallas interpreter elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im,
+                            *, eps: float):
+  """Plain-JAX oracle of the kernel; shapes and results as the module docstring says."""
+  f32 = jnp.float32
+  xf = x.astype(f32)
+  m = jnp.mean(xf, axis=-1)
+  v = jnp.mean(jnp.square(xf - m[..., None]), axis=-1)
+  w = 1.0 / (count.astype(f32) + 1.0)  # [B, 1]
+  delta = m - mean
+  new_mean = mean + w * delta
+  new_var = (1.0 - w) * var + w * v + ((1.0 - w) * w) * (delta * delta)
+  x_tsn = ((xf - new_mean[..., None]) * jax.lax.rsqrt(new_var + eps)[..., None] * (weight.astype(f32) + 1.0)
+           + bias.astype(f32)).astype(x.dtype)
+  xt = x_tsn.astype(f32)[..., None]
+  new_re = q_re * h_re - q_im * h_im + p * xt
+  new_im = q_re * h_im + q_im * h_re
+  y = jnp.sum(eta_re * new_re - eta_im * new_im, axis=-1) + omega * xt[..., 0]
+  return x_tsn, y, jnp.sum(y * y, axis=-1), new_mean, new_var, new_re, new_im
+
+
+def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
+            omega_ref, hr_ref, hi_ref,
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+  f32 = jnp.float32
+  xf = x_ref[...].astype(f32)  # [GB, K]
+  m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
+  centered = xf - m[:, None]
+  v = jnp.sum(centered * centered, axis=-1) * (1.0 / k)
+  w = 1.0 / (count_ref[0].astype(f32) + 1.0)  # scalar
+  mu = mean_ref[...]
+  delta = m - mu
+  new_mean = mu + w * delta
+  new_var = (1.0 - w) * var_ref[...] + w * v + ((1.0 - w) * w) * (delta * delta)
+  inv = jax.lax.rsqrt(new_var + eps)
+  x_tsn = ((xf - new_mean[:, None]) * inv[:, None] * (weight_ref[...].astype(f32) + 1.0)
+           + bias_ref[...].astype(f32)).astype(xt_out.dtype)
+  xt = x_tsn.astype(f32)
+  qr, qi, hr, hi = qr_ref[...], qi_ref[...], hr_ref[...], hi_ref[...]  # [GB, K, N]
+  new_re = qr * hr - qi * hi + p_ref[...] * xt[:, :, None]
+  new_im = qr * hi + qi * hr
+  y = jnp.sum(er_ref[...] * new_re - ei_ref[...] * new_im, axis=-1) + omega_ref[...] * xt
+  xt_out[...] = x_tsn
+  y_out[...] = y
+  ss_out[...] = jnp.sum(y * y, axis=-1)
+  mean_out[...] = new_mean
+  var_out[...] = new_var
+  hr_out[...] = new_re
+  hi_out[...] = new_im
+
+
+def _check(arrays: dict, groups_per_block: int):
+  x, h_re = arrays["x"], arrays["h_re"]
+  if x.ndim != 3 or h_re.ndim != 4:
+    raise ValueError(f"x must be [batch, groups, group_size] and h_re [batch, groups, group_size, order], "
+                     f"got shapes {x.shape} and {h_re.shape}")
+  batch, groups, k = x.shape
+  order = h_re.shape[-1]
+  shapes = {"count": (batch, 1), "mean": (batch, groups), "var": (batch, groups), "weight": (groups, k),
+            "bias": (groups, k), "omega": (groups, k), "h_re": (batch, groups, k, order),
+            "h_im": (batch, groups, k, order)}
+  shapes.update({name: (groups, k, order) for name in ("p", "q_re", "q_im", "eta_re", "eta_im")})
+  for name, expect in shapes.items():
+    got = arrays[name].shape
+    if tuple(got) != expect:
+      raise ValueError(f"{name} must have shape {expect} for x of shape {x.shape}, got {tuple(got)}")
+  if groups % groups_per_block:
+    raise ValueError(f"groups_per_block={groups_per_block} must divide the {groups} groups")
+
+
+def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
+  """Groups per program: about 1024 (feature, order) entries each (registers), at least one group."""
+  per_block = max(1, 1024 // (group_size * order))
+  while groups % per_block:
+    per_block //= 2
+  return max(per_block, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
+def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
+                  eps: float, groups_per_block: int | None = None, num_warps: int = 4,
+                  interpret: bool | None = None):
+  """The kernel (see the module docstring); h_re/h_im are updated in place when donated."""
+  groups_per_block = groups_per_block or default_groups_per_block(*x.shape[1:], h_re.shape[-1])
+  _check(dict(x=x, count=count, mean=mean, var=var, weight=weight, bias=bias, p=p, q_re=q_re, q_im=q_im,
+              eta_re=eta_re, eta_im=eta_im, omega=omega, h_re=h_re, h_im=h_im), groups_per_block)
+  batch, groups, k = x.shape
+  order = p.shape[-1]
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  gb = groups_per_block
+  grid = (batch, groups // gb)
+  seq = pl.BlockSpec((None, gb, k), lambda b, j: (b, j, 0))
+  stat = pl.BlockSpec((None, gb), lambda b, j: (b, j))
+  cnt = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
+  feat = pl.BlockSpec((gb, k), lambda b, j: (j, 0))
+  coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
+  state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)), f32((batch, groups)),
+               f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      functools.partial(_kernel, eps=float(eps), k=k), grid=grid,
+      in_specs=[seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state],
+      out_specs=[seq, seq, stat, stat, stat, state, state], out_shape=out_shape,
+      input_output_aliases={12: 5, 13: 6}, interpret=interpret, name="tsn_cema_step", **kwargs,
+  )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
+    omega, h_re, h_im)

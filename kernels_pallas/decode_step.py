@@ -21,8 +21,8 @@ Arrays (G groups of K features, D = G K, N CEMA orders):
   x [B, G, K] (compute dtype); count [B, 1] int32 steps merged so far; mean, var [B, G] float32;
   weight, bias [G, K]; p, q_re, q_im, eta_re, eta_im [G, K, N] float32 (cema_coefficients);
   omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (updated in place).
-Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, mean', var' [B, G],
-h_re', h_im'.
+Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, count + 1 [B, 1],
+mean', var' [B, G], h_re', h_im'.
 
 `tsn_cema_step_reference` is the same math in plain JAX (the test oracle). `tsn_cema_step` runs
 the Triton kernel on a GPU and the Pallas interpreter elsewhere.
@@ -54,18 +54,19 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
   new_re = q_re * h_re - q_im * h_im + p * xt
   new_im = q_re * h_im + q_im * h_re
   y = jnp.sum(eta_re * new_re - eta_im * new_im, axis=-1) + omega * xt[..., 0]
-  return x_tsn, y, jnp.sum(y * y, axis=-1), new_mean, new_var, new_re, new_im
+  return x_tsn, y, jnp.sum(y * y, axis=-1), count + 1, new_mean, new_var, new_re, new_im
 
 
 def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
             omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+            xt_out, y_out, ss_out, count_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
   f32 = jnp.float32
   xf = x_ref[...].astype(f32)  # [GB, K]
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
   centered = xf - m[:, None]
   v = jnp.sum(centered * centered, axis=-1) * (1.0 / k)
-  w = 1.0 / (count_ref[0].astype(f32) + 1.0)  # scalar
+  count = count_ref[0] + 1
+  w = 1.0 / count.astype(f32)  # scalar
   mu = mean_ref[...]
   delta = m - mu
   new_mean = mu + w * delta
@@ -81,6 +82,8 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   xt_out[...] = x_tsn
   y_out[...] = y
   ss_out[...] = jnp.sum(y * y, axis=-1)
+  # Every program of a sequence writes the same new count (one kernel fewer than an XLA add).
+  count_out[0] = count
   mean_out[...] = new_mean
   var_out[...] = new_var
   hr_out[...] = new_re
@@ -135,8 +138,9 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
   state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)), f32((batch, groups)),
-               f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)),
+               jax.ShapeDtypeStruct((batch, 1), jnp.int32), f32((batch, groups)), f32((batch, groups)),
+               f32(h_re.shape), f32(h_im.shape)]
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
@@ -144,7 +148,7 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   return pl.pallas_call(
       functools.partial(_kernel, eps=float(eps), k=k), grid=grid,
       in_specs=[seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state],
-      out_specs=[seq, seq, stat, stat, stat, state, state], out_shape=out_shape,
-      input_output_aliases={12: 5, 13: 6}, interpret=interpret, name="tsn_cema_step", **kwargs,
+      out_specs=[seq, seq, stat, cnt, stat, stat, state, state], out_shape=out_shape,
+      input_output_aliases={12: 6, 13: 7}, interpret=interpret, name="tsn_cema_step", **kwargs,
   )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
     omega, h_re, h_im)

@@ -357,14 +357,14 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
   sp = lp["split"]
   h_re, h_im = cache.cema
   state = (batch, groups, dim // groups, order)
-  x_tsn, y, sumsq, mean, var, h_re, h_im = decode_step.tsn_cema_step(
+  x_tsn, y, sumsq, count, mean, var, h_re, h_im = decode_step.tsn_cema_step(
       x.reshape(batch, groups, -1), cache.norm.count[:, None], cache.norm.mean, cache.norm.var,
       sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"], sp["eta_re"], sp["eta_im"], sp["omega"],
       h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps)
   y = y.reshape(batch, dim)
   inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
   mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
-  norm = tsn.TimestepNormState(cache.norm.count + 1, mean, var)
+  norm = tsn.TimestepNormState(count[:, 0], mean, var)
   cema = (h_re.reshape(batch, dim, order), h_im.reshape(batch, dim, order))
   return x_tsn.reshape(batch, dim), mx, norm, cema
 

@@ -53,7 +53,8 @@ def test_step_equals_the_library_ops(inputs, which):
     got = decode_step.tsn_cema_step_reference(*args, eps=EPS)
   else:
     got = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=int(which.split("_")[1]))
-  g_xt, g_y, g_ss, g_mean, g_var, g_re, g_im = got
+  g_xt, g_y, g_ss, g_count, g_mean, g_var, g_re, g_im = got
+  np.testing.assert_array_equal(np.asarray(g_count[:, 0]), np.asarray(state.count))
   assert g_xt.dtype == x_tsn.dtype
   # x_tsn is rounded to bf16: allow one bf16 ulp where float32 rounding flips it.
   np.testing.assert_allclose(np.asarray(g_xt.reshape(B, D), np.float32), np.asarray(x_tsn, np.float32),

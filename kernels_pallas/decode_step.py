@@ -152,3 +152,133 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
       input_output_aliases={12: 6, 13: 7}, interpret=interpret, name="tsn_cema_step", **kwargs,
   )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
     omega, h_re, h_im)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention scores of one new query against the current chunk, with the new key written in place.
+#
+# The XLA version is a reduction for the per-head RMS of z, a dynamic-update-slice fusion that
+# makes k (affine map, RoPE) and writes it, and a GEMM of the query (made from z again) with the
+# keys: three kernels. Here every program recomputes q and k from z (a few hundred numbers) and
+# scores one block of keys; the program whose block holds position `count` writes the new key.
+#
+# Layout: z's features per head are PERMUTED to [even features | odd features] (the real and
+# imaginary parts of RoPE's pairs), in the projection's columns, its bias, the q/k affine maps and
+# the key cache alike (see megalodon_jax.decoding.fuse_decode_params(permute_z=True) and
+# permute_keys): dot products and RMS norms do not change under a common permutation, and the
+# pairs become two contiguous halves (no strided loads).
+#
+# Arrays: proj [R, P] (R >= B rows; columns [h dz, (h + 1) dz) are head h's z before its bias);
+# bias [H dz]; scale, shift [2, H dz] float32 (row 0: q, row 1: k); freqs [dz / 2] float32 (RoPE);
+# keys [B, C, H, dz] (updated in place); count [1] int32 chunk position of the new token.
+# Returns scores [B, H, C] float32 (-inf past count) and the keys.
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalized_z(z_re, z_im, b_re, b_im, *, dz: int, eps: float):
+  """z's halves after the bias add (rounded to z's dtype, as the projection's output is) and the
+  RMS normalisation over the head, float32."""
+  f32 = jnp.float32
+  z_re = (z_re.astype(f32) + b_re.astype(f32)).astype(z_re.dtype).astype(f32)
+  z_im = (z_im.astype(f32) + b_im.astype(f32)).astype(z_im.dtype).astype(f32)
+  inv = jax.lax.rsqrt((jnp.sum(z_re * z_re) + jnp.sum(z_im * z_im)) * (1.0 / dz) + eps)
+  return z_re * inv, z_im * inv
+
+
+def _rope(re, im, cos, sin, dtype):
+  f32 = jnp.float32
+  re, im = re.astype(dtype).astype(f32), im.astype(dtype).astype(f32)
+  return (re * cos - im * sin).astype(dtype), (re * sin + im * cos).astype(dtype)
+
+
+def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, count_ref, scores_out, keys_out,
+                   *, dz: int, eps: float, block_k: int):
+  f32 = jnp.float32
+  half = dz // 2
+  lo, hi = pl.ds(0, half), pl.ds(half, half)
+  count = count_ref[0]
+  zn_re, zn_im = _normalized_z(proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], dz=dz, eps=eps)
+  angle = count.astype(f32) * freqs_ref[...]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  dtype = keys_ref.dtype
+  # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
+  q_re, q_im = _rope(zn_re * scale_ref[0, lo] + shift_ref[0, lo], zn_im * scale_ref[0, hi] + shift_ref[0, hi],
+                     cos, sin, dtype)
+  k_re, k_im = _rope(zn_re * scale_ref[1, lo] + shift_ref[1, lo], zn_im * scale_ref[1, hi] + shift_ref[1, hi],
+                     cos, sin, dtype)
+  q_re, q_im = q_re.astype(f32), q_im.astype(f32)
+  keys_re = keys_ref[:, lo].astype(f32)  # [block_k, half]
+  keys_im = keys_ref[:, hi].astype(f32)
+  scores = jnp.sum(keys_re * q_re[None, :] + keys_im * q_im[None, :], axis=-1)
+  new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
+  j = pl.program_id(2)
+  pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  scores = jnp.where(pos == count, new_score, scores)
+  scores_out[...] = jnp.where(pos <= count, scores, -jnp.inf)
+
+  @pl.when(count // block_k == j)
+  def _():
+    row = pl.ds(count - j * block_k, 1)
+    keys_out[row, lo] = k_re[None, :]
+    keys_out[row, hi] = k_im[None, :]
+
+
+def qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, *, eps: float):
+  """Plain-JAX oracle of `qk_scores_step` (same layout and rounding)."""
+  f32 = jnp.float32
+  batch, chunk, heads, dz = keys.shape
+  half = dz // 2
+  z = (proj[:batch, :heads * dz].astype(f32) + bias.astype(f32)).astype(proj.dtype).astype(f32)
+  z = z.reshape(batch, heads, dz)
+  z = z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
+  scale, shift = scale.reshape(2, heads, dz), shift.reshape(2, heads, dz)
+  angle = count[0].astype(f32) * freqs
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+
+  def rope(t):
+    re, im = t[..., :half].astype(keys.dtype).astype(f32), t[..., half:].astype(keys.dtype).astype(f32)
+    return jnp.concatenate([re * cos - im * sin, re * sin + im * cos], axis=-1).astype(keys.dtype)
+
+  q = rope(z * scale[0] + shift[0])
+  k = rope(z * scale[1] + shift[1])
+  keys = jax.lax.dynamic_update_slice(keys, k[:, None], (0, count[0], 0, 0))
+  scores = jnp.einsum("bhd,bkhd->bhk", q.astype(f32), keys.astype(f32))
+  valid = jnp.arange(chunk) <= count[0]
+  return jnp.where(valid[None, None], scores, -jnp.inf), keys
+
+
+def default_block_k(chunk: int) -> int:
+  return min(chunk, 32)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_k", "num_warps", "interpret"))
+def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, block_k: int | None = None,
+                   num_warps: int = 4, interpret: bool | None = None):
+  """The kernel (see above); `keys` is updated in place when donated."""
+  batch, chunk, heads, dz = keys.shape
+  block_k = block_k or default_block_k(chunk)
+  if dz % 2 or chunk % block_k:
+    raise ValueError(f"the head dim ({dz}) must be even and block_k ({block_k}) must divide the chunk ({chunk})")
+  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
+    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
+  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
+                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  grid = (batch, heads, chunk // block_k)
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j: (b, j, h, 0))
+  return pl.pallas_call(
+      functools.partial(_scores_kernel, dz=dz, eps=float(eps), block_k=block_k), grid=grid,
+      in_specs=[pl.BlockSpec((None, dz), lambda b, h, j: (b, h)), pl.BlockSpec((dz,), lambda b, h, j: (h,)),
+                pl.BlockSpec((2, dz), lambda b, h, j: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j: (0, h)),
+                pl.BlockSpec((dz // 2,), lambda b, h, j: (0,)), key_spec, pl.BlockSpec((1,), lambda b, h, j: (0,))],
+      out_specs=[pl.BlockSpec((None, None, block_k), lambda b, h, j: (b, h, j)), key_spec],
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, chunk), jnp.float32), jax.ShapeDtypeStruct(keys.shape, keys.dtype)],
+      input_output_aliases={5: 1}, interpret=interpret, name="qk_scores_step", **kwargs,
+  )(proj, bias, scale.astype(jnp.float32), shift.astype(jnp.float32), freqs.astype(jnp.float32), keys, count)

@@ -192,7 +192,14 @@ def _layer_params(params: Any, config: MegalodonConfig, index: int) -> Any:
   return params[f"layers_{index}"]
 
 
-def _fuse_layer(layer: Any, config: MegalodonConfig) -> dict[str, Any]:
+def _z_permutation(config: MegalodonConfig) -> np.ndarray:
+  """Indices that reorder z's features per head to [even features | odd features] (RoPE's pairs as halves)."""
+  dz = config.z_head_dim
+  per_head = np.concatenate([np.arange(0, dz, 2), np.arange(1, dz, 2)])
+  return (np.arange(config.num_heads)[:, None] * dz + per_head[None, :]).reshape(-1)
+
+
+def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False) -> dict[str, Any]:
   """One block's parameters in decode layout (see fuse_decode_params)."""
   from megalodon_jax.ops import cema as cema_ops
   dtype = jnp.dtype(config.dtype)
@@ -223,6 +230,12 @@ def _fuse_layer(layer: Any, config: MegalodonConfig) -> dict[str, Any]:
   }
   if "alpha" in ffn:
     out["ffn_alpha"] = ffn["alpha"]
+  if permute_z:
+    perm = _z_permutation(config)
+    columns = np.concatenate([perm, np.arange(config.z_dim, out["w_mx"].shape[1])])
+    out["w_mx"], out["b_mx"] = out["w_mx"][:, columns], out["b_mx"][columns]
+    out["qk_scale"] = out["qk_scale"].reshape(2, -1)[:, perm].reshape(2, heads, dz)
+    out["qk_shift"] = out["qk_shift"].reshape(2, -1)[:, perm].reshape(2, heads, dz)
   # The same CEMA/TimestepNorm parameters per norm group, real and imaginary parts apart, for the
   # Pallas step kernel (kernels_pallas/decode_step.py): [G, K, N] and [G, K].
   groups = config.norm_num_groups
@@ -236,7 +249,7 @@ def _fuse_layer(layer: Any, config: MegalodonConfig) -> dict[str, Any]:
   return out
 
 
-def fuse_decode_params(params: Any, config: MegalodonConfig) -> dict[str, Any]:
+def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = False) -> dict[str, Any]:
   """The model's parameters in the layout `fused_decode_step` reads; compute once per generation.
 
   Per layer: CEMA coefficients (p, q, eta, as ops.cema.cema_coefficients makes them every step),
@@ -244,12 +257,19 @@ def fuse_decode_params(params: Any, config: MegalodonConfig) -> dict[str, Any]:
   compute dtype, [wz | wr | wh1] concatenated (and [fc1 | fc3] with SwiGLU). The values are those
   the model computes from `params`, so the fused step gives the model's logits up to the
   accumulation order of the products. Works with scanned or unrolled layers.
+
+  permute_z: z's features per head in [even | odd] order (wz's columns, its bias, the q/k affine
+  maps) plus the RoPE frequencies, the layout of the Pallas scores kernel (scores="pallas"; the
+  cache's keys must then be permute_keys's).
   """
+  from megalodon_jax.ops import rope
   dtype = jnp.dtype(config.dtype)
-  fuse = jax.jit(lambda layer: _fuse_layer(layer, config))
+  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z))
   embedding = params["embed"]["embedding"]
   head = embedding.T if config.share_emb else params["output"]["kernel"]
+  extra = {"rope_freqs": rope.rope_frequencies(config.z_head_dim, config.rope_base)} if permute_z else {}
   return {
+      **extra,
       "embed": embedding,
       "head": head,
       "final_weight": params["final_norm"]["weight"], "final_bias": params["final_norm"]["bias"],
@@ -267,6 +287,17 @@ def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str) -> j
     return dense_ops.dot_general(x, w, dims)
   doubled = x * row_mask[:, None].astype(x.dtype)  # [2, K]: x and 0 * x
   return jax.lax.dot_general(doubled, w, dims)[:1]
+
+
+def _probs_times_values(probs: jax.Array, value: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
+  """probs: [B, H, C] float32, value: [B, C, H, dv] -> [B, H, dv]: the second einsum of
+  ops.attention.cached_attention_xla, one query per sequence kept a matrix product."""
+  probs = probs.astype(value.dtype)
+  if probs.shape[0] == 1 and dup == "mask":
+    doubled = probs[0][:, None, :] * row_mask[None, :, None].astype(value.dtype)  # [H, 2, C]
+    return jnp.einsum("hqk,khd->qhd", doubled, value[0])[:1]
+  doubled = jax.lax.optimization_barrier(jnp.concatenate([probs[:, :, None], probs[:, :, None]], axis=2))
+  return jnp.einsum("bhqk,bkhd->bqhd", doubled, value)[:, 0]
 
 
 def _attend_one(q: jax.Array, key: jax.Array, value: jax.Array, count: jax.Array, row_mask: jax.Array,
@@ -348,6 +379,18 @@ def join_cema_state(cache: ModelCache) -> ModelCache:
   return cache._replace(layers=layers)
 
 
+def permute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
+  """The cache with every layer's keys [B, C, H, dz] in fuse_decode_params(permute_z=True)'s feature order."""
+  perm = _z_permutation(config)[:config.z_head_dim]
+  return cache._replace(layers=tuple(layer._replace(key=layer.key[..., perm]) for layer in cache.layers))
+
+
+def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
+  """Inverse of permute_keys: the model's key layout again."""
+  inverse = np.argsort(_z_permutation(config)[:config.z_head_dim])
+  return cache._replace(layers=tuple(layer._replace(key=layer.key[..., inverse]) for layer in cache.layers))
+
+
 def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache):
   """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema)."""
   from kernels_pallas import decode_step
@@ -371,7 +414,8 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
-                cema: str = "xla") -> tuple[jax.Array, LayerCache]:
+                cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
+                ) -> tuple[jax.Array, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
@@ -393,6 +437,9 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
     x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
     mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
 
+  if scores == "pallas":
+    return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
+                                     rope_freqs)
   proj = matmul(mx, lp["w_mx"]) + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -407,6 +454,35 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   key = jax.lax.dynamic_update_slice(cache.key, k[:, None].astype(cache.key.dtype), start)
   value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), start)
   attn = _attend_one(q, key, value, count, row_mask, dup, cfg.attention_impl)
+  return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
+
+
+def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs):
+  """_layer_step from mx on, with the attention scores (and the new key) by kernels_pallas.decode_step."""
+  from kernels_pallas import decode_step
+  batch = x.shape[0]
+  if batch == 1 and dup == "mask":
+    raw = jax.lax.dot_general(mx * row_mask[:, None].astype(mx.dtype), lp["w_mx"], (((1,), (0,)), ((), ())))
+  else:
+    from megalodon_jax.ops import dense as dense_ops
+    raw = dense_ops.dot_general(mx, lp["w_mx"], (((1,), (0,)), ((), ())))
+  z_dim = cfg.z_dim
+  scores, key = decode_step.qk_scores_step(
+      raw, lp["b_mx"][:z_dim], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs,
+      cache.key, count.reshape(1), eps=cfg.norm_eps)
+  r, h1 = jnp.split(raw[:batch, z_dim:] + lp["b_mx"][z_dim:], [cfg.value_dim], axis=-1)
+  matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
+  v = jax.nn.silu(matmul(x_tsn, lp["wv"]) + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
+  value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
+  attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
+  out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
+  return out, LayerCache(key, value, h, norm_state)
+
+
+def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
+  """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual."""
+  from megalodon_jax.ops import norms
+  batch = x.shape[0]
   attn = attn.reshape(batch, cfg.value_dim) * r
   y = ((h1 + matmul(attn, lp["wh2"])) + x).astype(x.dtype)
 
@@ -421,12 +497,12 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   out = matmul(hidden, lp["fc2"])
   if "ffn_alpha" in lp:
     out = out * lp["ffn_alpha"].astype(out.dtype)
-  out = (out + x).astype(x.dtype)
-  return out, LayerCache(key, value, h, norm_state)
+  return (out + x).astype(x.dtype)
 
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
-                      dup: str = "mask", stats: str = "two_pass", cema: str = "xla") -> tuple[jax.Array, ModelCache]:
+                      dup: str = "mask", stats: str = "two_pass", cema: str = "xla",
+                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
@@ -441,6 +517,11 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
     raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
   if cema not in CEMA_MODES:
     raise ValueError(f"cema must be one of {CEMA_MODES}, got {cema!r}")
+  if scores not in CEMA_MODES:
+    raise ValueError(f"scores must be one of {CEMA_MODES}, got {scores!r}")
+  if (scores == "pallas") != ("rope_freqs" in fused):
+    raise ValueError("scores='pallas' needs fuse_decode_params(..., permute_z=True) (and permute_keys on the "
+                     "cache); scores='xla' needs the default permute_z=False")
   if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
     raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
                      "complex64 states: convert with split_cema_state / join_cema_state")
@@ -452,7 +533,8 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   count = cache.count
   layers = []
   for lp, layer_cache in zip(fused["layers"], cache.layers):
-    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema)
+    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
+                               fused.get("rope_freqs"))
     layers.append(new_layer)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
@@ -463,13 +545,14 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str):
-  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema),
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores),
                  donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
-                      dup: str = "mask", stats: str = "two_pass", cema: str = "xla") -> tuple[jax.Array, ModelCache]:
+                      dup: str = "mask", stats: str = "two_pass", cema: str = "xla",
+                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
@@ -477,6 +560,8 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   TimestepNorm/LayerNorm moments as the model computes them ('two_pass') or in one shifted pass
   ('shifted': fewer kernels, same values up to float32 rounding of the variance). cema: the
   TimestepNorm + CEMA + RMSNorm statistics of each block in XLA ('xla') or in one Pallas kernel
-  ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs).
+  ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
+  attention scores and the new key in XLA or in one Pallas kernel ('pallas': needs
+  fuse_decode_params(..., permute_z=True) and a permute_keys cache).
   """
-  return _fused_step(config, dup, stats, cema)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)
+  return _fused_step(config, dup, stats, cema, scores)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import decode_step
+from megalodon_jax.ops import attention, norms, rope
 from megalodon_jax.ops import cema as cema_ops
 from megalodon_jax.ops import timestep_norm as tsn
 
@@ -94,3 +95,65 @@ def test_default_groups_per_block():
   assert decode_step.default_groups_per_block(64, 32, 16) == 2  # mega1.3B: 32 programs per sequence
   assert decode_step.default_groups_per_block(4, 8, 4) == 4
   assert decode_step.default_groups_per_block(6, 64, 16) == 1
+
+
+# --- qk_scores_step -------------------------------------------------------------------------
+
+C, H, DZ = 16, 2, 8
+
+
+def _permutation():
+  per_head = np.concatenate([np.arange(0, DZ, 2), np.arange(1, DZ, 2)])
+  return (np.arange(H)[:, None] * DZ + per_head[None]).reshape(-1), per_head
+
+
+@pytest.mark.parametrize("batch,count,block_k", [(1, 0, 4), (1, 9, 4), (2, 15, 8), (2, 5, 16)])
+def test_scores_step_equals_the_model_attention_math(batch, count, block_k):
+  """Natural layout through the library ops (rms_norm, apply_rope, cached_attention_xla's scores)
+  against the kernel and its reference on the permuted layout."""
+  rng = np.random.default_rng(count)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  bf16 = jnp.bfloat16
+  extra = 6  # more columns after z, as in the fused projection
+  proj = normal(batch + 1, H * DZ + extra).astype(bf16)  # one spare row, as the masked second row
+  bias = normal(H * DZ).astype(bf16)
+  scale, shift = normal(2, H * DZ) * 0.2 + 0.4, normal(2, H * DZ) * 0.2
+  keys = normal(batch, C, H, DZ).astype(bf16)
+  # Natural layout, model math (layers/mega_attention.py).
+  z = (proj[:batch, :H * DZ] + bias).reshape(batch, 1, H, DZ)
+  z = norms.rms_norm(z.astype(jnp.float32), None, EPS)
+  sc, sh = scale.reshape(2, H, DZ), shift.reshape(2, H, DZ)
+  position = jnp.asarray([[count]], jnp.int32)
+  q = rope.apply_rope((z * sc[0] + sh[0]).astype(bf16), position)
+  k = rope.apply_rope((z * sc[1] + sh[1]).astype(bf16), position)
+  want_keys = jax.lax.dynamic_update_slice(keys, k, (0, count, 0, 0))
+  want = jnp.einsum("bqhd,bkhd->bhqk", q, want_keys, preferred_element_type=jnp.float32)[:, :, 0]
+  want = jnp.where(jnp.arange(C) <= count, want, -jnp.inf)
+  # Permuted layout.
+  perm, per_head = _permutation()
+  args = (jnp.concatenate([proj[:, perm], proj[:, H * DZ:]], axis=1), bias[perm], scale[:, perm], shift[:, perm],
+          rope.rope_frequencies(DZ), keys[..., per_head], jnp.asarray([count], jnp.int32))
+  for scores, new_keys in (decode_step.qk_scores_step(*args, eps=EPS, block_k=block_k),
+                           decode_step.qk_scores_step_reference(*args, eps=EPS)):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(scores)), np.isfinite(np.asarray(want)))
+    finite = np.isfinite(np.asarray(want))
+    np.testing.assert_allclose(np.asarray(scores)[finite], np.asarray(want)[finite], rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(new_keys[..., np.argsort(per_head)], np.float32),
+                               np.asarray(want_keys, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_scores_kernel_equals_its_reference_and_lowers_for_cuda():
+  rng = np.random.default_rng(7)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  args = (normal(2, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(1, C, H, DZ).astype(jnp.bfloat16),
+          jnp.asarray([6], jnp.int32))
+  got = decode_step.qk_scores_step(*args, eps=EPS, block_k=4)
+  want = decode_step.qk_scores_step_reference(*args, eps=EPS)
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+  lowered = jax.jit(lambda *a: decode_step.qk_scores_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "qk_scores_step" in lowered.as_text()
+  with pytest.raises(ValueError, match="must divide the chunk"):
+    decode_step.qk_scores_step(*args, eps=EPS, block_k=3)

@@ -38,30 +38,35 @@ def _full_logits(cfg, params, tokens):
   return np.asarray(MegalodonLM(cfg).apply({"params": params}, jnp.asarray(padded))[:, :length])
 
 
-@pytest.mark.parametrize("name,batch,dup,stats,cema", [
-    ("tiny", 1, "mask", "two_pass", "xla"), ("tiny", 1, "barrier", "two_pass", "xla"),
-    ("tiny", 2, "mask", "two_pass", "xla"), ("tiny", 1, "mask", "shifted", "xla"),
-    ("tiny", 1, "mask", "two_pass", "pallas"), ("tiny_swiglu", 2, "barrier", "shifted", "xla"),
-    ("tiny_swiglu", 1, "mask", "shifted", "pallas")])
-def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema):
+@pytest.mark.parametrize("name,batch,dup,stats,cema,scores", [
+    ("tiny", 1, "mask", "two_pass", "xla", "xla"), ("tiny", 1, "barrier", "two_pass", "xla", "xla"),
+    ("tiny", 2, "mask", "two_pass", "xla", "xla"), ("tiny", 1, "mask", "shifted", "xla", "xla"),
+    ("tiny", 1, "mask", "two_pass", "pallas", "xla"), ("tiny", 1, "mask", "two_pass", "xla", "pallas"),
+    ("tiny_swiglu", 2, "barrier", "shifted", "xla", "xla"), ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas"),
+    ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas")])
+def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores):
   cfg, params = _setup(name)
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
   full = _full_logits(cfg, params, tokens)
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
-  fused = decoding.fuse_decode_params(params, cfg)
+  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")
   if cema == "pallas":
     cache = decoding.split_cema_state(cache)
+  if scores == "pallas":
+    cache = decoding.permute_keys(cache, cfg)
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
-    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats, cema=cema)
+    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats, cema=cema,
+                                              scores=scores)
     outputs.append(np.asarray(step)[:, None])
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
   assert int(cache.count) == length % cfg.chunk_size
-  if cema == "pallas":  # the split states convert back to the model's cache: prefill continues from it
-    cache = decoding.join_cema_state(cache)
+  if "pallas" in (cema, scores):  # the cache converts back to the model's layout: prefill continues from it
+    cache = decoding.join_cema_state(cache) if cema == "pallas" else cache
+    cache = decoding.unpermute_keys(cache, cfg) if scores == "pallas" else cache
     more, _ = decoding.prefill(params, cfg, tokens[:, :2], cache)
     want = _full_logits(cfg, params, np.concatenate([tokens, tokens[:, :2]], axis=1))[:, length:]
     np.testing.assert_allclose(np.asarray(more), want, atol=2e-4, rtol=0)
@@ -102,5 +107,19 @@ def test_fused_step_rejects_bad_arguments(setup):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="copy")
   with pytest.raises(ValueError, match="split_cema_state"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, cema="pallas")
+  with pytest.raises(ValueError, match="permute_z=True"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, scores="pallas")
   with pytest.raises(ValueError, match="stats must be one of"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, stats="welford")
+
+
+def test_key_permutation_round_trips(setup):
+  cfg, params = setup
+  _, cache = decoding.prefill(params, cfg, np.arange(5)[None] % cfg.vocab_size)
+  permuted = decoding.permute_keys(cache, cfg)
+  dz = cfg.z_head_dim
+  np.testing.assert_array_equal(np.asarray(permuted.layers[0].key[..., :dz // 2]),
+                                np.asarray(cache.layers[0].key[..., 0::2]))
+  back = decoding.unpermute_keys(permuted, cfg)
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -163,7 +163,8 @@ def _tsn_impl(requested: str) -> str:
 
 
 MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted",
-                     "fused-mask-pallas", "fused-mask-shifted-pallas", "fused-barrier-pallas")
+                     "fused-mask-pallas", "fused-mask-shifted-pallas", "fused-barrier-pallas", "fused-mask-scores",
+                     "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores")
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
@@ -173,7 +174,8 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
   model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>[-shifted][-pallas]:
   decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM;
   -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in kernels_pallas.decode_step, with
-  the cache's CEMA states split into float32 pairs).
+  the cache's CEMA states split into float32 pairs; -scores: attention scores + new key in
+  kernels_pallas.decode_step, with z's features and the cached keys permuted).
   """
   from megalodon_jax import decoding
   if impl == "model":
@@ -185,13 +187,17 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
     parts = impl.split("-")
     dup, stats = parts[1], "shifted" if "shifted" in parts else "two_pass"
     cema = "pallas" if "pallas" in parts else "xla"
+    scores = "pallas" if "scores" in parts else "xla"
 
     def apply(p, cache, tokens):
-      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema)
+      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores)
       return logits[:, None], cache
 
-    return (apply, (lambda params: decoding.fuse_decode_params(params, cfg)),
-            decoding.split_cema_state if cema == "pallas" else (lambda cache: cache))
+    def prepare_cache(cache):
+      cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
+      return decoding.permute_keys(cache, cfg) if scores == "pallas" else cache
+
+    return apply, (lambda params: decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")), prepare_cache
   raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS}")
 
 

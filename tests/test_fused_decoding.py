@@ -123,3 +123,18 @@ def test_key_permutation_round_trips(setup):
   back = decoding.unpermute_keys(permuted, cfg)
   for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(cache)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores"])
+def test_bench_decode_impls_give_the_model_logits(impl):
+  """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
+  from experiments.benchmarks import bench_decode
+  cfg, params = _setup("tiny")
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(1, 6))
+  _, cache = decoding.prefill(params, cfg, tokens[:, :5])
+  want, _ = bench_decode.megalodon_apply(cfg, "model")[0](params, jax.tree.map(jnp.copy, cache), tokens[:, 5:])
+  apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
+  got, _ = jax.jit(apply)(prepare(params), prepare_cache(cache), jnp.asarray(tokens[:, 5:]))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
+    bench_decode.megalodon_apply(cfg, "fused-copy")

@@ -138,3 +138,26 @@ def test_bench_decode_impls_give_the_model_logits(impl):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
     bench_decode.megalodon_apply(cfg, "fused-copy")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_generate_on_device_fused_default_equals_the_model_path(scan_layers):
+  """The default decode_impl='fused' samples the tokens the model path samples, and leaves the
+  same cache (in the config's layout, scanned layers included)."""
+  cfg, params = _setup("tiny")
+  if scan_layers:
+    cfg = cfg.replace(scan_layers=True)
+    params = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
+              "layers": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[params[f"layers_{i}"] for i in range(cfg.num_layers)])}
+  prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 5))
+  run = lambda impl: decoding.generate_on_device(params, cfg, prompt, 12, jax.random.key(1), temperature=1.0,
+                                                 decode_impl=impl)
+  fused_tokens, fused_cache = run("fused")
+  model_tokens, model_cache = run("model")
+  np.testing.assert_array_equal(np.asarray(fused_tokens), np.asarray(model_tokens))
+  assert jax.tree.structure(fused_cache) == jax.tree.structure(model_cache)
+  for got, want in zip(jax.tree.leaves(fused_cache), jax.tree.leaves(model_cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="decode_impl must be one of"):
+    decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(1), decode_impl="xla")

@@ -25,7 +25,9 @@ Timing: `--warmup` steps, then the median over `--iters` samples of the mean tim
 consecutive steps, waited for with block_until_ready. `--loop host` (default): one jitted call per
 step, queued back to back by Python, as a token-by-token generation loop does (a batch-1 step can
 then be bound by the host's dispatch); `--loop device`: the `--inner` steps of a sample in one
-jitted lax.fori_loop (decoding.generate_on_device). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
+jitted lax.fori_loop (decoding.generate_on_device). Megalodon decodes as decoding.generate does
+(--mega-decode fused-mask-shifted: decoding.fuse_decode_params + fused_forward_one; `model` times
+MegalodonLM.apply on the stored parameters). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
 rewritten to experiments/results/<date>_<device>_decode.json after every row.
 
   python -m experiments.benchmarks.bench_decode                      # 2 sizes x batch 1, 16 x 4K/32K/128K
@@ -451,9 +453,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f"comma-separated subset of {llama_lib.DECODE_ATTENTION_IMPLS} (default cudnn,xla; "
                            "xla with --smoke); with several, all are timed at one setting (batch 1 / 32K) and "
                            "the fastest is used for every row")
-  parser.add_argument("--mega-decode", default="model",
+  parser.add_argument("--mega-decode", default="fused-mask-shifted",
                       help=f"comma-separated Megalodon decode impls, each timed in its own rows: {MEGA_DECODE_IMPLS} "
-                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one)")
+                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one; the "
+                           "default fused-mask-shifted is what decoding.generate / generate_on_device run)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--inner", type=int, default=8, help="consecutive steps per timed sample")

@@ -45,7 +45,7 @@ def parse_args(argv):
   parser.add_argument("--archs", default="megalodon,llama")
   parser.add_argument("--attention_impl", default="auto", help="Megalodon's attention_impl (auto, xla, pallas)")
   parser.add_argument("--hlo_dir", default=None, help="write each traced step's optimized HLO here")
-  parser.add_argument("--mega-decode", default="model",
+  parser.add_argument("--mega-decode", default="fused-mask-shifted",
                       help="comma-separated Megalodon decode impls (bench_decode.MEGA_DECODE_IMPLS), one row each")
   parser.add_argument("--loops", default="host,device",
                       help="which of host,device to time; each row is also traced once (host-loop steps) unless "

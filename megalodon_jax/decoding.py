@@ -9,13 +9,14 @@ accepts with a cache.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megalodon_jax.cache import ModelCache, init_cache
+from megalodon_jax.cache import LayerCache, ModelCache, init_cache
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.model import MegalodonLM
 
@@ -91,24 +92,61 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 1.0, t
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+DECODE_IMPLS = ("fused", "model")
+
+
 @functools.lru_cache(maxsize=None)
-def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k: int, top_p: float):
+def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k: int, top_p: float,
+                 decode_impl: str = "fused"):
   """jit of (params, token [B], cache, rng) -> (tokens [B, steps], cache, rng): `steps` tokens, each
-  fed back, in one lax.scan. The rng is split once per token, as the one-token loop always did."""
+  fed back, in one lax.scan. The rng is split once per token, as the one-token loop always did.
+
+  decode_impl 'fused': params are fuse_decode_params's and each step is fused_forward_one
+  (dup='mask', stats='shifted'); 'model': the stored params through MegalodonLM.apply."""
   model = MegalodonLM(config)
 
+  def forward(params, token, cache):
+    if decode_impl == "fused":
+      return fused_forward_one(params, config, token, cache, dup="mask", stats="shifted")
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    return logits[:, 0], cache
+
   def loop(params, token, cache, rng):
+    unstacked = decode_impl == "fused" and config.scan_layers
+    cache = unstack_cache(cache) if unstacked else cache
+
     def body(carry, _):
       token, cache, rng = carry
-      logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+      logits, cache = forward(params, token, cache)
       rng, sub = jax.random.split(rng)
-      nxt = sample_logits(logits[:, 0], sub, temperature, top_k, top_p)
+      nxt = sample_logits(logits, sub, temperature, top_k, top_p)
       return (nxt, cache, rng), nxt
 
     (_, cache, rng), tokens = jax.lax.scan(body, (token, cache, rng), None, length=steps)
-    return tokens.T, cache, rng
+    return tokens.T, (stack_cache(cache) if unstacked else cache), rng
 
   return jax.jit(loop, donate_argnums=(2,))
+
+
+def unstack_cache(cache: ModelCache) -> ModelCache:
+  """A scanned-layers cache (one LayerCache with a leading layer axis) as a tuple of LayerCaches."""
+  if not isinstance(cache.layers, LayerCache):  # already a tuple of LayerCaches
+    return cache
+  count = jax.tree.leaves(cache.layers)[0].shape[0]
+  return cache._replace(layers=tuple(jax.tree.map(lambda leaf, i=i: leaf[i], cache.layers) for i in range(count)))
+
+
+def stack_cache(cache: ModelCache) -> ModelCache:
+  """Inverse of unstack_cache: the layout of a model with scan_layers=True."""
+  return cache._replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *cache.layers))
+
+
+def _loop_params(params: Any, config: MegalodonConfig, decode_impl: str, fused_params: Any) -> Any:
+  if decode_impl not in DECODE_IMPLS:
+    raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+  if decode_impl == "model":
+    return params
+  return fuse_decode_params(params, config) if fused_params is None else fused_params
 
 
 def _first_token(params, config, prompt, rng, temperature, top_k, top_p):
@@ -122,17 +160,26 @@ def _first_token(params, config, prompt, rng, temperature, top_k, top_p):
 
 def generate(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Array, max_new_tokens: int,
              rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_token: int | None = None, tokens_per_call: int = 1) -> Iterator[np.ndarray]:
+             stop_token: int | None = None, tokens_per_call: int = 1, decode_impl: str = "fused",
+             fused_params: Any = None) -> Iterator[np.ndarray]:
   """Streams sampled tokens: yields [B] int arrays, one per step. prompt: [B, k] with k >= 1.
 
   tokens_per_call > 1 samples that many tokens per device call (`generate_on_device`'s loop) and
   yields them one by one: the same tokens for the same rng, without a host round trip per token;
   at a stop token up to tokens_per_call - 1 tokens are computed for nothing.
+
+  decode_impl: 'fused' (default) decodes through fuse_decode_params / fused_forward_one (fewer,
+  larger kernels: on an H200, mega1.3B batch 1 at 32K 1.98 ms per token on the device loop against
+  2.24 ms for 'model', MegalodonLM.apply on the stored parameters). Both give the full forward's
+  logits (to float32 rounding in float32). fused_params: fuse_decode_params(params, config), if the
+  caller has it already (otherwise it is computed once per call). The prompt is always prefilled
+  through the model.
   """
   if tokens_per_call < 1:
     raise ValueError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
+  loop_params = _loop_params(params, config, decode_impl, fused_params)
   token, cache, rng = _first_token(params, config, prompt, rng, temperature, top_k, top_p)
-  loop = _sample_loop(config, int(tokens_per_call), float(temperature), int(top_k), float(top_p))
+  loop = _sample_loop(config, int(tokens_per_call), float(temperature), int(top_k), float(top_p), decode_impl)
   pending = np.asarray(token)[:, None]
   produced = 0
   while True:
@@ -141,26 +188,428 @@ def generate(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Arra
       produced += 1
       if produced == max_new_tokens or (stop_token is not None and np.all(host == stop_token)):
         return
-    tokens, cache, rng = loop(params, jnp.asarray(pending[:, -1]), cache, rng)
+    tokens, cache, rng = loop(loop_params, jnp.asarray(pending[:, -1]), cache, rng)
     pending = np.asarray(tokens)
 
 
 def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Array,
                        max_new_tokens: int, rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0) -> tuple[jax.Array, ModelCache]:
+                       top_p: float = 1.0, decode_impl: str = "fused",
+                       fused_params: Any = None) -> tuple[jax.Array, ModelCache]:
   """The tokens `generate` would stream, made in one jitted lax.scan: [B, max_new_tokens] and the cache.
 
   No host round trip per token (the host only launches the loop), which is how a server decodes:
-  on an H200, mega1.3B at batch 1 takes 2.3 ms per token this way against 2.0-4.0 ms when Python
-  dispatches every step (bench_decode --loop). No early stop: run it in pieces, or use `generate`
-  with tokens_per_call, to stop at a stop token. Compiled once per (config, max_new_tokens,
-  sampling settings).
+  on an H200, mega1.3B at batch 1 and 32K takes 1.98 ms per token this way with the default
+  decode_impl='fused' (2.24 ms with 'model'; see `generate`). No early stop: run it in pieces, or
+  use `generate` with tokens_per_call, to stop at a stop token. Compiled once per (config,
+  max_new_tokens, sampling settings, decode_impl).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  loop_params = _loop_params(params, config, decode_impl, fused_params)
   first, cache, rng = _first_token(params, config, prompt, rng, temperature, top_k, top_p)
   if max_new_tokens == 1:
     return first[:, None], cache
-  loop = _sample_loop(config, max_new_tokens - 1, float(temperature), int(top_k), float(top_p))
-  rest, cache, _ = loop(params, first, cache, rng)
+  loop = _sample_loop(config, max_new_tokens - 1, float(temperature), int(top_k), float(top_p), decode_impl)
+  rest, cache, _ = loop(loop_params, first, cache, rng)
   return jnp.concatenate([first[:, None], rest], axis=1), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused decoding: one token per sequence through a decode-time parameter layout.
+#
+# The model's decode step (`decode_step`) runs the training modules on a length-1 input: every
+# step recomputes the CEMA coefficients and affine offsets from the stored parameters, feeds each
+# projection a row duplicated behind an optimisation barrier (ops/dense.py: the copy is one kernel
+# per product, and the barrier stops XLA from fusing the normalisation that makes the row into
+# the GEMM), and leaves three products that share an input to XLA's dot merger. On an H200 the
+# mega1.3B step at batch 1 is ~27 kernels per layer, ~20 of them tiny (launch-bound, ~1.2 us).
+# `fuse_decode_params` moves the per-step parameter work out of the step once; `fused_decode_step`
+# does the same math on [B, D] rows with one GEMM for the products of mx (wz | wr | wh1) and, for
+# a single sequence, a second row made by multiplying the row by a runtime 0/1 mask (a parameter
+# XLA cannot see through), so the product stays a GEMM without a barrier and the producer of the
+# row can fuse into it.
+# ---------------------------------------------------------------------------------------------
+
+DUP_MODES = ("barrier", "mask")
+
+
+def _layer_params(params: Any, config: MegalodonConfig, index: int) -> Any:
+  if config.scan_layers:
+    return jax.tree.map(lambda leaf: leaf[index], params["layers"])
+  return params[f"layers_{index}"]
+
+
+def _z_permutation(config: MegalodonConfig) -> np.ndarray:
+  """Indices that reorder z's features per head to [even features | odd features] (RoPE's pairs as halves)."""
+  dz = config.z_head_dim
+  per_head = np.concatenate([np.arange(0, dz, 2), np.arange(1, dz, 2)])
+  return (np.arange(config.num_heads)[:, None] * dz + per_head[None, :]).reshape(-1)
+
+
+def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False) -> dict[str, Any]:
+  """One block's parameters in decode layout (see fuse_decode_params)."""
+  from megalodon_jax.ops import cema as cema_ops
+  dtype = jnp.dtype(config.dtype)
+  f32 = jnp.float32
+  mega, ffn = layer["mega"], layer["nffn"]
+  cema = mega["cema"]
+  coeffs = cema_ops.cema_coefficients(cema["alpha"], cema["delta"], cema["theta"], cema["gamma"])
+  heads, dz = config.num_heads, config.z_head_dim
+  gamma = mega["gamma"].reshape(2, heads, dz).astype(f32)
+  fc_in = ffn["fc1"]["kernel"]
+  if config.swiglu:
+    fc_in = jnp.concatenate([fc_in, ffn["fc3"]["kernel"]], axis=1)
+  out = {
+      "tsn_weight": mega["timenorm"]["weight"], "tsn_bias": mega["timenorm"]["bias"],
+      "cema_p": coeffs.p, "cema_q": coeffs.q, "cema_eta": coeffs.eta,
+      "cema_omega": cema["omega"].reshape(-1).astype(f32),
+      "rms_scale": mega["rmsnorm"]["weight"].astype(f32) + 1.0,
+      # The three products of mx as one: columns [wz | wr | wh1].
+      "w_mx": jnp.concatenate([mega["wz"]["kernel"], mega["wr"]["kernel"], mega["wh1"]["kernel"]],
+                              axis=1).astype(dtype),
+      "b_mx": jnp.concatenate([mega["wz"]["bias"], mega["wr"]["bias"], mega["wh1"]["bias"]]).astype(dtype),
+      "qk_scale": (gamma + 1.0) / math.sqrt(dz),
+      "qk_shift": mega["beta"].reshape(2, heads, dz).astype(f32),
+      "wv": mega["wv"]["kernel"].astype(dtype), "bv": mega["wv"]["bias"].astype(dtype),
+      "wh2": mega["wh2"]["kernel"].astype(dtype),
+      "ffn_weight": ffn["norm"]["weight"], "ffn_bias": ffn["norm"]["bias"],
+      "fc_in": fc_in.astype(dtype), "fc2": ffn["fc2"]["kernel"].astype(dtype),
+  }
+  if "alpha" in ffn:
+    out["ffn_alpha"] = ffn["alpha"]
+  if permute_z:
+    perm = _z_permutation(config)
+    columns = np.concatenate([perm, np.arange(config.z_dim, out["w_mx"].shape[1])])
+    out["w_mx"], out["b_mx"] = out["w_mx"][:, columns], out["b_mx"][columns]
+    out["qk_scale"] = out["qk_scale"].reshape(2, -1)[:, perm].reshape(2, heads, dz)
+    out["qk_shift"] = out["qk_shift"].reshape(2, -1)[:, perm].reshape(2, heads, dz)
+  # The same CEMA/TimestepNorm parameters per norm group, real and imaginary parts apart, for the
+  # Pallas step kernel (kernels_pallas/decode_step.py): [G, K, N] and [G, K].
+  groups = config.norm_num_groups
+  per_group = lambda a: a.reshape((groups, a.shape[0] // groups) + a.shape[1:])
+  out["split"] = {
+      "p": per_group(coeffs.p), "q_re": per_group(jnp.real(coeffs.q)), "q_im": per_group(jnp.imag(coeffs.q)),
+      "eta_re": per_group(jnp.real(coeffs.eta)), "eta_im": per_group(jnp.imag(coeffs.eta)),
+      "omega": per_group(out["cema_omega"]), "tsn_weight": per_group(out["tsn_weight"]),
+      "tsn_bias": per_group(out["tsn_bias"]),
+  }
+  return out
+
+
+def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = False) -> dict[str, Any]:
+  """The model's parameters in the layout `fused_decode_step` reads; compute once per generation.
+
+  Per layer: CEMA coefficients (p, q, eta, as ops.cema.cema_coefficients makes them every step),
+  norm scales as stored + 1 in float32, the q/k affine maps, projection kernels cast to the
+  compute dtype, [wz | wr | wh1] concatenated (and [fc1 | fc3] with SwiGLU). The values are those
+  the model computes from `params`, so the fused step gives the model's logits up to the
+  accumulation order of the products. Works with scanned or unrolled layers.
+
+  permute_z: z's features per head in [even | odd] order (wz's columns, its bias, the q/k affine
+  maps) plus the RoPE frequencies, the layout of the Pallas scores kernel (scores="pallas"; the
+  cache's keys must then be permute_keys's).
+  """
+  from megalodon_jax.ops import rope
+  dtype = jnp.dtype(config.dtype)
+  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z))
+  embedding = params["embed"]["embedding"]
+  head = embedding.T if config.share_emb else params["output"]["kernel"]
+  extra = {"rope_freqs": rope.rope_frequencies(config.z_head_dim, config.rope_base)} if permute_z else {}
+  return {
+      **extra,
+      "embed": embedding,
+      "head": head,
+      "final_weight": params["final_norm"]["weight"], "final_bias": params["final_norm"]["bias"],
+      # Row mask of the single-sequence products (dup="mask"): a parameter, so XLA cannot fold it.
+      "row_mask": jnp.asarray([1, 0], dtype),
+      "layers": tuple(fuse(_layer_params(params, config, i)) for i in range(config.num_layers)),
+  }
+
+
+def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
+  """x: [B, K] @ w: [K, N] -> [B, N] in x's dtype, a real GEMM also when B == 1 (see above)."""
+  from megalodon_jax.ops import dense as dense_ops
+  dims = (((1,), (0,)), ((), ()))
+  if x.shape[0] != 1 or dup == "barrier":
+    return dense_ops.dot_general(x, w, dims)
+  doubled = x * row_mask[:, None].astype(x.dtype)  # [2, K]: x and 0 * x
+  return jax.lax.dot_general(doubled, w, dims)[:1]
+
+
+def _probs_times_values(probs: jax.Array, value: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
+  """probs: [B, H, C] float32, value: [B, C, H, dv] -> [B, H, dv]: the second einsum of
+  ops.attention.cached_attention_xla, one query per sequence kept a matrix product."""
+  probs = probs.astype(value.dtype)
+  if probs.shape[0] == 1 and dup == "mask":
+    doubled = probs[0][:, None, :] * row_mask[None, :, None].astype(value.dtype)  # [H, 2, C]
+    return jnp.einsum("hqk,khd->qhd", doubled, value[0])[:1]
+  doubled = jax.lax.optimization_barrier(jnp.concatenate([probs[:, :, None], probs[:, :, None]], axis=2))
+  return jnp.einsum("bhqk,bkhd->bqhd", doubled, value)[:, 0]
+
+
+def _attend_one(q: jax.Array, key: jax.Array, value: jax.Array, count: jax.Array, row_mask: jax.Array,
+                dup: str, impl: str) -> jax.Array:
+  """q: [B, H, dk] at chunk position count; key/value: [B, C, H, d] (new entry written) -> [B, H, dv]."""
+  from megalodon_jax.ops import attention
+  if q.shape[0] != 1 or dup == "barrier":
+    return attention.cached_attention(q[:, None], key, value, count, impl=impl)[:, 0]
+  # ops.attention.cached_attention_xla's math with the masked second query instead of a barrier.
+  doubled = q[0][None] * row_mask[:, None, None].astype(q.dtype)  # [2, H, dk]
+  scores = jnp.einsum("qhd,khd->hqk", doubled, key[0], preferred_element_type=jnp.float32)
+  mask = jnp.arange(key.shape[1]) <= count
+  scores = jnp.where(mask[None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("hqk,khd->qhd", probs.astype(value.dtype), value[0])[:1]
+
+
+def _timestep_norm_step(x: jax.Array, state, weight: jax.Array, bias: jax.Array, num_groups: int,
+                        eps: float):
+  """x: [B, D] one step -> (normalised x [B, D] in x.dtype, new state); ops.timestep_norm's math."""
+  from megalodon_jax.ops import timestep_norm as tsn
+  x3 = x[:, None]
+  mean, var = tsn.step_stats(x3, num_groups)
+  new = tsn.merge_stats(state, tsn.TimestepNormState(jnp.ones_like(state.count), mean[:, 0], var[:, 0]))
+  valid = jnp.ones(x3.shape[:2], jnp.bool_)
+  y = tsn.normalize(x3, new.mean[:, None], new.var[:, None], weight, bias, valid, eps)
+  return y[:, 0], new
+
+
+def _timestep_norm_step_shifted(x: jax.Array, state, weight: jax.Array, bias: jax.Array, num_groups: int,
+                                eps: float):
+  """`_timestep_norm_step` with the step's moments in one pass, shifted by the running mean.
+
+  Two-pass statistics (mean, then the variance around it) are two dependent reductions, i.e. two
+  kernels on a GPU; the sums of x - mu and (x - mu)^2 are sibling reductions of one input (one
+  kernel). Shifting by the running mean mu keeps the cancellation in E[d^2] - E[d]^2 small, and
+  mu' - mu = E[d] is the Chan update's delta directly.
+  """
+  from megalodon_jax.ops import timestep_norm as tsn
+  batch, dim = x.shape
+  xg = x.astype(jnp.float32).reshape(batch, num_groups, dim // num_groups)
+  d = xg - state.mean[..., None]
+  shift = jnp.mean(d, axis=-1)  # step mean - mu
+  step_var = jnp.maximum(jnp.mean(d * d, axis=-1) - shift * shift, 0.0)
+  count = state.count + 1
+  wb = (1.0 / count.astype(jnp.float32))[:, None]
+  wa = 1.0 - wb
+  mean = state.mean + wb * shift
+  var = wa * state.var + wb * step_var + (wa * wb) * (shift * shift)
+  y = (xg - mean[..., None]) * jax.lax.rsqrt(var + eps)[..., None]
+  y = y.reshape(batch, dim) * (weight.astype(jnp.float32) + 1.0) + bias.astype(jnp.float32)
+  return y.astype(x.dtype), tsn.TimestepNormState(count, mean, var)
+
+
+def _layer_norm_shifted(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """ops.norms.layer_norm with mean and variance in one pass (sibling reductions), shifted by x[..., 0]."""
+  xf = x.astype(jnp.float32)
+  d = xf - xf[..., :1]
+  shift = jnp.mean(d, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+  y = (d - shift) * jax.lax.rsqrt(var + eps)
+  return (y * (weight.astype(jnp.float32) + 1.0) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+STATS_MODES = ("two_pass", "shifted")
+CEMA_MODES = ("xla", "pallas")
+
+
+def split_cema_state(cache: ModelCache) -> ModelCache:
+  """The cache with every layer's CEMA state [B, D, N] complex64 as a (real, imag) float32 pair,
+  the layout `fused_decode_step(..., cema="pallas")` reads and writes (Pallas has no complex)."""
+  layers = tuple(layer._replace(cema=(jnp.real(layer.cema), jnp.imag(layer.cema))) for layer in cache.layers)
+  return cache._replace(layers=layers)
+
+
+def join_cema_state(cache: ModelCache) -> ModelCache:
+  """Inverse of split_cema_state: the model's cache layout again (for prefill or the model's step)."""
+  layers = tuple(layer._replace(cema=jax.lax.complex(*layer.cema)) for layer in cache.layers)
+  return cache._replace(layers=layers)
+
+
+def permute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
+  """The cache with every layer's keys [B, C, H, dz] in fuse_decode_params(permute_z=True)'s feature order."""
+  perm = _z_permutation(config)[:config.z_head_dim]
+  return cache._replace(layers=tuple(layer._replace(key=layer.key[..., perm]) for layer in cache.layers))
+
+
+def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
+  """Inverse of permute_keys: the model's key layout again."""
+  inverse = np.argsort(_z_permutation(config)[:config.z_head_dim])
+  return cache._replace(layers=tuple(layer._replace(key=layer.key[..., inverse]) for layer in cache.layers))
+
+
+def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema)."""
+  from kernels_pallas import decode_step
+  from megalodon_jax.ops import timestep_norm as tsn
+  batch, dim = x.shape
+  groups, order = config.norm_num_groups, config.cema_ndim
+  sp = lp["split"]
+  h_re, h_im = cache.cema
+  state = (batch, groups, dim // groups, order)
+  x_tsn, y, sumsq, count, mean, var, h_re, h_im = decode_step.tsn_cema_step(
+      x.reshape(batch, groups, -1), cache.norm.count[:, None], cache.norm.mean, cache.norm.var,
+      sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"], sp["eta_re"], sp["eta_im"], sp["omega"],
+      h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps)
+  y = y.reshape(batch, dim)
+  inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
+  mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
+  norm = tsn.TimestepNormState(count[:, 0], mean, var)
+  cema = (h_re.reshape(batch, dim, order), h_im.reshape(batch, dim, order))
+  return x_tsn.reshape(batch, dim), mx, norm, cema
+
+
+def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
+                count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
+                cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
+                ) -> tuple[jax.Array, LayerCache]:
+  """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
+  from megalodon_jax.ops import norms, rope
+  cfg = config
+  dtype = jnp.dtype(cfg.dtype)
+  batch = x.shape[0]
+  heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
+  matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
+
+  if cema == "pallas":
+    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache)
+  else:
+    tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
+    x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
+                                 cfg.norm_eps)
+    # CEMA, one step of ops.cema.cema_sequential.
+    xf = x_tsn.astype(jnp.float32)
+    h = lp["cema_q"] * cache.cema + lp["cema_p"] * xf[..., None]
+    eta = lp["cema_eta"]
+    x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
+    mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
+
+  if scores == "pallas":
+    return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
+                                     rope_freqs)
+  proj = matmul(mx, lp["w_mx"]) + lp["b_mx"]
+  z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
+  z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
+  q = (z * lp["qk_scale"][0] + lp["qk_shift"][0]).astype(dtype)
+  k = (z * lp["qk_scale"][1] + lp["qk_shift"][1]).astype(dtype)
+  position = (count % cfg.chunk_size)[None, None]
+  q = rope.apply_rope(q[:, None], position, cfg.rope_base)[:, 0]
+  k = rope.apply_rope(k[:, None], position, cfg.rope_base)[:, 0]
+  v = jax.nn.silu(matmul(x_tsn, lp["wv"]) + lp["bv"]).reshape(batch, heads, dv)
+  r = jax.nn.silu(r)
+  start = (0, count, 0, 0)
+  key = jax.lax.dynamic_update_slice(cache.key, k[:, None].astype(cache.key.dtype), start)
+  value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), start)
+  attn = _attend_one(q, key, value, count, row_mask, dup, cfg.attention_impl)
+  return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
+
+
+def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs):
+  """_layer_step from mx on, with the attention scores (and the new key) by kernels_pallas.decode_step."""
+  from kernels_pallas import decode_step
+  batch = x.shape[0]
+  if batch == 1 and dup == "mask":
+    raw = jax.lax.dot_general(mx * row_mask[:, None].astype(mx.dtype), lp["w_mx"], (((1,), (0,)), ((), ())))
+  else:
+    from megalodon_jax.ops import dense as dense_ops
+    raw = dense_ops.dot_general(mx, lp["w_mx"], (((1,), (0,)), ((), ())))
+  z_dim = cfg.z_dim
+  scores, key = decode_step.qk_scores_step(
+      raw, lp["b_mx"][:z_dim], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs,
+      cache.key, count.reshape(1), eps=cfg.norm_eps)
+  r, h1 = jnp.split(raw[:batch, z_dim:] + lp["b_mx"][z_dim:], [cfg.value_dim], axis=-1)
+  matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
+  v = jax.nn.silu(matmul(x_tsn, lp["wv"]) + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
+  value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
+  attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
+  out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
+  return out, LayerCache(key, value, h, norm_state)
+
+
+def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
+  """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual."""
+  from megalodon_jax.ops import norms
+  batch = x.shape[0]
+  attn = attn.reshape(batch, cfg.value_dim) * r
+  y = ((h1 + matmul(attn, lp["wh2"])) + x).astype(x.dtype)
+
+  layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
+  u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
+  hidden = matmul(u, lp["fc_in"])
+  if cfg.swiglu:
+    gate, up = jnp.split(hidden, 2, axis=-1)
+    hidden = jax.nn.silu(gate) * up
+  else:
+    hidden = jax.nn.silu(hidden)
+  out = matmul(hidden, lp["fc2"])
+  if "ffn_alpha" in lp:
+    out = out * lp["ffn_alpha"].astype(out.dtype)
+  return (out + x).astype(x.dtype)
+
+
+def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
+                      dup: str = "mask", stats: str = "shifted", cema: str = "xla",
+                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
+  """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
+
+  For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
+  """
+  from megalodon_jax.ops.logits import output_logits
+  if isinstance(cache.layers, LayerCache) or not cache.layers:
+    raise ValueError("fused decoding needs a cache with one LayerCache per layer (init_cache of a config "
+                     "with scan_layers=False); convert a scanned one with unstack_cache")
+  if dup not in DUP_MODES:
+    raise ValueError(f"dup must be one of {DUP_MODES}, got {dup!r}")
+  if stats not in STATS_MODES:
+    raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
+  if cema not in CEMA_MODES:
+    raise ValueError(f"cema must be one of {CEMA_MODES}, got {cema!r}")
+  if scores not in CEMA_MODES:
+    raise ValueError(f"scores must be one of {CEMA_MODES}, got {scores!r}")
+  if (scores == "pallas") != ("rope_freqs" in fused):
+    raise ValueError("scores='pallas' needs fuse_decode_params(..., permute_z=True) (and permute_keys on the "
+                     "cache); scores='xla' needs the default permute_z=False")
+  if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
+    raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
+                     "complex64 states: convert with split_cema_state / join_cema_state")
+  cfg = config
+  dtype = jnp.dtype(cfg.dtype)
+  x = jnp.take(fused["embed"], token, axis=0).astype(dtype)  # [B, D]
+  if cfg.scale_emb:
+    x = x * jnp.asarray(math.sqrt(cfg.model_dim), dtype)
+  count = cache.count
+  layers = []
+  for lp, layer_cache in zip(fused["layers"], cache.layers):
+    x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
+                               fused.get("rope_freqs"))
+    layers.append(new_layer)
+  tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
+  x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
+                                       cfg.norm_num_groups, cfg.norm_eps)
+  logits = output_logits(x, fused["head"], dtype)
+  new_count = ((count + 1) % cfg.chunk_size).astype(jnp.int32)
+  return logits, ModelCache(layers=tuple(layers), final_norm=final_state, count=new_count)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores),
+                 donate_argnums=(2,))
+
+
+def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
+                      dup: str = "mask", stats: str = "shifted", cema: str = "xla",
+                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
+  """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
+
+  The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
+  ('mask': a second, masked row; 'barrier': ops.dense's barrier, as the model does). stats: the
+  TimestepNorm/LayerNorm moments as the model computes them ('two_pass') or in one shifted pass
+  ('shifted': fewer kernels, same values up to float32 rounding of the variance). cema: the
+  TimestepNorm + CEMA + RMSNorm statistics of each block in XLA ('xla') or in one Pallas kernel
+  ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
+  attention scores and the new key in XLA or in one Pallas kernel ('pallas': needs
+  fuse_decode_params(..., permute_z=True) and a permute_keys cache).
+  """
+  return _fused_step(config, dup, stats, cema, scores)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -25,7 +25,9 @@ Timing: `--warmup` steps, then the median over `--iters` samples of the mean tim
 consecutive steps, waited for with block_until_ready. `--loop host` (default): one jitted call per
 step, queued back to back by Python, as a token-by-token generation loop does (a batch-1 step can
 then be bound by the host's dispatch); `--loop device`: the `--inner` steps of a sample in one
-jitted lax.fori_loop (decoding.generate_on_device). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
+jitted lax.fori_loop (decoding.generate_on_device). Megalodon decodes as decoding.generate does
+(--mega-decode fused-mask-shifted: decoding.fuse_decode_params + fused_forward_one; `model` times
+MegalodonLM.apply on the stored parameters). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
 rewritten to experiments/results/<date>_<device>_decode.json after every row.
 
   python -m experiments.benchmarks.bench_decode                      # 2 sizes x batch 1, 16 x 4K/32K/128K
@@ -162,6 +164,45 @@ def _tsn_impl(requested: str) -> str:
   return requested
 
 
+MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted",
+                     "fused-mask-pallas", "fused-mask-shifted-pallas", "fused-barrier-pallas", "fused-mask-scores",
+                     "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores")
+
+
+def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
+  """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p,
+  prepare_cache(model cache) -> the cache apply reads) of a decode impl.
+
+  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>[-shifted][-pallas]:
+  decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM;
+  -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in kernels_pallas.decode_step, with
+  the cache's CEMA states split into float32 pairs; -scores: attention scores + new key in
+  kernels_pallas.decode_step, with z's features and the cached keys permuted).
+  """
+  from megalodon_jax import decoding
+  if impl == "model":
+    from megalodon_jax.model import MegalodonLM
+    model = MegalodonLM(cfg)
+    return ((lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params),
+            (lambda cache: cache))
+  if impl in MEGA_DECODE_IMPLS[1:]:
+    parts = impl.split("-")
+    dup, stats = parts[1], "shifted" if "shifted" in parts else "two_pass"
+    cema = "pallas" if "pallas" in parts else "xla"
+    scores = "pallas" if "scores" in parts else "xla"
+
+    def apply(p, cache, tokens):
+      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores)
+      return logits[:, None], cache
+
+    def prepare_cache(cache):
+      cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
+      return decoding.permute_keys(cache, cfg) if scores == "pallas" else cache
+
+    return apply, (lambda params: decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")), prepare_cache
+  raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS}")
+
+
 def megalodon_cache(cfg: mega_config.MegalodonConfig, batch: int, context: int, count: int) -> mega_cache.ModelCache:
   """A cache as after `context` tokens, `count` of them in the current chunk.
 
@@ -242,9 +283,8 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
                    params_cache: dict[str, Any]) -> list[dict[str, Any]]:
   """One compile for all contexts: the step's shapes do not depend on the context.
   params_cache: {preset: params}, shared by the batch sizes of one model size."""
-  from megalodon_jax.model import MegalodonLM, init_params as mega_init
+  from megalodon_jax.model import init_params as mega_init
   cfg = megalodon_config(preset, args)
-  model = MegalodonLM(cfg)
   impls = bench_train.megalodon_impls(cfg)
   if preset not in params_cache:
     params_cache.clear()
@@ -252,18 +292,37 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
     init_cfg = cfg.replace(cema_method="chunked", attention_impl="xla", timestep_norm_impl="xla",
                            scan_layers=True)
     params_cache[preset] = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
-  params = params_cache[preset]
-  step = decode_fn(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache), args)
+  rows = []
+  for decode_impl in getattr(args, "mega_decode", ["model"]):
+    try:
+      rows += _megalodon_impl_rows(size, cfg, batch, contexts, args, params_cache[preset], impls, decode_impl)
+    except Exception as err:  # noqa: BLE001 - e.g. the compile failed: every context fails
+      for context in contexts:
+        row = {**_base_row(size, "megalodon", batch, context), "impls": f"{impls} decode={decode_impl}"}
+        _record_failure(row, err, args)
+        rows.append(row)
+  return rows
+
+
+def _megalodon_impl_rows(size: str, cfg: mega_config.MegalodonConfig, batch: int, contexts: list[int],
+                         args: argparse.Namespace, stored_params: Any, impls: str,
+                         decode_impl: str) -> list[dict[str, Any]]:
+  """The rows of one decode impl (see megalodon_apply): one compile for all contexts."""
+  apply, prepare, prepare_cache = megalodon_apply(cfg, decode_impl)
+  params = prepare(stored_params)
+  step = decode_fn(apply, args)
   chunk, steps = cfg.chunk_size, total_steps(args)
-  abstract_state = jax.eval_shape(lambda: (megalodon_cache(cfg, batch, 0, 0), first_tokens(batch)))
+  abstract_state = jax.eval_shape(lambda: (prepare_cache(megalodon_cache(cfg, batch, 0, 0)), first_tokens(batch)))
   compiled, compile_s, step_bytes = _compile(step, abstract_state, params)
+  if decode_impl != "model":
+    impls = f"{impls} decode={decode_impl}"
   rows = []
   for context in contexts:
     row = {**_base_row(size, "megalodon", batch, context), "impls": impls, "compile_s": compile_s}
     try:
       fills = {"empty": context % chunk, "full": max(chunk - steps, 0)}
       for fill, count in fills.items():
-        state = (megalodon_cache(cfg, batch, context, count), first_tokens(batch))  # donated by each run
+        state = (prepare_cache(megalodon_cache(cfg, batch, context, count)), first_tokens(batch))  # donated
         row.update(_memory_fields(params, state[0], step_bytes))
         timing, state = time_decode(compiled, state, params, warmup=args.warmup, iters=args.iters,
                                     inner=args.inner, steps_per_call=_steps_per_call(args))
@@ -394,6 +453,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f"comma-separated subset of {llama_lib.DECODE_ATTENTION_IMPLS} (default cudnn,xla; "
                            "xla with --smoke); with several, all are timed at one setting (batch 1 / 32K) and "
                            "the fastest is used for every row")
+  parser.add_argument("--mega-decode", default="fused-mask-shifted",
+                      help=f"comma-separated Megalodon decode impls, each timed in its own rows: {MEGA_DECODE_IMPLS} "
+                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one; the "
+                           "default fused-mask-shifted is what decoding.generate / generate_on_device run)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--inner", type=int, default=8, help="consecutive steps per timed sample")
@@ -420,6 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
   args.contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
   args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+  args.mega_decode = [m.strip() for m in args.mega_decode.split(",") if m.strip()]
+  if not args.mega_decode or set(args.mega_decode) - set(MEGA_DECODE_IMPLS):
+    parser.error(f"--mega-decode must be a subset of {MEGA_DECODE_IMPLS}")
   args.llama_decode_attention = [a.strip() for a in (args.llama_decode_attention or "cudnn,xla").split(",")
                                  if a.strip()]
   if not args.llama_decode_attention or set(args.llama_decode_attention) - set(llama_lib.DECODE_ATTENTION_IMPLS):

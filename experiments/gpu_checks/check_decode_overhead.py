@@ -45,6 +45,11 @@ def parse_args(argv):
   parser.add_argument("--archs", default="megalodon,llama")
   parser.add_argument("--attention_impl", default="auto", help="Megalodon's attention_impl (auto, xla, pallas)")
   parser.add_argument("--hlo_dir", default=None, help="write each traced step's optimized HLO here")
+  parser.add_argument("--mega-decode", default="fused-mask-shifted",
+                      help="comma-separated Megalodon decode impls (bench_decode.MEGA_DECODE_IMPLS), one row each")
+  parser.add_argument("--loops", default="host,device",
+                      help="which of host,device to time; each row is also traced once (host-loop steps) unless "
+                           "--trace_steps 0")
   parser.add_argument("--smoke", action="store_true")
   return parser.parse_args(argv)
 
@@ -110,10 +115,12 @@ def main(argv=None):
       with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
 
-  for arch in args.archs.split(","):
-    row: dict[str, Any] = {"arch": arch}
-    for loop in ("host", "device"):
-      bargs = bench_decode.parse_args(common + ["--loop", loop, "--archs", arch])
+  variants = [(arch, impl) for arch in args.archs.split(",")
+              for impl in (args.mega_decode.split(",") if arch == "megalodon" else ["model"])]
+  for arch, impl in variants:
+    row: dict[str, Any] = {"arch": arch if impl == "model" else f"{arch}:{impl}"}
+    for loop in args.loops.split(","):
+      bargs = bench_decode.parse_args(common + ["--loop", loop, "--archs", arch, "--mega-decode", impl])
       if arch == "llama" and not args.smoke:
         bargs.llama_decode_attention = ["cudnn"]
       size = bargs.sizes[0]
@@ -126,8 +133,8 @@ def main(argv=None):
                                    bargs.llama_decode_attention)
       row[f"{loop}_ms"] = r.get("ms_per_step")
       row[f"{loop}_error"] = r.get("error")
-      if loop == "host" and "error" not in r:
-        row.update(trace=_trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args))
+      if "trace" not in row and "error" not in r and args.trace_steps > 0:  # once per row, whichever loop
+        row.update(trace=_trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args, impl))
       params.clear()
       jax.clear_caches()
       print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
@@ -140,21 +147,29 @@ def main(argv=None):
           f"span {t.get('span_ms_per_step')} ms")
     for k in t.get("top", []):
       print(f"  {k['us_per_step']:9.1f} us  x{k['per_step']:6.1f}  {k['name']}")
+  llama = [r for r in results["rows"] if r["arch"] == "llama"]
+  for row in results["rows"]:
+    for loop in args.loops.split(","):
+      mine, base = row.get(f"{loop}_ms"), llama[0].get(f"{loop}_ms") if llama else None
+      if row["arch"].startswith("megalodon") and mine and base:
+        row[f"{loop}_tokens_per_s_over_llama"] = base / mine
+        print(f"{row['arch']} {loop} loop: {mine:.3f} ms/token, {1e3 / mine:.0f} tok/s = "
+              f"{base / mine:.2f}x Llama ({base:.3f} ms/token)")
   save()
 
 
-def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args) -> dict[str, Any]:
+def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args, impl="model") -> dict[str, Any]:
   """Traces args.trace_steps host-loop steps of the row's compiled step (rebuilt here)."""
   import jax
   from experiments.benchmarks import bench_decode
   try:
     if arch == "megalodon":
-      from megalodon_jax.model import MegalodonLM
       cfg = bench_decode.megalodon_config(mega_preset, bargs)
-      model = MegalodonLM(cfg)
-      step = bench_decode.greedy_step(lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache))
+      apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
+      step = bench_decode.greedy_step(apply)
       count = max(cfg.chunk_size - 2 * args.trace_steps - 2, 0)
-      state = (bench_decode.megalodon_cache(cfg, args.batch, args.context, count), bench_decode.first_tokens(args.batch))
+      state = (prepare_cache(bench_decode.megalodon_cache(cfg, args.batch, args.context, count)),
+               bench_decode.first_tokens(args.batch))
     else:
       from experiments.baselines import llama as llama_lib
       cfg = bench_decode.llama_config(llama_preset, bargs, bargs.llama_decode_attention[0])
@@ -163,14 +178,16 @@ def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args
       state = (bench_decode.llama_cache(cfg, args.batch, args.context, 2 * args.trace_steps + 2),
                bench_decode.first_tokens(args.batch))
     p = params[mega_preset if arch == "megalodon" else llama_preset]
+    if arch == "megalodon":
+      p = prepare(p)
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)
-      with open(os.path.join(args.hlo_dir, f"{arch}_decode_step.hlo.txt"), "w") as f:
+      with open(os.path.join(args.hlo_dir, f"{arch}_{impl}_decode_step.hlo.txt"), "w") as f:
         f.write(step.lower(state, p).compile().as_text())
     for _ in range(args.trace_steps):
       state, logits = step(state, p)
     jax.block_until_ready((state, logits))
-    trace_dir = os.path.join(args.trace_dir, arch)
+    trace_dir = os.path.join(args.trace_dir, f"{arch}_{impl}")
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.trace_steps):

@@ -1,0 +1,284 @@
+"""One decoding step of a block's TimestepNorm + CEMA as a single Pallas (Triton) kernel.
+
+In a batch-1 decode step every kernel is tiny and costs its launch (~1-1.5 us on an H200), so the
+XLA version of TimestepNorm (step moments, state merge, normalisation) followed by one CEMA step
+and the RMSNorm statistics takes 4-9 kernels per layer. Everything here is local to a block of
+whole norm groups: a group's moments are a reduction over its K features, the CEMA state update
+is elementwise per (feature, order) and its readout a sum over the orders. Only the RMSNorm that
+follows needs a sum over all features; the kernel writes the per-group sums of y^2 and leaves the
+final 64-term sum to the caller (see megalodon_jax.decoding).
+
+Per program (sequence b, groups [j GB, (j + 1) GB)), one step:
+  TimestepNorm  m, v = mean, variance of x over each group's K features (two-pass, in registers);
+                n' = n + 1, w = 1 / n', delta = m - mu, mu' = mu + w delta,
+                var' = (1 - w) var + w v + (1 - w) w delta^2 (ops.timestep_norm.merge_stats);
+                x_tsn = (x - mu') rsqrt(var' + eps) (weight + 1) + bias, rounded to x.dtype.
+  CEMA          h' = q h + p x_tsn (complex, as real/imag float32 arrays: Pallas has no complex);
+                y = Re(sum_n eta_n h'_n) + omega x_tsn (ops.cema.cema_sequential's step).
+  RMS partial   s = sum over the group of y^2.
+
+Arrays (G groups of K features, D = G K, N CEMA orders):
+  x [B, G, K] (compute dtype); count [B, 1] int32 steps merged so far; mean, var [B, G] float32;
+  weight, bias [G, K]; p, q_re, q_im, eta_re, eta_im [G, K, N] float32 (cema_coefficients);
+  omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (updated in place).
+Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, count + 1 [B, 1],
+mean', var' [B, G], h_re', h_im'.
+
+`tsn_cema_step_reference` is the same math in plain JAX (the test oracle). `tsn_cema_step` runs
+the Triton kernel on a GPU and the Pallas interpreter elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im,
+                            *, eps: float):
+  """Plain-JAX oracle of the kernel; shapes and results as the module docstring says."""
+  f32 = jnp.float32
+  xf = x.astype(f32)
+  m = jnp.mean(xf, axis=-1)
+  v = jnp.mean(jnp.square(xf - m[..., None]), axis=-1)
+  w = 1.0 / (count.astype(f32) + 1.0)  # [B, 1]
+  delta = m - mean
+  new_mean = mean + w * delta
+  new_var = (1.0 - w) * var + w * v + ((1.0 - w) * w) * (delta * delta)
+  x_tsn = ((xf - new_mean[..., None]) * jax.lax.rsqrt(new_var + eps)[..., None] * (weight.astype(f32) + 1.0)
+           + bias.astype(f32)).astype(x.dtype)
+  xt = x_tsn.astype(f32)[..., None]
+  new_re = q_re * h_re - q_im * h_im + p * xt
+  new_im = q_re * h_im + q_im * h_re
+  y = jnp.sum(eta_re * new_re - eta_im * new_im, axis=-1) + omega * xt[..., 0]
+  return x_tsn, y, jnp.sum(y * y, axis=-1), count + 1, new_mean, new_var, new_re, new_im
+
+
+def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
+            omega_ref, hr_ref, hi_ref,
+            xt_out, y_out, ss_out, count_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+  f32 = jnp.float32
+  xf = x_ref[...].astype(f32)  # [GB, K]
+  m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
+  centered = xf - m[:, None]
+  v = jnp.sum(centered * centered, axis=-1) * (1.0 / k)
+  count = count_ref[0] + 1
+  w = 1.0 / count.astype(f32)  # scalar
+  mu = mean_ref[...]
+  delta = m - mu
+  new_mean = mu + w * delta
+  new_var = (1.0 - w) * var_ref[...] + w * v + ((1.0 - w) * w) * (delta * delta)
+  inv = jax.lax.rsqrt(new_var + eps)
+  x_tsn = ((xf - new_mean[:, None]) * inv[:, None] * (weight_ref[...].astype(f32) + 1.0)
+           + bias_ref[...].astype(f32)).astype(xt_out.dtype)
+  xt = x_tsn.astype(f32)
+  qr, qi, hr, hi = qr_ref[...], qi_ref[...], hr_ref[...], hi_ref[...]  # [GB, K, N]
+  new_re = qr * hr - qi * hi + p_ref[...] * xt[:, :, None]
+  new_im = qr * hi + qi * hr
+  y = jnp.sum(er_ref[...] * new_re - ei_ref[...] * new_im, axis=-1) + omega_ref[...] * xt
+  xt_out[...] = x_tsn
+  y_out[...] = y
+  ss_out[...] = jnp.sum(y * y, axis=-1)
+  # Every program of a sequence writes the same new count (one kernel fewer than an XLA add).
+  count_out[0] = count
+  mean_out[...] = new_mean
+  var_out[...] = new_var
+  hr_out[...] = new_re
+  hi_out[...] = new_im
+
+
+def _check(arrays: dict, groups_per_block: int):
+  x, h_re = arrays["x"], arrays["h_re"]
+  if x.ndim != 3 or h_re.ndim != 4:
+    raise ValueError(f"x must be [batch, groups, group_size] and h_re [batch, groups, group_size, order], "
+                     f"got shapes {x.shape} and {h_re.shape}")
+  batch, groups, k = x.shape
+  order = h_re.shape[-1]
+  shapes = {"count": (batch, 1), "mean": (batch, groups), "var": (batch, groups), "weight": (groups, k),
+            "bias": (groups, k), "omega": (groups, k), "h_re": (batch, groups, k, order),
+            "h_im": (batch, groups, k, order)}
+  shapes.update({name: (groups, k, order) for name in ("p", "q_re", "q_im", "eta_re", "eta_im")})
+  for name, expect in shapes.items():
+    got = arrays[name].shape
+    if tuple(got) != expect:
+      raise ValueError(f"{name} must have shape {expect} for x of shape {x.shape}, got {tuple(got)}")
+  if groups % groups_per_block:
+    raise ValueError(f"groups_per_block={groups_per_block} must divide the {groups} groups")
+
+
+def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
+  """Groups per program: about 1024 (feature, order) entries each (registers), at least one group."""
+  per_block = max(1, 1024 // (group_size * order))
+  while groups % per_block:
+    per_block //= 2
+  return max(per_block, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
+def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
+                  eps: float, groups_per_block: int | None = None, num_warps: int = 4,
+                  interpret: bool | None = None):
+  """The kernel (see the module docstring); h_re/h_im are updated in place when donated."""
+  groups_per_block = groups_per_block or default_groups_per_block(*x.shape[1:], h_re.shape[-1])
+  _check(dict(x=x, count=count, mean=mean, var=var, weight=weight, bias=bias, p=p, q_re=q_re, q_im=q_im,
+              eta_re=eta_re, eta_im=eta_im, omega=omega, h_re=h_re, h_im=h_im), groups_per_block)
+  batch, groups, k = x.shape
+  order = p.shape[-1]
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  gb = groups_per_block
+  grid = (batch, groups // gb)
+  seq = pl.BlockSpec((None, gb, k), lambda b, j: (b, j, 0))
+  stat = pl.BlockSpec((None, gb), lambda b, j: (b, j))
+  cnt = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
+  feat = pl.BlockSpec((gb, k), lambda b, j: (j, 0))
+  coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
+  state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)),
+               jax.ShapeDtypeStruct((batch, 1), jnp.int32), f32((batch, groups)), f32((batch, groups)),
+               f32(h_re.shape), f32(h_im.shape)]
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      functools.partial(_kernel, eps=float(eps), k=k), grid=grid,
+      in_specs=[seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state],
+      out_specs=[seq, seq, stat, cnt, stat, stat, state, state], out_shape=out_shape,
+      input_output_aliases={12: 6, 13: 7}, interpret=interpret, name="tsn_cema_step", **kwargs,
+  )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
+    omega, h_re, h_im)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention scores of one new query against the current chunk, with the new key written in place.
+#
+# The XLA version is a reduction for the per-head RMS of z, a dynamic-update-slice fusion that
+# makes k (affine map, RoPE) and writes it, and a GEMM of the query (made from z again) with the
+# keys: three kernels. Here every program recomputes q and k from z (a few hundred numbers) and
+# scores one block of keys; the program whose block holds position `count` writes the new key.
+#
+# Layout: z's features per head are PERMUTED to [even features | odd features] (the real and
+# imaginary parts of RoPE's pairs), in the projection's columns, its bias, the q/k affine maps and
+# the key cache alike (see megalodon_jax.decoding.fuse_decode_params(permute_z=True) and
+# permute_keys): dot products and RMS norms do not change under a common permutation, and the
+# pairs become two contiguous halves (no strided loads).
+#
+# Arrays: proj [R, P] (R >= B rows; columns [h dz, (h + 1) dz) are head h's z before its bias);
+# bias [H dz]; scale, shift [2, H dz] float32 (row 0: q, row 1: k); freqs [dz / 2] float32 (RoPE);
+# keys [B, C, H, dz] (updated in place); count [1] int32 chunk position of the new token.
+# Returns scores [B, H, C] float32 (-inf past count) and the keys.
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalized_z(z_re, z_im, b_re, b_im, *, dz: int, eps: float):
+  """z's halves after the bias add (rounded to z's dtype, as the projection's output is) and the
+  RMS normalisation over the head, float32."""
+  f32 = jnp.float32
+  z_re = (z_re.astype(f32) + b_re.astype(f32)).astype(z_re.dtype).astype(f32)
+  z_im = (z_im.astype(f32) + b_im.astype(f32)).astype(z_im.dtype).astype(f32)
+  inv = jax.lax.rsqrt((jnp.sum(z_re * z_re) + jnp.sum(z_im * z_im)) * (1.0 / dz) + eps)
+  return z_re * inv, z_im * inv
+
+
+def _rope(re, im, cos, sin, dtype):
+  f32 = jnp.float32
+  re, im = re.astype(dtype).astype(f32), im.astype(dtype).astype(f32)
+  return (re * cos - im * sin).astype(dtype), (re * sin + im * cos).astype(dtype)
+
+
+def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, count_ref, scores_out, keys_out,
+                   *, dz: int, eps: float, block_k: int):
+  f32 = jnp.float32
+  half = dz // 2
+  lo, hi = pl.ds(0, half), pl.ds(half, half)
+  count = count_ref[0]
+  zn_re, zn_im = _normalized_z(proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], dz=dz, eps=eps)
+  angle = count.astype(f32) * freqs_ref[...]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  dtype = keys_ref.dtype
+  # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
+  q_re, q_im = _rope(zn_re * scale_ref[0, lo] + shift_ref[0, lo], zn_im * scale_ref[0, hi] + shift_ref[0, hi],
+                     cos, sin, dtype)
+  k_re, k_im = _rope(zn_re * scale_ref[1, lo] + shift_ref[1, lo], zn_im * scale_ref[1, hi] + shift_ref[1, hi],
+                     cos, sin, dtype)
+  q_re, q_im = q_re.astype(f32), q_im.astype(f32)
+  keys_re = keys_ref[:, lo].astype(f32)  # [block_k, half]
+  keys_im = keys_ref[:, hi].astype(f32)
+  scores = jnp.sum(keys_re * q_re[None, :] + keys_im * q_im[None, :], axis=-1)
+  new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
+  j = pl.program_id(2)
+  pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  scores = jnp.where(pos == count, new_score, scores)
+  scores_out[...] = jnp.where(pos <= count, scores, -jnp.inf)
+
+  @pl.when(count // block_k == j)
+  def _():
+    row = pl.ds(count - j * block_k, 1)
+    keys_out[row, lo] = k_re[None, :]
+    keys_out[row, hi] = k_im[None, :]
+
+
+def qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, *, eps: float):
+  """Plain-JAX oracle of `qk_scores_step` (same layout and rounding)."""
+  f32 = jnp.float32
+  batch, chunk, heads, dz = keys.shape
+  half = dz // 2
+  z = (proj[:batch, :heads * dz].astype(f32) + bias.astype(f32)).astype(proj.dtype).astype(f32)
+  z = z.reshape(batch, heads, dz)
+  z = z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
+  scale, shift = scale.reshape(2, heads, dz), shift.reshape(2, heads, dz)
+  angle = count[0].astype(f32) * freqs
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+
+  def rope(t):
+    re, im = t[..., :half].astype(keys.dtype).astype(f32), t[..., half:].astype(keys.dtype).astype(f32)
+    return jnp.concatenate([re * cos - im * sin, re * sin + im * cos], axis=-1).astype(keys.dtype)
+
+  q = rope(z * scale[0] + shift[0])
+  k = rope(z * scale[1] + shift[1])
+  keys = jax.lax.dynamic_update_slice(keys, k[:, None], (0, count[0], 0, 0))
+  scores = jnp.einsum("bhd,bkhd->bhk", q.astype(f32), keys.astype(f32))
+  valid = jnp.arange(chunk) <= count[0]
+  return jnp.where(valid[None, None], scores, -jnp.inf), keys
+
+
+def default_block_k(chunk: int) -> int:
+  return min(chunk, 32)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_k", "num_warps", "interpret"))
+def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, block_k: int | None = None,
+                   num_warps: int = 4, interpret: bool | None = None):
+  """The kernel (see above); `keys` is updated in place when donated."""
+  batch, chunk, heads, dz = keys.shape
+  block_k = block_k or default_block_k(chunk)
+  if dz % 2 or chunk % block_k:
+    raise ValueError(f"the head dim ({dz}) must be even and block_k ({block_k}) must divide the chunk ({chunk})")
+  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
+    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
+  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
+                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  grid = (batch, heads, chunk // block_k)
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j: (b, j, h, 0))
+  return pl.pallas_call(
+      functools.partial(_scores_kernel, dz=dz, eps=float(eps), block_k=block_k), grid=grid,
+      in_specs=[pl.BlockSpec((None, dz), lambda b, h, j: (b, h)), pl.BlockSpec((dz,), lambda b, h, j: (h,)),
+                pl.BlockSpec((2, dz), lambda b, h, j: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j: (0, h)),
+                pl.BlockSpec((dz // 2,), lambda b, h, j: (0,)), key_spec, pl.BlockSpec((1,), lambda b, h, j: (0,))],
+      out_specs=[pl.BlockSpec((None, None, block_k), lambda b, h, j: (b, h, j)), key_spec],
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, chunk), jnp.float32), jax.ShapeDtypeStruct(keys.shape, keys.dtype)],
+      input_output_aliases={5: 1}, interpret=interpret, name="qk_scores_step", **kwargs,
+  )(proj, bias, scale.astype(jnp.float32), shift.astype(jnp.float32), freqs.astype(jnp.float32), keys, count)

@@ -1,0 +1,159 @@
+"""kernels_pallas.decode_step: one TimestepNorm + CEMA step equals ops.timestep_norm and ops.cema."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import decode_step
+from megalodon_jax.ops import attention, norms, rope
+from megalodon_jax.ops import cema as cema_ops
+from megalodon_jax.ops import timestep_norm as tsn
+
+B, G, K, N = 2, 4, 8, 4
+D = G * K
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  x = (normal(B, D) * 2.0 + 0.5).astype(jnp.bfloat16)
+  state = tsn.TimestepNormState(jnp.asarray([5, 0], jnp.int32), normal(B, G), jnp.abs(normal(B, G)) + 0.1)
+  weight, bias = normal(D) * 0.2, normal(D) * 0.2
+  coeffs = cema_ops.cema_coefficients(normal(D, N, 1), normal(D, N, 1), normal(D, 1, 1), normal(D, N, 2))
+  omega = normal(D) * 0.3
+  h0 = jax.lax.complex(normal(B, D, N), normal(B, D, N))
+  return x, state, weight, bias, coeffs, omega, h0
+
+
+def _oracle(x, state, weight, bias, coeffs, omega, h0):
+  """The library ops, step by step: TimestepNorm (sequential), CEMA (sequential), sum of y^2 per group."""
+  x_tsn, new_state = tsn.timestep_norm(x[:, None], weight, bias, num_groups=G, eps=EPS, state=state,
+                                       method="sequential")
+  y, h = cema_ops.cema_sequential(x_tsn, coeffs, omega, h0, return_state=True)
+  y = y[:, 0]
+  sumsq = jnp.sum(jnp.square(y).reshape(B, G, K), axis=-1)
+  return x_tsn[:, 0], y, sumsq, new_state, h
+
+
+def _kernel_args(x, state, weight, bias, coeffs, omega, h0):
+  per_group = lambda a: a.reshape((G, K) + a.shape[1:])
+  return (x.reshape(B, G, K), state.count[:, None], state.mean, state.var, per_group(weight), per_group(bias),
+          per_group(coeffs.p), per_group(jnp.real(coeffs.q)), per_group(jnp.imag(coeffs.q)),
+          per_group(jnp.real(coeffs.eta)), per_group(jnp.imag(coeffs.eta)), per_group(omega),
+          jnp.real(h0).reshape(B, G, K, N), jnp.imag(h0).reshape(B, G, K, N))
+
+
+@pytest.mark.parametrize("which", ["reference", "kernel_1_group", "kernel_2_groups"])
+def test_step_equals_the_library_ops(inputs, which):
+  x_tsn, y, sumsq, state, h = _oracle(*inputs)
+  args = _kernel_args(*inputs)
+  if which == "reference":
+    got = decode_step.tsn_cema_step_reference(*args, eps=EPS)
+  else:
+    got = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=int(which.split("_")[1]))
+  g_xt, g_y, g_ss, g_count, g_mean, g_var, g_re, g_im = got
+  np.testing.assert_array_equal(np.asarray(g_count[:, 0]), np.asarray(state.count))
+  assert g_xt.dtype == x_tsn.dtype
+  # x_tsn is rounded to bf16: allow one bf16 ulp where float32 rounding flips it.
+  np.testing.assert_allclose(np.asarray(g_xt.reshape(B, D), np.float32), np.asarray(x_tsn, np.float32),
+                             rtol=8e-3, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_mean), np.asarray(state.mean), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_var), np.asarray(state.var), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_y.reshape(B, D)), np.asarray(y), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_ss), np.asarray(sumsq), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_re.reshape(B, D, N)), np.asarray(jnp.real(h)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_im.reshape(B, D, N)), np.asarray(jnp.imag(h)), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_equals_its_reference_exactly_enough(inputs):
+  args = _kernel_args(*inputs)
+  for got, want in zip(decode_step.tsn_cema_step(*args, eps=EPS), decode_step.tsn_cema_step_reference(*args, eps=EPS)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-6, atol=2e-6)
+
+
+def test_kernel_lowers_for_cuda(inputs):
+  """The Triton path lowers (cross-lowering from the CPU; no GPU needed)."""
+  args = _kernel_args(*inputs)
+  lowered = jax.jit(lambda *a: decode_step.tsn_cema_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "tsn_cema_step" in lowered.as_text()
+
+
+def test_bad_shapes_are_rejected(inputs):
+  args = list(_kernel_args(*inputs))
+  with pytest.raises(ValueError, match="groups_per_block=3 must divide"):
+    decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=3)
+  args[6] = args[6][:, :, :2]
+  with pytest.raises(ValueError, match="p must have shape"):
+    decode_step.tsn_cema_step(*args, eps=EPS)
+
+
+def test_default_groups_per_block():
+  assert decode_step.default_groups_per_block(64, 32, 16) == 2  # mega1.3B: 32 programs per sequence
+  assert decode_step.default_groups_per_block(4, 8, 4) == 4
+  assert decode_step.default_groups_per_block(6, 64, 16) == 1
+
+
+# --- qk_scores_step -------------------------------------------------------------------------
+
+C, H, DZ = 16, 2, 8
+
+
+def _permutation():
+  per_head = np.concatenate([np.arange(0, DZ, 2), np.arange(1, DZ, 2)])
+  return (np.arange(H)[:, None] * DZ + per_head[None]).reshape(-1), per_head
+
+
+@pytest.mark.parametrize("batch,count,block_k", [(1, 0, 4), (1, 9, 4), (2, 15, 8), (2, 5, 16)])
+def test_scores_step_equals_the_model_attention_math(batch, count, block_k):
+  """Natural layout through the library ops (rms_norm, apply_rope, cached_attention_xla's scores)
+  against the kernel and its reference on the permuted layout."""
+  rng = np.random.default_rng(count)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  bf16 = jnp.bfloat16
+  extra = 6  # more columns after z, as in the fused projection
+  proj = normal(batch + 1, H * DZ + extra).astype(bf16)  # one spare row, as the masked second row
+  bias = normal(H * DZ).astype(bf16)
+  scale, shift = normal(2, H * DZ) * 0.2 + 0.4, normal(2, H * DZ) * 0.2
+  keys = normal(batch, C, H, DZ).astype(bf16)
+  # Natural layout, model math (layers/mega_attention.py).
+  z = (proj[:batch, :H * DZ] + bias).reshape(batch, 1, H, DZ)
+  z = norms.rms_norm(z.astype(jnp.float32), None, EPS)
+  sc, sh = scale.reshape(2, H, DZ), shift.reshape(2, H, DZ)
+  position = jnp.asarray([[count]], jnp.int32)
+  q = rope.apply_rope((z * sc[0] + sh[0]).astype(bf16), position)
+  k = rope.apply_rope((z * sc[1] + sh[1]).astype(bf16), position)
+  want_keys = jax.lax.dynamic_update_slice(keys, k, (0, count, 0, 0))
+  want = jnp.einsum("bqhd,bkhd->bhqk", q, want_keys, preferred_element_type=jnp.float32)[:, :, 0]
+  want = jnp.where(jnp.arange(C) <= count, want, -jnp.inf)
+  # Permuted layout.
+  perm, per_head = _permutation()
+  args = (jnp.concatenate([proj[:, perm], proj[:, H * DZ:]], axis=1), bias[perm], scale[:, perm], shift[:, perm],
+          rope.rope_frequencies(DZ), keys[..., per_head], jnp.asarray([count], jnp.int32))
+  for scores, new_keys in (decode_step.qk_scores_step(*args, eps=EPS, block_k=block_k),
+                           decode_step.qk_scores_step_reference(*args, eps=EPS)):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(scores)), np.isfinite(np.asarray(want)))
+    finite = np.isfinite(np.asarray(want))
+    np.testing.assert_allclose(np.asarray(scores)[finite], np.asarray(want)[finite], rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(new_keys[..., np.argsort(per_head)], np.float32),
+                               np.asarray(want_keys, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_scores_kernel_equals_its_reference_and_lowers_for_cuda():
+  rng = np.random.default_rng(7)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  args = (normal(2, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(1, C, H, DZ).astype(jnp.bfloat16),
+          jnp.asarray([6], jnp.int32))
+  got = decode_step.qk_scores_step(*args, eps=EPS, block_k=4)
+  want = decode_step.qk_scores_step_reference(*args, eps=EPS)
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+  lowered = jax.jit(lambda *a: decode_step.qk_scores_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "qk_scores_step" in lowered.as_text()
+  with pytest.raises(ValueError, match="must divide the chunk"):
+    decode_step.qk_scores_step(*args, eps=EPS, block_k=3)

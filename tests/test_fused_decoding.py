@@ -1,0 +1,163 @@
+"""fuse_decode_params + fused_decode_step give the model's decode step (and so the full forward)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megalodon_jax import decoding, model as model_lib
+from megalodon_jax.config import preset
+from megalodon_jax.model import MegalodonLM
+
+CFGS = {"tiny": preset("tiny"), "tiny_swiglu": preset("tiny_swiglu")}
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name):
+  cfg = CFGS[name]
+  params = model_lib.init_params(cfg, jax.random.key(1))
+  # Non-zero norm offsets, q/k affine and biases, so that a mixed-up parameter shows.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+  return cfg, params
+
+
+@pytest.fixture(scope="module", params=sorted(CFGS))
+def setup(request):
+  return _setup(request.param)
+
+
+def _full_logits(cfg, params, tokens):
+  """Full-sequence forward over whole chunks, cut back to the tokens' length (causal)."""
+  length = tokens.shape[1]
+  chunks = -(-length // cfg.chunk_size)
+  padded = np.concatenate([tokens, np.zeros((tokens.shape[0], chunks * cfg.chunk_size - length), tokens.dtype)], 1)
+  return np.asarray(MegalodonLM(cfg).apply({"params": params}, jnp.asarray(padded))[:, :length])
+
+
+@pytest.mark.parametrize("name,batch,dup,stats,cema,scores", [
+    ("tiny", 1, "mask", "two_pass", "xla", "xla"), ("tiny", 1, "barrier", "two_pass", "xla", "xla"),
+    ("tiny", 2, "mask", "two_pass", "xla", "xla"), ("tiny", 1, "mask", "shifted", "xla", "xla"),
+    ("tiny", 1, "mask", "two_pass", "pallas", "xla"), ("tiny", 1, "mask", "two_pass", "xla", "pallas"),
+    ("tiny_swiglu", 2, "barrier", "shifted", "xla", "xla"), ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas"),
+    ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas")])
+def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores):
+  cfg, params = _setup(name)
+  length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
+  tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
+  full = _full_logits(cfg, params, tokens)
+  prompt = 3
+  logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
+  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")
+  if cema == "pallas":
+    cache = decoding.split_cema_state(cache)
+  if scores == "pallas":
+    cache = decoding.permute_keys(cache, cfg)
+  outputs = [np.asarray(logits)]
+  for t in range(prompt, length):
+    step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats, cema=cema,
+                                              scores=scores)
+    outputs.append(np.asarray(step)[:, None])
+  got = np.concatenate(outputs, axis=1)
+  np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
+  assert int(cache.count) == length % cfg.chunk_size
+  if "pallas" in (cema, scores):  # the cache converts back to the model's layout: prefill continues from it
+    cache = decoding.join_cema_state(cache) if cema == "pallas" else cache
+    cache = decoding.unpermute_keys(cache, cfg) if scores == "pallas" else cache
+    more, _ = decoding.prefill(params, cfg, tokens[:, :2], cache)
+    want = _full_logits(cfg, params, np.concatenate([tokens, tokens[:, :2]], axis=1))[:, length:]
+    np.testing.assert_allclose(np.asarray(more), want, atol=2e-4, rtol=0)
+
+
+def test_fused_step_matches_the_model_step_and_cache(setup):
+  """One step from the same cache: logits and every cache leaf equal to float32 rounding."""
+  cfg, params = setup
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(1, cfg.chunk_size + 2))
+  _, cache = decoding.prefill(params, cfg, tokens[:, :-1])
+  copy = jax.tree.map(jnp.copy, cache)
+  want_logits, want_cache = decoding.decode_step(params, cfg, tokens[:, -1], cache)
+  got_logits, got_cache = decoding.fused_decode_step(decoding.fuse_decode_params(params, cfg), cfg,
+                                                     tokens[:, -1], copy)
+  np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_fuse_decode_params_of_scanned_layers_equal_unrolled():
+  cfg = CFGS["tiny"]
+  scanned_cfg = cfg.replace(scan_layers=True)
+  scanned = model_lib.init_params(scanned_cfg, jax.random.key(3))
+  unrolled = {k: v for k, v in scanned.items() if k != "layers"}
+  for i in range(cfg.num_layers):
+    unrolled[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], scanned["layers"])
+  a = decoding.fuse_decode_params(scanned, scanned_cfg)
+  b = decoding.fuse_decode_params(unrolled, cfg)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_fused_step_rejects_bad_arguments(setup):
+  cfg, params = setup
+  fused = decoding.fuse_decode_params(params, cfg)
+  _, cache = decoding.prefill(params, cfg, np.zeros((1, 2), np.int32))
+  with pytest.raises(ValueError, match="dup must be one of"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="copy")
+  with pytest.raises(ValueError, match="split_cema_state"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, cema="pallas")
+  with pytest.raises(ValueError, match="permute_z=True"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, scores="pallas")
+  with pytest.raises(ValueError, match="stats must be one of"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, stats="welford")
+
+
+def test_key_permutation_round_trips(setup):
+  cfg, params = setup
+  _, cache = decoding.prefill(params, cfg, np.arange(5)[None] % cfg.vocab_size)
+  permuted = decoding.permute_keys(cache, cfg)
+  dz = cfg.z_head_dim
+  np.testing.assert_array_equal(np.asarray(permuted.layers[0].key[..., :dz // 2]),
+                                np.asarray(cache.layers[0].key[..., 0::2]))
+  back = decoding.unpermute_keys(permuted, cfg)
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores"])
+def test_bench_decode_impls_give_the_model_logits(impl):
+  """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
+  from experiments.benchmarks import bench_decode
+  cfg, params = _setup("tiny")
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(1, 6))
+  _, cache = decoding.prefill(params, cfg, tokens[:, :5])
+  want, _ = bench_decode.megalodon_apply(cfg, "model")[0](params, jax.tree.map(jnp.copy, cache), tokens[:, 5:])
+  apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
+  got, _ = jax.jit(apply)(prepare(params), prepare_cache(cache), jnp.asarray(tokens[:, 5:]))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
+    bench_decode.megalodon_apply(cfg, "fused-copy")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_generate_on_device_fused_default_equals_the_model_path(scan_layers):
+  """The default decode_impl='fused' samples the tokens the model path samples, and leaves the
+  same cache (in the config's layout, scanned layers included)."""
+  cfg, params = _setup("tiny")
+  if scan_layers:
+    cfg = cfg.replace(scan_layers=True)
+    params = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
+              "layers": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[params[f"layers_{i}"] for i in range(cfg.num_layers)])}
+  prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 5))
+  run = lambda impl: decoding.generate_on_device(params, cfg, prompt, 12, jax.random.key(1), temperature=1.0,
+                                                 decode_impl=impl)
+  fused_tokens, fused_cache = run("fused")
+  model_tokens, model_cache = run("model")
+  np.testing.assert_array_equal(np.asarray(fused_tokens), np.asarray(model_tokens))
+  assert jax.tree.structure(fused_cache) == jax.tree.structure(model_cache)
+  for got, want in zip(jax.tree.leaves(fused_cache), jax.tree.leaves(model_cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="decode_impl must be one of"):
+    decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(1), decode_impl="xla")

@@ -80,13 +80,13 @@ case "$CALL" in
     ;;
   B)  # ~7-9 min: 8 train-step compiles (2 sizes x 2 shapes x 2 models).
     gpu_snapshot
-    # Megalodon's fastest policies on an H200 (2026-11-29): mega200M saves the projections and the
-    # kernels' outputs (the layer scan's stacking of everything else costs more than recomputing
-    # it); mega1.3B also saves the norms. Llama: its own policy for --remat (see bench_train).
+    # Megalodon's fastest policy on an H200 (2026-11-29) for both sizes: recompute_elementwise
+    # stores the outputs of matmuls, kernels and reductions and recomputes elementwise work (the
+    # layer scan's stacking of everything costs more than recomputing it). Llama: none / full.
     step train_200M 200 python3 -m experiments.benchmarks.bench_train --sizes 200M --name train_200M \
-      --remat save_dots_cema_attention --llama-remat none --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
+      --remat recompute_elementwise --llama-remat none --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     step train_1.3B 320 python3 -m experiments.benchmarks.bench_train --sizes 1.3B --name train_1.3B \
-      --remat save_dots_norms_cema_attention --llama-remat full --oom-remat save_cema_attention \
+      --remat recompute_elementwise --llama-remat full --oom-remat save_cema_attention \
       --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   C)  # ~6-8 min: per size, 6 Llama compiles (one per batch x context) and 2 Megalodon compiles.
@@ -113,7 +113,7 @@ case "$CALL" in
     }
     queue_rows() {
       step train_1.3B_32K 300 python3 -m experiments.benchmarks.bench_train --sizes 1.3B --shapes 1x32768 \
-        --name train_1.3B_32K --remat save_dots_norms_cema_attention --llama-remat full \
+        --name train_1.3B_32K --remat recompute_elementwise --llama-remat full \
         --oom-remat save_cema_attention --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
       step decode_1.3B 260 python3 -m experiments.benchmarks.bench_decode --sizes 1.3B --name decode_1.3B \
         --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}

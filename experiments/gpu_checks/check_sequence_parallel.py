@@ -638,7 +638,7 @@ def shrink_cema_tiles() -> None:
   default = cema_kernels.default_config
 
   def small_tiles(*shape):
-    return dataclasses.replace(default(*shape), block_t=1)
+    return dataclasses.replace(default(*shape), block_t=1, summary_block=0)  # blocks need whole tiles
 
   cema_kernels.default_config = small_tiles
 

@@ -38,7 +38,12 @@ def kernel_table(kernels: list[dict], calls: int) -> dict:
     by_name[k["name"]][0] += 1
     by_name[k["name"]][1] += k["dur"]
   start, end = kernels[0]["ts"], max(k["ts"] + k["dur"] for k in kernels)
+  # The launch timeline of the first call: start offsets show where the GPU waited.
+  per_call = len(kernels) // calls
+  timeline = [{"name": k["name"][:60], "start_us": round(k["ts"] - start, 1), "dur_us": round(k["dur"], 1)}
+              for k in kernels[:per_call + 2]]
   return {
+      "timeline": timeline,
       "busy_ms": sum(k["dur"] for k in kernels) / calls / 1e3,
       "span_ms": (end - start) / calls / 1e3,
       "kernels_per_call": len(kernels) / calls,
@@ -70,6 +75,10 @@ def print_table(row: dict) -> None:
         f"{row['kernels_per_call']:.1f} kernels per call")
   for k in row["kernels"]:
     print(f"  {k['ms']:8.4f} ms  x{k['calls']:<4g} {k['name']}")
+  if row["span_ms"] > 1.2 * row["busy_ms"]:
+    print("  timeline of the first call (start offset, duration, us):")
+    for k in row["timeline"]:
+      print(f"    {k['start_us']:10.1f} {k['dur_us']:9.1f}  {k['name']}")
 
 
 def main(argv=None) -> None:

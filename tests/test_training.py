@@ -25,6 +25,15 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory):
+  """Environment of the training subprocesses: one persistent compilation cache for all of them,
+  so only the first compiles the step (the rest load it; results are bitwise the same)."""
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def smoke_config(data_dir, **train):
   config = shakespeare_char.get_config("smoke")
   config.data.data_dir = data_dir
@@ -61,9 +70,9 @@ def _train_cmd(workdir, data_dir, steps, every):
           "--config.checkpoint.async_save=False", f"--config.data.data_dir={data_dir}", "--sample=false"]
 
 
-def _run_until(cmd, workdir, step, sig):
+def _run_until(cmd, workdir, step, sig, env):
   """Starts training and sends `sig` once metrics for `step` have been written."""
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   try:
@@ -79,18 +88,20 @@ def _run_until(cmd, workdir, step, sig):
   return proc.returncode, out
 
 
-def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path, subprocess_env):
   steps = 12
   straight = tmp_path / "straight"
-  subprocess.run(_train_cmd(straight, data_dir, steps, 3), cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_train_cmd(straight, data_dir, steps, 3), cwd=REPO, check=True, capture_output=True,
+                 env=subprocess_env)
   reference = read_losses(straight)
   assert sorted(reference) == list(range(1, steps + 1))
 
   killed = tmp_path / "killed"
-  code, out = _run_until(_train_cmd(killed, data_dir, steps, 3), killed, 7, signal.SIGKILL)
+  code, out = _run_until(_train_cmd(killed, data_dir, steps, 3), killed, 7, signal.SIGKILL, subprocess_env)
   assert code == -signal.SIGKILL, out
   before = read_losses(killed)
-  subprocess.run(_train_cmd(killed, data_dir, steps, 3), cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_train_cmd(killed, data_dir, steps, 3), cwd=REPO, check=True, capture_output=True,
+                 env=subprocess_env)
   resumed = read_losses(killed)
   assert sorted(resumed) == list(range(1, steps + 1))
   assert any(len(v) == 2 for v in resumed.values()), "some steps after the last checkpoint must have rerun"
@@ -99,9 +110,9 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
       assert value == reference[step][0], (step, values, reference[step], before.get(step))
 
 
-def test_sigterm_leaves_a_restorable_checkpoint(data_dir, tmp_path):
+def test_sigterm_leaves_a_restorable_checkpoint(data_dir, tmp_path, subprocess_env):
   workdir = tmp_path / "preempted"
-  code, out = _run_until(_train_cmd(workdir, data_dir, 200, 1000), workdir, 3, signal.SIGTERM)
+  code, out = _run_until(_train_cmd(workdir, data_dir, 200, 1000), workdir, 3, signal.SIGTERM, subprocess_env)
   assert code == 0, out
   assert "SIGTERM received: saved checkpoint at step" in out
   saved = int(out.split("saved checkpoint at step")[1].split()[0])

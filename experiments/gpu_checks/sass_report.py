@@ -3,14 +3,20 @@
     pip install triton          # any recent release; it carries ptxas and cuobjdump
     python experiments/gpu_checks/sass_report.py --config "{'num_chunks': 16}" --out /tmp/sass
     python experiments/gpu_checks/sass_report.py --op timestep_norm --config "{'block_t': 32}"
+    python experiments/gpu_checks/sass_report.py --op chunk_attention --out /tmp/attn_sass
 
 Step 1 (this Python, with JAX): cross-lowers the op's value-and-gradient for CUDA (CEMA at B=1,
-L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64) and saves each Pallas
+L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64; chunked attention at bench_ops'
+shape) and saves each Pallas
 kernel's Triton IR (.ttir).  Step 2 (--triton-python,
 default this Python): compiles each .ttir with Triton for sm_90a (num_warps from the config) and
 disassembles it.  Prints per kernel: registers per thread, local memory (spills), shared memory,
 block-wide barriers, and the mix of instructions in its main loop (the largest backward branch;
 the whole kernel when it has none), e.g. how many are FP32 arithmetic.
+Caveat: triton.compile on a .ttir file starts after Triton's own TTIR passes, which XLA does run;
+one of them folds `acc + dot(a, b)` into the dot's accumulator. Kernels written that way (the
+attention block matmuls) show here an extra float32 tile, its FADDs and spills that the GPU build
+does not have (folding the add by hand in the .ttir: 166 registers, no FADD, no spills).
 XLA compiles the same IR with its own Triton, so register counts can differ (ncu on an H200:
 backward scan 204 and chunk summaries 126 / 80 registers under XLA; 231 and 128 / 80 here).
 """
@@ -98,7 +104,30 @@ def _timestep_norm_gradient(overrides: dict):
   return jax.grad(loss, argnums=(0, 1, 2)), avals, warps
 
 
-OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient}
+def _attention_gradient(overrides: dict):
+  """Chunked attention value-and-gradient at bench_ops' shape (16 chunks of 2048, 4 heads, dk 256,
+  dv 2048, bf16; KernelConfig overrides). Warps: each kernel's own launch parameter (None)."""
+  import jax
+  import jax.numpy as jnp
+
+  from kernels_pallas import chunk_attention as A
+
+  batch, chunk, chunks, heads, dk, dv = 1, 2048, 16, 4, 256, 2048
+  cfg = dataclasses.replace(A.KernelConfig(), **overrides)
+  print(cfg)
+
+  def loss(q, k, v):
+    out = A.chunk_attention(q, k, v, chunk_size=chunk, platform="triton", interpret=False, config=cfg)
+    return jnp.sum(out.astype(jnp.float32))
+
+  spec = jax.ShapeDtypeStruct
+  length = chunk * chunks
+  avals = (spec((batch, length, heads, dk), jnp.bfloat16), spec((batch, length, heads, dk), jnp.bfloat16),
+           spec((batch, length, heads, dv), jnp.bfloat16))
+  return jax.grad(loss, argnums=(0, 1, 2)), avals, None
+
+
+OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient, "chunk_attention": _attention_gradient}
 
 
 def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
@@ -121,7 +150,8 @@ def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
     path = os.path.join(out_dir, f"{len(saved):02d}_{name}.ttir")
     with open(path, "w") as f:
       f.write(text)
-    saved.append((path, warps[name]))
+    # warps None: the launch parameter the Pallas lowering chose (a local of its caller).
+    saved.append((path, warps[name] if warps is not None else sys._getframe(1).f_locals["num_warps"]))
     return result
 
   registration.lowering.lower_jaxpr_to_triton_module = capture
@@ -162,8 +192,8 @@ def main() -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--op", default="cema", choices=sorted(OPS))
   parser.add_argument("--config", default="{}",
-                      help="overrides, as a dict: CemaKernelConfig fields, or TiledConfig fields "
-                           "for timestep_norm")
+                      help="overrides, as a dict: CemaKernelConfig fields, TiledConfig fields "
+                           "for timestep_norm, KernelConfig fields for chunk_attention")
   parser.add_argument("--out", default="/tmp/cema_sass")
   parser.add_argument("--triton-python", default=sys.executable,
                       help="a Python with triton installed (may differ from the JAX one)")
@@ -180,6 +210,9 @@ def main() -> None:
     sass = open(base + ".sass").read()
     print(f"{os.path.basename(base)}: {regs} registers, {stack} B stack (spills), {shared} B "
           f"shared, {sass.count('BAR.SYNC')} BAR.SYNC, {num_warps} warps")
+    mma = {op: len(re.findall(rf"\b{op}\.", sass)) for op in ("HGMMA", "HMMA")}
+    if any(mma.values()):  # which tensor-core path Triton took: wgmma (HGMMA) or mma.sync (HMMA)
+      print(f"  tensor-core instructions: {mma['HGMMA']} HGMMA (wgmma), {mma['HMMA']} HMMA (mma.sync)")
     print("  " + loop_mix(sass), flush=True)
 
 

@@ -282,3 +282,69 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
       out_shape=[jax.ShapeDtypeStruct((batch, heads, chunk), jnp.float32), jax.ShapeDtypeStruct(keys.shape, keys.dtype)],
       input_output_aliases={5: 1}, interpret=interpret, name="qk_scores_step", **kwargs,
   )(proj, bias, scale.astype(jnp.float32), shift.astype(jnp.float32), freqs.astype(jnp.float32), keys, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# One row times a matrix stored transposed, for batch-1 decoding.
+#
+# A decode step's projections are one row times a [K, N] weight: pure weight traffic (2 bytes per
+# weight read once). XLA's GEMM kernels for M <= 2 leave the H200 at ~2 TB/s of its ~4 TB/s. Here
+# the weight is stored [N, K] (contiguous along the reduction) and split into [block_n, block_k]
+# tiles, one per program and each read in one go, so that the whole grid keeps many independent
+# loads in flight; every program writes its tile's partial dot products and the caller sums the
+# K / block_k partials (a small reduction XLA can fuse into the consumer of the product).
+#
+# Arrays: x [K] (any float dtype), w_t [N, K]; returns partials [K / block_k, N] float32.
+# ---------------------------------------------------------------------------------------------
+
+
+def _gemv_kernel(x_ref, w_ref, out_ref):
+  x = x_ref[...].astype(jnp.float32)  # [bk]
+  w = w_ref[...].astype(jnp.float32)  # [bn, bk]
+  out_ref[...] = jnp.sum(w * x[None, :], axis=1)
+
+
+def gemv_partials_reference(x: jax.Array, w_t: jax.Array, block_k: int) -> jax.Array:
+  """Plain-JAX oracle: x [K], w_t [N, K] -> [K / block_k, N] float32 partial sums."""
+  n, k = w_t.shape
+  xb = x.astype(jnp.float32).reshape(k // block_k, block_k)
+  wb = w_t.astype(jnp.float32).reshape(n, k // block_k, block_k)
+  return jnp.einsum("jc,njc->jn", xb, wb)
+
+
+def default_gemv_blocks(n: int, k: int) -> tuple[int, int]:
+  """(block_n, block_k): the largest power-of-2 block_k <= 512 dividing K, block_n so a tile is 32K weights."""
+  block_k = 512
+  while k % block_k:
+    block_k //= 2
+  block_n = max(min(32768 // block_k, 256), 16)
+  while n % block_n:
+    block_n //= 2
+  return block_n, block_k
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "interpret"))
+def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, block_k: int | None = None,
+                  num_warps: int = 8, interpret: bool | None = None) -> jax.Array:
+  """x [K], w_t [N, K] -> partial products [K / block_k, N] float32 (sum over axis 0 = x @ w_t.T)."""
+  n, k = w_t.shape
+  if x.shape != (k,):
+    raise ValueError(f"gemv_partials: x must be [K] = [{k}] to match w_t [N, K] = {w_t.shape}, got {x.shape}")
+  default_n, default_k = default_gemv_blocks(n, k)
+  block_n, block_k = block_n or default_n, block_k or default_k
+  for name, block, dim in (("block_n", block_n, n), ("block_k", block_k, k)):
+    if dim % block or block & (block - 1):
+      raise ValueError(f"gemv_partials: {name}={block} must be a power of 2 dividing {dim}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      _gemv_kernel, grid=(n // block_n, k // block_k),
+      in_specs=[pl.BlockSpec((block_k,), lambda i, j: (j,)), pl.BlockSpec((block_n, block_k), lambda i, j: (i, j))],
+      out_specs=pl.BlockSpec((None, block_n), lambda i, j: (j, i)),
+      out_shape=jax.ShapeDtypeStruct((k // block_k, n), jnp.float32), interpret=interpret, name="gemv_partials",
+      **kwargs,
+  )(x, w_t)

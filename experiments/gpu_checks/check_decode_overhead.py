@@ -44,6 +44,7 @@ def parse_args(argv):
   parser.add_argument("--json", default=None)
   parser.add_argument("--archs", default="megalodon,llama")
   parser.add_argument("--attention_impl", default="auto", help="Megalodon's attention_impl (auto, xla, pallas)")
+  parser.add_argument("--top", type=int, default=12, help="kernels listed per row (by time per token)")
   parser.add_argument("--hlo_dir", default=None, help="write each traced step's optimized HLO here")
   parser.add_argument("--mega-decode", default="fused-mask-shifted",
                       help="comma-separated Megalodon decode impls (bench_decode.MEGA_DECODE_IMPLS), one row each")
@@ -193,7 +194,7 @@ def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args
       for _ in range(args.trace_steps):
         state, logits = step(state, p)
       jax.block_until_ready((state, logits))
-    out = summarize_trace(trace_dir, args.trace_steps)
+    out = summarize_trace(trace_dir, args.trace_steps, args.top)
     out["traced_wall_ms_per_step"] = (time.perf_counter() - start) * 1e3 / args.trace_steps
     return out
   except Exception as err:  # noqa: BLE001 - a diagnostic: report and go on

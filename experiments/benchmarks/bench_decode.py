@@ -166,18 +166,39 @@ def _tsn_impl(requested: str) -> str:
 
 MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted",
                      "fused-mask-pallas", "fused-mask-shifted-pallas", "fused-barrier-pallas", "fused-mask-scores",
-                     "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores")
+                     "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores", "fused-mask-t-shifted",
+                     "fused-dot-shifted", "fused-reduce-shifted", "fused-pallas-shifted", "fused-dot-shifted-scores",
+                     "fused-reduce-shifted-scores", "fused-pallas-shifted-scores", "fused-dot-shifted-pallas-scores",
+                     "fused-reduce-shifted-pallas-scores", "fused-pallas-shifted-pallas-scores")
+
+
+def parse_mega_impl(impl: str) -> dict[str, Any]:
+  """A fused impl name, fused-<dup>[-t][-shifted][-pallas][-scores], as fused_forward_one's settings.
+
+  dup: decoding.DUP_MODES (dot / reduce / pallas read the kernels transposed; -t transposes them for
+  mask / barrier too); -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in
+  kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step.
+  """
+  from megalodon_jax import decoding
+  parts = impl.split("-")
+  flags = parts[2:]
+  if (len(parts) < 2 or parts[0] != "fused" or parts[1] not in decoding.DUP_MODES
+      or flags != [f for f in ("t", "shifted", "pallas", "scores") if f in flags]):
+    raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS} "
+                     "(fused-<dup>[-t][-shifted][-pallas][-scores])")
+  return {"dup": parts[1], "stats": "shifted" if "shifted" in flags else "two_pass",
+          "cema": "pallas" if "pallas" in flags else "xla", "scores": "pallas" if "scores" in flags else "xla",
+          "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS}
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
   """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p,
   prepare_cache(model cache) -> the cache apply reads) of a decode impl.
 
-  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>[-shifted][-pallas]:
-  decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM;
-  -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in kernels_pallas.decode_step, with
-  the cache's CEMA states split into float32 pairs; -scores: attention scores + new key in
-  kernels_pallas.decode_step, with z's features and the cached keys permuted).
+  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-...:
+  decoding.fused_forward_one on decoding.fuse_decode_params with parse_mega_impl's settings (with
+  -pallas the cache's CEMA states are split into float32 pairs; with -scores z's features and the
+  cached keys are permuted).
   """
   from megalodon_jax import decoding
   if impl == "model":
@@ -185,22 +206,21 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
     model = MegalodonLM(cfg)
     return ((lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params),
             (lambda cache: cache))
-  if impl in MEGA_DECODE_IMPLS[1:]:
-    parts = impl.split("-")
-    dup, stats = parts[1], "shifted" if "shifted" in parts else "two_pass"
-    cema = "pallas" if "pallas" in parts else "xla"
-    scores = "pallas" if "scores" in parts else "xla"
+  settings = parse_mega_impl(impl)
+  dup, stats, cema, scores = (settings[k] for k in ("dup", "stats", "cema", "scores"))
 
-    def apply(p, cache, tokens):
-      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores)
-      return logits[:, None], cache
+  def apply(p, cache, tokens):
+    logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores)
+    return logits[:, None], cache
 
-    def prepare_cache(cache):
-      cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
-      return decoding.permute_keys(cache, cfg) if scores == "pallas" else cache
+  def prepare_cache(cache):
+    cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
+    return decoding.permute_keys(cache, cfg) if scores == "pallas" else cache
 
-    return apply, (lambda params: decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")), prepare_cache
-  raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS}")
+  def prepare(params):
+    return decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas", transpose=settings["transpose"])
+
+  return apply, prepare, prepare_cache
 
 
 def megalodon_cache(cfg: mega_config.MegalodonConfig, batch: int, context: int, count: int) -> mega_cache.ModelCache:
@@ -484,8 +504,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
   args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
   args.mega_decode = [m.strip() for m in args.mega_decode.split(",") if m.strip()]
-  if not args.mega_decode or set(args.mega_decode) - set(MEGA_DECODE_IMPLS):
-    parser.error(f"--mega-decode must be a subset of {MEGA_DECODE_IMPLS}")
+  if not args.mega_decode:
+    parser.error(f"--mega-decode: name at least one of {MEGA_DECODE_IMPLS}")
+  for impl in args.mega_decode:
+    try:
+      _ = impl == "model" or parse_mega_impl(impl)
+    except ValueError as err:
+      parser.error(f"--mega-decode: {err}")
   args.llama_decode_attention = [a.strip() for a in (args.llama_decode_attention or "cudnn,xla").split(",")
                                  if a.strip()]
   if not args.llama_decode_attention or set(args.llama_decode_attention) - set(llama_lib.DECODE_ATTENTION_IMPLS):

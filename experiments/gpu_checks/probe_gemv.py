@@ -152,7 +152,7 @@ def make_data(k: int, n: int, batch: int, count: int):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variants", default="maskrow_kn,dot_kn,dot_nk,maskrow_nk,reduce_nk,prologue_nk,read_nk,pallas_nk,pallas_nk:32x256,pallas_nk:128x128")
+  parser.add_argument("--variants", default="maskrow_kn,dot_kn,dot_nk,reduce_nk,prologue_nk,read_nk,pallas_nk,pallas_nk:32x256")
   parser.add_argument("--batch-variants", default="gemm_kn,gemm_nk")
   parser.add_argument("--batches", default="1,16", help="batch 1 runs --variants, others --batch-variants")
   parser.add_argument("--count", type=int, default=24)

@@ -9,9 +9,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_
 echo "=== probe_gemv (limit ${PROBE_LIMIT:-90}s)"
 timeout "${PROBE_LIMIT:-90}" python3 experiments/gpu_checks/probe_gemv.py --json "$OUT/gemv.json" 2>&1 \
   | grep -v "^WARNING\|^I0000\|^E0000" | tee "$OUT/gemv.log"
-echo "=== check_decode_overhead (limit ${OVERHEAD_LIMIT:-120}s)"
-timeout "${OVERHEAD_LIMIT:-120}" python3 experiments/gpu_checks/check_decode_overhead.py --loops device \
-  --iters 3 --trace_steps 2 --top 40 --hlo_dir "$OUT/hlo" --mega-decode "${MEGA_DECODE:-fused-mask-shifted,fused-mask-shifted-pallas-scores}" \
+echo "=== check_decode_overhead (limit ${OVERHEAD_LIMIT:-150}s)"
+timeout "${OVERHEAD_LIMIT:-150}" python3 experiments/gpu_checks/check_decode_overhead.py --loops device \
+  --iters 3 --trace_steps 2 --top 40 --hlo_dir "$OUT/hlo" --mega-decode "${MEGA_DECODE:-fused-mask-shifted,fused-mask-shifted-pallas-scores,fused-dot-shifted-pallas-scores,fused-pallas-shifted-pallas-scores}" \
   --json "$OUT/overhead.json" > "$OUT/overhead.log" 2>&1
 echo "exit $?"
 grep -v "^WARNING\|^I0000\|^E0000" "$OUT/overhead.log" | tail -n 150

@@ -26,7 +26,8 @@ consecutive steps, waited for with block_until_ready. `--loop host` (default): o
 step, queued back to back by Python, as a token-by-token generation loop does (a batch-1 step can
 then be bound by the host's dispatch); `--loop device`: the `--inner` steps of a sample in one
 jitted lax.fori_loop (decoding.generate_on_device). Megalodon decodes as decoding.generate does
-(--mega-decode fused-mask-shifted: decoding.fuse_decode_params + fused_forward_one; `model` times
+(--mega-decode default: decoding.fuse_decode_params + fused_forward_one with decoding.default_fused_settings
+of the batch; other fused-* names pick the settings, see parse_mega_impl; `model` times
 MegalodonLM.apply on the stored parameters). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
 rewritten to experiments/results/<date>_<device>_decode.json after every row.
 
@@ -172,6 +173,15 @@ MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted
                      "fused-reduce-shifted-pallas-scores", "fused-pallas-shifted-pallas-scores")
 
 
+def default_mega_impl(batch: int) -> str:
+  """The fused impl name of decoding.default_fused_settings(batch): what generate runs on this backend."""
+  from megalodon_jax import decoding
+  s = decoding.default_fused_settings(batch)
+  flags = [("t", s.transpose and s.dup not in decoding.TRANSPOSED_DUPS), ("shifted", s.stats == "shifted"),
+           ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas")]
+  return "-".join(["fused", s.dup] + [name for name, on in flags if on])
+
+
 def parse_mega_impl(impl: str) -> dict[str, Any]:
   """A fused impl name, fused-<dup>[-t][-shifted][-pallas][-scores], as fused_forward_one's settings.
 
@@ -314,6 +324,7 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
     params_cache[preset] = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
   rows = []
   for decode_impl in getattr(args, "mega_decode", ["model"]):
+    decode_impl = default_mega_impl(batch) if decode_impl == "default" else decode_impl
     try:
       rows += _megalodon_impl_rows(size, cfg, batch, contexts, args, params_cache[preset], impls, decode_impl)
     except Exception as err:  # noqa: BLE001 - e.g. the compile failed: every context fails
@@ -473,10 +484,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f"comma-separated subset of {llama_lib.DECODE_ATTENTION_IMPLS} (default cudnn,xla; "
                            "xla with --smoke); with several, all are timed at one setting (batch 1 / 32K) and "
                            "the fastest is used for every row")
-  parser.add_argument("--mega-decode", default="fused-mask-shifted",
+  parser.add_argument("--mega-decode", default="default",
                       help=f"comma-separated Megalodon decode impls, each timed in its own rows: {MEGA_DECODE_IMPLS} "
-                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one; the "
-                           "default fused-mask-shifted is what decoding.generate / generate_on_device run)")
+                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one, see "
+                           "parse_mega_impl; default: what decoding.generate / generate_on_device run for the batch "
+                           "on this backend, decoding.default_fused_settings)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--inner", type=int, default=8, help="consecutive steps per timed sample")
@@ -508,7 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.error(f"--mega-decode: name at least one of {MEGA_DECODE_IMPLS}")
   for impl in args.mega_decode:
     try:
-      _ = impl == "model" or parse_mega_impl(impl)
+      _ = impl in ("model", "default") or parse_mega_impl(impl)
     except ValueError as err:
       parser.error(f"--mega-decode: {err}")
   args.llama_decode_attention = [a.strip() for a in (args.llama_decode_attention or "cudnn,xla").split(",")

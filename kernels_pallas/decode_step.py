@@ -298,10 +298,15 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _gemv_kernel(x_ref, w_ref, out_ref):
-  x = x_ref[...].astype(jnp.float32)  # [bk]
-  w = w_ref[...].astype(jnp.float32)  # [bn, bk]
-  out_ref[...] = jnp.sum(w * x[None, :], axis=1)
+def _gemv_kernel(x_ref, w_ref, out_ref, *, block_k: int, k_steps: int):
+  # k_steps tiles of [bn, bk] one after the other (unrolled: every load can be issued up front),
+  # products accumulated elementwise and summed across K once at the end.
+  acc = None
+  for step in range(k_steps):
+    cols = pl.ds(step * block_k, block_k)
+    term = w_ref[:, cols].astype(jnp.float32) * x_ref[cols].astype(jnp.float32)[None, :]
+    acc = term if acc is None else acc + term
+  out_ref[...] = jnp.sum(acc, axis=1)
 
 
 def gemv_partials_reference(x: jax.Array, w_t: jax.Array, block_k: int) -> jax.Array:
@@ -323,10 +328,13 @@ def default_gemv_blocks(n: int, k: int) -> tuple[int, int]:
   return block_n, block_k
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "k_steps", "num_warps", "interpret"))
 def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, block_k: int | None = None,
-                  num_warps: int = 8, interpret: bool | None = None) -> jax.Array:
-  """x [K], w_t [N, K] -> partial products [K / block_k, N] float32 (sum over axis 0 = x @ w_t.T)."""
+                  k_steps: int = 1, num_warps: int = 8, interpret: bool | None = None) -> jax.Array:
+  """x [K], w_t [N, K] -> partial products [K / (block_k k_steps), N] float32 (sum over axis 0 = x @ w_t.T).
+
+  Each program reads k_steps consecutive [block_n, block_k] tiles; k_steps = K / block_k leaves one
+  partial (no split of K, nothing to sum)."""
   n, k = w_t.shape
   if x.shape != (k,):
     raise ValueError(f"gemv_partials: x must be [K] = [{k}] to match w_t [N, K] = {w_t.shape}, got {x.shape}")
@@ -335,16 +343,19 @@ def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, b
   for name, block, dim in (("block_n", block_n, n), ("block_k", block_k, k)):
     if dim % block or block & (block - 1):
       raise ValueError(f"gemv_partials: {name}={block} must be a power of 2 dividing {dim}")
+  if k_steps < 1 or k % (block_k * k_steps):
+    raise ValueError(f"gemv_partials: k_steps={k_steps} tiles of block_k={block_k} must divide K={k}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  span = block_k * k_steps
   return pl.pallas_call(
-      _gemv_kernel, grid=(n // block_n, k // block_k),
-      in_specs=[pl.BlockSpec((block_k,), lambda i, j: (j,)), pl.BlockSpec((block_n, block_k), lambda i, j: (i, j))],
+      functools.partial(_gemv_kernel, block_k=block_k, k_steps=k_steps), grid=(n // block_n, k // span),
+      in_specs=[pl.BlockSpec((span,), lambda i, j: (j,)), pl.BlockSpec((block_n, span), lambda i, j: (i, j))],
       out_specs=pl.BlockSpec((None, block_n), lambda i, j: (j, i)),
-      out_shape=jax.ShapeDtypeStruct((k // block_k, n), jnp.float32), interpret=interpret, name="gemv_partials",
+      out_shape=jax.ShapeDtypeStruct((k // span, n), jnp.float32), interpret=interpret, name="gemv_partials",
       **kwargs,
   )(x, w_t)

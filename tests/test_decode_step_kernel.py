@@ -157,3 +157,33 @@ def test_scores_kernel_equals_its_reference_and_lowers_for_cuda():
   assert "qk_scores_step" in lowered.as_text()
   with pytest.raises(ValueError, match="must divide the chunk"):
     decode_step.qk_scores_step(*args, eps=EPS, block_k=3)
+
+
+@pytest.mark.parametrize("block_n,block_k,k_steps", [(16, 32, 1), (32, 16, 3), (16, 16, 12)])
+def test_gemv_partials_sum_to_the_product(block_n, block_k, k_steps):
+  """x [K] times w_t [N, K] (bf16) as split-K partials: each partial and their sum against float64."""
+  rng = np.random.default_rng(block_n + k_steps)
+  n, k = 64, 192
+  x = jnp.asarray(rng.normal(size=k), jnp.bfloat16)
+  w_t = jnp.asarray(rng.normal(size=(n, k)), jnp.bfloat16)
+  got = np.asarray(decode_step.gemv_partials(x, w_t, block_n=block_n, block_k=block_k, k_steps=k_steps))
+  span = block_k * k_steps
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w_t, np.float64)
+  want = np.stack([w64[:, j:j + span] @ x64[j:j + span] for j in range(0, k, span)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got.sum(0), w64 @ x64, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(decode_step.gemv_partials_reference(x, w_t, span)), want, rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
+  x, w_t = jnp.ones((4864,), jnp.bfloat16), jnp.ones((2048, 4864), jnp.bfloat16)
+  assert decode_step.default_gemv_blocks(2048, 4864) == (128, 256)
+  lowered = jax.jit(lambda a, b: decode_step.gemv_partials(a, b, interpret=False)).trace(x, w_t).lower(
+      lowering_platforms=("cuda",))
+  assert "gemv_partials" in lowered.as_text()
+  with pytest.raises(ValueError, match="power of 2 dividing"):
+    decode_step.gemv_partials(x[:96], w_t[:64, :96], block_n=16, block_k=64)
+  with pytest.raises(ValueError, match="k_steps=5"):
+    decode_step.gemv_partials(x[:96], w_t[:64, :96], block_n=16, block_k=32, k_steps=5)
+  with pytest.raises(ValueError, match="x must be"):
+    decode_step.gemv_partials(x[:32], w_t[:64, :96])

@@ -11,7 +11,8 @@ accumulation) in several forms:
   maskrow_nk   the masked [2, K] rows times w_t [N, K]
   reduce_nk    sum(x[None, :] * w_t, axis=-1) in float32 (a row reduction; producers of x fuse in)
   prologue_nk  reduce_nk with x = xs * scale (an elementwise producer) to see if it stays one kernel
-  pallas_nk[:BNxBK]  kernels_pallas.decode_step.gemv_partials (split-K tiles) + the sum of the partials
+  pallas_nk[:BNxBK[xSTEPS]]  kernels_pallas.decode_step.gemv_partials (split-K tiles of STEPS x BK
+               columns, 0 = all of K) + the sum of the partials
   read_nk      sum(w_t, axis=-1): only the weight read (the best a row-reduction kernel reads at)
   gemm_kn / gemm_nk  (batch > 1) x [B, K] @ w [K, N] and x contracted with w_t [N, K]
 
@@ -70,9 +71,11 @@ def product(variant: str, x: jax.Array, w: jax.Array, mask: jax.Array, scale: ja
     return jnp.sum(xs[:, None, :].astype(F32) * w[None].astype(F32), axis=-1)
   if variant.startswith("pallas_nk"):
     from kernels_pallas import decode_step
-    blocks = variant.split(":")[1].split("x") if ":" in variant else (None, None)
-    rows = [decode_step.gemv_partials(x[b], w, block_n=blocks[0] and int(blocks[0]),
-                                      block_k=blocks[1] and int(blocks[1])).sum(0) for b in range(x.shape[0])]
+    blocks = [int(v) for v in variant.split(":")[1].split("x")] if ":" in variant else [None, None]
+    k_steps = blocks[2] if len(blocks) > 2 else 1
+    k_steps = x.shape[-1] // blocks[1] if k_steps == 0 else k_steps  # 0: all of K in one program
+    rows = [decode_step.gemv_partials(x[b], w, block_n=blocks[0], block_k=blocks[1], k_steps=k_steps).sum(0)
+            for b in range(x.shape[0])]
     return jnp.stack(rows)
   if variant == "read_nk":
     return jnp.sum(w.astype(F32), axis=-1)[None]

@@ -191,30 +191,45 @@ def _rope(re, im, cos, sin, dtype):
   return (re * cos - im * sin).astype(dtype), (re * sin + im * cos).astype(dtype)
 
 
-def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, count_ref, scores_out, keys_out,
-                   *, dz: int, eps: float, block_k: int):
+def _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, *, dz: int, eps: float, dtype):
+  """The new token's q (float32) and k (dtype) halves of one head: bias, RMS norm, affine maps, RoPE."""
   f32 = jnp.float32
   half = dz // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
-  count = count_ref[0]
   zn_re, zn_im = _normalized_z(proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], dz=dz, eps=eps)
   angle = count.astype(f32) * freqs_ref[...]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
-  dtype = keys_ref.dtype
   # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
   q_re, q_im = _rope(zn_re * scale_ref[0, lo] + shift_ref[0, lo], zn_im * scale_ref[0, hi] + shift_ref[0, hi],
                      cos, sin, dtype)
   k_re, k_im = _rope(zn_re * scale_ref[1, lo] + shift_ref[1, lo], zn_im * scale_ref[1, hi] + shift_ref[1, hi],
                      cos, sin, dtype)
-  q_re, q_im = q_re.astype(f32), q_im.astype(f32)
-  keys_re = keys_ref[:, lo].astype(f32)  # [block_k, half]
-  keys_im = keys_ref[:, hi].astype(f32)
+  return q_re.astype(f32), q_im.astype(f32), k_re, k_im
+
+
+def _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, *, dz: int, block_k: int):
+  """Scores [block_k] float32 of the positions [start, start + block_k): the cached keys, the new
+  key at `count`, -inf past it; and the positions."""
+  f32 = jnp.float32
+  half = dz // 2
+  keys_re = keys_ref[:, pl.ds(0, half)].astype(f32)  # [block_k, half]
+  keys_im = keys_ref[:, pl.ds(half, half)].astype(f32)
   scores = jnp.sum(keys_re * q_re[None, :] + keys_im * q_im[None, :], axis=-1)
   new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
-  j = pl.program_id(2)
-  pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
   scores = jnp.where(pos == count, new_score, scores)
-  scores_out[...] = jnp.where(pos <= count, scores, -jnp.inf)
+  return jnp.where(pos <= count, scores, -jnp.inf), pos
+
+
+def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, count_ref, scores_out, keys_out,
+                   *, dz: int, eps: float, block_k: int):
+  half = dz // 2
+  lo, hi = pl.ds(0, half), pl.ds(half, half)
+  count = count_ref[0]
+  q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
+                                      dtype=keys_ref.dtype)
+  j = pl.program_id(2)
+  scores_out[...], _ = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, j * block_k, dz=dz, block_k=block_k)
 
   @pl.when(count // block_k == j)
   def _():
@@ -282,6 +297,144 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
       out_shape=[jax.ShapeDtypeStruct((batch, heads, chunk), jnp.float32), jax.ShapeDtypeStruct(keys.shape, keys.dtype)],
       input_output_aliases={5: 1}, interpret=interpret, name="qk_scores_step", **kwargs,
   )(proj, bias, scale.astype(jnp.float32), shift.astype(jnp.float32), freqs.astype(jnp.float32), keys, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole attention of one new token over the current chunk (flash-decoding split of the chunk).
+#
+# After qk_scores_step, XLA still needs a softmax (2-3 kernels) and the product of the
+# probabilities with the values, a GEMM that reads the [C, H, dv] value buffer (16.8 MB per layer
+# for mega1.3B with a full chunk) at ~1.4 TB/s, plus the kernel that writes the new value. Here
+# every program takes a block of block_k positions and block_d value features of one head:
+# it scores its positions as qk_scores_step does (the new key written by the d = 0 program of
+# the block holding `count`), and writes its block's softmax statistics (max m, sum l of
+# exp(s - m)) and acc = sum over its positions of exp(s - m) v, with the new value (v_new at
+# `count`) written in place. Blocks entirely past `count` read nothing. `attend_combine` merges
+# the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+#
+# Arrays as qk_scores_step's, plus values [B, C, H, dv] (updated in place) and v_new [B, H, dv]
+# (values' dtype). Returns stats [B, H, C / block_k, 2] float32 (m, l), acc [B, H, C / block_k, dv]
+# float32, keys, values.
+# ---------------------------------------------------------------------------------------------
+
+
+def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
+                   stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
+                   sub_d: int):
+  f32 = jnp.float32
+  count = count_ref[0]
+  j, d = pl.program_id(2), pl.program_id(3)
+  start = j * block_k
+  two = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+
+  @pl.when(start <= count)
+  def _():
+    q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
+                                        dtype=keys_ref.dtype)
+    scores, pos = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, dz=dz, block_k=block_k)
+    m = jnp.max(scores)  # finite: position `start` <= count
+    p = jnp.exp(scores - m)  # 0 past count
+    at_new = (pos == count)[:, None]
+    for c in range(block_d // sub_d):
+      cols = pl.ds(c * sub_d, sub_d)
+      v_new = vnew_ref[cols]
+      v = jnp.where(at_new, v_new.astype(f32)[None, :], values_ref[:, cols].astype(f32))  # [block_k, sub_d]
+      acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
+
+    @pl.when(d == 0)
+    def _():
+      stats_out[...] = jnp.where(two == 0, m, jnp.sum(p))
+
+    @pl.when(count // block_k == j)
+    def _():
+      row = pl.ds(count - start, 1)
+      values_out[row, :] = vnew_ref[...][None, :]
+
+      @pl.when(d == 0)
+      def _():
+        half = dz // 2
+        keys_out[row, pl.ds(0, half)] = k_re[None, :]
+        keys_out[row, pl.ds(half, half)] = k_im[None, :]
+
+  @pl.when(start > count)
+  def _():
+    acc_out[...] = jnp.zeros((block_d,), f32)
+
+    @pl.when(d == 0)
+    def _():
+      stats_out[...] = jnp.where(two == 0, -jnp.inf, 0.0)
+
+
+def attend_combine(stats: jax.Array, acc: jax.Array) -> jax.Array:
+  """stats [B, H, NB, 2], acc [B, H, NB, dv] (attend_step's) -> attention output [B, H, dv] float32."""
+  m, l = stats[..., 0], stats[..., 1]
+  weight = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True))  # 0 for blocks past count
+  return jnp.sum(weight[..., None] * acc, axis=2) / jnp.sum(weight * l, axis=-1)[..., None]
+
+
+def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float):
+  """Plain-JAX oracle: (attention output [B, H, dv] float32, keys, values) with the new key and value
+  written at `count` (what attend_combine(attend_step(...)) gives, up to summation order)."""
+  scores, keys = qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, eps=eps)
+  values = jax.lax.dynamic_update_slice(values, v_new[:, None].astype(values.dtype), (0, count[0], 0, 0))
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32)), keys, values
+
+
+def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
+  """(block_k, block_d): 32 positions x up to 1024 features per program."""
+  return min(chunk, 32), min(dv, 1024)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "interpret"))
+def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
+                block_k: int | None = None, block_d: int | None = None, sub_d: int = 256, num_warps: int = 4,
+                interpret: bool | None = None):
+  """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated."""
+  batch, chunk, heads, dz = keys.shape
+  dv = values.shape[-1]
+  default_k, default_d = default_attend_blocks(chunk, dv)
+  block_k, block_d = block_k or default_k, block_d or default_d
+  sub_d = min(sub_d, block_d)
+  if dz % 2 or chunk % block_k or dv % block_d or block_d % sub_d:
+    raise ValueError(f"the head dim ({dz}) must be even, block_k ({block_k}) must divide the chunk ({chunk}), "
+                     f"block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
+  if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
+    raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
+                     f"{values.shape} and {v_new.shape}")
+  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
+    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
+  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
+                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  blocks = chunk // block_k
+  grid = (batch, heads, blocks, dv // block_d)
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j, d: (b, j, h, 0))
+  value_spec = pl.BlockSpec((None, block_k, None, block_d), lambda b, h, j, d: (b, j, h, d))
+  f32 = jnp.float32
+  return pl.pallas_call(
+      functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d),
+      grid=grid,
+      in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
+                pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
+                pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec,
+                pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d)),
+                pl.BlockSpec((1,), lambda b, h, j, d: (0,))],
+      out_specs=[pl.BlockSpec((None, None, None, 2), lambda b, h, j, d: (b, h, j, 0)),
+                 pl.BlockSpec((None, None, None, block_d), lambda b, h, j, d: (b, h, j, d)), key_spec, value_spec],
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, blocks, 2), f32),
+                 jax.ShapeDtypeStruct((batch, heads, blocks, dv), f32),
+                 jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)],
+      input_output_aliases={5: 2, 6: 3}, interpret=interpret, name="attend_step", **kwargs,
+  )(proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values, v_new.astype(values.dtype),
+    count)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def settings_of(fused: Any, batch: int) -> FusedSettings:
   default = default_fused_settings(batch)
   transpose = "w_mx_t" in fused["layers"][0]
   dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
-  return default._replace(dup=dup, transpose=transpose, scores="pallas" if "rope_freqs" in fused else "xla")
+  scores = default.scores if default.scores != "xla" else "pallas"
+  return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla")
 
 
 def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
@@ -133,12 +134,12 @@ def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSe
   CEMA states split for cema='pallas', keys permuted for scores='pallas')."""
   cache = unstack_cache(cache)
   cache = split_cema_state(cache) if settings.cema == "pallas" else cache
-  return permute_keys(cache, config) if settings.scores == "pallas" else cache
+  return permute_keys(cache, config) if settings.scores != "xla" else cache
 
 
 def from_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
   """Inverse of to_fused_cache: the model's cache layout (stacked again for scan_layers)."""
-  cache = unpermute_keys(cache, config) if settings.scores == "pallas" else cache
+  cache = unpermute_keys(cache, config) if settings.scores != "xla" else cache
   cache = join_cema_state(cache) if settings.cema == "pallas" else cache
   return stack_cache(cache) if config.scan_layers else cache
 
@@ -203,7 +204,7 @@ def _loop_setup(params: Any, config: MegalodonConfig, decode_impl: str, fused_pa
     return params, None
   if fused_params is None:
     settings = settings or default_fused_settings(batch)
-    fused_params = fuse_decode_params(params, config, permute_z=settings.scores == "pallas",
+    fused_params = fuse_decode_params(params, config, permute_z=settings.scores != "xla",
                                       transpose=settings.transpose)
   settings = settings or settings_of(fused_params, batch)
   if ("w_mx_t" in fused_params["layers"][0]) != settings.transpose:
@@ -525,6 +526,9 @@ def _layer_norm_shifted(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: f
 
 STATS_MODES = ("two_pass", "shifted")
 CEMA_MODES = ("xla", "pallas")
+# Attention of the new token: XLA; 'pallas' the scores and the new key by kernels_pallas.decode_step.qk_scores_step
+# (softmax and the value product in XLA); 'attend' all of it, new value included, by decode_step.attend_step.
+SCORES_MODES = ("xla", "pallas", "attend")
 
 
 def split_cema_state(cache: ModelCache) -> ModelCache:
@@ -598,9 +602,9 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
     x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
     mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
 
-  if scores == "pallas":
+  if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs)
+                                     rope_freqs, scores)
   proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -618,20 +622,26 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
 
 
-def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs):
-  """_layer_step from mx on, with the attention scores (and the new key) by kernels_pallas.decode_step."""
+def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
+                              scores_mode="pallas"):
+  """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
+  and the new key and value ('attend') by kernels_pallas.decode_step."""
   from kernels_pallas import decode_step
   batch = x.shape[0]
   matmul = lambda a, name: _project(a, lp, name, row_mask, dup)
   raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
-  scores, key = decode_step.qk_scores_step(
-      raw, lp["b_mx"][:z_dim], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs,
-      cache.key, count.reshape(1), eps=cfg.norm_eps)
+  qk = (raw, lp["b_mx"][:z_dim], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
   r, h1 = jnp.split(raw[:, z_dim:] + lp["b_mx"][z_dim:], [cfg.value_dim], axis=-1)
   v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
-  value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
-  attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
+  if scores_mode == "attend":
+    block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),
+                                                           count.reshape(1), eps=cfg.norm_eps)
+    attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
+  else:
+    scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
+    value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
+    attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
   out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
   return out, LayerCache(key, value, h, norm_state)
 
@@ -677,10 +687,10 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
     raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
   if cema not in CEMA_MODES:
     raise ValueError(f"cema must be one of {CEMA_MODES}, got {cema!r}")
-  if scores not in CEMA_MODES:
-    raise ValueError(f"scores must be one of {CEMA_MODES}, got {scores!r}")
-  if (scores == "pallas") != ("rope_freqs" in fused):
-    raise ValueError("scores='pallas' needs fuse_decode_params(..., permute_z=True) (and permute_keys on the "
+  if scores not in SCORES_MODES:
+    raise ValueError(f"scores must be one of {SCORES_MODES}, got {scores!r}")
+  if (scores != "xla") != ("rope_freqs" in fused):
+    raise ValueError(f"scores={scores!r}: 'pallas' and 'attend' need fuse_decode_params(..., permute_z=True) (and permute_keys on the "
                      "cache); scores='xla' needs the default permute_z=False")
   if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
     raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
@@ -721,7 +731,8 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   ('shifted': fewer kernels, same values up to float32 rounding of the variance). cema: the
   TimestepNorm + CEMA + RMSNorm statistics of each block in XLA ('xla') or in one Pallas kernel
   ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
-  attention scores and the new key in XLA or in one Pallas kernel ('pallas': needs
-  fuse_decode_params(..., permute_z=True) and a permute_keys cache).
+  attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
+  with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
+  a permute_keys cache. dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
   """
   return _fused_step(config, dup, stats, cema, scores)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -187,3 +187,46 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     decode_step.gemv_partials(x[:96], w_t[:64, :96], block_n=16, block_k=32, k_steps=5)
   with pytest.raises(ValueError, match="x must be"):
     decode_step.gemv_partials(x[:32], w_t[:64, :96])
+
+
+@pytest.mark.parametrize("count,block_k,block_d", [(0, 4, 32), (6, 4, 16), (13, 8, 16), (C - 1, 4, 32)])
+def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d):
+  """The block-split attention + attend_combine against a dense float64 softmax attention over the
+  cache with the new key (from q/k as the model makes them) and value written at `count`."""
+  rng = np.random.default_rng(count + block_k)
+  dv = 32
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
+          normal(B, C, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
+          jnp.asarray([count], jnp.int32))
+  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=8)
+  got = np.asarray(decode_step.attend_combine(stats, acc))
+  # The scores kernel's keys (its q/k are checked against the model's ops above); values by hand.
+  scores_ref, keys_ref = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS)
+  np.testing.assert_array_equal(np.asarray(keys, np.float32), np.asarray(keys_ref, np.float32))
+  want_values = np.asarray(args[6], np.float64).copy()
+  want_values[:, count] = np.asarray(args[7], np.float64)
+  np.testing.assert_array_equal(np.asarray(values, np.float64), want_values)
+  s = np.asarray(scores_ref, np.float64)[..., :count + 1]
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhk,bkhd->bhd", p, want_values[:, :count + 1])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Blocks past count contribute nothing (m = -inf, l = 0, acc = 0).
+  past = np.arange(C // block_k) * block_k > count
+  assert np.all(np.asarray(stats)[:, :, past, 0] == -np.inf) and np.all(np.asarray(acc)[:, :, past] == 0)
+
+
+def test_attend_step_lowers_for_cuda_and_checks_shapes():
+  args = (jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((512,), jnp.bfloat16), jnp.zeros((2, 512)),
+          jnp.zeros((2, 512)), jnp.zeros((128,)), jnp.zeros((1, 2048, 2, 256), jnp.bfloat16),
+          jnp.zeros((1, 2048, 2, 2048), jnp.bfloat16), jnp.zeros((1, 2, 2048), jnp.bfloat16),
+          jnp.zeros((1,), jnp.int32))
+  lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "attend_step" in lowered.as_text()
+  with pytest.raises(ValueError, match="v_new"):
+    decode_step.attend_step(*args[:7], args[7][:, :, :8], args[8], eps=EPS)
+  with pytest.raises(ValueError, match="block_d"):
+    decode_step.attend_step(*args, eps=EPS, block_d=96)

@@ -45,7 +45,7 @@ def _full_logits(cfg, params, tokens):
     ("tiny_swiglu", 2, "barrier", "shifted", "xla", "xla", False),
     ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas", False),
     ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas", False),
-    ("tiny", 1, "pallas", "shifted", "pallas", "pallas", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "xla", True)])
+    ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True)])
 def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores, transpose):
   cfg, params = _setup(name)
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
@@ -53,10 +53,10 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   full = _full_logits(cfg, params, tokens)
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
-  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas", transpose=transpose)
+  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=transpose)
   if cema == "pallas":
     cache = decoding.split_cema_state(cache)
-  if scores == "pallas":
+  if scores != "xla":
     cache = decoding.permute_keys(cache, cfg)
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
@@ -66,9 +66,9 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
   assert int(cache.count) == length % cfg.chunk_size
-  if "pallas" in (cema, scores):  # the cache converts back to the model's layout: prefill continues from it
+  if cema == "pallas" or scores != "xla":  # the cache converts back to the model's layout: prefill continues
     cache = decoding.join_cema_state(cache) if cema == "pallas" else cache
-    cache = decoding.unpermute_keys(cache, cfg) if scores == "pallas" else cache
+    cache = decoding.unpermute_keys(cache, cfg) if scores != "xla" else cache
     more, _ = decoding.prefill(params, cfg, tokens[:, :2], cache)
     want = _full_logits(cfg, params, np.concatenate([tokens, tokens[:, :2]], axis=1))[:, length:]
     np.testing.assert_allclose(np.asarray(more), want, atol=2e-4, rtol=0)
@@ -146,7 +146,7 @@ def test_key_permutation_round_trips(setup):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores", "fused-pallas-shifted-scores"])
+@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend"])
 def test_bench_decode_impls_give_the_model_logits(impl):
   """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
   from experiments.benchmarks import bench_decode
@@ -157,7 +157,7 @@ def test_bench_decode_impls_give_the_model_logits(impl):
   apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
   got, _ = jax.jit(apply)(prepare(params), prepare_cache(cache), jnp.asarray(tokens[:, 5:]))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused"):
+  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused", "fused-mask-scores-attend"):
     with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
       bench_decode.megalodon_apply(cfg, bad)
 
@@ -192,7 +192,7 @@ def test_generate_with_gpu_style_settings_equals_the_model_path():
   cfg = cfg.replace(scan_layers=True)
   params = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
             "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])}
-  settings = decoding.FusedSettings(dup="pallas", stats="shifted", cema="pallas", scores="pallas", transpose=True)
+  settings = decoding.FusedSettings(dup="pallas", stats="shifted", cema="pallas", scores="attend", transpose=True)
   prompt = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 5))
   kwargs = dict(temperature=1.0)
   model_tokens, model_cache = decoding.generate_on_device(params, cfg, prompt, 10, jax.random.key(2),

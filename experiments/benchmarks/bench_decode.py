@@ -170,7 +170,9 @@ MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted
                      "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores", "fused-mask-t-shifted",
                      "fused-dot-shifted", "fused-reduce-shifted", "fused-pallas-shifted", "fused-dot-shifted-scores",
                      "fused-reduce-shifted-scores", "fused-pallas-shifted-scores", "fused-dot-shifted-pallas-scores",
-                     "fused-reduce-shifted-pallas-scores", "fused-pallas-shifted-pallas-scores")
+                     "fused-reduce-shifted-pallas-scores", "fused-pallas-shifted-pallas-scores",
+                     "fused-mask-shifted-attend", "fused-dot-shifted-attend", "fused-dot-shifted-pallas-attend",
+                     "fused-pallas-shifted-pallas-attend")
 
 
 def default_mega_impl(batch: int) -> str:
@@ -178,26 +180,29 @@ def default_mega_impl(batch: int) -> str:
   from megalodon_jax import decoding
   s = decoding.default_fused_settings(batch)
   flags = [("t", s.transpose and s.dup not in decoding.TRANSPOSED_DUPS), ("shifted", s.stats == "shifted"),
-           ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas")]
+           ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas"), ("attend", s.scores == "attend")]
   return "-".join(["fused", s.dup] + [name for name, on in flags if on])
 
 
 def parse_mega_impl(impl: str) -> dict[str, Any]:
-  """A fused impl name, fused-<dup>[-t][-shifted][-pallas][-scores], as fused_forward_one's settings.
+  """A fused impl name, fused-<dup>[-t][-shifted][-pallas][-scores|-attend], as fused_forward_one's settings.
 
   dup: decoding.DUP_MODES (dot / reduce / pallas read the kernels transposed; -t transposes them for
   mask / barrier too); -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in
-  kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step.
+  kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step;
+  -attend: the whole attention + new key and value in kernels_pallas.decode_step.attend_step.
   """
   from megalodon_jax import decoding
   parts = impl.split("-")
   flags = parts[2:]
   if (len(parts) < 2 or parts[0] != "fused" or parts[1] not in decoding.DUP_MODES
-      or flags != [f for f in ("t", "shifted", "pallas", "scores") if f in flags]):
+      or flags != [f for f in ("t", "shifted", "pallas", "scores", "attend") if f in flags]
+      or ("scores" in flags and "attend" in flags)):
     raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS} "
-                     "(fused-<dup>[-t][-shifted][-pallas][-scores])")
+                     "(fused-<dup>[-t][-shifted][-pallas][-scores|-attend])")
   return {"dup": parts[1], "stats": "shifted" if "shifted" in flags else "two_pass",
-          "cema": "pallas" if "pallas" in flags else "xla", "scores": "pallas" if "scores" in flags else "xla",
+          "cema": "pallas" if "pallas" in flags else "xla",
+          "scores": "pallas" if "scores" in flags else "attend" if "attend" in flags else "xla",
           "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS}
 
 
@@ -225,10 +230,10 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
 
   def prepare_cache(cache):
     cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
-    return decoding.permute_keys(cache, cfg) if scores == "pallas" else cache
+    return decoding.permute_keys(cache, cfg) if scores != "xla" else cache
 
   def prepare(params):
-    return decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas", transpose=settings["transpose"])
+    return decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=settings["transpose"])
 
   return apply, prepare, prepare_cache
 

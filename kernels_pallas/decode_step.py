@@ -20,9 +20,11 @@ Per program (sequence b, groups [j GB, (j + 1) GB)), one step:
 Arrays (G groups of K features, D = G K, N CEMA orders):
   x [B, G, K] (compute dtype); count [B, 1] int32 steps merged so far; mean, var [B, G] float32;
   weight, bias [G, K]; p, q_re, q_im, eta_re, eta_im [G, K, N] float32 (cema_coefficients);
-  omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (updated in place).
-Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, count + 1 [B, 1],
-mean', var' [B, G], h_re', h_im'.
+  omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (mean, var, h_re, h_im updated in place).
+Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, count + 1 [B, 1]
+(an XLA add: every program reads count, so the kernel cannot update it in place), mean', var' [B, G],
+h_re', h_im'. Every state the kernel rewrites is aliased to its input: a state written to a new
+buffer costs a copy back into the cache's buffer in a decode loop (a ~1 us memcpy kernel each).
 
 `tsn_cema_step_reference` is the same math in plain JAX (the test oracle). `tsn_cema_step` runs
 the Triton kernel on a GPU and the Pallas interpreter elsewhere.
@@ -59,7 +61,7 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
 
 def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
             omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, count_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
   f32 = jnp.float32
   xf = x_ref[...].astype(f32)  # [GB, K]
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
@@ -82,8 +84,6 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   xt_out[...] = x_tsn
   y_out[...] = y
   ss_out[...] = jnp.sum(y * y, axis=-1)
-  # Every program of a sequence writes the same new count (one kernel fewer than an XLA add).
-  count_out[0] = count
   mean_out[...] = new_mean
   var_out[...] = new_var
   hr_out[...] = new_re
@@ -138,20 +138,20 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
   state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)),
-               jax.ShapeDtypeStruct((batch, 1), jnp.int32), f32((batch, groups)), f32((batch, groups)),
-               f32(h_re.shape), f32(h_im.shape)]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)), f32((batch, groups)),
+               f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(
+  x_tsn, y, sumsq, new_mean, new_var, new_re, new_im = pl.pallas_call(
       functools.partial(_kernel, eps=float(eps), k=k), grid=grid,
       in_specs=[seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state],
-      out_specs=[seq, seq, stat, cnt, stat, stat, state, state], out_shape=out_shape,
-      input_output_aliases={12: 6, 13: 7}, interpret=interpret, name="tsn_cema_step", **kwargs,
+      out_specs=[seq, seq, stat, stat, stat, state, state], out_shape=out_shape,
+      input_output_aliases={2: 3, 3: 4, 12: 5, 13: 6}, interpret=interpret, name="tsn_cema_step", **kwargs,
   )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
     omega, h_re, h_im)
+  return x_tsn, y, sumsq, count + 1, new_mean, new_var, new_re, new_im
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ class FusedSettings(NamedTuple):
 
 
 # The GPU defaults, from same-run H200 measurements of mega1.3B at 32K (see default_fused_settings).
-GPU_FUSED_SETTINGS = {1: FusedSettings(dup="mask", stats="shifted", cema="pallas", scores="pallas"),
-                      "batched": FusedSettings(dup="mask", stats="shifted", cema="xla", scores="xla")}
+GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True),
+                      "batched": FusedSettings(dup="mask", stats="shifted", cema="xla", scores="attend")}
 
 
 def default_fused_settings(batch: int) -> FusedSettings:
@@ -375,6 +375,8 @@ def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
       "omega": per_group(out["cema_omega"]), "tsn_weight": per_group(out["tsn_weight"]),
       "tsn_bias": per_group(out["tsn_bias"]),
   }
+  # The bias of z and that of [r | h1] apart: slicing b_mx in the step is a kernel of its own.
+  out["b_z"], out["b_rh"] = out["b_mx"][:config.z_dim], out["b_mx"][config.z_dim:]
   if transpose:
     for name in PROJECTIONS:
       out[f"{name}_t"] = out.pop(name).T
@@ -631,8 +633,8 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   matmul = lambda a, name: _project(a, lp, name, row_mask, dup)
   raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
-  qk = (raw, lp["b_mx"][:z_dim], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
-  r, h1 = jnp.split(raw[:, z_dim:] + lp["b_mx"][z_dim:], [cfg.value_dim], axis=-1)
+  qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
+  r, h1 = jnp.split(raw[:, z_dim:] + lp["b_rh"], [cfg.value_dim], axis=-1)
   v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
   if scores_mode == "attend":
     block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),

@@ -185,15 +185,17 @@ def test_generate_on_device_fused_default_equals_the_model_path(scan_layers):
     decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(1), decode_impl="xla")
 
 
-def test_generate_with_gpu_style_settings_equals_the_model_path():
-  """Pallas kernels, transposed kernels and the converted cache layout: the model path's tokens, streamed
-  or on the device, and generate_on_device's cache back in the model's layout (scanned layers)."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_with_the_gpu_settings_equals_the_model_path(batch):
+  """decoding.GPU_FUSED_SETTINGS (Pallas kernels, transposed kernels, the converted cache layout) run
+  here in the Pallas interpreter: the model path's tokens, streamed or on the device, and
+  generate_on_device's cache back in the model's layout (scanned layers)."""
   cfg, params = _setup("tiny")
   cfg = cfg.replace(scan_layers=True)
   params = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
             "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])}
-  settings = decoding.FusedSettings(dup="pallas", stats="shifted", cema="pallas", scores="attend", transpose=True)
-  prompt = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 5))
+  settings = decoding.GPU_FUSED_SETTINGS[1 if batch == 1 else "batched"]
+  prompt = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(batch, 5))
   kwargs = dict(temperature=1.0)
   model_tokens, model_cache = decoding.generate_on_device(params, cfg, prompt, 10, jax.random.key(2),
                                                           decode_impl="model", **kwargs)
@@ -208,7 +210,7 @@ def test_generate_with_gpu_style_settings_equals_the_model_path():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
   # Params made elsewhere: their layout decides; a mismatch with explicit settings is an error.
   fused = decoding.fuse_decode_params(params, cfg, transpose=True)
-  assert decoding.settings_of(fused, 1).transpose
-  with pytest.raises(ValueError, match="transpose=True"):
-    decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(2), fused_params=decoding.fuse_decode_params(
-        params, cfg), fused_settings=settings)
+  assert decoding.settings_of(fused, batch).transpose
+  wrong = decoding.fuse_decode_params(params, cfg, transpose=not settings.transpose)
+  with pytest.raises(ValueError, match=f"transpose={settings.transpose}"):
+    decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(2), fused_params=wrong, fused_settings=settings)

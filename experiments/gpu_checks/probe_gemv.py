@@ -18,7 +18,14 @@ accumulation) in several forms:
 
 Each variant is one jit of `--count` products of distinct weights (a layer stack's worth), so
 the trace's kernel sum divided by --count is the time of one product; TB/s = weight bytes over
-that time. Every variant's result is checked against a float32 reference.
+that time. Every variant's result is checked against a float32 reference. The products are
+independent, so XLA may merge several row reductions into one kernel (kernels per product < 1):
+the time per product is still the weights' read time, as in a decode step where they run one by
+one (there: 5.6-6.4 us per 16.8-19.9 MB, ~3.1 TB/s, H200 2026-11-29).
+
+H200, jax 0.11.2 (2026-11-29, wv K=2048 N=4096): maskrow_kn 7.5 us (2.2 TB/s), dot_kn 25.7 (0.65),
+dot_nk 5.3 (3.15), reduce_nk 5.3 (3.16), prologue_nk 5.4, read_nk 5.5 (3.05), pallas_nk 9.3 / 8.1
+(1.8-2.1, 3 kernels); batch 16: gemm_kn 8.1 us, gemm_nk 8.6 us.
 
   python experiments/gpu_checks/probe_gemv.py --json "$OUT/gemv.json"
   python experiments/gpu_checks/probe_gemv.py --smoke      # tiny shapes on the CPU

@@ -329,16 +329,20 @@ def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   @pl.when(start <= count)
   def _():
+    # The value tiles are loaded first: nothing they need depends on the scores, so their memory
+    # traffic overlaps the q/k and score arithmetic (the kernel is bound by reading the values).
+    # (With several chunks, each is loaded where it is used: fewer registers.)
+    chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
+    tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
     q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
                                         dtype=keys_ref.dtype)
     scores, pos = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, dz=dz, block_k=block_k)
     m = jnp.max(scores)  # finite: position `start` <= count
     p = jnp.exp(scores - m)  # 0 past count
     at_new = (pos == count)[:, None]
-    for c in range(block_d // sub_d):
-      cols = pl.ds(c * sub_d, sub_d)
-      v_new = vnew_ref[cols]
-      v = jnp.where(at_new, v_new.astype(f32)[None, :], values_ref[:, cols].astype(f32))  # [block_k, sub_d]
+    for cols, tile in zip(chunks, tiles):
+      tile = values_ref[:, cols] if tile is None else tile  # [block_k, sub_d]
+      v = jnp.where(at_new, vnew_ref[cols].astype(f32)[None, :], tile.astype(f32))
       acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
 
     @pl.when(d == 0)
@@ -382,20 +386,20 @@ def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, 
 
 
 def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
-  """(block_k, block_d): 32 positions x up to 1024 features per program."""
-  return min(chunk, 32), min(dv, 1024)
+  """(block_k, block_d): 32 positions x up to 512 features per program (mega1.3B: 512 programs)."""
+  return min(chunk, 32), min(dv, 512)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
-                block_k: int | None = None, block_d: int | None = None, sub_d: int = 256, num_warps: int = 4,
+                block_k: int | None = None, block_d: int | None = None, sub_d: int | None = None, num_warps: int = 4,
                 interpret: bool | None = None):
   """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
   block_k, block_d = block_k or default_k, block_d or default_d
-  sub_d = min(sub_d, block_d)
+  sub_d = min(sub_d or block_d, block_d)
   if dz % 2 or chunk % block_k or dv % block_d or block_d % sub_d:
     raise ValueError(f"the head dim ({dz}) must be even, block_k ({block_k}) must divide the chunk ({chunk}), "
                      f"block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")

@@ -104,11 +104,13 @@ class FusedSettings(NamedTuple):
   cema: str = "xla"
   scores: str = "xla"
   transpose: bool = False
+  # scores='attend': (block_k, block_d, sub_d) of decode_step.attend_step; () = its defaults.
+  attend_blocks: tuple[int, ...] = ()
 
 
 # The GPU defaults, from same-run H200 measurements of mega1.3B at 32K (see default_fused_settings).
 GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True),
-                      "batched": FusedSettings(dup="mask", stats="shifted", cema="xla", scores="attend")}
+                      "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True)}
 
 
 def default_fused_settings(batch: int) -> FusedSettings:
@@ -164,7 +166,7 @@ def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k:
   def forward(params, token, cache):
     if decode_impl == "fused":
       return fused_forward_one(params, config, token, cache, settings.dup, settings.stats, settings.cema,
-                               settings.scores)
+                               settings.scores, settings.attend_blocks)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -582,7 +584,7 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
                 cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
-                ) -> tuple[jax.Array, LayerCache]:
+                attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
@@ -606,7 +608,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
   if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs, scores)
+                                     rope_freqs, scores, attend_blocks)
   proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -625,7 +627,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
 
 def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
-                              scores_mode="pallas"):
+                              scores_mode="pallas", attend_blocks=()):
   """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
   and the new key and value ('attend') by kernels_pallas.decode_step."""
   from kernels_pallas import decode_step
@@ -637,8 +639,9 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   r, h1 = jnp.split(raw[:, z_dim:] + lp["b_rh"], [cfg.value_dim], axis=-1)
   v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
   if scores_mode == "attend":
+    blocks = dict(zip(("block_k", "block_d", "sub_d"), attend_blocks))
     block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),
-                                                           count.reshape(1), eps=cfg.norm_eps)
+                                                           count.reshape(1), eps=cfg.norm_eps, **blocks)
     attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
   else:
     scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
@@ -671,7 +674,7 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
@@ -706,7 +709,7 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   layers = []
   for lp, layer_cache in zip(fused["layers"], cache.layers):
     x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
-                               fused.get("rope_freqs"))
+                               fused.get("rope_freqs"), tuple(attend_blocks))
     layers.append(new_layer)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
@@ -717,14 +720,14 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str):
-  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores),
-                 donate_argnums=(2,))
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores,
+                                                               attend_blocks), donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
@@ -735,6 +738,8 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
   attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
   with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
-  a permute_keys cache. dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
+  a permute_keys cache (attend_blocks: attend_step's (block_k, block_d, sub_d), () for its defaults).
+  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
   """
-  return _fused_step(config, dup, stats, cema, scores)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)
+  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks))(
+      fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -189,8 +189,9 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     decode_step.gemv_partials(x[:32], w_t[:64, :96])
 
 
-@pytest.mark.parametrize("count,block_k,block_d", [(0, 4, 32), (6, 4, 16), (13, 8, 16), (C - 1, 4, 32)])
-def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d):
+@pytest.mark.parametrize("count,block_k,block_d,sub_d", [(0, 4, 32, 8), (6, 4, 16, None), (13, 8, 16, 8),
+                                                         (C - 1, 4, 32, None)])
+def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d):
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
   cache with the new key (from q/k as the model makes them) and value written at `count`."""
   rng = np.random.default_rng(count + block_k)
@@ -200,7 +201,7 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
           normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
           normal(B, C, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
           jnp.asarray([count], jnp.int32))
-  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=8)
+  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d)
   got = np.asarray(decode_step.attend_combine(stats, acc))
   # The scores kernel's keys (its q/k are checked against the model's ops above); values by hand.
   scores_ref, keys_ref = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS)

@@ -146,7 +146,8 @@ def test_key_permutation_round_trips(setup):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend"])
+@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend",
+                                  "fused-reduce-shifted-pallas-attend4x8x4"])
 def test_bench_decode_impls_give_the_model_logits(impl):
   """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
   from experiments.benchmarks import bench_decode

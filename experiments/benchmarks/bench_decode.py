@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import re
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -180,7 +181,8 @@ def default_mega_impl(batch: int) -> str:
   from megalodon_jax import decoding
   s = decoding.default_fused_settings(batch)
   flags = [("t", s.transpose and s.dup not in decoding.TRANSPOSED_DUPS), ("shifted", s.stats == "shifted"),
-           ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas"), ("attend", s.scores == "attend")]
+           ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas"),
+           ("attend" + "x".join(map(str, s.attend_blocks)), s.scores == "attend")]
   return "-".join(["fused", s.dup] + [name for name, on in flags if on])
 
 
@@ -190,11 +192,14 @@ def parse_mega_impl(impl: str) -> dict[str, Any]:
   dup: decoding.DUP_MODES (dot / reduce / pallas read the kernels transposed; -t transposes them for
   mask / barrier too); -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in
   kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step;
-  -attend: the whole attention + new key and value in kernels_pallas.decode_step.attend_step.
+  -attend: the whole attention + new key and value in kernels_pallas.decode_step.attend_step
+  (-attend<K>x<D>x<S>: with block_k K, block_d D, sub_d S).
   """
   from megalodon_jax import decoding
   parts = impl.split("-")
-  flags = parts[2:]
+  # attend<K>x<D>x<S>: attend_step with block_k K, block_d D, sub_d S.
+  blocks = [f for f in parts[2:] if re.fullmatch(r"attend\d+x\d+x\d+", f)]
+  flags = ["attend" if f in blocks else f for f in parts[2:]]
   if (len(parts) < 2 or parts[0] != "fused" or parts[1] not in decoding.DUP_MODES
       or flags != [f for f in ("t", "shifted", "pallas", "scores", "attend") if f in flags]
       or ("scores" in flags and "attend" in flags)):
@@ -203,7 +208,8 @@ def parse_mega_impl(impl: str) -> dict[str, Any]:
   return {"dup": parts[1], "stats": "shifted" if "shifted" in flags else "two_pass",
           "cema": "pallas" if "pallas" in flags else "xla",
           "scores": "pallas" if "scores" in flags else "attend" if "attend" in flags else "xla",
-          "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS}
+          "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS,
+          "attend_blocks": tuple(int(v) for v in blocks[0][len("attend"):].split("x")) if blocks else ()}
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
@@ -225,7 +231,8 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
   dup, stats, cema, scores = (settings[k] for k in ("dup", "stats", "cema", "scores"))
 
   def apply(p, cache, tokens):
-    logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores)
+    logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores,
+                                               settings["attend_blocks"])
     return logits[:, None], cache
 
   def prepare_cache(cache):

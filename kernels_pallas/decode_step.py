@@ -90,6 +90,19 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   hi_out[...] = new_im
 
 
+def _kernel_with_count(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref,
+                       ei_ref, omega_ref, hr_ref, hi_ref, state_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out,
+                       hi_out, state_out, *, eps: float, k: int):
+  """_kernel, plus count + 1 written into the (aliased, never read) count_state buffer by one program."""
+  del state_ref
+  _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref, omega_ref,
+          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k)
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    state_out[0] = count_ref[0] + 1
+
+
 def _check(arrays: dict, groups_per_block: int):
   x, h_re = arrays["x"], arrays["h_re"]
   if x.ndim != 3 or h_re.ndim != 4:
@@ -120,8 +133,14 @@ def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
 @functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
 def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
                   eps: float, groups_per_block: int | None = None, num_warps: int = 4,
-                  interpret: bool | None = None):
-  """The kernel (see the module docstring); h_re/h_im are updated in place when donated."""
+                  interpret: bool | None = None, count_state=None):
+  """The kernel (see the module docstring); mean, var, h_re, h_im are updated in place when donated.
+
+  count_state: [B, 1] int32, a buffer holding the same counts as `count` (e.g. a layer's own
+  TimestepNorm count when every layer has seen the same steps, and `count` another layer's): the
+  kernel writes count + 1 into it in place (one program per sequence), and that is the count
+  returned. Without it, count + 1 is an XLA add whose result a decode loop copies back into the
+  cache's buffer."""
   groups_per_block = groups_per_block or default_groups_per_block(*x.shape[1:], h_re.shape[-1])
   _check(dict(x=x, count=count, mean=mean, var=var, weight=weight, bias=bias, p=p, q_re=q_re, q_im=q_im,
               eta_re=eta_re, eta_im=eta_im, omega=omega, h_re=h_re, h_im=h_im), groups_per_block)
@@ -144,14 +163,27 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  x_tsn, y, sumsq, new_mean, new_var, new_re, new_im = pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps), k=k), grid=grid,
-      in_specs=[seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state],
-      out_specs=[seq, seq, stat, stat, stat, state, state], out_shape=out_shape,
-      input_output_aliases={2: 3, 3: 4, 12: 5, 13: 6}, interpret=interpret, name="tsn_cema_step", **kwargs,
-  )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
-    omega, h_re, h_im)
-  return x_tsn, y, sumsq, count + 1, new_mean, new_var, new_re, new_im
+  in_specs = [seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state]
+  out_specs = [seq, seq, stat, stat, stat, state, state]
+  aliases = {2: 3, 3: 4, 12: 5, 13: 6}
+  args = [x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
+          omega, h_re, h_im]
+  kernel = _kernel
+  if count_state is not None:
+    if count_state.shape != count.shape or count_state.dtype != count.dtype:
+      raise ValueError(f"count_state must be like count ({count.shape} {count.dtype}), got "
+                       f"{count_state.shape} {count_state.dtype}")
+    in_specs, out_specs, kernel = in_specs + [cnt], out_specs + [cnt], _kernel_with_count
+    out_shape.append(jax.ShapeDtypeStruct(count.shape, count.dtype))
+    aliases[14] = 7
+    args.append(count_state)
+  outs = pl.pallas_call(
+      functools.partial(kernel, eps=float(eps), k=k), grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, input_output_aliases=aliases, interpret=interpret, name="tsn_cema_step", **kwargs,
+  )(*args)
+  x_tsn, y, sumsq, new_mean, new_var, new_re, new_im = outs[:7]
+  new_count = outs[7] if count_state is not None else count + 1
+  return x_tsn, y, sumsq, new_count, new_mean, new_var, new_re, new_im
 
 
 # ---------------------------------------------------------------------------------------------

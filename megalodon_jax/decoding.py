@@ -560,8 +560,12 @@ def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
   return cache._replace(layers=tuple(layer._replace(key=layer.key[..., inverse]) for layer in cache.layers))
 
 
-def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache):
-  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema)."""
+def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
+                     shared_count: jax.Array | None = None):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema).
+
+  shared_count [B]: the steps every layer's TimestepNorm has merged (the final norm's count, updated
+  after the layers): the kernel reads it and writes count + 1 into the layer's own count in place."""
   from kernels_pallas import decode_step
   from megalodon_jax.ops import timestep_norm as tsn
   batch, dim = x.shape
@@ -570,9 +574,10 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
   h_re, h_im = cache.cema
   state = (batch, groups, dim // groups, order)
   x_tsn, y, sumsq, count, mean, var, h_re, h_im = decode_step.tsn_cema_step(
-      x.reshape(batch, groups, -1), cache.norm.count[:, None], cache.norm.mean, cache.norm.var,
-      sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"], sp["eta_re"], sp["eta_im"], sp["omega"],
-      h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps)
+      x.reshape(batch, groups, -1), (cache.norm.count if shared_count is None else shared_count)[:, None],
+      cache.norm.mean, cache.norm.var, sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"],
+      sp["eta_re"], sp["eta_im"], sp["omega"], h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps,
+      count_state=None if shared_count is None else cache.norm.count[:, None])
   y = y.reshape(batch, dim)
   inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
   mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
@@ -584,7 +589,8 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
                 cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
-                attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, LayerCache]:
+                attend_blocks: tuple[int, ...] = (), shared_count: jax.Array | None = None,
+                ) -> tuple[jax.Array, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
@@ -594,7 +600,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   matmul = lambda a, name: _project(a, lp, name, row_mask, dup)
 
   if cema == "pallas":
-    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache)
+    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache, shared_count)
   else:
     tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
     x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
@@ -708,8 +714,9 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   count = cache.count
   layers = []
   for lp, layer_cache in zip(fused["layers"], cache.layers):
+    # Every layer's TimestepNorm has merged as many steps as the final norm (updated after the layers).
     x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
-                               fused.get("rope_freqs"), tuple(attend_blocks))
+                               fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count)
     layers.append(new_layer)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],

@@ -74,6 +74,22 @@ def test_kernel_equals_its_reference_exactly_enough(inputs):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-6, atol=2e-6)
 
 
+def test_count_state_is_written_in_place_and_the_rest_is_unchanged(inputs):
+  """count_state: a second buffer of the same counts gets count + 1 (the kernel never reads it)."""
+  args = _kernel_args(*inputs)
+  plain = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2)
+  sentinel = jnp.full_like(args[1], -7)  # whatever the buffer held before is overwritten, not read
+  shared = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2, count_state=sentinel)
+  np.testing.assert_array_equal(np.asarray(shared[3]), np.asarray(args[1]) + 1)
+  for got, want in zip(shared, plain):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  lowered = jax.jit(lambda *a: decode_step.tsn_cema_step(*a[:-1], eps=EPS, interpret=False, count_state=a[-1])).trace(
+      *args, sentinel).lower(lowering_platforms=("cuda",))
+  assert "tsn_cema_step" in lowered.as_text()
+  with pytest.raises(ValueError, match="count_state must be like count"):
+    decode_step.tsn_cema_step(*args, eps=EPS, count_state=sentinel[:, :0])
+
+
 def test_kernel_lowers_for_cuda(inputs):
   """The Triton path lowers (cross-lowering from the CPU; no GPU needed)."""
   args = _kernel_args(*inputs)

@@ -106,11 +106,14 @@ class FusedSettings(NamedTuple):
   transpose: bool = False
   # scores='attend': (block_k, block_d, sub_d) of decode_step.attend_step; () = its defaults.
   attend_blocks: tuple[int, ...] = ()
+  fold_norm: bool = False  # fuse_decode_params(fold_norm=...)
 
 
 # The GPU defaults, from same-run H200 measurements of mega1.3B at 32K (see default_fused_settings).
-GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True),
-                      "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True)}
+GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
+                                       fold_norm=True),
+                      "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True,
+                                               fold_norm=True)}
 
 
 def default_fused_settings(batch: int) -> FusedSettings:
@@ -128,7 +131,8 @@ def settings_of(fused: Any, batch: int) -> FusedSettings:
   transpose = "w_mx_t" in fused["layers"][0]
   dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
   scores = default.scores if default.scores != "xla" else "pallas"
-  return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla")
+  return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla",
+                          fold_norm="ffn_colsum" in fused["layers"][0])
 
 
 def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
@@ -207,7 +211,7 @@ def _loop_setup(params: Any, config: MegalodonConfig, decode_impl: str, fused_pa
   if fused_params is None:
     settings = settings or default_fused_settings(batch)
     fused_params = fuse_decode_params(params, config, permute_z=settings.scores != "xla",
-                                      transpose=settings.transpose)
+                                      transpose=settings.transpose, fold_norm=settings.fold_norm)
   settings = settings or settings_of(fused_params, batch)
   if ("w_mx_t" in fused_params["layers"][0]) != settings.transpose:
     raise ValueError(f"fused_params are {'' if settings.transpose else 'not '}expected transposed by {settings}: "
@@ -330,7 +334,7 @@ def _z_permutation(config: MegalodonConfig) -> np.ndarray:
 
 
 def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
-                transpose: bool = False) -> dict[str, Any]:
+                transpose: bool = False, fold_norm: bool = False) -> dict[str, Any]:
   """One block's parameters in decode layout (see fuse_decode_params)."""
   from megalodon_jax.ops import cema as cema_ops
   dtype = jnp.dtype(config.dtype)
@@ -377,6 +381,14 @@ def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
       "omega": per_group(out["cema_omega"]), "tsn_weight": per_group(out["tsn_weight"]),
       "tsn_bias": per_group(out["tsn_bias"]),
   }
+  if fold_norm:
+    # The FFN's LayerNorm scale folded into fc_in's rows (see _folded_norm_fc_in); the column sums of
+    # the rounded kernel, so that subtracting the mean matches the product the step computes.
+    w = fc_in.astype(f32)
+    folded = ((ffn["norm"]["weight"].astype(f32) + 1.0)[:, None] * w).astype(dtype)
+    out["fc_in"] = folded
+    out["ffn_colsum"] = jnp.sum(folded.astype(f32), axis=0)
+    out["ffn_bias0"] = ffn["norm"]["bias"].astype(f32) @ w
   # The bias of z and that of [r | h1] apart: slicing b_mx in the step is a kernel of its own.
   out["b_z"], out["b_rh"] = out["b_mx"][:config.z_dim], out["b_mx"][config.z_dim:]
   if transpose:
@@ -386,7 +398,7 @@ def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
 
 
 def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = False,
-                       transpose: bool = False) -> dict[str, Any]:
+                       transpose: bool = False, fold_norm: bool = False) -> dict[str, Any]:
   """The model's parameters in the layout `fused_decode_step` reads; compute once per generation.
 
   Per layer: CEMA coefficients (p, q, eta, as ops.cema.cema_coefficients makes them every step),
@@ -402,10 +414,14 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   transpose: the projection kernels (PROJECTIONS) stored transposed, [N, K] under `<name>_t`:
   contiguous along the reduction, the layout of the single-row forms TRANSPOSED_DUPS (a row
   reduction reads each weight once, coalesced); 'mask' and 'barrier' and batches > 1 read it too.
+
+  fold_norm: the FFN LayerNorm's scale folded into fc_in (plus fc_in's column sums and the norm's
+  bias times fc_in): the step multiplies the block's output itself and normalises the product
+  (one kernel fewer per layer; equal to the norm-then-product up to bf16 rounding).
   """
   from megalodon_jax.ops import rope
   dtype = jnp.dtype(config.dtype)
-  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z, transpose))
+  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z, transpose, fold_norm))
   embedding = params["embed"]["embedding"]
   head = embedding.T if config.share_emb else params["output"]["kernel"]
   extra = {"rope_freqs": rope.rope_frequencies(config.z_head_dim, config.rope_base)} if permute_z else {}
@@ -420,8 +436,9 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   }
 
 
-def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str, transposed: bool = False) -> jax.Array:
-  """x: [B, K] @ w: [K, N] (or w: [N, K] when transposed) -> [B, N] in x's dtype.
+def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str, transposed: bool = False,
+                 out_dtype=None) -> jax.Array:
+  """x: [B, K] @ w: [K, N] (or w: [N, K] when transposed) -> [B, N] in out_dtype (default x's dtype).
 
   Batch > 1 is a plain GEMM. A single row is, by dup: 'barrier' / 'mask' a GEMM of two rows (see
   above); with the transposed kernel 'dot' a dot_general that XLA strength-reduces to a row
@@ -430,29 +447,33 @@ def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str, tran
   'pallas' kernels_pallas.decode_step.gemv_partials (split-K tiles) and the sum of its partials.
   """
   from megalodon_jax.ops import dense as dense_ops
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  pref = None if out_dtype == x.dtype else out_dtype
   dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
   if x.shape[0] != 1:
-    return jax.lax.dot_general(x, w, dims) if transposed else dense_ops.dot_general(x, w, dims)
+    if transposed:
+      return jax.lax.dot_general(x, w, dims, preferred_element_type=pref)
+    return dense_ops.dot_general(x, w, dims, preferred_element_type=pref)
   if dup == "barrier":
-    return dense_ops.dot_general(x, w, dims)
+    return dense_ops.dot_general(x, w, dims, preferred_element_type=pref)
   if dup == "mask":
     doubled = x * row_mask[:, None].astype(x.dtype)  # [2, K]: x and 0 * x
-    return jax.lax.dot_general(doubled, w, dims)[:1]
+    return jax.lax.dot_general(doubled, w, dims, preferred_element_type=pref)[:1]
   if not transposed:
     raise ValueError(f"dup={dup!r} reads the kernels transposed: use fuse_decode_params(..., transpose=True)")
   if dup == "dot":
-    return jax.lax.dot_general(x, w, dims)
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=pref)
   if dup == "reduce":
-    return jnp.sum(x.astype(jnp.float32) * w.astype(jnp.float32), axis=-1)[None].astype(x.dtype)
+    return jnp.sum(x.astype(jnp.float32) * w.astype(jnp.float32), axis=-1)[None].astype(out_dtype)
   from kernels_pallas import decode_step
-  return jnp.sum(decode_step.gemv_partials(x[0], w), axis=0)[None].astype(x.dtype)
+  return jnp.sum(decode_step.gemv_partials(x[0], w), axis=0)[None].astype(out_dtype)
 
 
-def _project(x: jax.Array, lp: dict[str, Any], name: str, row_mask: jax.Array, dup: str) -> jax.Array:
-  """x: [B, K] times the layer's projection kernel `name` (either layout) -> [B, N] in x's dtype."""
+def _project(x: jax.Array, lp: dict[str, Any], name: str, row_mask: jax.Array, dup: str, out_dtype=None) -> jax.Array:
+  """x: [B, K] times the layer's projection kernel `name` (either layout) -> [B, N] in out_dtype (x's)."""
   if f"{name}_t" in lp:
-    return _rows_matmul(x, lp[f"{name}_t"], row_mask, dup, transposed=True)
-  return _rows_matmul(x, lp[name], row_mask, dup)
+    return _rows_matmul(x, lp[f"{name}_t"], row_mask, dup, transposed=True, out_dtype=out_dtype)
+  return _rows_matmul(x, lp[name], row_mask, dup, out_dtype=out_dtype)
 
 
 def _probs_times_values(probs: jax.Array, value: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
@@ -597,7 +618,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   dtype = jnp.dtype(cfg.dtype)
   batch = x.shape[0]
   heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
-  matmul = lambda a, name: _project(a, lp, name, row_mask, dup)
+  matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
 
   if cema == "pallas":
     x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache, shared_count)
@@ -638,7 +659,7 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   and the new key and value ('attend') by kernels_pallas.decode_step."""
   from kernels_pallas import decode_step
   batch = x.shape[0]
-  matmul = lambda a, name: _project(a, lp, name, row_mask, dup)
+  matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
   raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
   qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
@@ -657,6 +678,19 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   return out, LayerCache(key, value, h, norm_state)
 
 
+def _folded_norm_fc_in(lp, cfg, y, matmul):
+  """LayerNorm(y) @ fc_in with the norm's scale folded into the kernel (fuse_decode_params(fold_norm=True)):
+  rstd (y @ W' - mean colsum(W')) + bias @ fc_in, W' = diag(weight + 1) fc_in. The product reads y
+  as it is, so the normalisation is no kernel of its own; the moments (one shifted pass) run beside it."""
+  yf = y.astype(jnp.float32)
+  d = yf - yf[..., :1]
+  shift = jnp.mean(d, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+  mean = yf[..., :1] + shift
+  raw = matmul(y, "fc_in", jnp.float32)  # [B, F] float32: the mean is subtracted after the product
+  return ((raw - mean * lp["ffn_colsum"]) * jax.lax.rsqrt(var + cfg.norm_eps) + lp["ffn_bias0"]).astype(y.dtype)
+
+
 def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
   """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual."""
   from megalodon_jax.ops import norms
@@ -664,9 +698,12 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
   attn = attn.reshape(batch, cfg.value_dim) * r
   y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
 
-  layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
-  u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
-  hidden = matmul(u, "fc_in")
+  if "ffn_colsum" in lp:
+    hidden = _folded_norm_fc_in(lp, cfg, y, matmul)
+  else:
+    layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
+    u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
+    hidden = matmul(u, "fc_in")
   if cfg.swiglu:
     gate, up = jnp.split(hidden, 2, axis=-1)
     hidden = jax.nn.silu(gate) * up

@@ -45,15 +45,18 @@ def _full_logits(cfg, params, tokens):
     ("tiny_swiglu", 2, "barrier", "shifted", "xla", "xla", False),
     ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas", False),
     ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas", False),
-    ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True)])
+    ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True),
+    ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold")])
 def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores, transpose):
+  """transpose "fold": transposed kernels and the FFN norm folded into fc_in."""
   cfg, params = _setup(name)
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
   full = _full_logits(cfg, params, tokens)
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
-  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=transpose)
+  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=bool(transpose),
+                                      fold_norm=transpose == "fold")
   if cema == "pallas":
     cache = decoding.split_cema_state(cache)
   if scores != "xla":
@@ -147,7 +150,7 @@ def test_key_permutation_round_trips(setup):
 
 
 @pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend",
-                                  "fused-reduce-shifted-pallas-attend4x8x4"])
+                                  "fused-reduce-fold-shifted-pallas-attend4x8x4", "fused-mask-t-fold-shifted"])
 def test_bench_decode_impls_give_the_model_logits(impl):
   """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
   from experiments.benchmarks import bench_decode

@@ -311,6 +311,14 @@ def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray 
 # a single sequence, a second row made by multiplying the row by a runtime 0/1 mask (a parameter
 # XLA cannot see through), so the product stays a GEMM without a barrier and the producer of the
 # row can fuse into it.
+#
+# The mask-row GEMM reads the weights at ~2.2 TB/s (XLA's Triton GEMM for two rows). Stored
+# transposed, [N, K] (transpose=True), a single row times a kernel is a row reduction over the
+# contiguous K axis (dup 'reduce', or 'dot', which XLA strength-reduces to the same for kernels
+# under 10M elements): ~3.1 TB/s, what XLA's reduction kernel reads at (experiments/gpu_checks/
+# probe_gemv.py). The rest of a layer is kernel count: Pallas kernels for TimestepNorm + CEMA
+# (states updated in place) and for the token's whole attention (decode_step.attend_step), and
+# the FFN's LayerNorm folded into fc_in (fold_norm=True).
 # ---------------------------------------------------------------------------------------------
 
 DUP_MODES = ("barrier", "mask", "dot", "reduce", "pallas")

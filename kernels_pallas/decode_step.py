@@ -20,9 +20,11 @@ Per program (sequence b, groups [j GB, (j + 1) GB)), one step:
 Arrays (G groups of K features, D = G K, N CEMA orders):
   x [B, G, K] (compute dtype); count [B, 1] int32 steps merged so far; mean, var [B, G] float32;
   weight, bias [G, K]; p, q_re, q_im, eta_re, eta_im [G, K, N] float32 (cema_coefficients);
-  omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (updated in place).
-Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, count + 1 [B, 1],
-mean', var' [B, G], h_re', h_im'.
+  omega [G, K] float32; h_re, h_im [B, G, K, N] float32 (mean, var, h_re, h_im updated in place).
+Returns x_tsn [B, G, K] (x.dtype), y [B, G, K] float32, sumsq [B, G] float32, count + 1 [B, 1]
+(an XLA add: every program reads count, so the kernel cannot update it in place), mean', var' [B, G],
+h_re', h_im'. Every state the kernel rewrites is aliased to its input: a state written to a new
+buffer costs a copy back into the cache's buffer in a decode loop (a ~1 us memcpy kernel each).
 
 `tsn_cema_step_reference` is the same math in plain JAX (the test oracle). `tsn_cema_step` runs
 the Triton kernel on a GPU and the Pallas interpreter elsewhere.
@@ -59,7 +61,7 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
 
 def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
             omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, count_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
   f32 = jnp.float32
   xf = x_ref[...].astype(f32)  # [GB, K]
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
@@ -82,12 +84,23 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   xt_out[...] = x_tsn
   y_out[...] = y
   ss_out[...] = jnp.sum(y * y, axis=-1)
-  # Every program of a sequence writes the same new count (one kernel fewer than an XLA add).
-  count_out[0] = count
   mean_out[...] = new_mean
   var_out[...] = new_var
   hr_out[...] = new_re
   hi_out[...] = new_im
+
+
+def _kernel_with_count(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref,
+                       ei_ref, omega_ref, hr_ref, hi_ref, state_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out,
+                       hi_out, state_out, *, eps: float, k: int):
+  """_kernel, plus count + 1 written into the (aliased, never read) count_state buffer by one program."""
+  del state_ref
+  _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref, omega_ref,
+          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k)
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    state_out[0] = count_ref[0] + 1
 
 
 def _check(arrays: dict, groups_per_block: int):
@@ -120,8 +133,14 @@ def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
 @functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
 def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
                   eps: float, groups_per_block: int | None = None, num_warps: int = 4,
-                  interpret: bool | None = None):
-  """The kernel (see the module docstring); h_re/h_im are updated in place when donated."""
+                  interpret: bool | None = None, count_state=None):
+  """The kernel (see the module docstring); mean, var, h_re, h_im are updated in place when donated.
+
+  count_state: [B, 1] int32, a buffer holding the same counts as `count` (e.g. a layer's own
+  TimestepNorm count when every layer has seen the same steps, and `count` another layer's): the
+  kernel writes count + 1 into it in place (one program per sequence), and that is the count
+  returned. Without it, count + 1 is an XLA add whose result a decode loop copies back into the
+  cache's buffer."""
   groups_per_block = groups_per_block or default_groups_per_block(*x.shape[1:], h_re.shape[-1])
   _check(dict(x=x, count=count, mean=mean, var=var, weight=weight, bias=bias, p=p, q_re=q_re, q_im=q_im,
               eta_re=eta_re, eta_im=eta_im, omega=omega, h_re=h_re, h_im=h_im), groups_per_block)
@@ -138,20 +157,33 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
   state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)),
-               jax.ShapeDtypeStruct((batch, 1), jnp.int32), f32((batch, groups)), f32((batch, groups)),
-               f32(h_re.shape), f32(h_im.shape)]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)), f32((batch, groups)),
+               f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps), k=k), grid=grid,
-      in_specs=[seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state],
-      out_specs=[seq, seq, stat, cnt, stat, stat, state, state], out_shape=out_shape,
-      input_output_aliases={12: 6, 13: 7}, interpret=interpret, name="tsn_cema_step", **kwargs,
-  )(x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
-    omega, h_re, h_im)
+  in_specs = [seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state]
+  out_specs = [seq, seq, stat, stat, stat, state, state]
+  aliases = {2: 3, 3: 4, 12: 5, 13: 6}
+  args = [x, count, mean.astype(jnp.float32), var.astype(jnp.float32), weight, bias, p, q_re, q_im, eta_re, eta_im,
+          omega, h_re, h_im]
+  kernel = _kernel
+  if count_state is not None:
+    if count_state.shape != count.shape or count_state.dtype != count.dtype:
+      raise ValueError(f"count_state must be like count ({count.shape} {count.dtype}), got "
+                       f"{count_state.shape} {count_state.dtype}")
+    in_specs, out_specs, kernel = in_specs + [cnt], out_specs + [cnt], _kernel_with_count
+    out_shape.append(jax.ShapeDtypeStruct(count.shape, count.dtype))
+    aliases[14] = 7
+    args.append(count_state)
+  outs = pl.pallas_call(
+      functools.partial(kernel, eps=float(eps), k=k), grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, input_output_aliases=aliases, interpret=interpret, name="tsn_cema_step", **kwargs,
+  )(*args)
+  x_tsn, y, sumsq, new_mean, new_var, new_re, new_im = outs[:7]
+  new_count = outs[7] if count_state is not None else count + 1
+  return x_tsn, y, sumsq, new_count, new_mean, new_var, new_re, new_im
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,30 +223,45 @@ def _rope(re, im, cos, sin, dtype):
   return (re * cos - im * sin).astype(dtype), (re * sin + im * cos).astype(dtype)
 
 
-def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, count_ref, scores_out, keys_out,
-                   *, dz: int, eps: float, block_k: int):
+def _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, *, dz: int, eps: float, dtype):
+  """The new token's q (float32) and k (dtype) halves of one head: bias, RMS norm, affine maps, RoPE."""
   f32 = jnp.float32
   half = dz // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
-  count = count_ref[0]
   zn_re, zn_im = _normalized_z(proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], dz=dz, eps=eps)
   angle = count.astype(f32) * freqs_ref[...]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
-  dtype = keys_ref.dtype
   # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
   q_re, q_im = _rope(zn_re * scale_ref[0, lo] + shift_ref[0, lo], zn_im * scale_ref[0, hi] + shift_ref[0, hi],
                      cos, sin, dtype)
   k_re, k_im = _rope(zn_re * scale_ref[1, lo] + shift_ref[1, lo], zn_im * scale_ref[1, hi] + shift_ref[1, hi],
                      cos, sin, dtype)
-  q_re, q_im = q_re.astype(f32), q_im.astype(f32)
-  keys_re = keys_ref[:, lo].astype(f32)  # [block_k, half]
-  keys_im = keys_ref[:, hi].astype(f32)
+  return q_re.astype(f32), q_im.astype(f32), k_re, k_im
+
+
+def _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, *, dz: int, block_k: int):
+  """Scores [block_k] float32 of the positions [start, start + block_k): the cached keys, the new
+  key at `count`, -inf past it; and the positions."""
+  f32 = jnp.float32
+  half = dz // 2
+  keys_re = keys_ref[:, pl.ds(0, half)].astype(f32)  # [block_k, half]
+  keys_im = keys_ref[:, pl.ds(half, half)].astype(f32)
   scores = jnp.sum(keys_re * q_re[None, :] + keys_im * q_im[None, :], axis=-1)
   new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
-  j = pl.program_id(2)
-  pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
   scores = jnp.where(pos == count, new_score, scores)
-  scores_out[...] = jnp.where(pos <= count, scores, -jnp.inf)
+  return jnp.where(pos <= count, scores, -jnp.inf), pos
+
+
+def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, count_ref, scores_out, keys_out,
+                   *, dz: int, eps: float, block_k: int):
+  half = dz // 2
+  lo, hi = pl.ds(0, half), pl.ds(half, half)
+  count = count_ref[0]
+  q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
+                                      dtype=keys_ref.dtype)
+  j = pl.program_id(2)
+  scores_out[...], _ = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, j * block_k, dz=dz, block_k=block_k)
 
   @pl.when(count // block_k == j)
   def _():
@@ -282,3 +329,226 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
       out_shape=[jax.ShapeDtypeStruct((batch, heads, chunk), jnp.float32), jax.ShapeDtypeStruct(keys.shape, keys.dtype)],
       input_output_aliases={5: 1}, interpret=interpret, name="qk_scores_step", **kwargs,
   )(proj, bias, scale.astype(jnp.float32), shift.astype(jnp.float32), freqs.astype(jnp.float32), keys, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole attention of one new token over the current chunk (flash-decoding split of the chunk).
+#
+# After qk_scores_step, XLA still needs a softmax (2-3 kernels) and the product of the
+# probabilities with the values, a GEMM that reads the [C, H, dv] value buffer (16.8 MB per layer
+# for mega1.3B with a full chunk) at ~1.4 TB/s, plus the kernel that writes the new value. Here
+# every program takes a block of block_k positions and block_d value features of one head:
+# it scores its positions as qk_scores_step does (the new key written by the d = 0 program of
+# the block holding `count`), and writes its block's softmax statistics (max m, sum l of
+# exp(s - m)) and acc = sum over its positions of exp(s - m) v, with the new value (v_new at
+# `count`) written in place. Blocks entirely past `count` read nothing. `attend_combine` merges
+# the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+#
+# Arrays as qk_scores_step's, plus values [B, C, H, dv] (updated in place) and v_new [B, H, dv]
+# (values' dtype). Returns stats [B, H, C / block_k, 2] float32 (m, l), acc [B, H, C / block_k, dv]
+# float32, keys, values.
+# ---------------------------------------------------------------------------------------------
+
+
+def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
+                   stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
+                   sub_d: int):
+  f32 = jnp.float32
+  count = count_ref[0]
+  j, d = pl.program_id(2), pl.program_id(3)
+  start = j * block_k
+  two = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+
+  @pl.when(start <= count)
+  def _():
+    # The value tiles are loaded first: nothing they need depends on the scores, so their memory
+    # traffic overlaps the q/k and score arithmetic (the kernel is bound by reading the values).
+    # (With several chunks, each is loaded where it is used: fewer registers.)
+    chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
+    tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
+    q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
+                                        dtype=keys_ref.dtype)
+    scores, pos = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, dz=dz, block_k=block_k)
+    m = jnp.max(scores)  # finite: position `start` <= count
+    p = jnp.exp(scores - m)  # 0 past count
+    at_new = (pos == count)[:, None]
+    for cols, tile in zip(chunks, tiles):
+      tile = values_ref[:, cols] if tile is None else tile  # [block_k, sub_d]
+      v = jnp.where(at_new, vnew_ref[cols].astype(f32)[None, :], tile.astype(f32))
+      acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
+
+    @pl.when(d == 0)
+    def _():
+      stats_out[...] = jnp.where(two == 0, m, jnp.sum(p))
+
+    @pl.when(count // block_k == j)
+    def _():
+      row = pl.ds(count - start, 1)
+      values_out[row, :] = vnew_ref[...][None, :]
+
+      @pl.when(d == 0)
+      def _():
+        half = dz // 2
+        keys_out[row, pl.ds(0, half)] = k_re[None, :]
+        keys_out[row, pl.ds(half, half)] = k_im[None, :]
+
+  @pl.when(start > count)
+  def _():
+    acc_out[...] = jnp.zeros((block_d,), f32)
+
+    @pl.when(d == 0)
+    def _():
+      stats_out[...] = jnp.where(two == 0, -jnp.inf, 0.0)
+
+
+def attend_combine(stats: jax.Array, acc: jax.Array) -> jax.Array:
+  """stats [B, H, NB, 2], acc [B, H, NB, dv] (attend_step's) -> attention output [B, H, dv] float32."""
+  m, l = stats[..., 0], stats[..., 1]
+  weight = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True))  # 0 for blocks past count
+  return jnp.sum(weight[..., None] * acc, axis=2) / jnp.sum(weight * l, axis=-1)[..., None]
+
+
+def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float):
+  """Plain-JAX oracle: (attention output [B, H, dv] float32, keys, values) with the new key and value
+  written at `count` (what attend_combine(attend_step(...)) gives, up to summation order)."""
+  scores, keys = qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, eps=eps)
+  values = jax.lax.dynamic_update_slice(values, v_new[:, None].astype(values.dtype), (0, count[0], 0, 0))
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32)), keys, values
+
+
+def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
+  """(block_k, block_d): 32 positions x up to 1024 features per program, read in sub_d = 256 chunks.
+
+  H200, mega1.3B batch 1 at 32K (2026-11-29, same run): 32 x 1024 in 4 chunks of 256, 1.690 ms per
+  token; 32 x 512 loaded in one go before the scores, 1.848 ms (attend_step 15.6 us per layer
+  against ~11.9)."""
+  return min(chunk, 32), min(dv, 1024)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "interpret"))
+def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
+                block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
+                interpret: bool | None = None):
+  """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated."""
+  batch, chunk, heads, dz = keys.shape
+  dv = values.shape[-1]
+  default_k, default_d = default_attend_blocks(chunk, dv)
+  block_k, block_d = block_k or default_k, block_d or default_d
+  sub_d = min(sub_d or block_d, block_d)
+  if dz % 2 or chunk % block_k or dv % block_d or block_d % sub_d:
+    raise ValueError(f"the head dim ({dz}) must be even, block_k ({block_k}) must divide the chunk ({chunk}), "
+                     f"block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
+  if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
+    raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
+                     f"{values.shape} and {v_new.shape}")
+  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
+    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
+  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
+                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  blocks = chunk // block_k
+  grid = (batch, heads, blocks, dv // block_d)
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j, d: (b, j, h, 0))
+  value_spec = pl.BlockSpec((None, block_k, None, block_d), lambda b, h, j, d: (b, j, h, d))
+  f32 = jnp.float32
+  return pl.pallas_call(
+      functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d),
+      grid=grid,
+      in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
+                pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
+                pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec,
+                pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d)),
+                pl.BlockSpec((1,), lambda b, h, j, d: (0,))],
+      out_specs=[pl.BlockSpec((None, None, None, 2), lambda b, h, j, d: (b, h, j, 0)),
+                 pl.BlockSpec((None, None, None, block_d), lambda b, h, j, d: (b, h, j, d)), key_spec, value_spec],
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, blocks, 2), f32),
+                 jax.ShapeDtypeStruct((batch, heads, blocks, dv), f32),
+                 jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)],
+      input_output_aliases={5: 2, 6: 3}, interpret=interpret, name="attend_step", **kwargs,
+  )(proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values, v_new.astype(values.dtype),
+    count)
+
+
+# ---------------------------------------------------------------------------------------------
+# One row times a matrix stored transposed, for batch-1 decoding.
+#
+# A decode step's projections are one row times a [K, N] weight: pure weight traffic (2 bytes per
+# weight read once). XLA's GEMM kernels for M <= 2 leave the H200 at ~2 TB/s of its ~4 TB/s. Here
+# the weight is stored [N, K] (contiguous along the reduction) and split into [block_n, block_k]
+# tiles, one per program and each read in one go, so that the whole grid keeps many independent
+# loads in flight; every program writes its tile's partial dot products and the caller sums the
+# K / block_k partials (a small reduction XLA can fuse into the consumer of the product).
+#
+# Arrays: x [K] (any float dtype), w_t [N, K]; returns partials [K / block_k, N] float32.
+# ---------------------------------------------------------------------------------------------
+
+
+def _gemv_kernel(x_ref, w_ref, out_ref, *, block_k: int, k_steps: int):
+  # k_steps tiles of [bn, bk] one after the other (unrolled: every load can be issued up front),
+  # products accumulated elementwise and summed across K once at the end.
+  acc = None
+  for step in range(k_steps):
+    cols = pl.ds(step * block_k, block_k)
+    term = w_ref[:, cols].astype(jnp.float32) * x_ref[cols].astype(jnp.float32)[None, :]
+    acc = term if acc is None else acc + term
+  out_ref[...] = jnp.sum(acc, axis=1)
+
+
+def gemv_partials_reference(x: jax.Array, w_t: jax.Array, block_k: int) -> jax.Array:
+  """Plain-JAX oracle: x [K], w_t [N, K] -> [K / block_k, N] float32 partial sums."""
+  n, k = w_t.shape
+  xb = x.astype(jnp.float32).reshape(k // block_k, block_k)
+  wb = w_t.astype(jnp.float32).reshape(n, k // block_k, block_k)
+  return jnp.einsum("jc,njc->jn", xb, wb)
+
+
+def default_gemv_blocks(n: int, k: int) -> tuple[int, int]:
+  """(block_n, block_k): the largest power-of-2 block_k <= 512 dividing K, block_n so a tile is 32K weights."""
+  block_k = 512
+  while k % block_k:
+    block_k //= 2
+  block_n = max(min(32768 // block_k, 256), 16)
+  while n % block_n:
+    block_n //= 2
+  return block_n, block_k
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "k_steps", "num_warps", "interpret"))
+def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, block_k: int | None = None,
+                  k_steps: int = 1, num_warps: int = 8, interpret: bool | None = None) -> jax.Array:
+  """x [K], w_t [N, K] -> partial products [K / (block_k k_steps), N] float32 (sum over axis 0 = x @ w_t.T).
+
+  Each program reads k_steps consecutive [block_n, block_k] tiles; k_steps = K / block_k leaves one
+  partial (no split of K, nothing to sum)."""
+  n, k = w_t.shape
+  if x.shape != (k,):
+    raise ValueError(f"gemv_partials: x must be [K] = [{k}] to match w_t [N, K] = {w_t.shape}, got {x.shape}")
+  default_n, default_k = default_gemv_blocks(n, k)
+  block_n, block_k = block_n or default_n, block_k or default_k
+  for name, block, dim in (("block_n", block_n, n), ("block_k", block_k, k)):
+    if dim % block or block & (block - 1):
+      raise ValueError(f"gemv_partials: {name}={block} must be a power of 2 dividing {dim}")
+  if k_steps < 1 or k % (block_k * k_steps):
+    raise ValueError(f"gemv_partials: k_steps={k_steps} tiles of block_k={block_k} must divide K={k}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  span = block_k * k_steps
+  return pl.pallas_call(
+      functools.partial(_gemv_kernel, block_k=block_k, k_steps=k_steps), grid=(n // block_n, k // span),
+      in_specs=[pl.BlockSpec((span,), lambda i, j: (j,)), pl.BlockSpec((block_n, span), lambda i, j: (i, j))],
+      out_specs=pl.BlockSpec((None, block_n), lambda i, j: (j, i)),
+      out_shape=jax.ShapeDtypeStruct((k // span, n), jnp.float32), interpret=interpret, name="gemv_partials",
+      **kwargs,
+  )(x, w_t)

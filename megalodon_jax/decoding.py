@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,26 +95,91 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 1.0, t
 DECODE_IMPLS = ("fused", "model")
 
 
+class FusedSettings(NamedTuple):
+  """How the fused decode step runs (see fused_forward_one) and the layouts it needs: transpose and
+  scores='pallas' (permute_z) are fuse_decode_params options; cema / scores 'pallas' change the
+  cache's layout (to_fused_cache)."""
+  dup: str = "mask"
+  stats: str = "shifted"
+  cema: str = "xla"
+  scores: str = "xla"
+  transpose: bool = False
+  # scores='attend': (block_k, block_d, sub_d) of decode_step.attend_step; () = its defaults.
+  attend_blocks: tuple[int, ...] = ()
+  fold_norm: bool = False  # fuse_decode_params(fold_norm=...)
+
+
+# The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode,
+# 2026-11-29 round 3; Llama-1.3B with cuDNN decode attention in the same process):
+#   batch 1: 1.690 ms per token = 1.84x Llama (3.114 ms); without fold_norm 1.897 ms (with 32 x 512
+#     attend blocks); the previous default ('mask', XLA TimestepNorm/CEMA and attention) 2.01 ms.
+#   batch > 1: at 16, 4.126 ms = 5.93x Llama (24.45 ms); without fold_norm 4.178; attend_step there
+#     4.33 ms and the previous default 5.42 ms.
+GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
+                                       fold_norm=True),
+                      "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True,
+                                               fold_norm=True)}
+
+
+def default_fused_settings(batch: int) -> FusedSettings:
+  """The settings `generate` uses for `batch` sequences: GPU_FUSED_SETTINGS on a GPU (the single-row
+  form only matters at batch 1); elsewhere the XLA paths (Pallas would run in its interpreter)."""
+  if jax.default_backend() != "gpu":
+    return FusedSettings()
+  return GPU_FUSED_SETTINGS[1 if batch == 1 else "batched"]
+
+
+def settings_of(fused: Any, batch: int) -> FusedSettings:
+  """The settings for fuse_decode_params output `fused`: its layout decides transpose and scores, the
+  rest is default_fused_settings(batch)'s (a transposed-only single-row form falls back to 'mask')."""
+  default = default_fused_settings(batch)
+  transpose = "w_mx_t" in fused["layers"][0]
+  dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
+  scores = default.scores if default.scores != "xla" else "pallas"
+  return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla",
+                          fold_norm="ffn_colsum" in fused["layers"][0])
+
+
+def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
+  """The model's cache in the layout fused_forward_one reads with `settings` (layers unstacked,
+  CEMA states split for cema='pallas', keys permuted for scores='pallas')."""
+  cache = unstack_cache(cache)
+  cache = split_cema_state(cache) if settings.cema == "pallas" else cache
+  return permute_keys(cache, config) if settings.scores != "xla" else cache
+
+
+def from_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
+  """Inverse of to_fused_cache: the model's cache layout (stacked again for scan_layers)."""
+  cache = unpermute_keys(cache, config) if settings.scores != "xla" else cache
+  cache = join_cema_state(cache) if settings.cema == "pallas" else cache
+  return stack_cache(cache) if config.scan_layers else cache
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_converter(config: MegalodonConfig, settings: FusedSettings, inverse: bool):
+  convert = from_fused_cache if inverse else to_fused_cache
+  return jax.jit(lambda cache: convert(cache, config, settings))
+
+
 @functools.lru_cache(maxsize=None)
 def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k: int, top_p: float,
-                 decode_impl: str = "fused"):
+                 decode_impl: str = "fused", settings: FusedSettings | None = None):
   """jit of (params, token [B], cache, rng) -> (tokens [B, steps], cache, rng): `steps` tokens, each
   fed back, in one lax.scan. The rng is split once per token, as the one-token loop always did.
 
-  decode_impl 'fused': params are fuse_decode_params's and each step is fused_forward_one
-  (dup='mask', stats='shifted'); 'model': the stored params through MegalodonLM.apply."""
+  decode_impl 'fused': params are fuse_decode_params's, the cache is in to_fused_cache's layout
+  and each step is fused_forward_one with `settings`; 'model': the stored params and the model's
+  cache through MegalodonLM.apply."""
   model = MegalodonLM(config)
 
   def forward(params, token, cache):
     if decode_impl == "fused":
-      return fused_forward_one(params, config, token, cache, dup="mask", stats="shifted")
+      return fused_forward_one(params, config, token, cache, settings.dup, settings.stats, settings.cema,
+                               settings.scores, settings.attend_blocks)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
     return logits[:, 0], cache
 
   def loop(params, token, cache, rng):
-    unstacked = decode_impl == "fused" and config.scan_layers
-    cache = unstack_cache(cache) if unstacked else cache
-
     def body(carry, _):
       token, cache, rng = carry
       logits, cache = forward(params, token, cache)
@@ -123,7 +188,7 @@ def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k:
       return (nxt, cache, rng), nxt
 
     (_, cache, rng), tokens = jax.lax.scan(body, (token, cache, rng), None, length=steps)
-    return tokens.T, (stack_cache(cache) if unstacked else cache), rng
+    return tokens.T, cache, rng
 
   return jax.jit(loop, donate_argnums=(2,))
 
@@ -141,12 +206,22 @@ def stack_cache(cache: ModelCache) -> ModelCache:
   return cache._replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *cache.layers))
 
 
-def _loop_params(params: Any, config: MegalodonConfig, decode_impl: str, fused_params: Any) -> Any:
+def _loop_setup(params: Any, config: MegalodonConfig, decode_impl: str, fused_params: Any,
+                settings: FusedSettings | None, batch: int) -> tuple[Any, FusedSettings | None]:
+  """(the loop's params, its FusedSettings or None for 'model')."""
   if decode_impl not in DECODE_IMPLS:
     raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
   if decode_impl == "model":
-    return params
-  return fuse_decode_params(params, config) if fused_params is None else fused_params
+    return params, None
+  if fused_params is None:
+    settings = settings or default_fused_settings(batch)
+    fused_params = fuse_decode_params(params, config, permute_z=settings.scores != "xla",
+                                      transpose=settings.transpose, fold_norm=settings.fold_norm)
+  settings = settings or settings_of(fused_params, batch)
+  if ("w_mx_t" in fused_params["layers"][0]) != settings.transpose:
+    raise ValueError(f"fused_params are {'' if settings.transpose else 'not '}expected transposed by {settings}: "
+                     f"make them with fuse_decode_params(..., transpose={settings.transpose})")
+  return fused_params, settings
 
 
 def _first_token(params, config, prompt, rng, temperature, top_k, top_p):
@@ -161,7 +236,7 @@ def _first_token(params, config, prompt, rng, temperature, top_k, top_p):
 def generate(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Array, max_new_tokens: int,
              rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_token: int | None = None, tokens_per_call: int = 1, decode_impl: str = "fused",
-             fused_params: Any = None) -> Iterator[np.ndarray]:
+             fused_params: Any = None, fused_settings: FusedSettings | None = None) -> Iterator[np.ndarray]:
   """Streams sampled tokens: yields [B] int arrays, one per step. prompt: [B, k] with k >= 1.
 
   tokens_per_call > 1 samples that many tokens per device call (`generate_on_device`'s loop) and
@@ -169,17 +244,22 @@ def generate(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Arra
   at a stop token up to tokens_per_call - 1 tokens are computed for nothing.
 
   decode_impl: 'fused' (default) decodes through fuse_decode_params / fused_forward_one (fewer,
-  larger kernels: on an H200, mega1.3B batch 1 at 32K 1.98 ms per token on the device loop against
-  2.24 ms for 'model', MegalodonLM.apply on the stored parameters). Both give the full forward's
-  logits (to float32 rounding in float32). fused_params: fuse_decode_params(params, config), if the
-  caller has it already (otherwise it is computed once per call). The prompt is always prefilled
-  through the model.
+  larger kernels; see GPU_FUSED_SETTINGS for the measured speed), 'model' through
+  MegalodonLM.apply on the stored parameters. Both give the full forward's logits (to float32
+  rounding in float32). fused_settings: how the fused step runs (default: default_fused_settings
+  of the batch, or settings_of the fused_params given). fused_params: fuse_decode_params's output
+  in the layout the settings need, if the caller has it already (otherwise it is computed once
+  per call). The prompt is always prefilled through the model.
   """
   if tokens_per_call < 1:
     raise ValueError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
-  loop_params = _loop_params(params, config, decode_impl, fused_params)
+  batch = np.shape(prompt)[0]
+  loop_params, settings = _loop_setup(params, config, decode_impl, fused_params, fused_settings, batch)
   token, cache, rng = _first_token(params, config, prompt, rng, temperature, top_k, top_p)
-  loop = _sample_loop(config, int(tokens_per_call), float(temperature), int(top_k), float(top_p), decode_impl)
+  if settings is not None:  # once: the cache stays in the fused layout (it is not returned)
+    cache = _cache_converter(config, settings, False)(cache)
+  loop = _sample_loop(config, int(tokens_per_call), float(temperature), int(top_k), float(top_p), decode_impl,
+                      settings)
   pending = np.asarray(token)[:, None]
   produced = 0
   while True:
@@ -194,24 +274,31 @@ def generate(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Arra
 
 def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray | jax.Array,
                        max_new_tokens: int, rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, decode_impl: str = "fused",
-                       fused_params: Any = None) -> tuple[jax.Array, ModelCache]:
-  """The tokens `generate` would stream, made in one jitted lax.scan: [B, max_new_tokens] and the cache.
+                       top_p: float = 1.0, decode_impl: str = "fused", fused_params: Any = None,
+                       fused_settings: FusedSettings | None = None) -> tuple[jax.Array, ModelCache]:
+  """The tokens `generate` would stream, made in one jitted lax.scan: [B, max_new_tokens] and the cache
+  (in the model's layout).
 
-  No host round trip per token (the host only launches the loop), which is how a server decodes:
-  on an H200, mega1.3B at batch 1 and 32K takes 1.98 ms per token this way with the default
-  decode_impl='fused' (2.24 ms with 'model'; see `generate`). No early stop: run it in pieces, or
-  use `generate` with tokens_per_call, to stop at a stop token. Compiled once per (config,
-  max_new_tokens, sampling settings, decode_impl).
+  No host round trip per token (the host only launches the loop), which is how a server decodes
+  (see GPU_FUSED_SETTINGS for the speed of the default decode_impl='fused'; arguments as in
+  `generate`). No early stop: run it in pieces, or use `generate` with tokens_per_call, to stop at
+  a stop token. Compiled once per (config, max_new_tokens, sampling settings, decode_impl,
+  fused settings).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  loop_params = _loop_params(params, config, decode_impl, fused_params)
+  batch = np.shape(prompt)[0]
+  loop_params, settings = _loop_setup(params, config, decode_impl, fused_params, fused_settings, batch)
   first, cache, rng = _first_token(params, config, prompt, rng, temperature, top_k, top_p)
   if max_new_tokens == 1:
     return first[:, None], cache
-  loop = _sample_loop(config, max_new_tokens - 1, float(temperature), int(top_k), float(top_p), decode_impl)
+  loop = _sample_loop(config, max_new_tokens - 1, float(temperature), int(top_k), float(top_p), decode_impl,
+                      settings)
+  if settings is not None:
+    cache = _cache_converter(config, settings, False)(cache)
   rest, cache, _ = loop(loop_params, first, cache, rng)
+  if settings is not None:
+    cache = _cache_converter(config, settings, True)(cache)
   return jnp.concatenate([first[:, None], rest], axis=1), cache
 
 
@@ -229,9 +316,21 @@ def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray 
 # a single sequence, a second row made by multiplying the row by a runtime 0/1 mask (a parameter
 # XLA cannot see through), so the product stays a GEMM without a barrier and the producer of the
 # row can fuse into it.
+#
+# The mask-row GEMM reads the weights at ~2.2 TB/s (XLA's Triton GEMM for two rows). Stored
+# transposed, [N, K] (transpose=True), a single row times a kernel is a row reduction over the
+# contiguous K axis (dup 'reduce', or 'dot', which XLA strength-reduces to the same for kernels
+# under 10M elements): ~3.1 TB/s, what XLA's reduction kernel reads at (experiments/gpu_checks/
+# probe_gemv.py). The rest of a layer is kernel count: Pallas kernels for TimestepNorm + CEMA
+# (states updated in place) and for the token's whole attention (decode_step.attend_step), and
+# the FFN's LayerNorm folded into fc_in (fold_norm=True).
 # ---------------------------------------------------------------------------------------------
 
-DUP_MODES = ("barrier", "mask")
+DUP_MODES = ("barrier", "mask", "dot", "reduce", "pallas")
+# Single-row forms that read the projection kernels transposed, [N, K] (fuse_decode_params(transpose=True)).
+TRANSPOSED_DUPS = ("dot", "reduce", "pallas")
+# The projection kernels of a layer in decode layout (stored as `<name>_t` [N, K] when transposed).
+PROJECTIONS = ("wv", "w_mx", "wh2", "fc_in", "fc2")
 
 
 def _layer_params(params: Any, config: MegalodonConfig, index: int) -> Any:
@@ -247,7 +346,8 @@ def _z_permutation(config: MegalodonConfig) -> np.ndarray:
   return (np.arange(config.num_heads)[:, None] * dz + per_head[None, :]).reshape(-1)
 
 
-def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False) -> dict[str, Any]:
+def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
+                transpose: bool = False, fold_norm: bool = False) -> dict[str, Any]:
   """One block's parameters in decode layout (see fuse_decode_params)."""
   from megalodon_jax.ops import cema as cema_ops
   dtype = jnp.dtype(config.dtype)
@@ -294,10 +394,24 @@ def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False) ->
       "omega": per_group(out["cema_omega"]), "tsn_weight": per_group(out["tsn_weight"]),
       "tsn_bias": per_group(out["tsn_bias"]),
   }
+  if fold_norm:
+    # The FFN's LayerNorm scale folded into fc_in's rows (see _folded_norm_fc_in); the column sums of
+    # the rounded kernel, so that subtracting the mean matches the product the step computes.
+    w = fc_in.astype(f32)
+    folded = ((ffn["norm"]["weight"].astype(f32) + 1.0)[:, None] * w).astype(dtype)
+    out["fc_in"] = folded
+    out["ffn_colsum"] = jnp.sum(folded.astype(f32), axis=0)
+    out["ffn_bias0"] = ffn["norm"]["bias"].astype(f32) @ w
+  # The bias of z and that of [r | h1] apart: slicing b_mx in the step is a kernel of its own.
+  out["b_z"], out["b_rh"] = out["b_mx"][:config.z_dim], out["b_mx"][config.z_dim:]
+  if transpose:
+    for name in PROJECTIONS:
+      out[f"{name}_t"] = out.pop(name).T
   return out
 
 
-def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = False) -> dict[str, Any]:
+def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = False,
+                       transpose: bool = False, fold_norm: bool = False) -> dict[str, Any]:
   """The model's parameters in the layout `fused_decode_step` reads; compute once per generation.
 
   Per layer: CEMA coefficients (p, q, eta, as ops.cema.cema_coefficients makes them every step),
@@ -309,10 +423,18 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   permute_z: z's features per head in [even | odd] order (wz's columns, its bias, the q/k affine
   maps) plus the RoPE frequencies, the layout of the Pallas scores kernel (scores="pallas"; the
   cache's keys must then be permute_keys's).
+
+  transpose: the projection kernels (PROJECTIONS) stored transposed, [N, K] under `<name>_t`:
+  contiguous along the reduction, the layout of the single-row forms TRANSPOSED_DUPS (a row
+  reduction reads each weight once, coalesced); 'mask' and 'barrier' and batches > 1 read it too.
+
+  fold_norm: the FFN LayerNorm's scale folded into fc_in (plus fc_in's column sums and the norm's
+  bias times fc_in): the step multiplies the block's output itself and normalises the product
+  (one kernel fewer per layer; equal to the norm-then-product up to bf16 rounding).
   """
   from megalodon_jax.ops import rope
   dtype = jnp.dtype(config.dtype)
-  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z))
+  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z, transpose, fold_norm))
   embedding = params["embed"]["embedding"]
   head = embedding.T if config.share_emb else params["output"]["kernel"]
   extra = {"rope_freqs": rope.rope_frequencies(config.z_head_dim, config.rope_base)} if permute_z else {}
@@ -327,21 +449,51 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   }
 
 
-def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
-  """x: [B, K] @ w: [K, N] -> [B, N] in x's dtype, a real GEMM also when B == 1 (see above)."""
+def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str, transposed: bool = False,
+                 out_dtype=None) -> jax.Array:
+  """x: [B, K] @ w: [K, N] (or w: [N, K] when transposed) -> [B, N] in out_dtype (default x's dtype).
+
+  Batch > 1 is a plain GEMM. A single row is, by dup: 'barrier' / 'mask' a GEMM of two rows (see
+  above); with the transposed kernel 'dot' a dot_general that XLA strength-reduces to a row
+  reduction (one kernel that reads each weight once, contiguous along K), 'reduce' that row
+  reduction written out (float32 products summed; elementwise producers of x can fuse into it),
+  'pallas' kernels_pallas.decode_step.gemv_partials (split-K tiles) and the sum of its partials.
+  """
   from megalodon_jax.ops import dense as dense_ops
-  dims = (((1,), (0,)), ((), ()))
-  if x.shape[0] != 1 or dup == "barrier":
-    return dense_ops.dot_general(x, w, dims)
-  doubled = x * row_mask[:, None].astype(x.dtype)  # [2, K]: x and 0 * x
-  return jax.lax.dot_general(doubled, w, dims)[:1]
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  pref = None if out_dtype == x.dtype else out_dtype
+  dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+  if x.shape[0] != 1:
+    if transposed:
+      return jax.lax.dot_general(x, w, dims, preferred_element_type=pref)
+    return dense_ops.dot_general(x, w, dims, preferred_element_type=pref)
+  if dup == "barrier":
+    return dense_ops.dot_general(x, w, dims, preferred_element_type=pref)
+  if dup == "mask":
+    doubled = x * row_mask[:, None].astype(x.dtype)  # [2, K]: x and 0 * x
+    return jax.lax.dot_general(doubled, w, dims, preferred_element_type=pref)[:1]
+  if not transposed:
+    raise ValueError(f"dup={dup!r} reads the kernels transposed: use fuse_decode_params(..., transpose=True)")
+  if dup == "dot":
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=pref)
+  if dup == "reduce":
+    return jnp.sum(x.astype(jnp.float32) * w.astype(jnp.float32), axis=-1)[None].astype(out_dtype)
+  from kernels_pallas import decode_step
+  return jnp.sum(decode_step.gemv_partials(x[0], w), axis=0)[None].astype(out_dtype)
+
+
+def _project(x: jax.Array, lp: dict[str, Any], name: str, row_mask: jax.Array, dup: str, out_dtype=None) -> jax.Array:
+  """x: [B, K] times the layer's projection kernel `name` (either layout) -> [B, N] in out_dtype (x's)."""
+  if f"{name}_t" in lp:
+    return _rows_matmul(x, lp[f"{name}_t"], row_mask, dup, transposed=True, out_dtype=out_dtype)
+  return _rows_matmul(x, lp[name], row_mask, dup, out_dtype=out_dtype)
 
 
 def _probs_times_values(probs: jax.Array, value: jax.Array, row_mask: jax.Array, dup: str) -> jax.Array:
   """probs: [B, H, C] float32, value: [B, C, H, dv] -> [B, H, dv]: the second einsum of
   ops.attention.cached_attention_xla, one query per sequence kept a matrix product."""
   probs = probs.astype(value.dtype)
-  if probs.shape[0] == 1 and dup == "mask":
+  if probs.shape[0] == 1 and dup != "barrier":
     doubled = probs[0][:, None, :] * row_mask[None, :, None].astype(value.dtype)  # [H, 2, C]
     return jnp.einsum("hqk,khd->qhd", doubled, value[0])[:1]
   doubled = jax.lax.optimization_barrier(jnp.concatenate([probs[:, :, None], probs[:, :, None]], axis=2))
@@ -412,6 +564,9 @@ def _layer_norm_shifted(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: f
 
 STATS_MODES = ("two_pass", "shifted")
 CEMA_MODES = ("xla", "pallas")
+# Attention of the new token: XLA; 'pallas' the scores and the new key by kernels_pallas.decode_step.qk_scores_step
+# (softmax and the value product in XLA); 'attend' all of it, new value included, by decode_step.attend_step.
+SCORES_MODES = ("xla", "pallas", "attend")
 
 
 def split_cema_state(cache: ModelCache) -> ModelCache:
@@ -439,8 +594,12 @@ def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
   return cache._replace(layers=tuple(layer._replace(key=layer.key[..., inverse]) for layer in cache.layers))
 
 
-def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache):
-  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema)."""
+def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
+                     shared_count: jax.Array | None = None):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema).
+
+  shared_count [B]: the steps every layer's TimestepNorm has merged (the final norm's count, updated
+  after the layers): the kernel reads it and writes count + 1 into the layer's own count in place."""
   from kernels_pallas import decode_step
   from megalodon_jax.ops import timestep_norm as tsn
   batch, dim = x.shape
@@ -449,9 +608,10 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
   h_re, h_im = cache.cema
   state = (batch, groups, dim // groups, order)
   x_tsn, y, sumsq, count, mean, var, h_re, h_im = decode_step.tsn_cema_step(
-      x.reshape(batch, groups, -1), cache.norm.count[:, None], cache.norm.mean, cache.norm.var,
-      sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"], sp["eta_re"], sp["eta_im"], sp["omega"],
-      h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps)
+      x.reshape(batch, groups, -1), (cache.norm.count if shared_count is None else shared_count)[:, None],
+      cache.norm.mean, cache.norm.var, sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"],
+      sp["eta_re"], sp["eta_im"], sp["omega"], h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps,
+      count_state=None if shared_count is None else cache.norm.count[:, None])
   y = y.reshape(batch, dim)
   inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
   mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
@@ -463,6 +623,7 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
                 cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
+                attend_blocks: tuple[int, ...] = (), shared_count: jax.Array | None = None,
                 ) -> tuple[jax.Array, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
   from megalodon_jax.ops import norms, rope
@@ -470,10 +631,10 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   dtype = jnp.dtype(cfg.dtype)
   batch = x.shape[0]
   heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
-  matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
+  matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
 
   if cema == "pallas":
-    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache)
+    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache, shared_count)
   else:
     tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
     x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
@@ -485,10 +646,10 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
     x_cema = jnp.sum(jnp.real(eta) * jnp.real(h) - jnp.imag(eta) * jnp.imag(h), axis=-1) + lp["cema_omega"] * xf
     mx = (norms.rms_norm(x_cema, None, cfg.norm_eps) * lp["rms_scale"]).astype(dtype)
 
-  if scores == "pallas":
+  if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs)
-  proj = matmul(mx, lp["w_mx"]) + lp["b_mx"]
+                                     rope_freqs, scores, attend_blocks)
+  proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
   q = (z * lp["qk_scale"][0] + lp["qk_shift"][0]).astype(dtype)
@@ -496,7 +657,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   position = (count % cfg.chunk_size)[None, None]
   q = rope.apply_rope(q[:, None], position, cfg.rope_base)[:, 0]
   k = rope.apply_rope(k[:, None], position, cfg.rope_base)[:, 0]
-  v = jax.nn.silu(matmul(x_tsn, lp["wv"]) + lp["bv"]).reshape(batch, heads, dv)
+  v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, heads, dv)
   r = jax.nn.silu(r)
   start = (0, count, 0, 0)
   key = jax.lax.dynamic_update_slice(cache.key, k[:, None].astype(cache.key.dtype), start)
@@ -505,26 +666,42 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
 
 
-def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs):
-  """_layer_step from mx on, with the attention scores (and the new key) by kernels_pallas.decode_step."""
+def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
+                              scores_mode="pallas", attend_blocks=()):
+  """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
+  and the new key and value ('attend') by kernels_pallas.decode_step."""
   from kernels_pallas import decode_step
   batch = x.shape[0]
-  if batch == 1 and dup == "mask":
-    raw = jax.lax.dot_general(mx * row_mask[:, None].astype(mx.dtype), lp["w_mx"], (((1,), (0,)), ((), ())))
-  else:
-    from megalodon_jax.ops import dense as dense_ops
-    raw = dense_ops.dot_general(mx, lp["w_mx"], (((1,), (0,)), ((), ())))
+  matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
+  raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
-  scores, key = decode_step.qk_scores_step(
-      raw, lp["b_mx"][:z_dim], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs,
-      cache.key, count.reshape(1), eps=cfg.norm_eps)
-  r, h1 = jnp.split(raw[:batch, z_dim:] + lp["b_mx"][z_dim:], [cfg.value_dim], axis=-1)
-  matmul = lambda a, w: _rows_matmul(a, w, row_mask, dup)
-  v = jax.nn.silu(matmul(x_tsn, lp["wv"]) + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
-  value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
-  attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
+  qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
+  r, h1 = jnp.split(raw[:, z_dim:] + lp["b_rh"], [cfg.value_dim], axis=-1)
+  v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
+  if scores_mode == "attend":
+    blocks = dict(zip(("block_k", "block_d", "sub_d"), attend_blocks))
+    block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),
+                                                           count.reshape(1), eps=cfg.norm_eps, **blocks)
+    attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
+  else:
+    scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
+    value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
+    attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
   out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
   return out, LayerCache(key, value, h, norm_state)
+
+
+def _folded_norm_fc_in(lp, cfg, y, matmul):
+  """LayerNorm(y) @ fc_in with the norm's scale folded into the kernel (fuse_decode_params(fold_norm=True)):
+  rstd (y @ W' - mean colsum(W')) + bias @ fc_in, W' = diag(weight + 1) fc_in. The product reads y
+  as it is, so the normalisation is no kernel of its own; the moments (one shifted pass) run beside it."""
+  yf = y.astype(jnp.float32)
+  d = yf - yf[..., :1]
+  shift = jnp.mean(d, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+  mean = yf[..., :1] + shift
+  raw = matmul(y, "fc_in", jnp.float32)  # [B, F] float32: the mean is subtracted after the product
+  return ((raw - mean * lp["ffn_colsum"]) * jax.lax.rsqrt(var + cfg.norm_eps) + lp["ffn_bias0"]).astype(y.dtype)
 
 
 def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
@@ -532,17 +709,20 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
   from megalodon_jax.ops import norms
   batch = x.shape[0]
   attn = attn.reshape(batch, cfg.value_dim) * r
-  y = ((h1 + matmul(attn, lp["wh2"])) + x).astype(x.dtype)
+  y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
 
-  layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
-  u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
-  hidden = matmul(u, lp["fc_in"])
+  if "ffn_colsum" in lp:
+    hidden = _folded_norm_fc_in(lp, cfg, y, matmul)
+  else:
+    layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
+    u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
+    hidden = matmul(u, "fc_in")
   if cfg.swiglu:
     gate, up = jnp.split(hidden, 2, axis=-1)
     hidden = jax.nn.silu(gate) * up
   else:
     hidden = jax.nn.silu(hidden)
-  out = matmul(hidden, lp["fc2"])
+  out = matmul(hidden, "fc2")
   if "ffn_alpha" in lp:
     out = out * lp["ffn_alpha"].astype(out.dtype)
   return (out + x).astype(x.dtype)
@@ -550,7 +730,7 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
@@ -561,14 +741,17 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
                      "with scan_layers=False); convert a scanned one with unstack_cache")
   if dup not in DUP_MODES:
     raise ValueError(f"dup must be one of {DUP_MODES}, got {dup!r}")
+  if dup in TRANSPOSED_DUPS and "w_mx_t" not in fused["layers"][0]:
+    raise ValueError(f"dup={dup!r} reads the projection kernels transposed: make the params with "
+                     "fuse_decode_params(..., transpose=True)")
   if stats not in STATS_MODES:
     raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
   if cema not in CEMA_MODES:
     raise ValueError(f"cema must be one of {CEMA_MODES}, got {cema!r}")
-  if scores not in CEMA_MODES:
-    raise ValueError(f"scores must be one of {CEMA_MODES}, got {scores!r}")
-  if (scores == "pallas") != ("rope_freqs" in fused):
-    raise ValueError("scores='pallas' needs fuse_decode_params(..., permute_z=True) (and permute_keys on the "
+  if scores not in SCORES_MODES:
+    raise ValueError(f"scores must be one of {SCORES_MODES}, got {scores!r}")
+  if (scores != "xla") != ("rope_freqs" in fused):
+    raise ValueError(f"scores={scores!r}: 'pallas' and 'attend' need fuse_decode_params(..., permute_z=True) (and permute_keys on the "
                      "cache); scores='xla' needs the default permute_z=False")
   if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
     raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
@@ -581,8 +764,9 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   count = cache.count
   layers = []
   for lp, layer_cache in zip(fused["layers"], cache.layers):
+    # Every layer's TimestepNorm has merged as many steps as the final norm (updated after the layers).
     x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
-                               fused.get("rope_freqs"))
+                               fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count)
     layers.append(new_layer)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
@@ -593,14 +777,14 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str):
-  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores),
-                 donate_argnums=(2,))
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple):
+  return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores,
+                                                               attend_blocks), donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla") -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
@@ -609,7 +793,10 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   ('shifted': fewer kernels, same values up to float32 rounding of the variance). cema: the
   TimestepNorm + CEMA + RMSNorm statistics of each block in XLA ('xla') or in one Pallas kernel
   ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
-  attention scores and the new key in XLA or in one Pallas kernel ('pallas': needs
-  fuse_decode_params(..., permute_z=True) and a permute_keys cache).
+  attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
+  with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
+  a permute_keys cache (attend_blocks: attend_step's (block_k, block_d, sub_d), () for its defaults).
+  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
   """
-  return _fused_step(config, dup, stats, cema, scores)(fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)
+  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks))(
+      fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -74,6 +74,22 @@ def test_kernel_equals_its_reference_exactly_enough(inputs):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-6, atol=2e-6)
 
 
+def test_count_state_is_written_in_place_and_the_rest_is_unchanged(inputs):
+  """count_state: a second buffer of the same counts gets count + 1 (the kernel never reads it)."""
+  args = _kernel_args(*inputs)
+  plain = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2)
+  sentinel = jnp.full_like(args[1], -7)  # whatever the buffer held before is overwritten, not read
+  shared = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2, count_state=sentinel)
+  np.testing.assert_array_equal(np.asarray(shared[3]), np.asarray(args[1]) + 1)
+  for got, want in zip(shared, plain):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  lowered = jax.jit(lambda *a: decode_step.tsn_cema_step(*a[:-1], eps=EPS, interpret=False, count_state=a[-1])).trace(
+      *args, sentinel).lower(lowering_platforms=("cuda",))
+  assert "tsn_cema_step" in lowered.as_text()
+  with pytest.raises(ValueError, match="count_state must be like count"):
+    decode_step.tsn_cema_step(*args, eps=EPS, count_state=sentinel[:, :0])
+
+
 def test_kernel_lowers_for_cuda(inputs):
   """The Triton path lowers (cross-lowering from the CPU; no GPU needed)."""
   args = _kernel_args(*inputs)
@@ -157,3 +173,77 @@ def test_scores_kernel_equals_its_reference_and_lowers_for_cuda():
   assert "qk_scores_step" in lowered.as_text()
   with pytest.raises(ValueError, match="must divide the chunk"):
     decode_step.qk_scores_step(*args, eps=EPS, block_k=3)
+
+
+@pytest.mark.parametrize("block_n,block_k,k_steps", [(16, 32, 1), (32, 16, 3), (16, 16, 12)])
+def test_gemv_partials_sum_to_the_product(block_n, block_k, k_steps):
+  """x [K] times w_t [N, K] (bf16) as split-K partials: each partial and their sum against float64."""
+  rng = np.random.default_rng(block_n + k_steps)
+  n, k = 64, 192
+  x = jnp.asarray(rng.normal(size=k), jnp.bfloat16)
+  w_t = jnp.asarray(rng.normal(size=(n, k)), jnp.bfloat16)
+  got = np.asarray(decode_step.gemv_partials(x, w_t, block_n=block_n, block_k=block_k, k_steps=k_steps))
+  span = block_k * k_steps
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w_t, np.float64)
+  want = np.stack([w64[:, j:j + span] @ x64[j:j + span] for j in range(0, k, span)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got.sum(0), w64 @ x64, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(decode_step.gemv_partials_reference(x, w_t, span)), want, rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
+  x, w_t = jnp.ones((4864,), jnp.bfloat16), jnp.ones((2048, 4864), jnp.bfloat16)
+  assert decode_step.default_gemv_blocks(2048, 4864) == (128, 256)
+  lowered = jax.jit(lambda a, b: decode_step.gemv_partials(a, b, interpret=False)).trace(x, w_t).lower(
+      lowering_platforms=("cuda",))
+  assert "gemv_partials" in lowered.as_text()
+  with pytest.raises(ValueError, match="power of 2 dividing"):
+    decode_step.gemv_partials(x[:96], w_t[:64, :96], block_n=16, block_k=64)
+  with pytest.raises(ValueError, match="k_steps=5"):
+    decode_step.gemv_partials(x[:96], w_t[:64, :96], block_n=16, block_k=32, k_steps=5)
+  with pytest.raises(ValueError, match="x must be"):
+    decode_step.gemv_partials(x[:32], w_t[:64, :96])
+
+
+@pytest.mark.parametrize("count,block_k,block_d,sub_d", [(0, 4, 32, 8), (6, 4, 16, None), (13, 8, 16, 8),
+                                                         (C - 1, 4, 32, None)])
+def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d):
+  """The block-split attention + attend_combine against a dense float64 softmax attention over the
+  cache with the new key (from q/k as the model makes them) and value written at `count`."""
+  rng = np.random.default_rng(count + block_k)
+  dv = 32
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
+          normal(B, C, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
+          jnp.asarray([count], jnp.int32))
+  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d)
+  got = np.asarray(decode_step.attend_combine(stats, acc))
+  # The scores kernel's keys (its q/k are checked against the model's ops above); values by hand.
+  scores_ref, keys_ref = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS)
+  np.testing.assert_array_equal(np.asarray(keys, np.float32), np.asarray(keys_ref, np.float32))
+  want_values = np.asarray(args[6], np.float64).copy()
+  want_values[:, count] = np.asarray(args[7], np.float64)
+  np.testing.assert_array_equal(np.asarray(values, np.float64), want_values)
+  s = np.asarray(scores_ref, np.float64)[..., :count + 1]
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhk,bkhd->bhd", p, want_values[:, :count + 1])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Blocks past count contribute nothing (m = -inf, l = 0, acc = 0).
+  past = np.arange(C // block_k) * block_k > count
+  assert np.all(np.asarray(stats)[:, :, past, 0] == -np.inf) and np.all(np.asarray(acc)[:, :, past] == 0)
+
+
+def test_attend_step_lowers_for_cuda_and_checks_shapes():
+  args = (jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((512,), jnp.bfloat16), jnp.zeros((2, 512)),
+          jnp.zeros((2, 512)), jnp.zeros((128,)), jnp.zeros((1, 2048, 2, 256), jnp.bfloat16),
+          jnp.zeros((1, 2048, 2, 2048), jnp.bfloat16), jnp.zeros((1, 2, 2048), jnp.bfloat16),
+          jnp.zeros((1,), jnp.int32))
+  lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "attend_step" in lowered.as_text()
+  with pytest.raises(ValueError, match="v_new"):
+    decode_step.attend_step(*args[:7], args[7][:, :, :8], args[8], eps=EPS)
+  with pytest.raises(ValueError, match="block_d"):
+    decode_step.attend_step(*args, eps=EPS, block_d=96)

@@ -38,23 +38,28 @@ def _full_logits(cfg, params, tokens):
   return np.asarray(MegalodonLM(cfg).apply({"params": params}, jnp.asarray(padded))[:, :length])
 
 
-@pytest.mark.parametrize("name,batch,dup,stats,cema,scores", [
-    ("tiny", 1, "mask", "two_pass", "xla", "xla"), ("tiny", 1, "barrier", "two_pass", "xla", "xla"),
-    ("tiny", 2, "mask", "two_pass", "xla", "xla"), ("tiny", 1, "mask", "shifted", "xla", "xla"),
-    ("tiny", 1, "mask", "two_pass", "pallas", "xla"), ("tiny", 1, "mask", "two_pass", "xla", "pallas"),
-    ("tiny_swiglu", 2, "barrier", "shifted", "xla", "xla"), ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas"),
-    ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas")])
-def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores):
+@pytest.mark.parametrize("name,batch,dup,stats,cema,scores,transpose", [
+    ("tiny", 1, "mask", "two_pass", "xla", "xla", False), ("tiny", 1, "barrier", "two_pass", "xla", "xla", False),
+    ("tiny", 2, "mask", "two_pass", "xla", "xla", False), ("tiny", 1, "mask", "shifted", "xla", "xla", False),
+    ("tiny", 1, "mask", "two_pass", "pallas", "xla", False), ("tiny", 1, "mask", "two_pass", "xla", "pallas", False),
+    ("tiny_swiglu", 2, "barrier", "shifted", "xla", "xla", False),
+    ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas", False),
+    ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas", False),
+    ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True),
+    ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold")])
+def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores, transpose):
+  """transpose "fold": transposed kernels and the FFN norm folded into fc_in."""
   cfg, params = _setup(name)
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
   full = _full_logits(cfg, params, tokens)
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
-  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")
+  fused = decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=bool(transpose),
+                                      fold_norm=transpose == "fold")
   if cema == "pallas":
     cache = decoding.split_cema_state(cache)
-  if scores == "pallas":
+  if scores != "xla":
     cache = decoding.permute_keys(cache, cfg)
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
@@ -64,9 +69,9 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
   assert int(cache.count) == length % cfg.chunk_size
-  if "pallas" in (cema, scores):  # the cache converts back to the model's layout: prefill continues from it
+  if cema == "pallas" or scores != "xla":  # the cache converts back to the model's layout: prefill continues
     cache = decoding.join_cema_state(cache) if cema == "pallas" else cache
-    cache = decoding.unpermute_keys(cache, cfg) if scores == "pallas" else cache
+    cache = decoding.unpermute_keys(cache, cfg) if scores != "xla" else cache
     more, _ = decoding.prefill(params, cfg, tokens[:, :2], cache)
     want = _full_logits(cfg, params, np.concatenate([tokens, tokens[:, :2]], axis=1))[:, length:]
     np.testing.assert_allclose(np.asarray(more), want, atol=2e-4, rtol=0)
@@ -81,6 +86,23 @@ def test_fused_step_matches_the_model_step_and_cache(setup):
   want_logits, want_cache = decoding.decode_step(params, cfg, tokens[:, -1], cache)
   got_logits, got_cache = decoding.fused_decode_step(decoding.fuse_decode_params(params, cfg), cfg,
                                                      tokens[:, -1], copy)
+  np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dup", ["dot", "reduce", "pallas", "mask"])
+def test_single_row_forms_of_transposed_kernels_match_the_model_step(dup):
+  """Each single-row product over [N, K] kernels: the model step's logits and cache, one step."""
+  cfg, params = _setup("tiny_swiglu")
+  tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(1, cfg.chunk_size + 3))
+  _, cache = decoding.prefill(params, cfg, tokens[:, :-1])
+  copy = jax.tree.map(jnp.copy, cache)
+  want_logits, want_cache = decoding.decode_step(params, cfg, tokens[:, -1], cache)
+  fused = decoding.fuse_decode_params(params, cfg, transpose=True)
+  layer = fused["layers"][0]
+  assert "w_mx" not in layer and layer["fc2_t"].shape == (cfg.model_dim, cfg.ffn_hidden_dim)
+  got_logits, got_cache = decoding.fused_decode_step(fused, cfg, tokens[:, -1], copy, dup=dup)
   np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
@@ -109,6 +131,8 @@ def test_fused_step_rejects_bad_arguments(setup):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, cema="pallas")
   with pytest.raises(ValueError, match="permute_z=True"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, scores="pallas")
+  with pytest.raises(ValueError, match="transpose=True"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="reduce")
   with pytest.raises(ValueError, match="stats must be one of"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, stats="welford")
 
@@ -125,7 +149,8 @@ def test_key_permutation_round_trips(setup):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores"])
+@pytest.mark.parametrize("impl", ["fused-barrier", "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend",
+                                  "fused-reduce-fold-shifted-pallas-attend4x8x4", "fused-mask-t-fold-shifted"])
 def test_bench_decode_impls_give_the_model_logits(impl):
   """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
   from experiments.benchmarks import bench_decode
@@ -136,8 +161,9 @@ def test_bench_decode_impls_give_the_model_logits(impl):
   apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
   got, _ = jax.jit(apply)(prepare(params), prepare_cache(cache), jnp.asarray(tokens[:, 5:]))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-  with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
-    bench_decode.megalodon_apply(cfg, "fused-copy")
+  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused", "fused-mask-scores-attend"):
+    with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
+      bench_decode.megalodon_apply(cfg, bad)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -161,3 +187,34 @@ def test_generate_on_device_fused_default_equals_the_model_path(scan_layers):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="decode_impl must be one of"):
     decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(1), decode_impl="xla")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_with_the_gpu_settings_equals_the_model_path(batch):
+  """decoding.GPU_FUSED_SETTINGS (Pallas kernels, transposed kernels, the converted cache layout) run
+  here in the Pallas interpreter: the model path's tokens, streamed or on the device, and
+  generate_on_device's cache back in the model's layout (scanned layers)."""
+  cfg, params = _setup("tiny")
+  cfg = cfg.replace(scan_layers=True)
+  params = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
+            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])}
+  settings = decoding.GPU_FUSED_SETTINGS[1 if batch == 1 else "batched"]
+  prompt = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(batch, 5))
+  kwargs = dict(temperature=1.0)
+  model_tokens, model_cache = decoding.generate_on_device(params, cfg, prompt, 10, jax.random.key(2),
+                                                          decode_impl="model", **kwargs)
+  fused_tokens, fused_cache = decoding.generate_on_device(params, cfg, prompt, 10, jax.random.key(2),
+                                                          fused_settings=settings, **kwargs)
+  streamed = np.stack(list(decoding.generate(params, cfg, prompt, 10, jax.random.key(2), fused_settings=settings,
+                                             tokens_per_call=4, **kwargs)), 1)
+  np.testing.assert_array_equal(np.asarray(fused_tokens), np.asarray(model_tokens))
+  np.testing.assert_array_equal(streamed, np.asarray(model_tokens))
+  assert jax.tree.structure(fused_cache) == jax.tree.structure(model_cache)
+  for got, want in zip(jax.tree.leaves(fused_cache), jax.tree.leaves(model_cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+  # Params made elsewhere: their layout decides; a mismatch with explicit settings is an error.
+  fused = decoding.fuse_decode_params(params, cfg, transpose=True)
+  assert decoding.settings_of(fused, batch).transpose
+  wrong = decoding.fuse_decode_params(params, cfg, transpose=not settings.transpose)
+  with pytest.raises(ValueError, match=f"transpose={settings.transpose}"):
+    decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(2), fused_params=wrong, fused_settings=settings)

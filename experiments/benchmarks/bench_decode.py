@@ -26,7 +26,8 @@ consecutive steps, waited for with block_until_ready. `--loop host` (default): o
 step, queued back to back by Python, as a token-by-token generation loop does (a batch-1 step can
 then be bound by the host's dispatch); `--loop device`: the `--inner` steps of a sample in one
 jitted lax.fori_loop (decoding.generate_on_device). Megalodon decodes as decoding.generate does
-(--mega-decode fused-mask-shifted: decoding.fuse_decode_params + fused_forward_one; `model` times
+(--mega-decode default: decoding.fuse_decode_params + fused_forward_one with decoding.default_fused_settings
+of the batch; other fused-* names pick the settings, see parse_mega_impl; `model` times
 MegalodonLM.apply on the stored parameters). Both architectures are timed the same way. Rows that fail or cannot fit print a reason; the run goes on. Results are
 rewritten to experiments/results/<date>_<device>_decode.json after every row.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import re
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -166,18 +168,60 @@ def _tsn_impl(requested: str) -> str:
 
 MEGA_DECODE_IMPLS = ("model", "fused-mask", "fused-barrier", "fused-mask-shifted", "fused-barrier-shifted",
                      "fused-mask-pallas", "fused-mask-shifted-pallas", "fused-barrier-pallas", "fused-mask-scores",
-                     "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores")
+                     "fused-mask-pallas-scores", "fused-mask-shifted-pallas-scores", "fused-mask-t-shifted",
+                     "fused-dot-shifted", "fused-reduce-shifted", "fused-pallas-shifted", "fused-dot-shifted-scores",
+                     "fused-reduce-shifted-scores", "fused-pallas-shifted-scores", "fused-dot-shifted-pallas-scores",
+                     "fused-reduce-shifted-pallas-scores", "fused-pallas-shifted-pallas-scores",
+                     "fused-mask-shifted-attend", "fused-dot-shifted-attend", "fused-dot-shifted-pallas-attend",
+                     "fused-pallas-shifted-pallas-attend")
+
+
+def default_mega_impl(batch: int) -> str:
+  """The fused impl name of decoding.default_fused_settings(batch): what generate runs on this backend."""
+  from megalodon_jax import decoding
+  s = decoding.default_fused_settings(batch)
+  flags = [("t", s.transpose and s.dup not in decoding.TRANSPOSED_DUPS), ("fold", s.fold_norm),
+           ("shifted", s.stats == "shifted"),
+           ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas"),
+           ("attend" + "x".join(map(str, s.attend_blocks)), s.scores == "attend")]
+  return "-".join(["fused", s.dup] + [name for name, on in flags if on])
+
+
+def parse_mega_impl(impl: str) -> dict[str, Any]:
+  """A fused impl name, fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend], as fused_forward_one's settings.
+
+  dup: decoding.DUP_MODES (dot / reduce / pallas read the kernels transposed; -t transposes them for
+  mask / barrier too); -fold: the FFN LayerNorm folded into fc_in; -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in
+  kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step;
+  -attend: the whole attention + new key and value in kernels_pallas.decode_step.attend_step
+  (-attend<K>x<D>x<S>: with block_k K, block_d D, sub_d S).
+  """
+  from megalodon_jax import decoding
+  parts = impl.split("-")
+  # attend<K>x<D>x<S>: attend_step with block_k K, block_d D, sub_d S.
+  blocks = [f for f in parts[2:] if re.fullmatch(r"attend\d+x\d+x\d+", f)]
+  flags = ["attend" if f in blocks else f for f in parts[2:]]
+  if (len(parts) < 2 or parts[0] != "fused" or parts[1] not in decoding.DUP_MODES
+      or flags != [f for f in ("t", "fold", "shifted", "pallas", "scores", "attend") if f in flags]
+      or ("scores" in flags and "attend" in flags)):
+    raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS} "
+                     "(fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend])")
+  return {"dup": parts[1], "stats": "shifted" if "shifted" in flags else "two_pass",
+          "cema": "pallas" if "pallas" in flags else "xla",
+          "scores": "pallas" if "scores" in flags else "attend" if "attend" in flags else "xla",
+          "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS,
+          "attend_blocks": tuple(int(v) for v in blocks[0][len("attend"):].split("x")) if blocks else (),
+          "fold_norm": "fold" in flags}
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
   """(apply(p, cache, tokens [B, 1]) -> (logits [B, 1, V], cache), prepare(params) -> p,
   prepare_cache(model cache) -> the cache apply reads) of a decode impl.
 
-  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-<dup>[-shifted][-pallas]:
-  decoding.fused_forward_one on decoding.fuse_decode_params (dup: how a single row stays a GEMM;
-  -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in kernels_pallas.decode_step, with
-  the cache's CEMA states split into float32 pairs; -scores: attention scores + new key in
-  kernels_pallas.decode_step, with z's features and the cached keys permuted).
+  model: MegalodonLM.apply on the stored parameters (decoding.decode_step's path); fused-...:
+  decoding.fused_forward_one on decoding.fuse_decode_params with parse_mega_impl's settings (with
+  -pallas the cache's CEMA states are split into float32 pairs; with -scores z's features and the
+  cached keys are permuted).
   """
   from megalodon_jax import decoding
   if impl == "model":
@@ -185,22 +229,23 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
     model = MegalodonLM(cfg)
     return ((lambda p, cache, tokens: model.apply({"params": p}, tokens, cache=cache)), (lambda params: params),
             (lambda cache: cache))
-  if impl in MEGA_DECODE_IMPLS[1:]:
-    parts = impl.split("-")
-    dup, stats = parts[1], "shifted" if "shifted" in parts else "two_pass"
-    cema = "pallas" if "pallas" in parts else "xla"
-    scores = "pallas" if "scores" in parts else "xla"
+  settings = parse_mega_impl(impl)
+  dup, stats, cema, scores = (settings[k] for k in ("dup", "stats", "cema", "scores"))
 
-    def apply(p, cache, tokens):
-      logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores)
-      return logits[:, None], cache
+  def apply(p, cache, tokens):
+    logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores,
+                                               settings["attend_blocks"])
+    return logits[:, None], cache
 
-    def prepare_cache(cache):
-      cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
-      return decoding.permute_keys(cache, cfg) if scores == "pallas" else cache
+  def prepare_cache(cache):
+    cache = decoding.split_cema_state(cache) if cema == "pallas" else cache
+    return decoding.permute_keys(cache, cfg) if scores != "xla" else cache
 
-    return apply, (lambda params: decoding.fuse_decode_params(params, cfg, permute_z=scores == "pallas")), prepare_cache
-  raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS}")
+  def prepare(params):
+    return decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=settings["transpose"],
+                                       fold_norm=settings["fold_norm"])
+
+  return apply, prepare, prepare_cache
 
 
 def megalodon_cache(cfg: mega_config.MegalodonConfig, batch: int, context: int, count: int) -> mega_cache.ModelCache:
@@ -294,6 +339,7 @@ def megalodon_rows(size: str, preset: str, batch: int, contexts: list[int], args
     params_cache[preset] = init_unrolled(lambda rng: mega_init(init_cfg, rng), cfg.num_layers)
   rows = []
   for decode_impl in getattr(args, "mega_decode", ["model"]):
+    decode_impl = default_mega_impl(batch) if decode_impl == "default" else decode_impl
     try:
       rows += _megalodon_impl_rows(size, cfg, batch, contexts, args, params_cache[preset], impls, decode_impl)
     except Exception as err:  # noqa: BLE001 - e.g. the compile failed: every context fails
@@ -453,10 +499,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f"comma-separated subset of {llama_lib.DECODE_ATTENTION_IMPLS} (default cudnn,xla; "
                            "xla with --smoke); with several, all are timed at one setting (batch 1 / 32K) and "
                            "the fastest is used for every row")
-  parser.add_argument("--mega-decode", default="fused-mask-shifted",
+  parser.add_argument("--mega-decode", default="default",
                       help=f"comma-separated Megalodon decode impls, each timed in its own rows: {MEGA_DECODE_IMPLS} "
-                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one; the "
-                           "default fused-mask-shifted is what decoding.generate / generate_on_device run)")
+                           "(model: the model's apply; fused-*: decoding.fuse_decode_params + fused_forward_one, see "
+                           "parse_mega_impl; default: what decoding.generate / generate_on_device run for the batch "
+                           "on this backend, decoding.default_fused_settings)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--inner", type=int, default=8, help="consecutive steps per timed sample")
@@ -484,8 +531,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
   args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
   args.mega_decode = [m.strip() for m in args.mega_decode.split(",") if m.strip()]
-  if not args.mega_decode or set(args.mega_decode) - set(MEGA_DECODE_IMPLS):
-    parser.error(f"--mega-decode must be a subset of {MEGA_DECODE_IMPLS}")
+  if not args.mega_decode:
+    parser.error(f"--mega-decode: name at least one of {MEGA_DECODE_IMPLS}")
+  for impl in args.mega_decode:
+    try:
+      _ = impl in ("model", "default") or parse_mega_impl(impl)
+    except ValueError as err:
+      parser.error(f"--mega-decode: {err}")
   args.llama_decode_attention = [a.strip() for a in (args.llama_decode_attention or "cudnn,xla").split(",")
                                  if a.strip()]
   if not args.llama_decode_attention or set(args.llama_decode_attention) - set(llama_lib.DECODE_ATTENTION_IMPLS):

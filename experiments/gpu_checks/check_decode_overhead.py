@@ -44,9 +44,11 @@ def parse_args(argv):
   parser.add_argument("--json", default=None)
   parser.add_argument("--archs", default="megalodon,llama")
   parser.add_argument("--attention_impl", default="auto", help="Megalodon's attention_impl (auto, xla, pallas)")
+  parser.add_argument("--top", type=int, default=12, help="kernels listed per row (by time per token)")
   parser.add_argument("--hlo_dir", default=None, help="write each traced step's optimized HLO here")
-  parser.add_argument("--mega-decode", default="fused-mask-shifted",
-                      help="comma-separated Megalodon decode impls (bench_decode.MEGA_DECODE_IMPLS), one row each")
+  parser.add_argument("--mega-decode", default="default",
+                      help="comma-separated Megalodon decode impls (bench_decode.MEGA_DECODE_IMPLS; default: "
+                           "decoding.generate's for the batch on this backend), one row each")
   parser.add_argument("--loops", default="host,device",
                       help="which of host,device to time; each row is also traced once (host-loop steps) unless "
                            "--trace_steps 0")
@@ -115,8 +117,9 @@ def main(argv=None):
       with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
 
+  resolve = lambda impl: bench_decode.default_mega_impl(args.batch) if impl == "default" else impl
   variants = [(arch, impl) for arch in args.archs.split(",")
-              for impl in (args.mega_decode.split(",") if arch == "megalodon" else ["model"])]
+              for impl in ([resolve(i) for i in args.mega_decode.split(",")] if arch == "megalodon" else ["model"])]
   for arch, impl in variants:
     row: dict[str, Any] = {"arch": arch if impl == "model" else f"{arch}:{impl}"}
     for loop in args.loops.split(","):
@@ -193,7 +196,7 @@ def _trace_host_steps(arch, bargs, params, size, mega_preset, llama_preset, args
       for _ in range(args.trace_steps):
         state, logits = step(state, p)
       jax.block_until_ready((state, logits))
-    out = summarize_trace(trace_dir, args.trace_steps)
+    out = summarize_trace(trace_dir, args.trace_steps, args.top)
     out["traced_wall_ms_per_step"] = (time.perf_counter() - start) * 1e3 / args.trace_steps
     return out
   except Exception as err:  # noqa: BLE001 - a diagnostic: report and go on

@@ -298,6 +298,16 @@ def default_block_k(chunk: int) -> int:
   return min(chunk, 32)
 
 
+def _check_qk_inputs(proj, bias, scale, shift, freqs, count, *, batch: int, heads: int, dz: int) -> None:
+  """Shapes of the q/k inputs shared by qk_scores_step and attend_step (errors name the argument)."""
+  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
+    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
+  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
+                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "block_k", "num_warps", "interpret"))
 def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, block_k: int | None = None,
                    num_warps: int = 4, interpret: bool | None = None):
@@ -306,12 +316,7 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
   block_k = block_k or default_block_k(chunk)
   if dz % 2 or chunk % block_k:
     raise ValueError(f"the head dim ({dz}) must be even and block_k ({block_k}) must divide the chunk ({chunk})")
-  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
-    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
-  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
-                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
-    if tuple(arr.shape) != shape:
-      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+  _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   grid = (batch, heads, chunk // block_k)
@@ -442,12 +447,7 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
     raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
                      f"{values.shape} and {v_new.shape}")
-  if proj.ndim != 2 or proj.shape[0] < batch or proj.shape[1] < heads * dz:
-    raise ValueError(f"proj must be [rows >= {batch}, columns >= {heads * dz}], got {proj.shape}")
-  for name, arr, shape in (("bias", bias, (heads * dz,)), ("scale", scale, (2, heads * dz)),
-                           ("shift", shift, (2, heads * dz)), ("freqs", freqs, (dz // 2,)), ("count", count, (1,))):
-    if tuple(arr.shape) != shape:
-      raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+  _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   blocks = chunk // block_k

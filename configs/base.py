@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 1000
   c.train.eval_batches = 20
+  c.train.final_eval_batches = 0  # the evaluation after training: 0 scores the whole eval split
   c.train.max_nonfinite_streak = 20  # stop after this many consecutive skipped (non-finite) steps
 
   c.checkpoint = ml_collections.ConfigDict()

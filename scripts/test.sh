@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q --nbmake "$@" tests experiments/notebooks
+# Notebooks first: they are the longest items, and started last they leave one worker idle at the end.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q --nbmake "$@" experiments/notebooks tests

@@ -315,11 +315,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.save(step, state, data_iter.get_state(), wait=True)
   checkpointer.close()
 
-  result = evaluate(experiment, state.params, eval_step=eval_step)
+  result = evaluate(experiment, state.params, max_batches=tcfg.get("final_eval_batches", 0) or None,
+                    eval_step=eval_step)
   writer.write(step, result, prefix="eval")
   baseline = data_lib.unigram_baseline(experiment.data_cfg)
   writer.close()
-  _print(f"validation ({experiment.data_cfg.eval_split}): " + _format(result))
+  limit = tcfg.get("final_eval_batches", 0)
+  scope = f", first {limit} batches" if limit else ""
+  _print(f"validation ({experiment.data_cfg.eval_split}{scope}): " + _format(result))
   _print(f"unigram baseline of the corpus: {baseline:.3f} bits per byte")
   summary.update(step=step, eval=result, unigram_bits_per_byte=baseline, preempted=False,
                  checkpoint_dir=checkpointer.directory)

@@ -223,30 +223,47 @@ def _rope(re, im, cos, sin, dtype):
   return (re * cos - im * sin).astype(dtype), (re * sin + im * cos).astype(dtype)
 
 
-def _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, *, dz: int, eps: float, dtype):
-  """The new token's q (float32) and k (dtype) halves of one head: bias, RMS norm, affine maps, RoPE."""
-  f32 = jnp.float32
+def _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, *, dz: int) -> tuple:
+  """The loads q and k are made from (z, bias, the q and k affine maps in halves, freqs): one place,
+  so that a kernel can issue them together with its other loads."""
   half = dz // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
-  zn_re, zn_im = _normalized_z(proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], dz=dz, eps=eps)
-  angle = count.astype(f32) * freqs_ref[...]
+  return (proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], scale_ref[0, lo], scale_ref[0, hi],
+          shift_ref[0, lo], shift_ref[0, hi], scale_ref[1, lo], scale_ref[1, hi], shift_ref[1, lo], shift_ref[1, hi],
+          freqs_ref[...])
+
+
+def _qk_math(inputs: tuple, count, *, dz: int, eps: float, dtype):
+  """The new token's q (float32) and k (dtype) halves of one head from _qk_inputs' arrays: bias, RMS
+  norm, affine maps, RoPE."""
+  f32 = jnp.float32
+  z_re, z_im, b_re, b_im, sq_re, sq_im, hq_re, hq_im, sk_re, sk_im, hk_re, hk_im, freqs = inputs
+  zn_re, zn_im = _normalized_z(z_re, z_im, b_re, b_im, dz=dz, eps=eps)
+  angle = count.astype(f32) * freqs
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
-  q_re, q_im = _rope(zn_re * scale_ref[0, lo] + shift_ref[0, lo], zn_im * scale_ref[0, hi] + shift_ref[0, hi],
-                     cos, sin, dtype)
-  k_re, k_im = _rope(zn_re * scale_ref[1, lo] + shift_ref[1, lo], zn_im * scale_ref[1, hi] + shift_ref[1, hi],
-                     cos, sin, dtype)
+  q_re, q_im = _rope(zn_re * sq_re + hq_re, zn_im * sq_im + hq_im, cos, sin, dtype)
+  k_re, k_im = _rope(zn_re * sk_re + hk_re, zn_im * sk_im + hk_im, cos, sin, dtype)
   return q_re.astype(f32), q_im.astype(f32), k_re, k_im
 
 
-def _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, *, dz: int, block_k: int):
-  """Scores [block_k] float32 of the positions [start, start + block_k): the cached keys, the new
-  key at `count`, -inf past it; and the positions."""
-  f32 = jnp.float32
+def _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, *, dz: int, eps: float, dtype):
+  """_qk_math of _qk_inputs: q (float32) and k (dtype) halves of one head."""
+  return _qk_math(_qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz), count, dz=dz, eps=eps,
+                  dtype=dtype)
+
+
+def _key_halves(keys_ref, rows, *, dz: int):
+  """keys_ref[rows] as its two halves [n, dz / 2] (the real and imaginary parts of RoPE's pairs)."""
   half = dz // 2
-  keys_re = keys_ref[:, pl.ds(0, half)].astype(f32)  # [block_k, half]
-  keys_im = keys_ref[:, pl.ds(half, half)].astype(f32)
-  scores = jnp.sum(keys_re * q_re[None, :] + keys_im * q_im[None, :], axis=-1)
+  return keys_ref[rows, pl.ds(0, half)], keys_ref[rows, pl.ds(half, half)]
+
+
+def _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start, *, block_k: int):
+  """Scores [block_k] float32 of the positions [start, start + block_k) from their cached key halves
+  [block_k, dz / 2]: the new key at `count`, -inf past it; and the positions."""
+  f32 = jnp.float32
+  scores = jnp.sum(keys_re.astype(f32) * q_re[None, :] + keys_im.astype(f32) * q_im[None, :], axis=-1)
   new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
   pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
   scores = jnp.where(pos == count, new_score, scores)
@@ -261,7 +278,8 @@ def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
   q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
                                       dtype=keys_ref.dtype)
   j = pl.program_id(2)
-  scores_out[...], _ = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, j * block_k, dz=dz, block_k=block_k)
+  keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+  scores_out[...], _ = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, j * block_k, block_k=block_k)
 
   @pl.when(count // block_k == j)
   def _():
@@ -355,38 +373,105 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
 # ---------------------------------------------------------------------------------------------
 
 
+def _attend_block(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
+                  count, start, *, dz: int, eps: float, block_k: int, block_d: int, sub_d: int, preload: bool):
+  """One block of block_k positions (tiles = 1): writes acc_out, returns (m, l, k_re, k_im)."""
+  f32 = jnp.float32
+  chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
+  if preload:
+    # Every load first (values, keys, the q/k inputs, the new value): none depends on another, so
+    # the program waits for memory once instead of once per step of the q/k -> scores -> values chain.
+    tiles = [values_ref[:, cols] for cols in chunks]
+    keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+    inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+    new_values = [vnew_ref[cols] for cols in chunks]
+  else:
+    # The value tile first when it is one chunk; with several, each is loaded where it is used
+    # (fewer registers).
+    tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
+    inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+    new_values = [None] * len(chunks)
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
+  if not preload:
+    keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+  scores, pos = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start, block_k=block_k)
+  m = jnp.max(scores)  # finite: position `start` <= count
+  p = jnp.exp(scores - m)  # 0 past count
+  at_new = (pos == count)[:, None]
+  for cols, tile, new_value in zip(chunks, tiles, new_values):
+    tile = values_ref[:, cols] if tile is None else tile  # [block_k, sub_d]
+    new_value = vnew_ref[cols] if new_value is None else new_value
+    v = jnp.where(at_new, new_value.astype(f32)[None, :], tile.astype(f32))
+    acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
+  return m, jnp.sum(p), k_re, k_im
+
+
+def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
+                   count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: bool):
+  """`tiles` tiles of block_k positions, one after the other with an online softmax (the tiles past
+  count are skipped): writes acc_out, returns (m, l, k_re, k_im). preload: tile t + 1 is loaded
+  before tile t is used (a register double buffer), else Triton's pipeliner (num_stages) may."""
+  f32 = jnp.float32
+  inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+  new_value = vnew_ref[...].astype(f32)
+
+  def load(t):
+    offset = t * block_k if isinstance(t, int) else pl.multiple_of(t * block_k, block_k)
+    rows = pl.ds(offset, block_k)
+    return (*_key_halves(keys_ref, rows, dz=dz), values_ref[rows, :])
+
+  first = load(0) if preload else None
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
+
+  def update(t, tile, m, l, acc):
+    keys_re, keys_im, v = tile
+    scores, pos = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start + t * block_k,
+                                block_k=block_k)
+    m_new = jnp.maximum(m, jnp.max(scores))  # finite: the tile's first position is <= count
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new)
+    v = jnp.where((pos == count)[:, None], new_value[None, :], v.astype(f32))
+    return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+
+  n = jnp.minimum((count - start) // block_k + 1, tiles)
+  init = (jnp.asarray(-jnp.inf, f32), jnp.asarray(0.0, f32), jnp.zeros((block_d,), f32))
+  if preload:
+    def body(t, carry):
+      m, l, acc, tile = carry
+      nxt = load(jnp.minimum(t + 1, tiles - 1))
+      return (*update(t, tile, m, l, acc), nxt)
+
+    m, l, acc, _ = jax.lax.fori_loop(0, n, body, (*init, first))
+  else:
+    m, l, acc = jax.lax.fori_loop(0, n, lambda t, carry: update(t, load(t), *carry), init)
+  acc_out[...] = acc
+  return m, l, k_re, k_im
+
+
 def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
                    stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
-                   sub_d: int):
-  f32 = jnp.float32
+                   sub_d: int, preload: bool, tiles: int):
   count = count_ref[0]
   j, d = pl.program_id(2), pl.program_id(3)
-  start = j * block_k
+  span = block_k * tiles
+  start = j * span
   two = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+  refs = (proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out)
 
   @pl.when(start <= count)
   def _():
-    # The value tiles are loaded first: nothing they need depends on the scores, so their memory
-    # traffic overlaps the q/k and score arithmetic (the kernel is bound by reading the values).
-    # (With several chunks, each is loaded where it is used: fewer registers.)
-    chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
-    tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
-    q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
-                                        dtype=keys_ref.dtype)
-    scores, pos = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, dz=dz, block_k=block_k)
-    m = jnp.max(scores)  # finite: position `start` <= count
-    p = jnp.exp(scores - m)  # 0 past count
-    at_new = (pos == count)[:, None]
-    for cols, tile in zip(chunks, tiles):
-      tile = values_ref[:, cols] if tile is None else tile  # [block_k, sub_d]
-      v = jnp.where(at_new, vnew_ref[cols].astype(f32)[None, :], tile.astype(f32))
-      acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
+    if tiles == 1:
+      m, l, k_re, k_im = _attend_block(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
+                                       sub_d=sub_d, preload=preload)
+    else:
+      m, l, k_re, k_im = _attend_looped(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
+                                        tiles=tiles, preload=preload)
 
     @pl.when(d == 0)
     def _():
-      stats_out[...] = jnp.where(two == 0, m, jnp.sum(p))
+      stats_out[...] = jnp.where(two == 0, m, l)
 
-    @pl.when(count // block_k == j)
+    @pl.when(count // span == j)
     def _():
       row = pl.ds(count - start, 1)
       values_out[row, :] = vnew_ref[...][None, :]
@@ -399,7 +484,7 @@ def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   @pl.when(start > count)
   def _():
-    acc_out[...] = jnp.zeros((block_d,), f32)
+    acc_out[...] = jnp.zeros((block_d,), jnp.float32)
 
     @pl.when(d == 0)
     def _():
@@ -431,37 +516,46 @@ def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
   return min(chunk, 32), min(dv, 1024)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "preload", "tiles",
+                                             "num_stages", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
                 block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
-                interpret: bool | None = None):
-  """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated."""
+                preload: bool = False, tiles: int = 1, num_stages: int = 1, interpret: bool | None = None):
+  """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated.
+
+  Each program covers tiles x block_k positions and block_d value features (stats/acc have
+  C / (tiles block_k) blocks). tiles = 1: one tile, its values used in sub_d-feature chunks, every
+  load issued first with preload. tiles > 1: a loop over the tiles with an online softmax (sub_d
+  unused), tile t + 1 loaded during tile t with preload; num_stages is Triton's pipelining depth."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
   block_k, block_d = block_k or default_k, block_d or default_d
   sub_d = min(sub_d or block_d, block_d)
-  if dz % 2 or chunk % block_k or dv % block_d or block_d % sub_d:
-    raise ValueError(f"the head dim ({dz}) must be even, block_k ({block_k}) must divide the chunk ({chunk}), "
-                     f"block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
+  tiles = int(tiles)
+  span = block_k * tiles
+  if dz % 2 or tiles < 1 or chunk % span or dv % block_d or block_d % sub_d:
+    raise ValueError(f"the head dim ({dz}) must be even, tiles ({tiles}) x block_k ({block_k}) must divide the chunk "
+                     f"({chunk}), block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
   if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
     raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
                      f"{values.shape} and {v_new.shape}")
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  blocks = chunk // block_k
+  blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j, d: (b, j, h, 0))
-  value_spec = pl.BlockSpec((None, block_k, None, block_d), lambda b, h, j, d: (b, j, h, d))
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  key_spec = pl.BlockSpec((None, span, None, dz), lambda b, h, j, d: (b, j, h, 0))
+  value_spec = pl.BlockSpec((None, span, None, block_d), lambda b, h, j, d: (b, j, h, d))
   f32 = jnp.float32
+  kernel = functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d,
+                             preload=bool(preload), tiles=tiles)
   return pl.pallas_call(
-      functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d),
-      grid=grid,
+      kernel, grid=grid,
       in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
                 pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
                 pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec,

@@ -205,11 +205,16 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     decode_step.gemv_partials(x[:32], w_t[:64, :96])
 
 
-@pytest.mark.parametrize("count,block_k,block_d,sub_d", [(0, 4, 32, 8), (6, 4, 16, None), (13, 8, 16, 8),
-                                                         (C - 1, 4, 32, None)])
-def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d):
+@pytest.mark.parametrize("count,block_k,block_d,sub_d,options", [
+    (0, 4, 32, 8, {}), (6, 4, 16, None, {}), (13, 8, 16, 8, {}), (C - 1, 4, 32, None, {}),
+    (0, 4, 32, 8, {"preload": True}), (11, 4, 16, 8, {"preload": True}),
+    (9, 4, 32, None, {"tiles": 2}), (C - 1, 2, 16, None, {"tiles": 4, "preload": True}),
+    (5, 2, 32, None, {"tiles": 8, "preload": True})])
+def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d, options):
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
-  cache with the new key (from q/k as the model makes them) and value written at `count`."""
+  cache with the new key (from q/k as the model makes them) and value written at `count`: one tile
+  per program (values in sub_d chunks, loads issued first with preload) and a loop over `tiles`
+  tiles with an online softmax (the next tile prefetched with preload)."""
   rng = np.random.default_rng(count + block_k)
   dv = 32
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -217,7 +222,10 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
           normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
           normal(B, C, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
           jnp.asarray([count], jnp.int32))
-  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d)
+  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d,
+                                                     **options)
+  span = block_k * options.get("tiles", 1)
+  assert stats.shape == (B, H, C // span, 2) and acc.shape == (B, H, C // span, dv)
   got = np.asarray(decode_step.attend_combine(stats, acc))
   # The scores kernel's keys (its q/k are checked against the model's ops above); values by hand.
   scores_ref, keys_ref = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS)
@@ -231,19 +239,31 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
   want = np.einsum("bhk,bkhd->bhd", p, want_values[:, :count + 1])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   # Blocks past count contribute nothing (m = -inf, l = 0, acc = 0).
-  past = np.arange(C // block_k) * block_k > count
+  past = np.arange(C // span) * span > count
   assert np.all(np.asarray(stats)[:, :, past, 0] == -np.inf) and np.all(np.asarray(acc)[:, :, past] == 0)
 
 
-def test_attend_step_lowers_for_cuda_and_checks_shapes():
-  args = (jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((512,), jnp.bfloat16), jnp.zeros((2, 512)),
+@pytest.mark.parametrize("options", [{}, {"preload": True, "sub_d": 256, "num_warps": 8},
+                                     {"block_k": 16, "block_d": 512, "tiles": 4, "preload": True}])
+def test_attend_step_lowers_for_cuda(options):
+  """mega1.3B's shapes (C 2048, H 2, dz 256, dv 2048): the Triton path lowers for each kernel form."""
+  lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False, **options)).trace(
+      *_mega_attend_args()).lower(lowering_platforms=("cuda",))
+  assert "attend_step" in lowered.as_text()
+
+
+def _mega_attend_args():
+  return (jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((512,), jnp.bfloat16), jnp.zeros((2, 512)),
           jnp.zeros((2, 512)), jnp.zeros((128,)), jnp.zeros((1, 2048, 2, 256), jnp.bfloat16),
           jnp.zeros((1, 2048, 2, 2048), jnp.bfloat16), jnp.zeros((1, 2, 2048), jnp.bfloat16),
           jnp.zeros((1,), jnp.int32))
-  lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
-      lowering_platforms=("cuda",))
-  assert "attend_step" in lowered.as_text()
+
+
+def test_attend_step_checks_shapes():
+  args = _mega_attend_args()
   with pytest.raises(ValueError, match="v_new"):
     decode_step.attend_step(*args[:7], args[7][:, :, :8], args[8], eps=EPS)
   with pytest.raises(ValueError, match="block_d"):
     decode_step.attend_step(*args, eps=EPS, block_d=96)
+  with pytest.raises(ValueError, match="tiles"):
+    decode_step.attend_step(*args, eps=EPS, block_k=32, tiles=3)

@@ -49,10 +49,11 @@ EPS = 1e-5
 # (batch, chunk, heads, dz, dv, projection columns): mega1.3B; smoke: tiny.
 SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "smoke": (1, 64, 2, 16, 64, 96)}
 # In priority order (variants past --budget-s are skipped).
-VARIANTS = ("xla_read,default,16x1024x1024:w4:p,16x1024x256:w4:p,32x1024x256:w4:p,8x1024x1024:w4:p,16x512x512:w4:p,"
-            "16x2048x2048:w8:p,32x1024x256:w8:p,16x1024x1024:t2:w4:p,16x512x512:t4:w4:p,8x1024x1024:t4:w4:p,"
-            "16x512x512:t4:w4:s3,32x1024x1024:w4,xla_ref,32x512x512:w4:p,16x1024x256:w8:p,8x2048x2048:w8:p,"
-            "32x2048x512:w16:p,16x256x256:w2:p,16x1024x256:w4:p:noqk,default:noqk")
+VARIANTS = ("xla_read,default,32x1024x128:w4,32x1024x128:w4:p,16x1024x128:w4:p,16x1024x1024:w4:p,16x1024x256:w4:p,"
+            "32x1024x256:w4:p,16x256x256:w1:p,8x256x256:w1:p,16x128x128:w1:p,32x256x128:w1:p,16x512x256:w2:p,"
+            "8x1024x1024:w4:p,16x512x512:w4:p,16x512x512:t4:w4:p,8x1024x1024:t4:w4:p,16x256x256:t4:w1:p,"
+            "16x1024x1024:t2:w4:p,16x512x512:t4:w4:s3,16x2048x2048:w8:p,32x1024x256:w8:p,default:noqk,"
+            "16x1024x128:w4:p:noqk,xla_ref,32x1024x1024:w4,32x512x512:w4:p,16x256x256:w2:p,8x2048x2048:w8:p")
 SMOKE_VARIANTS = "xla_read,xla_ref,8x32x16:w4,8x32x16:w4:p,8x64x64:w8:p,4x32x32:t4:s2,4x32x32:t4:p,8x32x16:w4:p:noqk"
 
 

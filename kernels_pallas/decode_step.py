@@ -406,6 +406,50 @@ def _attend_block(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref,
   return m, jnp.sum(p), k_re, k_im
 
 
+def _dot(a, b, contracting):
+  """a [M, K] times b ([K, N] or [N, K], by `contracting`) with float32 accumulation (tl.dot)."""
+  return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
+                      count, start, *, dz: int, eps: float, block_k: int):
+  """_attend_block with both products on the tensor cores (every load issued first).
+
+  Elementwise products of p with a [block_k, block_d] tile and a reduction over its positions make
+  Triton move the whole tile into the scores' register layout through shared memory (and reduce
+  across warps); as matrix products the layouts are Triton's dot operands. q (bf16-exact: RoPE's
+  output is rounded to the keys' dtype) is row 0 of a [16, dz / 2] matrix times the key halves;
+  the probabilities, split into bf16 p_hi + p_lo (|p - p_hi - p_lo| <= 2^-16 p), are rows 0 and 1 of
+  a [16, block_k] matrix times the value tile (accumulated in float32). The position `count` is
+  left out of the product and its new value added as p_new v_new."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  tile = values_ref[...]  # [block_k, block_d]
+  keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+  inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+  new_value = vnew_ref[...]
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
+  half = dz // 2
+  row = jax.lax.broadcasted_iota(jnp.int32, (16, half), 0)
+  as_rows = lambda v: jnp.where(row == 0, v.astype(keys_ref.dtype)[None, :], jnp.zeros((), keys_ref.dtype))
+  scores = _dot(as_rows(q_re), keys_re, ((1,), (1,))) + _dot(as_rows(q_im), keys_im, ((1,), (1,)))
+  scores = jnp.sum(scores, axis=0)  # [block_k]: rows 1.. are 0
+  pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
+  in_block = count - start < block_k
+  valid = pos <= count
+  m = jnp.max(jnp.where(valid & (pos != count), scores, -jnp.inf))
+  m = jnp.where(in_block, jnp.maximum(m, new_score), m)  # finite: position `start` <= count
+  p = jnp.where(valid & (pos != count), jnp.exp(scores - m), 0.0)
+  p_new = jnp.where(in_block, jnp.exp(new_score - m), 0.0)
+  p_hi = p.astype(bf16)
+  p_lo = (p - p_hi.astype(f32)).astype(bf16)
+  prow = jax.lax.broadcasted_iota(jnp.int32, (16, block_k), 0)
+  weights = jnp.where(prow == 0, p_hi[None, :], jnp.where(prow == 1, p_lo[None, :], jnp.zeros((), bf16)))
+  acc = jnp.sum(_dot(weights, tile.astype(bf16), ((1,), (0,))), axis=0)  # [block_d]
+  acc_out[...] = acc + p_new * new_value.astype(f32)
+  return m, jnp.sum(p) + p_new, k_re, k_im
+
+
 def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
                    count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: bool):
   """`tiles` tiles of block_k positions, one after the other with an online softmax (the tiles past
@@ -450,7 +494,7 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
 def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
                    stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
-                   sub_d: int, preload: bool, tiles: int):
+                   sub_d: int, preload: bool, tiles: int, mma: bool):
   count = count_ref[0]
   j, d = pl.program_id(2), pl.program_id(3)
   span = block_k * tiles
@@ -460,7 +504,9 @@ def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   @pl.when(start <= count)
   def _():
-    if tiles == 1:
+    if mma:
+      m, l, k_re, k_im = _attend_block_mma(*refs, count, start, dz=dz, eps=eps, block_k=block_k)
+    elif tiles == 1:
       m, l, k_re, k_im = _attend_block(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
                                        sub_d=sub_d, preload=preload)
     else:
@@ -517,16 +563,19 @@ def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "preload", "tiles",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "mma", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
                 block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
-                preload: bool = False, tiles: int = 1, num_stages: int = 1, interpret: bool | None = None):
+                preload: bool = False, tiles: int = 1, num_stages: int = 1, mma: bool = False,
+                interpret: bool | None = None):
   """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated.
 
   Each program covers tiles x block_k positions and block_d value features (stats/acc have
   C / (tiles block_k) blocks). tiles = 1: one tile, its values used in sub_d-feature chunks, every
   load issued first with preload. tiles > 1: a loop over the tiles with an online softmax (sub_d
-  unused), tile t + 1 loaded during tile t with preload; num_stages is Triton's pipelining depth."""
+  unused), tile t + 1 loaded during tile t with preload; num_stages is Triton's pipelining depth.
+  mma (tiles = 1, block_k >= 16, bf16 keys and values): the scores and the probabilities times the
+  values as matrix products on the tensor cores (see _attend_block_mma; sub_d and preload unused)."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
@@ -543,6 +592,9 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+  if mma and (tiles != 1 or block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
+    raise ValueError(f"mma needs tiles = 1, block_k >= 16 (got {tiles}, {block_k}) and bf16 keys and values "
+                     f"(got {keys.dtype}, {values.dtype})")
   blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
   kwargs = {}
@@ -553,7 +605,7 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   value_spec = pl.BlockSpec((None, span, None, block_d), lambda b, h, j, d: (b, j, h, d))
   f32 = jnp.float32
   kernel = functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d,
-                             preload=bool(preload), tiles=tiles)
+                             preload=bool(preload), tiles=tiles, mma=bool(mma))
   return pl.pallas_call(
       kernel, grid=grid,
       in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),

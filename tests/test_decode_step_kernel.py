@@ -209,12 +209,14 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     (0, 4, 32, 8, {}), (6, 4, 16, None, {}), (13, 8, 16, 8, {}), (C - 1, 4, 32, None, {}),
     (0, 4, 32, 8, {"preload": True}), (11, 4, 16, 8, {"preload": True}),
     (9, 4, 32, None, {"tiles": 2}), (C - 1, 2, 16, None, {"tiles": 4, "preload": True}),
-    (5, 2, 32, None, {"tiles": 8, "preload": True})])
+    (5, 2, 32, None, {"tiles": 8, "preload": True}), (0, 16, 16, None, {"mma": True}),
+    (C - 1, 16, 32, None, {"mma": True}), (10, 16, 16, None, {"mma": True})])
 def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d, options):
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
   cache with the new key (from q/k as the model makes them) and value written at `count`: one tile
   per program (values in sub_d chunks, loads issued first with preload) and a loop over `tiles`
-  tiles with an online softmax (the next tile prefetched with preload)."""
+  tiles with an online softmax (the next tile prefetched with preload); mma: both products as matrix
+  products (bf16 operands, the probabilities split in two bf16 parts)."""
   rng = np.random.default_rng(count + block_k)
   dv = 32
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -244,7 +246,8 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
 
 
 @pytest.mark.parametrize("options", [{}, {"preload": True, "sub_d": 256, "num_warps": 8},
-                                     {"block_k": 16, "block_d": 512, "tiles": 4, "preload": True}])
+                                     {"block_k": 16, "block_d": 512, "tiles": 4, "preload": True},
+                                     {"block_k": 16, "block_d": 1024, "mma": True}])
 def test_attend_step_lowers_for_cuda(options):
   """mega1.3B's shapes (C 2048, H 2, dz 256, dv 2048): the Triton path lowers for each kernel form."""
   lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False, **options)).trace(
@@ -267,3 +270,5 @@ def test_attend_step_checks_shapes():
     decode_step.attend_step(*args, eps=EPS, block_d=96)
   with pytest.raises(ValueError, match="tiles"):
     decode_step.attend_step(*args, eps=EPS, block_k=32, tiles=3)
+  with pytest.raises(ValueError, match="mma needs"):
+    decode_step.attend_step(*args, eps=EPS, block_k=8, mma=True)

@@ -12,7 +12,7 @@ several configurations plus attend_combine, at the full fill (count = 2047 - 16)
 Variant specs (attend_step arguments): BKxBDxSD[:wW][:tT][:sS][:p] = block_k BK, block_d BD,
 sub_d SD, num_warps W (default 4), tiles T (default 1: one tile per program; > 1: a loop with an
 online softmax), num_stages S (default 1), p = preload (every load issued first / the next tile
-prefetched), noqk = DIAGNOSTIC ONLY (wrong results, flagged BAD): q and k are the raw z halves
+prefetched), m = mma (both products on the tensor cores), noqk = DIAGNOSTIC ONLY (wrong results, flagged BAD): q and k are the raw z halves
 (no RMS norm, affine maps or RoPE), to see what the per-program q/k arithmetic costs. 'default' is
 attend_step with no arguments.
 
@@ -49,12 +49,13 @@ EPS = 1e-5
 # (batch, chunk, heads, dz, dv, projection columns): mega1.3B; smoke: tiny.
 SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "smoke": (1, 64, 2, 16, 64, 96)}
 # In priority order (variants past --budget-s are skipped).
-VARIANTS = ("xla_read,default,32x1024x128:w4,32x1024x128:w4:p,16x1024x128:w4:p,16x1024x1024:w4:p,16x1024x256:w4:p,"
-            "32x1024x256:w4:p,16x256x256:w1:p,8x256x256:w1:p,16x128x128:w1:p,32x256x128:w1:p,16x256x128:w1:p,8x512x128:w1:p,16x512x128:w1,16x512x256:w2:p,"
-            "8x1024x1024:w4:p,16x512x512:w4:p,16x512x512:t4:w4:p,8x1024x1024:t4:w4:p,16x256x256:t4:w1:p,"
-            "16x1024x1024:t2:w4:p,16x512x512:t4:w4:s3,16x2048x2048:w8:p,32x1024x256:w8:p,default:noqk,"
-            "16x1024x128:w4:p:noqk,xla_ref,32x1024x1024:w4,32x512x512:w4:p,16x256x256:w2:p,8x2048x2048:w8:p")
-SMOKE_VARIANTS = "xla_read,xla_ref,8x32x16:w4,8x32x16:w4:p,8x64x64:w8:p,4x32x32:t4:s2,4x32x32:t4:p,8x32x16:w4:p:noqk"
+VARIANTS = ("xla_read,default,16x1024x1024:m,16x512x512:m,32x1024x1024:m,32x512x512:m,16x2048x2048:w8:m,"
+            "16x1024x1024:w8:m,16x256x256:m,32x1024x128:w4,32x1024x128:w4:p,16x1024x128:w4:p,16x1024x1024:w4:p,"
+            "16x1024x256:w4:p,32x1024x256:w4:p,16x256x256:w1:p,8x256x256:w1:p,16x128x128:w1:p,16x256x128:w1:p,"
+            "8x512x128:w1:p,16x512x128:w1,16x512x256:w2:p,8x1024x1024:w4:p,16x512x512:w4:p,16x512x512:t4:w4:p,"
+            "8x1024x1024:t4:w4:p,16x256x256:t4:w1:p,16x512x512:t4:w4:s3,default:noqk,16x1024x1024:m:noqk,"
+            "16x1024x128:w4:p:noqk,xla_ref,32x1024x1024:w4,32x1024x256:w8:p,16x2048x2048:w8:p")
+SMOKE_VARIANTS = "xla_read,xla_ref,8x32x16:w4,8x32x16:w4:p,8x64x64:w8:p,4x32x32:t4:s2,4x32x32:t4:p,8x32x16:w4:p:noqk,16x32x32:m"
 
 
 def parse_spec(spec: str) -> dict:
@@ -68,12 +69,14 @@ def parse_spec(spec: str) -> dict:
   for opt in opts:
     if opt == "p":
       kwargs["preload"] = True
+    elif opt == "m":
+      kwargs["mma"] = True
     elif opt == "noqk":
       kwargs["noqk"] = True
     elif opt[:1] in names and opt[1:].isdigit():
       kwargs[names[opt[0]]] = int(opt[1:])
     else:
-      raise ValueError(f"bad option {opt!r} in variant {spec!r} (w<warps>, t<tiles>, s<stages>, p)")
+      raise ValueError(f"bad option {opt!r} in variant {spec!r} (w<warps>, t<tiles>, s<stages>, p, m, noqk)")
   return kwargs
 
 

@@ -411,6 +411,37 @@ def _dot(a, b, contracting):
   return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
 
 
+def _mma_tile(keys_re, keys_im, tile, q_rows, new_score, new_value, count, start, m_prev, *, block_k: int):
+  """One tile of block_k positions from `start` with both products on the tensor cores.
+
+  q_rows: q's halves as row 0 of two [16, dz / 2] matrices (rows 1.. zero); tile [block_k, block_d].
+  Returns (m, alpha = e^(m_prev - m), l, acc [block_d] float32): the running max including this
+  tile, and the tile's sum of p = e^(s - m) and sum of p v (the new value at `count`)."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  scores = _dot(q_rows[0], keys_re, ((1,), (1,))) + _dot(q_rows[1], keys_im, ((1,), (1,)))
+  scores = jnp.sum(scores, axis=0)  # [block_k]: rows 1.. are 0
+  pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  cached = (pos <= count) & (pos != count)
+  in_tile = (count >= start) & (count - start < block_k)
+  m = jnp.maximum(m_prev, jnp.max(jnp.where(cached, scores, -jnp.inf)))
+  m = jnp.where(in_tile, jnp.maximum(m, new_score), m)  # finite: position `start` <= count
+  p = jnp.where(cached, jnp.exp(scores - m), 0.0)
+  p_new = jnp.where(in_tile, jnp.exp(new_score - m), 0.0)
+  p_hi = p.astype(bf16)
+  p_lo = (p - p_hi.astype(f32)).astype(bf16)
+  row = jax.lax.broadcasted_iota(jnp.int32, (16, block_k), 0)
+  weights = jnp.where(row == 0, p_hi[None, :], jnp.where(row == 1, p_lo[None, :], jnp.zeros((), bf16)))
+  acc = jnp.sum(_dot(weights, tile.astype(bf16), ((1,), (0,))), axis=0) + p_new * new_value
+  return m, jnp.exp(m_prev - m), jnp.sum(p) + p_new, acc
+
+
+def _q_rows(q_re, q_im, dtype):
+  """q's halves (bf16-exact) as row 0 of two [16, dz / 2] matrices, the rest zero (tl.dot needs M >= 16)."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (16, q_re.shape[0]), 0)
+  as_rows = lambda v: jnp.where(row == 0, v.astype(dtype)[None, :], jnp.zeros((), dtype))
+  return as_rows(q_re), as_rows(q_im)
+
+
 def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
                       count, start, *, dz: int, eps: float, block_k: int):
   """_attend_block with both products on the tensor cores (every load issued first).
@@ -422,39 +453,26 @@ def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_
   the probabilities, split into bf16 p_hi + p_lo (|p - p_hi - p_lo| <= 2^-16 p), are rows 0 and 1 of
   a [16, block_k] matrix times the value tile (accumulated in float32). The position `count` is
   left out of the product and its new value added as p_new v_new."""
-  f32, bf16 = jnp.float32, jnp.bfloat16
+  f32 = jnp.float32
   tile = values_ref[...]  # [block_k, block_d]
   keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
   inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
-  new_value = vnew_ref[...]
+  new_value = vnew_ref[...].astype(f32)
   q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
-  half = dz // 2
-  row = jax.lax.broadcasted_iota(jnp.int32, (16, half), 0)
-  as_rows = lambda v: jnp.where(row == 0, v.astype(keys_ref.dtype)[None, :], jnp.zeros((), keys_ref.dtype))
-  scores = _dot(as_rows(q_re), keys_re, ((1,), (1,))) + _dot(as_rows(q_im), keys_im, ((1,), (1,)))
-  scores = jnp.sum(scores, axis=0)  # [block_k]: rows 1.. are 0
-  pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
   new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
-  in_block = count - start < block_k
-  valid = pos <= count
-  m = jnp.max(jnp.where(valid & (pos != count), scores, -jnp.inf))
-  m = jnp.where(in_block, jnp.maximum(m, new_score), m)  # finite: position `start` <= count
-  p = jnp.where(valid & (pos != count), jnp.exp(scores - m), 0.0)
-  p_new = jnp.where(in_block, jnp.exp(new_score - m), 0.0)
-  p_hi = p.astype(bf16)
-  p_lo = (p - p_hi.astype(f32)).astype(bf16)
-  prow = jax.lax.broadcasted_iota(jnp.int32, (16, block_k), 0)
-  weights = jnp.where(prow == 0, p_hi[None, :], jnp.where(prow == 1, p_lo[None, :], jnp.zeros((), bf16)))
-  acc = jnp.sum(_dot(weights, tile.astype(bf16), ((1,), (0,))), axis=0)  # [block_d]
-  acc_out[...] = acc + p_new * new_value.astype(f32)
-  return m, jnp.sum(p) + p_new, k_re, k_im
+  m, _, l, acc = _mma_tile(keys_re, keys_im, tile, _q_rows(q_re, q_im, keys_ref.dtype), new_score, new_value, count,
+                           start, jnp.asarray(-jnp.inf, f32), block_k=block_k)
+  acc_out[...] = acc
+  return m, l, k_re, k_im
 
 
 def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
-                   count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: bool):
+                   count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: bool,
+                   mma: bool = False):
   """`tiles` tiles of block_k positions, one after the other with an online softmax (the tiles past
   count are skipped): writes acc_out, returns (m, l, k_re, k_im). preload: tile t + 1 is loaded
-  before tile t is used (a register double buffer), else Triton's pipeliner (num_stages) may."""
+  before tile t is used (a register double buffer), else Triton's pipeliner (num_stages) may.
+  mma: each tile's products on the tensor cores (_mma_tile)."""
   f32 = jnp.float32
   inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
   new_value = vnew_ref[...].astype(f32)
@@ -467,8 +485,16 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
   first = load(0) if preload else None
   q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
 
+  if mma:
+    q_rows = _q_rows(q_re, q_im, keys_ref.dtype)
+    new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
+
   def update(t, tile, m, l, acc):
     keys_re, keys_im, v = tile
+    if mma:
+      m_new, alpha, l_tile, acc_tile = _mma_tile(keys_re, keys_im, v, q_rows, new_score, new_value, count,
+                                                 start + t * block_k, m, block_k=block_k)
+      return m_new, l * alpha + l_tile, acc * alpha + acc_tile
     scores, pos = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start + t * block_k,
                                 block_k=block_k)
     m_new = jnp.maximum(m, jnp.max(scores))  # finite: the tile's first position is <= count
@@ -504,14 +530,14 @@ def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   @pl.when(start <= count)
   def _():
-    if mma:
+    if mma and tiles == 1:
       m, l, k_re, k_im = _attend_block_mma(*refs, count, start, dz=dz, eps=eps, block_k=block_k)
     elif tiles == 1:
       m, l, k_re, k_im = _attend_block(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
                                        sub_d=sub_d, preload=preload)
     else:
       m, l, k_re, k_im = _attend_looped(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
-                                        tiles=tiles, preload=preload)
+                                        tiles=tiles, preload=preload, mma=mma)
 
     @pl.when(d == 0)
     def _():
@@ -574,8 +600,8 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   C / (tiles block_k) blocks). tiles = 1: one tile, its values used in sub_d-feature chunks, every
   load issued first with preload. tiles > 1: a loop over the tiles with an online softmax (sub_d
   unused), tile t + 1 loaded during tile t with preload; num_stages is Triton's pipelining depth.
-  mma (tiles = 1, block_k >= 16, bf16 keys and values): the scores and the probabilities times the
-  values as matrix products on the tensor cores (see _attend_block_mma; sub_d and preload unused)."""
+  mma (block_k >= 16, bf16 keys and values): the scores and the probabilities times the values as
+  matrix products on the tensor cores (see _attend_block_mma; sub_d unused, and preload with tiles = 1)."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
@@ -592,9 +618,9 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  if mma and (tiles != 1 or block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
-    raise ValueError(f"mma needs tiles = 1, block_k >= 16 (got {tiles}, {block_k}) and bf16 keys and values "
-                     f"(got {keys.dtype}, {values.dtype})")
+  if mma and (block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
+    raise ValueError(f"mma needs block_k >= 16 (got {block_k}) and bf16 keys and values (got {keys.dtype}, "
+                     f"{values.dtype})")
   blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
   kwargs = {}

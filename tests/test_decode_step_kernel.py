@@ -210,24 +210,28 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     (0, 4, 32, 8, {"preload": True}), (11, 4, 16, 8, {"preload": True}),
     (9, 4, 32, None, {"tiles": 2}), (C - 1, 2, 16, None, {"tiles": 4, "preload": True}),
     (5, 2, 32, None, {"tiles": 8, "preload": True}), (0, 16, 16, None, {"mma": True}),
-    (C - 1, 16, 32, None, {"mma": True}), (10, 16, 16, None, {"mma": True})])
+    (C - 1, 16, 32, None, {"mma": True}), (10, 16, 16, None, {"mma": True}),
+    (40, 16, 16, None, {"mma": True, "tiles": 2, "preload": True, "chunk": 64}),
+    (63, 16, 32, None, {"mma": True, "tiles": 2, "chunk": 64})])
 def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d, options):
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
   cache with the new key (from q/k as the model makes them) and value written at `count`: one tile
   per program (values in sub_d chunks, loads issued first with preload) and a loop over `tiles`
   tiles with an online softmax (the next tile prefetched with preload); mma: both products as matrix
   products (bf16 operands, the probabilities split in two bf16 parts)."""
+  options = dict(options)
+  chunk = options.pop("chunk", C)
   rng = np.random.default_rng(count + block_k)
   dv = 32
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
-          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
-          normal(B, C, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, chunk, H, DZ).astype(jnp.bfloat16),
+          normal(B, chunk, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
           jnp.asarray([count], jnp.int32))
   stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d,
                                                      **options)
   span = block_k * options.get("tiles", 1)
-  assert stats.shape == (B, H, C // span, 2) and acc.shape == (B, H, C // span, dv)
+  assert stats.shape == (B, H, chunk // span, 2) and acc.shape == (B, H, chunk // span, dv)
   got = np.asarray(decode_step.attend_combine(stats, acc))
   # The scores kernel's keys (its q/k are checked against the model's ops above); values by hand.
   scores_ref, keys_ref = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS)
@@ -241,7 +245,7 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
   want = np.einsum("bhk,bkhd->bhd", p, want_values[:, :count + 1])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   # Blocks past count contribute nothing (m = -inf, l = 0, acc = 0).
-  past = np.arange(C // span) * span > count
+  past = np.arange(chunk // span) * span > count
   assert np.all(np.asarray(stats)[:, :, past, 0] == -np.inf) and np.all(np.asarray(acc)[:, :, past] == 0)
 
 

@@ -50,7 +50,7 @@ EPS = 1e-5
 SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "smoke": (1, 64, 2, 16, 64, 96)}
 # In priority order (variants past --budget-s are skipped).
 VARIANTS = ("xla_read,default,16x1024x1024:m,16x512x512:m,32x1024x1024:m,32x512x512:m,16x2048x2048:w8:m,"
-            "16x1024x1024:w8:m,16x256x256:m,32x1024x128:w4,32x1024x128:w4:p,16x1024x128:w4:p,16x1024x1024:w4:p,"
+            "16x1024x1024:w8:m,16x256x256:m,16x1024x1024:t2:m,16x512x512:t4:m:p,32x1024x1024:w8:m,32x1024x128:w4,32x1024x128:w4:p,16x1024x128:w4:p,16x1024x1024:w4:p,"
             "16x1024x256:w4:p,32x1024x256:w4:p,16x256x256:w1:p,8x256x256:w1:p,16x128x128:w1:p,16x256x128:w1:p,"
             "8x512x128:w1:p,16x512x128:w1,16x512x256:w2:p,8x1024x1024:w4:p,16x512x512:w4:p,16x512x512:t4:w4:p,"
             "8x1024x1024:t4:w4:p,16x256x256:t4:w1:p,16x512x512:t4:w4:s3,default:noqk,16x1024x1024:m:noqk,"

@@ -570,6 +570,38 @@ def attend_combine(stats: jax.Array, acc: jax.Array) -> jax.Array:
   return jnp.sum(weight[..., None] * acc, axis=2) / jnp.sum(weight * l, axis=-1)[..., None]
 
 
+def _combine_kernel(stats_ref, acc_ref, out_ref):
+  acc = acc_ref[...]  # [NB, block_d]: first, its load does not wait for the weights
+  m, l = stats_ref[:, 0], stats_ref[:, 1]
+  weight = jnp.exp(m - jnp.max(m))  # 0 for blocks past count
+  out_ref[...] = (jnp.sum(weight[:, None] * acc, axis=0) / jnp.sum(weight * l)).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_d", "num_warps", "out_dtype", "interpret"))
+def attend_combine_pallas(stats: jax.Array, acc: jax.Array, *, block_d: int = 64, num_warps: int = 4,
+                          out_dtype=jnp.float32, interpret: bool | None = None) -> jax.Array:
+  """attend_combine as one Pallas kernel: programs of block_d features per (sequence, head)."""
+  batch, heads, blocks, dv = acc.shape
+  block_d = min(block_d, dv)
+  if dv % block_d or stats.shape != (batch, heads, blocks, 2):
+    raise ValueError(f"block_d ({block_d}) must divide dv ({dv}) and stats must be {(batch, heads, blocks, 2)}, "
+                     f"got {stats.shape}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      _combine_kernel, grid=(batch, heads, dv // block_d),
+      in_specs=[pl.BlockSpec((None, None, blocks, 2), lambda b, h, d: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, blocks, block_d), lambda b, h, d: (b, h, 0, d))],
+      out_specs=pl.BlockSpec((None, None, block_d), lambda b, h, d: (b, h, d)),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, dv), out_dtype), interpret=interpret, name="attend_combine",
+      **kwargs,
+  )(stats, acc)
+
+
 def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float):
   """Plain-JAX oracle: (attention output [B, H, dv] float32, keys, values) with the new key and value
   written at `count` (what attend_combine(attend_step(...)) gives, up to summation order)."""

@@ -276,3 +276,25 @@ def test_attend_step_checks_shapes():
     decode_step.attend_step(*args, eps=EPS, block_k=32, tiles=3)
   with pytest.raises(ValueError, match="mma needs"):
     decode_step.attend_step(*args, eps=EPS, block_k=8, mma=True)
+
+
+def test_attend_combine_pallas_equals_the_xla_combine():
+  """The Pallas combine against attend_combine (float64 numpy of the same formula) on block stats
+  with blocks past count (m = -inf, l = 0, acc = 0), and its cuda lowering at mega1.3B's shapes."""
+  rng = np.random.default_rng(11)
+  m = rng.normal(size=(2, H, 8)) * 3
+  l = np.abs(rng.normal(size=(2, H, 8))) + 0.5
+  acc = rng.normal(size=(2, H, 8, 32))
+  m[:, :, 5:], l[:, :, 5:], acc[:, :, 5:] = -np.inf, 0.0, 0.0
+  stats = jnp.asarray(np.stack([m, l], -1), jnp.float32)
+  got = decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=16)
+  weight = np.exp(m - m.max(-1, keepdims=True))
+  want = np.einsum("bhn,bhnd->bhd", weight, acc) / (weight * l).sum(-1)[..., None]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(decode_step.attend_combine(stats, jnp.asarray(acc, jnp.float32))), want,
+                             rtol=1e-5, atol=1e-6)
+  lowered = jax.jit(lambda s, a: decode_step.attend_combine_pallas(s, a, interpret=False)).trace(
+      jnp.zeros((1, 2, 64, 2)), jnp.zeros((1, 2, 64, 2048))).lower(lowering_platforms=("cuda",))
+  assert "attend_combine" in lowered.as_text()
+  with pytest.raises(ValueError, match="block_d"):
+    decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=12)

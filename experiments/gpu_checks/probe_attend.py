@@ -56,10 +56,11 @@ SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "smoke": (1, 64, 2, 16, 64,
 # In priority order (variants past --budget-s are skipped).
 VARIANTS = ("xla_read,default,default:cp,8x1024x1024:t4:w4:p,8x1024x1024:t4:w4:p:cp,8x1024x1024:t8:w4:p,"
             "8x1024x1024:t2:w4:p,8x512x512:t4:w4:p,8x512x512:t8:w4:p,16x512x512:t4:w4:p,16x512x512:t4:w4:s3,"
-            "8x2048x2048:t4:w8:p,4x1024x1024:t8:w4:p,4x1024x1024:t16:w4:p,4x1024x1024:t8:w4:p:cp,8x1024x1024:t4:w8:p,32x1024x128:w4,16x512x128:w1,"
-            "8x512x128:w1:p,32x1024x1024:m,16x2048x2048:w8:m,16x1024x1024:m,default:noqk,xla_ref,"
-            "32x1024x256:w4:p,16x1024x1024:w4:p")
-SMOKE_VARIANTS = "xla_read,xla_ref,8x32x16:w4,8x32x16:w4:p,8x64x64:w8:p,4x32x32:t4:s2,4x32x32:t4:p,8x32x16:w4:p:noqk,16x32x32:m,4x32x32:t4:p:cp"
+            "8x2048x2048:t4:w8:p,4x1024x1024:t8:w4:p,4x1024x1024:t16:w4:p,4x1024x1024:t8:w4:p:cp,"
+            "8x1024x1024:t4:w8:p,32x1024x128:w4,16x512x128:w1,8x512x128:w1:p,32x1024x1024:m,16x2048x2048:w8:m,"
+            "16x1024x1024:m,default:noqk,xla_ref,32x1024x256:w4:p,16x1024x1024:w4:p")
+SMOKE_VARIANTS = ("xla_read,xla_ref,8x32x16:w4,8x32x16:w4:p,8x64x64:w8:p,4x32x32:t4:s2,4x32x32:t4:p,8x32x16:w4:p:noqk,"
+                  "16x32x32:m,4x32x32:t4:p:cp")
 
 
 def parse_spec(spec: str) -> dict:
@@ -279,13 +280,15 @@ def main(argv=None):
       if "trace_error" in row:
         print(f"{variant:26s} {row['count']:5d} {row['trace_error']}  err {row['max_abs_err']:.1e}", flush=True)
         continue
-      print(f"{variant:26s} {row['count']:5d} {row['us_call']:8.2f} {row['us_kernel']:7.2f} {row.get('tbps') or 0:5.2f} "
+      print(f"{variant:26s} {row['count']:5d} {row['us_call']:8.2f} {row['us_kernel']:7.2f} "
+            f"{row.get('tbps') or 0:5.2f} "
             f"{row['kernels_per_call']:7.2f} {row['max_abs_err']:8.1e}{'' if row['ok'] in (True, None) else ' BAD'}"
             f"  {row.get('compile_s', '')}", flush=True)
   full = [r for r in rows if r.get("count") == fills[0] and "us_call" in r and r["variant"] != "xla_read"]
   if full:
     best = min(full, key=lambda r: r["us_call"])
-    print(f"best at count {fills[0]}: {best['variant']} {best['us_call']:.2f} us per call (kernel {best['us_kernel']:.2f})")
+    print(f"best at count {fills[0]}: {best['variant']} {best['us_call']:.2f} us per layer "
+          f"(kernel {best['us_kernel']:.2f})")
     for r in full:
       if r["variant"] in ("default", best["variant"]):
         print(f"  {r['variant']}: {r['kernels']}")

@@ -467,11 +467,12 @@ def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_
 
 
 def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
-                   count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: bool,
+                   count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: int,
                    mma: bool = False):
   """`tiles` tiles of block_k positions, one after the other with an online softmax (the tiles past
-  count are skipped): writes acc_out, returns (m, l, k_re, k_im). preload: tile t + 1 is loaded
-  before tile t is used (a register double buffer), else Triton's pipeliner (num_stages) may.
+  count are skipped): writes acc_out, returns (m, l, k_re, k_im). preload = P > 0: tile t + P is
+  loaded before tile t is used (P tiles in flight in registers), else Triton's pipeliner
+  (num_stages) may.
   mma: each tile's products on the tensor cores (_mma_tile)."""
   f32 = jnp.float32
   inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
@@ -482,7 +483,8 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
     rows = pl.ds(offset, block_k)
     return (*_key_halves(keys_ref, rows, dz=dz), values_ref[rows, :])
 
-  first = load(0) if preload else None
+  depth = int(preload)
+  first = tuple(load(min(i, tiles - 1)) for i in range(depth))
   q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
 
   if mma:
@@ -505,11 +507,11 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   n = jnp.minimum((count - start) // block_k + 1, tiles)
   init = (jnp.asarray(-jnp.inf, f32), jnp.asarray(0.0, f32), jnp.zeros((block_d,), f32))
-  if preload:
+  if depth:
     def body(t, carry):
-      m, l, acc, tile = carry
-      nxt = load(jnp.minimum(t + 1, tiles - 1))
-      return (*update(t, tile, m, l, acc), nxt)
+      m, l, acc, ahead = carry
+      nxt = load(jnp.minimum(t + depth, tiles - 1))  # past the last tile: the last again (cached)
+      return (*update(t, ahead[0], m, l, acc), (*ahead[1:], nxt))
 
     m, l, acc, _ = jax.lax.fori_loop(0, n, body, (*init, first))
   else:
@@ -520,7 +522,7 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
 def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
                    stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
-                   sub_d: int, preload: bool, tiles: int, mma: bool):
+                   sub_d: int, preload: int, tiles: int, mma: bool):
   count = count_ref[0]
   j, d = pl.program_id(2), pl.program_id(3)
   span = block_k * tiles
@@ -624,14 +626,15 @@ def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
                                              "num_stages", "mma", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
                 block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
-                preload: bool = False, tiles: int = 1, num_stages: int = 1, mma: bool = False,
+                preload: bool | int = False, tiles: int = 1, num_stages: int = 1, mma: bool = False,
                 interpret: bool | None = None):
   """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated.
 
   Each program covers tiles x block_k positions and block_d value features (stats/acc have
   C / (tiles block_k) blocks). tiles = 1: one tile, its values used in sub_d-feature chunks, every
   load issued first with preload. tiles > 1: a loop over the tiles with an online softmax (sub_d
-  unused), tile t + 1 loaded during tile t with preload; num_stages is Triton's pipelining depth.
+  unused), tiles t + 1 .. t + preload loaded during tile t (preload = 1 or True: one ahead);
+  num_stages is Triton's pipelining depth.
   mma (block_k >= 16, bf16 keys and values): the scores and the probabilities times the values as
   matrix products on the tensor cores (see _attend_block_mma; sub_d unused, and preload with tiles = 1)."""
   batch, chunk, heads, dz = keys.shape
@@ -663,7 +666,7 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   value_spec = pl.BlockSpec((None, span, None, block_d), lambda b, h, j, d: (b, j, h, d))
   f32 = jnp.float32
   kernel = functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d,
-                             preload=bool(preload), tiles=tiles, mma=bool(mma))
+                             preload=int(preload), tiles=tiles, mma=bool(mma))
   return pl.pallas_call(
       kernel, grid=grid,
       in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),

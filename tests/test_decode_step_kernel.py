@@ -209,7 +209,8 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     (0, 4, 32, 8, {}), (6, 4, 16, None, {}), (13, 8, 16, 8, {}), (C - 1, 4, 32, None, {}),
     (0, 4, 32, 8, {"preload": True}), (11, 4, 16, 8, {"preload": True}),
     (9, 4, 32, None, {"tiles": 2}), (C - 1, 2, 16, None, {"tiles": 4, "preload": True}),
-    (5, 2, 32, None, {"tiles": 8, "preload": True}), (0, 16, 16, None, {"mma": True}),
+    (5, 2, 32, None, {"tiles": 8, "preload": True}), (C - 2, 2, 32, None, {"tiles": 8, "preload": 3}),
+    (0, 16, 16, None, {"mma": True}),
     (C - 1, 16, 32, None, {"mma": True}), (10, 16, 16, None, {"mma": True}),
     (40, 16, 16, None, {"mma": True, "tiles": 2, "preload": True, "chunk": 64}),
     (63, 16, 32, None, {"mma": True, "tiles": 2, "chunk": 64})])
@@ -217,7 +218,7 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
   cache with the new key (from q/k as the model makes them) and value written at `count`: one tile
   per program (values in sub_d chunks, loads issued first with preload) and a loop over `tiles`
-  tiles with an online softmax (the next tile prefetched with preload); mma: both products as matrix
+  tiles with an online softmax (the next `preload` tiles prefetched); mma: both products as matrix
   products (bf16 operands, the probabilities split in two bf16 parts)."""
   options = dict(options)
   chunk = options.pop("chunk", C)

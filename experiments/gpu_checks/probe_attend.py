@@ -14,8 +14,8 @@ model step). Floors in the same run:
 
 Variant specs (attend_step arguments): BKxBDxSD[:wW][:tT][:sS][:p][:m][:cp] = block_k BK, block_d
 BD, sub_d SD, num_warps W (default 4), tiles T (default 1: one tile per program; > 1: a loop with
-an online softmax), num_stages S (default 1), p = preload (every load issued first / the next tile
-prefetched), m = mma (both products on the tensor cores), cp = the Pallas combine
+an online softmax), num_stages S (default 1), p[P] = preload (every load issued first / the next P
+tiles prefetched, P default 1), m = mma (both products on the tensor cores), cp = the Pallas combine
 (attend_combine_pallas) instead of XLA's; noqk = DIAGNOSTIC ONLY (wrong results, flagged BAD): q
 and k are the raw z halves (no RMS norm, affine maps or RoPE), to see what the per-program q/k
 arithmetic costs. 'default' is attend_step with no arguments.
@@ -55,12 +55,13 @@ EPS = 1e-5
 SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "smoke": (1, 64, 2, 16, 64, 96)}
 # In priority order (variants past --budget-s are skipped).
 VARIANTS = ("xla_read,default,default:cp,8x1024x1024:t4:w4:p,8x1024x1024:t4:w4:p:cp,8x1024x1024:t8:w4:p,"
+            "8x1024x1024:t4:w4:p2,4x1024x1024:t8:w4:p3,4x1024x1024:t16:w4:p3,8x512x512:t8:w4:p3,"
             "8x1024x1024:t2:w4:p,8x512x512:t4:w4:p,8x512x512:t8:w4:p,16x512x512:t4:w4:p,16x512x512:t4:w4:s3,"
             "8x2048x2048:t4:w8:p,4x1024x1024:t8:w4:p,4x1024x1024:t16:w4:p,4x1024x1024:t8:w4:p:cp,"
             "8x1024x1024:t4:w8:p,32x1024x128:w4,16x512x128:w1,8x512x128:w1:p,32x1024x1024:m,16x2048x2048:w8:m,"
             "16x1024x1024:m,default:noqk,xla_ref,32x1024x256:w4:p,16x1024x1024:w4:p")
 SMOKE_VARIANTS = ("xla_read,xla_ref,8x32x16:w4,8x32x16:w4:p,8x64x64:w8:p,4x32x32:t4:s2,4x32x32:t4:p,8x32x16:w4:p:noqk,"
-                  "16x32x32:m,4x32x32:t4:p:cp")
+                  "16x32x32:m,4x32x32:t4:p:cp,4x32x32:t4:p3")
 
 
 def parse_spec(spec: str) -> dict:
@@ -72,8 +73,8 @@ def parse_spec(spec: str) -> dict:
   kwargs = {"block_k": block_k, "block_d": block_d, "sub_d": sub_d}
   names = {"w": "num_warps", "t": "tiles", "s": "num_stages"}
   for opt in opts:
-    if opt == "p":
-      kwargs["preload"] = True
+    if opt == "p" or (opt[:1] == "p" and opt[1:].isdigit()):
+      kwargs["preload"] = int(opt[1:] or 1)
     elif opt == "m":
       kwargs["mma"] = True
     elif opt == "cp":

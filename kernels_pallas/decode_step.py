@@ -613,6 +613,12 @@ def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, 
   return jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32)), keys, values
 
 
+def default_attend_form(chunk: int, dv: int) -> dict:
+  """attend_step keyword arguments (and 'combine': 'xla' | 'pallas', the block merge) of the fused
+  decode step's default (megalodon_jax.decoding.attend_options(())); fits any chunk and dv."""
+  return {}
+
+
 def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
   """(block_k, block_d): 32 positions x up to 1024 features per program, read in sub_d = 256 chunks.
 

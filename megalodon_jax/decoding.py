@@ -104,7 +104,7 @@ class FusedSettings(NamedTuple):
   cema: str = "xla"
   scores: str = "xla"
   transpose: bool = False
-  # scores='attend': (block_k, block_d, sub_d) of decode_step.attend_step; () = its defaults.
+  # scores='attend': decode_step.attend_step's form, see attend_options; () = its defaults.
   attend_blocks: tuple[int, ...] = ()
   fold_norm: bool = False  # fuse_decode_params(fold_norm=...)
 
@@ -666,6 +666,31 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
 
 
+ATTEND_FIELDS = ("block_k", "block_d", "sub_d", "num_warps", "tiles", "preload", "num_stages")
+
+
+def attend_options(attend_blocks: tuple[int, ...], chunk: int, dv: int) -> tuple[dict[str, Any], str]:
+  """(decode_step.attend_step keyword arguments, combine 'xla' | 'pallas') of FusedSettings.attend_blocks.
+
+  () = decode_step.default_attend_form(chunk, dv) (the measured batch-1 default); otherwise
+  (block_k, block_d, sub_d[, num_warps, tiles, preload, num_stages]) with attend_step's own
+  defaults for the fields left out and XLA's combine: sub_d > 0 the elementwise form (values in
+  sub_d-feature chunks), sub_d = 0 the tensor-core form (mma=True). bench_decode's
+  '-attend<K>x<D>x<S>' spells the first three (e.g. attend32x1024x256, the form before the
+  looped one)."""
+  from kernels_pallas import decode_step
+  if not attend_blocks:
+    options = dict(decode_step.default_attend_form(chunk, dv))
+    return options, options.pop("combine", "xla")
+  if len(attend_blocks) > len(ATTEND_FIELDS):
+    raise ValueError(f"attend_blocks {attend_blocks} has more than the {len(ATTEND_FIELDS)} fields {ATTEND_FIELDS}")
+  options = dict(zip(ATTEND_FIELDS, (int(v) for v in attend_blocks)))
+  options["mma"] = options.get("sub_d") == 0
+  if options["mma"]:
+    options["sub_d"] = None
+  return options, "xla"
+
+
 def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
                               scores_mode="pallas", attend_blocks=()):
   """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
@@ -679,10 +704,13 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   r, h1 = jnp.split(raw[:, z_dim:] + lp["b_rh"], [cfg.value_dim], axis=-1)
   v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
   if scores_mode == "attend":
-    blocks = dict(zip(("block_k", "block_d", "sub_d"), attend_blocks))
+    options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
     block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),
-                                                           count.reshape(1), eps=cfg.norm_eps, **blocks)
-    attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
+                                                           count.reshape(1), eps=cfg.norm_eps, **options)
+    if combine == "pallas":
+      attn = decode_step.attend_combine_pallas(block_stats, acc, out_dtype=x.dtype)
+    else:
+      attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
   else:
     scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
     value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
@@ -795,7 +823,7 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
   attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
   with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
-  a permute_keys cache (attend_blocks: attend_step's (block_k, block_d, sub_d), () for its defaults).
+  a permute_keys cache (attend_blocks: attend_step's form, see attend_options; () for its defaults).
   dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
   """
   return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks))(

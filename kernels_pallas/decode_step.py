@@ -615,8 +615,24 @@ def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, 
 
 def default_attend_form(chunk: int, dv: int) -> dict:
   """attend_step keyword arguments (and 'combine': 'xla' | 'pallas', the block merge) of the fused
-  decode step's default (megalodon_jax.decoding.attend_options(())); fits any chunk and dv."""
-  return {}
+  decode step's default (megalodon_jax.decoding.attend_options(())); fits any chunk and dv.
+
+  H200, mega1.3B batch 1, count 2031 of 2048, 24 distinct cache buffers per step (HBM; 2026-11-29,
+  experiments/results/gpu_checks/2026-11-29_nvidia-h200_attend_probe_r2.json), us per layer with the
+  combine: 8 x 1024 tiles, 4 per program, one prefetched (grid 1 x 2 x 64 x 2), Pallas combine 10.11
+  (attend_step 8.54 + combine 1.6); the same with XLA's combine 10.43; the form before (32 x 1024 in
+  256-feature chunks, no loop) 11.90 (9.95 + 1.95); 8 x 1024 x 8 tiles 12.0; two tiles prefetched
+  11.7; 4 x 1024 x 8 tiles 11.2; tensor-core forms 12.7-15.1; XLA's row-sum read of the same bytes
+  8.2 us (2.3 TB/s)."""
+  block_d = min(dv, 1024)
+  while dv % block_d:
+    block_d //= 2
+  block_k = min(chunk, 8)
+  tiles = max(1, min(4, chunk // block_k))
+  while chunk % (block_k * tiles):
+    tiles -= 1
+  return {"block_k": block_k, "block_d": block_d, "tiles": tiles, "preload": 1, "num_warps": 4,
+          "combine": "pallas"}
 
 
 def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:

@@ -207,12 +207,14 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
 # ---------------------------------------------------------------------------------------------
 
 
-def _normalized_z(z_re, z_im, b_re, b_im, *, dz: int, eps: float):
+def _normalized_z(z_re, z_im, b_re, b_im, *, dz: int, eps: float, z_scale=None):
   """z's halves after the bias add (rounded to z's dtype, as the projection's output is) and the
-  RMS normalisation over the head, float32."""
+  RMS normalisation over the head, float32. z_scale: a float32 scalar the raw product is multiplied
+  by before the bias (the block's RMS normalisation applied after the product, see attend_step)."""
   f32 = jnp.float32
-  z_re = (z_re.astype(f32) + b_re.astype(f32)).astype(z_re.dtype).astype(f32)
-  z_im = (z_im.astype(f32) + b_im.astype(f32)).astype(z_im.dtype).astype(f32)
+  scaled = (lambda z: z.astype(f32)) if z_scale is None else (lambda z: z_scale * z.astype(f32))
+  z_re = (scaled(z_re) + b_re.astype(f32)).astype(z_re.dtype).astype(f32)
+  z_im = (scaled(z_im) + b_im.astype(f32)).astype(z_im.dtype).astype(f32)
   inv = jax.lax.rsqrt((jnp.sum(z_re * z_re) + jnp.sum(z_im * z_im)) * (1.0 / dz) + eps)
   return z_re * inv, z_im * inv
 
@@ -233,12 +235,12 @@ def _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, *, dz: int) 
           freqs_ref[...])
 
 
-def _qk_math(inputs: tuple, count, *, dz: int, eps: float, dtype):
+def _qk_math(inputs: tuple, count, *, dz: int, eps: float, dtype, z_scale=None):
   """The new token's q (float32) and k (dtype) halves of one head from _qk_inputs' arrays: bias, RMS
-  norm, affine maps, RoPE."""
+  norm, affine maps, RoPE (z_scale: see _normalized_z)."""
   f32 = jnp.float32
   z_re, z_im, b_re, b_im, sq_re, sq_im, hq_re, hq_im, sk_re, sk_im, hk_re, hk_im, freqs = inputs
-  zn_re, zn_im = _normalized_z(z_re, z_im, b_re, b_im, dz=dz, eps=eps)
+  zn_re, zn_im = _normalized_z(z_re, z_im, b_re, b_im, dz=dz, eps=eps, z_scale=z_scale)
   angle = count.astype(f32) * freqs
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
@@ -288,12 +290,15 @@ def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
     keys_out[row, hi] = k_im[None, :]
 
 
-def qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, *, eps: float):
-  """Plain-JAX oracle of `qk_scores_step` (same layout and rounding)."""
+def qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, *, eps: float, z_scale=None):
+  """Plain-JAX oracle of `qk_scores_step` (same layout and rounding; z_scale [B, 1]: the raw product
+  times it before the bias, see attend_step's sumsq)."""
   f32 = jnp.float32
   batch, chunk, heads, dz = keys.shape
   half = dz // 2
-  z = (proj[:batch, :heads * dz].astype(f32) + bias.astype(f32)).astype(proj.dtype).astype(f32)
+  z = proj[:batch, :heads * dz].astype(f32)
+  z = z if z_scale is None else z_scale * z
+  z = (z + bias.astype(f32)).astype(proj.dtype).astype(f32)
   z = z.reshape(batch, heads, dz)
   z = z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
   scale, shift = scale.reshape(2, heads, dz), shift.reshape(2, heads, dz)
@@ -374,7 +379,8 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
 
 
 def _attend_block(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
-                  count, start, *, dz: int, eps: float, block_k: int, block_d: int, sub_d: int, preload: bool):
+                  count, start, *, dz: int, eps: float, block_k: int, block_d: int, sub_d: int, preload: bool,
+                  z_scale=None):
   """One block of block_k positions (tiles = 1): writes acc_out, returns (m, l, k_re, k_im)."""
   f32 = jnp.float32
   chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
@@ -391,7 +397,7 @@ def _attend_block(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref,
     tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
     inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
     new_values = [None] * len(chunks)
-  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype, z_scale=z_scale)
   if not preload:
     keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
   scores, pos = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start, block_k=block_k)
@@ -443,7 +449,7 @@ def _q_rows(q_re, q_im, dtype):
 
 
 def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
-                      count, start, *, dz: int, eps: float, block_k: int):
+                      count, start, *, dz: int, eps: float, block_k: int, z_scale=None):
   """_attend_block with both products on the tensor cores (every load issued first).
 
   Elementwise products of p with a [block_k, block_d] tile and a reduction over its positions make
@@ -458,7 +464,7 @@ def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_
   keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
   inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
   new_value = vnew_ref[...].astype(f32)
-  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype, z_scale=z_scale)
   new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
   m, _, l, acc = _mma_tile(keys_re, keys_im, tile, _q_rows(q_re, q_im, keys_ref.dtype), new_score, new_value, count,
                            start, jnp.asarray(-jnp.inf, f32), block_k=block_k)
@@ -468,7 +474,7 @@ def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_
 
 def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
                    count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: int,
-                   mma: bool = False):
+                   mma: bool = False, z_scale=None):
   """`tiles` tiles of block_k positions, one after the other with an online softmax (the tiles past
   count are skipped): writes acc_out, returns (m, l, k_re, k_im). preload = P > 0: tile t + P is
   loaded before tile t is used (P tiles in flight in registers), else Triton's pipeliner
@@ -485,7 +491,7 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   depth = int(preload)
   first = tuple(load(min(i, tiles - 1)) for i in range(depth))
-  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype)
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype, z_scale=z_scale)
 
   if mma:
     q_rows = _q_rows(q_re, q_im, keys_ref.dtype)
@@ -520,9 +526,41 @@ def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
   return m, l, k_re, k_im
 
 
-def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
-                   stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
-                   sub_d: int, preload: int, tiles: int, mma: bool):
+class _ActivatedValue:
+  """v_new read as silu(raw + bias) in float32, rounded to the values' dtype: indexing it reads the
+  raw product and the bias like a ref (attend_step(v_bias=...)), so the bias add and the SiLU need
+  no kernel of their own."""
+
+  def __init__(self, raw_ref, bias_ref, dtype):
+    self.raw_ref, self.bias_ref, self.dtype = raw_ref, bias_ref, dtype
+
+  def __getitem__(self, index):
+    t = self.raw_ref[index].astype(jnp.float32) + self.bias_ref[index].astype(jnp.float32)
+    return (t / (1.0 + jnp.exp(-t))).astype(self.dtype)
+
+
+def _attend_kernel(*refs, dz: int, eps: float, block_k: int, block_d: int, sub_d: int, preload: int, tiles: int,
+                   mma: bool, act: bool, rms_dim: int):
+  """Refs: proj, bias, scale, shift, freqs, keys, values, v_new, count[, v_bias (act)][, sumsq
+  (rms_dim > 0)], then stats, acc, keys, values[, inv (rms_dim > 0)] outputs."""
+  (proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref), rest = (
+      refs[:9], list(refs[9:]))
+  vbias_ref = rest.pop(0) if act else None
+  sumsq_ref = rest.pop(0) if rms_dim else None
+  stats_out, acc_out, keys_out, values_out = rest[:4]
+  inv_out = rest[4] if rms_dim else None
+  if act:
+    vnew_ref = _ActivatedValue(vnew_ref, vbias_ref, values_ref.dtype)
+  z_scale = None
+  if rms_dim:
+    # The block's RMS normalisation of y (mx = y inv rms_scale) applied after the product:
+    # inv = rsqrt(sum y^2 / dim + eps) from the TimestepNorm/CEMA kernel's per-group sums.
+    z_scale = jax.lax.rsqrt(jnp.sum(sumsq_ref[...]) * (1.0 / rms_dim) + eps)
+
+    @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0) & (pl.program_id(3) == 0))
+    def _():
+      inv_out[...] = jnp.full((1,), z_scale, jnp.float32)
+
   count = count_ref[0]
   j, d = pl.program_id(2), pl.program_id(3)
   span = block_k * tiles
@@ -533,13 +571,13 @@ def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
   @pl.when(start <= count)
   def _():
     if mma and tiles == 1:
-      m, l, k_re, k_im = _attend_block_mma(*refs, count, start, dz=dz, eps=eps, block_k=block_k)
+      m, l, k_re, k_im = _attend_block_mma(*refs, count, start, dz=dz, eps=eps, block_k=block_k, z_scale=z_scale)
     elif tiles == 1:
       m, l, k_re, k_im = _attend_block(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
-                                       sub_d=sub_d, preload=preload)
+                                       sub_d=sub_d, preload=preload, z_scale=z_scale)
     else:
       m, l, k_re, k_im = _attend_looped(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
-                                        tiles=tiles, preload=preload, mma=mma)
+                                        tiles=tiles, preload=preload, mma=mma, z_scale=z_scale)
 
     @pl.when(d == 0)
     def _():
@@ -604,13 +642,22 @@ def attend_combine_pallas(stats: jax.Array, acc: jax.Array, *, block_d: int = 64
   )(stats, acc)
 
 
-def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float):
+def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
+                          v_bias=None, sumsq=None, rms_dim: int = 0):
   """Plain-JAX oracle: (attention output [B, H, dv] float32, keys, values) with the new key and value
-  written at `count` (what attend_combine(attend_step(...)) gives, up to summation order)."""
-  scores, keys = qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, eps=eps)
+  written at `count` (what attend_combine(attend_step(...)) gives, up to summation order); with
+  sumsq, inv [B, 1] float32 as a fourth result (see attend_step for v_bias, sumsq)."""
+  inv = None
+  if sumsq is not None:
+    inv = jax.lax.rsqrt(jnp.sum(sumsq.astype(jnp.float32), axis=-1, keepdims=True) / rms_dim + eps)
+  scores, keys = qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, eps=eps, z_scale=inv)
+  if v_bias is not None:
+    t = v_new.astype(jnp.float32) + v_bias.reshape(v_new.shape[1:]).astype(jnp.float32)
+    v_new = jax.nn.silu(t)
   values = jax.lax.dynamic_update_slice(values, v_new[:, None].astype(values.dtype), (0, count[0], 0, 0))
   probs = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32)), keys, values
+  out = jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32))
+  return (out, keys, values) if inv is None else (out, keys, values, inv)
 
 
 def default_attend_form(chunk: int, dv: int) -> dict:
@@ -645,12 +692,13 @@ def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "preload", "tiles",
-                                             "num_stages", "mma", "interpret"))
+                                             "num_stages", "mma", "rms_dim", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
                 block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
                 preload: bool | int = False, tiles: int = 1, num_stages: int = 1, mma: bool = False,
-                interpret: bool | None = None):
-  """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated.
+                v_bias=None, sumsq=None, rms_dim: int = 0, interpret: bool | None = None):
+  """The kernel (see above): (stats, acc, keys, values[, inv]); keys and values are updated in place
+  when donated.
 
   Each program covers tiles x block_k positions and block_d value features (stats/acc have
   C / (tiles block_k) blocks). tiles = 1: one tile, its values used in sub_d-feature chunks, every
@@ -658,7 +706,13 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   unused), tiles t + 1 .. t + preload loaded during tile t (preload = 1 or True: one ahead);
   num_stages is Triton's pipelining depth.
   mma (block_k >= 16, bf16 keys and values): the scores and the probabilities times the values as
-  matrix products on the tensor cores (see _attend_block_mma; sub_d unused, and preload with tiles = 1)."""
+  matrix products on the tensor cores (see _attend_block_mma; sub_d unused, and preload with tiles = 1).
+
+  v_bias [H, dv]: v_new is the raw value product (any float dtype) and the new value is
+  silu(v_new + v_bias) in float32, rounded to the values' dtype (the decode step's v).
+  sumsq [B, G] float32 with rms_dim = D: proj is the product of the UNnormalised y (times the RMS
+  norm's scale); inv = rsqrt(sum(sumsq) / rms_dim + eps) multiplies z before its bias, and is
+  returned as a fifth output [B, 1] float32 for the other columns of the product."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
@@ -672,12 +726,17 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
     raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
                      f"{values.shape} and {v_new.shape}")
+  if v_bias is not None and v_bias.size != heads * dv:
+    raise ValueError(f"v_bias must have {heads} x {dv} entries (one per value feature), got shape {v_bias.shape}")
+  if (sumsq is None) != (rms_dim == 0) or (sumsq is not None and (sumsq.ndim != 2 or sumsq.shape[0] != batch)):
+    raise ValueError(f"sumsq [batch={batch}, groups] and rms_dim > 0 go together, got sumsq "
+                     f"{None if sumsq is None else sumsq.shape} and rms_dim={rms_dim}")
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   if mma and (block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
     raise ValueError(f"mma needs block_k >= 16 (got {block_k}) and bf16 keys and values (got {keys.dtype}, "
                      f"{values.dtype})")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
   blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
   kwargs = {}
@@ -686,24 +745,34 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   key_spec = pl.BlockSpec((None, span, None, dz), lambda b, h, j, d: (b, j, h, 0))
   value_spec = pl.BlockSpec((None, span, None, block_d), lambda b, h, j, d: (b, j, h, d))
+  row_spec = pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d))
   f32 = jnp.float32
   kernel = functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d,
-                             preload=int(preload), tiles=tiles, mma=bool(mma))
+                             preload=int(preload), tiles=tiles, mma=bool(mma), act=v_bias is not None,
+                             rms_dim=int(rms_dim))
+  in_specs = [pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
+              pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
+              pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec, row_spec,
+              pl.BlockSpec((1,), lambda b, h, j, d: (0,))]
+  args = [proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values,
+          v_new if v_bias is not None else v_new.astype(values.dtype), count]
+  if v_bias is not None:
+    in_specs.append(pl.BlockSpec((None, block_d), lambda b, h, j, d: (h, d)))
+    args.append(v_bias.reshape(heads, dv))
+  out_specs = [pl.BlockSpec((None, None, None, 2), lambda b, h, j, d: (b, h, j, 0)),
+               pl.BlockSpec((None, None, None, block_d), lambda b, h, j, d: (b, h, j, d)), key_spec, value_spec]
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, blocks, 2), f32), jax.ShapeDtypeStruct((batch, heads, blocks, dv), f32),
+               jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)]
+  if sumsq is not None:
+    groups = sumsq.shape[1]
+    in_specs.append(pl.BlockSpec((None, groups), lambda b, h, j, d: (b, 0)))
+    args.append(sumsq.astype(f32))
+    out_specs.append(pl.BlockSpec((None, 1), lambda b, h, j, d: (b, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, 1), f32))
   return pl.pallas_call(
-      kernel, grid=grid,
-      in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
-                pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
-                pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec,
-                pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d)),
-                pl.BlockSpec((1,), lambda b, h, j, d: (0,))],
-      out_specs=[pl.BlockSpec((None, None, None, 2), lambda b, h, j, d: (b, h, j, 0)),
-                 pl.BlockSpec((None, None, None, block_d), lambda b, h, j, d: (b, h, j, d)), key_spec, value_spec],
-      out_shape=[jax.ShapeDtypeStruct((batch, heads, blocks, 2), f32),
-                 jax.ShapeDtypeStruct((batch, heads, blocks, dv), f32),
-                 jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)],
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases={5: 2, 6: 3}, interpret=interpret, name="attend_step", **kwargs,
-  )(proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values, v_new.astype(values.dtype),
-    count)
+  )(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -299,3 +299,44 @@ def test_attend_combine_pallas_equals_the_xla_combine():
   assert "attend_combine" in lowered.as_text()
   with pytest.raises(ValueError, match="block_d"):
     decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=12)
+
+
+@pytest.mark.parametrize("count,options", [(11, {"block_k": 4, "block_d": 16, "tiles": 2, "preload": 1}),
+                                           (0, {"block_k": 4, "block_d": 32, "sub_d": 8, "preload": True})])
+def test_attend_step_with_value_activation_and_deferred_rms_norm(count, options):
+  """v_bias: the kernel makes v = silu(raw + bias) itself; sumsq: z's product is of the unnormalised y
+  and inv = rsqrt(sum(sumsq) / D + eps) multiplies it (returned for the other columns). Against
+  float64 numpy for inv and v, and a dense float64 attention over the kernel's keys and values."""
+  rng = np.random.default_rng(count + 5)
+  dv, groups, dim = 32, 4, 64
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  raw_v, v_bias = normal(B, H, dv).astype(jnp.bfloat16), normal(H * dv).astype(jnp.bfloat16)
+  sumsq = jnp.abs(normal(B, groups)) * 8.0
+  args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
+          normal(B, C, H, dv).astype(jnp.bfloat16), raw_v, jnp.asarray([count], jnp.int32))
+  stats, acc, keys, values, inv = decode_step.attend_step(*args, eps=EPS, v_bias=v_bias, sumsq=sumsq, rms_dim=dim,
+                                                          **options)
+  want_inv = 1.0 / np.sqrt(np.asarray(sumsq, np.float64).sum(-1, keepdims=True) / dim + EPS)
+  np.testing.assert_allclose(np.asarray(inv), want_inv, rtol=1e-6)
+  t = np.asarray(raw_v, np.float64) + np.asarray(v_bias, np.float64).reshape(H, dv)
+  want_v = t / (1.0 + np.exp(-t))
+  np.testing.assert_allclose(np.asarray(values[:, count], np.float64), want_v, rtol=8e-3, atol=1e-6)  # bf16 ulp
+  others = np.arange(C) != count
+  np.testing.assert_array_equal(np.asarray(values[:, others], np.float32), np.asarray(args[6][:, others], np.float32))
+  scores, want_keys = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS, z_scale=inv)
+  np.testing.assert_array_equal(np.asarray(keys, np.float32), np.asarray(want_keys, np.float32))
+  s = np.asarray(scores, np.float64)[..., :count + 1]
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhk,bkhd->bhd", p, np.asarray(values, np.float64)[:, :count + 1])
+  np.testing.assert_allclose(np.asarray(decode_step.attend_combine(stats, acc)), want, rtol=1e-4, atol=1e-4)
+  ref = decode_step.attend_step_reference(*args, eps=EPS, v_bias=v_bias, sumsq=sumsq, rms_dim=dim)
+  np.testing.assert_allclose(np.asarray(ref[0]), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(ref[2], np.float32), np.asarray(values, np.float32))
+  with pytest.raises(ValueError, match="sumsq"):
+    decode_step.attend_step(*args, eps=EPS, sumsq=sumsq)
+  lowered = jax.jit(lambda *a: decode_step.attend_step(*a[:-2], eps=EPS, interpret=False, v_bias=a[-2], sumsq=a[-1],
+                                                       rms_dim=dim, **options)).trace(*args, v_bias, sumsq).lower(
+      lowering_platforms=("cuda",))
+  assert "attend_step" in lowered.as_text()

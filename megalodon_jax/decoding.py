@@ -104,7 +104,7 @@ class FusedSettings(NamedTuple):
   cema: str = "xla"
   scores: str = "xla"
   transpose: bool = False
-  # scores='attend': (block_k, block_d, sub_d) of decode_step.attend_step; () = its defaults.
+  # scores='attend': decode_step.attend_step's form, see attend_options; () = its defaults.
   attend_blocks: tuple[int, ...] = ()
   fold_norm: bool = False  # fuse_decode_params(fold_norm=...)
 
@@ -595,11 +595,14 @@ def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
 
 
 def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
-                     shared_count: jax.Array | None = None):
-  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema).
+                     shared_count: jax.Array | None = None, defer_rms: bool = False):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema, sumsq).
 
   shared_count [B]: the steps every layer's TimestepNorm has merged (the final norm's count, updated
-  after the layers): the kernel reads it and writes count + 1 into the layer's own count in place."""
+  after the layers): the kernel reads it and writes count + 1 into the layer's own count in place.
+  defer_rms: mx = y * rms_scale WITHOUT the RMS normalisation (an elementwise producer the w_mx
+  product reads; no reduction kernel and no normalisation kernel) and sumsq [B, G] the per-group
+  sums of y^2 from which attend_step makes inv (see its sumsq); else mx normalised, sumsq None."""
   from kernels_pallas import decode_step
   from megalodon_jax.ops import timestep_norm as tsn
   batch, dim = x.shape
@@ -613,11 +616,13 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
       sp["eta_re"], sp["eta_im"], sp["omega"], h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps,
       count_state=None if shared_count is None else cache.norm.count[:, None])
   y = y.reshape(batch, dim)
-  inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
-  mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
   norm = tsn.TimestepNormState(count[:, 0], mean, var)
   cema = (h_re.reshape(batch, dim, order), h_im.reshape(batch, dim, order))
-  return x_tsn.reshape(batch, dim), mx, norm, cema
+  if defer_rms:
+    return x_tsn.reshape(batch, dim), (y * lp["rms_scale"]).astype(jnp.dtype(config.dtype)), norm, cema, sumsq
+  inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
+  mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
+  return x_tsn.reshape(batch, dim), mx, norm, cema, None
 
 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
@@ -633,8 +638,10 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
   matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
 
+  sumsq = None
   if cema == "pallas":
-    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache, shared_count)
+    defer_rms = scores == "attend" and attend_fuses(attend_blocks)
+    x_tsn, mx, norm_state, h, sumsq = _tsn_cema_pallas(lp, cfg, x, cache, shared_count, defer_rms)
   else:
     tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
     x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
@@ -648,7 +655,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
   if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs, scores, attend_blocks)
+                                     rope_freqs, scores, attend_blocks, sumsq)
   proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -666,27 +673,89 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
 
 
+ATTEND_FIELDS = ("block_k", "block_d", "sub_d", "num_warps", "tiles", "preload", "num_stages", "fuse")
+
+
+def attend_fuses(attend_blocks: tuple[int, ...]) -> bool:
+  """Whether scores='attend' also takes v's bias + SiLU and (cema='pallas') the block's RMS
+  normalisation into attend_step (attend_step's v_bias and sumsq): for the default form (), or
+  the 'fuse' field of an explicit one. Each removes small XLA kernels from every layer (the
+  v = silu(. + bv) fusion; the sum of the RMS statistics and the normalisation of mx)."""
+  return not attend_blocks or (len(attend_blocks) >= 8 and bool(attend_blocks[7]))
+
+
+def attend_options(attend_blocks: tuple[int, ...], chunk: int, dv: int) -> tuple[dict[str, Any], str]:
+  """(decode_step.attend_step keyword arguments, combine 'xla' | 'pallas') of FusedSettings.attend_blocks.
+
+  () = decode_step.default_attend_form(chunk, dv) (the measured batch-1 default); otherwise
+  (block_k, block_d, sub_d[, num_warps, tiles, preload, num_stages, fuse]) with attend_step's own
+  defaults for the fields left out and XLA's combine: sub_d > 0 the elementwise form (values in
+  sub_d-feature chunks), sub_d = 0 the tensor-core form (mma=True); fuse: see attend_fuses.
+  bench_decode's '-attend<K>x<D>x<S>' spells the first three (e.g. attend32x1024x256, the form and
+  the XLA kernels around it before the looped one, bias + SiLU and RMS normalisation in XLA)."""
+  from kernels_pallas import decode_step
+  if not attend_blocks:
+    options = dict(decode_step.default_attend_form(chunk, dv))
+    return options, options.pop("combine", "xla")
+  if len(attend_blocks) > len(ATTEND_FIELDS):
+    raise ValueError(f"attend_blocks {attend_blocks} has more than the {len(ATTEND_FIELDS)} fields {ATTEND_FIELDS}")
+  options = dict(zip(ATTEND_FIELDS, (int(v) for v in attend_blocks)))
+  options.pop("fuse", None)
+  options["mma"] = options.get("sub_d") == 0
+  if options["mma"]:
+    options["sub_d"] = None
+  return options, "xla"
+
+
+def _attend_combined(block_stats: jax.Array, acc: jax.Array, combine: str, dtype) -> jax.Array:
+  """attend_step's blocks merged ('pallas': one Pallas kernel, 'xla': an XLA fusion) -> [B, H, dv] in dtype."""
+  from kernels_pallas import decode_step
+  if combine == "pallas":
+    return decode_step.attend_combine_pallas(block_stats, acc, out_dtype=dtype)
+  return decode_step.attend_combine(block_stats, acc).astype(dtype)
+
+
 def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
-                              scores_mode="pallas", attend_blocks=()):
+                              scores_mode="pallas", attend_blocks=(), sumsq=None):
   """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
-  and the new key and value ('attend') by kernels_pallas.decode_step."""
+  and the new key and value ('attend') by kernels_pallas.decode_step. sumsq: mx is not normalised
+  (_tsn_cema_pallas(defer_rms=True)), attend_step applies the normalisation (needs attend_fuses)."""
   from kernels_pallas import decode_step
   batch = x.shape[0]
   matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
   raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
   qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
-  r, h1 = jnp.split(raw[:, z_dim:] + lp["b_rh"], [cfg.value_dim], axis=-1)
-  v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
-  if scores_mode == "attend":
-    blocks = dict(zip(("block_k", "block_d", "sub_d"), attend_blocks))
+  value_shape = (batch, cfg.num_heads, cfg.v_head_dim)
+  inv = None
+  if scores_mode == "attend" and attend_fuses(attend_blocks):
+    # The new value's bias + SiLU (and with sumsq the RMS normalisation of mx) inside attend_step.
+    options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
+    rms = {} if sumsq is None else {"sumsq": sumsq, "rms_dim": x.shape[-1]}
+    outs = decode_step.attend_step(*qk, cache.key, cache.value, matmul(x_tsn, "wv").reshape(value_shape),
+                                   count.reshape(1), eps=cfg.norm_eps, v_bias=lp["bv"], **rms, **options)
+    block_stats, acc, key, value = outs[:4]
+    inv = outs[4] if sumsq is not None else None
+    attn = _attend_combined(block_stats, acc, combine, x.dtype)
+  elif scores_mode == "attend":
+    if sumsq is not None:
+      raise ValueError("a deferred RMS normalisation (sumsq) needs attend_fuses(attend_blocks)")
+    v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(value_shape)
+    options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
     block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),
-                                                           count.reshape(1), eps=cfg.norm_eps, **blocks)
-    attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
+                                                           count.reshape(1), eps=cfg.norm_eps, **options)
+    attn = _attend_combined(block_stats, acc, combine, x.dtype)
   else:
+    v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(value_shape)
     scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
     value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
     attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
+  rh = raw[:, z_dim:]
+  if inv is not None:  # the normalisation of mx, applied to the product: elementwise, fused into r's and h1's users
+    rh = (inv * rh.astype(jnp.float32) + lp["b_rh"].astype(jnp.float32)).astype(raw.dtype)
+  else:
+    rh = rh + lp["b_rh"]
+  r, h1 = jnp.split(rh, [cfg.value_dim], axis=-1)
   out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
   return out, LayerCache(key, value, h, norm_state)
 
@@ -795,7 +864,7 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
   attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
   with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
-  a permute_keys cache (attend_blocks: attend_step's (block_k, block_d, sub_d), () for its defaults).
+  a permute_keys cache (attend_blocks: attend_step's form, see attend_options; () for its defaults).
   dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
   """
   return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks))(

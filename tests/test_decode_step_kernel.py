@@ -205,19 +205,34 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     decode_step.gemv_partials(x[:32], w_t[:64, :96])
 
 
-@pytest.mark.parametrize("count,block_k,block_d,sub_d", [(0, 4, 32, 8), (6, 4, 16, None), (13, 8, 16, 8),
-                                                         (C - 1, 4, 32, None)])
-def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d):
+@pytest.mark.parametrize("count,block_k,block_d,sub_d,options", [
+    (0, 4, 32, 8, {}), (6, 4, 16, None, {}), (13, 8, 16, 8, {}), (C - 1, 4, 32, None, {}),
+    (0, 4, 32, 8, {"preload": True}), (11, 4, 16, 8, {"preload": True}),
+    (9, 4, 32, None, {"tiles": 2}), (C - 1, 2, 16, None, {"tiles": 4, "preload": True}),
+    (5, 2, 32, None, {"tiles": 8, "preload": True}), (C - 2, 2, 32, None, {"tiles": 8, "preload": 3}),
+    (0, 16, 16, None, {"mma": True}),
+    (C - 1, 16, 32, None, {"mma": True}), (10, 16, 16, None, {"mma": True}),
+    (40, 16, 16, None, {"mma": True, "tiles": 2, "preload": True, "chunk": 64}),
+    (63, 16, 32, None, {"mma": True, "tiles": 2, "chunk": 64})])
+def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d, options):
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
-  cache with the new key (from q/k as the model makes them) and value written at `count`."""
+  cache with the new key (from q/k as the model makes them) and value written at `count`: one tile
+  per program (values in sub_d chunks, loads issued first with preload) and a loop over `tiles`
+  tiles with an online softmax (the next `preload` tiles prefetched); mma: both products as matrix
+  products (bf16 operands, the probabilities split in two bf16 parts)."""
+  options = dict(options)
+  chunk = options.pop("chunk", C)
   rng = np.random.default_rng(count + block_k)
   dv = 32
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
-          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
-          normal(B, C, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, chunk, H, DZ).astype(jnp.bfloat16),
+          normal(B, chunk, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
           jnp.asarray([count], jnp.int32))
-  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d)
+  stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d,
+                                                     **options)
+  span = block_k * options.get("tiles", 1)
+  assert stats.shape == (B, H, chunk // span, 2) and acc.shape == (B, H, chunk // span, dv)
   got = np.asarray(decode_step.attend_combine(stats, acc))
   # The scores kernel's keys (its q/k are checked against the model's ops above); values by hand.
   scores_ref, keys_ref = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS)
@@ -231,19 +246,97 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
   want = np.einsum("bhk,bkhd->bhd", p, want_values[:, :count + 1])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   # Blocks past count contribute nothing (m = -inf, l = 0, acc = 0).
-  past = np.arange(C // block_k) * block_k > count
+  past = np.arange(chunk // span) * span > count
   assert np.all(np.asarray(stats)[:, :, past, 0] == -np.inf) and np.all(np.asarray(acc)[:, :, past] == 0)
 
 
-def test_attend_step_lowers_for_cuda_and_checks_shapes():
-  args = (jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((512,), jnp.bfloat16), jnp.zeros((2, 512)),
+@pytest.mark.parametrize("options", [{}, {"preload": True, "sub_d": 256, "num_warps": 8},
+                                     {"block_k": 16, "block_d": 512, "tiles": 4, "preload": True},
+                                     {"block_k": 16, "block_d": 1024, "mma": True}])
+def test_attend_step_lowers_for_cuda(options):
+  """mega1.3B's shapes (C 2048, H 2, dz 256, dv 2048): the Triton path lowers for each kernel form."""
+  lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False, **options)).trace(
+      *_mega_attend_args()).lower(lowering_platforms=("cuda",))
+  assert "attend_step" in lowered.as_text()
+
+
+def _mega_attend_args():
+  return (jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((512,), jnp.bfloat16), jnp.zeros((2, 512)),
           jnp.zeros((2, 512)), jnp.zeros((128,)), jnp.zeros((1, 2048, 2, 256), jnp.bfloat16),
           jnp.zeros((1, 2048, 2, 2048), jnp.bfloat16), jnp.zeros((1, 2, 2048), jnp.bfloat16),
           jnp.zeros((1,), jnp.int32))
-  lowered = jax.jit(lambda *a: decode_step.attend_step(*a, eps=EPS, interpret=False)).trace(*args).lower(
-      lowering_platforms=("cuda",))
-  assert "attend_step" in lowered.as_text()
+
+
+def test_attend_step_checks_shapes():
+  args = _mega_attend_args()
   with pytest.raises(ValueError, match="v_new"):
     decode_step.attend_step(*args[:7], args[7][:, :, :8], args[8], eps=EPS)
   with pytest.raises(ValueError, match="block_d"):
     decode_step.attend_step(*args, eps=EPS, block_d=96)
+  with pytest.raises(ValueError, match="tiles"):
+    decode_step.attend_step(*args, eps=EPS, block_k=32, tiles=3)
+  with pytest.raises(ValueError, match="mma needs"):
+    decode_step.attend_step(*args, eps=EPS, block_k=8, mma=True)
+
+
+def test_attend_combine_pallas_equals_the_xla_combine():
+  """The Pallas combine against attend_combine (float64 numpy of the same formula) on block stats
+  with blocks past count (m = -inf, l = 0, acc = 0), and its cuda lowering at mega1.3B's shapes."""
+  rng = np.random.default_rng(11)
+  m = rng.normal(size=(2, H, 8)) * 3
+  l = np.abs(rng.normal(size=(2, H, 8))) + 0.5
+  acc = rng.normal(size=(2, H, 8, 32))
+  m[:, :, 5:], l[:, :, 5:], acc[:, :, 5:] = -np.inf, 0.0, 0.0
+  stats = jnp.asarray(np.stack([m, l], -1), jnp.float32)
+  got = decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=16)
+  weight = np.exp(m - m.max(-1, keepdims=True))
+  want = np.einsum("bhn,bhnd->bhd", weight, acc) / (weight * l).sum(-1)[..., None]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(decode_step.attend_combine(stats, jnp.asarray(acc, jnp.float32))), want,
+                             rtol=1e-5, atol=1e-6)
+  lowered = jax.jit(lambda s, a: decode_step.attend_combine_pallas(s, a, interpret=False)).trace(
+      jnp.zeros((1, 2, 64, 2)), jnp.zeros((1, 2, 64, 2048))).lower(lowering_platforms=("cuda",))
+  assert "attend_combine" in lowered.as_text()
+  with pytest.raises(ValueError, match="block_d"):
+    decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=12)
+
+
+@pytest.mark.parametrize("count,options", [(11, {"block_k": 4, "block_d": 16, "tiles": 2, "preload": 1}),
+                                           (0, {"block_k": 4, "block_d": 32, "sub_d": 8, "preload": True})])
+def test_attend_step_with_value_activation_and_deferred_rms_norm(count, options):
+  """v_bias: the kernel makes v = silu(raw + bias) itself; sumsq: z's product is of the unnormalised y
+  and inv = rsqrt(sum(sumsq) / D + eps) multiplies it (returned for the other columns). Against
+  float64 numpy for inv and v, and a dense float64 attention over the kernel's keys and values."""
+  rng = np.random.default_rng(count + 5)
+  dv, groups, dim = 32, 4, 64
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  raw_v, v_bias = normal(B, H, dv).astype(jnp.bfloat16), normal(H * dv).astype(jnp.bfloat16)
+  sumsq = jnp.abs(normal(B, groups)) * 8.0
+  args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
+          normal(B, C, H, dv).astype(jnp.bfloat16), raw_v, jnp.asarray([count], jnp.int32))
+  stats, acc, keys, values, inv = decode_step.attend_step(*args, eps=EPS, v_bias=v_bias, sumsq=sumsq, rms_dim=dim,
+                                                          **options)
+  want_inv = 1.0 / np.sqrt(np.asarray(sumsq, np.float64).sum(-1, keepdims=True) / dim + EPS)
+  np.testing.assert_allclose(np.asarray(inv), want_inv, rtol=1e-6)
+  t = np.asarray(raw_v, np.float64) + np.asarray(v_bias, np.float64).reshape(H, dv)
+  want_v = t / (1.0 + np.exp(-t))
+  np.testing.assert_allclose(np.asarray(values[:, count], np.float64), want_v, rtol=8e-3, atol=1e-6)  # bf16 ulp
+  others = np.arange(C) != count
+  np.testing.assert_array_equal(np.asarray(values[:, others], np.float32), np.asarray(args[6][:, others], np.float32))
+  scores, want_keys = decode_step.qk_scores_step_reference(*args[:6], args[-1], eps=EPS, z_scale=inv)
+  np.testing.assert_array_equal(np.asarray(keys, np.float32), np.asarray(want_keys, np.float32))
+  s = np.asarray(scores, np.float64)[..., :count + 1]
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhk,bkhd->bhd", p, np.asarray(values, np.float64)[:, :count + 1])
+  np.testing.assert_allclose(np.asarray(decode_step.attend_combine(stats, acc)), want, rtol=1e-4, atol=1e-4)
+  ref = decode_step.attend_step_reference(*args, eps=EPS, v_bias=v_bias, sumsq=sumsq, rms_dim=dim)
+  np.testing.assert_allclose(np.asarray(ref[0]), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(ref[2], np.float32), np.asarray(values, np.float32))
+  with pytest.raises(ValueError, match="sumsq"):
+    decode_step.attend_step(*args, eps=EPS, sumsq=sumsq)
+  lowered = jax.jit(lambda *a: decode_step.attend_step(*a[:-2], eps=EPS, interpret=False, v_bias=a[-2], sumsq=a[-1],
+                                                       rms_dim=dim, **options)).trace(*args, v_bias, sumsq).lower(
+      lowering_platforms=("cuda",))
+  assert "attend_step" in lowered.as_text()

@@ -171,6 +171,27 @@ def test_bench_decode_impls_give_the_model_logits(impl):
       bench_decode.megalodon_apply(cfg, bad)
 
 
+def test_attend_options_map_the_settings_to_attend_step():
+  """() is decode_step.default_attend_form (with its combine); explicit fields keep attend_step's
+  defaults for the rest and XLA's combine; sub_d = 0 is the tensor-core form; the 8th field (and
+  ()) moves v's bias + SiLU and the RMS normalisation into attend_step."""
+  from kernels_pallas import decode_step
+  form = dict(decode_step.default_attend_form(2048, 2048))
+  combine = form.pop("combine", "xla")
+  assert decoding.attend_options((), 2048, 2048) == (form, combine)
+  assert decoding.attend_options((32, 1024, 256), 2048, 2048) == (
+      {"block_k": 32, "block_d": 1024, "sub_d": 256, "mma": False}, "xla")
+  assert decoding.attend_options((16, 512, 0, 8), 2048, 2048) == (
+      {"block_k": 16, "block_d": 512, "sub_d": None, "num_warps": 8, "mma": True}, "xla")
+  assert decoding.attend_options((8, 1024, 256, 4, 4, 1, 1, 1), 2048, 2048) == (
+      {"block_k": 8, "block_d": 1024, "sub_d": 256, "num_warps": 4, "tiles": 4, "preload": 1, "num_stages": 1,
+       "mma": False}, "xla")
+  assert decoding.attend_fuses(()) and decoding.attend_fuses((8, 1024, 256, 4, 4, 1, 1, 1))
+  assert not decoding.attend_fuses((32, 1024, 256)) and not decoding.attend_fuses((8, 1024, 256, 4, 4, 1, 1, 0))
+  with pytest.raises(ValueError, match="more than the 8 fields"):
+    decoding.attend_options(tuple(range(1, 10)), 2048, 2048)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_generate_on_device_fused_default_equals_the_model_path(scan_layers):
   """The default decode_impl='fused' samples the tokens the model path samples, and leaves the

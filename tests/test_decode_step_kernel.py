@@ -305,7 +305,8 @@ def test_residual_moments_equal_the_block_tail_math(dtype, with_inv):
   inv = jnp.asarray([[0.5], [1.7]], jnp.float32) if with_inv else None
   y, mean, var = decode_step.residual_moments(raw, bias, wh2, x, raw_offset=RM_Z + RM_V, bias_offset=RM_V, inv=inv)
   h = raw[:, RM_Z + RM_V:]
-  h1 = (h + bias[RM_V:]) if inv is None else (h.astype(jnp.float32) * inv + bias[RM_V:].astype(jnp.float32)).astype(dtype)
+  b = bias[RM_V:]
+  h1 = (h + b) if inv is None else (h.astype(jnp.float32) * inv + b.astype(jnp.float32)).astype(dtype)
   want_y = ((h1 + wh2) + x).astype(dtype)
   assert y.dtype == dtype and mean.shape == var.shape == (2, 1)
   if dtype == jnp.bfloat16 or inv is None:

@@ -189,7 +189,8 @@ def default_mega_impl(batch: int) -> str:
 
 
 def parse_mega_impl(impl: str) -> dict[str, Any]:
-  """A fused impl name, fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend][-res], as fused_forward_one's settings.
+  """A fused impl name, fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend][-res], as fused_forward_one's
+  settings.
 
   dup: decoding.DUP_MODES (dot / reduce / pallas read the kernels transposed; -t transposes them for
   mask / barrier too); -fold: the FFN LayerNorm folded into fc_in; -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in

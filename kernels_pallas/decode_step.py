@@ -624,33 +624,48 @@ def residual_moments_reference(raw, bias, wh2, x, *, raw_offset: int, bias_offse
   return y, yf[:, :1] + shift, var
 
 
+def _residual_row(raw_ref, bias_ref, wh2_ref, x_ref, inv, start: int, size: int, *, raw_offset: int,
+                  bias_offset: int, dtypes: tuple, out_dtype):
+  """y[start:start + size] float32, rounded as the module comment says."""
+  f32 = jnp.float32
+  h1_dtype, sum_dtype, y_dtype = dtypes
+  h = raw_ref[pl.ds(raw_offset + start, size)].astype(f32)
+  if inv is not None:
+    h = h * inv
+  h1 = _rounded_sum(h, bias_ref[pl.ds(bias_offset + start, size)], h1_dtype)
+  y = _rounded_sum(_rounded_sum(h1, wh2_ref[pl.ds(start, size)], sum_dtype), x_ref[pl.ds(start, size)], y_dtype)
+  return y.astype(out_dtype)
+
+
 def _residual_kernel(raw_ref, bias_ref, wh2_ref, x_ref, *rest, raw_offset: int, bias_offset: int, dim: int,
-                     dtypes: tuple, with_inv: bool):
+                     dtypes: tuple, with_inv: bool, first_by_reduction: bool):
   f32 = jnp.float32
   if with_inv:
     inv_ref, y_out, mean_out, var_out = rest
   else:
     y_out, mean_out, var_out = rest
-  h1_dtype, sum_dtype, y_dtype = dtypes
-  h = raw_ref[pl.ds(raw_offset, dim)].astype(f32)
-  if with_inv:
-    h = h * inv_ref[0]
-  h1 = _rounded_sum(h, bias_ref[pl.ds(bias_offset, dim)], h1_dtype)
-  y = _rounded_sum(_rounded_sum(h1, wh2_ref[...], sum_dtype), x_ref[...], y_dtype).astype(y_out.dtype)
+  row = functools.partial(_residual_row, raw_ref, bias_ref, wh2_ref, x_ref, inv_ref[...] if with_inv else None,
+                          raw_offset=raw_offset, bias_offset=bias_offset, dtypes=dtypes, out_dtype=y_out.dtype)
+  y = row(0, dim)
   y_out[...] = y
   yf = y.astype(f32)
-  first = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (dim,), 0) == 0, yf, 0.0))  # y[0], exactly
+  if first_by_reduction:  # y[0] picked out of the row: one more block reduction on the critical path
+    first = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (dim,), 0) == 0, yf, 0.0))[None]
+  else:  # y[0] recomputed from its own [1] loads, beside the row (the same value bit for bit)
+    first = row(0, 1).astype(f32)
   d = yf - first
   shift = jnp.sum(d) / dim
-  mean_out[0] = first + shift
-  var_out[0] = jnp.maximum(jnp.sum(d * d) / dim - shift * shift, 0.0)
+  mean_out[...] = first + shift
+  var_out[...] = jnp.maximum(jnp.sum(d * d) / dim - shift * shift, 0.0)[None]
 
 
-@functools.partial(jax.jit, static_argnames=("raw_offset", "bias_offset", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("raw_offset", "bias_offset", "num_warps", "first_by_reduction",
+                                             "interpret"))
 def residual_moments(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, inv=None, num_warps: int = 4,
-                     interpret: bool | None = None):
+                     first_by_reduction: bool = False, interpret: bool | None = None):
   """The kernel (see above): (y [B, D] x.dtype, mean [B, 1], var [B, 1] float32). One program per row;
-  D must be a power of 2 (one Triton block)."""
+  D must be a power of 2 (one Triton block). first_by_reduction: y[0] (the shift) picked out of the row
+  by a masked sum instead of recomputed from its own loads (the same value; kept for A/B timing)."""
   batch, dim = x.shape
   if raw.ndim != 2 or raw.shape[0] != batch or not 0 <= raw_offset <= raw.shape[1] - dim:
     raise ValueError(f"raw must be [{batch}, P] with columns [raw_offset, raw_offset + {dim}) inside it, got shape "
@@ -683,7 +698,7 @@ def residual_moments(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, in
   f32 = jnp.float32
   return pl.pallas_call(
       functools.partial(_residual_kernel, raw_offset=raw_offset, bias_offset=bias_offset, dim=dim, dtypes=dtypes,
-                        with_inv=inv is not None),
+                        with_inv=inv is not None, first_by_reduction=first_by_reduction),
       grid=(batch,), in_specs=in_specs, out_specs=[row, one, one],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, 1), f32),
                  jax.ShapeDtypeStruct((batch, 1), f32)],

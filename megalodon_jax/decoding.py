@@ -139,8 +139,11 @@ def settings_of(fused: Any, batch: int) -> FusedSettings:
   transpose = "w_mx_t" in fused["layers"][0]
   dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
   scores = default.scores if default.scores != "xla" else "pallas"
+  fold_norm = "ffn_colsum" in fused["layers"][0]
+  # fuse_residual needs the fold and the permuted layout (scores 'pallas' / 'attend'): off for other params.
+  fuse_residual = default.fuse_residual and fold_norm and "rope_freqs" in fused and default.cema == "pallas"
   return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla",
-                          fold_norm="ffn_colsum" in fused["layers"][0])
+                          fold_norm=fold_norm, fuse_residual=fuse_residual)
 
 
 def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:

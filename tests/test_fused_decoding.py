@@ -227,3 +227,18 @@ def test_generate_with_the_gpu_settings_equals_the_model_path(batch):
   wrong = decoding.fuse_decode_params(params, cfg, transpose=not settings.transpose)
   with pytest.raises(ValueError, match=f"transpose={settings.transpose}"):
     decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(2), fused_params=wrong, fused_settings=settings)
+
+
+def test_settings_of_keeps_fuse_residual_only_where_the_params_allow_it(monkeypatch):
+  """A default with fuse_residual=True (cema 'pallas', 'attend', fold): params made without the fold or
+  the permuted layout turn it off (the step would reject them), fold + permuted params keep it."""
+  cfg, params = _setup("tiny")
+  on = decoding.FusedSettings(dup="reduce", cema="pallas", scores="attend", transpose=True, fold_norm=True,
+                              fuse_residual=True)
+  monkeypatch.setattr(decoding, "default_fused_settings", lambda batch: on)
+  plain = decoding.fuse_decode_params(params, cfg, transpose=True)
+  assert not decoding.settings_of(plain, 1).fuse_residual
+  unpermuted = decoding.fuse_decode_params(params, cfg, transpose=True, fold_norm=True)
+  assert not decoding.settings_of(unpermuted, 1).fuse_residual
+  assert decoding.settings_of(decoding.fuse_decode_params(params, cfg, permute_z=True, transpose=True, fold_norm=True),
+                              1) == on

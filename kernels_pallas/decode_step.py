@@ -40,9 +40,15 @@ from jax.experimental import pallas as pl
 
 
 def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im,
-                            *, eps: float):
-  """Plain-JAX oracle of the kernel; shapes and results as the module docstring says."""
+                            *, eps: float, residual=None):
+  """Plain-JAX oracle of the kernel; shapes and results as the module docstring says (with a residual:
+  the step of (x + residual).astype(x.dtype), and that sum appended to the results)."""
   f32 = jnp.float32
+  if residual is not None:
+    total = (x + residual).astype(x.dtype)
+    outs = tsn_cema_step_reference(total, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega,
+                                   h_re, h_im, eps=eps)
+    return outs + (total,)
   xf = x.astype(f32)
   m = jnp.mean(xf, axis=-1)
   v = jnp.mean(jnp.square(xf - m[..., None]), axis=-1)
@@ -61,9 +67,10 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
 
 def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
             omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int, x_value=None):
+  """x_value: the block input already loaded (_kernel_residual's sum); None reads x_ref."""
   f32 = jnp.float32
-  xf = x_ref[...].astype(f32)  # [GB, K]
+  xf = (x_ref[...] if x_value is None else x_value).astype(f32)  # [GB, K]
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
   centered = xf - m[:, None]
   v = jnp.sum(centered * centered, axis=-1) * (1.0 / k)
@@ -92,15 +99,28 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
 
 def _kernel_with_count(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref,
                        ei_ref, omega_ref, hr_ref, hi_ref, state_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out,
-                       hi_out, state_out, *, eps: float, k: int):
+                       hi_out, state_out, *, eps: float, k: int, x_value=None):
   """_kernel, plus count + 1 written into the (aliased, never read) count_state buffer by one program."""
   del state_ref
   _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref, omega_ref,
-          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k)
+          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k, x_value=x_value)
 
   @pl.when(pl.program_id(1) == 0)
   def _():
     state_out[0] = count_ref[0] + 1
+
+
+def _kernel_residual(*refs, eps: float, k: int, with_count: bool):
+  """The step of x + residual (the previous block's deferred residual add): the last input is the
+  residual and the last output their sum, float32 add rounded to x's dtype (what the XLA add did),
+  written for the block's own residual adds; the rest as _kernel / _kernel_with_count."""
+  n_in = 15 + int(with_count)
+  ins, outs = list(refs[:n_in]), list(refs[n_in:])
+  res_ref, sum_out = ins.pop(), outs.pop()
+  total = (ins[0][...].astype(jnp.float32) + res_ref[...].astype(jnp.float32)).astype(sum_out.dtype)
+  sum_out[...] = total
+  body = _kernel_with_count if with_count else _kernel
+  body(*ins, *outs, eps=eps, k=k, x_value=total)
 
 
 def _check(arrays: dict, groups_per_block: int):
@@ -133,8 +153,12 @@ def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
 @functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
 def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
                   eps: float, groups_per_block: int | None = None, num_warps: int = 4,
-                  interpret: bool | None = None, count_state=None):
+                  interpret: bool | None = None, count_state=None, residual=None):
   """The kernel (see the module docstring); mean, var, h_re, h_im are updated in place when donated.
+
+  residual: [B, G, K], a second addend of the step's input: the kernel normalises
+  (x + residual).astype(x.dtype) (float32 add, one rounding: the previous block's residual add, one
+  XLA kernel fewer) and returns that sum as a ninth result (the residual stream the block needs).
 
   count_state: [B, 1] int32, a buffer holding the same counts as `count` (e.g. a layer's own
   TimestepNorm count when every layer has seen the same steps, and `count` another layer's): the
@@ -177,12 +201,20 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
     out_shape.append(jax.ShapeDtypeStruct(count.shape, count.dtype))
     aliases[14] = 7
     args.append(count_state)
+  if residual is not None:
+    if residual.shape != x.shape:
+      raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
+    in_specs, out_specs, args = in_specs + [seq], out_specs + [seq], args + [residual]
+    out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    kernel = functools.partial(_kernel_residual, with_count=count_state is not None)
   outs = pl.pallas_call(
       functools.partial(kernel, eps=float(eps), k=k), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases, interpret=interpret, name="tsn_cema_step", **kwargs,
   )(*args)
   x_tsn, y, sumsq, new_mean, new_var, new_re, new_im = outs[:7]
   new_count = outs[7] if count_state is not None else count + 1
+  if residual is not None:
+    return x_tsn, y, sumsq, new_count, new_mean, new_var, new_re, new_im, outs[-1]
   return x_tsn, y, sumsq, new_count, new_mean, new_var, new_re, new_im
 
 
@@ -850,3 +882,123 @@ def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, b
       out_shape=jax.ShapeDtypeStruct((k // span, n), jnp.float32), interpret=interpret, name="gemv_partials",
       **kwargs,
   )(x, w_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block's residual add and the FFN LayerNorm's moments, one kernel per step.
+#
+# After the wh2 product a block computes y = h1 + wh2 out + x (h1: a slice of the w_mx product plus
+# its bias) and, with the FFN norm folded into fc_in (decoding._folded_norm_fc_in), the shifted
+# moments of y: in XLA an elementwise kernel and a reduction, two launches for 2 x 2048 numbers.
+# Here one program per sequence does both. h1 is read straight out of the w_mx product [B, P] (a
+# static column window) and its bias out of the [r | h1] bias: slicing either in XLA could be a
+# copy kernel of its own in front of this custom call.
+#
+# Arrays: raw [B, P] (w_mx product before its bias; columns [raw_offset, raw_offset + D) are h1's),
+# bias [Pb] (columns [bias_offset, bias_offset + D) are h1's), wh2 [B, D], x [B, D], inv [B, 1]
+# float32 or None (a per-row scale of h1's product, for a norm applied after the product). With
+# every addend rounded as the XLA expression ((raw_h inv + b) + wh2) + x rounds it (per add, to the
+# promoted dtype), returns y [B, D] in x.dtype and its moments mean, var [B, 1] float32: shift = the
+# mean of y - y[0], var = max(mean((y - y[0])^2) - shift^2, 0), mean = y[0] + shift.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rounded_sum(a, b, dtype):
+  return (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(dtype)
+
+
+def residual_moments_reference(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, inv=None):
+  """Plain-JAX oracle of `residual_moments` (the expressions of decoding._block_tail and _folded_norm_fc_in)."""
+  f32 = jnp.float32
+  dim = x.shape[-1]
+  h = raw[:, raw_offset:raw_offset + dim]
+  b = bias[bias_offset:bias_offset + dim]
+  h1 = (h + b) if inv is None else (h.astype(f32) * inv + b.astype(f32)).astype(raw.dtype)
+  y = ((h1 + wh2) + x).astype(x.dtype)
+  yf = y.astype(f32)
+  d = yf - yf[:, :1]
+  shift = jnp.mean(d, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+  return y, yf[:, :1] + shift, var
+
+
+def _residual_row(raw_ref, bias_ref, wh2_ref, x_ref, inv, start: int, size: int, *, raw_offset: int,
+                  bias_offset: int, dtypes: tuple, out_dtype):
+  """y[start:start + size] float32, rounded as the module comment says."""
+  f32 = jnp.float32
+  h1_dtype, sum_dtype, y_dtype = dtypes
+  h = raw_ref[pl.ds(raw_offset + start, size)].astype(f32)
+  if inv is not None:
+    h = h * inv
+  h1 = _rounded_sum(h, bias_ref[pl.ds(bias_offset + start, size)], h1_dtype)
+  y = _rounded_sum(_rounded_sum(h1, wh2_ref[pl.ds(start, size)], sum_dtype), x_ref[pl.ds(start, size)], y_dtype)
+  return y.astype(out_dtype)
+
+
+def _residual_kernel(raw_ref, bias_ref, wh2_ref, x_ref, *rest, raw_offset: int, bias_offset: int, dim: int,
+                     dtypes: tuple, with_inv: bool, first_by_reduction: bool):
+  f32 = jnp.float32
+  if with_inv:
+    inv_ref, y_out, mean_out, var_out = rest
+  else:
+    y_out, mean_out, var_out = rest
+  row = functools.partial(_residual_row, raw_ref, bias_ref, wh2_ref, x_ref, inv_ref[...] if with_inv else None,
+                          raw_offset=raw_offset, bias_offset=bias_offset, dtypes=dtypes, out_dtype=y_out.dtype)
+  y = row(0, dim)
+  y_out[...] = y
+  yf = y.astype(f32)
+  if first_by_reduction:  # y[0] picked out of the row: one more block reduction on the critical path
+    first = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (dim,), 0) == 0, yf, 0.0))[None]
+  else:  # y[0] recomputed from its own [1] loads, beside the row (the same value bit for bit)
+    first = row(0, 1).astype(f32)
+  d = yf - first
+  shift = jnp.sum(d) / dim
+  mean_out[...] = first + shift
+  var_out[...] = jnp.maximum(jnp.sum(d * d) / dim - shift * shift, 0.0)[None]
+
+
+@functools.partial(jax.jit, static_argnames=("raw_offset", "bias_offset", "num_warps", "first_by_reduction",
+                                             "interpret"))
+def residual_moments(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, inv=None, num_warps: int = 4,
+                     first_by_reduction: bool = False, interpret: bool | None = None):
+  """The kernel (see above): (y [B, D] x.dtype, mean [B, 1], var [B, 1] float32). One program per row;
+  D must be a power of 2 (one Triton block). first_by_reduction: y[0] (the shift) picked out of the row
+  by a masked sum instead of recomputed from its own loads (the same value; kept for A/B timing)."""
+  batch, dim = x.shape
+  if raw.ndim != 2 or raw.shape[0] != batch or not 0 <= raw_offset <= raw.shape[1] - dim:
+    raise ValueError(f"raw must be [{batch}, P] with columns [raw_offset, raw_offset + {dim}) inside it, got shape "
+                     f"{raw.shape} and raw_offset={raw_offset}")
+  if bias.ndim != 1 or not 0 <= bias_offset <= bias.shape[0] - dim:
+    raise ValueError(f"bias must be [Pb] with [bias_offset, bias_offset + {dim}) inside it, got shape {bias.shape} "
+                     f"and bias_offset={bias_offset}")
+  if wh2.shape != x.shape:
+    raise ValueError(f"wh2 must have x's shape {x.shape}, got {wh2.shape}")
+  if inv is not None and inv.shape != (batch, 1):
+    raise ValueError(f"inv must be [{batch}, 1], got {inv.shape}")
+  if dim & (dim - 1):
+    raise ValueError(f"the row length D={dim} must be a power of 2 (one Triton block per row)")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  h1_dtype = jnp.promote_types(raw.dtype, bias.dtype) if inv is None else raw.dtype
+  sum_dtype = jnp.promote_types(h1_dtype, wh2.dtype)
+  dtypes = (h1_dtype, sum_dtype, jnp.promote_types(sum_dtype, x.dtype))
+  row = pl.BlockSpec((None, dim), lambda b: (b, 0))
+  one = pl.BlockSpec((None, 1), lambda b: (b, 0))
+  in_specs = [pl.BlockSpec((None, raw.shape[1]), lambda b: (b, 0)), pl.BlockSpec(bias.shape, lambda b: (0,)), row, row]
+  args = [raw, bias, wh2, x]
+  if inv is not None:
+    in_specs.append(one)
+    args.append(inv.astype(jnp.float32))
+  f32 = jnp.float32
+  return pl.pallas_call(
+      functools.partial(_residual_kernel, raw_offset=raw_offset, bias_offset=bias_offset, dim=dim, dtypes=dtypes,
+                        with_inv=inv is not None, first_by_reduction=first_by_reduction),
+      grid=(batch,), in_specs=in_specs, out_specs=[row, one, one],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, 1), f32),
+                 jax.ShapeDtypeStruct((batch, 1), f32)],
+      interpret=interpret, name="residual_moments", **kwargs,
+  )(*args)

@@ -107,6 +107,9 @@ class FusedSettings(NamedTuple):
   # scores='attend': decode_step.attend_step's form, see attend_options; () = its defaults.
   attend_blocks: tuple[int, ...] = ()
   fold_norm: bool = False  # fuse_decode_params(fold_norm=...)
+  # The residual adds in Pallas (fused_forward_one(fuse_residual=True)); needs cema='pallas', scores
+  # 'pallas' / 'attend' and fold_norm.
+  fuse_residual: bool = False
 
 
 # The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode,
@@ -136,8 +139,11 @@ def settings_of(fused: Any, batch: int) -> FusedSettings:
   transpose = "w_mx_t" in fused["layers"][0]
   dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
   scores = default.scores if default.scores != "xla" else "pallas"
+  fold_norm = "ffn_colsum" in fused["layers"][0]
+  # fuse_residual needs the fold and the permuted layout (scores 'pallas' / 'attend'): off for other params.
+  fuse_residual = default.fuse_residual and fold_norm and "rope_freqs" in fused and default.cema == "pallas"
   return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla",
-                          fold_norm="ffn_colsum" in fused["layers"][0])
+                          fold_norm=fold_norm, fuse_residual=fuse_residual)
 
 
 def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
@@ -175,7 +181,7 @@ def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k:
   def forward(params, token, cache):
     if decode_impl == "fused":
       return fused_forward_one(params, config, token, cache, settings.dup, settings.stats, settings.cema,
-                               settings.scores, settings.attend_blocks)
+                               settings.scores, settings.attend_blocks, settings.fuse_residual)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -595,14 +601,19 @@ def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
 
 
 def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
-                     shared_count: jax.Array | None = None, defer_rms: bool = False):
-  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema, sumsq).
+                     shared_count: jax.Array | None = None, defer_rms: bool = False,
+                     residual: jax.Array | None = None):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema,
+  sumsq, x).
 
   shared_count [B]: the steps every layer's TimestepNorm has merged (the final norm's count, updated
   after the layers): the kernel reads it and writes count + 1 into the layer's own count in place.
   defer_rms: mx = y * rms_scale WITHOUT the RMS normalisation (an elementwise producer the w_mx
   product reads; no reduction kernel and no normalisation kernel) and sumsq [B, G] the per-group
-  sums of y^2 from which attend_step makes inv (see its sumsq); else mx normalised, sumsq None."""
+  sums of y^2 from which attend_step makes inv (see its sumsq); else mx normalised, sumsq None.
+  residual [B, D]: the block input is (x + residual).astype(x.dtype), added by the kernel (the previous
+  block's deferred residual add, see fused_forward_one(fuse_residual=True)); the last result is the
+  block input (the sum, or x itself without a residual)."""
   from kernels_pallas import decode_step
   from megalodon_jax.ops import timestep_norm as tsn
   batch, dim = x.shape
@@ -610,27 +621,32 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
   sp = lp["split"]
   h_re, h_im = cache.cema
   state = (batch, groups, dim // groups, order)
-  x_tsn, y, sumsq, count, mean, var, h_re, h_im = decode_step.tsn_cema_step(
-      x.reshape(batch, groups, -1), (cache.norm.count if shared_count is None else shared_count)[:, None],
+  grouped = lambda a: None if a is None else a.reshape(batch, groups, -1)
+  x_tsn, y, sumsq, count, mean, var, h_re, h_im, *block_input = decode_step.tsn_cema_step(
+      grouped(x), (cache.norm.count if shared_count is None else shared_count)[:, None],
       cache.norm.mean, cache.norm.var, sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"],
       sp["eta_re"], sp["eta_im"], sp["omega"], h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps,
-      count_state=None if shared_count is None else cache.norm.count[:, None])
+      count_state=None if shared_count is None else cache.norm.count[:, None], residual=grouped(residual))
+  x = block_input[0].reshape(batch, dim) if block_input else x
   y = y.reshape(batch, dim)
   norm = tsn.TimestepNormState(count[:, 0], mean, var)
   cema = (h_re.reshape(batch, dim, order), h_im.reshape(batch, dim, order))
   if defer_rms:
-    return x_tsn.reshape(batch, dim), (y * lp["rms_scale"]).astype(jnp.dtype(config.dtype)), norm, cema, sumsq
+    return x_tsn.reshape(batch, dim), (y * lp["rms_scale"]).astype(jnp.dtype(config.dtype)), norm, cema, sumsq, x
   inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
   mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
-  return x_tsn.reshape(batch, dim), mx, norm, cema, None
+  return x_tsn.reshape(batch, dim), mx, norm, cema, None, x
 
 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
                 cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
                 attend_blocks: tuple[int, ...] = (), shared_count: jax.Array | None = None,
-                ) -> tuple[jax.Array, LayerCache]:
-  """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
+                residual: jax.Array | None = None, fuse_residual: bool = False) -> tuple[Any, LayerCache]:
+  """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache).
+
+  fuse_residual: the block output is the pair (FFN output, block input) whose sum the next block's
+  TimestepNorm kernel makes (its `residual`: the block input is x + residual)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
   dtype = jnp.dtype(cfg.dtype)
@@ -641,7 +657,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   sumsq = None
   if cema == "pallas":
     defer_rms = scores == "attend" and attend_fuses(attend_blocks)
-    x_tsn, mx, norm_state, h, sumsq = _tsn_cema_pallas(lp, cfg, x, cache, shared_count, defer_rms)
+    x_tsn, mx, norm_state, h, sumsq, x = _tsn_cema_pallas(lp, cfg, x, cache, shared_count, defer_rms, residual)
   else:
     tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
     x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
@@ -655,7 +671,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
   if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs, scores, attend_blocks, sumsq)
+                                     rope_freqs, scores, attend_blocks, sumsq, fuse_residual)
   proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -716,7 +732,7 @@ def _attend_combined(block_stats: jax.Array, acc: jax.Array, combine: str, dtype
 
 
 def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
-                              scores_mode="pallas", attend_blocks=(), sumsq=None):
+                              scores_mode="pallas", attend_blocks=(), sumsq=None, fuse_residual=False):
   """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
   and the new key and value ('attend') by kernels_pallas.decode_step. sumsq: mx is not normalised
   (_tsn_cema_pallas(defer_rms=True)), attend_step applies the normalisation (needs attend_fuses)."""
@@ -756,32 +772,47 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   else:
     rh = rh + lp["b_rh"]
   r, h1 = jnp.split(rh, [cfg.value_dim], axis=-1)
-  out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
+  out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats, raw if fuse_residual else None, inv)
   return out, LayerCache(key, value, h, norm_state)
 
 
-def _folded_norm_fc_in(lp, cfg, y, matmul):
+def _folded_norm_fc_in(lp, cfg, y, matmul, moments=None):
   """LayerNorm(y) @ fc_in with the norm's scale folded into the kernel (fuse_decode_params(fold_norm=True)):
   rstd (y @ W' - mean colsum(W')) + bias @ fc_in, W' = diag(weight + 1) fc_in. The product reads y
-  as it is, so the normalisation is no kernel of its own; the moments (one shifted pass) run beside it."""
-  yf = y.astype(jnp.float32)
-  d = yf - yf[..., :1]
-  shift = jnp.mean(d, axis=-1, keepdims=True)
-  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
-  mean = yf[..., :1] + shift
+  as it is, so the normalisation is no kernel of its own; the moments (one shifted pass) run beside it,
+  or come as `moments` (mean, var [B, 1] float32, decode_step.residual_moments's)."""
+  if moments is None:
+    yf = y.astype(jnp.float32)
+    d = yf - yf[..., :1]
+    shift = jnp.mean(d, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+    mean = yf[..., :1] + shift
+  else:
+    mean, var = moments
   raw = matmul(y, "fc_in", jnp.float32)  # [B, F] float32: the mean is subtracted after the product
   return ((raw - mean * lp["ffn_colsum"]) * jax.lax.rsqrt(var + cfg.norm_eps) + lp["ffn_bias0"]).astype(y.dtype)
 
 
-def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
-  """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual."""
+def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats, raw=None, inv=None):
+  """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual.
+
+  raw [B, P] (the w_mx product before its bias), with fold_norm: the block's residual add and the FFN
+  norm's moments in one Pallas kernel (decode_step.residual_moments, which reads h1 out of raw), and
+  the FFN's residual add left to the next block: returns the pair (FFN output, x). inv [B, 1] float32
+  (with raw): mx was not normalised, h1 = inv * raw_h + b_h (attend_step's inv)."""
   from megalodon_jax.ops import norms
   batch = x.shape[0]
   attn = attn.reshape(batch, cfg.value_dim) * r
-  y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
+  moments = None
+  if raw is not None:
+    from kernels_pallas import decode_step
+    y, *moments = decode_step.residual_moments(raw, lp["b_rh"], matmul(attn, "wh2"), x, inv=inv,
+                                               raw_offset=cfg.z_dim + cfg.value_dim, bias_offset=cfg.value_dim)
+  else:
+    y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
 
   if "ffn_colsum" in lp:
-    hidden = _folded_norm_fc_in(lp, cfg, y, matmul)
+    hidden = _folded_norm_fc_in(lp, cfg, y, matmul, moments)
   else:
     layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
     u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
@@ -794,15 +825,21 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
   out = matmul(hidden, "fc2")
   if "ffn_alpha" in lp:
     out = out * lp["ffn_alpha"].astype(out.dtype)
+  if raw is not None:
+    return out, x  # added by the next block's TimestepNorm kernel (or after the last block)
   return (out + x).astype(x.dtype)
 
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = (),
+                      fuse_residual: bool = False) -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
+  fuse_residual: a block's residual add and its FFN norm's moments by decode_step.residual_moments,
+  and its FFN residual add by the next block's TimestepNorm kernel (two XLA kernels fewer per layer;
+  the same values); needs cema='pallas', scores 'pallas' or 'attend' and fold_norm params.
   """
   from megalodon_jax.ops.logits import output_logits
   if isinstance(cache.layers, LayerCache) or not cache.layers:
@@ -825,6 +862,10 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
     raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
                      "complex64 states: convert with split_cema_state / join_cema_state")
+  if fuse_residual and (cema != "pallas" or scores == "xla" or "ffn_colsum" not in fused["layers"][0]):
+    raise ValueError("fuse_residual=True needs cema='pallas', scores='pallas' or 'attend' and "
+                     f"fuse_decode_params(..., fold_norm=True); got cema={cema!r}, scores={scores!r}, fold_norm="
+                     f"{'ffn_colsum' in fused['layers'][0]}")
   cfg = config
   dtype = jnp.dtype(cfg.dtype)
   x = jnp.take(fused["embed"], token, axis=0).astype(dtype)  # [B, D]
@@ -832,11 +873,17 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
     x = x * jnp.asarray(math.sqrt(cfg.model_dim), dtype)
   count = cache.count
   layers = []
+  residual = None  # fuse_residual: the previous block's input, still to be added to x
   for lp, layer_cache in zip(fused["layers"], cache.layers):
     # Every layer's TimestepNorm has merged as many steps as the final norm (updated after the layers).
     x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
-                               fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count)
+                               fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count, residual,
+                               fuse_residual)
+    if fuse_residual:
+      x, residual = x
     layers.append(new_layer)
+  if residual is not None:
+    x = (x + residual).astype(dtype)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
                                        cfg.norm_num_groups, cfg.norm_eps)
@@ -846,14 +893,16 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple):
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple,
+                fuse_residual: bool = False):
   return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores,
-                                                               attend_blocks), donate_argnums=(2,))
+                                                               attend_blocks, fuse_residual), donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = (),
+                      fuse_residual: bool = False) -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
@@ -865,7 +914,8 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
   with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
   a permute_keys cache (attend_blocks: attend_step's form, see attend_options; () for its defaults).
-  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
+  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True). fuse_residual: see
+  fused_forward_one.
   """
-  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks))(
+  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks), bool(fuse_residual))(
       fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -340,3 +340,104 @@ def test_attend_step_with_value_activation_and_deferred_rms_norm(count, options)
                                                        rms_dim=dim, **options)).trace(*args, v_bias, sumsq).lower(
       lowering_platforms=("cuda",))
   assert "attend_step" in lowered.as_text()
+
+
+
+
+# --- tsn_cema_step with a residual addend ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,count_state", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_residual_addend_is_added_as_xla_adds_it(inputs, dtype, count_state):
+  """x + residual in the kernel: the sum bitwise equal to (x + residual).astype(x.dtype), and every
+  other result equal to the plain kernel's on that sum (so the step is the step of the sum)."""
+  x, *rest = inputs
+  rng = np.random.default_rng(11)
+  args = list(_kernel_args(x.astype(dtype), *rest))
+  addend = jnp.asarray(rng.normal(size=args[0].shape) * 3.0, dtype)
+  total = (args[0] + addend).astype(dtype)
+  extra = dict(count_state=jnp.copy(args[1])) if count_state else {}
+  got = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2, residual=addend, **extra)
+  assert len(got) == 9 and got[-1].dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got[-1], np.float32), np.asarray(total, np.float32))
+  plain = decode_step.tsn_cema_step(total, *args[1:], eps=EPS, groups_per_block=2, **extra)
+  for g, w in zip(got[:8], plain):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  want = decode_step.tsn_cema_step_reference(*args, eps=EPS, residual=addend)
+  np.testing.assert_array_equal(np.asarray(want[-1], np.float32), np.asarray(total, np.float32))
+  for g, w in zip(got[:8], want[:8]):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=8e-3, atol=2e-5)
+  with pytest.raises(ValueError, match="residual must have x's shape"):
+    decode_step.tsn_cema_step(*args, eps=EPS, residual=addend[:, :2])
+
+
+def test_residual_addend_lowers_for_cuda(inputs):
+  args = _kernel_args(*inputs)
+  lowered = jax.jit(lambda *a: decode_step.tsn_cema_step(*a[:-2], eps=EPS, interpret=False, count_state=a[-2],
+                                                         residual=a[-1])).trace(*args, args[1], args[0]).lower(
+      lowering_platforms=("cuda",))
+  assert "tsn_cema_step" in lowered.as_text()
+
+
+# --- residual_moments ------------------------------------------------------------------------
+
+RM_Z, RM_V, RM_D = 16, 24, 32  # the w_mx product's columns: [z | r | h1]; h1 starts at 40 (not a multiple of D)
+
+
+def _residual_inputs(batch, dtype, seed):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  raw = normal(batch, RM_Z + RM_V + RM_D).astype(dtype)
+  bias = normal(RM_V + RM_D).astype(dtype)
+  # An offset much larger than the spread: the shifted moments must not lose it.
+  return raw, bias, normal(batch, RM_D).astype(dtype), (normal(batch, RM_D) + 40.0).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype,with_inv", [(jnp.bfloat16, False), (jnp.bfloat16, True), (jnp.float32, True)])
+def test_residual_moments_equal_the_block_tail_math(dtype, with_inv):
+  """y bitwise as the XLA expression rounds it, mean / variance against float64 numpy of that y."""
+  raw, bias, wh2, x = _residual_inputs(2, dtype, seed=int(with_inv))
+  inv = jnp.asarray([[0.5], [1.7]], jnp.float32) if with_inv else None
+  y, mean, var = decode_step.residual_moments(raw, bias, wh2, x, raw_offset=RM_Z + RM_V, bias_offset=RM_V, inv=inv)
+  h = raw[:, RM_Z + RM_V:]
+  b = bias[RM_V:]
+  h1 = (h + b) if inv is None else (h.astype(jnp.float32) * inv + b.astype(jnp.float32)).astype(dtype)
+  want_y = ((h1 + wh2) + x).astype(dtype)
+  assert y.dtype == dtype and mean.shape == var.shape == (2, 1)
+  if dtype == jnp.bfloat16 or inv is None:
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
+  else:  # float32 with a scale: XLA may contract the product and the bias add into an FMA
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-6, atol=1e-6)
+  y64 = np.asarray(y, np.float64)
+  np.testing.assert_allclose(np.asarray(mean)[:, 0], y64.mean(-1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(var)[:, 0], y64.var(-1), rtol=1e-5, atol=1e-5)
+  for g, w in zip((y, mean, var), decode_step.residual_moments_reference(raw, bias, wh2, x, raw_offset=RM_Z + RM_V,
+                                                                          bias_offset=RM_V, inv=inv)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
+  # The shift y[0] picked out of the row instead of recomputed: the same y, moments to float32 rounding.
+  alt = decode_step.residual_moments(raw, bias, wh2, x, raw_offset=RM_Z + RM_V, bias_offset=RM_V, inv=inv,
+                                     first_by_reduction=True)
+  np.testing.assert_array_equal(np.asarray(alt[0], np.float32), np.asarray(y, np.float32))
+  for g, w in zip(alt[1:], (mean, var)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_residual_moments_lower_for_cuda_and_check_shapes():
+  """mega1.3B's shapes: h1 at column 4608 of the 6656-column product, its bias at 4096 of [r | h1]."""
+  raw, bias = jnp.zeros((1, 6656), jnp.bfloat16), jnp.zeros((6144,), jnp.bfloat16)
+  row = jnp.zeros((1, 2048), jnp.bfloat16)
+  for inv in (None, jnp.ones((1, 1), jnp.float32)):
+    lowered = jax.jit(lambda *a, inv=inv: decode_step.residual_moments(
+        *a, raw_offset=4608, bias_offset=4096, inv=inv, interpret=False)).trace(raw, bias, row, row).lower(
+        lowering_platforms=("cuda",))
+    assert "residual_moments" in lowered.as_text()
+  raw, bias, wh2, x = _residual_inputs(2, jnp.float32, seed=3)
+  with pytest.raises(ValueError, match="raw must be"):
+    decode_step.residual_moments(raw, bias, wh2, x, raw_offset=RM_Z + RM_V + 1, bias_offset=RM_V)
+  with pytest.raises(ValueError, match="bias must be"):
+    decode_step.residual_moments(raw, bias, wh2, x, raw_offset=RM_Z + RM_V, bias_offset=RM_V + 1)
+  with pytest.raises(ValueError, match="inv must be"):
+    decode_step.residual_moments(raw, bias, wh2, x, raw_offset=RM_Z + RM_V, bias_offset=RM_V, inv=jnp.ones((2,)))
+  with pytest.raises(ValueError, match="power of 2"):
+    decode_step.residual_moments(raw[:, :-8], bias[:-8], wh2[:, :24], x[:, :24], raw_offset=RM_Z + RM_V,
+                                 bias_offset=RM_V)

@@ -52,6 +52,7 @@ _SLOW = pytest.mark.slow
     ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas", False),
     ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True),
     ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold"),
+    ("tiny", 1, "reduce", "shifted", "pallas", "attend", "fold_res"),  # inv from attend_step into residual_moments
     ("tiny_swiglu", 2, "dot", "shifted", "pallas", "pallas", "fold_res")])
 def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores, transpose):
   """transpose "fold": transposed kernels and the FFN norm folded into fc_in; "fold_res": that and the

@@ -67,8 +67,10 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
 
 def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
             omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int, x_value=None):
-  """x_value: the block input already loaded (_kernel_residual's sum); None reads x_ref."""
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int, x_value=None,
+            y_scale_ref=None):
+  """x_value: the block input already loaded (_kernel_extras' sum); None reads x_ref. y_scale_ref: y is
+  written times this per-feature scale (in y_out's dtype); the sums of squares stay those of y."""
   f32 = jnp.float32
   xf = (x_ref[...] if x_value is None else x_value).astype(f32)  # [GB, K]
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
@@ -89,7 +91,7 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   new_im = qr * hi + qi * hr
   y = jnp.sum(er_ref[...] * new_re - ei_ref[...] * new_im, axis=-1) + omega_ref[...] * xt
   xt_out[...] = x_tsn
-  y_out[...] = y
+  y_out[...] = y if y_scale_ref is None else (y * y_scale_ref[...].astype(f32)).astype(y_out.dtype)
   ss_out[...] = jnp.sum(y * y, axis=-1)
   mean_out[...] = new_mean
   var_out[...] = new_var
@@ -99,28 +101,33 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
 
 def _kernel_with_count(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref,
                        ei_ref, omega_ref, hr_ref, hi_ref, state_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out,
-                       hi_out, state_out, *, eps: float, k: int, x_value=None):
+                       hi_out, state_out, *, eps: float, k: int, x_value=None, y_scale_ref=None):
   """_kernel, plus count + 1 written into the (aliased, never read) count_state buffer by one program."""
   del state_ref
   _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref, omega_ref,
-          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k, x_value=x_value)
+          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k, x_value=x_value,
+          y_scale_ref=y_scale_ref)
 
   @pl.when(pl.program_id(1) == 0)
   def _():
     state_out[0] = count_ref[0] + 1
 
 
-def _kernel_residual(*refs, eps: float, k: int, with_count: bool):
-  """The step of x + residual (the previous block's deferred residual add): the last input is the
-  residual and the last output their sum, float32 add rounded to x's dtype (what the XLA add did),
-  written for the block's own residual adds; the rest as _kernel / _kernel_with_count."""
-  n_in = 15 + int(with_count)
+def _kernel_extras(*refs, eps: float, k: int, with_count: bool, with_residual: bool, with_scale: bool):
+  """_kernel / _kernel_with_count with the optional inputs after the 14 (+ count_state) of _kernel:
+  residual (the previous block's deferred residual add: the step normalises x + residual, float32 add
+  rounded to x's dtype as the XLA add did, and writes the sum as the last output, for the block's own
+  residual adds), then y_scale (see _kernel)."""
+  n_in = 14 + int(with_count) + int(with_residual) + int(with_scale)
   ins, outs = list(refs[:n_in]), list(refs[n_in:])
-  res_ref, sum_out = ins.pop(), outs.pop()
-  total = (ins[0][...].astype(jnp.float32) + res_ref[...].astype(jnp.float32)).astype(sum_out.dtype)
-  sum_out[...] = total
+  scale_ref = ins.pop() if with_scale else None
+  x_value = None
+  if with_residual:
+    res_ref, sum_out = ins.pop(), outs.pop()
+    x_value = (ins[0][...].astype(jnp.float32) + res_ref[...].astype(jnp.float32)).astype(sum_out.dtype)
+    sum_out[...] = x_value
   body = _kernel_with_count if with_count else _kernel
-  body(*ins, *outs, eps=eps, k=k, x_value=total)
+  body(*ins, *outs, eps=eps, k=k, x_value=x_value, y_scale_ref=scale_ref)
 
 
 def _check(arrays: dict, groups_per_block: int):
@@ -153,12 +160,16 @@ def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
 @functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
 def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
                   eps: float, groups_per_block: int | None = None, num_warps: int = 4,
-                  interpret: bool | None = None, count_state=None, residual=None):
+                  interpret: bool | None = None, count_state=None, residual=None, y_scale=None):
   """The kernel (see the module docstring); mean, var, h_re, h_im are updated in place when donated.
 
   residual: [B, G, K], a second addend of the step's input: the kernel normalises
   (x + residual).astype(x.dtype) (float32 add, one rounding: the previous block's residual add, one
   XLA kernel fewer) and returns that sum as a ninth result (the residual stream the block needs).
+
+  y_scale: [G, K], y is returned times it, in x's dtype (e.g. the RMSNorm scale of a normalisation
+  applied after the next product: the product then reads y as it is, with no elementwise producer
+  XLA would recompute for every weight row); sumsq stays that of the unscaled y.
 
   count_state: [B, 1] int32, a buffer holding the same counts as `count` (e.g. a layer's own
   TimestepNorm count when every layer has seen the same steps, and `count` another layer's): the
@@ -181,7 +192,8 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
   state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)), f32((batch, groups)),
+  y_shape = f32(x.shape) if y_scale is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), y_shape, f32((batch, groups)), f32((batch, groups)),
                f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
   kwargs = {}
   if not interpret:
@@ -206,7 +218,13 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
       raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
     in_specs, out_specs, args = in_specs + [seq], out_specs + [seq], args + [residual]
     out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-    kernel = functools.partial(_kernel_residual, with_count=count_state is not None)
+  if y_scale is not None:
+    if y_scale.shape != (groups, k):
+      raise ValueError(f"y_scale must be [groups, group_size] = {(groups, k)}, got {y_scale.shape}")
+    in_specs, args = in_specs + [feat], args + [y_scale]
+  if residual is not None or y_scale is not None:
+    kernel = functools.partial(_kernel_extras, with_count=count_state is not None, with_residual=residual is not None,
+                               with_scale=y_scale is not None)
   outs = pl.pallas_call(
       functools.partial(kernel, eps=float(eps), k=k), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases, interpret=interpret, name="tsn_cema_step", **kwargs,

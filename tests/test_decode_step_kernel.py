@@ -371,6 +371,31 @@ def test_residual_addend_is_added_as_xla_adds_it(inputs, dtype, count_state):
     decode_step.tsn_cema_step(*args, eps=EPS, residual=addend[:, :2])
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_y_scale_scales_the_output_but_not_its_sums_of_squares(inputs, with_residual):
+  """y_scale: y times the scale in x's dtype (as the XLA expression (y * scale).astype(dtype) of the
+  float32 y), the sums of squares and every other result those of the unscaled kernel; with a residual too."""
+  x, *rest = inputs
+  args = list(_kernel_args(x, *rest))
+  groups, k = args[0].shape[1:]
+  scale = jnp.asarray(np.random.default_rng(12).uniform(0.5, 1.5, size=(groups, k)), jnp.float32)
+  extra = dict(residual=jnp.asarray(np.random.default_rng(13).normal(size=args[0].shape), args[0].dtype)) \
+      if with_residual else {}
+  got = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2, y_scale=scale, **extra)
+  plain = decode_step.tsn_cema_step(*args, eps=EPS, groups_per_block=2, **extra)
+  assert got[1].dtype == args[0].dtype and plain[1].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32),
+                                np.asarray((plain[1] * scale).astype(args[0].dtype), np.float32))
+  for i, (g, w) in enumerate(zip(got, plain)):
+    if i != 1:
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  with pytest.raises(ValueError, match="y_scale must be"):
+    decode_step.tsn_cema_step(*args, eps=EPS, y_scale=scale[:, :2])
+  lowered = jax.jit(lambda *a: decode_step.tsn_cema_step(*a, eps=EPS, interpret=False, y_scale=scale, **extra)
+                    ).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "tsn_cema_step" in lowered.as_text()
+
+
 def test_residual_addend_lowers_for_cuda(inputs):
   args = _kernel_args(*inputs)
   lowered = jax.jit(lambda *a: decode_step.tsn_cema_step(*a[:-2], eps=EPS, interpret=False, count_state=a[-2],

@@ -365,16 +365,27 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
 # After qk_scores_step, XLA still needs a softmax (2-3 kernels) and the product of the
 # probabilities with the values, a GEMM that reads the [C, H, dv] value buffer (16.8 MB per layer
 # for mega1.3B with a full chunk) at ~1.4 TB/s, plus the kernel that writes the new value. Here
-# every program takes a block of block_k positions and block_d value features of one head:
-# it scores its positions as qk_scores_step does (the new key written by the d = 0 program of
-# the block holding `count`), and writes its block's softmax statistics (max m, sum l of
-# exp(s - m)) and acc = sum over its positions of exp(s - m) v, with the new value (v_new at
-# `count`) written in place. Blocks entirely past `count` read nothing. `attend_combine` merges
-# the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+# every program takes a block of positions and block_d value features of one head: it scores its
+# positions as qk_scores_step does (the new key written by the d = 0 program of the block holding
+# `count`), and writes its block's softmax statistics (max m, sum l of exp(s - m)) and acc = sum
+# over its positions of exp(s - m) v, with the new value (v_new at `count`) written in place.
+# Blocks entirely past `count` read nothing. `attend_combine` (XLA) or `attend_combine_pallas`
+# merges the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+#
+# Forms (attend_step's arguments; H200 numbers in default_attend_form): one tile of block_k
+# positions per program, its values used in sub_d-feature chunks (preload: every load issued
+# first); a loop over `tiles` tiles of block_k positions with an online softmax and the next
+# `preload` tiles loaded ahead in registers (the decode default: the load of tile t + 1 overlaps
+# the arithmetic of tile t, and the q/k work is done once per tiles x block_k positions); mma: both
+# products as tensor-core matrix products. Elementwise products of the probabilities with a wide
+# value tile made Triton move the tile into the scores' register layout through shared memory
+# (many barriers); the 8 x 1024 tiles of the default keep the value layout (17 barriers in all).
+# Options that remove XLA kernels around it in a decode step: v_bias (v = silu(raw + bias) made
+# here) and sumsq (the block's RMS normalisation applied to the raw product, inv returned).
 #
 # Arrays as qk_scores_step's, plus values [B, C, H, dv] (updated in place) and v_new [B, H, dv]
-# (values' dtype). Returns stats [B, H, C / block_k, 2] float32 (m, l), acc [B, H, C / block_k, dv]
-# float32, keys, values.
+# (values' dtype; with v_bias the raw product). Returns stats [B, H, NB, 2] float32 (m, l),
+# acc [B, H, NB, dv] float32 (NB = C / (tiles block_k)), keys, values[, inv [B, 1]].
 # ---------------------------------------------------------------------------------------------
 
 

@@ -415,16 +415,27 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
 # After qk_scores_step, XLA still needs a softmax (2-3 kernels) and the product of the
 # probabilities with the values, a GEMM that reads the [C, H, dv] value buffer (16.8 MB per layer
 # for mega1.3B with a full chunk) at ~1.4 TB/s, plus the kernel that writes the new value. Here
-# every program takes a block of block_k positions and block_d value features of one head:
-# it scores its positions as qk_scores_step does (the new key written by the d = 0 program of
-# the block holding `count`), and writes its block's softmax statistics (max m, sum l of
-# exp(s - m)) and acc = sum over its positions of exp(s - m) v, with the new value (v_new at
-# `count`) written in place. Blocks entirely past `count` read nothing. `attend_combine` merges
-# the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+# every program takes a block of positions and block_d value features of one head: it scores its
+# positions as qk_scores_step does (the new key written by the d = 0 program of the block holding
+# `count`), and writes its block's softmax statistics (max m, sum l of exp(s - m)) and acc = sum
+# over its positions of exp(s - m) v, with the new value (v_new at `count`) written in place.
+# Blocks entirely past `count` read nothing. `attend_combine` (XLA) or `attend_combine_pallas`
+# merges the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+#
+# Forms (attend_step's arguments; H200 numbers in default_attend_form): one tile of block_k
+# positions per program, its values used in sub_d-feature chunks (preload: every load issued
+# first); a loop over `tiles` tiles of block_k positions with an online softmax and the next
+# `preload` tiles loaded ahead in registers (the decode default: the load of tile t + 1 overlaps
+# the arithmetic of tile t, and the q/k work is done once per tiles x block_k positions); mma: both
+# products as tensor-core matrix products. Elementwise products of the probabilities with a wide
+# value tile made Triton move the tile into the scores' register layout through shared memory
+# (many barriers); the 8 x 1024 tiles of the default keep the value layout (17 barriers in all).
+# Options that remove XLA kernels around it in a decode step: v_bias (v = silu(raw + bias) made
+# here) and sumsq (the block's RMS normalisation applied to the raw product, inv returned).
 #
 # Arrays as qk_scores_step's, plus values [B, C, H, dv] (updated in place) and v_new [B, H, dv]
-# (values' dtype). Returns stats [B, H, C / block_k, 2] float32 (m, l), acc [B, H, C / block_k, dv]
-# float32, keys, values.
+# (values' dtype; with v_bias the raw product). Returns stats [B, H, NB, 2] float32 (m, l),
+# acc [B, H, NB, dv] float32 (NB = C / (tiles block_k)), keys, values[, inv [B, 1]].
 # ---------------------------------------------------------------------------------------------
 
 
@@ -660,36 +671,70 @@ def attend_combine(stats: jax.Array, acc: jax.Array) -> jax.Array:
   return jnp.sum(weight[..., None] * acc, axis=2) / jnp.sum(weight * l, axis=-1)[..., None]
 
 
-def _combine_kernel(stats_ref, acc_ref, out_ref):
+def _combine_kernel(*refs, gated: bool, scaled: bool):
+  """Refs: stats [NB, 2], acc [NB, block_d][, gate [block_d], gate_bias [block_d][, gate_scale [1]]], out."""
+  stats_ref, acc_ref, out_ref = refs[0], refs[1], refs[-1]
   acc = acc_ref[...]  # [NB, block_d]: first, its load does not wait for the weights
   m, l = stats_ref[:, 0], stats_ref[:, 1]
   weight = jnp.exp(m - jnp.max(m))  # 0 for blocks past count
-  out_ref[...] = (jnp.sum(weight[:, None] * acc, axis=0) / jnp.sum(weight * l)).astype(out_ref.dtype)
+  out = (jnp.sum(weight[:, None] * acc, axis=0) / jnp.sum(weight * l)).astype(out_ref.dtype)
+  if gated:
+    # The attention output times the gate silu(scale raw + bias): the product the next projection
+    # reads, made here so that the gate is no kernel of its own (nor recomputed per weight row).
+    f32 = jnp.float32
+    raw = refs[2][...].astype(f32)
+    raw = raw * refs[4][0] if scaled else raw
+    t = (raw + refs[3][...].astype(f32)).astype(out_ref.dtype).astype(f32)
+    out = (out.astype(f32) * (t / (1.0 + jnp.exp(-t)))).astype(out_ref.dtype)
+  out_ref[...] = out
 
 
-@functools.partial(jax.jit, static_argnames=("block_d", "num_warps", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_d", "num_warps", "out_dtype", "gate_offset", "interpret"))
 def attend_combine_pallas(stats: jax.Array, acc: jax.Array, *, block_d: int = 64, num_warps: int = 4,
-                          out_dtype=jnp.float32, interpret: bool | None = None) -> jax.Array:
-  """attend_combine as one Pallas kernel: programs of block_d features per (sequence, head)."""
+                          out_dtype=jnp.float32, gate=None, gate_bias=None, gate_scale=None, gate_offset: int = 0,
+                          interpret: bool | None = None) -> jax.Array:
+  """attend_combine as one Pallas kernel: programs of block_d features per (sequence, head).
+
+  gate [B, >= gate_offset + H dv] (e.g. the whole raw w_mx product, read from column gate_offset on,
+  so that no slice of it is copied), gate_bias [>= H dv], gate_scale [B, 1] float32 (optional):
+  the output is attention * silu(gate_scale gate + gate_bias) (the sum rounded to out_dtype first,
+  as an XLA bias add would), in out_dtype."""
   batch, heads, blocks, dv = acc.shape
   block_d = min(block_d, dv)
   if dv % block_d or stats.shape != (batch, heads, blocks, 2):
     raise ValueError(f"block_d ({block_d}) must divide dv ({dv}) and stats must be {(batch, heads, blocks, 2)}, "
                      f"got {stats.shape}")
+  if gate is not None and (gate_offset % block_d or gate.ndim != 2 or gate.shape[0] != batch
+                           or gate.shape[1] < gate_offset + heads * dv or gate_bias is None
+                           or gate_bias.size < heads * dv):
+    raise ValueError(f"gate must be [{batch}, >= {gate_offset} + {heads * dv}] with gate_offset a multiple of "
+                     f"block_d ({block_d}) and gate_bias >= {heads * dv} entries, got gate "
+                     f"{gate.shape}, offset {gate_offset}, bias {None if gate_bias is None else gate_bias.shape}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  per_head = dv // block_d
+  in_specs = [pl.BlockSpec((None, None, blocks, 2), lambda b, h, d: (b, h, 0, 0)),
+              pl.BlockSpec((None, None, blocks, block_d), lambda b, h, d: (b, h, 0, d))]
+  args = [stats, acc]
+  if gate is not None:
+    first = gate_offset // block_d
+    in_specs += [pl.BlockSpec((None, block_d), lambda b, h, d: (b, first + h * per_head + d)),
+                 pl.BlockSpec((block_d,), lambda b, h, d: (h * per_head + d,))]
+    args += [gate, gate_bias.reshape(-1)]
+    if gate_scale is not None:
+      in_specs.append(pl.BlockSpec((None, 1), lambda b, h, d: (b, 0)))
+      args.append(gate_scale.astype(jnp.float32))
+  kernel = functools.partial(_combine_kernel, gated=gate is not None, scaled=gate_scale is not None)
   return pl.pallas_call(
-      _combine_kernel, grid=(batch, heads, dv // block_d),
-      in_specs=[pl.BlockSpec((None, None, blocks, 2), lambda b, h, d: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, blocks, block_d), lambda b, h, d: (b, h, 0, d))],
+      kernel, grid=(batch, heads, per_head), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, block_d), lambda b, h, d: (b, h, d)),
       out_shape=jax.ShapeDtypeStruct((batch, heads, dv), out_dtype), interpret=interpret, name="attend_combine",
       **kwargs,
-  )(stats, acc)
+  )(*args)
 
 
 def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,

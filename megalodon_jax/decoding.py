@@ -745,7 +745,7 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   z_dim = cfg.z_dim
   qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
   value_shape = (batch, cfg.num_heads, cfg.v_head_dim)
-  inv = None
+  inv, gated = None, False
   if scores_mode == "attend" and attend_fuses(attend_blocks):
     # The new value's bias + SiLU (and with sumsq the RMS normalisation of mx) inside attend_step.
     options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
@@ -754,7 +754,15 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
                                    count.reshape(1), eps=cfg.norm_eps, v_bias=lp["bv"], **rms, **options)
     block_stats, acc, key, value = outs[:4]
     inv = outs[4] if sumsq is not None else None
-    attn = _attend_combined(block_stats, acc, combine, x.dtype)
+    block_d = min(64, cfg.v_head_dim)
+    if combine == "pallas" and z_dim % block_d == 0 and cfg.v_head_dim % block_d == 0:
+      # The gate silu(r) applied by the combine kernel (r read from the product in place): the gate is
+      # no XLA kernel of its own, and the wh2 product reads the gated output as it is.
+      attn = decode_step.attend_combine_pallas(block_stats, acc, block_d=block_d, out_dtype=x.dtype, gate=raw,
+                                               gate_bias=lp["b_rh"], gate_scale=inv, gate_offset=z_dim)
+      gated = True
+    else:
+      attn = _attend_combined(block_stats, acc, combine, x.dtype)
   elif scores_mode == "attend":
     if sumsq is not None:
       raise ValueError("a deferred RMS normalisation (sumsq) needs attend_fuses(attend_blocks)")
@@ -774,7 +782,8 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
   else:
     rh = rh + lp["b_rh"]
   r, h1 = jnp.split(rh, [cfg.value_dim], axis=-1)
-  out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats, raw if fuse_residual else None, inv)
+  gate = jnp.ones((), x.dtype) if gated else jax.nn.silu(r)  # gated: already applied (x 1 folds away)
+  out = _block_tail(lp, cfg, x, attn, gate, h1, matmul, stats, raw if fuse_residual else None, inv)
   return out, LayerCache(key, value, h, norm_state)
 
 

@@ -466,3 +466,30 @@ def test_residual_moments_lower_for_cuda_and_check_shapes():
   with pytest.raises(ValueError, match="power of 2"):
     decode_step.residual_moments(raw[:, :-8], bias[:-8], wh2[:, :24], x[:, :24], raw_offset=RM_Z + RM_V,
                                  bias_offset=RM_V)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_attend_combine_pallas_gate(scaled):
+  """gate: the combined attention times silu(scale raw + bias), the gate read from a column offset of
+  a wider product (the w_mx output) and the bias from the front of a longer one; float64 numpy."""
+  rng = np.random.default_rng(12)
+  dv, offset = 32, 16
+  m, l = rng.normal(size=(2, H, 8)), np.abs(rng.normal(size=(2, H, 8))) + 0.5
+  acc = rng.normal(size=(2, H, 8, dv))
+  stats = jnp.asarray(np.stack([m, l], -1), jnp.float32)
+  raw = jnp.asarray(rng.normal(size=(2, offset + H * dv + 8)), jnp.bfloat16)
+  bias = jnp.asarray(rng.normal(size=H * dv + 8), jnp.bfloat16)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, size=(2, 1)), jnp.float32)
+  got = decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=16, out_dtype=jnp.bfloat16,
+                                          gate=raw, gate_bias=bias, gate_scale=scale if scaled else None,
+                                          gate_offset=offset)
+  weight = np.exp(m - m.max(-1, keepdims=True))
+  attn = np.einsum("bhn,bhnd->bhd", weight, acc) / (weight * l).sum(-1)[..., None]
+  t = np.asarray(raw, np.float64)[:, offset:offset + H * dv] * (np.asarray(scale) if scaled else 1.0)
+  t = t + np.asarray(bias, np.float64)[:H * dv]
+  want = attn * (t / (1.0 + np.exp(-t))).reshape(2, H, dv)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=2e-2)  # bf16 roundings
+  assert got.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="gate must be"):
+    decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=16, gate=raw, gate_bias=bias,
+                                      gate_offset=8)

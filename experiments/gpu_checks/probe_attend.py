@@ -27,6 +27,14 @@ every kernel (attend_step + combine), the attend_step kernel alone, TB/s of the 
 the bytes it must read ((count + 1) rows of keys and values; xla_*: all kernels, all rows), kernels
 per layer, max abs error.
 
+H200, jax 0.11.2 (2026-11-29, round 2, count 2031; experiments/results/gpu_checks/
+2026-11-29_nvidia-h200_attend_probe_r2.json), us per layer with the combine (attend_step alone):
+default (32x1024x256) 11.90 (9.95) + XLA combine 1.95; 8x1024x1024:t4:w4:p 10.43 (8.51), with :cp
+10.11 (8.54, Pallas combine 1.6); 4x1024x1024:t8:w4:p:cp 10.94; deeper prefetch (p2, p3) and more
+tiles per program slower; tensor-core (m) forms 12.7-15.1; one-warp forms 12.6-13.3; noqk (no q/k
+arithmetic) -0.6; xla_read 8.22 (2.3 TB/s); xla_ref 32.8. Round 1 re-read one buffer (L2): ~30%
+faster across the board, the same best form.
+
   python experiments/gpu_checks/probe_attend.py --json "$OUT/attend.json"
   python experiments/gpu_checks/probe_attend.py --smoke      # tiny shapes, interpret mode, CPU
 """

@@ -112,14 +112,16 @@ class FusedSettings(NamedTuple):
   fuse_residual: bool = False
 
 
-# The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode,
-# 2026-11-29 round 3; Llama-1.3B with cuDNN decode attention in the same process):
-#   batch 1: 1.690 ms per token = 1.84x Llama (3.114 ms); without fold_norm 1.897 ms (with 32 x 512
-#     attend blocks); the previous default ('mask', XLA TimestepNorm/CEMA and attention) 2.01 ms.
-#   batch > 1: at 16, 4.126 ms = 5.93x Llama (24.45 ms); without fold_norm 4.178; attend_step there
-#     4.33 ms and the previous default 5.42 ms.
+# The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode;
+# Llama-1.3B with cuDNN decode attention in the same process):
+#   batch 1 (2026-11-29, session 4): with fuse_residual, attend_step's looped 8 x 1024 form, v's bias + SiLU,
+#     the deferred RMS normalisation and the gated Pallas combine: 1.536 ms per token = 1.99x Llama
+#     (3.059 ms), 275 kernels per token; the same without fuse_residual 1.647 ms; the earlier default
+#     (attend32x1024x256 with XLA's gate, SiLU and norm kernels, 369 kernels) 1.727 ms.
+#   batch > 1: at 16, 3.996 ms = 5.97x Llama (23.85 ms); fuse_residual there is slower (4.076 vs 4.035 ms in
+#     one run), attend_step 4.33 ms (round 3 of session 3) and the first default 5.42 ms.
 GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
-                                       fold_norm=True),
+                                       fold_norm=True, fuse_residual=True),
                       "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True,
                                                fold_norm=True)}
 

@@ -114,11 +114,12 @@ class FusedSettings(NamedTuple):
 
 # The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode;
 # Llama-1.3B with cuDNN decode attention in the same process):
-#   batch 1 (2026-11-29, session 4): with fuse_residual, attend_step's looped 8 x 1024 form, v's bias + SiLU,
-#     the deferred RMS normalisation and the gated Pallas combine: 1.536 ms per token = 1.99x Llama
-#     (3.059 ms), 275 kernels per token; the same without fuse_residual 1.647 ms; the earlier default
-#     (attend32x1024x256 with XLA's gate, SiLU and norm kernels, 369 kernels) 1.727 ms.
-#   batch > 1: at 16, 3.996 ms = 5.97x Llama (23.85 ms); fuse_residual there is slower (4.076 vs 4.035 ms in
+#   batch 1 (2026-11-29, session 4, one run): 1.510 ms per token = 2.04x Llama (3.087 ms), 251 kernels per
+#     token: attend_step's looped 8 x 1024 form with v's bias + SiLU and the deferred RMS normalisation
+#     in it, the gate in the Pallas combine, and the residual adds in Pallas (fuse_residual); without
+#     fuse_residual 1.525 ms; the earlier default (attend32x1024x256 with XLA's gate, SiLU and norm
+#     kernels, 369 kernels per token) 1.672 ms.
+#   batch > 1: at 16, 4.039 ms = 5.91x Llama (23.87 ms); fuse_residual there is slower (4.076 vs 4.035 ms in
 #     one run), attend_step 4.33 ms (round 3 of session 3) and the first default 5.42 ms.
 GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
                                        fold_norm=True, fuse_residual=True),

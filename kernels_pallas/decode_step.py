@@ -40,9 +40,15 @@ from jax.experimental import pallas as pl
 
 
 def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im,
-                            *, eps: float):
-  """Plain-JAX oracle of the kernel; shapes and results as the module docstring says."""
+                            *, eps: float, residual=None):
+  """Plain-JAX oracle of the kernel; shapes and results as the module docstring says (with a residual:
+  the step of (x + residual).astype(x.dtype), and that sum appended to the results)."""
   f32 = jnp.float32
+  if residual is not None:
+    total = (x + residual).astype(x.dtype)
+    outs = tsn_cema_step_reference(total, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega,
+                                   h_re, h_im, eps=eps)
+    return outs + (total,)
   xf = x.astype(f32)
   m = jnp.mean(xf, axis=-1)
   v = jnp.mean(jnp.square(xf - m[..., None]), axis=-1)
@@ -61,9 +67,12 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
 
 def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
             omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int):
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int, x_value=None,
+            y_scale_ref=None):
+  """x_value: the block input already loaded (_kernel_extras' sum); None reads x_ref. y_scale_ref: y is
+  written times this per-feature scale (in y_out's dtype); the sums of squares stay those of y."""
   f32 = jnp.float32
-  xf = x_ref[...].astype(f32)  # [GB, K]
+  xf = (x_ref[...] if x_value is None else x_value).astype(f32)  # [GB, K]
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
   centered = xf - m[:, None]
   v = jnp.sum(centered * centered, axis=-1) * (1.0 / k)
@@ -82,7 +91,7 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   new_im = qr * hi + qi * hr
   y = jnp.sum(er_ref[...] * new_re - ei_ref[...] * new_im, axis=-1) + omega_ref[...] * xt
   xt_out[...] = x_tsn
-  y_out[...] = y
+  y_out[...] = y if y_scale_ref is None else (y * y_scale_ref[...].astype(f32)).astype(y_out.dtype)
   ss_out[...] = jnp.sum(y * y, axis=-1)
   mean_out[...] = new_mean
   var_out[...] = new_var
@@ -92,15 +101,33 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
 
 def _kernel_with_count(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref,
                        ei_ref, omega_ref, hr_ref, hi_ref, state_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out,
-                       hi_out, state_out, *, eps: float, k: int):
+                       hi_out, state_out, *, eps: float, k: int, x_value=None, y_scale_ref=None):
   """_kernel, plus count + 1 written into the (aliased, never read) count_state buffer by one program."""
   del state_ref
   _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref, omega_ref,
-          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k)
+          hr_ref, hi_ref, xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, eps=eps, k=k, x_value=x_value,
+          y_scale_ref=y_scale_ref)
 
   @pl.when(pl.program_id(1) == 0)
   def _():
     state_out[0] = count_ref[0] + 1
+
+
+def _kernel_extras(*refs, eps: float, k: int, with_count: bool, with_residual: bool, with_scale: bool):
+  """_kernel / _kernel_with_count with the optional inputs after the 14 (+ count_state) of _kernel:
+  residual (the previous block's deferred residual add: the step normalises x + residual, float32 add
+  rounded to x's dtype as the XLA add did, and writes the sum as the last output, for the block's own
+  residual adds), then y_scale (see _kernel)."""
+  n_in = 14 + int(with_count) + int(with_residual) + int(with_scale)
+  ins, outs = list(refs[:n_in]), list(refs[n_in:])
+  scale_ref = ins.pop() if with_scale else None
+  x_value = None
+  if with_residual:
+    res_ref, sum_out = ins.pop(), outs.pop()
+    x_value = (ins[0][...].astype(jnp.float32) + res_ref[...].astype(jnp.float32)).astype(sum_out.dtype)
+    sum_out[...] = x_value
+  body = _kernel_with_count if with_count else _kernel
+  body(*ins, *outs, eps=eps, k=k, x_value=x_value, y_scale_ref=scale_ref)
 
 
 def _check(arrays: dict, groups_per_block: int):
@@ -133,8 +160,16 @@ def default_groups_per_block(groups: int, group_size: int, order: int) -> int:
 @functools.partial(jax.jit, static_argnames=("eps", "groups_per_block", "num_warps", "interpret"))
 def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im, *,
                   eps: float, groups_per_block: int | None = None, num_warps: int = 4,
-                  interpret: bool | None = None, count_state=None):
+                  interpret: bool | None = None, count_state=None, residual=None, y_scale=None):
   """The kernel (see the module docstring); mean, var, h_re, h_im are updated in place when donated.
+
+  residual: [B, G, K], a second addend of the step's input: the kernel normalises
+  (x + residual).astype(x.dtype) (float32 add, one rounding: the previous block's residual add, one
+  XLA kernel fewer) and returns that sum as a ninth result (the residual stream the block needs).
+
+  y_scale: [G, K], y is returned times it, in x's dtype (e.g. the RMSNorm scale of a normalisation
+  applied after the next product: the product then reads y as it is, with no elementwise producer
+  XLA would recompute for every weight row); sumsq stays that of the unscaled y.
 
   count_state: [B, 1] int32, a buffer holding the same counts as `count` (e.g. a layer's own
   TimestepNorm count when every layer has seen the same steps, and `count` another layer's): the
@@ -157,7 +192,8 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   coef = pl.BlockSpec((gb, k, order), lambda b, j: (j, 0, 0))
   state = pl.BlockSpec((None, gb, k, order), lambda b, j: (b, j, 0, 0))
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), f32(x.shape), f32((batch, groups)), f32((batch, groups)),
+  y_shape = f32(x.shape) if y_scale is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), y_shape, f32((batch, groups)), f32((batch, groups)),
                f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
   kwargs = {}
   if not interpret:
@@ -177,12 +213,26 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
     out_shape.append(jax.ShapeDtypeStruct(count.shape, count.dtype))
     aliases[14] = 7
     args.append(count_state)
+  if residual is not None:
+    if residual.shape != x.shape:
+      raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
+    in_specs, out_specs, args = in_specs + [seq], out_specs + [seq], args + [residual]
+    out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  if y_scale is not None:
+    if y_scale.shape != (groups, k):
+      raise ValueError(f"y_scale must be [groups, group_size] = {(groups, k)}, got {y_scale.shape}")
+    in_specs, args = in_specs + [feat], args + [y_scale]
+  if residual is not None or y_scale is not None:
+    kernel = functools.partial(_kernel_extras, with_count=count_state is not None, with_residual=residual is not None,
+                               with_scale=y_scale is not None)
   outs = pl.pallas_call(
       functools.partial(kernel, eps=float(eps), k=k), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases, interpret=interpret, name="tsn_cema_step", **kwargs,
   )(*args)
   x_tsn, y, sumsq, new_mean, new_var, new_re, new_im = outs[:7]
   new_count = outs[7] if count_state is not None else count + 1
+  if residual is not None:
+    return x_tsn, y, sumsq, new_count, new_mean, new_var, new_re, new_im, outs[-1]
   return x_tsn, y, sumsq, new_count, new_mean, new_var, new_re, new_im
 
 
@@ -207,12 +257,14 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
 # ---------------------------------------------------------------------------------------------
 
 
-def _normalized_z(z_re, z_im, b_re, b_im, *, dz: int, eps: float):
+def _normalized_z(z_re, z_im, b_re, b_im, *, dz: int, eps: float, z_scale=None):
   """z's halves after the bias add (rounded to z's dtype, as the projection's output is) and the
-  RMS normalisation over the head, float32."""
+  RMS normalisation over the head, float32. z_scale: a float32 scalar the raw product is multiplied
+  by before the bias (the block's RMS normalisation applied after the product, see attend_step)."""
   f32 = jnp.float32
-  z_re = (z_re.astype(f32) + b_re.astype(f32)).astype(z_re.dtype).astype(f32)
-  z_im = (z_im.astype(f32) + b_im.astype(f32)).astype(z_im.dtype).astype(f32)
+  scaled = (lambda z: z.astype(f32)) if z_scale is None else (lambda z: z_scale * z.astype(f32))
+  z_re = (scaled(z_re) + b_re.astype(f32)).astype(z_re.dtype).astype(f32)
+  z_im = (scaled(z_im) + b_im.astype(f32)).astype(z_im.dtype).astype(f32)
   inv = jax.lax.rsqrt((jnp.sum(z_re * z_re) + jnp.sum(z_im * z_im)) * (1.0 / dz) + eps)
   return z_re * inv, z_im * inv
 
@@ -223,30 +275,47 @@ def _rope(re, im, cos, sin, dtype):
   return (re * cos - im * sin).astype(dtype), (re * sin + im * cos).astype(dtype)
 
 
-def _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, *, dz: int, eps: float, dtype):
-  """The new token's q (float32) and k (dtype) halves of one head: bias, RMS norm, affine maps, RoPE."""
-  f32 = jnp.float32
+def _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, *, dz: int) -> tuple:
+  """The loads q and k are made from (z, bias, the q and k affine maps in halves, freqs): one place,
+  so that a kernel can issue them together with its other loads."""
   half = dz // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
-  zn_re, zn_im = _normalized_z(proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], dz=dz, eps=eps)
-  angle = count.astype(f32) * freqs_ref[...]
+  return (proj_ref[lo], proj_ref[hi], bias_ref[lo], bias_ref[hi], scale_ref[0, lo], scale_ref[0, hi],
+          shift_ref[0, lo], shift_ref[0, hi], scale_ref[1, lo], scale_ref[1, hi], shift_ref[1, lo], shift_ref[1, hi],
+          freqs_ref[...])
+
+
+def _qk_math(inputs: tuple, count, *, dz: int, eps: float, dtype, z_scale=None):
+  """The new token's q (float32) and k (dtype) halves of one head from _qk_inputs' arrays: bias, RMS
+  norm, affine maps, RoPE (z_scale: see _normalized_z)."""
+  f32 = jnp.float32
+  z_re, z_im, b_re, b_im, sq_re, sq_im, hq_re, hq_im, sk_re, sk_im, hk_re, hk_im, freqs = inputs
+  zn_re, zn_im = _normalized_z(z_re, z_im, b_re, b_im, dz=dz, eps=eps, z_scale=z_scale)
+  angle = count.astype(f32) * freqs
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   # Row 0 of the affine maps makes q, row 1 makes k (layers/mega_attention.py).
-  q_re, q_im = _rope(zn_re * scale_ref[0, lo] + shift_ref[0, lo], zn_im * scale_ref[0, hi] + shift_ref[0, hi],
-                     cos, sin, dtype)
-  k_re, k_im = _rope(zn_re * scale_ref[1, lo] + shift_ref[1, lo], zn_im * scale_ref[1, hi] + shift_ref[1, hi],
-                     cos, sin, dtype)
+  q_re, q_im = _rope(zn_re * sq_re + hq_re, zn_im * sq_im + hq_im, cos, sin, dtype)
+  k_re, k_im = _rope(zn_re * sk_re + hk_re, zn_im * sk_im + hk_im, cos, sin, dtype)
   return q_re.astype(f32), q_im.astype(f32), k_re, k_im
 
 
-def _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, *, dz: int, block_k: int):
-  """Scores [block_k] float32 of the positions [start, start + block_k): the cached keys, the new
-  key at `count`, -inf past it; and the positions."""
-  f32 = jnp.float32
+def _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, *, dz: int, eps: float, dtype):
+  """_qk_math of _qk_inputs: q (float32) and k (dtype) halves of one head."""
+  return _qk_math(_qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz), count, dz=dz, eps=eps,
+                  dtype=dtype)
+
+
+def _key_halves(keys_ref, rows, *, dz: int):
+  """keys_ref[rows] as its two halves [n, dz / 2] (the real and imaginary parts of RoPE's pairs)."""
   half = dz // 2
-  keys_re = keys_ref[:, pl.ds(0, half)].astype(f32)  # [block_k, half]
-  keys_im = keys_ref[:, pl.ds(half, half)].astype(f32)
-  scores = jnp.sum(keys_re * q_re[None, :] + keys_im * q_im[None, :], axis=-1)
+  return keys_ref[rows, pl.ds(0, half)], keys_ref[rows, pl.ds(half, half)]
+
+
+def _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start, *, block_k: int):
+  """Scores [block_k] float32 of the positions [start, start + block_k) from their cached key halves
+  [block_k, dz / 2]: the new key at `count`, -inf past it; and the positions."""
+  f32 = jnp.float32
+  scores = jnp.sum(keys_re.astype(f32) * q_re[None, :] + keys_im.astype(f32) * q_im[None, :], axis=-1)
   new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
   pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
   scores = jnp.where(pos == count, new_score, scores)
@@ -261,7 +330,8 @@ def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
   q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
                                       dtype=keys_ref.dtype)
   j = pl.program_id(2)
-  scores_out[...], _ = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, j * block_k, dz=dz, block_k=block_k)
+  keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+  scores_out[...], _ = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, j * block_k, block_k=block_k)
 
   @pl.when(count // block_k == j)
   def _():
@@ -270,12 +340,15 @@ def _scores_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
     keys_out[row, hi] = k_im[None, :]
 
 
-def qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, *, eps: float):
-  """Plain-JAX oracle of `qk_scores_step` (same layout and rounding)."""
+def qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, *, eps: float, z_scale=None):
+  """Plain-JAX oracle of `qk_scores_step` (same layout and rounding; z_scale [B, 1]: the raw product
+  times it before the bias, see attend_step's sumsq)."""
   f32 = jnp.float32
   batch, chunk, heads, dz = keys.shape
   half = dz // 2
-  z = (proj[:batch, :heads * dz].astype(f32) + bias.astype(f32)).astype(proj.dtype).astype(f32)
+  z = proj[:batch, :heads * dz].astype(f32)
+  z = z if z_scale is None else z_scale * z
+  z = (z + bias.astype(f32)).astype(proj.dtype).astype(f32)
   z = z.reshape(batch, heads, dz)
   z = z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
   scale, shift = scale.reshape(2, heads, dz), shift.reshape(2, heads, dz)
@@ -342,51 +415,236 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
 # After qk_scores_step, XLA still needs a softmax (2-3 kernels) and the product of the
 # probabilities with the values, a GEMM that reads the [C, H, dv] value buffer (16.8 MB per layer
 # for mega1.3B with a full chunk) at ~1.4 TB/s, plus the kernel that writes the new value. Here
-# every program takes a block of block_k positions and block_d value features of one head:
-# it scores its positions as qk_scores_step does (the new key written by the d = 0 program of
-# the block holding `count`), and writes its block's softmax statistics (max m, sum l of
-# exp(s - m)) and acc = sum over its positions of exp(s - m) v, with the new value (v_new at
-# `count`) written in place. Blocks entirely past `count` read nothing. `attend_combine` merges
-# the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+# every program takes a block of positions and block_d value features of one head: it scores its
+# positions as qk_scores_step does (the new key written by the d = 0 program of the block holding
+# `count`), and writes its block's softmax statistics (max m, sum l of exp(s - m)) and acc = sum
+# over its positions of exp(s - m) v, with the new value (v_new at `count`) written in place.
+# Blocks entirely past `count` read nothing. `attend_combine` (XLA) or `attend_combine_pallas`
+# merges the blocks: out = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
+#
+# Forms (attend_step's arguments; H200 numbers in default_attend_form): one tile of block_k
+# positions per program, its values used in sub_d-feature chunks (preload: every load issued
+# first); a loop over `tiles` tiles of block_k positions with an online softmax and the next
+# `preload` tiles loaded ahead in registers (the decode default: the load of tile t + 1 overlaps
+# the arithmetic of tile t, and the q/k work is done once per tiles x block_k positions); mma: both
+# products as tensor-core matrix products. Elementwise products of the probabilities with a wide
+# value tile made Triton move the tile into the scores' register layout through shared memory
+# (many barriers); the 8 x 1024 tiles of the default keep the value layout (17 barriers in all).
+# Options that remove XLA kernels around it in a decode step: v_bias (v = silu(raw + bias) made
+# here) and sumsq (the block's RMS normalisation applied to the raw product, inv returned).
 #
 # Arrays as qk_scores_step's, plus values [B, C, H, dv] (updated in place) and v_new [B, H, dv]
-# (values' dtype). Returns stats [B, H, C / block_k, 2] float32 (m, l), acc [B, H, C / block_k, dv]
-# float32, keys, values.
+# (values' dtype; with v_bias the raw product). Returns stats [B, H, NB, 2] float32 (m, l),
+# acc [B, H, NB, dv] float32 (NB = C / (tiles block_k)), keys, values[, inv [B, 1]].
 # ---------------------------------------------------------------------------------------------
 
 
-def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref,
-                   stats_out, acc_out, keys_out, values_out, *, dz: int, eps: float, block_k: int, block_d: int,
-                   sub_d: int):
+def _attend_block(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
+                  count, start, *, dz: int, eps: float, block_k: int, block_d: int, sub_d: int, preload: bool,
+                  z_scale=None):
+  """One block of block_k positions (tiles = 1): writes acc_out, returns (m, l, k_re, k_im)."""
   f32 = jnp.float32
+  chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
+  if preload:
+    # Every load first (values, keys, the q/k inputs, the new value): none depends on another, so
+    # the program waits for memory once instead of once per step of the q/k -> scores -> values chain.
+    tiles = [values_ref[:, cols] for cols in chunks]
+    keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+    inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+    new_values = [vnew_ref[cols] for cols in chunks]
+  else:
+    # The value tile first when it is one chunk; with several, each is loaded where it is used
+    # (fewer registers).
+    tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
+    inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+    new_values = [None] * len(chunks)
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype, z_scale=z_scale)
+  if not preload:
+    keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+  scores, pos = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start, block_k=block_k)
+  m = jnp.max(scores)  # finite: position `start` <= count
+  p = jnp.exp(scores - m)  # 0 past count
+  at_new = (pos == count)[:, None]
+  for cols, tile, new_value in zip(chunks, tiles, new_values):
+    tile = values_ref[:, cols] if tile is None else tile  # [block_k, sub_d]
+    new_value = vnew_ref[cols] if new_value is None else new_value
+    v = jnp.where(at_new, new_value.astype(f32)[None, :], tile.astype(f32))
+    acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
+  return m, jnp.sum(p), k_re, k_im
+
+
+def _dot(a, b, contracting):
+  """a [M, K] times b ([K, N] or [N, K], by `contracting`) with float32 accumulation (tl.dot)."""
+  return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mma_tile(keys_re, keys_im, tile, q_rows, new_score, new_value, count, start, m_prev, *, block_k: int):
+  """One tile of block_k positions from `start` with both products on the tensor cores.
+
+  q_rows: q's halves as row 0 of two [16, dz / 2] matrices (rows 1.. zero); tile [block_k, block_d].
+  Returns (m, alpha = e^(m_prev - m), l, acc [block_d] float32): the running max including this
+  tile, and the tile's sum of p = e^(s - m) and sum of p v (the new value at `count`)."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  scores = _dot(q_rows[0], keys_re, ((1,), (1,))) + _dot(q_rows[1], keys_im, ((1,), (1,)))
+  scores = jnp.sum(scores, axis=0)  # [block_k]: rows 1.. are 0
+  pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  cached = (pos <= count) & (pos != count)
+  in_tile = (count >= start) & (count - start < block_k)
+  m = jnp.maximum(m_prev, jnp.max(jnp.where(cached, scores, -jnp.inf)))
+  m = jnp.where(in_tile, jnp.maximum(m, new_score), m)  # finite: position `start` <= count
+  p = jnp.where(cached, jnp.exp(scores - m), 0.0)
+  p_new = jnp.where(in_tile, jnp.exp(new_score - m), 0.0)
+  p_hi = p.astype(bf16)
+  p_lo = (p - p_hi.astype(f32)).astype(bf16)
+  row = jax.lax.broadcasted_iota(jnp.int32, (16, block_k), 0)
+  weights = jnp.where(row == 0, p_hi[None, :], jnp.where(row == 1, p_lo[None, :], jnp.zeros((), bf16)))
+  acc = jnp.sum(_dot(weights, tile.astype(bf16), ((1,), (0,))), axis=0) + p_new * new_value
+  return m, jnp.exp(m_prev - m), jnp.sum(p) + p_new, acc
+
+
+def _q_rows(q_re, q_im, dtype):
+  """q's halves (bf16-exact) as row 0 of two [16, dz / 2] matrices, the rest zero (tl.dot needs M >= 16)."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (16, q_re.shape[0]), 0)
+  as_rows = lambda v: jnp.where(row == 0, v.astype(dtype)[None, :], jnp.zeros((), dtype))
+  return as_rows(q_re), as_rows(q_im)
+
+
+def _attend_block_mma(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
+                      count, start, *, dz: int, eps: float, block_k: int, z_scale=None):
+  """_attend_block with both products on the tensor cores (every load issued first).
+
+  Elementwise products of p with a [block_k, block_d] tile and a reduction over its positions make
+  Triton move the whole tile into the scores' register layout through shared memory (and reduce
+  across warps); as matrix products the layouts are Triton's dot operands. q (bf16-exact: RoPE's
+  output is rounded to the keys' dtype) is row 0 of a [16, dz / 2] matrix times the key halves;
+  the probabilities, split into bf16 p_hi + p_lo (|p - p_hi - p_lo| <= 2^-16 p), are rows 0 and 1 of
+  a [16, block_k] matrix times the value tile (accumulated in float32). The position `count` is
+  left out of the product and its new value added as p_new v_new."""
+  f32 = jnp.float32
+  tile = values_ref[...]  # [block_k, block_d]
+  keys_re, keys_im = _key_halves(keys_ref, slice(None), dz=dz)
+  inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+  new_value = vnew_ref[...].astype(f32)
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype, z_scale=z_scale)
+  new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
+  m, _, l, acc = _mma_tile(keys_re, keys_im, tile, _q_rows(q_re, q_im, keys_ref.dtype), new_score, new_value, count,
+                           start, jnp.asarray(-jnp.inf, f32), block_k=block_k)
+  acc_out[...] = acc
+  return m, l, k_re, k_im
+
+
+def _attend_looped(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out,
+                   count, start, *, dz: int, eps: float, block_k: int, block_d: int, tiles: int, preload: int,
+                   mma: bool = False, z_scale=None):
+  """`tiles` tiles of block_k positions, one after the other with an online softmax (the tiles past
+  count are skipped): writes acc_out, returns (m, l, k_re, k_im). preload = P > 0: tile t + P is
+  loaded before tile t is used (P tiles in flight in registers), else Triton's pipeliner
+  (num_stages) may.
+  mma: each tile's products on the tensor cores (_mma_tile)."""
+  f32 = jnp.float32
+  inputs = _qk_inputs(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, dz=dz)
+  new_value = vnew_ref[...].astype(f32)
+
+  def load(t):
+    offset = t * block_k if isinstance(t, int) else pl.multiple_of(t * block_k, block_k)
+    rows = pl.ds(offset, block_k)
+    return (*_key_halves(keys_ref, rows, dz=dz), values_ref[rows, :])
+
+  depth = int(preload)
+  first = tuple(load(min(i, tiles - 1)) for i in range(depth))
+  q_re, q_im, k_re, k_im = _qk_math(inputs, count, dz=dz, eps=eps, dtype=keys_ref.dtype, z_scale=z_scale)
+
+  if mma:
+    q_rows = _q_rows(q_re, q_im, keys_ref.dtype)
+    new_score = jnp.sum(k_re.astype(f32) * q_re + k_im.astype(f32) * q_im)
+
+  def update(t, tile, m, l, acc):
+    keys_re, keys_im, v = tile
+    if mma:
+      m_new, alpha, l_tile, acc_tile = _mma_tile(keys_re, keys_im, v, q_rows, new_score, new_value, count,
+                                                 start + t * block_k, m, block_k=block_k)
+      return m_new, l * alpha + l_tile, acc * alpha + acc_tile
+    scores, pos = _block_scores(keys_re, keys_im, q_re, q_im, k_re, k_im, count, start + t * block_k,
+                                block_k=block_k)
+    m_new = jnp.maximum(m, jnp.max(scores))  # finite: the tile's first position is <= count
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new)
+    v = jnp.where((pos == count)[:, None], new_value[None, :], v.astype(f32))
+    return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+
+  n = jnp.minimum((count - start) // block_k + 1, tiles)
+  init = (jnp.asarray(-jnp.inf, f32), jnp.asarray(0.0, f32), jnp.zeros((block_d,), f32))
+  if depth:
+    def body(t, carry):
+      m, l, acc, ahead = carry
+      nxt = load(jnp.minimum(t + depth, tiles - 1))  # past the last tile: the last again (cached)
+      return (*update(t, ahead[0], m, l, acc), (*ahead[1:], nxt))
+
+    m, l, acc, _ = jax.lax.fori_loop(0, n, body, (*init, first))
+  else:
+    m, l, acc = jax.lax.fori_loop(0, n, lambda t, carry: update(t, load(t), *carry), init)
+  acc_out[...] = acc
+  return m, l, k_re, k_im
+
+
+class _ActivatedValue:
+  """v_new read as silu(raw + bias) in float32, rounded to the values' dtype: indexing it reads the
+  raw product and the bias like a ref (attend_step(v_bias=...)), so the bias add and the SiLU need
+  no kernel of their own."""
+
+  def __init__(self, raw_ref, bias_ref, dtype):
+    self.raw_ref, self.bias_ref, self.dtype = raw_ref, bias_ref, dtype
+
+  def __getitem__(self, index):
+    t = self.raw_ref[index].astype(jnp.float32) + self.bias_ref[index].astype(jnp.float32)
+    return (t / (1.0 + jnp.exp(-t))).astype(self.dtype)
+
+
+def _attend_kernel(*refs, dz: int, eps: float, block_k: int, block_d: int, sub_d: int, preload: int, tiles: int,
+                   mma: bool, act: bool, rms_dim: int):
+  """Refs: proj, bias, scale, shift, freqs, keys, values, v_new, count[, v_bias (act)][, sumsq
+  (rms_dim > 0)], then stats, acc, keys, values[, inv (rms_dim > 0)] outputs."""
+  (proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, count_ref), rest = (
+      refs[:9], list(refs[9:]))
+  vbias_ref = rest.pop(0) if act else None
+  sumsq_ref = rest.pop(0) if rms_dim else None
+  stats_out, acc_out, keys_out, values_out = rest[:4]
+  inv_out = rest[4] if rms_dim else None
+  if act:
+    vnew_ref = _ActivatedValue(vnew_ref, vbias_ref, values_ref.dtype)
+  z_scale = None
+  if rms_dim:
+    # The block's RMS normalisation of y (mx = y inv rms_scale) applied after the product:
+    # inv = rsqrt(sum y^2 / dim + eps) from the TimestepNorm/CEMA kernel's per-group sums.
+    z_scale = jax.lax.rsqrt(jnp.sum(sumsq_ref[...]) * (1.0 / rms_dim) + eps)
+
+    @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0) & (pl.program_id(3) == 0))
+    def _():
+      inv_out[...] = jnp.full((1,), z_scale, jnp.float32)
+
   count = count_ref[0]
   j, d = pl.program_id(2), pl.program_id(3)
-  start = j * block_k
+  span = block_k * tiles
+  start = j * span
   two = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+  refs = (proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref, values_ref, vnew_ref, acc_out)
 
   @pl.when(start <= count)
   def _():
-    # The value tiles are loaded first: nothing they need depends on the scores, so their memory
-    # traffic overlaps the q/k and score arithmetic (the kernel is bound by reading the values).
-    # (With several chunks, each is loaded where it is used: fewer registers.)
-    chunks = [pl.ds(c * sub_d, sub_d) for c in range(block_d // sub_d)]
-    tiles = [values_ref[:, cols] for cols in chunks] if len(chunks) == 1 else [None] * len(chunks)
-    q_re, q_im, k_re, k_im = _query_key(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, count, dz=dz, eps=eps,
-                                        dtype=keys_ref.dtype)
-    scores, pos = _block_scores(keys_ref, q_re, q_im, k_re, k_im, count, start, dz=dz, block_k=block_k)
-    m = jnp.max(scores)  # finite: position `start` <= count
-    p = jnp.exp(scores - m)  # 0 past count
-    at_new = (pos == count)[:, None]
-    for cols, tile in zip(chunks, tiles):
-      tile = values_ref[:, cols] if tile is None else tile  # [block_k, sub_d]
-      v = jnp.where(at_new, vnew_ref[cols].astype(f32)[None, :], tile.astype(f32))
-      acc_out[cols] = jnp.sum(p[:, None] * v, axis=0)
+    if mma and tiles == 1:
+      m, l, k_re, k_im = _attend_block_mma(*refs, count, start, dz=dz, eps=eps, block_k=block_k, z_scale=z_scale)
+    elif tiles == 1:
+      m, l, k_re, k_im = _attend_block(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
+                                       sub_d=sub_d, preload=preload, z_scale=z_scale)
+    else:
+      m, l, k_re, k_im = _attend_looped(*refs, count, start, dz=dz, eps=eps, block_k=block_k, block_d=block_d,
+                                        tiles=tiles, preload=preload, mma=mma, z_scale=z_scale)
 
     @pl.when(d == 0)
     def _():
-      stats_out[...] = jnp.where(two == 0, m, jnp.sum(p))
+      stats_out[...] = jnp.where(two == 0, m, l)
 
-    @pl.when(count // block_k == j)
+    @pl.when(count // span == j)
     def _():
       row = pl.ds(count - start, 1)
       values_out[row, :] = vnew_ref[...][None, :]
@@ -399,7 +657,7 @@ def _attend_kernel(proj_ref, bias_ref, scale_ref, shift_ref, freqs_ref, keys_ref
 
   @pl.when(start > count)
   def _():
-    acc_out[...] = jnp.zeros((block_d,), f32)
+    acc_out[...] = jnp.zeros((block_d,), jnp.float32)
 
     @pl.when(d == 0)
     def _():
@@ -413,13 +671,110 @@ def attend_combine(stats: jax.Array, acc: jax.Array) -> jax.Array:
   return jnp.sum(weight[..., None] * acc, axis=2) / jnp.sum(weight * l, axis=-1)[..., None]
 
 
-def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float):
+def _combine_kernel(*refs, gated: bool, scaled: bool):
+  """Refs: stats [NB, 2], acc [NB, block_d][, gate [block_d], gate_bias [block_d][, gate_scale [1]]], out."""
+  stats_ref, acc_ref, out_ref = refs[0], refs[1], refs[-1]
+  acc = acc_ref[...]  # [NB, block_d]: first, its load does not wait for the weights
+  m, l = stats_ref[:, 0], stats_ref[:, 1]
+  weight = jnp.exp(m - jnp.max(m))  # 0 for blocks past count
+  out = (jnp.sum(weight[:, None] * acc, axis=0) / jnp.sum(weight * l)).astype(out_ref.dtype)
+  if gated:
+    # The attention output times the gate silu(scale raw + bias): the product the next projection
+    # reads, made here so that the gate is no kernel of its own (nor recomputed per weight row).
+    f32 = jnp.float32
+    raw = refs[2][...].astype(f32)
+    raw = raw * refs[4][0] if scaled else raw
+    t = (raw + refs[3][...].astype(f32)).astype(out_ref.dtype).astype(f32)
+    out = (out.astype(f32) * (t / (1.0 + jnp.exp(-t)))).astype(out_ref.dtype)
+  out_ref[...] = out
+
+
+@functools.partial(jax.jit, static_argnames=("block_d", "num_warps", "out_dtype", "gate_offset", "interpret"))
+def attend_combine_pallas(stats: jax.Array, acc: jax.Array, *, block_d: int = 64, num_warps: int = 4,
+                          out_dtype=jnp.float32, gate=None, gate_bias=None, gate_scale=None, gate_offset: int = 0,
+                          interpret: bool | None = None) -> jax.Array:
+  """attend_combine as one Pallas kernel: programs of block_d features per (sequence, head).
+
+  gate [B, >= gate_offset + H dv] (e.g. the whole raw w_mx product, read from column gate_offset on,
+  so that no slice of it is copied), gate_bias [>= H dv], gate_scale [B, 1] float32 (optional):
+  the output is attention * silu(gate_scale gate + gate_bias) (the sum rounded to out_dtype first,
+  as an XLA bias add would), in out_dtype."""
+  batch, heads, blocks, dv = acc.shape
+  block_d = min(block_d, dv)
+  if dv % block_d or stats.shape != (batch, heads, blocks, 2):
+    raise ValueError(f"block_d ({block_d}) must divide dv ({dv}) and stats must be {(batch, heads, blocks, 2)}, "
+                     f"got {stats.shape}")
+  if gate is not None and (gate_offset % block_d or gate.ndim != 2 or gate.shape[0] != batch
+                           or gate.shape[1] < gate_offset + heads * dv or gate_bias is None
+                           or gate_bias.size < heads * dv):
+    raise ValueError(f"gate must be [{batch}, >= {gate_offset} + {heads * dv}] with gate_offset a multiple of "
+                     f"block_d ({block_d}) and gate_bias >= {heads * dv} entries, got gate "
+                     f"{gate.shape}, offset {gate_offset}, bias {None if gate_bias is None else gate_bias.shape}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  per_head = dv // block_d
+  in_specs = [pl.BlockSpec((None, None, blocks, 2), lambda b, h, d: (b, h, 0, 0)),
+              pl.BlockSpec((None, None, blocks, block_d), lambda b, h, d: (b, h, 0, d))]
+  args = [stats, acc]
+  if gate is not None:
+    first = gate_offset // block_d
+    in_specs += [pl.BlockSpec((None, block_d), lambda b, h, d: (b, first + h * per_head + d)),
+                 pl.BlockSpec((block_d,), lambda b, h, d: (h * per_head + d,))]
+    args += [gate, gate_bias.reshape(-1)]
+    if gate_scale is not None:
+      in_specs.append(pl.BlockSpec((None, 1), lambda b, h, d: (b, 0)))
+      args.append(gate_scale.astype(jnp.float32))
+  kernel = functools.partial(_combine_kernel, gated=gate is not None, scaled=gate_scale is not None)
+  return pl.pallas_call(
+      kernel, grid=(batch, heads, per_head), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, block_d), lambda b, h, d: (b, h, d)),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, dv), out_dtype), interpret=interpret, name="attend_combine",
+      **kwargs,
+  )(*args)
+
+
+def attend_step_reference(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
+                          v_bias=None, sumsq=None, rms_dim: int = 0):
   """Plain-JAX oracle: (attention output [B, H, dv] float32, keys, values) with the new key and value
-  written at `count` (what attend_combine(attend_step(...)) gives, up to summation order)."""
-  scores, keys = qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, eps=eps)
+  written at `count` (what attend_combine(attend_step(...)) gives, up to summation order); with
+  sumsq, inv [B, 1] float32 as a fourth result (see attend_step for v_bias, sumsq)."""
+  inv = None
+  if sumsq is not None:
+    inv = jax.lax.rsqrt(jnp.sum(sumsq.astype(jnp.float32), axis=-1, keepdims=True) / rms_dim + eps)
+  scores, keys = qk_scores_step_reference(proj, bias, scale, shift, freqs, keys, count, eps=eps, z_scale=inv)
+  if v_bias is not None:
+    t = v_new.astype(jnp.float32) + v_bias.reshape(v_new.shape[1:]).astype(jnp.float32)
+    v_new = jax.nn.silu(t)
   values = jax.lax.dynamic_update_slice(values, v_new[:, None].astype(values.dtype), (0, count[0], 0, 0))
   probs = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32)), keys, values
+  out = jnp.einsum("bhk,bkhd->bhd", probs, values.astype(jnp.float32))
+  return (out, keys, values) if inv is None else (out, keys, values, inv)
+
+
+def default_attend_form(chunk: int, dv: int) -> dict:
+  """attend_step keyword arguments (and 'combine': 'xla' | 'pallas', the block merge) of the fused
+  decode step's default (megalodon_jax.decoding.attend_options(())); fits any chunk and dv.
+
+  H200, mega1.3B batch 1, count 2031 of 2048, 24 distinct cache buffers per step (HBM; 2026-11-29,
+  experiments/results/gpu_checks/2026-11-29_nvidia-h200_attend_probe_r2.json), us per layer with the
+  combine: 8 x 1024 tiles, 4 per program, one prefetched (grid 1 x 2 x 64 x 2), Pallas combine 10.11
+  (attend_step 8.54 + combine 1.6); the same with XLA's combine 10.43; the form before (32 x 1024 in
+  256-feature chunks, no loop) 11.90 (9.95 + 1.95); 8 x 1024 x 8 tiles 12.0; two tiles prefetched
+  11.7; 4 x 1024 x 8 tiles 11.2; tensor-core forms 12.7-15.1; XLA's row-sum read of the same bytes
+  8.2 us (2.3 TB/s)."""
+  block_d = min(dv, 1024)
+  while dv % block_d:
+    block_d //= 2
+  block_k = min(chunk, 8)
+  tiles = max(1, min(4, chunk // block_k))
+  while chunk % (block_k * tiles):
+    tiles -= 1
+  return {"block_k": block_k, "block_d": block_d, "tiles": tiles, "preload": 1, "num_warps": 4,
+          "combine": "pallas"}
 
 
 def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
@@ -431,50 +786,88 @@ def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
   return min(chunk, 32), min(dv, 1024)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "preload", "tiles",
+                                             "num_stages", "mma", "rms_dim", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
                 block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
-                interpret: bool | None = None):
-  """The kernel (see above): (stats, acc, keys, values); keys and values are updated in place when donated."""
+                preload: bool | int = False, tiles: int = 1, num_stages: int = 1, mma: bool = False,
+                v_bias=None, sumsq=None, rms_dim: int = 0, interpret: bool | None = None):
+  """The kernel (see above): (stats, acc, keys, values[, inv]); keys and values are updated in place
+  when donated.
+
+  Each program covers tiles x block_k positions and block_d value features (stats/acc have
+  C / (tiles block_k) blocks). tiles = 1: one tile, its values used in sub_d-feature chunks, every
+  load issued first with preload. tiles > 1: a loop over the tiles with an online softmax (sub_d
+  unused), tiles t + 1 .. t + preload loaded during tile t (preload = 1 or True: one ahead);
+  num_stages is Triton's pipelining depth.
+  mma (block_k >= 16, bf16 keys and values): the scores and the probabilities times the values as
+  matrix products on the tensor cores (see _attend_block_mma; sub_d unused, and preload with tiles = 1).
+
+  v_bias [H, dv]: v_new is the raw value product (any float dtype) and the new value is
+  silu(v_new + v_bias) in float32, rounded to the values' dtype (the decode step's v).
+  sumsq [B, G] float32 with rms_dim = D: proj is the product of the UNnormalised y (times the RMS
+  norm's scale); inv = rsqrt(sum(sumsq) / rms_dim + eps) multiplies z before its bias, and is
+  returned as a fifth output [B, 1] float32 for the other columns of the product."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
   block_k, block_d = block_k or default_k, block_d or default_d
   sub_d = min(sub_d or block_d, block_d)
-  if dz % 2 or chunk % block_k or dv % block_d or block_d % sub_d:
-    raise ValueError(f"the head dim ({dz}) must be even, block_k ({block_k}) must divide the chunk ({chunk}), "
-                     f"block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
+  tiles = int(tiles)
+  span = block_k * tiles
+  if dz % 2 or tiles < 1 or chunk % span or dv % block_d or block_d % sub_d:
+    raise ValueError(f"the head dim ({dz}) must be even, tiles ({tiles}) x block_k ({block_k}) must divide the chunk "
+                     f"({chunk}), block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
   if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
     raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
                      f"{values.shape} and {v_new.shape}")
+  if v_bias is not None and v_bias.size != heads * dv:
+    raise ValueError(f"v_bias must have {heads} x {dv} entries (one per value feature), got shape {v_bias.shape}")
+  if (sumsq is None) != (rms_dim == 0) or (sumsq is not None and (sumsq.ndim != 2 or sumsq.shape[0] != batch)):
+    raise ValueError(f"sumsq [batch={batch}, groups] and rms_dim > 0 go together, got sumsq "
+                     f"{None if sumsq is None else sumsq.shape} and rms_dim={rms_dim}")
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
+  if mma and (block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
+    raise ValueError(f"mma needs block_k >= 16 (got {block_k}) and bf16 keys and values (got {keys.dtype}, "
+                     f"{values.dtype})")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  blocks = chunk // block_k
+  blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j, d: (b, j, h, 0))
-  value_spec = pl.BlockSpec((None, block_k, None, block_d), lambda b, h, j, d: (b, j, h, d))
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  key_spec = pl.BlockSpec((None, span, None, dz), lambda b, h, j, d: (b, j, h, 0))
+  value_spec = pl.BlockSpec((None, span, None, block_d), lambda b, h, j, d: (b, j, h, d))
+  row_spec = pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d))
   f32 = jnp.float32
+  kernel = functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d,
+                             preload=int(preload), tiles=tiles, mma=bool(mma), act=v_bias is not None,
+                             rms_dim=int(rms_dim))
+  in_specs = [pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
+              pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
+              pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec, row_spec,
+              pl.BlockSpec((1,), lambda b, h, j, d: (0,))]
+  args = [proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values,
+          v_new if v_bias is not None else v_new.astype(values.dtype), count]
+  if v_bias is not None:
+    in_specs.append(pl.BlockSpec((None, block_d), lambda b, h, j, d: (h, d)))
+    args.append(v_bias.reshape(heads, dv))
+  out_specs = [pl.BlockSpec((None, None, None, 2), lambda b, h, j, d: (b, h, j, 0)),
+               pl.BlockSpec((None, None, None, block_d), lambda b, h, j, d: (b, h, j, d)), key_spec, value_spec]
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, blocks, 2), f32), jax.ShapeDtypeStruct((batch, heads, blocks, dv), f32),
+               jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)]
+  if sumsq is not None:
+    groups = sumsq.shape[1]
+    in_specs.append(pl.BlockSpec((None, groups), lambda b, h, j, d: (b, 0)))
+    args.append(sumsq.astype(f32))
+    out_specs.append(pl.BlockSpec((None, 1), lambda b, h, j, d: (b, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, 1), f32))
   return pl.pallas_call(
-      functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d),
-      grid=grid,
-      in_specs=[pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
-                pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
-                pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec,
-                pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d)),
-                pl.BlockSpec((1,), lambda b, h, j, d: (0,))],
-      out_specs=[pl.BlockSpec((None, None, None, 2), lambda b, h, j, d: (b, h, j, 0)),
-                 pl.BlockSpec((None, None, None, block_d), lambda b, h, j, d: (b, h, j, d)), key_spec, value_spec],
-      out_shape=[jax.ShapeDtypeStruct((batch, heads, blocks, 2), f32),
-                 jax.ShapeDtypeStruct((batch, heads, blocks, dv), f32),
-                 jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)],
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases={5: 2, 6: 3}, interpret=interpret, name="attend_step", **kwargs,
-  )(proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values, v_new.astype(values.dtype),
-    count)
+  )(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,3 +945,123 @@ def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, b
       out_shape=jax.ShapeDtypeStruct((k // span, n), jnp.float32), interpret=interpret, name="gemv_partials",
       **kwargs,
   )(x, w_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block's residual add and the FFN LayerNorm's moments, one kernel per step.
+#
+# After the wh2 product a block computes y = h1 + wh2 out + x (h1: a slice of the w_mx product plus
+# its bias) and, with the FFN norm folded into fc_in (decoding._folded_norm_fc_in), the shifted
+# moments of y: in XLA an elementwise kernel and a reduction, two launches for 2 x 2048 numbers.
+# Here one program per sequence does both. h1 is read straight out of the w_mx product [B, P] (a
+# static column window) and its bias out of the [r | h1] bias: slicing either in XLA could be a
+# copy kernel of its own in front of this custom call.
+#
+# Arrays: raw [B, P] (w_mx product before its bias; columns [raw_offset, raw_offset + D) are h1's),
+# bias [Pb] (columns [bias_offset, bias_offset + D) are h1's), wh2 [B, D], x [B, D], inv [B, 1]
+# float32 or None (a per-row scale of h1's product, for a norm applied after the product). With
+# every addend rounded as the XLA expression ((raw_h inv + b) + wh2) + x rounds it (per add, to the
+# promoted dtype), returns y [B, D] in x.dtype and its moments mean, var [B, 1] float32: shift = the
+# mean of y - y[0], var = max(mean((y - y[0])^2) - shift^2, 0), mean = y[0] + shift.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rounded_sum(a, b, dtype):
+  return (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(dtype)
+
+
+def residual_moments_reference(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, inv=None):
+  """Plain-JAX oracle of `residual_moments` (the expressions of decoding._block_tail and _folded_norm_fc_in)."""
+  f32 = jnp.float32
+  dim = x.shape[-1]
+  h = raw[:, raw_offset:raw_offset + dim]
+  b = bias[bias_offset:bias_offset + dim]
+  h1 = (h + b) if inv is None else (h.astype(f32) * inv + b.astype(f32)).astype(raw.dtype)
+  y = ((h1 + wh2) + x).astype(x.dtype)
+  yf = y.astype(f32)
+  d = yf - yf[:, :1]
+  shift = jnp.mean(d, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+  return y, yf[:, :1] + shift, var
+
+
+def _residual_row(raw_ref, bias_ref, wh2_ref, x_ref, inv, start: int, size: int, *, raw_offset: int,
+                  bias_offset: int, dtypes: tuple, out_dtype):
+  """y[start:start + size] float32, rounded as the module comment says."""
+  f32 = jnp.float32
+  h1_dtype, sum_dtype, y_dtype = dtypes
+  h = raw_ref[pl.ds(raw_offset + start, size)].astype(f32)
+  if inv is not None:
+    h = h * inv
+  h1 = _rounded_sum(h, bias_ref[pl.ds(bias_offset + start, size)], h1_dtype)
+  y = _rounded_sum(_rounded_sum(h1, wh2_ref[pl.ds(start, size)], sum_dtype), x_ref[pl.ds(start, size)], y_dtype)
+  return y.astype(out_dtype)
+
+
+def _residual_kernel(raw_ref, bias_ref, wh2_ref, x_ref, *rest, raw_offset: int, bias_offset: int, dim: int,
+                     dtypes: tuple, with_inv: bool, first_by_reduction: bool):
+  f32 = jnp.float32
+  if with_inv:
+    inv_ref, y_out, mean_out, var_out = rest
+  else:
+    y_out, mean_out, var_out = rest
+  row = functools.partial(_residual_row, raw_ref, bias_ref, wh2_ref, x_ref, inv_ref[...] if with_inv else None,
+                          raw_offset=raw_offset, bias_offset=bias_offset, dtypes=dtypes, out_dtype=y_out.dtype)
+  y = row(0, dim)
+  y_out[...] = y
+  yf = y.astype(f32)
+  if first_by_reduction:  # y[0] picked out of the row: one more block reduction on the critical path
+    first = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (dim,), 0) == 0, yf, 0.0))[None]
+  else:  # y[0] recomputed from its own [1] loads, beside the row (the same value bit for bit)
+    first = row(0, 1).astype(f32)
+  d = yf - first
+  shift = jnp.sum(d) / dim
+  mean_out[...] = first + shift
+  var_out[...] = jnp.maximum(jnp.sum(d * d) / dim - shift * shift, 0.0)[None]
+
+
+@functools.partial(jax.jit, static_argnames=("raw_offset", "bias_offset", "num_warps", "first_by_reduction",
+                                             "interpret"))
+def residual_moments(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, inv=None, num_warps: int = 4,
+                     first_by_reduction: bool = False, interpret: bool | None = None):
+  """The kernel (see above): (y [B, D] x.dtype, mean [B, 1], var [B, 1] float32). One program per row;
+  D must be a power of 2 (one Triton block). first_by_reduction: y[0] (the shift) picked out of the row
+  by a masked sum instead of recomputed from its own loads (the same value; kept for A/B timing)."""
+  batch, dim = x.shape
+  if raw.ndim != 2 or raw.shape[0] != batch or not 0 <= raw_offset <= raw.shape[1] - dim:
+    raise ValueError(f"raw must be [{batch}, P] with columns [raw_offset, raw_offset + {dim}) inside it, got shape "
+                     f"{raw.shape} and raw_offset={raw_offset}")
+  if bias.ndim != 1 or not 0 <= bias_offset <= bias.shape[0] - dim:
+    raise ValueError(f"bias must be [Pb] with [bias_offset, bias_offset + {dim}) inside it, got shape {bias.shape} "
+                     f"and bias_offset={bias_offset}")
+  if wh2.shape != x.shape:
+    raise ValueError(f"wh2 must have x's shape {x.shape}, got {wh2.shape}")
+  if inv is not None and inv.shape != (batch, 1):
+    raise ValueError(f"inv must be [{batch}, 1], got {inv.shape}")
+  if dim & (dim - 1):
+    raise ValueError(f"the row length D={dim} must be a power of 2 (one Triton block per row)")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  h1_dtype = jnp.promote_types(raw.dtype, bias.dtype) if inv is None else raw.dtype
+  sum_dtype = jnp.promote_types(h1_dtype, wh2.dtype)
+  dtypes = (h1_dtype, sum_dtype, jnp.promote_types(sum_dtype, x.dtype))
+  row = pl.BlockSpec((None, dim), lambda b: (b, 0))
+  one = pl.BlockSpec((None, 1), lambda b: (b, 0))
+  in_specs = [pl.BlockSpec((None, raw.shape[1]), lambda b: (b, 0)), pl.BlockSpec(bias.shape, lambda b: (0,)), row, row]
+  args = [raw, bias, wh2, x]
+  if inv is not None:
+    in_specs.append(one)
+    args.append(inv.astype(jnp.float32))
+  f32 = jnp.float32
+  return pl.pallas_call(
+      functools.partial(_residual_kernel, raw_offset=raw_offset, bias_offset=bias_offset, dim=dim, dtypes=dtypes,
+                        with_inv=inv is not None, first_by_reduction=first_by_reduction),
+      grid=(batch,), in_specs=in_specs, out_specs=[row, one, one],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, 1), f32),
+                 jax.ShapeDtypeStruct((batch, 1), f32)],
+      interpret=interpret, name="residual_moments", **kwargs,
+  )(*args)

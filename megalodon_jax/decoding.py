@@ -104,19 +104,25 @@ class FusedSettings(NamedTuple):
   cema: str = "xla"
   scores: str = "xla"
   transpose: bool = False
-  # scores='attend': (block_k, block_d, sub_d) of decode_step.attend_step; () = its defaults.
+  # scores='attend': decode_step.attend_step's form, see attend_options; () = its defaults.
   attend_blocks: tuple[int, ...] = ()
   fold_norm: bool = False  # fuse_decode_params(fold_norm=...)
+  # The residual adds in Pallas (fused_forward_one(fuse_residual=True)); needs cema='pallas', scores
+  # 'pallas' / 'attend' and fold_norm.
+  fuse_residual: bool = False
 
 
-# The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode,
-# 2026-11-29 round 3; Llama-1.3B with cuDNN decode attention in the same process):
-#   batch 1: 1.690 ms per token = 1.84x Llama (3.114 ms); without fold_norm 1.897 ms (with 32 x 512
-#     attend blocks); the previous default ('mask', XLA TimestepNorm/CEMA and attention) 2.01 ms.
-#   batch > 1: at 16, 4.126 ms = 5.93x Llama (24.45 ms); without fold_norm 4.178; attend_step there
-#     4.33 ms and the previous default 5.42 ms.
+# The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode;
+# Llama-1.3B with cuDNN decode attention in the same process):
+#   batch 1 (2026-11-29, session 4, one run): 1.510 ms per token = 2.04x Llama (3.087 ms), 251 kernels per
+#     token: attend_step's looped 8 x 1024 form with v's bias + SiLU and the deferred RMS normalisation
+#     in it, the gate in the Pallas combine, and the residual adds in Pallas (fuse_residual); without
+#     fuse_residual 1.525 ms; the earlier default (attend32x1024x256 with XLA's gate, SiLU and norm
+#     kernels, 369 kernels per token) 1.672 ms.
+#   batch > 1: at 16, 4.039 ms = 5.91x Llama (23.87 ms); fuse_residual there is slower (4.076 vs 4.035 ms in
+#     one run), attend_step 4.33 ms (round 3 of session 3) and the first default 5.42 ms.
 GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
-                                       fold_norm=True),
+                                       fold_norm=True, fuse_residual=True),
                       "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True,
                                                fold_norm=True)}
 
@@ -136,8 +142,11 @@ def settings_of(fused: Any, batch: int) -> FusedSettings:
   transpose = "w_mx_t" in fused["layers"][0]
   dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
   scores = default.scores if default.scores != "xla" else "pallas"
+  fold_norm = "ffn_colsum" in fused["layers"][0]
+  # fuse_residual needs the fold and the permuted layout (scores 'pallas' / 'attend'): off for other params.
+  fuse_residual = default.fuse_residual and fold_norm and "rope_freqs" in fused and default.cema == "pallas"
   return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla",
-                          fold_norm="ffn_colsum" in fused["layers"][0])
+                          fold_norm=fold_norm, fuse_residual=fuse_residual)
 
 
 def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
@@ -175,7 +184,7 @@ def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k:
   def forward(params, token, cache):
     if decode_impl == "fused":
       return fused_forward_one(params, config, token, cache, settings.dup, settings.stats, settings.cema,
-                               settings.scores, settings.attend_blocks)
+                               settings.scores, settings.attend_blocks, settings.fuse_residual)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -595,11 +604,20 @@ def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
 
 
 def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
-                     shared_count: jax.Array | None = None):
-  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema).
+                     shared_count: jax.Array | None = None, defer_rms: bool = False,
+                     residual: jax.Array | None = None):
+  """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema,
+  sumsq, x).
 
   shared_count [B]: the steps every layer's TimestepNorm has merged (the final norm's count, updated
-  after the layers): the kernel reads it and writes count + 1 into the layer's own count in place."""
+  after the layers): the kernel reads it and writes count + 1 into the layer's own count in place.
+  defer_rms: mx = y * rms_scale WITHOUT the RMS normalisation, scaled by the kernel (an elementwise
+  producer in XLA would be recomputed for every row of the w_mx product: +4 us per layer on the H200;
+  no reduction kernel and no normalisation kernel either) and sumsq [B, G] the per-group
+  sums of y^2 from which attend_step makes inv (see its sumsq); else mx normalised, sumsq None.
+  residual [B, D]: the block input is (x + residual).astype(x.dtype), added by the kernel (the previous
+  block's deferred residual add, see fused_forward_one(fuse_residual=True)); the last result is the
+  block input (the sum, or x itself without a residual)."""
   from kernels_pallas import decode_step
   from megalodon_jax.ops import timestep_norm as tsn
   batch, dim = x.shape
@@ -607,25 +625,33 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
   sp = lp["split"]
   h_re, h_im = cache.cema
   state = (batch, groups, dim // groups, order)
-  x_tsn, y, sumsq, count, mean, var, h_re, h_im = decode_step.tsn_cema_step(
-      x.reshape(batch, groups, -1), (cache.norm.count if shared_count is None else shared_count)[:, None],
+  grouped = lambda a: None if a is None else a.reshape(batch, groups, -1)
+  x_tsn, y, sumsq, count, mean, var, h_re, h_im, *block_input = decode_step.tsn_cema_step(
+      grouped(x), (cache.norm.count if shared_count is None else shared_count)[:, None],
       cache.norm.mean, cache.norm.var, sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"],
       sp["eta_re"], sp["eta_im"], sp["omega"], h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps,
-      count_state=None if shared_count is None else cache.norm.count[:, None])
+      count_state=None if shared_count is None else cache.norm.count[:, None], residual=grouped(residual),
+      y_scale=lp["rms_scale"].reshape(groups, -1) if defer_rms else None)
+  x = block_input[0].reshape(batch, dim) if block_input else x
   y = y.reshape(batch, dim)
-  inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
-  mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
   norm = tsn.TimestepNormState(count[:, 0], mean, var)
   cema = (h_re.reshape(batch, dim, order), h_im.reshape(batch, dim, order))
-  return x_tsn.reshape(batch, dim), mx, norm, cema
+  if defer_rms:
+    return x_tsn.reshape(batch, dim), y.astype(jnp.dtype(config.dtype)), norm, cema, sumsq, x
+  inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=-1, keepdims=True) / dim + config.norm_eps)
+  mx = (y * inv * lp["rms_scale"]).astype(jnp.dtype(config.dtype))
+  return x_tsn.reshape(batch, dim), mx, norm, cema, None, x
 
 
 def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
                 cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
                 attend_blocks: tuple[int, ...] = (), shared_count: jax.Array | None = None,
-                ) -> tuple[jax.Array, LayerCache]:
-  """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache)."""
+                residual: jax.Array | None = None, fuse_residual: bool = False) -> tuple[Any, LayerCache]:
+  """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache).
+
+  fuse_residual: the block output is the pair (FFN output, block input) whose sum the next block's
+  TimestepNorm kernel makes (its `residual`: the block input is x + residual)."""
   from megalodon_jax.ops import norms, rope
   cfg = config
   dtype = jnp.dtype(cfg.dtype)
@@ -633,8 +659,10 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   heads, dz, dv = cfg.num_heads, cfg.z_head_dim, cfg.v_head_dim
   matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
 
+  sumsq = None
   if cema == "pallas":
-    x_tsn, mx, norm_state, h = _tsn_cema_pallas(lp, cfg, x, cache, shared_count)
+    defer_rms = scores == "attend" and attend_fuses(attend_blocks)
+    x_tsn, mx, norm_state, h, sumsq, x = _tsn_cema_pallas(lp, cfg, x, cache, shared_count, defer_rms, residual)
   else:
     tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
     x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
@@ -648,7 +676,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
   if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs, scores, attend_blocks)
+                                     rope_freqs, scores, attend_blocks, sumsq, fuse_residual)
   proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -666,53 +694,139 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   return _block_tail(lp, cfg, x, attn, r, h1, matmul, stats), LayerCache(key, value, h, norm_state)
 
 
+ATTEND_FIELDS = ("block_k", "block_d", "sub_d", "num_warps", "tiles", "preload", "num_stages", "fuse")
+
+
+def attend_fuses(attend_blocks: tuple[int, ...]) -> bool:
+  """Whether scores='attend' also takes v's bias + SiLU and (cema='pallas') the block's RMS
+  normalisation into attend_step (attend_step's v_bias and sumsq): for the default form (), or
+  the 'fuse' field of an explicit one. Each removes small XLA kernels from every layer (the
+  v = silu(. + bv) fusion; the sum of the RMS statistics and the normalisation of mx)."""
+  return not attend_blocks or (len(attend_blocks) >= 8 and bool(attend_blocks[7]))
+
+
+def attend_options(attend_blocks: tuple[int, ...], chunk: int, dv: int) -> tuple[dict[str, Any], str]:
+  """(decode_step.attend_step keyword arguments, combine 'xla' | 'pallas') of FusedSettings.attend_blocks.
+
+  () = decode_step.default_attend_form(chunk, dv) (the measured batch-1 default); otherwise
+  (block_k, block_d, sub_d[, num_warps, tiles, preload, num_stages, fuse]) with attend_step's own
+  defaults for the fields left out and XLA's combine: sub_d > 0 the elementwise form (values in
+  sub_d-feature chunks), sub_d = 0 the tensor-core form (mma=True); fuse: see attend_fuses.
+  bench_decode's '-attend<K>x<D>x<S>' spells the first three (e.g. attend32x1024x256, the form and
+  the XLA kernels around it before the looped one, bias + SiLU and RMS normalisation in XLA)."""
+  from kernels_pallas import decode_step
+  if not attend_blocks:
+    options = dict(decode_step.default_attend_form(chunk, dv))
+    return options, options.pop("combine", "xla")
+  if len(attend_blocks) > len(ATTEND_FIELDS):
+    raise ValueError(f"attend_blocks {attend_blocks} has more than the {len(ATTEND_FIELDS)} fields {ATTEND_FIELDS}")
+  options = dict(zip(ATTEND_FIELDS, (int(v) for v in attend_blocks)))
+  options.pop("fuse", None)
+  options["mma"] = options.get("sub_d") == 0
+  if options["mma"]:
+    options["sub_d"] = None
+  return options, "xla"
+
+
+def _attend_combined(block_stats: jax.Array, acc: jax.Array, combine: str, dtype) -> jax.Array:
+  """attend_step's blocks merged ('pallas': one Pallas kernel, 'xla': an XLA fusion) -> [B, H, dv] in dtype."""
+  from kernels_pallas import decode_step
+  if combine == "pallas":
+    return decode_step.attend_combine_pallas(block_stats, acc, out_dtype=dtype)
+  return decode_step.attend_combine(block_stats, acc).astype(dtype)
+
+
 def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
-                              scores_mode="pallas", attend_blocks=()):
+                              scores_mode="pallas", attend_blocks=(), sumsq=None, fuse_residual=False):
   """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
-  and the new key and value ('attend') by kernels_pallas.decode_step."""
+  and the new key and value ('attend') by kernels_pallas.decode_step. sumsq: mx is not normalised
+  (_tsn_cema_pallas(defer_rms=True)), attend_step applies the normalisation (needs attend_fuses)."""
   from kernels_pallas import decode_step
   batch = x.shape[0]
   matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
   raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
   qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
-  r, h1 = jnp.split(raw[:, z_dim:] + lp["b_rh"], [cfg.value_dim], axis=-1)
-  v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(batch, cfg.num_heads, cfg.v_head_dim)
-  if scores_mode == "attend":
-    blocks = dict(zip(("block_k", "block_d", "sub_d"), attend_blocks))
+  value_shape = (batch, cfg.num_heads, cfg.v_head_dim)
+  inv, gated = None, False
+  if scores_mode == "attend" and attend_fuses(attend_blocks):
+    # The new value's bias + SiLU (and with sumsq the RMS normalisation of mx) inside attend_step.
+    options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
+    rms = {} if sumsq is None else {"sumsq": sumsq, "rms_dim": x.shape[-1]}
+    outs = decode_step.attend_step(*qk, cache.key, cache.value, matmul(x_tsn, "wv").reshape(value_shape),
+                                   count.reshape(1), eps=cfg.norm_eps, v_bias=lp["bv"], **rms, **options)
+    block_stats, acc, key, value = outs[:4]
+    inv = outs[4] if sumsq is not None else None
+    block_d = min(64, cfg.v_head_dim)
+    if combine == "pallas" and z_dim % block_d == 0 and cfg.v_head_dim % block_d == 0:
+      # The gate silu(r) applied by the combine kernel (r read from the product in place): the gate is
+      # no XLA kernel of its own, and the wh2 product reads the gated output as it is.
+      attn = decode_step.attend_combine_pallas(block_stats, acc, block_d=block_d, out_dtype=x.dtype, gate=raw,
+                                               gate_bias=lp["b_rh"], gate_scale=inv, gate_offset=z_dim)
+      gated = True
+    else:
+      attn = _attend_combined(block_stats, acc, combine, x.dtype)
+  elif scores_mode == "attend":
+    if sumsq is not None:
+      raise ValueError("a deferred RMS normalisation (sumsq) needs attend_fuses(attend_blocks)")
+    v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(value_shape)
+    options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
     block_stats, acc, key, value = decode_step.attend_step(*qk, cache.key, cache.value, v.astype(cache.value.dtype),
-                                                           count.reshape(1), eps=cfg.norm_eps, **blocks)
-    attn = decode_step.attend_combine(block_stats, acc).astype(x.dtype)
+                                                           count.reshape(1), eps=cfg.norm_eps, **options)
+    attn = _attend_combined(block_stats, acc, combine, x.dtype)
   else:
+    v = jax.nn.silu(matmul(x_tsn, "wv") + lp["bv"]).reshape(value_shape)
     scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
     value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
     attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
-  out = _block_tail(lp, cfg, x, attn, jax.nn.silu(r), h1, matmul, stats)
+  rh = raw[:, z_dim:]
+  if inv is not None:  # the normalisation of mx, applied to the product: elementwise, fused into r's and h1's users
+    rh = (inv * rh.astype(jnp.float32) + lp["b_rh"].astype(jnp.float32)).astype(raw.dtype)
+  else:
+    rh = rh + lp["b_rh"]
+  r, h1 = jnp.split(rh, [cfg.value_dim], axis=-1)
+  gate = jnp.ones((), x.dtype) if gated else jax.nn.silu(r)  # gated: already applied (x 1 folds away)
+  out = _block_tail(lp, cfg, x, attn, gate, h1, matmul, stats, raw if fuse_residual else None, inv)
   return out, LayerCache(key, value, h, norm_state)
 
 
-def _folded_norm_fc_in(lp, cfg, y, matmul):
+def _folded_norm_fc_in(lp, cfg, y, matmul, moments=None):
   """LayerNorm(y) @ fc_in with the norm's scale folded into the kernel (fuse_decode_params(fold_norm=True)):
   rstd (y @ W' - mean colsum(W')) + bias @ fc_in, W' = diag(weight + 1) fc_in. The product reads y
-  as it is, so the normalisation is no kernel of its own; the moments (one shifted pass) run beside it."""
-  yf = y.astype(jnp.float32)
-  d = yf - yf[..., :1]
-  shift = jnp.mean(d, axis=-1, keepdims=True)
-  var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
-  mean = yf[..., :1] + shift
+  as it is, so the normalisation is no kernel of its own; the moments (one shifted pass) run beside it,
+  or come as `moments` (mean, var [B, 1] float32, decode_step.residual_moments's)."""
+  if moments is None:
+    yf = y.astype(jnp.float32)
+    d = yf - yf[..., :1]
+    shift = jnp.mean(d, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(d * d, axis=-1, keepdims=True) - shift * shift, 0.0)
+    mean = yf[..., :1] + shift
+  else:
+    mean, var = moments
   raw = matmul(y, "fc_in", jnp.float32)  # [B, F] float32: the mean is subtracted after the product
   return ((raw - mean * lp["ffn_colsum"]) * jax.lax.rsqrt(var + cfg.norm_eps) + lp["ffn_bias0"]).astype(y.dtype)
 
 
-def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
-  """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual."""
+def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats, raw=None, inv=None):
+  """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual.
+
+  raw [B, P] (the w_mx product before its bias), with fold_norm: the block's residual add and the FFN
+  norm's moments in one Pallas kernel (decode_step.residual_moments, which reads h1 out of raw), and
+  the FFN's residual add left to the next block: returns the pair (FFN output, x). inv [B, 1] float32
+  (with raw): mx was not normalised, h1 = inv * raw_h + b_h (attend_step's inv)."""
   from megalodon_jax.ops import norms
   batch = x.shape[0]
   attn = attn.reshape(batch, cfg.value_dim) * r
-  y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
+  moments = None
+  if raw is not None:
+    from kernels_pallas import decode_step
+    y, *moments = decode_step.residual_moments(raw, lp["b_rh"], matmul(attn, "wh2"), x, inv=inv,
+                                               raw_offset=cfg.z_dim + cfg.value_dim, bias_offset=cfg.value_dim)
+  else:
+    y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
 
   if "ffn_colsum" in lp:
-    hidden = _folded_norm_fc_in(lp, cfg, y, matmul)
+    hidden = _folded_norm_fc_in(lp, cfg, y, matmul, moments)
   else:
     layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
     u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
@@ -725,15 +839,21 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats):
   out = matmul(hidden, "fc2")
   if "ffn_alpha" in lp:
     out = out * lp["ffn_alpha"].astype(out.dtype)
+  if raw is not None:
+    return out, x  # added by the next block's TimestepNorm kernel (or after the last block)
   return (out + x).astype(x.dtype)
 
 
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = (),
+                      fuse_residual: bool = False) -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
+  fuse_residual: a block's residual add and its FFN norm's moments by decode_step.residual_moments,
+  and its FFN residual add by the next block's TimestepNorm kernel (two XLA kernels fewer per layer;
+  the same values); needs cema='pallas', scores 'pallas' or 'attend' and fold_norm params.
   """
   from megalodon_jax.ops.logits import output_logits
   if isinstance(cache.layers, LayerCache) or not cache.layers:
@@ -756,6 +876,10 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
   if (cema == "pallas") != isinstance(cache.layers[0].cema, tuple):
     raise ValueError("cema='pallas' needs the cache's CEMA states as (real, imag) pairs and 'xla' the model's "
                      "complex64 states: convert with split_cema_state / join_cema_state")
+  if fuse_residual and (cema != "pallas" or scores == "xla" or "ffn_colsum" not in fused["layers"][0]):
+    raise ValueError("fuse_residual=True needs cema='pallas', scores='pallas' or 'attend' and "
+                     f"fuse_decode_params(..., fold_norm=True); got cema={cema!r}, scores={scores!r}, fold_norm="
+                     f"{'ffn_colsum' in fused['layers'][0]}")
   cfg = config
   dtype = jnp.dtype(cfg.dtype)
   x = jnp.take(fused["embed"], token, axis=0).astype(dtype)  # [B, D]
@@ -763,11 +887,17 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
     x = x * jnp.asarray(math.sqrt(cfg.model_dim), dtype)
   count = cache.count
   layers = []
+  residual = None  # fuse_residual: the previous block's input, still to be added to x
   for lp, layer_cache in zip(fused["layers"], cache.layers):
     # Every layer's TimestepNorm has merged as many steps as the final norm (updated after the layers).
     x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
-                               fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count)
+                               fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count, residual,
+                               fuse_residual)
+    if fuse_residual:
+      x, residual = x
     layers.append(new_layer)
+  if residual is not None:
+    x = (x + residual).astype(dtype)
   tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
   x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
                                        cfg.norm_num_groups, cfg.norm_eps)
@@ -777,14 +907,16 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple):
+def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple,
+                fuse_residual: bool = False):
   return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores,
-                                                               attend_blocks), donate_argnums=(2,))
+                                                               attend_blocks, fuse_residual), donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
-                      scores: str = "xla", attend_blocks: tuple[int, ...] = ()) -> tuple[jax.Array, ModelCache]:
+                      scores: str = "xla", attend_blocks: tuple[int, ...] = (),
+                      fuse_residual: bool = False) -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
@@ -795,8 +927,9 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   ('pallas'; the cache's CEMA states must then be split_cema_state's float32 pairs). scores: the
   attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
   with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
-  a permute_keys cache (attend_blocks: attend_step's (block_k, block_d, sub_d), () for its defaults).
-  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True).
+  a permute_keys cache (attend_blocks: attend_step's form, see attend_options; () for its defaults).
+  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True). fuse_residual: see
+  fused_forward_one.
   """
-  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks))(
+  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks), bool(fuse_residual))(
       fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

@@ -51,9 +51,12 @@ _SLOW = pytest.mark.slow
     ("tiny_swiglu", 1, "mask", "shifted", "pallas", "pallas", False),
     ("tiny_swiglu", 2, "mask", "two_pass", "pallas", "pallas", False),
     ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True),
-    ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold")])
+    ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold"),
+    ("tiny", 1, "reduce", "shifted", "pallas", "attend", "fold_res"),  # inv from attend_step into residual_moments
+    ("tiny_swiglu", 2, "dot", "shifted", "pallas", "pallas", "fold_res")])
 def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores, transpose):
-  """transpose "fold": transposed kernels and the FFN norm folded into fc_in."""
+  """transpose "fold": transposed kernels and the FFN norm folded into fc_in; "fold_res": that and the
+  residual adds in Pallas (fuse_residual; tiny_swiglu scales the FFN output by ffn_alpha first)."""
   cfg, params = _setup(name)
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
@@ -61,7 +64,7 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
   fused = decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=bool(transpose),
-                                      fold_norm=transpose == "fold")
+                                      fold_norm=str(transpose).startswith("fold"))
   if cema == "pallas":
     cache = decoding.split_cema_state(cache)
   if scores != "xla":
@@ -69,7 +72,7 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
     step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats, cema=cema,
-                                              scores=scores)
+                                              scores=scores, fuse_residual=transpose == "fold_res")
     outputs.append(np.asarray(step)[:, None])
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
@@ -140,6 +143,8 @@ def test_fused_step_rejects_bad_arguments(setup):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, dup="reduce")
   with pytest.raises(ValueError, match="stats must be one of"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, stats="welford")
+  with pytest.raises(ValueError, match="fuse_residual=True needs"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((1,), jnp.int32), cache, fuse_residual=True)
 
 
 def test_key_permutation_round_trips(setup):
@@ -155,7 +160,7 @@ def test_key_permutation_round_trips(setup):
 
 
 @pytest.mark.parametrize("impl", [pytest.param("fused-barrier", marks=_SLOW), "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend",
-                                  "fused-reduce-fold-shifted-pallas-attend4x8x4", "fused-mask-t-fold-shifted"])
+                                  "fused-reduce-fold-shifted-pallas-attend4x8x4-res", "fused-mask-t-fold-shifted"])
 def test_bench_decode_impls_give_the_model_logits(impl):
   """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
   from experiments.benchmarks import bench_decode
@@ -166,9 +171,30 @@ def test_bench_decode_impls_give_the_model_logits(impl):
   apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
   got, _ = jax.jit(apply)(prepare(params), prepare_cache(cache), jnp.asarray(tokens[:, 5:]))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused", "fused-mask-scores-attend"):
+  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused", "fused-mask-scores-attend", "fused-dot-res-fold"):
     with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
       bench_decode.megalodon_apply(cfg, bad)
+
+
+def test_attend_options_map_the_settings_to_attend_step():
+  """() is decode_step.default_attend_form (with its combine); explicit fields keep attend_step's
+  defaults for the rest and XLA's combine; sub_d = 0 is the tensor-core form; the 8th field (and
+  ()) moves v's bias + SiLU and the RMS normalisation into attend_step."""
+  from kernels_pallas import decode_step
+  form = dict(decode_step.default_attend_form(2048, 2048))
+  combine = form.pop("combine", "xla")
+  assert decoding.attend_options((), 2048, 2048) == (form, combine)
+  assert decoding.attend_options((32, 1024, 256), 2048, 2048) == (
+      {"block_k": 32, "block_d": 1024, "sub_d": 256, "mma": False}, "xla")
+  assert decoding.attend_options((16, 512, 0, 8), 2048, 2048) == (
+      {"block_k": 16, "block_d": 512, "sub_d": None, "num_warps": 8, "mma": True}, "xla")
+  assert decoding.attend_options((8, 1024, 256, 4, 4, 1, 1, 1), 2048, 2048) == (
+      {"block_k": 8, "block_d": 1024, "sub_d": 256, "num_warps": 4, "tiles": 4, "preload": 1, "num_stages": 1,
+       "mma": False}, "xla")
+  assert decoding.attend_fuses(()) and decoding.attend_fuses((8, 1024, 256, 4, 4, 1, 1, 1))
+  assert not decoding.attend_fuses((32, 1024, 256)) and not decoding.attend_fuses((8, 1024, 256, 4, 4, 1, 1, 0))
+  with pytest.raises(ValueError, match="more than the 8 fields"):
+    decoding.attend_options(tuple(range(1, 10)), 2048, 2048)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -223,3 +249,18 @@ def test_generate_with_the_gpu_settings_equals_the_model_path(batch):
   wrong = decoding.fuse_decode_params(params, cfg, transpose=not settings.transpose)
   with pytest.raises(ValueError, match=f"transpose={settings.transpose}"):
     decoding.generate_on_device(params, cfg, prompt, 3, jax.random.key(2), fused_params=wrong, fused_settings=settings)
+
+
+def test_settings_of_keeps_fuse_residual_only_where_the_params_allow_it(monkeypatch):
+  """A default with fuse_residual=True (cema 'pallas', 'attend', fold): params made without the fold or
+  the permuted layout turn it off (the step would reject them), fold + permuted params keep it."""
+  cfg, params = _setup("tiny")
+  on = decoding.FusedSettings(dup="reduce", cema="pallas", scores="attend", transpose=True, fold_norm=True,
+                              fuse_residual=True)
+  monkeypatch.setattr(decoding, "default_fused_settings", lambda batch: on)
+  plain = decoding.fuse_decode_params(params, cfg, transpose=True)
+  assert not decoding.settings_of(plain, 1).fuse_residual
+  unpermuted = decoding.fuse_decode_params(params, cfg, transpose=True, fold_norm=True)
+  assert not decoding.settings_of(unpermuted, 1).fuse_residual
+  assert decoding.settings_of(decoding.fuse_decode_params(params, cfg, permute_z=True, transpose=True, fold_norm=True),
+                              1) == on

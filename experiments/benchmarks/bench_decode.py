@@ -183,18 +183,21 @@ def default_mega_impl(batch: int) -> str:
   flags = [("t", s.transpose and s.dup not in decoding.TRANSPOSED_DUPS), ("fold", s.fold_norm),
            ("shifted", s.stats == "shifted"),
            ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas"),
-           ("attend" + "x".join(map(str, s.attend_blocks)), s.scores == "attend")]
+           ("attend" + "x".join(map(str, s.attend_blocks)), s.scores == "attend"),
+           ("res", getattr(s, "fuse_residual", False))]
   return "-".join(["fused", s.dup] + [name for name, on in flags if on])
 
 
 def parse_mega_impl(impl: str) -> dict[str, Any]:
-  """A fused impl name, fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend], as fused_forward_one's settings.
+  """A fused impl name, fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend][-res], as fused_forward_one's
+  settings.
 
   dup: decoding.DUP_MODES (dot / reduce / pallas read the kernels transposed; -t transposes them for
   mask / barrier too); -fold: the FFN LayerNorm folded into fc_in; -shifted: one-pass norm moments; -pallas: TimestepNorm + CEMA in
   kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step;
   -attend: the whole attention + new key and value in kernels_pallas.decode_step.attend_step
-  (-attend<K>x<D>x<S>: with block_k K, block_d D, sub_d S).
+  (-attend<K>x<D>x<S>: with block_k K, block_d D, sub_d S); -res: the residual adds and the FFN norm's
+  moments in Pallas (fused_forward_one(fuse_residual=True); needs -fold -pallas and -scores or -attend).
   """
   from megalodon_jax import decoding
   parts = impl.split("-")
@@ -202,16 +205,16 @@ def parse_mega_impl(impl: str) -> dict[str, Any]:
   blocks = [f for f in parts[2:] if re.fullmatch(r"attend\d+x\d+x\d+", f)]
   flags = ["attend" if f in blocks else f for f in parts[2:]]
   if (len(parts) < 2 or parts[0] != "fused" or parts[1] not in decoding.DUP_MODES
-      or flags != [f for f in ("t", "fold", "shifted", "pallas", "scores", "attend") if f in flags]
+      or flags != [f for f in ("t", "fold", "shifted", "pallas", "scores", "attend", "res") if f in flags]
       or ("scores" in flags and "attend" in flags)):
     raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS} "
-                     "(fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend])")
+                     "(fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend][-res])")
   return {"dup": parts[1], "stats": "shifted" if "shifted" in flags else "two_pass",
           "cema": "pallas" if "pallas" in flags else "xla",
           "scores": "pallas" if "scores" in flags else "attend" if "attend" in flags else "xla",
           "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS,
           "attend_blocks": tuple(int(v) for v in blocks[0][len("attend"):].split("x")) if blocks else (),
-          "fold_norm": "fold" in flags}
+          "fold_norm": "fold" in flags, "fuse_residual": "res" in flags}
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
@@ -234,7 +237,7 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
 
   def apply(p, cache, tokens):
     logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores,
-                                               settings["attend_blocks"])
+                                               settings["attend_blocks"], settings["fuse_residual"])
     return logits[:, None], cache
 
   def prepare_cache(cache):

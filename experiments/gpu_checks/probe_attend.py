@@ -60,7 +60,8 @@ import numpy as np  # noqa: E402
 F32 = jnp.float32
 EPS = 1e-5
 # (batch, chunk, heads, dz, dv, projection columns): mega1.3B; smoke: tiny.
-SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "smoke": (1, 64, 2, 16, 64, 96)}
+SHAPES = {"mega1.3B": (1, 2048, 2, 256, 2048, 6656), "mega200M": (1, 2048, 1, 256, 2048, 3328),
+          "smoke": (1, 64, 2, 16, 64, 96)}
 # In priority order (variants past --budget-s are skipped).
 VARIANTS = ("xla_read,default,default:cp,8x1024x1024:t4:w4:p,8x1024x1024:t4:w4:p:cp,8x1024x1024:t8:w4:p,"
             "8x1024x1024:t4:w4:p2,4x1024x1024:t8:w4:p3,4x1024x1024:t16:w4:p3,8x512x512:t8:w4:p3,"
@@ -253,12 +254,13 @@ def parse_args(argv):
   parser.add_argument("--json", default=None)
   parser.add_argument("--budget-s", type=float, default=150, help="variants after this many seconds are skipped")
   parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--size", default="mega1.3B", choices=["mega1.3B", "mega200M"], help="the model's shapes")
   return parser.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  args.shape = SHAPES["smoke" if args.smoke else "mega1.3B"]
+  args.shape = SHAPES["smoke" if args.smoke else args.size]
   variants = (args.variants or (SMOKE_VARIANTS if args.smoke else VARIANTS)).split(",")
   interpret = True if args.smoke else None
   if args.smoke:

@@ -39,6 +39,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 
+def _triton_options(interpret: bool | None, num_warps: int, num_stages: int = 1) -> tuple[bool, dict]:
+  """(interpret, pallas_call keyword arguments): the Pallas interpreter off a GPU unless told otherwise;
+  on the GPU, Triton's warps per program and software-pipelining stages."""
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  if interpret:
+    return True, {}
+  from jax.experimental.pallas import triton as plgpu
+  return False, {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
 def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im,
                             *, eps: float, residual=None):
   """Plain-JAX oracle of the kernel; shapes and results as the module docstring says (with a residual:
@@ -181,8 +192,6 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
               eta_re=eta_re, eta_im=eta_im, omega=omega, h_re=h_re, h_im=h_im), groups_per_block)
   batch, groups, k = x.shape
   order = p.shape[-1]
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   gb = groups_per_block
   grid = (batch, groups // gb)
   seq = pl.BlockSpec((None, gb, k), lambda b, j: (b, j, 0))
@@ -195,10 +204,7 @@ def tsn_cema_step(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_
   y_shape = f32(x.shape) if y_scale is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), y_shape, f32((batch, groups)), f32((batch, groups)),
                f32((batch, groups)), f32(h_re.shape), f32(h_im.shape)]
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  interpret, kwargs = _triton_options(interpret, num_warps)
   in_specs = [seq, cnt, stat, stat, feat, feat, coef, coef, coef, coef, coef, feat, state, state]
   out_specs = [seq, seq, stat, stat, stat, state, state]
   aliases = {2: 3, 3: 4, 12: 5, 13: 6}
@@ -390,13 +396,8 @@ def qk_scores_step(proj, bias, scale, shift, freqs, keys, count, *, eps: float, 
   if dz % 2 or chunk % block_k:
     raise ValueError(f"the head dim ({dz}) must be even and block_k ({block_k}) must divide the chunk ({chunk})")
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   grid = (batch, heads, chunk // block_k)
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  interpret, kwargs = _triton_options(interpret, num_warps)
   key_spec = pl.BlockSpec((None, block_k, None, dz), lambda b, h, j: (b, j, h, 0))
   return pl.pallas_call(
       functools.partial(_scores_kernel, dz=dz, eps=float(eps), block_k=block_k), grid=grid,
@@ -710,12 +711,7 @@ def attend_combine_pallas(stats: jax.Array, acc: jax.Array, *, block_d: int = 64
     raise ValueError(f"gate must be [{batch}, >= {gate_offset} + {heads * dv}] with gate_offset a multiple of "
                      f"block_d ({block_d}) and gate_bias >= {heads * dv} entries, got gate "
                      f"{gate.shape}, offset {gate_offset}, bias {None if gate_bias is None else gate_bias.shape}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  interpret, kwargs = _triton_options(interpret, num_warps)
   per_head = dv // block_d
   in_specs = [pl.BlockSpec((None, None, blocks, 2), lambda b, h, d: (b, h, 0, 0)),
               pl.BlockSpec((None, None, blocks, block_d), lambda b, h, d: (b, h, 0, d))]
@@ -830,14 +826,9 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   if mma and (block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
     raise ValueError(f"mma needs block_k >= 16 (got {block_k}) and bf16 keys and values (got {keys.dtype}, "
                      f"{values.dtype})")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  interpret, kwargs = _triton_options(interpret, num_warps, num_stages)
   key_spec = pl.BlockSpec((None, span, None, dz), lambda b, h, j, d: (b, j, h, 0))
   value_spec = pl.BlockSpec((None, span, None, block_d), lambda b, h, j, d: (b, j, h, d))
   row_spec = pl.BlockSpec((None, None, block_d), lambda b, h, j, d: (b, h, d))
@@ -931,12 +922,7 @@ def gemv_partials(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, b
       raise ValueError(f"gemv_partials: {name}={block} must be a power of 2 dividing {dim}")
   if k_steps < 1 or k % (block_k * k_steps):
     raise ValueError(f"gemv_partials: k_steps={k_steps} tiles of block_k={block_k} must divide K={k}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  interpret, kwargs = _triton_options(interpret, num_warps)
   span = block_k * k_steps
   return pl.pallas_call(
       functools.partial(_gemv_kernel, block_k=block_k, k_steps=k_steps), grid=(n // block_n, k // span),
@@ -1040,12 +1026,7 @@ def residual_moments(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, in
     raise ValueError(f"inv must be [{batch}, 1], got {inv.shape}")
   if dim & (dim - 1):
     raise ValueError(f"the row length D={dim} must be a power of 2 (one Triton block per row)")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  interpret, kwargs = _triton_options(interpret, num_warps)
   h1_dtype = jnp.promote_types(raw.dtype, bias.dtype) if inv is None else raw.dtype
   sum_dtype = jnp.promote_types(h1_dtype, wh2.dtype)
   dtypes = (h1_dtype, sum_dtype, jnp.promote_types(sum_dtype, x.dtype))

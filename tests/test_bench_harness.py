@@ -291,3 +291,21 @@ def test_git_commit_prefers_the_environment(monkeypatch):
   assert harness.git_commit() == {"git_commit": "abc1234", "git_dirty": None}
   monkeypatch.delenv("GIT_COMMIT")
   assert re.fullmatch(r"[0-9a-f]{40}", harness.git_commit()["git_commit"])
+
+
+def test_kernel_totals_by_name_count_and_sum_in_first_launch_order():
+  """The GPU trace tools' per-name totals (launches, microseconds), against a direct count."""
+  from experiments.gpu_checks import profile_train_step as trace_tools
+  rng = np.random.default_rng(0)
+  names = [str(n) for n in rng.choice(["gemv", "attend_step", "combine", "tsn"], size=60)]
+  kernels = [{"name": n, "ts": float(t), "dur": float(d)}
+             for n, t, d in zip(names, rng.permutation(60) * 10.0, rng.uniform(1.0, 5.0, size=60))]
+  got = trace_tools.totals_by_name(kernels)
+  first_seen = []
+  for k in sorted(kernels, key=lambda k: k["ts"]):
+    if k["name"] not in first_seen:
+      first_seen.append(k["name"])
+  assert list(got) == first_seen
+  for name in first_seen:
+    mine = [k["dur"] for k in kernels if k["name"] == name]
+    assert got[name][0] == len(mine) and got[name][1] == pytest.approx(sum(mine))

@@ -89,11 +89,8 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 12) -> dict[str, Any]
   start = min(k["ts"] for k in kernels)
   end = max(k["ts"] + k.get("dur", 0) for k in kernels)
   busy = sum(k.get("dur", 0) for k in kernels)
-  by_name = collections.defaultdict(lambda: [0, 0.0])
-  for k in kernels:
-    by_name[k["name"]][0] += 1
-    by_name[k["name"]][1] += k.get("dur", 0)
-  ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+  from experiments.gpu_checks import profile_train_step as trace_tools
+  ranked = sorted(trace_tools.totals_by_name(kernels).items(), key=lambda kv: -kv[1][1])[:top]
   out.update(kernels_per_step=len(kernels) / steps, busy_ms_per_step=busy / steps / 1e3,
              span_ms_per_step=(end - start) / steps / 1e3,
              top=[{"name": n[:120], "per_step": c / steps, "us_per_step": d / steps} for n, (c, d) in ranked])

@@ -34,7 +34,6 @@ dot_nk 5.3 (3.15), reduce_nk 5.3 (3.16), prologue_nk 5.4, read_nk 5.5 (3.05), pa
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shutil
@@ -103,11 +102,7 @@ def kernel_summary(trace_dir: str, calls: int, count: int) -> dict:
   kernels = trace_tools.device_kernels(trace_tools.load_trace_events(trace_dir))
   if not kernels:
     return {"trace_error": "no GPU kernels in the trace (CPU run?)"}
-  by_name = collections.OrderedDict()
-  for k in sorted(kernels, key=lambda k: k["ts"]):
-    entry = by_name.setdefault(k["name"], [0, 0.0])
-    entry[0] += 1
-    entry[1] += k["dur"]
+  by_name = trace_tools.totals_by_name(kernels)
   per = calls * count
   return {"us_per_product": sum(k["dur"] for k in kernels) / per, "kernels_per_product": len(kernels) / per,
           "kernels": [{"name": n[:100], "per_product": c / per, "us": d / per} for n, (c, d) in by_name.items()]}

@@ -20,7 +20,6 @@ Every variant's y, mean and var are checked against the XLA variant's.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shutil
@@ -72,11 +71,7 @@ def kernel_summary(trace_dir: str, per: int) -> dict:
   kernels = trace_tools.device_kernels(trace_tools.load_trace_events(trace_dir))
   if not kernels:
     return {"trace_error": "no GPU kernels in the trace (CPU run?)"}
-  by_name = collections.OrderedDict()
-  for k in sorted(kernels, key=lambda k: k["ts"]):
-    entry = by_name.setdefault(k["name"], [0, 0.0])
-    entry[0] += 1
-    entry[1] += k["dur"]
+  by_name = trace_tools.totals_by_name(kernels)
   return {"us_per_call": sum(k["dur"] for k in kernels) / per, "kernels_per_call": len(kernels) / per,
           "kernels": [{"name": n[:80], "per_call": c / per, "us": d / per} for n, (c, d) in by_name.items()]}
 

@@ -13,7 +13,6 @@ the time the GPU sat idle between kernels).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shutil
@@ -32,11 +31,7 @@ def kernel_table(kernels: list[dict], calls: int) -> dict:
   if not kernels:
     return {"error": "the trace has no GPU kernels (CPU run?)"}
   kernels = sorted(kernels, key=lambda k: k["ts"])
-  by_name: dict[str, list[float]] = collections.OrderedDict()
-  for k in kernels:
-    by_name.setdefault(k["name"], [0, 0.0])
-    by_name[k["name"]][0] += 1
-    by_name[k["name"]][1] += k["dur"]
+  by_name = trace_tools.totals_by_name(kernels)
   start, end = kernels[0]["ts"], max(k["ts"] + k["dur"] for k in kernels)
   # The launch timeline of the first call: start offsets show where the GPU waited.
   per_call = len(kernels) // calls

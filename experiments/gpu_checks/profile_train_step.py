@@ -100,6 +100,16 @@ def device_kernels(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
+def totals_by_name(kernels: list[dict[str, Any]]) -> dict[str, list]:
+  """Kernel name -> [launches, total duration in microseconds], in the order the names first ran."""
+  totals: dict[str, list] = {}
+  for k in sorted(kernels, key=lambda k: k.get("ts", 0)):
+    entry = totals.setdefault(k["name"], [0, 0.0])
+    entry[0] += 1
+    entry[1] += k.get("dur", 0)
+  return totals
+
+
 def summarize(kernels: list[dict[str, Any]], steps: int, top: int) -> dict[str, Any]:
   """Per-step kernel time by category and by name (milliseconds)."""
   if not kernels:
@@ -108,12 +118,9 @@ def summarize(kernels: list[dict[str, Any]], steps: int, top: int) -> dict[str, 
   end = max(k["ts"] + k["dur"] for k in kernels)
   busy = sum(k["dur"] for k in kernels)
   by_cat = collections.Counter()
-  by_name = collections.defaultdict(lambda: [0, 0.0])
   for k in kernels:
     by_cat[category(k["name"])] += k["dur"]
-    by_name[k["name"]][0] += 1
-    by_name[k["name"]][1] += k["dur"]
-  ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+  ranked = sorted(totals_by_name(kernels).items(), key=lambda kv: -kv[1][1])[:top]
   # Copies have no telling kernel name; the HLO op behind each (when the trace says) does.
   copies = collections.defaultdict(lambda: [0, 0.0])
   for k in kernels:

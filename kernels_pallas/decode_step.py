@@ -50,6 +50,22 @@ def _triton_options(interpret: bool | None, num_warps: int, num_stages: int = 1)
   return False, {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
 
 
+def _tsn_reference(x, count, mean, var, weight, bias, *, eps: float):
+  """One TimestepNorm step of x [B, G, K] (count [B, 1] steps merged, mean/var [B, G]) -> (x_tsn in x's
+  dtype, mean', var')."""
+  f32 = jnp.float32
+  xf = x.astype(f32)
+  m = jnp.mean(xf, axis=-1)
+  v = jnp.mean(jnp.square(xf - m[..., None]), axis=-1)
+  w = 1.0 / (count.astype(f32) + 1.0)  # [B, 1]
+  delta = m - mean
+  new_mean = mean + w * delta
+  new_var = (1.0 - w) * var + w * v + ((1.0 - w) * w) * (delta * delta)
+  x_tsn = ((xf - new_mean[..., None]) * jax.lax.rsqrt(new_var + eps)[..., None] * (weight.astype(f32) + 1.0)
+           + bias.astype(f32)).astype(x.dtype)
+  return x_tsn, new_mean, new_var
+
+
 def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega, h_re, h_im,
                             *, eps: float, residual=None):
   """Plain-JAX oracle of the kernel; shapes and results as the module docstring says (with a residual:
@@ -60,15 +76,7 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
     outs = tsn_cema_step_reference(total, count, mean, var, weight, bias, p, q_re, q_im, eta_re, eta_im, omega,
                                    h_re, h_im, eps=eps)
     return outs + (total,)
-  xf = x.astype(f32)
-  m = jnp.mean(xf, axis=-1)
-  v = jnp.mean(jnp.square(xf - m[..., None]), axis=-1)
-  w = 1.0 / (count.astype(f32) + 1.0)  # [B, 1]
-  delta = m - mean
-  new_mean = mean + w * delta
-  new_var = (1.0 - w) * var + w * v + ((1.0 - w) * w) * (delta * delta)
-  x_tsn = ((xf - new_mean[..., None]) * jax.lax.rsqrt(new_var + eps)[..., None] * (weight.astype(f32) + 1.0)
-           + bias.astype(f32)).astype(x.dtype)
+  x_tsn, new_mean, new_var = _tsn_reference(x, count, mean, var, weight, bias, eps=eps)
   xt = x_tsn.astype(f32)[..., None]
   new_re = q_re * h_re - q_im * h_im + p * xt
   new_im = q_re * h_im + q_im * h_re
@@ -76,14 +84,10 @@ def tsn_cema_step_reference(x, count, mean, var, weight, bias, p, q_re, q_im, et
   return x_tsn, y, jnp.sum(y * y, axis=-1), count + 1, new_mean, new_var, new_re, new_im
 
 
-def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
-            omega_ref, hr_ref, hi_ref,
-            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int, x_value=None,
-            y_scale_ref=None):
-  """x_value: the block input already loaded (_kernel_extras' sum); None reads x_ref. y_scale_ref: y is
-  written times this per-feature scale (in y_out's dtype); the sums of squares stay those of y."""
+def _tsn_update(x, count_ref, mean_ref, var_ref, weight_ref, bias_ref, *, eps: float, k: int, dtype):
+  """The TimestepNorm step of a block of groups x [GB, K]: (x_tsn [GB, K] in dtype, mean', var' [GB])."""
   f32 = jnp.float32
-  xf = (x_ref[...] if x_value is None else x_value).astype(f32)  # [GB, K]
+  xf = x.astype(f32)
   m = jnp.sum(xf, axis=-1) * (1.0 / k)  # [GB]
   centered = xf - m[:, None]
   v = jnp.sum(centered * centered, axis=-1) * (1.0 / k)
@@ -95,7 +99,19 @@ def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr
   new_var = (1.0 - w) * var_ref[...] + w * v + ((1.0 - w) * w) * (delta * delta)
   inv = jax.lax.rsqrt(new_var + eps)
   x_tsn = ((xf - new_mean[:, None]) * inv[:, None] * (weight_ref[...].astype(f32) + 1.0)
-           + bias_ref[...].astype(f32)).astype(xt_out.dtype)
+           + bias_ref[...].astype(f32)).astype(dtype)
+  return x_tsn, new_mean, new_var
+
+
+def _kernel(x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, p_ref, qr_ref, qi_ref, er_ref, ei_ref,
+            omega_ref, hr_ref, hi_ref,
+            xt_out, y_out, ss_out, mean_out, var_out, hr_out, hi_out, *, eps: float, k: int, x_value=None,
+            y_scale_ref=None):
+  """x_value: the block input already loaded (_kernel_extras' sum); None reads x_ref. y_scale_ref: y is
+  written times this per-feature scale (in y_out's dtype); the sums of squares stay those of y."""
+  f32 = jnp.float32
+  x_tsn, new_mean, new_var = _tsn_update(x_ref[...] if x_value is None else x_value, count_ref, mean_ref, var_ref,
+                                         weight_ref, bias_ref, eps=eps, k=k, dtype=xt_out.dtype)
   xt = x_tsn.astype(f32)
   qr, qi, hr, hi = qr_ref[...], qi_ref[...], hr_ref[...], hi_ref[...]  # [GB, K, N]
   new_re = qr * hr - qi * hi + p_ref[...] * xt[:, :, None]
@@ -783,11 +799,11 @@ def default_attend_blocks(chunk: int, dv: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_k", "block_d", "sub_d", "num_warps", "preload", "tiles",
-                                             "num_stages", "mma", "rms_dim", "interpret"))
+                                             "num_stages", "mma", "rms_dim", "proj_offset", "interpret"))
 def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, eps: float,
                 block_k: int | None = None, block_d: int | None = None, sub_d: int | None = 256, num_warps: int = 4,
                 preload: bool | int = False, tiles: int = 1, num_stages: int = 1, mma: bool = False,
-                v_bias=None, sumsq=None, rms_dim: int = 0, interpret: bool | None = None):
+                v_bias=None, sumsq=None, rms_dim: int = 0, proj_offset: int = 0, interpret: bool | None = None):
   """The kernel (see above): (stats, acc, keys, values[, inv]); keys and values are updated in place
   when donated.
 
@@ -803,7 +819,11 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   silu(v_new + v_bias) in float32, rounded to the values' dtype (the decode step's v).
   sumsq [B, G] float32 with rms_dim = D: proj is the product of the UNnormalised y (times the RMS
   norm's scale); inv = rsqrt(sum(sumsq) / rms_dim + eps) multiplies z before its bias, and is
-  returned as a fifth output [B, 1] float32 for the other columns of the product."""
+  returned as a fifth output [B, 1] float32 for the other columns of the product.
+
+  proj_offset (a multiple of dz): z starts at that column of proj. v_new may also be [B, >= H dv], a
+  row whose first H dv columns are the new value (e.g. one product [v | z | ...] for both, read in
+  place rather than sliced into a copy)."""
   batch, chunk, heads, dz = keys.shape
   dv = values.shape[-1]
   default_k, default_d = default_attend_blocks(chunk, dv)
@@ -814,9 +834,16 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   if dz % 2 or tiles < 1 or chunk % span or dv % block_d or block_d % sub_d:
     raise ValueError(f"the head dim ({dz}) must be even, tiles ({tiles}) x block_k ({block_k}) must divide the chunk "
                      f"({chunk}), block_d ({block_d}) the value head dim ({dv}) and sub_d ({sub_d}) block_d")
-  if values.shape[:3] != (batch, chunk, heads) or v_new.shape != (batch, heads, dv):
-    raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv], got "
-                     f"{values.shape} and {v_new.shape}")
+  v_row = v_new.ndim == 2
+  if (values.shape[:3] != (batch, chunk, heads)
+      or (v_new.shape != (batch, heads, dv) if not v_row else (v_new.shape[0] != batch or v_new.shape[1] < heads * dv))):
+    raise ValueError(f"values must be [{batch}, {chunk}, {heads}, dv] and v_new [{batch}, {heads}, dv] (or a row "
+                     f"[{batch}, >= {heads} dv]), got {values.shape} and {v_new.shape}")
+  if proj_offset % dz or proj_offset < 0:
+    raise ValueError(f"proj_offset={proj_offset} must be a non-negative multiple of the head dim {dz}")
+  if proj.ndim == 2 and proj.shape[1] < proj_offset + heads * dz:
+    raise ValueError(f"proj must have >= {proj_offset} + {heads * dz} columns for proj_offset={proj_offset}, got "
+                     f"{proj.shape}")
   if v_bias is not None and v_bias.size != heads * dv:
     raise ValueError(f"v_bias must have {heads} x {dv} entries (one per value feature), got shape {v_bias.shape}")
   if (sumsq is None) != (rms_dim == 0) or (sumsq is not None and (sumsq.ndim != 2 or sumsq.shape[0] != batch)):
@@ -836,9 +863,16 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   kernel = functools.partial(_attend_kernel, dz=dz, eps=float(eps), block_k=block_k, block_d=block_d, sub_d=sub_d,
                              preload=int(preload), tiles=tiles, mma=bool(mma), act=v_bias is not None,
                              rms_dim=int(rms_dim))
-  in_specs = [pl.BlockSpec((None, dz), lambda b, h, j, d: (b, h)), pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
+  z_first = proj_offset // dz
+  per_head = dv // block_d
+  if v_row:
+    vnew_spec = pl.BlockSpec((None, block_d), lambda b, h, j, d: (b, h * per_head + d))
+  else:
+    vnew_spec = row_spec
+  in_specs = [pl.BlockSpec((None, dz), lambda b, h, j, d: (b, z_first + h)),
+              pl.BlockSpec((dz,), lambda b, h, j, d: (h,)),
               pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)), pl.BlockSpec((2, dz), lambda b, h, j, d: (0, h)),
-              pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec, row_spec,
+              pl.BlockSpec((dz // 2,), lambda b, h, j, d: (0,)), key_spec, value_spec, vnew_spec,
               pl.BlockSpec((1,), lambda b, h, j, d: (0,))]
   args = [proj, bias, scale.astype(f32), shift.astype(f32), freqs.astype(f32), keys, values,
           v_new if v_bias is not None else v_new.astype(values.dtype), count]
@@ -1046,3 +1080,207 @@ def residual_moments(raw, bias, wh2, x, *, raw_offset: int, bias_offset: int, in
                  jax.ShapeDtypeStruct((batch, 1), f32)],
       interpret=interpret, name="residual_moments", **kwargs,
   )(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# One row times a transposed weight in a single kernel, optionally with the FFN's input epilogue.
+#
+# gemv_rows: x [B, K] times w_t [N, K] -> [B, N]: each program reads block_n whole rows of w_t (one
+# load; every byte of the tile in flight at once), multiplies by x in float32 and sums along K. No
+# split of K, so no partials to add up afterwards.
+#
+# ffn_in_step: the FFN's first product with its folded LayerNorm and activation (batch-1 decoding,
+# megalodon_jax.decoding._folded_norm_fc_in):
+#   u = (rstd (y @ W' - mean colsum) + bias0) rounded to y's dtype,   rstd = rsqrt(var + eps),
+#   hidden = silu(u), or with SwiGLU silu(u_gate) * u_up over the two halves of W' (rows [gate | up]
+#   of w_t), silu(t) = t / (1 + exp(-t)) in float32 rounded to y's dtype.
+# In XLA the epilogue is an elementwise kernel of its own: XLA fuses it neither into the row
+# reduction before it nor into the next product (which would recompute it for every weight row).
+#
+# Arrays: y [B, K]; w_t [F', K] (F' = F, or 2F with SwiGLU); colsum, bias0 [F'] float32; mean, var
+# [B, 1] float32. Returns hidden [B, F] in y's dtype.
+# ---------------------------------------------------------------------------------------------
+
+
+def _silu_rounded(t, dtype):
+  return (t / (1.0 + jnp.exp(-t))).astype(dtype)
+
+
+def _row_products(w_ref, x):
+  return jnp.sum(w_ref[...].astype(jnp.float32) * x[None, :], axis=1)
+
+
+def _gemv_rows_kernel(x_ref, w_ref, out_ref):
+  out_ref[...] = _row_products(w_ref, x_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+
+
+def _ffn_in_kernel(y_ref, mean_ref, var_ref, *refs, eps: float, swiglu: bool):
+  f32 = jnp.float32
+  out_ref = refs[-1]
+  y = y_ref[...].astype(f32)
+  mean, rstd = mean_ref[0], jax.lax.rsqrt(var_ref[0] + eps)
+
+  def normalised(w_ref, colsum_ref, bias_ref):
+    raw = _row_products(w_ref, y)
+    return ((raw - mean * colsum_ref[...]) * rstd + bias_ref[...]).astype(out_ref.dtype).astype(f32)
+
+  hidden = _silu_rounded(normalised(*refs[:3]), out_ref.dtype)
+  if swiglu:
+    hidden = (hidden.astype(f32) * normalised(*refs[3:6])).astype(out_ref.dtype)
+  out_ref[...] = hidden
+
+
+def gemv_rows_reference(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
+  """Plain-JAX oracle: x [B, K], w_t [N, K] -> [B, N] (float32 products summed, in out_dtype, default x's)."""
+  out = jnp.einsum("bk,nk->bn", x.astype(jnp.float32), w_t.astype(jnp.float32))
+  return out.astype(out_dtype or x.dtype)
+
+
+def ffn_in_step_reference(y, w_t, colsum, bias0, mean, var, *, eps: float, swiglu: bool = False):
+  """Plain-JAX oracle of `ffn_in_step` (see the comment above)."""
+  f32 = jnp.float32
+  raw = jnp.einsum("bk,nk->bn", y.astype(f32), w_t.astype(f32))
+  u = ((raw - mean * colsum) * jax.lax.rsqrt(var + eps) + bias0).astype(y.dtype).astype(f32)
+  if not swiglu:
+    return _silu_rounded(u, y.dtype)
+  gate, up = jnp.split(u, 2, axis=-1)
+  return (_silu_rounded(gate, y.dtype).astype(f32) * up).astype(y.dtype)
+
+
+def default_gemv_rows_block(n: int, k: int) -> int:
+  """Rows per program: 16 (32 KB of bf16 weights at K = 1024), fewer when they do not divide N."""
+  block_n = 16
+  while n % block_n:
+    block_n //= 2
+  return block_n
+
+
+def _gemv_rows_check(name: str, x, w_t, rows: int, block_n: int) -> None:
+  if x.ndim != 2 or w_t.ndim != 2 or x.shape[1] != w_t.shape[1]:
+    raise ValueError(f"{name}: x must be [B, K] and w_t [N, K] with the same K, got {x.shape} and {w_t.shape}")
+  if rows % block_n or block_n & (block_n - 1) or x.shape[1] & (x.shape[1] - 1):
+    raise ValueError(f"{name}: block_n={block_n} must be a power of 2 dividing the {rows} output rows, and "
+                     f"K={x.shape[1]} a power of 2 (one Triton block per row)")
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "num_warps", "out_dtype", "interpret"))
+def gemv_rows(x: jax.Array, w_t: jax.Array, *, block_n: int | None = None, num_warps: int = 4, out_dtype=None,
+              interpret: bool | None = None) -> jax.Array:
+  """x [B, K] @ w_t[N, K].T -> [B, N] in out_dtype (default x's), one kernel (see above)."""
+  n, k = w_t.shape
+  block_n = block_n or default_gemv_rows_block(n, k)
+  _gemv_rows_check("gemv_rows", x, w_t, n, block_n)
+  interpret, kwargs = _triton_options(interpret, num_warps)
+  return pl.pallas_call(
+      _gemv_rows_kernel, grid=(x.shape[0], n // block_n),
+      in_specs=[pl.BlockSpec((None, k), lambda b, j: (b, 0)), pl.BlockSpec((block_n, k), lambda b, j: (j, 0))],
+      out_specs=pl.BlockSpec((None, block_n), lambda b, j: (b, j)),
+      out_shape=jax.ShapeDtypeStruct((x.shape[0], n), out_dtype or x.dtype), interpret=interpret, name="gemv_rows",
+      **kwargs,
+  )(x, w_t)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "swiglu", "block_n", "num_warps", "interpret"))
+def ffn_in_step(y: jax.Array, w_t: jax.Array, colsum: jax.Array, bias0: jax.Array, mean: jax.Array, var: jax.Array,
+                *, eps: float, swiglu: bool = False, block_n: int | None = None, num_warps: int = 4,
+                interpret: bool | None = None) -> jax.Array:
+  """The kernel (see above): hidden [B, F] in y's dtype."""
+  rows, k = w_t.shape
+  batch = y.shape[0]
+  if swiglu and rows % 2:
+    raise ValueError(f"ffn_in_step: with swiglu w_t holds [gate | up] rows, an even count; got {rows}")
+  width = rows // 2 if swiglu else rows
+  block_n = block_n or default_gemv_rows_block(width, k)
+  _gemv_rows_check("ffn_in_step", y, w_t, width, block_n)
+  if colsum.shape != (rows,) or bias0.shape != (rows,):
+    raise ValueError(f"ffn_in_step: colsum and bias0 must be [{rows}] (one per row of w_t), got {colsum.shape} and "
+                     f"{bias0.shape}")
+  if mean.shape != (batch, 1) or var.shape != (batch, 1):
+    raise ValueError(f"ffn_in_step: mean and var must be [{batch}, 1], got {mean.shape} and {var.shape}")
+  f32 = jnp.float32
+  interpret, kwargs = _triton_options(interpret, num_warps)
+  one = pl.BlockSpec((None, 1), lambda b, j: (b, 0))
+  in_specs = [pl.BlockSpec((None, k), lambda b, j: (b, 0)), one, one]
+  args = [y, mean.astype(f32), var.astype(f32)]
+  halves = (0, width // block_n) if swiglu else (0,)
+  for shift in halves:  # the gate half (or the only one), then the up half: the same arrays, other rows
+    in_specs += [pl.BlockSpec((block_n, k), lambda b, j, s=shift: (j + s, 0)),
+                 pl.BlockSpec((block_n,), lambda b, j, s=shift: (j + s,)),
+                 pl.BlockSpec((block_n,), lambda b, j, s=shift: (j + s,))]
+    args += [w_t, colsum.astype(f32), bias0.astype(f32)]
+  return pl.pallas_call(
+      functools.partial(_ffn_in_kernel, eps=float(eps), swiglu=bool(swiglu)), grid=(batch, width // block_n),
+      in_specs=in_specs, out_specs=pl.BlockSpec((None, block_n), lambda b, j: (b, j)),
+      out_shape=jax.ShapeDtypeStruct((batch, width), y.dtype), interpret=interpret, name="ffn_in_step", **kwargs,
+  )(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The final TimestepNorm of a decode step (no CEMA after it), one kernel with its residual add.
+#
+# After the last block the step normalises x + residual (the block's deferred residual add): in XLA
+# the add and the moments, the state merge, the normalisation and the count update are four small
+# kernels. Here one program per sequence takes all the groups, so it can also update the count in
+# place (it reads count[b] before it writes it, and no other program touches row b).
+#
+# Arrays: x, residual [B, G, K]; count [B, 1] int32; mean, var [B, G] float32; weight, bias [G, K].
+# Returns (x_tsn [B, G, K] in x's dtype, count + 1, mean', var'); count, mean, var are updated in
+# place when donated.
+# ---------------------------------------------------------------------------------------------
+
+
+def _final_norm_kernel(*refs, eps: float, k: int, with_residual: bool):
+  if with_residual:
+    x_ref, res_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, xt_out, count_out, mean_out, var_out = refs
+    x = (x_ref[...].astype(jnp.float32) + res_ref[...].astype(jnp.float32)).astype(x_ref.dtype)
+  else:
+    x_ref, count_ref, mean_ref, var_ref, weight_ref, bias_ref, xt_out, count_out, mean_out, var_out = refs
+    x = x_ref[...]
+  x_tsn, new_mean, new_var = _tsn_update(x, count_ref, mean_ref, var_ref, weight_ref, bias_ref, eps=eps, k=k,
+                                         dtype=xt_out.dtype)
+  count = count_ref[0]
+  xt_out[...] = x_tsn
+  mean_out[...] = new_mean
+  var_out[...] = new_var
+  count_out[0] = count + 1
+
+
+def final_norm_step_reference(x, count, mean, var, weight, bias, *, eps: float, residual=None):
+  """Plain-JAX oracle of `final_norm_step`."""
+  if residual is not None:
+    x = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
+  x_tsn, new_mean, new_var = _tsn_reference(x, count, mean, var, weight, bias, eps=eps)
+  return x_tsn, count + 1, new_mean, new_var
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def final_norm_step(x, count, mean, var, weight, bias, *, eps: float, residual=None, num_warps: int = 4,
+                    interpret: bool | None = None):
+  """The kernel (see above): (x_tsn, count + 1, mean', var')."""
+  batch, groups, k = x.shape
+  shapes = {"count": (batch, 1), "mean": (batch, groups), "var": (batch, groups), "weight": (groups, k),
+            "bias": (groups, k)}
+  for name, arr in (("count", count), ("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+    if tuple(arr.shape) != shapes[name]:
+      raise ValueError(f"final_norm_step: {name} must have shape {shapes[name]} for x of shape {x.shape}, got "
+                       f"{tuple(arr.shape)}")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"final_norm_step: residual must have x's shape {x.shape}, got {residual.shape}")
+  interpret, kwargs = _triton_options(interpret, num_warps)
+  seq = pl.BlockSpec((None, groups, k), lambda b: (b, 0, 0))
+  stat = pl.BlockSpec((None, groups), lambda b: (b, 0))
+  cnt = pl.BlockSpec((None, 1), lambda b: (b, 0))
+  feat = pl.BlockSpec((groups, k), lambda b: (0, 0))
+  args = [x] + ([residual] if residual is not None else []) + [count, mean.astype(jnp.float32),
+                                                                var.astype(jnp.float32), weight, bias]
+  first = 2 if residual is not None else 1  # the index of count among the inputs
+  in_specs = [seq] * first + [cnt, stat, stat, feat, feat]
+  f32 = jnp.float32
+  return tuple(pl.pallas_call(
+      functools.partial(_final_norm_kernel, eps=float(eps), k=k, with_residual=residual is not None),
+      grid=(batch,), in_specs=in_specs, out_specs=[seq, cnt, stat, stat],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(count.shape, count.dtype),
+                 jax.ShapeDtypeStruct((batch, groups), f32), jax.ShapeDtypeStruct((batch, groups), f32)],
+      input_output_aliases={first: 1, first + 1: 2, first + 2: 3}, interpret=interpret, name="final_norm_step",
+      **kwargs,
+  )(*args))

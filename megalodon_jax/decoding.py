@@ -110,6 +110,14 @@ class FusedSettings(NamedTuple):
   # The residual adds in Pallas (fused_forward_one(fuse_residual=True)); needs cema='pallas', scores
   # 'pallas' / 'attend' and fold_norm.
   fuse_residual: bool = False
+  # The FFN's first product with its norm and activation in one Pallas kernel (fused_forward_one(ffn_kernel=...)).
+  ffn_kernel: bool = False
+  # TimestepNorm/CEMA kernel groups per program (fused_forward_one(tsn_groups=...)); 0: its default.
+  tsn_groups: int = 0
+  head_rows: bool = False  # fuse_decode_params(head_rows=...)
+  merge_v: bool = False  # fuse_decode_params(merge_v=...)
+  # The final TimestepNorm (+ the last residual add and the count) in one Pallas kernel.
+  final_kernel: bool = False
 
 
 # The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode;
@@ -122,7 +130,8 @@ class FusedSettings(NamedTuple):
 #   batch > 1: at 16, 4.039 ms = 5.91x Llama (23.87 ms); fuse_residual there is slower (4.076 vs 4.035 ms in
 #     one run), attend_step 4.33 ms (round 3 of session 3) and the first default 5.42 ms.
 GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
-                                       fold_norm=True, fuse_residual=True),
+                                       fold_norm=True, fuse_residual=True, tsn_groups=1, head_rows=True, merge_v=True,
+                                       final_kernel=True),
                       "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True,
                                                fold_norm=True)}
 
@@ -139,14 +148,15 @@ def settings_of(fused: Any, batch: int) -> FusedSettings:
   """The settings for fuse_decode_params output `fused`: its layout decides transpose and scores, the
   rest is default_fused_settings(batch)'s (a transposed-only single-row form falls back to 'mask')."""
   default = default_fused_settings(batch)
-  transpose = "w_mx_t" in fused["layers"][0]
+  transpose = "w_mx_t" in fused["layers"][0] or "w_vmx_t" in fused["layers"][0]
   dup = default.dup if transpose or default.dup not in TRANSPOSED_DUPS else "mask"
   scores = default.scores if default.scores != "xla" else "pallas"
   fold_norm = "ffn_colsum" in fused["layers"][0]
   # fuse_residual needs the fold and the permuted layout (scores 'pallas' / 'attend'): off for other params.
   fuse_residual = default.fuse_residual and fold_norm and "rope_freqs" in fused and default.cema == "pallas"
   return default._replace(dup=dup, transpose=transpose, scores=scores if "rope_freqs" in fused else "xla",
-                          fold_norm=fold_norm, fuse_residual=fuse_residual)
+                          fold_norm=fold_norm, fuse_residual=fuse_residual, head_rows="head_t" in fused,
+                          merge_v="w_vmx_t" in fused["layers"][0])
 
 
 def to_fused_cache(cache: ModelCache, config: MegalodonConfig, settings: FusedSettings) -> ModelCache:
@@ -184,7 +194,9 @@ def _sample_loop(config: MegalodonConfig, steps: int, temperature: float, top_k:
   def forward(params, token, cache):
     if decode_impl == "fused":
       return fused_forward_one(params, config, token, cache, settings.dup, settings.stats, settings.cema,
-                               settings.scores, settings.attend_blocks, settings.fuse_residual)
+                               settings.scores, settings.attend_blocks, settings.fuse_residual,
+                               ffn_kernel=settings.ffn_kernel, tsn_groups=settings.tsn_groups,
+                               final_kernel=settings.final_kernel)
     logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -225,9 +237,10 @@ def _loop_setup(params: Any, config: MegalodonConfig, decode_impl: str, fused_pa
   if fused_params is None:
     settings = settings or default_fused_settings(batch)
     fused_params = fuse_decode_params(params, config, permute_z=settings.scores != "xla",
-                                      transpose=settings.transpose, fold_norm=settings.fold_norm)
+                                      transpose=settings.transpose, fold_norm=settings.fold_norm,
+                                      head_rows=settings.head_rows, merge_v=settings.merge_v)
   settings = settings or settings_of(fused_params, batch)
-  if ("w_mx_t" in fused_params["layers"][0]) != settings.transpose:
+  if any(name in fused_params["layers"][0] for name in ("w_mx_t", "w_vmx_t")) != settings.transpose:
     raise ValueError(f"fused_params are {'' if settings.transpose else 'not '}expected transposed by {settings}: "
                      f"make them with fuse_decode_params(..., transpose={settings.transpose})")
   return fused_params, settings
@@ -335,9 +348,9 @@ def generate_on_device(params: Any, config: MegalodonConfig, prompt: np.ndarray 
 # the FFN's LayerNorm folded into fc_in (fold_norm=True).
 # ---------------------------------------------------------------------------------------------
 
-DUP_MODES = ("barrier", "mask", "dot", "reduce", "pallas")
+DUP_MODES = ("barrier", "mask", "dot", "reduce", "pallas", "rows")
 # Single-row forms that read the projection kernels transposed, [N, K] (fuse_decode_params(transpose=True)).
-TRANSPOSED_DUPS = ("dot", "reduce", "pallas")
+TRANSPOSED_DUPS = ("dot", "reduce", "pallas", "rows")
 # The projection kernels of a layer in decode layout (stored as `<name>_t` [N, K] when transposed).
 PROJECTIONS = ("wv", "w_mx", "wh2", "fc_in", "fc2")
 
@@ -356,7 +369,7 @@ def _z_permutation(config: MegalodonConfig) -> np.ndarray:
 
 
 def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
-                transpose: bool = False, fold_norm: bool = False) -> dict[str, Any]:
+                transpose: bool = False, fold_norm: bool = False, merge_v: bool = False) -> dict[str, Any]:
   """One block's parameters in decode layout (see fuse_decode_params)."""
   from megalodon_jax.ops import cema as cema_ops
   dtype = jnp.dtype(config.dtype)
@@ -416,11 +429,14 @@ def _fuse_layer(layer: Any, config: MegalodonConfig, permute_z: bool = False,
   if transpose:
     for name in PROJECTIONS:
       out[f"{name}_t"] = out.pop(name).T
+  if merge_v:
+    out["w_vmx_t"] = jnp.concatenate([out.pop("wv_t"), out.pop("w_mx_t")], axis=0)
   return out
 
 
 def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = False,
-                       transpose: bool = False, fold_norm: bool = False) -> dict[str, Any]:
+                       transpose: bool = False, fold_norm: bool = False, head_rows: bool = False,
+                       merge_v: bool = False) -> dict[str, Any]:
   """The model's parameters in the layout `fused_decode_step` reads; compute once per generation.
 
   Per layer: CEMA coefficients (p, q, eta, as ops.cema.cema_coefficients makes them every step),
@@ -440,13 +456,25 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   fold_norm: the FFN LayerNorm's scale folded into fc_in (plus fc_in's column sums and the norm's
   bias times fc_in): the step multiplies the block's output itself and normalises the product
   (one kernel fewer per layer; equal to the norm-then-product up to bf16 rounding).
+
+  head_rows: the output kernel also transposed, [V, D] in the compute dtype under "head_t" (the
+  logits as a row reduction, see fused_forward_one).
+
+  merge_v (needs transpose and permute_z): wv's and w_mx's transposed kernels as one, [V + P, K]
+  under "w_vmx_t" (rows [wv | z | r | h1]), for the single-row step with scores='attend': the two
+  products of one layer read different rows (x_tsn, mx) but need not wait for each other, and one
+  row reduction reads both kernels (one launch, ramp and tail instead of two).
   """
   from megalodon_jax.ops import rope
   dtype = jnp.dtype(config.dtype)
-  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z, transpose, fold_norm))
+  if merge_v and not (transpose and permute_z):
+    raise ValueError("merge_v=True needs transpose=True and permute_z=True (the single-row step with scores='attend')")
+  fuse = jax.jit(lambda layer: _fuse_layer(layer, config, permute_z, transpose, fold_norm, merge_v))
   embedding = params["embed"]["embedding"]
   head = embedding.T if config.share_emb else params["output"]["kernel"]
   extra = {"rope_freqs": rope.rope_frequencies(config.z_head_dim, config.rope_base)} if permute_z else {}
+  if head_rows:
+    extra["head_t"] = head.T.astype(dtype)
   return {
       **extra,
       "embed": embedding,
@@ -466,7 +494,8 @@ def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str, tran
   above); with the transposed kernel 'dot' a dot_general that XLA strength-reduces to a row
   reduction (one kernel that reads each weight once, contiguous along K), 'reduce' that row
   reduction written out (float32 products summed; elementwise producers of x can fuse into it),
-  'pallas' kernels_pallas.decode_step.gemv_partials (split-K tiles) and the sum of its partials.
+  'pallas' kernels_pallas.decode_step.gemv_partials (split-K tiles) and the sum of its partials,
+  'rows' decode_step.gemv_rows (whole rows per program, one kernel).
   """
   from megalodon_jax.ops import dense as dense_ops
   out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -488,6 +517,8 @@ def _rows_matmul(x: jax.Array, w: jax.Array, row_mask: jax.Array, dup: str, tran
   if dup == "reduce":
     return jnp.sum(x.astype(jnp.float32) * w.astype(jnp.float32), axis=-1)[None].astype(out_dtype)
   from kernels_pallas import decode_step
+  if dup == "rows":
+    return decode_step.gemv_rows(x, w, out_dtype=out_dtype)
   return jnp.sum(decode_step.gemv_partials(x[0], w), axis=0)[None].astype(out_dtype)
 
 
@@ -605,7 +636,7 @@ def unpermute_keys(cache: ModelCache, config: MegalodonConfig) -> ModelCache:
 
 def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache: LayerCache,
                      shared_count: jax.Array | None = None, defer_rms: bool = False,
-                     residual: jax.Array | None = None):
+                     residual: jax.Array | None = None, groups_per_block: int = 0):
   """TimestepNorm + CEMA + RMSNorm statistics by kernels_pallas.decode_step: (x_tsn, mx, norm, cema,
   sumsq, x).
 
@@ -630,6 +661,7 @@ def _tsn_cema_pallas(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, 
       grouped(x), (cache.norm.count if shared_count is None else shared_count)[:, None],
       cache.norm.mean, cache.norm.var, sp["tsn_weight"], sp["tsn_bias"], sp["p"], sp["q_re"], sp["q_im"],
       sp["eta_re"], sp["eta_im"], sp["omega"], h_re.reshape(state), h_im.reshape(state), eps=config.norm_eps,
+      groups_per_block=groups_per_block or None,
       count_state=None if shared_count is None else cache.norm.count[:, None], residual=grouped(residual),
       y_scale=lp["rms_scale"].reshape(groups, -1) if defer_rms else None)
   x = block_input[0].reshape(batch, dim) if block_input else x
@@ -647,7 +679,8 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
                 count: jax.Array, row_mask: jax.Array, dup: str, stats: str,
                 cema: str = "xla", scores: str = "xla", rope_freqs: jax.Array | None = None,
                 attend_blocks: tuple[int, ...] = (), shared_count: jax.Array | None = None,
-                residual: jax.Array | None = None, fuse_residual: bool = False) -> tuple[Any, LayerCache]:
+                residual: jax.Array | None = None, fuse_residual: bool = False, ffn_kernel: bool = False,
+                tsn_groups: int = 0) -> tuple[Any, LayerCache]:
   """One block for one token: x [B, D] (compute dtype) -> (block output [B, D], new layer cache).
 
   fuse_residual: the block output is the pair (FFN output, block input) whose sum the next block's
@@ -662,7 +695,8 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
   sumsq = None
   if cema == "pallas":
     defer_rms = scores == "attend" and attend_fuses(attend_blocks)
-    x_tsn, mx, norm_state, h, sumsq, x = _tsn_cema_pallas(lp, cfg, x, cache, shared_count, defer_rms, residual)
+    x_tsn, mx, norm_state, h, sumsq, x = _tsn_cema_pallas(lp, cfg, x, cache, shared_count, defer_rms, residual,
+                                                          tsn_groups)
   else:
     tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
     x_tsn, norm_state = tsn_step(x, cache.norm, lp["tsn_weight"], lp["tsn_bias"], cfg.norm_num_groups,
@@ -676,7 +710,7 @@ def _layer_step(lp: dict[str, Any], config: MegalodonConfig, x: jax.Array, cache
 
   if scores != "xla":
     return _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h,
-                                     rope_freqs, scores, attend_blocks, sumsq, fuse_residual)
+                                     rope_freqs, scores, attend_blocks, sumsq, fuse_residual, ffn_kernel)
   proj = matmul(mx, "w_mx") + lp["b_mx"]
   z, r, h1 = jnp.split(proj, [cfg.z_dim, cfg.z_dim + cfg.value_dim], axis=-1)
   z = norms.rms_norm(z.reshape(batch, heads, dz).astype(jnp.float32), None, cfg.norm_eps)
@@ -737,15 +771,25 @@ def _attend_combined(block_stats: jax.Array, acc: jax.Array, combine: str, dtype
 
 
 def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup, stats, norm_state, h, rope_freqs,
-                              scores_mode="pallas", attend_blocks=(), sumsq=None, fuse_residual=False):
+                              scores_mode="pallas", attend_blocks=(), sumsq=None, fuse_residual=False,
+                              ffn_kernel=False):
   """_layer_step from mx on, with the attention scores and the new key ('pallas') or the whole attention
   and the new key and value ('attend') by kernels_pallas.decode_step. sumsq: mx is not normalised
   (_tsn_cema_pallas(defer_rms=True)), attend_step applies the normalisation (needs attend_fuses)."""
   from kernels_pallas import decode_step
   batch = x.shape[0]
   matmul = lambda a, name, out_dtype=None: _project(a, lp, name, row_mask, dup, out_dtype)
-  raw = matmul(mx, "w_mx")  # [B, P]
   z_dim = cfg.z_dim
+  merged = "w_vmx_t" in lp
+  base = cfg.value_dim if merged else 0  # the w_mx product's first column in raw
+  if merged:
+    if batch != 1 or dup != "reduce" or scores_mode != "attend" or sumsq is None:
+      raise ValueError("merged [wv | w_mx] kernels (fuse_decode_params(merge_v=True)) are for one sequence with "
+                       f"dup='reduce', scores='attend' and cema='pallas'; got batch {batch}, dup={dup!r}, "
+                       f"scores={scores_mode!r}, cema {'pallas' if sumsq is not None else 'xla'}")
+    raw = _merged_product(x_tsn, mx, lp["w_vmx_t"], cfg.value_dim)  # [1, V + P]: [v | z | r | h1]
+  else:
+    raw = matmul(mx, "w_mx")  # [B, P]
   qk = (raw, lp["b_z"], lp["qk_scale"].reshape(2, z_dim), lp["qk_shift"].reshape(2, z_dim), rope_freqs)
   value_shape = (batch, cfg.num_heads, cfg.v_head_dim)
   inv, gated = None, False
@@ -753,8 +797,9 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
     # The new value's bias + SiLU (and with sumsq the RMS normalisation of mx) inside attend_step.
     options, combine = attend_options(attend_blocks, cache.value.shape[1], cache.value.shape[-1])
     rms = {} if sumsq is None else {"sumsq": sumsq, "rms_dim": x.shape[-1]}
-    outs = decode_step.attend_step(*qk, cache.key, cache.value, matmul(x_tsn, "wv").reshape(value_shape),
-                                   count.reshape(1), eps=cfg.norm_eps, v_bias=lp["bv"], **rms, **options)
+    v_raw = raw if merged else matmul(x_tsn, "wv").reshape(value_shape)
+    outs = decode_step.attend_step(*qk, cache.key, cache.value, v_raw, count.reshape(1), eps=cfg.norm_eps,
+                                   v_bias=lp["bv"], proj_offset=base, **rms, **options)
     block_stats, acc, key, value = outs[:4]
     inv = outs[4] if sumsq is not None else None
     block_d = min(64, cfg.v_head_dim)
@@ -762,7 +807,7 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
       # The gate silu(r) applied by the combine kernel (r read from the product in place): the gate is
       # no XLA kernel of its own, and the wh2 product reads the gated output as it is.
       attn = decode_step.attend_combine_pallas(block_stats, acc, block_d=block_d, out_dtype=x.dtype, gate=raw,
-                                               gate_bias=lp["b_rh"], gate_scale=inv, gate_offset=z_dim)
+                                               gate_bias=lp["b_rh"], gate_scale=inv, gate_offset=base + z_dim)
       gated = True
     else:
       attn = _attend_combined(block_stats, acc, combine, x.dtype)
@@ -779,14 +824,14 @@ def _layer_rest_pallas_scores(lp, cfg, x, x_tsn, mx, cache, count, row_mask, dup
     scores, key = decode_step.qk_scores_step(*qk, cache.key, count.reshape(1), eps=cfg.norm_eps)
     value = jax.lax.dynamic_update_slice(cache.value, v[:, None].astype(cache.value.dtype), (0, count, 0, 0))
     attn = _probs_times_values(jax.nn.softmax(scores, axis=-1), value, row_mask, dup)
-  rh = raw[:, z_dim:]
+  rh = raw[:, base + z_dim:]
   if inv is not None:  # the normalisation of mx, applied to the product: elementwise, fused into r's and h1's users
     rh = (inv * rh.astype(jnp.float32) + lp["b_rh"].astype(jnp.float32)).astype(raw.dtype)
   else:
     rh = rh + lp["b_rh"]
   r, h1 = jnp.split(rh, [cfg.value_dim], axis=-1)
   gate = jnp.ones((), x.dtype) if gated else jax.nn.silu(r)  # gated: already applied (x 1 folds away)
-  out = _block_tail(lp, cfg, x, attn, gate, h1, matmul, stats, raw if fuse_residual else None, inv)
+  out = _block_tail(lp, cfg, x, attn, gate, h1, matmul, stats, raw if fuse_residual else None, inv, ffn_kernel, base)
   return out, LayerCache(key, value, h, norm_state)
 
 
@@ -807,13 +852,23 @@ def _folded_norm_fc_in(lp, cfg, y, matmul, moments=None):
   return ((raw - mean * lp["ffn_colsum"]) * jax.lax.rsqrt(var + cfg.norm_eps) + lp["ffn_bias0"]).astype(y.dtype)
 
 
-def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats, raw=None, inv=None):
+def _merged_product(x_tsn: jax.Array, mx: jax.Array, w_t: jax.Array, v_width: int) -> jax.Array:
+  """[x_tsn @ wv | mx @ w_mx] [1, V + P] from the merged kernel w_t [V + P, K] (fuse_decode_params(merge_v=True)):
+  one row reduction whose row n reads x_tsn (n < V) or mx (a select XLA fuses into the reduction)."""
+  rows = jnp.arange(w_t.shape[0])[:, None] < v_width
+  x_rows = jnp.where(rows, x_tsn[0][None, :], mx[0][None, :])  # [V + P, K], never materialised
+  return jnp.sum(x_rows.astype(jnp.float32) * w_t.astype(jnp.float32), axis=-1)[None].astype(mx.dtype)
+
+
+def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats, raw=None, inv=None, ffn_kernel=False, raw_base=0):
   """attn: [B, H, dv] -> block output [B, D]: gate, wh2, residual, normalised FFN, residual.
 
   raw [B, P] (the w_mx product before its bias), with fold_norm: the block's residual add and the FFN
   norm's moments in one Pallas kernel (decode_step.residual_moments, which reads h1 out of raw), and
   the FFN's residual add left to the next block: returns the pair (FFN output, x). inv [B, 1] float32
-  (with raw): mx was not normalised, h1 = inv * raw_h + b_h (attend_step's inv)."""
+  (with raw): mx was not normalised, h1 = inv * raw_h + b_h (attend_step's inv). ffn_kernel (with raw
+  and transposed kernels): fc_in's product, its norm and the activation by decode_step.ffn_in_step.
+  raw_base: the w_mx product's first column in raw (merged [wv | w_mx] products)."""
   from megalodon_jax.ops import norms
   batch = x.shape[0]
   attn = attn.reshape(batch, cfg.value_dim) * r
@@ -821,17 +876,24 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats, raw=None, inv=None):
   if raw is not None:
     from kernels_pallas import decode_step
     y, *moments = decode_step.residual_moments(raw, lp["b_rh"], matmul(attn, "wh2"), x, inv=inv,
-                                               raw_offset=cfg.z_dim + cfg.value_dim, bias_offset=cfg.value_dim)
+                                               raw_offset=raw_base + cfg.z_dim + cfg.value_dim,
+                                               bias_offset=cfg.value_dim)
   else:
     y = ((h1 + matmul(attn, "wh2")) + x).astype(x.dtype)
 
-  if "ffn_colsum" in lp:
+  if ffn_kernel:
+    from kernels_pallas import decode_step
+    hidden = decode_step.ffn_in_step(y, lp["fc_in_t"], lp["ffn_colsum"], lp["ffn_bias0"], *moments, eps=cfg.norm_eps,
+                                     swiglu=cfg.swiglu)
+  elif "ffn_colsum" in lp:
     hidden = _folded_norm_fc_in(lp, cfg, y, matmul, moments)
   else:
     layer_norm = _layer_norm_shifted if stats == "shifted" else norms.layer_norm
     u = layer_norm(y, lp["ffn_weight"], lp["ffn_bias"], cfg.norm_eps)
     hidden = matmul(u, "fc_in")
-  if cfg.swiglu:
+  if ffn_kernel:
+    pass  # activated in the kernel
+  elif cfg.swiglu:
     gate, up = jnp.split(hidden, 2, axis=-1)
     hidden = jax.nn.silu(gate) * up
   else:
@@ -847,13 +909,19 @@ def _block_tail(lp, cfg, x, attn, r, h1, matmul, stats, raw=None, inv=None):
 def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
                       scores: str = "xla", attend_blocks: tuple[int, ...] = (),
-                      fuse_residual: bool = False) -> tuple[jax.Array, ModelCache]:
+                      fuse_residual: bool = False, ffn_kernel: bool = False,
+                      tsn_groups: int = 0, final_kernel: bool = False) -> tuple[jax.Array, ModelCache]:
   """Not jitted: token [B] int -> (logits [B, V] float32, new cache); the math of `fused_decode_step`.
 
   For use inside a caller's jit (e.g. a generation loop); cache layers must be a tuple (unrolled).
   fuse_residual: a block's residual add and its FFN norm's moments by decode_step.residual_moments,
   and its FFN residual add by the next block's TimestepNorm kernel (two XLA kernels fewer per layer;
   the same values); needs cema='pallas', scores 'pallas' or 'attend' and fold_norm params.
+  ffn_kernel: fc_in's product, the FFN norm and the activation in one Pallas kernel
+  (decode_step.ffn_in_step; needs fuse_residual and transposed kernels). tsn_groups: norm groups per program of the TimestepNorm/CEMA kernel (cema='pallas'; 0: its
+  default). Params with "head_t" (fuse_decode_params(head_rows=True)): the logits as a row reduction
+  over the transposed output kernel. final_kernel: the last residual add, the final TimestepNorm and
+  its count update in one Pallas kernel (decode_step.final_norm_step).
   """
   from megalodon_jax.ops.logits import output_logits
   if isinstance(cache.layers, LayerCache) or not cache.layers:
@@ -861,7 +929,7 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
                      "with scan_layers=False); convert a scanned one with unstack_cache")
   if dup not in DUP_MODES:
     raise ValueError(f"dup must be one of {DUP_MODES}, got {dup!r}")
-  if dup in TRANSPOSED_DUPS and "w_mx_t" not in fused["layers"][0]:
+  if dup in TRANSPOSED_DUPS and not any(name in fused["layers"][0] for name in ("w_mx_t", "w_vmx_t")):
     raise ValueError(f"dup={dup!r} reads the projection kernels transposed: make the params with "
                      "fuse_decode_params(..., transpose=True)")
   if stats not in STATS_MODES:
@@ -880,6 +948,9 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
     raise ValueError("fuse_residual=True needs cema='pallas', scores='pallas' or 'attend' and "
                      f"fuse_decode_params(..., fold_norm=True); got cema={cema!r}, scores={scores!r}, fold_norm="
                      f"{'ffn_colsum' in fused['layers'][0]}")
+  if ffn_kernel and (not fuse_residual or "fc_in_t" not in fused["layers"][0]):
+    raise ValueError("ffn_kernel=True needs fuse_residual=True (the FFN norm's moments from residual_moments) and "
+                     "transposed kernels (fuse_decode_params(..., transpose=True))")
   cfg = config
   dtype = jnp.dtype(cfg.dtype)
   x = jnp.take(fused["embed"], token, axis=0).astype(dtype)  # [B, D]
@@ -892,31 +963,51 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
     # Every layer's TimestepNorm has merged as many steps as the final norm (updated after the layers).
     x, new_layer = _layer_step(lp, cfg, x, layer_cache, count, fused["row_mask"], dup, stats, cema, scores,
                                fused.get("rope_freqs"), tuple(attend_blocks), cache.final_norm.count, residual,
-                               fuse_residual)
+                               fuse_residual, ffn_kernel, tsn_groups)
     if fuse_residual:
       x, residual = x
     layers.append(new_layer)
-  if residual is not None:
-    x = (x + residual).astype(dtype)
-  tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
-  x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
-                                       cfg.norm_num_groups, cfg.norm_eps)
-  logits = output_logits(x, fused["head"], dtype)
+  if final_kernel:
+    from kernels_pallas import decode_step
+    from megalodon_jax.ops import timestep_norm as tsn
+    batch, groups = x.shape[0], cfg.norm_num_groups
+    grouped = lambda a: a.reshape(batch, groups, -1)
+    norm = cache.final_norm
+    x, final_count, mean, var = decode_step.final_norm_step(
+        grouped(x), norm.count[:, None], norm.mean, norm.var, grouped(fused["final_weight"][None])[0],
+        grouped(fused["final_bias"][None])[0], eps=cfg.norm_eps,
+        residual=None if residual is None else grouped(residual))
+    x = x.reshape(batch, -1)
+    final_state = tsn.TimestepNormState(final_count[:, 0], mean, var)
+  else:
+    if residual is not None:
+      x = (x + residual).astype(dtype)
+    tsn_step = _timestep_norm_step_shifted if stats == "shifted" else _timestep_norm_step
+    x, final_state = tsn_step(x, cache.final_norm, fused["final_weight"], fused["final_bias"],
+                              cfg.norm_num_groups, cfg.norm_eps)
+  if "head_t" in fused and x.shape[0] == 1:  # [V, D]: read once, contiguous along D (as dup='reduce')
+    logits = jnp.sum(x.astype(dtype).astype(jnp.float32)[:, None, :] * fused["head_t"].astype(jnp.float32), axis=-1)
+  else:
+    logits = output_logits(x, fused["head"], dtype)
   new_count = ((count + 1) % cfg.chunk_size).astype(jnp.int32)
   return logits, ModelCache(layers=tuple(layers), final_norm=final_state, count=new_count)
 
 
 @functools.lru_cache(maxsize=None)
 def _fused_step(config: MegalodonConfig, dup: str, stats: str, cema: str, scores: str, attend_blocks: tuple,
-                fuse_residual: bool = False):
+                fuse_residual: bool = False, ffn_kernel: bool = False, tsn_groups: int = 0,
+                final_kernel: bool = False):
   return jax.jit(lambda fused, token, cache: fused_forward_one(fused, config, token, cache, dup, stats, cema, scores,
-                                                               attend_blocks, fuse_residual), donate_argnums=(2,))
+                                                               attend_blocks, fuse_residual, ffn_kernel, tsn_groups,
+                                                               final_kernel),
+                 donate_argnums=(2,))
 
 
 def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax.Array, cache: ModelCache,
                       dup: str = "mask", stats: str = "shifted", cema: str = "xla",
                       scores: str = "xla", attend_blocks: tuple[int, ...] = (),
-                      fuse_residual: bool = False) -> tuple[jax.Array, ModelCache]:
+                      fuse_residual: bool = False, ffn_kernel: bool = False,
+                      tsn_groups: int = 0, final_kernel: bool = False) -> tuple[jax.Array, ModelCache]:
   """`decode_step` through `fuse_decode_params(params, config)`: token [B] -> (logits [B, V], cache).
 
   The cache (unrolled layers) is consumed. dup: how a single sequence's row becomes a GEMM
@@ -928,8 +1019,9 @@ def fused_decode_step(fused: dict[str, Any], config: MegalodonConfig, token: jax
   attention scores and the new key in XLA or in one Pallas kernel ('pallas'), or the whole attention
   with the new key and value in one ('attend'); both need fuse_decode_params(..., permute_z=True) and
   a permute_keys cache (attend_blocks: attend_step's form, see attend_options; () for its defaults).
-  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True). fuse_residual: see
-  fused_forward_one.
+  dup 'dot' / 'reduce' / 'pallas' need fuse_decode_params(..., transpose=True). fuse_residual, ffn_kernel,
+  tsn_groups, final_kernel: see fused_forward_one.
   """
-  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks), bool(fuse_residual))(
+  return _fused_step(config, dup, stats, cema, scores, tuple(attend_blocks), bool(fuse_residual), bool(ffn_kernel),
+                     int(tsn_groups), bool(final_kernel))(
       fused, jnp.asarray(token, jnp.int32).reshape(-1), cache)

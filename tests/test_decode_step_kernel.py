@@ -493,3 +493,75 @@ def test_attend_combine_pallas_gate(scaled):
   with pytest.raises(ValueError, match="gate must be"):
     decode_step.attend_combine_pallas(stats, jnp.asarray(acc, jnp.float32), block_d=16, gate=raw, gate_bias=bias,
                                       gate_offset=8)
+
+
+@pytest.mark.parametrize("batch,block_n", [(1, 16), (2, 8)])
+def test_gemv_rows_equals_the_product(batch, block_n):
+  """x [B, K] times w_t [N, K] (bf16), whole rows per program: against float64 and the reference."""
+  rng = np.random.default_rng(batch)
+  n, k = 48, 128
+  x = jnp.asarray(rng.normal(size=(batch, k)), jnp.bfloat16)
+  w_t = jnp.asarray(rng.normal(size=(n, k)), jnp.bfloat16)
+  got = np.asarray(decode_step.gemv_rows(x, w_t, block_n=block_n, out_dtype=jnp.float32))
+  want = np.asarray(x, np.float64) @ np.asarray(w_t, np.float64).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(decode_step.gemv_rows_reference(x, w_t, jnp.float32)), want, rtol=1e-5,
+                             atol=1e-4)
+  rounded = decode_step.gemv_rows(x, w_t, block_n=block_n)  # x's dtype
+  assert rounded.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(rounded, np.float64), want, rtol=1e-2, atol=1e-2)
+
+
+def _ffn_inputs(batch, rows, k, seed):
+  rng = np.random.default_rng(seed)
+  y = jnp.asarray(rng.normal(size=(batch, k)) + 0.5, jnp.bfloat16)
+  w_t = jnp.asarray(rng.normal(size=(rows, k)) / np.sqrt(k), jnp.bfloat16)
+  colsum = jnp.sum(w_t.astype(jnp.float32), axis=1)
+  bias0 = jnp.asarray(rng.normal(size=rows), jnp.float32)
+  yf = np.asarray(y, np.float64)
+  mean = jnp.asarray(yf.mean(1, keepdims=True), jnp.float32)
+  var = jnp.asarray(yf.var(1, keepdims=True), jnp.float32)
+  return y, w_t, colsum, bias0, mean, var
+
+
+@pytest.mark.parametrize("swiglu,batch", [(False, 1), (True, 1), (False, 2)])
+def test_ffn_in_step_equals_layer_norm_product_and_activation(swiglu, batch):
+  """The folded form (y @ W' - mean colsum) rstd + bias0 then SiLU (or SwiGLU) against float64 of the
+  unfolded LayerNorm(y) @ W' + bias0 (bf16-level: the kernel rounds u and the activation to bf16),
+  and against its plain-JAX reference to float32 rounding."""
+  width, k = 32, 64
+  rows = 2 * width if swiglu else width
+  y, w_t, colsum, bias0, mean, var = _ffn_inputs(batch, rows, k, seed=batch + swiglu)
+  got = decode_step.ffn_in_step(y, w_t, colsum, bias0, mean, var, eps=EPS, swiglu=swiglu, block_n=8)
+  assert got.shape == (batch, width) and got.dtype == jnp.bfloat16
+  ref = decode_step.ffn_in_step_reference(y, w_t, colsum, bias0, mean, var, eps=EPS, swiglu=swiglu)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-6)
+  assert np.mean(np.asarray(got, np.float32) == np.asarray(ref, np.float32)) > 0.9
+  yf = np.asarray(y, np.float64)
+  normed = (yf - yf.mean(1, keepdims=True)) / np.sqrt(yf.var(1, keepdims=True) + EPS)
+  u = normed @ np.asarray(w_t, np.float64).T + np.asarray(bias0, np.float64)
+  silu = lambda t: t / (1 + np.exp(-t))
+  want = silu(u[:, :width]) * u[:, width:] if swiglu else silu(u)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=3e-2, atol=3e-2)
+
+
+def test_gemv_rows_and_ffn_in_step_lower_for_cuda_and_check_shapes():
+  """mega200M's fc_in (2560 x 1024) lowers for CUDA; bad shapes are named."""
+  y, w_t, colsum, bias0, mean, var = _ffn_inputs(1, 2560, 1024, seed=0)
+  lowered = jax.jit(lambda *a: decode_step.ffn_in_step(*a, eps=EPS, interpret=False)).trace(
+      y, w_t, colsum, bias0, mean, var).lower(lowering_platforms=("cuda",))
+  assert "ffn_in_step" in lowered.as_text()
+  lowered = jax.jit(lambda a, b: decode_step.gemv_rows(a, b, interpret=False)).trace(y, w_t).lower(
+      lowering_platforms=("cuda",))
+  assert "gemv_rows" in lowered.as_text()
+  assert decode_step.default_gemv_rows_block(4864, 2048) == 16 and decode_step.default_gemv_rows_block(24, 64) == 8
+  with pytest.raises(ValueError, match="same K"):
+    decode_step.gemv_rows(y[:, :512], w_t)
+  with pytest.raises(ValueError, match="block_n=12"):
+    decode_step.gemv_rows(y, w_t, block_n=12)
+  with pytest.raises(ValueError, match="even count"):
+    decode_step.ffn_in_step(y, w_t[:7], colsum[:7], bias0[:7], mean, var, eps=EPS, swiglu=True)
+  with pytest.raises(ValueError, match="colsum and bias0"):
+    decode_step.ffn_in_step(y, w_t, colsum[:8], bias0, mean, var, eps=EPS)
+  with pytest.raises(ValueError, match="mean and var"):
+    decode_step.ffn_in_step(y, w_t, colsum, bias0, mean[0], var, eps=EPS)

@@ -53,10 +53,16 @@ _SLOW = pytest.mark.slow
     ("tiny", 1, "pallas", "shifted", "pallas", "attend", True), ("tiny_swiglu", 2, "dot", "shifted", "xla", "attend", True),
     ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold"),
     ("tiny", 1, "reduce", "shifted", "pallas", "attend", "fold_res"),  # inv from attend_step into residual_moments
+    ("tiny_swiglu", 1, "reduce", "shifted", "pallas", "attend", "fold_res_knobs"),
+    ("tiny", 1, "rows", "shifted", "pallas", "attend", "fold_res_knobs"),  # every product by gemv_rows
     ("tiny_swiglu", 2, "dot", "shifted", "pallas", "pallas", "fold_res")])
 def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, scores, transpose):
   """transpose "fold": transposed kernels and the FFN norm folded into fc_in; "fold_res": that and the
-  residual adds in Pallas (fuse_residual; tiny_swiglu scales the FFN output by ffn_alpha first)."""
+  residual adds in Pallas (fuse_residual; tiny_swiglu scales the FFN output by ffn_alpha first);
+  "fold_res_knobs": that with fc_in's product, norm and activation in one kernel, one norm group per
+  TimestepNorm/CEMA program and the logits from the transposed output kernel (ffn_kernel, tsn_groups,
+  head_rows), the final norm in one kernel (final_kernel), and with dup 'reduce' wv's and w_mx's
+  products as one (merge_v)."""
   cfg, params = _setup(name)
   length = 2 * cfg.chunk_size + 3  # crosses two chunk boundaries while decoding
   tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, length))
@@ -64,7 +70,10 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   prompt = 3
   logits, cache = decoding.prefill(params, cfg, tokens[:, :prompt])
   fused = decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=bool(transpose),
-                                      fold_norm=str(transpose).startswith("fold"))
+                                      fold_norm=str(transpose).startswith("fold"),
+                                      head_rows=transpose == "fold_res_knobs",
+                                      merge_v=transpose == "fold_res_knobs" and dup == "reduce")
+  knobs = {"ffn_kernel": True, "tsn_groups": 1, "final_kernel": True} if transpose == "fold_res_knobs" else {}
   if cema == "pallas":
     cache = decoding.split_cema_state(cache)
   if scores != "xla":
@@ -72,7 +81,8 @@ def test_fused_steps_equal_the_full_forward(name, batch, dup, stats, cema, score
   outputs = [np.asarray(logits)]
   for t in range(prompt, length):
     step, cache = decoding.fused_decode_step(fused, cfg, tokens[:, t], cache, dup=dup, stats=stats, cema=cema,
-                                              scores=scores, fuse_residual=transpose == "fold_res")
+                                              scores=scores, fuse_residual=str(transpose).startswith("fold_res"),
+                                              **knobs)
     outputs.append(np.asarray(step)[:, None])
   got = np.concatenate(outputs, axis=1)
   np.testing.assert_allclose(got, full, atol=2e-4, rtol=0)
@@ -264,3 +274,19 @@ def test_settings_of_keeps_fuse_residual_only_where_the_params_allow_it(monkeypa
   assert not decoding.settings_of(unpermuted, 1).fuse_residual
   assert decoding.settings_of(decoding.fuse_decode_params(params, cfg, permute_z=True, transpose=True, fold_norm=True),
                               1) == on
+
+
+def test_merged_value_products_are_checked():
+  """merge_v params need the transposed, permuted layout and run only the single-row 'attend' step."""
+  cfg, params = _setup("tiny")
+  with pytest.raises(ValueError, match="merge_v=True needs transpose=True and permute_z=True"):
+    decoding.fuse_decode_params(params, cfg, transpose=True, merge_v=True)
+  fused = decoding.fuse_decode_params(params, cfg, permute_z=True, transpose=True, fold_norm=True, merge_v=True)
+  assert "w_vmx_t" in fused["layers"][0] and "wv_t" not in fused["layers"][0]
+  assert decoding.settings_of(fused, 1).merge_v
+  tokens = np.zeros((2, 3), np.int32)
+  _, cache = decoding.prefill(params, cfg, tokens)
+  cache = decoding.permute_keys(decoding.split_cema_state(cache), cfg)
+  with pytest.raises(ValueError, match="one sequence with dup='reduce'"):
+    decoding.fused_forward_one(fused, cfg, jnp.zeros((2,), jnp.int32), cache, dup="reduce", cema="pallas",
+                               scores="attend", fuse_residual=True)

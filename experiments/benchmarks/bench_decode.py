@@ -184,7 +184,8 @@ def default_mega_impl(batch: int) -> str:
            ("shifted", s.stats == "shifted"),
            ("pallas", s.cema == "pallas"), ("scores", s.scores == "pallas"),
            ("attend" + "x".join(map(str, s.attend_blocks)), s.scores == "attend"),
-           ("res", getattr(s, "fuse_residual", False))]
+           ("res", s.fuse_residual), ("ffn", s.ffn_kernel), (f"tsn{s.tsn_groups}", s.tsn_groups > 0),
+           ("headt", s.head_rows), ("mergev", s.merge_v), ("final", s.final_kernel)]
   return "-".join(["fused", s.dup] + [name for name, on in flags if on])
 
 
@@ -197,24 +198,32 @@ def parse_mega_impl(impl: str) -> dict[str, Any]:
   kernels_pallas.decode_step; -scores: attention scores + new key in kernels_pallas.decode_step;
   -attend: the whole attention + new key and value in kernels_pallas.decode_step.attend_step
   (-attend<K>x<D>x<S>: with block_k K, block_d D, sub_d S); -res: the residual adds and the FFN norm's
-  moments in Pallas (fused_forward_one(fuse_residual=True); needs -fold -pallas and -scores or -attend).
+  moments in Pallas (fused_forward_one(fuse_residual=True); needs -fold -pallas and -scores or -attend);
+  -ffn: fc_in's product, norm and activation in one Pallas kernel (ffn_kernel); -tsn<G>: G norm groups per TimestepNorm/CEMA program
+  (tsn_groups); -headt: the logits from the transposed output kernel (fuse_decode_params(head_rows=True));
+  -mergev: wv's and w_mx's products as one row reduction (fuse_decode_params(merge_v=True)); -final: the
+  final TimestepNorm in one Pallas kernel (final_kernel).
   """
   from megalodon_jax import decoding
   parts = impl.split("-")
   # attend<K>x<D>x<S>: attend_step with block_k K, block_d D, sub_d S.
   blocks = [f for f in parts[2:] if re.fullmatch(r"attend\d+x\d+x\d+", f)]
-  flags = ["attend" if f in blocks else f for f in parts[2:]]
+  tsn = [f for f in parts[2:] if re.fullmatch(r"tsn\d+", f)]
+  flags = ["attend" if f in blocks else "tsn" if f in tsn else f for f in parts[2:]]
   if (len(parts) < 2 or parts[0] != "fused" or parts[1] not in decoding.DUP_MODES
-      or flags != [f for f in ("t", "fold", "shifted", "pallas", "scores", "attend", "res") if f in flags]
+      or flags != [f for f in ("t", "fold", "shifted", "pallas", "scores", "attend", "res", "ffn", "tsn", "headt", "mergev", "final")
+                   if f in flags]
       or ("scores" in flags and "attend" in flags)):
     raise ValueError(f"unknown Megalodon decode impl {impl!r}; choose from {MEGA_DECODE_IMPLS} "
-                     "(fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend][-res])")
+                     "(fused-<dup>[-t][-fold][-shifted][-pallas][-scores|-attend][-res][-ffn][-tsn<G>][-headt][-mergev][-final])")
   return {"dup": parts[1], "stats": "shifted" if "shifted" in flags else "two_pass",
           "cema": "pallas" if "pallas" in flags else "xla",
           "scores": "pallas" if "scores" in flags else "attend" if "attend" in flags else "xla",
           "transpose": "t" in flags or parts[1] in decoding.TRANSPOSED_DUPS,
           "attend_blocks": tuple(int(v) for v in blocks[0][len("attend"):].split("x")) if blocks else (),
-          "fold_norm": "fold" in flags, "fuse_residual": "res" in flags}
+          "fold_norm": "fold" in flags, "fuse_residual": "res" in flags, "ffn_kernel": "ffn" in flags,
+          "tsn_groups": int(tsn[0][3:]) if tsn else 0, "head_rows": "headt" in flags,
+          "merge_v": "mergev" in flags, "final_kernel": "final" in flags}
 
 
 def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callable, Callable, Callable]:
@@ -237,7 +246,9 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
 
   def apply(p, cache, tokens):
     logits, cache = decoding.fused_forward_one(p, cfg, tokens[:, 0], cache, dup, stats, cema, scores,
-                                               settings["attend_blocks"], settings["fuse_residual"])
+                                               settings["attend_blocks"], settings["fuse_residual"],
+                                               ffn_kernel=settings["ffn_kernel"], tsn_groups=settings["tsn_groups"],
+                                               final_kernel=settings["final_kernel"])
     return logits[:, None], cache
 
   def prepare_cache(cache):
@@ -246,7 +257,8 @@ def megalodon_apply(cfg: mega_config.MegalodonConfig, impl: str) -> tuple[Callab
 
   def prepare(params):
     return decoding.fuse_decode_params(params, cfg, permute_z=scores != "xla", transpose=settings["transpose"],
-                                       fold_norm=settings["fold_norm"])
+                                       fold_norm=settings["fold_norm"], head_rows=settings["head_rows"],
+                                       merge_v=settings["merge_v"])
 
   return apply, prepare, prepare_cache
 

@@ -1148,8 +1148,13 @@ def ffn_in_step_reference(y, w_t, colsum, bias0, mean, var, *, eps: float, swigl
 
 
 def default_gemv_rows_block(n: int, k: int) -> int:
-  """Rows per program: 16 (32 KB of bf16 weights at K = 1024), fewer when they do not divide N."""
-  block_n = 16
+  """Rows per program: 4, fewer when they do not divide N.
+
+  H200, mega200M's fc_in (2560 x 1024) with the FFN epilogue, 12 chained products (2026-11-29,
+  experiments/results/gpu_checks/2026-11-29_nvidia-h200_gemv_rows_200m_r2.log), us per product at 4
+  warps: 4 rows 3.25, 8 rows 3.83, 16 rows 4.76 (XLA's row reduction + epilogue kernel: 4.21); 1-2 rows
+  with 1-2 warps 3.29-3.51."""
+  block_n = 4
   while n % block_n:
     block_n //= 2
   return block_n

@@ -120,9 +120,14 @@ class FusedSettings(NamedTuple):
   final_kernel: bool = False
 
 
-# The GPU defaults, from same-run H200 measurements of mega1.3B at context 32K, device loop (bench_decode;
-# Llama-1.3B with cuDNN decode attention in the same process):
-#   batch 1 (2026-11-29, session 4, one run): 1.510 ms per token = 2.04x Llama (3.087 ms), 251 kernels per
+# The GPU defaults, from same-run H200 measurements at context 32K, device loop (bench_decode; Llama of
+# the same size with cuDNN decode attention in the same process):
+#   batch 1 (2026-11-29, session 5, main at d65d5c2, this default alternating with session 4's in one run):
+#     mega200M 0.484 / 0.492 ms per token (2.06x / 2.03x Llama) against 0.506 / 0.523; mega1.3B 1.471 /
+#     1.495 (2.13x / 2.10x) against 1.540 / 1.545. Added to session 4's: [wv | w_mx] as one row reduction
+#     (merge_v), the final TimestepNorm as one kernel (final_kernel), the LM head as a row reduction
+#     (head_rows), one norm group per TimestepNorm/CEMA program (tsn_groups=1).
+#   batch 1 (session 4, mega1.3B, one run): 1.510 ms per token = 2.04x Llama (3.087 ms), 251 kernels per
 #     token: attend_step's looped 8 x 1024 form with v's bias + SiLU and the deferred RMS normalisation
 #     in it, the gate in the Pallas combine, and the residual adds in Pallas (fuse_residual); without
 #     fuse_residual 1.525 ms; the earlier default (attend32x1024x256 with XLA's gate, SiLU and norm

@@ -554,7 +554,7 @@ def test_gemv_rows_and_ffn_in_step_lower_for_cuda_and_check_shapes():
   lowered = jax.jit(lambda a, b: decode_step.gemv_rows(a, b, interpret=False)).trace(y, w_t).lower(
       lowering_platforms=("cuda",))
   assert "gemv_rows" in lowered.as_text()
-  assert decode_step.default_gemv_rows_block(4864, 2048) == 16 and decode_step.default_gemv_rows_block(24, 64) == 8
+  assert decode_step.default_gemv_rows_block(4864, 2048) == 4 and decode_step.default_gemv_rows_block(6, 64) == 2
   with pytest.raises(ValueError, match="same K"):
     decode_step.gemv_rows(y[:, :512], w_t)
   with pytest.raises(ValueError, match="block_n=12"):

@@ -2,8 +2,10 @@
 FFN's first product with its norm and activation in XLA vs one kernel (ffn_in_step).
 
 For each of a size's projection shapes (w_t [N, K], bf16) this chains --count products with distinct
-weights (more bytes than the L2 holds, as a decode step's layers) and reports, from a jax.profiler
-trace, the kernel time and kernels per product:
+weights (more bytes than the L2 holds, as a decode step's layers; separate arrays, so that no slice
+of a stacked one is copied for a custom call) through optimisation barriers (each product waits for
+the one before, so that XLA cannot fuse them horizontally as it did in the first version, 0.17
+kernels per product) and reports, from a jax.profiler trace, the kernel time and kernels per product:
 
   reduce                 decoding's dup='reduce': sum(x * w_t, -1) in float32, one XLA row reduction
   rows:n<BN>:w<W>        decode_step.gemv_rows with block_n BN, W warps
@@ -64,7 +66,13 @@ def chain_fn(variant: str):
   step = product_fn(variant)
 
   def chain(xs, ws, *extra):
-    return [step(xs[i], ws[i], *extra) for i in range(ws.shape[0])]
+    outs, prev = [], None
+    for x, w in zip(xs, ws):
+      if prev is not None:
+        x, prev = jax.lax.optimization_barrier((x, prev))  # this product after the one before
+      prev = step(x, w, *extra)
+      outs.append(prev)
+    return outs
 
   return jax.jit(chain)
 
@@ -111,8 +119,9 @@ def main() -> None:
   rows = []
   for name, n, k in SHAPES[args.size]:
     keys = jax.random.split(jax.random.key(n + k), 6)
-    xs = jax.random.normal(keys[0], (args.count, 1, k)).astype(jnp.bfloat16)
-    ws = (jax.random.normal(keys[1], (args.count, n, k)) / k ** 0.5).astype(jnp.bfloat16)
+    xs = tuple(jax.random.normal(kx, (1, k)).astype(jnp.bfloat16) for kx in jax.random.split(keys[0], args.count))
+    ws = tuple((jax.random.normal(kw, (n, k)) / k ** 0.5).astype(jnp.bfloat16)
+               for kw in jax.random.split(keys[1], args.count))
     data = (xs, ws)
     variants = ["reduce"] + args.rows_variants.split(",")
     if name == "fc_in":

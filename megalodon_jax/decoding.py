@@ -126,7 +126,10 @@ class FusedSettings(NamedTuple):
 #     mega200M 0.484 / 0.492 ms per token (2.06x / 2.03x Llama) against 0.506 / 0.523; mega1.3B 1.471 /
 #     1.495 (2.13x / 2.10x) against 1.540 / 1.545. Added to session 4's: [wv | w_mx] as one row reduction
 #     (merge_v), the final TimestepNorm as one kernel (final_kernel), the LM head as a row reduction
-#     (head_rows), one norm group per TimestepNorm/CEMA program (tsn_groups=1).
+#     (head_rows), one norm group per TimestepNorm/CEMA program (tsn_groups=1). Then (7e28fe0, the same
+#     alternation) fc_in's product, norm and SiLU in one kernel (ffn_kernel, 4 rows per program): mega200M
+#     0.466 / 0.468 ms (2.08x / 2.07x Llama 0.971) against 0.482 / 0.487; mega1.3B 1.444 / 1.457 (2.12x /
+#     2.10x Llama 3.060) against 1.456 / 1.516.
 #   batch 1 (session 4, mega1.3B, one run): 1.510 ms per token = 2.04x Llama (3.087 ms), 251 kernels per
 #     token: attend_step's looped 8 x 1024 form with v's bias + SiLU and the deferred RMS normalisation
 #     in it, the gate in the Pallas combine, and the residual adds in Pallas (fuse_residual); without
@@ -135,8 +138,8 @@ class FusedSettings(NamedTuple):
 #   batch > 1: at 16, 4.039 ms = 5.91x Llama (23.87 ms); fuse_residual there is slower (4.076 vs 4.035 ms in
 #     one run), attend_step 4.33 ms (round 3 of session 3) and the first default 5.42 ms.
 GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pallas", scores="attend", transpose=True,
-                                       fold_norm=True, fuse_residual=True, tsn_groups=1, head_rows=True, merge_v=True,
-                                       final_kernel=True),
+                                       fold_norm=True, fuse_residual=True, ffn_kernel=True, tsn_groups=1, head_rows=True,
+                                       merge_v=True, final_kernel=True),
                       "batched": FusedSettings(dup="dot", stats="shifted", cema="pallas", scores="pallas", transpose=True,
                                                fold_norm=True)}
 

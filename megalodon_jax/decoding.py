@@ -465,8 +465,8 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   bias times fc_in): the step multiplies the block's output itself and normalises the product
   (one kernel fewer per layer; equal to the norm-then-product up to bf16 rounding).
 
-  head_rows: the output kernel also transposed, [V, D] in the compute dtype under "head_t" (the
-  logits as a row reduction, see fused_forward_one).
+  head_rows: the output kernel transposed, [V, D] in the compute dtype under "head_t" instead of
+  "head" (one row's logits as a row reduction, see fused_forward_one; more rows a GEMM over it).
 
   merge_v (needs transpose and permute_z): wv's and w_mx's transposed kernels as one, [V + P, K]
   under "w_vmx_t" (rows [wv | z | r | h1]), for the single-row step with scores='attend': the two
@@ -481,12 +481,11 @@ def fuse_decode_params(params: Any, config: MegalodonConfig, permute_z: bool = F
   embedding = params["embed"]["embedding"]
   head = embedding.T if config.share_emb else params["output"]["kernel"]
   extra = {"rope_freqs": rope.rope_frequencies(config.z_head_dim, config.rope_base)} if permute_z else {}
-  if head_rows:
-    extra["head_t"] = head.T.astype(dtype)
+  # head_rows: the output kernel transposed INSTEAD of as stored (no second copy of the largest matrix).
+  extra.update({"head_t": head.T.astype(dtype)} if head_rows else {"head": head})
   return {
       **extra,
       "embed": embedding,
-      "head": head,
       "final_weight": params["final_norm"]["weight"], "final_bias": params["final_norm"]["bias"],
       # Row mask of the single-sequence products (dup="mask"): a parameter, so XLA cannot fold it.
       "row_mask": jnp.asarray([1, 0], dtype),
@@ -995,6 +994,9 @@ def fused_forward_one(fused: dict[str, Any], config: MegalodonConfig, token: jax
                               cfg.norm_num_groups, cfg.norm_eps)
   if "head_t" in fused and x.shape[0] == 1:  # [V, D]: read once, contiguous along D (as dup='reduce')
     logits = jnp.sum(x.astype(dtype).astype(jnp.float32)[:, None, :] * fused["head_t"].astype(jnp.float32), axis=-1)
+  elif "head_t" in fused:
+    logits = jax.lax.dot_general(x.astype(dtype), fused["head_t"].astype(dtype), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
   else:
     logits = output_logits(x, fused["head"], dtype)
   new_count = ((count + 1) % cfg.chunk_size).astype(jnp.int32)

@@ -290,3 +290,18 @@ def test_merged_value_products_are_checked():
   with pytest.raises(ValueError, match="one sequence with dup='reduce'"):
     decoding.fused_forward_one(fused, cfg, jnp.zeros((2,), jnp.int32), cache, dup="reduce", cema="pallas",
                                scores="attend", fuse_residual=True)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_transposed_head_gives_the_stored_heads_logits(batch):
+  """head_rows stores only the transposed output kernel: one row reads it as a row reduction, more rows
+  as a GEMM; both give the logits of the stored kernel (the path checked against the full forward)."""
+  cfg, params = _setup("tiny_swiglu")  # shares the embedding as the head
+  tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, 4))
+  _, cache = decoding.prefill(params, cfg, tokens[:, :3])
+  plain = decoding.fuse_decode_params(params, cfg)
+  rows = decoding.fuse_decode_params(params, cfg, head_rows=True)
+  assert "head" not in rows and rows["head_t"].shape == (cfg.vocab_size, cfg.model_dim)
+  want, _ = decoding.fused_forward_one(plain, cfg, jnp.asarray(tokens[:, 3]), cache)
+  got, _ = decoding.fused_forward_one(rows, cfg, jnp.asarray(tokens[:, 3]), cache)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -129,7 +129,9 @@ class FusedSettings(NamedTuple):
 #     (head_rows), one norm group per TimestepNorm/CEMA program (tsn_groups=1). Then (7e28fe0, the same
 #     alternation) fc_in's product, norm and SiLU in one kernel (ffn_kernel, 4 rows per program): mega200M
 #     0.466 / 0.468 ms (2.08x / 2.07x Llama 0.971) against 0.482 / 0.487; mega1.3B 1.444 / 1.457 (2.12x /
-#     2.10x Llama 3.060) against 1.456 / 1.516.
+#     2.10x Llama 3.060) against 1.456 / 1.516. This default at 6bfac1f against session 4's, alternating:
+#     mega200M 0.463 / 0.489 ms (2.17x / 2.05x Llama 1.004) against 0.531 / 0.527; mega1.3B 1.445 / 1.503
+#     (2.14x / 2.06x Llama 3.096) against 1.554 / 1.613; 104 kernels per token at 200M (131 before).
 #   batch 1 (session 4, mega1.3B, one run): 1.510 ms per token = 2.04x Llama (3.087 ms), 251 kernels per
 #     token: attend_step's looped 8 x 1024 form with v's bias + SiLU and the deferred RMS normalisation
 #     in it, the gate in the Pallas combine, and the residual adds in Pallas (fuse_residual); without

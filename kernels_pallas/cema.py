@@ -66,7 +66,7 @@ from jax.experimental.pallas import triton as plgpu
 from megalodon_jax.ops.cema import CemaCoefficients
 # Double-float complex product (exact float32 partial products, so FMA contraction cannot change
 # it); the accurate-power scheme of ops.cema, reused for the chunk decays q^chunk.
-from megalodon_jax.ops.cema import _dfc_mul
+from megalodon_jax.ops.cema import _df_add, _df_mul, _dfc_mul
 
 # p is folded into the state (s = h / p); p below this floor is treated as the floor so that
 # h0 / p stays finite.  Only affects channels whose input scale is already below 1e-30.
@@ -202,6 +202,9 @@ class CemaKernelConfig:
     backward scans. Each chain beyond the first costs a multiply to start it and an add to
     combine it, per step and lane; fewer chains make the sum a longer dependent run (2 N / split
     multiply-adds), which the next step's independent state updates can hide.
+  pallas_powers: the double-float power tables (summary powers, chunk decays) as one Pallas kernel
+    each (_accurate_powers_pallas); False: XLA's unrolled chain (_accurate_powers, tens of small
+    kernels), the same values.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -220,6 +223,7 @@ class CemaKernelConfig:
   summary_block: int = 0
   summary_split: int = 0
   sum_chains: int = 4
+  pallas_powers: bool = True
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -408,6 +412,62 @@ def _accurate_powers(q: Array, exponents: tuple[int, ...]) -> Array:
     if bit + 1 < bits:
       base = _dfc_mul(base, base)
   return lax.complex(result[0][0] + result[1][0], result[0][1] + result[1][1])
+
+
+def _dfc_mul_parts(zr, zi, wr, wi):
+  """_dfc_mul on separate (hi, lo) parts, z = zr + i zi, w = wr + i wi: the same float32 operations
+  (so the same values) without the stacking, which a kernel's 1-D registers do not need."""
+  ii = _df_mul(zi, wi)
+  return _df_add(_df_mul(zr, wr), (-ii[0], -ii[1])), _df_add(_df_mul(zr, wi), _df_mul(zi, wr))
+
+
+def _powers_kernel(qre_ref, qim_ref, re_out, im_out, *, exponents: tuple[int, ...]):
+  """q^e for every static e of exponents, per lane: square-and-multiply in double-float registers."""
+  zero = jnp.zeros_like(qre_ref[...])
+  base = ((qre_ref[...], zero), (qim_ref[...], zero))
+  results = [((zero + 1.0, zero), (zero, zero)) for _ in exponents]
+  bits = max(1, max(exponents).bit_length())
+  for bit in range(bits):
+    for i, e in enumerate(exponents):
+      if (e >> bit) & 1:
+        results[i] = _dfc_mul_parts(*results[i], *base)
+    if bit + 1 < bits:
+      base = _dfc_mul_parts(*base, *base)
+  for i, (re, im) in enumerate(results):
+    re_out[i, :] = re[0] + re[1]
+    im_out[i, :] = im[0] + im[1]
+
+
+def _accurate_powers_pallas(q: Array, exponents: tuple[int, ...], *, interpret: bool,
+                            block: int = 1024) -> Array:
+  """_accurate_powers as ONE Pallas kernel (lanes over q's entries): XLA runs the reference's
+  unrolled double-float chain as tens of small kernels (~0.2 ms of a CEMA fwd+bwd at D = 4096).
+  The same float32 operations, so the same values up to the compiler's contraction of the low-part
+  products into fused multiply-adds (see ops.cema)."""
+  exps = tuple(int(e) for e in exponents)
+  if not exps or min(exps) < 0:
+    raise ValueError(f"exponents must be non-negative integers; got {exponents}.")
+  shape = q.shape
+  q = jnp.asarray(q).astype(jnp.complex64).reshape(-1)
+  size = q.shape[0]
+  while size % block:
+    block //= 2
+  lanes = pl.BlockSpec((block,), lambda i: (i,))
+  out = pl.BlockSpec((len(exps), block), lambda i: (0, i))
+  plane = jax.ShapeDtypeStruct((len(exps), size), jnp.float32)
+  kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
+  re, im = pl.pallas_call(
+      functools.partial(_powers_kernel, exponents=exps), grid=(size // block,), in_specs=[lanes, lanes],
+      out_specs=[out, out], out_shape=[plane, plane], interpret=interpret, name="cema_powers", **kwargs,
+  )(jnp.real(q), jnp.imag(q))
+  return jnp.moveaxis(lax.complex(re, im), 0, -1).reshape(shape + (len(exps),))
+
+
+def _powers(q: Array, exponents: tuple[int, ...], cfg: "CemaKernelConfig", interpret: bool) -> Array:
+  """The GPU passes' power tables, by CemaKernelConfig.pallas_powers."""
+  if cfg.pallas_powers:
+    return _accurate_powers_pallas(q, exponents, interpret=interpret)
+  return _accurate_powers(q, exponents)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,7 +889,7 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
     inputs["keep"] = keep
   inputs["qre"], inputs["qim"] = _lane_planes(q, split)
   if block:
-    powers = jnp.moveaxis(_accurate_powers(q, tuple(range(1, block + 1))), -1, 0)  # [S, D, N]
+    powers = jnp.moveaxis(_powers(q, tuple(range(1, block + 1)), cfg, interpret), -1, 0)  # [S, D, N]
     inputs["pwre"], inputs["pwim"] = _lane_planes(powers, split)
   spec = _ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=keep is not None,
                    has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
@@ -870,7 +930,7 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     local = _chunk_summaries(x, keep, q, cfg, plan, reverse=False, split=split,
                              block_d=cfg.block_d, num_warps=cfg.num_warps, interpret=interpret,
                              name="cema_fwd_chunk_states")
-    decay = _accurate_powers(q, (plan.chunk,))[..., 0]
+    decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
     flags = _chunk_flags(keep, plan)
     current = jnp.zeros_like(local[:, 0]) if start is None else start
     starts = [current]
@@ -931,7 +991,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   # Decay across chunk c (its own length), applied from the later chunk to the earlier one.
   decays = [decay] * plan.count
   if plan.count > 1 and has_g and plan.last != plan.chunk:
-    decays[last] = _accurate_powers(q, (plan.last,))[..., 0]
+    decays[last] = _powers(q, (plan.last,), cfg, interpret)[..., 0]
 
   def run_back(incoming, local_parts, flag):
     """in[c - 1] = flag_c decay_c in[c] + local_c from in[last]; returns in[0..last], in[-1]."""

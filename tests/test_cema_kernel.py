@@ -399,7 +399,10 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape():
       jax.jit(value_and_grads), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
   text = exported.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == 4
+  # Four scans (chunk summaries and main pass, each direction) and three double-float power tables
+  # (each direction's summary powers q^1..q^S, the forward's chunk decay q^chunk).
+  assert text.count("__gpu$xla.gpu.triton") == 7
+  assert text.count('name = "cema_powers"') == 3
   for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
     assert name in text, name
   # The multiply-adds are PTX FMAs (CemaKernelConfig.ptx_fma): XLA's Triton pipeline would
@@ -457,7 +460,8 @@ def test_blocked_summaries_lower_to_triton():
   cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), block_t=16, num_chunks=4,
                             summary_block=8, summary_split=2)
   text = _lowered_gpu_gradient_text(cfg)
-  assert text.count("__gpu$xla.gpu.triton") == 4
+  assert text.count("__gpu$xla.gpu.triton") == 7  # 4 scans, 3 power tables (see the preset-shape test)
+  assert text.count('name = "cema_powers"') == 3
   assert "cema_fwd_chunk_states" in text and "cema_bwd_chunk_states" in text
 
 
@@ -485,3 +489,24 @@ def test_blocked_summaries_match_float64_for_slow_decay():
       for t in (reversed(steps) if reverse else steps):
         s = qs * s + x[0, t, :, None]
       np.testing.assert_allclose(np.asarray(got[0, c]), s, rtol=0, atol=2e-5 * np.abs(s).max())
+
+
+def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():
+  """The chunk powers as one Pallas kernel: the XLA reference's values (the same float32 operations;
+  the interpreter does not contract them) and float64's, for a block that does not divide the lanes
+  at first, and a Triton lowering at mega-scale lanes."""
+  rng = np.random.default_rng(6)
+  mags = rng.uniform(0.3, 0.99999, size=(3, 8))
+  q = jnp.asarray(mags * np.exp(1j * rng.uniform(-np.pi, np.pi, mags.shape)), jnp.complex64)
+  exponents = (0, 1, 2, 3, 4, 2048, 4097)
+  got = np.asarray(K._accurate_powers_pallas(q, exponents, interpret=True, block=16))
+  assert got.shape == (3, 8, len(exponents))
+  np.testing.assert_allclose(got, np.asarray(K._accurate_powers(q, exponents)), rtol=2e-7, atol=1e-30)
+  want = np.asarray(q, np.complex128)[..., None] ** np.asarray(exponents)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+  big = jnp.full((4096, 16), 0.999 + 0.01j, jnp.complex64)
+  lowered = jax.jit(lambda a: K._accurate_powers_pallas(a, (4096,), interpret=False)).trace(big).lower(
+      lowering_platforms=("cuda",))
+  assert "cema_powers" in lowered.as_text()
+  with pytest.raises(ValueError, match="non-negative"):
+    K._accurate_powers_pallas(q, (-1,), interpret=True)

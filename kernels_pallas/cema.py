@@ -204,7 +204,8 @@ class CemaKernelConfig:
     multiply-adds), which the next step's independent state updates can hide.
   pallas_powers: the double-float power tables (summary powers, chunk decays) as one Pallas kernel
     each (_accurate_powers_pallas); False: XLA's unrolled chain (_accurate_powers, tens of small
-    kernels), the same values.
+    kernels), the same values. powers_block: lanes per program of those kernels (64 programs at
+    D = 4096, N = 16 with 1024; the q^chunk table is a 13-squaring dependent chain per lane).
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -224,12 +225,13 @@ class CemaKernelConfig:
   summary_split: int = 0
   sum_chains: int = 4
   pallas_powers: bool = True
+  powers_block: int = 1024
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
   def validate(self, ndim: int) -> "CemaKernelConfig":
     for name in ("block_d", "block_t", "split", "num_warps", "bwd_block_d", "bwd_split",
-                 "bwd_num_warps"):
+                 "bwd_num_warps", "powers_block"):
       value = getattr(self, name)
       if value < 1 or value & (value - 1):
         raise ValueError(f"CemaKernelConfig.{name} must be a power of two; got {value}.")
@@ -466,7 +468,7 @@ def _accurate_powers_pallas(q: Array, exponents: tuple[int, ...], *, interpret: 
 def _powers(q: Array, exponents: tuple[int, ...], cfg: "CemaKernelConfig", interpret: bool) -> Array:
   """The GPU passes' power tables, by CemaKernelConfig.pallas_powers."""
   if cfg.pallas_powers:
-    return _accurate_powers_pallas(q, exponents, interpret=interpret)
+    return _accurate_powers_pallas(q, exponents, interpret=interpret, block=cfg.powers_block)
   return _accurate_powers(q, exponents)
 
 

@@ -510,3 +510,14 @@ def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():
   assert "cema_powers" in lowered.as_text()
   with pytest.raises(ValueError, match="non-negative"):
     K._accurate_powers_pallas(q, (-1,), interpret=True)
+  # Through the scans: the tables' block (CemaKernelConfig.powers_block) and their XLA form change nothing.
+  x = jnp.asarray(rng.normal(size=(1, 64, 8)), jnp.float32)
+  coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.concatenate([q, q, q[:2]])[:, :4],
+                            jnp.ones((8, 4), jnp.complex64))
+  cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), num_chunks=4, block_t=16, summary_block=4)
+  base = np.asarray(K.cema_pallas(x, coeffs, jnp.zeros((8,)), config=cfg))
+  for other in (dataclasses.replace(cfg, powers_block=8), dataclasses.replace(cfg, pallas_powers=False)):
+    np.testing.assert_allclose(np.asarray(K.cema_pallas(x, coeffs, jnp.zeros((8,)), config=other)), base,
+                               rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="powers_block must be a power of two"):
+    K.cema_pallas(x, coeffs, jnp.zeros((8,)), config=dataclasses.replace(cfg, powers_block=3))

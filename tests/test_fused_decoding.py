@@ -170,7 +170,8 @@ def test_key_permutation_round_trips(setup):
 
 
 @pytest.mark.parametrize("impl", [pytest.param("fused-barrier", marks=_SLOW), "fused-mask-shifted-pallas-scores", "fused-dot-shifted-attend",
-                                  "fused-reduce-fold-shifted-pallas-attend4x8x4-res", "fused-mask-t-fold-shifted"])
+                                  "fused-reduce-fold-shifted-pallas-attend4x8x4-res", "fused-mask-t-fold-shifted",
+                                  "fused-reduce-fold-shifted-pallas-attend-res-ffn-tsn1-headt-mergev-final"])
 def test_bench_decode_impls_give_the_model_logits(impl):
   """bench_decode.megalodon_apply wires params, cache layout and step together for each impl."""
   from experiments.benchmarks import bench_decode
@@ -181,7 +182,8 @@ def test_bench_decode_impls_give_the_model_logits(impl):
   apply, prepare, prepare_cache = bench_decode.megalodon_apply(cfg, impl)
   got, _ = jax.jit(apply)(prepare(params), prepare_cache(cache), jnp.asarray(tokens[:, 5:]))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused", "fused-mask-scores-attend", "fused-dot-res-fold"):
+  for bad in ("fused-copy", "fused-dot-scores-shifted", "fused", "fused-mask-scores-attend", "fused-dot-res-fold",
+              "fused-reduce-fold-shifted-pallas-attend-res-tsn1-ffn"):
     with pytest.raises(ValueError, match="unknown Megalodon decode impl"):
       bench_decode.megalodon_apply(cfg, bad)
 

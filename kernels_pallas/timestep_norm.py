@@ -93,7 +93,10 @@ class TiledConfig:
   step_groups: groups per program of the step-wise backward's per-step kernels; pass_block_t,
   pass_groups: tile shape (steps, groups) of its two passes over x and dy (0: block_t,
   groups_per_block); pass_tiles: consecutive tiles per program of the second pass (dx), which
-  accumulates dw, db over them in registers (fewer partial sums to write and add up)."""
+  accumulates dw, db over them in registers (fewer partial sums to write and add up);
+  groups_fastest: launch the per-tile kernels with the group blocks as the fastest grid axis
+  (CUDA's x), so that programs resident at the same time read whole [D] rows of x between them,
+  instead of walking down one group block's column of tiles (the time axis fastest)."""
   block_t: int = 64
   groups_per_block: int = 2
   num_warps: int = 4
@@ -105,6 +108,7 @@ class TiledConfig:
   pass_block_t: int = 0
   pass_groups: int = 0
   pass_tiles: int = 1
+  groups_fastest: bool = False
 
   def __post_init__(self):
     if self.backward not in ("tiles", "steps"):
@@ -1263,9 +1267,14 @@ def _tile_call(spec: _Spec, kernel, args, kinds, out_kinds, out_dtype, name, dim
       "step": jax.ShapeDtypeStruct((spec.batch, d.groups, d.length), jnp.float32),
   }
   keep = [(a, k) for a, k in zip(args, kinds) if a is not None]
-  return _tiled_call(spec, kernel, (spec.batch, d.tiles, d.groups // gb),
-                     [specs[k] for _, k in keep], [specs[k] for k in out_kinds],
-                     [shapes[k] for k in out_kinds], name,
+  grid = (spec.batch, d.tiles, d.groups // gb)
+  in_specs, out_specs = [specs[k] for _, k in keep], [specs[k] for k in out_kinds]
+  if spec.config.tiled.groups_fastest:
+    # Grid (G / Gb, tiles, B): the kernels read the tile from program_id(1) either way.
+    grid = grid[::-1]
+    swap = lambda s: pl.BlockSpec(s.block_shape, lambda j, i, b, f=s.index_map: f(b, i, j))  # noqa: E731
+    in_specs, out_specs = [swap(s) for s in in_specs], [swap(s) for s in out_specs]
+  return _tiled_call(spec, kernel, grid, in_specs, out_specs, [shapes[k] for k in out_kinds], name,
                      warps or spec.config.tiled.num_warps)(*[a for a, _ in keep])
 
 

@@ -38,6 +38,10 @@ CONFIGS = {
     "steps_t16_p8": ("triton", K.KernelConfig(tiled=K.TiledConfig(
         block_t=16, groups_per_block=2, scan_chunk=4, scan_groups=2, backward="steps",
         step_groups=4, pass_block_t=8, pass_groups=4, pass_tiles=3))),
+    # The same with the group blocks as the fastest launch axis (grid (G / Gb, tiles, B)).
+    "steps_t16_p8_groups_fastest": ("triton", K.KernelConfig(tiled=K.TiledConfig(
+        block_t=16, groups_per_block=2, scan_chunk=4, scan_groups=2, backward="steps",
+        step_groups=4, pass_block_t=8, pass_groups=2, pass_tiles=3, groups_fastest=True))),
 }
 TILED = "tiled_t8_gb2_c2"
 STEPS = "steps_t16_p8"

@@ -124,6 +124,21 @@ SWEEPS["steps"] = [
 STEPS_BREAKDOWN = [STEPS(**ONE_PASS_SCAN, pass_block_t=32, pass_groups=1, pass_tiles=8)]
 # The default (step-wise backward since 2026-11-29) against the previous one (TiledConfig()).
 SWEEPS["previous"] = [TILED()]
+# Launch order: the default against the same kernels launched with the group blocks fastest
+# (TiledConfig.groups_fastest: resident programs share whole rows of x), then tile shapes and
+# warps on top of that order.
+_GF = dataclasses.replace(K.GPU_DEFAULT, groups_fastest=True)
+LAUNCH = lambda **kw: K.KernelConfig(tiled=dataclasses.replace(_GF, **kw))  # noqa: E731
+SWEEPS["launch"] = [
+    LAUNCH(),
+    LAUNCH(groups_per_block=4),
+    LAUNCH(block_t=32, groups_per_block=4),
+    LAUNCH(pass_block_t=16, pass_groups=4),
+    LAUNCH(pass_tiles=8),
+    LAUNCH(num_warps=8, groups_per_block=4),
+    LAUNCH(pass_groups=4),
+]
+LAUNCH_BREAKDOWN = [DEFAULT, LAUNCH()]
 BREAKDOWN = [TILED(block_t=32, groups_per_block=2, num_warps=4),
              TILED(block_t=64, groups_per_block=2, num_warps=8)]
 CPU_SWEEP = [K.KernelConfig(block_t=16), K.KernelConfig(block_t=16, time_splits=2, cumsum=True),
@@ -460,7 +475,7 @@ def describe(c: K.KernelConfig) -> str:
     if t.backward == "steps":
       text += (f" steps S{t.step_groups} pass T{t.pass_block_t or t.block_t}"
                f" Gb{t.pass_groups or t.groups_per_block} R{t.pass_tiles}")
-    return text
+    return text + " groups-fastest" * t.groups_fastest
   return (f"pallas T{c.block_t} w{c.num_warps} s{c.num_stages} split{c.time_splits}"
           f"{' cumsum' if c.cumsum else ''} ahead{int(c.prefetch)}")
 
@@ -504,6 +519,7 @@ def main():
   if args.shapes == "target" and not args.cpu:
     tiled = [c for c in SWEEPS[args.sweep] if c.tiled is not None][:1]
     tiled += STEPS_BREAKDOWN if args.sweep == "steps" else []
+    tiled += SWEEPS["launch"][:1] if args.sweep == "launch" else []
     shapes = [shapes[0], dataclasses.replace(shapes[-1], extra=tuple(tiled))]
   if args.shapes == "target_only" and not args.cpu:
     shapes = shapes[:1]
@@ -515,7 +531,10 @@ def main():
       sweep = SWEEPS[args.sweep] if i == 0 else []
       configs = [DEFAULT] + [c for c in (*sweep, *shape.extra) if c != DEFAULT]
     rows += check_shape(shape, configs, args)
-    if args.breakdown and i == 0:
+    if args.breakdown and i == 0 and args.sweep == "launch" and not args.cpu:
+      for config in LAUNCH_BREAKDOWN:
+        rows += breakdown(shape, config, args) + steps_breakdown(shape, config, args)
+    elif args.breakdown and i == 0:
       for config in (CPU_SWEEP[2:3] if args.cpu else BREAKDOWN[:1 if args.sweep == "steps" else 2]):
         rows += breakdown(shape, config, args)
       if args.sweep == "steps" or args.cpu:

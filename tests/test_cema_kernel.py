@@ -521,3 +521,53 @@ def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():
                                rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="powers_block must be a power of two"):
     K.cema_pallas(x, coeffs, jnp.zeros((8,)), config=dataclasses.replace(cfg, powers_block=3))
+
+
+def test_power_tables_kernel_matches_float64_and_the_xla_tables():
+  """power_tables_pallas (interpreted) through ops.cema._power_tables(impl="pallas"): float64's
+  powers for a static offset and extras, the XLA tables' values, their JVP and VJP, and a CUDA
+  lowering. q spans |q| from 0.3 to 1 - 1e-6, so entries underflow as well as stay near 1."""
+  from megalodon_jax.ops import cema as cema_ops
+  rng = np.random.default_rng(7)
+  mags = rng.uniform(0.3, 0.99999, size=(3, 5))
+  mags[0, 0] = 1.0 - 1e-6
+  q = jnp.asarray(mags * np.exp(1j * rng.uniform(-np.pi, np.pi, mags.shape)), jnp.complex64)
+  q64 = np.asarray(q, np.complex128)
+  length, offset, extra = 300, 70_001, (5, 4097)
+  got = cema_ops._power_tables(q, length, offset, extra, impl="pallas")
+  want = cema_ops._power_tables(q, length, offset, extra)
+  block, count = cema_ops._power_blocks(length)
+  assert (got.block, got.high.shape, got.low.shape, got.extra.shape) == (block, (3, 5, count), (3, 5, block), (3, 5, 2))
+  for table, exps in ((got.high, offset + block * np.arange(count)), (got.low, np.arange(block)),
+                      (got.extra, np.asarray(extra))):
+    _assert_powers_close_f64(table, q64[..., None] ** exps)
+  for name in ("high", "low", "extra"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=2e-7, atol=1e-30)
+
+  def expand(impl):
+    return lambda q: cema_ops.cema_powers(q, 40, offset=3, impl=impl)
+  dq = jnp.asarray(np.exp(1j * rng.uniform(-np.pi, np.pi, q.shape)), jnp.complex64)
+  cotangent = jnp.asarray(rng.normal(size=(3, 5, 40)) + 1j * rng.normal(size=(3, 5, 40)), jnp.complex64)
+  tangents = [jax.jvp(expand(impl), (q,), (dq,))[1] for impl in ("pallas", "xla")]
+  pullbacks = [jax.vjp(expand(impl), q)[1](cotangent)[0] for impl in ("pallas", "xla")]
+  derivative = (np.arange(40) + 3) * q64[..., None] ** (np.arange(40) + 2)
+  np.testing.assert_allclose(tangents[0], derivative * np.asarray(dq)[..., None], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tangents[0], tangents[1], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(pullbacks[0], pullbacks[1], rtol=1e-6, atol=1e-6)
+
+  big = jnp.full((1024, 16), 0.999 + 0.01j, jnp.complex64)
+  lowered = jax.jit(lambda a: K.power_tables_pallas(a, 128, 128)).trace(big).lower(
+      lowering_platforms=("cuda",))
+  assert "cema_power_tables" in lowered.as_text()
+  with pytest.raises(ValueError, match="offset >= 0"):
+    K.power_tables_pallas(q, 4, 4, -1, True)
+  with pytest.raises(ValueError, match="unknown power-table impl"):
+    cema_ops._power_tables(q, 8, impl="triton")
+
+
+def _assert_powers_close_f64(value, ref, rtol=1e-6):
+  value, ref = np.asarray(value), np.asarray(ref)
+  big = np.abs(ref) > 1e-30  # where float32 still represents the value
+  assert np.all(np.isfinite(value)) and big.sum() >= 5
+  np.testing.assert_array_less(np.abs(value - ref)[big] / np.abs(ref)[big], rtol)
+  np.testing.assert_array_less(np.abs(value)[~big], 1e-29)

@@ -11,9 +11,12 @@ sum(y * w)) of:
              single device, L/2        return_state=True and a loss on the final state too, i.e.
                                        the backward's state-gradient path (has_g) (S2)
              2 devices, L              sequence_parallel.cema on a sequence mesh of 2
+             single device, L/2        from an incoming state h0 (what a slice would cost run
+                                       from the state entering it)
              single device, L/2        its extra pieces alone (S1): cema_state_contribution (the
                                        state correction), _power_tables (its double-float
-                                       powers), the slice-decay powers q^l and (q^l)^0..P
+                                       powers), the slice-decay powers q^l and (q^l)^0..P; each
+                                       with XLA's and with the Pallas power tables
   tsn        single device, L, L/2; 2 devices, L (sequence_parallel.timestep_norm); the summary
              pass of timestep_norm_sequence_local alone at L/2 (S3)
   attention  single device, L, L/2; 2 devices, L (sequence_parallel.chunked_attention)
@@ -27,6 +30,7 @@ L/2 row. Rows print as they finish; --json is rewritten after every row.
 
   python experiments/gpu_checks/check_sequence_parallel.py --json sp.json --trace_dir trace
   python experiments/gpu_checks/check_sequence_parallel.py --cpu --json /tmp/sp.json   # smoke
+  python experiments/gpu_checks/check_sequence_parallel.py --single_device --json sp.json  # 1 GPU
 
 --cpu: tiny shapes (D=32, N=4, L=512, float32) on 2 simulated CPU devices, the Pallas CEMA in
 the interpreter; it also asserts that every sequence-parallel op equals the single-device op on
@@ -213,12 +217,17 @@ def under(par: sharding.Parallelism | None, fn: Callable) -> Callable:
 
 
 def cema_case(data: dict, s: Shapes, method: str, *, half: bool = False, state_loss: bool = False,
-              par: sharding.Parallelism | None = None) -> Case:
-  """The layer's call: sequence_parallel.cema(x, coeffs, omega, method=..., chunk=...)."""
+              par: sharding.Parallelism | None = None, incoming: bool = False) -> Case:
+  """The layer's call: sequence_parallel.cema(x, coeffs, omega, method=..., chunk=...).
+
+  incoming: an incoming state h0 (a fixed random one; not differentiated), i.e. what a slice
+  costs when it runs from the state entering it instead of adding a correction afterwards."""
   x, w = (second_half(data["x"]), second_half(data["w"])) if half else (data["x"], data["w"])
+  h0 = (jax.lax.complex(_normal(15, (s.batch, s.dim, s.order)), _normal(16, (s.batch, s.dim, s.order)))
+        if incoming else None)
 
   def forward(x, params):
-    return sp.cema(x, coefficients(params), params["omega"].reshape(-1), method=method,
+    return sp.cema(x, coefficients(params), params["omega"].reshape(-1), h0, method=method,
                    return_state=state_loss, chunk=s.cema_chunk)
 
   def loss(x, params, w, *state_w):
@@ -238,11 +247,12 @@ def cema_case(data: dict, s: Shapes, method: str, *, half: bool = False, state_l
   return Case(under(par, forward), under(par, loss), args, (0, 1), 2)
 
 
-def state_contribution_case(data: dict, s: Shapes) -> Case:
-  """cema_state_contribution(h_in, coeffs, L/2): the correction every slice adds (S1)."""
+def state_contribution_case(data: dict, s: Shapes, powers: str = "xla") -> Case:
+  """cema_state_contribution(h_in, coeffs, L/2): the correction every slice adds (S1), with its
+  power tables built by `powers` (ops.cema.POWER_IMPLS)."""
   def forward(h_pair, params):
     return cema_ops.cema_state_contribution(jax.lax.complex(h_pair[..., 0], h_pair[..., 1]),
-                                            coefficients(params), s.half)
+                                            coefficients(params), s.half, powers=powers)
 
   def loss(h_pair, params, w):
     return weighted(forward(h_pair, params), w)
@@ -251,10 +261,10 @@ def state_contribution_case(data: dict, s: Shapes) -> Case:
   return Case(forward, loss, (h_pair, data["params"], second_half(data["w"])), (0, 1), 2)
 
 
-def power_tables_case(data: dict, s: Shapes) -> Case:
-  """_power_tables(q, L/2), the double-float loop inside cema_state_contribution (S1)."""
+def power_tables_case(data: dict, s: Shapes, impl: str = "xla") -> Case:
+  """_power_tables(q, L/2), the double-float powers inside cema_state_contribution (S1)."""
   def forward(params):
-    tables = cema_ops._power_tables(coefficients(params).q, s.half)
+    tables = cema_ops._power_tables(coefficients(params).q, s.half, impl=impl)
     return tables.high, tables.low
 
   def loss(params):
@@ -263,11 +273,11 @@ def power_tables_case(data: dict, s: Shapes) -> Case:
   return Case(forward, loss, (data["params"],), (0,), 1)
 
 
-def slice_decay_case(data: dict, s: Shapes) -> Case:
+def slice_decay_case(data: dict, s: Shapes, impl: str = "xla") -> Case:
   """cema_sequence_local's other powers: Q = q^(L/2) and Q^0..Q^P (S1)."""
   def forward(params):
-    decay = cema_ops.cema_powers(coefficients(params).q, 1, offset=s.half)[..., 0]
-    return cema_ops.cema_powers(decay, SEQUENCE_DEVICES + 1)
+    decay = cema_ops.cema_powers(coefficients(params).q, 1, offset=s.half, impl=impl)[..., 0]
+    return cema_ops.cema_powers(decay, SEQUENCE_DEVICES + 1, impl=impl)
 
   def loss(params):
     powers = forward(params)
@@ -345,7 +355,7 @@ class RowPlan:
 
 def row_plans(s: Shapes, args: argparse.Namespace) -> list[RowPlan]:
   """In order of the suspects: CEMA (S1, S2), TimestepNorm (S3), attention."""
-  par = sequence_parallelism(args.schedule)
+  par = sequence_parallelism(args.schedule) if jax.device_count() >= SEQUENCE_DEVICES else None
   m, t, a = args.cema_method, args.tsn_method, args.attention_impl
   L, h = s.length, s.half
   return [
@@ -353,11 +363,18 @@ def row_plans(s: Shapes, args: argparse.Namespace) -> list[RowPlan]:
       RowPlan("cema", f"{m} (ideal)", 1, h, lambda d, s: cema_case(d, s, m, half=True), ideal=True),
       RowPlan("cema", f"{m} return_state, loss on h_L (S2)", 1, h,
               lambda d, s: cema_case(d, s, m, half=True, state_loss=True)),
+      RowPlan("cema", f"{m} from an incoming state h0", 1, h,
+              lambda d, s: cema_case(d, s, m, half=True, incoming=True)),
       RowPlan("cema", f"sequence_parallel {m} {args.schedule}", SEQUENCE_DEVICES, L,
               lambda d, s: cema_case(d, s, m, par=par), compare="parallel"),
       RowPlan("cema", "state_contribution (S1)", 1, h, state_contribution_case),
       RowPlan("cema", "_power_tables (S1)", 1, h, power_tables_case),
       RowPlan("cema", "slice decay powers (S1)", 1, h, slice_decay_case),
+      # The same three with Pallas power tables (what sequence parallelism uses with the Pallas scan).
+      RowPlan("cema", "state_contribution, Pallas powers", 1, h,
+              lambda d, s: state_contribution_case(d, s, "pallas")),
+      RowPlan("cema", "_power_tables, Pallas", 1, h, lambda d, s: power_tables_case(d, s, "pallas")),
+      RowPlan("cema", "slice decay powers, Pallas", 1, h, lambda d, s: slice_decay_case(d, s, "pallas")),
       RowPlan("tsn", t, 1, L, lambda d, s: tsn_case(d, s, t), compare="single"),
       RowPlan("tsn", f"{t} (ideal)", 1, h, lambda d, s: tsn_case(d, s, t, half=True), ideal=True),
       RowPlan("tsn", f"sequence_parallel {t} {args.schedule}", SEQUENCE_DEVICES, L,
@@ -616,13 +633,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--trace_steps", type=int, default=1)
   parser.add_argument("--step_size", default="200M", help="bench_scaling size of the profiled step")
   parser.add_argument("--step_length", type=int, default=None, help="tokens of the profiled step (default L)")
+  parser.add_argument("--rows", default="",
+                      help="comma-separated substrings: only rows whose variant contains one of them")
+  parser.add_argument("--single_device", action="store_true",
+                      help="on one device: only the single-device rows (the suspects' costs, no step trace)")
   parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
   args = parser.parse_args(argv)
   args.preset = args.preset or ("tiny" if args.cpu else "mega200M")
   args.length = args.length or (512 if args.cpu else 32768)
   args.dtype = args.dtype or ("float32" if args.cpu else "bfloat16")
   args.step_length = args.step_length or args.length
-  args.check = args.cpu
+  args.check = args.cpu and not args.rows  # the value check needs both rows of each pair
   if args.cpu:
     args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
   args.trace_devices = [int(d) for d in args.trace_devices.split(",") if d.strip()]
@@ -652,7 +673,7 @@ def write_json(path: str | None, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  if jax.device_count() < SEQUENCE_DEVICES:
+  if jax.device_count() < SEQUENCE_DEVICES and not args.single_device:
     raise SystemExit(f"needs {SEQUENCE_DEVICES} devices, found {jax.device_count()} ({jax.devices()})")
   s = layer_shapes(args)
   if args.cpu:
@@ -662,7 +683,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(f"check_sequence_parallel: jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}); {args.preset}: {s}; warmup {args.warmup}, median of {args.iters}")
   only = {o.strip() for o in args.only.split(",") if o.strip()}
-  plans = [p for p in row_plans(s, args) if not only or p.op in only]
+  plans = [p for p in row_plans(s, args) if (not only or p.op in only)
+           and (p.devices == 1 or not args.single_device)
+           and (not args.rows or any(r.strip() in p.variant for r in args.rows.split(",") if r.strip()))]
   settings = {k: v for k, v in vars(args).items() if k != "check"}
   payload: dict[str, Any] = {"name": "check_sequence_parallel", "metadata": harness.run_metadata(),
                              "settings": settings, "shapes": dataclasses.asdict(s), "rows": []}
@@ -693,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload["value_check"] = value_check(plans, kept)
     print(f"value check (sequence parallel vs single device, tolerance {VALUE_TOL}): "
           f"{json.dumps(payload['value_check']['ops'])}")
-  for devices in (args.trace_devices if args.trace_dir or args.hlo_dir else []):
+  for devices in (args.trace_devices if (args.trace_dir or args.hlo_dir) and not args.single_device else []):
     print(f"profiling the sequence-parallel train step on {devices} device(s) ...")
     payload.setdefault("steps", []).append(profile_step(devices, args))
     print(f"  {payload['steps'][-1]}")

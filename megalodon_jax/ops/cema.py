@@ -188,10 +188,30 @@ def _power_blocks(length: int) -> tuple[int, int]:
   return block, -(-length // block)
 
 
+POWER_IMPLS = ("xla", "pallas")
+
+
 def _power_tables(q: jax.Array, length: int, offset: int | jax.Array = 0,
-                  extra: tuple[int, ...] = ()) -> _PowerTables:
-  """All powers a path needs, from one double-float loop."""
+                  extra: tuple[int, ...] = (), impl: str = "xla") -> _PowerTables:
+  """All powers a path needs, from one double-float loop.
+
+  impl: "xla" (the rolled loop below) or "pallas" (kernels_pallas.cema.power_tables_pallas: one
+  kernel, the same accuracy; on a GPU, or interpreted on the CPU; the XLA loop on a TPU and for a
+  traced offset, which the kernel does not take)."""
+  if impl not in POWER_IMPLS:
+    raise ValueError(f"unknown power-table impl {impl!r}; valid: {', '.join(POWER_IMPLS)}")
   block, count = _power_blocks(length)
+  if impl == "pallas" and _is_static_int(offset) and jax.default_backend() != "tpu":
+    if offset < 0:
+      raise ValueError(f"offset must be >= 0 (|q| < 1 makes negative powers blow up), got {offset}")
+    from kernels_pallas import cema as cema_kernels  # lazy: Pallas is optional at import time
+    tables = functools.partial(cema_kernels.power_tables_pallas,
+                               interpret=jax.default_backend() == "cpu")
+    q = jnp.asarray(q).astype(jnp.complex64)
+    high, low = tables(q, block, count, int(offset))
+    extras = [tables(q, 1, 1, int(e))[0] for e in extra]
+    extra_powers = jnp.concatenate(extras, axis=-1) if extras else jnp.zeros(q.shape + (0,), jnp.complex64)
+    return _PowerTables(high=high, low=low, extra=extra_powers, block=block)
   low = np.arange(block)
   high = block * np.arange(count)
   fixed = np.asarray(extra, np.int64)
@@ -224,14 +244,15 @@ def _check_length(length) -> None:
     raise ValueError(f"length must be a static Python int >= 1, got {length!r}")
 
 
-def cema_powers(q: jax.Array, length: int, offset: int | jax.Array = 0) -> jax.Array:
+def cema_powers(q: jax.Array, length: int, offset: int | jax.Array = 0, impl: str = "xla") -> jax.Array:
   """Accurate q^(offset + t) for t < length (see the comment above _split).
 
   q: [D, N] (any shape) complex; length: static int >= 1; offset: int >= 0, static or a traced
-  int32 scalar (offset + length < 2^31). Returns [D, N, length] complex64. Differentiable in q.
+  int32 scalar (offset + length < 2^31); impl: POWER_IMPLS (see _power_tables). Returns
+  [D, N, length] complex64. Differentiable in q.
   """
   _check_length(length)
-  return _expand(_power_tables(q, length, offset), length)
+  return _expand(_power_tables(q, length, offset, impl=impl), length)
 
 
 def _complex_einsum_real(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -447,11 +468,11 @@ def _state_from_tables(h0: jax.Array, coeffs: CemaCoefficients, tables: _PowerTa
 
 
 def cema_state_contribution(h0: jax.Array, coeffs: CemaCoefficients, length: int,
-                            segment_ids: jax.Array | None = None) -> jax.Array:
+                            segment_ids: jax.Array | None = None, powers: str = "xla") -> jax.Array:
   """Re(sum_n eta_n q_n^(t+1) h0_n) for t < length: [B, L, D] float32.
 
   h0: [B, D, N] complex; segment_ids: [B, L] int or None. Zero from the first reset on (the
-  state is dropped there).
+  state is dropped there). powers: how the power tables are built (POWER_IMPLS).
   """
   _check_length(length)
   dim, order = _dims(coeffs)
@@ -460,7 +481,7 @@ def cema_state_contribution(h0: jax.Array, coeffs: CemaCoefficients, length: int
     raise ValueError(f"h0 must be the complex state [batch, D, N], got shape {tuple(h0.shape)}")
   h0 = _check_h0(h0, h0.shape[0], dim, order)
   run = _run_index(segment_ids, h0.shape[0], length)
-  return _state_from_tables(h0, coeffs, _power_tables(coeffs.q, length), length, run)
+  return _state_from_tables(h0, coeffs, _power_tables(coeffs.q, length, impl=powers), length, run)
 
 
 def _final_from_tables(x: jax.Array, coeffs: CemaCoefficients, tables: _PowerTables,

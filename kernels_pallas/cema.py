@@ -481,8 +481,9 @@ def _binary_power_parts(q, exponent: int):
 def _tables_kernel(qre_ref, qim_ref, high_re, high_im, low_re, low_im, *, block: int, count: int,
                    offset: int):
   """Per lane: low[l] = q^l (l < block) and high[j] = q^(offset + block j) (j < count), each by
-  running double-float products along the table (low: times q; high: times q^block, the product
-  the low walk ends on), so the kernel is two short loops rather than one unrolled chain per entry."""
+  running double-float products along the table (low: times q; high: times q^block), so the
+  kernel is a short loop rather than one unrolled chain per entry. Grid axis 1 picks the table:
+  the two walks run in parallel programs (each is a dependent chain)."""
   zero = jnp.zeros_like(qre_ref[...])
   q = ((qre_ref[...], zero), (qim_ref[...], zero))
 
@@ -492,10 +493,15 @@ def _tables_kernel(qre_ref, qim_ref, high_re, high_im, low_re, low_im, *, block:
       re_out[pl.ds(i, 1), :] = (rh + rl)[None, :]
       im_out[pl.ds(i, 1), :] = (ih + il)[None, :]
       return _dfc_mul_parts(*cur, *step)
-    return lax.fori_loop(0, n, body, start)
+    lax.fori_loop(0, n, body, start)
 
-  q_block = walk(((zero + 1.0, zero), (zero, zero)), q, block, low_re, low_im)
-  walk(_binary_power_parts(q, offset), q_block, count, high_re, high_im)
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    walk(((zero + 1.0, zero), (zero, zero)), q, block, low_re, low_im)
+
+  @pl.when(pl.program_id(1) == 1)
+  def _():
+    walk(_binary_power_parts(q, offset), _binary_power_parts(q, block), count, high_re, high_im)
 
 
 def _table_exponents(block: int, count: int, offset: int) -> np.ndarray:
@@ -522,17 +528,17 @@ def power_tables_pallas(q: Array, block: int, count: int, offset: int = 0,
   shape = q.shape
   q = jnp.asarray(q).astype(jnp.complex64).reshape(-1)
   size = q.shape[0]
-  lanes = 256
+  lanes = 128  # 2 x size / 128 programs (256 at mega200M) of dependent chains of block or count
   while size % lanes:
     lanes //= 2
-  lane_spec = pl.BlockSpec((lanes,), lambda i: (i,))
-  plane = lambda rows: (pl.BlockSpec((rows, lanes), lambda i: (0, i)),  # noqa: E731
+  lane_spec = pl.BlockSpec((lanes,), lambda i, t: (i,))
+  plane = lambda rows: (pl.BlockSpec((rows, lanes), lambda i, t: (0, i)),  # noqa: E731
                         jax.ShapeDtypeStruct((rows, size), jnp.float32))
   (high_spec, high_shape), (low_spec, low_shape) = plane(count), plane(block)
-  kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
+  kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=2, num_stages=1)}
   high_re, high_im, low_re, low_im = pl.pallas_call(
       functools.partial(_tables_kernel, block=block, count=count, offset=offset),
-      grid=(size // lanes,), in_specs=[lane_spec, lane_spec],
+      grid=(size // lanes, 2), in_specs=[lane_spec, lane_spec],
       out_specs=[high_spec, high_spec, low_spec, low_spec],
       out_shape=[high_shape, high_shape, low_shape, low_shape], interpret=interpret,
       name="cema_power_tables", **kwargs,

@@ -414,7 +414,7 @@ def time_program(row: dict, key: str, fn: Callable, inputs: tuple, args: argpars
     footprint = bench_scaling.bench_train.compiled_bytes(compiled)
     if footprint is not None:
       row[f"{key}_mem_mib"] = round(footprint / 2**20, 1)
-    stats = harness.time_fn(compiled, *inputs, warmup=args.warmup, iters=args.iters)
+    stats = harness.time_fn(compiled, *inputs, warmup=args.warmup, iters=args.iters, inner=args.inner)
     row[f"{key}_ms"] = stats["median_ms"]
     return jax.device_get(compiled(*inputs)) if args.check else None
   except Exception as err:  # noqa: BLE001 - one failing program must not cost the others
@@ -625,6 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--only", default="", help="comma-separated ops to time (cema,tsn,attention)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--inner", type=int, default=1,
+                      help="back-to-back calls per timed sample (hides the host's dispatch for small ops)")
   parser.add_argument("--json", default=None, help="write rows, settings and checks here (after every row)")
   parser.add_argument("--trace_dir", default=None, help="jax.profiler trace of the sequence-parallel step")
   parser.add_argument("--hlo_dir", default=None, help="compiled HLO text of that step and of every row's programs")

@@ -164,6 +164,28 @@ def _inputs(op: str, s: Shapes) -> dict[str, Any]:
   raise ValueError(op)
 
 
+TABLES_TOL = 1e-5  # Pallas vs XLA power tables, relative, where float32 represents the value
+
+
+def power_tables_check(s: Shapes) -> dict[str, Any]:
+  """The Pallas power tables (kernels_pallas.cema.power_tables_pallas, compiled on a GPU) against
+  XLA's, at the layer's q and L/2, and for the slice decay q^(L/2): max relative difference over
+  the entries above 1e-30 (both are float32-rounded double-float powers, so ~1e-7)."""
+  q = coefficients(cema_params(s.dim, s.order)).q
+  out: dict[str, Any] = {}
+  for name, kwargs in (("tables", {"length": s.half}), ("slice_decay", {"length": 1, "offset": s.half})):
+    got = cema_ops._power_tables(q, impl="pallas", **kwargs)
+    want = cema_ops._power_tables(q, **kwargs)
+    worst = 0.0
+    for a, b in ((got.high, want.high), (got.low, want.low)):
+      a, b = np.asarray(a), np.asarray(b)
+      big = np.abs(b) > 1e-30
+      worst = max(worst, float(np.max(np.abs(a - b)[big] / np.abs(b)[big], initial=0.0)))
+    out[name] = worst
+  out["passed"] = all(v < TABLES_TOL for k, v in out.items())
+  return out
+
+
 def second_half(a: jax.Array) -> jax.Array:
   """[B, L, ...] -> [B, L/2:, ...]: what device 1 of 2 holds (device 0's slice costs the same)."""
   return a[:, a.shape[1] // SEQUENCE_DEVICES:]
@@ -714,6 +736,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload["rows"] = rows
     write_json(args.json, payload)
   data = None
+  if not only or "cema" in only:
+    payload["power_tables_check"] = power_tables_check(s)
+    print(f"power tables, Pallas vs XLA (max relative difference, tolerance {TABLES_TOL}): "
+          f"{json.dumps(payload['power_tables_check'])}")
+    write_json(args.json, payload)
   if args.check:
     payload["value_check"] = value_check(plans, kept)
     print(f"value check (sequence parallel vs single device, tolerance {VALUE_TOL}): "
@@ -729,6 +756,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   write_json(args.json, payload)
   if args.json:
     print(f"-> {args.json}")
+  if not payload.get("power_tables_check", {"passed": True})["passed"]:
+    raise SystemExit("power tables check FAILED: " + json.dumps(payload["power_tables_check"]))
   if args.check and not payload["value_check"]["passed"]:
     raise SystemExit("value check FAILED: " + json.dumps(payload["value_check"]["ops"]))
   return payload

@@ -136,8 +136,8 @@ def _dfc_power(q: jax.Array, exponents: jax.Array, bits: int):
   The squares q^(2^b) depend on q only, so they are formed once on q's shape (a scan of
   `bits` double-float squarings); the rolled loop over the bits then multiplies each entry's
   result by q^(2^b) where its bit b is set: one double-float product per bit on [..., K]
-  instead of two stacked ones (about a quarter of the time on a CPU; the same values except in the
-  last bits of entries below ~1e-28, where the low parts are subnormal).
+  instead of two stacked ones (the same values except in the last bits of entries below ~1e-28,
+  where the low parts are subnormal).
   """
   shape = q.shape + exponents.shape
   q_pair = (jnp.stack([jnp.real(q), jnp.imag(q)]), jnp.zeros((2,) + q.shape, jnp.float32))

@@ -516,11 +516,11 @@ def power_tables_pallas(q: Array, block: int, count: int, offset: int = 0,
 
   q: [...] complex (|q| <= 1); block, count, offset: static ints >= 0 (block, count >= 1).
   Double-float products along each table: the error grows with the exponent (~e 2^-44 relative,
-  like the XLA reference's squarings), float32-accurate up to exponents of ~2^20. XLA runs the
-  reference's rolled loop over [..., block + count] as a few kernels per bit, ~6.5 ms at
-  mega200M's D=1024, N=16 for L=16384 on an H200 (what sequence parallelism's state correction
-  needs per layer); this kernel touches each entry once. Differentiable in q (custom JVP:
-  d q^e = e q^e dq / q, as the reference)."""
+  like the XLA reference's squarings), float32-accurate up to exponents of ~2^20. At mega200M's
+  D=1024, N=16 for L=16384 (what sequence parallelism's state correction needs per layer) on an
+  H200: 0.075 ms of device time, against 6.1 ms for the reference's rolled XLA loop in the form it
+  had then (two stacked double-float products per bit on every entry). Differentiable in q
+  (custom JVP: d q^e = e q^e dq / q, as the reference)."""
   if block < 1 or count < 1 or offset < 0:
     raise ValueError(f"power tables need block >= 1, count >= 1 and offset >= 0; got {block}, {count}, {offset}.")
   if offset + block * (count - 1) >= 2**31:

@@ -552,3 +552,19 @@ def test_more_chunk_sizes_with_segments(method, chunk):
   y, h = _forward(params, x, h0, seg, method=method, chunk=chunk)
   assert rel_err(y, y_ref) < TOL
   assert rel_err(h, h_ref) < TOL
+
+
+@pytest.mark.parametrize("spec,shape_a,shape_b", [
+    ("bdnj,dnl->bjld", (2, 5, 4, 3), (5, 4, 7)),   # one contracted axis: the stacked real einsum
+    ("bdn,dnt->btd", (2, 5, 4), (5, 4, 6)),
+    ("dnj,dnj->d", (5, 4, 3), (5, 4, 3)),          # two contracted axes: two real einsums
+])
+def test_complex_einsum_real_matches_complex128(spec, shape_a, shape_b):
+  from megalodon_jax.ops.cema import _complex_einsum_real
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=shape_a) + 1j * rng.normal(size=shape_a)
+  b = rng.normal(size=shape_b) + 1j * rng.normal(size=shape_b)
+  got = _complex_einsum_real(spec, jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64))
+  want = np.real(np.einsum(spec, a, b))
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

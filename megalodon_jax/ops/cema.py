@@ -259,9 +259,21 @@ def cema_powers(q: jax.Array, length: int, offset: int | jax.Array = 0, impl: st
 
 
 def _complex_einsum_real(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """Re(einsum(a, b)) for complex a, b in float32 (full precision, no TF32)."""
-  return (jnp.einsum(spec, jnp.real(a), jnp.real(b), precision=_HIGHEST)
-          - jnp.einsum(spec, jnp.imag(a), jnp.imag(b), precision=_HIGHEST))
+  """Re(einsum(a, b)) for complex a, b in float32 (full precision, no TF32).
+
+  With one contracted axis, Re(a b) = [Re a, Im a] . [Re b, -Im b] is ONE real einsum over that
+  axis doubled, so the [..., L, D]-sized result is written (and, for the gradient, read) once
+  rather than as two products and their difference."""
+  operands, out = spec.split("->")
+  spec_a, spec_b = operands.split(",")
+  contracted = [c for c in spec_a if c in spec_b and c not in out]
+  if len(contracted) != 1:
+    return (jnp.einsum(spec, jnp.real(a), jnp.real(b), precision=_HIGHEST)
+            - jnp.einsum(spec, jnp.imag(a), jnp.imag(b), precision=_HIGHEST))
+  axis_a, axis_b = spec_a.index(contracted[0]), spec_b.index(contracted[0])
+  stacked_a = jnp.concatenate([jnp.real(a), jnp.imag(a)], axis=axis_a)
+  stacked_b = jnp.concatenate([jnp.real(b), -jnp.imag(b)], axis=axis_b)
+  return jnp.einsum(spec, stacked_a, stacked_b, precision=_HIGHEST)
 
 
 def _complex_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:

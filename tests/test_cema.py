@@ -402,6 +402,22 @@ def test_bad_inputs_raise_clear_errors():
     cema_kernel(coeffs, 0)
 
 
+
+@pytest.mark.parametrize("impl", cema_ops.POWER_IMPLS)
+@pytest.mark.parametrize("length", [64, 50, 1])
+def test_slice_summary(impl, length):
+  """cema_slice_summary: the float64 recurrence's state from zero and float64's q^L, at a
+  power-of-2 length (q^L beyond the tables' last entry), an odd one, and one step; Pallas tables
+  interpreted."""
+  params, x, _, seg = standard_problem()
+  coeffs = coefficients(params)
+  x, seg = x[:, :length], seg[:, :length]
+  for segment_ids in (None, seg):
+    h, decay = jax.jit(functools.partial(cema_ops.cema_slice_summary, powers=impl))(x, coeffs, segment_ids)
+    assert h.shape == (B, D, N) and h.dtype == jnp.complex64 and decay.shape == (D, N)
+    assert rel_err(h, reference(x, coeffs, params[4], None, segment_ids)[1]) < TOL
+    _assert_powers_close(decay, _powers_reference(coeffs.q, np.array(length))[..., 0], rtol=1e-6)
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks.
 # ---------------------------------------------------------------------------------------------

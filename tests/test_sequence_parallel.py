@@ -121,8 +121,9 @@ def cema_objective(fn, x, h0, params, weights):
   return jnp.sum(y * weights[0]) + jnp.sum(jnp.real(h) * weights[1] + jnp.imag(h) * weights[2]), (y, h)
 
 
-@pytest.mark.parametrize("schedule,packed", [("all_gather", True), ("doubling", True), ("all_gather", False)])
-def test_cema_matches_unsharded(rng, schedule, packed):
+@pytest.mark.parametrize("schedule,packed,method", [("all_gather", True, "chunked"), ("doubling", True, "chunked"),
+                                                    ("all_gather", False, "chunked"), ("all_gather", True, "pallas")])
+def test_cema_matches_unsharded(rng, schedule, packed, method):
   x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
   h0 = jnp.asarray(rng.standard_normal((B, D, N)) + 1j * rng.standard_normal((B, D, N)), jnp.complex64)
   params = cema_params(rng)
@@ -133,8 +134,8 @@ def test_cema_matches_unsharded(rng, schedule, packed):
   par = parallelism(schedule)
 
   def sharded(x, coeffs, omega, h0):
-    with sharding.use(par):  # the chunked XLA path inside each slice (the CPU default)
-      return sp.cema(x, coeffs, omega, h0, method="chunked", segment_ids=seg, return_state=True, chunk=4)
+    with sharding.use(par):  # the chunked XLA path, or the Pallas scan and tables (interpreted)
+      return sp.cema(x, coeffs, omega, h0, method=method, segment_ids=seg, return_state=True, chunk=4)
 
   def reference(x, coeffs, omega, h0):
     return cema_ops.cema(x, coeffs, omega, h0, method="sequential", segment_ids=seg, return_state=True)

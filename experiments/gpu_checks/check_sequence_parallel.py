@@ -13,7 +13,9 @@ sum(y * w)) of:
              2 devices, L              sequence_parallel.cema on a sequence mesh of 2
              single device, L/2        from an incoming state h0 (what a slice would cost run
                                        from the state entering it)
-             single device, L/2        its extra pieces alone (S1): cema_state_contribution (the
+             single device, L/2        the slice's closed-form state and decay before the
+                                       exchange (cema_slice_summary, S1'), Pallas and XLA powers
+             single device, L/2        the earlier design's extra pieces (S1): cema_state_contribution (the
                                        state correction), _power_tables (its double-float
                                        powers), the slice-decay powers q^l and (q^l)^0..P; each
                                        with XLA's and with the Pallas power tables
@@ -308,6 +310,21 @@ def slice_decay_case(data: dict, s: Shapes, impl: str = "xla") -> Case:
   return Case(forward, loss, (data["params"],), (0,), 1)
 
 
+def slice_summary_case(data: dict, s: Shapes, powers: str = "xla") -> Case:
+  """cema_slice_summary(x, coeffs) at L/2: the slice's closed-form state h_L and decay q^(L/2),
+  all that cema_sequence_local computes before the exchange since session 7 (S1')."""
+  x, w = second_half(data["x"]), _normal(17, (s.batch, s.dim, s.order))
+
+  def forward(x, params):
+    return cema_ops.cema_slice_summary(x, coefficients(params), powers=powers)
+
+  def loss(x, params, w):
+    h, decay = forward(x, params)
+    return jnp.sum(jnp.real(h) * w + jnp.imag(h)) + jnp.sum(jnp.real(decay) + jnp.imag(decay))
+
+  return Case(forward, loss, (x, data["params"], w), (0, 1), 2)
+
+
 def tsn_case(data: dict, s: Shapes, method: str, *, half: bool = False,
              par: sharding.Parallelism | None = None) -> Case:
   """The layer's call: sequence_parallel.timestep_norm(x, weight, bias, num_groups, method)."""
@@ -389,6 +406,10 @@ def row_plans(s: Shapes, args: argparse.Namespace) -> list[RowPlan]:
               lambda d, s: cema_case(d, s, m, half=True, incoming=True)),
       RowPlan("cema", f"sequence_parallel {m} {args.schedule}", SEQUENCE_DEVICES, L,
               lambda d, s: cema_case(d, s, m, par=par), compare="parallel"),
+      # Since session 7: the slice's closed-form summary before the exchange, then the scan from
+      # the incoming state (the row above); the S1 rows below are the earlier correction's pieces.
+      RowPlan("cema", "slice summary, Pallas powers (S1')", 1, h, lambda d, s: slice_summary_case(d, s, "pallas")),
+      RowPlan("cema", "slice summary, XLA powers (S1')", 1, h, slice_summary_case),
       RowPlan("cema", "state_contribution (S1)", 1, h, state_contribution_case),
       RowPlan("cema", "_power_tables (S1)", 1, h, power_tables_case),
       RowPlan("cema", "slice decay powers (S1)", 1, h, slice_decay_case),

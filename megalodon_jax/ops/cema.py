@@ -537,6 +537,39 @@ def cema_final_state(x: jax.Array, coeffs: CemaCoefficients, h0: jax.Array | Non
   return _final_from_tables(x.astype(jnp.float32), coeffs, tables, h0, run)
 
 
+def _table_power(tables: _PowerTables, q: jax.Array, exponent: int) -> jax.Array:
+  """q^exponent [..] from tables built for a length >= exponent - 1 (at most two more products).
+
+  exponent = block j + l with j < count reads high[j] low[l]; exponent = block count (a power-of-2
+  length) is high[count - 1] low[block - 1] q. Each factor is float32-accurate, so the product is
+  within a few float32 roundings of q^exponent at any exponent.
+  """
+  block, count = tables.block, tables.high.shape[-1]
+  j, l = divmod(exponent, block)
+  if j < count:
+    return tables.high[..., j] * tables.low[..., l]
+  if (j, l) != (count, 0):
+    raise ValueError(f"exponent {exponent} is beyond the tables' {block * count} steps")
+  return tables.high[..., count - 1] * tables.low[..., block - 1] * q.astype(jnp.complex64)
+
+
+def cema_slice_summary(x: jax.Array, coeffs: CemaCoefficients, segment_ids: jax.Array | None = None,
+                       powers: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """What one slice of a sequence hands on: (h_L [B, D, N], q^L [D, N]), both complex64.
+
+  x: [B, L, D]. h_L is the state after the slice from a zero state (with segment_ids only the last
+  run contributes), in closed form like cema_final_state; q^L carries an earlier state across the
+  slice. One power-table build (powers: POWER_IMPLS) gives both, without running the scan.
+  """
+  dim, _ = _dims(coeffs)
+  _check_x(x, dim)
+  batch, length, _ = x.shape
+  run = _run_index(segment_ids, batch, length)
+  tables = _power_tables(coeffs.q, length, impl=powers)
+  h = _final_from_tables(x.astype(jnp.float32), coeffs, tables, None, run)
+  return h, _table_power(tables, coeffs.q, length)
+
+
 # ---------------------------------------------------------------------------------------------
 # Path 3: FFT convolution with the Vandermonde kernel.
 # ---------------------------------------------------------------------------------------------

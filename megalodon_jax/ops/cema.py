@@ -559,15 +559,33 @@ def cema_slice_summary(x: jax.Array, coeffs: CemaCoefficients, segment_ids: jax.
 
   x: [B, L, D]. h_L is the state after the slice from a zero state (with segment_ids only the last
   run contributes), in closed form like cema_final_state; q^L carries an earlier state across the
-  slice. One power-table build (powers: POWER_IMPLS) gives both, without running the scan.
+  slice. One power-table build (powers: POWER_IMPLS) gives both, without running the scan. With
+  powers="pallas" (off TPU, for power-of-2 N) the per-chunk sums are the Pallas kernel
+  kernels_pallas.cema_summary, combined here with the tables' q^(block j).
   """
-  dim, _ = _dims(coeffs)
+  dim, order = _dims(coeffs)
   _check_x(x, dim)
   batch, length, _ = x.shape
   run = _run_index(segment_ids, batch, length)
   tables = _power_tables(coeffs.q, length, impl=powers)
-  h = _final_from_tables(x.astype(jnp.float32), coeffs, tables, None, run)
-  return h, _table_power(tables, coeffs.q, length)
+  decay = _table_power(tables, coeffs.q, length)
+  block, count = tables.block, tables.high.shape[-1]
+  if powers == "xla" or jax.default_backend() == "tpu" or not _summary_kernel_takes(dim, order, block):
+    return _final_from_tables(x.astype(jnp.float32), coeffs, tables, None, run), decay
+  from kernels_pallas import cema_summary  # lazy: Pallas is optional at import time
+  if run is not None:
+    x = jnp.where((run == run[:, -1:])[..., None], x, jnp.zeros_like(x))
+  # Zeros in front make the length count * block and add nothing; chunk j then ends block
+  # (count - 1 - j) steps before the last, so its summary carries q^(block (count - 1 - j)).
+  x = jnp.pad(x, ((0, 0), (count * block - length, 0), (0, 0)))
+  chunks = cema_summary.chunk_summaries_pallas(x, coeffs.q, block, interpret=jax.default_backend() == "cpu")
+  carry = jnp.moveaxis(jnp.flip(tables.high, axis=-1), -1, 0)  # [J, D, N]
+  return coeffs.p * jnp.sum(chunks * carry, axis=1), decay
+
+
+def _summary_kernel_takes(dim: int, order: int, block: int) -> bool:
+  from kernels_pallas import cema_summary  # lazy: Pallas is optional at import time
+  return cema_summary.supported(dim, order, block)
 
 
 # ---------------------------------------------------------------------------------------------

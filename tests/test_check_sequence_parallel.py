@@ -70,3 +70,14 @@ def test_smoke_profiles_the_sequence_parallel_step(tmp_path):
   assert math.isfinite(step["step_ms"]) and step["trace_files"] > 0 and step["trace_mib"] > 0
   assert pathlib.Path(step["hlo"]).stat().st_size > 0
   assert len(list((tmp_path / "hlo" / "ops").glob("attention-*.hlo.txt"))) == 2 * ROWS_PER_OP["attention"]
+
+
+def test_kernels_option_traces_every_timed_program(tmp_path):
+  """--kernels N: each timed program of the selected rows is traced (on the CPU the trace has no
+  GPU kernels, which the row records as such instead of failing)."""
+  payload, stdout = run_smoke(tmp_path, "--only", "cema", "--rows", "(ideal)", "--kernels", "2")
+  (row,) = payload["rows"]
+  assert row["variant"].endswith("(ideal)") and not any(k.endswith("_error") for k in row), row
+  for key in ("fwd_kernels", "fwd_bwd_kernels"):
+    assert "no GPU kernels" in row[key]["error"], row[key]
+  assert "no GPU kernels" in stdout

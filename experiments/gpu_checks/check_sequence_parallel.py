@@ -47,7 +47,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -459,12 +461,50 @@ def time_program(row: dict, key: str, fn: Callable, inputs: tuple, args: argpars
       row[f"{key}_mem_mib"] = round(footprint / 2**20, 1)
     stats = harness.time_fn(compiled, *inputs, warmup=args.warmup, iters=args.iters, inner=args.inner)
     row[f"{key}_ms"] = stats["median_ms"]
+    if args.kernels:
+      row[f"{key}_kernels"] = trace_kernels(compiled, inputs, args.kernels)
     return jax.device_get(compiled(*inputs)) if args.check else None
   except Exception as err:  # noqa: BLE001 - one failing program must not cost the others
     if args.verbose:
       traceback.print_exception(err)
     row[f"{key}_error"] = ("OOM: " if bench_scaling.bench_train.is_oom(err) else "") + bench_ops.failure(err)
     return None
+
+
+def trace_kernels(compiled: Any, inputs: tuple, calls: int) -> dict:
+  """--kernels: the GPU kernels of `calls` back-to-back calls (profile_ops.kernel_table: busy and
+  span ms per call, and per kernel its calls and ms per call); on the CPU an 'error' entry."""
+  from experiments.gpu_checks import profile_ops, profile_train_step  # only with --kernels
+  directory = tempfile.mkdtemp(prefix="sp_kernels_")
+  try:
+    jax.profiler.start_trace(directory, create_perfetto_trace=True)
+    for _ in range(calls):
+      out = compiled(*inputs)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    events = profile_train_step.load_trace_events(directory)
+    table = profile_ops.kernel_table(profile_train_step.device_kernels(events), calls)
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+  table.pop("timeline", None)
+  return table
+
+
+def kernels_lines(row: dict, top: int = 6) -> str:
+  """The slowest kernels of a row's programs (with --kernels), one line each."""
+  lines = []
+  for key in ("fwd", "fwd_bwd"):
+    table = row.get(f"{key}_kernels")
+    if not table:
+      continue
+    if "error" in table:
+      lines.append(f"    {key}: {table['error']}")
+      continue
+    lines.append(f"    {key}: busy {table['busy_ms']:.3f} ms, span {table['span_ms']:.3f} ms, "
+                 f"{table['kernels_per_call']:.0f} kernels per call")
+    for k in sorted(table["kernels"], key=lambda k: -k["ms"])[:top]:
+      lines.append(f"      {k['ms']:.4f} ms  x{k['calls']:.0f}  {k['name'][:90]}")
+  return "".join("\n" + line for line in lines)
 
 
 def run_row(plan: RowPlan, data: dict, s: Shapes, args: argparse.Namespace) -> tuple[dict, Any]:
@@ -682,6 +722,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="comma-separated substrings: only rows whose variant contains one of them")
   parser.add_argument("--single_device", action="store_true",
                       help="on one device: only the single-device rows (the suspects' costs, no step trace)")
+  parser.add_argument("--kernels", type=int, default=0,
+                      help="trace this many calls of every timed program and print its slowest GPU kernels")
   parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
   args = parser.parse_args(argv)
   args.preset = args.preset or ("tiny" if args.cpu else "mega200M")
@@ -753,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.append(row)
     kept.append(outputs if plan.compare or plan.ideal else None)
     add_ratios(rows, plans[:len(rows)])
-    print(table_line(row) + errors_line(row))
+    print(table_line(row) + errors_line(row) + kernels_lines(row))
     payload["rows"] = rows
     write_json(args.json, payload)
   data = None

@@ -54,7 +54,7 @@ def supported(dim: int, order: int, block: int) -> bool:
   return power_of_2(order) and power_of_2(block) and (dim % _BLOCK_D == 0 or power_of_2(dim))
 
 
-def _forward_kernel(x_ref, qre_ref, qim_ref, s_re, s_im, d_re, d_im, *, steps: int):
+def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: bool):
   qre, qim = qre_ref[...], qim_ref[...]  # [N, block_d]
   zero = jnp.zeros_like(qre)
   unroll = min(_UNROLL, steps)
@@ -64,13 +64,14 @@ def _forward_kernel(x_ref, qre_ref, qim_ref, s_re, s_im, d_re, d_im, *, steps: i
     rows = [x_ref[pl.ds(i * unroll + u, 1), :].astype(jnp.float32) for u in range(unroll)]  # [1, block_d]
     sr, si, dr, di = carry
     for xt in rows:
-      # S' <- q S' + S with the S from before this step, then S <- q S + x_t.
-      dr, di = qre * dr - qim * di + sr, qre * di + qim * dr + si
+      if derivative:  # S' <- q S' + S with the S from before this step
+        dr, di = qre * dr - qim * di + sr, qre * di + qim * dr + si
       sr, si = qre * sr - qim * si + xt, qre * si + qim * sr
     return sr, si, dr, di
 
-  sr, si, dr, di = lax.fori_loop(0, steps // unroll, tile, (zero, zero, zero, zero))
-  s_re[...], s_im[...], d_re[...], d_im[...] = sr, si, dr, di
+  final = lax.fori_loop(0, steps // unroll, tile, (zero, zero, zero, zero))
+  for ref, value in zip(out_refs, final):  # S (and S' when asked for)
+    ref[...] = value
 
 
 def _backward_kernel(g_re, g_im, qre_ref, qim_ref, dx_ref, *, steps: int):
@@ -96,33 +97,35 @@ def _specs(block: int, order: int, block_d: int):
 
 
 def _call(kernel, x_shape, order: int, block: int, interpret: bool, name: str, in_specs, out_specs,
-          out_shape, *args):
+          out_shape, *args, **static):
   batch, length, dim = x_shape
   block_d = min(_BLOCK_D, dim)
   kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
-  return pl.pallas_call(functools.partial(kernel, steps=block), grid=(batch, length // block, dim // block_d),
-                        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                        name=name, **kwargs)(*args)
+  return pl.pallas_call(functools.partial(kernel, steps=block, **static),
+                        grid=(batch, length // block, dim // block_d), in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, interpret=interpret, name=name, **kwargs)(*args)
 
 
-def _forward(x: Array, qre: Array, qim: Array, block: int, interpret: bool):
-  """x [B, J T, D]; q planes [N, D] -> (S re, S im, S' re, S' im), each [B, J, N, D] float32."""
+def _forward(x: Array, qre: Array, qim: Array, block: int, interpret: bool, derivative: bool):
+  """x [B, J T, D]; q planes [N, D] -> (S re, S im) and with `derivative` also (S' re, S' im),
+  each [B, J, N, D] float32."""
   batch, length, dim = x.shape
   order = qre.shape[0]
   seq, coef, summary = _specs(block, order, min(_BLOCK_D, dim))
+  outputs = 4 if derivative else 2
   plane = jax.ShapeDtypeStruct((batch, length // block, order, dim), jnp.float32)
   return _call(_forward_kernel, x.shape, order, block, interpret, "cema_chunk_summaries", [seq, coef, coef],
-               [summary] * 4, [plane] * 4, x, qre, qim)
+               [summary] * outputs, [plane] * outputs, x, qre, qim, derivative=derivative)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _summaries(x: Array, qre: Array, qim: Array, block: int, interpret: bool):
-  s_re, s_im, _, _ = _forward(x, qre, qim, block, interpret)
+  s_re, s_im = _forward(x, qre, qim, block, interpret, derivative=False)  # not differentiated
   return s_re, s_im
 
 
 def _summaries_fwd(x, qre, qim, block, interpret):
-  s_re, s_im, d_re, d_im = _forward(x, qre, qim, block, interpret)
+  s_re, s_im, d_re, d_im = _forward(x, qre, qim, block, interpret, derivative=True)
   return (s_re, s_im), (x, qre, qim, d_re, d_im)
 
 

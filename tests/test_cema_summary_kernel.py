@@ -79,6 +79,8 @@ def test_cuda_lowering_and_clear_errors():
   fn = lambda x, q: jnp.sum(jnp.abs(K.chunk_summaries_pallas(x, q, 128)))  # noqa: E731
   text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
   assert "cema_chunk_summaries" in text and "cema_chunk_summaries_bwd" in text
+  primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()  # S only, no S'
+  assert "cema_chunk_summaries" in primal and "cema_chunk_summaries_bwd" not in primal
   with pytest.raises(ValueError, match="power-of-2 N"):
     K.chunk_summaries_pallas(jnp.zeros((1, 8, 4)), jnp.ones((4, 3), jnp.complex64), 4, interpret=True)
   with pytest.raises(ValueError, match="need x"):

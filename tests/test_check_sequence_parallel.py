@@ -55,6 +55,9 @@ def test_smoke_times_every_row_and_sequence_parallel_equals_one_device(tmp_path)
     assert check["ops"][op]["state_effect"] > 1e-3
   tables = payload["power_tables_check"]  # the Pallas power tables (interpreted here) vs XLA's
   assert tables["passed"] and 0.0 <= tables["tables"] < 1e-5 and 0.0 <= tables["slice_decay"] < 1e-5
+  summary = payload["summary_check"]  # the chunk-summary kernel (interpreted) vs the XLA form
+  assert summary["passed"] and {"h", "dx", "dalpha", "ddelta", "dtheta"} <= set(summary)
+  assert all(0.0 <= v < 1e-5 for k, v in summary.items() if k != "passed")
   assert "steps" not in payload  # no step profile unless asked for
   assert "fwd_bwd_ratio" in stdout and "value check" in stdout
 

@@ -190,6 +190,38 @@ def power_tables_check(s: Shapes) -> dict[str, Any]:
   return out
 
 
+# The slice summary's two paths, relative to the largest entry: the state and dx; the parameter
+# gradients are sums over L/2 x D x N float32 terms, rounded in different orders.
+SUMMARY_TOL = 1e-5
+SUMMARY_PARAM_TOL = 1e-4
+
+
+def summary_check(s: Shapes) -> dict[str, Any]:
+  """ops.cema.cema_slice_summary with powers="pallas" (the chunk-summary kernel, compiled on a GPU)
+  against powers="xla" (XLA's tables and a float32 einsum) at the layer's L/2: the state h_L and
+  the gradients of a random real functional of it in x and in the CEMA parameters. Max |difference|
+  over max |XLA's|, per output."""
+  params = cema_params(s.dim, s.order)
+  x = _normal(18, (s.batch, s.half, s.dim), jnp.dtype(s.dtype))
+  w = _normal(19, (s.batch, s.dim, s.order, 2))
+
+  def summary(powers):
+    def loss(x, params):
+      h, decay = cema_ops.cema_slice_summary(x, coefficients(params), powers=powers)
+      return jnp.sum(jnp.real(h) * w[..., 0] + jnp.imag(h) * w[..., 1]) + jnp.sum(jnp.real(decay)), h
+    (_, h), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, params)
+    return {"h": h, "dx": grads[0], **{f"d{k}": v for k, v in grads[1].items()}}
+
+  got, want = summary("pallas"), summary("xla")
+  out: dict[str, Any] = {}
+  for name in want:
+    a, b = (np.asarray(jnp.asarray(v, jnp.complex64 if name == "h" else jnp.float32)) for v in (got[name], want[name]))
+    scale = float(np.max(np.abs(b)))
+    out[name] = float(np.max(np.abs(a - b))) / (scale if scale > 0 else 1.0)
+  out["passed"] = all(v < (SUMMARY_TOL if k in ("h", "dx") else SUMMARY_PARAM_TOL) for k, v in out.items())
+  return out
+
+
 def second_half(a: jax.Array) -> jax.Array:
   """[B, L, ...] -> [B, L/2:, ...]: what device 1 of 2 holds (device 0's slice costs the same)."""
   return a[:, a.shape[1] // SEQUENCE_DEVICES:]
@@ -803,6 +835,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload["power_tables_check"] = power_tables_check(s)
     print(f"power tables, Pallas vs XLA (max relative difference, tolerance {TABLES_TOL}): "
           f"{json.dumps(payload['power_tables_check'])}")
+    payload["summary_check"] = summary_check(s)
+    print(f"slice summary, kernel vs XLA (max difference over max, tolerance {SUMMARY_TOL} for h and dx, "
+          f"{SUMMARY_PARAM_TOL} for the parameters): "
+          f"{json.dumps(payload['summary_check'])}")
     write_json(args.json, payload)
   if args.check:
     payload["value_check"] = value_check(plans, kept)
@@ -821,6 +857,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"-> {args.json}")
   if not payload.get("power_tables_check", {"passed": True})["passed"]:
     raise SystemExit("power tables check FAILED: " + json.dumps(payload["power_tables_check"]))
+  if not payload.get("summary_check", {"passed": True})["passed"]:
+    raise SystemExit("slice summary check FAILED: " + json.dumps(payload["summary_check"]))
   if args.check and not payload["value_check"]["passed"]:
     raise SystemExit("value check FAILED: " + json.dumps(payload["value_check"]["ops"]))
   return payload

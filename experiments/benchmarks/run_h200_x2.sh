@@ -5,8 +5,10 @@
 #   bash experiments/benchmarks/run_h200_x2.sh X1   # mega200M scaling
 #   bash experiments/benchmarks/run_h200_x2.sh X2   # mega1.3B scaling + the 65536 / 131072-token
 #                                                   #   sequence-parallel step
-#   bash experiments/benchmarks/run_h200_x2.sh P    # profile: why the 2-GPU sequence-parallel step is slow
-#                                                   #   (gpu_checks/check_sequence_parallel.py, ~4-5 min / 400 s)
+#   bash experiments/benchmarks/run_h200_x2.sh P    # profile: where the 2-GPU sequence-parallel step loses time
+#                                                   #   (gpu_checks/check_sequence_parallel.py, ~4-5 min / 400 s;
+#                                                   #   with --inner 10 each row compiles ~1 min: add --rows /
+#                                                   #   --only to fit, e.g. P --inner 10 --only cema --rows sequence)
 #   bash experiments/benchmarks/run_h200_x2.sh smoke  # the same steps on 8 simulated CPU devices
 #
 # Run from the repository root. Results and logs go to $RESULTS_DIR, else $OUT, else experiments/results:

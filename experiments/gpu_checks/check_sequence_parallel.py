@@ -1,8 +1,9 @@
 """Where does the 2-GPU sequence-parallel step lose its time? One layer's ops, timed in pieces.
 
-On 2 H200s bench_scaling measured mega200M at 1 x 32768 tokens: 167.6 ms/step on one GPU and
-187.7 ms/step on two (sequence parallel), i.e. no speed-up, although each device does half the
-FLOPs and the state combine costs 0.27 ms/layer. This script times, at the mega200M layer shapes
+On 2 H200s bench_scaling first measured mega200M at 1 x 32768 tokens at 167.6 ms/step on one GPU
+and 187.7 ms/step on two (sequence parallel): no speed-up. The pieces below found the cause (XLA's
+double-float power tables, session 6) and what is left after the fixes (94.7 ms against 146.6 on
+one GPU, 77.4%, session 7; README "Several GPUs"). This script times, at the mega200M layer shapes
 (B=1, L=32768, so L/2 per device on 2 devices), forward and forward+backward (gradient of
 sum(y * w)) of:
 

@@ -309,3 +309,35 @@ def test_kernel_totals_by_name_count_and_sum_in_first_launch_order():
   for name in first_seen:
     mine = [k["dur"] for k in kernels if k["name"] == name]
     assert got[name][0] == len(mine) and got[name][1] == pytest.approx(sum(mine))
+
+
+def test_step_kernels_split_a_two_gpu_trace_by_device_and_category(tmp_path):
+  """check_sequence_parallel.step_kernels on a synthetic two-GPU perfetto trace: per device, busy
+  time per step and per category (NCCL kernels as collectives, not fusions), host events ignored."""
+  import gzip
+  import json
+  from experiments.gpu_checks import check_sequence_parallel as csp
+  events = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}}
+            for p, n in ((1, "/device:GPU:0"), (2, "/device:GPU:1"), (3, "/host:CPU"))]
+  events += [{"ph": "M", "name": "thread_name", "pid": p, "tid": 7, "args": {"name": "Stream #14(compute)"}}
+             for p in (1, 2, 3)]
+  durations = {1: {"ncclDevKernel_AllReduce_Sum_f32_RING_LL": [30.0, 50.0], "cema_scan_fwd": [100.0],
+                   "loop_add_fusion": [20.0]},
+               2: {"ncclDevKernel_AllGather_RING_LL": [40.0], "cema_scan_fwd": [120.0]},
+               3: {"host_work": [999.0]}}
+  ts = 0.0
+  for pid, by_name in durations.items():
+    for name, durs in by_name.items():
+      for dur in durs:
+        events.append({"ph": "X", "pid": pid, "tid": 7, "name": name, "ts": ts, "dur": dur})
+        ts += dur
+  (tmp_path / "plugins").mkdir()
+  with gzip.open(tmp_path / "plugins" / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  got = csp.step_kernels(str(tmp_path), steps=2)
+  assert set(got) == {"/device:GPU:0", "/device:GPU:1"}
+  gpu0, gpu1 = got["/device:GPU:0"], got["/device:GPU:1"]
+  assert gpu0["busy_ms"] == pytest.approx(200.0 / 2 / 1e3) and gpu1["busy_ms"] == pytest.approx(160.0 / 2 / 1e3)
+  assert gpu0["by_category_ms"] == pytest.approx({"collective": 0.04, "cema": 0.05, "fusion": 0.01})
+  assert gpu1["by_category_ms"] == pytest.approx({"collective": 0.02, "cema": 0.06})
+  assert "collective 0.04" in csp.step_kernels_lines(got)

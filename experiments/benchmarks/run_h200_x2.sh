@@ -9,6 +9,8 @@
 #                                                   #   (gpu_checks/check_sequence_parallel.py, ~4-5 min / 400 s;
 #                                                   #   with --inner 10 each row compiles ~1 min: add --rows /
 #                                                   #   --only to fit, e.g. P --inner 10 --only cema --rows sequence)
+#   bash experiments/benchmarks/run_h200_x2.sh S    # the mega200M sequence step on 1 and 2 GPUs, traced: GPU
+#                                                   #   kernel time per category (collectives apart) per device
 #   bash experiments/benchmarks/run_h200_x2.sh smoke  # the same steps on 8 simulated CPU devices
 #
 # Run from the repository root. Results and logs go to $RESULTS_DIR, else $OUT, else experiments/results:
@@ -140,6 +142,11 @@ case "$CALL" in
     gpu_snapshot
     step check_sequence_parallel 400 "$PYTHON" experiments/gpu_checks/check_sequence_parallel.py --json "$RESULTS/check_sequence_parallel.json" --trace_dir "$RESULTS/trace" --hlo_dir "$RESULTS/hlo" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
+  S)  # ~2 compiles of ~1 min and two short traces; the traces stay on the device (summarised there)
+    gpu_snapshot
+    step step_profile 400 "$PYTHON" experiments/gpu_checks/check_sequence_parallel.py --step_only --trace_devices 1,2 \
+      --trace_dir /tmp/sp_step_trace --json "$RESULTS/check_sequence_parallel_step.json" ${EXTRA[@]+"${EXTRA[@]}"}
+    ;;
   smoke)  # the calls' steps on 8 simulated CPU devices with the tiny model (~3 min)
     export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=8"
     sharding_tests 600 ""
@@ -147,7 +154,7 @@ case "$CALL" in
       --compile-workers "$WORKERS" --results-dir "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
   *)
-    echo "usage: bash experiments/benchmarks/run_h200_x2.sh T|X1|X2|P|smoke [extra args of the call's script]" >&2
+    echo "usage: bash experiments/benchmarks/run_h200_x2.sh T|X1|X2|P|S|smoke [extra args of the call's script]" >&2
     exit 2
     ;;
 esac

@@ -670,6 +670,34 @@ def scaling_args(args: argparse.Namespace) -> argparse.Namespace:
   return bench_scaling.parse_args(argv + ["--modes", "sequence", "--sequence-combine", args.schedule])
 
 
+def step_kernels(directory: str, steps: int, top: int = 12) -> dict[str, Any]:
+  """The traced steps' GPU kernels per device (profile_train_step.summarize: busy and span ms per
+  step, ms per category, collectives included, and the `top` kernels), so that the trace need not
+  travel back to be read."""
+  from experiments.gpu_checks import profile_train_step  # only when tracing
+  events = profile_train_step.load_trace_events(directory)
+  kernels = profile_train_step.device_kernels(events)
+  if not kernels:
+    return {"error": "the trace has no GPU kernels (CPU run?)"}
+  names = {ev["pid"]: ev["args"]["name"] for ev in events
+           if ev.get("ph") == "M" and ev.get("name") == "process_name"}
+  by_device: dict[int, list] = {}
+  for k in kernels:
+    by_device.setdefault(k.get("pid", -1), []).append(k)
+  return {names.get(pid, str(pid)): profile_train_step.summarize(ks, steps, top) for pid, ks in sorted(by_device.items())}
+
+
+def step_kernels_lines(kernels: dict[str, Any]) -> str:
+  """Per device: busy / span ms per step and ms per category."""
+  if "error" in kernels:
+    return f"    {kernels['error']}"
+  lines = []
+  for device, table in kernels.items():
+    cats = ", ".join(f"{c} {ms:.2f}" for c, ms in table["by_category_ms"].items())
+    lines.append(f"    {device}: busy {table['busy_ms']:.2f} ms, span {table['span_ms']:.2f} ms per step; {cats}")
+  return "\n".join(lines)
+
+
 def profile_step(devices: int, args: argparse.Namespace) -> dict[str, Any]:
   """Compiles bench_scaling's sequence step over `devices`, dumps its HLO, times it and traces
   --trace_steps steps. Returns what it found (or the error)."""
@@ -704,12 +732,13 @@ def profile_step(devices: int, args: argparse.Namespace) -> dict[str, Any]:
     out["step_ms"] = float(np.median(times))
     if args.trace_dir:
       directory = os.path.join(args.trace_dir, f"sequence_step_{devices}dev")
-      with jax.profiler.trace(directory, profiler_options=profiler_options()):
+      with jax.profiler.trace(directory, create_perfetto_trace=True, profiler_options=profiler_options()):
         for i in range(args.trace_steps):
           with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
             state = train(state)
       files, size = directory_bytes(directory)
       out.update(trace=directory, trace_files=files, trace_mib=round(size / 2**20, 2))
+      out["kernels"] = step_kernels(directory, args.trace_steps)
     del state, batch
   except Exception as err:  # noqa: BLE001
     if args.verbose:
@@ -753,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--step_length", type=int, default=None, help="tokens of the profiled step (default L)")
   parser.add_argument("--rows", default="",
                       help="comma-separated substrings: only rows whose variant contains one of them")
+  parser.add_argument("--step_only", action="store_true",
+                      help="no op rows or checks: only the train-step profile (--trace_dir / --hlo_dir)")
   parser.add_argument("--single_device", action="store_true",
                       help="on one device: only the single-device rows (the suspects' costs, no step trace)")
   parser.add_argument("--kernels", type=int, default=0,
@@ -763,7 +794,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.length = args.length or (512 if args.cpu else 32768)
   args.dtype = args.dtype or ("float32" if args.cpu else "bfloat16")
   args.step_length = args.step_length or args.length
-  args.check = args.cpu and not args.rows  # the value check needs both rows of each pair
+  args.check = args.cpu and not args.rows and not args.step_only  # the value check needs both rows of each pair
   if args.cpu:
     args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
   args.trace_devices = [int(d) for d in args.trace_devices.split(",") if d.strip()]
@@ -803,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(f"check_sequence_parallel: jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}); {args.preset}: {s}; warmup {args.warmup}, median of {args.iters}")
   only = {o.strip() for o in args.only.split(",") if o.strip()}
-  plans = [p for p in row_plans(s, args) if (not only or p.op in only)
+  plans = [] if args.step_only else [p for p in row_plans(s, args) if (not only or p.op in only)
            and (p.devices == 1 or not args.single_device)
            and (not args.rows or any(r.strip() in p.variant for r in args.rows.split(",") if r.strip()))]
   settings = {k: v for k, v in vars(args).items() if k != "check"}
@@ -832,7 +863,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload["rows"] = rows
     write_json(args.json, payload)
   data = None
-  if not only or "cema" in only:
+  if (not only or "cema" in only) and not args.step_only:
     payload["power_tables_check"] = power_tables_check(s)
     print(f"power tables, Pallas vs XLA (max relative difference, tolerance {TABLES_TOL}): "
           f"{json.dumps(payload['power_tables_check'])}")
@@ -848,7 +879,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for devices in (args.trace_devices if (args.trace_dir or args.hlo_dir) and not args.single_device else []):
     print(f"profiling the sequence-parallel train step on {devices} device(s) ...")
     payload.setdefault("steps", []).append(profile_step(devices, args))
-    print(f"  {payload['steps'][-1]}")
+    print(f"  { {k: v for k, v in payload['steps'][-1].items() if k != 'kernels'} }")
+    if "kernels" in payload["steps"][-1]:
+      print(step_kernels_lines(payload["steps"][-1]["kernels"]))
     write_json(args.json, payload)
   print("\n== check_sequence_parallel (ratios: over the op's single-device L/2 row)")
   print(table_line())

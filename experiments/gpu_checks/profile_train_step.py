@@ -9,7 +9,8 @@ jax.profiler and sums the kernels' durations per category per step:
   tsn         the Pallas TimestepNorm kernels
   attention   the Pallas chunked-attention kernels
   fusion      XLA's own elementwise / reduction / copy fusions (norms, gates, optimizer, loss)
-  other       everything else (memcpy, memset, collectives)
+  collective  NCCL's kernels (all-reduce, all-gather, reduce-scatter, permutes)
+  other       everything else (memcpy, memset)
 
 and lists the kernels with the most time. busy = the sum of kernel durations per step; span = the
 first kernel's start to the last kernel's end; span - busy = gaps the GPU sat idle.
@@ -36,6 +37,9 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 # First match wins; the Pallas kernels carry the names given to pallas_call.
 CATEGORIES = (
+    # NCCL's kernels first: "fusion" below would claim all_reduce / reduce_scatter by their names.
+    ("collective", re.compile(r"nccl|all_reduce|all-reduce|allreduce|all_gather|all-gather|reduce_scatter|"
+                              r"reduce-scatter|collective_permute|collective-permute", re.I)),
     ("cema", re.compile(r"cema", re.I)),
     ("tsn", re.compile(r"timestep|tsn", re.I)),
     ("attention", re.compile(r"chunk_attention|attention", re.I)),
@@ -96,7 +100,8 @@ def device_kernels(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
       continue
     if "Stream" not in threads.get((ev.get("pid"), ev.get("tid")), ""):
       continue
-    out.append({"name": ev["name"], "ts": ev["ts"], "dur": ev.get("dur", 0), "args": ev.get("args", {})})
+    out.append({"name": ev["name"], "ts": ev["ts"], "dur": ev.get("dur", 0), "args": ev.get("args", {}),
+                "pid": ev.get("pid")})
   return out
 
 

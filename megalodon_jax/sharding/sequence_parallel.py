@@ -5,11 +5,12 @@ of every sequence. Attention needs nothing from other slices when l is a multipl
 size (chunks never straddle a slice). The two recurrences do, and both are associative, so
 instead of the release's chain (rank r waits for the state of rank r-1, depth P-1) every device:
 
-  1. runs the op on its slice from a zero state and summarises the slice as an element of the
-     recurrence's monoid:
+  1. summarises its slice as an element of the recurrence's monoid:
        CEMA:          the affine map h -> A_r h + h_r on the complex state, with h_r [B, D, N] the
-                      local final state and A_r = q^l, or 0 for rows with a reset in the slice
-                      (sent as h_r plus one flag per row: q^l is known everywhere);
+                      slice's final state from a zero start and A_r = q^l, or 0 for rows with a
+                      reset in the slice (sent as h_r plus one flag per row: q^l is known
+                      everywhere); both in closed form without the scan
+                      (ops.cema.cema_slice_summary: power tables and per-chunk sums);
        TimestepNorm:  (reset_r, count, mean, var) [B], [B, G]: the statistics since the slice's
                       last reset and whether the slice has one (Chan's merge, restarted at resets);
   2. forms the exclusive prefix of the elements over the sequence axis: the state entering its
@@ -18,18 +19,17 @@ instead of the release's chain (rank r waits for the state of rank r-1, depth P-
                      device receives P-1 summaries);
        'doubling':   Hillis-Steele scan with log2(P) rounds of ppermute, then one shift
                      (depth ceil(log2 P) + 1; one summary per round);
-  3. corrects its outputs:
-       CEMA:          y += Re(sum_n eta_n q_n^(t+1) h_in,n) until the slice's first reset
-                      (ops.cema.cema_state_contribution);
-       TimestepNorm:  reruns the op on the slice from the incoming statistics.
+  3. runs the op on its slice once, from the incoming state (CEMA: dropped at the slice's first
+     reset; TimestepNorm: the incoming statistics).
 
 Segment ids (packed documents): the ops reset at the first step t > 0 of a new run of equal ids
 and continue from the incoming state at t = 0. Across slices the same rule holds, so a slice
 drops its incoming state in rows whose first id differs from the previous slice's last id
 (the 'boundary' flag below), and counts as a reset in the prefix for those rows.
 
-Everything is differentiable: the gradient flows back through the correction, the combine
-(all-gather / ppermute transpose to reduce-scatter / reverse ppermute) and the local summaries.
+Everything is differentiable: the gradient flows back through the op's incoming state, the
+combine (all-gather / ppermute transpose to reduce-scatter / reverse ppermute) and the local
+summaries.
 
 The public functions `cema`, `timestep_norm` and `chunked_attention` take the arguments of the
 ops they replace; without an active Parallelism (rules.use) they simply call those ops, so the

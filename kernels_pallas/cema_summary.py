@@ -145,9 +145,9 @@ def _summaries_bwd(block, interpret, residuals, cotangents):
 _summaries.defvjp(_summaries_fwd, _summaries_bwd)
 
 
-def chunk_summaries_pallas(x: Array, q: Array, block: int, interpret: bool = False) -> Array:
-  """S [B, J, D, N] complex64 (see the module docstring) for x [B, J block, D] (float32 or
-  bfloat16) and q [D, N] complex. Differentiable in x and q. Needs supported(D, N, block)."""
+def chunk_summaries_planes(x: Array, q: Array, block: int, interpret: bool = False) -> tuple[Array, Array]:
+  """(Re S, Im S), each [B, J, N, D] float32, the kernel's own layout (channels minor, so that a
+  caller reducing over the chunks reads whole rows); see chunk_summaries_pallas."""
   batch, length, dim = x.shape
   order = q.shape[-1]
   if q.shape != (dim, order) or length % block:
@@ -156,5 +156,11 @@ def chunk_summaries_pallas(x: Array, q: Array, block: int, interpret: bool = Fal
     raise ValueError(f"chunk summaries need power-of-2 N and block and D a multiple of {_BLOCK_D} "
                      f"(or a power of 2); got D={dim}, N={order}, block={block}. Use chunk_summaries_reference.")
   q = jnp.asarray(q).astype(jnp.complex64).T  # [N, D]
-  s_re, s_im = _summaries(x, jnp.real(q), jnp.imag(q), block, interpret)
+  return _summaries(x, jnp.real(q), jnp.imag(q), block, interpret)
+
+
+def chunk_summaries_pallas(x: Array, q: Array, block: int, interpret: bool = False) -> Array:
+  """S [B, J, D, N] complex64 (see the module docstring) for x [B, J block, D] (float32 or
+  bfloat16) and q [D, N] complex. Differentiable in x and q. Needs supported(D, N, block)."""
+  s_re, s_im = chunk_summaries_planes(x, q, block, interpret)
   return jnp.moveaxis(lax.complex(s_re, s_im), 2, 3)  # [B, J, D, N]

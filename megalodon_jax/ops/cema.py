@@ -578,9 +578,13 @@ def cema_slice_summary(x: jax.Array, coeffs: CemaCoefficients, segment_ids: jax.
   # Zeros in front make the length count * block and add nothing; chunk j then ends block
   # (count - 1 - j) steps before the last, so its summary carries q^(block (count - 1 - j)).
   x = jnp.pad(x, ((0, 0), (count * block - length, 0), (0, 0)))
-  chunks = cema_summary.chunk_summaries_pallas(x, coeffs.q, block, interpret=jax.default_backend() == "cpu")
-  carry = jnp.moveaxis(jnp.flip(tables.high, axis=-1), -1, 0)  # [J, D, N]
-  return coeffs.p * jnp.sum(chunks * carry, axis=1), decay
+  s_re, s_im = cema_summary.chunk_summaries_planes(x, coeffs.q, block, interpret=jax.default_backend() == "cpu")
+  carry = jnp.transpose(jnp.flip(tables.high, axis=-1), (2, 1, 0))  # [J, N, D], like the planes
+  c_re, c_im = jnp.real(carry), jnp.imag(carry)
+  # The sum over chunks in the planes' layout [B, J, N, D]: only the [B, N, D] result is transposed.
+  h_re = jnp.sum(s_re * c_re - s_im * c_im, axis=1)
+  h_im = jnp.sum(s_re * c_im + s_im * c_re, axis=1)
+  return coeffs.p * jnp.swapaxes(jax.lax.complex(h_re, h_im), 1, 2), decay
 
 
 def _summary_kernel_takes(dim: int, order: int, block: int) -> bool:

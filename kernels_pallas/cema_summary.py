@@ -22,6 +22,7 @@ planes:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -54,39 +55,88 @@ def supported(dim: int, order: int, block: int) -> bool:
   return power_of_2(order) and power_of_2(block) and (dim % _BLOCK_D == 0 or power_of_2(dim))
 
 
-def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: bool):
-  qre, qim = qre_ref[...], qim_ref[...]  # [N, block_d]
-  zero = jnp.zeros_like(qre)
+# How a program holds its [N, block_d] lanes (a static switch for benchmarking, see use_layout):
+#   "planes":    one [N, block_d] array per plane; x's row broadcasts over the orders and the
+#                backward's per-step sum over the orders is an array reduction (measured, the default);
+#   "per_order": N separate [block_d] vectors per plane, the orders unrolled in Python, so every
+#                thread holds all N orders of its channels: x's row needs no broadcast and the sum
+#                over the orders is N - 1 adds in registers (the main scan kernel's layout idea).
+LAYOUTS = ("planes", "per_order")
+_layout = "planes"
+
+
+@contextlib.contextmanager
+def use_layout(layout: str):
+  """Within the block, kernels traced from here on use `layout` (LAYOUTS): an A/B switch for the
+  profile scripts; the layout is static, fixed when a function is traced."""
+  global _layout
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown chunk-summary layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+  previous, _layout = _layout, layout
+  try:
+    yield
+  finally:
+    _layout = previous
+
+
+def _load_planes(ref, per_order: bool) -> list:
+  """[N, block_d] ref -> [array [N, block_d]] or N arrays [block_d]."""
+  if not per_order:
+    return [ref[...]]
+  return [ref[pl.ds(n, 1), :].reshape(ref.shape[1]) for n in range(ref.shape[0])]
+
+
+def _store_planes(ref, planes: list, per_order: bool) -> None:
+  if not per_order:
+    ref[...] = planes[0]
+    return
+  for n, plane in enumerate(planes):
+    ref[pl.ds(n, 1), :] = plane[None, :]
+
+
+def _load_row(ref, t, per_order: bool):
+  """Row t of a [T, block_d] ref as float32: [1, block_d] (broadcasts over the orders) or [block_d]."""
+  row = ref[pl.ds(t, 1), :].astype(jnp.float32)
+  return row.reshape(row.shape[1]) if per_order else row
+
+
+def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: bool, per_order: bool):
+  qre, qim = _load_planes(qre_ref, per_order), _load_planes(qim_ref, per_order)
+  zeros = [jnp.zeros_like(a) for a in qre]
   unroll = min(_UNROLL, steps)
 
   def tile(i, carry):
     # The tile's rows are loaded up front, so their latencies overlap instead of adding up.
-    rows = [x_ref[pl.ds(i * unroll + u, 1), :].astype(jnp.float32) for u in range(unroll)]  # [1, block_d]
-    sr, si, dr, di = carry
+    rows = [_load_row(x_ref, i * unroll + u, per_order) for u in range(unroll)]
+    sr, si, dr, di = (list(planes) for planes in carry)
     for xt in rows:
-      if derivative:  # S' <- q S' + S with the S from before this step
-        dr, di = qre * dr - qim * di + sr, qre * di + qim * dr + si
-      sr, si = qre * sr - qim * si + xt, qre * si + qim * sr
+      for n in range(len(sr)):
+        if derivative:  # S' <- q S' + S with the S from before this step
+          dr[n], di[n] = qre[n] * dr[n] - qim[n] * di[n] + sr[n], qre[n] * di[n] + qim[n] * dr[n] + si[n]
+        sr[n], si[n] = qre[n] * sr[n] - qim[n] * si[n] + xt, qre[n] * si[n] + qim[n] * sr[n]
     return sr, si, dr, di
 
-  final = lax.fori_loop(0, steps // unroll, tile, (zero, zero, zero, zero))
-  for ref, value in zip(out_refs, final):  # S (and S' when asked for)
-    ref[...] = value
+  final = lax.fori_loop(0, steps // unroll, tile, (zeros, zeros, zeros, zeros))
+  for ref, planes in zip(out_refs, final):  # S (and S' when asked for)
+    _store_planes(ref, planes, per_order)
 
 
-def _backward_kernel(g_re, g_im, qre_ref, qim_ref, dx_ref, *, steps: int):
-  qre, qim = qre_ref[...], qim_ref[...]
+def _backward_kernel(g_re, g_im, qre_ref, qim_ref, dx_ref, *, steps: int, per_order: bool):
+  qre, qim = _load_planes(qre_ref, per_order), _load_planes(qim_ref, per_order)
   unroll = min(_UNROLL, steps)
 
   def tile(i, carry):
-    zr, zi = carry  # conj(G) q^(T - 1 - l) at l = T - 1 - (i unroll + u)
+    zr, zi = (list(planes) for planes in carry)  # conj(G) q^(T - 1 - l) at l = T - 1 - (i unroll + u)
     last = steps - 1 - i * unroll
     for u in range(unroll):
-      dx_ref[pl.ds(last - u, 1), :] = jnp.sum(zr, axis=0)[None, :]
-      zr, zi = qre * zr - qim * zi, qre * zi + qim * zr
+      total = functools.reduce(jnp.add, zr) if per_order else jnp.sum(zr[0], axis=0)
+      dx_ref[pl.ds(last - u, 1), :] = total[None, :]
+      for n in range(len(zr)):
+        zr[n], zi[n] = qre[n] * zr[n] - qim[n] * zi[n], qre[n] * zi[n] + qim[n] * zr[n]
     return zr, zi
 
-  lax.fori_loop(0, steps // unroll, tile, (g_re[...], -g_im[...]))
+  conj_g = (_load_planes(g_re, per_order), [-a for a in _load_planes(g_im, per_order)])
+  lax.fori_loop(0, steps // unroll, tile, conj_g)
 
 
 def _specs(block: int, order: int, block_d: int):
@@ -106,7 +156,7 @@ def _call(kernel, x_shape, order: int, block: int, interpret: bool, name: str, i
                         out_shape=out_shape, interpret=interpret, name=name, **kwargs)(*args)
 
 
-def _forward(x: Array, qre: Array, qim: Array, block: int, interpret: bool, derivative: bool):
+def _forward(x: Array, qre: Array, qim: Array, block: int, interpret: bool, per_order: bool, derivative: bool):
   """x [B, J T, D]; q planes [N, D] -> (S re, S im) and with `derivative` also (S' re, S' im),
   each [B, J, N, D] float32."""
   batch, length, dim = x.shape
@@ -115,28 +165,28 @@ def _forward(x: Array, qre: Array, qim: Array, block: int, interpret: bool, deri
   outputs = 4 if derivative else 2
   plane = jax.ShapeDtypeStruct((batch, length // block, order, dim), jnp.float32)
   return _call(_forward_kernel, x.shape, order, block, interpret, "cema_chunk_summaries", [seq, coef, coef],
-               [summary] * outputs, [plane] * outputs, x, qre, qim, derivative=derivative)
+               [summary] * outputs, [plane] * outputs, x, qre, qim, derivative=derivative, per_order=per_order)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _summaries(x: Array, qre: Array, qim: Array, block: int, interpret: bool):
-  s_re, s_im = _forward(x, qre, qim, block, interpret, derivative=False)  # not differentiated
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _summaries(x: Array, qre: Array, qim: Array, block: int, interpret: bool, per_order: bool):
+  s_re, s_im = _forward(x, qre, qim, block, interpret, per_order, derivative=False)  # not differentiated
   return s_re, s_im
 
 
-def _summaries_fwd(x, qre, qim, block, interpret):
-  s_re, s_im, d_re, d_im = _forward(x, qre, qim, block, interpret, derivative=True)
+def _summaries_fwd(x, qre, qim, block, interpret, per_order):
+  s_re, s_im, d_re, d_im = _forward(x, qre, qim, block, interpret, per_order, derivative=True)
   return (s_re, s_im), (x, qre, qim, d_re, d_im)
 
 
-def _summaries_bwd(block, interpret, residuals, cotangents):
+def _summaries_bwd(block, interpret, per_order, residuals, cotangents):
   x, qre, qim, d_re, d_im = residuals
   g_re, g_im = cotangents
   order = qre.shape[0]
   seq, coef, summary = _specs(block, order, min(_BLOCK_D, x.shape[-1]))
   dx = _call(_backward_kernel, x.shape, order, block, interpret, "cema_chunk_summaries_bwd",
              [summary, summary, coef, coef], seq, jax.ShapeDtypeStruct(x.shape, jnp.float32),
-             g_re, g_im, qre, qim)
+             g_re, g_im, qre, qim, per_order=per_order)
   dq_re = jnp.sum(g_re * d_re + g_im * d_im, axis=(0, 1))
   dq_im = jnp.sum(g_im * d_re - g_re * d_im, axis=(0, 1))
   return dx.astype(x.dtype), dq_re, dq_im
@@ -156,7 +206,8 @@ def chunk_summaries_planes(x: Array, q: Array, block: int, interpret: bool = Fal
     raise ValueError(f"chunk summaries need power-of-2 N and block and D a multiple of {_BLOCK_D} "
                      f"(or a power of 2); got D={dim}, N={order}, block={block}. Use chunk_summaries_reference.")
   q = jnp.asarray(q).astype(jnp.complex64).T  # [N, D]
-  return _summaries(x, jnp.real(q), jnp.imag(q), block, interpret)
+  # The layout is read here, at trace time, and rides along to the backward as a static argument.
+  return _summaries(x, jnp.real(q), jnp.imag(q), block, interpret, _layout == "per_order")
 
 
 def chunk_summaries_pallas(x: Array, q: Array, block: int, interpret: bool = False) -> Array:

@@ -41,12 +41,18 @@ def _rel(a, b):
   return float(np.max(np.abs(a - b)) / (scale if scale > 0 else 1.0))
 
 
+@pytest.mark.parametrize("layout", K.LAYOUTS)
 @pytest.mark.parametrize("batch,chunks,block,dim,order,dtype", [
     (2, 3, 8, 16, 4, jnp.float32),
     (1, 2, 32, 256, 2, jnp.bfloat16),  # two channel blocks of 128, two unrolled tiles; bfloat16 input
     (1, 1, 1, 8, 1, jnp.float32),  # one step per chunk: S = x
 ])
-def test_values_and_gradients_match_float64_and_the_reference(batch, chunks, block, dim, order, dtype):
+def test_values_and_gradients_match_float64_and_the_reference(batch, chunks, block, dim, order, dtype, layout):
+  with K.use_layout(layout):
+    _check_values_and_gradients(batch, chunks, block, dim, order, dtype)
+
+
+def _check_values_and_gradients(batch, chunks, block, dim, order, dtype):
   x, q, cot = _problem(batch, chunks, block, dim, order, dtype=dtype)
   kernel = functools.partial(K.chunk_summaries_pallas, block=block, interpret=True)
   reference = functools.partial(K.chunk_summaries_reference, block=block)
@@ -73,14 +79,22 @@ def test_values_and_gradients_match_float64_and_the_reference(batch, chunks, blo
     assert _rel(grads[1], dq) < 2e-6
 
 
-def test_cuda_lowering_and_clear_errors():
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+def test_cuda_lowering(layout):
   x = jnp.zeros((1, 4 * 128, 1024), jnp.bfloat16)
   q = jnp.full((1024, 16), 0.999 + 0.01j, jnp.complex64)
   fn = lambda x, q: jnp.sum(jnp.abs(K.chunk_summaries_pallas(x, q, 128)))  # noqa: E731
-  text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+  with K.use_layout(layout):
+    text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+    primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()  # S only, no S'
   assert "cema_chunk_summaries" in text and "cema_chunk_summaries_bwd" in text
-  primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()  # S only, no S'
   assert "cema_chunk_summaries" in primal and "cema_chunk_summaries_bwd" not in primal
+
+
+def test_clear_errors():
+  with pytest.raises(ValueError, match="unknown chunk-summary layout"):
+    with K.use_layout("rows"):
+      pass
   with pytest.raises(ValueError, match="power-of-2 N"):
     K.chunk_summaries_pallas(jnp.zeros((1, 8, 4)), jnp.ones((4, 3), jnp.complex64), 4, interpret=True)
   with pytest.raises(ValueError, match="need x"):

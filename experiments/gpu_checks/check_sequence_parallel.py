@@ -345,13 +345,16 @@ def slice_decay_case(data: dict, s: Shapes, impl: str = "xla") -> Case:
   return Case(forward, loss, (data["params"],), (0,), 1)
 
 
-def slice_summary_case(data: dict, s: Shapes, powers: str = "xla") -> Case:
+def slice_summary_case(data: dict, s: Shapes, powers: str = "xla", layout: str = "planes") -> Case:
   """cema_slice_summary(x, coeffs) at L/2: the slice's closed-form state h_L and decay q^(L/2),
-  all that cema_sequence_local computes before the exchange since session 7 (S1')."""
+  all that cema_sequence_local computes before the exchange since session 7 (S1'); with Pallas
+  powers, the chunk-summary kernel in `layout` (kernels_pallas.cema_summary.LAYOUTS)."""
+  from kernels_pallas import cema_summary
   x, w = second_half(data["x"]), _normal(17, (s.batch, s.dim, s.order))
 
   def forward(x, params):
-    return cema_ops.cema_slice_summary(x, coefficients(params), powers=powers)
+    with cema_summary.use_layout(layout):  # read when traced, also for the backward
+      return cema_ops.cema_slice_summary(x, coefficients(params), powers=powers)
 
   def loss(x, params, w):
     h, decay = forward(x, params)
@@ -444,6 +447,8 @@ def row_plans(s: Shapes, args: argparse.Namespace) -> list[RowPlan]:
       # Since session 7: the slice's closed-form summary before the exchange, then the scan from
       # the incoming state (the row above); the S1 rows below are the earlier correction's pieces.
       RowPlan("cema", "slice summary, Pallas powers (S1')", 1, h, lambda d, s: slice_summary_case(d, s, "pallas")),
+      RowPlan("cema", "slice summary, Pallas powers, per-order lanes", 1, h,
+              lambda d, s: slice_summary_case(d, s, "pallas", "per_order")),
       RowPlan("cema", "slice summary, XLA powers (S1')", 1, h, slice_summary_case),
       RowPlan("cema", "state_contribution (S1)", 1, h, state_contribution_case),
       RowPlan("cema", "_power_tables (S1)", 1, h, power_tables_case),

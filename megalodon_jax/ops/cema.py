@@ -538,7 +538,7 @@ def cema_final_state(x: jax.Array, coeffs: CemaCoefficients, h0: jax.Array | Non
 
 
 def _table_power(tables: _PowerTables, q: jax.Array, exponent: int) -> jax.Array:
-  """q^exponent [..] from tables built for a length >= exponent - 1 (at most two more products).
+  """q^exponent [...] from tables with block * count >= exponent (at most two more products).
 
   exponent = block j + l with j < count reads high[j] low[l]; exponent = block count (a power-of-2
   length) is high[count - 1] low[block - 1] q. Each factor is float32-accurate, so the product is
@@ -560,7 +560,7 @@ def cema_slice_summary(x: jax.Array, coeffs: CemaCoefficients, segment_ids: jax.
   x: [B, L, D]. h_L is the state after the slice from a zero state (with segment_ids only the last
   run contributes), in closed form like cema_final_state; q^L carries an earlier state across the
   slice. One power-table build (powers: POWER_IMPLS) gives both, without running the scan. With
-  powers="pallas" (off TPU, for power-of-2 N) the per-chunk sums are the Pallas kernel
+  powers="pallas" (off TPU, where cema_summary.supported) the per-chunk sums are the Pallas kernel
   kernels_pallas.cema_summary, combined here with the tables' q^(block j).
   """
   dim, order = _dims(coeffs)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One single-GPU device call (~4-6 min on a cold machine: three rows compiled fwd and fwd+bwd,
-# two checks) for what session 7 left open in sequence parallelism: the slice summary (ops.cema.cema_slice_summary with the chunk-summary kernel) took 0.303 / 0.569 ms
-# fwd / fwd+bwd per mega200M layer at L/2 = 16384 although its power tables take ~0.1 ms; this
-# times it with the slice's scan beside it, in both chunk-summary kernel layouts (planes, the
-# measured default, and per-order lanes, untimed so far), and lists each program's slowest GPU kernels.
+# One single-GPU device call (~4-6 min on a cold machine: three rows compiled fwd and fwd+bwd, two
+# checks) for what session 7 left open in sequence parallelism: the slice summary
+# (ops.cema.cema_slice_summary with the chunk-summary kernel) took 0.303 / 0.569 ms fwd / fwd+bwd
+# per mega200M layer at L/2 = 16384 although its power tables take ~0.1 ms; this times it with the
+# slice's scan beside it, in both chunk-summary kernel layouts (planes, the measured default, and
+# per-order lanes, untimed so far), and lists each program's slowest GPU kernels.
 #   OUT=/tmp/out bash experiments/gpu_checks/run_summary_profile.sh
 set -u
 cd "$(dirname "$0")/../.."

@@ -341,3 +341,41 @@ def test_step_kernels_split_a_two_gpu_trace_by_device_and_category(tmp_path):
   assert gpu0["by_category_ms"] == pytest.approx({"collective": 0.04, "cema": 0.05, "fusion": 0.01})
   assert gpu1["by_category_ms"] == pytest.approx({"collective": 0.02, "cema": 0.06})
   assert "collective 0.04" in csp.step_kernels_lines(got)
+
+
+def test_kernel_time_by_source_line_from_a_compiled_module():
+  """profile_train_step.hlo_sources on a real compiled module (this jaxlib's metadata format):
+  forward and backward instructions map to this file's lines; by_source groups a synthetic trace
+  of those instructions by line and source_excess subtracts the even share."""
+  import inspect
+
+  import jax
+  import jax.numpy as jnp
+  from experiments.gpu_checks import profile_train_step as pts
+
+  def f(x, w):
+    y = jnp.tanh(x @ w)
+    return jnp.sum(y * y)
+
+  line = inspect.getsourcelines(f)[1]
+  text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile().as_text()
+  sources = pts.hlo_sources(text)
+  here = f"test_bench_harness.py:{line + 1}"  # the tanh(x @ w) line
+  ours = {name: key for name, key in sources.items() if here in key}
+  assert any(key.startswith("fwd ") for key in ours.values()), sources
+  assert any(key.startswith("bwd ") for key in ours.values()), sources
+  fwd_op = next(n for n, k in ours.items() if k.startswith("fwd "))
+  bwd_op = next(n for n, k in ours.items() if k.startswith("bwd "))
+  kernels = [{"name": "k1", "dur": 30.0, "args": {"hlo_op": fwd_op}},
+             {"name": "k2", "dur": 50.0, "args": {"hlo_op": fwd_op}},
+             {"name": bwd_op.replace(".", "_") if "." in bwd_op else bwd_op, "dur": 20.0, "args": {}},
+             {"name": "ncclDevKernel_AllReduce", "dur": 10.0, "args": {}}]
+  rows = {r["source"]: r for r in pts.by_source(kernels, sources, steps=2, top=10)}
+  assert rows[sources[fwd_op]]["ms"] == pytest.approx(80.0 / 2 / 1e3)
+  assert rows[sources[fwd_op]]["calls"] == 1.0
+  assert rows[sources[bwd_op]]["ms"] == pytest.approx(20.0 / 2 / 1e3)
+  assert rows["(no metadata) collective"]["ms"] == pytest.approx(10.0 / 2 / 1e3)
+  single = [{"source": "a", "ms": 4.0}, {"source": "b", "ms": 2.0}]
+  parallel = [{"source": "a", "ms": 2.5}, {"source": "c", "ms": 1.0}]
+  excess = pts.source_excess(single, parallel, devices=2, top=5)
+  assert [(r["source"], r["excess_ms"]) for r in excess] == [("c", 1.0), ("a", 0.5), ("b", -1.0)]

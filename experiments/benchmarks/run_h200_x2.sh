@@ -142,8 +142,11 @@ case "$CALL" in
     gpu_snapshot
     step check_sequence_parallel 400 "$PYTHON" experiments/gpu_checks/check_sequence_parallel.py --json "$RESULTS/check_sequence_parallel.json" --trace_dir "$RESULTS/trace" --hlo_dir "$RESULTS/hlo" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;
-  S)  # ~2 compiles of ~1 min and two short traces; the traces stay on the device (summarised there)
+  S)  # ~2 compiles of ~1 min and two short traces; the traces stay on the device (summarised there,
+      # with the time per source line and what the 2-GPU step spends beyond half the 1-GPU one).
+      # CUDA graphs off, so that every kernel in the trace names its HLO instruction.
     gpu_snapshot
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
     step step_profile 400 "$PYTHON" experiments/gpu_checks/check_sequence_parallel.py --step_only --trace_devices 1,2 \
       --trace_dir /tmp/sp_step_trace --json "$RESULTS/check_sequence_parallel_step.json" ${EXTRA[@]+"${EXTRA[@]}"}
     ;;

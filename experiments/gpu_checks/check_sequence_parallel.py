@@ -192,7 +192,10 @@ def power_tables_check(s: Shapes) -> dict[str, Any]:
 
 
 # The slice summary's two paths, relative to the largest entry: the state and dx; the parameter
-# gradients are sums over L/2 x D x N float32 terms, rounded in different orders.
+# gradients are sums over L/2 x D x N float32 terms, rounded in different orders. The check runs
+# on float32 x: with bfloat16 x, dx is rounded to bfloat16, and a float32 difference of one ulp
+# that straddles a bfloat16 rounding step shows as 2^-8 of that entry (4.1e-5 of the largest in
+# the first GPU run, 2026-11-29, which therefore failed at 1e-5).
 SUMMARY_TOL = 1e-5
 SUMMARY_PARAM_TOL = 1e-4
 
@@ -203,7 +206,7 @@ def summary_check(s: Shapes) -> dict[str, Any]:
   the gradients of a random real functional of it in x and in the CEMA parameters. Max |difference|
   over max |XLA's|, per output."""
   params = cema_params(s.dim, s.order)
-  x = _normal(18, (s.batch, s.half, s.dim), jnp.dtype(s.dtype))
+  x = _normal(18, (s.batch, s.half, s.dim), jnp.float32)
   w = _normal(19, (s.batch, s.dim, s.order, 2))
 
   def summary(powers):
@@ -345,7 +348,7 @@ def slice_decay_case(data: dict, s: Shapes, impl: str = "xla") -> Case:
   return Case(forward, loss, (data["params"],), (0,), 1)
 
 
-def slice_summary_case(data: dict, s: Shapes, powers: str = "xla", layout: str = "planes") -> Case:
+def slice_summary_case(data: dict, s: Shapes, powers: str = "xla", layout: str = "per_order") -> Case:
   """cema_slice_summary(x, coeffs) at L/2: the slice's closed-form state h_L and decay q^(L/2),
   all that cema_sequence_local computes before the exchange since session 7 (S1'); with Pallas
   powers, the chunk-summary kernel in `layout` (kernels_pallas.cema_summary.LAYOUTS)."""
@@ -447,8 +450,8 @@ def row_plans(s: Shapes, args: argparse.Namespace) -> list[RowPlan]:
       # Since session 7: the slice's closed-form summary before the exchange, then the scan from
       # the incoming state (the row above); the S1 rows below are the earlier correction's pieces.
       RowPlan("cema", "slice summary, Pallas powers (S1')", 1, h, lambda d, s: slice_summary_case(d, s, "pallas")),
-      RowPlan("cema", "slice summary, Pallas powers, per-order lanes", 1, h,
-              lambda d, s: slice_summary_case(d, s, "pallas", "per_order")),
+      RowPlan("cema", "slice summary, Pallas powers, planes layout", 1, h,
+              lambda d, s: slice_summary_case(d, s, "pallas", "planes")),
       RowPlan("cema", "slice summary, XLA powers (S1')", 1, h, slice_summary_case),
       RowPlan("cema", "state_contribution (S1)", 1, h, state_contribution_case),
       RowPlan("cema", "_power_tables (S1)", 1, h, power_tables_case),
@@ -675,10 +678,14 @@ def scaling_args(args: argparse.Namespace) -> argparse.Namespace:
   return bench_scaling.parse_args(argv + ["--modes", "sequence", "--sequence-combine", args.schedule])
 
 
-def step_kernels(directory: str, steps: int, top: int = 12) -> dict[str, Any]:
+SOURCE_ROWS = 150  # per device: enough source lines that a two-program difference finds its rows
+
+
+def step_kernels(directory: str, steps: int, top: int = 12, hlo_text: str | None = None) -> dict[str, Any]:
   """The traced steps' GPU kernels per device (profile_train_step.summarize: busy and span ms per
   step, ms per category, collectives included, and the `top` kernels), so that the trace need not
-  travel back to be read."""
+  travel back to be read. With the compiled step's HLO text, also the time per source line
+  ("by_source", profile_train_step.by_source)."""
   from experiments.gpu_checks import profile_train_step  # only when tracing
   events = profile_train_step.load_trace_events(directory)
   kernels = profile_train_step.device_kernels(events)
@@ -689,7 +696,35 @@ def step_kernels(directory: str, steps: int, top: int = 12) -> dict[str, Any]:
   by_device: dict[int, list] = {}
   for k in kernels:
     by_device.setdefault(k.get("pid", -1), []).append(k)
-  return {names.get(pid, str(pid)): profile_train_step.summarize(ks, steps, top) for pid, ks in sorted(by_device.items())}
+  sources = profile_train_step.hlo_sources(hlo_text) if hlo_text else None
+  out = {}
+  for pid, ks in sorted(by_device.items()):
+    table = profile_train_step.summarize(ks, steps, top)
+    if sources is not None:
+      table["by_source"] = profile_train_step.by_source(ks, sources, steps, SOURCE_ROWS)
+    out[names.get(pid, str(pid))] = table
+  return out
+
+
+def step_excess_lines(steps: list[dict[str, Any]], top: int = 30) -> str:
+  """The first device of each multi-device profile against the single-device one: the source
+  lines that take more than their even share (profile_train_step.source_excess)."""
+  from experiments.gpu_checks import profile_train_step  # only when tracing
+  first = lambda step: next(iter(step.get("kernels", {}).values()), {})  # noqa: E731
+  single = next((s for s in steps if s.get("devices") == 1), None)
+  if single is None or "by_source" not in first(single):
+    return ""
+  lines = []
+  for step in steps:
+    if step.get("devices", 1) == 1 or "by_source" not in first(step):
+      continue
+    rows = profile_train_step.source_excess(first(single)["by_source"], first(step)["by_source"],
+                                            step["devices"], top)
+    step["excess_by_source"] = rows
+    lines.append(f"  {step['devices']} devices, first device, ms per step beyond 1/{step['devices']} of one device's:")
+    lines += [f"    {r['excess_ms']:+7.3f}  (1 dev {r['single_ms']:7.3f}, {step['devices']} dev {r['parallel_ms']:7.3f})  "
+              f"{r['source']}" for r in rows]
+  return "\n".join(lines)
 
 
 def step_kernels_lines(kernels: dict[str, Any]) -> str:
@@ -708,15 +743,16 @@ def profile_step(devices: int, args: argparse.Namespace) -> dict[str, Any]:
   --trace_steps steps. Returns what it found (or the error)."""
   sargs = scaling_args(args)
   spec = bench_scaling.RowSpec(sargs.sizes[0], "sequence", devices, 1, args.step_length, "none")
-  out: dict[str, Any] = {"row": spec.label()}
+  out: dict[str, Any] = {"row": spec.label(), "devices": devices}
   try:
     step = bench_scaling.compile_step(bench_scaling.build_step(spec, sargs))
     out["compile_s"] = step.compile_s
+    hlo_text = step.compiled.as_text()
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)
       path = os.path.join(args.hlo_dir, f"sequence_step_{devices}dev.hlo.txt")
       with open(path, "w") as f:
-        f.write(step.compiled.as_text())
+        f.write(hlo_text)
       out["hlo"] = path
     params, opt_state, batch = bench_scaling.initial_state(step)
     state = (params, opt_state)
@@ -743,7 +779,7 @@ def profile_step(devices: int, args: argparse.Namespace) -> dict[str, Any]:
             state = train(state)
       files, size = directory_bytes(directory)
       out.update(trace=directory, trace_files=files, trace_mib=round(size / 2**20, 2))
-      out["kernels"] = step_kernels(directory, args.trace_steps)
+      out["kernels"] = step_kernels(directory, args.trace_steps, hlo_text=hlo_text)
     del state, batch
   except Exception as err:  # noqa: BLE001
     if args.verbose:
@@ -887,6 +923,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  { {k: v for k, v in payload['steps'][-1].items() if k != 'kernels'} }")
     if "kernels" in payload["steps"][-1]:
       print(step_kernels_lines(payload["steps"][-1]["kernels"]))
+    write_json(args.json, payload)
+  excess = step_excess_lines(payload.get("steps", []))
+  if excess:
+    print(excess)
     write_json(args.json, payload)
   print("\n== check_sequence_parallel (ratios: over the op's single-device L/2 row)")
   print(table_line())

@@ -145,6 +145,134 @@ def summarize(kernels: list[dict[str, Any]], steps: int, top: int) -> dict[str, 
   }
 
 
+# ----------------------------------------------------------------------------------------------
+# Kernel time by source line: which line of our code (or optax's, flax's) each kernel came from.
+# ----------------------------------------------------------------------------------------------
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_HLO_METADATA = re.compile(r"metadata=\{([^}]*)\}")
+_HLO_FIELD = re.compile(r'(\w+)=(?:"([^"]*)"|(\d+))')
+
+
+def source_key(op_name: str, source_file: str, source_line: str) -> str:
+  """'fwd|bwd file.py:line primitive' of one HLO instruction's metadata. XLA names backward ops
+  after JAX's transpose of the forward (op_name contains 'transpose(')."""
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  primitive = op_name.rsplit("/", 1)[-1] if op_name else "?"
+  where = f"{os.path.basename(source_file)}:{source_line}" if source_file else "?"
+  return f"{direction} {where} {primitive}"
+
+
+_OUR_CODE = ("megalodon_jax", "kernels_pallas", "experiments")
+
+
+def _stack_tables(lines: list[str]) -> dict[int, tuple[str, int]]:
+  """stack_frame_id -> (file, line) of the frame to report, from the module's FileNames /
+  FunctionNames / FileLocations / StackFrames tables (how recent XLA stores source locations):
+  the innermost frame in this repository's code, else the innermost frame."""
+  tables: dict[str, dict[int, str]] = {}
+  current = None
+  for line in lines:
+    stripped = line.strip()
+    if stripped in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(stripped, {})
+      continue
+    if current is None:
+      continue
+    if not stripped or stripped.startswith("%") or stripped.startswith("ENTRY"):
+      current = None
+      continue
+    key, _, value = stripped.partition(" ")
+    if key.isdigit():
+      current[int(key)] = value
+  files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+  locations = {}
+  for k, v in tables.get("FileLocations", {}).items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", v))
+    locations[k] = (files.get(int(fields.get("file_name_id", 0)), "?"), int(fields.get("line", 0)))
+  frames = {}
+  for k, v in tables.get("StackFrames", {}).items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", v))
+    frames[k] = (int(fields.get("file_location_id", 0)), int(fields.get("parent_frame_id", 0)))
+  chosen = {}
+  for frame in frames:
+    chain, seen, node = [], set(), frame
+    while node in frames and node not in seen:  # innermost first
+      seen.add(node)
+      location, parent = frames[node]
+      if location in locations:
+        chain.append(locations[location])
+      node = parent
+    ours = [c for c in chain if any(part in c[0] for part in _OUR_CODE)]
+    if chain:
+      chosen[frame] = (ours or chain)[0]
+  return chosen
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> source_key of its metadata, for every instruction that has one (a
+  fusion carries its root's metadata). The compiled module's text: Compiled.as_text(). Source
+  lines come from the metadata's source_file / source_line or, in recent XLA, its stack_frame_id."""
+  lines = hlo_text.splitlines()
+  frames = _stack_tables(lines)
+  sources = {}
+  for line in lines:
+    match = _HLO_INSTRUCTION.match(line)
+    if not match:
+      continue
+    meta = _HLO_METADATA.search(match.group(2))
+    if not meta:
+      continue
+    fields = {k: a or b for k, a, b in _HLO_FIELD.findall(meta.group(1))}
+    source_file, source_line = fields.get("source_file", ""), fields.get("source_line", "?")
+    frame = fields.get("stack_frame_id")
+    if not source_file and frame and int(frame) in frames:
+      source_file, number = frames[int(frame)]
+      source_line = str(number)
+    if "op_name" in fields or source_file:
+      sources[match.group(1)] = source_key(fields.get("op_name", ""), source_file, source_line)
+  return sources
+
+
+def kernel_instruction(kernel: dict[str, Any], sources: dict[str, str]) -> str | None:
+  """The HLO instruction a traced kernel ran for: the trace's hlo_op, else the kernel's name with
+  its last '_' turned into '.' (XLA names fusion kernels after their instruction)."""
+  op = kernel.get("args", {}).get("hlo_op")
+  if op in sources:
+    return op
+  name = kernel["name"]
+  if name in sources:
+    return name
+  head, _, tail = name.rpartition("_")
+  dotted = f"{head}.{tail}" if head and tail.isdigit() else None
+  return dotted if dotted in sources else None
+
+
+def by_source(kernels: list[dict[str, Any]], sources: dict[str, str], steps: int, top: int) -> list[dict[str, Any]]:
+  """Kernel time per step grouped by source_key (kernels without metadata by their category),
+  the `top` largest first."""
+  totals: dict[str, list] = {}
+  for k in kernels:
+    op = kernel_instruction(k, sources)
+    key = sources[op] if op else f"(no metadata) {category(k['name'])}"
+    entry = totals.setdefault(key, [0, 0.0])
+    entry[0] += 1
+    entry[1] += k.get("dur", 0)
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+  return [{"source": key, "calls": c / steps, "ms": d / steps / 1e3} for key, (c, d) in ranked]
+
+
+def source_excess(single: list[dict[str, Any]], parallel: list[dict[str, Any]], devices: int,
+                  top: int) -> list[dict[str, Any]]:
+  """Per source: parallel ms per step minus single ms / devices (what the parallel step spends
+  beyond an even split of the single-device step), the largest first. Lists from by_source."""
+  one = {r["source"]: r["ms"] for r in single}
+  many = {r["source"]: r["ms"] for r in parallel}
+  rows = [{"source": key, "single_ms": one.get(key, 0.0), "parallel_ms": many.get(key, 0.0),
+           "excess_ms": many.get(key, 0.0) - one.get(key, 0.0) / devices} for key in set(one) | set(many)]
+  return sorted(rows, key=lambda r: -r["excess_ms"])[:top]
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.smoke:

@@ -152,6 +152,7 @@ def summarize(kernels: list[dict[str, Any]], steps: int, top: int) -> dict[str, 
 _HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _HLO_METADATA = re.compile(r"metadata=\{([^}]*)\}")
 _HLO_FIELD = re.compile(r'(\w+)=(?:"([^"]*)"|(\d+))')
+_HLO_SHAPE = re.compile(r"([a-z]+\d*\[[\d,]*\])")
 
 
 def source_key(op_name: str, source_file: str, source_line: str) -> str:
@@ -230,7 +231,11 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
       source_file, number = frames[int(frame)]
       source_line = str(number)
     if "op_name" in fields or source_file:
-      sources[match.group(1)] = source_key(fields.get("op_name", ""), source_file, source_line)
+      key = source_key(fields.get("op_name", ""), source_file, source_line)
+      if not source_file:  # ops XLA made itself (SPMD partitioner, buffers): their shape says more
+        shape = _HLO_SHAPE.match(match.group(2))
+        key = f"{key} {shape.group(1)}" if shape else key
+      sources[match.group(1)] = key
   return sources
 
 

@@ -273,3 +273,38 @@ def test_errors():
     tsn.timestep_norm(x, w, w, num_groups=4, state=tsn.initial_state(2, 3))
   with pytest.raises(ValueError, match="method"):
     tsn.timestep_norm(x, w, w, num_groups=4, method="fft")
+
+
+def test_weighted_stats_values_and_closed_form_gradient(rng):
+  """weighted_stats (a sequence slice's statistics for sequence parallelism): values against
+  float64 numpy over the weighted steps, and its closed-form backward against check_grads'
+  finite differences (float64), with a row whose weights are all zero."""
+  batch, length, dim, groups = 3, 11, 12, 3
+  x = 2.0 + 1.5 * rng.standard_normal((batch, length, dim))
+  weight = rng.random((batch, length)) < 0.6
+  weight[1] = False
+  weight[2, -1] = True
+  count, mean, var = tsn.weighted_stats(jnp.asarray(x, jnp.float32), groups, jnp.asarray(weight))
+  for b in range(batch):
+    steps = x[b][weight[b]].reshape(-1, groups, dim // groups)
+    assert int(count[b]) == len(steps)
+    if len(steps) == 0:
+      np.testing.assert_array_equal(mean[b], 0.0)
+      np.testing.assert_array_equal(var[b], 0.0)
+      continue
+    m_t, v_t = steps.mean(-1), steps.var(-1)
+    np.testing.assert_allclose(mean[b], m_t.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var[b], (v_t + (m_t - m_t.mean(0)) ** 2).mean(0), rtol=1e-5, atol=1e-6)
+  with jax.enable_x64(True):
+    w_mean = jnp.asarray(rng.standard_normal((batch, groups)))
+    w_var = jnp.asarray(rng.standard_normal((batch, groups)))
+
+    def f(x):
+      _, mean, var = tsn.weighted_stats(x, groups, jnp.asarray(weight))
+      return jnp.sum(mean * w_mean) + jnp.sum(var * w_var)
+
+    x64 = jnp.asarray(x, jnp.float64)
+    check_grads(f, (x64,), order=1, modes=("rev",), atol=1e-7, rtol=1e-7)
+    dx = jax.grad(f)(x64)
+    np.testing.assert_array_equal(dx[1], 0.0)  # no weighted step: no gradient
+    assert float(jnp.abs(dx[0]).max()) > 1e-3

@@ -125,6 +125,51 @@ def step_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
   return mean, var
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def weighted_stats(x: jax.Array, num_groups: int, weight: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The union of the steps where `weight` holds, each step one observation of its group mean and
+  variance (what a sequence slice hands on): count [B] int32, mean [B, G], var [B, G] (zero
+  where count is 0). x: [B, L, D]; weight: [B, L] bool.
+
+  mean = sum_t w_t m_t / n and var = sum_t w_t (v_t + (m_t - mean)^2) / n, with m_t, v_t the step
+  statistics and n = sum_t w_t. Its gradient is one elementwise pass (custom VJP):
+    dx[t, g, c] = w_t / (n S) (dmean_g + 2 dvar_g (x[t, g, c] - mean_g))      (S = D / G)
+  (the terms through m_t and mean cancel), so the backward keeps x as it came (no float32 copy)
+  and XLA fuses it with whatever adds to dx.
+  """
+  count, mean, var, _ = _weighted_stats(x, num_groups, weight)
+  return count, mean, var
+
+
+def _weighted_stats(x, num_groups, weight):
+  step_mean, step_var = step_stats(x, num_groups)
+  count = jnp.sum(weight, axis=1).astype(jnp.int32)
+  w = weight.astype(step_mean.dtype)[..., None]
+  denom = jnp.maximum(count, 1).astype(step_mean.dtype)[:, None]
+  mean = jnp.sum(w * step_mean, axis=1) / denom
+  var = jnp.sum(w * (step_var + jnp.square(step_mean - mean[:, None])), axis=1) / denom
+  return count, mean, var, denom
+
+
+def _weighted_stats_fwd(x, num_groups, weight):
+  count, mean, var, denom = _weighted_stats(x, num_groups, weight)
+  return (count, mean, var), (x, weight, mean, denom)
+
+
+def _weighted_stats_bwd(num_groups, residuals, cotangents):
+  x, weight, mean, denom = residuals
+  _, dmean, dvar = cotangents
+  batch, length, dim = x.shape
+  dtype = mean.dtype
+  scale = weight.astype(dtype)[:, :, None, None] / (denom * (dim // num_groups))[:, None, :, None]
+  xg = x.astype(dtype).reshape(batch, length, num_groups, dim // num_groups)
+  dx = scale * (dmean[:, None, :, None] + 2.0 * dvar[:, None, :, None] * (xg - mean[:, None, :, None]))
+  return dx.reshape(x.shape).astype(x.dtype), None
+
+
+weighted_stats.defvjp(_weighted_stats_fwd, _weighted_stats_bwd)
+
+
 def reset_flags(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
   """[B, L] bool: True where the statistics restart (first step t > 0 of a new run of ids)."""
   if segment_ids is None:

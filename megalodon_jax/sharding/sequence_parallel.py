@@ -191,22 +191,14 @@ def cema_sequence_local(x: jax.Array, coeffs: cema_ops.CemaCoefficients, omega: 
 
 
 def _tsn_summary(x: jax.Array, num_groups: int, valid: jax.Array, segment_ids: jax.Array | None):
-  """(count [b] i32, mean [b, G], var [b, G]) of the slice's steps after its last reset.
-
-  Each valid step is one observation (its group mean and variance); their union is the mean of
-  the step means and the mean of (step variance + squared deviation of the step mean).
-  """
-  step_mean, step_var = tsn_ops.step_stats(x, num_groups)
+  """(count [b] i32, mean [b, G], var [b, G]) of the slice's valid steps after its last reset
+  (tsn_ops.weighted_stats: each step one observation of its group mean and variance; the
+  gradient in closed form, one elementwise pass)."""
   weight = valid
   if segment_ids is not None:
     run = jnp.cumsum(tsn_ops.reset_flags(segment_ids, *segment_ids.shape).astype(jnp.int32), axis=1)
     weight = weight & (run == run[:, -1:])
-  count = jnp.sum(weight, axis=1).astype(jnp.int32)
-  w = weight.astype(step_mean.dtype)[..., None]
-  denom = jnp.maximum(count, 1).astype(step_mean.dtype)[:, None]
-  mean = jnp.sum(w * step_mean, axis=1) / denom
-  var = jnp.sum(w * (step_var + jnp.square(step_mean - mean[:, None])), axis=1) / denom
-  return count, mean, var
+  return tsn_ops.weighted_stats(x, num_groups, weight)
 
 
 def _tsn_combine(first, second):

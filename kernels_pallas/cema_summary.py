@@ -12,7 +12,8 @@ per mega200M layer at L/2 = 16384 on an H200, as long as the slice's whole CEMA 
 
 Kernel: one program per (batch, chunk, block of channels); lanes [N, block_d] (orders x channels),
 Horner's rule along the chunk (S <- q S + x_t, 4 FMAs per step and lane), and alongside it the
-q-derivative S' (S' <- q S' + S), kept as the VJP's residual. Complex values travel as real /
+q-derivative S' (S' <- q S' + S), kept as the VJP's residual. Compiled, the multiply-adds are PTX
+FMAs, as in the CEMA scan kernels. Complex values travel as real /
 imaginary float32 planes (Pallas has no complex dtype), and the custom VJP is written on those
 planes:
   dx[b, j T + l, d] = sum_n Re(conj(G) q^(T - 1 - l))      (G = Gre + i Gim, the planes' cotangents)
@@ -31,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas.cema import _plain_fma, _ptx_fma
 from megalodon_jax.ops.cema import cema_powers
 
 Array = jax.Array
@@ -103,10 +105,12 @@ def _load_row(ref, t, per_order: bool):
   return row.reshape(row.shape[1]) if per_order else row
 
 
-def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: bool, per_order: bool):
+def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: bool, per_order: bool,
+                    ptx_fma: bool):
   qre, qim = _load_planes(qre_ref, per_order), _load_planes(qim_ref, per_order)
   zeros = [jnp.zeros_like(a) for a in qre]
   unroll = min(_UNROLL, steps)
+  fma = _ptx_fma if ptx_fma else _plain_fma
 
   def tile(i, carry):
     # The tile's rows are loaded up front, so their latencies overlap instead of adding up.
@@ -115,8 +119,9 @@ def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: 
     for xt in rows:
       for n in range(len(sr)):
         if derivative:  # S' <- q S' + S with the S from before this step
-          dr[n], di[n] = qre[n] * dr[n] - qim[n] * di[n] + sr[n], qre[n] * di[n] + qim[n] * dr[n] + si[n]
-        sr[n], si[n] = qre[n] * sr[n] - qim[n] * si[n] + xt, qre[n] * si[n] + qim[n] * sr[n]
+          dr[n], di[n] = (fma(qre[n], dr[n], fma(-qim[n], di[n], sr[n])),
+                          fma(qim[n], dr[n], fma(qre[n], di[n], si[n])))
+        sr[n], si[n] = fma(qre[n], sr[n], fma(-qim[n], si[n], xt)), fma(qim[n], sr[n], qre[n] * si[n])
     return sr, si, dr, di
 
   final = lax.fori_loop(0, steps // unroll, tile, (zeros, zeros, zeros, zeros))
@@ -124,9 +129,10 @@ def _forward_kernel(x_ref, qre_ref, qim_ref, *out_refs, steps: int, derivative: 
     _store_planes(ref, planes, per_order)
 
 
-def _backward_kernel(g_re, g_im, qre_ref, qim_ref, dx_ref, *, steps: int, per_order: bool):
+def _backward_kernel(g_re, g_im, qre_ref, qim_ref, dx_ref, *, steps: int, per_order: bool, ptx_fma: bool):
   qre, qim = _load_planes(qre_ref, per_order), _load_planes(qim_ref, per_order)
   unroll = min(_UNROLL, steps)
+  fma = _ptx_fma if ptx_fma else _plain_fma
 
   def tile(i, carry):
     zr, zi = (list(planes) for planes in carry)  # conj(G) q^(T - 1 - l) at l = T - 1 - (i unroll + u)
@@ -135,7 +141,7 @@ def _backward_kernel(g_re, g_im, qre_ref, qim_ref, dx_ref, *, steps: int, per_or
       total = functools.reduce(jnp.add, zr) if per_order else jnp.sum(zr[0], axis=0)
       dx_ref[pl.ds(last - u, 1), :] = total[None, :]
       for n in range(len(zr)):
-        zr[n], zi[n] = qre[n] * zr[n] - qim[n] * zi[n], qre[n] * zi[n] + qim[n] * zr[n]
+        zr[n], zi[n] = fma(-qim[n], zi[n], qre[n] * zr[n]), fma(qim[n], zr[n], qre[n] * zi[n])
     return zr, zi
 
   conj_g = (_load_planes(g_re, per_order), [-a for a in _load_planes(g_im, per_order)])
@@ -154,7 +160,9 @@ def _call(kernel, x_shape, order: int, block: int, interpret: bool, name: str, i
   batch, length, dim = x_shape
   block_d = min(_BLOCK_D, dim)
   kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
-  return pl.pallas_call(functools.partial(kernel, steps=block, **static),
+  # Multiply-adds as PTX FMAs when compiled: Triton through XLA does not contract a * b + c
+  # (kernels_pallas.cema.CemaKernelConfig.ptx_fma); the interpreter keeps plain arithmetic.
+  return pl.pallas_call(functools.partial(kernel, steps=block, ptx_fma=not interpret, **static),
                         grid=(batch, length // block, dim // block_d), in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=interpret, name=name, **kwargs)(*args)
 

@@ -89,6 +89,7 @@ def test_cuda_lowering(layout):
     primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()  # S only, no S'
   assert "cema_chunk_summaries" in text and "cema_chunk_summaries_bwd" in text
   assert "cema_chunk_summaries" in primal and "cema_chunk_summaries_bwd" not in primal
+  assert "fma.rn.f32" in text and "fma.rn.f32" in primal  # compiled: PTX multiply-adds
 
 
 def test_clear_errors():

@@ -12,8 +12,10 @@ jax.profiler and sums the kernels' durations per category per step:
   collective  NCCL's kernels (all-reduce, all-gather, reduce-scatter, permutes)
   other       everything else (memcpy, memset)
 
-and lists the kernels with the most time. busy = the sum of kernel durations per step; span = the
-first kernel's start to the last kernel's end; span - busy = gaps the GPU sat idle.
+and lists the kernels with the most time, and the source lines with the most kernel time (each
+kernel's HLO instruction's metadata; set XLA_FLAGS=--xla_gpu_enable_command_buffer= so that
+kernels inside CUDA graphs name their instruction too). busy = the sum of kernel durations per
+step; span = the first kernel's start to the last kernel's end; span - busy = gaps the GPU sat idle.
 
   python experiments/gpu_checks/profile_train_step.py --size 1.3B --shape 8x4096 \\
       --remat save_dots_norms_cema_attention --json /tmp/profile.json
@@ -313,7 +315,10 @@ def main(argv=None):
       *state, metrics = compiled(*state, batch)
     jax.block_until_ready(metrics)
   wall_ms = (time.perf_counter() - t0) * 1e3 / args.trace_steps
-  out = summarize(device_kernels(load_trace_events(args.trace_dir)), args.trace_steps, args.top)
+  kernels = device_kernels(load_trace_events(args.trace_dir))
+  out = summarize(kernels, args.trace_steps, args.top)
+  if kernels:
+    out["by_source"] = by_source(kernels, hlo_sources(compiled.as_text()), args.trace_steps, args.top)
   out.update(size=spec.size, arch=spec.arch, shape=shape, remat=spec.remat, scan_layers=args.scan_layers, traced_wall_ms=wall_ms,
              tokens_per_s_traced=spec.batch * spec.length / wall_ms * 1e3, device=jax.devices()[0].device_kind,
              jax=jax.__version__, commit=os.environ.get("GIT_COMMIT", ""))
@@ -327,6 +332,9 @@ def main(argv=None):
   print("top kernels:")
   for k in out.get("top", []):
     print(f"  {k['ms']:8.3f} ms  x{k['calls']:6.1f}  [{k['category']}] {k['name']}")
+  print("source lines (the HLO metadata's innermost frame in this repository; fwd / bwd):")
+  for k in out.get("by_source", []):
+    print(f"  {k['ms']:8.3f} ms  x{k['calls']:6.1f}  {k['source']}")
   print("copies (by HLO op):")
   for k in out.get("copies", []):
     print(f"  {k['ms']:8.3f} ms  x{k['calls']:6.1f}  {k['op']}")

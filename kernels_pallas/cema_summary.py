@@ -187,20 +187,23 @@ def _summaries(x: Array, qre: Array, qim: Array, block: int, interpret: bool, pe
 
 def _summaries_fwd(x, qre, qim, block, interpret, per_order):
   s_re, s_im, d_re, d_im = _forward(x, qre, qim, block, interpret, per_order, derivative=True)
-  return (s_re, s_im), (x, qre, qim, d_re, d_im)
+  # The backward needs only x's dtype (its shape follows from S'): a zero-size placeholder keeps
+  # it, so that x itself is not saved once more (in a layer scan: a stacked copy per layer).
+  return (s_re, s_im), (jnp.zeros((0,), x.dtype), qre, qim, d_re, d_im)
 
 
 def _summaries_bwd(block, interpret, per_order, residuals, cotangents):
-  x, qre, qim, d_re, d_im = residuals
+  x_tag, qre, qim, d_re, d_im = residuals
   g_re, g_im = cotangents
-  order = qre.shape[0]
-  seq, coef, summary = _specs(block, order, min(_BLOCK_D, x.shape[-1]))
-  dx = _call(_backward_kernel, x.shape, order, block, interpret, "cema_chunk_summaries_bwd",
-             [summary, summary, coef, coef], seq, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+  batch, chunks, order, dim = d_re.shape
+  x_shape = (batch, chunks * block, dim)
+  seq, coef, summary = _specs(block, order, min(_BLOCK_D, dim))
+  dx = _call(_backward_kernel, x_shape, order, block, interpret, "cema_chunk_summaries_bwd",
+             [summary, summary, coef, coef], seq, jax.ShapeDtypeStruct(x_shape, jnp.float32),
              g_re, g_im, qre, qim, per_order=per_order)
   dq_re = jnp.sum(g_re * d_re + g_im * d_im, axis=(0, 1))
   dq_im = jnp.sum(g_im * d_re - g_re * d_im, axis=(0, 1))
-  return dx.astype(x.dtype), dq_re, dq_im
+  return dx.astype(x_tag.dtype), dq_re, dq_im
 
 
 _summaries.defvjp(_summaries_fwd, _summaries_bwd)

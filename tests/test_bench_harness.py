@@ -270,18 +270,28 @@ def test_copy_bandwidth_counts_read_and_write():
     floors.measure_copy_bandwidth(2)
 
 
+def test_read_and_write_bandwidth_count_one_direction():
+  read = floors.measure_read_bandwidth(1 << 20, warmup=1, iters=3, inner=2)
+  write = floors.measure_write_bandwidth(1 << 20, warmup=1, iters=3, inner=2)
+  for result in (read, write):
+    assert result["bytes_moved"] == 1 << 20
+    assert result["gb_per_s"] == pytest.approx(result["bytes_moved"] / (result["median_ms"] * 1e-3) / 1e9)
+  with pytest.raises(ValueError, match="smaller than one"):
+    floors.measure_write_bandwidth(2)
+
+
 def test_matmul_peak_counts_two_n_cubed():
   result = floors.measure_matmul_peak(64, warmup=1, iters=3, inner=2)
   assert result["flops"] == 2 * 64**3
   assert result["tflops"] == pytest.approx(result["flops"] / (result["median_ms"] * 1e-3) / 1e12)
 
 
-def test_floors_script_writes_both_ceilings(tmp_path):
+def test_floors_script_writes_every_ceiling(tmp_path):
   floors.main(["--small", "--iters", "2", "--results-dir", str(tmp_path)])
   (path,) = tmp_path.glob("*_floors.json")
   data = json.loads(path.read_text(), parse_constant=reject_constant)
   by_name = {row["ceiling"]: row for row in data["rows"]}
-  assert set(by_name) == {"copy_bandwidth", "matmul_peak"}
+  assert set(by_name) == {"copy_bandwidth", "read_bandwidth", "write_bandwidth", "matmul_peak"}
   assert all(row["value"] > 0 for row in by_name.values())
   assert data["metadata"]["matmul_n"] == 512
 

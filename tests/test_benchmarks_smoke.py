@@ -38,8 +38,8 @@ def test_bench_ops_smoke_runs_every_op_and_writes_consistent_rows(tmp_path):
   rows = bench_ops.main(["--smoke", "--results-dir", str(tmp_path), "--cema-impls", "pallas,chunked"])
   saved = load_results(tmp_path, "ops")
   assert saved["rows"] == json.loads(json.dumps(rows))  # what was printed is what was written
-  assert [c["ceiling"] for c in saved["metadata"]["ceilings"]] == ["copy_bandwidth", "matmul_peak", "fp32_fma_rate_xla",
-                                                             "fp32_fma_rate"]
+  assert [c["ceiling"] for c in saved["metadata"]["ceilings"]] == ["copy_bandwidth", "read_bandwidth", "write_bandwidth",
+                                                             "matmul_peak", "fp32_fma_rate_xla", "fp32_fma_rate"]
   assert all(c["value"] > 0 for c in saved["metadata"]["ceilings"])
   got = {(r["op"], r["impl"]) for r in rows}
   assert got == {("cema", "pallas"), ("cema", "chunked"), ("timestep_norm", "pallas"),

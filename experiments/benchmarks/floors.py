@@ -1,4 +1,4 @@
-"""Ceilings measured in the same run as a benchmark: copy bandwidth and dense matmul throughput.
+"""Ceilings measured in the same run as a benchmark: memory bandwidth and dense matmul throughput.
 
 A kernel's speed is reported against what this very device, driver and JAX build reach on the
 simplest memory-bound and compute-bound programs, not against datasheet numbers (an H200 lists
@@ -38,6 +38,39 @@ def measure_copy_bandwidth(n_bytes: int = 2 << 30, dtype: Any = jnp.float32, *, 
   return {**stats, "bytes_moved": moved, "gb_per_s": moved / (stats["median_ms"] * 1e-3) / 1e9}
 
 
+def measure_read_bandwidth(n_bytes: int = 2 << 30, dtype: Any = jnp.float32, *, warmup: int = 3,
+                           iters: int = 20, inner: int = 10) -> dict[str, Any]:
+  """Bytes read per second by a full reduction sum(x) over `n_bytes` (one number written).
+
+  The copy above mixes reads and writes; passes that mostly read (a norm's statistics, a
+  backward's sums) are bounded by this one. Returns timing stats plus {"bytes_moved", "gb_per_s"}.
+  """
+  itemsize = jnp.dtype(dtype).itemsize
+  n = n_bytes // itemsize
+  if n < 1:
+    raise ValueError(f"n_bytes={n_bytes} is smaller than one {jnp.dtype(dtype).name} element")
+  x = jax.random.normal(jax.random.key(2), (n,), dtype)
+  total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  stats = harness.time_fn(total, x, warmup=warmup, iters=iters, inner=inner)
+  moved = n * itemsize
+  return {**stats, "bytes_moved": moved, "gb_per_s": moved / (stats["median_ms"] * 1e-3) / 1e9}
+
+
+def measure_write_bandwidth(n_bytes: int = 2 << 30, dtype: Any = jnp.float32, *, warmup: int = 3,
+                            iters: int = 20, inner: int = 10) -> dict[str, Any]:
+  """Bytes written per second by a fill y = full(n, s) of `n_bytes` (s is an argument, so XLA
+  cannot fold the fill into a constant; nothing is read). Returns timing stats plus
+  {"bytes_moved", "gb_per_s"}."""
+  itemsize = jnp.dtype(dtype).itemsize
+  n = n_bytes // itemsize
+  if n < 1:
+    raise ValueError(f"n_bytes={n_bytes} is smaller than one {jnp.dtype(dtype).name} element")
+  fill = jax.jit(lambda s: jnp.full((n,), s, dtype))
+  stats = harness.time_fn(fill, jnp.asarray(1.5, dtype), warmup=warmup, iters=iters, inner=inner)
+  moved = n * itemsize
+  return {**stats, "bytes_moved": moved, "gb_per_s": moved / (stats["median_ms"] * 1e-3) / 1e9}
+
+
 def measure_matmul_peak(n: int = 8192, dtype: Any = jnp.bfloat16, *, warmup: int = 3, iters: int = 20,
                         inner: int = 10) -> dict[str, Any]:
   """Dense matmul throughput: an [n, n] x [n, n] product of random normal matrices in `dtype`.
@@ -58,19 +91,26 @@ def measure_matmul_peak(n: int = 8192, dtype: Any = jnp.bfloat16, *, warmup: int
 
 def measure_floors(*, copy_bytes: int = 2 << 30, matmul_n: int = 8192, matmul_dtype: Any = jnp.bfloat16,
                    warmup: int = 3, iters: int = 20, inner: int = 10) -> dict[str, Any]:
-  """Both ceilings: {"copy_gb_per_s", "matmul_tflops", "copy": stats, "matmul": stats}."""
+  """The ceilings: {"copy_gb_per_s", "read_gb_per_s", "write_gb_per_s", "matmul_tflops", and each
+  one's stats under "copy", "read", "write", "matmul"}. Benchmarks' memory floors use the copy."""
   copy = measure_copy_bandwidth(copy_bytes, warmup=warmup, iters=iters, inner=inner)
+  read = measure_read_bandwidth(copy_bytes, warmup=warmup, iters=iters, inner=inner)
+  write = measure_write_bandwidth(copy_bytes, warmup=warmup, iters=iters, inner=inner)
   matmul = measure_matmul_peak(matmul_n, matmul_dtype, warmup=warmup, iters=iters, inner=inner)
-  return {"copy_gb_per_s": copy["gb_per_s"], "matmul_tflops": matmul["tflops"], "copy": copy, "matmul": matmul}
+  return {"copy_gb_per_s": copy["gb_per_s"], "read_gb_per_s": read["gb_per_s"], "write_gb_per_s": write["gb_per_s"],
+          "matmul_tflops": matmul["tflops"], "copy": copy, "read": read, "write": write, "matmul": matmul}
 
 
 def floor_rows(floors: dict[str, Any]) -> list[dict[str, Any]]:
   """Table rows (without the per-iteration times) for write_results."""
-  copy, matmul = floors["copy"], floors["matmul"]
-  return [
-      {"ceiling": "copy_bandwidth", "value": floors["copy_gb_per_s"], "unit": "GB/s",
-       "median_ms": copy["median_ms"], "p10_ms": copy["p10_ms"], "p90_ms": copy["p90_ms"],
-       "size": f"{copy['bytes_moved'] / 2**30:.3g} GiB moved"},
+  matmul = floors["matmul"]
+  memory = [
+      {"ceiling": f"{name}_bandwidth", "value": floors[f"{name}_gb_per_s"], "unit": "GB/s",
+       "median_ms": floors[name]["median_ms"], "p10_ms": floors[name]["p10_ms"], "p90_ms": floors[name]["p90_ms"],
+       "size": f"{floors[name]['bytes_moved'] / 2**30:.3g} GiB {what}"}
+      for name, what in (("copy", "moved (read + write)"), ("read", "read (sum)"), ("write", "written (fill)"))
+      if name in floors]
+  return memory + [
       {"ceiling": "matmul_peak", "value": floors["matmul_tflops"], "unit": "TFLOP/s",
        "median_ms": matmul["median_ms"], "p10_ms": matmul["p10_ms"], "p90_ms": matmul["p90_ms"],
        "size": f"{matmul['n']}^3 {matmul['dtype']}"},

@@ -521,13 +521,23 @@ def power_tables_pallas(q: Array, block: int, count: int, offset: int = 0,
   H200: 0.075 ms of device time, against 6.1 ms for the reference's rolled XLA loop in the form it
   had then (two stacked double-float products per bit on every entry). Differentiable in q
   (custom JVP: d q^e = e q^e dq / q, as the reference)."""
+  shape = q.shape
+  q = jnp.asarray(q).astype(jnp.complex64).reshape(-1)
+  high_re, high_im, low_re, low_im = power_table_planes(jnp.real(q), jnp.imag(q), block, count, offset, interpret)
+  to_table = lambda re, im: jnp.moveaxis(lax.complex(re, im), 0, -1).reshape(shape + (re.shape[0],))  # noqa: E731
+  return to_table(high_re, high_im), to_table(low_re, low_im)
+
+
+def power_table_planes(qre: Array, qim: Array, block: int, count: int, offset: int = 0,
+                       interpret: bool = False) -> tuple[Array, Array, Array, Array]:
+  """power_tables_pallas on float32 planes, in the kernel's own layout and not differentiable:
+  qre, qim [S] -> (high re, high im [count, S], low re, low im [block, S]). For callers that
+  want the tables as planes with q's entries minor (e.g. q laid out [N, D] and flattened)."""
   if block < 1 or count < 1 or offset < 0:
     raise ValueError(f"power tables need block >= 1, count >= 1 and offset >= 0; got {block}, {count}, {offset}.")
   if offset + block * (count - 1) >= 2**31:
     raise ValueError(f"exponent {offset + block * (count - 1)} does not fit in int32")
-  shape = q.shape
-  q = jnp.asarray(q).astype(jnp.complex64).reshape(-1)
-  size = q.shape[0]
+  size = qre.shape[0]
   lanes = 128  # 2 x size / 128 programs (256 at mega200M) of dependent chains of block or count
   while size % lanes:
     lanes //= 2
@@ -536,15 +546,13 @@ def power_tables_pallas(q: Array, block: int, count: int, offset: int = 0,
                         jax.ShapeDtypeStruct((rows, size), jnp.float32))
   (high_spec, high_shape), (low_spec, low_shape) = plane(count), plane(block)
   kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=2, num_stages=1)}
-  high_re, high_im, low_re, low_im = pl.pallas_call(
+  return tuple(pl.pallas_call(
       functools.partial(_tables_kernel, block=block, count=count, offset=offset),
       grid=(size // lanes, 2), in_specs=[lane_spec, lane_spec],
       out_specs=[high_spec, high_spec, low_spec, low_spec],
       out_shape=[high_shape, high_shape, low_shape, low_shape], interpret=interpret,
       name="cema_power_tables", **kwargs,
-  )(jnp.real(q), jnp.imag(q))
-  to_table = lambda re, im: jnp.moveaxis(lax.complex(re, im), 0, -1).reshape(shape + (re.shape[0],))  # noqa: E731
-  return to_table(high_re, high_im), to_table(low_re, low_im)
+  )(qre.astype(jnp.float32), qim.astype(jnp.float32)))
 
 
 @power_tables_pallas.defjvp

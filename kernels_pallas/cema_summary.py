@@ -229,3 +229,186 @@ def chunk_summaries_pallas(x: Array, q: Array, block: int, interpret: bool = Fal
   bfloat16) and q [D, N] complex. Differentiable in x and q. Needs supported(D, N, block)."""
   s_re, s_im = chunk_summaries_planes(x, q, block, interpret)
   return jnp.moveaxis(lax.complex(s_re, s_im), 2, 3)  # [B, J, D, N]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole slice's summary in one custom VJP: the chunks' sums weighted by the power tables.
+# ----------------------------------------------------------------------------------------------
+#
+# h = sum_j c_j S_j with c_j = q^(T (J - 1 - j)), and q^L beside it. Differentiating the chunk sums
+# and the tables' products separately (chunk_summaries_planes, then XLA) keeps S_j, S'_j, c_j and the
+# tables' JVP residuals per layer and runs the sum's backward, the tables' JVP and their layout
+# changes in XLA. Here the kernel weights each chunk itself and, when differentiating, also forms
+#   A_j = c_j S'_j + c'_j S_j,   c'_j = T (J - 1 - j) q^(T (J - 2 - j)) q^(T - 1)
+# so that dh/dq = sum_j A_j = H' is one [B, N, D] residual; the backward kernel walks from
+# conj(G) c_j. Only c (for the backward's start), H' and d(q^L)/dq = L q^(L - 1) are kept.
+
+
+def _cmul(ar, ai, br, bi):
+  """Complex products of plane lists: (ar + i ai)(br + i bi)."""
+  return ([a * b - c * d for a, b, c, d in zip(ar, br, ai, bi)],
+          [a * d + c * b for a, b, c, d in zip(ar, br, ai, bi)])
+
+
+def _slice_forward_kernel(x_ref, qre_ref, qim_ref, cre_ref, cim_ref, *refs, steps: int, count: int,
+                          derivative: bool, per_order: bool, ptx_fma: bool):
+  if derivative:
+    hre_ref, him_ref, lre_ref, lim_ref, pre_ref, pim_ref, are_ref, aim_ref = refs
+  else:
+    pre_ref, pim_ref = refs
+  qre, qim = _load_planes(qre_ref, per_order), _load_planes(qim_ref, per_order)
+  zeros = [jnp.zeros_like(a) for a in qre]
+  unroll = min(_UNROLL, steps)
+  fma = _ptx_fma if ptx_fma else _plain_fma
+
+  def tile(i, carry):
+    rows = [_load_row(x_ref, i * unroll + u, per_order) for u in range(unroll)]
+    sr, si, dr, di = (list(planes) for planes in carry)
+    for xt in rows:
+      for n in range(len(sr)):
+        if derivative:
+          dr[n], di[n] = (fma(qre[n], dr[n], fma(-qim[n], di[n], sr[n])),
+                          fma(qim[n], dr[n], fma(qre[n], di[n], si[n])))
+        sr[n], si[n] = fma(qre[n], sr[n], fma(-qim[n], si[n], xt)), fma(qim[n], sr[n], qre[n] * si[n])
+    return sr, si, dr, di
+
+  sr, si, dr, di = lax.fori_loop(0, steps // unroll, tile, (zeros, zeros, zeros, zeros))
+  cre, cim = _load_planes(cre_ref, per_order), _load_planes(cim_ref, per_order)
+  pr, pi = _cmul(cre, cim, sr, si)
+  _store_planes(pre_ref, pr, per_order)
+  _store_planes(pim_ref, pi, per_order)
+  if derivative:
+    # c'_j from q^(T (J - 2 - j)) (clamped to j = J - 2: the last chunk's c' is 0) and q^(T - 1).
+    weight = (steps * (count - 1 - pl.program_id(1))).astype(jnp.float32)
+    hr, hi = _cmul(_load_planes(hre_ref, per_order), _load_planes(him_ref, per_order),
+                   _load_planes(lre_ref, per_order), _load_planes(lim_ref, per_order))
+    ar, ai = _cmul(cre, cim, dr, di)
+    br, bi = _cmul([weight * a for a in hr], [weight * a for a in hi], sr, si)
+    _store_planes(are_ref, [a + b for a, b in zip(ar, br)], per_order)
+    _store_planes(aim_ref, [a + b for a, b in zip(ai, bi)], per_order)
+
+
+def _slice_backward_kernel(g_re, g_im, qre_ref, qim_ref, cre_ref, cim_ref, dx_ref, *, steps: int,
+                           per_order: bool, ptx_fma: bool):
+  qre, qim = _load_planes(qre_ref, per_order), _load_planes(qim_ref, per_order)
+  unroll = min(_UNROLL, steps)
+  fma = _ptx_fma if ptx_fma else _plain_fma
+  gr, gi = _load_planes(g_re, per_order), _load_planes(g_im, per_order)
+  cr, ci = _load_planes(cre_ref, per_order), _load_planes(cim_ref, per_order)
+  start = ([a * c + b * d for a, b, c, d in zip(gr, gi, cr, ci)],  # conj(G) c_j
+           [a * d - b * c for a, b, c, d in zip(gr, gi, cr, ci)])
+
+  def tile(i, carry):
+    zr, zi = (list(planes) for planes in carry)
+    last = steps - 1 - i * unroll
+    for u in range(unroll):
+      total = functools.reduce(jnp.add, zr) if per_order else jnp.sum(zr[0], axis=0)
+      dx_ref[pl.ds(last - u, 1), :] = total[None, :]
+      for n in range(len(zr)):
+        zr[n], zi[n] = fma(-qim[n], zi[n], qre[n] * zr[n]), fma(qim[n], zr[n], qre[n] * zi[n])
+    return zr, zi
+
+  lax.fori_loop(0, steps // unroll, tile, start)
+
+
+def _slice_tables(qre, qim, block: int, count: int, length: int, interpret: bool):
+  """(carry planes [J, N, D] x2 = q^(T j) in table order, q^(T - 1) planes [N, D] x2, q^L and
+  L q^(L - 1) as (re, im) [N, D] pairs) from one power-table kernel."""
+  from kernels_pallas.cema import power_table_planes  # the double-float tables
+  order, dim = qre.shape
+  hr, hi, lr, li = power_table_planes(qre.reshape(-1), qim.reshape(-1), block, count, 0, interpret)
+  high = (hr.reshape(count, order, dim), hi.reshape(count, order, dim))
+  low = (lr.reshape(block, order, dim), li.reshape(block, order, dim))
+
+  def power(exponent):  # q^exponent, exponent <= T J, from at most three float32-accurate factors
+    j, l = divmod(exponent, block)
+    if j < count:
+      re, im = _cmul([high[0][j]], [high[1][j]], [low[0][l]], [low[1][l]])
+      return re[0], im[0]
+    re, im = _cmul([high[0][count - 1]], [high[1][count - 1]], [low[0][block - 1]], [low[1][block - 1]])
+    re, im = _cmul(re, im, [qre], [qim])
+    return re[0], im[0]
+
+  decay = power(length)
+  below = power(length - 1)
+  return high, (low[0][block - 1], low[1][block - 1]), decay, (length * below[0], length * below[1])
+
+
+def _slice_specs(block: int, order: int, block_d: int, count: int):
+  seq = pl.BlockSpec((None, block, block_d), lambda b, j, d: (b, j, d))
+  coef = pl.BlockSpec((order, block_d), lambda b, j, d: (0, d))
+  carry = pl.BlockSpec((None, order, block_d), lambda b, j, d: (count - 1 - j, 0, d))
+  shifted = pl.BlockSpec((None, order, block_d), lambda b, j, d: (jnp.maximum(count - 2 - j, 0), 0, d))
+  chunk = pl.BlockSpec((None, None, order, block_d), lambda b, j, d: (b, j, 0, d))
+  row = pl.BlockSpec((None, order, block_d), lambda b, j, d: (b, 0, d))
+  return seq, coef, carry, shifted, chunk, row
+
+
+def _slice_forward(x, qre, qim, block, count, length, interpret, per_order, derivative):
+  batch, padded, dim = x.shape
+  order = qre.shape[0]
+  high, low_last, decay, decay_d = _slice_tables(qre, qim, block, count, length, interpret)
+  seq, coef, carry, shifted, chunk, _ = _slice_specs(block, order, min(_BLOCK_D, dim), count)
+  plane = jax.ShapeDtypeStruct((batch, count, order, dim), jnp.float32)
+  inputs, specs = [x, qre, qim, *high], [seq, coef, coef, carry, carry]
+  if derivative:
+    inputs += [*high, *low_last]
+    specs += [shifted, shifted, coef, coef]
+  outputs = 4 if derivative else 2
+  parts = _call(_slice_forward_kernel, x.shape, order, block, interpret, "cema_slice_summary", specs,
+                [chunk] * outputs, [plane] * outputs, *inputs, count=count, derivative=derivative,
+                per_order=per_order)
+  sums = [jnp.sum(p, axis=1) for p in parts]  # over the chunks: [B, N, D]
+  return sums, high, decay, decay_d
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _slice_summary(x, qre, qim, block, count, length, interpret, per_order):
+  (h_re, h_im), _, decay, _ = _slice_forward(x, qre, qim, block, count, length, interpret, per_order, False)
+  return h_re, h_im, decay[0], decay[1]
+
+
+def _slice_summary_fwd(x, qre, qim, block, count, length, interpret, per_order):
+  (h_re, h_im, a_re, a_im), high, decay, decay_d = _slice_forward(x, qre, qim, block, count, length,
+                                                                  interpret, per_order, True)
+  residuals = (jnp.zeros((0,), x.dtype), qre, qim, a_re, a_im, decay_d[0], decay_d[1], high[0], high[1])
+  return (h_re, h_im, decay[0], decay[1]), residuals
+
+
+def _slice_summary_bwd(block, count, length, interpret, per_order, residuals, cotangents):
+  x_tag, qre, qim, a_re, a_im, dd_re, dd_im, c_re, c_im = residuals
+  g_re, g_im, gd_re, gd_im = cotangents
+  batch, order, dim = g_re.shape
+  x_shape = (batch, count * block, dim)
+  seq, coef, carry, _, _, row = _slice_specs(block, order, min(_BLOCK_D, dim), count)
+  dx = _call(_slice_backward_kernel, x_shape, order, block, interpret, "cema_slice_summary_bwd",
+             [row, row, coef, coef, carry, carry], seq, jax.ShapeDtypeStruct(x_shape, jnp.float32),
+             g_re, g_im, qre, qim, c_re, c_im, per_order=per_order)
+  # dL = Re(conj(G) dh) with dh = H' dq (h holomorphic in q), and the same for q^L.
+  dq_re = jnp.sum(g_re * a_re + g_im * a_im, axis=0) + gd_re * dd_re + gd_im * dd_im
+  dq_im = jnp.sum(g_im * a_re - g_re * a_im, axis=0) + gd_im * dd_re - gd_re * dd_im
+  return dx.astype(x_tag.dtype), dq_re, dq_im
+
+
+_slice_summary.defvjp(_slice_summary_fwd, _slice_summary_bwd)
+
+
+def slice_summary_planes(x: Array, q: Array, block: int, length: int,
+                         interpret: bool = False) -> tuple[Array, Array, Array]:
+  """A slice's summary from x [B, J T, D] (zeros in front of its `length` real steps, so that J T
+  >= length; T = block): (Re h, Im h) [B, N, D] float32 with h = sum_t q^(J T - 1 - t) x_t, and
+  q^length [D, N] complex64, differentiable in x and q (one custom VJP; see above). The caller
+  multiplies by p. Needs supported(D, N, block) and block * J >= length."""
+  batch, padded, dim = x.shape
+  order = q.shape[-1]
+  count = padded // block
+  if q.shape != (dim, order) or padded % block or not (padded - block < length <= padded):
+    raise ValueError(f"the slice summary needs x [B, J*{block}, D] with J*{block} - {block} < length <= J*{block} "
+                     f"and q [D, N]; got x {x.shape}, q {q.shape}, length {length}")
+  if not supported(dim, order, block):
+    raise ValueError(f"the slice summary kernel needs power-of-2 N and block and D a multiple of {_BLOCK_D} "
+                     f"(or a power of 2); got D={dim}, N={order}, block={block}.")
+  q = jnp.asarray(q).astype(jnp.complex64).T  # [N, D]
+  h_re, h_im, d_re, d_im = _slice_summary(x, jnp.real(q), jnp.imag(q), block, count, length, interpret,
+                                          _layout == "per_order")
+  return h_re, h_im, lax.complex(d_re, d_im).T

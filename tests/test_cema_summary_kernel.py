@@ -126,10 +126,60 @@ def test_slice_summary_kernel_path_equals_the_xla_path():
   (value_x, h_x), grads_x = loss("xla")(x, alpha, delta, theta, gamma)
   text = str(jax.make_jaxpr(lambda x: cema_ops.cema_slice_summary(
       x, cema_ops.cema_coefficients(alpha, delta, theta, gamma), seg, powers="pallas"))(x))
-  assert "cema_chunk_summaries" in text  # the kernel path ran, not the fallback
+  assert "cema_slice_summary" in text  # the kernel path ran, not the fallback
   assert _rel(h_k, h_x) < 2e-6 and abs(float(value_k - value_x)) < 1e-5 * abs(float(value_x))
   for g_k, g_x in zip(grads_k, grads_x):
     assert _rel(g_k, g_x) < 1e-5
   # The first run of row 0 does not reach the state: changing it changes nothing.
   (_, h_changed), _ = loss("pallas")(x.at[0, :20].set(5.0), alpha, delta, theta, gamma)
   np.testing.assert_array_equal(np.asarray(h_changed[0]), np.asarray(h_k[0]))
+
+
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+@pytest.mark.parametrize("batch,chunks,block,dim,order,length", [(2, 3, 8, 16, 4, 20), (1, 4, 16, 8, 2, 64),
+                                                                 (1, 1, 4, 8, 4, 3)])
+def test_slice_summary_planes_against_float64(layout, batch, chunks, block, dim, order, length):
+  """slice_summary_planes (interpreted): h = sum_t q^(J T - 1 - t) x_t and q^length against float64,
+  and the gradient of a real functional of both in x and in q against float64's closed forms
+  (dh/dq = sum_t (J T - 1 - t) q^(J T - 2 - t) x_t; JAX's q-cotangent of a holomorphic map is
+  sum cot * derivative, no conjugate)."""
+  x, q, _ = _problem(batch, chunks, block, dim, order, seed=5)
+  x = x.at[:, : chunks * block - length].set(0.0)  # the zeros in front of a slice of `length` steps
+  rng = np.random.default_rng(6)
+  w_h = rng.normal(size=(batch, order, dim)) + 1j * rng.normal(size=(batch, order, dim))
+  w_d = rng.normal(size=(dim, order)) + 1j * rng.normal(size=(dim, order))
+
+  def loss(x, q):
+    with K.use_layout(layout):
+      h_re, h_im, decay = K.slice_summary_planes(x, q, block, length, interpret=True)
+    h = jax.lax.complex(h_re, h_im)
+    return jnp.sum(jnp.real(h * jnp.asarray(w_h, jnp.complex64))) + jnp.sum(jnp.real(decay * jnp.asarray(w_d, jnp.complex64)))
+
+  with K.use_layout(layout):
+    h_re, h_im, decay = K.slice_summary_planes(x, q, block, length, interpret=True)
+  total = chunks * block
+  q64, x64 = np.asarray(q, np.complex128), np.asarray(x, np.float64)
+  lags = total - 1 - np.arange(total)
+  h64 = np.einsum("dnt,btd->bnd", q64[..., None] ** lags, x64)
+  assert _rel(jax.lax.complex(h_re, h_im), h64) < 2e-6
+  assert _rel(decay, q64 ** length) < 2e-6
+  dx, dq = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, q)
+  dx64 = np.einsum("dnt,bnd->btd", q64[..., None] ** lags, w_h).real
+  deriv = lags * q64[..., None] ** np.maximum(lags - 1, 0)  # [D, N, T]
+  dq64 = np.einsum("dnt,btd,bnd->dn", deriv, x64, w_h) + w_d * length * q64 ** (length - 1)
+  assert _rel(dx, dx64) < 2e-6
+  assert _rel(dq, dq64) < 2e-6
+
+
+def test_slice_summary_cuda_lowering():
+  x = jnp.zeros((1, 4 * 128, 1024), jnp.bfloat16)
+  q = jnp.full((1024, 16), 0.999 + 0.01j, jnp.complex64)
+
+  def fn(x, q):
+    h_re, h_im, decay = K.slice_summary_planes(x, q, 128, 4 * 128 - 5)
+    return jnp.sum(h_re) + jnp.sum(h_im) + jnp.sum(jnp.abs(decay))
+
+  text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+  primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+  assert "cema_slice_summary" in text and "cema_slice_summary_bwd" in text and "cema_power_tables" in text
+  assert "cema_slice_summary_bwd" not in primal and "fma.rn.f32" in text

@@ -300,4 +300,4 @@ def test_slice_summary_uses_the_pallas_kernels_with_the_pallas_scan(rng, method,
 
   text = str(jax.make_jaxpr(sharded)(x))
   assert ("cema_power_tables" in text) == expected
-  assert ("cema_chunk_summaries" in text) == expected
+  assert ("cema_slice_summary" in text) == expected

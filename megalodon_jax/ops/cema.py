@@ -560,30 +560,27 @@ def cema_slice_summary(x: jax.Array, coeffs: CemaCoefficients, segment_ids: jax.
   x: [B, L, D]. h_L is the state after the slice from a zero state (with segment_ids only the last
   run contributes), in closed form like cema_final_state; q^L carries an earlier state across the
   slice. One power-table build (powers: POWER_IMPLS) gives both, without running the scan. With
-  powers="pallas" (off TPU, where cema_summary.supported) the per-chunk sums are the Pallas kernel
-  kernels_pallas.cema_summary, combined here with the tables' q^(block j).
+  powers="pallas" (off TPU, where cema_summary.supported) the whole summary is
+  kernels_pallas.cema_summary.slice_summary_planes: the tables, the per-chunk sums weighted by
+  q^(block j) and one custom VJP.
   """
   dim, order = _dims(coeffs)
   _check_x(x, dim)
   batch, length, _ = x.shape
   run = _run_index(segment_ids, batch, length)
-  tables = _power_tables(coeffs.q, length, impl=powers)
-  decay = _table_power(tables, coeffs.q, length)
-  block, count = tables.block, tables.high.shape[-1]
+  block, count = _power_blocks(length)
   if powers == "xla" or jax.default_backend() == "tpu" or not _summary_kernel_takes(dim, order, block):
+    tables = _power_tables(coeffs.q, length, impl=powers)
+    decay = _table_power(tables, coeffs.q, length)
     return _final_from_tables(x.astype(jnp.float32), coeffs, tables, None, run), decay
   from kernels_pallas import cema_summary  # lazy: Pallas is optional at import time
   if run is not None:
     x = jnp.where((run == run[:, -1:])[..., None], x, jnp.zeros_like(x))
   # Zeros in front make the length count * block and add nothing; chunk j then ends block
-  # (count - 1 - j) steps before the last, so its summary carries q^(block (count - 1 - j)).
+  # (count - 1 - j) steps before the last, so the kernel weights it by q^(block (count - 1 - j)).
   x = jnp.pad(x, ((0, 0), (count * block - length, 0), (0, 0)))
-  s_re, s_im = cema_summary.chunk_summaries_planes(x, coeffs.q, block, interpret=jax.default_backend() == "cpu")
-  carry = jnp.transpose(jnp.flip(tables.high, axis=-1), (2, 1, 0))  # [J, N, D], like the planes
-  c_re, c_im = jnp.real(carry), jnp.imag(carry)
-  # The sum over chunks in the planes' layout [B, J, N, D]: only the [B, N, D] result is transposed.
-  h_re = jnp.sum(s_re * c_re - s_im * c_im, axis=1)
-  h_im = jnp.sum(s_re * c_im + s_im * c_re, axis=1)
+  h_re, h_im, decay = cema_summary.slice_summary_planes(x, coeffs.q, block, length,
+                                                        interpret=jax.default_backend() == "cpu")
   return coeffs.p * jnp.swapaxes(jax.lax.complex(h_re, h_im), 1, 2), decay
 
 

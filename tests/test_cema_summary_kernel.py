@@ -1,5 +1,5 @@
-"""kernels_pallas.cema_summary: the chunk-summary kernel (interpreted on the CPU) against float64,
-its plain-JAX reference (values and gradients), its CUDA lowering, and its use in
+"""kernels_pallas.cema_summary: the slice-summary kernels (interpreted on the CPU) against float64
+and their plain-JAX reference (values and gradients), their CUDA lowering, and their use in
 ops.cema.cema_slice_summary."""
 
 from __future__ import annotations
@@ -26,13 +26,6 @@ def _problem(batch, chunks, block, dim, order, seed=0, dtype=jnp.float32):
   return x, q, cot
 
 
-def _float64(x, q, block):
-  batch, length, dim = x.shape
-  weights = np.asarray(q, np.complex128)[..., None] ** (block - 1 - np.arange(block))  # [D, N, T]
-  chunks = np.asarray(x, np.float64).reshape(batch, length // block, block, dim)
-  return np.einsum("dnl,bjld->bjdn", weights, chunks)
-
-
 def _rel(a, b):
   """max |a - b| over max |b|; the absolute difference where b is all zero (e.g. gamma's
   gradient: the summary does not use it)."""
@@ -42,54 +35,35 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("layout", K.LAYOUTS)
-@pytest.mark.parametrize("batch,chunks,block,dim,order,dtype", [
-    (2, 3, 8, 16, 4, jnp.float32),
-    (1, 2, 32, 256, 2, jnp.bfloat16),  # two channel blocks of 128, two unrolled tiles; bfloat16 input
-    (1, 1, 1, 8, 1, jnp.float32),  # one step per chunk: S = x
-])
-def test_values_and_gradients_match_float64_and_the_reference(batch, chunks, block, dim, order, dtype, layout):
-  with K.use_layout(layout):
-    _check_values_and_gradients(batch, chunks, block, dim, order, dtype)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_slice_summary_planes_against_its_reference(layout, dtype):
+  """The kernel (interpreted) against slice_summary_reference: values and gradients in x and q."""
+  batch, chunks, block, dim, order, length = 2, 3, 8, 16, 4, 21
+  x, q, _ = _problem(batch, chunks, block, dim, order, seed=7, dtype=dtype)
+  x = x.at[:, : chunks * block - length].set(0.0)
+  rng = np.random.default_rng(8)
+  w = jnp.asarray(rng.normal(size=(4, batch, order, dim)), jnp.float32)
 
+  def loss(fn):
+    def f(x, q):
+      h_re, h_im, decay = fn(x, q)
+      return (jnp.sum(h_re * w[0]) + jnp.sum(h_im * w[1]) + jnp.sum(jnp.real(decay).T * w[2, 0])
+              + jnp.sum(jnp.imag(decay).T * w[3, 0]))
+    return f
 
-def _check_values_and_gradients(batch, chunks, block, dim, order, dtype):
-  x, q, cot = _problem(batch, chunks, block, dim, order, dtype=dtype)
-  kernel = functools.partial(K.chunk_summaries_pallas, block=block, interpret=True)
-  reference = functools.partial(K.chunk_summaries_reference, block=block)
-  got = jax.jit(kernel)(x, q)
-  assert got.shape == (batch, chunks, dim, order) and got.dtype == jnp.complex64
-  assert _rel(got, _float64(x, q, block)) < 2e-6
-  assert _rel(got, reference(x, q)) < 2e-6
+  def kernel(x, q):
+    with K.use_layout(layout):
+      return K.slice_summary_planes(x, q, block, length, interpret=True)
 
-  def loss(fn):  # a real functional of the complex summaries: JAX's cotangent conventions apply
-    return lambda x, q: jnp.sum(jnp.real(fn(x, q) * cot))
+  reference = functools.partial(K.slice_summary_reference, length=length)
+  for got, want in zip(kernel(x, q), reference(x, q)):
+    assert _rel(got, want) < 2e-6
   grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1)))(x, q)
   want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(x, q)
   assert grads[0].dtype == x.dtype and grads[1].dtype == jnp.complex64
-  for g, w in zip(grads, want):
-    assert _rel(g.astype(jnp.float32) if g.dtype == jnp.bfloat16 else g,
-                w.astype(jnp.float32) if w.dtype == jnp.bfloat16 else w) < (1e-2 if dtype == jnp.bfloat16 else 2e-6)
-  # The q-gradient against float64 directly: for the real loss sum Re(S cot) of a holomorphic S(q),
-  # JAX's gradient is sum cot dS/dq = sum (T-1-l) q^(T-2-l) x cot (no conjugate).
-  if dtype == jnp.float32 and block > 1:
-    q64, l = np.asarray(q, np.complex128), np.arange(block)
-    deriv = (block - 1 - l) * q64[..., None] ** np.maximum(block - 2 - l, 0)  # [D, N, T]
-    xs = np.asarray(x, np.float64).reshape(batch, chunks, block, dim)
-    dq = np.einsum("dnl,bjld,bjdn->dn", deriv, xs, np.asarray(cot, np.complex128))
-    assert _rel(grads[1], dq) < 2e-6
-
-
-@pytest.mark.parametrize("layout", K.LAYOUTS)
-def test_cuda_lowering(layout):
-  x = jnp.zeros((1, 4 * 128, 1024), jnp.bfloat16)
-  q = jnp.full((1024, 16), 0.999 + 0.01j, jnp.complex64)
-  fn = lambda x, q: jnp.sum(jnp.abs(K.chunk_summaries_pallas(x, q, 128)))  # noqa: E731
-  with K.use_layout(layout):
-    text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
-    primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()  # S only, no S'
-  assert "cema_chunk_summaries" in text and "cema_chunk_summaries_bwd" in text
-  assert "cema_chunk_summaries" in primal and "cema_chunk_summaries_bwd" not in primal
-  assert "fma.rn.f32" in text and "fma.rn.f32" in primal  # compiled: PTX multiply-adds
+  as32 = lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a  # noqa: E731
+  for g, w_ in zip(grads, want):
+    assert _rel(as32(g), as32(w_)) < (1e-2 if dtype == jnp.bfloat16 else 2e-6)
 
 
 def test_clear_errors():
@@ -97,9 +71,11 @@ def test_clear_errors():
     with K.use_layout("rows"):
       pass
   with pytest.raises(ValueError, match="power-of-2 N"):
-    K.chunk_summaries_pallas(jnp.zeros((1, 8, 4)), jnp.ones((4, 3), jnp.complex64), 4, interpret=True)
-  with pytest.raises(ValueError, match="need x"):
-    K.chunk_summaries_pallas(jnp.zeros((1, 9, 4)), jnp.ones((4, 2), jnp.complex64), 4, interpret=True)
+    K.slice_summary_planes(jnp.zeros((1, 8, 4)), jnp.ones((4, 3), jnp.complex64), 4, 8, interpret=True)
+  with pytest.raises(ValueError, match="needs x"):
+    K.slice_summary_planes(jnp.zeros((1, 9, 4)), jnp.ones((4, 2), jnp.complex64), 4, 9, interpret=True)
+  with pytest.raises(ValueError, match="needs x"):  # more zeros in front than one chunk
+    K.slice_summary_planes(jnp.zeros((1, 8, 4)), jnp.ones((4, 2), jnp.complex64), 4, 3, interpret=True)
 
 
 def test_slice_summary_kernel_path_equals_the_xla_path():
@@ -171,7 +147,8 @@ def test_slice_summary_planes_against_float64(layout, batch, chunks, block, dim,
   assert _rel(dq, dq64) < 2e-6
 
 
-def test_slice_summary_cuda_lowering():
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+def test_slice_summary_cuda_lowering(layout):
   x = jnp.zeros((1, 4 * 128, 1024), jnp.bfloat16)
   q = jnp.full((1024, 16), 0.999 + 0.01j, jnp.complex64)
 
@@ -179,7 +156,8 @@ def test_slice_summary_cuda_lowering():
     h_re, h_im, decay = K.slice_summary_planes(x, q, 128, 4 * 128 - 5)
     return jnp.sum(h_re) + jnp.sum(h_im) + jnp.sum(jnp.abs(decay))
 
-  text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
-  primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+  with K.use_layout(layout):
+    text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+    primal = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
   assert "cema_slice_summary" in text and "cema_slice_summary_bwd" in text and "cema_power_tables" in text
   assert "cema_slice_summary_bwd" not in primal and "fma.rn.f32" in text

@@ -196,20 +196,21 @@ def _slice_backward_kernel(g_re, g_im, qre_ref, qim_ref, cre_ref, cim_ref, dx_re
 
 
 def _slice_tables(qre, qim, block: int, count: int, length: int, interpret: bool):
-  """(carry planes [J, N, D] x2 = q^(T j) in table order, q^(T - 1) planes [N, D] x2, q^L and
-  L q^(L - 1) as (re, im) [N, D] pairs) from one power-table kernel."""
+  """From one power-table kernel: the weights c = q^(T j) in table order as [2, J, N, D] (real and
+  imaginary planes stacked: one array to keep), q^(T - 1) planes [N, D] x2, q^L and L q^(L - 1) as
+  (re, im) [N, D] pairs."""
   from kernels_pallas.cema import power_table_planes  # the double-float tables
   order, dim = qre.shape
   hr, hi, lr, li = power_table_planes(qre.reshape(-1), qim.reshape(-1), block, count, 0, interpret)
-  high = (hr.reshape(count, order, dim), hi.reshape(count, order, dim))
+  high = jnp.stack([hr, hi]).reshape(2, count, order, dim)
   low = (lr.reshape(block, order, dim), li.reshape(block, order, dim))
 
   def power(exponent):  # q^exponent, exponent <= T J, from at most three float32-accurate factors
     j, l = divmod(exponent, block)
     if j < count:
-      re, im = _cmul([high[0][j]], [high[1][j]], [low[0][l]], [low[1][l]])
+      re, im = _cmul([high[0, j]], [high[1, j]], [low[0][l]], [low[1][l]])
       return re[0], im[0]
-    re, im = _cmul([high[0][count - 1]], [high[1][count - 1]], [low[0][block - 1]], [low[1][block - 1]])
+    re, im = _cmul([high[0, count - 1]], [high[1, count - 1]], [low[0][block - 1]], [low[1][block - 1]])
     re, im = _cmul(re, im, [qre], [qim])
     return re[0], im[0]
 
@@ -221,23 +222,34 @@ def _slice_tables(qre, qim, block: int, count: int, length: int, interpret: bool
 def _slice_specs(block: int, order: int, block_d: int, count: int):
   seq = pl.BlockSpec((None, block, block_d), lambda b, j, d: (b, j, d))
   coef = pl.BlockSpec((order, block_d), lambda b, j, d: (0, d))
-  carry = pl.BlockSpec((None, order, block_d), lambda b, j, d: (count - 1 - j, 0, d))
-  shifted = pl.BlockSpec((None, order, block_d), lambda b, j, d: (jnp.maximum(count - 2 - j, 0), 0, d))
+  # The stacked weights [2, J, N, D]: chunk j takes c_j = q^(T (J - 1 - j)) (and for c'_j the
+  # entry one lower, clamped: the last chunk's c' is 0), real plane then imaginary plane.
+  carry = [pl.BlockSpec((None, None, order, block_d), lambda b, j, d, part=part: (part, count - 1 - j, 0, d))
+           for part in (0, 1)]
+  shifted = [pl.BlockSpec((None, None, order, block_d),
+                          lambda b, j, d, part=part: (part, jnp.maximum(count - 2 - j, 0), 0, d)) for part in (0, 1)]
   chunk = pl.BlockSpec((None, None, order, block_d), lambda b, j, d: (b, j, 0, d))
   row = pl.BlockSpec((None, order, block_d), lambda b, j, d: (b, 0, d))
   return seq, coef, carry, shifted, chunk, row
 
 
-def _slice_forward(x, qre, qim, block, count, length, interpret, per_order, derivative):
+def _planes(q):
+  """q [D, N] complex -> (Re q^T, Im q^T), each [N, D] float32: the kernels' lanes."""
+  q = jnp.asarray(q).astype(jnp.complex64).T
+  return jnp.real(q), jnp.imag(q)
+
+
+def _slice_forward(x, q, block, count, length, interpret, per_order, derivative):
   batch, padded, dim = x.shape
+  qre, qim = _planes(q)
   order = qre.shape[0]
   high, low_last, decay, decay_d = _slice_tables(qre, qim, block, count, length, interpret)
   seq, coef, carry, shifted, chunk, _ = _slice_specs(block, order, min(_BLOCK_D, dim), count)
   plane = jax.ShapeDtypeStruct((batch, count, order, dim), jnp.float32)
-  inputs, specs = [x, qre, qim, *high], [seq, coef, coef, carry, carry]
+  inputs, specs = [x, qre, qim, high, high], [seq, coef, coef, *carry]
   if derivative:
-    inputs += [*high, *low_last]
-    specs += [shifted, shifted, coef, coef]
+    inputs += [high, high, *low_last]
+    specs += [*shifted, coef, coef]
   outputs = 4 if derivative else 2
   parts = _call(_slice_forward_kernel, x.shape, order, block, interpret, "cema_slice_summary", specs,
                 [chunk] * outputs, [plane] * outputs, *inputs, count=count, derivative=derivative,
@@ -246,32 +258,35 @@ def _slice_forward(x, qre, qim, block, count, length, interpret, per_order, deri
   return sums, high, decay, decay_d
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _slice_summary(x, qre, qim, block, count, length, interpret, per_order):
-  (h_re, h_im), _, decay, _ = _slice_forward(x, qre, qim, block, count, length, interpret, per_order, False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _slice_summary(x, q, block, count, length, interpret, per_order):
+  (h_re, h_im), _, decay, _ = _slice_forward(x, q, block, count, length, interpret, per_order, False)
   return h_re, h_im, decay[0], decay[1]
 
 
-def _slice_summary_fwd(x, qre, qim, block, count, length, interpret, per_order):
-  (h_re, h_im, a_re, a_im), high, decay, decay_d = _slice_forward(x, qre, qim, block, count, length,
-                                                                  interpret, per_order, True)
-  residuals = (jnp.zeros((0,), x.dtype), qre, qim, a_re, a_im, decay_d[0], decay_d[1], high[0], high[1])
+def _slice_summary_fwd(x, q, block, count, length, interpret, per_order):
+  (h_re, h_im, a_re, a_im), high, decay, decay_d = _slice_forward(x, q, block, count, length, interpret,
+                                                                  per_order, True)
+  # Kept: q itself (the scan's VJP keeps the same array), and three stacked arrays.
+  residuals = (jnp.zeros((0,), x.dtype), q, jnp.stack([a_re, a_im]), jnp.stack(decay_d), high)
   return (h_re, h_im, decay[0], decay[1]), residuals
 
 
 def _slice_summary_bwd(block, count, length, interpret, per_order, residuals, cotangents):
-  x_tag, qre, qim, a_re, a_im, dd_re, dd_im, c_re, c_im = residuals
+  x_tag, q, (a_re, a_im), (dd_re, dd_im), high = residuals
   g_re, g_im, gd_re, gd_im = cotangents
+  qre, qim = _planes(q)
   batch, order, dim = g_re.shape
   x_shape = (batch, count * block, dim)
   seq, coef, carry, _, _, row = _slice_specs(block, order, min(_BLOCK_D, dim), count)
   dx = _call(_slice_backward_kernel, x_shape, order, block, interpret, "cema_slice_summary_bwd",
-             [row, row, coef, coef, carry, carry], seq, jax.ShapeDtypeStruct(x_shape, jnp.float32),
-             g_re, g_im, qre, qim, c_re, c_im, per_order=per_order)
-  # dL = Re(conj(G) dh) with dh = H' dq (h holomorphic in q), and the same for q^L.
+             [row, row, coef, coef, *carry], seq, jax.ShapeDtypeStruct(x_shape, jnp.float32),
+             g_re, g_im, qre, qim, high, high, per_order=per_order)
+  # dL = Re(conj(G) dh) with dh = H' dq (h holomorphic in q), and the same for q^L; as the
+  # cotangent of the complex input (JAX: dL = Re(ct dq)), ct = dL/dRe q - i dL/dIm q.
   dq_re = jnp.sum(g_re * a_re + g_im * a_im, axis=0) + gd_re * dd_re + gd_im * dd_im
   dq_im = jnp.sum(g_im * a_re - g_re * a_im, axis=0) + gd_im * dd_re - gd_re * dd_im
-  return dx.astype(x_tag.dtype), dq_re, dq_im
+  return dx.astype(x_tag.dtype), lax.complex(dq_re, -dq_im).T.astype(q.dtype)
 
 
 _slice_summary.defvjp(_slice_summary_fwd, _slice_summary_bwd)
@@ -292,7 +307,5 @@ def slice_summary_planes(x: Array, q: Array, block: int, length: int,
   if not supported(dim, order, block):
     raise ValueError(f"the slice summary kernel needs power-of-2 N and block and D a multiple of {_BLOCK_D} "
                      f"(or a power of 2); got D={dim}, N={order}, block={block}.")
-  q = jnp.asarray(q).astype(jnp.complex64).T  # [N, D]
-  h_re, h_im, d_re, d_im = _slice_summary(x, jnp.real(q), jnp.imag(q), block, count, length, interpret,
-                                          _layout == "per_order")
+  h_re, h_im, d_re, d_im = _slice_summary(x, q, block, count, length, interpret, _layout == "per_order")
   return h_re, h_im, lax.complex(d_re, d_im).T

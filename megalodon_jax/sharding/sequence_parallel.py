@@ -45,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from megalodon_jax.config import ConfigError
@@ -63,6 +64,11 @@ def _select(flag: jax.Array, a: Any, b: Any) -> Any:
   return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
+# Name of the values exclusive_prefix receives from other devices: the only ones it keeps for the
+# backward (see below).
+EXCHANGED = "sequence_exchange"
+
+
 def exclusive_prefix(element: Any, combine: Callable[[Any, Any], Any], identity: Any, *, axis: str,
                      size: int, schedule: str = "all_gather", total: bool = True) -> tuple[Any, Any]:
   """(exclusive prefix, total) of per-device `element`s along mesh `axis`, inside shard_map.
@@ -72,30 +78,42 @@ def exclusive_prefix(element: Any, combine: Callable[[Any, Any], Any], identity:
   exclusive prefix of device r combines the elements of devices 0..r-1 (identity on device 0);
   `total` combines all P elements and is the same on every device (None unless total=True; with
   'doubling' it costs one extra all-reduce).
+
+  Differentiated, it keeps only what the collectives delivered (named EXCHANGED) and recomputes
+  the local fold over it in the backward: a fold over P elements would otherwise keep O(P)
+  intermediate states per layer, each written into a layer scan's stacked buffers and read back.
   """
-  index = jax.lax.axis_index(axis)
-  if schedule == "all_gather":
-    gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axis), element)  # leading axis P
-    acc, prefixes = identity, []
-    for j in range(size):  # P is small and static: a local fold, no communication
-      prefixes.append(acc)
-      acc = combine(acc, jax.tree.map(lambda a: a[j], gathered))
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *prefixes)
-    exclusive = jax.tree.map(lambda a: jnp.take(a, index, axis=0), stacked)
-    return exclusive, (acc if total else None)
-  if schedule != "doubling":
+
+  def run(element, identity):
+    index = jax.lax.axis_index(axis)
+    exchanged = lambda tree: jax.tree.map(lambda a: checkpoint_name(a, EXCHANGED), tree)  # noqa: E731
+    if schedule == "all_gather":
+      gathered = exchanged(jax.tree.map(lambda a: jax.lax.all_gather(a, axis), element))  # leading axis P
+      acc, prefixes = identity, []
+      for j in range(size):  # P is small and static: a local fold, no communication
+        prefixes.append(acc)
+        acc = combine(acc, jax.tree.map(lambda a: a[j], gathered))
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *prefixes)
+      exclusive = jax.tree.map(lambda a: jnp.take(a, index, axis=0), stacked)
+      return exclusive, (acc if total else None)
+    if schedule != "doubling":
+      raise ConfigError(f"unknown sequence combine {schedule!r}; use one of {rules_lib.SEQUENCE_COMBINES}")
+    inclusive, shift = element, 1
+    while shift < size:  # Hillis-Steele: after the round with `shift`, r covers (r - 2 shift, r]
+      received = exchanged(jax.lax.ppermute(inclusive, axis, [(i, i + shift) for i in range(size - shift)]))
+      inclusive = _select(index >= shift, combine(received, inclusive), inclusive)
+      shift *= 2
+    previous = exchanged(jax.lax.ppermute(inclusive, axis, [(i, i + 1) for i in range(size - 1)]))
+    exclusive = _select(index >= 1, previous, identity)
+    if not total:
+      return exclusive, None
+    last = jax.tree.map(lambda a: jnp.where(index == size - 1, a, jnp.zeros_like(a)), inclusive)
+    return exclusive, exchanged(jax.tree.map(lambda a: jax.lax.psum(a, axis), last))
+
+  if schedule not in rules_lib.SEQUENCE_COMBINES:
     raise ConfigError(f"unknown sequence combine {schedule!r}; use one of {rules_lib.SEQUENCE_COMBINES}")
-  inclusive, shift = element, 1
-  while shift < size:  # Hillis-Steele: after the round with `shift`, r covers (r - 2 shift, r]
-    received = jax.lax.ppermute(inclusive, axis, [(i, i + shift) for i in range(size - shift)])
-    inclusive = _select(index >= shift, combine(received, inclusive), inclusive)
-    shift *= 2
-  previous = jax.lax.ppermute(inclusive, axis, [(i, i + 1) for i in range(size - 1)])
-  exclusive = _select(index >= 1, previous, identity)
-  if not total:
-    return exclusive, None
-  last = jax.tree.map(lambda a: jnp.where(index == size - 1, a, jnp.zeros_like(a)), inclusive)
-  return exclusive, jax.tree.map(lambda a: jax.lax.psum(a, axis), last)
+  keep_exchanged = jax.checkpoint_policies.save_only_these_names(EXCHANGED)
+  return jax.checkpoint(run, policy=keep_exchanged)(element, identity)
 
 
 def _boundary_resets(segment_ids: jax.Array, axis: str, size: int) -> jax.Array:

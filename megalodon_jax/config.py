@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-CEMA_METHODS = ("auto", "sequential", "associative", "fft", "chunked", "pallas")
+CEMA_METHODS = ("auto", "sequential", "associative", "fft", "chunked", "blocked", "pallas")
 ATTENTION_IMPLS = ("xla", "pallas", "auto")
 TIMESTEP_NORM_IMPLS = ("xla", "pallas", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -52,7 +52,7 @@ class MegalodonConfig:
   dtype: str = "float32"  # compute dtype of matmuls/activations; CEMA and norms stay float32
   param_dtype: str = "float32"
   cema_method: str = "auto"  # auto: the Pallas kernel on GPU/TPU, the chunked XLA path elsewhere
-  cema_chunk: int = 64  # T of the chunked CEMA path
+  cema_chunk: int = 64  # T of the chunked and blocked CEMA paths
   attention_impl: str = "auto"
   timestep_norm_impl: str = "auto"  # auto: Pallas on GPU (not for decode steps), else the associative scan
   remat_policy: str = "none"

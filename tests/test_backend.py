@@ -9,13 +9,21 @@ from megalodon_jax.ops import backend
 @pytest.mark.parametrize("platform, long_input, short_input", [
     ("gpu", ("pallas", "pallas"), ("sequential", "associative")),
     ("tpu", ("pallas", "associative"), ("sequential", "associative")),
-    ("cpu", ("chunked", "associative"), ("sequential", "associative")),
+    ("cpu", ("blocked", "associative"), ("sequential", "associative")),
 ])
 def test_auto_methods_per_backend(monkeypatch, platform, long_input, short_input):
   monkeypatch.setattr(jax, "default_backend", lambda: platform)
   for length, (cema, tsn) in ((4096, long_input), (1, short_input)):
     assert backend.cema_method("auto", length) == cema
     assert backend.timestep_norm_method("auto", length) == tsn
+
+
+def test_auto_cema_on_cpu_takes_the_chunked_path_for_packed_sequences(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert backend.cema_method("auto", 4096, segmented=True) == "chunked"
+  assert backend.cema_method("auto", 4096, segmented=False) == "blocked"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert backend.cema_method("auto", 4096, segmented=True) == "pallas"
 
 
 def test_explicit_methods_pass_through():

@@ -19,7 +19,7 @@ from megalodon_jax.ops.cema import (
     CemaCoefficients, cema, cema_coefficients, cema_final_state, cema_kernel, cema_powers,
     cema_state_contribution)
 
-PATHS = ("sequential", "associative", "fft", "chunked")
+PATHS = ("sequential", "associative", "fft", "chunked", "blocked")
 RESETTABLE = ("sequential", "associative", "chunked")
 TOL = 1e-5  # relative error ||y - ref|| / ||ref|| required in float32
 
@@ -301,6 +301,22 @@ def test_fft_rejects_segment_ids():
     cema(x, coefficients(params), params[4], h0, method="fft", segment_ids=seg)
 
 
+def test_blocked_rejects_segment_ids():
+  params, x, h0, seg = standard_problem()
+  with pytest.raises(ValueError, match="cema_blocked does not take segment_ids.*'chunked'"):
+    cema(x, coefficients(params), params[4], h0, method="blocked", segment_ids=seg)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 500])
+def test_blocked_any_chunk_matches_reference(chunk):
+  """Chunks of one step, an odd size with a padded tail, and one chunk longer than L."""
+  params, x, h0, _ = standard_problem()
+  y, h = _forward(params, x, h0, None, method="blocked", chunk=chunk)
+  y_ref, h_ref = reference(x, coefficients(params), params[4], h0)
+  assert rel_err(y, y_ref) < TOL
+  assert rel_err(h, h_ref) < TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients.
 # ---------------------------------------------------------------------------------------------
@@ -365,10 +381,11 @@ def test_dispatch_and_omega_shapes():
   coeffs = coefficients(params)
   omega = params[4]
   paths = {"sequential": cema_ops.cema_sequential, "associative": cema_ops.cema_associative,
-           "fft": cema_ops.cema_fft, "chunked": cema_ops.cema_chunked}
+           "fft": cema_ops.cema_fft, "chunked": cema_ops.cema_chunked,
+           "blocked": cema_ops.cema_blocked}
   trace = lambda fn: str(jax.make_jaxpr(lambda x: fn(x, coeffs, omega, h0))(x))
   direct = {method: trace(fn) for method, fn in paths.items()}
-  assert len(set(direct.values())) == len(paths)  # the four paths really differ
+  assert len(set(direct.values())) == len(paths)  # the paths really differ
   for method in paths:
     assert trace(functools.partial(cema, method=method)) == direct[method], method
   assert trace(cema) == direct["chunked"]  # the default
@@ -392,7 +409,7 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="segment_ids must be"):
     cema(x, coeffs, omega, segment_ids=seg[:, :50])
   with pytest.raises(ValueError, match="unknown CEMA method 'scan'.*sequential, associative, fft, "
-                                       "chunked, pallas"):
+                                       "chunked, blocked, pallas"):
     cema(x, coeffs, omega, method="scan")
   with pytest.raises(ValueError, match="chunk must be"):
     cema(x, coeffs, omega, chunk=0)
@@ -538,7 +555,7 @@ def test_state_contribution_and_final_state():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["associative", "fft", "chunked"])
+@pytest.mark.parametrize("method", ["associative", "fft", "chunked", "blocked"])
 def test_long_sequence_matches_sequential(method):
   rng = np.random.default_rng(99)
   params = init_params(rng, 16, 16, slow_channels=4)

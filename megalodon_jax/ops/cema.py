@@ -42,7 +42,7 @@ def cema_coefficients(alpha: jax.Array, delta: jax.Array, theta: jax.Array,
   return CemaCoefficients(p=alpha, q=q, eta=eta)
 
 
-METHODS = ("sequential", "associative", "fft", "chunked", "pallas")
+METHODS = ("sequential", "associative", "fft", "chunked", "blocked", "pallas")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -725,6 +725,74 @@ def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
 
 
 # ---------------------------------------------------------------------------------------------
+# Path 5: blocked (path 4's chunk operators applied to every chunk at once, as matmuls).
+# ---------------------------------------------------------------------------------------------
+# Path 4 walks the chunks with lax.scan, so each step multiplies a [T, T] operator by one
+# chunk's [T] column per channel: matrix-vector work. The operators are the same for every
+# chunk, so all chunks can go through them together as one batched matmul per channel
+# ([T, T] x [T, J]); only the chunk-end states need a scan, over J = L / T elements. That is
+# the form tensor cores (and TPU matrix units) can run.
+
+def _chunk_state_scan(injected: jax.Array, decay: jax.Array, h0: jax.Array | None) -> jax.Array:
+  """States entering each chunk: H_0 = h0 (or 0), H_{j+1} = decay H_j + injected_j.
+
+  injected: [B, J, D, N] complex64 (chunk j's input carried to its end from a zero state);
+  decay: [D, N] complex64 (q^T). Returns [B, J, D, N] complex64.
+  """
+  count = injected.shape[1]
+  if h0 is not None:  # h0 enters as an extra element before the first chunk
+    injected = jnp.concatenate([h0[:, None], injected], axis=1)
+  decays = jnp.broadcast_to(decay, (1,) + injected.shape[1:])
+
+  def combine(first, second):
+    (a1, b1), (a2, b2) = first, second
+    return a1 * a2, a2 * b1 + b2
+
+  _, ends = jax.lax.associative_scan(combine, (decays, injected), axis=1)
+  if h0 is None:
+    ends = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends], axis=1)
+  return ends[:, :count]
+
+
+def cema_blocked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
+                 h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+                 return_state: bool = False, chunk: int = 64,
+                 precision=_HIGHEST):
+  """CEMA with every chunk at once: y = Toeplitz(K) x within chunks plus the incoming state.
+
+  Same signature as cema_sequential plus `chunk` (T) and `precision` (the matmuls' precision or
+  dot algorithm; HIGHEST keeps float32). x: [B, L, D]; L is zero-padded to whole chunks (the
+  Toeplitz maps are causal, so padding changes no real step; the final state is taken in closed
+  form). segment_ids are not supported: use method='chunked' for packed sequences.
+  """
+  if segment_ids is not None:
+    raise ValueError("cema_blocked does not take segment_ids (its chunk operators are shared by "
+                     "all chunks); use method='chunked' or 'pallas' for packed sequences")
+  if not _is_static_int(chunk) or chunk < 1:
+    raise ValueError(f"chunk must be a static int >= 1, got {chunk!r}")
+  inp = _prepare(x, coeffs, omega, h0, None)
+  batch, length, dim = inp.x.shape
+  order = coeffs.p.shape[1]
+  chunk = min(chunk, length)
+  count = -(-length // chunk)
+  ops = _chunk_operators(coeffs, chunk)
+  xs = jnp.pad(inp.x, ((0, 0), (0, count * chunk - length), (0, 0)))
+  xs = xs.reshape(batch, count, chunk, dim)
+  y = jnp.einsum("dts,bjsd->bjtd", ops.toeplitz, xs, precision=precision)
+  # Complex operators as stacked real ones: [D, 2N, T] rows (real parts, imaginary parts).
+  into = jnp.concatenate([jnp.real(ops.into_state), jnp.imag(ops.into_state)], axis=1)
+  injected = jnp.einsum("dks,bjsd->bjdk", into, xs, precision=precision)
+  injected = jax.lax.complex(injected[..., :order], injected[..., order:])
+  states = _chunk_state_scan(injected, ops.powers[..., chunk], inp.h0)
+  readout = jnp.concatenate([jnp.real(ops.readout), -jnp.imag(ops.readout)], axis=1)
+  stacked = jnp.concatenate([jnp.real(states), jnp.imag(states)], axis=-1)
+  y = y + jnp.einsum("dkt,bjdk->bjtd", readout, stacked, precision=precision)
+  y = y.reshape(batch, count * chunk, dim)[:, :length] + inp.omega * inp.x
+  h_last = cema_final_state(inp.x, coeffs, inp.h0) if return_state else None
+  return _finish(y, h_last, return_state)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatcher.
 # ---------------------------------------------------------------------------------------------
 
@@ -741,6 +809,8 @@ def cema(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array, h0: jax.Array
     return cema_fft(x, coeffs, omega, h0, **kwargs)
   if method == "chunked":
     return cema_chunked(x, coeffs, omega, h0, chunk=chunk, **kwargs)
+  if method == "blocked":
+    return cema_blocked(x, coeffs, omega, h0, chunk=chunk, **kwargs)
   if method == "pallas":
     from kernels_pallas import cema as cema_kernels  # lazy: Pallas is optional at import time
     return cema_kernels.cema_pallas(x, coeffs, omega, h0, **kwargs)

@@ -35,14 +35,14 @@ def tsn_kernel_installed() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def test_bench_ops_smoke_runs_every_op_and_writes_consistent_rows(tmp_path):
-  rows = bench_ops.main(["--smoke", "--results-dir", str(tmp_path), "--cema-impls", "pallas,chunked"])
+  rows = bench_ops.main(["--smoke", "--results-dir", str(tmp_path), "--cema-impls", "pallas,blocked"])
   saved = load_results(tmp_path, "ops")
   assert saved["rows"] == json.loads(json.dumps(rows))  # what was printed is what was written
   assert [c["ceiling"] for c in saved["metadata"]["ceilings"]] == ["copy_bandwidth", "read_bandwidth", "write_bandwidth",
                                                              "matmul_peak", "fp32_fma_rate_xla", "fp32_fma_rate"]
   assert all(c["value"] > 0 for c in saved["metadata"]["ceilings"])
   got = {(r["op"], r["impl"]) for r in rows}
-  assert got == {("cema", "pallas"), ("cema", "chunked"), ("timestep_norm", "pallas"),
+  assert got == {("cema", "pallas"), ("cema", "blocked"), ("timestep_norm", "pallas"),
                  ("timestep_norm", "associative"), ("chunk_attention", "pallas"), ("chunk_attention", "xla")}
   for row in rows:
     if row["op"] == "timestep_norm" and row["impl"] == "pallas" and not tsn_kernel_installed():
@@ -166,7 +166,7 @@ def test_bench_train_smoke_measures_both_models_with_the_same_step(tmp_path):
   assert mega["mega_over_llama"] == pytest.approx(mega["tokens_per_s"] / llama["tokens_per_s"])
   causal = bench_train.megalodon_flops_per_token_causal(mega_config.preset("tiny"), 16)
   assert mega["mfu_measured_peak_causal"] == pytest.approx(causal * mega["tokens_per_s"] / (peak * 1e12))
-  assert mega["impls"] == "cema=chunked tsn=associative attn=xla"  # 'auto' on a CPU
+  assert mega["impls"] == "cema=blocked tsn=associative attn=xla"  # 'auto' on a CPU
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_swiglu", "mega1.3B"])

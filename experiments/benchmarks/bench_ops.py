@@ -2,7 +2,8 @@
 
 Ops and default shapes (B=1, bf16 inputs, as in the released CUDA benchmarks):
   cema            D=4096 N=16, L=16384 and 32768; impls pallas (kernels_pallas.cema.cema_pallas),
-                  chunked (megalodon_jax.ops.cema.cema_chunked), fft; associative on request.
+                  blocked (megalodon_jax.ops.cema.cema_blocked, the fastest XLA path), fft;
+                  chunked, associative on request.
   timestep_norm   L=32768 D=4096, 64 groups; impls pallas (kernels_pallas.timestep_norm) and
                   associative (megalodon_jax.ops.timestep_norm, the XLA path).
   chunk_attention 16 chunks of 2048, 4 heads, dk 256, dv 2048; impls pallas
@@ -56,14 +57,14 @@ from experiments.benchmarks import floors, harness
 
 OPS = ("cema", "timestep_norm", "chunk_attention")
 IMPLS = {
-    "cema": ("pallas", "chunked", "fft", "associative", "sequential"),
+    "cema": ("pallas", "blocked", "chunked", "fft", "associative", "sequential"),
     "timestep_norm": ("pallas", "associative", "sequential"),
     "chunk_attention": ("pallas", "xla"),
 }
-DEFAULT_IMPLS = {"cema": "pallas,chunked,fft", "timestep_norm": "pallas,associative",
+DEFAULT_IMPLS = {"cema": "pallas,blocked,fft", "timestep_norm": "pallas,associative",
                  "chunk_attention": "pallas,xla"}
 # The XLA path each Pallas kernel replaces: the denominator of "speedup vs XLA".
-XLA_REFERENCE = {"cema": "chunked", "timestep_norm": "associative", "chunk_attention": "xla"}
+XLA_REFERENCE = {"cema": "blocked", "timestep_norm": "associative", "chunk_attention": "xla"}
 
 # Released CUDA kernels (fwd ms, fwd+bwd ms) and our fwd+bwd targets, keyed by (op, shape key).
 RELEASED_MS = {

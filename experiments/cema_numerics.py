@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-PATHS = ("sequential", "associative", "fft", "chunked", "pallas")
+PATHS = ("sequential", "associative", "fft", "chunked", "blocked", "pallas")
 # Not a path of the project: the FFT path with its kernel built from q^t = exp(t log q) in
 # float32, the textbook formula. Measured to show what ops.cema's accurate powers buy.
 EXTRA_PATHS = ("fft_expq",)
@@ -103,7 +103,7 @@ class Settings:
 
 PRESETS = {
     # CI smoke run (tests/test_cema_numerics.py): every XLA path, both dtypes, float32 bounds.
-    "ci": Settings(paths=("sequential", "associative", "fft", "chunked"), lengths=(256, 2048),
+    "ci": Settings(paths=("sequential", "associative", "fft", "chunked", "blocked"), lengths=(256, 2048),
                    bf16_lengths=(256,), one_minus_q=(0.5, 1e-2, 1e-4, 1e-6), dim=8, order=8,
                    max_length=(("associative", 256),), timing=("fwd_bwd",), repeats=2,
                    fast_compile=True, check_bounds=True),
@@ -712,9 +712,9 @@ def bound_violations(results: dict[str, Any],
 # ---------------------------------------------------------------------------------------------
 
 COLORS = {"sequential": "tab:blue", "associative": "tab:orange", "fft": "tab:red",
-          "chunked": "tab:green", "pallas": "tab:purple", "fft_expq": "tab:gray",
+          "chunked": "tab:green", "blocked": "tab:olive", "pallas": "tab:purple", "fft_expq": "tab:gray",
           "input_rounding": "black"}
-MARKERS = {"sequential": "o", "associative": "s", "fft": "^", "chunked": "D", "pallas": "v",
+MARKERS = {"sequential": "o", "associative": "s", "fft": "^", "chunked": "D", "blocked": "P", "pallas": "v",
            "fft_expq": "x", "input_rounding": "x"}
 LABELS = {"y": "outputs y", "y_head": f"first {HEAD} outputs", "h": "final state h_L",
           "dx": "grad x", "dp": "grad p", "dq": "grad q", "deta": "grad eta"}

@@ -684,6 +684,26 @@ def _chunk_step(ops: _ChunkOperators, coeffs: CemaCoefficients, h: jax.Array, x:
   return carried + injected, y
 
 
+class _Chunked(NamedTuple):
+  inp: _Inputs
+  ops: _ChunkOperators
+  chunk: int            # T (at most L)
+  count: int            # J = ceil(L / T)
+  xs: jax.Array         # [B, J, T, D] float32, zero-padded to whole chunks
+
+
+def _chunked_inputs(x, coeffs, omega, h0, segment_ids, chunk) -> _Chunked:
+  """Validated inputs cut into chunks of T = min(chunk, L) steps, with the chunk operators."""
+  if not _is_static_int(chunk) or chunk < 1:
+    raise ValueError(f"chunk must be a static int >= 1, got {chunk!r}")
+  inp = _prepare(x, coeffs, omega, h0, segment_ids)
+  batch, length, dim = inp.x.shape
+  chunk = min(chunk, length)
+  count = -(-length // chunk)
+  xs = jnp.pad(inp.x, ((0, 0), (0, count * chunk - length), (0, 0))).reshape(batch, count, chunk, dim)
+  return _Chunked(inp, _chunk_operators(coeffs, chunk), chunk, count, xs)
+
+
 def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
                  h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
                  return_state: bool = False, chunk: int = 64):
@@ -695,18 +715,12 @@ def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
   position to report), so padding changes neither y[:, :L] nor h_L. (Simply carrying the state
   through the padded steps would keep decaying it by q per step.)
   """
-  if not _is_static_int(chunk) or chunk < 1:
-    raise ValueError(f"chunk must be a static int >= 1, got {chunk!r}")
-  inp = _prepare(x, coeffs, omega, h0, segment_ids)
+  inp, ops, chunk, count, xs = _chunked_inputs(x, coeffs, omega, h0, segment_ids, chunk)
   batch, length, dim = inp.x.shape
   order = coeffs.p.shape[1]
-  chunk = min(chunk, length)
-  count = -(-length // chunk)
   pad = count * chunk - length
-  ops = _chunk_operators(coeffs, chunk)
   h = jnp.zeros((batch, dim, order), jnp.complex64) if inp.h0 is None else inp.h0
   lasts = jnp.full((count,), chunk - 1, jnp.int32).at[-1].set(chunk - 1 - pad)
-  xs = jnp.pad(inp.x, ((0, 0), (0, pad), (0, 0))).reshape(batch, count, chunk, dim)
   xs = jnp.moveaxis(xs, 1, 0)
   runs = befores = None
   if inp.run is not None:
@@ -768,16 +782,9 @@ def cema_blocked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
   if segment_ids is not None:
     raise ValueError("cema_blocked does not take segment_ids (its chunk operators are shared by "
                      "all chunks); use method='chunked' or 'pallas' for packed sequences")
-  if not _is_static_int(chunk) or chunk < 1:
-    raise ValueError(f"chunk must be a static int >= 1, got {chunk!r}")
-  inp = _prepare(x, coeffs, omega, h0, None)
+  inp, ops, chunk, count, xs = _chunked_inputs(x, coeffs, omega, h0, None, chunk)
   batch, length, dim = inp.x.shape
   order = coeffs.p.shape[1]
-  chunk = min(chunk, length)
-  count = -(-length // chunk)
-  ops = _chunk_operators(coeffs, chunk)
-  xs = jnp.pad(inp.x, ((0, 0), (0, count * chunk - length), (0, 0)))
-  xs = xs.reshape(batch, count, chunk, dim)
   y = jnp.einsum("dts,bjsd->bjtd", ops.toeplitz, xs, precision=precision)
   # Complex operators as stacked real ones: [D, 2N, T] rows (real parts, imaginary parts).
   into = jnp.concatenate([jnp.real(ops.into_state), jnp.imag(ops.into_state)], axis=1)

@@ -1678,7 +1678,8 @@ def _mosaic_backward(spec: _Spec, x, dy, w_hat, saved_carries, g_mu, g_var, flag
 
 
 # --------------------------------------------------------------------------------------------
-# custom_vjp over either backend (arguments and results in the backend's layout).
+# custom_vjp over either backend (arguments and results in the backend's layout, except x: see
+# _backend_x).
 # --------------------------------------------------------------------------------------------
 
 _BACKENDS = {"triton": (_triton_forward, _triton_backward),
@@ -1686,25 +1687,38 @@ _BACKENDS = {"triton": (_triton_forward, _triton_backward),
              "mosaic": (_mosaic_forward, _mosaic_backward)}
 
 
+def _backend_x(spec: _Spec, x):
+  """x [B, L, D] -> the backend's layout ([B, L, G, K] for the Triton designs).
+
+  The reshape happens inside the custom VJP so that the residual is x as the caller passed it:
+  a caller that keeps the same array for another backward (sequence parallelism's slice
+  statistics) then shares one saved value instead of keeping x twice under a layer scan."""
+  if spec.backend == "mosaic":
+    return x
+  return x.reshape(x.shape[0], x.shape[1], spec.dims.groups, spec.dims.k)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tsn_core(spec: _Spec, x, w_hat, bias, n0, mu0, var0, flags):
-  y, mu_out, var_out, _ = _BACKENDS[spec.backend][0](spec, x, w_hat, bias, n0, mu0, var0, flags)
+  """x: [B, L, D]; the rest, and the results, in the backend's layout."""
+  y, mu_out, var_out, _ = _BACKENDS[spec.backend][0](spec, _backend_x(spec, x), w_hat, bias, n0, mu0,
+                                                     var0, flags)
   return y, mu_out, var_out
 
 
 def _tsn_fwd(spec, x, w_hat, bias, n0, mu0, var0, flags):
-  y, mu_out, var_out, saved = _BACKENDS[spec.backend][0](spec, x, w_hat, bias, n0, mu0, var0,
-                                                         flags)
+  y, mu_out, var_out, saved = _BACKENDS[spec.backend][0](spec, _backend_x(spec, x), w_hat, bias, n0,
+                                                         mu0, var0, flags)
   return (y, mu_out, var_out), (x, w_hat, n0, saved, flags)
 
 
 def _tsn_bwd(spec, residuals, cotangents):
   x, w_hat, n0, saved, flags = residuals
   dy, g_mu, g_var = cotangents
-  dx, dw, db, d_mu0, d_var0 = _BACKENDS[spec.backend][1](spec, x, dy.astype(x.dtype), w_hat, saved,
-                                                         g_mu, g_var, flags)
+  dx, dw, db, d_mu0, d_var0 = _BACKENDS[spec.backend][1](spec, _backend_x(spec, x), dy.astype(x.dtype),
+                                                         w_hat, saved, g_mu, g_var, flags)
   flags_ct = None if flags is None else np.zeros(flags.shape, jax.dtypes.float0)
-  return dx, dw, db, jnp.zeros_like(n0), d_mu0, d_var0, flags_ct
+  return dx.reshape(x.shape), dw, db, jnp.zeros_like(n0), d_mu0, d_var0, flags_ct
 
 
 _tsn_core.defvjp(_tsn_fwd, _tsn_bwd)
@@ -1826,8 +1840,8 @@ def _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids, *, 
   else:
     stats = lambda a: a.reshape(batch * num_groups)
     n0 = jnp.repeat(count0.astype(jnp.float32), num_groups)
-    args = (x.reshape(batch, length, num_groups, k), w_hat.reshape(num_groups, k),
-            b.reshape(num_groups, k), n0, stats(mean0), stats(var0), flags if has_flags else None)
+    args = (x, w_hat.reshape(num_groups, k), b.reshape(num_groups, k), n0, stats(mean0), stats(var0),
+            flags if has_flags else None)
   y, mu_out, var_out = _tsn_core(spec, *args)
   new_state = TimestepNormState(count=_final_count(count0, valid, reset),
                                 mean=mu_out.reshape(batch, num_groups),

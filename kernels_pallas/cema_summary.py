@@ -18,10 +18,13 @@ registers; Horner's rule along the chunk (S <- q S + x_t, 4 FMAs per step and la
 compiled), and, when differentiating, the q-derivative beside it (S' <- q S' + S). The program
 weights its chunk itself: it writes c_j S_j and A_j = c_j S'_j + c'_j S_j, with
 c'_j = T (J - 1 - j) q^(T (J - 2 - j)) q^(T - 1), and XLA sums them over the chunks, so that
-dh/dq = sum_j A_j = H' is one [B, N, D] residual. Complex values travel as real / imaginary
-float32 planes (Pallas has no complex dtype); the VJP, for the planes' cotangents G = Gre + i Gim:
-  dx[b, j T + l, d] = sum_n Re(conj(G) c_j q^(T - 1 - l))  -> a reverse walk z <- q z from conj(G) c_j;
-  dq_re = sum_b Re(conj(G) H') + Re(conj(Gd) L q^(L - 1)),  dq_im = -Im(...) likewise (Gd: q^L's).
+dh/dq = sum_j A_j = H' is one [B, N, D] residual. The result is scaled by a real s [D, N] (CEMA's
+p) inside the VJP: p h then costs no residuals of its own. Complex values travel as real /
+imaginary float32 planes (Pallas has no complex dtype); the VJP, for the planes' cotangents
+s G = s (Gre + i Gim) of h (G: those of s h):
+  dx[b, j T + l, d] = sum_n Re(conj(s G) c_j q^(T - 1 - l))  -> a reverse walk z <- q z from conj(s G) c_j;
+  dq_re = sum_b Re(conj(s G) H') + Re(conj(Gd) L q^(L - 1)),  dq_im = -Im(...) likewise (Gd: q^L's);
+  ds = sum_b Re(conj(G) h).
 """
 
 from __future__ import annotations
@@ -125,7 +128,10 @@ def _call(kernel, x_shape, order: int, block: int, interpret: bool, name: str, i
 # Why one custom VJP for the whole summary: differentiating the chunk sums and the weighting by the
 # tables separately kept S_j, S'_j, c_j and the tables' JVP residuals per layer (a layer scan
 # stacks each) and ran the sum's backward, the tables' JVP and their layout changes as ~20 small
-# XLA kernels. Here only c (the backward's start), H' and L q^(L - 1) are kept.
+# XLA kernels. Here only c (the backward's start) and one array of H', h and L q^(L - 1) are kept
+# (besides q and s, which the CEMA scan's VJP keeps too): under a layer scan every residual is a
+# stacked buffer, zero-filled, written and read back, a few microseconds each per layer on an
+# H200, while packing the [B, N, D]-sized ones is one small copy.
 
 
 def _cmul(ar, ai, br, bi):
@@ -258,25 +264,32 @@ def _slice_forward(x, q, block, count, length, interpret, per_order, derivative)
   return sums, high, decay, decay_d
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _slice_summary(x, q, block, count, length, interpret, per_order):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _slice_summary(x, q, scale, block, count, length, interpret, per_order):
   (h_re, h_im), _, decay, _ = _slice_forward(x, q, block, count, length, interpret, per_order, False)
-  return h_re, h_im, decay[0], decay[1]
+  return scale.T * h_re, scale.T * h_im, decay[0], decay[1]
 
 
-def _slice_summary_fwd(x, q, block, count, length, interpret, per_order):
+def _slice_summary_fwd(x, q, scale, block, count, length, interpret, per_order):
   (h_re, h_im, a_re, a_im), high, decay, decay_d = _slice_forward(x, q, block, count, length, interpret,
                                                                   per_order, True)
-  # Kept: q itself (the scan's VJP keeps the same array), and three stacked arrays.
-  residuals = (jnp.zeros((0,), x.dtype), q, jnp.stack([a_re, a_im]), jnp.stack(decay_d), high)
-  return (h_re, h_im, decay[0], decay[1]), residuals
+  # Kept: q and scale themselves (the scan's VJP keeps the same arrays), the tables and one packed
+  # array [4 B + 2, N, D]: H' and h (re, im planes), then L q^(L - 1) (re, im).
+  packed = jnp.concatenate([a_re, a_im, h_re, h_im, decay_d[0][None], decay_d[1][None]])
+  residuals = (jnp.zeros((0,), x.dtype), q, scale, packed, high)
+  return (scale.T * h_re, scale.T * h_im, decay[0], decay[1]), residuals
 
 
 def _slice_summary_bwd(block, count, length, interpret, per_order, residuals, cotangents):
-  x_tag, q, (a_re, a_im), (dd_re, dd_im), high = residuals
-  g_re, g_im, gd_re, gd_im = cotangents
+  x_tag, q, scale, packed, high = residuals
+  gs_re, gs_im, gd_re, gd_im = cotangents
+  batch = (packed.shape[0] - 2) // 4
+  a_re, a_im, h_re, h_im = (packed[i * batch:(i + 1) * batch] for i in range(4))
+  dd_re, dd_im = packed[4 * batch], packed[4 * batch + 1]
+  ds = jnp.sum(gs_re * h_re + gs_im * h_im, axis=0).T
+  g_re, g_im = scale.T * gs_re, scale.T * gs_im  # the cotangents of h
   qre, qim = _planes(q)
-  batch, order, dim = g_re.shape
+  _, order, dim = g_re.shape
   x_shape = (batch, count * block, dim)
   seq, coef, carry, _, _, row = _slice_specs(block, order, min(_BLOCK_D, dim), count)
   dx = _call(_slice_backward_kernel, x_shape, order, block, interpret, "cema_slice_summary_bwd",
@@ -286,26 +299,30 @@ def _slice_summary_bwd(block, count, length, interpret, per_order, residuals, co
   # cotangent of the complex input (JAX: dL = Re(ct dq)), ct = dL/dRe q - i dL/dIm q.
   dq_re = jnp.sum(g_re * a_re + g_im * a_im, axis=0) + gd_re * dd_re + gd_im * dd_im
   dq_im = jnp.sum(g_im * a_re - g_re * a_im, axis=0) + gd_im * dd_re - gd_re * dd_im
-  return dx.astype(x_tag.dtype), lax.complex(dq_re, -dq_im).T.astype(q.dtype)
+  return dx.astype(x_tag.dtype), lax.complex(dq_re, -dq_im).T.astype(q.dtype), ds.astype(scale.dtype)
 
 
 _slice_summary.defvjp(_slice_summary_fwd, _slice_summary_bwd)
 
 
-def slice_summary_planes(x: Array, q: Array, block: int, length: int,
-                         interpret: bool = False) -> tuple[Array, Array, Array]:
+def slice_summary_planes(x: Array, q: Array, block: int, length: int, interpret: bool = False,
+                         scale: Array | None = None) -> tuple[Array, Array, Array]:
   """A slice's summary from x [B, J T, D] (zeros in front of its `length` real steps, so that J T
-  >= length; T = block): (Re h, Im h) [B, N, D] float32 with h = sum_t q^(J T - 1 - t) x_t, and
-  q^length [D, N] complex64, differentiable in x and q (one custom VJP; see above). The caller
-  multiplies by p. Needs supported(D, N, block) and block * J >= length."""
+  >= length; T = block): (Re h, Im h) [B, N, D] float32 with h = s sum_t q^(J T - 1 - t) x_t, and
+  q^length [D, N] complex64, differentiable in x, q and s (one custom VJP; see above). scale: the
+  real s [D, N] (CEMA's p; None: 1). Needs supported(D, N, block) and block * J >= length."""
   batch, padded, dim = x.shape
   order = q.shape[-1]
   count = padded // block
   if q.shape != (dim, order) or padded % block or not (padded - block < length <= padded):
     raise ValueError(f"the slice summary needs x [B, J*{block}, D] with J*{block} - {block} < length <= J*{block} "
                      f"and q [D, N]; got x {x.shape}, q {q.shape}, length {length}")
+  if scale is None:
+    scale = jnp.ones((dim, order), jnp.float32)
+  elif scale.shape != (dim, order) or jnp.iscomplexobj(scale):
+    raise ValueError(f"the slice summary's scale must be real [D, N] = {(dim, order)}; got {scale.dtype}{scale.shape}")
   if not supported(dim, order, block):
     raise ValueError(f"the slice summary kernel needs power-of-2 N and block and D a multiple of {_BLOCK_D} "
                      f"(or a power of 2); got D={dim}, N={order}, block={block}.")
-  h_re, h_im, d_re, d_im = _slice_summary(x, q, block, count, length, interpret, _layout == "per_order")
+  h_re, h_im, d_re, d_im = _slice_summary(x, q, scale, block, count, length, interpret, _layout == "per_order")
   return h_re, h_im, lax.complex(d_re, d_im).T

@@ -66,6 +66,42 @@ def test_slice_summary_planes_against_its_reference(layout, dtype):
     assert _rel(as32(g), as32(w_)) < (1e-2 if dtype == jnp.bfloat16 else 2e-6)
 
 
+def test_slice_summary_planes_scale():
+  """scale=s gives s h exactly (the planes times s^T) and the gradients in x, q and s of s h with
+  s applied outside; the VJP keeps q, s, the tables and one packed array, nothing more."""
+  batch, chunks, block, dim, order, length = 2, 3, 8, 16, 4, 21
+  x, q, _ = _problem(batch, chunks, block, dim, order, seed=9)
+  x = x.at[:, : chunks * block - length].set(0.0)
+  rng = np.random.default_rng(10)
+  s = jnp.asarray(rng.uniform(0.1, 1.0, (dim, order)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, batch, order, dim)), jnp.float32)
+
+  def loss(fn):
+    def f(x, q, s):
+      h_re, h_im, decay = fn(x, q, s)
+      return (jnp.sum(h_re * w[0]) + jnp.sum(h_im * w[1]) + jnp.sum(jnp.real(decay).T * w[2, 0])
+              + jnp.sum(jnp.imag(decay).T * w[3, 0]))
+    return f
+
+  inside = lambda x, q, s: K.slice_summary_planes(x, q, block, length, interpret=True, scale=s)  # noqa: E731
+
+  def outside(x, q, s):
+    h_re, h_im, decay = K.slice_summary_planes(x, q, block, length, interpret=True)
+    return s.T * h_re, s.T * h_im, decay
+
+  for got, want in zip(inside(x, q, s), outside(x, q, s)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  grads = jax.jit(jax.grad(loss(inside), argnums=(0, 1, 2)))(x, q, s)
+  want = jax.jit(jax.grad(loss(outside), argnums=(0, 1, 2)))(x, q, s)
+  for g, w_ in zip(grads, want):
+    assert g.dtype == w_.dtype and _rel(g, w_) < 2e-6
+  _, vjp = jax.vjp(inside, x, q, s)
+  residuals = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "shape") and leaf.size]
+  assert len(residuals) <= 4, [r.shape for r in residuals]  # q, s, packed, tables
+  with pytest.raises(ValueError, match="scale must be real"):
+    K.slice_summary_planes(x, q, block, length, interpret=True, scale=s.astype(jnp.complex64))
+
+
 def test_clear_errors():
   with pytest.raises(ValueError, match="unknown chunk-summary layout"):
     with K.use_layout("rows"):

@@ -579,9 +579,12 @@ def cema_slice_summary(x: jax.Array, coeffs: CemaCoefficients, segment_ids: jax.
   # Zeros in front make the length count * block and add nothing; chunk j then ends block
   # (count - 1 - j) steps before the last, so the kernel weights it by q^(block (count - 1 - j)).
   x = jnp.pad(x, ((0, 0), (count * block - length, 0), (0, 0)))
+  # p scales h inside the kernel's VJP, which keeps h anyway: p * h outside kept h and p broadcast
+  # to [B, D, N] complex for its backward, two more values per layer under a layer scan.
   h_re, h_im, decay = cema_summary.slice_summary_planes(x, coeffs.q, block, length,
-                                                        interpret=jax.default_backend() == "cpu")
-  return coeffs.p * jnp.swapaxes(jax.lax.complex(h_re, h_im), 1, 2), decay
+                                                        interpret=jax.default_backend() == "cpu",
+                                                        scale=coeffs.p)
+  return jnp.swapaxes(jax.lax.complex(h_re, h_im), 1, 2), decay
 
 
 def _summary_kernel_takes(dim: int, order: int, block: int) -> bool:

@@ -112,8 +112,16 @@ def exclusive_prefix(element: Any, combine: Callable[[Any, Any], Any], identity:
 
   if schedule not in rules_lib.SEQUENCE_COMBINES:
     raise ConfigError(f"unknown sequence combine {schedule!r}; use one of {rules_lib.SEQUENCE_COMBINES}")
-  keep_exchanged = jax.checkpoint_policies.save_only_these_names(EXCHANGED)
-  return jax.checkpoint(run, policy=keep_exchanged)(element, identity)
+  return _keeping_exchanged(run)(element, identity)
+
+
+def _keeping_exchanged(fn: Callable) -> Callable:
+  """fn rematerialised in the backward from its inputs and the values named EXCHANGED.
+
+  For the small per-row work around the combine (powers of a [D, N] decay, Chan's merges, the
+  incoming state): each intermediate it would keep is one more stacked buffer per layer under a
+  layer scan, and recomputing them is a few [B, D, N]- or [B, G]-sized elementwise ops."""
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(EXCHANGED))
 
 
 def _boundary_resets(segment_ids: jax.Array, axis: str, size: int) -> jax.Array:
@@ -182,31 +190,38 @@ def cema_sequence_local(x: jax.Array, coeffs: cema_ops.CemaCoefficients, omega: 
   else:
     boundary = _boundary_resets(segment_ids, axis, size)
     keep = (~(boundary | _internal_resets(segment_ids))).astype(jnp.float32)
-  # Q^0 .. Q^P by products: P is a mesh axis size (a few), so P float32 roundings at most; the
-  # double-float tables (a kernel, and their JVP residuals per layer) are for exponents in the
-  # thousands.
-  span_powers = [jnp.ones_like(slice_decay)]
-  for _ in range(size):
-    span_powers.append(span_powers[-1] * slice_decay)
-  span_powers = jnp.stack(span_powers, axis=-1)
 
-  def apply(prefix):
-    """The state a prefix map produces from h0 (zero when h0 is None)."""
-    keep_p, span_p, h_p = prefix
-    h = _from_pair(h_p)
-    if h0 is None:
-      return h
-    carried = jnp.take(span_powers, span_p, axis=-1) * h0.astype(jnp.complex64)
-    return h + jnp.where(keep_p[:, None, None] > 0, carried, 0.0)
+  @_keeping_exchanged
+  def incoming(keep, h_local, slice_decay, boundary, h0):
+    """(state entering this slice [b, D, N], state after the whole sequence or None)."""
+    # Q^0 .. Q^P by products: P is a mesh axis size (a few), so P float32 roundings at most; the
+    # double-float tables (a kernel, and their JVP residuals per layer) are for exponents in the
+    # thousands.
+    span_powers = [jnp.ones_like(slice_decay)]
+    for _ in range(size):
+      span_powers.append(span_powers[-1] * slice_decay)
+    span_powers = jnp.stack(span_powers, axis=-1)
 
-  element = (keep, jnp.ones((), jnp.int32), _to_pair(h_local))
-  identity = (jnp.ones((batch,), jnp.float32), jnp.zeros((), jnp.int32),
-              jnp.zeros(h_local.shape + (2,), jnp.float32))
-  before, everything = exclusive_prefix(element, _cema_combine(span_powers), identity, axis=axis, size=size,
-                                        schedule=schedule, total=return_state)
-  h_in = jnp.where(boundary[:, None, None], 0.0, apply(before)).astype(jnp.complex64)
+    def apply(prefix):
+      """The state a prefix map produces from h0 (zero when h0 is None)."""
+      keep_p, span_p, h_p = prefix
+      h = _from_pair(h_p)
+      if h0 is None:
+        return h
+      carried = jnp.take(span_powers, span_p, axis=-1) * h0.astype(jnp.complex64)
+      return h + jnp.where(keep_p[:, None, None] > 0, carried, 0.0)
+
+    element = (keep, jnp.ones((), jnp.int32), _to_pair(h_local))
+    identity = (jnp.ones((batch,), jnp.float32), jnp.zeros((), jnp.int32),
+                jnp.zeros(h_local.shape + (2,), jnp.float32))
+    before, everything = exclusive_prefix(element, _cema_combine(span_powers), identity, axis=axis, size=size,
+                                          schedule=schedule, total=return_state)
+    h_in = jnp.where(boundary[:, None, None], 0.0, apply(before)).astype(jnp.complex64)
+    return h_in, (apply(everything) if return_state else None)
+
+  h_in, h_last = incoming(keep, h_local, slice_decay, boundary, h0)
   y = cema_ops.cema(x, coeffs, omega, h_in, method=method, segment_ids=segment_ids, chunk=chunk)
-  return (y, apply(everything)) if return_state else y
+  return (y, h_last) if return_state else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,18 +273,24 @@ def timestep_norm_sequence_local(x: jax.Array, weight: jax.Array, bias: jax.Arra
   zero = tsn_ops.initial_state(batch, num_groups)
   first = zero if state is None else tsn_ops.TimestepNormState(
       jnp.asarray(state.count, jnp.int32), jnp.asarray(state.mean, dtype), jnp.asarray(state.var, dtype))
-  identity = (jnp.zeros((batch,), jnp.float32), zero.count, zero.mean.astype(dtype), zero.var.astype(dtype))
-  before, total = exclusive_prefix((reset, count, mean, var), _tsn_combine, identity, axis=axis, size=size,
-                                   schedule=schedule)
-  start = (jnp.zeros((batch,), jnp.float32),) + tuple(first)
-  _, count_in, mean_in, var_in = _tsn_combine(start, before)
-  _, count_all, mean_all, var_all = _tsn_combine(start, total)
-  keep = ~boundary
-  incoming = tsn_ops.TimestepNormState(jnp.where(keep, count_in, 0), jnp.where(keep[:, None], mean_in, 0.0),
-                                       jnp.where(keep[:, None], var_in, 0.0))
-  y, _ = tsn_ops.timestep_norm(x, weight, bias, num_groups=num_groups, eps=eps, state=incoming,
+
+  @_keeping_exchanged
+  def incoming(element, first, boundary):
+    """(statistics entering this slice, statistics after the whole sequence)."""
+    identity = (jnp.zeros((batch,), jnp.float32), zero.count, zero.mean.astype(dtype), zero.var.astype(dtype))
+    before, total = exclusive_prefix(element, _tsn_combine, identity, axis=axis, size=size, schedule=schedule)
+    start = (jnp.zeros((batch,), jnp.float32),) + tuple(first)
+    _, count_in, mean_in, var_in = _tsn_combine(start, before)
+    _, count_all, mean_all, var_all = _tsn_combine(start, total)
+    keep = ~boundary
+    state_in = tsn_ops.TimestepNormState(jnp.where(keep, count_in, 0), jnp.where(keep[:, None], mean_in, 0.0),
+                                         jnp.where(keep[:, None], var_in, 0.0))
+    return state_in, tsn_ops.TimestepNormState(count_all, mean_all, var_all)
+
+  state_in, state_all = incoming((reset, count, mean, var), first, boundary)
+  y, _ = tsn_ops.timestep_norm(x, weight, bias, num_groups=num_groups, eps=eps, state=state_in,
                                padding_mask=padding_mask, segment_ids=segment_ids, method=method)
-  return y, tsn_ops.TimestepNormState(count_all, mean_all, var_all)
+  return y, state_all
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ instead of the release's chain (rank r waits for the state of rank r-1, depth P-
        'all_gather': one all-gather of the P summaries, then a local fold (depth 1; every
                      device receives P-1 summaries);
        'doubling':   Hillis-Steele scan with log2(P) rounds of ppermute, then one shift
-                     (depth ceil(log2 P) + 1; one summary per round);
+                     (depth ceil(log2 P) + 1; one summary per round; ceil(log2(P - 1)) rounds
+                     when the total is not asked for);
   3. runs the op on its slice once, from the incoming state (CEMA: dropped at the slice's first
      reset; TimestepNorm: the incoming statistics).
 
@@ -99,7 +100,13 @@ def exclusive_prefix(element: Any, combine: Callable[[Any, Any], Any], identity:
     if schedule != "doubling":
       raise ConfigError(f"unknown sequence combine {schedule!r}; use one of {rules_lib.SEQUENCE_COMBINES}")
     inclusive, shift = element, 1
-    while shift < size:  # Hillis-Steele: after the round with `shift`, r covers (r - 2 shift, r]
+    # Hillis-Steele: after k rounds (shifts 1, 2, .., 2^(k-1)) r covers (r - 2^k, r]. The final
+    # shift hands r the inclusive prefix of r - 1 <= P - 2, complete once 2^k >= P - 1; only the
+    # total needs the last device's, 2^k >= P (at P = 2 without it no round at all: one exchange,
+    # and no received element kept per layer). Rounds past 2^k >= P - 1 change no device below
+    # P - 1, so the exclusive prefixes are the same either way.
+    rounds_until = size if total else size - 1
+    while shift < rounds_until:
       received = exchanged(jax.lax.ppermute(inclusive, axis, [(i, i + shift) for i in range(size - shift)]))
       inclusive = _select(index >= shift, combine(received, inclusive), inclusive)
       shift *= 2

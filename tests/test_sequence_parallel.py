@@ -346,8 +346,13 @@ def test_sequence_parallel_saves_few_extra_values_per_layer(schedule):
             if hasattr(inner, "eqns"):
               yield from scans(inner)
 
-    forward = max(scans(jaxpr.jaxpr), key=lambda e: len(e.outvars) - e.params["num_carry"])
-    return len(forward.outvars) - forward.params["num_carry"]
+    def stacked(e):  # outputs stacked over the layers: [layers, ...]
+      count = sum(1 for v in e.outvars if tuple(getattr(v.aval, "shape", ()))[:1] == (layers,))
+      if "num_carry" in e.params:  # jax 0.10 names the carries (0.11 does not): both counts agree
+        assert count == len(e.outvars) - e.params["num_carry"], e.params["num_carry"]
+      return count
+
+    return max(stacked(e) for e in scans(jaxpr.jaxpr))
 
   single, parallel = saved_per_layer(1), saved_per_layer(2)
   assert single > 20  # the count is real: the layer saves its matmul outputs, kernel residuals...
@@ -360,6 +365,8 @@ def test_combine_keeps_a_number_of_residuals_independent_of_the_mesh(rng, schedu
   the backward, so what it saves for the backward does not grow with the number of slices (a fold
   over P summaries kept O(P) states per layer, each stacked by a layer scan). Its gradient is still
   the sequential fold's."""
+  if DEVICES < 8:
+    pytest.skip(f"compares meshes of 4 and 8 devices; this host has {DEVICES}")
   import contextlib
   import io
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One two-GPU device call (~5 min on a cold machine) for branch sp-slice-vjp: the slice summary as
-# one custom VJP (kernels_pallas.cema_summary.slice_summary_planes).
-#   1. on GPU 0: its value check against the XLA form (h, dx and the CEMA parameters' gradients;
-#      tolerance 1e-5 / 1e-4 of the largest entry) and its per-layer kernels at L/2 = 16384;
+# One two-GPU device call (~5 min on a cold machine) that decides whether a sequence-parallel
+# change may merge (it decided branches sp-slice-vjp and sp-fewer-saved in session 9):
+#   1. on GPU 0: the slice summary (kernels_pallas.cema_summary.slice_summary_planes) against its
+#      XLA form (h, dx and the CEMA parameters' gradients; tolerance 1e-5 / 1e-4 of the largest
+#      entry) and its per-layer kernels at L/2 = 16384;
 #   2. the mega200M sequence-parallel step on 1 and 2 GPUs (run_h200_x2.sh X1 --modes sequence);
-#      main at 52c5dc8 took 145.8 / 92.1 ms (79.2%).
-# Merge the branch if the check passes and the two-GPU step is not slower.
+#      main at 6e74723 took 146.5 / 89.2 ms (82.1%).
+# Merge if the check passes and the two-GPU step is not slower.
 #   RESULTS_DIR=$OUT bash experiments/gpu_checks/run_slice_vjp_check.sh
 set -u
 cd "$(dirname "$0")/../.."

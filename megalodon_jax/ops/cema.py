@@ -649,12 +649,16 @@ def _chunk_operators(coeffs: CemaCoefficients, chunk: int) -> _ChunkOperators:
                          powers=powers)
 
 
-@jax.checkpoint
-def _masked_toeplitz(toeplitz: jax.Array, same_run: jax.Array, x: jax.Array) -> jax.Array:
-  """sum_s K[t-s] [same run] x_s: [B, T, D]. Rematerialised in the backward pass so the
-  [B, D, T, T] product is not kept for every chunk."""
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _masked_toeplitz(toeplitz: jax.Array, same_run: jax.Array, x: jax.Array,
+                     precision) -> jax.Array:
+  """sum_s K[t-s] [same run] x_s: [B, T, D] (B may fold batch and chunks together).
+
+  toeplitz: [D, T, T]; same_run: [B, T, T] bool; x: [B, T, D]; precision: the einsum's (static).
+  Rematerialised in the backward pass so the [B, D, T, T] product is not kept for every chunk.
+  """
   return jnp.einsum("dts,bts,bsd->btd", toeplitz, same_run.astype(jnp.float32), x,
-                    precision=_HIGHEST)
+                    precision=precision)
 
 
 def _chunk_step(ops: _ChunkOperators, coeffs: CemaCoefficients, h: jax.Array, x: jax.Array,
@@ -671,7 +675,7 @@ def _chunk_step(ops: _ChunkOperators, coeffs: CemaCoefficients, h: jax.Array, x:
     y = y + _complex_einsum_real("bdn,dnt->btd", h, ops.readout)
     carried = decay * h
   else:
-    y = _masked_toeplitz(ops.toeplitz, run[:, :, None] == run[:, None, :], x)
+    y = _masked_toeplitz(ops.toeplitz, run[:, :, None] == run[:, None, :], x, _HIGHEST)
     continues = (run == run_before[:, None])[..., None]  # no reset in [chunk start, t]
     y = y + jnp.where(continues, _complex_einsum_real("bdn,dnt->btd", h, ops.readout), 0.0)
     last_run = jnp.take(run, last, axis=1, mode="clip")
@@ -707,6 +711,24 @@ def _chunked_inputs(x, coeffs, omega, h0, segment_ids, chunk) -> _Chunked:
   return _Chunked(inp, _chunk_operators(coeffs, chunk), chunk, count, xs)
 
 
+class _ChunkRuns(NamedTuple):
+  runs: jax.Array    # [B, J, T] int32 run index per step (see _run_index); padding joins the last run
+  before: jax.Array  # [B, J] int32 run index just before each chunk (0 before the first)
+
+
+def _chunk_runs(run: jax.Array, chunk: int, count: int) -> _ChunkRuns:
+  """run: [B, L] from _run_index, cut like _chunked_inputs cuts x (T = chunk, J = count).
+
+  A step t of chunk j continues the state entering the chunk iff runs[t] == before[j]; steps s and
+  t of one chunk are connected iff runs[s] == runs[t]; the chunk holds a reset iff its last step's
+  run differs from before[j].
+  """
+  batch, length = run.shape
+  before = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), run[:, :-1]], axis=1)[:, ::chunk]
+  runs = jnp.pad(run, ((0, 0), (0, count * chunk - length)), mode="edge")
+  return _ChunkRuns(runs.reshape(batch, count, chunk), before)
+
+
 def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
                  h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
                  return_state: bool = False, chunk: int = 64):
@@ -727,10 +749,9 @@ def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
   xs = jnp.moveaxis(xs, 1, 0)
   runs = befores = None
   if inp.run is not None:
-    befores = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), inp.run[:, :-1]], axis=1)
-    befores = jnp.moveaxis(befores[:, ::chunk], 1, 0)  # [count, B]
-    runs = jnp.pad(inp.run, ((0, 0), (0, pad)), mode="edge")  # padding joins the last run
-    runs = jnp.moveaxis(runs.reshape(batch, count, chunk), 1, 0)
+    chunk_runs = _chunk_runs(inp.run, chunk, count)
+    runs = jnp.moveaxis(chunk_runs.runs, 1, 0)  # [count, B, T]
+    befores = jnp.moveaxis(chunk_runs.before, 1, 0)  # [count, B]
 
   def body(h, chunk_inputs):
     return _chunk_step(ops, coeffs, h, *chunk_inputs)

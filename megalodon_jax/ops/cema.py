@@ -610,7 +610,8 @@ def cema_fft(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
   if segment_ids is not None:
     raise ValueError(
         "the FFT path cannot reset state at segment boundaries (it is one convolution over the "
-        "whole sequence); use method 'chunked', 'associative' or 'sequential' with segment_ids")
+        "whole sequence); use method 'blocked', 'chunked', 'associative' or 'sequential' with "
+        "segment_ids")
   inp = _prepare(x, coeffs, omega, h0, None)
   length = inp.x.shape[1]
   tables = _power_tables(coeffs.q, length, extra=(length,))
@@ -771,16 +772,22 @@ def cema_chunked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
 # ([T, T] x [T, J]); only the chunk-end states need a scan, over J = L / T elements. That is
 # the form tensor cores (and TPU matrix units) can run.
 
-def _chunk_state_scan(injected: jax.Array, decay: jax.Array, h0: jax.Array | None) -> jax.Array:
-  """States entering each chunk: H_0 = h0 (or 0), H_{j+1} = decay H_j + injected_j.
+def _chunk_state_scan(injected: jax.Array, decay: jax.Array, h0: jax.Array | None,
+                      fresh: jax.Array | None = None) -> jax.Array:
+  """States entering each chunk: H_0 = h0 (or 0), H_{j+1} = decay_j H_j + injected_j.
 
   injected: [B, J, D, N] complex64 (chunk j's input carried to its end from a zero state);
-  decay: [D, N] complex64 (q^T). Returns [B, J, D, N] complex64.
+  decay: [D, N] complex64 (q^T); fresh: [B, J] bool or None, chunks holding a reset (decay_j = 0:
+  their end state does not depend on what came before). Returns [B, J, D, N] complex64.
   """
   count = injected.shape[1]
   if h0 is not None:  # h0 enters as an extra element before the first chunk
     injected = jnp.concatenate([h0[:, None], injected], axis=1)
+    if fresh is not None:
+      fresh = jnp.concatenate([jnp.zeros_like(fresh[:, :1]), fresh], axis=1)
   decays = jnp.broadcast_to(decay, (1,) + injected.shape[1:])
+  if fresh is not None:
+    decays = jnp.where(fresh[..., None, None], jnp.zeros_like(decays), decays)
 
   def combine(first, second):
     (a1, b1), (a2, b2) = first, second
@@ -792,6 +799,51 @@ def _chunk_state_scan(injected: jax.Array, decay: jax.Array, h0: jax.Array | Non
   return ends[:, :count]
 
 
+def _blocked_toeplitz(ops: _ChunkOperators, xs: jax.Array, runs: _ChunkRuns | None,
+                      precision) -> jax.Array:
+  """sum_s K[t-s] x_s within each chunk, over steps of t's run only: [B, J, T, D].
+
+  xs: [B, J, T, D]. Without runs it is one batched matmul; with them the [T, T] operator is masked
+  per chunk (a [B J, D, T, T] product, rematerialised for the backward pass).
+  """
+  if runs is None:
+    return jnp.einsum("dts,bjsd->bjtd", ops.toeplitz, xs, precision=precision)
+  batch, count, chunk, dim = xs.shape
+  same_run = runs.runs[..., :, None] == runs.runs[..., None, :]  # [B, J, T, T]
+  y = _masked_toeplitz(ops.toeplitz, same_run.reshape(batch * count, chunk, chunk),
+                       xs.reshape(batch * count, chunk, dim), precision)
+  return y.reshape(batch, count, chunk, dim)
+
+
+def _blocked_injected(ops: _ChunkOperators, xs: jax.Array, runs: _ChunkRuns | None, order: int,
+                      precision) -> jax.Array:
+  """Each chunk's end state from a zero start: [B, J, D, N] complex64 (xs: [B, J, T, D]).
+
+  With runs only the chunk's last run reaches its end (an earlier reset dropped the rest).
+  """
+  if runs is not None:
+    xs = jnp.where((runs.runs == runs.runs[..., -1:])[..., None], xs, 0.0)
+  # Complex operators as stacked real ones: [D, 2N, T] rows (real parts, imaginary parts).
+  into = jnp.concatenate([jnp.real(ops.into_state), jnp.imag(ops.into_state)], axis=1)
+  injected = jnp.einsum("dks,bjsd->bjdk", into, xs, precision=precision)
+  return jax.lax.complex(injected[..., :order], injected[..., order:])
+
+
+def _blocked_readout(ops: _ChunkOperators, states: jax.Array, runs: _ChunkRuns | None,
+                     precision) -> jax.Array:
+  """Re(sum_n eta q^(t+1) H_j) for every step t of chunk j: [B, J, T, D] float32.
+
+  states: [B, J, D, N] complex64, the states entering the chunks. With runs the entering state
+  reaches only the steps before the chunk's first reset.
+  """
+  readout = jnp.concatenate([jnp.real(ops.readout), -jnp.imag(ops.readout)], axis=1)
+  stacked = jnp.concatenate([jnp.real(states), jnp.imag(states)], axis=-1)
+  y = jnp.einsum("dkt,bjdk->bjtd", readout, stacked, precision=precision)
+  if runs is not None:
+    y = jnp.where((runs.runs == runs.before[..., None])[..., None], y, 0.0)
+  return y
+
+
 def cema_blocked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
                  h0: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
                  return_state: bool = False, chunk: int = 64,
@@ -801,25 +853,21 @@ def cema_blocked(x: jax.Array, coeffs: CemaCoefficients, omega: jax.Array,
   Same signature as cema_sequential plus `chunk` (T) and `precision` (the matmuls' precision or
   dot algorithm; HIGHEST keeps float32). x: [B, L, D]; L is zero-padded to whole chunks (the
   Toeplitz maps are causal, so padding changes no real step; the final state is taken in closed
-  form). segment_ids are not supported: use method='chunked' for packed sequences.
+  form). With segment_ids the Toeplitz operator is masked to same-run steps per chunk (elementwise
+  work of a [B, J, D, T, T] product, no longer a plain matmul), the into-state operator sees only
+  each chunk's last run, and a chunk holding a reset starts the chunk scan afresh.
   """
-  if segment_ids is not None:
-    raise ValueError("cema_blocked does not take segment_ids (its chunk operators are shared by "
-                     "all chunks); use method='chunked' or 'pallas' for packed sequences")
-  inp, ops, chunk, count, xs = _chunked_inputs(x, coeffs, omega, h0, None, chunk)
+  inp, ops, chunk, count, xs = _chunked_inputs(x, coeffs, omega, h0, segment_ids, chunk)
   batch, length, dim = inp.x.shape
   order = coeffs.p.shape[1]
-  y = jnp.einsum("dts,bjsd->bjtd", ops.toeplitz, xs, precision=precision)
-  # Complex operators as stacked real ones: [D, 2N, T] rows (real parts, imaginary parts).
-  into = jnp.concatenate([jnp.real(ops.into_state), jnp.imag(ops.into_state)], axis=1)
-  injected = jnp.einsum("dks,bjsd->bjdk", into, xs, precision=precision)
-  injected = jax.lax.complex(injected[..., :order], injected[..., order:])
-  states = _chunk_state_scan(injected, ops.powers[..., chunk], inp.h0)
-  readout = jnp.concatenate([jnp.real(ops.readout), -jnp.imag(ops.readout)], axis=1)
-  stacked = jnp.concatenate([jnp.real(states), jnp.imag(states)], axis=-1)
-  y = y + jnp.einsum("dkt,bjdk->bjtd", readout, stacked, precision=precision)
+  runs = None if inp.run is None else _chunk_runs(inp.run, chunk, count)
+  fresh = None if runs is None else runs.runs[..., -1] != runs.before  # [B, J]
+  y = _blocked_toeplitz(ops, xs, runs, precision)
+  injected = _blocked_injected(ops, xs, runs, order, precision)
+  states = _chunk_state_scan(injected, ops.powers[..., chunk], inp.h0, fresh)
+  y = y + _blocked_readout(ops, states, runs, precision)
   y = y.reshape(batch, count * chunk, dim)[:, :length] + inp.omega * inp.x
-  h_last = cema_final_state(inp.x, coeffs, inp.h0) if return_state else None
+  h_last = cema_final_state(inp.x, coeffs, inp.h0, segment_ids) if return_state else None
   return _finish(y, h_last, return_state)
 
 

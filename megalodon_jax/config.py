@@ -51,7 +51,7 @@ class MegalodonConfig:
   # Numerics and implementation choices (not part of the released checkpoint format).
   dtype: str = "float32"  # compute dtype of matmuls/activations; CEMA and norms stay float32
   param_dtype: str = "float32"
-  cema_method: str = "auto"  # auto: the Pallas kernel on GPU/TPU, the chunked XLA path elsewhere
+  cema_method: str = "auto"  # auto: the Pallas kernel on GPU/TPU, the blocked XLA path elsewhere
   cema_chunk: int = 64  # T of the chunked and blocked CEMA paths
   attention_impl: str = "auto"
   timestep_norm_impl: str = "auto"  # auto: Pallas on GPU (not for decode steps), else the associative scan

@@ -18,14 +18,6 @@ def test_auto_methods_per_backend(monkeypatch, platform, long_input, short_input
     assert backend.timestep_norm_method("auto", length) == tsn
 
 
-def test_auto_cema_on_cpu_takes_the_chunked_path_for_packed_sequences(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert backend.cema_method("auto", 4096, segmented=True) == "chunked"
-  assert backend.cema_method("auto", 4096, segmented=False) == "blocked"
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert backend.cema_method("auto", 4096, segmented=True) == "pallas"
-
-
 def test_explicit_methods_pass_through():
   assert backend.cema_method("fft", 4096) == "fft"
   assert backend.timestep_norm_method("xla", 4096) == "associative"

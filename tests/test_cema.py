@@ -20,7 +20,7 @@ from megalodon_jax.ops.cema import (
     cema_state_contribution)
 
 PATHS = ("sequential", "associative", "fft", "chunked", "blocked")
-RESETTABLE = ("sequential", "associative", "chunked")
+RESETTABLE = ("sequential", "associative", "chunked", "blocked")
 TOL = 1e-5  # relative error ||y - ref|| / ||ref|| required in float32
 
 
@@ -117,12 +117,12 @@ def _args(params, x, h0):
   return (*params, x, jnp.real(h0), jnp.imag(h0))
 
 
-def _gradients(method, params, x, h0, segment_ids, y_weight, h_weight):
+def _gradients(method, params, x, h0, segment_ids, y_weight, h_weight, chunk=16):
   """Gradients of sum(y w_y) + sum(Re h_L w_re + Im h_L w_im) w.r.t. every input of _outputs.
 
   Returns a tuple (alpha, delta, theta, gamma, omega, x, Re h0, Im h0) of numpy arrays.
   """
-  _, pullback = jax.vjp(_outputs(method, segment_ids), *_args(params, x, h0))
+  _, pullback = jax.vjp(_outputs(method, segment_ids, chunk), *_args(params, x, h0))
   return tuple(np.asarray(g) for g in pullback((y_weight, h_weight[0], h_weight[1])))
 
 
@@ -296,15 +296,9 @@ def test_document_at_offset_matches_document_alone(method):
 
 def test_fft_rejects_segment_ids():
   params, x, h0, seg = standard_problem()
-  with pytest.raises(ValueError, match="FFT path cannot reset.*'chunked', 'associative' or "
-                                       "'sequential'"):
+  with pytest.raises(ValueError, match="FFT path cannot reset.*'blocked', 'chunked', "
+                                       "'associative' or 'sequential'"):
     cema(x, coefficients(params), params[4], h0, method="fft", segment_ids=seg)
-
-
-def test_blocked_rejects_segment_ids():
-  params, x, h0, seg = standard_problem()
-  with pytest.raises(ValueError, match="cema_blocked does not take segment_ids.*'chunked'"):
-    cema(x, coefficients(params), params[4], h0, method="blocked", segment_ids=seg)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 500])
@@ -317,16 +311,72 @@ def test_blocked_any_chunk_matches_reference(chunk):
   assert rel_err(h, h_ref) < TOL
 
 
+# Resets where the blocked path's per-chunk bookkeeping could slip (with chunk 16 / 8): row 0 at
+# the chunk start 16, twice more inside that chunk (20, 27), mid-chunk at 61, inside the padded
+# tail chunk (97) and at the last step (99); row 1 at t = 1 and 50, each run spanning several
+# chunks; row 2 three one-step runs in one chunk (33, 34, 35) and a reset at the chunk start 64;
+# row 3 none at all (h0 reaches every step while the other rows reset).
+PACKED_RESETS = ((16, 20, 27, 61, 97, 99), (1, 50), (33, 34, 35, 64), ())
+
+
+@functools.lru_cache(maxsize=None)
+def packed_problem():
+  """The standard problem's parameters with B=4 rows of x, h0 and the resets of PACKED_RESETS.
+
+  Ids alternate 0/1 between runs, so equal ids come back: only runs count.
+  """
+  params = standard_problem()[0]
+  rng = np.random.default_rng(4321)
+  batch = len(PACKED_RESETS)
+  x = jnp.asarray(rng.normal(size=(batch, L, D)), jnp.float32)
+  h0 = random_state(rng, batch, D, N)
+  resets = np.zeros((batch, L), np.int32)
+  for row, steps in enumerate(PACKED_RESETS):
+    resets[row, list(steps)] = 1
+  return params, x, h0, jnp.asarray(np.cumsum(resets, axis=1) % 2, jnp.int32)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 16, 128])
+def test_blocked_packed_layouts_match_reference(chunk):
+  """y and h_L against float64, and every gradient against the sequential scan's: chunks of one
+  step (every reset starts a fresh chunk), 8 and 16 (a padded tail of 4), one chunk longer than L
+  (every reset inside it)."""
+  params, x, h0, seg = packed_problem()
+  y_ref, h_ref = reference(x, coefficients(params), params[4], h0, seg)
+  y, h = _forward(params, x, h0, seg, method="blocked", chunk=chunk)
+  assert rel_err(y, y_ref) < TOL
+  assert rel_err(h, h_ref) < TOL
+  for row in range(len(PACKED_RESETS)):  # each layout on its own, not hidden by the others
+    assert rel_err(y[row], y_ref[row]) < TOL, row
+    assert rel_err(h[row], h_ref[row]) < TOL, row
+  rng = np.random.default_rng(chunk)
+  y_weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  h_weight = jnp.asarray(rng.normal(size=(2,) + h0.shape), jnp.float32)
+  expected = _gradients("sequential", params, x, h0, seg, y_weight, h_weight)
+  grads = _gradients("blocked", params, x, h0, seg, y_weight, h_weight, chunk=chunk)
+  names = ("alpha", "delta", "theta", "gamma", "omega", "x", "Re h0", "Im h0")
+  for name, g, g_seq in zip(names, grads, expected):
+    assert rel_err(g, g_seq) < TOL, name
+  # h0 reaches row 0 until 16 and row 2 until 33, row 1 only at t = 0, row 3 everywhere.
+  assert np.all(grads[6] != 0.0) and np.all(grads[7] != 0.0)
+
+
+def test_blocked_packed_gradients_by_finite_differences():
+  """Reverse mode of the blocked path with resets against central differences (chunk 8)."""
+  params, x, h0, seg = packed_problem()
+  _check_grads_of("blocked", params, x, h0, chunk=8, segment_ids=seg)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients.
 # ---------------------------------------------------------------------------------------------
 
-def _check_grads_of(method, params, x, h0, chunk, tol=2e-3):
+def _check_grads_of(method, params, x, h0, chunk, tol=2e-3, segment_ids=None):
   """check_grads of (y, Re h_L, Im h_L) w.r.t. alpha, delta, theta, gamma, omega, x, h0 (re, im)."""
   # float32 central differences: truncation error grows like eps^2 (the phase of q^t moves by up
   # to ~t n dphi / dtheta ~ 1e2 per unit theta here), round-off like 1e-7 |f| / eps. eps = 2e-4
   # balances them at ~3e-4 relative on the standard problem (1e-3 gives ~4e-3, 1e-4 ~4e-4).
-  check_grads(_outputs(method, chunk=chunk), _args(params, x, h0), order=1, modes=["rev"],
+  check_grads(_outputs(method, segment_ids, chunk=chunk), _args(params, x, h0), order=1, modes=["rev"],
               eps=2e-4, atol=tol, rtol=tol)
 
 

@@ -49,7 +49,7 @@ class MovingAverageGatedAttention(nn.Module):
                                      pdtype, name="timenorm")(
         x, None if cache is None else cache.norm, padding_mask=padding_mask, segment_ids=segment_ids)
     x_tsn = checkpoint_name(x_tsn, "tsn_out")  # names: what remat policies may keep (model.py)
-    cema = CEMA(cfg.cema_ndim, backend.cema_method(cfg.cema_method, length, segment_ids is not None),
+    cema = CEMA(cfg.cema_ndim, backend.cema_method(cfg.cema_method, length),
                 cfg.cema_chunk, pdtype, name="cema")
     if cache is None:
       x_cema, cema_state = cema(x_tsn, segment_ids=segment_ids), None

@@ -266,7 +266,13 @@ def test_documents_are_isolated(method):
   grads = _gradients(method, params, x, h0, seg, y_weight, h_weight)
   grads2 = _gradients(method, params, x_other, h0_other, seg, y_weight, h_weight)
   for g, g2 in zip(grads[:5], grads2[:5]):  # the stored parameters
-    np.testing.assert_array_equal(g, g2)
+    if jax.default_backend() == "gpu":
+      # Sums over every step: XLA's GPU reductions are not deterministic (the associative path
+      # passes bit for bit with --xla_gpu_deterministic_ops, which the chunked and blocked paths'
+      # small GEMMs cannot compile with on jax 0.11.2), so equal to float32 rounding only.
+      np.testing.assert_allclose(g, g2, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(g))))
+    else:
+      np.testing.assert_array_equal(g, g2)
   np.testing.assert_array_equal(grads[5][doc], grads2[5][doc])  # x inside the document
   np.testing.assert_array_equal(grads[5][~doc], 0.0)  # x elsewhere
   np.testing.assert_array_equal(grads[6], 0.0)  # h0 cannot reach a later document

@@ -206,6 +206,11 @@ class CemaKernelConfig:
     each (_accurate_powers_pallas); False: XLA's unrolled chain (_accurate_powers, tens of small
     kernels), the same values. powers_block: lanes per program of those kernels (64 programs at
     D = 4096, N = 16 with 1024; the q^chunk table is a 13-squaring dependent chain per lane).
+  pallas_combine: the combine over chunks that gives each chunk its starting state (the forward's
+    s entering each chunk; the backward's u entering each chunk from the end) as ONE small Pallas
+    kernel (_combine_states) reading the chunk-summary kernel's lane planes and writing the main
+    scan's, in place of a per-chunk XLA loop and the layout conversions around it (~a dozen small
+    XLA kernels, each a launch at B = 1). The same float32 operations in the same order.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -226,6 +231,7 @@ class CemaKernelConfig:
   sum_chains: int = 4
   pallas_powers: bool = True
   powers_block: int = 1024
+  pallas_combine: bool = False
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -979,6 +985,16 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
   serves, replaced by CemaKernelConfig.summary_split when that is set.
   Returns [B, C, D, N] complex64.
   """
+  (re, im), split = _chunk_summary_planes(x, keep, q, cfg, plan, reverse=reverse, split=split,
+                                          block_d=block_d, num_warps=num_warps,
+                                          interpret=interpret, name=name)
+  return _natural({"fre": re, "fim": im}, "fre", "fim", x.shape[2], split)
+
+
+def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig,
+                          plan: _Plan, *, reverse: bool, split: int, block_d: int, num_warps: int,
+                          interpret: bool, name: str) -> tuple[tuple[Array, Array], int]:
+  """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C, G, D * S'] f32, S')."""
   batch, length, dim = x.shape
   ndim = q.shape[1]
   if cfg.summary_split:
@@ -1002,7 +1018,111 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
   state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
   out = _launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
                 interpret=interpret, num_warps=num_warps, name=name)
-  return _natural(out, "fre", "fim", dim, split)
+  return (out["fre"], out["fim"]), split
+
+
+@dataclasses.dataclass(frozen=True)
+class _CombineSpec:
+  """Static description of one _combine_states launch (see there)."""
+  count: int       # C chunks
+  dim: int         # D
+  ndim: int        # N
+  in_split: int    # lanes per channel of the summary planes
+  out_split: int   # lanes per channel of the starting-state planes
+  block: int       # state entries per program
+  reverse: bool    # walk the chunks from the last to the first
+  has_flags: bool  # per-chunk survival flags present
+  has_start: bool  # the first chunk's state is given (else zero)
+
+
+def _combine_kernel(*refs, spec: _CombineSpec):
+  """One program: batch b, a block of `spec.block` entries of the output lane layout.
+
+  Walks the chunks in order (reversed for the backward), cur <- flag_c (decay cur) + local_c,
+  storing cur as the state entering the next chunk. Entries are independent, so a program may
+  hold any subset; it takes a contiguous range of the OUTPUT layout so that the stores (C of them
+  per entry) are coalesced, and gathers the summaries from their own layout when the splits differ.
+  """
+  names = ("lre", "lim", "decre", "decim") + (("flags",) if spec.has_flags else ()) + (
+      ("hre", "him") if spec.has_start else ()) + ("ore", "oim")
+  r = dict(zip(names, refs))
+  b, blk = pl.program_id(0), pl.program_id(1)
+  dim, ndim, s_in, s_out = spec.dim, spec.ndim, spec.in_split, spec.out_split
+  out_pos = blk * spec.block + jnp.arange(spec.block, dtype=jnp.int32)
+  mask = out_pos < dim * ndim
+  # Output lane layout [G_out, D * S_out]: (g, d * S_out + j) holds order n = g * S_out + j.
+  d = (out_pos % (dim * s_out)) // s_out
+  n = (out_pos // (dim * s_out)) * s_out + out_pos % s_out
+  in_pos = (n // s_in) * (dim * s_in) + d * s_in + n % s_in
+  natural = d * ndim + n
+  dre = plgpu.load(r["decre"].at[natural], mask=mask, other=0.0)
+  dmi = plgpu.load(r["decim"].at[natural], mask=mask, other=0.0)
+  if spec.has_start:
+    cur = (plgpu.load(r["hre"].at[b, natural], mask=mask, other=0.0),
+           plgpu.load(r["him"].at[b, natural], mask=mask, other=0.0))
+  else:
+    cur = (jnp.zeros((spec.block,), jnp.float32), jnp.zeros((spec.block,), jnp.float32))
+  last = spec.count - 1
+  step = -1 if spec.reverse else 1
+  first = last if spec.reverse else 0
+  plgpu.store(r["ore"].at[b, first, out_pos], cur[0], mask=mask)
+  plgpu.store(r["oim"].at[b, first, out_pos], cur[1], mask=mask)
+
+  def body(i, cur):
+    c = first + step * i
+    cr, ci = cur
+    # As the XLA loop: decay * cur (complex), then the flag, then + local.
+    mr = dre * cr - dmi * ci
+    mi = dre * ci + dmi * cr
+    if spec.has_flags:
+      k = plgpu.load(r["flags"].at[b, c])
+      mr, mi = k * mr, k * mi
+    nr = mr + plgpu.load(r["lre"].at[b, c, in_pos], mask=mask, other=0.0)
+    ni = mi + plgpu.load(r["lim"].at[b, c, in_pos], mask=mask, other=0.0)
+    plgpu.store(r["ore"].at[b, c + step, out_pos], nr, mask=mask)
+    plgpu.store(r["oim"].at[b, c + step, out_pos], ni, mask=mask)
+    return nr, ni
+
+  lax.fori_loop(0, last, body, cur)
+
+
+def _combine_states(local: tuple[Array, Array], in_split: int, decay: Array, flags: Array | None,
+                    start: Array | None, out_split: int, *, reverse: bool, interpret: bool,
+                    block: int = 1024, num_warps: int = 4) -> tuple[Array, Array]:
+  """The state entering every chunk, from the chunk summaries, as one Pallas kernel.
+
+  local: lane planes [B, C, N / in_split, D * in_split] f32 (re, im) of each chunk's final state
+  from a zero start; decay: [D, N] c64, the decay across one chunk; flags: [B, C] f32 (chunk c's
+  survival flag, applied to the state carried across it) or None; start: [B, D, N] c64 or None
+  (zero), the state entering the first chunk of the walk.
+  Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + local[c].
+  reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + local[c].
+  Returns lane planes [B, C, N / out_split, D * out_split] f32 (re, im).
+  """
+  lre, lim = local
+  batch, count, groups_in, lanes_in = lre.shape
+  dim = lanes_in // in_split
+  ndim = groups_in * in_split
+  size = dim * ndim
+  block = min(block, pl.next_power_of_2(size))
+  spec = _CombineSpec(count=count, dim=dim, ndim=ndim, in_split=in_split, out_split=out_split,
+                      block=block, reverse=reverse, has_flags=flags is not None,
+                      has_start=start is not None)
+  dre, dmi = _split_complex(decay.reshape(-1))
+  inputs = [lre.reshape(batch, count, size), lim.reshape(batch, count, size), dre, dmi]
+  if flags is not None:
+    inputs.append(flags.astype(jnp.float32))
+  if start is not None:
+    inputs += list(_split_complex(start.reshape(batch, size)))
+  plane = jax.ShapeDtypeStruct((batch, count, size), jnp.float32)
+  kwargs = {} if interpret else {
+      "compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=1)}
+  ore, oim = pl.pallas_call(
+      functools.partial(_combine_kernel, spec=spec), out_shape=(plane, plane),
+      grid=(batch, pl.cdiv(size, block)), interpret=interpret, name="cema_combine", **kwargs,
+  )(*inputs)
+  shape = (batch, count, ndim // out_split, dim * out_split)
+  return ore.reshape(shape), oim.reshape(shape)
 
 
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
@@ -1028,8 +1148,17 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret))
 
   start = None if h0 is None else h0 / pf[None]
-  local = decay = None
-  if plan.count > 1:
+  local = decay = s0 = None  # s0: lane planes of the state entering each chunk (None: zeros)
+  if plan.count > 1 and cfg.pallas_combine:
+    planes, local_split = _chunk_summary_planes(
+        x, keep, q, cfg, plan, reverse=False, split=split, block_d=cfg.block_d,
+        num_warps=cfg.num_warps, interpret=interpret, name="cema_fwd_chunk_states")
+    decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
+    s0 = _combine_states(planes, local_split, decay, _chunk_flags(keep, plan).fwd, start, split,
+                         reverse=False, interpret=interpret)
+    # Natural layout only for the backward's residual (dead code in a forward-only program).
+    local = _natural({"re": planes[0], "im": planes[1]}, "re", "im", dim, local_split)
+  elif plan.count > 1:
     local = _chunk_summaries(x, keep, q, cfg, plan, reverse=False, split=split,
                              block_d=cfg.block_d, num_warps=cfg.num_warps, interpret=interpret,
                              name="cema_fwd_chunk_states")
@@ -1040,18 +1169,18 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     for c in range(plan.count - 1):
       current = _times(flags.fwd, c, decay * current) + local[:, c]
       starts.append(current)
-    starts = jnp.stack(starts, axis=1)
-  else:
-    starts = None if start is None else start[:, None]
+    s0 = _lane_planes(jnp.stack(starts, axis=1), split)
+  elif start is not None:
+    s0 = _lane_planes(start[:, None], split)
   inputs = dict(x=x, **keep_in, **coefs)
   inputs["cre"], inputs["cim"] = _lane_planes(eta * pf, split)
   inputs["om"] = _lane_omega(omega, split)
   init_names = ()
-  if starts is not None:
-    inputs["s0re"], inputs["s0im"] = _lane_planes(starts, split)
+  if s0 is not None:
+    inputs["s0re"], inputs["s0im"] = s0
     init_names = ("s0re", "s0im")
   names = ("x",) + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
-  out = _launch(spec("fwd", starts is not None, names, ("y", "fre", "fim")), batch, plan.count,
+  out = _launch(spec("fwd", bool(init_names), names, ("y", "fre", "fim")), batch, plan.count,
                 inputs, {"y": jax.ShapeDtypeStruct(x.shape, jnp.float32), "fre": state,
                          "fim": state},
                 interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_scan")

@@ -1024,15 +1024,17 @@ def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKerne
 @dataclasses.dataclass(frozen=True)
 class _CombineSpec:
   """Static description of one _combine_states launch (see there)."""
-  count: int       # C chunks
-  dim: int         # D
-  ndim: int        # N
-  in_split: int    # lanes per channel of the summary planes
-  out_split: int   # lanes per channel of the starting-state planes
-  block: int       # state entries per program
-  reverse: bool    # walk the chunks from the last to the first
-  has_flags: bool  # per-chunk survival flags present
-  has_start: bool  # the first chunk's state is given (else zero)
+  count: int        # C chunks
+  dim: int          # D
+  ndim: int         # N
+  in_split: int     # lanes per channel of the summary planes
+  out_split: int    # lanes per channel of the starting-state planes
+  block: int        # state entries per program
+  reverse: bool     # walk the chunks from the last to the first
+  has_local: bool   # chunk summaries present (else a pure decay of the start)
+  has_flags: bool   # per-chunk survival flags present
+  has_start: bool   # the first chunk's state is given (else zero)
+  first_decay: bool  # the first carry of the walk has its own decay (a shorter last chunk)
 
 
 def _combine_kernel(*refs, spec: _CombineSpec):
@@ -1043,8 +1045,10 @@ def _combine_kernel(*refs, spec: _CombineSpec):
   hold any subset; it takes a contiguous range of the OUTPUT layout so that the stores (C of them
   per entry) are coalesced, and gathers the summaries from their own layout when the splits differ.
   """
-  names = ("lre", "lim", "decre", "decim") + (("flags",) if spec.has_flags else ()) + (
-      ("hre", "him") if spec.has_start else ()) + ("ore", "oim")
+  names = ((("lre", "lim") if spec.has_local else ()) + ("decre", "decim")
+           + (("fdre", "fdim") if spec.first_decay else ())
+           + (("flags",) if spec.has_flags else ()) + (("hre", "him") if spec.has_start else ())
+           + ("ore", "oim"))
   r = dict(zip(names, refs))
   b, blk = pl.program_id(0), pl.program_id(1)
   dim, ndim, s_in, s_out = spec.dim, spec.ndim, spec.in_split, spec.out_split
@@ -1055,8 +1059,11 @@ def _combine_kernel(*refs, spec: _CombineSpec):
   n = (out_pos // (dim * s_out)) * s_out + out_pos % s_out
   in_pos = (n // s_in) * (dim * s_in) + d * s_in + n % s_in
   natural = d * ndim + n
-  dre = plgpu.load(r["decre"].at[natural], mask=mask, other=0.0)
-  dmi = plgpu.load(r["decim"].at[natural], mask=mask, other=0.0)
+
+  def natural_plane(name):
+    return plgpu.load(r[name].at[natural], mask=mask, other=0.0)
+
+  decay = natural_plane("decre"), natural_plane("decim")
   if spec.has_start:
     cur = (plgpu.load(r["hre"].at[b, natural], mask=mask, other=0.0),
            plgpu.load(r["him"].at[b, natural], mask=mask, other=0.0))
@@ -1068,48 +1075,56 @@ def _combine_kernel(*refs, spec: _CombineSpec):
   plgpu.store(r["ore"].at[b, first, out_pos], cur[0], mask=mask)
   plgpu.store(r["oim"].at[b, first, out_pos], cur[1], mask=mask)
 
-  def body(i, cur):
+  def carry(i, cur, dec):
     c = first + step * i
-    cr, ci = cur
+    (cr, ci), (dr, di) = cur, dec
     # As the XLA loop: decay * cur (complex), then the flag, then + local.
-    mr = dre * cr - dmi * ci
-    mi = dre * ci + dmi * cr
+    nr = dr * cr - di * ci
+    ni = dr * ci + di * cr
     if spec.has_flags:
       k = plgpu.load(r["flags"].at[b, c])
-      mr, mi = k * mr, k * mi
-    nr = mr + plgpu.load(r["lre"].at[b, c, in_pos], mask=mask, other=0.0)
-    ni = mi + plgpu.load(r["lim"].at[b, c, in_pos], mask=mask, other=0.0)
+      nr, ni = k * nr, k * ni
+    if spec.has_local:
+      nr = nr + plgpu.load(r["lre"].at[b, c, in_pos], mask=mask, other=0.0)
+      ni = ni + plgpu.load(r["lim"].at[b, c, in_pos], mask=mask, other=0.0)
     plgpu.store(r["ore"].at[b, c + step, out_pos], nr, mask=mask)
     plgpu.store(r["oim"].at[b, c + step, out_pos], ni, mask=mask)
     return nr, ni
 
-  lax.fori_loop(0, last, body, cur)
+  begin = 0
+  if spec.first_decay and last > 0:
+    # A traced index: plgpu.load/store take no Python int next to an array index.
+    cur = carry(jnp.int32(0), cur, (natural_plane("fdre"), natural_plane("fdim")))
+    begin = 1
+  lax.fori_loop(begin, last, lambda i, cur: carry(i, cur, decay), cur)
 
 
-def _combine_states(local: tuple[Array, Array], in_split: int, decay: Array, flags: Array | None,
-                    start: Array | None, out_split: int, *, reverse: bool, interpret: bool,
+def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Array,
+                    flags: Array | None, start: Array | None, out_split: int, *, batch: int,
+                    count: int, reverse: bool, interpret: bool, first_decay: Array | None = None,
                     block: int = 1024, num_warps: int = 4) -> tuple[Array, Array]:
   """The state entering every chunk, from the chunk summaries, as one Pallas kernel.
 
   local: lane planes [B, C, N / in_split, D * in_split] f32 (re, im) of each chunk's final state
-  from a zero start; decay: [D, N] c64, the decay across one chunk; flags: [B, C] f32 (chunk c's
-  survival flag, applied to the state carried across it) or None; start: [B, D, N] c64 or None
-  (zero), the state entering the first chunk of the walk.
+  from a zero start, or None (zeros); decay: [D, N] c64, the decay across one chunk; flags:
+  [B, C] f32 (chunk c's survival flag, applied to the state carried across it) or None; start:
+  [B, D, N] c64 or None (zero), the state entering the first chunk of the walk; first_decay:
+  [D, N] c64 or None, the decay across the first chunk of the walk when it differs.
   Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + local[c].
   reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + local[c].
   Returns lane planes [B, C, N / out_split, D * out_split] f32 (re, im).
   """
-  lre, lim = local
-  batch, count, groups_in, lanes_in = lre.shape
-  dim = lanes_in // in_split
-  ndim = groups_in * in_split
+  dim, ndim = decay.shape
   size = dim * ndim
   block = min(block, pl.next_power_of_2(size))
   spec = _CombineSpec(count=count, dim=dim, ndim=ndim, in_split=in_split, out_split=out_split,
-                      block=block, reverse=reverse, has_flags=flags is not None,
-                      has_start=start is not None)
-  dre, dmi = _split_complex(decay.reshape(-1))
-  inputs = [lre.reshape(batch, count, size), lim.reshape(batch, count, size), dre, dmi]
+                      block=block, reverse=reverse, has_local=local is not None,
+                      has_flags=flags is not None, has_start=start is not None,
+                      first_decay=first_decay is not None)
+  inputs = [] if local is None else [a.reshape(batch, count, size) for a in local]
+  inputs += list(_split_complex(decay.reshape(-1)))
+  if first_decay is not None:
+    inputs += list(_split_complex(first_decay.reshape(-1)))
   if flags is not None:
     inputs.append(flags.astype(jnp.float32))
   if start is not None:
@@ -1155,7 +1170,7 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
         num_warps=cfg.num_warps, interpret=interpret, name="cema_fwd_chunk_states")
     decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
     s0 = _combine_states(planes, local_split, decay, _chunk_flags(keep, plan).fwd, start, split,
-                         reverse=False, interpret=interpret)
+                         batch=batch, count=plan.count, reverse=False, interpret=interpret)
     # Natural layout only for the backward's residual (dead code in a forward-only program).
     local = _natural({"re": planes[0], "im": planes[1]}, "re", "im", dim, local_split)
   elif plan.count > 1:
@@ -1242,14 +1257,21 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
     # The chunk summaries leave the kernel in natural layout, so their tiling is free
     # (CemaKernelConfig.bwd_summary_tiling).
     forward_tiling = cfg.bwd_summary_tiling == "forward"
-    summaries = _chunk_summaries(
-        dy, keep_rev, q, cfg, plan, reverse=True, split=cfg.split if forward_tiling else split,
-        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d,
-        num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps, interpret=interpret,
-        name="cema_bwd_chunk_states")
-    u_in = run_back(None, summaries, flags.bwd)
-    u_in[last] = jnp.zeros_like(u_in[0])
-    inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
+    summary_args = dict(reverse=True, split=cfg.split if forward_tiling else split,
+                        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d,
+                        num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps,
+                        interpret=interpret, name="cema_bwd_chunk_states")
+    if cfg.pallas_combine:
+      # u entering the last chunk is zero, so its decay (decays[last]) never enters.
+      planes, summary_split = _chunk_summary_planes(dy, keep_rev, q, cfg, plan, **summary_args)
+      inputs["u0re"], inputs["u0im"] = _combine_states(
+          planes, summary_split, decay, flags.bwd, None, split, batch=batch, count=plan.count,
+          reverse=True, interpret=interpret)
+    else:
+      summaries = _chunk_summaries(dy, keep_rev, q, cfg, plan, **summary_args)
+      u_in = run_back(None, summaries, flags.bwd)
+      u_in[last] = jnp.zeros_like(u_in[0])
+      inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
     init_names = ("u0re", "u0im")
   inputs["cre"], inputs["cim"] = _lane_planes(eta * p, split)
   inputs["om"] = _lane_omega(omega, split)
@@ -1259,9 +1281,15 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   out_shapes["dx"] = jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_shapes["ctom"] = jax.ShapeDtypeStruct((batch, plan.count, dim * split), jnp.float32)
   if has_g:
-    eg_in = run_back(g_last, None, flags.bwd)
     inputs["p"] = _to_lanes(p, split)
-    inputs["e0re"], inputs["e0im"] = _lane_planes(jnp.stack(eg_in, axis=1), split)
+    if cfg.pallas_combine and plan.count > 1:
+      inputs["e0re"], inputs["e0im"] = _combine_states(
+          None, split, decay, flags.bwd, g_last, split, batch=batch, count=plan.count,
+          reverse=True, interpret=interpret,
+          first_decay=None if decays[last] is decay else decays[last])
+    else:
+      eg_in = run_back(g_last, None, flags.bwd)
+      inputs["e0re"], inputs["e0im"] = _lane_planes(jnp.stack(eg_in, axis=1), split)
     names += ("p", "e0re", "e0im")
     g_names = ("egre", "egim", "fgre", "fgim", "pg", "bgre", "bgim")
     out_names += g_names

@@ -1069,40 +1069,43 @@ def _combine_kernel(*refs, spec: _CombineSpec):
            plgpu.load(r["him"].at[b, natural], mask=mask, other=0.0))
   else:
     cur = (jnp.zeros((spec.block,), jnp.float32), jnp.zeros((spec.block,), jnp.float32))
-  last = spec.count - 1
-  step = -1 if spec.reverse else 1
-  first = last if spec.reverse else 0
-  plgpu.store(r["ore"].at[b, first, out_pos], cur[0], mask=mask)
-  plgpu.store(r["oim"].at[b, first, out_pos], cur[1], mask=mask)
+  # The walk is a dependent chain of C short steps: its loads (which do not depend on it) all go
+  # out first, so the chain waits for one memory latency rather than one per chunk. C <= 64, so
+  # the static unroll stays small; a program holds one entry per thread (see _combine_states).
+  # Chunk indices are traced scalars: plgpu.load/store take no Python int next to a traced index.
+  order = [spec.count - 1 - i for i in range(spec.count)] if spec.reverse else list(range(spec.count))
+  index = {c: jnp.int32(c) for c in order}
+  walk = order[:-1]  # the chunks carried across, in walk order
+  flags = [plgpu.load(r["flags"].at[b, index[c]]) for c in walk] if spec.has_flags else None
+  local = ([(plgpu.load(r["lre"].at[b, index[c], in_pos], mask=mask, other=0.0),
+             plgpu.load(r["lim"].at[b, index[c], in_pos], mask=mask, other=0.0)) for c in walk]
+           if spec.has_local else None)
+  decays = [decay] * len(walk)
+  if spec.first_decay and walk:
+    decays[0] = natural_plane("fdre"), natural_plane("fdim")
 
-  def carry(i, cur, dec):
-    c = first + step * i
-    (cr, ci), (dr, di) = cur, dec
+  def store(c, value):
+    plgpu.store(r["ore"].at[b, index[c], out_pos], value[0], mask=mask)
+    plgpu.store(r["oim"].at[b, index[c], out_pos], value[1], mask=mask)
+
+  store(order[0], cur)
+  for i, c in enumerate(walk):
+    (cr, ci), (dr, di) = cur, decays[i]
     # As the XLA loop: decay * cur (complex), then the flag, then + local.
     nr = dr * cr - di * ci
     ni = dr * ci + di * cr
-    if spec.has_flags:
-      k = plgpu.load(r["flags"].at[b, c])
-      nr, ni = k * nr, k * ni
-    if spec.has_local:
-      nr = nr + plgpu.load(r["lre"].at[b, c, in_pos], mask=mask, other=0.0)
-      ni = ni + plgpu.load(r["lim"].at[b, c, in_pos], mask=mask, other=0.0)
-    plgpu.store(r["ore"].at[b, c + step, out_pos], nr, mask=mask)
-    plgpu.store(r["oim"].at[b, c + step, out_pos], ni, mask=mask)
-    return nr, ni
-
-  begin = 0
-  if spec.first_decay and last > 0:
-    # A traced index: plgpu.load/store take no Python int next to an array index.
-    cur = carry(jnp.int32(0), cur, (natural_plane("fdre"), natural_plane("fdim")))
-    begin = 1
-  lax.fori_loop(begin, last, lambda i, cur: carry(i, cur, decay), cur)
+    if flags is not None:
+      nr, ni = flags[i] * nr, flags[i] * ni
+    if local is not None:
+      nr, ni = nr + local[i][0], ni + local[i][1]
+    cur = nr, ni
+    store(order[i + 1], cur)
 
 
 def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Array,
                     flags: Array | None, start: Array | None, out_split: int, *, batch: int,
                     count: int, reverse: bool, interpret: bool, first_decay: Array | None = None,
-                    block: int = 1024, num_warps: int = 4) -> tuple[Array, Array]:
+                    block: int = 128, num_warps: int = 4) -> tuple[Array, Array]:
   """The state entering every chunk, from the chunk summaries, as one Pallas kernel.
 
   local: lane planes [B, C, N / in_split, D * in_split] f32 (re, im) of each chunk's final state
@@ -1113,6 +1116,9 @@ def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Arr
   Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + local[c].
   reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + local[c].
   Returns lane planes [B, C, N / out_split, D * out_split] f32 (re, im).
+  block = 32 num_warps: one entry per thread, so the C prefetched summaries (2 C registers) fit
+  for any C <= _MAX_CHUNKS, and B D N / 128 programs (512 at D = 4096, N = 16) spread the
+  latency-bound walk over the whole GPU.
   """
   dim, ndim = decay.shape
   size = dim * ndim

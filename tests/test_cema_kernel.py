@@ -480,6 +480,28 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
   assert "fma.rn.f32" in text
 
 
+def test_pallas_combine_lowers_with_resets_h0_and_a_shorter_last_chunk():
+  """The three combine kernels (forward s from h0, backward u, backward g whose first carry crosses
+  the 8-step last chunk of 32 + 32 + 8 with its own decay) lower for CUDA, summaries on 2 lanes per
+  channel where the scans have 1 and 4."""
+  x = jnp.zeros((2, 72, 8), jnp.float32)
+  coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),
+                            jnp.ones((8, 4), jnp.complex64))
+  h0 = jnp.zeros((2, 8, 4), jnp.complex64)
+  seg = jnp.zeros((2, 72), jnp.int32)
+  cfg = dataclasses.replace(K.default_config(1, 72, 8, 4), block_t=16, num_chunks=4, split=1,
+                            bwd_split=4, summary_split=2, pallas_combine=True)
+  assert K._plan(72, cfg) == K._Plan(32, 3, 8)
+
+  def loss(x, h0):
+    y, h_last = K.cema_pallas(x, coeffs, jnp.zeros((8,)), h0, segment_ids=seg, return_state=True,
+                              interpret=False, platform="gpu", config=cfg)
+    return jnp.sum(y) + jnp.sum(jnp.real(h_last))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, h0).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count('name = "cema_combine"') == 3
+
+
 def test_ptx_fma_off_leaves_no_inline_assembly():
   x = jnp.zeros((1, 64, 8), jnp.float32)
   coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),

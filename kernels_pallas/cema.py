@@ -26,8 +26,9 @@ and outputs (no [B, L, D, N] tensor).
 Time parallelism: the sequence is cut into `num_chunks` chunks, one program per (batch, channel
 block, chunk).  A cheap first pass ("local") finds every chunk's final state from a zero start
 (s for the forward, u for the backward); a small XLA combine over chunks, with q^chunk from
-double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state; the main
-pass then runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
+double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state (with
+CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead); the main pass then
+runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
 true values differ by q^i U'_in at step i, whose contribution to sum_t x_t u'_t is U'_in times
 q times the forward pass's chunk-local state, kept as a residual.  So the backward's first pass
 only needs u, and the forward and backward share one chunk partition of time.

@@ -1074,7 +1074,7 @@ def _combine_kernel(*refs, spec: _CombineSpec):
   # out first, so the chain waits for one memory latency rather than one per chunk. C <= 64, so
   # the static unroll stays small; a program holds one entry per thread (see _combine_states).
   # Chunk indices are traced scalars: plgpu.load/store take no Python int next to a traced index.
-  order = [spec.count - 1 - i for i in range(spec.count)] if spec.reverse else list(range(spec.count))
+  order = list(range(spec.count))[::-1] if spec.reverse else list(range(spec.count))
   index = {c: jnp.int32(c) for c in order}
   walk = order[:-1]  # the chunks carried across, in walk order
   flags = [plgpu.load(r["flags"].at[b, index[c]]) for c in walk] if spec.has_flags else None

@@ -26,8 +26,9 @@ and outputs (no [B, L, D, N] tensor).
 Time parallelism: the sequence is cut into `num_chunks` chunks, one program per (batch, channel
 block, chunk).  A cheap first pass ("local") finds every chunk's final state from a zero start
 (s for the forward, u for the backward); a small XLA combine over chunks, with q^chunk from
-double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state; the main
-pass then runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
+double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state (with
+CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead); the main pass then
+runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
 true values differ by q^i U'_in at step i, whose contribution to sum_t x_t u'_t is U'_in times
 q times the forward pass's chunk-local state, kept as a residual.  So the backward's first pass
 only needs u, and the forward and backward share one chunk partition of time.
@@ -206,6 +207,11 @@ class CemaKernelConfig:
     each (_accurate_powers_pallas); False: XLA's unrolled chain (_accurate_powers, tens of small
     kernels), the same values. powers_block: lanes per program of those kernels (64 programs at
     D = 4096, N = 16 with 1024; the q^chunk table is a 13-squaring dependent chain per lane).
+  pallas_combine: the combine over chunks that gives each chunk its starting state (the forward's
+    s entering each chunk; the backward's u entering each chunk from the end) as ONE small Pallas
+    kernel (_combine_states) reading the chunk-summary kernel's lane planes and writing the main
+    scan's, in place of a per-chunk XLA loop and the layout conversions around it (~a dozen small
+    XLA kernels, each a launch at B = 1). The same float32 operations in the same order.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -226,6 +232,7 @@ class CemaKernelConfig:
   sum_chains: int = 4
   pallas_powers: bool = True
   powers_block: int = 1024
+  pallas_combine: bool = False
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -979,6 +986,16 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
   serves, replaced by CemaKernelConfig.summary_split when that is set.
   Returns [B, C, D, N] complex64.
   """
+  (re, im), split = _chunk_summary_planes(x, keep, q, cfg, plan, reverse=reverse, split=split,
+                                          block_d=block_d, num_warps=num_warps,
+                                          interpret=interpret, name=name)
+  return _natural({"fre": re, "fim": im}, "fre", "fim", x.shape[2], split)
+
+
+def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig,
+                          plan: _Plan, *, reverse: bool, split: int, block_d: int, num_warps: int,
+                          interpret: bool, name: str) -> tuple[tuple[Array, Array], int]:
+  """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C, G, D * S'] f32, S')."""
   batch, length, dim = x.shape
   ndim = q.shape[1]
   if cfg.summary_split:
@@ -1002,7 +1019,132 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
   state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
   out = _launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
                 interpret=interpret, num_warps=num_warps, name=name)
-  return _natural(out, "fre", "fim", dim, split)
+  return (out["fre"], out["fim"]), split
+
+
+@dataclasses.dataclass(frozen=True)
+class _CombineSpec:
+  """Static description of one _combine_states launch (see there)."""
+  count: int        # C chunks
+  dim: int          # D
+  ndim: int         # N
+  in_split: int     # lanes per channel of the summary planes
+  out_split: int    # lanes per channel of the starting-state planes
+  block: int        # state entries per program
+  reverse: bool     # walk the chunks from the last to the first
+  has_local: bool   # chunk summaries present (else a pure decay of the start)
+  has_flags: bool   # per-chunk survival flags present
+  has_start: bool   # the first chunk's state is given (else zero)
+  first_decay: bool  # the first carry of the walk has its own decay (a shorter last chunk)
+
+
+def _combine_kernel(*refs, spec: _CombineSpec):
+  """One program: batch b, a block of `spec.block` entries of the output lane layout.
+
+  Walks the chunks in order (reversed for the backward), cur <- flag_c (decay cur) + local_c,
+  storing cur as the state entering the next chunk. Entries are independent, so a program may
+  hold any subset; it takes a contiguous range of the OUTPUT layout so that the stores (C of them
+  per entry) are coalesced, and gathers the summaries from their own layout when the splits differ.
+  """
+  names = ((("lre", "lim") if spec.has_local else ()) + ("decre", "decim")
+           + (("fdre", "fdim") if spec.first_decay else ())
+           + (("flags",) if spec.has_flags else ()) + (("hre", "him") if spec.has_start else ())
+           + ("ore", "oim"))
+  r = dict(zip(names, refs))
+  b, blk = pl.program_id(0), pl.program_id(1)
+  dim, ndim, s_in, s_out = spec.dim, spec.ndim, spec.in_split, spec.out_split
+  out_pos = blk * spec.block + jnp.arange(spec.block, dtype=jnp.int32)
+  mask = out_pos < dim * ndim
+  # Output lane layout [G_out, D * S_out]: (g, d * S_out + j) holds order n = g * S_out + j.
+  d = (out_pos % (dim * s_out)) // s_out
+  n = (out_pos // (dim * s_out)) * s_out + out_pos % s_out
+  in_pos = (n // s_in) * (dim * s_in) + d * s_in + n % s_in
+  natural = d * ndim + n
+
+  def natural_plane(name):
+    return plgpu.load(r[name].at[natural], mask=mask, other=0.0)
+
+  decay = natural_plane("decre"), natural_plane("decim")
+  if spec.has_start:
+    cur = (plgpu.load(r["hre"].at[b, natural], mask=mask, other=0.0),
+           plgpu.load(r["him"].at[b, natural], mask=mask, other=0.0))
+  else:
+    cur = (jnp.zeros((spec.block,), jnp.float32), jnp.zeros((spec.block,), jnp.float32))
+  # The walk is a dependent chain of C short steps: its loads (which do not depend on it) all go
+  # out first, so the chain waits for one memory latency rather than one per chunk. C <= 64, so
+  # the static unroll stays small; a program holds one entry per thread (see _combine_states).
+  # Chunk indices are traced scalars: plgpu.load/store take no Python int next to a traced index.
+  order = list(range(spec.count))[::-1] if spec.reverse else list(range(spec.count))
+  index = {c: jnp.int32(c) for c in order}
+  walk = order[:-1]  # the chunks carried across, in walk order
+  flags = [plgpu.load(r["flags"].at[b, index[c]]) for c in walk] if spec.has_flags else None
+  local = ([(plgpu.load(r["lre"].at[b, index[c], in_pos], mask=mask, other=0.0),
+             plgpu.load(r["lim"].at[b, index[c], in_pos], mask=mask, other=0.0)) for c in walk]
+           if spec.has_local else None)
+  decays = [decay] * len(walk)
+  if spec.first_decay and walk:
+    decays[0] = natural_plane("fdre"), natural_plane("fdim")
+
+  def store(c, value):
+    plgpu.store(r["ore"].at[b, index[c], out_pos], value[0], mask=mask)
+    plgpu.store(r["oim"].at[b, index[c], out_pos], value[1], mask=mask)
+
+  store(order[0], cur)
+  for i, c in enumerate(walk):
+    (cr, ci), (dr, di) = cur, decays[i]
+    # As the XLA loop: decay * cur (complex), then the flag, then + local.
+    nr = dr * cr - di * ci
+    ni = dr * ci + di * cr
+    if flags is not None:
+      nr, ni = flags[i] * nr, flags[i] * ni
+    if local is not None:
+      nr, ni = nr + local[i][0], ni + local[i][1]
+    cur = nr, ni
+    store(order[i + 1], cur)
+
+
+def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Array,
+                    flags: Array | None, start: Array | None, out_split: int, *, batch: int,
+                    count: int, reverse: bool, interpret: bool, first_decay: Array | None = None,
+                    block: int = 128, num_warps: int = 4) -> tuple[Array, Array]:
+  """The state entering every chunk, from the chunk summaries, as one Pallas kernel.
+
+  local: lane planes [B, C, N / in_split, D * in_split] f32 (re, im) of each chunk's final state
+  from a zero start, or None (zeros); decay: [D, N] c64, the decay across one chunk; flags:
+  [B, C] f32 (chunk c's survival flag, applied to the state carried across it) or None; start:
+  [B, D, N] c64 or None (zero), the state entering the first chunk of the walk; first_decay:
+  [D, N] c64 or None, the decay across the first chunk of the walk when it differs.
+  Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + local[c].
+  reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + local[c].
+  Returns lane planes [B, C, N / out_split, D * out_split] f32 (re, im).
+  block = 32 num_warps: one entry per thread, so the C prefetched summaries (2 C registers) fit
+  for any C <= _MAX_CHUNKS, and B D N / 128 programs (512 at D = 4096, N = 16) spread the
+  latency-bound walk over the whole GPU.
+  """
+  dim, ndim = decay.shape
+  size = dim * ndim
+  block = min(block, pl.next_power_of_2(size))
+  spec = _CombineSpec(count=count, dim=dim, ndim=ndim, in_split=in_split, out_split=out_split,
+                      block=block, reverse=reverse, has_local=local is not None,
+                      has_flags=flags is not None, has_start=start is not None,
+                      first_decay=first_decay is not None)
+  inputs = [] if local is None else [a.reshape(batch, count, size) for a in local]
+  inputs += list(_split_complex(decay.reshape(-1)))
+  if first_decay is not None:
+    inputs += list(_split_complex(first_decay.reshape(-1)))
+  if flags is not None:
+    inputs.append(flags.astype(jnp.float32))
+  if start is not None:
+    inputs += list(_split_complex(start.reshape(batch, size)))
+  plane = jax.ShapeDtypeStruct((batch, count, size), jnp.float32)
+  kwargs = {} if interpret else {
+      "compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=1)}
+  ore, oim = pl.pallas_call(
+      functools.partial(_combine_kernel, spec=spec), out_shape=(plane, plane),
+      grid=(batch, pl.cdiv(size, block)), interpret=interpret, name="cema_combine", **kwargs,
+  )(*inputs)
+  shape = (batch, count, ndim // out_split, dim * out_split)
+  return ore.reshape(shape), oim.reshape(shape)
 
 
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
@@ -1028,8 +1170,17 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret))
 
   start = None if h0 is None else h0 / pf[None]
-  local = decay = None
-  if plan.count > 1:
+  local = decay = s0 = None  # s0: lane planes of the state entering each chunk (None: zeros)
+  if plan.count > 1 and cfg.pallas_combine:
+    planes, local_split = _chunk_summary_planes(
+        x, keep, q, cfg, plan, reverse=False, split=split, block_d=cfg.block_d,
+        num_warps=cfg.num_warps, interpret=interpret, name="cema_fwd_chunk_states")
+    decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
+    s0 = _combine_states(planes, local_split, decay, _chunk_flags(keep, plan).fwd, start, split,
+                         batch=batch, count=plan.count, reverse=False, interpret=interpret)
+    # Natural layout only for the backward's residual (dead code in a forward-only program).
+    local = _natural({"re": planes[0], "im": planes[1]}, "re", "im", dim, local_split)
+  elif plan.count > 1:
     local = _chunk_summaries(x, keep, q, cfg, plan, reverse=False, split=split,
                              block_d=cfg.block_d, num_warps=cfg.num_warps, interpret=interpret,
                              name="cema_fwd_chunk_states")
@@ -1040,18 +1191,18 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     for c in range(plan.count - 1):
       current = _times(flags.fwd, c, decay * current) + local[:, c]
       starts.append(current)
-    starts = jnp.stack(starts, axis=1)
-  else:
-    starts = None if start is None else start[:, None]
+    s0 = _lane_planes(jnp.stack(starts, axis=1), split)
+  elif start is not None:
+    s0 = _lane_planes(start[:, None], split)
   inputs = dict(x=x, **keep_in, **coefs)
   inputs["cre"], inputs["cim"] = _lane_planes(eta * pf, split)
   inputs["om"] = _lane_omega(omega, split)
   init_names = ()
-  if starts is not None:
-    inputs["s0re"], inputs["s0im"] = _lane_planes(starts, split)
+  if s0 is not None:
+    inputs["s0re"], inputs["s0im"] = s0
     init_names = ("s0re", "s0im")
   names = ("x",) + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
-  out = _launch(spec("fwd", starts is not None, names, ("y", "fre", "fim")), batch, plan.count,
+  out = _launch(spec("fwd", bool(init_names), names, ("y", "fre", "fim")), batch, plan.count,
                 inputs, {"y": jax.ShapeDtypeStruct(x.shape, jnp.float32), "fre": state,
                          "fim": state},
                 interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_scan")
@@ -1113,14 +1264,21 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
     # The chunk summaries leave the kernel in natural layout, so their tiling is free
     # (CemaKernelConfig.bwd_summary_tiling).
     forward_tiling = cfg.bwd_summary_tiling == "forward"
-    summaries = _chunk_summaries(
-        dy, keep_rev, q, cfg, plan, reverse=True, split=cfg.split if forward_tiling else split,
-        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d,
-        num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps, interpret=interpret,
-        name="cema_bwd_chunk_states")
-    u_in = run_back(None, summaries, flags.bwd)
-    u_in[last] = jnp.zeros_like(u_in[0])
-    inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
+    summary_args = dict(reverse=True, split=cfg.split if forward_tiling else split,
+                        block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d,
+                        num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps,
+                        interpret=interpret, name="cema_bwd_chunk_states")
+    if cfg.pallas_combine:
+      # u entering the last chunk is zero, so its decay (decays[last]) never enters.
+      planes, summary_split = _chunk_summary_planes(dy, keep_rev, q, cfg, plan, **summary_args)
+      inputs["u0re"], inputs["u0im"] = _combine_states(
+          planes, summary_split, decay, flags.bwd, None, split, batch=batch, count=plan.count,
+          reverse=True, interpret=interpret)
+    else:
+      summaries = _chunk_summaries(dy, keep_rev, q, cfg, plan, **summary_args)
+      u_in = run_back(None, summaries, flags.bwd)
+      u_in[last] = jnp.zeros_like(u_in[0])
+      inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
     init_names = ("u0re", "u0im")
   inputs["cre"], inputs["cim"] = _lane_planes(eta * p, split)
   inputs["om"] = _lane_omega(omega, split)
@@ -1130,9 +1288,15 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   out_shapes["dx"] = jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_shapes["ctom"] = jax.ShapeDtypeStruct((batch, plan.count, dim * split), jnp.float32)
   if has_g:
-    eg_in = run_back(g_last, None, flags.bwd)
     inputs["p"] = _to_lanes(p, split)
-    inputs["e0re"], inputs["e0im"] = _lane_planes(jnp.stack(eg_in, axis=1), split)
+    if cfg.pallas_combine and plan.count > 1:
+      inputs["e0re"], inputs["e0im"] = _combine_states(
+          None, split, decay, flags.bwd, g_last, split, batch=batch, count=plan.count,
+          reverse=True, interpret=interpret,
+          first_decay=None if decays[last] is decay else decays[last])
+    else:
+      eg_in = run_back(g_last, None, flags.bwd)
+      inputs["e0re"], inputs["e0im"] = _lane_planes(jnp.stack(eg_in, axis=1), split)
     names += ("p", "e0re", "e0im")
     g_names = ("egre", "egim", "fgre", "fgim", "pg", "bgre", "bgim")
     out_names += g_names

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
+from jax import export, lax
 
 from kernels_pallas import cema as K
 from megalodon_jax.ops.cema import CemaCoefficients, cema_coefficients
@@ -116,6 +116,23 @@ CASES = {
     "chunked_h0_segments_summary_block2_split4": Case(
         "chunked_h0_segments_summary_block2_split4", use_h0=True, use_segments=True,
         config=dataclasses.replace(CHUNKED, block_t=4, summary_block=2, summary_split=4)),
+    # CemaKernelConfig.pallas_combine: every chunk's starting state (forward s, backward u and,
+    # with h_last differentiated, g) from one small Pallas kernel instead of XLA loops. The
+    # training path; then resets, h0 and g, whose walk starts across the shorter last chunk (5
+    # steps, its own decay); then summaries on other lanes than both scans (1 per channel, where
+    # the forward has 2 and the backward 4); then equal chunks of 7 steps (one decay for g).
+    "chunked_pallas_combine": Case("chunked_pallas_combine", use_h0=False, use_segments=False,
+                                   config=dataclasses.replace(CHUNKED, pallas_combine=True),
+                                   use_state=False),
+    "chunked_h0_segments_pallas_combine": Case(
+        "chunked_h0_segments_pallas_combine", use_h0=True, use_segments=True,
+        config=dataclasses.replace(CHUNKED, pallas_combine=True)),
+    "chunked_segments_pallas_combine_summary_split1": Case(
+        "chunked_segments_pallas_combine_summary_split1", use_h0=False, use_segments=True,
+        config=dataclasses.replace(CHUNKED, summary_split=1, pallas_combine=True)),
+    "equal_chunks_h0_pallas_combine": Case(
+        "equal_chunks_h0_pallas_combine", use_h0=True, use_segments=False,
+        config=dataclasses.replace(SMALL, block_t=1, num_chunks=3, pallas_combine=True)),
     # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
     "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
                             config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
@@ -290,6 +307,55 @@ def test_kernel_grads_match_float64_finite_differences(name):
     assert abs(got - expected) <= RTOL * scale, (param, got, expected)
 
 
+@pytest.mark.parametrize("name", ["chunked", "chunked_h0_segments"])
+def test_pallas_combine_matches_the_xla_combine(name):
+  """The combine kernel runs the XLA loop's float32 operations in the same order: values, final
+  state and every gradient agree to a few float32 roundings."""
+  _, y, h_last, grads = run_case(name, "kernel")
+  _, y_c, h_c, grads_c = run_case(name + "_pallas_combine", "kernel")
+  assert rel_err(y_c, y) < 1e-6 and rel_err(h_c, h_last) < 1e-6
+  for param in grads:
+    assert rel_err(grads_c[param], grads[param]) < 1e-6, param
+
+
+def test_pallas_combine_on_the_chunk_plan():
+  """The combine kernel alone against the XLA loops it replaces, on one chunk plan: forward (h0,
+  flags) and reverse (zero start; g start with the last chunk's own decay), summaries and states
+  on different lanes per channel."""
+  rng = np.random.default_rng(5)
+  batch, count, dim, ndim = 2, 5, 6, 8
+  cplx = lambda *shape: jnp.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape),  # noqa: E731
+                                    jnp.complex64)
+  local, start = cplx(batch, count, dim, ndim), cplx(batch, dim, ndim)
+  decay, first = 0.9 * cplx(dim, ndim) / 2, 0.9 * cplx(dim, ndim) / 2
+  flags = jnp.asarray(rng.random((batch, count)) < 0.7, jnp.float32)
+  natural = lambda planes, split: K._from_lanes(lax.complex(*planes), dim, split)  # noqa: E731
+  for s_in, s_out in ((2, 2), (4, 1), (1, 8)):
+    planes = K._lane_planes(local, s_in)
+    got = natural(K._combine_states(planes, s_in, decay, flags, start, s_out, batch=batch,
+                                    count=count, reverse=False, interpret=True, block=16), s_out)
+    want, cur = [start], start
+    for c in range(count - 1):
+      cur = K._times(flags, c, decay * cur) + local[:, c]
+      want.append(cur)
+    np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
+    got = natural(K._combine_states(planes, s_in, decay, flags, None, s_out, batch=batch,
+                                    count=count, reverse=True, interpret=True), s_out)
+    want, cur = [jnp.zeros_like(start)], None
+    for c in range(count - 1, 0, -1):
+      cur = local[:, c] if cur is None else K._times(flags, c, decay * cur) + local[:, c]
+      want.insert(0, cur)
+    np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
+    got = natural(K._combine_states(None, s_in, decay, flags, start, s_out, batch=batch,
+                                    count=count, reverse=True, interpret=True, first_decay=first),
+                  s_out)
+    want, cur = [start], start
+    for c in range(count - 1, 0, -1):
+      cur = K._times(flags, c, (first if c == count - 1 else decay) * cur)
+      want.insert(0, cur)
+    np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_input_gradient_is_rounded_float32_gradient():
   _, _, _, grads = run_case("one_chunk_bf16", "kernel")
   _, _, _, grads_r = run_case("one_chunk_bf16", "reference")
@@ -377,15 +443,18 @@ def test_default_config_fills_the_gpu_and_falls_back_to_one_chunk():
   assert K.default_config(1, 32768, 24, 3).num_chunks == K._MAX_CHUNKS
 
 
-def test_gpu_kernels_lower_to_triton_at_preset_shape():
+@pytest.mark.parametrize("pallas_combine", [False, True])
+def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
   """jax.export for CUDA runs the real Pallas -> Triton lowering on CPU: every pass of the value
   and gradient (chunk summaries, forward scan, backward scan with the g part and resets) at
-  B=1, L=32768, D=4096, N=16 with the default configuration."""
+  B=1, L=32768, D=4096, N=16 with the default configuration (and with pallas_combine: three
+  combine kernels, forward s, backward u and g)."""
+  cfg = dataclasses.replace(K.default_config(1, 32768, 4096, 16), pallas_combine=pallas_combine)
 
   def value_and_grads(x, p, q, eta, omega, seg, h0, w):
     def loss(x, p, q, eta, omega, h0):
       y, h_last = K.cema_pallas(x, CemaCoefficients(p, q, eta), omega, h0, segment_ids=seg,
-                                return_state=True, interpret=False, platform="gpu")
+                                return_state=True, interpret=False, platform="gpu", config=cfg)
       return jnp.sum(w * y) + jnp.sum(jnp.real(h_last))
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))(x, p, q, eta, omega, h0)
 
@@ -401,13 +470,36 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape():
   text = exported.mlir_module()
   # Four scans (chunk summaries and main pass, each direction) and three double-float power tables
   # (each direction's summary powers q^1..q^S, the forward's chunk decay q^chunk).
-  assert text.count("__gpu$xla.gpu.triton") == 7
+  assert text.count("__gpu$xla.gpu.triton") == 7 + 3 * pallas_combine
   assert text.count('name = "cema_powers"') == 3
+  assert text.count('name = "cema_combine"') == 3 * pallas_combine
   for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
     assert name in text, name
   # The multiply-adds are PTX FMAs (CemaKernelConfig.ptx_fma): XLA's Triton pipeline would
   # otherwise leave them as separate multiplies and adds, half the arithmetic rate.
   assert "fma.rn.f32" in text
+
+
+def test_pallas_combine_lowers_with_resets_h0_and_a_shorter_last_chunk():
+  """The three combine kernels (forward s from h0, backward u, backward g whose first carry crosses
+  the 8-step last chunk of 32 + 32 + 8 with its own decay) lower for CUDA, summaries on 2 lanes per
+  channel where the scans have 1 and 4."""
+  x = jnp.zeros((2, 72, 8), jnp.float32)
+  coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),
+                            jnp.ones((8, 4), jnp.complex64))
+  h0 = jnp.zeros((2, 8, 4), jnp.complex64)
+  seg = jnp.zeros((2, 72), jnp.int32)
+  cfg = dataclasses.replace(K.default_config(1, 72, 8, 4), block_t=16, num_chunks=4, split=1,
+                            bwd_split=4, summary_split=2, pallas_combine=True)
+  assert K._plan(72, cfg) == K._Plan(32, 3, 8)
+
+  def loss(x, h0):
+    y, h_last = K.cema_pallas(x, coeffs, jnp.zeros((8,)), h0, segment_ids=seg, return_state=True,
+                              interpret=False, platform="gpu", config=cfg)
+    return jnp.sum(y) + jnp.sum(jnp.real(h_last))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, h0).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count('name = "cema_combine"') == 3
 
 
 def test_ptx_fma_off_leaves_no_inline_assembly():

@@ -333,6 +333,8 @@ SWEEP = {
     "sb8_ss2": {"summary_block": 8, "summary_split": 2},              # 3.1 / 3.1
     "sb8_ss4": {"summary_block": 8, "summary_split": 4},              # 3.9 / 3.9
     "sb16_ss4": {"summary_block": 16, "summary_split": 4},            # 3.8 / 3.9
+    # The combines over chunks (forward s, backward u and g) as one Pallas kernel each.
+    "pallas_combine": {"pallas_combine": True},
 }
 
 

@@ -150,8 +150,13 @@ def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
     path = os.path.join(out_dir, f"{len(saved):02d}_{name}.ttir")
     with open(path, "w") as f:
       f.write(text)
-    # warps None: the launch parameter the Pallas lowering chose (a local of its caller).
-    saved.append((path, warps[name] if warps is not None else sys._getframe(1).f_locals["num_warps"]))
+    # warps None, or a kernel it does not name (CEMA's power tables and combine kernels, which set
+    # their own): the launch parameter the Pallas lowering chose (a local of its caller).
+    try:
+      num_warps = warps[name]
+    except (KeyError, TypeError):
+      num_warps = sys._getframe(1).f_locals["num_warps"]
+    saved.append((path, num_warps))
     return result
 
   registration.lowering.lower_jaxpr_to_triton_module = capture

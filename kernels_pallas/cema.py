@@ -1530,70 +1530,67 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   out = _launch(spec("bwd", bool(init_names), names, out_names), batch, plan.count, inputs,
                 out_shapes, interpret=interpret, num_warps=cfg.bwd_num_warps,
                 name="cema_bwd_scan")
-  # Every per-chunk output of the scan reduced to [D, N] totals (and per-batch firsts with h0):
-  # one kernel with pallas_combine, else XLA; then a few [D, N] elementwise operations.
-  totals_args = dict(batch=batch, count=plan.count, dim=dim, split=split, has_g=has_g,
-                     has_h0=h0 is not None)
   if cfg.pallas_combine:
+    # Every per-chunk output of the scan reduced to natural [D, N] totals (and per-batch firsts
+    # with h0) in one kernel; what is left are the few [D, N] elementwise operations below, the
+    # same expressions as the XLA path's.
     t = _backward_totals(out, local, cfg.summary_split or cfg.split, decay, q, flags,
-                         interpret=interpret, **totals_args)
-  else:
-    t = _backward_totals_xla(out, local, decay, q, flags, **totals_args)
-  ct_p = jnp.real(eta * t["acc_a"])
-  ct_q = p * eta * t["acc_b"]
-  if has_g:
-    ct_p = ct_p + t["pg"]
-    ct_q = ct_q + p * t["acc_bg"]
-  ct_eta = p * t["acc_a"]
-  ct_h0 = None  # only with h0 (_cema_core_bwd drops it otherwise)
-  if h0 is not None:
-    u_first = t["u_first"]                                           # u_0
-    h0_factor = eta * (u_first + q * t["v_final"])                   # w_0 + q w'_0 without g
-    ct_h0 = q * (eta * u_first)                                      # q w_0 without g
+                         batch=batch, count=plan.count, dim=dim, split=split, has_g=has_g,
+                         has_h0=h0 is not None, interpret=interpret)
+    ct_p = jnp.real(eta * t["acc_a"])
+    ct_q = p * eta * t["acc_b"]
     if has_g:
-      h0_factor = h0_factor + t["f_final"]                           # g_0 + q g'_0
-      ct_h0 = ct_h0 + t["q_g_first"]                                 # q g_0
-    ct_eta = ct_eta + q * jnp.sum(h0 * u_first, axis=0)
-    ct_q = ct_q + jnp.sum(h0 * h0_factor, axis=0)
-  return out["dx"], ct_p, ct_q, ct_eta, t["ct_omega"], ct_h0
+      ct_p = ct_p + t["pg"]
+      ct_q = ct_q + p * t["acc_bg"]
+    ct_eta = p * t["acc_a"]
+    ct_h0 = None  # only with h0 (_cema_core_bwd drops it otherwise)
+    if h0 is not None:
+      u_first = t["u_first"]                                         # u_0
+      h0_factor = eta * (u_first + q * t["v_final"])                 # w_0 + q w'_0 without g
+      ct_h0 = q * (eta * u_first)                                    # q w_0 without g
+      if has_g:
+        h0_factor = h0_factor + t["f_final"]                         # g_0 + q g'_0
+        ct_h0 = ct_h0 + t["q_g_first"]                               # q g_0
+      ct_eta = ct_eta + q * jnp.sum(h0 * u_first, axis=0)
+      ct_q = ct_q + jnp.sum(h0 * h0_factor, axis=0)
+    return out["dx"], ct_p, ct_q, ct_eta, t["ct_omega"], ct_h0
 
-
-def _backward_totals_xla(out: dict[str, Array], local: Array | None, decay: Array | None,
-                         q: Array, flags: _Flags, *, batch: int, count: int, dim: int, split: int,
-                         has_g: bool, has_h0: bool) -> dict[str, Array]:
-  """_backward_totals in XLA (pallas_combine off): local is the natural [B, C, D, N] c64 F."""
-  del batch  # the shapes carry it
   nat = functools.partial(_natural, out, dim=dim, split=split)
 
   def lagged(kernel_final):
-    """True lagged sums in[c] entering each chunk (in[c - 1] = flag_c q^chunk in[c] + own_c from
-    in[C - 1] = 0) and after time 0, plus the correction sum_c after_c in[c] F_c to the kernel's
-    sum_t x_t (lagged) of zero-start chunks."""
-    values = [None] * count
-    values[count - 1] = jnp.zeros_like(kernel_final[:, 0])
-    for c in range(count - 1, 0, -1):
-      values[c - 1] = _times(flags.bwd, c, decay * values[c]) + kernel_final[:, c]
-    before = _times(flags.bwd, 0, decay * values[0]) if count > 1 else 0.0
+    """True lagged sums entering each chunk (in[c]) and after time 0 (in[-1]), plus the
+    correction sum_c after_c in[c] F_c to the kernel's sum_t x_t (lagged) of zero-start chunks."""
+    values = run_back(jnp.zeros_like(kernel_final[:, 0]), kernel_final, flags.bwd)
+    before = _times(flags.bwd, 0, decays[0] * values[0]) if plan.count > 1 else 0.0
     final = before + kernel_final[:, 0]
     correction = 0.0
-    if count > 1:
-      for c in range(count):
+    if plan.count > 1:
+      for c in range(plan.count):
         correction = correction + _times(flags.after, c, values[c]) * local[:, c]
     return final, correction
 
+  acc_a = jnp.sum(nat("are", "aim"), axis=1)                         # [B, D, N]
   v_final, v_corr = lagged(nat("vre", "vim"))
-  t = {"acc_a": jnp.sum(jnp.sum(nat("are", "aim"), axis=1), axis=0),
-       "acc_b": jnp.sum(jnp.sum(nat("bre", "bim"), axis=1) + q * v_corr, axis=0),  # X_c = q F_c
-       "ct_omega": jnp.sum(out["ctom"], axis=(0, 1)).reshape(dim, split)[:, 0]}
-  if has_h0:
-    t.update(u_first=nat("ure", "uim")[:, 0], v_final=v_final)
+  acc_b = jnp.sum(nat("bre", "bim"), axis=1) + q * v_corr            # X_c = q F_c for u'
+  u_first = nat("ure", "uim")[:, 0]                                  # u_0
+  w_first = eta * u_first                                            # w_0 without g
+  h0_factor = eta * (u_first + q * v_final)                          # w_0 + q w'_0 without g
+  ct_p = jnp.real(eta * jnp.sum(acc_a, axis=0))
+  ct_q = p * eta * jnp.sum(acc_b, axis=0)
   if has_g:
     f_final, f_corr = lagged(nat("fgre", "fgim"))
-    t["acc_bg"] = jnp.sum(jnp.sum(nat("bgre", "bgim"), axis=1) + f_corr, axis=0)  # X_c = F_c
-    t["pg"] = jnp.sum(_from_lanes(out["pg"], dim, split), axis=(0, 1))
-    if has_h0:
-      t.update(q_g_first=nat("egre", "egim")[:, 0], f_final=f_final)
-  return t
+    acc_bg = jnp.sum(nat("bgre", "bgim"), axis=1) + f_corr            # X_c = F_c in E-form
+    ct_p = ct_p + jnp.sum(_from_lanes(out["pg"], dim, split), axis=(0, 1))
+    ct_q = ct_q + p * jnp.sum(acc_bg, axis=0)
+    h0_factor = h0_factor + f_final                                  # g_0 + q g'_0
+    q_g_first = nat("egre", "egim")[:, 0]                            # q g_0
+  ct_eta = p * jnp.sum(acc_a, axis=0)
+  ct_h0 = q * w_first + (q_g_first if has_g else 0.0)
+  if h0 is not None:
+    ct_eta = ct_eta + q * jnp.sum(h0 * u_first, axis=0)
+    ct_q = ct_q + jnp.sum(h0 * h0_factor, axis=0)
+  ct_omega = jnp.sum(out["ctom"], axis=(0, 1)).reshape(dim, split)[:, 0]
+  return out["dx"], ct_p, ct_q, ct_eta, ct_omega, ct_h0
 
 
 # ----------------------------------------------------------------------------------------------

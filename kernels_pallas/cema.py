@@ -27,8 +27,8 @@ Time parallelism: the sequence is cut into `num_chunks` chunks, one program per 
 block, chunk).  A cheap first pass ("local") finds every chunk's final state from a zero start
 (s for the forward, u for the backward); a small XLA combine over chunks, with q^chunk from
 double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state (with
-CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead); the main pass then
-runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
+CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead, and one more for the
+backward's totals over chunks); the main pass then runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
 true values differ by q^i U'_in at step i, whose contribution to sum_t x_t u'_t is U'_in times
 q times the forward pass's chunk-local state, kept as a residual.  So the backward's first pass
 only needs u, and the forward and backward share one chunk partition of time.
@@ -211,7 +211,11 @@ class CemaKernelConfig:
     s entering each chunk; the backward's u entering each chunk from the end) as ONE small Pallas
     kernel (_combine_states) reading the chunk-summary kernel's lane planes and writing the main
     scan's, in place of a per-chunk XLA loop and the layout conversions around it (~a dozen small
-    XLA kernels, each a launch at B = 1). The same float32 operations in the same order.
+    XLA kernels, each a launch at B = 1). The same float32 operations in the same order. Also,
+    for any number of chunks, the backward's work after its scan (sums over chunks and batch,
+    the lagged walk over chunks and its correction, the firsts for h0) as ONE kernel
+    (_backward_totals) reading the scan's lane planes and writing natural [D, N] totals; the
+    same operations per chunk step, the sums over chunks and batch in its own order.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """

@@ -1305,7 +1305,8 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
   [B, C, D * split]; local: the forward's chunk-local states as lane planes [B, C, N / local_split,
   D * local_split] f32 (re, im), decay: [D, N] c64 (both None for one chunk); q: [D, N] c64.
   Returns natural-layout totals (XLA's order of operations per chunk step; sums over chunks and
-  batch ascending):
+  batch ascending, the lagged correction in the walk's order, last chunk first, where XLA adds
+  it first chunk first):
     acc_a [D, N] c64   sum_b sum_c A          acc_b  sum_b (sum_c B + q v_corr)
     ct_omega [D] f32   sum_b sum_c (dy x) on each channel's first lane
   with has_g:  pg [D, N] f32 sum_b sum_c,   acc_bg  sum_b (sum_c B_g + f_corr)

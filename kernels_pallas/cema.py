@@ -27,8 +27,8 @@ Time parallelism: the sequence is cut into `num_chunks` chunks, one program per 
 block, chunk).  A cheap first pass ("local") finds every chunk's final state from a zero start
 (s for the forward, u for the backward); a small XLA combine over chunks, with q^chunk from
 double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state (with
-CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead); the main pass then
-runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
+CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead, and one more for the
+backward's totals over chunks); the main pass then runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
 true values differ by q^i U'_in at step i, whose contribution to sum_t x_t u'_t is U'_in times
 q times the forward pass's chunk-local state, kept as a residual.  So the backward's first pass
 only needs u, and the forward and backward share one chunk partition of time.
@@ -211,7 +211,11 @@ class CemaKernelConfig:
     s entering each chunk; the backward's u entering each chunk from the end) as ONE small Pallas
     kernel (_combine_states) reading the chunk-summary kernel's lane planes and writing the main
     scan's, in place of a per-chunk XLA loop and the layout conversions around it (~a dozen small
-    XLA kernels, each a launch at B = 1). The same float32 operations in the same order.
+    XLA kernels, each a launch at B = 1). The same float32 operations in the same order. Also,
+    for any number of chunks, the backward's work after its scan (sums over chunks and batch,
+    the lagged walk over chunks and its correction, the firsts for h0) as ONE kernel
+    (_backward_totals) reading the scan's lane planes and writing natural [D, N] totals; the
+    same operations per chunk step, the sums over chunks and batch in its own order.
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -1147,9 +1151,235 @@ def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Arr
   return ore.reshape(shape), oim.reshape(shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TotalsSpec:
+  """Static description of one _backward_totals launch (see there)."""
+  batch: int        # B
+  count: int        # C chunks
+  dim: int          # D
+  ndim: int         # N
+  split: int        # lanes per channel of the backward scan's planes
+  local_split: int  # lanes per channel of the forward's chunk-local states (count > 1)
+  block: int        # entries of the scan's lane layout per program
+  prefetch: int     # chunks whose loads are issued together before their arithmetic
+  has_g: bool       # the g part of the adjoint (ct(h_last) given)
+  has_h0: bool      # per-batch firsts (u_0, lagged finals, q g_0) for the h0 terms and ct_h0
+  has_flags: bool   # segment resets (per-chunk flags)
+  in_names: tuple[str, ...]
+  out_names: tuple[str, ...]
+
+
+def _totals_kernel(*refs, spec: _TotalsSpec):
+  """One program: a block of `spec.block` entries (d, n) of the backward scan's lane layout.
+
+  Reads every chunk's outputs of the backward scan for those entries and writes, in natural
+  [D * N] order, the totals _gpu_backward's cotangents need (see _backward_totals). The batch is
+  walked inside the program (a sum over it), so the grid covers the channels only.
+  """
+  r = dict(zip(spec.in_names + spec.out_names, refs))
+  blk = pl.program_id(0)
+  dim, ndim, s, s_loc, count = spec.dim, spec.ndim, spec.split, spec.local_split, spec.count
+  row = dim * s
+  pos = blk * spec.block + jnp.arange(spec.block, dtype=jnp.int32)
+  mask = pos < dim * ndim
+  # Scan lane layout [G, D * S]: (g, d * S + j) holds order n = g * S + j of channel d.
+  lane = pos % row
+  d = lane // s
+  n = (pos // row) * s + lane % s
+  # Masked-off entries (past D N) keep their own out-of-range position rather than one that
+  # aliases a real entry (the interpreter's masked stores write back what they read).
+  natural = jnp.where(mask, d * ndim + n, pos)
+  local_pos = (n // s_loc) * (dim * s_loc) + d * s_loc + n % s_loc
+  # ct_omega: the scan's per-lane sum of dy x [B, C, D * S], read by the programs of group 0;
+  # it leaves at natural (d, n) like the rest (column n = 0 is the first lane of channel d), as a
+  # masked store to a [D] vector would share addresses between masked-off lanes.
+  om_mask = pos < row
+  index = [jnp.int32(c) for c in range(count)]  # traced chunk indices (see _combine_kernel)
+  zero = jnp.zeros((spec.block,), jnp.float32)
+
+  def load(name, b, c, at=pos, m=mask):
+    return plgpu.load(r[name].at[b, index[c], at], mask=m, other=0.0)
+
+  def pair(prefix, b, c, at=pos):
+    return load(prefix + "re", b, c, at), load(prefix + "im", b, c, at)
+
+  def cmul(a, z):
+    # As XLA's complex product, in the combine kernel's operand order.
+    return a[0] * z[0] - a[1] * z[1], a[0] * z[1] + a[1] * z[0]
+
+  def cadd(a, z):
+    return a[0] + z[0], a[1] + z[1]
+
+  def groups(order):
+    return [order[i:i + spec.prefetch] for i in range(0, len(order), spec.prefetch)]
+
+  def chunk_sums(b, names):
+    """sum over chunks c = 0, 1, ... (ascending, as a sequential reduce) of each named plane."""
+    sums = {name: None for name in names}
+    for group in groups(list(range(count))):
+      data = {c: {name: load(name, b, c, m=om_mask if name == "ctom" else mask) for name in names}
+              for c in group}
+      for c in group:
+        for name in names:
+          sums[name] = data[c][name] if sums[name] is None else sums[name] + data[c][name]
+    return sums
+
+  def lagged(b, prefix, decay, flags, after):
+    """The lagged walk of _gpu_backward.lagged: (final, correction) for one batch row."""
+    cur = corr = None  # cur: the lagged sum entering chunk c (None: zero, at the last chunk)
+    for group in groups(list(range(count - 1, -1, -1))):
+      data = {c: (pair(prefix, b, c), pair("l", b, c, local_pos) if c < count - 1 else None)
+              for c in group}
+      for c in group:
+        kernel_final, local = data[c]
+        if cur is not None:
+          carried = cur if after is None else (after[c] * cur[0], after[c] * cur[1])
+          term = cmul(carried, local)
+          corr = term if corr is None else cadd(corr, term)
+        # Chunk c's own lagged sum plus the decayed, flagged one entering it from later chunks.
+        carried = None if cur is None else cmul(decay, cur)
+        if carried is not None and flags is not None:
+          carried = flags[c] * carried[0], flags[c] * carried[1]
+        cur = kernel_final if carried is None else cadd(carried, kernel_final)
+    return cur, corr
+
+  walk = count > 1
+  if walk:
+    decay = tuple(plgpu.load(r[name].at[natural], mask=mask, other=0.0)
+                  for name in ("decre", "decim"))
+    q = tuple(plgpu.load(r[name].at[natural], mask=mask, other=0.0) for name in ("qre", "qim"))
+  sum_names = ("are", "aim", "bre", "bim", "ctom") + (("pg", "bgre", "bgim") if spec.has_g else ())
+
+  def per_batch(b, totals):
+    sums = chunk_sums(b, sum_names)
+    flags = after = None
+    if walk and spec.has_flags:
+      flags = [plgpu.load(r["flags"].at[b, index[c]]) for c in range(count)]
+      after = [plgpu.load(r["after"].at[b, index[c]]) for c in range(count)]
+    acc_a = sums["are"], sums["aim"]
+    acc_b = sums["bre"], sums["bim"]
+    if walk:
+      v_final, v_corr = lagged(b, "v", decay, flags, after)
+      acc_b = cadd(acc_b, cmul(q, v_corr))       # X_c = q F_c for u'
+    elif spec.has_h0:
+      v_final = pair("v", b, 0)
+    parts = [acc_a, acc_b, (sums["ctom"],)]
+    firsts = []
+    if spec.has_h0:
+      firsts += [pair("u", b, 0), v_final]
+    if spec.has_g:
+      acc_bg = sums["bgre"], sums["bgim"]
+      if walk:
+        f_final, f_corr = lagged(b, "fg", decay, flags, after)
+        acc_bg = cadd(acc_bg, f_corr)              # X_c = F_c in E-form
+      elif spec.has_h0:
+        f_final = pair("fg", b, 0)
+      parts += [(sums["pg"],), acc_bg]
+      if spec.has_h0:
+        firsts += [pair("eg", b, 0), f_final]
+    # Per-batch values leave as they are; the rest is summed over the batch (b ascending).
+    names = iter(spec.out_names[len(totals):])
+    for value in firsts:
+      for v in value:
+        plgpu.store(r[next(names)].at[b, natural], v, mask=mask)
+    flat = [v for value in parts for v in value]
+    return tuple(t + v for t, v in zip(totals, flat))
+
+  n_totals = 5 + (3 if spec.has_g else 0)
+  totals = tuple(zero for _ in range(n_totals))
+  if spec.batch == 1:
+    totals = per_batch(jnp.int32(0), totals)
+  else:
+    totals = lax.fori_loop(0, spec.batch, per_batch, totals)
+  for name, value in zip(spec.out_names[:n_totals], totals):
+    plgpu.store(r[name].at[natural], value, mask=mask)
+
+
+def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, local_split: int,
+                     decay: Array | None, q: Array, flags: _Flags, *, batch: int, count: int,
+                     dim: int, split: int, has_g: bool, has_h0: bool, interpret: bool,
+                     block: int = 128, num_warps: int = 4, prefetch: int = 8) -> dict[str, Array]:
+  """Everything _gpu_backward needs from the backward scan's per-chunk outputs, as one kernel.
+
+  out: the scan's planes [B, C, N / split, D * split] f32 (ure .. bim, the g ones) and ctom
+  [B, C, D * split]; local: the forward's chunk-local states as lane planes [B, C, N / local_split,
+  D * local_split] f32 (re, im), decay: [D, N] c64 (both None for one chunk); q: [D, N] c64.
+  Returns natural-layout totals (XLA's order of operations per chunk step; sums over chunks and
+  batch ascending, the lagged correction in the walk's order, last chunk first, where XLA adds
+  it first chunk first):
+    acc_a [D, N] c64   sum_b sum_c A          acc_b  sum_b (sum_c B + q v_corr)
+    ct_omega [D] f32   sum_b sum_c (dy x) on each channel's first lane
+  with has_g:  pg [D, N] f32 sum_b sum_c,   acc_bg  sum_b (sum_c B_g + f_corr)
+  with has_h0 ([B, D, N] c64): u_first, v_final, and with has_g q_g_first, f_final.
+  v_final / v_corr (f_*: the same for g') are _gpu_backward's lagged walk over chunks.
+  The grid covers D N / block programs (512 at D = 4096, N = 16 with block 128), each walking
+  the batch; `prefetch` chunks' loads go out before their arithmetic (the walk is a dependent
+  chain, so a group waits for one memory latency).
+  """
+  ndim = q.shape[1]
+  size = dim * ndim
+  block = min(block, pl.next_power_of_2(size))
+  plane = lambda a: a.reshape(batch, count, -1)  # noqa: E731
+  inputs = {n: plane(out[n]) for n in ("are", "aim", "bre", "bim", "ctom")}
+  walk = count > 1
+  if walk or has_h0:
+    inputs.update({n: plane(out[n]) for n in ("vre", "vim")})
+  if has_h0:
+    inputs.update({n: plane(out[n]) for n in ("ure", "uim")})
+  if has_g:
+    inputs.update({n: plane(out[n]) for n in ("pg", "bgre", "bgim")})
+    if walk or has_h0:
+      inputs.update({n: plane(out[n]) for n in ("fgre", "fgim")})
+    if has_h0:
+      inputs.update({n: plane(out[n]) for n in ("egre", "egim")})
+  if walk:
+    inputs["lre"], inputs["lim"] = (plane(a) for a in local)
+    inputs["decre"], inputs["decim"] = _split_complex(decay.reshape(-1))
+    inputs["qre"], inputs["qim"] = _split_complex(q.reshape(-1))
+    if flags.bwd is not None:
+      inputs["flags"] = flags.bwd.astype(jnp.float32)
+      inputs["after"] = flags.after.astype(jnp.float32)
+  total = jax.ShapeDtypeStruct((size,), jnp.float32)
+  first = jax.ShapeDtypeStruct((batch, size), jnp.float32)
+  shapes = {"atre": total, "atim": total, "btre": total, "btim": total,
+            "ctom_t": total}
+  if has_g:
+    shapes.update(pg_t=total, bgtre=total, bgtim=total)
+  if has_h0:
+    shapes.update(ufre=first, ufim=first, vfre=first, vfim=first)
+    if has_g:
+      shapes.update(qgre=first, qgim=first, ffre=first, ffim=first)
+  spec = _TotalsSpec(batch=batch, count=count, dim=dim, ndim=ndim, split=split,
+                     local_split=local_split, block=block, prefetch=prefetch, has_g=has_g,
+                     has_h0=has_h0, has_flags=walk and flags.bwd is not None,
+                     in_names=tuple(inputs), out_names=tuple(shapes))
+  kwargs = {} if interpret else {
+      "compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=1)}
+  res = pl.pallas_call(
+      functools.partial(_totals_kernel, spec=spec), out_shape=tuple(shapes.values()),
+      grid=(pl.cdiv(size, block),), interpret=interpret, name="cema_bwd_totals", **kwargs,
+  )(*inputs.values())
+  res = dict(zip(shapes, res))
+
+  def cplx(re, im, *lead):
+    return lax.complex(res[re], res[im]).reshape(*lead, dim, ndim)
+
+  totals = {"acc_a": cplx("atre", "atim"), "acc_b": cplx("btre", "btim"),
+            "ct_omega": res["ctom_t"].reshape(dim, ndim)[:, 0]}
+  if has_g:
+    totals.update(pg=res["pg_t"].reshape(dim, ndim), acc_bg=cplx("bgtre", "bgtim"))
+  if has_h0:
+    totals.update(u_first=cplx("ufre", "ufim", batch), v_final=cplx("vfre", "vfim", batch))
+    if has_g:
+      totals.update(q_g_first=cplx("qgre", "qgim", batch), f_final=cplx("ffre", "ffim", batch))
+  return totals
+
+
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
   """Forward scan: y [B, L, D] f32, h_last [B, D, N] c64, and the backward's residuals
-  (chunk-local states F [B, C, D, N] c64 and decay q^chunk [D, N], both None for one chunk)."""
+  (chunk-local states F [B, C, D, N] c64, with pallas_combine the summary kernel's lane planes
+  (re, im) [B, C, N / S, D * S] f32 instead, S = summary_split or split; and decay q^chunk [D, N];
+  both None for one chunk)."""
   batch, length, dim = x.shape
   ndim = p.shape[1]
   plan = _plan(length, cfg)
@@ -1178,8 +1408,9 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
     s0 = _combine_states(planes, local_split, decay, _chunk_flags(keep, plan).fwd, start, split,
                          batch=batch, count=plan.count, reverse=False, interpret=interpret)
-    # Natural layout only for the backward's residual (dead code in a forward-only program).
-    local = _natural({"re": planes[0], "im": planes[1]}, "re", "im", dim, local_split)
+    # The backward's residual stays in the summary kernel's lane planes: the backward's totals
+    # kernel reads them there (_backward_totals), with no layout conversion in between.
+    local = planes
   elif plan.count > 1:
     local = _chunk_summaries(x, keep, q, cfg, plan, reverse=False, split=split,
                              block_d=cfg.block_d, num_warps=cfg.num_warps, interpret=interpret,
@@ -1216,7 +1447,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
 
   dy: [B, L, D] f32; g_last: [B, D, N] c64 or None (a symbolic zero); local, decay: the
   forward's chunk residuals.  Returns dx (x.dtype), ct_p [D, N], ct_q, ct_eta [D, N] c64,
-  ct_omega [D], ct_h0 [B, D, N] c64.
+  ct_omega [D], ct_h0 [B, D, N] c64 (None with pallas_combine and no h0: nothing reads it).
   """
   batch, length, dim = x.shape
   ndim = p.shape[1]
@@ -1304,6 +1535,31 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   out = _launch(spec("bwd", bool(init_names), names, out_names), batch, plan.count, inputs,
                 out_shapes, interpret=interpret, num_warps=cfg.bwd_num_warps,
                 name="cema_bwd_scan")
+  if cfg.pallas_combine:
+    # Every per-chunk output of the scan reduced to natural [D, N] totals (and per-batch firsts
+    # with h0) in one kernel; what is left are the few [D, N] elementwise operations below, the
+    # same expressions as the XLA path's.
+    t = _backward_totals(out, local, cfg.summary_split or cfg.split, decay, q, flags,
+                         batch=batch, count=plan.count, dim=dim, split=split, has_g=has_g,
+                         has_h0=h0 is not None, interpret=interpret)
+    ct_p = jnp.real(eta * t["acc_a"])
+    ct_q = p * eta * t["acc_b"]
+    if has_g:
+      ct_p = ct_p + t["pg"]
+      ct_q = ct_q + p * t["acc_bg"]
+    ct_eta = p * t["acc_a"]
+    ct_h0 = None  # only with h0 (_cema_core_bwd drops it otherwise)
+    if h0 is not None:
+      u_first = t["u_first"]                                         # u_0
+      h0_factor = eta * (u_first + q * t["v_final"])                 # w_0 + q w'_0 without g
+      ct_h0 = q * (eta * u_first)                                    # q w_0 without g
+      if has_g:
+        h0_factor = h0_factor + t["f_final"]                         # g_0 + q g'_0
+        ct_h0 = ct_h0 + t["q_g_first"]                               # q g_0
+      ct_eta = ct_eta + q * jnp.sum(h0 * u_first, axis=0)
+      ct_q = ct_q + jnp.sum(h0 * h0_factor, axis=0)
+    return out["dx"], ct_p, ct_q, ct_eta, t["ct_omega"], ct_h0
+
   nat = functools.partial(_natural, out, dim=dim, split=split)
 
   def lagged(kernel_final):

@@ -133,6 +133,11 @@ CASES = {
     "equal_chunks_h0_pallas_combine": Case(
         "equal_chunks_h0_pallas_combine", use_h0=True, use_segments=False,
         config=dataclasses.replace(SMALL, block_t=1, num_chunks=3, pallas_combine=True)),
+    # One chunk: no combine, but the backward's totals kernel still reduces the scan's outputs
+    # (no lagged walk; the firsts for h0 and g).
+    "one_chunk_bf16_pallas_combine": Case(
+        "one_chunk_bf16_pallas_combine", use_h0=True, use_segments=True, x_dtype="bfloat16",
+        config=dataclasses.replace(SMALL, reset_branch=False, pallas_combine=True)),
     # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
     "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
                             config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
@@ -307,10 +312,11 @@ def test_kernel_grads_match_float64_finite_differences(name):
     assert abs(got - expected) <= RTOL * scale, (param, got, expected)
 
 
-@pytest.mark.parametrize("name", ["chunked", "chunked_h0_segments"])
+@pytest.mark.parametrize("name", ["chunked", "chunked_h0_segments", "one_chunk_bf16"])
 def test_pallas_combine_matches_the_xla_combine(name):
-  """The combine kernel runs the XLA loop's float32 operations in the same order: values, final
-  state and every gradient agree to a few float32 roundings."""
+  """The combine and totals kernels run the XLA loops' float32 operations per chunk step in
+  the same order (sums over chunks and batch in their own order): values, final state and every
+  gradient agree to a few float32 roundings."""
   _, y, h_last, grads = run_case(name, "kernel")
   _, y_c, h_c, grads_c = run_case(name + "_pallas_combine", "kernel")
   assert rel_err(y_c, y) < 1e-6 and rel_err(h_c, h_last) < 1e-6
@@ -354,6 +360,77 @@ def test_pallas_combine_on_the_chunk_plan():
       cur = K._times(flags, c, (first if c == count - 1 else decay) * cur)
       want.insert(0, cur)
     np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
+
+
+def _backward_totals_xla(out, local, decay, q, flags, *, dim, split, has_g):
+  """The XLA code the totals kernel replaces (_gpu_backward without pallas_combine), per batch:
+  sums over chunks, the lagged walk from the last chunk with its correction, the firsts."""
+  nat = lambda re, im: K._from_lanes(lax.complex(out[re], out[im]), dim, split)  # noqa: E731
+  count = out["are"].shape[1]
+
+  def lagged(kernel_final):
+    values = [None] * count
+    values[-1] = jnp.zeros_like(kernel_final[:, 0])
+    for c in range(count - 1, 0, -1):
+      values[c - 1] = K._times(flags.bwd, c, decay * values[c]) + kernel_final[:, c]
+    if count == 1:
+      return kernel_final[:, 0], 0.0
+    final = K._times(flags.bwd, 0, decay * values[0]) + kernel_final[:, 0]
+    correction = 0.0
+    for c in range(count):
+      correction = correction + K._times(flags.after, c, values[c]) * local[:, c]
+    return final, correction
+
+  v_final, v_corr = lagged(nat("vre", "vim"))
+  want = {"acc_a": jnp.sum(nat("are", "aim"), axis=(0, 1)),
+          "acc_b": jnp.sum(jnp.sum(nat("bre", "bim"), axis=1) + q * v_corr, axis=0),
+          "ct_omega": jnp.sum(out["ctom"], axis=(0, 1)).reshape(dim, split)[:, 0],
+          "u_first": nat("ure", "uim")[:, 0], "v_final": v_final}
+  if has_g:
+    f_final, f_corr = lagged(nat("fgre", "fgim"))
+    want.update(acc_bg=jnp.sum(jnp.sum(nat("bgre", "bgim"), axis=1) + f_corr, axis=0),
+                pg=jnp.sum(K._from_lanes(out["pg"], dim, split), axis=(0, 1)),
+                q_g_first=nat("egre", "egim")[:, 0], f_final=f_final)
+  return want
+
+
+@pytest.mark.parametrize("count", [5, 1])
+def test_backward_totals_on_the_chunk_plan(count):
+  """The totals kernel alone against the XLA code it replaces: every total and first, with and
+  without resets and the g part, the forward's chunk-local states on other lanes per channel
+  than the scan's planes, a partial last block of entries (48 = 32 + 16) and one chunk (no walk)."""
+  rng = np.random.default_rng(9)
+  batch, dim, ndim = 2, 6, 8
+  cplx = lambda *shape: jnp.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape),  # noqa: E731
+                                    jnp.complex64)
+  local, decay, q = cplx(batch, count, dim, ndim), 0.45 * cplx(dim, ndim), 0.45 * cplx(dim, ndim)
+  keep = jnp.asarray(rng.random((batch, 8 * count)) < 0.8, jnp.float32)
+  plan = K._Plan(8, count, 8)
+  for split, local_split in ((2, 4), (4, 1)):
+    planes = lambda: jnp.asarray(rng.normal(size=(batch, count, ndim // split, dim * split)),  # noqa: E731
+                                 jnp.float32)
+    out = {n: planes() for n in ("ure", "uim", "vre", "vim", "are", "aim", "bre", "bim", "egre",
+                                 "egim", "fgre", "fgim", "pg", "bgre", "bgim")}
+    out["ctom"] = jnp.asarray(rng.normal(size=(batch, count, dim * split)), jnp.float32)
+    for flags in (K._chunk_flags(keep, plan), K._chunk_flags(None, plan)):
+      for has_g in (False, True):
+        want = _backward_totals_xla(out, local, decay, q, flags, dim=dim, split=split,
+                                    has_g=has_g)
+        got = K._backward_totals(out, K._lane_planes(local, local_split) if count > 1 else None,
+                                 local_split, decay if count > 1 else None, q, flags,
+                                 batch=batch, count=count, dim=dim, split=split, has_g=has_g,
+                                 has_h0=True, interpret=True, block=32, prefetch=2)
+        assert set(got) == set(want)
+        for key in want:
+          np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-5, err_msg=key)
+        # Without h0 only the batch totals leave.
+        lean = K._backward_totals(out, K._lane_planes(local, local_split) if count > 1 else None,
+                                  local_split, decay if count > 1 else None, q, flags,
+                                  batch=batch, count=count, dim=dim, split=split, has_g=has_g,
+                                  has_h0=False, interpret=True)
+        assert not {"u_first", "v_final", "q_g_first", "f_final"} & set(lean)
+        for key in lean:
+          np.testing.assert_allclose(lean[key], want[key], rtol=1e-6, atol=1e-5, err_msg=key)
 
 
 def test_bf16_input_gradient_is_rounded_float32_gradient():
@@ -448,7 +525,7 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
   """jax.export for CUDA runs the real Pallas -> Triton lowering on CPU: every pass of the value
   and gradient (chunk summaries, forward scan, backward scan with the g part and resets) at
   B=1, L=32768, D=4096, N=16 with the default configuration (and with pallas_combine: three
-  combine kernels, forward s, backward u and g)."""
+  combine kernels, forward s, backward u and g, and the backward's totals kernel)."""
   cfg = dataclasses.replace(K.default_config(1, 32768, 4096, 16), pallas_combine=pallas_combine)
 
   def value_and_grads(x, p, q, eta, omega, seg, h0, w):
@@ -470,9 +547,10 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
   text = exported.mlir_module()
   # Four scans (chunk summaries and main pass, each direction) and three double-float power tables
   # (each direction's summary powers q^1..q^S, the forward's chunk decay q^chunk).
-  assert text.count("__gpu$xla.gpu.triton") == 7 + 3 * pallas_combine
+  assert text.count("__gpu$xla.gpu.triton") == 7 + 4 * pallas_combine
   assert text.count('name = "cema_powers"') == 3
   assert text.count('name = "cema_combine"') == 3 * pallas_combine
+  assert text.count('name = "cema_bwd_totals"') == pallas_combine
   for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
     assert name in text, name
   # The multiply-adds are PTX FMAs (CemaKernelConfig.ptx_fma): XLA's Triton pipeline would
@@ -482,8 +560,8 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
 
 def test_pallas_combine_lowers_with_resets_h0_and_a_shorter_last_chunk():
   """The three combine kernels (forward s from h0, backward u, backward g whose first carry crosses
-  the 8-step last chunk of 32 + 32 + 8 with its own decay) lower for CUDA, summaries on 2 lanes per
-  channel where the scans have 1 and 4."""
+  the 8-step last chunk of 32 + 32 + 8 with its own decay) and the backward's totals kernel lower
+  for CUDA, summaries on 2 lanes per channel where the scans have 1 and 4."""
   x = jnp.zeros((2, 72, 8), jnp.float32)
   coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),
                             jnp.ones((8, 4), jnp.complex64))
@@ -500,6 +578,16 @@ def test_pallas_combine_lowers_with_resets_h0_and_a_shorter_last_chunk():
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, h0).lower(
       lowering_platforms=("cuda",)).as_text()
   assert text.count('name = "cema_combine"') == 3
+  assert text.count('name = "cema_bwd_totals"') == 1
+
+  # The training path (loss on y only, no h0, no resets): the totals kernel without g or firsts,
+  # and its batch loop with B = 2.
+  def train_loss(x):
+    return jnp.sum(K.cema_pallas(x, coeffs, jnp.zeros((8,)), interpret=False, platform="gpu",
+                                 config=cfg))
+  text = jax.jit(jax.grad(train_loss)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count('name = "cema_combine"') == 2
+  assert text.count('name = "cema_bwd_totals"') == 1
 
 
 def test_ptx_fma_off_leaves_no_inline_assembly():

@@ -361,6 +361,9 @@ def main() -> None:
                       help="no per-pass breakdown for the first configuration")
   parser.add_argument("--json", default=None, help="also write all numbers to this file")
   parser.add_argument("--skip-accuracy", action="store_true", help="timings only")
+  parser.add_argument("--accuracy-configs", nargs="*", default=(),
+                      help="names from SWEEP whose values and gradients are also checked against "
+                           "the references (the default configuration always is)")
   parser.add_argument("--parallel", type=int, default=0,
                       help="run each configuration in its own process, this many at once: they "
                            "compile side by side (the kernels take about a minute each) and "
@@ -394,6 +397,9 @@ def main() -> None:
     names = list(SWEEP)
   if args.configs:
     names = args.configs
+  unknown = [name for name in args.accuracy_configs if name not in SWEEP]
+  if unknown:
+    raise SystemExit(f"--accuracy-configs: unknown configuration(s) {unknown}; choose from {sorted(SWEEP)}")
   if args.summaries_only:
     summaries_only(names, base_cfg, args)
     return
@@ -419,6 +425,19 @@ def main() -> None:
     for key, value in acc.items():
       print(f"  {key:>22s}: {fmt(value)}")
     row["accuracy"] = acc
+    for name in args.accuracy_configs:
+      # Same inputs and references as the default's check: a flag's kernels are judged alike.
+      named = dataclasses.replace(base_cfg, **SWEEP[name]).validate(args.order)
+      named_kernel = lambda *a, cfg=named, **k: K.cema_pallas(*a, config=cfg, interpret=args.cpu, **k)  # noqa: E731
+      try:
+        named_acc = accuracy(x, params, w, named_kernel, args)
+      except Exception:  # noqa: BLE001 - keep going; print why
+        traceback.print_exc()
+        named_acc = {"error": "see traceback"}
+      print(f"accuracy of {name}:")
+      for key, value in named_acc.items():
+        print(f"  {key:>22s}: {fmt(value)}")
+      row[f"accuracy_{name}"] = named_acc
     if not args.skip_baselines:
       base = baselines(x, params, w, args)
       floor = base["memory_floor_fwd(copy x->f32)"]

@@ -25,8 +25,10 @@ from megalodon_jax.ops.cema import CemaCoefficients, cema_coefficients
 B, L, D, N = 2, 21, 6, 8
 # Tiny tiles so the tails are exercised: 21 = 10 * 2 + 1 steps, 6 = 4 + 2 channels; the backward
 # splits the orders over other lanes (N / 4 per lane instead of N / 2) than the forward.
+# The XLA combine over chunks (pallas_combine=False) is the base here; the *_pallas_combine cases
+# below run the default Pallas combine and totals kernels against it.
 SMALL = K.CemaKernelConfig(block_d=4, block_t=2, split=2, num_chunks=1, bwd_block_d=4,
-                           bwd_split=4, num_warps=1, bwd_num_warps=1)
+                           bwd_split=4, num_warps=1, bwd_num_warps=1, pallas_combine=False)
 # Three chunks of 8, 8 and 5 steps (the last one two tiles and a remainder step).
 CHUNKED = dataclasses.replace(SMALL, num_chunks=3)
 CHUNK = 8
@@ -640,7 +642,10 @@ def test_blocked_summaries_lower_to_triton():
   cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), block_t=16, num_chunks=4,
                             summary_block=8, summary_split=2)
   text = _lowered_gpu_gradient_text(cfg)
-  assert text.count("__gpu$xla.gpu.triton") == 7  # 4 scans, 3 power tables (see the preset-shape test)
+  # 4 scans and 3 power tables (see the preset-shape test), besides the default's combine kernels.
+  combines = text.count('name = "cema_combine"') + text.count('name = "cema_bwd_totals"')
+  assert combines >= 3  # forward s, backward u, the backward's totals
+  assert text.count("__gpu$xla.gpu.triton") == 7 + combines
   assert text.count('name = "cema_powers"') == 3
   assert "cema_fwd_chunk_states" in text and "cema_bwd_chunk_states" in text
 

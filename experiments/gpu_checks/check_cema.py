@@ -335,6 +335,7 @@ SWEEP = {
     "sb16_ss4": {"summary_block": 16, "summary_split": 4},            # 3.8 / 3.9
     # The combines over chunks (forward s, backward u and g) as one Pallas kernel each.
     "pallas_combine": {"pallas_combine": True},
+    "xla_combine": {"pallas_combine": False},
 }
 
 

@@ -106,7 +106,12 @@ def test_packed_documents_do_not_interact(rng, params, forward):
   (_, grads_a) = _doc_loss(forward, params, jnp.asarray(tokens_a), seg_j, 2, weights)
   (_, grads_b) = _doc_loss(forward, params, jnp.asarray(tokens_b), seg_j, 2, weights)
   for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
-    np.testing.assert_allclose(ga, gb, rtol=2e-4, atol=1e-6)
+    # Parameter gradients are sums over every position. On a GPU, XLA's reductions are not
+    # deterministic (see tests/test_cema.py::test_documents_are_isolated), so an entry near zero
+    # in a leaf of large entries can differ by the float32 rounding of the leaf's sums (seen on an
+    # H200: 3.1e-6 in a leaf whose largest entry is 11.7).
+    atol = 1e-6 * max(1.0, float(np.max(np.abs(ga)))) if jax.default_backend() == "gpu" else 1e-6
+    np.testing.assert_allclose(ga, gb, rtol=2e-4, atol=atol)
 
 
 def test_document_at_chunk_offset_equals_document_alone(rng, params, forward):

@@ -389,3 +389,21 @@ def test_kernel_time_by_source_line_from_a_compiled_module():
   parallel = [{"source": "a", "ms": 2.5}, {"source": "c", "ms": 1.0}]
   excess = pts.source_excess(single, parallel, devices=2, top=5)
   assert [(r["source"], r["excess_ms"]) for r in excess] == [("c", 1.0), ("a", 0.5), ("b", -1.0)]
+
+
+def test_exclusive_file_lock_excludes_other_holders(tmp_path):
+  """While one holder is inside the block, a second open of the file cannot take the lock; after
+  the block it can. None takes no lock and creates no file."""
+  import fcntl
+
+  path = tmp_path / "timing.lock"
+  with harness.exclusive_file_lock(str(path)):
+    with open(path, "a") as other:
+      with pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  with open(path, "a") as other:
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    fcntl.flock(other, fcntl.LOCK_UN)
+  with harness.exclusive_file_lock(None):
+    pass
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.lock"]

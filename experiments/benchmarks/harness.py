@@ -7,8 +7,10 @@ when the device has finished. Compilation is kept out of the numbers by warm-up 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -36,6 +38,24 @@ def _check_counts(warmup: int, iters: int, inner: int) -> None:
   if warmup < 0 or iters < 1 or inner < 1:
     raise ValueError(f"need warmup >= 0, iters >= 1 and inner >= 1; got warmup={warmup}, iters={iters}, "
                      f"inner={inner}")
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(path: str | None):
+  """Holds an exclusive flock on `path` (created if missing) for the block; None: no lock.
+
+  The --parallel sweeps of the GPU check scripts compile in several processes at once but time
+  one process at a time, each holding this lock around its timings.
+  """
+  if path is None:
+    yield
+    return
+  with open(path, "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def summarize_times(times_ms: Sequence[float]) -> dict[str, Any]:

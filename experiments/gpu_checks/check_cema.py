@@ -22,9 +22,7 @@ memory floor (a bf16 -> f32 copy of x, the traffic of reading x once and writing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -41,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.benchmarks import harness  # noqa: E402
 from kernels_pallas import cema as K  # noqa: E402
 from megalodon_jax.ops.cema import cema_coefficients  # noqa: E402
 
@@ -77,17 +76,8 @@ def rel_err(a, b) -> float:
 _TIMING_LOCK: str | None = None
 
 
-@contextlib.contextmanager
 def timing_lock():
-  if _TIMING_LOCK is None:
-    yield
-    return
-  with open(_TIMING_LOCK, "a") as handle:
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
+  return harness.exclusive_file_lock(_TIMING_LOCK)
 
 
 # Set in --parallel children while they compile: bench() only runs each function once.

@@ -24,9 +24,7 @@ the GPU work and stage times add up to the whole.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import statistics
@@ -42,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.benchmarks import harness  # noqa: E402
 from kernels_pallas import chunk_attention as ca  # noqa: E402
 from megalodon_jax.ops import attention as xla_attention  # noqa: E402
 
@@ -184,17 +183,8 @@ def flop_counts(args) -> tuple[float, float]:
 _TIMING_LOCK: str | None = None
 
 
-@contextlib.contextmanager
 def timing_lock():
-  if _TIMING_LOCK is None:
-    yield
-    return
-  with open(_TIMING_LOCK, "a") as handle:
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
+  return harness.exclusive_file_lock(_TIMING_LOCK)
 
 
 def timed(fn, *fn_args, iters: int, rounds: int = 3) -> float:

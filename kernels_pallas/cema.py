@@ -25,10 +25,11 @@ and outputs (no [B, L, D, N] tensor).
     neither stores nor recomputes h; there is no separate parameter pass.
 Time parallelism: the sequence is cut into `num_chunks` chunks, one program per (batch, channel
 block, chunk).  A cheap first pass ("local") finds every chunk's final state from a zero start
-(s for the forward, u for the backward); a small XLA combine over chunks, with q^chunk from
-double-float powers (megalodon_jax.ops.cema), gives each chunk its true starting state (with
-CemaKernelConfig.pallas_combine, one small Pallas kernel per combine instead, and one more for the
-backward's totals over chunks); the main pass then runs every chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
+(s for the forward, u for the backward); a combine over chunks, with q^chunk from double-float
+powers (megalodon_jax.ops.cema), gives each chunk its true starting state (by default one small
+Pallas kernel per combine, and one more for the backward's totals over chunks;
+CemaKernelConfig.pallas_combine=False does the same in XLA loops); the main pass then runs every
+chunk from it.  The lagged sums u' (and g') start each chunk at zero; their
 true values differ by q^i U'_in at step i, whose contribution to sum_t x_t u'_t is U'_in times
 q times the forward pass's chunk-local state, kept as a residual.  So the backward's first pass
 only needs u, and the forward and backward share one chunk partition of time.

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import traceback
+import types
 
 if "--cpu" in sys.argv:
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -283,8 +284,8 @@ def check_shape(shape: Shape, configs, args) -> list[dict]:
   return rows
 
 
-def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
-  """Pipelined time of each kernel of the tiled design (and the XLA glue) on its own."""
+def _tiled_setup(shape: Shape, config: K.KernelConfig, args) -> types.SimpleNamespace:
+  """Inputs, spec, flags and the whole tiled forward / backward shared by both breakdowns."""
   x, w, b, mask, seg, state, (dy, dmean, dvar) = make_inputs(shape)
   batch, length, dim = x.shape
   groups = shape.groups
@@ -305,6 +306,32 @@ def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
                                                                     flags))
   d = spec.dims
   f = None if not d.has_flags else flags
+  return types.SimpleNamespace(**{name: value for name, value in locals().items()
+                                  if name not in ("args", "shape", "config")})
+
+
+def _time_parts(parts: dict, shape: Shape, config: K.KernelConfig, args) -> list[dict]:
+  """Pipelined median of each (fn, args) in `parts`; a failing part is reported, not fatal."""
+  rows = []
+  print(f"  breakdown of {describe(config)} (pipelined, ms):", flush=True)
+  for name, (fn, fargs) in parts.items():
+    try:
+      ms = 1e3 * median_time(fn, *fargs, warmup=2, iters=args.iters, pipeline=args.pipeline)
+      print(f"    {name:<24} {ms:8.4f}", flush=True)
+      rows.append({"shape": str(shape), "impl": describe(config), "part": name, "ms": ms})
+    except Exception as e:  # Report and continue.
+      print(f"    {name:<24} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+      if args.verbose:
+        traceback.print_exc()
+  return rows
+
+
+def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
+  """Pipelined time of each kernel of the tiled design (and the XLA glue) on its own."""
+  t = _tiled_setup(shape, config, args)
+  spec, d, f, x4, dy4, w_hat, bias, per = t.spec, t.d, t.f, t.x4, t.dy4, t.w_hat, t.bias, t.per
+  fwd, bwd, saved, stats0, dmean, dvar = t.fwd, t.bwd, t.saved, t.stats0, t.dmean, t.dvar
+  batch, groups = t.batch, t.groups
   moments = config.tiled.backward == "steps"
   parts = {
       "fwd (3 kernels)": (fwd, (x4, w_hat, bias, *stats0)),
@@ -334,42 +361,14 @@ def breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
           ("seq", "partial", "partial"), x4.dtype, "bwd_main")),
           (x4, dy4, w_hat, *saved[:3], saved[1], saved[2])),
   }
-  rows = []
-  print(f"  breakdown of {describe(config)} (pipelined, ms):", flush=True)
-  for name, (fn, fargs) in parts.items():
-    try:
-      ms = 1e3 * median_time(fn, *fargs, warmup=2, iters=args.iters, pipeline=args.pipeline)
-      print(f"    {name:<24} {ms:8.4f}", flush=True)
-      rows.append({"shape": str(shape), "impl": describe(config), "part": name, "ms": ms})
-    except Exception as e:  # Report and continue.
-      print(f"    {name:<24} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-      if args.verbose:
-        traceback.print_exc()
-  return rows
+  return _time_parts(parts, shape, config, args)
 
 
 def steps_breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
   """Pipelined time of each kernel of the step-wise backward (TiledConfig.backward="steps")."""
-  x, w, b, mask, seg, state, (dy, dmean, dvar) = make_inputs(shape)
-  batch, length, dim = x.shape
-  groups = shape.groups
-  k = dim // groups
-  spec = K._make_spec(batch, length, dim, groups, 1e-5, args.interpret, config, "triton",
-                      mask is not None or seg is not None, seg is not None)
-  valid = jnp.ones((batch, length), jnp.bool_) if mask is None else ~mask
-  reset = tsn.reset_flags(seg, batch, length)
-  flags = (jnp.where(valid, K._VALID, 0) | jnp.where(reset, K._RESET, 0)).astype(jnp.int32)
-  x4, dy4 = x.reshape(batch, length, groups, k), dy.reshape(batch, length, groups, k)
-  w_hat, bias = (w + 1.0).reshape(groups, k), b.reshape(groups, k)
-  per = lambda a: a.reshape(-1)
-  n0 = jnp.repeat(state.count.astype(jnp.float32), groups)
-  stats0 = (n0, per(state.mean), per(state.var))
-  fwd = jax.jit(lambda x4, w, b, *s: K._tiled_forward(spec, x4, w, b, *s, flags))
-  y4, mu_end, var_end, saved = fwd(x4, w_hat, bias, *stats0)
-  bwd = jax.jit(lambda x4, dy4, w, saved, gm, gv: K._tiled_backward(spec, x4, dy4, w, saved, gm, gv,
-                                                                    flags))
-  d = spec.dims
-  f = None if not d.has_flags else flags
+  t = _tiled_setup(shape, config, args)
+  spec, f, x4, dy4, w_hat, bias, per = t.spec, t.f, t.x4, t.dy4, t.w_hat, t.bias, t.per
+  fwd, bwd, saved, stats0, dmean, dvar = t.fwd, t.bwd, t.saved, t.stats0, t.dmean, t.dvar
   cn, cmu, cvar, n_end, m, v = saved
   pd, sd = K._pass_dims(spec), K._steps_dims(spec)
   per_program = min(spec.config.tiled.pass_tiles, pd.tiles)
@@ -407,18 +406,7 @@ def steps_breakdown(shape: Shape, config: K.KernelConfig, args) -> list[dict]:
       "bwd coefficients": (coef_fn, (m, v, s1, s3, cn, cmu, cvar, u_mu, u_var)),
       "bwd apply": (apply_fn, (x4, dy4, w_hat, *coefs)),
   }
-  rows = []
-  print(f"  breakdown of {describe(config)} (pipelined, ms):", flush=True)
-  for name, (fn, fargs) in parts.items():
-    try:
-      ms = 1e3 * median_time(fn, *fargs, warmup=2, iters=args.iters, pipeline=args.pipeline)
-      print(f"    {name:<24} {ms:8.4f}", flush=True)
-      rows.append({"shape": str(shape), "impl": describe(config), "part": name, "ms": ms})
-    except Exception as e:  # Report and continue.
-      print(f"    {name:<24} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-      if args.verbose:
-        traceback.print_exc()
-  return rows
+  return _time_parts(parts, shape, config, args)
 
 
 def atomic_probe() -> list[dict]:

@@ -1,0 +1,122 @@
+"""kernels_pallas/block_matmul_mgpu.py on the CPU: its reference, its lowering for CUDA, its shape checks.
+
+The Mosaic GPU kernel cannot run here. What can be checked:
+  * the dense reference against the real thing: the probability tiles and row scales written by the
+    Triton 'twopass' scores kernel (interpret mode), multiplied by the reference, must give
+    chunked attention (XLA path) and agree with the Triton block matmul that normally consumes them;
+  * the kernel lowers for CUDA (Pallas -> Mosaic GPU lowering with its layout, wgmma-shape and
+    transform checks) at the benchmark shape into one Mosaic GPU custom call;
+  * unsupported shapes raise ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import block_matmul_mgpu as bm
+from kernels_pallas import chunk_attention as ca
+from megalodon_jax.ops import attention as xla_attention
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _tiles_plan(batch, heads, n_chunks, chunk, dk, dv, block, dtype):
+  """A Triton plan with square `block` tiles for the scores kernel and the block matmul (interpreted)."""
+  config = ca.KernelConfig(block_q=block, block_k=block, fwd_scores="twopass")
+  plan = ca._triton_plan(config, True, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv, dtype)
+  assert (plan.mm_geom.bq, plan.mm_geom.bk) == (block, block)
+  return plan
+
+
+def _poison_unvisited(p_buf, chunk: int, block: int):
+  """NaN in every tile above a chunk's block diagonal: neither consumer may read them."""
+  tile = np.arange(chunk) // block
+  above = np.tile(tile[None, :] > tile[:, None], (p_buf.shape[2] // chunk, 1))  # [n*C, C]
+  return jnp.where(above, jnp.nan, p_buf)
+
+
+def test_reference_is_attention_on_real_tiles(rng):
+  batch, heads, n_chunks, chunk, dk, dv, block = 1, 2, 2, 32, 16, 48, 16
+  length = n_chunks * chunk
+  q, k = (jnp.asarray(rng.standard_normal((batch, length, heads, dk)), jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((batch, length, heads, dv)), jnp.float32)
+  plan = _tiles_plan(batch, heads, n_chunks, chunk, dk, dv, block, jnp.float32)
+
+  def both(q, k, v):
+    p_buf, rscale, _ = ca._tr_scores(plan, q, k, v.dtype, None)
+    p_buf = _poison_unvisited(p_buf, chunk, block)
+    ref = bm.block_causal_matmul_reference(p_buf, v, rscale, chunk, block)
+    mm_plan = dataclasses.replace(plan, geom=plan.mm_geom)
+    triton = ca._tr_block_matmul(mm_plan, p_buf, v, None, None, jnp.float32, rscale)
+    return ref, triton
+
+  ref, triton = jax.jit(both).lower(q, k, v).compile(compiler_options=_FAST_COMPILE)(q, k, v)
+  want = xla_attention.chunked_attention_xla(q, k, v, chunk_size=chunk)
+  assert ref.shape == want.shape == (batch, length, heads, dv)
+  assert np.all(np.isfinite(np.asarray(ref)))
+  assert _rel_err(ref, want) < 1e-5
+  assert _rel_err(ref, triton) < 1e-5
+
+
+def test_reference_is_block_causal_without_scale(rng):
+  """Random tiles, no row scale: the reference equals a numpy loop over visited tiles only."""
+  batch, heads, n_chunks, chunk, dv, block = 2, 1, 2, 8, 4, 4
+  length = n_chunks * chunk
+  m_buf = rng.standard_normal((batch, heads, length, chunk)).astype(np.float32)
+  x = rng.standard_normal((batch, length, heads, dv)).astype(np.float32)
+  want = np.zeros((batch, length, heads, dv))
+  for b, h, n, i in np.ndindex(batch, heads, n_chunks, chunk // block):
+    rows = slice(n * chunk + i * block, n * chunk + (i + 1) * block)
+    for j in range(i + 1):
+      tile = m_buf[b, h, rows, j * block:(j + 1) * block].astype(np.float64)
+      want[b, rows, h] += tile @ x[b, n * chunk + j * block:n * chunk + (j + 1) * block, h]
+  got = bm.block_causal_matmul_reference(_poison_unvisited(jnp.asarray(m_buf), chunk, block), jnp.asarray(x),
+                                         None, chunk, block)
+  assert _rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("block,block_d,with_scale", [(128, 256, True), (64, 256, True), (128, 128, False)])
+def test_kernel_lowers_for_cuda(block, block_d, with_scale):
+  """The benchmark shape (B=1, 16 chunks of 2048, 4 heads, dv 2048, bf16) lowers to one Mosaic GPU call."""
+  batch, n_chunks, chunk, heads, dv = 1, 16, 2048, 4, 2048
+  length = n_chunks * chunk
+  m_buf = jax.ShapeDtypeStruct((batch, heads, length, chunk), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.bfloat16)
+  rscale = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32) if with_scale else None
+  fn = lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, chunk=chunk, block=block, block_d=block_d)  # noqa: E731
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(m_buf, x, rscale)
+  module = exported.mlir_module()
+  assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 1
+  assert exported.out_avals[0].shape == (batch, length, heads, dv)
+  assert exported.out_avals[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(block=32), "block 32 unsupported"),
+    (dict(block=256), "block 256 unsupported"),
+    (dict(block_d=192), "block_d 192 unsupported"),
+    (dict(chunk=192), "not a multiple of block"),
+    (dict(dv=384), "not a multiple of block_d"),
+    (dict(dtype=jnp.float32), "16-bit float"),
+    (dict(rows=2 * 256 + 64), "m_buf"),
+])
+def test_unsupported_shapes_raise(change, message):
+  chunk, block, block_d, dv = change.get("chunk", 256), change.get("block", 128), change.get("block_d", 256), change.get("dv", 512)
+  length = 2 * chunk
+  dtype = change.get("dtype", jnp.bfloat16)
+  m_buf = jax.ShapeDtypeStruct((1, 2, change.get("rows", length), chunk), dtype)
+  x = jax.ShapeDtypeStruct((1, length, 2, dv), dtype)
+  rscale = jax.ShapeDtypeStruct((1, 2, length), jnp.float32)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, chunk=chunk, block=block, block_d=block_d),
+                   m_buf, x, rscale)

@@ -8,23 +8,37 @@ target; this probe measures whether the building block is there: JAX's own Hoppe
 bf16 out, float32 accumulation, on a large square product and on attention-like products (one
 chunk-head's rows against a 2048-wide operand, K = 2048).
 
-Each row: median of --iters calls after warm-up (block_until_ready), TFLOP/s, and the largest
-relative error against a float32 XLA product. Configurations that do not fit shared memory or
-fail to compile are reported as errors, not dropped.
+Second part (--block-causal, on by default): the forward block-causal matmul of chunked attention,
+O = (1 / l) P~ V, as the Mosaic GPU kernel `kernels_pallas.block_matmul_mgpu.block_causal_matmul_mgpu`
+against the Triton `_tr_block_matmul` it would replace, in the same run, at the attention benchmark
+shape (B=1, 16 chunks of 2048, 4 heads, dk 256, dv 2048, bf16). P~ and 1 / l are the real ones: the
+Triton 'twopass' scores kernel writes them from q, k ~ N(0, dk^-1/2) (as check_chunk_attention).
+Every output is compared with the dense float32 reference (`block_causal_matmul_reference`);
+TFLOP/s count the causal half (2 * B H n C^2 / 2 * dv), as check_chunk_attention's stage rates.
+
+Each row: median of --iters samples (each the mean of --inner calls) after warm-up, TFLOP/s, and the
+largest relative error against float32 (max |got - ref| / max |ref|). Configurations that do not fit
+shared memory or fail to compile are reported as errors in their rows, not dropped; either part
+survives the other's failure.
 
   python experiments/gpu_checks/probe_mgpu_matmul.py --results-dir "$OUT"
+  python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --results-dir "$OUT"  # part 2 only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import harness
+from kernels_pallas import block_matmul_mgpu as bm
+from kernels_pallas import chunk_attention as ca
 
 SHAPES = ((8192, 8192, 8192), (32768, 2048, 2048), (4096, 2048, 2048))
 
@@ -42,15 +56,17 @@ def _mgpu_fn(mgpu, fields):
   return jax.jit(lambda a, b: mgpu.matmul(a, b, None, cfg))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--results-dir", default=None)
-  parser.add_argument("--name", default="probe-mgpu-matmul")
-  args = parser.parse_args()
-  if jax.default_backend() != "gpu":
-    raise SystemExit("probe_mgpu_matmul needs a Hopper GPU (Mosaic GPU kernels have no CPU path).")
+def _error(err: BaseException) -> str:
+  lines = str(err).splitlines() or [""]
+  return f"{type(err).__name__}: {lines[0][:300]}"
+
+
+def _print_row(row: dict) -> None:
+  print({key: (round(val, 4) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
+
+
+def example_matmul_rows(args) -> list[dict]:
+  """Part 1: JAX's Hopper example matmul against jnp.dot."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # imports Mosaic GPU
 
   rows = []
@@ -66,7 +82,7 @@ def main() -> None:
       label = f"{fields['tile_m']}x{fields['tile_n']} wg={fields['wg_dimension']}"
       candidates.append(("mgpu", label, lambda fields=fields: _mgpu_fn(mgpu, fields)))
     for impl, label, make in candidates:
-      row = {"shape": f"{m}x{n}x{k}", "impl": impl, "config": label}
+      row = {"part": "example_matmul", "shape": f"{m}x{n}x{k}", "impl": impl, "config": label}
       try:
         fn = make()
         out = fn(a, b)
@@ -75,10 +91,115 @@ def main() -> None:
         row["ms"] = timing["median_ms"]
         row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
       except Exception as err:  # noqa: BLE001 - one failing tiling must not end the probe
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        row["error"] = _error(err)
       rows.append(row)
-      print({key: (round(val, 4) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
-  harness.write_results(args.name, rows, {"probe_shapes": [list(s) for s in SHAPES]},
+      _print_row(row)
+  return rows
+
+
+# Part 2 candidates: (impl, label, keyword arguments). Shared memory per CTA (bf16):
+# stages * (block * 64 + 64 * block_d) * 2 + block * block_d * 2 bytes (output staging), at most 227 KiB.
+BLOCK_CAUSAL_CANDIDATES = (
+    ("triton", "op default (mm tiles 128x64)", {"mm_block_k": 64}),
+    ("triton", "square 128", {"mm_block_k": 128}),
+    ("mgpu", "block 128 bd 256 st 3", dict(block=128, block_d=256, stages=3)),  # 208 KiB
+    ("mgpu", "block 128 bd 128 st 4", dict(block=128, block_d=128, stages=4)),  # 160 KiB
+    ("mgpu", "block 128 bd 128 st 6", dict(block=128, block_d=128, stages=6)),  # 224 KiB
+    ("mgpu", "block 64 bd 256 st 4", dict(block=64, block_d=256, stages=4)),  # 192 KiB
+    ("mgpu", "block 64 bd 256 st 5", dict(block=64, block_d=256, stages=5)),  # 232 KiB: may not fit
+)
+
+
+def block_causal_rows(args) -> list[dict]:
+  """Part 2: the Mosaic GPU block-causal matmul against the Triton one on real probability tiles."""
+  batch, n_chunks, chunk, heads, dk, dv = args.batch, args.chunks, args.chunk_size, args.heads, args.dk, args.dv
+  length = n_chunks * chunk
+  dtype = jnp.bfloat16
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = (jax.random.normal(keys[0], (batch, length, heads, dk)) * dk ** -0.25).astype(dtype)
+  k = (jax.random.normal(keys[1], (batch, length, heads, dk)) * dk ** -0.25).astype(dtype)
+  v = jax.random.normal(keys[2], (batch, length, heads, dv)).astype(dtype)
+  # 128 x 128 score tiles (the op's default writer): every reader below reads only tiles it wrote.
+  config = ca.KernelConfig(block_q=128, block_k=128, fwd_scores="twopass")
+  plan = ca._triton_plan(config, False, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv, dtype)
+  p_buf, rscale, _ = jax.jit(lambda q, k: ca._tr_scores(plan, q, k, dtype, None))(q, k)
+  del q, k
+  ref = jax.jit(lambda p, x, r: bm.block_causal_matmul_reference(p, x, r, chunk, 128))(p_buf, v, rscale)
+  ref_max = float(jnp.max(jnp.abs(ref)))
+  rel_err = jax.jit(lambda got, ref: jnp.max(jnp.abs(got.astype(jnp.float32) - ref)))
+  flops = 2.0 * batch * heads * n_chunks * chunk ** 2 / 2 * dv  # the causal half
+  shape = f"B{batch} n{n_chunks}x{chunk} H{heads} dv{dv}"
+  rows = []
+  for impl, label, kwargs in BLOCK_CAUSAL_CANDIDATES:
+    if args.only and not any(part in f"{impl} {label}" for part in args.only):
+      continue
+    row = {"part": "block_causal", "shape": shape, "impl": impl, "config": label}
+    try:
+      if impl == "triton":
+        tplan = ca._triton_plan(dataclasses.replace(config, **kwargs), False, 1.0, batch, heads, n_chunks, chunk,
+                                chunk, dk, dv, dtype)
+        mm_plan = dataclasses.replace(tplan, geom=tplan.mm_geom)
+        row["tiles"] = [mm_plan.geom.bq, mm_plan.geom.bk, mm_plan.block_d]
+        fn = jax.jit(lambda p, x, r, mm_plan=mm_plan: ca._tr_block_matmul(mm_plan, p, x, None, None, dtype, r))
+      else:
+        fn = jax.jit(lambda p, x, r, kwargs=kwargs: bm.block_causal_matmul_mgpu(p, x, r, chunk=chunk, **kwargs))
+      out = jax.block_until_ready(fn(p_buf, v, rscale))
+      err = float(rel_err(out, ref)) / ref_max
+      row["max_rel_err"] = err if bool(jnp.all(jnp.isfinite(out))) else float("nan")
+      row["ok"] = bool(row["max_rel_err"] < args.tolerance)  # NaN compares False
+      del out
+      timing = harness.time_fn(fn, p_buf, v, rscale, warmup=args.warmup, iters=args.iters, inner=args.inner)
+      row["ms"] = timing["median_ms"]
+      row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+    except Exception as err:  # noqa: BLE001 - one failing configuration must not end the probe
+      row["error"] = _error(err)
+      traceback.print_exc()
+    rows.append(row)
+    _print_row(row)
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--inner", type=int, default=5, help="part 2: calls per timing sample")
+  parser.add_argument("--example-matmul", action=argparse.BooleanOptionalAction, default=True,
+                      help="part 1: JAX's Hopper example matmul against jnp.dot")
+  parser.add_argument("--block-causal", action=argparse.BooleanOptionalAction, default=True,
+                      help="part 2: Mosaic GPU against Triton block-causal matmul (attention's P V)")
+  parser.add_argument("--only", nargs="*", default=None, help="part 2: candidates whose 'impl label' contains one of these")
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--chunks", type=int, default=16)
+  parser.add_argument("--chunk-size", type=int, default=2048)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--dk", type=int, default=256)
+  parser.add_argument("--dv", type=int, default=2048)
+  parser.add_argument("--tolerance", type=float, default=1e-2, help="part 2: max relative error (bf16 output)")
+  parser.add_argument("--results-dir", default=None)
+  parser.add_argument("--name", default="probe-mgpu-matmul")
+  args = parser.parse_args()
+  if jax.default_backend() != "gpu":
+    raise SystemExit("probe_mgpu_matmul needs a Hopper GPU (Mosaic GPU kernels have no CPU path).")
+
+  rows = []
+  for enabled, part in ((args.example_matmul, example_matmul_rows), (args.block_causal, block_causal_rows)):
+    if not enabled:
+      continue
+    try:
+      rows += part(args)
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory building part 2's inputs
+      traceback.print_exc()
+      rows.append({"part": part.__name__, "error": _error(err)})
+      _print_row(rows[-1])
+    # Written after each part: a part that hangs past the device limit leaves the other's rows.
+    harness.write_results(args.name, rows, {"probe_shapes": [list(s) for s in SHAPES],
+                                            "block_causal_shape": [args.batch, args.chunks, args.chunk_size,
+                                                                   args.heads, args.dk, args.dv]},
+                          results_dir=args.results_dir, print_table=False)
+  harness.write_results(args.name, rows, {"probe_shapes": [list(s) for s in SHAPES],
+                                          "block_causal_shape": [args.batch, args.chunks, args.chunk_size,
+                                                                 args.heads, args.dk, args.dv]},
                         results_dir=args.results_dir)
 
 

@@ -42,6 +42,13 @@ CPU: Mosaic GPU kernels cannot run here, but they lower: `jax.export.export(...,
 runs the Pallas -> Mosaic GPU lowering (layouts, transforms, barrier and TMA shapes) and embeds the
 module in a `mosaic_gpu_v2` custom call (no safety check needs disabling). Compilation to PTX,
 shared-memory limits and TMA descriptor checks happen only on the GPU.
+
+API (written against jax 0.10.2, to run under 0.11.2): only calls that jax's own attention_mgpu and
+hopper_matmul_mgpu examples use in both versions (plgpu.kernel with thread_name, run_scoped with
+collective_axes="wg", copy_gmem_to_smem with a barrier, Barrier(num_arrivals, num_barriers), ACC,
+wgmma / wgmma_wait, load(..., layout=Layout.WGMMA.reduce(1)), set_max_registers). Not passed on
+purpose: a kernel `name` (0.10.2's plgpu.kernel forwards it to the Mesh, which rejects it).
+Not yet run on a GPU: experiments/gpu_checks/probe_mgpu_matmul.py checks and times it.
 """
 
 from __future__ import annotations

@@ -116,13 +116,21 @@ def _check(m_buf, x, rscale, chunk: int, block: int, block_d: int, stages: int):
 
 
 def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array | None, *, chunk: int,
-                             block: int, block_d: int = 256, stages: int = 3, out_dtype=None) -> jax.Array:
+                             block: int, block_d: int = 256, stages: int = 3, out_dtype=None,
+                             release: str = "lagged", epi_cols: int | None = None) -> jax.Array:
   """Y = rowscale * block-causal(M) @ X on a Hopper GPU (Pallas Mosaic GPU).
 
   m_buf [B, H, n*C, C] (C = chunk), x [B, n*C, H, dv], rscale [B, H, n*C] float32 or None
   -> [B, n*C, H, dv] in out_dtype (default x.dtype). block: the square tile (64 or 128); block_d: the
   output columns of one program (split between two consumer warpgroups); stages: ring depth.
+  release: 'lagged' keeps one wgmma in flight and frees a ring slot one step late (the producer then
+  runs stages - 1 steps ahead); 'immediate' waits for each step's wgmma and frees its slot at once
+  (stages steps ahead, as jax's Hopper matmul example). epi_cols: columns of each output store
+  through shared memory (default: the warpgroup's block_d / 2); 64 halves the staging buffer, which
+  makes room for a fourth ring stage at block 128, block_d 256.
   """
+  if release not in ("lagged", "immediate"):
+    raise ValueError(f"release must be 'lagged' or 'immediate', got {release!r}")
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
   _check(m_buf, x, rscale, chunk, block, block_d, stages)
@@ -133,6 +141,9 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   n_pairs = (nbq + 1) // 2
   n_dt = width // block_d
   wn = block_d // 2  # columns per consumer warpgroup
+  epi = epi_cols or wn
+  if wn % epi or epi % 64:
+    raise ValueError(f"epi_cols {epi_cols} must be a multiple of 64 dividing block_d / 2 = {wn}")
   kpb = block // _TK  # ring steps per key block
   dtype = x.dtype
   itemsize = jnp.dtype(dtype).itemsize
@@ -142,7 +153,7 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
     return (plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle))
 
   in_transforms = swizzled(_TK, itemsize)
-  out_transforms = swizzled(wn, out_dtype.itemsize)
+  out_transforms = swizzled(epi, out_dtype.itemsize)
 
   # 2-D views (free reshapes of contiguous arrays): TMA boxes then take (row, column) offsets.
   m2 = m_buf.reshape(batch * heads * length, chunk)
@@ -210,15 +221,20 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
             plgpu.barrier_wait(m_bar.at[slot])
             plgpu.barrier_wait(x_bar.at[slot])
             plgpu.wgmma(acc_ref, m_smem.at[slot], x_smem.at[slot].at[:, pl.ds(wg * wn, wn)])
-            # One wgmma stays in flight; the one before it has finished reading its slot.
-            plgpu.wgmma_wait(1)
+            if release == "immediate":
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(consumed.at[slot])
+            else:
+              # One wgmma stays in flight; the one before it has finished reading its slot.
+              plgpu.wgmma_wait(1)
 
-            @pl.when(k > 0)
-            def _():
-              plgpu.barrier_arrive(consumed.at[lax.rem(g - 1, stages)])
+              @pl.when(k > 0)
+              def _():
+                plgpu.barrier_arrive(consumed.at[lax.rem(g - 1, stages)])
 
-          plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(consumed.at[lax.rem(step0 + n_steps - 1, stages)])
+          if release == "lagged":
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[lax.rem(step0 + n_steps - 1, stages)])
           return acc_ref[...]
 
         acc = pl.run_scoped(accumulate, plgpu.ACC((block, wn), jnp.float32))
@@ -227,11 +243,13 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
           scale = plgpu.load(rs_buf, (), layout=plgpu.Layout.WGMMA.reduce(1))
           acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
         out_buf = out_smem.at[wg]
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's store has read out_buf
-        out_buf[...] = acc.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_buf, y_ref.at[pl.ds(x_row0 + qblk * block, block),
-                                                  pl.ds(col0 + wg * wn, wn)])
+        acc = acc.astype(out_dtype)
+        for e in range(wn // epi):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read out_buf
+          out_buf[...] = acc[:, e * epi:(e + 1) * epi]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_buf, y_ref.at[pl.ds(x_row0 + qblk * block, block),
+                                                    pl.ds(col0 + wg * wn + e * epi, epi)])
 
       query_block(0, blk1, 0, steps1)
 
@@ -247,7 +265,7 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
         lambda *scoped: body(m_ref, x_ref, rs_ref, y_ref, scoped),
         (plgpu.SMEM((stages, block, _TK), dtype, transforms=in_transforms),
          plgpu.SMEM((stages, _TK, block_d), dtype, transforms=in_transforms),
-         plgpu.SMEM((2, block, wn), out_dtype, transforms=out_transforms),
+         plgpu.SMEM((2, block, epi), out_dtype, transforms=out_transforms),
          plgpu.SMEM((2, 2, block), jnp.float32)),
         (plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=stages),

@@ -85,15 +85,19 @@ def test_reference_is_block_causal_without_scale(rng):
   assert _rel_err(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("block,block_d,with_scale", [(128, 256, True), (64, 256, True), (128, 128, False)])
-def test_kernel_lowers_for_cuda(block, block_d, with_scale):
+@pytest.mark.parametrize("block,block_d,with_scale,extra", [
+    (128, 256, True, {}), (64, 256, True, {}), (128, 128, False, {}),
+    (128, 256, True, dict(stages=4, epi_cols=64, release="immediate")),
+])
+def test_kernel_lowers_for_cuda(block, block_d, with_scale, extra):
   """The benchmark shape (B=1, 16 chunks of 2048, 4 heads, dv 2048, bf16) lowers to one Mosaic GPU call."""
   batch, n_chunks, chunk, heads, dv = 1, 16, 2048, 4, 2048
   length = n_chunks * chunk
   m_buf = jax.ShapeDtypeStruct((batch, heads, length, chunk), jnp.bfloat16)
   x = jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.bfloat16)
   rscale = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32) if with_scale else None
-  fn = lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, chunk=chunk, block=block, block_d=block_d)  # noqa: E731
+  fn = lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, chunk=chunk, block=block, block_d=block_d,  # noqa: E731
+                                                   **extra)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(m_buf, x, rscale)
   module = exported.mlir_module()
   assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 1

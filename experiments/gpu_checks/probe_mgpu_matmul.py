@@ -103,6 +103,11 @@ BLOCK_CAUSAL_CANDIDATES = (
     ("triton", "op default (mm tiles 128x64)", {"mm_block_k": 64}),
     ("triton", "square 128", {"mm_block_k": 128}),
     ("mgpu", "block 128 bd 256 st 3", dict(block=128, block_d=256, stages=3)),  # 208 KiB
+    ("mgpu", "block 128 bd 256 st 3 immediate", dict(block=128, block_d=256, stages=3, release="immediate")),
+    # 4 * 48 KiB ring + 2 * 16 KiB staging (64-column stores) + row scales: 226 KiB
+    ("mgpu", "block 128 bd 256 st 4 epi 64 immediate", dict(block=128, block_d=256, stages=4, epi_cols=64,
+                                                           release="immediate")),
+    ("mgpu", "block 128 bd 256 st 4 epi 64", dict(block=128, block_d=256, stages=4, epi_cols=64)),
     ("mgpu", "block 128 bd 128 st 4", dict(block=128, block_d=128, stages=4)),  # 160 KiB
     ("mgpu", "block 128 bd 128 st 6", dict(block=128, block_d=128, stages=6)),  # 224 KiB
     ("mgpu", "block 64 bd 256 st 4", dict(block=64, block_d=256, stages=4)),  # 192 KiB

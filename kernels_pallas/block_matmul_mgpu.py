@@ -17,7 +17,10 @@ loads into swizzled shared memory, wgmma, and a producer warpgroup that runs ahe
 warpgroups through a ring of `stages` buffers guarded by mbarriers.
 
 Structure of one program (CTA of 3 warpgroups):
-  * grid (pairs * d_tiles, n_chunks, B * H). A program owns one d tile of width block_d of one
+  * grid (B * H, n_chunks, pairs * d_tiles), launched tile-fastest (Mosaic GPU makes the last grid
+    axis CUDA's x): the 64 programs of one (chunk, batch, head) share its M rows and X columns in
+    L2. (With the tiles axis first, the grid ran bh-fastest: 28% L2 hits, DRAM-bound at 3.7 TB/s,
+    1.42 ms.) A program owns one d tile of width block_d of one
     (chunk, batch, head) and TWO query blocks, i = p and i' = nbq - 1 - p. Query block i visits
     i + 1 key blocks, so the pair visits nbq + 1 of them whatever p is: every program does the same
     work (no tail of long programs), and the producer streams both blocks' tiles through one ring
@@ -277,8 +280,10 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   kernel = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct((batch * length, heads * width), out_dtype),
-      grid=(n_pairs * n_dt, n_chunks, batch * heads),
-      grid_names=("tile", "chunk", "bh"),
+      # Mosaic GPU launches the LAST grid axis fastest (CUDA's x; Pallas Triton launches the first):
+      # the tiles of one (chunk, batch, head), which share its M rows and X columns, run together.
+      grid=(batch * heads, n_chunks, n_pairs * n_dt),
+      grid_names=("bh", "chunk", "tile"),
       num_threads=3,
       thread_name="wg",
   )

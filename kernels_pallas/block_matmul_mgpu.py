@@ -1,4 +1,5 @@
-"""Forward block-causal matmul of chunked attention (Y = rowscale * (P~ V)) as a Pallas Mosaic GPU kernel.
+"""Block-causal matmuls of chunked attention as a Pallas Mosaic GPU kernel: the forward's
+Y = rowscale * (P~ V) and (transpose_m) the backward's dV = P^T dO, dK = dS^T Q.
 
 Same inputs, outputs and semantics as `chunk_attention._tr_block_matmul(plan, m_buf, x, None, None,
 out_dtype, rscale)` for square tiles (block_q == block_k == `block`, chunk a multiple of block, no
@@ -70,10 +71,11 @@ _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def block_causal_matmul_reference(m_buf: jax.Array, x: jax.Array, rscale: jax.Array | None, chunk: int,
-                                  block: int) -> jax.Array:
+                                  block: int, transpose_m: bool = False) -> jax.Array:
   """Dense float32 reference: m_buf [B, H, n*C, C], x [B, n*C, H, dv], rscale [B, H, n*C] -> [B, n*C, H, dv].
 
   Tiles above a chunk's block diagonal are excluded with `where` (they may hold garbage, NaN included).
+  transpose_m: each chunk's (masked) M transposed, Y = M^T X (rscale must be None).
   """
   batch, heads, rows, cols = m_buf.shape
   n_chunks = rows // chunk
@@ -84,6 +86,10 @@ def block_causal_matmul_reference(m_buf: jax.Array, x: jax.Array, rscale: jax.Ar
   m = m_buf.reshape(batch, heads, n_chunks, chunk, chunk).astype(jnp.float32)
   m = jnp.where(visible, m, 0.0)
   xs = x.reshape(batch, n_chunks, chunk, heads, x.shape[-1]).astype(jnp.float32)
+  if transpose_m:
+    if rscale is not None:
+      raise ValueError("transpose_m takes no rscale")
+    m = jnp.swapaxes(m, -1, -2)
   y = jnp.einsum("bhnqk,bnkhd->bnqhd", m, xs, precision=lax.Precision.HIGHEST)
   if rscale is not None:
     scale = rscale.astype(jnp.float32).reshape(batch, heads, n_chunks, chunk).transpose(0, 2, 3, 1)
@@ -120,7 +126,8 @@ def _check(m_buf, x, rscale, chunk: int, block: int, block_d: int, stages: int):
 
 def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array | None, *, chunk: int,
                              block: int, block_d: int = 256, stages: int = 3, out_dtype=None,
-                             release: str = "lagged", epi_cols: int | None = None) -> jax.Array:
+                             release: str = "lagged", epi_cols: int | None = None,
+                             transpose_m: bool = False) -> jax.Array:
   """Y = rowscale * block-causal(M) @ X on a Hopper GPU (Pallas Mosaic GPU).
 
   m_buf [B, H, n*C, C] (C = chunk), x [B, n*C, H, dv], rscale [B, H, n*C] float32 or None
@@ -131,7 +138,11 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   (stages steps ahead, as jax's Hopper matmul example). epi_cols: columns of each output store
   through shared memory (default: the warpgroup's block_d / 2); 64 halves the staging buffer, which
   makes room for a fourth ring stage at block 128, block_d 256.
+  transpose_m: Y = block-causal(M)^T @ X instead (the backward's dV = P^T dO and dK = dS^T Q):
+  output row block j of a chunk sums over query blocks i >= j of M[i, j]^T X[i]; rscale must be None.
   """
+  if transpose_m and rscale is not None:
+    raise ValueError("transpose_m=True takes no rscale (the backward's transposed products have none)")
   if release not in ("lagged", "immediate"):
     raise ValueError(f"release must be 'lagged' or 'immediate', got {release!r}")
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
@@ -174,8 +185,12 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
     wg = lax.axis_index("wg")
     blk1 = pair
     blk2 = nbq - 1 - pair
-    steps1 = (blk1 + 1) * kpb
-    steps2 = jnp.where(blk2 != blk1, (blk2 + 1) * kpb, 0)  # odd nbq: the middle block only once
+
+    def blocks_of(blk):  # input blocks summed into output block blk: j <= blk, or i >= blk transposed
+      return nbq - blk if transpose_m else blk + 1
+
+    steps1 = blocks_of(blk1) * kpb
+    steps2 = jnp.where(blk2 != blk1, blocks_of(blk2) * kpb, 0)  # odd nbq: the middle block only once
     total = steps1 + steps2
     m_row0 = bh * length + n * chunk  # row of this chunk's first query in m2
     x_row0 = b * length + n * chunk  # row of this chunk's first key / query in x2 and y2
@@ -189,16 +204,21 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
       def _step(g):
         slot = lax.rem(g, stages)
         second = g >= steps1
-        qblk = jnp.where(second, blk2, blk1)
-        k = jnp.where(second, g - steps1, g)  # ring step within the query block's key range
+        oblk = jnp.where(second, blk2, blk1)  # output block
+        k = jnp.where(second, g - steps1, g)  # ring step within the output block's input range
 
         @pl.when(g >= stages)
         def _():
           plgpu.barrier_wait(consumed.at[slot])
 
-        plgpu.copy_gmem_to_smem(m_ref.at[pl.ds(m_row0 + qblk * block, block), pl.ds(k * _TK, _TK)],
-                                m_smem.at[slot], m_bar.at[slot])
-        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(x_row0 + k * _TK, _TK), pl.ds(col0, block_d)],
+        if transpose_m:  # input rows: queries from block oblk on; M tile [TK queries, block keys]
+          r = oblk * block + k * _TK
+          m_src = m_ref.at[pl.ds(m_row0 + r, _TK), pl.ds(oblk * block, block)]
+        else:  # input rows: keys from 0; M tile [block queries, TK keys]
+          r = k * _TK
+          m_src = m_ref.at[pl.ds(m_row0 + oblk * block, block), pl.ds(r, _TK)]
+        plgpu.copy_gmem_to_smem(m_src, m_smem.at[slot], m_bar.at[slot])
+        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(x_row0 + r, _TK), pl.ds(col0, block_d)],
                                 x_smem.at[slot], x_bar.at[slot])
 
       # Wait out the last releases so that no barrier is left mid-phase when the CTA exits.
@@ -223,7 +243,8 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
             slot = lax.rem(g, stages)
             plgpu.barrier_wait(m_bar.at[slot])
             plgpu.barrier_wait(x_bar.at[slot])
-            plgpu.wgmma(acc_ref, m_smem.at[slot], x_smem.at[slot].at[:, pl.ds(wg * wn, wn)])
+            a = plgpu.transpose_ref(m_smem.at[slot], (1, 0)) if transpose_m else m_smem.at[slot]
+            plgpu.wgmma(acc_ref, a, x_smem.at[slot].at[:, pl.ds(wg * wn, wn)])
             if release == "immediate":
               plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(consumed.at[slot])
@@ -266,7 +287,8 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
     rs_ref, y_ref = (None, refs[0]) if rscale is None else refs
     pl.run_scoped(
         lambda *scoped: body(m_ref, x_ref, rs_ref, y_ref, scoped),
-        (plgpu.SMEM((stages, block, _TK), dtype, transforms=in_transforms),
+        (plgpu.SMEM((stages, _TK, block) if transpose_m else (stages, block, _TK), dtype,
+                    transforms=in_transforms),
          plgpu.SMEM((stages, _TK, block_d), dtype, transforms=in_transforms),
          plgpu.SMEM((2, block, epi), out_dtype, transforms=out_transforms),
          plgpu.SMEM((2, 2, block), jnp.float32)),

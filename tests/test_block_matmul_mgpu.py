@@ -85,9 +85,41 @@ def test_reference_is_block_causal_without_scale(rng):
   assert _rel_err(got, want) < 1e-6
 
 
+def test_transposed_reference_is_the_triton_tmatmul(rng):
+  """transpose_m: the reference equals the backward's Triton dV = P^T dO on random visited tiles."""
+  batch, heads, n_chunks, chunk, dv, block = 1, 2, 2, 32, 48, 16
+  length = n_chunks * chunk
+  m_buf = _poison_unvisited(jnp.asarray(rng.standard_normal((batch, heads, length, chunk)), jnp.float32),
+                            chunk, block)
+  x = jnp.asarray(rng.standard_normal((batch, length, heads, dv)), jnp.float32)
+  config = ca.KernelConfig(block_q=block, block_k=block, bwd_block_q=block, bwd_block_k=block)
+  plan = ca._triton_plan(config, True, 1.0, batch, heads, n_chunks, chunk, chunk, 16, dv, jnp.float32)
+  mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
+  assert (mm_plan.geom.bq, mm_plan.geom.bk) == (block, block)  # it reads only the visited tiles
+
+  def both(m, x):
+    return (bm.block_causal_matmul_reference(m, x, None, chunk, block, transpose_m=True),
+            ca._tr_block_tmatmul(mm_plan, m, x, jnp.float32))
+
+  ref, triton = jax.jit(both).lower(m_buf, x).compile(compiler_options=_FAST_COMPILE)(m_buf, x)
+  assert np.all(np.isfinite(np.asarray(ref)))
+  assert _rel_err(ref, triton) < 1e-5
+  # and a float64 loop: key block j of a chunk sums M[i, j]^T x[i] over query blocks i >= j
+  m64, x64 = np.asarray(m_buf, np.float64), np.asarray(x, np.float64)
+  want = np.zeros((batch, length, heads, dv))
+  for b, h, n, j in np.ndindex(batch, heads, n_chunks, chunk // block):
+    cols = slice(j * block, (j + 1) * block)
+    for i in range(j, chunk // block):
+      rows = slice(n * chunk + i * block, n * chunk + (i + 1) * block)
+      want[b, n * chunk + j * block:n * chunk + (j + 1) * block, h] += m64[b, h, rows, cols].T @ x64[b, rows, h]
+  assert _rel_err(ref, want) < 1e-6
+
+
 @pytest.mark.parametrize("block,block_d,with_scale,extra", [
     (128, 256, True, {}), (64, 256, True, {}), (128, 128, False, {}),
     (128, 256, True, dict(stages=4, epi_cols=64, release="immediate")),
+    (128, 256, False, dict(stages=4, epi_cols=64, release="immediate", transpose_m=True)),
+    (128, 256, False, dict(transpose_m=True)),
 ])
 def test_kernel_lowers_for_cuda(block, block_d, with_scale, extra):
   """The benchmark shape (B=1, 16 chunks of 2048, 4 heads, dv 2048, bf16) lowers to one Mosaic GPU call."""

@@ -161,6 +161,50 @@ def block_causal_rows(args) -> list[dict]:
       traceback.print_exc()
     rows.append(row)
     _print_row(row)
+  rows += _transposed_rows(args, plan, p_buf, v, flops, shape)
+  return rows
+
+
+# The backward's transposed products (dV = P^T dO, dK = dS^T Q): Triton's tmatmul against Mosaic GPU.
+TRANSPOSED_CANDIDATES = (
+    ("triton", "op default (bwd tiles 128x128)", {}),
+    ("mgpu", "T block 128 bd 256 st 4 epi 64 immediate", dict(block=128, block_d=256, stages=4, epi_cols=64,
+                                                             release="immediate")),
+    ("mgpu", "T block 128 bd 256 st 3", dict(block=128, block_d=256, stages=3)),
+)
+
+
+def _transposed_rows(args, plan, p_buf, x, flops, shape) -> list[dict]:
+  """Y = M^T X on the same probability tiles (every tile at or below the diagonal is visited)."""
+  chunk, dtype = args.chunk_size, p_buf.dtype
+  ref = jax.jit(lambda p, x: bm.block_causal_matmul_reference(p, x, None, chunk, 128, transpose_m=True))(p_buf, x)
+  ref_max = float(jnp.max(jnp.abs(ref)))
+  rows = []
+  for impl, label, kwargs in TRANSPOSED_CANDIDATES:
+    if args.only and not any(part in f"{impl} {label}" for part in args.only):
+      continue
+    row = {"part": "block_causal_transposed", "shape": shape, "impl": impl, "config": label}
+    try:
+      if impl == "triton":
+        mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
+        row["tiles"] = [mm_plan.geom.bq, mm_plan.geom.bk, mm_plan.block_d]
+        fn = jax.jit(lambda p, x, mm_plan=mm_plan: ca._tr_block_tmatmul(mm_plan, p, x, dtype))
+      else:
+        fn = jax.jit(lambda p, x, kwargs=kwargs: bm.block_causal_matmul_mgpu(p, x, None, chunk=chunk,
+                                                                           transpose_m=True, **kwargs))
+      out = jax.block_until_ready(fn(p_buf, x))
+      err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) / ref_max
+      row["max_rel_err"] = err if bool(jnp.all(jnp.isfinite(out))) else float("nan")
+      row["ok"] = bool(row["max_rel_err"] < args.tolerance)
+      del out
+      timing = harness.time_fn(fn, p_buf, x, warmup=args.warmup, iters=args.iters, inner=args.inner)
+      row["ms"] = timing["median_ms"]
+      row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+    except Exception as err:  # noqa: BLE001 - one failing configuration must not end the probe
+      row["error"] = _error(err)
+      traceback.print_exc()
+    rows.append(row)
+    _print_row(row)
   return rows
 
 

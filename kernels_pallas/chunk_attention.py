@@ -107,6 +107,11 @@ class KernelConfig:
     is live during the long dv loop) or 's_first' (S and P first, P held while dP accumulates).
   delta_impl: GPU backward, delta = rowsum(O dO) by an XLA reduction ('xla') or a Pallas kernel
     ('pallas').
+  matmul_impl: GPU block matmuls (the forward's P V, the backward's dV, dK, dQ): Pallas Triton
+    ('triton') or, on a Hopper GPU, the warp-specialised TMA + wgmma Mosaic GPU kernel
+    (kernels_pallas.block_matmul_mgpu; 'mgpu') wherever its shapes allow (128 x 128 probability
+    tiles, chunk a multiple of 128, feature widths a multiple of 128, 16-bit inputs; the Triton
+    kernel elsewhere, and always in the interpreter).
   """
   block_q: int | None = None
   block_k: int | None = None
@@ -132,6 +137,7 @@ class KernelConfig:
   fwd_scores: str = "bounded"
   bwd_order: str = "dp_first"
   delta_impl: str = "xla"
+  matmul_impl: str = "triton"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +195,7 @@ class _Plan:
   fwd_scores: str = "bounded"
   bwd_order: str = "dp_first"
   delta_impl: str = "xla"
+  matmul_impl: str = "triton"
   packed: bool = False  # Mosaic: q/k/v viewed as [B, L, H*d] (else transposed to [B*H, L, d])
 
 
@@ -334,7 +341,8 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
 
 def _check_choices(config: KernelConfig) -> None:
   for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online", "bounded")),
-                        ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas"))):
+                        ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas")),
+                        ("matmul_impl", ("triton", "mgpu"))):
     if getattr(config, name) not in allowed:
       raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(config, name)!r}")
 
@@ -450,7 +458,8 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
   return _Plan("triton", interpret, scale, geom, bwd_geom=bwd_geom, mm_geom=mm_geom, bwd_mm_geom=bwd_mm_geom,
                block_d=block_d, block_c=block_c,
                block_qk=block_qk, block_r=block_r, launch=launch, fwd_impl=config.fwd_impl,
-               fwd_scores=config.fwd_scores, bwd_order=config.bwd_order, delta_impl=config.delta_impl)
+               fwd_scores=config.fwd_scores, bwd_order=config.bwd_order, delta_impl=config.delta_impl,
+               matmul_impl=config.matmul_impl)
 
 
 def _reader_geom(writer: _Geom, block_q: int | None, block_k: int | None, name: str) -> _Geom:
@@ -851,6 +860,8 @@ def _tr_blocks_forward(plan: _Plan, q, k, v, segment_ids):
   p_buf, stats, lse = _tr_scores(plan, q, k, v.dtype, segment_ids)
   mm_plan = dataclasses.replace(plan, geom=plan.mm_geom)
   if plan.fwd_scores != "online":
+    if _mgpu_takes(plan, plan.geom, p_buf, v):
+      return _mgpu_block_matmul(p_buf, v, stats, plan.geom, transpose_m=False), lse
     return _tr_block_matmul(mm_plan, p_buf, v, None, None, v.dtype, rscale=stats), lse
   return _tr_block_matmul(mm_plan, p_buf, v, stats, lse, v.dtype), lse
 
@@ -980,10 +991,43 @@ def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
   p_buf, ds_buf = _tr_bwd_tiles(dataclasses.replace(plan, geom=plan.bwd_geom), q, k, v, segment_ids, lse,
                                  delta, d_out)
   mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
-  dv = _tr_block_tmatmul(mm_plan, p_buf, d_out, v.dtype)
-  dk = _tr_block_tmatmul(mm_plan, ds_buf, q, k.dtype)
-  dq = _tr_block_matmul(mm_plan, ds_buf, k, None, None, q.dtype)
+
+  def tmatmul(m_buf, x, dtype):
+    if _mgpu_takes(plan, plan.bwd_geom, m_buf, x):
+      return _mgpu_block_matmul(m_buf, x, None, plan.bwd_geom, transpose_m=True).astype(dtype)
+    return _tr_block_tmatmul(mm_plan, m_buf, x, dtype)
+
+  dv = tmatmul(p_buf, d_out, v.dtype)
+  dk = tmatmul(ds_buf, q, k.dtype)
+  if _mgpu_takes(plan, plan.bwd_geom, ds_buf, k):
+    dq = _mgpu_block_matmul(ds_buf, k, None, plan.bwd_geom, transpose_m=False).astype(q.dtype)
+  else:
+    dq = _tr_block_matmul(mm_plan, ds_buf, k, None, None, q.dtype)
   return dq, dk, dv
+
+
+_MGPU_BLOCK = 128  # the Mosaic GPU block matmul's square tile
+
+
+def _mgpu_takes(plan: _Plan, writer: _Geom, m_buf, x) -> bool:
+  """Whether the Mosaic GPU block matmul replaces the Triton one for this product (see matmul_impl)."""
+  if plan.matmul_impl != "mgpu" or plan.interpret:
+    return False
+  return (writer.bq == writer.bk == _MGPU_BLOCK and writer.q_len == writer.k_len
+          and writer.q_len % _MGPU_BLOCK == 0 and x.shape[-1] % 128 == 0
+          and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and m_buf.dtype == x.dtype and m_buf.shape == (writer.batch, writer.heads, x.shape[1], writer.q_len))
+
+
+def _mgpu_block_matmul(m_buf, x, rscale, writer: _Geom, *, transpose_m: bool):
+  from kernels_pallas import block_matmul_mgpu  # Mosaic GPU: imported only when used
+  # 4 ring stages with 64-column output stores, each step's wgmma waited for at once: the fastest
+  # of experiments/gpu_checks/probe_mgpu_matmul.py's rows on an H200 (P V 0.947 ms against 1.11 for
+  # Triton, P^T dO 0.985 against 1.10, 2026-11-30).
+  block_d = 256 if x.shape[-1] % 256 == 0 else 128
+  return block_matmul_mgpu.block_causal_matmul_mgpu(
+      m_buf, x, rscale, chunk=writer.q_len, block=_MGPU_BLOCK, block_d=block_d, stages=4, epi_cols=64,
+      release="immediate", transpose_m=transpose_m)
 
 
 def _tr_delta(plan: _Plan, out, d_out):

@@ -156,3 +156,35 @@ def test_unsupported_shapes_raise(change, message):
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, chunk=chunk, block=block, block_d=block_d),
                    m_buf, x, rscale)
+
+
+def _lowered_attention_module(config, chunk, length=512, segments=False, dtype=jnp.bfloat16):
+  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
+  batch, heads, dk, dv = 1, 2, 128, 256
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
+  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
+
+  def fwd_bwd(q, k, v, seg, d_out):
+    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
+                                                config=config, interpret=False, platform="triton")
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, *vjp(d_out)
+
+  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
+  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
+  return exported(q, q, v, seg, v).mlir_module()
+
+
+@pytest.mark.parametrize("chunk,length,segments,dtype,expected", [
+    (256, 512, False, jnp.bfloat16, 4),  # P V, dV, dK, dQ
+    (256, 512, True, jnp.bfloat16, 4),  # segments only change the scores and tiles kernels
+    (192, 576, False, jnp.bfloat16, 0),  # chunk not a multiple of 128: Triton throughout
+    (256, 512, False, jnp.float32, 0),  # float32 inputs: Triton throughout
+])
+def test_chunk_attention_sends_block_matmuls_to_mosaic_gpu(chunk, length, segments, dtype, expected):
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="mgpu"), chunk, length, segments, dtype)
+  assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == expected
+  default = _lowered_attention_module(ca.KernelConfig(), chunk, length, segments, dtype)
+  assert default.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 0

@@ -65,6 +65,7 @@ SWEEP = {
     "matmul_stages4": dict(matmul_stages=4),
     "bounded_scores": dict(fwd_scores="bounded"),
     "delta_pallas": dict(delta_impl="pallas"),
+    "mgpu_matmul": dict(matmul_impl="mgpu"),
     # Combinations of the 2026-11-29 sweep's best stages (scores: bounded and 128x128 tiles on 8
     # warps; backward tiles: 4 pipeline stages).
     "combo": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8, tiles_stages=4),
@@ -217,7 +218,11 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
   bwd_mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
   scores = jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s))
   p_buf, stats, lse = scores(q, k, seg)
-  if plan.fwd_scores != "online":
+  mgpu = lambda m, x: ca._mgpu_takes(plan, plan.geom if m is p_buf else plan.bwd_geom, m, x)  # noqa: E731
+  if plan.fwd_scores != "online" and mgpu(p_buf, v):
+    pv = jax.jit(lambda p, x, r: ca._mgpu_block_matmul(p, x, r, plan.geom, transpose_m=False))
+    pv_args = (p_buf, v, stats)
+  elif plan.fwd_scores != "online":
     pv = jax.jit(lambda p, x, r: ca._tr_block_matmul(mm_plan, p, x, None, None, v.dtype, rscale=r))
     pv_args = (p_buf, v, stats)
   else:
@@ -228,17 +233,21 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
   delta = delta_fn(out, d_out)
   tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(tiles_plan, *a))
   p_bwd, ds_buf = tiles(q, k, v, seg, lse, delta, d_out)
+  def bwd_matmul(transpose_m, dtype):
+    if mgpu(p_bwd, d_out):  # the backward's tile buffers have one shape: p_bwd stands for both
+      return jax.jit(lambda m, x: ca._mgpu_block_matmul(m, x, None, plan.bwd_geom, transpose_m=transpose_m))
+    if transpose_m:
+      return jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_mm_plan, m, x, dtype))
+    return jax.jit(lambda m, x: ca._tr_block_matmul(bwd_mm_plan, m, x, None, None, dtype))
+
   return [
       ("fwd scores (S, stats, P~ tiles)", scores, (q, k, seg), args.dk * (2 if plan.fwd_scores == "twopass" else 1)),
       ("fwd O = P V (block matmul)", pv, pv_args, args.dv),
       ("bwd delta = rowsum(O dO)", delta_fn, (out, d_out), None),
       ("bwd tiles (S, P, dP, dS)", tiles, (q, k, v, seg, lse, delta, d_out), args.dk + args.dv),
-      ("bwd dV = P^T dO", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_mm_plan, m, x, v.dtype)), (p_bwd, d_out),
-       args.dv),
-      ("bwd dK = dS^T Q", jax.jit(lambda m, x: ca._tr_block_tmatmul(bwd_mm_plan, m, x, k.dtype)), (ds_buf, q),
-       args.dk),
-      ("bwd dQ = dS K", jax.jit(lambda m, x: ca._tr_block_matmul(bwd_mm_plan, m, x, None, None, q.dtype)),
-       (ds_buf, k), args.dk),
+      ("bwd dV = P^T dO", bwd_matmul(True, v.dtype), (p_bwd, d_out), args.dv),
+      ("bwd dK = dS^T Q", bwd_matmul(True, k.dtype), (ds_buf, q), args.dk),
+      ("bwd dQ = dS K", bwd_matmul(False, q.dtype), (ds_buf, k), args.dk),
   ]
 
 

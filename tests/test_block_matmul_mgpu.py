@@ -12,6 +12,7 @@ The Mosaic GPU kernel cannot run here. What can be checked:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,50 @@ def test_chunk_attention_sends_block_matmuls_to_mosaic_gpu(chunk, length, segmen
   assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == expected
   default = _lowered_attention_module(ca.KernelConfig(), chunk, length, segments, dtype)
   assert default.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 0
+
+
+def test_auto_matmul_is_triton_off_hopper_and_follows_the_environment(monkeypatch):
+  monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL", raising=False)
+  assert ca._resolve_matmul_impl("auto") == "triton"  # the CPU is no Hopper GPU
+  assert ca._resolve_matmul_impl("mgpu") == "mgpu"
+  monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL", "mgpu")
+  assert ca._resolve_matmul_impl("auto") == "mgpu"
+  assert ca._resolve_matmul_impl("triton") == "triton"  # an explicit choice wins
+  module = _lowered_attention_module(ca.KernelConfig(), 256, 512, False, jnp.bfloat16)
+  assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 4
+  monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL", "cutlass")
+  with pytest.raises(ValueError, match="MEGALODON_ATTENTION_MATMUL='cutlass'"):
+    ca._resolve_matmul_impl("auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segments", [False, True])
+def test_mosaic_gpu_matmuls_match_the_reference_on_hopper(rng, segments):
+  """Compiled on the GPU: chunk_attention's values and gradients with the Mosaic GPU block matmuls
+  against the float32 XLA path, as close as with the Triton ones (run with -m gpu on a Hopper GPU)."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, length, heads, dk, dv, chunk = 1, 1024, 2, 128, 256, 512
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+  q, k = normal(batch, length, heads, dk) * dk ** -0.25, normal(batch, length, heads, dk) * dk ** -0.25
+  v, d_out = normal(batch, length, heads, dv), normal(batch, length, heads, dv)
+  seg = jnp.asarray(np.sort(rng.integers(0, 4, (batch, length))), jnp.int32) if segments else None
+
+  def run(attend, *args):
+    def fwd_bwd(q, k, v, d_out):
+      out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, chunk_size=chunk, segment_ids=seg), q, k, v)
+      return out, *vjp(d_out)
+    fn = jax.jit(fwd_bwd)
+    return fn.lower(*args).as_text(), fn(*args)
+
+  up = lambda x: x.astype(jnp.float32)  # noqa: E731
+  _, exact = run(xla_attention.chunked_attention_xla, up(q), up(k), up(v), up(d_out))
+  errors = {}
+  for impl in ("mgpu", "triton"):
+    attend = functools.partial(ca.chunk_attention, config=ca.KernelConfig(matmul_impl=impl))
+    text, got = run(attend, q, k, v, d_out)
+    assert (bm.MOSAIC_GPU_CALL in text) == (impl == "mgpu"), impl
+    errors[impl] = [_rel_err(g, e) for g, e in zip(got, exact)]
+  for name, mgpu, triton in zip(("out", "dq", "dk", "dv"), errors["mgpu"], errors["triton"]):
+    assert mgpu < 2e-2, (name, mgpu)
+    assert mgpu <= 1.25 * triton + 1e-3, (name, mgpu, triton)

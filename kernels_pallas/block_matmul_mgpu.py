@@ -52,7 +52,13 @@ hopper_matmul_mgpu examples use in both versions (plgpu.kernel with thread_name,
 collective_axes="wg", copy_gmem_to_smem with a barrier, Barrier(num_arrivals, num_barriers), ACC,
 wgmma / wgmma_wait, load(..., layout=Layout.WGMMA.reduce(1)), set_max_registers). Not passed on
 purpose: a kernel `name` (0.10.2's plgpu.kernel forwards it to the Mesh, which rejects it).
-Not yet run on a GPU: experiments/gpu_checks/probe_mgpu_matmul.py checks and times it.
+On an H200 (experiments/gpu_checks/probe_mgpu_matmul.py, 2026-11-30; B=1, 16 chunks of 2048, 4 heads,
+dv 2048, bf16; chunk_attention's defaults since): P V 0.947 ms (580 TFLOP/s) against 1.11 for the
+Triton kernel, P^T dO 0.985 against 1.10, errors equal to Triton's against the float32 reference.
+What mattered was the launch order: with the tiles axis first the grid ran bh-fastest, the tiles
+that share a chunk-head's data ran apart, and the kernel was DRAM-bound (ncu: 28% L2 hits,
+3.7 TB/s, 1.42 ms). A deeper ring (4 stages, room made by 64-column output stores) and freeing each
+slot as soon as its wgmma finished gave the rest.
 """
 
 from __future__ import annotations

@@ -53,6 +53,11 @@ def _visited_err(got, want, chunk: int, block: int) -> float:
   return float(diff.max() / max(np.abs(np.where(mask, want, 0.0)).max(), 1e-30))
 
 
+def _rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
 def _inputs(rng, batch, length, heads, dk, dv, dtype):
   normal = lambda *shape: rng.standard_normal(shape)  # noqa: E731
   q, k = (jnp.asarray(normal(batch, length, heads, dk) * dk ** -0.25, dtype) for _ in range(2))
@@ -194,6 +199,57 @@ def test_unsupported_shapes_raise(change, message):
                    q, q, v, v, stat, stat)
 
 
+def _lowered_attention_module(config, chunk, length, segments=False, dtype=jnp.bfloat16) -> str:
+  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
+  batch, heads, dk, dv = 1, 2, 128, 256
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
+  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
+
+  def fwd_bwd(q, k, v, seg, d_out):
+    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
+                                                config=config, interpret=False, platform="triton")
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, *vjp(d_out)
+
+  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
+  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
+  return exported(q, q, v, seg, v).mlir_module()
+
+
+@pytest.mark.parametrize("tiles_impl,matmul_impl,chunk,length,segments,dtype,expected", [
+    ("mgpu", "mgpu", 256, 512, False, jnp.bfloat16, 5),  # P V, the tiles, dV, dK, dQ
+    ("mgpu", "triton", 256, 512, False, jnp.bfloat16, 1),  # the tiles kernel alone
+    ("mgpu", "triton", 256, 512, True, jnp.bfloat16, 0),  # segment ids: the Triton tiles kernel
+    ("mgpu", "mgpu", 192, 576, False, jnp.bfloat16, 0),  # chunk not a multiple of 128: Triton throughout
+    ("mgpu", "mgpu", 256, 512, False, jnp.float32, 0),  # float32 inputs: Triton throughout
+    ("auto", "triton", 256, 512, False, jnp.bfloat16, 0),  # 'auto' is Triton until the kernel has run on a GPU
+])
+def test_chunk_attention_sends_tiles_to_mosaic_gpu(monkeypatch, tiles_impl, matmul_impl, chunk, length, segments,
+                                                    dtype, expected):
+  monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
+  config = ca.KernelConfig(matmul_impl=matmul_impl, tiles_impl=tiles_impl)
+  module = _lowered_attention_module(config, chunk, length, segments, dtype)
+  assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == expected
+
+
+def test_auto_tiles_is_triton_and_follows_the_environment(monkeypatch):
+  monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
+  assert ca._resolve_tiles_impl("auto") == "triton"
+  assert ca._resolve_tiles_impl("mgpu") == "mgpu"
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES", "mgpu")
+  assert ca._resolve_tiles_impl("auto") == "mgpu"
+  assert ca._resolve_tiles_impl("triton") == "triton"  # an explicit choice wins
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"), 256, 512)
+  assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES", "cuda")
+  with pytest.raises(ValueError, match="MEGALODON_ATTENTION_TILES='cuda'"):
+    ca._resolve_tiles_impl("auto")
+  with pytest.raises(ValueError, match="tiles_impl"):
+    ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk,length,block_k,stages,scale", [
     (512, 1024, 128, 4, 1.0),
@@ -223,3 +279,34 @@ def test_mosaic_gpu_tiles_match_reference_and_triton_on_hopper(rng, chunk, lengt
     err, tri_err = _visited_err(got, want, chunk, bt.BLOCK), _visited_err(tri, want, chunk, bt.BLOCK)
     assert err < 2e-2, (name, err)
     assert err <= 1.5 * tri_err + 2e-3, (name, err, tri_err)
+
+
+@pytest.mark.gpu
+def test_chunk_attention_with_mosaic_gpu_tiles_matches_xla_on_hopper(rng):
+  """Compiled on the GPU: chunk_attention's values and gradients with tiles_impl='mgpu' against the
+  float32 XLA path, as close as with the Triton tiles kernel (run with -m gpu on a Hopper GPU)."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  from megalodon_jax.ops import attention as xla_attention
+  batch, length, heads, dk, dv, chunk = 1, 1024, 2, 128, 256, 512
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.bfloat16)
+
+  def run(attend, *args):
+    def fwd_bwd(q, k, v, d_out):
+      out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, chunk_size=chunk), q, k, v)
+      return out, *vjp(d_out)
+    fn = jax.jit(fwd_bwd)
+    return fn.lower(*args).as_text(), fn(*args)
+
+  up = lambda x: x.astype(jnp.float32)  # noqa: E731
+  _, exact = run(xla_attention.chunked_attention_xla, up(q), up(k), up(v), up(d_out))
+  errors = {}
+  for impl in ("mgpu", "triton"):
+    config = ca.KernelConfig(matmul_impl="triton", tiles_impl=impl)  # the tiles kernel is the only difference
+    text, got = run(lambda *a, config=config, **kw: ca.chunk_attention(*a, config=config, **kw), q, k, v, d_out)
+    assert (bt.MOSAIC_GPU_CALL in text) == (impl == "mgpu"), impl
+    errors[impl] = [_rel_err(g, e) for g, e in zip(got, exact)]
+  for name, mgpu, triton in zip(("out", "dq", "dk", "dv"), errors["mgpu"], errors["triton"]):
+    assert mgpu < 2e-2, (name, mgpu)
+    assert mgpu <= 1.25 * triton + 1e-3, (name, mgpu, triton)
+

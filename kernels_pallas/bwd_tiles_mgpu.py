@@ -16,19 +16,20 @@ q, k [B, L, H, dk]; v, d_out [B, L, H, dv]; lse, delta [B, H, L] float32. lse is
 of the row sums of exp2(S)), as the Triton forward writes it. Tiles above a chunk's block diagonal
 are not written (their contents are undefined; no consumer reads them). dS is computed from P as
 stored (rounded to the input dtype), as the Triton kernel's bwd_order='s_first' does; the Triton
-default ('dp_first') uses the float32 P. The difference is one rounding of P, below the rounding of
-the stored dS itself.
+default ('dp_first') uses the float32 P. The difference is one rounding of P, of the order of the
+rounding of the stored dS itself.
 
 Why the shape of the work. Per visited 128 x 128 tile the Triton kernel streams Q_i, dO_i, K_j, V_j
 (1.18 MB at dk 256, dv 2048, bf16) for 75.5 MFLOP: 64 FLOP per byte. At its measured 456 TFLOP/s
 (1.44 ms on an H200) that is 7.1 TB/s out of L2, about what the Mosaic GPU block matmul sustains
-(580 TFLOP/s at 87 FLOP/B = 6.7 TB/s). A TMA + wgmma rewrite of the same 128 x 128 tiles would
-then gain little; `block_k=256` pairs two key blocks into one 128 x 256 span, so one dO_i / Q_i
-chunk serves 256 keys: 48 KiB per step for 4.2 MFLOP, 87 FLOP/B (as the block matmul). Its cost is
-registers: a consumer warpgroup holds a [64, 256] float32 accumulator (128 registers a thread) and,
-across the dv loop, P as stored ([64, 256] bf16: 64 registers), which is why P is held in the input
-dtype. block_k=128 is the plain 128 x 128 version (64 + 32 registers). Both are here so that the GPU
-session can measure which is faster; neither has been timed.
+(580 TFLOP/s at 85 FLOP/B = 6.8 TB/s). If that is the ceiling, a TMA + wgmma rewrite of the same
+128 x 128 tiles gains little; `block_k=256` pairs two key blocks into one 128 x 256 span, so one
+dO_i / Q_i chunk serves 256 keys: 48 KiB per step for 4.2 MFLOP, 85 FLOP/B (as the block matmul;
+84 on average with the short spans below). Its cost is registers: a consumer warpgroup holds a
+[64, 256] float32 accumulator (128 registers a thread) and, across the dv loop, P as stored
+([64, 256] bf16: 64 registers), which is why P is held in the input dtype. block_k=128 is the plain
+128 x 128 version (64 + 32 registers). Both are here so that the GPU session can measure which is
+faster; neither has been timed.
 
 Structure of one program (CTA of 3 warpgroups, grid (B * H, n_chunks, pairs), pairs fastest):
   * Mosaic GPU launches the LAST grid axis fastest (CUDA's x): the `pairs` programs of one
@@ -71,16 +72,22 @@ Shared memory (bf16; H200: 227 KiB per block):
   (226 KiB is what block_matmul_mgpu's measured 4-stage configuration uses).
 Registers are not checked here (ptxas decides on the GPU); block_k=256 may spill.
 
+Not done (next steps if the GPU shows the need): the two consumers run in lockstep, so the tensor
+cores idle while both compute exp2 and store (estimated at 5% of a span at block_k 256); FA3-style
+ping-pong (one warpgroup's epilogue under the other's wgmma, a schedule barrier) would hide it.
+Q_i could stay resident in shared memory across a query block's spans (64 KiB at dk 256; saves dk /
+(dk + dv) = 11% of the lhs stream), which the 226 KiB configurations have no room for.
+
 CPU: Mosaic GPU kernels cannot run here. `jax.export.export(..., platforms=["cuda"])` runs the
 Pallas -> Mosaic GPU lowering (layouts, wgmma shapes, transforms, barriers) into one `mosaic_gpu_v2`
-custom call. jax 0.10.2's GPU interpreter does not support a transposed wgmma operand, so the kernel
-itself is not interpreted. Shared-memory limits, register allocation and TMA descriptors are only
-checked on the GPU.
+custom call; it also checks the shared-memory total against the H200's 227 KiB (a test pins the count
+above). jax 0.10.2's GPU interpreter does not support a transposed wgmma operand, so the kernel itself
+is not interpreted. Register allocation, PTX and TMA descriptors are only checked on the GPU.
 
 API (written against jax 0.10.2, to run under 0.11.2): the calls block_matmul_mgpu.py uses, plus
 `plgpu.broadcasted_iota(..., layout=plgpu.Layout.WGMMA)` and `plgpu.CompilerParams(approx_math=True)`
-(as jax's attention_mgpu example in both versions; approximate exp2, as Triton's exp2). No kernel
-`name` is passed to plgpu.kernel (0.10.2 rejects it).
+(as jax's attention_mgpu example; both present in 0.10.2 and in a jax snapshot at 0.11.1.dev;
+approximate exp2, as Triton's exp2). No kernel `name` is passed to plgpu.kernel (0.10.2 rejects it).
 """
 
 from __future__ import annotations

@@ -1094,7 +1094,7 @@ def _mgpu_tiles_takes(plan: _Plan, q, k, v, d_out, segment_ids) -> bool:
 
 def _mgpu_bwd_tiles(plan: _Plan, q, k, v, lse, delta, d_out):
   from kernels_pallas import bwd_tiles_mgpu  # Mosaic GPU: imported only when used
-  # Chosen before any GPU run: 256-key spans (one dO / Q chunk per two key blocks: 87 against 64 FLOP
+  # Chosen before any GPU run: 256-key spans (one dO / Q chunk per two key blocks: 85 against 64 FLOP
   # per byte streamed) in a 4-stage ring, 226 KiB of shared memory. Revisit with
   # experiments/gpu_checks/probe_mgpu_matmul.py --bwd-tiles (block_k 128 is the register-safe choice).
   return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len, scale=plan.scale,

@@ -116,6 +116,12 @@ class KernelConfig:
     the environment variable MEGALODON_ATTENTION_MATMUL=triton|mgpu overrides 'auto' (A/B runs of
     whole models). On an H200 at C=2048, dk 256, dv 2048: 4.360 against 4.644 ms fwd+bwd in one
     bench_ops run, P V 0.938 against 1.069 ms, dV 0.967 against 1.114 (2026-11-30).
+  tiles_impl: GPU backward tiles kernel (S, P, dP, dS per visited tile): Pallas Triton ('triton') or
+    the Mosaic GPU kernel (kernels_pallas.bwd_tiles_mgpu; 'mgpu', Hopper only) where its shapes allow
+    (128 x 128 backward tiles, chunk a multiple of 128, dk and dv multiples of 64, one 16-bit dtype, no
+    segment ids; Triton elsewhere and in the interpreter). It holds P as stored across the dv loop (as
+    bwd_order='s_first'; bwd_order does not apply to it). 'auto' (the default): 'triton' (the Mosaic
+    GPU kernel has not run on a GPU yet); MEGALODON_ATTENTION_TILES=triton|mgpu overrides 'auto'.
   """
   block_q: int | None = None
   block_k: int | None = None
@@ -142,6 +148,7 @@ class KernelConfig:
   bwd_order: str = "dp_first"
   delta_impl: str = "xla"
   matmul_impl: str = "auto"
+  tiles_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +207,7 @@ class _Plan:
   bwd_order: str = "dp_first"
   delta_impl: str = "xla"
   matmul_impl: str = "triton"
+  tiles_impl: str = "triton"
   packed: bool = False  # Mosaic: q/k/v viewed as [B, L, H*d] (else transposed to [B*H, L, d])
 
 
@@ -346,7 +354,7 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
 def _check_choices(config: KernelConfig) -> None:
   for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online", "bounded")),
                         ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas")),
-                        ("matmul_impl", ("auto", "triton", "mgpu"))):
+                        ("matmul_impl", ("auto", "triton", "mgpu")), ("tiles_impl", ("auto", "triton", "mgpu"))):
     if getattr(config, name) not in allowed:
       raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(config, name)!r}")
 
@@ -463,7 +471,8 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
                block_d=block_d, block_c=block_c,
                block_qk=block_qk, block_r=block_r, launch=launch, fwd_impl=config.fwd_impl,
                fwd_scores=config.fwd_scores, bwd_order=config.bwd_order, delta_impl=config.delta_impl,
-               matmul_impl=_resolve_matmul_impl(config.matmul_impl))
+               matmul_impl=_resolve_matmul_impl(config.matmul_impl),
+               tiles_impl=_resolve_tiles_impl(config.tiles_impl))
 
 
 def _reader_geom(writer: _Geom, block_q: int | None, block_k: int | None, name: str) -> _Geom:
@@ -991,9 +1000,16 @@ def _tr_bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
   )(q, k, v, d_out, lse, delta, segment_ids)
 
 
+def _bwd_tiles(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
+  """Backward step 1 with the backward tiles (plan.bwd_geom): the Mosaic GPU kernel where tiles_impl
+  and the shapes allow, else the Triton one. -> p_buf, ds_buf [B, H, n*cpq, cpk]."""
+  if _mgpu_tiles_takes(plan, q, k, v, d_out, segment_ids):
+    return _mgpu_bwd_tiles(plan, q, k, v, lse, delta, d_out)
+  return _tr_bwd_tiles(dataclasses.replace(plan, geom=plan.bwd_geom), q, k, v, segment_ids, lse, delta, d_out)
+
+
 def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
-  p_buf, ds_buf = _tr_bwd_tiles(dataclasses.replace(plan, geom=plan.bwd_geom), q, k, v, segment_ids, lse,
-                                 delta, d_out)
+  p_buf, ds_buf = _bwd_tiles(plan, q, k, v, segment_ids, lse, delta, d_out)
   mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
 
   def tmatmul(m_buf, x, dtype):
@@ -1053,6 +1069,36 @@ def _mgpu_block_matmul(m_buf, x, rscale, writer: _Geom, *, transpose_m: bool):
   return block_matmul_mgpu.block_causal_matmul_mgpu(
       m_buf, x, rscale, chunk=writer.q_len, block=_MGPU_BLOCK, block_d=block_d, stages=4, epi_cols=64,
       release="immediate", transpose_m=transpose_m)
+
+
+def _resolve_tiles_impl(choice: str) -> str:
+  """'auto' -> the environment override, else 'triton' (the Mosaic GPU tiles kernel is unmeasured)."""
+  if choice != "auto":
+    return choice
+  override = os.environ.get("MEGALODON_ATTENTION_TILES", "")
+  if override and override not in ("triton", "mgpu"):
+    raise ValueError(f"MEGALODON_ATTENTION_TILES={override!r}: use 'triton' or 'mgpu' (or unset it)")
+  return override or "triton"
+
+
+def _mgpu_tiles_takes(plan: _Plan, q, k, v, d_out, segment_ids) -> bool:
+  """Whether the Mosaic GPU backward tiles kernel replaces the Triton one (see tiles_impl)."""
+  if plan.tiles_impl != "mgpu" or plan.interpret or segment_ids is not None:
+    return False
+  g = plan.bwd_geom
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v, d_out)}
+  return (g.bq == g.bk == _MGPU_BLOCK and g.q_len == g.k_len and g.q_len % _MGPU_BLOCK == 0
+          and g.dk % 64 == 0 and g.dv % 64 == 0
+          and len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def _mgpu_bwd_tiles(plan: _Plan, q, k, v, lse, delta, d_out):
+  from kernels_pallas import bwd_tiles_mgpu  # Mosaic GPU: imported only when used
+  # Chosen before any GPU run: 256-key spans (one dO / Q chunk per two key blocks: 85 against 64 FLOP
+  # per byte streamed) in a 4-stage ring, 226 KiB of shared memory. Revisit with
+  # experiments/gpu_checks/probe_mgpu_matmul.py --bwd-tiles (block_k 128 is the register-safe choice).
+  return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len, scale=plan.scale,
+                                       block_k=256, stages=4)
 
 
 def _tr_delta(plan: _Plan, out, d_out):

@@ -66,6 +66,8 @@ SWEEP = {
     "bounded_scores": dict(fwd_scores="bounded"),
     "delta_pallas": dict(delta_impl="pallas"),
     "mgpu_matmul": dict(matmul_impl="mgpu"),
+    # the Mosaic GPU backward tiles kernel (kernels_pallas.bwd_tiles_mgpu; not yet run on a GPU)
+    "mgpu_tiles": dict(matmul_impl="mgpu", tiles_impl="mgpu"),
     # Combinations of the 2026-11-29 sweep's best stages (scores: bounded and 128x128 tiles on 8
     # warps; backward tiles: 4 pipeline stages).
     "combo": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8, tiles_stages=4),
@@ -214,7 +216,6 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
   plan = ca._triton_plan(dataclasses.replace(config, fwd_impl="blocks"), args.cpu, 1.0, args.batch, args.heads,
                          args.chunks, args.chunk_size, args.chunk_size, args.dk, args.dv, q.dtype)
   mm_plan = dataclasses.replace(plan, geom=plan.mm_geom)
-  tiles_plan = dataclasses.replace(plan, geom=plan.bwd_geom)
   bwd_mm_plan = dataclasses.replace(plan, geom=plan.bwd_mm_geom)
   scores = jax.jit(lambda q, k, s: ca._tr_scores(plan, q, k, v.dtype, s))
   p_buf, stats, lse = scores(q, k, seg)
@@ -231,7 +232,7 @@ def stage_functions(args, config, inputs) -> list[tuple[str, object, tuple, int 
   out = pv(*pv_args)
   delta_fn = jax.jit(lambda o, do: ca._tr_delta(plan, o, do) if plan.delta_impl == "pallas" else ca._delta(o, do))
   delta = delta_fn(out, d_out)
-  tiles = jax.jit(lambda *a: ca._tr_bwd_tiles(tiles_plan, *a))
+  tiles = jax.jit(lambda *a: ca._bwd_tiles(plan, *a))  # Triton or Mosaic GPU, as inside the op
   p_bwd, ds_buf = tiles(q, k, v, seg, lse, delta, d_out)
   def bwd_matmul(transpose_m, dtype):
     if mgpu(p_bwd, d_out):  # the backward's tile buffers have one shape: p_bwd stands for both

@@ -16,13 +16,23 @@ Triton 'twopass' scores kernel writes them from q, k ~ N(0, dk^-1/2) (as check_c
 Every output is compared with the dense float32 reference (`block_causal_matmul_reference`);
 TFLOP/s count the causal half (2 * B H n C^2 / 2 * dv), as check_chunk_attention's stage rates.
 
+Third part (--bwd-tiles, on by default): the backward tiles kernel (S, P = exp2(S - lse), dP = dO V^T,
+dS = P (dP - delta) per visited 128 x 128 tile, written to the P and dS tile buffers) as the Mosaic GPU
+kernel `kernels_pallas.bwd_tiles_mgpu.bwd_tiles_mgpu` against the Triton `_tr_bwd_tiles` (the op's
+default plan), same shape. lse comes from the Triton forward, delta from `chunk_attention._delta`.
+Errors on visited tiles only (the kernels leave the others unwritten): against the Triton kernel's
+buffers (both bf16) and against the dense float32 reference on the first and last chunk (all heads;
+the full reference would be 2 GiB per buffer). TFLOP/s count 2 (dk + dv) per visited query-key pair,
+the causal half: 2 * B H n C^2 / 2 * (dk + dv).
+
 Each row: median of --iters samples (each the mean of --inner calls) after warm-up, TFLOP/s, and the
 largest relative error against float32 (max |got - ref| / max |ref|). Configurations that do not fit
-shared memory or fail to compile are reported as errors in their rows, not dropped; either part
-survives the other's failure.
+shared memory or fail to compile are reported as errors in their rows, not dropped; each part
+survives the others' failures.
 
   python experiments/gpu_checks/probe_mgpu_matmul.py --results-dir "$OUT"
-  python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --results-dir "$OUT"  # part 2 only
+  python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --results-dir "$OUT"  # parts 2, 3
+  python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --no-block-causal --results-dir "$OUT"  # part 3
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import numpy as np
 
 from experiments.benchmarks import harness
 from kernels_pallas import block_matmul_mgpu as bm
+from kernels_pallas import bwd_tiles_mgpu as bt
 from kernels_pallas import chunk_attention as ca
 
 SHAPES = ((8192, 8192, 8192), (32768, 2048, 2048), (4096, 2048, 2048))
@@ -208,23 +219,118 @@ def _transposed_rows(args, plan, p_buf, x, flops, shape) -> list[dict]:
   return rows
 
 
+# Part 3 candidates: (impl, label, keyword arguments of bwd_tiles_mgpu). Shared memory per CTA (bf16):
+# stages * (128 + block_k) * 64 * 2 B ring + 32 KiB output staging + 2 KiB row statistics, at most 227 KiB.
+BWD_TILES_CANDIDATES = (
+    ("triton", "tiles op default (128x128, 4 stages)", {}),
+    ("mgpu", "tiles bk 128 st 4", dict(block_k=128, stages=4)),  # 162 KiB
+    ("mgpu", "tiles bk 128 st 6", dict(block_k=128, stages=6)),  # 226 KiB
+    ("mgpu", "tiles bk 256 st 3", dict(block_k=256, stages=3)),  # 178 KiB
+    ("mgpu", "tiles bk 256 st 4", dict(block_k=256, stages=4)),  # 226 KiB
+)
+
+
+def bwd_tiles_rows(args) -> list[dict]:
+  """Part 3: the Mosaic GPU backward tiles kernel against the Triton one (and the float32 reference)."""
+  batch, n_chunks, chunk, heads, dk, dv = args.batch, args.chunks, args.chunk_size, args.heads, args.dk, args.dv
+  length = n_chunks * chunk
+  dtype = jnp.bfloat16
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = (jax.random.normal(keys[0], (batch, length, heads, dk)) * dk ** -0.25).astype(dtype)
+  k = (jax.random.normal(keys[1], (batch, length, heads, dk)) * dk ** -0.25).astype(dtype)
+  v = jax.random.normal(keys[2], (batch, length, heads, dv)).astype(dtype)
+  d_out = jax.random.normal(keys[3], (batch, length, heads, dv)).astype(dtype)
+  plan = ca._triton_plan(ca.KernelConfig(), False, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv, dtype)
+  out, lse = jax.jit(lambda q, k, v: ca._tr_blocks_forward(plan, q, k, v, None))(q, k, v)
+  delta = jax.jit(ca._delta)(out, d_out)
+  del out
+  inputs = (q, k, v, d_out, lse, delta)
+  tiles_plan = dataclasses.replace(plan, geom=plan.bwd_geom)  # as _tr_backward calls it
+  triton_fn = jax.jit(lambda q, k, v, d_out, lse, delta: ca._tr_bwd_tiles(tiles_plan, q, k, v, None, lse, delta,
+                                                                          d_out))
+  triton_out = jax.block_until_ready(triton_fn(*inputs))
+
+  visited = bt.visited_tiles(chunk)  # [C, C]: the entries both kernels write
+
+  @jax.jit
+  def visited_err(got, want):
+    """max |got - want| / max |want| over visited entries ([B, H, rows, C] each), and got's finiteness there."""
+    shape = (got.shape[0], got.shape[1], -1, chunk, chunk)
+    got, want = got.reshape(shape).astype(jnp.float32), want.reshape(shape).astype(jnp.float32)
+    diff = jnp.max(jnp.where(visited, jnp.abs(got - want), 0.0))
+    finite = jnp.all(jnp.where(visited, jnp.isfinite(got), True))
+    return diff / jnp.max(jnp.where(visited, jnp.abs(want), 0.0)), finite
+
+  # float32 reference on the first and last chunk (all heads): 64 MiB per buffer and chunk at the default shape
+  reference = jax.jit(lambda *a: bt.bwd_tiles_reference(*a, chunk, 1.0))
+  ref_chunks = sorted({0, n_chunks - 1})
+  refs = {}
+  for c in ref_chunks:
+    rows = slice(c * chunk, (c + 1) * chunk)
+    refs[c] = reference(q[:, rows], k[:, rows], v[:, rows], d_out[:, rows], lse[..., rows], delta[..., rows])
+
+  def errors(p_buf, ds_buf) -> dict:
+    row = {}
+    for name, got, want in (("p", p_buf, triton_out[0]), ("ds", ds_buf, triton_out[1])):
+      err, finite = visited_err(got, want)
+      row[f"{name}_err_vs_triton"] = float(err) if bool(finite) else float("nan")
+    for index, (name, buf) in enumerate((("p", p_buf), ("ds", ds_buf))):
+      errs = []
+      for c in ref_chunks:
+        err, finite = visited_err(buf[:, :, c * chunk:(c + 1) * chunk], refs[c][index])
+        errs.append(float(err) if bool(finite) else float("nan"))
+      row[f"{name}_err_ref"] = float(np.max(errs))  # NaN if any chunk had one
+    return row
+
+  flops = 2.0 * batch * heads * n_chunks * chunk ** 2 / 2 * (dk + dv)  # causal half, 2 (dk + dv) per pair
+  shape = f"B{batch} n{n_chunks}x{chunk} H{heads} dk{dk} dv{dv}"
+  rows = []
+  for impl, label, kwargs in BWD_TILES_CANDIDATES:
+    if args.only and not any(part in f"{impl} {label}" for part in args.only):
+      continue
+    row = {"part": "bwd_tiles", "shape": shape, "impl": impl, "config": label}
+    try:
+      if impl == "triton":
+        fn, out = triton_fn, triton_out
+        row["tiles"] = [tiles_plan.geom.bq, tiles_plan.geom.bk]
+      else:
+        fn = jax.jit(lambda *a, kwargs=kwargs: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=1.0, **kwargs))
+        out = jax.block_until_ready(fn(*inputs))
+      row.update(errors(*out))
+      errs = [row[key] for key in ("p_err_vs_triton", "ds_err_vs_triton", "p_err_ref", "ds_err_ref")]
+      row["ok"] = bool(all(err < args.tolerance for err in errs))  # NaN compares False
+      del out
+      timing = harness.time_fn(fn, *inputs, warmup=args.warmup, iters=args.iters, inner=args.inner)
+      row["ms"] = timing["median_ms"]
+      row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+    except Exception as err:  # noqa: BLE001 - one failing configuration must not end the probe
+      row["error"] = _error(err)
+      traceback.print_exc()
+    rows.append(row)
+    _print_row(row)
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--inner", type=int, default=5, help="part 2: calls per timing sample")
+  parser.add_argument("--inner", type=int, default=5, help="parts 2, 3: calls per timing sample")
   parser.add_argument("--example-matmul", action=argparse.BooleanOptionalAction, default=True,
                       help="part 1: JAX's Hopper example matmul against jnp.dot")
   parser.add_argument("--block-causal", action=argparse.BooleanOptionalAction, default=True,
                       help="part 2: Mosaic GPU against Triton block-causal matmul (attention's P V)")
-  parser.add_argument("--only", nargs="*", default=None, help="part 2: candidates whose 'impl label' contains one of these")
+  parser.add_argument("--bwd-tiles", action=argparse.BooleanOptionalAction, default=True,
+                      help="part 3: Mosaic GPU against Triton backward tiles kernel (attention's P, dS tiles)")
+  parser.add_argument("--only", nargs="*", default=None,
+                      help="parts 2, 3: candidates whose 'impl label' contains one of these")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--chunks", type=int, default=16)
   parser.add_argument("--chunk-size", type=int, default=2048)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--dk", type=int, default=256)
   parser.add_argument("--dv", type=int, default=2048)
-  parser.add_argument("--tolerance", type=float, default=1e-2, help="part 2: max relative error (bf16 output)")
+  parser.add_argument("--tolerance", type=float, default=1e-2, help="parts 2, 3: max relative error (bf16 output)")
   parser.add_argument("--results-dir", default=None)
   parser.add_argument("--name", default="probe-mgpu-matmul")
   args = parser.parse_args()
@@ -232,7 +338,9 @@ def main() -> None:
     raise SystemExit("probe_mgpu_matmul needs a Hopper GPU (Mosaic GPU kernels have no CPU path).")
 
   rows = []
-  for enabled, part in ((args.example_matmul, example_matmul_rows), (args.block_causal, block_causal_rows)):
+  parts = ((args.example_matmul, example_matmul_rows), (args.block_causal, block_causal_rows),
+           (args.bwd_tiles, bwd_tiles_rows))
+  for enabled, part in parts:
     if not enabled:
       continue
     try:

@@ -1,0 +1,416 @@
+"""The backward "tiles" kernel of chunked attention as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma,
+warp specialisation). NOT YET RUN ON A GPU: written and checked on a CPU only (Pallas -> Mosaic GPU
+lowering for CUDA, the float32 reference against the Triton kernel in interpret mode).
+
+Same inputs, outputs and semantics as `chunk_attention._tr_bwd_tiles` with 128 x 128 tiles and no
+segment ids. For every chunk n (C consecutive positions; attention is causal within a chunk), head h
+and visited tile (query block i, key block j <= i) of 128 x 128:
+
+  S  = Q_i K_j^T * (scale * log2 e)           contracted over dk
+  P  = exp2(S - lse_i), 0 where key position > query position (only inside diagonal tiles)
+  dP = dO_i V_j^T                              contracted over dv (the long loop: dv 2048)
+  dS = P (dP - delta_i) * scale
+  p_buf[b, h, n*C + i*128 + r, j*128 + c] = P[r, c], ds_buf likewise with dS (both in the input dtype)
+
+q, k [B, L, H, dk]; v, d_out [B, L, H, dv]; lse, delta [B, H, L] float32. lse is base 2 (the log2
+of the row sums of exp2(S)), as the Triton forward writes it. Tiles above a chunk's block diagonal
+are not written (their contents are undefined; no consumer reads them). dS is computed from P as
+stored (rounded to the input dtype), as the Triton kernel's bwd_order='s_first' does; the Triton
+default ('dp_first') uses the float32 P. The difference is one rounding of P, of the order of the
+rounding of the stored dS itself.
+
+Why the shape of the work. Per visited 128 x 128 tile the Triton kernel streams Q_i, dO_i, K_j, V_j
+(1.18 MB at dk 256, dv 2048, bf16) for 75.5 MFLOP: 64 FLOP per byte. At its measured 456 TFLOP/s
+(1.44 ms on an H200) that is 7.1 TB/s out of L2, about what the Mosaic GPU block matmul sustains
+(580 TFLOP/s at 85 FLOP/B = 6.8 TB/s). If that is the ceiling, a TMA + wgmma rewrite of the same
+128 x 128 tiles gains little; `block_k=256` pairs two key blocks into one 128 x 256 span, so one
+dO_i / Q_i chunk serves 256 keys: 48 KiB per step for 4.2 MFLOP, 85 FLOP/B (as the block matmul;
+84 on average with the short spans below). Its cost is registers: a consumer warpgroup holds a
+[64, 256] float32 accumulator (128 registers a thread) and, across the dv loop, P as stored
+([64, 256] bf16: 64 registers), which is why P is held in the input dtype. block_k=128 is the plain
+128 x 128 version (64 + 32 registers). Both are here so that the GPU session can measure which is
+faster; neither has been timed.
+
+Structure of one program (CTA of 3 warpgroups, grid (B * H, n_chunks, pairs), pairs fastest):
+  * Mosaic GPU launches the LAST grid axis fastest (CUDA's x): the `pairs` programs of one
+    (chunk, batch, head) run together and share its K and V rows in L2 (block_matmul_mgpu.py: with
+    the wrong order that kernel was DRAM-bound).
+  * A program owns the query blocks p and nbq - 1 - p of its chunk-head (nbq = C / 128). Block i
+    visits i + 1 key blocks, so the pair visits nbq + 1 whatever p is: all programs do the same work.
+    (Odd nbq: the middle block pairs with itself and is done once.) The first block walks its key
+    blocks upwards from 0, the second downwards from its diagonal: at step tau (in key blocks) every
+    program of a chunk-head is then at key block tau (first blocks) or nbq - tau (second blocks), so
+    the programs that share K_j, V_j read them at about the same time.
+  * Spans: the key blocks of a query block are walked in spans of block_k keys (1 or 2 key blocks).
+    With block_k=256 and an odd number of visited key blocks one span holds a single block (a
+    128-wide span; its code path is a second copy of the 256-wide one with static shapes).
+  * Warpgroup 2 (producer, 40 registers): per span, dk / 64 steps of (Q_i[:, 64 cols], K_span[:, 64
+    cols]), then dv / 64 steps of (dO_i[:, 64 cols], V_span[:, 64 cols]), through a ring of `stages`
+    slots: slot = step % stages, a TMA per operand, each with its own barrier (lhs_bar, rhs_bar);
+    before reusing a slot it waits for both consumers' release (consumed, 2 arrivals). 2-D views
+    ([B*L, H*d]) make every TMA box a (row, column) offset: column h*d + c selects the head.
+  * Warpgroups 0, 1 (consumers, 232 registers): warpgroup w owns query rows 64w..64w+63 of the block
+    (wgmma M = 64): per step a wgmma of its 64 rows of the lhs slot against the rhs slot read
+    transposed (`transpose_ref`: K^T and V^T come from the same [keys, 64] tiles), waited for at
+    once and the slot released (jax's 'immediate' release, the fastest in block_matmul_mgpu.py).
+    After the dk steps: P = exp2(S * scale log2 e - lse), the causal mask (one integer comparison
+    against a per-span offset; it only bites on the diagonal), P cast, stored; after the dv steps:
+    dS = P (dP - delta) * scale, cast, stored. P goes out before the dv loop, so its store overlaps it.
+  * Row statistics: each consumer TMA-loads its 64 rows of lse and delta for both of its query blocks
+    at the start (4 copies, 4 barriers), waits for them when the block starts, and reads them with
+    the WGMMA.reduce(1) layout (a [64] vector matching the accumulator's rows), broadcast per span.
+  * Stores: through two [64, 64] staging buffers per warpgroup, alternating; before writing one,
+    `wait_smem_to_gmem(1, wait_read_only=True)` makes sure the store issued two rounds ago (the last
+    one from that buffer) has read it. Every store has an even number of 64-column rounds (2 or 4),
+    so the alternation never breaks across stores.
+
+Shared memory (bf16; H200: 227 KiB per block):
+  ring      stages * (128 * 64 + block_k * 64) * 2 B = stages * 32 KiB (block_k 128) or 48 KiB (256)
+  staging   2 warpgroups * 2 buffers * 64 * 64 * 2 B = 32 KiB
+  stats     2 warpgroups * 2 query blocks * 2 (lse, delta) * 64 * 4 B = 2 KiB
+  block_k 128: 4 stages 162 KiB, 6 stages 226 KiB; block_k 256: 3 stages 178 KiB, 4 stages 226 KiB
+  (226 KiB is what block_matmul_mgpu's measured 4-stage configuration uses).
+Registers are not checked here (ptxas decides on the GPU); block_k=256 may spill.
+
+Not done (next steps if the GPU shows the need): the two consumers run in lockstep, so the tensor
+cores idle while both compute exp2 and store (estimated at 5% of a span at block_k 256); FA3-style
+ping-pong (one warpgroup's epilogue under the other's wgmma, a schedule barrier) would hide it.
+Q_i could stay resident in shared memory across a query block's spans (64 KiB at dk 256; saves dk /
+(dk + dv) = 11% of the lhs stream), which the 226 KiB configurations have no room for.
+
+CPU: Mosaic GPU kernels cannot run here. `jax.export.export(..., platforms=["cuda"])` runs the
+Pallas -> Mosaic GPU lowering (layouts, wgmma shapes, transforms, barriers) into one `mosaic_gpu_v2`
+custom call; it also checks the shared-memory total against the H200's 227 KiB (a test pins the count
+above). jax 0.10.2's GPU interpreter does not support a transposed wgmma operand, so the kernel itself
+is not interpreted. Register allocation, PTX and TMA descriptors are only checked on the GPU.
+
+API (written against jax 0.10.2, to run under 0.11.2): the calls block_matmul_mgpu.py uses, plus
+`plgpu.broadcasted_iota(..., layout=plgpu.Layout.WGMMA)` and `plgpu.CompilerParams(approx_math=True)`
+(as jax's attention_mgpu example; both present in 0.10.2 and in a jax snapshot at 0.11.1.dev;
+approximate exp2, as Triton's exp2). No kernel `name` is passed to plgpu.kernel (0.10.2 rejects it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+MOSAIC_GPU_CALL = "mosaic_gpu_v2"  # the custom-call target of the Mosaic GPU lowering
+BLOCK = 128  # query block, key block (the tile buffers' tiles)
+_HALF = 64  # query rows per consumer warpgroup (wgmma M)
+_TK = 64  # contraction step: 64 bf16 = 128 bytes, the widest TMA swizzle
+_EPI = 64  # columns per output store round
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def visited_tiles(chunk: int, block: int = BLOCK) -> jax.Array:
+  """[C, C] bool: entry (query r, key c) of a chunk lies in a visited tile (key block <= query block)."""
+  tile = jnp.arange(chunk) // block
+  return tile[None, :] <= tile[:, None]
+
+
+def bwd_tiles_reference(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
+                        delta: jax.Array, chunk: int, scale: float = 1.0, block: int = BLOCK):
+  """Dense float32 reference of the tile buffers: -> (p_buf, ds_buf), each [B, H, L, C] float32.
+
+  q, k [B, L, H, dk]; v, d_out [B, L, H, dv]; lse (base 2), delta [B, H, L]. Entries outside the
+  visited block x block tiles are 0 (they are above the diagonal, where the causal mask zeroes P and
+  dS anyway; the kernels leave them undefined, so compare visited tiles only: `visited_tiles`).
+  """
+  batch, length, heads, _ = q.shape
+  if chunk <= 0 or length % chunk or chunk % block:
+    raise ValueError(f"length {length} must be a multiple of chunk {chunk}, itself a multiple of block {block}")
+  n_chunks = length // chunk
+  hi = lax.Precision.HIGHEST
+
+  def chunks(x):  # [B, L, H, d] -> [B, n, C, H, d] float32
+    return x.astype(jnp.float32).reshape(batch, n_chunks, chunk, heads, x.shape[-1])
+
+  def rows(stat):  # [B, H, L] -> [B, H, n, C, 1]
+    return stat.astype(jnp.float32).reshape(batch, heads, n_chunks, chunk)[..., None]
+
+  s = jnp.einsum("bnqhd,bnkhd->bhnqk", chunks(q), chunks(k), precision=hi) * (scale * _LOG2E)
+  pos = jnp.arange(chunk)
+  keep = (pos[None, :] <= pos[:, None]) & visited_tiles(chunk, block)  # [C queries, C keys]
+  p = jnp.where(keep, jnp.exp2(s - rows(lse)), 0.0)
+  dp = jnp.einsum("bnqhd,bnkhd->bhnqk", chunks(d_out), chunks(v), precision=hi)
+  ds = p * (dp - rows(delta)) * scale
+  shape = (batch, heads, length, chunk)
+  return p.reshape(shape), ds.reshape(shape)
+
+
+def _span(t, spans1, blk1, blk2, kb: int):
+  """Span t of a program -> (query block i, lowest key block j0, number of key blocks in it).
+
+  The first spans1 spans belong to query block blk1 and walk its key blocks 0..blk1 upwards in
+  spans of kb blocks (the last may be short); the rest belong to blk2 and walk blk2..0 downwards
+  (the last may be short). Scalars in, scalars out: works on traced int32 and on Python ints.
+  """
+  second = t >= spans1
+  m = jnp.where(second, t - spans1, t)
+  i = jnp.where(second, blk2, blk1)
+  up_lo = m * kb
+  down_hi = i - m * kb
+  down_lo = jnp.maximum(down_hi - (kb - 1), 0)
+  j0 = jnp.where(second, down_lo, up_lo)
+  count = jnp.where(second, down_hi - down_lo + 1, jnp.minimum(kb, i + 1 - up_lo))
+  return i, j0, count
+
+
+def _pair_spans(pair, nbq: int, kb: int):
+  """Query blocks of program `pair` and their span counts: (blk1, spans1, blk2, spans2)."""
+  blk1 = pair
+  blk2 = nbq - 1 - pair
+  spans1 = (blk1 + kb) // kb  # ceil((blk1 + 1) / kb)
+  spans2 = jnp.where(blk2 != blk1, (blk2 + kb) // kb, 0)  # odd nbq: the middle block once
+  return blk1, spans1, blk2, spans2
+
+
+def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, stages: int) -> None:
+  """Shapes this kernel supports; anything else is a ValueError saying what to change."""
+  if segment_ids is not None:
+    raise ValueError("segment_ids are not supported by the Mosaic GPU tiles kernel: pass None, or use the "
+                     "Triton kernel (chunk_attention._tr_bwd_tiles) for packed sequences")
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3] or d_out.shape != v.shape:
+    raise ValueError(f"expected q, k [B, L, H, dk] and v, d_out [B, L, H, dv], got q{q.shape} k{k.shape} "
+                     f"v{v.shape} d_out{d_out.shape}")
+  batch, length, heads, dk = q.shape
+  dv = v.shape[-1]
+  if chunk <= 0 or length % chunk:
+    raise ValueError(f"sequence length {length} is not a multiple of chunk {chunk}: pad the sequence or use "
+                     "the Triton kernel")
+  if chunk % BLOCK:
+    raise ValueError(f"chunk {chunk} is not a multiple of {BLOCK} (the kernel's tile; no padded tiles): "
+                     "use the Triton kernel for this chunk size")
+  if dk % _TK or dv % _TK:
+    raise ValueError(f"dk {dk} and dv {dv} must be multiples of {_TK} (the TMA / wgmma contraction step)")
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v, d_out)}
+  if len(dtypes) != 1 or dtypes.pop() not in map(jnp.dtype, _SUPPORTED_DTYPES):
+    raise ValueError(f"q, k, v, d_out must share a 16-bit float dtype (bfloat16 or float16), got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}, {d_out.dtype}")
+  for name, stat in (("lse", lse), ("delta", delta)):
+    if stat.shape != (batch, heads, length) or stat.dtype != jnp.float32:
+      raise ValueError(f"{name} must be float32 [B, H, L] = {(batch, heads, length)}, got {stat.dtype} "
+                       f"{stat.shape}")
+  if block_k not in (BLOCK, 2 * BLOCK):
+    raise ValueError(f"block_k {block_k} unsupported: {BLOCK} or {2 * BLOCK}")
+  if stages < 2:
+    raise ValueError(f"stages {stages} < 2: the ring needs at least two slots")
+
+
+def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
+                   delta: jax.Array, *, chunk: int, scale: float = 1.0, segment_ids=None,
+                   block_k: int = BLOCK, stages: int = 4):
+  """P and dS tile buffers of chunked attention's backward on a Hopper GPU (Pallas Mosaic GPU).
+
+  q, k [B, L, H, dk]; v, d_out [B, L, H, dv] (one 16-bit dtype); lse (base 2), delta [B, H, L]
+  float32 -> (p_buf, ds_buf), each [B, H, L, chunk] in the input dtype; tiles above each chunk's
+  block diagonal are left unwritten. block_k: keys per span (128, or 256 = two key blocks per
+  wgmma, see the module docstring); stages: ring depth (shared memory: the module docstring).
+  segment_ids must be None (a ValueError otherwise, as for every unsupported shape).
+  """
+  _check(q, k, v, d_out, lse, delta, segment_ids, chunk, block_k, stages)
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
+
+  batch, length, heads, dk = q.shape
+  dv = v.shape[-1]
+  dtype = q.dtype
+  n_chunks = length // chunk
+  nbq = chunk // BLOCK
+  n_pairs = (nbq + 1) // 2
+  kb = block_k // BLOCK  # key blocks per full span
+  kq, kv = dk // _TK, dv // _TK  # ring steps of a span: Q K^T, then dO V^T
+  spt = kq + kv
+  scale2 = scale * _LOG2E
+  swizzle = plgpu.find_swizzle(_TK * jnp.dtype(dtype).itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+
+  # 2-D views (free reshapes of contiguous arrays): TMA boxes then take (row, column) offsets.
+  q2, k2 = q.reshape(batch * length, heads * dk), k.reshape(batch * length, heads * dk)
+  v2, do2 = v.reshape(batch * length, heads * dv), d_out.reshape(batch * length, heads * dv)
+
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped):
+    (lhs_smem, rhs_smem, out_smem, stat_smem), (lhs_bar, rhs_bar, consumed, stat_bar) = scoped
+    bh = lax.axis_index("bh")
+    n = lax.axis_index("chunk")
+    b = lax.div(bh, heads)
+    h = lax.rem(bh, heads)
+    wg = lax.axis_index("wg")
+    blk1, spans1, blk2, spans2 = _pair_spans(lax.axis_index("pair"), nbq, kb)
+    n_spans = spans1 + spans2
+    x_row0 = b * length + n * chunk  # this chunk's first row in q2, k2, v2, do2
+    buf_row0 = bh * length + n * chunk  # and in the tile buffers
+
+    def widths():  # (static width, predicate on the span's key-block count) of each code path
+      if kb == 1:
+        return ((BLOCK, None),)
+      return ((2 * BLOCK, lambda count: count == 2), (BLOCK, lambda count: count == 1))
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(g, lhs_src, rhs_src, width: int):
+        slot = lax.rem(g, stages)
+
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(consumed.at[slot])
+
+        rhs_dst = rhs_smem.at[slot] if width == block_k else rhs_smem.at[slot].at[pl.ds(0, width)]
+        plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], lhs_bar.at[slot])
+        plgpu.copy_gmem_to_smem(rhs_src, rhs_dst, rhs_bar.at[slot])
+
+      def span_loads(t, i, j0, width: int):
+        q_rows = pl.ds(x_row0 + i * BLOCK, BLOCK)
+        k_rows = pl.ds(x_row0 + j0 * BLOCK, width)
+        g0 = t * spt
+
+        @pl.loop(0, kq)
+        def _qk(s):
+          cols = pl.ds(h * dk + s * _TK, _TK)
+          load(g0 + s, q_ref.at[q_rows, cols], k_ref.at[k_rows, cols], width)
+
+        @pl.loop(0, kv)
+        def _dov(s):
+          cols = pl.ds(h * dv + s * _TK, _TK)
+          load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols], width)
+
+      @pl.loop(0, n_spans)
+      def _spans(t):
+        i, j0, count = _span(t, spans1, blk1, blk2, kb)
+        for width, pred in widths():
+          if pred is None:
+            span_loads(t, i, j0, width)
+          else:
+            pl.when(pred(count))(lambda width=width: span_loads(t, i, j0, width))
+
+      # Wait out the last releases so that no barrier is left mid-phase when the CTA exits.
+      total = n_spans * spt
+
+      @pl.loop(jnp.maximum(total - stages, 0), total)
+      def _drain(g):
+        plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      row_off = wg * _HALF  # this warpgroup's first row within a query block
+
+      def stat_barrier(which: int, s: int):
+        return stat_bar.at[wg * 4 + which * 2 + s]
+
+      def load_stats(which: int, blk):  # issued up front: they land while the ring fills
+        rows = pl.ds(n * chunk + blk * BLOCK + row_off, _HALF)
+        for s, ref in enumerate((lse_ref, delta_ref)):
+          plgpu.copy_gmem_to_smem(ref.at[b, h, rows], stat_smem.at[wg, which, s], stat_barrier(which, s))
+
+      load_stats(0, blk1)
+
+      @pl.when(spans2 > 0)
+      def _():
+        load_stats(1, blk2)
+
+      def accumulate(g0, n_steps, width: int):
+        """sum over n_steps ring steps of lhs[my 64 rows] @ rhs[:width]^T: [64, width] float32."""
+        def run(acc_ref):
+          @pl.loop(0, n_steps)
+          def _step(s):
+            g = g0 + s
+            slot = lax.rem(g, stages)
+            plgpu.barrier_wait(lhs_bar.at[slot])
+            plgpu.barrier_wait(rhs_bar.at[slot])
+            rhs = rhs_smem.at[slot] if width == block_k else rhs_smem.at[slot].at[pl.ds(0, width)]
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[pl.ds(row_off, _HALF)], plgpu.transpose_ref(rhs, (1, 0)))
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[slot])
+
+          return acc_ref[...]
+
+        return pl.run_scoped(run, plgpu.ACC((_HALF, width), jnp.float32))
+
+      def store(value, dst_ref, i, j0):
+        """value [64, width] (input dtype) -> my rows of tile row block i, columns from key block j0."""
+        rows = pl.ds(buf_row0 + i * BLOCK + row_off, _HALF)
+        for e in range(value.shape[1] // _EPI):
+          buf = out_smem.at[wg, e % 2]
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two rounds back has read buf
+          buf[...] = value[:, e * _EPI:(e + 1) * _EPI]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(buf, dst_ref.at[rows, pl.ds(j0 * BLOCK + e * _EPI, _EPI)])
+
+      def span(t, i, j0, lse, delta, width: int):
+        shape = (_HALF, width)
+        g0 = t * spt
+        s = accumulate(g0, kq, width)
+        q_pos = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        k_pos = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+        # key j0*128 + c is visible to query i*128 + row_off + r iff c <= r + (i - j0)*128 + row_off:
+        # always off the diagonal (i > j0 + width/128 - 1 there), causal on it.
+        visible = k_pos <= q_pos + ((i - j0) * BLOCK + row_off)
+        p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, shape, [0]))
+        p = jnp.where(visible, p, 0.0).astype(dtype)  # held as stored across the dv loop
+        store(p, p_ref, i, j0)
+        dp = accumulate(g0 + kq, kv, width)
+        ds = p.astype(jnp.float32) * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+        if scale != 1.0:
+          ds = ds * scale
+        store(ds.astype(dtype), ds_ref, i, j0)
+
+      def query_block(which: int, t0, count):
+        for s in range(2):
+          plgpu.barrier_wait(stat_barrier(which, s))
+        lse = plgpu.load(stat_smem.at[wg, which, 0], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        delta = plgpu.load(stat_smem.at[wg, which, 1], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+        @pl.loop(t0, t0 + count)
+        def _spans(t):
+          i, j0, n_blocks = _span(t, spans1, blk1, blk2, kb)
+          for width, pred in widths():
+            if pred is None:
+              span(t, i, j0, lse, delta, width)
+            else:
+              pl.when(pred(n_blocks))(lambda width=width: span(t, i, j0, lse, delta, width))
+
+      query_block(0, 0, spans1)
+
+      @pl.when(spans2 > 0)
+      def _():
+        query_block(1, spans1, spans2)
+
+      plgpu.wait_smem_to_gmem(0)
+
+  def entry(*refs):
+    pl.run_scoped(
+        lambda *scoped: body(*refs, scoped),
+        (plgpu.SMEM((stages, BLOCK, _TK), dtype, transforms=transforms),
+         plgpu.SMEM((stages, block_k, _TK), dtype, transforms=transforms),
+         plgpu.SMEM((2, 2, _HALF, _EPI), dtype, transforms=transforms),
+         plgpu.SMEM((2, 2, 2, _HALF), jnp.float32)),
+        (plgpu.Barrier(num_barriers=stages),
+         plgpu.Barrier(num_barriers=stages),
+         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+         plgpu.Barrier(num_barriers=8)),
+        collective_axes="wg",
+    )
+
+  tile_type = jax.ShapeDtypeStruct((batch * heads * length, chunk), dtype)
+  kernel = plgpu.kernel(
+      entry,
+      out_type=(tile_type, tile_type),
+      # The last grid axis runs fastest: a chunk-head's programs run together (see the docstring).
+      grid=(batch * heads, n_chunks, n_pairs),
+      grid_names=("bh", "chunk", "pair"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
+  p_buf, ds_buf = kernel(q2, k2, v2, do2, lse, delta)
+  shape = (batch, heads, length, chunk)
+  return p_buf.reshape(shape), ds_buf.reshape(shape)

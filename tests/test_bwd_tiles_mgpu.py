@@ -1,0 +1,312 @@
+"""kernels_pallas/bwd_tiles_mgpu.py on the CPU: its reference, its schedule, its lowering for CUDA, its checks.
+
+The Mosaic GPU kernel cannot run here (and jax 0.10.2's GPU interpreter has no transposed wgmma
+operand). What can be checked:
+  * the float32 reference against the Triton tiles kernel (`chunk_attention._tr_bwd_tiles`,
+    interpret mode) on visited tiles, with lse / delta computed in float64 numpy, and the lse
+    convention (base 2) against the Triton forward's;
+  * the kernel's span schedule (pure index arithmetic, shared by producer and consumers) visits every
+    tile at or below each chunk's block diagonal exactly once, with equal work per program;
+  * the kernel lowers for CUDA (Pallas -> Mosaic GPU: layouts, wgmma shapes, barriers, and the
+    shared-memory limit) at the benchmark shape into one Mosaic GPU custom call;
+  * unsupported shapes raise ValueError.
+The gpu-marked test compiles and runs it on a Hopper GPU against both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import bwd_tiles_mgpu as bt
+from kernels_pallas import chunk_attention as ca
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _stats64(q, k, v, d_out, chunk: int, scale: float):
+  """lse (base 2) and delta = rowsum(O dO) in float64 numpy: [B, H, L] each, as float32."""
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+  batch, length, heads, _ = q.shape
+  n = length // chunk
+  split = lambda x: x.reshape(batch, n, chunk, heads, x.shape[-1])  # noqa: E731
+  s = np.einsum("bnqhd,bnkhd->bhnqk", split(q), split(k)) * scale * math.log2(math.e)
+  causal = np.tril(np.ones((chunk, chunk), bool))
+  s = np.where(causal, s, -np.inf)
+  m = s.max(-1, keepdims=True)
+  lse = m + np.log2(np.exp2(s - m).sum(-1, keepdims=True))
+  out = np.einsum("bhnqk,bnkhd->bnqhd", np.exp2(s - lse), split(v)).reshape(v.shape)
+  delta = np.sum(out * d_out, axis=-1).transpose(0, 2, 1)
+  return jnp.asarray(lse[..., 0].reshape(batch, heads, length), jnp.float32), jnp.asarray(delta, jnp.float32)
+
+
+def _visited_err(got, want, chunk: int, block: int) -> float:
+  """max |got - want| / max |want| over the entries of visited tiles."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  mask = np.tile(np.asarray(bt.visited_tiles(chunk, block)), (got.shape[2] // chunk, 1))
+  diff = np.where(mask, np.abs(got - want), 0.0)
+  return float(diff.max() / max(np.abs(np.where(mask, want, 0.0)).max(), 1e-30))
+
+
+def _rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _inputs(rng, batch, length, heads, dk, dv, dtype):
+  normal = lambda *shape: rng.standard_normal(shape)  # noqa: E731
+  q, k = (jnp.asarray(normal(batch, length, heads, dk) * dk ** -0.25, dtype) for _ in range(2))
+  v, d_out = (jnp.asarray(normal(batch, length, heads, dv), dtype) for _ in range(2))
+  return q, k, v, d_out
+
+
+def test_reference_matches_triton_tiles_kernel(rng):
+  """Reference = the Triton tiles kernel (interpreted) on visited tiles; P rows sum to 1."""
+  batch, heads, n_chunks, chunk, dk, dv, block = 1, 2, 2, 32, 16, 32, 16
+  length = n_chunks * chunk
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.float32)
+  config = ca.KernelConfig(block_q=block, block_k=block, bwd_block_q=block, bwd_block_k=block)
+  results = {}
+  for scale in (1.0, 0.7):
+    lse, delta = _stats64(q, k, v, d_out, chunk, scale)
+    plan = ca._triton_plan(config, True, scale, batch, heads, n_chunks, chunk, chunk, dk, dv, jnp.float32)
+    plan = dataclasses.replace(plan, geom=plan.bwd_geom)  # as _tr_backward calls it
+    assert (plan.geom.bq, plan.geom.bk) == (block, block)
+
+    def both(q, k, v, d_out, lse, delta, plan=plan, scale=scale):
+      return (ca._tr_bwd_tiles(plan, q, k, v, None, lse, delta, d_out),
+              bt.bwd_tiles_reference(q, k, v, d_out, lse, delta, chunk, scale, block=block))
+
+    args = (q, k, v, d_out, lse, delta)
+    results[scale] = jax.jit(both).lower(*args).compile(compiler_options=_FAST_COMPILE)(*args)
+  for scale, ((p_tr, ds_tr), (p_ref, ds_ref)) in results.items():
+    assert p_ref.shape == ds_ref.shape == p_tr.shape == (batch, heads, length, chunk)
+    assert _visited_err(p_tr, p_ref, chunk, block) < 1e-5, scale
+    assert _visited_err(ds_tr, ds_ref, chunk, block) < 1e-5, scale
+    # lse is the base-2 log of the row sums of exp2(S): every row of P is a distribution
+    np.testing.assert_allclose(np.asarray(p_ref).sum(-1), 1.0, rtol=1e-5)
+    # and entries outside the visited tiles are zero in the reference
+    outside = ~np.tile(np.asarray(bt.visited_tiles(chunk, block)), (n_chunks, 1))
+    assert not np.any(np.asarray(p_ref)[..., outside]) and not np.any(np.asarray(ds_ref)[..., outside])
+
+
+def test_stats_convention_is_the_triton_forward_lse(rng):
+  """The float64 lse used above is what chunk_attention's Triton forward saves for the backward."""
+  batch, heads, n_chunks, chunk, dk, dv = 1, 2, 2, 32, 16, 32
+  q, k, v, _ = _inputs(rng, batch, n_chunks * chunk, heads, dk, dv, jnp.float32)
+  config = ca.KernelConfig(block_q=16, block_k=16)
+  plan = ca._triton_plan(config, True, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv, jnp.float32)
+  fwd = jax.jit(lambda q, k, v: ca._tr_blocks_forward(plan, q, k, v, None))
+  _, lse = fwd.lower(q, k, v).compile(compiler_options=_FAST_COMPILE)(q, k, v)
+  want, _ = _stats64(q, k, v, v, chunk, 1.0)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nbq", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("kb", [1, 2])
+def test_span_schedule_covers_each_visited_tile_once(nbq, kb):
+  """Producer and consumers share `_span`: every tile (i, j <= i) once, nbq + 1 key blocks per program
+  (the middle one of odd nbq: its own), no span above the diagonal or outside the chunk."""
+  seen = np.zeros((nbq, nbq), int)
+  for pair in range((nbq + 1) // 2):
+    blk1, spans1, blk2, spans2 = (int(x) for x in bt._pair_spans(pair, nbq, kb))
+    work = 0
+    for t in range(spans1 + spans2):
+      i, j0, count = (int(x) for x in bt._span(t, spans1, blk1, blk2, kb))
+      assert 1 <= count <= kb and 0 <= j0 and j0 + count - 1 <= i < nbq
+      assert i == (blk1 if t < spans1 else blk2)
+      seen[i, j0:j0 + count] += 1
+      work += count
+    assert work == (nbq + 1 if blk1 != blk2 else blk1 + 1)
+  np.testing.assert_array_equal(seen, np.tril(np.ones((nbq, nbq), int)))
+
+
+def test_second_blocks_walk_down_in_step():
+  """At key-block step tau every program of a chunk-head in its second query block is at key block
+  nbq - tau (spans of one key block): the programs that share K_j, V_j read them together."""
+  nbq = 16
+  for pair in range(nbq // 2):
+    blk1, spans1, blk2, spans2 = (int(x) for x in bt._pair_spans(pair, nbq, 1))
+    for t in range(spans1, spans1 + spans2):
+      _, j0, _ = (int(x) for x in bt._span(t, spans1, blk1, blk2, 1))
+      assert j0 == nbq - t
+
+
+_BENCH = dict(batch=1, length=32768, heads=4, dk=256, dv=2048, chunk=2048)
+
+
+def _export(batch, length, heads, dk, dv, chunk, dtype=jnp.bfloat16, **kwargs):
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
+  stat = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)
+  fn = lambda q, k, v, d_out, lse, delta: bt.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=chunk,  # noqa: E731
+                                                             **kwargs)
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, v, v, stat, stat)
+
+
+@pytest.mark.parametrize("shape,kwargs", [
+    (_BENCH, dict(block_k=128, stages=4)),  # 162 KiB of shared memory
+    (_BENCH, dict(block_k=128, stages=6)),  # 226 KiB
+    (_BENCH, dict(block_k=256, stages=3)),  # 178 KiB
+    (_BENCH, dict(block_k=256, stages=4)),  # 226 KiB
+    (dict(batch=2, length=768, heads=2, dk=64, dv=128, chunk=384, dtype=jnp.float16),
+     dict(block_k=256, stages=2, scale=0.5)),  # odd nbq (3): a middle block paired with itself
+    (dict(batch=1, length=256, heads=1, dk=128, dv=64, chunk=128), dict(block_k=128, stages=3, scale=0.25)),
+])
+def test_kernel_lowers_for_cuda(shape, kwargs):
+  exported = _export(**shape, **kwargs)
+  assert exported.mlir_module().count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+  dims = (shape["batch"], shape["heads"], shape["length"], shape["chunk"])
+  dtype = shape.get("dtype", jnp.bfloat16)
+  assert [(a.shape, a.dtype) for a in exported.out_avals] == [(dims, dtype)] * 2
+
+
+def test_shared_memory_limit_is_checked_when_lowering():
+  """The docstring's count: block_k 256 with 5 stages needs 274 KiB, over the H200's 227 KiB."""
+  with pytest.raises(ValueError, match="exceeds available shared memory"):
+    _export(**_BENCH, block_k=256, stages=5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(segment_ids=True), "segment_ids are not supported"),
+    (dict(chunk=192, length=384), "not a multiple of 128"),
+    (dict(length=1000), "not a multiple of chunk"),
+    (dict(dk=96), "multiples of 64"),
+    (dict(dv=160), "multiples of 64"),
+    (dict(dtype=jnp.float32), "16-bit float"),
+    (dict(v_dtype=jnp.float16), "16-bit float"),
+    (dict(stat_dtype=jnp.bfloat16), "lse must be float32"),
+    (dict(block_k=192), "block_k 192 unsupported"),
+    (dict(stages=1), "stages 1 < 2"),
+])
+def test_unsupported_shapes_raise(change, message):
+  batch, heads = 1, 2
+  length, chunk = change.get("length", 512), change.get("chunk", 256)
+  dk, dv, dtype = change.get("dk", 64), change.get("dv", 128), change.get("dtype", jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), change.get("v_dtype", dtype))
+  stat = jax.ShapeDtypeStruct((batch, heads, length), change.get("stat_dtype", jnp.float32))
+  seg = jnp.zeros((batch, length), jnp.int32) if change.get("segment_ids") else None
+  kwargs = {key: change[key] for key in ("block_k", "stages") if key in change}
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda q, k, v, do, lse, delta: bt.bwd_tiles_mgpu(q, k, v, do, lse, delta, chunk=chunk,
+                                                                    segment_ids=seg, **kwargs),
+                   q, q, v, v, stat, stat)
+
+
+def _lowered_attention_module(config, chunk, length, segments=False, dtype=jnp.bfloat16) -> str:
+  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
+  batch, heads, dk, dv = 1, 2, 128, 256
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
+  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
+
+  def fwd_bwd(q, k, v, seg, d_out):
+    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
+                                                config=config, interpret=False, platform="triton")
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, *vjp(d_out)
+
+  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
+  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
+  return exported(q, q, v, seg, v).mlir_module()
+
+
+@pytest.mark.parametrize("tiles_impl,matmul_impl,chunk,length,segments,dtype,expected", [
+    ("mgpu", "mgpu", 256, 512, False, jnp.bfloat16, 5),  # P V, the tiles, dV, dK, dQ
+    ("mgpu", "triton", 256, 512, False, jnp.bfloat16, 1),  # the tiles kernel alone
+    ("mgpu", "triton", 256, 512, True, jnp.bfloat16, 0),  # segment ids: the Triton tiles kernel
+    ("mgpu", "mgpu", 192, 576, False, jnp.bfloat16, 0),  # chunk not a multiple of 128: Triton throughout
+    ("mgpu", "mgpu", 256, 512, False, jnp.float32, 0),  # float32 inputs: Triton throughout
+    ("auto", "triton", 256, 512, False, jnp.bfloat16, 0),  # 'auto' is Triton until the kernel has run on a GPU
+])
+def test_chunk_attention_sends_tiles_to_mosaic_gpu(monkeypatch, tiles_impl, matmul_impl, chunk, length, segments,
+                                                    dtype, expected):
+  monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
+  config = ca.KernelConfig(matmul_impl=matmul_impl, tiles_impl=tiles_impl)
+  module = _lowered_attention_module(config, chunk, length, segments, dtype)
+  assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == expected
+
+
+def test_auto_tiles_is_triton_and_follows_the_environment(monkeypatch):
+  monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
+  assert ca._resolve_tiles_impl("auto") == "triton"
+  assert ca._resolve_tiles_impl("mgpu") == "mgpu"
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES", "mgpu")
+  assert ca._resolve_tiles_impl("auto") == "mgpu"
+  assert ca._resolve_tiles_impl("triton") == "triton"  # an explicit choice wins
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"), 256, 512)
+  assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES", "cuda")
+  with pytest.raises(ValueError, match="MEGALODON_ATTENTION_TILES='cuda'"):
+    ca._resolve_tiles_impl("auto")
+  with pytest.raises(ValueError, match="tiles_impl"):
+    ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,length,block_k,stages,scale", [
+    (512, 1024, 128, 4, 1.0),
+    (512, 1024, 256, 3, 1.0),
+    (384, 768, 256, 4, 0.5),  # odd number of query blocks; short spans in both halves of the pairs
+    (384, 768, 128, 6, 0.5),
+])
+def test_mosaic_gpu_tiles_match_reference_and_triton_on_hopper(rng, chunk, length, block_k, stages, scale):
+  """Compiled on the GPU: P and dS on visited tiles against the float32 reference, and as close to it
+  as the Triton tiles kernel (run with -m gpu on a Hopper GPU)."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, heads, dk, dv = 2, 2, 128, 256
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.bfloat16)
+  lse, delta = _stats64(q, k, v, d_out, chunk, scale)
+  n_chunks = length // chunk
+  plan = ca._triton_plan(ca.KernelConfig(), False, scale, batch, heads, n_chunks, chunk, chunk, dk, dv,
+                         jnp.bfloat16)
+  plan = dataclasses.replace(plan, geom=plan.bwd_geom)
+  assert (plan.geom.bq, plan.geom.bk) == (bt.BLOCK, bt.BLOCK)
+  args = (q, k, v, d_out, lse, delta)
+  mgpu = jax.jit(lambda *a: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=scale, block_k=block_k, stages=stages))(*args)
+  triton = jax.jit(lambda q, k, v, do, lse, delta: ca._tr_bwd_tiles(plan, q, k, v, None, lse, delta, do))(*args)
+  ref = jax.jit(lambda *a: bt.bwd_tiles_reference(*a, chunk, scale))(*args)
+  for name, got, tri, want in zip(("p", "ds"), mgpu, triton, ref):
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    err, tri_err = _visited_err(got, want, chunk, bt.BLOCK), _visited_err(tri, want, chunk, bt.BLOCK)
+    assert err < 2e-2, (name, err)
+    assert err <= 1.5 * tri_err + 2e-3, (name, err, tri_err)
+
+
+@pytest.mark.gpu
+def test_chunk_attention_with_mosaic_gpu_tiles_matches_xla_on_hopper(rng):
+  """Compiled on the GPU: chunk_attention's values and gradients with tiles_impl='mgpu' against the
+  float32 XLA path, as close as with the Triton tiles kernel (run with -m gpu on a Hopper GPU)."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  from megalodon_jax.ops import attention as xla_attention
+  batch, length, heads, dk, dv, chunk = 1, 1024, 2, 128, 256, 512
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.bfloat16)
+
+  def run(attend, *args):
+    def fwd_bwd(q, k, v, d_out):
+      out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, chunk_size=chunk), q, k, v)
+      return out, *vjp(d_out)
+    fn = jax.jit(fwd_bwd)
+    return fn.lower(*args).as_text(), fn(*args)
+
+  up = lambda x: x.astype(jnp.float32)  # noqa: E731
+  _, exact = run(xla_attention.chunked_attention_xla, up(q), up(k), up(v), up(d_out))
+  errors = {}
+  for impl in ("mgpu", "triton"):
+    config = ca.KernelConfig(matmul_impl="triton", tiles_impl=impl)  # the tiles kernel is the only difference
+    text, got = run(lambda *a, config=config, **kw: ca.chunk_attention(*a, config=config, **kw), q, k, v, d_out)
+    assert (bt.MOSAIC_GPU_CALL in text) == (impl == "mgpu"), impl
+    errors[impl] = [_rel_err(g, e) for g, e in zip(got, exact)]
+  for name, mgpu, triton in zip(("out", "dq", "dk", "dv"), errors["mgpu"], errors["triton"]):
+    assert mgpu < 2e-2, (name, mgpu)
+    assert mgpu <= 1.25 * triton + 1e-3, (name, mgpu, triton)
+

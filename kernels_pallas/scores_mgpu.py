@@ -52,6 +52,12 @@ Consumers release a ring slot as soon as the wgmma reading it has finished (prog
 `wgmma_wait(n)` over the dk / 64 slots of a tile). P~ tiles leave through one [64, 128] staging
 buffer per consumer: the TMA store of tile j reads it while the wgmma of tile j + 1 runs.
 
+Both consumers wait for the same K tile, so left alone they may issue their wgmma together, finish
+together and then both spend the tile's exp2 and stores (about half a wgmma's time, MUFU-bound) with
+the tensor cores idle. `pingpong=True` makes them take turns (a pair of barriers passes the turn
+once a warpgroup's wgmma has one 64-feature step left), so that one's exp2 / stores run under the
+other's wgmma, as FlashAttention-3 does. Which is faster is for the probe to say.
+
 Shared memory (dk 256, bf16, stages 6): Q 2 * 64 * 256 * 2 = 64 KiB, ring 6 * 128 * 64 * 2 =
 96 KiB, P~ staging 2 * 64 * 128 * 2 = 32 KiB, row vectors (bounds, gaps, rscale / lse) 2.5 KiB,
 flags and barriers < 1 KiB, Mosaic GPU's reduction scratch 2 KiB: ~197 KiB of the H200's 227 KiB.
@@ -172,8 +178,8 @@ def _check(q, k, bound, chunk: int, p_dtype, stages: int, segment_ids) -> None:
 
 
 def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, chunk: int, scale: float,
-                      p_dtype=None, stages: int = 6, approx_math: bool = True, segment_ids=None,
-                      interpret=None):
+                      p_dtype=None, stages: int = 6, approx_math: bool = True, pingpong: bool = False,
+                      segment_ids=None, interpret=None):
   """The forward scores of chunked attention on a Hopper GPU (Pallas Mosaic GPU).
 
   q, k [B, L, H, dk] (16-bit), bound [B, H, L] float32 (fwd_scores='bounded') or None ('twopass')
@@ -181,6 +187,9 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
   diagonal are written), rscale [B, H, L] float32, lse [B, H, L] float32 (base 2).
   stages: ring slots of [128, 64]; at least dk / 64. approx_math: exp2 / log2 by the hardware's
   approximate instructions (ex2.approx; Triton's exp2 is __nv_exp2f, of the same accuracy class).
+  pingpong: the consumers take turns on the tensor cores (a warpgroup issues a tile's wgmma only
+  after the other's has all but finished), so that one's exp2 / stores overlap the other's wgmma
+  instead of both warpgroups running them in lockstep.
   interpret: passed to plgpu.kernel (tests run the kernel under Mosaic GPU's CPU interpreter).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
@@ -210,7 +219,7 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
 
   def body(q_ref, k_ref, bound_ref, p_ref, rscale_ref, lse_ref, scoped):
     (q_smem, k_smem, p_smem, bound_smem, gap_smem, stat_smem, flag_smem), barriers = scoped
-    q_bar, k_bar, consumed, bound_bar, dec_bar, flag_bar = barriers
+    q_bar, k_bar, consumed, bound_bar, dec_bar, flag_bar, turn = barriers
     pair = lax.axis_index("pair")
     n = lax.axis_index("chunk")
     bh = lax.axis_index("bh")
@@ -282,6 +291,11 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
       def scores(t):
         """S = Q K^T * scale2 [64, 128] float32 from the K tile at ring step t (its slots freed)."""
         def run(acc_ref):
+          if pingpong:  # our turn: the other warpgroup's previous wgmma has (all but) finished
+            @pl.when((wg == 1) | (t > 0))  # consumer 0 starts
+            def _():
+              plgpu.barrier_wait(turn.at[wg])
+
           for c in range(kpt):
             slot = slot_of(t * kpt + c)
             plgpu.barrier_wait(k_bar.at[slot])
@@ -290,6 +304,8 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
           for c in range(kpt):  # free each slot as soon as the wgmma reading it is done
             plgpu.wgmma_wait(kpt - 1 - c)
             plgpu.barrier_arrive(consumed.at[slot_of(t * kpt + c)])
+            if pingpong and c == max(kpt - 2, 0):  # one 64-feature step left (or none): hand over
+              plgpu.barrier_arrive(turn.at[1 - wg])
           return acc_ref[...]
 
         return pl.run_scoped(run, plgpu.ACC((_ROWS, BLOCK), jnp.float32)) * scale2
@@ -372,6 +388,11 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
       def _():
         query_block(1, blocks[1], t1)
 
+      if pingpong:  # consumer 1's last hand-over (both run the same number of tiles)
+        @pl.when(wg == 0)
+        def _():
+          plgpu.barrier_wait(turn.at[0])
+
       plgpu.wait_smem_to_gmem(0)
 
   def entry(q_ref, k_ref, *refs):
@@ -390,7 +411,8 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
          plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # ring slot consumed
          plgpu.Barrier(num_barriers=4),  # bounds [warpgroup * 2 + which]
          plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both gaps written [which]
-         plgpu.Barrier(num_barriers=2)),  # decision flag written [which]
+         plgpu.Barrier(num_barriers=2),  # decision flag written [which]
+         plgpu.Barrier(num_barriers=2)),  # pingpong: consumer [index] may issue its wgmma
         collective_axes="wg",
     )
 

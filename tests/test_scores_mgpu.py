@@ -161,14 +161,17 @@ def _interpreter(monkeypatch):
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
 
-@pytest.mark.parametrize("mode,chunk,dk,stages,hot_rows", [
+@pytest.mark.parametrize("mode,chunk,dk,stages,pingpong,hot_rows", [
     # Two programs: pairs (3, 0) and (2, 1). A hot row fails block 2's bound, so program 1 runs the
     # failed branch and then block 1 (bound holding) from the ring step after it; dk 128: two ring
     # slots per K tile, and 2 stages: a ring of exactly one tile.
-    ("bounded", 512, 128, 2, ((0, 300, 0),)),
-    ("twopass", 256, 64, 3, ()),  # one program (pair (1, 0)), one slot per K tile
+    ("bounded", 512, 128, 2, False, ((0, 300, 0),)),
+    # Odd block count: pairs (2, 0) and (1, 1), the middle block done once; block 2 fails.
+    ("bounded", 384, 64, 3, True, ((0, 300, 0),)),
+    ("twopass", 256, 64, 3, False, ()),  # one program (pair (1, 0)), one slot per K tile
 ])
-def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode, chunk, dk, stages, hot_rows):
+def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode, chunk, dk, stages, pingpong,
+                                                         hot_rows):
   params, gpu_callbacks = _interpreter
   batch, heads, n_chunks, scale = 1, 1, 1, 0.7
   length = n_chunks * chunk
@@ -179,7 +182,7 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode
     holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
     assert holds.any() and not holds.all()
   p_buf, rscale, lse = sm.chunk_scores_mgpu(q, k, bound, chunk=chunk, scale=scale, stages=stages,
-                                            interpret=params)
+                                            pingpong=pingpong, interpret=params)
   assert not gpu_callbacks.get_races().races_found
   rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
   assert p_buf.shape == rp.shape and p_buf.dtype == jnp.bfloat16
@@ -192,15 +195,17 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode
   assert _rel_err(lse, rlse) < 1e-5
 
 
-@pytest.mark.parametrize("batch,length,heads,dk,chunk,dtype,p_dtype,bounded", [
-    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True),  # the benchmark shape
-    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, False),
-    (2, 768, 2, 64, 384, jnp.float16, jnp.bfloat16, True),  # odd block count: a middle block done once
+@pytest.mark.parametrize("batch,length,heads,dk,chunk,dtype,p_dtype,bounded,pingpong", [
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, False),  # the benchmark shape
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, True),
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, False, False),
+    (2, 768, 2, 64, 384, jnp.float16, jnp.bfloat16, True, False),  # odd block count: a middle block done once
 ])
-def test_kernel_lowers_for_cuda(batch, length, heads, dk, chunk, dtype, p_dtype, bounded):
+def test_kernel_lowers_for_cuda(batch, length, heads, dk, chunk, dtype, p_dtype, bounded, pingpong):
   q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
   bound = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32) if bounded else None
-  fn = lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, p_dtype=p_dtype)  # noqa: E731
+  fn = lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, p_dtype=p_dtype,  # noqa: E731
+                                            pingpong=pingpong)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, bound)
   assert exported.mlir_module().count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
   p_aval, rscale_aval, lse_aval = exported.out_avals
@@ -240,8 +245,8 @@ def test_shared_memory_count():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["bounded", "twopass"])
-def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode):
+@pytest.mark.parametrize("mode,pingpong", [("bounded", False), ("bounded", True), ("twopass", False)])
+def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, pingpong):
   """Compiled on the GPU: the kernel against the Triton scores kernel and the reference (run with -m gpu
   on a Hopper GPU)."""
   if not ca._is_hopper():
@@ -256,7 +261,8 @@ def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode):
   if bound is not None:
     holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
     assert holds.any() and not holds.all()
-  got = jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=scale))(q, k, bound)
+  got = jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=scale, pingpong=pingpong))(
+      q, k, bound)
   triton = jax.jit(lambda q, k: ca._tr_scores(plan, q, k, jnp.bfloat16, None))(q, k)
   ref = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
   visited = _visited(n_chunks, chunk, sm.BLOCK)

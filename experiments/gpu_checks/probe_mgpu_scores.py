@@ -40,9 +40,13 @@ CANDIDATES = (
     ("mgpu", "bounded", "st 6", dict(stages=6)),
     ("mgpu", "bounded", "st 4", dict(stages=4)),
     ("mgpu", "bounded", "st 7", dict(stages=7)),
+    ("mgpu", "bounded", "st 6 pingpong", dict(stages=6, pingpong=True)),
+    ("mgpu", "bounded", "st 4 pingpong", dict(stages=4, pingpong=True)),
+    ("mgpu", "bounded", "st 7 pingpong", dict(stages=7, pingpong=True)),
     ("mgpu", "bounded", "st 6 exact math", dict(stages=6, approx_math=False)),
     ("triton", "twopass", "op default", {}),
     ("mgpu", "twopass", "st 6", dict(stages=6)),
+    ("mgpu", "twopass", "st 6 pingpong", dict(stages=6, pingpong=True)),
 )
 
 

@@ -286,7 +286,7 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       q_buf = q_smem.at[wg]
-      p_buf = p_smem.at[wg]
+      p_stage = p_smem.at[wg]
 
       def scores(t):
         """S = Q K^T * scale2 [64, 128] float32 from the K tile at ring step t (its slots freed)."""
@@ -321,13 +321,13 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
         return jnp.max(s, axis=1)
 
       def emit(s, m, l, j, row0):
-        """P~ = exp2(S - m) to p_buf's tile (row0, key block j); returns l + its row sums."""
+        """P~ = exp2(S - m) to the P~ buffer's tile (row0, key block j); returns l + its row sums."""
         p = jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [0]))
         l = l + jnp.sum(p, axis=1)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read p_buf
-        p_buf[...] = p.astype(p_dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read p_stage
+        p_stage[...] = p.astype(p_dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(p_buf, p_ref.at[pl.ds(p_row0 + row0, _ROWS), pl.ds(j * BLOCK, BLOCK)])
+        plgpu.copy_smem_to_gmem(p_stage, p_ref.at[pl.ds(p_row0 + row0, _ROWS), pl.ds(j * BLOCK, BLOCK)])
         return l
 
       def query_block(which: int, blk, t0):

@@ -165,10 +165,9 @@ def _interpreter(monkeypatch):
     # Two programs: pairs (3, 0) and (2, 1). A hot row fails block 2's bound, so program 1 runs the
     # failed branch and then block 1 (bound holding) from the ring step after it; dk 128: two ring
     # slots per K tile, and 2 stages: a ring of exactly one tile.
-    ("bounded", 512, 128, 2, False, ((0, 300, 0),)),
-    # Odd block count: pairs (2, 0) and (1, 1), the middle block done once; block 2 fails.
-    ("bounded", 384, 64, 3, True, ((0, 300, 0),)),
-    ("twopass", 256, 64, 3, False, ()),  # one program (pair (1, 0)), one slot per K tile
+    ("bounded", 512, 128, 2, True, ((0, 300, 0),)),
+    # Odd block count: pairs (2, 0) and (1, 1), the middle block done once; one slot per K tile.
+    ("twopass", 384, 64, 3, False, ()),
 ])
 def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode, chunk, dk, stages, pingpong,
                                                          hot_rows):
@@ -273,3 +272,59 @@ def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, pingpong):
   for mine, theirs, exact in zip(got[1:], triton[1:], ref[1:]):
     assert _rel_err(mine, theirs) < 1e-4
     assert _rel_err(mine, exact) < 1e-4
+
+
+def _lowered_attention_module(config, chunk=256, length=512, segments=False, dtype=jnp.bfloat16):
+  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
+  batch, heads, dk, dv = 1, 2, 128, 256
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
+  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
+
+  def fwd_bwd(q, k, v, seg, d_out):
+    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
+                                                config=config, interpret=False, platform="triton")
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, *vjp(d_out)
+
+  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
+  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
+  return exported(q, q, v, seg, v).mlir_module()
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({}, 1),  # bounded (the default)
+    (dict(fwd_scores="twopass"), 1),
+    (dict(fwd_scores="online"), 0),  # running maxima per tile: Triton only
+    (dict(segments=True), 0),  # segment ids: Triton
+    (dict(chunk=192, length=576), 0),  # chunk not a multiple of 128
+    (dict(dtype=jnp.float32), 0),
+    (dict(block_k=64), 0),  # 128 x 64 score tiles
+])
+def test_chunk_attention_sends_scores_to_mosaic_gpu(change, expected):
+  change = dict(change)
+  shape = {key: change.pop(key) for key in ("chunk", "length", "segments", "dtype") if key in change}
+  # Triton block matmuls: the only Mosaic GPU call left is the scores kernel's.
+  config = ca.KernelConfig(scores_impl="mgpu", matmul_impl="triton", **change)
+  module = _lowered_attention_module(config, **shape)
+  assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == expected
+
+
+def test_auto_scores_are_triton_and_follow_the_environment(monkeypatch):
+  monkeypatch.delenv("MEGALODON_ATTENTION_SCORES", raising=False)
+  assert ca._resolve_scores_impl("auto") == "triton"  # until the Mosaic GPU kernel has been measured
+  default = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"))
+  assert default.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 0
+  assert ca._resolve_scores_impl("mgpu") == "mgpu"
+  monkeypatch.setenv("MEGALODON_ATTENTION_SCORES", "mgpu")
+  assert ca._resolve_scores_impl("auto") == "mgpu"
+  assert ca._resolve_scores_impl("triton") == "triton"  # an explicit choice wins
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"))
+  assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
+  monkeypatch.setenv("MEGALODON_ATTENTION_SCORES", "cutlass")
+  with pytest.raises(ValueError, match="MEGALODON_ATTENTION_SCORES='cutlass'"):
+    ca._resolve_scores_impl("auto")
+  with pytest.raises(ValueError, match="scores_impl"):
+    ca.chunk_attention(jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
+                       chunk_size=256, config=ca.KernelConfig(scores_impl="cuda"))

@@ -34,7 +34,7 @@ from kernels_pallas import chunk_attention as ca
 from kernels_pallas import scores_mgpu as sm
 
 # (impl, mode, label, keyword arguments of chunk_scores_mgpu). Shared memory at dk 256:
-# sm.smem_bytes(256, stages) = 133 KiB + 16 KiB per stage (4: 165, 6: 197, 7: 213 KiB).
+# sm.smem_bytes(256, stages) = 104 KiB + 16 KiB per stage (4: 168, 6: 200, 7: 216 KiB).
 CANDIDATES = (
     ("triton", "bounded", "op default", {}),
     ("mgpu", "bounded", "st 6", dict(stages=6)),

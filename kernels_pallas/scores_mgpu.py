@@ -58,6 +58,14 @@ the tensor cores idle. `pingpong=True` makes them take turns (a pair of barriers
 once a warpgroup's wgmma has one 64-feature step left), so that one's exp2 / stores run under the
 other's wgmma, as FlashAttention-3 does. Which is faster is for the probe to say.
 
+Trade-offs left open (for measurements to settle): each K tile serves 128 query rows, so K comes
+from L2 at 64 KiB per 128 x 128 tile; at 0.1 ms for the benchmark shape that is ~5.5 TB/s of L2
+reads on top of 2.7 TB/s of P~ stores. If the kernel turns out L2-bound, giving each consumer a
+whole 128-row query block (two blocks per K tile: 256 rows, half the K traffic; Q then takes
+128 KiB and the two consumers' schedules differ) is the next step. Q of a program's second block
+is loaded when the first block is done, its latency not hidden (no room for a second Q buffer
+beside a ring of more than 2 slots).
+
 Shared memory (dk 256, bf16, stages 6): Q 2 * 64 * 256 * 2 = 64 KiB, ring 6 * 128 * 64 * 2 =
 96 KiB, P~ staging 2 * 64 * 128 * 2 = 32 KiB, row vectors (bounds, gaps, rscale / lse) 2.5 KiB,
 flags, barriers and alignment ~1 KiB, Mosaic GPU's reduction scratch 2 KiB: 199.2 KiB (203,984 bytes

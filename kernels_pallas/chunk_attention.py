@@ -122,6 +122,12 @@ class KernelConfig:
     segment ids; Triton elsewhere and in the interpreter). It holds P as stored across the dv loop (as
     bwd_order='s_first'; bwd_order does not apply to it). 'auto' (the default): 'triton' (the Mosaic
     GPU kernel has not run on a GPU yet); MEGALODON_ATTENTION_TILES=triton|mgpu overrides 'auto'.
+  scores_impl: GPU forward scores with fwd_scores 'bounded' or 'twopass': Pallas Triton ('triton') or
+    the warp-specialised TMA + wgmma Mosaic GPU kernel (kernels_pallas.scores_mgpu; 'mgpu', Hopper
+    only) where its shapes allow (128 x 128 score tiles, chunk a multiple of 128, dk a multiple of 64
+    up to 256, 16-bit q, k and v, no segment ids; the Triton kernel elsewhere, and always in the
+    interpreter). 'auto' (the default): 'triton' until the Mosaic GPU kernel has been measured on a
+    GPU; the environment variable MEGALODON_ATTENTION_SCORES=triton|mgpu overrides 'auto'.
   """
   block_q: int | None = None
   block_k: int | None = None
@@ -149,6 +155,7 @@ class KernelConfig:
   delta_impl: str = "xla"
   matmul_impl: str = "auto"
   tiles_impl: str = "auto"
+  scores_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +215,7 @@ class _Plan:
   delta_impl: str = "xla"
   matmul_impl: str = "triton"
   tiles_impl: str = "triton"
+  scores_impl: str = "triton"
   packed: bool = False  # Mosaic: q/k/v viewed as [B, L, H*d] (else transposed to [B*H, L, d])
 
 
@@ -354,7 +362,8 @@ def cached_chunk_attention_reference(q: jax.Array, k_buf: jax.Array, v_buf: jax.
 def _check_choices(config: KernelConfig) -> None:
   for name, allowed in (("fwd_impl", ("blocks", "flash")), ("fwd_scores", ("twopass", "online", "bounded")),
                         ("bwd_order", ("dp_first", "s_first")), ("delta_impl", ("xla", "pallas")),
-                        ("matmul_impl", ("auto", "triton", "mgpu")), ("tiles_impl", ("auto", "triton", "mgpu"))):
+                        ("matmul_impl", ("auto", "triton", "mgpu")), ("tiles_impl", ("auto", "triton", "mgpu")),
+                        ("scores_impl", ("auto", "triton", "mgpu"))):
     if getattr(config, name) not in allowed:
       raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(config, name)!r}")
 
@@ -472,7 +481,8 @@ def _triton_plan(config: KernelConfig, interpret: bool, scale: float, batch: int
                block_qk=block_qk, block_r=block_r, launch=launch, fwd_impl=config.fwd_impl,
                fwd_scores=config.fwd_scores, bwd_order=config.bwd_order, delta_impl=config.delta_impl,
                matmul_impl=_resolve_matmul_impl(config.matmul_impl),
-               tiles_impl=_resolve_tiles_impl(config.tiles_impl))
+               tiles_impl=_resolve_tiles_impl(config.tiles_impl),
+               scores_impl=_resolve_scores_impl(config.scores_impl))
 
 
 def _reader_geom(writer: _Geom, block_q: int | None, block_k: int | None, name: str) -> _Geom:
@@ -886,6 +896,8 @@ def _tr_scores(plan: _Plan, q, k, p_dtype, segment_ids):
   [B, H, nbk, n*cpq] ('online').
   """
   g = plan.geom
+  if _mgpu_scores_takes(plan, q, k, p_dtype, segment_ids):
+    return _mgpu_scores(plan, q, k, p_dtype)
   rows = g.n_chunks * g.cpq
   p_shape = (g.batch, g.heads, rows, g.cpk)
   lse_shape = (g.batch, g.heads, g.n_chunks * g.q_len)
@@ -1099,6 +1111,36 @@ def _mgpu_bwd_tiles(plan: _Plan, q, k, v, lse, delta, d_out):
   # experiments/gpu_checks/probe_mgpu_matmul.py --bwd-tiles (block_k 128 is the register-safe choice).
   return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len, scale=plan.scale,
                                        block_k=256, stages=4)
+
+
+def _resolve_scores_impl(choice: str) -> str:
+  """'auto' -> the environment override, else 'triton' (the Mosaic GPU kernel has not been measured yet)."""
+  if choice != "auto":
+    return choice
+  override = os.environ.get("MEGALODON_ATTENTION_SCORES", "")
+  if override:
+    if override not in ("triton", "mgpu"):
+      raise ValueError(f"MEGALODON_ATTENTION_SCORES={override!r}: use 'triton' or 'mgpu' (or unset it)")
+    return override
+  return "triton"
+
+
+def _mgpu_scores_takes(plan: _Plan, q, k, p_dtype, segment_ids) -> bool:
+  """Whether the Mosaic GPU scores kernel replaces the Triton one for this call (see scores_impl)."""
+  g = plan.geom
+  sixteen = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return (plan.scores_impl == "mgpu" and not plan.interpret and plan.fwd_scores in ("bounded", "twopass")
+          and segment_ids is None and g.bq == g.bk == _MGPU_BLOCK and g.q_len == g.k_len
+          and g.q_len % _MGPU_BLOCK == 0 and g.dk % 64 == 0 and g.dk <= 256
+          and jnp.dtype(q.dtype) in sixteen and k.dtype == q.dtype and jnp.dtype(p_dtype) in sixteen)
+
+
+def _mgpu_scores(plan: _Plan, q, k, p_dtype):
+  """The forward scores by kernels_pallas.scores_mgpu: (P~ tiles, 1 / l, lse) as `_tr_scores`."""
+  from kernels_pallas import scores_mgpu  # Mosaic GPU: imported only when used
+  g = plan.geom
+  bound = _score_bound(q, k, g, plan.scale * _LOG2E) if plan.fwd_scores == "bounded" else None
+  return scores_mgpu.chunk_scores_mgpu(q, k, bound, chunk=g.q_len, scale=plan.scale, p_dtype=p_dtype)
 
 
 def _tr_delta(plan: _Plan, out, d_out):

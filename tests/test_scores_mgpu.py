@@ -1,0 +1,349 @@
+"""kernels_pallas/scores_mgpu.py on the CPU: its reference, the kernel itself (interpreted), its lowering.
+
+What can be checked without a GPU:
+  * the dense reference against the real thing, the Triton scores kernel `_tr_scores` in interpret
+    mode, for 'bounded' (with rows whose bound fails and rows whose bound holds) and 'twopass';
+  * the Mosaic GPU kernel under Mosaic GPU's interpreter (jax._src.pallas.mosaic_gpu.interpret:
+    warpgroups as threads, barriers, TMA and wgmma simulated, a happens-before race detector)
+    against the reference. The interpreter of jax 0.10.2 lacks three things this kernel uses; the
+    `_interpreter` fixture supplies them for the test's duration: wgmma on a transposed operand
+    (`transpose_ref`), plgpu.load (a plain load here), and a CPU rule for layout_cast (the identity:
+    layouts are register arrangements, meaningless off the GPU). It runs wgmma synchronously, so it
+    checks the barrier protocol, indexing, masks and statistics, not the asynchronous wgmma waits;
+  * the lowering for CUDA (Pallas -> Mosaic GPU, with its layout and transform checks) at the
+    benchmark shape into one Mosaic GPU custom call;
+  * unsupported inputs raise ValueError.
+A gpu-marked test compares the compiled kernel with the Triton kernel on a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import chunk_attention as ca
+from kernels_pallas import scores_mgpu as sm
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_HOT = 30.0  # a query row scaled by this has a bound far (> 64 in base 2) above its diagonal maximum
+
+
+def _rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _visited(n_chunks: int, chunk: int, block: int) -> np.ndarray:
+  """[n*C, C] bool: entries of the tiles at or below each chunk's block diagonal."""
+  tile = np.arange(chunk) // block
+  return np.tile(tile[None, :] <= tile[:, None], (n_chunks, 1))
+
+
+def _inputs(rng, batch, length, heads, dk, dtype, hot_rows=()):
+  normal = lambda: rng.standard_normal((batch, length, heads, dk)) * dk ** -0.25  # noqa: E731
+  q, k = normal(), normal()
+  for b, row, h in hot_rows:
+    q[b, row, h] *= _HOT
+  return jnp.asarray(q, dtype), jnp.asarray(k, dtype)
+
+
+def _decisions(q, k, bound, chunk: int, block: int, scale: float) -> np.ndarray:
+  """[B, H, n, nbq] bool: whether the bound holds for each query block (block 0 excluded: it has only
+  its diagonal, so both branches give the same m)."""
+  batch, length, heads, dk = q.shape
+  n = length // chunk
+  qf = np.asarray(q, np.float64).reshape(batch, n, chunk, heads, dk)
+  kf = np.asarray(k, np.float64).reshape(batch, n, chunk, heads, dk)
+  s = np.einsum("bnqhd,bnkhd->bhnqk", qf, kf) * scale * sm._LOG2E
+  pos = np.arange(chunk)
+  diag = (pos[None, :] <= pos[:, None]) & (pos[None, :] // block == pos[:, None] // block)
+  gap = np.asarray(bound, np.float64).reshape(batch, heads, n, chunk) - np.where(diag, s, -np.inf).max(-1)
+  return (gap.reshape(batch, heads, n, chunk // block, block).max(-1) <= sm._BOUND_MARGIN)[..., 1:]
+
+
+def test_constants_are_chunk_attentions():
+  assert (sm._MASK, sm._BOUND_MARGIN, sm._LOG2E) == (ca._MASK, ca._BOUND_MARGIN, ca._LOG2E)
+
+
+@pytest.mark.parametrize("mode,hot_rows", [
+    ("bounded", ((0, 40, 1), (0, 27, 0))),  # hot rows fail the bound in two blocks; the others hold
+    ("twopass", ((0, 40, 1),)),
+])
+def test_reference_matches_the_triton_kernel(rng, mode, hot_rows):
+  """The dense reference against `_tr_scores` (interpreted) at 16 x 16 tiles: visited P~ tiles, 1 / l, lse."""
+  batch, heads, n_chunks, chunk, dk, block, scale = 1, 2, 2, 32, 16, 16, 0.7
+  length = n_chunks * chunk
+  q, k = _inputs(rng, batch, length, heads, dk, jnp.float32, hot_rows)
+  plan = ca._triton_plan(ca.KernelConfig(block_q=block, block_k=block, fwd_scores=mode), True, scale, batch,
+                         heads, n_chunks, chunk, chunk, dk, dk, jnp.float32)
+  assert (plan.geom.bq, plan.geom.bk) == (block, block)
+  bound = ca._score_bound(q, k, plan.geom, scale * ca._LOG2E) if mode == "bounded" else None
+  if bound is not None:
+    holds = _decisions(q, k, bound, chunk, block, scale)
+    assert holds.any() and not holds.all()  # both branches of the kernel's m are exercised
+
+  def both(q, k):
+    return ca._tr_scores(plan, q, k, jnp.float32, None), sm.scores_reference(q, k, chunk, scale, block, bound)
+
+  (tp, trs, tlse), (rp, rrs, rlse) = jax.jit(both).lower(q, k).compile(compiler_options=_FAST_COMPILE)(q, k)
+  visited = _visited(n_chunks, chunk, block)
+  assert _rel_err(np.where(visited, tp, 0.0), np.where(visited, rp, 0.0)) < 1e-5
+  assert np.all(np.asarray(rp)[:, :, ~visited] == 0.0)  # the reference zeroes the unvisited tiles
+  assert _rel_err(trs, rrs) < 1e-5
+  assert _rel_err(tlse, rlse) < 1e-5
+  if mode == "bounded":  # where the bound holds, m is the diagonal maximum and P~ may exceed 1
+    assert float(np.max(rp)) > 1.0
+
+
+@pytest.fixture
+def _interpreter(monkeypatch):
+  """Mosaic GPU's CPU interpreter, completed with what this kernel needs (see the module docstring)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the Mosaic GPU interpreter runs on the CPU backend")
+  try:
+    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+    from jax._src.pallas.mosaic_gpu import core as gpu_core
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    from jax._src.state import types as state_types
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.interpreters import mlir
+  except ImportError as err:  # private modules: another jax version may lay them out differently
+    pytest.skip(f"Mosaic GPU interpreter not available in jax {jax.__version__}: {err}")
+
+  mlir.register_lowering(gpu_core.layout_cast_p, mlir.lower_fun(lambda x, new_layout: x, multiple_results=False),
+                         platform="cpu")
+
+  def read(memory, key, transforms, thread, info):
+    transforms = gpu_callbacks._remove_noop_transforms(transforms)
+    permutation = None
+    if transforms and isinstance(transforms[-1], state_types.TransposeTransform):
+      permutation, transforms = transforms[-1].permutation, transforms[:-1]
+    rng = interpret_utils.to_range(jax.tree.map(int, transforms))
+    value, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(key), rng, thread,
+                                            logging_info=info)
+    return value if permutation is None else np.transpose(value, permutation)
+
+  def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
+            acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
+            source_info=None):
+    """gpu_callbacks.wgmma (synchronous: acc += a @ b), with transposed operands."""
+    memory = gpu_callbacks._get_shared_memory()
+    thread = memory.get_global_thread_id(int(device_id), int(thread_id))
+    info = interpret_utils.GPULoggingInfo(device_id=int(device_id), thread_id=int(thread_id),
+                                          grid_point_coords=tuple(int(x) for x in grid_point_coords),
+                                          source_info=source_info)
+    a = read(memory, a_allocation_key_as_array, a_transforms, thread, info)
+    b = read(memory, b_allocation_key_as_array, b_transforms, thread, info)
+    acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array)
+    rng = interpret_utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))
+    acc, _, _ = memory.get_buffer_content(acc_key, rng, thread, logging_info=info)
+    memory.store_buffer_content(acc_key, rng, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
+    return token
+
+  def load(src, idx, *, layout=None, optimized=True):
+    del optimized
+    value = src[...] if idx == () else src[idx]
+    return value if layout is None else gpu_core.layout_cast(value, layout)
+
+  monkeypatch.setattr(gpu_callbacks, "wgmma", wgmma)
+  monkeypatch.setattr(plgpu, "load", load)
+  # A deadlocked barrier protocol would hang the run: dump the stacks and exit instead.
+  faulthandler.dump_traceback_later(300, exit=True)
+  try:
+    yield InterpretGPUParams(detect_races=True), gpu_callbacks
+  finally:
+    faulthandler.cancel_dump_traceback_later()
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+
+@pytest.mark.parametrize("mode,chunk,dk,stages,pingpong,hot_rows", [
+    # Two programs: pairs (3, 0) and (2, 1). A hot row fails block 2's bound, so program 1 runs the
+    # failed branch and then block 1 (bound holding) from the ring step after it; dk 128: two ring
+    # slots per K tile, and 2 stages: a ring of exactly one tile.
+    ("bounded", 512, 128, 2, True, ((0, 300, 0),)),
+    # Odd block count: pairs (2, 0) and (1, 1), the middle block done once; one slot per K tile.
+    ("twopass", 384, 64, 3, False, ()),
+])
+def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode, chunk, dk, stages, pingpong,
+                                                         hot_rows):
+  params, gpu_callbacks = _interpreter
+  batch, heads, n_chunks, scale = 1, 1, 1, 0.7
+  length = n_chunks * chunk
+  q, k = _inputs(rng, batch, length, heads, dk, jnp.bfloat16, hot_rows)
+  g = ca._Geom(batch, heads, n_chunks, chunk, chunk, dk, dk, sm.BLOCK, sm.BLOCK)
+  bound = ca._score_bound(q, k, g, scale * ca._LOG2E) if mode == "bounded" else None
+  if bound is not None:
+    holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
+    assert holds.any() and not holds.all()
+  p_buf, rscale, lse = sm.chunk_scores_mgpu(q, k, bound, chunk=chunk, scale=scale, stages=stages,
+                                            pingpong=pingpong, interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
+  assert p_buf.shape == rp.shape and p_buf.dtype == jnp.bfloat16
+  visited = _visited(n_chunks, chunk, sm.BLOCK)
+  got, want = np.where(visited, np.asarray(p_buf, np.float32), 0.0), np.where(visited, rp, 0.0)
+  # Relative to each row's largest entry: bf16 rounding of P~ (and of q, k's products in the MMA).
+  row_max = np.max(np.abs(want), axis=-1, keepdims=True)
+  assert float(np.max(np.abs(got - want) / row_max)) < 8e-3
+  assert _rel_err(rscale, rrs) < 1e-5
+  assert _rel_err(lse, rlse) < 1e-5
+
+
+@pytest.mark.parametrize("batch,length,heads,dk,chunk,dtype,p_dtype,bounded,pingpong", [
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, False),  # the benchmark shape
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, True),
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, False, False),
+    (2, 768, 2, 64, 384, jnp.float16, jnp.bfloat16, True, False),  # odd block count: a middle block done once
+])
+def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dtype, p_dtype, bounded, pingpong):
+  """One Mosaic GPU call with the right outputs, asking for no more shared memory than smem_bytes counts."""
+  smem_requests, captured = [], False
+  try:
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+    serde = mosaic_core._run_serde_pass
+
+    def capture(module, **kwargs):  # the kernel module just before it is serialised into the call
+      if kwargs.get("serialize"):
+        smem_requests.extend(re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", str(module)))
+      return serde(module, **kwargs)
+
+    monkeypatch.setattr(mosaic_core, "_run_serde_pass", capture)
+    captured = True
+  except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
+    pass
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  bound = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32) if bounded else None
+  fn = lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, p_dtype=p_dtype,  # noqa: E731
+                                            pingpong=pingpong)
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, bound)
+  assert exported.mlir_module().count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
+  p_aval, rscale_aval, lse_aval = exported.out_avals
+  assert (p_aval.shape, p_aval.dtype) == ((batch, heads, length, chunk), jnp.dtype(p_dtype or dtype))
+  assert rscale_aval.shape == lse_aval.shape == (batch, heads, length)
+  assert rscale_aval.dtype == lse_aval.dtype == jnp.float32
+  assert len(smem_requests) == captured  # one kernel launch (when the module could be seen)
+  for request in smem_requests:
+    assert int(request) <= sm.smem_bytes(dk, 6) <= sm._SMEM_LIMIT
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(chunk=192, length=384), "chunk 192 is not a multiple of 128"),
+    (dict(length=640), "sequence length 640 is not a multiple of chunk 256"),
+    (dict(dk=96), "dk 96 unsupported"),
+    (dict(dk=320), "dk 320 unsupported"),
+    (dict(dtype=jnp.float32), "16-bit float"),
+    (dict(p_dtype=jnp.float32), "p_dtype float32 unsupported"),
+    (dict(bound_shape=(1, 2, 256)), "bound must be float32"),
+    (dict(stages=1), "stages 1 < dk / 64 = 2"),
+    (dict(dk=256, stages=8), "KiB of shared memory"),
+    (dict(segment_ids=True), "segment ids are not supported"),
+])
+def test_unsupported_inputs_raise(change, message):
+  chunk, length, dk = change.get("chunk", 256), change.get("length", 512), change.get("dk", 128)
+  dtype = change.get("dtype", jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((1, length, 2, dk), dtype)
+  bound = jax.ShapeDtypeStruct(change.get("bound_shape", (1, 2, length)), jnp.float32)
+  seg = jnp.zeros((1, length), jnp.int32) if change.get("segment_ids") else None
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, stages=change.get("stages", 4),
+                                                        p_dtype=change.get("p_dtype"), segment_ids=seg),
+                   q, q, bound)
+
+
+def test_shared_memory_count():
+  """The module docstring's count at dk 256, 6 stages; 8 stages would not fit an H200 (227 KiB)."""
+  assert 195 * 1024 < sm.smem_bytes(256, 6) < 205 * 1024
+  assert sm.smem_bytes(256, 7) <= sm._SMEM_LIMIT < sm.smem_bytes(256, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,pingpong", [("bounded", False), ("bounded", True), ("twopass", False)])
+def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, pingpong):
+  """Compiled on the GPU: the kernel against the Triton scores kernel and the reference (run with -m gpu
+  on a Hopper GPU)."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, heads, n_chunks, chunk, dk, scale = 1, 2, 2, 512, 128, 0.7
+  length = n_chunks * chunk
+  q, k = _inputs(rng, batch, length, heads, dk, jnp.bfloat16, ((0, 300, 1), (0, 700, 0)))
+  plan = ca._triton_plan(ca.KernelConfig(fwd_scores=mode), False, scale, batch, heads, n_chunks, chunk, chunk,
+                         dk, dk, jnp.bfloat16)
+  assert (plan.geom.bq, plan.geom.bk) == (sm.BLOCK, sm.BLOCK)
+  bound = ca._score_bound(q, k, plan.geom, scale * ca._LOG2E) if mode == "bounded" else None
+  if bound is not None:
+    holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
+    assert holds.any() and not holds.all()
+  got = jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=scale, pingpong=pingpong))(
+      q, k, bound)
+  triton = jax.jit(lambda q, k: ca._tr_scores(plan, q, k, jnp.bfloat16, None))(q, k)
+  ref = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
+  visited = _visited(n_chunks, chunk, sm.BLOCK)
+  tile = lambda p: np.where(visited, np.asarray(p, np.float32), 0.0)  # noqa: E731
+  row_max = np.max(np.abs(tile(ref[0])), axis=-1, keepdims=True)
+  assert float(np.max(np.abs(tile(got[0]) - tile(triton[0])) / row_max)) < 8e-3
+  assert float(np.max(np.abs(tile(got[0]) - tile(ref[0])) / row_max)) < 8e-3
+  for mine, theirs, exact in zip(got[1:], triton[1:], ref[1:]):
+    assert _rel_err(mine, theirs) < 1e-4
+    assert _rel_err(mine, exact) < 1e-4
+
+
+def _lowered_attention_module(config, chunk=256, length=512, segments=False, dtype=jnp.bfloat16):
+  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
+  batch, heads, dk, dv = 1, 2, 128, 256
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
+  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
+  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
+
+  def fwd_bwd(q, k, v, seg, d_out):
+    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
+                                                config=config, interpret=False, platform="triton")
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, *vjp(d_out)
+
+  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
+  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
+  return exported(q, q, v, seg, v).mlir_module()
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({}, 1),  # bounded (the default)
+    (dict(fwd_scores="twopass"), 1),
+    (dict(fwd_scores="online"), 0),  # running maxima per tile: Triton only
+    (dict(segments=True), 0),  # segment ids: Triton
+    (dict(chunk=192, length=576), 0),  # chunk not a multiple of 128
+    (dict(dtype=jnp.float32), 0),
+    (dict(block_k=64), 0),  # 128 x 64 score tiles
+])
+def test_chunk_attention_sends_scores_to_mosaic_gpu(change, expected):
+  change = dict(change)
+  shape = {key: change.pop(key) for key in ("chunk", "length", "segments", "dtype") if key in change}
+  # Triton block matmuls: the only Mosaic GPU call left is the scores kernel's.
+  config = ca.KernelConfig(scores_impl="mgpu", matmul_impl="triton", **change)
+  module = _lowered_attention_module(config, **shape)
+  assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == expected
+
+
+def test_auto_scores_are_triton_and_follow_the_environment(monkeypatch):
+  monkeypatch.delenv("MEGALODON_ATTENTION_SCORES", raising=False)
+  assert ca._resolve_scores_impl("auto") == "triton"  # until the Mosaic GPU kernel has been measured
+  default = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"))
+  assert default.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 0
+  assert ca._resolve_scores_impl("mgpu") == "mgpu"
+  monkeypatch.setenv("MEGALODON_ATTENTION_SCORES", "mgpu")
+  assert ca._resolve_scores_impl("auto") == "mgpu"
+  assert ca._resolve_scores_impl("triton") == "triton"  # an explicit choice wins
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"))
+  assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
+  monkeypatch.setenv("MEGALODON_ATTENTION_SCORES", "cutlass")
+  with pytest.raises(ValueError, match="MEGALODON_ATTENTION_SCORES='cutlass'"):
+    ca._resolve_scores_impl("auto")
+  with pytest.raises(ValueError, match="scores_impl"):
+    ca.chunk_attention(jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
+                       chunk_size=256, config=ca.KernelConfig(scores_impl="cuda"))

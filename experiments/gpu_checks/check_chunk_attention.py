@@ -69,6 +69,7 @@ SWEEP = {
     # the Mosaic GPU backward tiles kernel (kernels_pallas.bwd_tiles_mgpu; not yet run on a GPU)
     "mgpu_tiles": dict(matmul_impl="mgpu", tiles_impl="mgpu"),
     "mgpu_scores": dict(scores_impl="mgpu"),  # kernels_pallas.scores_mgpu (not yet measured)
+    "mgpu_all": dict(matmul_impl="mgpu", tiles_impl="mgpu", scores_impl="mgpu"),
     # Combinations of the 2026-11-29 sweep's best stages (scores: bounded and 128x128 tiles on 8
     # warps; backward tiles: 4 pipeline stages).
     "combo": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8, tiles_stages=4),

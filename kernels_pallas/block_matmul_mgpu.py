@@ -133,12 +133,13 @@ def _check(m_buf, x, rscale, chunk: int, block: int, block_d: int, stages: int):
 def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array | None, *, chunk: int,
                              block: int, block_d: int = 256, stages: int = 3, out_dtype=None,
                              release: str = "lagged", epi_cols: int | None = None,
-                             transpose_m: bool = False) -> jax.Array:
+                             transpose_m: bool = False, interpret=None) -> jax.Array:
   """Y = rowscale * block-causal(M) @ X on a Hopper GPU (Pallas Mosaic GPU).
 
   m_buf [B, H, n*C, C] (C = chunk), x [B, n*C, H, dv], rscale [B, H, n*C] float32 or None
   -> [B, n*C, H, dv] in out_dtype (default x.dtype). block: the square tile (64 or 128); block_d: the
   output columns of one program (split between two consumer warpgroups); stages: ring depth.
+  interpret: passed to plgpu.kernel (the tests run the kernel under Mosaic GPU's CPU interpreter).
   release: 'lagged' keeps one wgmma in flight and frees a ring slot one step late (the producer then
   runs stages - 1 steps ahead); 'immediate' waits for each step's wgmma and frees its slot at once
   (stages steps ahead, as jax's Hopper matmul example). epi_cols: columns of each output store
@@ -314,6 +315,7 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
       grid_names=("bh", "chunk", "tile"),
       num_threads=3,
       thread_name="wg",
+      **({} if interpret is None else {"interpret": interpret}),
   )
   args = (m2, x2) if rscale is None else (m2, x2, rscale)
   return kernel(*args).reshape(batch, length, heads, width)

@@ -1,12 +1,15 @@
-"""kernels_pallas/block_matmul_mgpu.py on the CPU: its reference, its lowering for CUDA, its shape checks.
+"""kernels_pallas/block_matmul_mgpu.py on the CPU: its reference, the kernel in Mosaic GPU's
+interpreter, its lowering for CUDA, its shape checks, and chunk_attention's dispatch to it.
 
-The Mosaic GPU kernel cannot run here. What can be checked:
   * the dense reference against the real thing: the probability tiles and row scales written by the
     Triton 'twopass' scores kernel (interpret mode), multiplied by the reference, must give
     chunked attention (XLA path) and agree with the Triton block matmul that normally consumes them;
+  * the kernel itself under Mosaic GPU's CPU interpreter (tests/mgpu_interpreter.py: warpgroups as
+    threads, barriers, TMA and wgmma simulated, races detected) against the reference;
   * the kernel lowers for CUDA (Pallas -> Mosaic GPU lowering with its layout, wgmma-shape and
     transform checks) at the benchmark shape into one Mosaic GPU custom call;
   * unsupported shapes raise ValueError.
+A gpu-marked test compares chunk_attention with these matmuls against the XLA path on a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -236,3 +239,35 @@ def test_mosaic_gpu_matmuls_match_the_reference_on_hopper(rng, segments):
   for name, mgpu, triton in zip(("out", "dq", "dk", "dv"), errors["mgpu"], errors["triton"]):
     assert mgpu < 2e-2, (name, mgpu)
     assert mgpu <= 1.25 * triton + 1e-3, (name, mgpu, triton)
+
+
+@pytest.fixture
+def mgpu_interpreter(monkeypatch):
+  from tests.mgpu_interpreter import mosaic_gpu_interpreter
+  yield from mosaic_gpu_interpreter(monkeypatch)
+
+
+@pytest.mark.parametrize("transpose_m,release,stages,epi_cols", [
+    (False, "immediate", 4, 64),  # the chunk_attention default (with the row scale)
+    (False, "lagged", 2, None),  # a ring of two slots, one wgmma kept in flight
+    (True, "immediate", 3, 64),  # dV = P^T dO
+])
+def test_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, transpose_m, release, stages,
+                                                         epi_cols):
+  """The kernel itself, run by Mosaic GPU's CPU interpreter (warpgroups as threads, barriers and
+  TMA simulated, race detector on): 2 chunks of 384 (three query blocks: pairs (0, 2) and the
+  middle block alone), 2 heads, two 256-wide feature tiles; NaN in every unvisited tile."""
+  params, gpu_callbacks = mgpu_interpreter
+  batch, heads, n_chunks, chunk, dv, block = 1, 2, 2, 384, 512, 128
+  length = n_chunks * chunk
+  m_buf = _poison_unvisited(jnp.asarray(rng.random((batch, heads, length, chunk)), jnp.bfloat16), chunk, block)
+  x = jnp.asarray(rng.standard_normal((batch, length, heads, dv)), jnp.bfloat16)
+  rscale = None if transpose_m else jnp.asarray(rng.random((batch, heads, length)) + 0.5, jnp.float32)
+  got = bm.block_causal_matmul_mgpu(m_buf, x, rscale, chunk=chunk, block=block, block_d=256, stages=stages,
+                                    release=release, epi_cols=epi_cols, transpose_m=transpose_m,
+                                    interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  want = bm.block_causal_matmul_reference(m_buf, x, rscale, chunk, block, transpose_m=transpose_m)
+  assert got.shape == want.shape and got.dtype == jnp.bfloat16
+  assert np.all(np.isfinite(np.asarray(got, np.float32)))
+  assert _rel_err(got, want) < 1e-2  # the output is rounded to bf16

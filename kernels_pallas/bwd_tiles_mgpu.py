@@ -81,8 +81,10 @@ Q_i could stay resident in shared memory across a query block's spans (64 KiB at
 CPU: Mosaic GPU kernels cannot run here. `jax.export.export(..., platforms=["cuda"])` runs the
 Pallas -> Mosaic GPU lowering (layouts, wgmma shapes, transforms, barriers) into one `mosaic_gpu_v2`
 custom call; it also checks the shared-memory total against the H200's 227 KiB (a test pins the count
-above). jax 0.10.2's GPU interpreter does not support a transposed wgmma operand, so the kernel itself
-is not interpreted. Register allocation, PTX and TMA descriptors are only checked on the GPU.
+above). The kernel itself also runs on the CPU under Mosaic GPU's interpreter, completed for the
+transposed wgmma operand by tests/mgpu_interpreter.py (barriers, TMA offsets, masks and the epilogue
+against the float32 reference; wgmma runs synchronously there). Register allocation, PTX, TMA
+descriptors and the asynchronous wgmma waits are only checked on the GPU.
 
 API (written against jax 0.10.2, to run under 0.11.2): the calls block_matmul_mgpu.py uses, plus
 `plgpu.broadcasted_iota(..., layout=plgpu.Layout.WGMMA)` and `plgpu.CompilerParams(approx_math=True)`
@@ -205,7 +207,7 @@ def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, st
 
 def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
                    delta: jax.Array, *, chunk: int, scale: float = 1.0, segment_ids=None,
-                   block_k: int = BLOCK, stages: int = 4):
+                   block_k: int = BLOCK, stages: int = 4, interpret=None):
   """P and dS tile buffers of chunked attention's backward on a Hopper GPU (Pallas Mosaic GPU).
 
   q, k [B, L, H, dk]; v, d_out [B, L, H, dv] (one 16-bit dtype); lse (base 2), delta [B, H, L]
@@ -410,6 +412,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
+      **({} if interpret is None else {"interpret": interpret}),
   )
   p_buf, ds_buf = kernel(q2, k2, v2, do2, lse, delta)
   shape = (batch, heads, length, chunk)

@@ -1,7 +1,8 @@
 """kernels_pallas/bwd_tiles_mgpu.py on the CPU: its reference, its schedule, its lowering for CUDA, its checks.
 
-The Mosaic GPU kernel cannot run here (and jax 0.10.2's GPU interpreter has no transposed wgmma
-operand). What can be checked:
+What can be checked without a GPU:
+  * the kernel itself under Mosaic GPU's CPU interpreter (tests/mgpu_interpreter.py: warpgroups as
+    threads, barriers and TMA simulated, races detected, wgmma synchronous) against the reference;
   * the float32 reference against the Triton tiles kernel (`chunk_attention._tr_bwd_tiles`,
     interpret mode) on visited tiles, with lse / delta computed in float64 numpy, and the lse
     convention (base 2) against the Triton forward's;
@@ -310,3 +311,30 @@ def test_chunk_attention_with_mosaic_gpu_tiles_matches_xla_on_hopper(rng):
     assert mgpu < 2e-2, (name, mgpu)
     assert mgpu <= 1.25 * triton + 1e-3, (name, mgpu, triton)
 
+
+
+@pytest.fixture
+def mgpu_interpreter(monkeypatch):
+  from tests.mgpu_interpreter import mosaic_gpu_interpreter
+  yield from mosaic_gpu_interpreter(monkeypatch)
+
+
+@pytest.mark.parametrize("chunk,block_k,stages,scale", [
+    (384, 128, 3, 1.0),  # three query blocks: pairs (0, 2) and the middle block alone
+    (384, 256, 2, 0.5),  # 256-key spans, the last of a walk a single key block; a two-slot ring
+])
+def test_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, chunk, block_k, stages, scale):
+  """The kernel itself, run by Mosaic GPU's CPU interpreter (warpgroups as threads, barriers and
+  TMA simulated, race detector on; wgmma synchronous), against the float32 reference."""
+  params, gpu_callbacks = mgpu_interpreter
+  batch, heads, dk, dv = 1, 1, 64, 128
+  q, k, v, d_out = _inputs(rng, batch, chunk, heads, dk, dv, jnp.bfloat16)
+  lse, delta = _stats64(q, k, v, d_out, chunk, scale)
+  p_buf, ds_buf = bt.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=chunk, scale=scale, block_k=block_k,
+                                    stages=stages, interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  p_ref, ds_ref = bt.bwd_tiles_reference(q, k, v, d_out, lse, delta, chunk, scale)
+  assert p_buf.dtype == ds_buf.dtype == jnp.bfloat16 and p_buf.shape == p_ref.shape
+  assert _visited_err(p_buf, p_ref, chunk, bt.BLOCK) < 1e-2  # P rounded to bf16
+  # dS is formed from P as stored (bf16), as the Triton kernel's s_first order does
+  assert _visited_err(ds_buf, ds_ref, chunk, bt.BLOCK) < 2e-2

@@ -6,9 +6,9 @@ What can be checked without a GPU:
   * the Mosaic GPU kernel under Mosaic GPU's interpreter (jax._src.pallas.mosaic_gpu.interpret:
     warpgroups as threads, barriers, TMA and wgmma simulated, a happens-before race detector)
     against the reference. The interpreter of jax 0.10.2 lacks three things this kernel uses; the
-    `_interpreter` fixture supplies them for the test's duration: wgmma on a transposed operand
-    (`transpose_ref`), plgpu.load (a plain load here), and a CPU rule for layout_cast (the identity:
-    layouts are register arrangements, meaningless off the GPU). It runs wgmma synchronously, so it
+    `_interpreter` fixture (tests/mgpu_interpreter.py) supplies them for the test's duration: wgmma
+    on a transposed operand (`transpose_ref`), plgpu.load (a plain load here), and a CPU rule for
+    layout_cast (the identity: layouts are register arrangements, meaningless off the GPU). It runs wgmma synchronously, so it
     checks the barrier protocol, indexing, masks and statistics, not the asynchronous wgmma waits;
   * the lowering for CUDA (Pallas -> Mosaic GPU, with its layout and transform checks) at the
     benchmark shape into one Mosaic GPU custom call;
@@ -18,7 +18,6 @@ A gpu-marked test compares the compiled kernel with the Triton kernel on a Hoppe
 
 from __future__ import annotations
 
-import faulthandler
 import re
 
 import jax
@@ -102,64 +101,9 @@ def test_reference_matches_the_triton_kernel(rng, mode, hot_rows):
 
 @pytest.fixture
 def _interpreter(monkeypatch):
-  """Mosaic GPU's CPU interpreter, completed with what this kernel needs (see the module docstring)."""
-  if jax.default_backend() != "cpu":
-    pytest.skip("the Mosaic GPU interpreter runs on the CPU backend")
-  try:
-    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
-    from jax._src.pallas.mosaic_gpu import core as gpu_core
-    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    from jax._src.state import types as state_types
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jax.interpreters import mlir
-  except ImportError as err:  # private modules: another jax version may lay them out differently
-    pytest.skip(f"Mosaic GPU interpreter not available in jax {jax.__version__}: {err}")
-
-  mlir.register_lowering(gpu_core.layout_cast_p, mlir.lower_fun(lambda x, new_layout: x, multiple_results=False),
-                         platform="cpu")
-
-  def read(memory, key, transforms, thread, info):
-    transforms = gpu_callbacks._remove_noop_transforms(transforms)
-    permutation = None
-    if transforms and isinstance(transforms[-1], state_types.TransposeTransform):
-      permutation, transforms = transforms[-1].permutation, transforms[:-1]
-    rng = interpret_utils.to_range(jax.tree.map(int, transforms))
-    value, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(key), rng, thread,
-                                            logging_info=info)
-    return value if permutation is None else np.transpose(value, permutation)
-
-  def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
-            acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
-            source_info=None):
-    """gpu_callbacks.wgmma (synchronous: acc += a @ b), with transposed operands."""
-    memory = gpu_callbacks._get_shared_memory()
-    thread = memory.get_global_thread_id(int(device_id), int(thread_id))
-    info = interpret_utils.GPULoggingInfo(device_id=int(device_id), thread_id=int(thread_id),
-                                          grid_point_coords=tuple(int(x) for x in grid_point_coords),
-                                          source_info=source_info)
-    a = read(memory, a_allocation_key_as_array, a_transforms, thread, info)
-    b = read(memory, b_allocation_key_as_array, b_transforms, thread, info)
-    acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array)
-    rng = interpret_utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))
-    acc, _, _ = memory.get_buffer_content(acc_key, rng, thread, logging_info=info)
-    memory.store_buffer_content(acc_key, rng, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
-    return token
-
-  def load(src, idx, *, layout=None, optimized=True):
-    del optimized
-    value = src[...] if idx == () else src[idx]
-    return value if layout is None else gpu_core.layout_cast(value, layout)
-
-  monkeypatch.setattr(gpu_callbacks, "wgmma", wgmma)
-  monkeypatch.setattr(plgpu, "load", load)
-  # A deadlocked barrier protocol would hang the run: dump the stacks and exit instead.
-  faulthandler.dump_traceback_later(300, exit=True)
-  try:
-    yield InterpretGPUParams(detect_races=True), gpu_callbacks
-  finally:
-    faulthandler.cancel_dump_traceback_later()
-    gpu_callbacks.reset_gpu_interpret_mode_state()
+  """Mosaic GPU's CPU interpreter, completed for our kernels (tests/mgpu_interpreter.py)."""
+  from tests.mgpu_interpreter import mosaic_gpu_interpreter
+  yield from mosaic_gpu_interpreter(monkeypatch)
 
 
 @pytest.mark.parametrize("mode,chunk,dk,stages,pingpong,hot_rows", [

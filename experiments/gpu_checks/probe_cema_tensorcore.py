@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from experiments.benchmarks import harness  # noqa: E402
+from experiments.gpu_checks.check_cema import make_params  # noqa: E402
 from kernels_pallas import cema as K  # noqa: E402
 from megalodon_jax.ops.cema import cema_coefficients  # noqa: E402
 
@@ -61,16 +62,6 @@ def bdot(spec: str, a: jax.Array, w_parts) -> jax.Array:
     term = jnp.einsum(spec, a, part, preferred_element_type=F32)
     out = term if out is None else out + term
   return out
-
-
-def params(rng, dim: int, order: int) -> dict:
-  return {
-      "alpha": jnp.asarray(rng.normal(0, 0.2, (dim, order, 1)), F32),
-      "delta": jnp.asarray(rng.normal(0, 0.2, (dim, order, 1)), F32),
-      "theta": jnp.asarray(rng.normal(-3, 1, (dim, 1, 1)), F32),
-      "gamma": jnp.asarray(rng.normal(size=(dim, order, 2)) * [1, 0], F32),
-      "omega": jnp.asarray(rng.normal(0, 0.25, (dim, 1)), F32),
-  }
 
 
 def blocked_forward(x: jax.Array, p: dict, block: int) -> jax.Array:
@@ -123,7 +114,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   dim, length, order = args.dim, args.length, args.order
   x = jnp.asarray(rng.normal(size=(1, length, dim)), BF16)
-  p = params(rng, dim, order)
+  p = make_params(dim, order, seed=0)
   rows = []
 
   def timed(name, fn, *fargs, flops=None, nbytes=None, **extra):

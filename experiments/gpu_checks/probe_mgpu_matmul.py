@@ -108,6 +108,19 @@ def example_matmul_rows(args) -> list[dict]:
   return rows
 
 
+def _check_and_time(row: dict, fn, fn_args: tuple, ref, ref_max: float, flops: float, args) -> None:
+  """Fills row with the largest error of fn(*fn_args) against ref (relative to max |ref|), whether
+  it is within --tolerance, and the median time and TFLOP/s."""
+  out = jax.block_until_ready(fn(*fn_args))
+  err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) / ref_max
+  row["max_rel_err"] = err if bool(jnp.all(jnp.isfinite(out))) else float("nan")
+  row["ok"] = bool(row["max_rel_err"] < args.tolerance)  # NaN compares False
+  del out
+  timing = harness.time_fn(fn, *fn_args, warmup=args.warmup, iters=args.iters, inner=args.inner)
+  row["ms"] = timing["median_ms"]
+  row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+
+
 # Part 2 candidates: (impl, label, keyword arguments). Shared memory per CTA (bf16):
 # stages * (block * 64 + 64 * block_d) * 2 + block * block_d * 2 bytes (output staging), at most 227 KiB.
 BLOCK_CAUSAL_CANDIDATES = (
@@ -142,7 +155,6 @@ def block_causal_rows(args) -> list[dict]:
   del q, k
   ref = jax.jit(lambda p, x, r: bm.block_causal_matmul_reference(p, x, r, chunk, 128))(p_buf, v, rscale)
   ref_max = float(jnp.max(jnp.abs(ref)))
-  rel_err = jax.jit(lambda got, ref: jnp.max(jnp.abs(got.astype(jnp.float32) - ref)))
   flops = 2.0 * batch * heads * n_chunks * chunk ** 2 / 2 * dv  # the causal half
   shape = f"B{batch} n{n_chunks}x{chunk} H{heads} dv{dv}"
   rows = []
@@ -159,14 +171,7 @@ def block_causal_rows(args) -> list[dict]:
         fn = jax.jit(lambda p, x, r, mm_plan=mm_plan: ca._tr_block_matmul(mm_plan, p, x, None, None, dtype, r))
       else:
         fn = jax.jit(lambda p, x, r, kwargs=kwargs: bm.block_causal_matmul_mgpu(p, x, r, chunk=chunk, **kwargs))
-      out = jax.block_until_ready(fn(p_buf, v, rscale))
-      err = float(rel_err(out, ref)) / ref_max
-      row["max_rel_err"] = err if bool(jnp.all(jnp.isfinite(out))) else float("nan")
-      row["ok"] = bool(row["max_rel_err"] < args.tolerance)  # NaN compares False
-      del out
-      timing = harness.time_fn(fn, p_buf, v, rscale, warmup=args.warmup, iters=args.iters, inner=args.inner)
-      row["ms"] = timing["median_ms"]
-      row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+      _check_and_time(row, fn, (p_buf, v, rscale), ref, ref_max, flops, args)
     except Exception as err:  # noqa: BLE001 - one failing configuration must not end the probe
       row["error"] = _error(err)
       traceback.print_exc()
@@ -203,14 +208,7 @@ def _transposed_rows(args, plan, p_buf, x, flops, shape) -> list[dict]:
       else:
         fn = jax.jit(lambda p, x, kwargs=kwargs: bm.block_causal_matmul_mgpu(p, x, None, chunk=chunk,
                                                                            transpose_m=True, **kwargs))
-      out = jax.block_until_ready(fn(p_buf, x))
-      err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) / ref_max
-      row["max_rel_err"] = err if bool(jnp.all(jnp.isfinite(out))) else float("nan")
-      row["ok"] = bool(row["max_rel_err"] < args.tolerance)
-      del out
-      timing = harness.time_fn(fn, p_buf, x, warmup=args.warmup, iters=args.iters, inner=args.inner)
-      row["ms"] = timing["median_ms"]
-      row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+      _check_and_time(row, fn, (p_buf, x), ref, ref_max, flops, args)
     except Exception as err:  # noqa: BLE001 - one failing configuration must not end the probe
       row["error"] = _error(err)
       traceback.print_exc()

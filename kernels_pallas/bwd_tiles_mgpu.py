@@ -207,16 +207,22 @@ def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, st
 
 def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
                    delta: jax.Array, *, chunk: int, scale: float = 1.0, segment_ids=None,
-                   block_k: int = BLOCK, stages: int = 4, interpret=None):
+                   block_k: int = BLOCK, stages: int = 4, spans_per_program: int | None = None,
+                   interpret=None):
   """P and dS tile buffers of chunked attention's backward on a Hopper GPU (Pallas Mosaic GPU).
 
   q, k [B, L, H, dk]; v, d_out [B, L, H, dv] (one 16-bit dtype); lse (base 2), delta [B, H, L]
   float32 -> (p_buf, ds_buf), each [B, H, L, chunk] in the input dtype; tiles above each chunk's
   block diagonal are left unwritten. block_k: keys per span (128, or 256 = two key blocks per
   wgmma, see the module docstring); stages: ring depth (shared memory: the module docstring).
+  spans_per_program: how many spans of a pair's walk one program does (None: the whole walk). Fewer
+  means more programs per chunk-head, so fewer chunk-heads in flight and their Q, K, V, dO rows stay
+  in L2 ("Programs per chunk-head" in the module docstring).
   segment_ids must be None (a ValueError otherwise, as for every unsupported shape).
   """
   _check(q, k, v, d_out, lse, delta, segment_ids, chunk, block_k, stages)
+  if spans_per_program is not None and spans_per_program < 1:
+    raise ValueError(f"spans_per_program {spans_per_program} < 1: use None (a pair's whole walk) or >= 1")
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
   batch, length, heads, dk = q.shape
@@ -227,6 +233,10 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   n_pairs = (nbq + 1) // 2
   kb = block_k // BLOCK  # key blocks per full span
   kq, kv = dk // _TK, dv // _TK  # ring steps of a span: Q K^T, then dO V^T
+  # the longest pair's walk (Python ints: _pair_spans' arithmetic with the middle block counted once)
+  max_spans = max((p + kb) // kb + ((nbq - 1 - p + kb) // kb if nbq - 1 - p != p else 0) for p in range(n_pairs))
+  per_program = max_spans if spans_per_program is None else min(spans_per_program, max_spans)
+  n_groups = -(-max_spans // per_program)
   spt = kq + kv
   scale2 = scale * _LOG2E
   swizzle = plgpu.find_swizzle(_TK * jnp.dtype(dtype).itemsize * 8)
@@ -245,7 +255,10 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     h = lax.rem(bh, heads)
     wg = lax.axis_index("wg")
     blk1, spans1, blk2, spans2 = _pair_spans(lax.axis_index("pair"), nbq, kb)
-    n_spans = spans1 + spans2
+    # This program's spans of the pair's walk: [t_lo, t_hi) (empty for the last groups of short walks).
+    t_lo = lax.axis_index("group") * per_program
+    t_hi = jnp.minimum(t_lo + per_program, spans1 + spans2)
+    n_spans = jnp.maximum(t_hi - t_lo, 0)
     x_row0 = b * length + n * chunk  # this chunk's first row in q2, k2, v2, do2
     buf_row0 = bh * length + n * chunk  # and in the tile buffers
 
@@ -269,10 +282,10 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
         plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], lhs_bar.at[slot])
         plgpu.copy_gmem_to_smem(rhs_src, rhs_dst, rhs_bar.at[slot])
 
-      def span_loads(t, i, j0, width: int):
+      def span_loads(u, i, j0, width: int):
         q_rows = pl.ds(x_row0 + i * BLOCK, BLOCK)
         k_rows = pl.ds(x_row0 + j0 * BLOCK, width)
-        g0 = t * spt
+        g0 = u * spt  # ring steps count from this program's first span
 
         @pl.loop(0, kq)
         def _qk(s):
@@ -285,13 +298,13 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
           load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols], width)
 
       @pl.loop(0, n_spans)
-      def _spans(t):
-        i, j0, count = _span(t, spans1, blk1, blk2, kb)
+      def _spans(u):
+        i, j0, count = _span(t_lo + u, spans1, blk1, blk2, kb)
         for width, pred in widths():
           if pred is None:
-            span_loads(t, i, j0, width)
+            span_loads(u, i, j0, width)
           else:
-            pl.when(pred(count))(lambda width=width: span_loads(t, i, j0, width))
+            pl.when(pred(count))(lambda width=width: span_loads(u, i, j0, width))
 
       # Wait out the last releases so that no barrier is left mid-phase when the CTA exits.
       total = n_spans * spt
@@ -313,9 +326,15 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
         for s, ref in enumerate((lse_ref, delta_ref)):
           plgpu.copy_gmem_to_smem(ref.at[b, h, rows], stat_smem.at[wg, which, s], stat_barrier(which, s))
 
-      load_stats(0, blk1)
+      # [t_lo, t_hi) meets the first query block's spans [0, spans1) and/or the second's [spans1, ...).
+      first_lo, first_hi = t_lo, jnp.minimum(t_hi, spans1)
+      second_lo, second_hi = jnp.maximum(t_lo, spans1), t_hi
 
-      @pl.when(spans2 > 0)
+      @pl.when(first_hi > first_lo)
+      def _():
+        load_stats(0, blk1)
+
+      @pl.when(second_hi > second_lo)
       def _():
         load_stats(1, blk2)
 
@@ -349,16 +368,17 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
 
       def span(t, i, j0, lse, delta, width: int):
         shape = (_HALF, width)
-        g0 = t * spt
+        g0 = (t - t_lo) * spt
         s = accumulate(g0, kq, width)
         q_pos = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
         k_pos = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
         # key j0*128 + c is visible to query i*128 + row_off + r iff c <= r + (i - j0)*128 + row_off:
         # always off the diagonal (i > j0 + width/128 - 1 there), causal on it.
         visible = k_pos <= q_pos + ((i - j0) * BLOCK + row_off)
-        p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, shape, [0]))
-        p = jnp.where(visible, p, 0.0).astype(dtype)  # held as stored across the dv loop
-        store(p, p_ref, i, j0)
+        p = jnp.where(visible, jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, shape, [0])), 0.0)
+        store(p.astype(dtype), p_ref, i, j0)
+        if width > BLOCK:  # held as stored across the dv loop: 64 registers a thread, not 128
+          p = p.astype(dtype)
         dp = accumulate(g0 + kq, kv, width)
         ds = p.astype(jnp.float32) * (dp - lax.broadcast_in_dim(delta, shape, [0]))
         if scale != 1.0:
@@ -380,11 +400,13 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
             else:
               pl.when(pred(n_blocks))(lambda width=width: span(t, i, j0, lse, delta, width))
 
-      query_block(0, 0, spans1)
-
-      @pl.when(spans2 > 0)
+      @pl.when(first_hi > first_lo)
       def _():
-        query_block(1, spans1, spans2)
+        query_block(0, first_lo, first_hi - first_lo)
+
+      @pl.when(second_hi > second_lo)
+      def _():
+        query_block(1, second_lo, second_hi - second_lo)
 
       plgpu.wait_smem_to_gmem(0)
 
@@ -407,8 +429,8 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
       entry,
       out_type=(tile_type, tile_type),
       # The last grid axis runs fastest: a chunk-head's programs run together (see the docstring).
-      grid=(batch * heads, n_chunks, n_pairs),
-      grid_names=("bh", "chunk", "pair"),
+      grid=(batch * heads, n_chunks, n_pairs, n_groups),
+      grid_names=("bh", "chunk", "pair", "group"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -221,10 +221,17 @@ def _transposed_rows(args, plan, p_buf, x, flops, shape) -> list[dict]:
 # stages * (128 + block_k) * 64 * 2 B ring + 32 KiB output staging + 2 KiB row statistics, at most 227 KiB.
 BWD_TILES_CANDIDATES = (
     ("triton", "tiles op default (128x128, 4 stages)", {}),
+    # whole pair walks per program: 8 programs per chunk-head at C=2048, ~16 chunk-heads in flight
+    # (DRAM-bound: 28% L2 hits under ncu), then walks split into groups of spans (more programs per
+    # chunk-head, fewer chunk-heads' rows competing for L2)
     ("mgpu", "tiles bk 128 st 4", dict(block_k=128, stages=4)),  # 162 KiB
-    ("mgpu", "tiles bk 128 st 6", dict(block_k=128, stages=6)),  # 226 KiB
-    ("mgpu", "tiles bk 256 st 3", dict(block_k=256, stages=3)),  # 178 KiB
-    ("mgpu", "tiles bk 256 st 4", dict(block_k=256, stages=4)),  # 226 KiB
+    ("mgpu", "tiles bk 128 st 4 spans 1", dict(block_k=128, stages=4, spans_per_program=1)),
+    ("mgpu", "tiles bk 128 st 4 spans 2", dict(block_k=128, stages=4, spans_per_program=2)),
+    ("mgpu", "tiles bk 128 st 4 spans 4", dict(block_k=128, stages=4, spans_per_program=4)),
+    ("mgpu", "tiles bk 128 st 6 spans 2", dict(block_k=128, stages=6, spans_per_program=2)),  # 226 KiB
+    ("mgpu", "tiles bk 256 st 3 spans 1", dict(block_k=256, stages=3, spans_per_program=1)),  # 178 KiB
+    ("mgpu", "tiles bk 256 st 4 spans 1", dict(block_k=256, stages=4, spans_per_program=1)),  # 226 KiB
+    ("mgpu", "tiles bk 256 st 4 spans 2", dict(block_k=256, stages=4, spans_per_program=2)),
 )
 
 

@@ -196,16 +196,16 @@ def test_chunk_attention_sends_block_matmuls_to_mosaic_gpu(chunk, length, segmen
 
 def test_auto_matmul_is_triton_off_hopper_and_follows_the_environment(monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL", raising=False)
-  assert ca._resolve_matmul_impl("auto") == "triton"  # the CPU is no Hopper GPU
-  assert ca._resolve_matmul_impl("mgpu") == "mgpu"
+  assert ca._resolve_kernel_impl("matmul", "auto") == "triton"  # the CPU is no Hopper GPU
+  assert ca._resolve_kernel_impl("matmul", "mgpu") == "mgpu"
   monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL", "mgpu")
-  assert ca._resolve_matmul_impl("auto") == "mgpu"
-  assert ca._resolve_matmul_impl("triton") == "triton"  # an explicit choice wins
+  assert ca._resolve_kernel_impl("matmul", "auto") == "mgpu"
+  assert ca._resolve_kernel_impl("matmul", "triton") == "triton"  # an explicit choice wins
   module = _lowered_attention_module(ca.KernelConfig(), 256, 512, False, jnp.bfloat16)
   assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 4
   monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL", "cutlass")
   with pytest.raises(ValueError, match="MEGALODON_ATTENTION_MATMUL='cutlass'"):
-    ca._resolve_matmul_impl("auto")
+    ca._resolve_kernel_impl("matmul", "auto")
 
 
 @pytest.mark.gpu

@@ -225,7 +225,7 @@ def _lowered_attention_module(config, chunk, length, segments=False, dtype=jnp.b
     ("mgpu", "triton", 256, 512, True, jnp.bfloat16, 0),  # segment ids: the Triton tiles kernel
     ("mgpu", "mgpu", 192, 576, False, jnp.bfloat16, 0),  # chunk not a multiple of 128: Triton throughout
     ("mgpu", "mgpu", 256, 512, False, jnp.float32, 0),  # float32 inputs: Triton throughout
-    ("auto", "triton", 256, 512, False, jnp.bfloat16, 0),  # 'auto' is Triton until the kernel has run on a GPU
+    ("auto", "triton", 256, 512, False, jnp.bfloat16, 0),  # 'auto' is Triton off Hopper (the CPU here)
 ])
 def test_chunk_attention_sends_tiles_to_mosaic_gpu(monkeypatch, tiles_impl, matmul_impl, chunk, length, segments,
                                                     dtype, expected):
@@ -235,18 +235,21 @@ def test_chunk_attention_sends_tiles_to_mosaic_gpu(monkeypatch, tiles_impl, matm
   assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == expected
 
 
-def test_auto_tiles_is_triton_and_follows_the_environment(monkeypatch):
+def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
-  assert ca._resolve_tiles_impl("auto") == "triton"
-  assert ca._resolve_tiles_impl("mgpu") == "mgpu"
+  assert ca._resolve_kernel_impl("tiles", "auto") == "triton"  # the CPU is no Hopper GPU
+  monkeypatch.setattr(ca, "_is_hopper", lambda: True)
+  assert ca._resolve_kernel_impl("tiles", "auto") == "mgpu"
+  monkeypatch.setattr(ca, "_is_hopper", lambda: False)
+  assert ca._resolve_kernel_impl("tiles", "mgpu") == "mgpu"
   monkeypatch.setenv("MEGALODON_ATTENTION_TILES", "mgpu")
-  assert ca._resolve_tiles_impl("auto") == "mgpu"
-  assert ca._resolve_tiles_impl("triton") == "triton"  # an explicit choice wins
+  assert ca._resolve_kernel_impl("tiles", "auto") == "mgpu"
+  assert ca._resolve_kernel_impl("tiles", "triton") == "triton"  # an explicit choice wins
   module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"), 256, 512)
   assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
   monkeypatch.setenv("MEGALODON_ATTENTION_TILES", "cuda")
   with pytest.raises(ValueError, match="MEGALODON_ATTENTION_TILES='cuda'"):
-    ca._resolve_tiles_impl("auto")
+    ca._resolve_kernel_impl("tiles", "auto")
   with pytest.raises(ValueError, match="tiles_impl"):
     ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
 

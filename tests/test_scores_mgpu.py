@@ -274,20 +274,23 @@ def test_chunk_attention_sends_scores_to_mosaic_gpu(change, expected):
   assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == expected
 
 
-def test_auto_scores_are_triton_and_follow_the_environment(monkeypatch):
+def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_SCORES", raising=False)
-  assert ca._resolve_scores_impl("auto") == "triton"  # until the Mosaic GPU kernel has been measured
+  assert ca._resolve_kernel_impl("scores", "auto") == "triton"  # the CPU is no Hopper GPU
+  monkeypatch.setattr(ca, "_is_hopper", lambda: True)
+  assert ca._resolve_kernel_impl("scores", "auto") == "mgpu"
+  monkeypatch.setattr(ca, "_is_hopper", lambda: False)
   default = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"))
   assert default.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 0
-  assert ca._resolve_scores_impl("mgpu") == "mgpu"
+  assert ca._resolve_kernel_impl("scores", "mgpu") == "mgpu"
   monkeypatch.setenv("MEGALODON_ATTENTION_SCORES", "mgpu")
-  assert ca._resolve_scores_impl("auto") == "mgpu"
-  assert ca._resolve_scores_impl("triton") == "triton"  # an explicit choice wins
+  assert ca._resolve_kernel_impl("scores", "auto") == "mgpu"
+  assert ca._resolve_kernel_impl("scores", "triton") == "triton"  # an explicit choice wins
   module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton"))
   assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
   monkeypatch.setenv("MEGALODON_ATTENTION_SCORES", "cutlass")
   with pytest.raises(ValueError, match="MEGALODON_ATTENTION_SCORES='cutlass'"):
-    ca._resolve_scores_impl("auto")
+    ca._resolve_kernel_impl("scores", "auto")
   with pytest.raises(ValueError, match="scores_impl"):
     ca.chunk_attention(jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
                        chunk_size=256, config=ca.KernelConfig(scores_impl="cuda"))

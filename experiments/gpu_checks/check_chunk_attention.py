@@ -65,11 +65,12 @@ SWEEP = {
     "matmul_stages4": dict(matmul_stages=4),
     "bounded_scores": dict(fwd_scores="bounded"),
     "delta_pallas": dict(delta_impl="pallas"),
-    "mgpu_matmul": dict(matmul_impl="mgpu"),
-    # the Mosaic GPU backward tiles kernel (kernels_pallas.bwd_tiles_mgpu; not yet run on a GPU)
-    "mgpu_tiles": dict(matmul_impl="mgpu", tiles_impl="mgpu"),
-    "mgpu_scores": dict(scores_impl="mgpu"),  # kernels_pallas.scores_mgpu (not yet measured)
+    # Mosaic GPU kernels (the Hopper default of 'auto' since 2026-11-30) one at a time, all, and none
+    "mgpu_matmul": dict(matmul_impl="mgpu", tiles_impl="triton", scores_impl="triton"),
+    "mgpu_tiles": dict(matmul_impl="triton", tiles_impl="mgpu", scores_impl="triton"),
+    "mgpu_scores": dict(matmul_impl="triton", tiles_impl="triton", scores_impl="mgpu"),
     "mgpu_all": dict(matmul_impl="mgpu", tiles_impl="mgpu", scores_impl="mgpu"),
+    "triton_all": dict(matmul_impl="triton", tiles_impl="triton", scores_impl="triton"),
     # Combinations of the 2026-11-29 sweep's best stages (scores: bounded and 128x128 tiles on 8
     # warps; backward tiles: 4 pipeline stages).
     "combo": dict(fwd_scores="bounded", block_k=128, mm_block_k=64, scores_warps=8, tiles_stages=4),

@@ -1,6 +1,6 @@
 """The backward "tiles" kernel of chunked attention as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma,
-warp specialisation). NOT YET RUN ON A GPU: written and checked on a CPU only (Pallas -> Mosaic GPU
-lowering for CUDA, the float32 reference against the Triton kernel in interpret mode).
+warp specialisation). The Hopper default since 2026-11-30: on an H200 at C=2048, dk 256, dv 2048,
+1.253 ms against the Triton kernel's 1.409 (one tile per program, 4 stages; probe_mgpu_matmul.py).
 
 Same inputs, outputs and semantics as `chunk_attention._tr_bwd_tiles` with 128 x 128 tiles and no
 segment ids. For every chunk n (C consecutive positions; attention is causal within a chunk), head h
@@ -14,10 +14,10 @@ and visited tile (query block i, key block j <= i) of 128 x 128:
 
 q, k [B, L, H, dk]; v, d_out [B, L, H, dv]; lse, delta [B, H, L] float32. lse is base 2 (the log2
 of the row sums of exp2(S)), as the Triton forward writes it. Tiles above a chunk's block diagonal
-are not written (their contents are undefined; no consumer reads them). dS is computed from P as
-stored (rounded to the input dtype), as the Triton kernel's bwd_order='s_first' does; the Triton
-default ('dp_first') uses the float32 P. The difference is one rounding of P, of the order of the
-rounding of the stored dS itself.
+are not written (their contents are undefined; no consumer reads them). With 128-key spans dS is
+computed from the float32 P, as the Triton default bwd_order='dp_first'; 256-key spans use P as
+stored (rounded to the input dtype, as 's_first'), for registers: one more rounding of P, of the
+order of the rounding of the stored dS itself.
 
 Why the shape of the work. Per visited 128 x 128 tile the Triton kernel streams Q_i, dO_i, K_j, V_j
 (1.18 MB at dk 256, dv 2048, bf16) for 75.5 MFLOP: 64 FLOP per byte. At its measured 456 TFLOP/s
@@ -28,10 +28,20 @@ dO_i / Q_i chunk serves 256 keys: 48 KiB per step for 4.2 MFLOP, 85 FLOP/B (as t
 84 on average with the short spans below). Its cost is registers: a consumer warpgroup holds a
 [64, 256] float32 accumulator (128 registers a thread) and, across the dv loop, P as stored
 ([64, 256] bf16: 64 registers), which is why P is held in the input dtype. block_k=128 is the plain
-128 x 128 version (64 + 32 registers). Both are here so that the GPU session can measure which is
-faster; neither has been timed.
+128 x 128 version (64 + 64 registers: P stays float32, so dS matches Triton's default 'dp_first'). On
+the H200 the 128-key spans won (1.253 against 1.49-1.61 ms for 256-key spans): the L2 sustains the
+128 x 128 tiles' 64 FLOP/B once the working set fits (below).
 
-Structure of one program (CTA of 3 warpgroups, grid (B * H, n_chunks, pairs), pairs fastest):
+Programs per chunk-head (measured). Giving each program a whole pair walk (nbq + 1 spans) makes only
+nbq / 2 programs per chunk-head: 132 SMs then hold ~16 chunk-heads at once, whose Q, K, V, dO rows
+(18.9 MB each at the benchmark shape) do not fit the 50 MB L2. Under ncu that kernel was DRAM-bound
+(4.1 TB/s, 28% L2 hits, 1.73 ms; Triton 77% hits). `spans_per_program` cuts each walk into groups of
+spans, one program per group (grid axis `group`, launched fastest): with one span per program a
+chunk-head has 8 * 17 = 136 programs and runs alone, as the Triton grid's (key, query) tiles do.
+1 span: 1.253 ms, 2: 1.270, 4: 1.357, whole walks: 1.734.
+
+Structure of one program (CTA of 3 warpgroups, grid (B * H, n_chunks, pairs, groups), groups fastest,
+then pairs; with whole walks per program, as first written, the group axis has length 1):
   * Mosaic GPU launches the LAST grid axis fastest (CUDA's x): the `pairs` programs of one
     (chunk, batch, head) run together and share its K and V rows in L2 (block_matmul_mgpu.py: with
     the wrong order that kernel was DRAM-bound).

@@ -26,6 +26,7 @@ import pytest
 
 from kernels_pallas import bwd_tiles_mgpu as bt
 from kernels_pallas import chunk_attention as ca
+from tests.mgpu_lowering import lowered_attention_module as _lowered_attention_module
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -198,25 +199,6 @@ def test_unsupported_shapes_raise(change, message):
     jax.eval_shape(lambda q, k, v, do, lse, delta: bt.bwd_tiles_mgpu(q, k, v, do, lse, delta, chunk=chunk,
                                                                     segment_ids=seg, **kwargs),
                    q, q, v, v, stat, stat)
-
-
-def _lowered_attention_module(config, chunk, length, segments=False, dtype=jnp.bfloat16) -> str:
-  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
-  batch, heads, dk, dv = 1, 2, 128, 256
-  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
-  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
-  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
-
-  def fwd_bwd(q, k, v, seg, d_out):
-    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
-                                                config=config, interpret=False, platform="triton")
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, *vjp(d_out)
-
-  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
-  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
-  return exported(q, q, v, seg, v).mlir_module()
 
 
 @pytest.mark.parametrize("tiles_impl,matmul_impl,chunk,length,segments,dtype,expected", [

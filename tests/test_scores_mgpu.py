@@ -27,6 +27,7 @@ import pytest
 
 from kernels_pallas import chunk_attention as ca
 from kernels_pallas import scores_mgpu as sm
+from tests.mgpu_lowering import lowered_attention_module as _lowered_attention_module
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _HOT = 30.0  # a query row scaled by this has a bound far (> 64 in base 2) above its diagonal maximum
@@ -235,25 +236,6 @@ def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, pingpong):
   for mine, theirs, exact in zip(got[1:], triton[1:], ref[1:]):
     assert _rel_err(mine, theirs) < 1e-4
     assert _rel_err(mine, exact) < 1e-4
-
-
-def _lowered_attention_module(config, chunk=256, length=512, segments=False, dtype=jnp.bfloat16):
-  """chunk_attention's forward + backward lowered for CUDA (not interpreted), as MLIR text."""
-  batch, heads, dk, dv = 1, 2, 128, 256
-  q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
-  v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
-  seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None
-
-  def fwd_bwd(q, k, v, seg, d_out):
-    attend = lambda q, k, v: ca.chunk_attention(q, k, v, chunk_size=chunk, segment_ids=seg,  # noqa: E731
-                                                config=config, interpret=False, platform="triton")
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, *vjp(d_out)
-
-  # The Triton kernels' custom calls have no serialisation guarantee; lowering is all this needs.
-  triton_ok = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=triton_ok)
-  return exported(q, q, v, seg, v).mlir_module()
 
 
 @pytest.mark.parametrize("change,expected", [

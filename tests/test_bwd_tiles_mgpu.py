@@ -269,6 +269,31 @@ def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypat
     ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
 
 
+def test_persistent_schedule_follows_the_environment(monkeypatch):
+  """MEGALODON_ATTENTION_TILES_PERSISTENT=<int> reaches bwd_tiles_mgpu as persistent_ctas (unset or
+  empty: the default one-tile-per-program call); anything but an int >= 1 says what to set."""
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", "5")  # through the op: it lowers for CUDA
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton", tiles_impl="mgpu"), 256, 512)
+  assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+  calls = []
+  monkeypatch.setattr(bt, "bwd_tiles_mgpu", lambda *args, **kwargs: calls.append(kwargs))
+  plan = ca._triton_plan(ca.KernelConfig(), False, 0.5, 1, 2, 2, 256, 256, 64, 128, jnp.bfloat16)
+  run = lambda: ca._mgpu_bwd_tiles(plan, *(None,) * 6)  # noqa: E731
+  for value, ctas in ((None, None), ("", None), ("132", 132), ("7", 7)):
+    if value is None:
+      monkeypatch.delenv("MEGALODON_ATTENTION_TILES_PERSISTENT", raising=False)
+    else:
+      monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", value)
+    run()
+    assert calls[-1].get("persistent_ctas") == ctas, value
+    assert calls[-1]["block_k"] == 128 and calls[-1]["scale"] == 0.5
+    assert calls[-1].get("spans_per_program") == (1 if ctas is None else None)
+  for bad in ("0", "-3", "sm", "1.5"):
+    monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", bad)
+    with pytest.raises(ValueError, match=f"MEGALODON_ATTENTION_TILES_PERSISTENT={bad!r}: set it"):
+      run()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk,length,block_k,stages,scale,per_program,ctas", [
     (512, 1024, 128, 4, 1.0, None, None),

@@ -40,6 +40,25 @@ spans, one program per group (grid axis `group`, launched fastest): with one spa
 chunk-head has 8 * 17 = 136 programs and runs alone, as the Triton grid's (key, query) tiles do.
 1 span: 1.253 ms, 2: 1.270, 4: 1.357, whole walks: 1.734.
 
+Persistent schedule (`persistent_ctas=P`; not yet measured). With one tile per program every CTA pays
+its own prologue (stat loads, the ring's first `stages` loads) and epilogue (the dS stores) with
+nothing to overlap them: one CTA fits on an SM (registers, ~162 KiB of shared memory). Instead P
+programs (grid (P,)) take the visited tiles of all chunk-heads in one global order: chunk-heads as the
+grid above launches them (bh, then chunk), within one the one-span programs' order (pair, then its
+walk); `_persistent_tile` decodes a global index with divisions by constants. Program c does tiles
+c, c + P, c + 2P, ...: at any moment the P programs are on ~P consecutive tiles, one or two
+chunk-heads, so the L2 working set is that of `spans_per_program=1`. Per program:
+  * the producer's ring step is u * spt + s for its local tile u: the ring runs on across tiles, the
+    next tile's loads issued as soon as slots are released, while the consumers finish the last
+    tile's dv steps and stores; the final drain is once per program;
+  * the row statistics alternate between the two stat slots (those `body` uses for a pair's two
+    query blocks) by u % 2; at the start of tile u a consumer issues tile u + 1's loads into the other
+    slot (read into registers at the start of tile u - 1, ordered before this TMA by that tile's
+    stores' commit_smem) and waits for its own slot: one load per wait on each slot's barriers;
+  * stores keep alternating their two staging buffers (two 64-column rounds per store);
+  * tile counts differ by at most one; a program beyond the tile count does nothing.
+block_k 128 only (one tile a step of the schedule).
+
 Structure of one program (CTA of 3 warpgroups, grid (B * H, n_chunks, pairs, groups), groups fastest,
 then pairs; with whole walks per program, as first written, the group axis has length 1):
   * Mosaic GPU launches the LAST grid axis fastest (CUDA's x): the `pairs` programs of one
@@ -183,6 +202,31 @@ def _pair_spans(pair, nbq: int, kb: int):
   return blk1, spans1, blk2, spans2
 
 
+def _persistent_tile(g, n_chunks: int, nbq: int):
+  """Global tile g of the persistent order -> (bh, chunk n, query block i, key block j).
+
+  Chunk-heads in grid order (bh major, then chunk); within one the order of one-span programs:
+  pair major, then the pair's walk (`_pair_spans`, `_span` with 128-key spans). Every pair walks
+  nbq + 1 tiles except the middle block of odd nbq ((nbq + 1) / 2, the last pair), so the pair is
+  l // (nbq + 1) of the chunk-head's tile l: divisions by constants, no table. Non-negative scalars
+  in (traced int32, Python ints or integer arrays), the same out.
+  """
+  per_ch = nbq * (nbq + 1) // 2
+  ch, l = lax.div(g, per_ch), lax.rem(g, per_ch)
+  pair, t = lax.div(l, nbq + 1), lax.rem(l, nbq + 1)
+  blk1, spans1, blk2, _ = _pair_spans(pair, nbq, 1)
+  i, j, _ = _span(t, spans1, blk1, blk2, 1)
+  return lax.div(ch, n_chunks), lax.rem(ch, n_chunks), i, j
+
+
+def persistent_schedule(batch: int, heads: int, n_chunks: int, chunk: int, ctas: int):
+  """(total tiles, tiles of each program [ctas]) of the persistent schedule: program c does global
+  tiles c, c + ctas, ... (Python ints; the kernel computes its own count the same way)."""
+  nbq = chunk // BLOCK
+  total = batch * heads * n_chunks * nbq * (nbq + 1) // 2
+  return total, [(total - c + ctas - 1) // ctas for c in range(ctas)]
+
+
 def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, stages: int) -> None:
   """Shapes this kernel supports; anything else is a ValueError saying what to change."""
   if segment_ids is not None:
@@ -218,7 +262,7 @@ def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, st
 def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
                    delta: jax.Array, *, chunk: int, scale: float = 1.0, segment_ids=None,
                    block_k: int = BLOCK, stages: int = 4, spans_per_program: int | None = None,
-                   interpret=None):
+                   persistent_ctas: int | None = None, interpret=None):
   """P and dS tile buffers of chunked attention's backward on a Hopper GPU (Pallas Mosaic GPU).
 
   q, k [B, L, H, dk]; v, d_out [B, L, H, dv] (one 16-bit dtype); lse (base 2), delta [B, H, L]
@@ -228,11 +272,25 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   spans_per_program: how many spans of a pair's walk one program does (None: the whole walk). Fewer
   means more programs per chunk-head, so fewer chunk-heads in flight and their Q, K, V, dO rows stay
   in L2 ("Programs per chunk-head" in the module docstring).
+  persistent_ctas: launch this many programs (e.g. the SM count) that share all visited tiles of all
+  chunk-heads in one global order, program c taking tiles c, c + persistent_ctas, ...; each program's
+  ring streams on from tile to tile ("Persistent schedule" in the module docstring). block_k 128 only,
+  and not with spans_per_program. None: one program per span group (the grid above).
   segment_ids must be None (a ValueError otherwise, as for every unsupported shape).
   """
   _check(q, k, v, d_out, lse, delta, segment_ids, chunk, block_k, stages)
   if spans_per_program is not None and spans_per_program < 1:
     raise ValueError(f"spans_per_program {spans_per_program} < 1: use None (a pair's whole walk) or >= 1")
+  if persistent_ctas is not None:
+    if isinstance(persistent_ctas, bool) or not isinstance(persistent_ctas, int) or persistent_ctas < 1:
+      raise ValueError(f"persistent_ctas {persistent_ctas!r}: use None or an int >= 1 (e.g. the SM count, 132 "
+                       "on an H200)")
+    if block_k != BLOCK:
+      raise ValueError(f"persistent_ctas needs block_k={BLOCK} (one 128 x 128 tile per step of the schedule), "
+                       f"got block_k={block_k}")
+    if spans_per_program is not None:
+      raise ValueError("persistent_ctas and spans_per_program exclude each other (a persistent program's tiles "
+                       "are one span each): pass spans_per_program=None")
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
   batch, length, heads, dk = q.shape
@@ -248,6 +306,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   per_program = max_spans if spans_per_program is None else min(spans_per_program, max_spans)
   n_groups = -(-max_spans // per_program)
   spt = kq + kv
+  total_tiles = batch * heads * n_chunks * nbq * (nbq + 1) // 2  # the persistent schedule's
   scale2 = scale * _LOG2E
   swizzle = plgpu.find_swizzle(_TK * jnp.dtype(dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -258,6 +317,8 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   v2, do2 = v.reshape(batch * length, heads * dv), d_out.reshape(batch * length, heads * dv)
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped):
+    if persistent_ctas is not None:
+      return persistent_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped)
     (lhs_smem, rhs_smem, out_smem, stat_smem), (lhs_bar, rhs_bar, consumed, stat_bar) = scoped
     bh = lax.axis_index("bh")
     n = lax.axis_index("chunk")
@@ -420,6 +481,135 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
 
       plgpu.wait_smem_to_gmem(0)
 
+  def persistent_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped):
+    """`body` for the persistent schedule: this program's tiles are c, c + P, ... of the global order
+    (`_persistent_tile`), one 128 x 128 span each; ring steps count on across them (step u * spt + s
+    of local tile u), so the producer fills the ring with the next tile while the consumers finish one."""
+    (lhs_smem, rhs_smem, out_smem, stat_smem), (lhs_bar, rhs_bar, consumed, stat_bar) = scoped
+    wg = lax.axis_index("wg")
+    cta = lax.axis_index("cta")
+    n_tiles = lax.div(total_tiles - cta + (persistent_ctas - 1), persistent_ctas)  # 0 for idle programs
+
+    def tile(u):  # local tile u -> (b, h, this chunk's first row in q2 etc., in the buffers, i, j)
+      bh, n, i, j = _persistent_tile(cta + u * persistent_ctas, n_chunks, nbq)
+      return lax.div(bh, heads), lax.rem(bh, heads), n, bh * length + n * chunk, i, j
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(g, lhs_src, rhs_src):
+        slot = lax.rem(g, stages)
+
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], lhs_bar.at[slot])
+        plgpu.copy_gmem_to_smem(rhs_src, rhs_smem.at[slot], rhs_bar.at[slot])
+
+      @pl.loop(0, n_tiles)
+      def _tiles(u):
+        b, h, n, _, i, j = tile(u)
+        x_row0 = b * length + n * chunk
+        q_rows, k_rows = pl.ds(x_row0 + i * BLOCK, BLOCK), pl.ds(x_row0 + j * BLOCK, BLOCK)
+        g0 = u * spt
+
+        @pl.loop(0, kq)
+        def _qk(s):
+          cols = pl.ds(h * dk + s * _TK, _TK)
+          load(g0 + s, q_ref.at[q_rows, cols], k_ref.at[k_rows, cols])
+
+        @pl.loop(0, kv)
+        def _dov(s):
+          cols = pl.ds(h * dv + s * _TK, _TK)
+          load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols])
+
+      # Once per program, as in `body`: no barrier left mid-phase when the CTA exits.
+      total = n_tiles * spt
+
+      @pl.loop(jnp.maximum(total - stages, 0), total)
+      def _drain(g):
+        plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      row_off = wg * _HALF
+
+      def stat_barrier(slot, s: int):
+        return stat_bar.at[wg * 4 + slot * 2 + s]
+
+      def load_stats(slot, u):
+        """My 64 rows of lse, delta for local tile u -> stat slot `slot` (alternating: u % 2)."""
+        b, h, n, _, i, _ = tile(u)
+        rows = pl.ds(n * chunk + i * BLOCK + row_off, _HALF)
+        for s, ref in enumerate((lse_ref, delta_ref)):
+          plgpu.copy_gmem_to_smem(ref.at[b, h, rows], stat_smem.at[wg, slot, s], stat_barrier(slot, s))
+
+      def accumulate(g0, n_steps):
+        """As in `body`: [64, 128] float32 over n_steps ring steps from step g0."""
+        def run(acc_ref):
+          @pl.loop(0, n_steps)
+          def _step(s):
+            slot = lax.rem(g0 + s, stages)
+            plgpu.barrier_wait(lhs_bar.at[slot])
+            plgpu.barrier_wait(rhs_bar.at[slot])
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[pl.ds(row_off, _HALF)],
+                        plgpu.transpose_ref(rhs_smem.at[slot], (1, 0)))
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[slot])
+
+          return acc_ref[...]
+
+        return pl.run_scoped(run, plgpu.ACC((_HALF, BLOCK), jnp.float32))
+
+      def store(value, dst_ref, rows, j):
+        # Two 64-column rounds per store (an even number), so the buffers alternate across tiles too.
+        for e in range(BLOCK // _EPI):
+          buf = out_smem.at[wg, e % 2]
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two rounds back has read buf
+          buf[...] = value[:, e * _EPI:(e + 1) * _EPI]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(buf, dst_ref.at[rows, pl.ds(j * BLOCK + e * _EPI, _EPI)])
+
+      @pl.when(n_tiles > 0)
+      def _():
+        load_stats(0, 0)
+
+      @pl.loop(0, n_tiles)
+      def _tiles(u):
+        slot = lax.rem(u, 2)
+
+        # The next tile's stats go to the other slot, last read (into registers) at the start of tile
+        # u - 1: that tile's stores since (commit_smem: proxy fence, warpgroup barrier) order the
+        # read before this TMA write. Each slot's barriers then see one load per wait, in order.
+        @pl.when(u + 1 < n_tiles)
+        def _():
+          load_stats(1 - slot, u + 1)
+
+        for s in range(2):
+          plgpu.barrier_wait(stat_barrier(slot, s))
+        lse = plgpu.load(stat_smem.at[wg, slot, 0], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        delta = plgpu.load(stat_smem.at[wg, slot, 1], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        _, _, _, buf_row0, i, j = tile(u)
+        rows = pl.ds(buf_row0 + i * BLOCK + row_off, _HALF)
+        shape = (_HALF, BLOCK)
+        g0 = u * spt
+        s = accumulate(g0, kq)
+        q_pos = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        k_pos = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+        visible = k_pos <= q_pos + ((i - j) * BLOCK + row_off)  # as in `body`: bites on the diagonal only
+        p = jnp.where(visible, jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, shape, [0])), 0.0)
+        store(p.astype(dtype), p_ref, rows, j)
+        dp = accumulate(g0 + kq, kv)
+        ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+        if scale != 1.0:
+          ds = ds * scale
+        store(ds.astype(dtype), ds_ref, rows, j)
+
+      plgpu.wait_smem_to_gmem(0)
+
   def entry(*refs):
     pl.run_scoped(
         lambda *scoped: body(*refs, scoped),
@@ -439,8 +629,8 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
       entry,
       out_type=(tile_type, tile_type),
       # The last grid axis runs fastest: a chunk-head's programs run together (see the docstring).
-      grid=(batch * heads, n_chunks, n_pairs, n_groups),
-      grid_names=("bh", "chunk", "pair", "group"),
+      grid=(batch * heads, n_chunks, n_pairs, n_groups) if persistent_ctas is None else (persistent_ctas,),
+      grid_names=("bh", "chunk", "pair", "group") if persistent_ctas is None else ("cta",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -123,6 +123,8 @@ class KernelConfig:
     bwd_order='dp_first' (bwd_order does not apply to it). 'auto' (the default): 'mgpu' on a
     compute-capability 9.0 GPU, else 'triton'; MEGALODON_ATTENTION_TILES=triton|mgpu overrides 'auto'.
     On an H200 at C=2048, dk 256, dv 2048: 1.253 against 1.409 ms (2026-11-30).
+    MEGALODON_ATTENTION_TILES_PERSISTENT=<int> runs the Mosaic GPU kernel's persistent schedule with
+    that many programs (persistent_ctas; an A/B switch, not measured yet).
   scores_impl: GPU forward scores with fwd_scores 'bounded' or 'twopass': Pallas Triton ('triton') or
     the warp-specialised TMA + wgmma Mosaic GPU kernel (kernels_pallas.scores_mgpu; 'mgpu', Hopper
     only) where its shapes allow (128 x 128 score tiles, chunk a multiple of 128, dk a multiple of 64
@@ -1102,8 +1104,31 @@ def _mgpu_tiles_takes(plan: _Plan, q, k, v, d_out, segment_ids) -> bool:
           and len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
+_TILES_PERSISTENT_ENV = "MEGALODON_ATTENTION_TILES_PERSISTENT"
+
+
+def _tiles_persistent_ctas() -> int | None:
+  """MEGALODON_ATTENTION_TILES_PERSISTENT=<int >= 1>: the Mosaic GPU tiles kernel's persistent_ctas
+  (an A/B switch for whole-model runs; unset or empty: the default schedule, one tile per program)."""
+  value = os.environ.get(_TILES_PERSISTENT_ENV, "")
+  if not value:
+    return None
+  try:
+    ctas = int(value)
+  except ValueError:
+    ctas = 0
+  if ctas < 1:
+    raise ValueError(f"{_TILES_PERSISTENT_ENV}={value!r}: set it to a number of programs >= 1 (e.g. 132, the "
+                     "H200's SM count) or unset it")
+  return ctas
+
+
 def _mgpu_bwd_tiles(plan: _Plan, q, k, v, lse, delta, d_out):
   from kernels_pallas import bwd_tiles_mgpu  # Mosaic GPU: imported only when used
+  ctas = _tiles_persistent_ctas()
+  if ctas is not None:  # the persistent schedule, on request (not measured yet)
+    return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len,
+                                         scale=plan.scale, block_k=128, stages=4, persistent_ctas=ctas)
   # One 128 x 128 tile per program in a 4-stage ring: the fastest of probe_mgpu_matmul.py's rows on an
   # H200 (1.253 ms against 1.409 for Triton; whole pair walks per program 1.734, DRAM-bound; 256-key
   # spans 1.49-1.61, 2026-11-30).

@@ -139,6 +139,30 @@ def test_second_blocks_walk_down_in_step():
       assert j0 == nbq - t
 
 
+@pytest.mark.parametrize("batch,heads,n_chunks,nbq,ctas", [
+    (1, 2, 2, 3, 4), (2, 1, 3, 4, 7), (1, 1, 1, 1, 3), (1, 4, 16, 16, 132), (1, 4, 16, 16, 264)])
+def test_persistent_order_covers_each_visited_tile_once(batch, heads, n_chunks, nbq, ctas):
+  """`_persistent_tile` over all programs' tiles: every visited tile of every chunk-head exactly once,
+  chunk-heads in grid order, within one the one-span programs' order (pair major, then its walk);
+  programs' tile counts differ by at most one."""
+  total, counts = bt.persistent_schedule(batch, heads, n_chunks, nbq * bt.BLOCK, ctas)
+  assert total == batch * heads * n_chunks * nbq * (nbq + 1) // 2 and sum(counts) == total
+  assert max(counts) - min(counts) <= 1 and min(counts) >= 0
+  g = np.concatenate([c + np.arange(count) * ctas for c, count in enumerate(counts)])
+  bh, n, i, j = (np.asarray(x) for x in bt._persistent_tile(jnp.asarray(g, jnp.int32), n_chunks, nbq))
+  assert ((0 <= bh) & (bh < batch * heads) & (0 <= n) & (n < n_chunks) & (0 <= j) & (j <= i) & (i < nbq)).all()
+  seen = np.zeros((batch * heads, n_chunks, nbq, nbq), int)
+  np.add.at(seen, (bh, n, i, j), 1)
+  np.testing.assert_array_equal(seen, np.broadcast_to(np.tril(np.ones((nbq, nbq), int)), seen.shape))
+  # the global order itself: the grid's (bh, chunk, pair, span) order with one span per program
+  order = [(b, c, *(int(x) for x in bt._span(t, spans1, blk1, blk2, 1)[:2]))
+           for b in range(batch * heads) for c in range(n_chunks) for pair in range((nbq + 1) // 2)
+           for blk1, spans1, blk2, spans2 in [tuple(int(x) for x in bt._pair_spans(pair, nbq, 1))]
+           for t in range(spans1 + spans2)]
+  by_g = sorted(zip(g.tolist(), zip(bh.tolist(), n.tolist(), i.tolist(), j.tolist())))
+  assert [tile for _, tile in by_g] == order
+
+
 _BENCH = dict(batch=1, length=32768, heads=4, dk=256, dv=2048, chunk=2048)
 
 
@@ -159,6 +183,10 @@ def _export(batch, length, heads, dk, dv, chunk, dtype=jnp.bfloat16, **kwargs):
     (dict(batch=2, length=768, heads=2, dk=64, dv=128, chunk=384, dtype=jnp.float16),
      dict(block_k=256, stages=2, scale=0.5)),  # odd nbq (3): a middle block paired with itself
     (dict(batch=1, length=256, heads=1, dk=128, dv=64, chunk=128), dict(block_k=128, stages=3, scale=0.25)),
+    (_BENCH, dict(block_k=128, stages=4, persistent_ctas=132)),  # persistent: one program per SM
+    (_BENCH, dict(block_k=128, stages=6, persistent_ctas=264)),  # 226 KiB: stat slots reuse the 2 KiB
+    (dict(batch=2, length=768, heads=2, dk=64, dv=128, chunk=384, dtype=jnp.float16),
+     dict(block_k=128, stages=2, scale=0.5, persistent_ctas=5)),
 ])
 def test_kernel_lowers_for_cuda(shape, kwargs):
   exported = _export(**shape, **kwargs)
@@ -185,6 +213,10 @@ def test_shared_memory_limit_is_checked_when_lowering():
     (dict(stat_dtype=jnp.bfloat16), "lse must be float32"),
     (dict(block_k=192), "block_k 192 unsupported"),
     (dict(stages=1), "stages 1 < 2"),
+    (dict(persistent_ctas=0), "persistent_ctas 0"),
+    (dict(persistent_ctas=2.0), "persistent_ctas 2.0"),
+    (dict(persistent_ctas=4, block_k=256), "persistent_ctas needs block_k=128"),
+    (dict(persistent_ctas=4, spans_per_program=1), "exclude each other"),
 ])
 def test_unsupported_shapes_raise(change, message):
   batch, heads = 1, 2
@@ -194,7 +226,8 @@ def test_unsupported_shapes_raise(change, message):
   v = jax.ShapeDtypeStruct((batch, length, heads, dv), change.get("v_dtype", dtype))
   stat = jax.ShapeDtypeStruct((batch, heads, length), change.get("stat_dtype", jnp.float32))
   seg = jnp.zeros((batch, length), jnp.int32) if change.get("segment_ids") else None
-  kwargs = {key: change[key] for key in ("block_k", "stages") if key in change}
+  kwargs = {key: change[key] for key in ("block_k", "stages", "spans_per_program", "persistent_ctas")
+            if key in change}
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda q, k, v, do, lse, delta: bt.bwd_tiles_mgpu(q, k, v, do, lse, delta, chunk=chunk,
                                                                     segment_ids=seg, **kwargs),
@@ -236,16 +269,44 @@ def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypat
     ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
 
 
+def test_persistent_schedule_follows_the_environment(monkeypatch):
+  """MEGALODON_ATTENTION_TILES_PERSISTENT=<int> reaches bwd_tiles_mgpu as persistent_ctas (unset or
+  empty: the default one-tile-per-program call); anything but an int >= 1 says what to set."""
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", "5")  # through the op: it lowers for CUDA
+  module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton", tiles_impl="mgpu"), 256, 512)
+  assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+  calls = []
+  monkeypatch.setattr(bt, "bwd_tiles_mgpu", lambda *args, **kwargs: calls.append(kwargs))
+  plan = ca._triton_plan(ca.KernelConfig(), False, 0.5, 1, 2, 2, 256, 256, 64, 128, jnp.bfloat16)
+  run = lambda: ca._mgpu_bwd_tiles(plan, *(None,) * 6)  # noqa: E731
+  for value, ctas in ((None, None), ("", None), ("132", 132), ("7", 7)):
+    if value is None:
+      monkeypatch.delenv("MEGALODON_ATTENTION_TILES_PERSISTENT", raising=False)
+    else:
+      monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", value)
+    run()
+    assert calls[-1].get("persistent_ctas") == ctas, value
+    assert calls[-1]["block_k"] == 128 and calls[-1]["scale"] == 0.5
+    assert calls[-1].get("spans_per_program") == (1 if ctas is None else None)
+  for bad in ("0", "-3", "sm", "1.5"):
+    monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", bad)
+    with pytest.raises(ValueError, match=f"MEGALODON_ATTENTION_TILES_PERSISTENT={bad!r}: set it"):
+      run()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk,length,block_k,stages,scale,per_program", [
-    (512, 1024, 128, 4, 1.0, None),
-    (512, 1024, 128, 4, 1.0, 2),
-    (512, 1024, 256, 3, 1.0, None),
-    (384, 768, 256, 4, 0.5, 1),  # odd number of query blocks; short spans in both halves of the pairs
-    (384, 768, 128, 6, 0.5, 3),
+@pytest.mark.parametrize("chunk,length,block_k,stages,scale,per_program,ctas", [
+    (512, 1024, 128, 4, 1.0, None, None),
+    (512, 1024, 128, 4, 1.0, 2, None),
+    (512, 1024, 256, 3, 1.0, None, None),
+    (384, 768, 256, 4, 0.5, 1, None),  # odd number of query blocks; short spans in both halves of the pairs
+    (384, 768, 128, 6, 0.5, 3, None),
+    (512, 1024, 128, 4, 1.0, None, 7),  # persistent: 40 tiles over 7 programs (6 or 5 each)
+    (384, 768, 128, 3, 0.5, None, 132),  # persistent, more programs than the 48 tiles
+    (2048, 4096, 128, 4, 1.0, None, 132),  # persistent at the benchmark's chunk: 1088 tiles over 132
 ])
 def test_mosaic_gpu_tiles_match_reference_and_triton_on_hopper(rng, chunk, length, block_k, stages, scale,
-                                                              per_program):
+                                                              per_program, ctas):
   """Compiled on the GPU: P and dS on visited tiles against the float32 reference, and as close to it
   as the Triton tiles kernel in the same order (run with -m gpu on a Hopper GPU): 128-key spans form dS
   from the float32 P (Triton's default 'dp_first'), 256-key spans from P as stored ('s_first')."""
@@ -262,7 +323,7 @@ def test_mosaic_gpu_tiles_match_reference_and_triton_on_hopper(rng, chunk, lengt
   assert (plan.geom.bq, plan.geom.bk) == (bt.BLOCK, bt.BLOCK) and plan.bwd_order == order
   args = (q, k, v, d_out, lse, delta)
   mgpu = jax.jit(lambda *a: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=scale, block_k=block_k, stages=stages,
-                                              spans_per_program=per_program))(*args)
+                                              spans_per_program=per_program, persistent_ctas=ctas))(*args)
   triton = jax.jit(lambda q, k, v, do, lse, delta: ca._tr_bwd_tiles(plan, q, k, v, None, lse, delta, do))(*args)
   ref = jax.jit(lambda *a: bt.bwd_tiles_reference(*a, chunk, scale))(*args)
   for name, got, tri, want in zip(("p", "ds"), mgpu, triton, ref):
@@ -331,3 +392,24 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, 
   assert _visited_err(p_buf, p_ref, chunk, bt.BLOCK) < 1e-2  # P rounded to bf16
   # dS from P as stored (bf16) for 256-key spans (the Triton kernel's s_first), else from float32 P
   assert _visited_err(ds_buf, ds_ref, chunk, bt.BLOCK) < (2e-2 if block_k > bt.BLOCK else 1e-2)
+
+
+@pytest.mark.parametrize("batch,heads,chunk,length,stages,ctas", [
+    (1, 2, 384, 768, 2, 4),  # 24 tiles over 4 programs (6 each), two heads of two chunks
+    (1, 1, 384, 768, 3, 5),  # 12 tiles over 5: 3, 3, 2, 2, 2, crossing the chunk boundary mid-walk
+    (1, 1, 256, 256, 2, 5),  # 3 tiles over 5 programs: two idle
+])
+def test_persistent_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, batch, heads, chunk,
+                                                                    length, stages, ctas):
+  """persistent_ctas: programs wrap around the global tile order several times (stat slots and ring
+  steps alternate across tiles and chunk-heads), with unequal or zero tile counts."""
+  params, gpu_callbacks = mgpu_interpreter
+  dk, dv, scale = 64, 128, 0.5
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.bfloat16)
+  lse, delta = _stats64(q, k, v, d_out, chunk, scale)
+  p_buf, ds_buf = bt.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=chunk, scale=scale, stages=stages,
+                                    persistent_ctas=ctas, interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  p_ref, ds_ref = bt.bwd_tiles_reference(q, k, v, d_out, lse, delta, chunk, scale)
+  assert _visited_err(p_buf, p_ref, chunk, bt.BLOCK) < 1e-2
+  assert _visited_err(ds_buf, ds_ref, chunk, bt.BLOCK) < 1e-2

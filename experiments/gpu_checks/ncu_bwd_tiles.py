@@ -2,6 +2,7 @@
 
   ncu --clock-control none --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       --section WarpStateStats python experiments/gpu_checks/ncu_bwd_tiles.py --impl mgpu --block-k 128
+  (add --persistent-ctas 132 for the persistent schedule)
 
 Inputs come from numpy (no XLA kernels before the calls), so launches 0-2 are the three calls. The
 values are random (lse from the row norms, so P stays finite); the timing does not depend on them.
@@ -26,6 +27,8 @@ def main() -> None:
   parser.add_argument("--impl", choices=["mgpu", "triton"], default="mgpu")
   parser.add_argument("--block-k", type=int, default=128)
   parser.add_argument("--stages", type=int, default=4)
+  parser.add_argument("--persistent-ctas", type=int, default=None,
+                      help="bwd_tiles_mgpu's persistent_ctas (e.g. 132, the H200's SM count; mgpu only)")
   args = parser.parse_args()
   batch, n_chunks, chunk, heads, dk, dv = 1, 16, 2048, 4, 256, 2048
   length = n_chunks * chunk
@@ -37,7 +40,7 @@ def main() -> None:
   delta = jax.device_put(rng.normal(size=(batch, heads, length)).astype(np.float32))
   if args.impl == "mgpu":
     fn = jax.jit(lambda *a: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=1.0, block_k=args.block_k,
-                                              stages=args.stages))
+                                              stages=args.stages, persistent_ctas=args.persistent_ctas))
   else:
     plan = ca._triton_plan(ca.KernelConfig(), False, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv,
                            jnp.bfloat16)
@@ -46,7 +49,7 @@ def main() -> None:
                                                                      d_out))
   for _ in range(3):
     jax.block_until_ready(fn(q, k, v, d_out, lse, delta))
-  print("done", args.impl, args.block_k)
+  print("done", args.impl, args.block_k, args.persistent_ctas)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,13 @@ BWD_TILES_CANDIDATES = (
     # (DRAM-bound: 28% L2 hits under ncu), then walks split into groups of spans (more programs per
     # chunk-head, fewer chunk-heads' rows competing for L2)
     ("mgpu", "tiles bk 128 st 4", dict(block_k=128, stages=4)),  # 162 KiB
-    ("mgpu", "tiles bk 128 st 4 spans 1", dict(block_k=128, stages=4, spans_per_program=1)),
+    ("mgpu", "tiles bk 128 st 4 spans 1", dict(block_k=128, stages=4, spans_per_program=1)),  # the default
+    # persistent: 132 programs (one per SM) stride the global tile order, each ring running on across
+    # its tiles (no prologue or ring drain per tile); 264 cannot co-reside (one CTA per SM), a finer split
+    ("mgpu", "tiles bk 128 st 4 persistent 132", dict(block_k=128, stages=4, persistent_ctas=132)),
+    ("mgpu", "tiles bk 128 st 4 persistent 264", dict(block_k=128, stages=4, persistent_ctas=264)),
+    ("mgpu", "tiles bk 128 st 3 persistent 132", dict(block_k=128, stages=3, persistent_ctas=132)),  # 130 KiB
+    ("mgpu", "tiles bk 128 st 6 persistent 132", dict(block_k=128, stages=6, persistent_ctas=132)),  # 226 KiB
     ("mgpu", "tiles bk 128 st 4 spans 2", dict(block_k=128, stages=4, spans_per_program=2)),
     ("mgpu", "tiles bk 128 st 4 spans 4", dict(block_k=128, stages=4, spans_per_program=4)),
     ("mgpu", "tiles bk 128 st 6 spans 2", dict(block_k=128, stages=6, spans_per_program=2)),  # 226 KiB

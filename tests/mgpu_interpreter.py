@@ -7,7 +7,9 @@ them for one test's duration:
   * wgmma on an operand read through `plgpu.transpose_ref` (the interpreter's wgmma callback
     rejects the transposed view; here the view is read plainly and transposed in numpy);
   * `plgpu.load` of shared memory with a register layout (a plain load here);
-  * a CPU rule for `layout_cast` (the identity: layouts are register arrangements).
+  * a CPU rule for `layout_cast` (the identity: layouts are register arrangements);
+  * race checks on wgmma's shared-memory operands (jax's wgmma callback reads them unchecked, so a
+    TMA refilling a slot that a wgmma still reads went unseen).
 It runs wgmma synchronously, so it checks the barrier protocol, TMA offsets, indexing, masks and
 epilogues, not the asynchronous wgmma waits. The modules are private: on a jax that lays them
 out differently the fixture fails with the import error (the GPU tests then remain).
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 
 # A deadlocked barrier protocol would hang the test run: dump the stacks and exit instead.
-_DEADLOCK_SECONDS = 300
+_DEADLOCK_SECONDS = 60
 
 
 def mosaic_gpu_interpreter(monkeypatch):
@@ -46,8 +48,11 @@ def mosaic_gpu_interpreter(monkeypatch):
     if transforms and isinstance(transforms[-1], state_types.TransposeTransform):
       permutation, transforms = transforms[-1].permutation, transforms[:-1]
     span = interpret_utils.to_range(jax.tree.map(int, transforms))
-    value, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(key), span, thread,
-                                            logging_info=info)
+    key = gpu_callbacks.HostAllocationKey.from_array(key)
+    value, _, clock = memory.get_buffer_content(key, span, thread, logging_info=info)
+    if memory.detect_races:  # (jax's own wgmma callback reads its operands unchecked)
+      gpu_callbacks.get_races().check_read(info.device_id, info.thread_id, clock, key, span,
+                                           source_info=info.source_info)
     return value if permutation is None else np.transpose(value, permutation)
 
   def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,

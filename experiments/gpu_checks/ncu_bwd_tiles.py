@@ -27,6 +27,8 @@ def main() -> None:
   parser.add_argument("--impl", choices=["mgpu", "triton"], default="mgpu")
   parser.add_argument("--block-k", type=int, default=128)
   parser.add_argument("--stages", type=int, default=4)
+  parser.add_argument("--spans-per-program", type=int, default=1,
+                      help="bwd_tiles_mgpu's spans_per_program (1: the op's default; 0: whole pair walks)")
   parser.add_argument("--persistent-ctas", type=int, default=None,
                       help="bwd_tiles_mgpu's persistent_ctas (e.g. 132, the H200's SM count; mgpu only)")
   args = parser.parse_args()
@@ -40,7 +42,9 @@ def main() -> None:
   delta = jax.device_put(rng.normal(size=(batch, heads, length)).astype(np.float32))
   if args.impl == "mgpu":
     fn = jax.jit(lambda *a: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=1.0, block_k=args.block_k,
-                                              stages=args.stages, persistent_ctas=args.persistent_ctas))
+                                              stages=args.stages, persistent_ctas=args.persistent_ctas,
+                                              spans_per_program=None if args.persistent_ctas or not args.spans_per_program
+                                              else args.spans_per_program))
   else:
     plan = ca._triton_plan(ca.KernelConfig(), False, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv,
                            jnp.bfloat16)

@@ -41,10 +41,10 @@ def main() -> None:
   lse = jax.device_put(np.full((batch, heads, length), 8.0, np.float32))
   delta = jax.device_put(rng.normal(size=(batch, heads, length)).astype(np.float32))
   if args.impl == "mgpu":
+    spans = None if args.persistent_ctas or not args.spans_per_program else args.spans_per_program
     fn = jax.jit(lambda *a: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=1.0, block_k=args.block_k,
                                               stages=args.stages, persistent_ctas=args.persistent_ctas,
-                                              spans_per_program=None if args.persistent_ctas or not args.spans_per_program
-                                              else args.spans_per_program))
+                                              spans_per_program=spans))
   else:
     plan = ca._triton_plan(ca.KernelConfig(), False, 1.0, batch, heads, n_chunks, chunk, chunk, dk, dv,
                            jnp.bfloat16)

@@ -1105,35 +1105,37 @@ def _mgpu_tiles_takes(plan: _Plan, q, k, v, d_out, segment_ids) -> bool:
 
 
 _TILES_PERSISTENT_ENV = "MEGALODON_ATTENTION_TILES_PERSISTENT"
+_TILES_STAGES_ENV = "MEGALODON_ATTENTION_TILES_STAGES"
 
 
-def _tiles_persistent_ctas() -> int | None:
-  """MEGALODON_ATTENTION_TILES_PERSISTENT=<int >= 1>: the Mosaic GPU tiles kernel's persistent_ctas
-  (an A/B switch for whole-model runs; unset or empty: the default schedule, one tile per program)."""
-  value = os.environ.get(_TILES_PERSISTENT_ENV, "")
+def _positive_int_env(name: str, example: str) -> int | None:
+  """An A/B switch for whole-model runs: the integer >= 1 in environment variable `name`, None if unset."""
+  value = os.environ.get(name, "")
   if not value:
     return None
   try:
-    ctas = int(value)
+    number = int(value)
   except ValueError:
-    ctas = 0
-  if ctas < 1:
-    raise ValueError(f"{_TILES_PERSISTENT_ENV}={value!r}: set it to a number of programs >= 1 (e.g. 132, the "
-                     "H200's SM count) or unset it")
-  return ctas
+    number = 0
+  if number < 1:
+    raise ValueError(f"{name}={value!r}: set it to an integer >= 1 ({example}) or unset it")
+  return number
 
 
 def _mgpu_bwd_tiles(plan: _Plan, q, k, v, lse, delta, d_out):
   from kernels_pallas import bwd_tiles_mgpu  # Mosaic GPU: imported only when used
-  ctas = _tiles_persistent_ctas()
-  if ctas is not None:  # the persistent schedule, on request (not measured yet)
+  # MEGALODON_ATTENTION_TILES_PERSISTENT=<programs> runs the persistent schedule (programs stride the
+  # global tile order); MEGALODON_ATTENTION_TILES_STAGES=<n> sets the ring depth (default 4).
+  ctas = _positive_int_env(_TILES_PERSISTENT_ENV, "e.g. 132, the H200's SM count")
+  stages = _positive_int_env(_TILES_STAGES_ENV, "at most 6 fits in shared memory") or 4
+  if ctas is not None:
     return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len,
-                                         scale=plan.scale, block_k=128, stages=4, persistent_ctas=ctas)
+                                         scale=plan.scale, block_k=128, stages=stages, persistent_ctas=ctas)
   # One 128 x 128 tile per program in a 4-stage ring: the fastest of probe_mgpu_matmul.py's rows on an
   # H200 (1.253 ms against 1.409 for Triton; whole pair walks per program 1.734, DRAM-bound; 256-key
   # spans 1.49-1.61, 2026-11-30).
   return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len, scale=plan.scale,
-                                       block_k=128, stages=4, spans_per_program=1)
+                                       block_k=128, stages=stages, spans_per_program=1)
 
 
 def _mgpu_scores_takes(plan: _Plan, q, k, p_dtype, segment_ids) -> bool:

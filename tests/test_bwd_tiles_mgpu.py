@@ -271,7 +271,8 @@ def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypat
 
 def test_persistent_schedule_follows_the_environment(monkeypatch):
   """MEGALODON_ATTENTION_TILES_PERSISTENT=<int> reaches bwd_tiles_mgpu as persistent_ctas (unset or
-  empty: the default one-tile-per-program call); anything but an int >= 1 says what to set."""
+  empty: the default one-tile-per-program call) and MEGALODON_ATTENTION_TILES_STAGES=<int> as stages
+  (default 4); anything but an int >= 1 says what to set."""
   monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", "5")  # through the op: it lowers for CUDA
   module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton", tiles_impl="mgpu"), 256, 512)
   assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
@@ -288,10 +289,17 @@ def test_persistent_schedule_follows_the_environment(monkeypatch):
     assert calls[-1].get("persistent_ctas") == ctas, value
     assert calls[-1]["block_k"] == 128 and calls[-1]["scale"] == 0.5
     assert calls[-1].get("spans_per_program") == (1 if ctas is None else None)
+    assert calls[-1]["stages"] == 4
+  for value, stages in (("", 4), ("6", 6), ("3", 3)):  # the ring depth, either schedule
+    monkeypatch.setenv("MEGALODON_ATTENTION_TILES_STAGES", value)
+    run()
+    assert calls[-1]["stages"] == stages and calls[-1]["persistent_ctas"] == 7, value
   for bad in ("0", "-3", "sm", "1.5"):
-    monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", bad)
-    with pytest.raises(ValueError, match=f"MEGALODON_ATTENTION_TILES_PERSISTENT={bad!r}: set it"):
-      run()
+    for name in ("MEGALODON_ATTENTION_TILES_PERSISTENT", "MEGALODON_ATTENTION_TILES_STAGES"):
+      monkeypatch.setenv(name, bad)
+      with pytest.raises(ValueError, match=f"{name}={bad!r}: set it"):
+        run()
+      monkeypatch.setenv(name, "4")
 
 
 @pytest.mark.gpu
@@ -354,7 +362,7 @@ def test_chunk_attention_with_mosaic_gpu_tiles_matches_xla_on_hopper(rng):
   _, exact = run(xla_attention.chunked_attention_xla, up(q), up(k), up(v), up(d_out))
   errors = {}
   for impl in ("mgpu", "triton"):
-    config = ca.KernelConfig(matmul_impl="triton", tiles_impl=impl)  # the tiles kernel is the only difference
+    config = ca.KernelConfig(matmul_impl="triton", scores_impl="triton", tiles_impl=impl)  # only difference
     text, got = run(lambda *a, config=config, **kw: ca.chunk_attention(*a, config=config, **kw), q, k, v, d_out)
     assert (bt.MOSAIC_GPU_CALL in text) == (impl == "mgpu"), impl
     errors[impl] = [_rel_err(g, e) for g, e in zip(got, exact)]

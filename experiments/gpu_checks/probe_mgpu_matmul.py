@@ -232,6 +232,9 @@ BWD_TILES_CANDIDATES = (
     ("mgpu", "tiles bk 128 st 4 persistent 264", dict(block_k=128, stages=4, persistent_ctas=264)),
     ("mgpu", "tiles bk 128 st 3 persistent 132", dict(block_k=128, stages=3, persistent_ctas=132)),  # 130 KiB
     ("mgpu", "tiles bk 128 st 6 persistent 132", dict(block_k=128, stages=6, persistent_ctas=132)),  # 226 KiB
+    ("mgpu", "tiles bk 128 st 5 persistent 132", dict(block_k=128, stages=5, persistent_ctas=132)),  # 194 KiB
+    ("mgpu", "tiles bk 128 st 6 spans 1", dict(block_k=128, stages=6, spans_per_program=1)),  # 226 KiB
+    ("mgpu", "tiles bk 128 st 5 spans 1", dict(block_k=128, stages=5, spans_per_program=1)),  # 194 KiB
     ("mgpu", "tiles bk 128 st 4 spans 2", dict(block_k=128, stages=4, spans_per_program=2)),
     ("mgpu", "tiles bk 128 st 4 spans 4", dict(block_k=128, stages=4, spans_per_program=4)),
     ("mgpu", "tiles bk 128 st 6 spans 2", dict(block_k=128, stages=6, spans_per_program=2)),  # 226 KiB

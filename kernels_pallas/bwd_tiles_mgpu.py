@@ -1,6 +1,7 @@
 """The backward "tiles" kernel of chunked attention as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma,
 warp specialisation). The Hopper default since 2026-11-30: on an H200 at C=2048, dk 256, dv 2048,
-1.253 ms against the Triton kernel's 1.409 (one tile per program, 4 stages; probe_mgpu_matmul.py).
+1.117 ms against the Triton kernel's 1.460 in one run (persistent schedule, 132 programs, 5 stages;
+one tile per program with 4 stages 1.272; probe_mgpu_matmul.py).
 
 Same inputs, outputs and semantics as `chunk_attention._tr_bwd_tiles` with 128 x 128 tiles and no
 segment ids. For every chunk n (C consecutive positions; attention is causal within a chunk), head h
@@ -40,7 +41,9 @@ spans, one program per group (grid axis `group`, launched fastest): with one spa
 chunk-head has 8 * 17 = 136 programs and runs alone, as the Triton grid's (key, query) tiles do.
 1 span: 1.253 ms, 2: 1.270, 4: 1.357, whole walks: 1.734.
 
-Persistent schedule (`persistent_ctas=P`; not yet measured). With one tile per program every CTA pays
+Persistent schedule (`persistent_ctas=P`; the op's choice, P = the SM count, 5 stages: 1.117 ms
+against 1.272 for one tile per program in one run; 3 stages 1.348, 4 1.241, 6 1.213, 264 programs
+1.249). With one tile per program every CTA pays
 its own prologue (stat loads, the ring's first `stages` loads) and epilogue (the dS stores) with
 nothing to overlap them: one CTA fits on an SM (registers, ~162 KiB of shared memory). Instead P
 programs (grid (P,)) take the visited tiles of all chunk-heads in one global order: chunk-heads as the
@@ -123,6 +126,7 @@ approximate exp2, as Triton's exp2). No kernel `name` is passed to plgpu.kernel 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -316,10 +320,65 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   q2, k2 = q.reshape(batch * length, heads * dk), k.reshape(batch * length, heads * dk)
   v2, do2 = v.reshape(batch * length, heads * dv), d_out.reshape(batch * length, heads * dv)
 
+  # The ring, shared by both schedules. scoped = ((lhs_smem, rhs_smem, out_smem, stat_smem),
+  # (lhs_bar, rhs_bar, consumed, stat_bar)); ring step g uses slot g % stages.
+  def ring_load(scoped, g, lhs_src, rhs_src, width: int):
+    """Producer: TMA lhs_src [128, 64] and rhs_src [width, 64] into step g's slot, once it is free."""
+    (lhs_smem, rhs_smem, _, _), (lhs_bar, rhs_bar, consumed, _) = scoped
+    slot = lax.rem(g, stages)
+
+    @pl.when(g >= stages)
+    def _():
+      plgpu.barrier_wait(consumed.at[slot])
+
+    rhs_dst = rhs_smem.at[slot] if width == block_k else rhs_smem.at[slot].at[pl.ds(0, width)]
+    plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], lhs_bar.at[slot])
+    plgpu.copy_gmem_to_smem(rhs_src, rhs_dst, rhs_bar.at[slot])
+
+  def ring_drain(scoped, total):
+    """Producer: wait out the last `stages` releases of `total` steps, so that no barrier is left
+    mid-phase when the CTA exits."""
+    consumed = scoped[1][2]
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _drain(g):
+      plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+
+  def ring_accumulate(scoped, g0, n_steps, width: int, row_off):
+    """Consumer: sum over ring steps g0 .. g0 + n_steps - 1 of lhs[my 64 rows] @ rhs[:width]^T:
+    [64, width] float32. Each step's wgmma is waited for at once and its slot released."""
+    (lhs_smem, rhs_smem, _, _), (lhs_bar, rhs_bar, consumed, _) = scoped
+
+    def run(acc_ref):
+      @pl.loop(0, n_steps)
+      def _step(s):
+        slot = lax.rem(g0 + s, stages)
+        plgpu.barrier_wait(lhs_bar.at[slot])
+        plgpu.barrier_wait(rhs_bar.at[slot])
+        rhs = rhs_smem.at[slot] if width == block_k else rhs_smem.at[slot].at[pl.ds(0, width)]
+        plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[pl.ds(row_off, _HALF)], plgpu.transpose_ref(rhs, (1, 0)))
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[slot])
+
+      return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC((_HALF, width), jnp.float32))
+
+  def store_rows(scoped, wg, value, dst_ref, rows, col0):
+    """Consumer: value [64, width] (input dtype) -> dst_ref[rows, col0 : col0 + width], through the
+    warpgroup's two staging buffers in turn (every store has an even number of 64-column rounds)."""
+    out_smem = scoped[0][2]
+    for e in range(value.shape[1] // _EPI):
+      buf = out_smem.at[wg, e % 2]
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two rounds back has read buf
+      buf[...] = value[:, e * _EPI:(e + 1) * _EPI]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(buf, dst_ref.at[rows, pl.ds(col0 + e * _EPI, _EPI)])
+
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped):
     if persistent_ctas is not None:
       return persistent_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped)
-    (lhs_smem, rhs_smem, out_smem, stat_smem), (lhs_bar, rhs_bar, consumed, stat_bar) = scoped
+    stat_smem, stat_bar = scoped[0][3], scoped[1][3]  # the ring and staging: ring_* and store_rows
     bh = lax.axis_index("bh")
     n = lax.axis_index("chunk")
     b = lax.div(bh, heads)
@@ -341,17 +400,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-
-      def load(g, lhs_src, rhs_src, width: int):
-        slot = lax.rem(g, stages)
-
-        @pl.when(g >= stages)
-        def _():
-          plgpu.barrier_wait(consumed.at[slot])
-
-        rhs_dst = rhs_smem.at[slot] if width == block_k else rhs_smem.at[slot].at[pl.ds(0, width)]
-        plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], lhs_bar.at[slot])
-        plgpu.copy_gmem_to_smem(rhs_src, rhs_dst, rhs_bar.at[slot])
+      load = functools.partial(ring_load, scoped)
 
       def span_loads(u, i, j0, width: int):
         q_rows = pl.ds(x_row0 + i * BLOCK, BLOCK)
@@ -377,12 +426,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
           else:
             pl.when(pred(count))(lambda width=width: span_loads(u, i, j0, width))
 
-      # Wait out the last releases so that no barrier is left mid-phase when the CTA exits.
-      total = n_spans * spt
-
-      @pl.loop(jnp.maximum(total - stages, 0), total)
-      def _drain(g):
-        plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+      ring_drain(scoped, n_spans * spt)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -410,32 +454,11 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
         load_stats(1, blk2)
 
       def accumulate(g0, n_steps, width: int):
-        """sum over n_steps ring steps of lhs[my 64 rows] @ rhs[:width]^T: [64, width] float32."""
-        def run(acc_ref):
-          @pl.loop(0, n_steps)
-          def _step(s):
-            g = g0 + s
-            slot = lax.rem(g, stages)
-            plgpu.barrier_wait(lhs_bar.at[slot])
-            plgpu.barrier_wait(rhs_bar.at[slot])
-            rhs = rhs_smem.at[slot] if width == block_k else rhs_smem.at[slot].at[pl.ds(0, width)]
-            plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[pl.ds(row_off, _HALF)], plgpu.transpose_ref(rhs, (1, 0)))
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[slot])
-
-          return acc_ref[...]
-
-        return pl.run_scoped(run, plgpu.ACC((_HALF, width), jnp.float32))
+        return ring_accumulate(scoped, g0, n_steps, width, row_off)
 
       def store(value, dst_ref, i, j0):
         """value [64, width] (input dtype) -> my rows of tile row block i, columns from key block j0."""
-        rows = pl.ds(buf_row0 + i * BLOCK + row_off, _HALF)
-        for e in range(value.shape[1] // _EPI):
-          buf = out_smem.at[wg, e % 2]
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two rounds back has read buf
-          buf[...] = value[:, e * _EPI:(e + 1) * _EPI]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(buf, dst_ref.at[rows, pl.ds(j0 * BLOCK + e * _EPI, _EPI)])
+        store_rows(scoped, wg, value, dst_ref, pl.ds(buf_row0 + i * BLOCK + row_off, _HALF), j0 * BLOCK)
 
       def span(t, i, j0, lse, delta, width: int):
         shape = (_HALF, width)
@@ -485,7 +508,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     """`body` for the persistent schedule: this program's tiles are c, c + P, ... of the global order
     (`_persistent_tile`), one 128 x 128 span each; ring steps count on across them (step u * spt + s
     of local tile u), so the producer fills the ring with the next tile while the consumers finish one."""
-    (lhs_smem, rhs_smem, out_smem, stat_smem), (lhs_bar, rhs_bar, consumed, stat_bar) = scoped
+    stat_smem, stat_bar = scoped[0][3], scoped[1][3]  # the ring and staging: ring_* and store_rows
     wg = lax.axis_index("wg")
     cta = lax.axis_index("cta")
     n_tiles = lax.div(total_tiles - cta + (persistent_ctas - 1), persistent_ctas)  # 0 for idle programs
@@ -497,16 +520,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-
-      def load(g, lhs_src, rhs_src):
-        slot = lax.rem(g, stages)
-
-        @pl.when(g >= stages)
-        def _():
-          plgpu.barrier_wait(consumed.at[slot])
-
-        plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], lhs_bar.at[slot])
-        plgpu.copy_gmem_to_smem(rhs_src, rhs_smem.at[slot], rhs_bar.at[slot])
+      load = functools.partial(ring_load, scoped, width=BLOCK)
 
       @pl.loop(0, n_tiles)
       def _tiles(u):
@@ -525,12 +539,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
           cols = pl.ds(h * dv + s * _TK, _TK)
           load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols])
 
-      # Once per program, as in `body`: no barrier left mid-phase when the CTA exits.
-      total = n_tiles * spt
-
-      @pl.loop(jnp.maximum(total - stages, 0), total)
-      def _drain(g):
-        plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+      ring_drain(scoped, n_tiles * spt)  # once per program: the ring runs on across its tiles
 
     @pl.when(wg < 2)
     def _consumer():
@@ -548,30 +557,10 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
           plgpu.copy_gmem_to_smem(ref.at[b, h, rows], stat_smem.at[wg, slot, s], stat_barrier(slot, s))
 
       def accumulate(g0, n_steps):
-        """As in `body`: [64, 128] float32 over n_steps ring steps from step g0."""
-        def run(acc_ref):
-          @pl.loop(0, n_steps)
-          def _step(s):
-            slot = lax.rem(g0 + s, stages)
-            plgpu.barrier_wait(lhs_bar.at[slot])
-            plgpu.barrier_wait(rhs_bar.at[slot])
-            plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[pl.ds(row_off, _HALF)],
-                        plgpu.transpose_ref(rhs_smem.at[slot], (1, 0)))
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[slot])
+        return ring_accumulate(scoped, g0, n_steps, BLOCK, row_off)
 
-          return acc_ref[...]
-
-        return pl.run_scoped(run, plgpu.ACC((_HALF, BLOCK), jnp.float32))
-
-      def store(value, dst_ref, rows, j):
-        # Two 64-column rounds per store (an even number), so the buffers alternate across tiles too.
-        for e in range(BLOCK // _EPI):
-          buf = out_smem.at[wg, e % 2]
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two rounds back has read buf
-          buf[...] = value[:, e * _EPI:(e + 1) * _EPI]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(buf, dst_ref.at[rows, pl.ds(j * BLOCK + e * _EPI, _EPI)])
+      def store(value, dst_ref, rows, j):  # two rounds per store: the buffers alternate across tiles too
+        store_rows(scoped, wg, value, dst_ref, rows, j * BLOCK)
 
       @pl.when(n_tiles > 0)
       def _():

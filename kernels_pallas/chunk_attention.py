@@ -122,9 +122,10 @@ class KernelConfig:
     segment ids; Triton elsewhere and in the interpreter). It forms dS from the float32 P, as
     bwd_order='dp_first' (bwd_order does not apply to it). 'auto' (the default): 'mgpu' on a
     compute-capability 9.0 GPU, else 'triton'; MEGALODON_ATTENTION_TILES=triton|mgpu overrides 'auto'.
-    On an H200 at C=2048, dk 256, dv 2048: 1.253 against 1.409 ms (2026-11-30).
-    MEGALODON_ATTENTION_TILES_PERSISTENT=<int> runs the Mosaic GPU kernel's persistent schedule with
-    that many programs (persistent_ctas; an A/B switch, not measured yet).
+    The Mosaic GPU kernel runs its persistent schedule (one program per SM, a 5-stage ring): on an
+    H200 at C=2048, dk 256, dv 2048, 1.117 against 1.460 ms for Triton (2026-11-30).
+    MEGALODON_ATTENTION_TILES_PERSISTENT=<programs> (0: one tile per program, 1.272 ms) and
+    MEGALODON_ATTENTION_TILES_STAGES=<ring depth> change that for A/B runs.
   scores_impl: GPU forward scores with fwd_scores 'bounded' or 'twopass': Pallas Triton ('triton') or
     the warp-specialised TMA + wgmma Mosaic GPU kernel (kernels_pallas.scores_mgpu; 'mgpu', Hopper
     only) where its shapes allow (128 x 128 score tiles, chunk a multiple of 128, dk a multiple of 64
@@ -1108,34 +1109,42 @@ _TILES_PERSISTENT_ENV = "MEGALODON_ATTENTION_TILES_PERSISTENT"
 _TILES_STAGES_ENV = "MEGALODON_ATTENTION_TILES_STAGES"
 
 
-def _positive_int_env(name: str, example: str) -> int | None:
-  """An A/B switch for whole-model runs: the integer >= 1 in environment variable `name`, None if unset."""
+def _int_env(name: str, minimum: int, example: str) -> int | None:
+  """An A/B switch for whole-model runs: the integer >= minimum in environment variable `name`, None if unset."""
   value = os.environ.get(name, "")
   if not value:
     return None
   try:
     number = int(value)
   except ValueError:
-    number = 0
-  if number < 1:
-    raise ValueError(f"{name}={value!r}: set it to an integer >= 1 ({example}) or unset it")
+    number = minimum - 1
+  if number < minimum:
+    raise ValueError(f"{name}={value!r}: set it to an integer >= {minimum} ({example}) or unset it")
   return number
+
+
+def _sm_count() -> int:
+  """Streaming multiprocessors of the first GPU (132 on an H100 / H200 SXM, also the fallback)."""
+  device = jax.devices()[0]
+  return (getattr(device, "core_count", None) if device.platform == "gpu" else None) or 132
 
 
 def _mgpu_bwd_tiles(plan: _Plan, q, k, v, lse, delta, d_out):
   from kernels_pallas import bwd_tiles_mgpu  # Mosaic GPU: imported only when used
-  # MEGALODON_ATTENTION_TILES_PERSISTENT=<programs> runs the persistent schedule (programs stride the
-  # global tile order); MEGALODON_ATTENTION_TILES_STAGES=<n> sets the ring depth (default 4).
-  ctas = _positive_int_env(_TILES_PERSISTENT_ENV, "e.g. 132, the H200's SM count")
-  stages = _positive_int_env(_TILES_STAGES_ENV, "at most 6 fits in shared memory") or 4
-  if ctas is not None:
-    return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len,
-                                         scale=plan.scale, block_k=128, stages=stages, persistent_ctas=ctas)
-  # One 128 x 128 tile per program in a 4-stage ring: the fastest of probe_mgpu_matmul.py's rows on an
-  # H200 (1.253 ms against 1.409 for Triton; whole pair walks per program 1.734, DRAM-bound; 256-key
-  # spans 1.49-1.61, 2026-11-30).
+  # The persistent schedule, one program per SM striding the global tile order with a 5-stage ring:
+  # on an H200 the kernel took 1.117 ms against 1.272 for one tile per program (4 stages) and 1.460
+  # for Triton, and the op 4.207 against 4.282 ms interleaved over 15 rounds (2026-11-30,
+  # gpu_checks/..._probe-mgpu-bwd-tiles-stages.json, ..._ab_tiles_schedule.json).
+  # A/B switches: MEGALODON_ATTENTION_TILES_PERSISTENT=<programs>, 0 for one tile per program;
+  # MEGALODON_ATTENTION_TILES_STAGES=<ring depth> (at most 6 fits in shared memory).
+  ctas = _int_env(_TILES_PERSISTENT_ENV, 0, "programs, 0 for one tile per program")
+  ctas = _sm_count() if ctas is None else ctas
+  stages = _int_env(_TILES_STAGES_ENV, 1, "the ring depth; at most 6 fits in shared memory")
+  if ctas:
+    return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len, scale=plan.scale,
+                                         block_k=128, stages=stages or 5, persistent_ctas=ctas)
   return bwd_tiles_mgpu.bwd_tiles_mgpu(q, k, v, d_out, lse, delta, chunk=plan.bwd_geom.q_len, scale=plan.scale,
-                                       block_k=128, stages=stages, spans_per_program=1)
+                                       block_k=128, stages=stages or 4, spans_per_program=1)
 
 
 def _mgpu_scores_takes(plan: _Plan, q, k, p_dtype, segment_ids) -> bool:

@@ -270,17 +270,18 @@ def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypat
 
 
 def test_persistent_schedule_follows_the_environment(monkeypatch):
-  """MEGALODON_ATTENTION_TILES_PERSISTENT=<int> reaches bwd_tiles_mgpu as persistent_ctas (unset or
-  empty: the default one-tile-per-program call) and MEGALODON_ATTENTION_TILES_STAGES=<int> as stages
-  (default 4); anything but an int >= 1 says what to set."""
+  """The op's tiles call: the persistent schedule with one program per SM and 5 stages by default;
+  MEGALODON_ATTENTION_TILES_PERSISTENT=<int> sets the programs (0: one tile per program, 4 stages)
+  and MEGALODON_ATTENTION_TILES_STAGES=<int> the ring depth; anything else says what to set."""
   monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", "5")  # through the op: it lowers for CUDA
   module = _lowered_attention_module(ca.KernelConfig(matmul_impl="triton", tiles_impl="mgpu"), 256, 512)
   assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
   calls = []
   monkeypatch.setattr(bt, "bwd_tiles_mgpu", lambda *args, **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(ca, "_sm_count", lambda: 132)  # the CPU has none
   plan = ca._triton_plan(ca.KernelConfig(), False, 0.5, 1, 2, 2, 256, 256, 64, 128, jnp.bfloat16)
   run = lambda: ca._mgpu_bwd_tiles(plan, *(None,) * 6)  # noqa: E731
-  for value, ctas in ((None, None), ("", None), ("132", 132), ("7", 7)):
+  for value, ctas in ((None, 132), ("", 132), ("0", None), ("7", 7)):
     if value is None:
       monkeypatch.delenv("MEGALODON_ATTENTION_TILES_PERSISTENT", raising=False)
     else:
@@ -289,15 +290,16 @@ def test_persistent_schedule_follows_the_environment(monkeypatch):
     assert calls[-1].get("persistent_ctas") == ctas, value
     assert calls[-1]["block_k"] == 128 and calls[-1]["scale"] == 0.5
     assert calls[-1].get("spans_per_program") == (1 if ctas is None else None)
-    assert calls[-1]["stages"] == 4
-  for value, stages in (("", 4), ("6", 6), ("3", 3)):  # the ring depth, either schedule
+    assert calls[-1]["stages"] == (4 if ctas is None else 5)
+  for value, stages in (("", 5), ("6", 6), ("3", 3)):  # the ring depth, either schedule
     monkeypatch.setenv("MEGALODON_ATTENTION_TILES_STAGES", value)
     run()
     assert calls[-1]["stages"] == stages and calls[-1]["persistent_ctas"] == 7, value
-  for bad in ("0", "-3", "sm", "1.5"):
-    for name in ("MEGALODON_ATTENTION_TILES_PERSISTENT", "MEGALODON_ATTENTION_TILES_STAGES"):
-      monkeypatch.setenv(name, bad)
-      with pytest.raises(ValueError, match=f"{name}={bad!r}: set it"):
+  for name, bad in (("MEGALODON_ATTENTION_TILES_PERSISTENT", ("-1", "sm", "1.5")),
+                    ("MEGALODON_ATTENTION_TILES_STAGES", ("0", "-3", "sm", "1.5"))):
+    for value in bad:
+      monkeypatch.setenv(name, value)
+      with pytest.raises(ValueError, match=f"{name}={value!r}: set it"):
         run()
       monkeypatch.setenv(name, "4")
 

@@ -1,6 +1,6 @@
 """Interleaved A/B of chunk_attention fwd+bwd under two (or more) values of environment switches, one process.
 
-  python experiments/gpu_checks/ab_attention_env.py MEGALODON_ATTENTION_MATMUL_CLUSTER 1 2
+  python experiments/gpu_checks/ab_attention_env.py MEGALODON_ATTENTION_TILES triton mgpu
   # several switches at once: comma-separated names and values ("" leaves a switch unset)
   python experiments/gpu_checks/ab_attention_env.py \
       MEGALODON_ATTENTION_TILES_PERSISTENT,MEGALODON_ATTENTION_TILES_STAGES , 132,5 132,6

@@ -1,6 +1,7 @@
-"""SM clock, power and throttle reasons while chunked attention (or a plain matmul) runs back to back.
+"""SM clock, power and throttle reasons while chunked attention, CEMA or a plain matmul runs back to back.
 
   python experiments/gpu_checks/clocks_under_load.py --seconds 8 --json /tmp/clocks.json
+  python experiments/gpu_checks/clocks_under_load.py --workloads cema matmul
 
 Why: kernels that win alone can fail to move the whole op (2026-11-30: the cluster-multicast block
 matmul, 10% faster alone, changed the op by 0.3%), and back-to-back attention runs ~10% slower than
@@ -8,8 +9,9 @@ single calls. If the card sits at its power limit under the op, the SM clock, no
 hiding, sets the pace, and only doing less work (bytes moved, instructions issued) helps. This runs
 each workload for --seconds while `nvidia-smi -lms` samples the clocks, and prints per workload the
 time per call and the median / minimum SM clock, power draw and the throttle reasons seen.
-Workloads: the attention op fwd+bwd at bench_ops' shape, and an 8192^3 bf16 matmul (the
-matmul-peak ceiling) for comparison.
+Workloads: the attention op fwd+bwd at bench_ops' shape, the CEMA kernel fwd+bwd at bench_ops'
+shape (D=4096, N=16, L=32768: float32 FMA-bound, so its floor depends on the clock too), and an
+8192^3 bf16 matmul (the matmul-peak ceiling) for comparison.
 """
 
 from __future__ import annotations
@@ -45,6 +47,28 @@ def _attention_workload():
   return fwd_bwd, (q, k, v, d_out)
 
 
+def _cema_workload():
+  from experiments.benchmarks import bench_ops
+  from kernels_pallas import cema as cema_kernels
+  from megalodon_jax.ops import cema as cema_ops
+  batch, length, dim, order = 1, 32768, 4096, 16
+  params = {name: jnp.asarray(value) for name, value in bench_ops._cema_params(dim, order, seed=3).items()}
+  x = jax.random.normal(jax.random.key(2), (batch, length, dim)).astype(jnp.bfloat16)
+  d_y = jax.random.normal(jax.random.key(3), (batch, length, dim), jnp.float32)
+  config = cema_kernels.default_config(batch, length, dim, order)
+
+  def forward(x, params):
+    coeffs = cema_ops.cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
+    return cema_kernels.cema_pallas(x, coeffs, params["omega"].reshape(-1), config=config)
+
+  @jax.jit
+  def fwd_bwd(x, params, d_y):
+    y, vjp = jax.vjp(forward, x, params)
+    return y, vjp(d_y)
+
+  return fwd_bwd, (x, params, d_y)
+
+
 def _matmul_workload():
   a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
   return jax.jit(lambda a: a @ a), (a,)
@@ -68,13 +92,18 @@ def _sample_clocks(seconds: float, fn, inputs) -> tuple[list[list[str]], float, 
   return [[field.strip() for field in line.split(",")] for line in lines if line.strip()], elapsed / calls * 1e3, calls
 
 
+_WORKLOADS = {"attention": ("attention fwd+bwd", _attention_workload), "cema": ("cema fwd+bwd", _cema_workload),
+              "matmul": ("matmul 8192^3", _matmul_workload)}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seconds", type=float, default=8.0)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--workloads", nargs="+", choices=sorted(_WORKLOADS), default=["attention", "matmul"])
   args = parser.parse_args()
   rows = []
-  for name, make in (("idle", None), ("attention fwd+bwd", _attention_workload), ("matmul 8192^3", _matmul_workload)):
+  for name, make in [("idle", None)] + [_WORKLOADS[w] for w in args.workloads]:
     if make is None:
       fn, inputs = (lambda: jnp.zeros(())), ()
     else:

@@ -18,34 +18,73 @@ loads into swizzled shared memory, wgmma, and a producer warpgroup that runs ahe
 warpgroups through a ring of `stages` buffers guarded by mbarriers.
 
 Structure of one program (CTA of 3 warpgroups):
-  * grid (B * H, n_chunks, pairs * d_tiles), launched tile-fastest (Mosaic GPU makes the last grid
-    axis CUDA's x): the 64 programs of one (chunk, batch, head) share its M rows and X columns in
-    L2. (With the tiles axis first, the grid ran bh-fastest: 28% L2 hits, DRAM-bound at 3.7 TB/s,
-    1.42 ms.) A program owns one d tile of width block_d of one
-    (chunk, batch, head) and TWO query blocks, i = p and i' = nbq - 1 - p. Query block i visits
-    i + 1 key blocks, so the pair visits nbq + 1 of them whatever p is: every program does the same
-    work (no tail of long programs), and the producer streams both blocks' tiles through one ring
-    without draining it in between. (With odd nbq the middle block pairs with itself and is done
-    once.) The pipeline is written by hand (as in jax's attention_mgpu example) rather than with
+  * work items: one d tile of width block_d of one (chunk, batch, head) and TWO query blocks,
+    i = p and i' = nbq - 1 - p (the pair p). Query block i visits i + 1 key blocks, so the pair visits
+    nbq + 1 of them whatever p is: every item is the same work (no tail of long items), and the
+    producer streams both blocks' tiles through one ring without draining it in between. (With odd
+    nbq the middle block pairs with itself and is done once: a shorter item.) The pipeline is written
+    by hand (as in jax's attention_mgpu example) rather than with
     `plgpu.emit_pipeline_warp_specialized` because the trip count is dynamic (it depends on p) and
     the accumulator must be flushed to HBM between the two query blocks; the hand-written ring
     keeps loading across that flush.
-  * warpgroup 2 (producer): for every step, waits until both consumers released the ring slot,
+  * grid schedule (persistent_ctas=None, the default): one program per item, grid
+    (B * H, n_chunks, pairs * d_tiles), launched tile-fastest (Mosaic GPU makes the last grid axis
+    CUDA's x): the 64 programs of one (chunk, batch, head) share its M rows and X columns in L2.
+    (With the tiles axis first, the grid ran bh-fastest: 28% L2 hits, DRAM-bound at 3.7 TB/s,
+    1.42 ms.) The persistent schedule (below) runs the same items in the same order.
+  * warpgroup 2 (producer): for every ring step, waits until both consumers released the ring slot,
     then TMA-loads the [block, tk] tile of M and the [tk, block_d] tile of X (X viewed as 2-D
     [B*L, H*dv]: rows of head h are strided, the column offset h*dv + d0 selects the head).
   * warpgroups 0, 1 (consumers): each owns half of the d tile ([block, block_d / 2] float32
-    accumulator in registers), issues wgmma on the shared M tile and its half of the X tile, keeps
-    one wgmma in flight and releases the previous step's slot. After a query block: scale the rows
-    by rscale (TMA-loaded into shared memory at the block's start), cast, store through shared
-    memory by TMA.
+    accumulator in registers), issues wgmma on the shared M tile and its half of the X tile and
+    releases the slot ('immediate': once the wgmma finished; 'lagged': one step later, one wgmma
+    kept in flight). After a query block: scale the rows by rscale, cast, store through shared
+    memory by TMA (epi_cols columns a round; a round waits until the previous store has read the
+    staging buffer).
+  * row scales: two slots per consumer ([block] float32 each), used in turn by the program's output
+    blocks; at the start of a block the next block's rows (the item's second block, else the next
+    item's first) are TMA-loaded into the other slot, so they land under a whole block of wgmma.
+  * ring, drain, accumulation and staged stores are the same code in both schedules (`ring_load`,
+    `ring_drain`, `ring_accumulate`, `store_rows`); the schedules differ only in which items a
+    program takes (`body`'s `item` and `over_items`).
 
-Shared memory at the defaults (block 128, block_d 256, tk 64, 3 stages): 3 * 48 KiB ring + 64 KiB
-output staging = 208 KiB of the H200's 227 KiB.
+Persistent schedule (`persistent_ctas=P`, e.g. the SM count; NOT YET MEASURED ON A GPU). With one
+item per program (4096 programs at the benchmark shape, ~31 waves of one CTA per SM: 226 KiB of
+shared memory) every program pays its own prologue (the ring's first loads, the first row scales)
+and epilogue (the last block's flush, TMA store and its wait) with nothing to overlap them. Instead
+P programs (grid (P,)) take the items of the grid schedule's order (bh, chunk, then tile =
+d tile * pairs + pair; `_persistent_item` decodes a global index with divisions by constants):
+program c does items c, c + P, c + 2P, ..., so at any moment the P programs are on ~P consecutive
+items, the same one to three chunk-heads as the grid's waves (same L2 working set). Per program:
+  * the producer's ring step counter runs on across items (carried through the item loop: items of
+    odd nbq's middle pair are shorter), so it loads the next item's tiles as soon as slots are
+    released, while the consumers scale and store the last block; the final drain is once per
+    program;
+  * the consumers keep their accumulators per block as in the grid schedule and go from a block's
+    TMA store straight to the next block's wgmma; the staging buffer is rewritten only after
+    `wait_smem_to_gmem(0, wait_read_only=True)` (the previous store has read it);
+  * row-scale slots alternate by the running count of output blocks (the item loop carries its
+    parity); a slot is refilled by TMA only after its last read into registers, which the previous
+    block's stores' commit_smem (proxy fence, warpgroup barrier) orders before the TMA write; each
+    row-scale barrier sees one load per wait, in order;
+  * item counts differ by at most one (4096 items over 132 programs: 32 or 31 each); a program beyond
+    the item count does nothing.
+Candidates for the GPU (experiments/gpu_checks/probe_mgpu_matmul.py --only persistent): P = 132 and
+264, 3 and 4 stages, forward and transposed; chunk_attention's A/B switch
+MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs>.
+
+Shared memory (bf16; the H200 allows 227 KiB a block): ring stages * (block * 64 + 64 * block_d) * 2 B
+(48 KiB a stage at block 128, block_d 256), staging 2 * block * epi_cols * 2 B, row scales
+2 warpgroups * 2 slots * block * 4 B (2 KiB), barriers. At block 128, block_d 256: 3 stages with
+128-column stores 210 KiB; 4 stages with 64-column stores (chunk_attention's) 226 KiB (231552 B, a
+lowering test pins it). The persistent schedule adds nothing.
 
 CPU: Mosaic GPU kernels cannot run here, but they lower: `jax.export.export(..., platforms=["cuda"])`
-runs the Pallas -> Mosaic GPU lowering (layouts, transforms, barrier and TMA shapes) and embeds the
-module in a `mosaic_gpu_v2` custom call (no safety check needs disabling). Compilation to PTX,
-shared-memory limits and TMA descriptor checks happen only on the GPU.
+runs the Pallas -> Mosaic GPU lowering (layouts, transforms, barrier and TMA shapes, the
+shared-memory total against 227 KiB) and embeds the module in a `mosaic_gpu_v2` custom call (no
+safety check needs disabling). The kernel also runs under Mosaic GPU's CPU interpreter
+(tests/mgpu_interpreter.py: barriers, TMA offsets, item order, row-scale slots, races; wgmma
+synchronous). Compilation to PTX, registers and TMA descriptor checks happen only on the GPU.
 
 API (written against jax 0.10.2, to run under 0.11.2): only calls that jax's own attention_mgpu and
 hopper_matmul_mgpu examples use in both versions (plgpu.kernel with thread_name, run_scoped with
@@ -64,6 +103,7 @@ slot as soon as its wgmma finished gave the rest.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -130,10 +170,45 @@ def _check(m_buf, x, rscale, chunk: int, block: int, block_d: int, stages: int):
     raise ValueError(f"stages {stages} < 2")
 
 
+def _persistent_item(g, n_chunks: int, n_pairs: int, n_dt: int):
+  """Global work item g of the persistent order -> (bh, chunk n, pair, d tile).
+
+  The grid schedule's order: chunk-heads bh major, then chunk, then its tile index fastest, itself
+  d tile major and pair minor (tile = dt * n_pairs + pair). Divisions by constants, no table.
+  Non-negative scalars in (traced int32, Python ints or integer arrays), the same out.
+  """
+  per_ch = n_pairs * n_dt
+  ch, tile = lax.div(g, per_ch), lax.rem(g, per_ch)
+  return lax.div(ch, n_chunks), lax.rem(ch, n_chunks), lax.rem(tile, n_pairs), lax.div(tile, n_pairs)
+
+
+def persistent_schedule(batch: int, heads: int, n_chunks: int, chunk: int, block: int, width: int, block_d: int,
+                        ctas: int):
+  """(total work items, items of each program [ctas]) of the persistent schedule: program c does
+  global items c, c + ctas, ... (Python ints; the kernel computes its own count the same way)."""
+  total = batch * heads * n_chunks * ((chunk // block + 1) // 2) * (width // block_d)
+  return total, [(total - c + ctas - 1) // ctas for c in range(ctas)]
+
+
+class _Item(NamedTuple):
+  """One work item (a query-block pair of one d tile of one chunk-head) as traced int32 scalars."""
+  b: jax.Array
+  h: jax.Array
+  n: jax.Array  # chunk
+  blk1: jax.Array  # output block p
+  blk2: jax.Array  # output block nbq - 1 - p
+  steps1: jax.Array  # ring steps of blk1
+  steps2: jax.Array  # ring steps of blk2 (0 for the middle block of odd nbq, done once as blk1)
+  m_row0: jax.Array  # row of the chunk's first query in the 2-D view of M
+  x_row0: jax.Array  # row of the chunk's first key / query in the 2-D views of X and Y
+  col0: jax.Array  # first column of the d tile in the 2-D views of X and Y
+
+
 def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array | None, *, chunk: int,
                              block: int, block_d: int = 256, stages: int = 3, out_dtype=None,
                              release: str = "lagged", epi_cols: int | None = None,
-                             transpose_m: bool = False, interpret=None) -> jax.Array:
+                             transpose_m: bool = False, persistent_ctas: int | None = None,
+                             interpret=None) -> jax.Array:
   """Y = rowscale * block-causal(M) @ X on a Hopper GPU (Pallas Mosaic GPU).
 
   m_buf [B, H, n*C, C] (C = chunk), x [B, n*C, H, dv], rscale [B, H, n*C] float32 or None
@@ -147,11 +222,19 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   makes room for a fourth ring stage at block 128, block_d 256.
   transpose_m: Y = block-causal(M)^T @ X instead (the backward's dV = P^T dO and dK = dS^T Q):
   output row block j of a chunk sums over query blocks i >= j of M[i, j]^T X[i]; rscale must be None.
+  persistent_ctas: launch this many programs (e.g. the SM count) that share all work items (query-block
+  pair, d tile, chunk-head) in one global order, program c taking items c, c + persistent_ctas, ...;
+  each program's ring streams on from item to item ("Persistent schedule" in the module docstring).
+  None: one program per work item (the grid schedule).
   """
   if transpose_m and rscale is not None:
     raise ValueError("transpose_m=True takes no rscale (the backward's transposed products have none)")
   if release not in ("lagged", "immediate"):
     raise ValueError(f"release must be 'lagged' or 'immediate', got {release!r}")
+  if persistent_ctas is not None and (isinstance(persistent_ctas, bool) or not isinstance(persistent_ctas, int)
+                                      or persistent_ctas < 1):
+    raise ValueError(f"persistent_ctas {persistent_ctas!r}: use None (one program per work item) or an int >= 1 "
+                     "(e.g. the SM count, 132 on an H200)")
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
   _check(m_buf, x, rscale, chunk, block, block_d, stages)
@@ -161,6 +244,7 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   nbq = chunk // block
   n_pairs = (nbq + 1) // 2
   n_dt = width // block_d
+  total_items = batch * heads * n_chunks * n_pairs * n_dt  # the persistent schedule's
   wn = block_d // 2  # columns per consumer warpgroup
   epi = epi_cols or wn
   if wn % epi or epi % 64:
@@ -180,114 +264,198 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   m2 = m_buf.reshape(batch * heads * length, chunk)
   x2 = x.reshape(batch * length, heads * width)
 
-  def body(m_ref, x_ref, rs_ref, y_ref, scoped):
-    (m_smem, x_smem, out_smem, rs_smem), (m_bar, x_bar, consumed, rs_bar) = scoped
-    tile = lax.axis_index("tile")
-    pair = lax.rem(tile, n_pairs)
-    d0 = lax.div(tile, n_pairs) * block_d
-    n = lax.axis_index("chunk")
-    bh = lax.axis_index("bh")
-    b = lax.div(bh, heads)
-    h = lax.rem(bh, heads)
-    wg = lax.axis_index("wg")
-    blk1 = pair
-    blk2 = nbq - 1 - pair
-
+  def make_item(bh, n, pair, dt) -> _Item:
     def blocks_of(blk):  # input blocks summed into output block blk: j <= blk, or i >= blk transposed
       return nbq - blk if transpose_m else blk + 1
 
-    steps1 = blocks_of(blk1) * kpb
-    steps2 = jnp.where(blk2 != blk1, blocks_of(blk2) * kpb, 0)  # odd nbq: the middle block only once
-    total = steps1 + steps2
-    m_row0 = bh * length + n * chunk  # row of this chunk's first query in m2
-    x_row0 = b * length + n * chunk  # row of this chunk's first key / query in x2 and y2
-    col0 = h * width + d0
+    b, h = lax.div(bh, heads), lax.rem(bh, heads)
+    blk1, blk2 = pair, nbq - 1 - pair
+    return _Item(b=b, h=h, n=n, blk1=blk1, blk2=blk2, steps1=blocks_of(blk1) * kpb,
+                 steps2=jnp.where(blk2 != blk1, blocks_of(blk2) * kpb, 0),  # odd nbq: the middle block once
+                 m_row0=bh * length + n * chunk, x_row0=b * length + n * chunk, col0=h * width + dt * block_d)
+
+  # The ring and the staged stores, shared by both schedules. scoped = ((m_smem, x_smem, out_smem,
+  # rs_smem), (m_bar, x_bar, consumed, rs_bar)); ring step g uses slot g % stages.
+  def ring_load(scoped, g, m_src, x_src):
+    """Producer: TMA m_src and x_src into step g's slot, once both consumers released it."""
+    (m_smem, x_smem, _, _), (m_bar, x_bar, consumed, _) = scoped
+    slot = lax.rem(g, stages)
+
+    @pl.when(g >= stages)
+    def _():
+      plgpu.barrier_wait(consumed.at[slot])
+
+    plgpu.copy_gmem_to_smem(m_src, m_smem.at[slot], m_bar.at[slot])
+    plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], x_bar.at[slot])
+
+  def ring_drain(scoped, total):
+    """Producer: wait out the last `stages` releases of `total` steps, so that no barrier is left
+    mid-phase when the CTA exits."""
+    consumed = scoped[1][2]
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _drain(g):
+      plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+
+  def ring_accumulate(scoped, wg, g0, n_steps):
+    """Consumer: sum over ring steps g0 .. g0 + n_steps - 1 of M tile @ my half of the X tile:
+    [block, wn] float32. Every step's slot is released once (both release modes)."""
+    (m_smem, x_smem, _, _), (m_bar, x_bar, consumed, _) = scoped
+
+    def run(acc_ref):
+      @pl.loop(0, n_steps)
+      def _step(k):
+        g = g0 + k
+        slot = lax.rem(g, stages)
+        plgpu.barrier_wait(m_bar.at[slot])
+        plgpu.barrier_wait(x_bar.at[slot])
+        a = plgpu.transpose_ref(m_smem.at[slot], (1, 0)) if transpose_m else m_smem.at[slot]
+        plgpu.wgmma(acc_ref, a, x_smem.at[slot].at[:, pl.ds(wg * wn, wn)])
+        if release == "immediate":
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed.at[slot])
+        else:
+          # One wgmma stays in flight; the one before it has finished reading its slot.
+          plgpu.wgmma_wait(1)
+
+          @pl.when(k > 0)
+          def _():
+            plgpu.barrier_arrive(consumed.at[lax.rem(g - 1, stages)])
+
+      if release == "lagged":
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[lax.rem(g0 + n_steps - 1, stages)])
+      return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC((block, wn), jnp.float32))
+
+  def store_rows(scoped, wg, value, dst_ref, rows, col0):
+    """Consumer: value [block, wn] (out_dtype) -> dst_ref[rows, col0 : col0 + wn], epi columns a
+    round through the warpgroup's staging buffer."""
+    out_buf = scoped[0][2].at[wg]
+    for e in range(wn // epi):
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store (maybe the last item's) read out_buf
+      out_buf[...] = value[:, e * epi:(e + 1) * epi]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_buf, dst_ref.at[rows, pl.ds(col0 + e * epi, epi)])
+
+  def body(m_ref, x_ref, rs_ref, y_ref, scoped):
+    rs_smem, rs_bar = scoped[0][3], scoped[1][3]  # the ring and staging: ring_* and store_rows
+    wg = lax.axis_index("wg")
+    if persistent_ctas is None:  # one item per program, from the grid
+      n_items = 1
+
+      def item(u):
+        del u
+        tile = lax.axis_index("tile")
+        return make_item(lax.axis_index("bh"), lax.axis_index("chunk"), lax.rem(tile, n_pairs),
+                         lax.div(tile, n_pairs))
+    else:  # items cta, cta + P, ... of the global order
+      cta = lax.axis_index("cta")
+      n_items = lax.div(total_items - cta + (persistent_ctas - 1), persistent_ctas)  # 0 for idle programs
+
+      def item(u):
+        return make_item(*_persistent_item(cta + u * persistent_ctas, n_chunks, n_pairs, n_dt))
+
+    def over_items(fn, init):
+      """carry = fn(u, carry) over this program's items u: one call, or a loop (persistent)."""
+      if persistent_ctas is None:
+        return fn(0, init)
+      return pl.loop(0, n_items, init_carry=init)(fn)
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      @pl.loop(0, total)
-      def _step(g):
-        slot = lax.rem(g, stages)
-        second = g >= steps1
-        oblk = jnp.where(second, blk2, blk1)  # output block
-        k = jnp.where(second, g - steps1, g)  # ring step within the output block's input range
+      def item_loads(u, g0):
+        """The item's ring steps g0, g0 + 1, ...: blk1's input range, then blk2's, no gap."""
+        it = item(u)
 
-        @pl.when(g >= stages)
-        def _():
-          plgpu.barrier_wait(consumed.at[slot])
+        @pl.loop(0, it.steps1 + it.steps2)
+        def _step(k):
+          second = k >= it.steps1
+          oblk = jnp.where(second, it.blk2, it.blk1)  # output block
+          kk = jnp.where(second, k - it.steps1, k)  # ring step within the output block's input range
+          if transpose_m:  # input rows: queries from block oblk on; M tile [TK queries, block keys]
+            r = oblk * block + kk * _TK
+            m_src = m_ref.at[pl.ds(it.m_row0 + r, _TK), pl.ds(oblk * block, block)]
+          else:  # input rows: keys from 0; M tile [block queries, TK keys]
+            r = kk * _TK
+            m_src = m_ref.at[pl.ds(it.m_row0 + oblk * block, block), pl.ds(r, _TK)]
+          ring_load(scoped, g0 + k, m_src, x_ref.at[pl.ds(it.x_row0 + r, _TK), pl.ds(it.col0, block_d)])
 
-        if transpose_m:  # input rows: queries from block oblk on; M tile [TK queries, block keys]
-          r = oblk * block + k * _TK
-          m_src = m_ref.at[pl.ds(m_row0 + r, _TK), pl.ds(oblk * block, block)]
-        else:  # input rows: keys from 0; M tile [block queries, TK keys]
-          r = k * _TK
-          m_src = m_ref.at[pl.ds(m_row0 + oblk * block, block), pl.ds(r, _TK)]
-        plgpu.copy_gmem_to_smem(m_src, m_smem.at[slot], m_bar.at[slot])
-        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(x_row0 + r, _TK), pl.ds(col0, block_d)],
-                                x_smem.at[slot], x_bar.at[slot])
+        return g0 + it.steps1 + it.steps2
 
-      # Wait out the last releases so that no barrier is left mid-phase when the CTA exits.
-      @pl.loop(jnp.maximum(total - stages, 0), total)
-      def _drain(g):
-        plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+      # The ring runs on across items: once per program, not per item.
+      ring_drain(scoped, over_items(item_loads, jnp.int32(0)))
 
     @pl.when(wg < 2)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
 
-      def query_block(which: int, qblk, step0, n_steps):
-        rs_buf = rs_smem.at[wg, which]
-        if rs_ref is not None:  # issued first: it lands while the block's wgmma run
-          plgpu.copy_gmem_to_smem(rs_ref.at[b, h, pl.ds(n * chunk + qblk * block, block)], rs_buf,
-                                  rs_bar.at[wg * 2 + which])
+      def load_rs(slot, it: _Item, qblk):
+        """Row scales of output block qblk of item `it` -> my rs slot `slot` (TMA, rs_bar)."""
+        plgpu.copy_gmem_to_smem(rs_ref.at[it.b, it.h, pl.ds(it.n * chunk + qblk * block, block)],
+                                rs_smem.at[wg, slot], rs_bar.at[wg * 2 + slot])
 
-        def accumulate(acc_ref):
-          @pl.loop(0, n_steps)
-          def _step(k):
-            g = step0 + k
-            slot = lax.rem(g, stages)
-            plgpu.barrier_wait(m_bar.at[slot])
-            plgpu.barrier_wait(x_bar.at[slot])
-            a = plgpu.transpose_ref(m_smem.at[slot], (1, 0)) if transpose_m else m_smem.at[slot]
-            plgpu.wgmma(acc_ref, a, x_smem.at[slot].at[:, pl.ds(wg * wn, wn)])
-            if release == "immediate":
-              plgpu.wgmma_wait(0)
-              plgpu.barrier_arrive(consumed.at[slot])
-            else:
-              # One wgmma stays in flight; the one before it has finished reading its slot.
-              plgpu.wgmma_wait(1)
+      def load_next_rs(slot, u):
+        """The first block's row scales of the program's next item, if there is one."""
+        if persistent_ctas is None:
+          return
 
-              @pl.when(k > 0)
-              def _():
-                plgpu.barrier_arrive(consumed.at[lax.rem(g - 1, stages)])
+        @pl.when(u + 1 < n_items)
+        def _():
+          nxt = item(u + 1)
+          load_rs(slot, nxt, nxt.blk1)
 
-          if release == "lagged":
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[lax.rem(step0 + n_steps - 1, stages)])
-          return acc_ref[...]
-
-        acc = pl.run_scoped(accumulate, plgpu.ACC((block, wn), jnp.float32))
+      def query_block(slot, it: _Item, qblk, g0, n_steps):
+        acc = ring_accumulate(scoped, wg, g0, n_steps)
         if rs_ref is not None:
-          plgpu.barrier_wait(rs_bar.at[wg * 2 + which])
-          scale = plgpu.load(rs_buf, (), layout=plgpu.Layout.WGMMA.reduce(1))
+          plgpu.barrier_wait(rs_bar.at[wg * 2 + slot])
+          scale = plgpu.load(rs_smem.at[wg, slot], (), layout=plgpu.Layout.WGMMA.reduce(1))
           acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
-        out_buf = out_smem.at[wg]
-        acc = acc.astype(out_dtype)
-        for e in range(wn // epi):
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read out_buf
-          out_buf[...] = acc[:, e * epi:(e + 1) * epi]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_buf, y_ref.at[pl.ds(x_row0 + qblk * block, block),
-                                                    pl.ds(col0 + wg * wn + e * epi, epi)])
+        store_rows(scoped, wg, acc.astype(out_dtype), y_ref, pl.ds(it.x_row0 + qblk * block, block), it.col0 + wg * wn)
 
-      query_block(0, blk1, 0, steps1)
+      def item_blocks(u, carry):
+        """The item's one or two output blocks. Row scales alternate between the two rs slots by the
+        program's running count of output blocks (`slot` is its parity): at the start of a block the
+        next block's rows (this item's blk2, else the next item's blk1) go to the other slot, last read
+        (into registers) by the previous block's epilogue, whose stores' commit_smem (proxy fence,
+        warpgroup barrier) orders that read before this TMA write. Each rs barrier then sees one load
+        per wait, in order."""
+        g0, slot = carry
+        it = item(u)
+        has2 = it.steps2 > 0
+        if rs_ref is not None:
+          @pl.when(has2)
+          def _():
+            load_rs(1 - slot, it, it.blk2)
 
-      @pl.when(steps2 > 0)
-      def _():
-        query_block(1, blk2, steps1, steps2)
+          @pl.when(jnp.logical_not(has2))
+          def _():
+            load_next_rs(1 - slot, u)
 
+        query_block(slot, it, it.blk1, g0, it.steps1)
+
+        @pl.when(has2)
+        def _():
+          if rs_ref is not None:
+            load_next_rs(slot, u)
+          query_block(1 - slot, it, it.blk2, g0 + it.steps1, it.steps2)
+
+        return g0 + it.steps1 + it.steps2, jnp.where(has2, slot, 1 - slot)
+
+      if rs_ref is not None:  # the program's first block: issued first, it lands while the ring fills
+        if persistent_ctas is None:
+          first = item(0)
+          load_rs(0, first, first.blk1)
+        else:
+          @pl.when(n_items > 0)
+          def _():
+            first = item(0)
+            load_rs(0, first, first.blk1)
+
+      over_items(item_blocks, (jnp.int32(0), jnp.int32(0)))
       plgpu.wait_smem_to_gmem(0)
 
   def entry(m_ref, x_ref, *refs):
@@ -311,8 +479,9 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
       out_type=jax.ShapeDtypeStruct((batch * length, heads * width), out_dtype),
       # Mosaic GPU launches the LAST grid axis fastest (CUDA's x; Pallas Triton launches the first):
       # the tiles of one (chunk, batch, head), which share its M rows and X columns, run together.
-      grid=(batch * heads, n_chunks, n_pairs * n_dt),
-      grid_names=("bh", "chunk", "tile"),
+      # Persistent: P programs walk the same order (`_persistent_item`).
+      grid=(batch * heads, n_chunks, n_pairs * n_dt) if persistent_ctas is None else (persistent_ctas,),
+      grid_names=("bh", "chunk", "tile") if persistent_ctas is None else ("cta",),
       num_threads=3,
       thread_name="wg",
       **({} if interpret is None else {"interpret": interpret}),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -255,3 +256,144 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, 
   assert got.shape == want.shape and got.dtype == jnp.bfloat16
   assert np.all(np.isfinite(np.asarray(got, np.float32)))
   assert _rel_err(got, want) < 1e-2  # the output is rounded to bf16
+
+
+@pytest.mark.parametrize("batch,heads,n_chunks,nbq,n_dt,ctas", [
+    (1, 2, 2, 3, 2, 3), (2, 1, 3, 4, 1, 7), (1, 1, 1, 1, 1, 3), (1, 2, 2, 3, 1, 8),
+    (1, 4, 16, 16, 8, 132), (1, 4, 16, 16, 8, 264)])
+def test_persistent_order_covers_each_item_once(batch, heads, n_chunks, nbq, n_dt, ctas):
+  """`_persistent_item` over all programs' items: every (chunk-head, pair, d tile) exactly once, in the
+  grid schedule's order (bh, then chunk, then its tile index, d tile major and pair minor); the
+  programs' item counts differ by at most one (ctas beyond the item count: idle programs)."""
+  block, block_d = 128, 128
+  n_pairs = (nbq + 1) // 2
+  total, counts = bm.persistent_schedule(batch, heads, n_chunks, nbq * block, block, n_dt * block_d, block_d,
+                                         ctas)
+  assert total == batch * heads * n_chunks * n_pairs * n_dt and sum(counts) == total
+  assert max(counts) - min(counts) <= 1 and min(counts) >= 0
+  g = np.concatenate([c + np.arange(count) * ctas for c, count in enumerate(counts)])
+  bh, n, pair, dt = (np.asarray(x) for x in bm._persistent_item(jnp.asarray(g, jnp.int32), n_chunks, n_pairs,
+                                                                  n_dt))
+  assert ((0 <= bh) & (bh < batch * heads) & (0 <= n) & (n < n_chunks) & (0 <= pair) & (pair < n_pairs)
+          & (0 <= dt) & (dt < n_dt)).all()
+  seen = np.zeros((batch * heads, n_chunks, n_pairs, n_dt), int)
+  np.add.at(seen, (bh, n, pair, dt), 1)
+  np.testing.assert_array_equal(seen, 1)
+  order = [(b, c, tile % n_pairs, tile // n_pairs)
+           for b in range(batch * heads) for c in range(n_chunks) for tile in range(n_pairs * n_dt)]
+  by_g = sorted(zip(g.tolist(), zip(bh.tolist(), n.tolist(), pair.tolist(), dt.tolist())))
+  assert [item for _, item in by_g] == order
+
+
+@pytest.mark.parametrize("transpose_m,with_scale,block_d,stages,release,epi_cols,ctas", [
+    (False, True, 256, 4, "immediate", 64, 1),  # the op's configuration; one program does all 8 items
+    (False, True, 128, 2, "lagged", None, 3),  # 16 items over 3 programs (6, 5, 5); a two-slot ring
+    (True, False, 256, 3, "immediate", 64, 3),  # dV = P^T dO: 8 items over 3 (3, 3, 2)
+    (False, False, 256, 2, "immediate", None, 11),  # 8 items over 11 programs: three idle
+])
+def test_persistent_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, transpose_m, with_scale,
+                                                                    block_d, stages, release, epi_cols, ctas):
+  """persistent_ctas under Mosaic GPU's CPU interpreter (race detector on): 2 heads x 2 chunks of 384
+  (three query blocks: pair (0, 2), then the middle block alone, so the rs slots' parity flips
+  mid-program), dv 256; programs wrap around the item order, crossing chunks and heads mid-program."""
+  params, gpu_callbacks = mgpu_interpreter
+  batch, heads, n_chunks, chunk, dv, block = 1, 2, 2, 384, 256, 128
+  length = n_chunks * chunk
+  m_buf = _poison_unvisited(jnp.asarray(rng.random((batch, heads, length, chunk)), jnp.bfloat16), chunk, block)
+  x = jnp.asarray(rng.standard_normal((batch, length, heads, dv)), jnp.bfloat16)
+  rscale = jnp.asarray(rng.random((batch, heads, length)) + 0.5, jnp.float32) if with_scale else None
+  got = bm.block_causal_matmul_mgpu(m_buf, x, rscale, chunk=chunk, block=block, block_d=block_d, stages=stages,
+                                    release=release, epi_cols=epi_cols, transpose_m=transpose_m,
+                                    persistent_ctas=ctas, interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  want = bm.block_causal_matmul_reference(m_buf, x, rscale, chunk, block, transpose_m=transpose_m)
+  assert got.shape == want.shape and got.dtype == jnp.bfloat16
+  assert np.all(np.isfinite(np.asarray(got, np.float32)))
+  assert _rel_err(got, want) < 1e-2  # the output is rounded to bf16
+
+
+def _export_bench(persistent_ctas, transpose_m: bool, stages: int = 4, epi_cols: int | None = 64):
+  """block_causal_matmul_mgpu at the benchmark shape (B=1, 16 chunks of 2048, 4 heads, dv 2048, bf16),
+  exported for CUDA; the row scale with the forward product only."""
+  batch, n_chunks, chunk, heads, dv = 1, 16, 2048, 4, 2048
+  length = n_chunks * chunk
+  m_buf = jax.ShapeDtypeStruct((batch, heads, length, chunk), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.bfloat16)
+  rscale = None if transpose_m else jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)
+  fn = lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, chunk=chunk, block=128, block_d=256,  # noqa: E731
+                                                   stages=stages, epi_cols=epi_cols, release="immediate",
+                                                   transpose_m=transpose_m, persistent_ctas=persistent_ctas)
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(m_buf, x, rscale)
+
+
+def _smem_bytes(monkeypatch, **kwargs) -> int:
+  """The kernel's shared-memory total, as Mosaic GPU's lowering counts it (it reports the count when
+  over its limit: the limit is set to one byte here)."""
+  from jax.experimental.mosaic.gpu import core as mgpu_core
+  with monkeypatch.context() as patch, pytest.raises(ValueError, match="exceeds available shared memory") as err:
+    patch.setattr(mgpu_core, "_SMEM_SIZE_BOUND", 1)
+    _export_bench(**kwargs)
+  return int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
+
+
+@pytest.mark.parametrize("ctas,transpose_m,stages,epi_cols", [
+    (132, False, 4, 64), (132, True, 4, 64), (264, False, 3, None), (264, True, 3, None)])
+def test_persistent_kernel_lowers_for_cuda(monkeypatch, ctas, transpose_m, stages, epi_cols):
+  """The persistent schedule at the benchmark shape lowers to one Mosaic GPU call, with the grid
+  schedule's shared memory (no buffer added: the row scales alternate the same two slots per
+  warpgroup): 4 stages with 64-column stores 4 * 48 KiB ring + 2 * 16 KiB staging + 2 KiB row scales
+  + barriers, under the H200's 227 KiB."""
+  exported = _export_bench(ctas, transpose_m, stages, epi_cols)
+  assert exported.mlir_module().count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 1
+  assert exported.out_avals[0].shape == (1, 16 * 2048, 4, 2048) and exported.out_avals[0].dtype == jnp.bfloat16
+  smem = _smem_bytes(monkeypatch, persistent_ctas=ctas, transpose_m=transpose_m, stages=stages, epi_cols=epi_cols)
+  assert smem == _smem_bytes(monkeypatch, persistent_ctas=None, transpose_m=transpose_m, stages=stages,
+                             epi_cols=epi_cols)
+  staging = 2 * 128 * (epi_cols or 128) * 2
+  assert stages * 48 * 1024 + staging + 2 * 2 * 128 * 4 <= smem < stages * 48 * 1024 + staging + 2048 + 256
+  assert smem <= 227 * 1024
+
+
+@pytest.mark.parametrize("value,message", [
+    (0, "persistent_ctas 0"), (-3, "persistent_ctas -3"), (2.0, "persistent_ctas 2.0"), (True, "persistent_ctas True"),
+    ("132", "persistent_ctas '132'")])
+def test_persistent_ctas_must_be_a_positive_int(value, message):
+  chunk, length = 256, 512
+  m_buf = jax.ShapeDtypeStruct((1, 2, length, chunk), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1, length, 2, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda m, x: bm.block_causal_matmul_mgpu(m, x, None, chunk=chunk, block=128,
+                                                            persistent_ctas=value), m_buf, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,length,heads,dv,stages,transpose_m,with_scale,ctas", [
+    (2048, 4096, 2, 512, 4, False, True, 132),  # the op's configuration at the benchmark's chunk: 32 items
+    (2048, 4096, 2, 512, 4, True, False, 132),
+    (384, 1536, 3, 1024, 3, False, True, 7),  # odd nbq, 64 items over 7 programs (10 or 9 each)
+    (384, 1536, 3, 1024, 3, True, False, 7),
+    (2048, 8192, 4, 2048, 4, False, True, 264),  # 1024 items over 264 programs (two waves of 132 SMs)
+])
+def test_persistent_kernel_matches_the_reference_on_hopper(rng, chunk, length, heads, dv, stages, transpose_m,
+                                                            with_scale, ctas):
+  """Compiled on the GPU: the persistent schedule against the float32 reference and the grid schedule
+  (bit-identical: each output block sums the same wgmmas in the same order); run with -m gpu on a
+  Hopper GPU."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, block = 1, 128
+  m_buf = jnp.asarray(rng.random((batch, heads, length, chunk), np.float32) / 64, jnp.bfloat16)
+  m_buf = _poison_unvisited(m_buf, chunk, block)
+  x = jnp.asarray(rng.standard_normal((batch, length, heads, dv), np.float32), jnp.bfloat16)
+  rscale = jnp.asarray(rng.random((batch, heads, length), np.float32) + 0.5) if with_scale else None
+  kwargs = dict(chunk=chunk, block=block, block_d=256, stages=stages, epi_cols=64, release="immediate",
+                transpose_m=transpose_m)
+  got = jax.jit(lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, persistent_ctas=ctas, **kwargs))(m_buf, x,
+                                                                                                       rscale)
+  grid = jax.jit(lambda m, x, r: bm.block_causal_matmul_mgpu(m, x, r, **kwargs))(m_buf, x, rscale)
+  want = jax.jit(lambda m, x, r: bm.block_causal_matmul_reference(m, x, r, chunk, block,
+                                                                  transpose_m=transpose_m))(m_buf, x, rscale)
+  assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+  assert bool(jnp.all(jnp.isfinite(got.astype(jnp.float32))))
+  assert _rel_err(got, want) < 1e-2
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(grid, np.float32))

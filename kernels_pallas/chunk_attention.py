@@ -116,6 +116,8 @@ class KernelConfig:
     the environment variable MEGALODON_ATTENTION_MATMUL=triton|mgpu overrides 'auto' (A/B runs of
     whole models). On an H200 at C=2048, dk 256, dv 2048: 4.360 against 4.644 ms fwd+bwd in one
     bench_ops run, P V 0.938 against 1.069 ms, dV 0.967 against 1.114 (2026-11-30).
+    MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> (e.g. 132; unset or 0: one program per work item)
+    runs the Mosaic GPU matmuls' persistent schedule instead, for A/B runs (not yet measured).
   tiles_impl: GPU backward tiles kernel (S, P, dP, dS per visited tile): Pallas Triton ('triton') or
     the Mosaic GPU kernel (kernels_pallas.bwd_tiles_mgpu; 'mgpu', Hopper only) where its shapes allow
     (128 x 128 backward tiles, chunk a multiple of 128, dk and dv multiples of 64, one 16-bit dtype, no
@@ -1083,15 +1085,21 @@ def _mgpu_takes(plan: _Plan, writer: _Geom, m_buf, x) -> bool:
           and m_buf.dtype == x.dtype and m_buf.shape == (writer.batch, writer.heads, x.shape[1], writer.q_len))
 
 
+_MATMUL_PERSISTENT_ENV = "MEGALODON_ATTENTION_MATMUL_PERSISTENT"
+
+
 def _mgpu_block_matmul(m_buf, x, rscale, writer: _Geom, *, transpose_m: bool):
   from kernels_pallas import block_matmul_mgpu  # Mosaic GPU: imported only when used
   # 4 ring stages with 64-column output stores, each step's wgmma waited for at once: the fastest
   # of experiments/gpu_checks/probe_mgpu_matmul.py's rows on an H200 (P V 0.947 ms against 1.11 for
   # Triton, P^T dO 0.985 against 1.10, 2026-11-30).
+  # A/B switch, not yet measured: MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> runs the persistent
+  # schedule (0 or unset: one program per work item).
+  ctas = _int_env(_MATMUL_PERSISTENT_ENV, 0, "programs, e.g. 132; 0 for one program per work item")
   block_d = 256 if x.shape[-1] % 256 == 0 else 128
   return block_matmul_mgpu.block_causal_matmul_mgpu(
       m_buf, x, rscale, chunk=writer.q_len, block=_MGPU_BLOCK, block_d=block_d, stages=4, epi_cols=64,
-      release="immediate", transpose_m=transpose_m)
+      release="immediate", transpose_m=transpose_m, persistent_ctas=ctas or None)
 
 
 def _mgpu_tiles_takes(plan: _Plan, q, k, v, d_out, segment_ids) -> bool:

@@ -8,8 +8,13 @@ interpreter, its lowering for CUDA, its shape checks, and chunk_attention's disp
     threads, barriers, TMA and wgmma simulated, races detected) against the reference;
   * the kernel lowers for CUDA (Pallas -> Mosaic GPU lowering with its layout, wgmma-shape and
     transform checks) at the benchmark shape into one Mosaic GPU custom call;
-  * unsupported shapes raise ValueError.
-A gpu-marked test compares chunk_attention with these matmuls against the XLA path on a Hopper GPU.
+  * unsupported shapes raise ValueError;
+  * the persistent schedule (persistent_ctas): its item order covers every work item once in the
+    grid's order, the kernel matches the reference in the interpreter (programs wrapping around the
+    order, idle programs), lowers at the benchmark shape with the grid schedule's shared memory, and
+    MEGALODON_ATTENTION_MATMUL_PERSISTENT reaches it from chunk_attention.
+gpu-marked tests compare chunk_attention with these matmuls against the XLA path, and the persistent
+schedule against the reference and the grid schedule, on a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -364,6 +369,34 @@ def test_persistent_ctas_must_be_a_positive_int(value, message):
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda m, x: bm.block_causal_matmul_mgpu(m, x, None, chunk=chunk, block=128,
                                                             persistent_ctas=value), m_buf, x)
+
+
+def test_persistent_schedule_follows_the_environment(monkeypatch):
+  """MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> reaches every Mosaic GPU block matmul of the op
+  (unset, empty or 0: the grid schedule); anything else says what to set."""
+  monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", "5")  # through the op: it lowers for CUDA
+  config = ca.KernelConfig(matmul_impl="mgpu", tiles_impl="triton", scores_impl="triton")
+  module = _lowered_attention_module(config, 256, 512)
+  assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 4
+  monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT")
+  assert module != _lowered_attention_module(config, 256, 512)  # other Mosaic GPU modules: the grid schedule
+  calls = []
+  monkeypatch.setattr(bm, "block_causal_matmul_mgpu", lambda *args, **kwargs: calls.append(kwargs))
+  geom = ca._triton_plan(ca.KernelConfig(), False, 1.0, 1, 2, 2, 256, 256, 64, 256, jnp.bfloat16).geom
+  x = jax.ShapeDtypeStruct((1, 512, 2, 256), jnp.bfloat16)
+  for value, ctas in ((None, None), ("", None), ("0", None), ("132", 132)):
+    if value is None:
+      monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", raising=False)
+    else:
+      monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", value)
+    for transpose_m in (False, True):
+      ca._mgpu_block_matmul(None, x, None, geom, transpose_m=transpose_m)
+      assert calls[-1]["persistent_ctas"] == ctas and calls[-1]["transpose_m"] == transpose_m, value
+      assert (calls[-1]["stages"], calls[-1]["epi_cols"], calls[-1]["release"]) == (4, 64, "immediate")
+  for bad in ("-1", "sm", "1.5"):
+    monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", bad)
+    with pytest.raises(ValueError, match=f"MEGALODON_ATTENTION_MATMUL_PERSISTENT={bad!r}: set it"):
+      ca._mgpu_block_matmul(None, x, None, geom, transpose_m=False)
 
 
 @pytest.mark.gpu

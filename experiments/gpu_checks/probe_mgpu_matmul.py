@@ -33,6 +33,9 @@ survives the others' failures.
   python experiments/gpu_checks/probe_mgpu_matmul.py --results-dir "$OUT"
   python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --results-dir "$OUT"  # parts 2, 3
   python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --no-block-causal --results-dir "$OUT"  # part 3
+  # part 2's persistent rows (forward and transposed) and the op's defaults
+  python experiments/gpu_checks/probe_mgpu_matmul.py --no-example-matmul --no-bwd-tiles \
+      --only "st 4 epi 64 immediate" persistent --results-dir "$OUT"
 """
 
 from __future__ import annotations
@@ -121,6 +124,15 @@ def _check_and_time(row: dict, fn, fn_args: tuple, ref, ref_max: float, flops: f
   row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
 
 
+# The persistent schedule (not yet measured), forward and transposed: P programs stride the grid's item
+# order, each ring running on across its items; 264 cannot co-reside (one CTA per SM): a finer split of
+# the last wave. 4 stages with 64-column stores (226 KiB, the op's configuration) and 3 stages (210 KiB).
+PERSISTENT_CANDIDATES = tuple(
+    (f"bd 256 st {stages}{' epi 64' if stages == 4 else ''} immediate persistent {ctas}",
+     dict(block=128, block_d=256, stages=stages, release="immediate", persistent_ctas=ctas,
+          **({"epi_cols": 64} if stages == 4 else {})))
+    for ctas in (132, 264) for stages in (4, 3))
+
 # Part 2 candidates: (impl, label, keyword arguments). Shared memory per CTA (bf16):
 # stages * (block * 64 + 64 * block_d) * 2 + block * block_d * 2 bytes (output staging), at most 227 KiB.
 BLOCK_CAUSAL_CANDIDATES = (
@@ -136,6 +148,7 @@ BLOCK_CAUSAL_CANDIDATES = (
     ("mgpu", "block 128 bd 128 st 6", dict(block=128, block_d=128, stages=6)),  # 224 KiB
     ("mgpu", "block 64 bd 256 st 4", dict(block=64, block_d=256, stages=4)),  # 192 KiB
     ("mgpu", "block 64 bd 256 st 5", dict(block=64, block_d=256, stages=5)),  # 232 KiB: may not fit
+    *(("mgpu", f"block 128 {label}", kwargs) for label, kwargs in PERSISTENT_CANDIDATES),
 )
 
 
@@ -187,6 +200,7 @@ TRANSPOSED_CANDIDATES = (
     ("mgpu", "T block 128 bd 256 st 4 epi 64 immediate", dict(block=128, block_d=256, stages=4, epi_cols=64,
                                                              release="immediate")),
     ("mgpu", "T block 128 bd 256 st 3", dict(block=128, block_d=256, stages=3)),
+    *(("mgpu", f"T block 128 {label}", kwargs) for label, kwargs in PERSISTENT_CANDIDATES),
 )
 
 

@@ -45,8 +45,8 @@ Structure of one program (CTA of 3 warpgroups):
     blocks; at the start of a block the next block's rows (the item's second block, else the next
     item's first) are TMA-loaded into the other slot, so they land under a whole block of wgmma.
   * ring, drain, accumulation and staged stores are the same code in both schedules (`ring_load`,
-    `ring_drain`, `ring_accumulate`, `store_rows`); the schedules differ only in which items a
-    program takes (`body`'s `item` and `over_items`).
+    `ring_accumulate`, `store_rows`, `mgpu_ring.ring_drain`); the schedules differ only in which
+    items a program takes (`body`'s `item` and `over_items`).
 
 Persistent schedule (`persistent_ctas=P`, e.g. the SM count; NOT YET MEASURED ON A GPU). With one
 item per program (4096 programs at the benchmark shape, ~31 waves of one CTA per SM: 226 KiB of
@@ -109,6 +109,8 @@ import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
+
+from kernels_pallas import mgpu_ring
 
 # The custom-call target the Mosaic GPU lowering emits (what a lowering test looks for).
 MOSAIC_GPU_CALL = "mosaic_gpu_v2"
@@ -288,15 +290,6 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
     plgpu.copy_gmem_to_smem(m_src, m_smem.at[slot], m_bar.at[slot])
     plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], x_bar.at[slot])
 
-  def ring_drain(scoped, total):
-    """Producer: wait out the last `stages` releases of `total` steps, so that no barrier is left
-    mid-phase when the CTA exits."""
-    consumed = scoped[1][2]
-
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _drain(g):
-      plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
-
   def ring_accumulate(scoped, wg, g0, n_steps):
     """Consumer: sum over ring steps g0 .. g0 + n_steps - 1 of M tile @ my half of the X tile:
     [block, wn] float32. Every step's slot is released once (both release modes)."""
@@ -386,8 +379,8 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
 
         return g0 + it.steps1 + it.steps2
 
-      # The ring runs on across items: once per program, not per item.
-      ring_drain(scoped, over_items(item_loads, jnp.int32(0)))
+      # The ring runs on across items: drained once per program, not per item.
+      mgpu_ring.ring_drain(scoped[1][2], over_items(item_loads, jnp.int32(0)), stages)
 
     @pl.when(wg < 2)
     def _consumer():

@@ -134,6 +134,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels_pallas import mgpu_ring
+
 MOSAIC_GPU_CALL = "mosaic_gpu_v2"  # the custom-call target of the Mosaic GPU lowering
 BLOCK = 128  # query block, key block (the tile buffers' tiles)
 _HALF = 64  # query rows per consumer warpgroup (wgmma M)
@@ -336,13 +338,8 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     plgpu.copy_gmem_to_smem(rhs_src, rhs_dst, rhs_bar.at[slot])
 
   def ring_drain(scoped, total):
-    """Producer: wait out the last `stages` releases of `total` steps, so that no barrier is left
-    mid-phase when the CTA exits."""
-    consumed = scoped[1][2]
-
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _drain(g):
-      plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+    """Producer: wait out the last releases of `total` steps (mgpu_ring.ring_drain)."""
+    mgpu_ring.ring_drain(scoped[1][2], total, stages)
 
   def ring_accumulate(scoped, g0, n_steps, width: int, row_off):
     """Consumer: sum over ring steps g0 .. g0 + n_steps - 1 of lhs[my 64 rows] @ rhs[:width]^T:

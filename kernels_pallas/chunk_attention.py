@@ -116,8 +116,9 @@ class KernelConfig:
     the environment variable MEGALODON_ATTENTION_MATMUL=triton|mgpu overrides 'auto' (A/B runs of
     whole models). On an H200 at C=2048, dk 256, dv 2048: 4.360 against 4.644 ms fwd+bwd in one
     bench_ops run, P V 0.938 against 1.069 ms, dV 0.967 against 1.114 (2026-11-30).
-    MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> (e.g. 132; unset or 0: one program per work item)
-    runs the Mosaic GPU matmuls' persistent schedule instead, for A/B runs (not yet measured).
+    The Mosaic GPU matmuls run their persistent schedule (one program per SM): the op 3.968 against
+    4.103 ms with one program per work item, faster in 16 of 17 interleaved rounds (2026-11-30).
+    MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> changes the count (0: one program per item).
   tiles_impl: GPU backward tiles kernel (S, P, dP, dS per visited tile): Pallas Triton ('triton') or
     the Mosaic GPU kernel (kernels_pallas.bwd_tiles_mgpu; 'mgpu', Hopper only) where its shapes allow
     (128 x 128 backward tiles, chunk a multiple of 128, dk and dv multiples of 64, one 16-bit dtype, no
@@ -1093,9 +1094,12 @@ def _mgpu_block_matmul(m_buf, x, rscale, writer: _Geom, *, transpose_m: bool):
   # 4 ring stages with 64-column output stores, each step's wgmma waited for at once: the fastest
   # of experiments/gpu_checks/probe_mgpu_matmul.py's rows on an H200 (P V 0.947 ms against 1.11 for
   # Triton, P^T dO 0.985 against 1.10, 2026-11-30).
-  # A/B switch, not yet measured: MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> runs the persistent
-  # schedule (0 or unset: one program per work item).
+  # The persistent schedule, one program per SM, the ring streaming on across work items: the op
+  # 3.968 against 4.103 ms with one program per item in 17 interleaved rounds on an H200 (2026-11-30,
+  # gpu_checks/..._ab_matmul_persistent_r2.json). MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs>
+  # for A/B runs (0: one program per work item).
   ctas = _int_env(_MATMUL_PERSISTENT_ENV, 0, "programs, e.g. 132; 0 for one program per work item")
+  ctas = _sm_count() if ctas is None else ctas
   block_d = 256 if x.shape[-1] % 256 == 0 else 128
   return block_matmul_mgpu.block_causal_matmul_mgpu(
       m_buf, x, rscale, chunk=writer.q_len, block=_MGPU_BLOCK, block_d=block_d, stages=4, epi_cols=64,

@@ -372,19 +372,21 @@ def test_persistent_ctas_must_be_a_positive_int(value, message):
 
 
 def test_persistent_schedule_follows_the_environment(monkeypatch):
-  """MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> reaches every Mosaic GPU block matmul of the op
-  (unset, empty or 0: the grid schedule); anything else says what to set."""
+  """Every Mosaic GPU block matmul of the op runs the persistent schedule with one program per SM by
+  default; MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> sets the count (0: the grid schedule);
+  anything else says what to set."""
   monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", "5")  # through the op: it lowers for CUDA
   config = ca.KernelConfig(matmul_impl="mgpu", tiles_impl="triton", scores_impl="triton")
   module = _lowered_attention_module(config, 256, 512)
   assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 4
-  monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT")
+  monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", "0")
   assert module != _lowered_attention_module(config, 256, 512)  # other Mosaic GPU modules: the grid schedule
   calls = []
   monkeypatch.setattr(bm, "block_causal_matmul_mgpu", lambda *args, **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(ca, "_sm_count", lambda: 132)  # the CPU has none
   geom = ca._triton_plan(ca.KernelConfig(), False, 1.0, 1, 2, 2, 256, 256, 64, 256, jnp.bfloat16).geom
   x = jax.ShapeDtypeStruct((1, 512, 2, 256), jnp.bfloat16)
-  for value, ctas in ((None, None), ("", None), ("0", None), ("132", 132)):
+  for value, ctas in ((None, 132), ("", 132), ("0", None), ("7", 7)):
     if value is None:
       monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL_PERSISTENT", raising=False)
     else:

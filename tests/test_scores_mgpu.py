@@ -308,3 +308,35 @@ def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypa
   with pytest.raises(ValueError, match="scores_impl"):
     ca.chunk_attention(jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
                        chunk_size=256, config=ca.KernelConfig(scores_impl="cuda"))
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, dict(stages=6, overlap=False, p_buffers=1)),  # the defaults
+    ({"OVERLAP": "1"}, dict(stages=6, overlap=True, p_buffers=1)),
+    ({"OVERLAP": "0", "STAGES": "4"}, dict(stages=4, overlap=False, p_buffers=1)),
+    ({"OVERLAP": "1", "P_BUFFERS": "2"}, dict(stages=5, overlap=True, p_buffers=2)),  # 6 stages would not fit
+    ({"OVERLAP": "2"}, "must be 0 or 1"),
+    ({"P_BUFFERS": "3"}, "1 or 2"),
+    ({"STAGES": "0"}, "MEGALODON_ATTENTION_SCORES_STAGES='0'"),
+])
+def test_chunk_attention_passes_the_scores_schedule_switches(monkeypatch, env, expected):
+  """MEGALODON_ATTENTION_SCORES_{OVERLAP,STAGES,P_BUFFERS} reach chunk_scores_mgpu (read when the op is traced)."""
+  for name in ("OVERLAP", "STAGES", "P_BUFFERS"):
+    monkeypatch.delenv(f"MEGALODON_ATTENTION_SCORES_{name}", raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(f"MEGALODON_ATTENTION_SCORES_{name}", value)
+  calls, kernel = [], sm.chunk_scores_mgpu
+
+  def spy(*args, **kwargs):
+    calls.append({key: kwargs[key] for key in ("stages", "overlap", "p_buffers")})
+    return kernel(*args, **kwargs)
+
+  monkeypatch.setattr(sm, "chunk_scores_mgpu", spy)
+  config = ca.KernelConfig(scores_impl="mgpu", matmul_impl="triton")
+  if isinstance(expected, str):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+      _lowered_attention_module(config)
+    return
+  module = _lowered_attention_module(config)
+  assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
+  assert calls == [expected]

@@ -217,7 +217,8 @@ def _check(q, k, bound, chunk: int, p_dtype, stages: int, segment_ids, p_buffers
 
 def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, chunk: int, scale: float,
                       p_dtype=None, stages: int = 6, approx_math: bool = True, pingpong: bool = False,
-                      overlap: bool = False, p_buffers: int = 1, segment_ids=None, interpret=None):
+                      overlap: bool = False, p_buffers: int = 1, uniform_decision: bool = True,
+                      segment_ids=None, interpret=None):
   """The forward scores of chunked attention on a Hopper GPU (Pallas Mosaic GPU).
 
   q, k [B, L, H, dk] (16-bit), bound [B, H, L] float32 (fwd_scores='bounded') or None ('twopass')
@@ -234,6 +235,10 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
   Not with pingpong.
   p_buffers: P~ staging buffers per consumer (1 or 2); with 2 the P~ of consecutive tiles alternate
   between them, so a tile's staging write never waits for the TMA store of the tile before it.
+  uniform_decision: broadcast the bound decision from lane 0 of each warp (shfl.sync.idx) before it sets
+  the trip counts of the loops around the wgmma, so that ptxas sees those loops' branches as warp-uniform
+  (without it ptxas serialises every wgmma of the bounded kernel: warning C7520). False: the old
+  lowering, kept for A/B runs. No effect without a bound or under the interpreter.
   interpret: passed to plgpu.kernel (tests run the kernel under Mosaic GPU's CPU interpreter).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
@@ -256,6 +261,28 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
   in_transforms = swizzled(_TK, jnp.dtype(dtype).itemsize)
   p_transforms = swizzled(BLOCK, p_dtype.itemsize)
   row_layout = plgpu.Layout.WGMMA.reduce(1)  # a vector over the rows of a WGMMA-layout array
+
+  def warp_uniform(flag):
+    """flag (bool scalar) as lane 0 of the warp holds it, which ptxas then knows is warp-uniform.
+
+    Why: the bound decision is a row-max reduction of values read from shared memory (shuffles,
+    selects): equal on every thread, but ptxas cannot prove it, so the loops whose trip counts it sets
+    look divergent to it, and a wgmma on a divergent path gets a compiler-inserted warpgroup arrive
+    and is serialised (ptxas C7520: each wgmma waits for the one before). A shfl.sync.idx from a fixed
+    lane is the idiom ptxas recognises as uniform (Mosaic GPU's warpgroup_idx and CUTLASS's
+    canonical_warp_idx_sync use it). The value is unchanged: every lane already holds lane 0's.
+    """
+    if not (bounded and uniform_decision) or interpret is not None:  # the interpreter has no inline_mgpu
+      return flag
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    scalar = plgpu.Layout.WG_SPLAT(shape=())
+
+    @plgpu.inline_mgpu(arg_types=(scalar,), return_type=plgpu.ShapeDtypeStruct((), jnp.int32, layout=scalar))
+    def bcast(_, x):
+      return mgpu.FragmentedArray.splat(mgpu_utils._warp_bcast(x.registers.item()), (), is_signed=True)
+
+    return bcast(flag.astype(jnp.int32)) != 0
 
   # 2-D views (free reshapes of contiguous arrays): TMA boxes then take (row, column) offsets.
   q2 = q.reshape(batch * length, heads * width)
@@ -426,7 +453,7 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
         plgpu.barrier_wait(dec_bar.at[which])  # both warpgroups' gaps are in gap_smem
         gaps = plgpu.load(gap_smem.at[which], (), layout=plgpu.Layout.WGMMA.reduce(0))
         # As Triton: the bound holds when max(gap) <= margin (a NaN gap fails it).
-        fail = (blk > 0) & jnp.logical_not(jnp.max(gaps) <= _BOUND_MARGIN)
+        fail = warp_uniform((blk > 0) & jnp.logical_not(jnp.max(gaps) <= _BOUND_MARGIN))
 
         @pl.when(wg == 0)
         def _():

@@ -200,6 +200,46 @@ def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dt
     assert int(request) <= budget <= sm._SMEM_LIMIT
 
 
+def _kernel_module(monkeypatch, schedule, bounded=True) -> str | None:
+  """The Mosaic GPU module of the kernel at a small shape, as serialised into its call (None if unreachable)."""
+  modules = []
+  try:
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+    serde = mosaic_core._run_serde_pass
+  except (ImportError, AttributeError):  # private: another jax may not have it
+    return None
+
+  def capture(module, **kwargs):
+    if kwargs.get("serialize"):
+      modules.append(str(module))
+    return serde(module, **kwargs)
+
+  monkeypatch.setattr(mosaic_core, "_run_serde_pass", capture)
+  q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+  bound = jax.ShapeDtypeStruct((1, 2, 1024), jnp.float32) if bounded else None
+  jax.export.export(jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=512, scale=1.0, stages=4, **schedule)),
+                    platforms=["cuda"])(q, q, bound)
+  assert len(modules) == 1
+  return modules[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bound_decision_is_broadcast_from_lane_0(monkeypatch, overlap):
+  """uniform_decision: one shfl.sync idx per query block (two per program) on the bound decision, which
+  ptxas then treats as warp-uniform (no divergent branch around the wgmma: no C7520 serialisation);
+  uniform_decision=False lowers as before (the A/B baseline); twopass has nothing to broadcast."""
+  idx = lambda module: module.count("nvvm.shfl.sync idx")  # noqa: E731
+  new = _kernel_module(monkeypatch, dict(overlap=overlap))
+  if new is None:
+    pytest.skip("this jax's Mosaic GPU module is not reachable")
+  old = _kernel_module(monkeypatch, dict(overlap=overlap, uniform_decision=False))
+  assert idx(new) == idx(old) + 2
+  unnamed = lambda module: re.sub(r"entry_\d+", "entry", module)  # noqa: E731 - kernel names are numbered per process
+  twopass = _kernel_module(monkeypatch, dict(overlap=overlap), bounded=False)
+  assert unnamed(twopass) == unnamed(_kernel_module(monkeypatch, dict(overlap=overlap, uniform_decision=False),
+                                                    bounded=False))
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(chunk=192, length=384), "chunk 192 is not a multiple of 128"),
     (dict(length=640), "sequence length 640 is not a multiple of chunk 256"),

@@ -11,7 +11,9 @@ The default candidates A/B the consumers' schedules: 'serial' (each tile's wgmma
 its exp2 / P~ store: the kernel's default) against 'overlap' (overlap=True: the next tile's wgmma
 issued first, FlashAttention-3's intra-warpgroup overlap) at several ring depths, and one or two P~
 staging buffers per consumer ('p2': p_buffers=2). --set all adds the earlier candidates (ping-pong
-consumers, exact math).
+consumers, exact math). --set fix A/Bs the bound decision made warp-uniform for ptxas
+(uniform_decision=True, the kernel's default) against the old lowering ('old' rows), in which ptxas
+serialised every wgmma of the bounded kernel (C7520).
 
 q, k ~ N(0, 1) * dk^-1/4 (bf16). --hot-rows takes one or more counts (default 0 16): for each, that
 many query rows (fixed seed) are scaled by --hot-scale, so that with N > 0 the bound fails for their
@@ -37,6 +39,7 @@ dump, so ask for it on a few candidates.
 
   python experiments/gpu_checks/probe_mgpu_scores.py --results-dir "$OUT" --ptxas "st 6"
   python experiments/gpu_checks/probe_mgpu_scores.py --only "bounded serial st 6" "bounded overlap" --hot-rows 0
+  python experiments/gpu_checks/probe_mgpu_scores.py --results-dir "$OUT" --set fix --ptxas
 """
 
 from __future__ import annotations
@@ -77,6 +80,19 @@ CANDIDATES = (
     ("triton", "twopass", "op default", {}),
     ("mgpu", "twopass", "serial st 6", dict(stages=6)),
     ("mgpu", "twopass", "overlap st 6", dict(stages=6, overlap=True)),
+)
+# --set fix: the bound decision made warp-uniform for ptxas (uniform_decision, the default since 2026-12)
+# against the old lowering ('old': uniform_decision=False, where ptxas serialised every wgmma of the
+# bounded kernel, warning C7520), serial first (the op's default), then the overlapped schedule.
+FIX = (
+    ("triton", "bounded", "op default", {}),
+    ("mgpu", "bounded", "serial st 6 old", dict(stages=6, uniform_decision=False)),
+    ("mgpu", "bounded", "serial st 6 uni", dict(stages=6)),
+    ("mgpu", "bounded", "serial st 4 old", dict(stages=4, uniform_decision=False)),
+    ("mgpu", "bounded", "serial st 4 uni", dict(stages=4)),
+    ("mgpu", "bounded", "serial st 5 uni", dict(stages=5)),
+    ("mgpu", "bounded", "overlap st 6 uni", dict(stages=6, overlap=True)),
+    ("mgpu", "bounded", "overlap st 5 uni", dict(stages=5, overlap=True)),
 )
 # Measured on 2026-11-30 (gpu_checks/2026-11-30_nvidia-h200_probe-mgpu-scores.json); --set all.
 EARLIER = (
@@ -174,7 +190,7 @@ def scores_rows(args, start: float) -> list[dict]:
   plans = {mode: ca._triton_plan(ca.KernelConfig(fwd_scores=mode), False, args.scale, batch, heads, n_chunks, chunk,
                                  chunk, dk, dv, dtype) for mode in ("bounded", "twopass")}
   scale2 = args.scale * ca._LOG2E
-  candidates = CANDIDATES + (EARLIER if args.set == "all" else ())
+  candidates = {"ab": CANDIDATES, "all": CANDIDATES + EARLIER, "fix": FIX}[args.set]
   chosen = [c for c in candidates if not args.only or any(part in f"{c[0]} {c[1]} {c[2]}" for part in args.only)]
   # The Triton kernel of each mode chosen, first: its outputs are what the others are checked against.
   candidates = [c for c in candidates if c in chosen or (c[0] == "triton" and c[1] in {d[1] for d in chosen})]
@@ -275,8 +291,9 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over all candidates")
   parser.add_argument("--compile-budget-s", type=float, default=80.0,
                       help="start no Mosaic GPU candidate's first call (compiling it) after this many seconds")
-  parser.add_argument("--set", choices=("ab", "all"), default="ab",
-                      help="ab: the serial / overlap candidates; all: also the earlier ones (ping-pong, exact math)")
+  parser.add_argument("--set", choices=("ab", "all", "fix"), default="ab",
+                      help="ab: the serial / overlap candidates; all: also the earlier ones (ping-pong, exact math); "
+                           "fix: the warp-uniform bound decision against the old lowering (uniform_decision=False)")
   parser.add_argument("--only", nargs="*", default=None,
                       help="candidates whose 'impl mode label' contains one of these (and Triton's of their modes)")
   parser.add_argument("--ptxas", nargs="*", default=None,

@@ -26,6 +26,7 @@ __device__ __forceinline__ void wgmma(float (&d)[64], uint64_t da, uint64_t db) 
                  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
                  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "l"(da), "l"(db));
 }
 __global__ void __launch_bounds__(128) k(float* out, const float* g, int n) {
   __shared__ __align__(1024) char smem[64*16*2 + 128*16*2];

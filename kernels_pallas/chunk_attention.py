@@ -1175,6 +1175,7 @@ def _mgpu_scores_takes(plan: _Plan, q, k, p_dtype, segment_ids) -> bool:
 _SCORES_OVERLAP_ENV = "MEGALODON_ATTENTION_SCORES_OVERLAP"
 _SCORES_STAGES_ENV = "MEGALODON_ATTENTION_SCORES_STAGES"
 _SCORES_P_BUFFERS_ENV = "MEGALODON_ATTENTION_SCORES_P_BUFFERS"
+_SCORES_UNIFORM_ENV = "MEGALODON_ATTENTION_SCORES_UNIFORM"
 
 
 def _mgpu_scores(plan: _Plan, q, k, p_dtype):
@@ -1193,8 +1194,11 @@ def _mgpu_scores(plan: _Plan, q, k, p_dtype):
                      f"{os.environ.get(_SCORES_OVERLAP_ENV)!r} and {os.environ.get(_SCORES_P_BUFFERS_ENV)!r}")
   stages = _int_env(_SCORES_STAGES_ENV, 1, "the ring depth; at most 7 fits in shared memory at dk 256")
   stages = stages or (5 if p_buffers == 2 else 6)
+  # MEGALODON_ATTENTION_SCORES_UNIFORM=0: the bound decision as before (ptxas then serialises the wgmma).
+  uniform = _int_env(_SCORES_UNIFORM_ENV, 0, "0 for the old bound decision, 1 (default) for the lane-0 broadcast")
   return scores_mgpu.chunk_scores_mgpu(q, k, bound, chunk=g.q_len, scale=plan.scale, p_dtype=p_dtype,
-                                       stages=stages, overlap=bool(overlap), p_buffers=p_buffers)
+                                       stages=stages, overlap=bool(overlap), p_buffers=p_buffers,
+                                       uniform_decision=uniform is None or bool(uniform))
 
 
 def _tr_delta(plan: _Plan, out, d_out):

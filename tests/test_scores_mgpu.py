@@ -351,24 +351,27 @@ def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypa
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({}, dict(stages=6, overlap=False, p_buffers=1)),  # the defaults
-    ({"OVERLAP": "1"}, dict(stages=6, overlap=True, p_buffers=1)),
-    ({"OVERLAP": "0", "STAGES": "4"}, dict(stages=4, overlap=False, p_buffers=1)),
-    ({"OVERLAP": "1", "P_BUFFERS": "2"}, dict(stages=5, overlap=True, p_buffers=2)),  # 6 stages would not fit
+    ({}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),  # the defaults
+    ({"OVERLAP": "1"}, dict(stages=6, overlap=True, p_buffers=1, uniform_decision=True)),
+    ({"OVERLAP": "0", "STAGES": "4"}, dict(stages=4, overlap=False, p_buffers=1, uniform_decision=True)),
+    # 6 stages would not fit beside two staging buffers
+    ({"OVERLAP": "1", "P_BUFFERS": "2"}, dict(stages=5, overlap=True, p_buffers=2, uniform_decision=True)),
+    ({"UNIFORM": "0"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=False)),
+    ({"UNIFORM": "1"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),
     ({"OVERLAP": "2"}, "must be 0 or 1"),
     ({"P_BUFFERS": "3"}, "1 or 2"),
     ({"STAGES": "0"}, "MEGALODON_ATTENTION_SCORES_STAGES='0'"),
 ])
 def test_chunk_attention_passes_the_scores_schedule_switches(monkeypatch, env, expected):
-  """MEGALODON_ATTENTION_SCORES_{OVERLAP,STAGES,P_BUFFERS} reach chunk_scores_mgpu (read when the op is traced)."""
-  for name in ("OVERLAP", "STAGES", "P_BUFFERS"):
+  """MEGALODON_ATTENTION_SCORES_{OVERLAP,STAGES,P_BUFFERS,UNIFORM} reach chunk_scores_mgpu (read when traced)."""
+  for name in ("OVERLAP", "STAGES", "P_BUFFERS", "UNIFORM"):
     monkeypatch.delenv(f"MEGALODON_ATTENTION_SCORES_{name}", raising=False)
   for name, value in env.items():
     monkeypatch.setenv(f"MEGALODON_ATTENTION_SCORES_{name}", value)
   calls, kernel = [], sm.chunk_scores_mgpu
 
   def spy(*args, **kwargs):
-    calls.append({key: kwargs[key] for key in ("stages", "overlap", "p_buffers")})
+    calls.append({key: kwargs[key] for key in ("stages", "overlap", "p_buffers", "uniform_decision")})
     return kernel(*args, **kwargs)
 
   monkeypatch.setattr(sm, "chunk_scores_mgpu", spy)

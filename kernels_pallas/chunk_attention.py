@@ -136,6 +136,9 @@ class KernelConfig:
     interpreter). 'auto' (the default): 'mgpu' on a compute-capability 9.0 GPU, else 'triton'; the
     environment variable MEGALODON_ATTENTION_SCORES=triton|mgpu overrides 'auto'. On an H200 at
     C=2048, dk 256: bounded scores 0.353 against 0.470 ms (2026-11-30).
+    MEGALODON_ATTENTION_SCORES_OVERLAP=1 (the software-pipelined consumers),
+    MEGALODON_ATTENTION_SCORES_STAGES=<ring depth> and MEGALODON_ATTENTION_SCORES_P_BUFFERS=2 change
+    its schedule for A/B runs.
   """
   block_q: int | None = None
   block_k: int | None = None
@@ -1169,12 +1172,33 @@ def _mgpu_scores_takes(plan: _Plan, q, k, p_dtype, segment_ids) -> bool:
           and jnp.dtype(q.dtype) in sixteen and k.dtype == q.dtype and jnp.dtype(p_dtype) in sixteen)
 
 
+_SCORES_OVERLAP_ENV = "MEGALODON_ATTENTION_SCORES_OVERLAP"
+_SCORES_STAGES_ENV = "MEGALODON_ATTENTION_SCORES_STAGES"
+_SCORES_P_BUFFERS_ENV = "MEGALODON_ATTENTION_SCORES_P_BUFFERS"
+_SCORES_UNIFORM_ENV = "MEGALODON_ATTENTION_SCORES_UNIFORM"
+
+
 def _mgpu_scores(plan: _Plan, q, k, p_dtype):
   """The forward scores by kernels_pallas.scores_mgpu: (P~ tiles, 1 / l, lse) as `_tr_scores`."""
   from kernels_pallas import scores_mgpu  # Mosaic GPU: imported only when used
   g = plan.geom
   bound = _score_bound(q, k, g, plan.scale * _LOG2E) if plan.fwd_scores == "bounded" else None
-  return scores_mgpu.chunk_scores_mgpu(q, k, bound, chunk=g.q_len, scale=plan.scale, p_dtype=p_dtype)
+  # A/B switches, untimed defaults kept: MEGALODON_ATTENTION_SCORES_OVERLAP=1 for the software-pipelined
+  # consumers (scores_mgpu's overlap=True), MEGALODON_ATTENTION_SCORES_STAGES=<ring depth> (default 6) and
+  # MEGALODON_ATTENTION_SCORES_P_BUFFERS=2 for two P~ staging buffers per consumer (the ring then
+  # defaults to 5 stages, the deepest that fits in shared memory beside them).
+  overlap = _int_env(_SCORES_OVERLAP_ENV, 0, "1 for the overlapped schedule, 0 for the serial one")
+  p_buffers = _int_env(_SCORES_P_BUFFERS_ENV, 1, "1 or 2 P~ staging buffers per consumer") or 1
+  if (overlap or 0) > 1 or p_buffers > 2:
+    raise ValueError(f"{_SCORES_OVERLAP_ENV} must be 0 or 1 and {_SCORES_P_BUFFERS_ENV} 1 or 2 (or unset), got "
+                     f"{os.environ.get(_SCORES_OVERLAP_ENV)!r} and {os.environ.get(_SCORES_P_BUFFERS_ENV)!r}")
+  stages = _int_env(_SCORES_STAGES_ENV, 1, "the ring depth; at most 7 fits in shared memory at dk 256")
+  stages = stages or (5 if p_buffers == 2 else 6)
+  # MEGALODON_ATTENTION_SCORES_UNIFORM=0: the bound decision as before (ptxas then serialises the wgmma).
+  uniform = _int_env(_SCORES_UNIFORM_ENV, 0, "0 for the old bound decision, 1 (default) for the lane-0 broadcast")
+  return scores_mgpu.chunk_scores_mgpu(q, k, bound, chunk=g.q_len, scale=plan.scale, p_dtype=p_dtype,
+                                       stages=stages, overlap=bool(overlap), p_buffers=p_buffers,
+                                       uniform_decision=uniform is None or bool(uniform))
 
 
 def _tr_delta(plan: _Plan, out, d_out):

@@ -58,6 +58,24 @@ the tensor cores idle. `pingpong=True` makes them take turns (a pair of barriers
 once a warpgroup's wgmma has one 64-feature step left), so that one's exp2 / stores run under the
 other's wgmma, as FlashAttention-3 does. Which is faster is for the probe to say.
 
+`overlap=True` instead pipelines each consumer's own tiles (FlashAttention-3's intra-warpgroup
+overlap): a consumer holds the S of one tile as a plain [64, 128] float32 value while the wgmma of
+the next accumulates into a second, in-flight accumulator (64 + 64 registers per thread of the 232
+the consumers get). A run of tiles goes: issue the wgmma of tile j + 1; exp2 / row sums / P~ store
+(or the row max, in pass 1) of tile j from registers, the tensor cores busy meanwhile; wait for tile
+j + 1 (the progressive `wgmma_wait(n)` releasing its ring slots, as above: only one accumulator is
+ever in flight, so the counts are unchanged), keep its S; and the run's last tile's work after the
+loop. Where the bound holds the block is one run from the diagonal (P~ emitted once m is decided,
+under the wgmma of K_0) over K_0 .. K_{i-1}; after a failed bound the rest of pass 1 is a run from
+the diagonal (row maxima; the diagonal's again, which changes nothing) and pass 2 a second run from
+K_0 (its first wgmma waited for at once). The decision exchange itself is not overlapped. The
+producer, the ring steps and the slot barriers are those of the serial schedule. Slots are freed
+only once the work under the wgmma is done (the waits come after it): a later refill than the
+serial schedule's, which deeper rings absorb. P~ staging: the store of tile j - 1 has had the rest
+of tile j's wgmma and tile j's exp2 to read its buffer before tile j's P~ is written there;
+`p_buffers=2` alternates two buffers per consumer (each block emits exactly i + 1 tiles either way,
+so the buffer of a tile is fixed by its place in the program's sequence), at 32 KiB more.
+
 Trade-offs left open (for measurements to settle): each K tile serves 128 query rows, so K comes
 from L2 at 64 KiB per 128 x 128 tile; at 0.1 ms for the benchmark shape that is ~5.5 TB/s of L2
 reads on top of 2.7 TB/s of P~ stores. If the kernel turns out L2-bound, giving each consumer a
@@ -70,7 +88,8 @@ Shared memory (dk 256, bf16, stages 6): Q 2 * 64 * 256 * 2 = 64 KiB, ring 6 * 12
 96 KiB, P~ staging 2 * 64 * 128 * 2 = 32 KiB, row vectors (bounds, gaps, rscale / lse) 2.5 KiB,
 flags, barriers and alignment ~1 KiB, Mosaic GPU's reduction scratch 2 KiB: 199.2 KiB (203,984 bytes
 requested by the lowered kernel) of the H200's 227 KiB. `smem_bytes` counts it (a test holds it to
-the lowered kernel's request); `_check` refuses configurations over 227 KiB (stages 8 at dk 256).
+the lowered kernel's request); `_check` refuses configurations over 227 KiB (stages 8 at dk 256; with
+p_buffers=2, 32 KiB more, stages 6: stages 5 asks 220,352 bytes). overlap adds no shared memory.
 
 Measured on an H200 (experiments/gpu_checks/probe_mgpu_scores.py, 2026-11-30): bounded 0.295-0.313 ms
 against Triton's 0.405 (stages 4-6; ping-pong consumers 0.35-0.37, slower), twopass 0.377 against
@@ -78,6 +97,9 @@ against Triton's 0.405 (stages 4-6; ping-pong consumers 0.35-0.37, slower), twop
 Checked on the CPU (tests/test_scores_mgpu.py): the dense reference against the Triton kernel
 (interpreted); this kernel under Mosaic GPU's own interpreter (threads, barriers, TMA, wgmma
 simulated) against the reference at small shapes; its lowering for CUDA at the benchmark shape.
+overlap and p_buffers=2 (2026-12): checked so (also lowered under jax 0.11.2), not yet timed; the
+interpreter runs wgmma synchronously, so whether ptxas keeps the wgmma asynchronous across the work
+(no "wgmma serialized" warning under MOSAIC_GPU_DUMP_PTXAS=1) is for the GPU to show.
 
 API (written against jax 0.10.2, to run under 0.11.2): the calls of block_matmul_mgpu.py and of
 jax's attention_mgpu example (broadcasted_iota with a WGMMA layout, row reductions, exp2), plus
@@ -144,16 +166,17 @@ def scores_reference(q: jax.Array, k: jax.Array, chunk: int, scale: float, block
   return p.reshape(batch, heads, length, chunk), (1.0 / l).reshape(rows), (m + jnp.log2(l)).reshape(rows)
 
 
-def smem_bytes(dk: int, stages: int, itemsize: int = 2) -> int:
+def smem_bytes(dk: int, stages: int, itemsize: int = 2, p_buffers: int = 1) -> int:
   """Shared memory of one program (see the module docstring), rounded up for barriers and alignment."""
   q = 2 * _ROWS * dk * itemsize
   ring = stages * BLOCK * _TK * itemsize
-  staging = 2 * _ROWS * BLOCK * itemsize
+  staging = 2 * p_buffers * _ROWS * BLOCK * itemsize
   rows = (2 * 2 * _ROWS + 2 * BLOCK + 2 * 2 * 2 * _ROWS) * 4  # bounds, gaps, rscale / lse
   return q + ring + staging + rows + 2 * 4 + _REDUCTION_SCRATCH + _SMEM_SLACK
 
 
-def _check(q, k, bound, chunk: int, p_dtype, stages: int, segment_ids) -> None:
+def _check(q, k, bound, chunk: int, p_dtype, stages: int, segment_ids, p_buffers: int = 1,
+           overlap: bool = False, pingpong: bool = False) -> None:
   """Shapes this kernel supports (anything else: ValueError saying what to change; nothing is padded)."""
   if segment_ids is not None:
     raise ValueError("segment ids are not supported by the Mosaic GPU scores kernel: use the Triton "
@@ -182,14 +205,19 @@ def _check(q, k, bound, chunk: int, p_dtype, stages: int, segment_ids) -> None:
   kpt = width // _TK
   if stages < kpt:
     raise ValueError(f"stages {stages} < dk / {_TK} = {kpt}: the ring must hold one whole K tile")
-  need = smem_bytes(width, stages, jnp.dtype(q.dtype).itemsize)
+  if p_buffers not in (1, 2):
+    raise ValueError(f"p_buffers {p_buffers} unsupported: 1 or 2 P~ staging buffers per consumer")
+  if overlap and pingpong:
+    raise ValueError("overlap and pingpong are two different schedules: choose one")
+  need = smem_bytes(width, stages, jnp.dtype(q.dtype).itemsize, p_buffers)
   if need > _SMEM_LIMIT:
-    raise ValueError(f"stages {stages} at dk {width} needs {need / 1024:.1f} KiB of shared memory, over "
-                     f"{_SMEM_LIMIT // 1024} KiB: use fewer stages")
+    raise ValueError(f"stages {stages} at dk {width} with {p_buffers} P~ staging buffer(s) needs {need / 1024:.1f} "
+                     f"KiB of shared memory, over {_SMEM_LIMIT // 1024} KiB: use fewer stages")
 
 
 def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, chunk: int, scale: float,
                       p_dtype=None, stages: int = 6, approx_math: bool = True, pingpong: bool = False,
+                      overlap: bool = False, p_buffers: int = 1, uniform_decision: bool = True,
                       segment_ids=None, interpret=None):
   """The forward scores of chunked attention on a Hopper GPU (Pallas Mosaic GPU).
 
@@ -201,12 +229,22 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
   pingpong: the consumers take turns on the tensor cores (a warpgroup issues a tile's wgmma only
   after the other's has all but finished), so that one's exp2 / stores overlap the other's wgmma
   instead of both warpgroups running them in lockstep.
+  overlap: each consumer software-pipelines its own tiles (FlashAttention-3's intra-warpgroup
+  overlap): it issues the wgmma of the next K tile before the exp2 / row sums / P~ store of the tile
+  whose S it holds in registers, and waits for that wgmma only afterwards (see the module docstring).
+  Not with pingpong.
+  p_buffers: P~ staging buffers per consumer (1 or 2); with 2 the P~ of consecutive tiles alternate
+  between them, so a tile's staging write never waits for the TMA store of the tile before it.
+  uniform_decision: broadcast the bound decision from lane 0 of each warp (shfl.sync.idx) before it sets
+  the trip counts of the loops around the wgmma, so that ptxas sees those loops' branches as warp-uniform
+  (without it ptxas serialises every wgmma of the bounded kernel: warning C7520). False: the old
+  lowering, kept for A/B runs. No effect without a bound or under the interpreter.
   interpret: passed to plgpu.kernel (tests run the kernel under Mosaic GPU's CPU interpreter).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
   p_dtype = jnp.dtype(p_dtype or q.dtype)
-  _check(q, k, bound, chunk, p_dtype, stages, segment_ids)
+  _check(q, k, bound, chunk, p_dtype, stages, segment_ids, p_buffers, overlap, pingpong)
   batch, length, heads, width = q.shape
   n_chunks = length // chunk
   nbq = chunk // BLOCK
@@ -223,6 +261,28 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
   in_transforms = swizzled(_TK, jnp.dtype(dtype).itemsize)
   p_transforms = swizzled(BLOCK, p_dtype.itemsize)
   row_layout = plgpu.Layout.WGMMA.reduce(1)  # a vector over the rows of a WGMMA-layout array
+
+  def warp_uniform(flag):
+    """flag (bool scalar) as lane 0 of the warp holds it, which ptxas then knows is warp-uniform.
+
+    Why: the bound decision is a row-max reduction of values read from shared memory (shuffles,
+    selects): equal on every thread, but ptxas cannot prove it, so the loops whose trip counts it sets
+    look divergent to it, and a wgmma on a divergent path gets a compiler-inserted warpgroup arrive
+    and is serialised (ptxas C7520: each wgmma waits for the one before). A shfl.sync.idx from a fixed
+    lane is the idiom ptxas recognises as uniform (Mosaic GPU's warpgroup_idx and CUTLASS's
+    canonical_warp_idx_sync use it). The value is unchanged: every lane already holds lane 0's.
+    """
+    if not (bounded and uniform_decision) or interpret is not None:  # the interpreter has no inline_mgpu
+      return flag
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    scalar = plgpu.Layout.WG_SPLAT(shape=())
+
+    @plgpu.inline_mgpu(arg_types=(scalar,), return_type=plgpu.ShapeDtypeStruct((), jnp.int32, layout=scalar))
+    def bcast(_, x):
+      return mgpu.FragmentedArray.splat(mgpu_utils._warp_bcast(x.registers.item()), (), is_signed=True)
+
+    return bcast(flag.astype(jnp.int32)) != 0
 
   # 2-D views (free reshapes of contiguous arrays): TMA boxes then take (row, column) offsets.
   q2 = q.reshape(batch * length, heads * width)
@@ -297,29 +357,62 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       q_buf = q_smem.at[wg]
-      p_stage = p_smem.at[wg]
+
+      def issue(acc_ref, t):
+        """Starts S += Q K^T on the accumulator from the K tile at ring step t (asynchronous: kpt groups)."""
+        if pingpong:  # our turn: the other warpgroup's previous wgmma has (all but) finished
+          @pl.when((wg == 1) | (t > 0))  # consumer 0 starts
+          def _():
+            plgpu.barrier_wait(turn.at[wg])
+
+        for c in range(kpt):
+          slot = slot_of(t * kpt + c)
+          plgpu.barrier_wait(k_bar.at[slot])
+          a = q_buf if kpt == 1 else q_buf.at[:, pl.ds(c * _TK, _TK)]
+          plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+
+      def release(t):
+        """Waits for the wgmma groups of ring step t, freeing each slot as soon as its group is done."""
+        for c in range(kpt):
+          plgpu.wgmma_wait(kpt - 1 - c)
+          plgpu.barrier_arrive(consumed.at[slot_of(t * kpt + c)])
+          if pingpong and c == max(kpt - 2, 0):  # one 64-feature step left (or none): hand over
+            plgpu.barrier_arrive(turn.at[1 - wg])
 
       def scores(t):
         """S = Q K^T * scale2 [64, 128] float32 from the K tile at ring step t (its slots freed)."""
         def run(acc_ref):
-          if pingpong:  # our turn: the other warpgroup's previous wgmma has (all but) finished
-            @pl.when((wg == 1) | (t > 0))  # consumer 0 starts
-            def _():
-              plgpu.barrier_wait(turn.at[wg])
-
-          for c in range(kpt):
-            slot = slot_of(t * kpt + c)
-            plgpu.barrier_wait(k_bar.at[slot])
-            a = q_buf if kpt == 1 else q_buf.at[:, pl.ds(c * _TK, _TK)]
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          for c in range(kpt):  # free each slot as soon as the wgmma reading it is done
-            plgpu.wgmma_wait(kpt - 1 - c)
-            plgpu.barrier_arrive(consumed.at[slot_of(t * kpt + c)])
-            if pingpong and c == max(kpt - 2, 0):  # one 64-feature step left (or none): hand over
-              plgpu.barrier_arrive(turn.at[1 - wg])
+          issue(acc_ref, t)
+          release(t)
           return acc_ref[...]
 
         return pl.run_scoped(run, plgpu.ACC((_ROWS, BLOCK), jnp.float32)) * scale2
+
+      def pipelined(t_first, count, s_first, work, carry):
+        """The overlapped schedule over a run of tiles: s_first [64, 128] (scaled S already in registers),
+        then the K tiles of ring steps t_first .. t_first + count - 1.
+
+        work(i, s, carry) -> carry processes the run's tile i (0: s_first). Step i issues the wgmma of
+        ring step t_first + i, runs work(i, ...) on the S of the tile before it while the tensor cores
+        compute, then waits for the wgmma (freeing the slots) and keeps its S for the next step. Only
+        one accumulator is in flight at a time (the other S is a plain value), so the wgmma_wait counts
+        are those of `scores`. work(count, ...) on the run's last tile follows the loop, with nothing
+        left to hide it under. Returns the carry.
+        """
+        def step(i, state):
+          s_prev, carry = state
+
+          def run(acc_ref):
+            issue(acc_ref, t_first + i)
+            carry_out = work(i, s_prev, carry)  # under the wgmma just issued
+            release(t_first + i)
+            return acc_ref[...], carry_out
+
+          s, carry = pl.run_scoped(run, plgpu.ACC((_ROWS, BLOCK), jnp.float32))
+          return s * scale2, carry
+
+        s_last, carry = lax.fori_loop(0, count, step, (s_first, carry))
+        return work(count, s_last, carry)
 
       def masked(s, offset):
         """Keys after their query -> _MASK; offset = (query block - key block) * BLOCK."""
@@ -331,18 +424,82 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
       def row_max(s):
         return jnp.max(s, axis=1)
 
-      def emit(s, m, l, j, row0):
-        """P~ = exp2(S - m) to the P~ buffer's tile (row0, key block j); returns l + its row sums."""
+      def emit(s, m, l, j, row0, e):
+        """P~ = exp2(S - m) to the P~ buffer's tile (row0, key block j); returns l + its row sums.
+
+        e: the tile's place in this program's sequence of P~ tiles (alternates the staging buffers)."""
         p = jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [0]))
         l = l + jnp.sum(p, axis=1)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read p_stage
+        if p_buffers == 1:
+          p_stage = p_smem.at[wg]
+        else:
+          p_stage = p_smem.at[wg * p_buffers + lax.rem(e, p_buffers)]
+        # The store that last read this buffer is done reading it: p_buffers - 1 newer ones may still run
+        # (stores finish in order; the rscale / lse stores between blocks only make this stricter).
+        plgpu.wait_smem_to_gmem(p_buffers - 1, wait_read_only=True)
         p_stage[...] = p.astype(p_dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(p_stage, p_ref.at[pl.ds(p_row0 + row0, _ROWS), pl.ds(j * BLOCK, BLOCK)])
         return l
 
-      def query_block(which: int, blk, t0):
-        """Query block blk from ring step t0: its P~ tiles, rscale and lse. Returns the next step."""
+      def decide(which: int, bar, blk, m):
+        """Step 1's decision from the diagonal's row max m [64]: whether the block needs pass 2."""
+        if not bounded:
+          return blk > 0
+        plgpu.barrier_wait(bound_bar.at[bar])
+        bnd = plgpu.load(bound_smem.at[wg, which], (), layout=row_layout)
+        gap_smem.at[which, pl.ds(wg * _ROWS, _ROWS)][...] = bnd - m
+        plgpu.barrier_arrive(dec_bar.at[which])
+        plgpu.barrier_wait(dec_bar.at[which])  # both warpgroups' gaps are in gap_smem
+        gaps = plgpu.load(gap_smem.at[which], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        # As Triton: the bound holds when max(gap) <= margin (a NaN gap fails it).
+        fail = warp_uniform((blk > 0) & jnp.logical_not(jnp.max(gaps) <= _BOUND_MARGIN))
+
+        @pl.when(wg == 0)
+        def _():
+          flag_smem[which] = fail.astype(jnp.int32)
+          plgpu.barrier_arrive(flag_bar.at[which])
+
+        return fail
+
+      def serial_tiles(blk, t0, s, m, fail, row0, e0, zeros):
+        """Steps 1-3 of the block, each tile's S waited for before its exp2 / P~ store. Returns (m, l)."""
+        # m is final: the diagonal's P~ from the S in registers (a 0- or 1-trip loop carries l).
+        l = lax.fori_loop(0, jnp.where(fail, 0, 1), lambda _, l: emit(s, m, l, blk, row0, e0), zeros)
+
+        # 2. K_0 .. K_{blk-1}: more of pass 1 after a failed bound, else pass 2 with the final m.
+        m = lax.fori_loop(0, jnp.where(fail, blk, 0),
+                          lambda j, m: jnp.maximum(m, row_max(scores(t0 + 1 + j))), m)
+        l = lax.fori_loop(0, jnp.where(fail, 0, blk),
+                          lambda j, l: emit(scores(t0 + 1 + j), m, l, j, row0, e0 + 1 + j), l)
+        # 3. after a failed bound: pass 2 over K_0 .. K_blk (the mask only bites on the diagonal).
+        l = lax.fori_loop(
+            0, jnp.where(fail, blk + 1, 0),
+            lambda j, l: emit(masked(scores(t0 + 1 + blk + j), (blk - j) * BLOCK), m, l, j, row0, e0 + j), l)
+        return m, l
+
+      def overlapped_tiles(blk, t0, s, m, fail, row0, e0, zeros):
+        """Steps 1-3 of the block software-pipelined (`pipelined`). Returns (m, l)."""
+        def one_pass(_, l):  # the bound holds: the diagonal's P~, then K_0 .. K_{blk-1}'s, one run
+          return pipelined(t0 + 1, blk, s, lambda i, s, l: emit(s, m, l, jnp.where(i == 0, blk, i - 1), row0, e0 + i),
+                           l)
+
+        def two_passes(_, ml):  # the bound failed: the rest of pass 1 (row maxima), then pass 2
+          m, l = ml
+          # Tile 0 of this run is the diagonal again: its maximum is m's already (max is idempotent).
+          m = pipelined(t0 + 1, blk, s, lambda i, s, m: jnp.maximum(m, row_max(s)), m)
+          # Pass 2 over K_0 .. K_blk (the mask only bites on the diagonal); its first tile has nothing
+          # to hide under (the previous run's last work is a row max).
+          l = pipelined(t0 + 2 + blk, blk, scores(t0 + 1 + blk),
+                        lambda j, s, l: emit(masked(s, (blk - j) * BLOCK), m, l, j, row0, e0 + j), l)
+          return m, l
+
+        l = lax.fori_loop(0, jnp.where(fail, 0, 1), one_pass, zeros)
+        return lax.fori_loop(0, jnp.where(fail, 1, 0), two_passes, (m, l))
+
+      def query_block(which: int, blk, t0, e0):
+        """Query block blk from ring step t0, its P~ tiles numbered from e0 (each block has blk + 1 of them,
+        either way): its P~ tiles, rscale and lse. Returns the next ring step."""
         row0 = blk * BLOCK + wg * _ROWS  # this warpgroup's first row within the chunk
         bar = wg * 2 + which
         if bounded:  # issued first: it lands while the diagonal's wgmma runs
@@ -354,35 +511,9 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
 
         s = masked(scores(t0), 0)  # 1. the diagonal
         m = row_max(s)
-        if bounded:
-          plgpu.barrier_wait(bound_bar.at[bar])
-          bnd = plgpu.load(bound_smem.at[wg, which], (), layout=row_layout)
-          gap_smem.at[which, pl.ds(wg * _ROWS, _ROWS)][...] = bnd - m
-          plgpu.barrier_arrive(dec_bar.at[which])
-          plgpu.barrier_wait(dec_bar.at[which])  # both warpgroups' gaps are in gap_smem
-          gaps = plgpu.load(gap_smem.at[which], (), layout=plgpu.Layout.WGMMA.reduce(0))
-          # As Triton: the bound holds when max(gap) <= margin (a NaN gap fails it).
-          fail = (blk > 0) & jnp.logical_not(jnp.max(gaps) <= _BOUND_MARGIN)
-
-          @pl.when(wg == 0)
-          def _():
-            flag_smem[which] = fail.astype(jnp.int32)
-            plgpu.barrier_arrive(flag_bar.at[which])
-        else:
-          fail = blk > 0
+        fail = decide(which, bar, blk, m)
         zeros = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
-        # m is final: the diagonal's P~ from the S in registers (a 0- or 1-trip loop carries l).
-        l = lax.fori_loop(0, jnp.where(fail, 0, 1), lambda _, l: emit(s, m, l, blk, row0), zeros)
-
-        # 2. K_0 .. K_{blk-1}: more of pass 1 after a failed bound, else pass 2 with the final m.
-        m = lax.fori_loop(0, jnp.where(fail, blk, 0),
-                          lambda j, m: jnp.maximum(m, row_max(scores(t0 + 1 + j))), m)
-        l = lax.fori_loop(0, jnp.where(fail, 0, blk),
-                          lambda j, l: emit(scores(t0 + 1 + j), m, l, j, row0), l)
-        # 3. after a failed bound: pass 2 over K_0 .. K_blk (the mask only bites on the diagonal).
-        l = lax.fori_loop(
-            0, jnp.where(fail, blk + 1, 0),
-            lambda j, l: emit(masked(scores(t0 + 1 + blk + j), (blk - j) * BLOCK), m, l, j, row0), l)
+        m, l = (overlapped_tiles if overlap else serial_tiles)(blk, t0, s, m, fail, row0, e0, zeros)
 
         l = jnp.where(l > 0.0, l, 1.0)  # as Triton (a row sees at least its own key, so l >= 1)
         stat = stat_smem.at[wg, which]
@@ -393,11 +524,11 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
         plgpu.copy_smem_to_gmem(stat.at[1], lse_ref.at[b, h, pl.ds(stat_row0 + row0, _ROWS)])
         return t0 + 1 + blk + jnp.where(fail, blk + 1, 0)
 
-      t1 = query_block(0, blocks[0], 0)
+      t1 = query_block(0, blocks[0], 0, 0)
 
       @pl.when(second)
       def _():
-        query_block(1, blocks[1], t1)
+        query_block(1, blocks[1], t1, blocks[0] + 1)
 
       if pingpong:  # consumer 1's last hand-over (both run the same number of tiles)
         @pl.when(wg == 0)
@@ -412,7 +543,7 @@ def chunk_scores_mgpu(q: jax.Array, k: jax.Array, bound: jax.Array | None, *, ch
         lambda *scoped: body(q_ref, k_ref, bound_ref, p_ref, rscale_ref, lse_ref, scoped),
         (plgpu.SMEM((2, _ROWS, width), dtype, transforms=in_transforms),
          plgpu.SMEM((stages, BLOCK, _TK), dtype, transforms=in_transforms),
-         plgpu.SMEM((2, _ROWS, BLOCK), p_dtype, transforms=p_transforms),
+         plgpu.SMEM((2 * p_buffers, _ROWS, BLOCK), p_dtype, transforms=p_transforms),  # [wg * p_buffers + e]
          plgpu.SMEM((2, 2, _ROWS), jnp.float32),  # bounds [warpgroup, which block]
          plgpu.SMEM((2, BLOCK), jnp.float32),  # gaps of both warpgroups [which block]
          plgpu.SMEM((2, 2, 2, _ROWS), jnp.float32),  # rscale, lse [warpgroup, which block]

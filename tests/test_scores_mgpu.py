@@ -107,15 +107,29 @@ def _interpreter(monkeypatch):
   yield from mosaic_gpu_interpreter(monkeypatch)
 
 
-@pytest.mark.parametrize("mode,chunk,dk,stages,pingpong,hot_rows", [
+@pytest.mark.parametrize("mode,chunk,dk,stages,schedule,hot_rows", [
     # Two programs: pairs (3, 0) and (2, 1). A hot row fails block 2's bound, so program 1 runs the
     # failed branch and then block 1 (bound holding) from the ring step after it; dk 128: two ring
     # slots per K tile, and 2 stages: a ring of exactly one tile.
-    ("bounded", 512, 128, 2, True, ((0, 300, 0),)),
+    ("bounded", 512, 128, 2, dict(pingpong=True), ((0, 300, 0),)),
     # Odd block count: pairs (2, 0) and (1, 1), the middle block done once; one slot per K tile.
-    ("twopass", 384, 64, 3, False, ()),
+    ("twopass", 384, 64, 3, {}, ()),
+    # Two staging buffers, serial schedule: a failed first block (2), then block 1 from the next buffer.
+    ("bounded", 512, 128, 3, dict(p_buffers=2), ((0, 300, 0),)),
+    # The overlapped schedule (each consumer's next wgmma issued before the current tile's exp2):
+    # every bound holds, so every block is one pipelined run (block 0's has no wgmma to overlap);
+    ("bounded", 512, 128, 2, dict(overlap=True), ()),
+    # the failed branch (pass 1's row maxima, then pass 2, both pipelined) in block 2, then block 1;
+    ("bounded", 512, 128, 2, dict(overlap=True), ((0, 300, 0),)),
+    # failed first blocks of both programs (3, then 0; 2, then 1 holding), two staging buffers, dk 64;
+    ("bounded", 512, 64, 3, dict(overlap=True, p_buffers=2), ((0, 450, 0), (0, 300, 0))),
+    # a failed second block (1, after 2 held) with two staging buffers;
+    ("bounded", 512, 128, 4, dict(overlap=True, p_buffers=2), ((0, 200, 0),)),
+    # twopass: every block but 0 is two runs; an odd block count.
+    ("twopass", 384, 64, 3, dict(overlap=True), ()),
+    ("twopass", 512, 128, 2, dict(overlap=True, p_buffers=2), ()),
 ])
-def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode, chunk, dk, stages, pingpong,
+def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode, chunk, dk, stages, schedule,
                                                          hot_rows):
   params, gpu_callbacks = _interpreter
   batch, heads, n_chunks, scale = 1, 1, 1, 0.7
@@ -125,9 +139,12 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode
   bound = ca._score_bound(q, k, g, scale * ca._LOG2E) if mode == "bounded" else None
   if bound is not None:
     holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
-    assert holds.any() and not holds.all()
+    # Hot rows fail their blocks' bounds (both branches of m exercised); without them every bound holds.
+    assert holds.any() and holds.all() != bool(hot_rows)
+    hot_blocks = {row // sm.BLOCK for _, row, _ in hot_rows}
+    assert {blk for blk in range(1, chunk // sm.BLOCK) if not holds[0, 0, 0, blk - 1]} == hot_blocks
   p_buf, rscale, lse = sm.chunk_scores_mgpu(q, k, bound, chunk=chunk, scale=scale, stages=stages,
-                                            pingpong=pingpong, interpret=params)
+                                            interpret=params, **schedule)
   assert not gpu_callbacks.get_races().races_found
   rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
   assert p_buf.shape == rp.shape and p_buf.dtype == jnp.bfloat16
@@ -140,13 +157,18 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode
   assert _rel_err(lse, rlse) < 1e-5
 
 
-@pytest.mark.parametrize("batch,length,heads,dk,chunk,dtype,p_dtype,bounded,pingpong", [
-    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, False),  # the benchmark shape
-    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, True),
-    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, False, False),
-    (2, 768, 2, 64, 384, jnp.float16, jnp.bfloat16, True, False),  # odd block count: a middle block done once
-])
-def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dtype, p_dtype, bounded, pingpong):
+@pytest.mark.parametrize("batch,length,heads,dk,chunk,dtype,p_dtype,bounded,schedule", [
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, {}),  # the benchmark shape
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, dict(pingpong=True)),
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, False, {}),
+    (2, 768, 2, 64, 384, jnp.float16, jnp.bfloat16, True, {}),  # odd block count: a middle block done once
+    # The overlapped schedule (the names hold "overlap": run alone with -k overlap under another jax).
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, dict(overlap=True)),
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, False, dict(overlap=True)),
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, dict(overlap=True, stages=5, p_buffers=2)),
+    (1, 32768, 4, 256, 2048, jnp.bfloat16, None, True, dict(stages=5, p_buffers=2)),
+], ids=lambda x: "-".join(f"{k}{'' if v is True else v}" for k, v in x.items()) if isinstance(x, dict) else None)
+def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dtype, p_dtype, bounded, schedule):
   """One Mosaic GPU call with the right outputs, asking for no more shared memory than smem_bytes counts."""
   smem_requests, captured = [], False
   try:
@@ -165,7 +187,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dt
   q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
   bound = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32) if bounded else None
   fn = lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, p_dtype=p_dtype,  # noqa: E731
-                                            pingpong=pingpong)
+                                            **schedule)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, bound)
   assert exported.mlir_module().count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
   p_aval, rscale_aval, lse_aval = exported.out_avals
@@ -174,7 +196,48 @@ def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dt
   assert rscale_aval.dtype == lse_aval.dtype == jnp.float32
   assert len(smem_requests) == captured  # one kernel launch (when the module could be seen)
   for request in smem_requests:
-    assert int(request) <= sm.smem_bytes(dk, 6) <= sm._SMEM_LIMIT
+    budget = sm.smem_bytes(dk, schedule.get("stages", 6), p_buffers=schedule.get("p_buffers", 1))
+    assert int(request) <= budget <= sm._SMEM_LIMIT
+
+
+def _kernel_module(monkeypatch, schedule, bounded=True) -> str | None:
+  """The Mosaic GPU module of the kernel at a small shape, as serialised into its call (None if unreachable)."""
+  modules = []
+  try:
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+    serde = mosaic_core._run_serde_pass
+  except (ImportError, AttributeError):  # private: another jax may not have it
+    return None
+
+  def capture(module, **kwargs):
+    if kwargs.get("serialize"):
+      modules.append(str(module))
+    return serde(module, **kwargs)
+
+  monkeypatch.setattr(mosaic_core, "_run_serde_pass", capture)
+  q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+  bound = jax.ShapeDtypeStruct((1, 2, 1024), jnp.float32) if bounded else None
+  jax.export.export(jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=512, scale=1.0, stages=4, **schedule)),
+                    platforms=["cuda"])(q, q, bound)
+  assert len(modules) == 1
+  return modules[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bound_decision_is_broadcast_from_lane_0(monkeypatch, overlap):
+  """uniform_decision: one shfl.sync idx per query block (two per program) on the bound decision, which
+  ptxas then treats as warp-uniform (no divergent branch around the wgmma: no C7520 serialisation);
+  uniform_decision=False lowers as before (the A/B baseline); twopass has nothing to broadcast."""
+  idx = lambda module: module.count("nvvm.shfl.sync idx")  # noqa: E731
+  new = _kernel_module(monkeypatch, dict(overlap=overlap))
+  if new is None:
+    pytest.skip("this jax's Mosaic GPU module is not reachable")
+  old = _kernel_module(monkeypatch, dict(overlap=overlap, uniform_decision=False))
+  assert idx(new) == idx(old) + 2
+  unnamed = lambda module: re.sub(r"entry_\d+", "entry", module)  # noqa: E731 - kernel names are numbered per process
+  twopass = _kernel_module(monkeypatch, dict(overlap=overlap), bounded=False)
+  assert unnamed(twopass) == unnamed(_kernel_module(monkeypatch, dict(overlap=overlap, uniform_decision=False),
+                                                    bounded=False))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -187,6 +250,9 @@ def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dt
     (dict(bound_shape=(1, 2, 256)), "bound must be float32"),
     (dict(stages=1), "stages 1 < dk / 64 = 2"),
     (dict(dk=256, stages=8), "KiB of shared memory"),
+    (dict(dk=256, stages=6, p_buffers=2), "2 P~ staging buffer"),  # 5 stages fit with two buffers
+    (dict(p_buffers=3), "p_buffers 3 unsupported"),
+    (dict(overlap=True, pingpong=True), "overlap and pingpong"),
     (dict(segment_ids=True), "segment ids are not supported"),
 ])
 def test_unsupported_inputs_raise(change, message):
@@ -196,8 +262,9 @@ def test_unsupported_inputs_raise(change, message):
   bound = jax.ShapeDtypeStruct(change.get("bound_shape", (1, 2, length)), jnp.float32)
   seg = jnp.zeros((1, length), jnp.int32) if change.get("segment_ids") else None
   with pytest.raises(ValueError, match=message):
+    schedule = {key: change[key] for key in ("p_buffers", "overlap", "pingpong") if key in change}
     jax.eval_shape(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, stages=change.get("stages", 4),
-                                                        p_dtype=change.get("p_dtype"), segment_ids=seg),
+                                                        p_dtype=change.get("p_dtype"), segment_ids=seg, **schedule),
                    q, q, bound)
 
 
@@ -205,11 +272,17 @@ def test_shared_memory_count():
   """The module docstring's count at dk 256, 6 stages; 8 stages would not fit an H200 (227 KiB)."""
   assert 195 * 1024 < sm.smem_bytes(256, 6) < 205 * 1024
   assert sm.smem_bytes(256, 7) <= sm._SMEM_LIMIT < sm.smem_bytes(256, 8)
+  # A second P~ staging buffer per consumer costs 32 KiB: 5 stages at most.
+  assert sm.smem_bytes(256, 5, p_buffers=2) <= sm._SMEM_LIMIT < sm.smem_bytes(256, 6, p_buffers=2)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,pingpong", [("bounded", False), ("bounded", True), ("twopass", False)])
-def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, pingpong):
+@pytest.mark.parametrize("mode,schedule", [
+    ("bounded", {}), ("bounded", dict(pingpong=True)), ("twopass", {}),
+    ("bounded", dict(overlap=True)), ("twopass", dict(overlap=True)),
+    ("bounded", dict(overlap=True, stages=5, p_buffers=2)),
+], ids=lambda x: "-".join(f"{k}{'' if v is True else v}" for k, v in x.items()) if isinstance(x, dict) else None)
+def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, schedule):
   """Compiled on the GPU: the kernel against the Triton scores kernel and the reference (run with -m gpu
   on a Hopper GPU)."""
   if not ca._is_hopper():
@@ -224,8 +297,7 @@ def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, pingpong):
   if bound is not None:
     holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
     assert holds.any() and not holds.all()
-  got = jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=scale, pingpong=pingpong))(
-      q, k, bound)
+  got = jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=scale, **schedule))(q, k, bound)
   triton = jax.jit(lambda q, k: ca._tr_scores(plan, q, k, jnp.bfloat16, None))(q, k)
   ref = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
   visited = _visited(n_chunks, chunk, sm.BLOCK)
@@ -276,3 +348,38 @@ def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypa
   with pytest.raises(ValueError, match="scores_impl"):
     ca.chunk_attention(jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
                        chunk_size=256, config=ca.KernelConfig(scores_impl="cuda"))
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),  # the defaults
+    ({"OVERLAP": "1"}, dict(stages=6, overlap=True, p_buffers=1, uniform_decision=True)),
+    ({"OVERLAP": "0", "STAGES": "4"}, dict(stages=4, overlap=False, p_buffers=1, uniform_decision=True)),
+    # 6 stages would not fit beside two staging buffers
+    ({"OVERLAP": "1", "P_BUFFERS": "2"}, dict(stages=5, overlap=True, p_buffers=2, uniform_decision=True)),
+    ({"UNIFORM": "0"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=False)),
+    ({"UNIFORM": "1"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),
+    ({"OVERLAP": "2"}, "must be 0 or 1"),
+    ({"P_BUFFERS": "3"}, "1 or 2"),
+    ({"STAGES": "0"}, "MEGALODON_ATTENTION_SCORES_STAGES='0'"),
+])
+def test_chunk_attention_passes_the_scores_schedule_switches(monkeypatch, env, expected):
+  """MEGALODON_ATTENTION_SCORES_{OVERLAP,STAGES,P_BUFFERS,UNIFORM} reach chunk_scores_mgpu (read when traced)."""
+  for name in ("OVERLAP", "STAGES", "P_BUFFERS", "UNIFORM"):
+    monkeypatch.delenv(f"MEGALODON_ATTENTION_SCORES_{name}", raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(f"MEGALODON_ATTENTION_SCORES_{name}", value)
+  calls, kernel = [], sm.chunk_scores_mgpu
+
+  def spy(*args, **kwargs):
+    calls.append({key: kwargs[key] for key in ("stages", "overlap", "p_buffers", "uniform_decision")})
+    return kernel(*args, **kwargs)
+
+  monkeypatch.setattr(sm, "chunk_scores_mgpu", spy)
+  config = ca.KernelConfig(scores_impl="mgpu", matmul_impl="triton")
+  if isinstance(expected, str):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+      _lowered_attention_module(config)
+    return
+  module = _lowered_attention_module(config)
+  assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
+  assert calls == [expected]

@@ -1184,7 +1184,7 @@ def _mgpu_scores(plan: _Plan, q, k, p_dtype):
   g = plan.geom
   bound = _score_bound(q, k, g, plan.scale * _LOG2E) if plan.fwd_scores == "bounded" else None
   # A/B switches, untimed defaults kept: MEGALODON_ATTENTION_SCORES_OVERLAP=1 for the software-pipelined
-  # consumers (scores_mgpu's overlap=True), MEGALODON_ATTENTION_SCORES_STAGES=<ring depth> (default 6) and
+  # consumers (scores_mgpu's overlap=True), MEGALODON_ATTENTION_SCORES_STAGES=<ring depth> (default 4) and
   # MEGALODON_ATTENTION_SCORES_P_BUFFERS=2 for two P~ staging buffers per consumer (the ring then
   # defaults to 5 stages, the deepest that fits in shared memory beside them).
   overlap = _int_env(_SCORES_OVERLAP_ENV, 0, "1 for the overlapped schedule, 0 for the serial one")
@@ -1193,7 +1193,9 @@ def _mgpu_scores(plan: _Plan, q, k, p_dtype):
     raise ValueError(f"{_SCORES_OVERLAP_ENV} must be 0 or 1 and {_SCORES_P_BUFFERS_ENV} 1 or 2 (or unset), got "
                      f"{os.environ.get(_SCORES_OVERLAP_ENV)!r} and {os.environ.get(_SCORES_P_BUFFERS_ENV)!r}")
   stages = _int_env(_SCORES_STAGES_ENV, 1, "the ring depth; at most 7 fits in shared memory at dk 256")
-  stages = stages or (5 if p_buffers == 2 else 6)
+  # 4 stages: with the lane-0 decision the kernel took 0.283 ms against 0.294 at 6 (probe), and the op 3.991
+  # against 4.023 ms over 15 interleaved rounds (gpu_checks/2026-11-30_nvidia-h200_ab_scores_uniform.json).
+  stages = stages or (5 if p_buffers == 2 else 4)
   # MEGALODON_ATTENTION_SCORES_UNIFORM=0: the bound decision as before (ptxas then serialises the wgmma).
   uniform = _int_env(_SCORES_UNIFORM_ENV, 0, "0 for the old bound decision, 1 (default) for the lane-0 broadcast")
   return scores_mgpu.chunk_scores_mgpu(q, k, bound, chunk=g.q_len, scale=plan.scale, p_dtype=p_dtype,

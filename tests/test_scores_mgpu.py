@@ -351,13 +351,13 @@ def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypa
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),  # the defaults
-    ({"OVERLAP": "1"}, dict(stages=6, overlap=True, p_buffers=1, uniform_decision=True)),
+    ({}, dict(stages=4, overlap=False, p_buffers=1, uniform_decision=True)),  # the defaults
+    ({"OVERLAP": "1"}, dict(stages=4, overlap=True, p_buffers=1, uniform_decision=True)),
     ({"OVERLAP": "0", "STAGES": "4"}, dict(stages=4, overlap=False, p_buffers=1, uniform_decision=True)),
     # 6 stages would not fit beside two staging buffers
     ({"OVERLAP": "1", "P_BUFFERS": "2"}, dict(stages=5, overlap=True, p_buffers=2, uniform_decision=True)),
-    ({"UNIFORM": "0"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=False)),
-    ({"UNIFORM": "1"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),
+    ({"UNIFORM": "0"}, dict(stages=4, overlap=False, p_buffers=1, uniform_decision=False)),
+    ({"UNIFORM": "1", "STAGES": "6"}, dict(stages=6, overlap=False, p_buffers=1, uniform_decision=True)),
     ({"OVERLAP": "2"}, "must be 0 or 1"),
     ({"P_BUFFERS": "3"}, "1 or 2"),
     ({"STAGES": "0"}, "MEGALODON_ATTENTION_SCORES_STAGES='0'"),

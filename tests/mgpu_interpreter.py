@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 # A deadlocked barrier protocol would hang the test run: dump the stacks and exit instead.
-_DEADLOCK_SECONDS = 300
+_DEADLOCK_SECONDS = int(__import__("os").environ.get("MGPU_DEADLOCK_SECONDS", 300))
 
 
 def mosaic_gpu_interpreter(monkeypatch):

@@ -79,6 +79,7 @@ reductions, broadcasts with layout_cast hints, scalar loads and stores of shared
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 from jax import lax
@@ -94,8 +95,9 @@ _ROWS = 64  # rows of one wgmma M block
 _PIECES = 16  # columns of the prefix operand V (6 used): 16 bf16 = 32 bytes, the smallest wgmma swizzle
 _SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
 _REDUCTION_SCRATCH = 128 * 4 * 4  # Mosaic GPU's default reduction scratch, reserved per kernel
-_SMEM_SLACK = 2048  # barriers and alignment
-_TILE_LAYOUTS = ("wide", "wgmma")
+_SMEM_SLACK = 1024  # alignment
+_TILE_LAYOUTS = ("wgmma", "wide")
+_Y_STORES = ("tma", "direct")
 # Rows of the per-step staging buffer [.., 3, T]: what goes to mu_run, rstd_run, and the carry's var.
 _MU, _RSTD, _VAR = 0, 1, 2
 # Floats per (sequence, group) row of the incoming / final state arrays: TMA copies here move whole
@@ -104,17 +106,20 @@ _STATE = 32
 
 
 def smem_bytes(block_t: int, k: int, stages: int, compute_wgs: int, itemsize: int = 2) -> int:
-  """Shared memory of one program (module docstring), rounded up for barriers and alignment."""
-  ring = compute_wgs * stages * block_t * k * itemsize
-  ltri = _ROWS * block_t * 2
-  v = compute_wgs * block_t * _PIECES * 2
-  rows = compute_wgs * (2 * 3 + 1) * block_t * 4
-  params = 6 * k * 2 + 2 * _STATE * 4
-  return ring + ltri + v + rows + params + _REDUCTION_SCRATCH + _SMEM_SLACK
+  """Shared memory of one program (module docstring): the buffers (Mosaic GPU rounds each to 1 KiB),
+  barriers, the reduction scratch and some slack."""
+  buffers = (compute_wgs * stages * block_t * k * itemsize,  # x / y ring
+             compute_wgs * block_t * _PIECES * 2,  # prefix operands V
+             compute_wgs * 2 * 3 * block_t * 4,  # step vectors
+             compute_wgs * block_t * 4,  # step means (shift)
+             6 * k * 2, _STATE * 4, _STATE * 4)  # parameters, incoming and final state
+  rounded = sum(-(-size // 1024) * 1024 for size in buffers)
+  barriers = 8 * (compute_wgs * stages + compute_wgs + 1)
+  return rounded + barriers + _REDUCTION_SCRATCH + _SMEM_SLACK
 
 
 def _check(x_shape, dtype, num_groups: int, block_t: int, stages: int, compute_wgs: int,
-           tile_layout: str = "wide", padding_mask=None, segment_ids=None) -> None:
+           tile_layout: str = "wgmma", y_store: str = "tma", padding_mask=None, segment_ids=None) -> None:
   """Shapes and options this kernel supports (anything else: ValueError saying what to change)."""
   if padding_mask is not None or segment_ids is not None:
     raise ValueError("padding masks and segment ids are not supported by the Mosaic GPU TimestepNorm "
@@ -138,6 +143,8 @@ def _check(x_shape, dtype, num_groups: int, block_t: int, stages: int, compute_w
                      "block_t dividing it, or kernels_pallas.timestep_norm")
   if jnp.dtype(dtype) not in tuple(map(jnp.dtype, _SUPPORTED_DTYPES)):
     raise ValueError(f"x must be bfloat16 or float16 for the Mosaic GPU TimestepNorm, got {jnp.dtype(dtype)}")
+  if y_store not in _Y_STORES:
+    raise ValueError(f"y_store must be one of {_Y_STORES}, got {y_store!r}")
   if tile_layout not in _TILE_LAYOUTS:
     raise ValueError(f"tile_layout must be one of {_TILE_LAYOUTS}, got {tile_layout!r}")
   if not 1 <= compute_wgs <= 4:
@@ -162,13 +169,15 @@ def supported(x_shape, dtype, num_groups: int, *, block_t: int = 128, stages: in
   return True
 
 
-def prefix_operand_a(block_t: int) -> np.ndarray:
-  """The wgmma A operand [64, T] bf16 of the in-tile prefix sums: [J .. J L64] (J all ones, L64 the
-  64 x 64 lower triangle with its diagonal). Row block r of the tile's prefix uses its last 64 (r + 1)
-  columns against the first 64 (r + 1) steps."""
-  lower = np.tril(np.ones((_ROWS, _ROWS), np.float32))
-  ones = np.ones((_ROWS, block_t - _ROWS), np.float32)
-  return np.concatenate([ones, lower], axis=1).astype(jnp.bfloat16)
+def _load(ref, layout):
+  """plgpu.load of a whole ref into `layout`. jax 0.10.2 takes the index as a required argument,
+  0.11.2 deprecates passing it (and the CPU interpreter's stand-in takes the 0.10.2 form)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
+
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def _split3(a):
@@ -186,11 +195,11 @@ def _split3(a):
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "eps", "block_t", "stages", "compute_wgs",
-                                             "tile_layout", "interpret"))
+                                             "tile_layout", "y_store", "auto_barriers", "interpret"))
 def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: jax.Array, mu0: jax.Array,
                            var0: jax.Array, *, num_groups: int, eps: float, block_t: int = 128,
-                           stages: int = 4, compute_wgs: int = 2, tile_layout: str = "wide",
-                           interpret=None):
+                           stages: int = 4, compute_wgs: int = 2, tile_layout: str = "wgmma",
+                           y_store: str = "tma", auto_barriers: bool = False, interpret=None):
   """TimestepNorm forward on a Hopper GPU (Pallas Mosaic GPU), single pass over x.
 
   x: [B, L, D] bfloat16 / float16; w_hat (= weight + 1), bias: [D] float32; n0: [B] float32 prior
@@ -200,12 +209,18 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
   the statistics after the last step.
   block_t: steps per tile (64 or 128); stages: ring slots per compute warpgroup (loads run
   stages - 1 tiles ahead); compute_wgs: warpgroups taking tiles in turn; tile_layout: "wide"
-  (16-byte shared-memory accesses) or "wgmma" (4-byte). interpret: passed to plgpu.kernel (tests run
-  the kernel under Mosaic GPU's CPU interpreter). No padding mask / segment ids (ValueError).
+  (16-byte shared-memory accesses, 2-way bank conflicts) or "wgmma" (4-byte, conflict-free).
+  y_store: "tma" (y written into the tile's slot, stored by TMA; the slot is refilled a tile later)
+  or "direct" (y stored from registers to global memory, 16 bytes a thread with the wide layout;
+  the slot is refilled as soon as the tile is in registers).
+  auto_barriers: let Pallas put a warpgroup barrier around every shared-memory store (False: the
+  kernel's own commit_smem calls order everything; see "Synchronisation" in the module docstring).
+  interpret: passed to plgpu.kernel (tests run the kernel under Mosaic GPU's CPU interpreter).
+  No padding mask / segment ids (ValueError).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
-  _check(x.shape, x.dtype, num_groups, block_t, stages, compute_wgs, tile_layout)
+  _check(x.shape, x.dtype, num_groups, block_t, stages, compute_wgs, tile_layout, y_store)
   batch, length, dim = x.shape
   groups = num_groups
   k = dim // groups
@@ -222,6 +237,7 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
   tile_transforms = swizzled(64, jnp.dtype(dtype).itemsize)  # 128-byte rows of 64 features
   mma_transforms = swizzled(_PIECES, 2)  # 32-byte swizzle: V [T, 16] and A [64, T]
   wide = tile_layout == "wide"
+  direct = y_store == "direct"
   tile_lay = plgpu.Layout.WGMMA_UPCAST_4X if wide else plgpu.Layout.WGMMA
   row_lay = plgpu.Layout.WGMMA.reduce(1)  # per-step vectors: the same for both tile layouts
   col_lay = tile_lay.reduce(0)  # per-feature vectors
@@ -234,14 +250,17 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
   state0 = jnp.stack([jnp.broadcast_to(n0.astype(jnp.float32)[:, None], (batch, groups)),
                       mu0.astype(jnp.float32), var0.astype(jnp.float32)], axis=-1)
   state0 = jnp.pad(state0, ((0, 0), (0, 0), (0, _STATE - 3))).reshape(batch * groups, _STATE)
-  a_op = jnp.asarray(prefix_operand_a(t))
 
-  def bcast_rows(v, lay):
-    """[T] per-step vector -> [T, C] (C from the layout's use) with an explicit register layout."""
-    return lambda cols: plgpu.layout_cast(lax.broadcast_in_dim(v, (t, cols), (0,)), lay)
+  def bcast_rows(v):
+    """[T] per-step vector -> [T, K] in the tile's register layout."""
+    return plgpu.layout_cast(lax.broadcast_in_dim(v, (t, k), (0,)), tile_lay)
 
-  def body(x_ref, wb_ref, st0_ref, a_ref, y_ref, mu_ref, rstd_ref, fin_ref, scoped):
-    (ring, a_smem, v_smem, stage, shift_smem, par_smem, init_smem, fin_smem), barriers = scoped
+  def bcast_cols(v):
+    """[K] per-feature vector -> [T, K] in the tile's register layout."""
+    return plgpu.layout_cast(lax.broadcast_in_dim(v, (t, k), (1,)), tile_lay)
+
+  def body(x_ref, wb_ref, st0_ref, y_ref, mu_ref, rstd_ref, fin_ref, scoped):
+    (ring, v_smem, stage, shift_smem, par_smem, init_smem, fin_smem), barriers = scoped
     loaded, carried, params = barriers
     b = lax.axis_index("b")
     g = lax.axis_index("g")
@@ -265,7 +284,6 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
     def _():
       plgpu.copy_gmem_to_smem(wb_ref.at[:, pl.ds(g * k, k)], par_smem, params.at[0])
       plgpu.copy_gmem_to_smem(st0_ref.at[bg], init_smem, params.at[0])
-      plgpu.copy_gmem_to_smem(a_ref, a_smem, params.at[0])
 
     for j in range(stages):  # the ring's first loads
       @pl.when(j < steps)
@@ -283,8 +301,8 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       if wgs > 1:
         plgpu.barrier_arrive(carried.at[0])
 
-    w_col, b_col = (sum(plgpu.load(par_smem.at[3 * p + i], (), layout=col_lay).astype(jnp.float32)
-                        for i in range(3)) for p in range(2))
+    w_b, b_b = (bcast_cols(sum(_load(par_smem.at[3 * p + i], col_lay).astype(jnp.float32) for i in range(3)))
+                for p in range(2))
     rows = plgpu.broadcasted_iota(jnp.int32, (t,), 0, layout=row_lay)
     cnt = (rows + 1).astype(jnp.float32)  # steps of the tile up to and including each row
     inv_cnt = 1.0 / cnt
@@ -295,17 +313,22 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       slot = slot_of(j)
       buf = lax.rem(j, 2)
       plgpu.barrier_wait(loaded.at[slot])
-      xf = plgpu.load(ring.at[slot], (), layout=tile_lay).astype(jnp.float32)
+      xf = _load(ring.at[slot], tile_lay).astype(jnp.float32)
       m = jnp.sum(xf, axis=1) * inv_k
-      xc = xf - bcast_rows(m, tile_lay)(k)
+      xc = xf - bcast_rows(m)
       v = jnp.sum(xc * xc, axis=1) * inv_k
 
       # The tile's shift: its first step's mean (row 0 lives in warp 0: through shared memory).
       shift_smem.at[wg][...] = m
-      plgpu.commit_smem()
+      plgpu.commit_smem()  # also: every thread's loads of the slot are done
       c = shift_smem[wg, 0]
+      if direct:  # the tile is in registers: refill its slot now
+        @pl.when(j + stages < steps)
+        def _():
+          load(j + stages)
+
       d = m - c
-      pd, pq = _prefix_sums(plgpu, d, v + d * d, a_smem, v_smem.at[wg], t, row_lay)
+      pd, pq = _prefix_sums(d, v + d * d, v_smem.at[wg], t)
 
       # The carry: the running statistics after the previous tile's last step.
       if wgs > 1:
@@ -329,26 +352,26 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
           plgpu.barrier_arrive(carried.at[lax.rem(wg + 1, wgs)])
 
       # y = (x - mu) rstd w^ + b = ((x - m) rstd + (m - mu) rstd) w^ + b: two FMAs per element.
-      bc = bcast_rows(rstd, tile_lay)(k)
-      off = bcast_rows((m - mu) * rstd, tile_lay)(k)
-      w_b = plgpu.layout_cast(lax.broadcast_in_dim(w_col, (t, k), (1,)), tile_lay)
-      b_b = plgpu.layout_cast(lax.broadcast_in_dim(b_col, (t, k), (1,)), tile_lay)
-      y = (xc * bc + off) * w_b + b_b
-      ring.at[slot][...] = y.astype(dtype)
+      y = (xc * bcast_rows(rstd) + bcast_rows((m - mu) * rstd)) * w_b + b_b
+      if direct:
+        x_tile(y_ref, j)[...] = y.astype(dtype)
+      else:
+        ring.at[slot][...] = y.astype(dtype)  # in place: each thread rewrites what it read
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(ring.at[slot], x_tile(y_ref, j), commit_group=False)
+      if not direct:
+        plgpu.copy_smem_to_gmem(ring.at[slot], x_tile(y_ref, j), commit_group=False)
       plgpu.copy_smem_to_gmem(out.at[_MU], mu_ref.at[b, g, pl.ds(i * t, t)], commit_group=False)
       plgpu.copy_smem_to_gmem(out.at[_RSTD], rstd_ref.at[b, g, pl.ds(i * t, t)], commit_group=False)
       plgpu.commit_smem_to_gmem_group()
 
-      # Refill the previous tile's slot once its stores have read it.
+      # The previous tile's stores have read their buffers (step vectors, and y's slot): refill it.
       @pl.when(j > 0)
       def _():
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-
-        @pl.when(j - 1 + stages < steps)
-        def _():
-          load(j - 1 + stages)
+        if not direct:
+          @pl.when(j - 1 + stages < steps)
+          def _():
+            load(j - 1 + stages)
 
     last_wg = (n_tiles - 1) % wgs
 
@@ -363,11 +386,10 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
 
     plgpu.wait_smem_to_gmem(0)
 
-  def entry(x_ref, wb_ref, st0_ref, a_ref, y_ref, mu_ref, rstd_ref, fin_ref):
+  def entry(x_ref, wb_ref, st0_ref, y_ref, mu_ref, rstd_ref, fin_ref):
     pl.run_scoped(
-        lambda *scoped: body(x_ref, wb_ref, st0_ref, a_ref, y_ref, mu_ref, rstd_ref, fin_ref, scoped),
+        lambda *scoped: body(x_ref, wb_ref, st0_ref, y_ref, mu_ref, rstd_ref, fin_ref, scoped),
         (plgpu.SMEM((wgs * stages, t, k), dtype, transforms=tile_transforms),  # x / y ring
-         plgpu.SMEM((_ROWS, t), jnp.bfloat16, transforms=mma_transforms),  # prefix A operand
          plgpu.SMEM((wgs, t, _PIECES), jnp.bfloat16, transforms=mma_transforms),  # prefix V operand
          plgpu.SMEM((wgs, 2, 3, t), jnp.float32),  # mu / rstd / var per step [warpgroup, buffer]
          plgpu.SMEM((wgs, t), jnp.float32),  # step means (for the shift)
@@ -376,7 +398,7 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
          plgpu.SMEM((_STATE,), jnp.float32)),  # final (mean, var, count, padding)
         (plgpu.Barrier(num_barriers=wgs * stages),  # ring slot loaded
          plgpu.Barrier(num_barriers=wgs),  # carry for warpgroup [index] written
-         plgpu.Barrier(num_arrivals=3, num_barriers=1)),  # parameters, incoming state, A operand
+         plgpu.Barrier(num_arrivals=2, num_barriers=1)),  # parameters, incoming state
         collective_axes="wg",
     )
 
@@ -391,33 +413,43 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       grid_names=("b", "g"),
       num_threads=wgs,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
       **({} if interpret is None else {"interpret": interpret}),
   )
-  y2, mu_run, rstd_run, fin = kernel(x2, wb, state0, a_op)
+  y2, mu_run, rstd_run, fin = kernel(x2, wb, state0)
   fin = fin.reshape(batch, groups, _STATE)
   return y2.reshape(batch, length, dim), mu_run, rstd_run, fin[..., 0], fin[..., 1]
 
 
-def _prefix_sums(plgpu, d, q, a_smem, v_ref, t: int, row_lay):
+def _prefix_sums(d, q, v_ref, t: int):
   """In-tile inclusive prefix sums of two [T] float32 step vectors, on the tensor cores.
 
-  d, q: [T] (row layout); a_smem: [64, T] bf16 (prefix_operand_a); v_ref: [T, 16] bf16 scratch.
-  V's columns 0-2 hold d's bf16 pieces, 3-5 q's; P = Ltri V, then the pieces are summed."""
-  del row_lay
+  d, q: [T] (row layout); v_ref: [T, 16] bf16 scratch (32-byte swizzle). V's columns 0-2 hold d's
+  bf16 pieces, 3-5 q's. Row block r (64 steps) of P = Ltri V is L64 V_r + J V_{<r} (J all ones):
+  both A operands live in registers (no shared-memory traffic for them); the pieces are summed after.
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
+
+  wgmma_lay = plgpu.Layout.WGMMA
   pieces = (*_split3(d), *_split3(q))
-  cols = plgpu.broadcasted_iota(jnp.int32, (t, _PIECES), 1, layout=plgpu.Layout.WGMMA)
+  cols = plgpu.broadcasted_iota(jnp.int32, (t, _PIECES), 1, layout=wgmma_lay)
   v = jnp.zeros((t, _PIECES), jnp.float32)
   for idx, piece in enumerate(pieces):
     v = jnp.where(cols == idx, lax.broadcast_in_dim(piece, (t, _PIECES), (0,)), v)
   v_ref[...] = v.astype(jnp.bfloat16)
-  plgpu.commit_smem()
+  plgpu.commit_smem()  # V's stores visible to the tensor cores (and all threads past them)
+
+  r_idx = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 0, layout=wgmma_lay)
+  c_idx = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 1, layout=wgmma_lay)
+  lower = jnp.where(c_idx <= r_idx, 1.0, 0.0).astype(jnp.bfloat16)
 
   def run(acc):
     for r in range(t // _ROWS):
-      steps = _ROWS * (r + 1)
-      plgpu.wgmma(acc.at[pl.ds(r * _ROWS, _ROWS)], a_smem.at[:, pl.ds(t - steps, steps)],
-                  v_ref.at[pl.ds(0, steps)])
+      blk = acc.at[pl.ds(r * _ROWS, _ROWS)]
+      if r:
+        ones = plgpu.layout_cast(jnp.ones((_ROWS, r * _ROWS), jnp.bfloat16), wgmma_lay)
+        plgpu.wgmma(blk, ones, v_ref.at[pl.ds(0, r * _ROWS)])
+      plgpu.wgmma(blk, lower, v_ref.at[pl.ds(r * _ROWS, _ROWS)])
     plgpu.wgmma_wait(0)
     return acc[...]
 
@@ -436,8 +468,16 @@ def _merge(pd, pq, c, cnt, inv_cnt, n_c, mu_c, var_c):
   off = pd * inv_cnt  # mean_j - c
   m2 = jnp.maximum(pq - pd * off, 0.0)
   delta = off + (c - mu_c)  # mean_j - mu_c
-  inv_n = 1.0 / (n_c + cnt)
+  inv_n = _reciprocal(n_c + cnt)
   frac = cnt * inv_n  # (j + 1) / n
   mu = mu_c + delta * frac
   var = (n_c * var_c + m2 + delta * delta * (n_c * frac)) * inv_n
   return mu, var
+
+
+def _reciprocal(n):
+  """1 / n for n >= 1 without an IEEE division (~10 instructions each): the hardware's rsqrt squared
+  (relative error ~2**-22) and one Newton step, accurate to about an ulp."""
+  r = lax.rsqrt(n)
+  inv = r * r
+  return inv + inv * (1.0 - n * inv)

@@ -2,7 +2,7 @@
 
 jax 0.10.2 can run a Pallas Mosaic GPU kernel on the CPU (`plgpu.kernel(..., interpret=params)`):
 each warpgroup is a thread, and barriers, TMA copies and wgmma are simulated, with a race
-detector. Three things our kernels use are missing there, and `mosaic_gpu_interpreter` supplies
+detector. Some things our kernels use are missing there, and `mosaic_gpu_interpreter` supplies
 them for one test's duration:
   * wgmma on an operand read through `plgpu.transpose_ref` (the interpreter's wgmma callback
     rejects the transposed view; here the view is read plainly and transposed in numpy);
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 # A deadlocked barrier protocol would hang the test run: dump the stacks and exit instead.
-_DEADLOCK_SECONDS = int(__import__("os").environ.get("MGPU_DEADLOCK_SECONDS", 300))
+_DEADLOCK_SECONDS = 300
 
 
 def mosaic_gpu_interpreter(monkeypatch):

@@ -17,63 +17,87 @@ each must stream its slab at ~1/64 of the card's bandwidth (the slab-walk probe 
 
   * W compute warpgroups (`compute_wgs`, no producer warpgroup): warpgroup k takes tiles k, k + W,
     k + 2W, ... Each owns a ring of `stages` shared-memory slots of [T, K] (128-byte swizzle) and
-    issues its own TMA loads `stages - 1` tiles ahead. y is written back into the slot the tile
-    came from (every thread writes exactly the elements it read, so in place is race-free) and
-    leaves by TMA; a slot is refilled once that store has read it (one tile later).
+    issues its own TMA loads. With y_store="tma" y is written back into the slot the tile came
+    from (every thread rewrites exactly the elements it read: in place is race-free) and leaves by
+    TMA; the slot is refilled once that store has read it, a tile later (loads run stages - 1
+    tiles ahead). With y_store="direct" y goes from registers to global memory and the slot is
+    refilled as soon as the tile is in registers (stages tiles ahead).
   * Everything about a tile that does not need the carry runs first: the step moments, and the
     tile's prefix sums of (m_t - c, v_t + (m_t - c)^2) relative to the tile's own shift c = m of
     its first step. Only then does warpgroup k wait for the carry of the tile before (written by
-    warpgroup k - 1 into shared memory: the running mean / var of that tile's last step) and merge.
-    The chain of carries costs one short merge per tile; the rest of the W tiles in flight overlap.
-  * Prefix sums on the tensor cores. Mosaic GPU has no scan. The prefix over the T steps of a tile
-    is P = Ltri @ V, Ltri [T, T] lower-triangular ones (exact in bf16), V [T, 16] bf16 holding the
-    two float32 row quantities split into three bf16 pieces each (hi + mid + lo == value exactly),
-    one wgmma per 64-row block (row block r needs only the first 64 (r + 1) steps: A = the
-    [64, T] matrix [J .. J L64], sliced). Products are exact and the accumulation is float32, so
-    the sums are float32 sums (the tensor core rounds once per 16-step k-chunk).
-  * Layouts: the tile is loaded / stored with the WGMMA_UPCAST_4X register layout (8 consecutive
-    16-bit elements per thread: 16-byte shared-memory accesses) or the WGMMA layout (4-byte); both
-    have the same per-step ("row") layout as the wgmma accumulator, so the step vectors feed the
-    prefix and come back without relayout. Every thread holds 4 steps (each replicated over a quad
-    of lanes) and 16 features of each.
+    warpgroup k - 1 into shared memory: the running mean / var of that tile's last step, the same
+    vectors that go to mu_run), merge, publish its own carry and normalise. The chain of carries
+    costs one short merge per tile; the rest of the W tiles in flight overlaps it.
+  * Prefix sums on the tensor cores (Mosaic GPU has no scan). The prefix over the T steps of a tile
+    is P = Ltri V with Ltri [T, T] lower-triangular ones and V [T, 16] bf16 holding the two float32
+    step quantities split into three bf16 pieces each (hi + mid + lo == value, exactly). Row block
+    r (64 steps) is P_r = L64 V_r + J V_{<r} (L64 the 64 x 64 lower triangle, J ones): one or two
+    wgmma with A in registers (0/1 constants, exact in bf16; no shared-memory reads for A) and V
+    in shared memory (32-byte swizzle). Products are exact and the accumulation is float32, so P is
+    a float32 sum (rounded per 16-step k chunk); the three pieces' sums are then added.
+  * Register layouts: "wgmma" (the WGMMA layout: 4-byte shared-memory accesses, conflict-free on
+    the 128-byte swizzle) or "wide" (WGMMA_UPCAST_4X: 8 consecutive features per thread, 16-byte
+    accesses with 2-way bank conflicts, and 16-byte global stores for y_store="direct"). Both have
+    the wgmma accumulator's per-step ("row") layout, so step vectors feed the prefix and come back
+    without relayout. Every thread holds 4 steps (each replicated over a quad of lanes) and 16
+    features of each.
+  * Synchronisation: Pallas' automatic barriers around every shared-memory store are off by default
+    (auto_barriers=False). What needs ordering is ordered explicitly: the shift's, V's and y's
+    stores are each followed by commit_smem (fence + warpgroup barrier) before anyone else (other
+    threads, the tensor cores, TMA) reads them; buffers are rewritten only after such a barrier
+    has followed their last read (V after the wgmma wait, the step vectors two tiles later after
+    the TMA store's read wait, a slot after its store's read wait); carries pass between
+    warpgroups through an mbarrier (arrive releases, wait acquires).
 
 Numerics. Within a tile the sums are relative to c = m_0 (the tile's first step mean), and each
-step's running statistics are the Chan merge of the carry with the tile's first j + 1 steps:
+step's running statistics are the Chan merge of the carry (n_c, mu_c, var_c) with the tile's first
+j + 1 steps, n = n_c + j + 1:
   mean_j = c + Pd_j / (j + 1),  M2_j = Pq_j - Pd_j^2 / (j + 1)       (Pd, Pq: the prefix sums)
   mu = mu_c + (mean_j - mu_c) (j + 1) / n,  n var = n_c var_c + M2_j + (mean_j - mu_c)^2 n_c (j + 1) / n
-The only subtraction that can cancel is M2_j = Pq_j - (j + 1) (mean_j - c)^2, and with c = m_0
-(an observation of the same tile) M2_j >= (m_0 - mean_j)^2, so it loses at most log2(j + 2) <= 8
-bits, whatever the mean's drift or magnitude; in typical data (m_0 - mean_j)^2 is about the spread
-of the step means and the loss is ~1 bit. The merge with the carry adds non-negative terms only.
-(kernels_pallas/timestep_norm.py shifts by the carried mean instead; that makes the tile's sums
-depend on the carry, i.e. puts them on the critical path of the chain of tiles.) The carry of a
-tile is the last step's running statistics, so the final state equals mu_run[..., -1] exactly.
-Counts are float32 (exact below 2**24 steps); the caller computes the integer count.
+The only subtraction that can cancel is M2_j = Pq_j - (j + 1) (mean_j - c)^2. With c = m_0 (an
+observation of the same tile) M2_j >= (m_0 - mean_j)^2, so Pq_j <= (j + 2) M2_j and M2_j loses at
+most log2(j + 2) <= 7 bits, whatever the mean's magnitude or drift; in typical data (m_0 -
+mean_j)^2 is about the spread of the step means and the loss is ~1 bit. The merge with the carry
+adds non-negative terms only. (kernels_pallas/timestep_norm.py shifts by the carried mean instead,
+which makes the tile's sums depend on the carry: on the critical path of the chain of tiles.) The
+carry of a tile is its last step's running statistics, so the final state is mu_run[..., -1]
+exactly. Counts are float32 (exact below 2**24 steps); the caller computes the integer count.
+1 / n is rsqrt(n)^2 refined by a Newton step (an IEEE division costs ~10 instructions); rsqrt is
+the hardware's approximate one (approx_math, relative error ~1e-7).
 
-Per-tile work of one warpgroup (T = 128, K = 64, per thread, instruction estimates): tile load 8
-(16-byte) + conversion 64; sums of x and of squared deviations 2 x 64 + 2 x (8 shuffles + 8 adds);
-centring 64; the shift (row 0's mean) through shared memory ~10 and a barrier; the bf16 split of
-(d, q) ~50 and V's column selects ~40, its store and fence ~15; two wgmma (M 128, N 16, K 64 /
-128: ~100 tensor-core cycles, asynchronous); the prefix reduction over V's columns ~90; the merge
-~25 per step = 100 (plus an IEEE division per step, ~40); step vectors to shared memory ~15;
-y = ((x - m) rstd + (m - mu) rstd) w^ + b: 2 FMA per element = 128; conversion 32 and store 8;
-TMA issue and loop ~30. About 850 instructions, i.e. ~850 issue cycles of the SM's four schedulers
-per tile; with W = 2 both warpgroups' warps share the schedulers, so at B=1 L=32768 D=4096 G=64
-(256 tiles per program) the issue floor is ~0.11 ms at 1.98 GHz against the data-movement floor
-of ~0.15 ms. Whether the latency of the chain and of the wgmma hides is for the probe
-(experiments/gpu_checks/probe_tsn_mgpu.py) to say.
+Per-tile work of one warpgroup (T = 128, K = 64, per thread, instruction estimates, "wgmma" layout
+and TMA stores): tile load 32 (4-byte) + conversion 64; sums of x and of squared deviations
+2 x 64 + 2 x (8 shuffles + 8 adds); centring 64; the shift through shared memory ~10 and a barrier;
+the bf16 split of (d, q) ~50, V's column selects ~40, its store and fence ~15; three wgmma (M 64,
+N 16, K 64: ~50 tensor-core cycles, asynchronous); the prefix reduction over V's columns ~90; the
+merge ~30 per step = 120; step vectors to shared memory ~15; y = ((x - m) rstd + (m - mu) rstd) w^
++ b: 2 FMA per element = 128; conversion 32 and store 32; TMA issue and loop ~30. About 900
+instructions per thread, so ~900 issue cycles of the SM's four schedulers per tile whatever W is
+(the "wide" layout saves ~50); at B=1 L=32768 D=4096 G=64 (256 tiles per program) that is ~0.12 ms
+at 1.98 GHz against the data-movement floor of ~0.15 ms. One warpgroup alone would expose every
+latency of its tile (barriers, shuffles, the wgmma, the carry); W = 2-3 interleave two or three
+tiles. Shared-memory traffic per tile: TMA in 16 KiB, loads 16, y stores 16, TMA out 16 (none of
+the last two with y_store="direct"), V ~10: ~74 KiB, ~600 of the ~1,150 cycles a tile may take.
+Which setting wins is for experiments/gpu_checks/probe_tsn_mgpu.py to say.
 
-Shared memory (T = 128, K = 64, bf16, W = 2, stages 4): ring 2 x 4 x 16 KiB = 128 KiB; Ltri 16 KiB;
-V 2 x 4 KiB; step vectors 2 x 2 x 3 x 512 B + shift 2 x 512 B; parameters ~0.5 KiB: ~156 KiB.
-`smem_bytes` counts it; `_check` refuses what does not fit 227 KiB.
+Shared memory (T = 128, K = 64, bf16, W = 2, stages 6): ring 2 x 6 x 16 KiB = 192 KiB; V 2 x 4 KiB;
+step vectors 2 x 3 KiB; shift 1 KiB; parameters and states 3 KiB; reduction scratch 2 KiB: ~213 KiB.
+`smem_bytes` counts it (a test holds it to the lowered kernel's request); `_check` refuses what
+does not fit 227 KiB.
 
-Restrictions (anything else raises ValueError in `_check`, so a dispatcher can fall back): no
-padding mask or segment ids; x bfloat16 or float16; K a multiple of 64 with block_t * K <= 8192
-(the tile lives in registers); L a multiple of block_t (64 or 128); D % G == 0.
+Restrictions (anything else raises ValueError in `_check`, so a dispatcher can fall back; see
+`supported`): no padding mask or segment ids; x bfloat16 or float16; K a multiple of 64 with
+block_t * K <= 8192 (the tile lives in registers); L a multiple of block_t (64 or 128); D % G == 0.
+
+Checked on the CPU (tests/test_timestep_norm_mgpu.py): under Mosaic GPU's interpreter against a
+float64 recurrence (the interpreter's wgmma takes every operand for a shared-memory ref; the tests'
+fixture adds A in registers), and lowered for CUDA at the benchmark shape under jax 0.10.2 and
+0.11.2. Not yet run on a GPU.
 
 API (written against jax 0.10.2, run on 0.11.2): plgpu.kernel with warpgroups, mbarriers, TMA
-copies, wgmma with both operands in swizzled shared memory and an indexed accumulator, row
-reductions, broadcasts with layout_cast hints, scalar loads and stores of shared memory.
+copies, wgmma with A in registers and an indexed accumulator, row reductions, broadcasts with
+layout_cast hints, scalar loads and stores of shared memory, CompilerParams(approx_math,
+unsafe_no_auto_barriers).
 """
 
 from __future__ import annotations
@@ -158,7 +182,7 @@ def _check(x_shape, dtype, num_groups: int, block_t: int, stages: int, compute_w
                      f"{need / 1024:.1f} KiB of shared memory, over {_SMEM_LIMIT // 1024} KiB: use fewer stages")
 
 
-def supported(x_shape, dtype, num_groups: int, *, block_t: int = 128, stages: int = 4,
+def supported(x_shape, dtype, num_groups: int, *, block_t: int = 128, stages: int = 6,
               compute_wgs: int = 2, padding_mask=None, segment_ids=None) -> bool:
   """Whether timestep_norm_fwd_mgpu takes these inputs (for a dispatcher; see `_check`)."""
   try:
@@ -198,7 +222,7 @@ def _split3(a):
                                              "tile_layout", "y_store", "auto_barriers", "interpret"))
 def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: jax.Array, mu0: jax.Array,
                            var0: jax.Array, *, num_groups: int, eps: float, block_t: int = 128,
-                           stages: int = 4, compute_wgs: int = 2, tile_layout: str = "wgmma",
+                           stages: int = 6, compute_wgs: int = 2, tile_layout: str = "wgmma",
                            y_store: str = "tma", auto_barriers: bool = False, interpret=None):
   """TimestepNorm forward on a Hopper GPU (Pallas Mosaic GPU), single pass over x.
 

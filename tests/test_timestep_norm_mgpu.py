@@ -149,14 +149,16 @@ def test_reciprocal_is_accurate():
 
 
 @pytest.mark.parametrize("config", [
-    dict(),  # the default: two warpgroups, 4 stages, WGMMA layout, y by TMA
-    dict(stages=6),  # the largest ring that fits with two warpgroups
-    dict(tile_layout="wide", y_store="direct"),
+    dict(),  # the default: two warpgroups, 6 stages (the largest ring that fits), WGMMA layout, TMA
+    dict(stages=4, tile_layout="wide", y_store="direct"),
     dict(block_t=64, stages=8, compute_wgs=1),
     dict(compute_wgs=3, stages=4),
+    dict(block_t=64, compute_wgs=4, stages=6),
+    dict(block_t=64, shape=(2, 4096, 4096, 32)),  # K = 128
 ])
 def test_kernel_lowers_for_cuda(monkeypatch, config):
-  """Benchmark shape: one Mosaic GPU call with the right outputs, its shared memory within smem_bytes."""
+  """The benchmark shape (by default): one Mosaic GPU call with the right outputs, its shared memory
+  within smem_bytes."""
   smem_requests, captured = [], False
   try:
     from jax.experimental.mosaic.gpu import core as mosaic_core
@@ -171,7 +173,8 @@ def test_kernel_lowers_for_cuda(monkeypatch, config):
     captured = True
   except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
     pass
-  batch, length, dim, groups = 1, 32768, 4096, 64
+  config = dict(config)
+  batch, length, dim, groups = config.pop("shape", (1, 32768, 4096, 64))
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
   fn = lambda *a: tm.timestep_norm_fwd_mgpu(*a, num_groups=groups, eps=_EPS, **config)  # noqa: E731
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(
@@ -183,7 +186,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, config):
   assert mu_run.shape == rstd_run.shape == (batch, groups, length) and mu_run.dtype == jnp.float32
   assert mean_f.shape == var_f.shape == (batch, groups)
   assert len(smem_requests) == captured  # one kernel launch (when the module could be seen)
-  need = tm.smem_bytes(config.get("block_t", 128), dim // groups, config.get("stages", 4),
+  need = tm.smem_bytes(config.get("block_t", 128), dim // groups, config.get("stages", 6),
                        config.get("compute_wgs", 2))
   for request in smem_requests:
     assert int(request) <= need <= tm._SMEM_LIMIT
@@ -212,7 +215,7 @@ def test_unsupported_inputs_raise(change, message):
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
   if "padding_mask" in change or "segment_ids" in change:
     with pytest.raises(ValueError, match=message):
-      tm._check(shape, dtype, groups, 128, 4, 2, padding_mask=change.get("padding_mask"),
+      tm._check(shape, dtype, groups, 128, 6, 2, padding_mask=change.get("padding_mask"),
                 segment_ids=change.get("segment_ids"))
     assert not tm.supported(shape, dtype, groups, padding_mask=change.get("padding_mask"),
                             segment_ids=change.get("segment_ids"))

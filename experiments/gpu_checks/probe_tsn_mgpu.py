@@ -135,6 +135,8 @@ def _run(args, interpret) -> None:
     variants, timing = VARIANTS[:1] + VARIANTS[4:5], dict(warmup=1, iters=1, inner=1)
   x, weight, bias, state = _inputs(batch, length, dim, groups)
   rows = []
+  header = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+            "shape": {"B": batch, "L": length, "D": dim, "G": groups, "dtype": "bfloat16"}}
   print(f"device {jax.devices()[0]}, jax {jax.__version__}; B{batch} L{length} D{dim} G{groups} bf16", flush=True)
 
   def timed(name, fn, *fn_args, extra=None):
@@ -154,6 +156,9 @@ def _run(args, interpret) -> None:
       entry["traceback"] = traceback.format_exc()[-3000:]
       print(f"{name:44s} FAILED {entry['failure'][:400]}", flush=True)
     rows.append(entry)
+    if args.json:  # after every row: a setting that hangs the GPU leaves the earlier rows on disk
+      with open(args.json, "w") as f:
+        json.dump({**header, "rows": rows}, f, indent=1)
     return entry
 
   current = jax.jit(lambda x, w, b, s: tsn_kernel.timestep_norm_pallas(x, w, b, num_groups=groups, eps=EPS,
@@ -186,9 +191,7 @@ def _run(args, interpret) -> None:
     entry["options"] = options
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"device": str(jax.devices()[0]), "jax": jax.__version__,
-                 "shape": {"B": batch, "L": length, "D": dim, "G": groups, "dtype": "bfloat16"},
-                 "rows": rows}, f, indent=1)
+      json.dump({**header, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

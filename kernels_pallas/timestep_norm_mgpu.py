@@ -109,7 +109,6 @@ import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
-import numpy as np
 
 # The custom-call target the Mosaic GPU lowering emits (what a lowering test looks for).
 MOSAIC_GPU_CALL = "mosaic_gpu_v2"
@@ -259,7 +258,7 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
     return (plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle))
 
   tile_transforms = swizzled(64, jnp.dtype(dtype).itemsize)  # 128-byte rows of 64 features
-  mma_transforms = swizzled(_PIECES, 2)  # 32-byte swizzle: V [T, 16] and A [64, T]
+  mma_transforms = swizzled(_PIECES, 2)  # 32-byte swizzle: the prefix operand V [T, 16]
   wide = tile_layout == "wide"
   direct = y_store == "direct"
   tile_lay = plgpu.Layout.WGMMA_UPCAST_4X if wide else plgpu.Layout.WGMMA

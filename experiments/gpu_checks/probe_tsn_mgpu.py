@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from experiments.benchmarks.harness import time_fn  # noqa: E402
 from experiments.gpu_checks.probe_slab_stream import _mgpu_walk  # noqa: E402

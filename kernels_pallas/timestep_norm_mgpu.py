@@ -23,8 +23,8 @@ each must stream its slab at ~1/64 of the card's bandwidth (the slab-walk probe 
     tiles ahead). With y_store="direct" y goes from registers to global memory and the slot is
     refilled as soon as the tile is in registers (stages tiles ahead).
   * Everything about a tile that does not need the carry runs first: the step moments, and the
-    tile's prefix sums of (m_t - c, v_t + (m_t - c)^2) relative to the tile's own shift c = m of
-    its first step. Only then does warpgroup k wait for the carry of the tile before (written by
+    tile's prefix sums of (m_t - c, v_t + (m_t - c)^2) relative to a shift c known without the
+    carry (below). Only then does warpgroup k wait for the carry of the tile before (written by
     warpgroup k - 1 into shared memory: the running mean / var of that tile's last step, the same
     vectors that go to mu_run), merge, publish its own carry and normalise. The chain of carries
     costs one short merge per tile; the rest of the W tiles in flight overlaps it.
@@ -49,35 +49,44 @@ each must stream its slab at ~1/64 of the card's bandwidth (the slab-walk probe 
     the TMA store's read wait, a slot after its store's read wait); carries pass between
     warpgroups through an mbarrier (arrive releases, wait acquires).
 
-Numerics. Within a tile the sums are relative to c = m_0 (the tile's first step mean), and each
-step's running statistics are the Chan merge of the carry (n_c, mu_c, var_c) with the tile's first
-j + 1 steps, n = n_c + j + 1:
-  mean_j = c + Pd_j / (j + 1),  M2_j = Pq_j - Pd_j^2 / (j + 1)       (Pd, Pq: the prefix sums)
-  mu = mu_c + (mean_j - mu_c) (j + 1) / n,  n var = n_c var_c + M2_j + (mean_j - mu_c)^2 n_c (j + 1) / n
-The only subtraction that can cancel is M2_j = Pq_j - (j + 1) (mean_j - c)^2. With c = m_0 (an
-observation of the same tile) M2_j >= (m_0 - mean_j)^2, so Pq_j <= (j + 2) M2_j and M2_j loses at
-most log2(j + 2) <= 7 bits, whatever the mean's magnitude or drift; in typical data (m_0 -
-mean_j)^2 is about the spread of the step means and the loss is ~1 bit. The merge with the carry
-adds non-negative terms only. (kernels_pallas/timestep_norm.py shifts by the carried mean instead,
-which makes the tile's sums depend on the carry: on the critical path of the chain of tiles.) The
-carry of a tile is its last step's running statistics, so the final state is mu_run[..., -1]
+Numerics. Within a tile the sums are relative to a shift c: the running mean after this
+warpgroup's previous tile (the carry of tile i - W + 1; with W = 1 the carried mean itself, as in
+kernels_pallas/timestep_norm.py), and in each warpgroup's first tile, which has no previous one,
+the tile's first step mean m_0. With n = n_c + j + 1 after step j of the tile and (n_c, mu_c,
+var_c) the carry, Pd_j / Pq_j the prefix sums of (m - c) / (v + (m - c)^2):
+  * later tiles: sd = n_c (mu_c - c) + Pd_j, sq = n_c (var_c + (mu_c - c)^2) + Pq_j,
+    mu = c + sd / n, n var = sq - sd^2 / n. The subtraction loses log2(sq / (n var)) =
+    log2(1 + (mu - c)^2 / var) bits, and if c was the running mean k steps earlier, at count n',
+    (mu - c)^2 / var <= k / n' (the k steps since moved the mean by (mu - c) only as far as
+    their own spread around it allows: n var >= n' D^2 (1 + n' / k), D = mu - c). Here
+    k <= W T and n' >= T (n' = n0 + (i - W + 1) T), so at most log2(1 + W) bits in the
+    second round of tiles and fewer after; typically nothing.
+  * first tiles: mean_j = c + Pd_j / (j + 1), M2_j = Pq_j - Pd_j^2 / (j + 1) (the tile's own
+    statistics), merged with the carry by Chan's formula (non-negative terms). With c = m_0 (an
+    observation in every prefix of the tile) M2_j >= (m_0 - mean_j)^2, so Pq_j <= (j + 2) M2_j
+    and M2_j loses at most log2(j + 2) <= 7 bits (~1e-5 relative), whatever the mean's size or
+    drift. That worst case needs a step far from the rest at the start of one of the first W
+    tiles (e.g. an outlier at t = 0 with no prior state); a single shift cannot serve every
+    prefix of such a tile, and the Triton kernel's tile-mean shift does worse at its first steps.
+The carry of a tile is its last step's running statistics, so the final state is mu_run[..., -1]
 exactly. Counts are float32 (exact below 2**24 steps); the caller computes the integer count.
 1 / n is rsqrt(n)^2 refined by a Newton step (an IEEE division costs ~10 instructions); rsqrt is
 the hardware's approximate one (approx_math, relative error ~1e-7).
 
 Per-tile work of one warpgroup (T = 128, K = 64, per thread, instruction estimates, "wgmma" layout
 and TMA stores): tile load 32 (4-byte) + conversion 64; sums of x and of squared deviations
-2 x 64 + 2 x (8 shuffles + 8 adds); centring 64; the shift through shared memory ~10 and a barrier;
-the bf16 split of (d, q) ~50, V's column selects ~40, its store and fence ~15; three wgmma (M 64,
-N 16, K 64: ~50 tensor-core cycles, asynchronous); the prefix reduction over V's columns ~90; the
-merge ~30 per step = 120; step vectors to shared memory ~15; y = ((x - m) rstd + (m - mu) rstd) w^
-+ b: 2 FMA per element = 128; conversion 32 and store 32; TMA issue and loop ~30. About 900
-instructions per thread, so ~900 issue cycles of the SM's four schedulers per tile whatever W is
-(the "wide" layout saves ~50); at B=1 L=32768 D=4096 G=64 (256 tiles per program) that is ~0.12 ms
-at 1.98 GHz against the data-movement floor of ~0.15 ms. One warpgroup alone would expose every
-latency of its tile (barriers, shuffles, the wgmma, the carry); W = 2-3 interleave two or three
-tiles. Shared-memory traffic per tile: TMA in 16 KiB, loads 16, y stores 16, TMA out 16 (none of
-the last two with y_store="direct"), V ~10: ~74 KiB, ~600 of the ~1,150 cycles a tile may take.
+2 x 64 + 2 x (8 shuffles + 8 adds); centring 64; the shift: one scalar load (the first tile: a
+store, a barrier and a load); the bf16 split of (d, q) ~50, V's column selects ~40, its store and
+fence ~15; three wgmma (M 64, N 16, K 64: ~50 tensor-core cycles, asynchronous); the prefix
+reduction over V's columns ~90; the merge ~25 per step = 100; step vectors to shared memory ~15;
+y = ((x - m) rstd + (m - mu) rstd) w^ + b: 2 FMA per element = 128; conversion 32 and store 32;
+TMA issue and loop ~30. About 900 instructions per thread, so ~900 issue cycles of the SM's four
+schedulers per tile whatever W is (the "wide" layout saves ~50); at B=1 L=32768 D=4096 G=64
+(256 tiles per program) that is ~0.12 ms at 1.98 GHz against the data-movement floor of
+~0.15 ms. One warpgroup alone would expose every latency of its tile (barriers, shuffles, the
+wgmma, the carry); W = 2-3 interleave two or three tiles. Shared-memory traffic per tile: TMA in
+16 KiB, loads 16, y stores 16, TMA out 16 (none of the last two with y_store="direct"), V ~10:
+~74 KiB, ~600 of the ~1,150 cycles a tile may take.
 Which setting wins is for experiments/gpu_checks/probe_tsn_mgpu.py to say.
 
 Shared memory (T = 128, K = 64, bf16, W = 2, stages 6): ring 2 x 6 x 16 KiB = 192 KiB; V 2 x 4 KiB;
@@ -330,8 +339,8 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
     cnt = (rows + 1).astype(jnp.float32)  # steps of the tile up to and including each row
     inv_cnt = 1.0 / cnt
 
-    @pl.loop(0, steps)
-    def _step(j):
+    def tile_step(j, first: bool):
+      """Tile j of this warpgroup. first: its first tile (a static flag: the shift differs)."""
       i = tile_of(j)
       slot = slot_of(j)
       buf = lax.rem(j, 2)
@@ -341,17 +350,18 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       xc = xf - bcast_rows(m)
       v = jnp.sum(xc * xc, axis=1) * inv_k
 
-      # The tile's shift: its first step's mean (row 0 lives in warp 0: through shared memory).
-      shift_smem.at[wg][...] = m
-      plgpu.commit_smem()  # also: every thread's loads of the slot are done
-      c = shift_smem[wg, 0]
-      if direct:  # the tile is in registers: refill its slot now
+      if first:  # the shift: the tile's first step mean (row 0 lives in warp 0: through shared memory)
+        shift_smem.at[wg][...] = m
+        plgpu.commit_smem()
+        c = shift_smem[wg, 0]
+      else:  # the running mean after this warpgroup's previous tile (its last step vectors)
+        c = stage[wg, 1 - buf, _MU, t - 1]
+      d = m - c
+      pd, pq = _prefix_sums(d, v + d * d, v_smem.at[wg], t)
+      if direct:  # the tile is in registers (V's barrier passed every thread's loads): refill its slot
         @pl.when(j + stages < steps)
         def _():
           load(j + stages)
-
-      d = m - c
-      pd, pq = _prefix_sums(d, v + d * d, v_smem.at[wg], t)
 
       # The carry: the running statistics after the previous tile's last step.
       if wgs > 1:
@@ -362,7 +372,10 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       mu_c = stage[prev_wg, prev_buf, _MU, t - 1]
       var_c = stage[prev_wg, prev_buf, _VAR, t - 1]
       n_c = n0_f + (i * t).astype(jnp.float32)
-      mu, var = _merge(pd, pq, c, cnt, inv_cnt, n_c, mu_c, var_c)
+      if first:
+        mu, var = _merge_tile(pd, pq, c, cnt, inv_cnt, n_c, mu_c, var_c)
+      else:
+        mu, var = _merge_shifted(pd, pq, c, cnt, n_c, mu_c, var_c)
       rstd = lax.rsqrt(var + eps)
 
       out = stage.at[wg, buf]
@@ -388,13 +401,21 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       plgpu.commit_smem_to_gmem_group()
 
       # The previous tile's stores have read their buffers (step vectors, and y's slot): refill it.
-      @pl.when(j > 0)
-      def _():
+      if not first:
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
         if not direct:
           @pl.when(j - 1 + stages < steps)
           def _():
             load(j - 1 + stages)
+
+    # The first tile is peeled off (its shift comes from the tile itself); the loop takes the rest.
+    @pl.when(steps > 0)
+    def _():
+      tile_step(0, True)
+
+    @pl.loop(1, steps)
+    def _(j):
+      tile_step(j, False)
 
     last_wg = (n_tiles - 1) % wgs
 
@@ -482,9 +503,11 @@ def _prefix_sums(d, q, v_ref, t: int):
   return pd, pq
 
 
-def _merge(pd, pq, c, cnt, inv_cnt, n_c, mu_c, var_c):
-  """Running (mean, var) after each step of a tile: the carry (n_c, mu_c, var_c) merged (Chan) with
-  the tile's first j + 1 steps, summarised by their prefix sums relative to c (rows [T])."""
+def _merge_tile(pd, pq, c, cnt, inv_cnt, n_c, mu_c, var_c):
+  """Running (mean, var) after each step of a tile [T]: the carry (n_c, mu_c, var_c) merged (Chan)
+  with the tile's first j + 1 steps, whose prefix sums pd, pq are relative to c = the tile's first
+  step mean. The tile's own M2 (the only subtraction) loses at most log2(j + 2) bits (module
+  docstring); the merge adds non-negative terms. Used for each warpgroup's first tile."""
   has = n_c > 0
   mu_c = jnp.where(has, mu_c, c)  # a zero-count prior carries no weight (and no stale mean)
   var_c = jnp.where(has, var_c, 0.0)
@@ -496,6 +519,19 @@ def _merge(pd, pq, c, cnt, inv_cnt, n_c, mu_c, var_c):
   mu = mu_c + delta * frac
   var = (n_c * var_c + m2 + delta * delta * (n_c * frac)) * inv_n
   return mu, var
+
+
+def _merge_shifted(pd, pq, c, cnt, n_c, mu_c, var_c):
+  """As _merge_tile, with every sum relative to c, a running mean of an earlier step (n_c > 0):
+  sd = sum of (m - c), sq = sum of (v + (m - c)^2) over all steps so far, n var = sq - sd^2 / n.
+  That subtraction loses log2(1 + k / n') bits at most, k steps after the one whose running mean
+  c is (count n'); the module docstring has the bound."""
+  e = mu_c - c
+  sd = n_c * e + pd
+  sq = n_c * (var_c + e * e) + pq
+  inv_n = _reciprocal(n_c + cnt)
+  off = sd * inv_n  # mu - c
+  return c + off, jnp.maximum(sq - sd * off, 0.0) * inv_n
 
 
 def _reciprocal(n):

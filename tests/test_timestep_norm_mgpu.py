@@ -5,7 +5,7 @@
     float64 (itself checked against ops.timestep_norm's sequential scan): with and without a prior
     state, bf16 and float16, a large mean (the in-tile shift must keep the variance accurate), one to
     three compute warpgroups, tiles of 64 and 128 steps, K = 64 and 128, both register layouts and
-    both ways of storing y;
+    both ways of storing y; outlier steps where the shifts are weakest;
   * its pieces: the exact bf16 split, the reciprocal;
   * it lowers for CUDA at the benchmark shape into one Mosaic GPU custom call, asking for no more
     shared memory than `smem_bytes` counts (run `-k lowers` under the GPU machine's jax as well);
@@ -131,6 +131,34 @@ def test_kernel_matches_welford_in_the_interpreter(rng, _interpreter, shape, dty
   half_ulp = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
   err = np.abs(np.asarray(y, np.float64) - want_y)
   assert np.all(err <= 1.01 * half_ulp * np.abs(want_y) + 1e-4), float(np.max(err))
+
+
+@pytest.mark.parametrize("spikes,var_rtol,mu_tol", [
+    # Outlier steps at the start of later tiles (the 3rd and 4th of 4; two warpgroups): the shift is
+    # a running mean from a tile earlier, and the result is as accurate as without outliers.
+    (((256, 1000.0), (384, -3000.0)), 2e-6, 1e-6),
+    # An outlier at t = 0 with no prior state, the worst case of a first tile's shift (its first
+    # step): M2 loses up to log2(129) = 7 bits, ~1e-5 relative, and the carry keeps that error.
+    (((0, 1000.0),), 3e-5, 5e-6),
+])
+def test_outlier_steps(rng, _interpreter, spikes, var_rtol, mu_tol):
+  params, gpu_callbacks = _interpreter
+  batch, length, dim, groups = 1, 512, 64, 1
+  x = rng.standard_normal((batch, length, dim))
+  for step, size in spikes:
+    x[:, step] += size
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  args = (jnp.asarray(x, jnp.float16), f32(np.ones(dim)), f32(np.zeros(dim)), f32(np.zeros(batch)),
+          f32(np.zeros((batch, groups))), f32(np.zeros((batch, groups))))
+  y, mu_run, rstd_run, mean_f, var_f = tm.timestep_norm_fwd_mgpu(*args, num_groups=groups, eps=_EPS,
+                                                                 block_t=128, stages=2, interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  want_y, want_mu, want_rstd, want_mean, want_var = welford_float64(*args, groups, _EPS)
+  # mu: relative to the spread (sqrt(var + eps) = 1 / rstd, >= 40 once an outlier is in).
+  assert np.max(np.abs(np.asarray(mu_run) - want_mu) * want_rstd) < mu_tol
+  np.testing.assert_allclose(np.asarray(rstd_run), want_rstd, rtol=var_rtol / 2)
+  np.testing.assert_allclose(np.asarray(var_f), want_var, rtol=var_rtol)
+  np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=2.0 ** -10, atol=1e-3)
 
 
 def test_split3_is_exact(rng):

@@ -2,10 +2,12 @@
 
 jax 0.10.2 can run a Pallas Mosaic GPU kernel on the CPU (`plgpu.kernel(..., interpret=params)`):
 each warpgroup is a thread, and barriers, TMA copies and wgmma are simulated, with a race
-detector. Three things our kernels use are missing there, and `mosaic_gpu_interpreter` supplies
+detector. Some things our kernels use are missing there, and `mosaic_gpu_interpreter` supplies
 them for one test's duration:
   * wgmma on an operand read through `plgpu.transpose_ref` (the interpreter's wgmma callback
     rejects the transposed view; here the view is read plainly and transposed in numpy);
+  * wgmma with its A operand in registers (an array, not a shared-memory ref: jax's callback takes
+    every operand for an allocation key);
   * `plgpu.load` of shared memory with a register layout (a plain load here);
   * a CPU rule for `layout_cast` (the identity: layouts are register arrangements);
   * race checks on wgmma's shared-memory operands (jax's wgmma callback reads them unchecked, so a
@@ -43,6 +45,8 @@ def mosaic_gpu_interpreter(monkeypatch):
                          platform="cpu")
 
   def read(memory, key, transforms, thread, info):
+    if np.ndim(key) == 2:  # an operand in registers arrives as its value (keys are 1-D integer arrays)
+      return np.asarray(key)
     transforms = gpu_callbacks._remove_noop_transforms(transforms)
     permutation = None
     if transforms and isinstance(transforms[-1], state_types.TransposeTransform):

@@ -64,6 +64,8 @@ over B outside the kernel), d_mu0, d_var0 [B, G] float32.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
@@ -74,10 +76,20 @@ MOSAIC_GPU_CALL = "mosaic_gpu_v2"
 _COLS = 64  # features per TMA box and register block: 128 bytes of bf16, the widest swizzle
 _ROWS = 64  # steps per register block: one [64, 64] WGMMA-layout array
 _SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
-_SMEM_SLACK = 4096  # barriers, alignment, Mosaic GPU's reduction scratch
+_SMEM_SLACK = 6144  # barriers, 1 KiB alignment of swizzled buffers, Mosaic GPU's reduction scratch (2 KiB)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Per program: A_mu, A_var at the last step, n0, then padding: Mosaic GPU copies multiples of 128 bytes.
 _INIT = 32
+
+
+def _load(ref, layout):
+  """plgpu.load of a whole shared-memory ref into `layout` (jax 0.10.2 needs the index `()`; 0.11.2
+  deprecates passing it)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  idx = inspect.signature(plgpu.load).parameters["idx"]
+  if idx.default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def smem_bytes(block_t: int, stages: int, chunks: int, itemsize: int) -> int:
@@ -183,7 +195,7 @@ def _build_kernel(batch: int, length: int, groups: int, chunks: int, dtype, bloc
     plgpu.copy_gmem_to_smem(w_ref.at[g], w_smem, bar.at[0])
     plgpu.copy_gmem_to_smem(init_ref.at[b, g], init_smem, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
-    w_cols = [plgpu.load(w_smem.at[c], (), layout=col_layout) for c in range(chunks)]
+    w_cols = [_load(w_smem.at[c], col_layout) for c in range(chunks)]
     a_mu0, a_var0, n0 = init_smem[0], init_smem[1], init_smem[2]
     rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _COLS), 0, layout=layout)
     cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _COLS), 1, layout=layout)
@@ -194,7 +206,7 @@ def _build_kernel(batch: int, length: int, groups: int, chunks: int, dtype, bloc
       """Inclusive suffix sums of a row vector over its 64 steps, and its total (a scalar)."""
       vec_smem.at[slot][...] = vec
       plgpu.commit_smem()   # (a warpgroup barrier: the stores are visible to all threads)
-      col = plgpu.load(vec_smem.at[slot], (), layout=col_layout)
+      col = _load(vec_smem.at[slot], col_layout)
       spread = lax.broadcast_in_dim(col, (_ROWS, _COLS), [1])
       return jnp.sum(jnp.where(upper, spread, 0.0), axis=1), jnp.sum(col)
 
@@ -208,15 +220,15 @@ def _build_kernel(batch: int, length: int, groups: int, chunks: int, dtype, bloc
       per_block = []
       for j in range(blocks):
         steps = pl.ds(j * _ROWS, _ROWS)
-        mu = plgpu.load(mu_s.at[steps], (), layout=row_layout)
-        r = plgpu.load(r_s.at[steps], (), layout=row_layout)
+        mu = _load(mu_s.at[steps], row_layout)
+        r = _load(r_s.at[steps], row_layout)
         r_b = lax.broadcast_in_dim(r, (_ROWS, _COLS), [0])
         mur_b = lax.broadcast_in_dim(mu * r, (_ROWS, _COLS), [0])
         se = s1 = s2 = None
         xh_c, dyw_c = [], []
         for c in range(chunks):
-          xf = plgpu.load(x_s[c].at[steps], (), layout=layout).astype(jnp.float32)
-          dyf = plgpu.load(dy_s[c].at[steps], (), layout=layout).astype(jnp.float32)
+          xf = _load(x_s[c].at[steps], layout).astype(jnp.float32)
+          dyf = _load(dy_s[c].at[steps], layout).astype(jnp.float32)
           xh = xf * r_b - mur_b
           dyw = dyf * lax.broadcast_in_dim(w_cols[c], (_ROWS, _COLS), [1])
           parts = (jnp.sum(xh, axis=1), jnp.sum(dyw, axis=1), jnp.sum(dyw * xh, axis=1))

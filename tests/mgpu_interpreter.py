@@ -74,7 +74,7 @@ def mosaic_gpu_interpreter(monkeypatch):
     memory.store_buffer_content(acc_key, span, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
     return token
 
-  def load(src, idx, *, layout=None, optimized=True):
+  def load(src, idx=(), *, layout=None, optimized=True):
     del optimized
     value = src[...] if idx == () else src[idx]
     return value if layout is None else gpu_core.layout_cast(value, layout)

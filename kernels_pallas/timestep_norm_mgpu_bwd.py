@@ -40,18 +40,33 @@ Per tile (T = block_t steps, read as T / 64 blocks of [64, 64] features; K / 64 
      of the column-layout copy (replicated over warps: in-thread adds and 2 shuffle rounds).
      Round 1 (lv) needs no carry; round 2 (q) needs A_var, known after round 1. Two barriers per
      tile whatever T.
-  3. dx = r dyw + H_mu / K + (2 H_var / (K r)) xh, cast, stored into the pipeline's output slot.
-  The carry (A_mu, A_var) and the dw / db partials are emit_pipeline's loop carry.
-Cycle estimate (one warpgroup, T = 128, K = 64, per thread of the 128): ~13 instructions per
-element (2 shared loads per 2 elements, 2 conversions, 8 FMA-class ops, a conversion and store
-back) over 64 elements ~ 850, the two scan rounds ~4 x 70 (select + add over a [64, 64] block,
-in-thread sums, shuffles) plus conversions ~ 350: ~1,200 issue slots per warp for a tile that
-TMA moves in ~1,800 cycles at 3.3 TB/s over 64 SMs. The critical path (loads, row sums, two smem
-round trips, dx) is ~600-900 cycles; prefetched tiles (stages) cover TMA latency.
+  3. dx = r dyw + H_mu / K + (2 H_var / (K r)) xh, cast, stored into the ring's dx slot.
+  The carry (A_mu, A_var) and the dw / db partials are the loop carry over tiles.
+Cycle estimate (one warpgroup, T = 128, K = 64, per thread of the 128): ~14 instructions per
+element (1 shared load per element of x and dy together, 2 conversions, 9 FMA-class ops, a
+conversion and half a store back) over 64 elements ~ 900, the two scan rounds ~4 x 70 (select +
+add over a [64, 64] block, in-thread sums, shuffles) plus stores, loads and totals ~ 350: ~1,250
+issue slots per warp (one warp per SM sub-partition, so latencies are hidden only by ILP) for a
+tile that TMA moves in ~1,650-1,800 cycles at 3.3 TB/s over 64 SMs. The critical path (loads,
+row sums, two smem round trips, dx) is ~600-900 cycles; the prefetched tiles (stages) cover TMA
+latency. A single warpgroup is therefore at best just under the memory time; hence wgs = 2.
 
-Grid (B, G), last axis fastest: the programs of one sequence run together. Inputs stream through
-plgpu.emit_pipeline in reverse time order (BlockSpec index maps n_tiles - 1 - i), TMA into
-128-byte-swizzled shared memory; dx leaves by TMA from the pipeline's output slots.
+Two warpgroups (wgs = 2): each takes half of the group's features ([T, K / 2] boxes, its own ring,
+TMA loads and stores), so each does half of the per-element work with half the registers. After
+the row sums, each writes its partial per-step sums (se, s1, s2) to shared memory, arrives on an
+mbarrier and adds the other's (slots alternate with the tile's parity); from there both run the
+same scans on bitwise the same sums (the addition commutes), so their carries agree without
+further exchange. Per warp ~450 + 350 issue slots, two warps per sub-partition.
+
+Pipeline (per warpgroup, written out rather than plgpu.emit_pipeline, whose run_scoped buffers
+cannot be per-warpgroup in a multi-warpgroup kernel): a ring of `stages` slots of x, dy [T, K /
+wgs] (a 128- or 64-byte swizzle), mu, rstd [T] and dx; slot s is refilled by TMA for tile i +
+stages once tile i's compute is done (a warpgroup barrier orders the reads before the refill);
+dx leaves by a TMA store, and a slot's dx buffer is rewritten only after its previous store has
+read it (wait_smem_to_gmem(stages - 1)).
+
+Grid (B, G), last axis fastest: the programs of one sequence run together; tiles are walked in
+reverse time order (tile n_tiles - 1 - i at step i).
 
 Unsupported (ValueError from `_check`, so that a dispatcher can fall back to the Triton kernels of
 kernels_pallas/timestep_norm.py): padding masks, segment ids, K = D / G not a multiple of 64, L not
@@ -64,6 +79,7 @@ over B outside the kernel), d_mu0, d_var0 [B, G] float32.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import jax
@@ -92,15 +108,53 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
-def smem_bytes(block_t: int, stages: int, chunks: int, itemsize: int) -> int:
-  """Shared memory of one program: per stage x, dy, dx tiles [block_t, K] and mu, rstd rows."""
-  per_stage = 3 * block_t * chunks * _COLS * itemsize + 2 * block_t * 4
-  scratch = (chunks * _COLS + _INIT + 2 * (block_t // _ROWS) * _ROWS + (2 * chunks + 1) * _COLS) * 4
-  return stages * per_stage + scratch + _SMEM_SLACK
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static shape of one launch. Each of the `wgs` warpgroups of a program owns K / wgs features of
+  the group, read as `chunks` column blocks of `cols` features (a TMA box and a register block)."""
+  batch: int
+  length: int
+  groups: int
+  k: int
+  dtype: object
+  block_t: int
+  stages: int
+  wgs: int
+
+  @property
+  def cols(self) -> int:
+    return min(_COLS, self.k // self.wgs)
+
+  @property
+  def chunks(self) -> int:
+    return self.k // (self.wgs * self.cols)
+
+  @property
+  def n_tiles(self) -> int:
+    return self.length // self.block_t
+
+  @property
+  def blocks(self) -> int:
+    return self.block_t // _ROWS
+
+  @property
+  def itemsize(self) -> int:
+    return jnp.dtype(self.dtype).itemsize
+
+
+def smem_bytes(block_t: int, stages: int, k: int, itemsize: int, wgs: int = 1) -> int:
+  """Shared memory of one program: per stage and warpgroup its x, dy, dx tiles [block_t, K / wgs]
+  and the mu, rstd rows; per warpgroup the scan vectors, w^, the initial carry and the outputs;
+  the exchange of per-step sums between warpgroups."""
+  blocks = block_t // _ROWS
+  per_stage = wgs * (3 * block_t * (k // wgs) * itemsize + 2 * block_t * 4)
+  per_wg = (k // wgs + _INIT + 2 * blocks * _ROWS + (2 * (k // wgs) + max(k // wgs, _COLS))) * 4
+  exchange = 2 * wgs * 3 * block_t * 4 if wgs > 1 else 0
+  return stages * per_stage + wgs * per_wg + exchange + _SMEM_SLACK
 
 
 def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, block_t: int,
-           stages: int, padding_mask, segment_ids) -> None:
+           stages: int, wgs: int, padding_mask, segment_ids) -> None:
   """Configurations this kernel supports (anything else: ValueError naming what to change)."""
   if padding_mask is not None:
     raise ValueError("padding masks are not supported by the Mosaic GPU TimestepNorm backward: use "
@@ -117,6 +171,8 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
   if num_groups <= 0 or dim % num_groups or (dim // num_groups) % _COLS:
     raise ValueError(f"D = {dim} over num_groups = {num_groups}: the features per group must be a "
                      f"multiple of {_COLS} (use the Triton kernels otherwise)")
+  if wgs not in (1, 2):
+    raise ValueError(f"wgs (compute warpgroups per program) must be 1 or 2, got {wgs}")
   if block_t <= 0 or block_t % _ROWS:
     raise ValueError(f"block_t {block_t} is not a multiple of {_ROWS}")
   if length % block_t:
@@ -133,7 +189,7 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
   for name in ("mu_run", "rstd_run"):
     if want[name][0].dtype != jnp.float32:
       raise ValueError(f"{name} must be float32, got {want[name][0].dtype}")
-  need = smem_bytes(block_t, stages, dim // num_groups // _COLS, jnp.dtype(x.dtype).itemsize)
+  need = smem_bytes(block_t, stages, dim // num_groups, jnp.dtype(x.dtype).itemsize, wgs)
   if need > _SMEM_LIMIT:
     raise ValueError(f"block_t {block_t} with {stages} stages needs {need / 1024:.1f} KiB of shared "
                      f"memory, over {_SMEM_LIMIT // 1024} KiB: use fewer stages or a smaller block_t")
@@ -141,7 +197,7 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
 
 def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, g_var, *,
                            num_groups: int, eps: float, block_t: int = 128, stages: int = 4,
-                           padding_mask=None, segment_ids=None, interpret=False):
+                           wgs: int = 1, padding_mask=None, segment_ids=None, interpret=False):
   """TimestepNorm's backward in one pass over x and dy (Pallas Mosaic GPU, Hopper).
 
   x, dy: [B, L, D] (bfloat16, float16 or float32; dy as x); w_hat: [D] float32 (weight + 1);
@@ -149,158 +205,250 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   n0: [B] float32 count of the prior state; mu0, var0: [B, G] the prior mean / var (unused: the
   gradients do not depend on them beyond mu_run / rstd_run); g_mu, g_var: [B, G] float32
   cotangents of the final state's mean and var. eps: unused (rstd_run has it).
-  block_t: steps per tile (a multiple of 64 dividing L); stages: tiles in flight (TMA ring depth).
+  block_t: steps per tile (a multiple of 64 dividing L); stages: tiles in flight (TMA ring depth);
+  wgs: compute warpgroups per program (1, or 2 splitting the group's features).
   padding_mask, segment_ids: must be None (ValueError otherwise: use the Triton kernels).
   interpret: Mosaic GPU interpreter parameters (tests) or False.
   Returns dx [B, L, D] in x.dtype, dw [D], db [D], d_mu0 [B, G], d_var0 [B, G] (float32).
   """
   del mu0, var0, eps
   _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, num_groups=num_groups, block_t=block_t,
-         stages=stages, padding_mask=padding_mask, segment_ids=segment_ids)
+         stages=stages, wgs=wgs, padding_mask=padding_mask, segment_ids=segment_ids)
   batch, length, dim = x.shape
-  groups = num_groups
-  chunks = dim // groups // _COLS
+  plan = _Plan(batch, length, num_groups, dim // num_groups, x.dtype, block_t, stages, wgs)
   n0 = n0.astype(jnp.float32)
   n_last = (n0 + length)[:, None]
   init = jnp.stack([g_mu.astype(jnp.float32) / n_last, g_var.astype(jnp.float32) / n_last,
-                    jnp.broadcast_to(n0[:, None], (batch, groups))], axis=-1)
+                    jnp.broadcast_to(n0[:, None], (batch, num_groups))], axis=-1)
   init = jnp.pad(init, ((0, 0), (0, 0), (0, _INIT - 3)))                      # [B, G, _INIT]
-  w3 = w_hat.astype(jnp.float32).reshape(groups, chunks, _COLS)
-  kernel = _build_kernel(batch, length, groups, chunks, x.dtype, block_t, stages, interpret)
-  dx, parts = kernel(x, dy, mu_run, rstd_run, w3, init)
-  dw = jnp.sum(parts[:, :, :chunks], axis=0).reshape(dim)
-  db = jnp.sum(parts[:, :, chunks:2 * chunks], axis=0).reshape(dim)
-  return dx, dw, db, parts[:, :, 2 * chunks, 0], parts[:, :, 2 * chunks, 1]
+  w4 = w_hat.astype(jnp.float32).reshape(num_groups, wgs, plan.chunks, plan.cols)
+  dx, parts = _build_kernel(plan, interpret)(x, dy, mu_run, rstd_run, w4, init)
+  # parts [B, G, wgs, 2 chunks + 1, cols]: the feature order is (g, wg, chunk, col).
+  chunks = plan.chunks
+  dw = jnp.sum(parts[:, :, :, :chunks], axis=0).reshape(dim)
+  db = jnp.sum(parts[:, :, :, chunks:2 * chunks], axis=0).reshape(dim)
+  return dx, dw, db, parts[:, :, 0, 2 * chunks, 0], parts[:, :, 0, 2 * chunks, 1]
 
 
-def _build_kernel(batch: int, length: int, groups: int, chunks: int, dtype, block_t: int,
-                  stages: int, interpret):
-  """The plgpu.kernel: (x, dy, mu_run, rstd_run, w3, init) -> (dx, parts [B, G, 2 chunks + 1, 64])."""
+def _build_kernel(plan: _Plan, interpret):
+  """The plgpu.kernel: (x, dy, mu_run, rstd_run, w4, init) -> (dx, parts)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
-  n_tiles = length // block_t
-  blocks = block_t // _ROWS
-  k = chunks * _COLS
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(_COLS * itemsize * 8)
-  tile_transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-  layout = plgpu.Layout.WGMMA
-  row_layout = layout.reduce(1)   # a vector over the steps (rows) of a block
-  col_layout = layout.reduce(0)   # a vector over the features (columns), replicated over warps
+  p = plan
+  swizzle = plgpu.find_swizzle(p.cols * p.itemsize * 8)
+  tile_transforms = (plgpu.TilingTransform((8, swizzle // p.itemsize)), plgpu.SwizzleTransform(swizzle))
+  n_ring = p.wgs * p.stages * p.chunks   # [T, cols] tiles per ring array
+  xch_shape = (2, p.wgs, 3, p.blocks, _ROWS) if p.wgs > 1 else (1, 1, 1, 1, _ROWS)   # (unused at 1)
 
-  def kernel(x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref,
-             w_smem, init_smem, vec_smem, parts_smem, bar):
-    b = lax.axis_index("b")
-    g = lax.axis_index("g")
-    plgpu.copy_gmem_to_smem(w_ref.at[g], w_smem, bar.at[0])
-    plgpu.copy_gmem_to_smem(init_ref.at[b, g], init_smem, bar.at[0])
-    plgpu.barrier_wait(bar.at[0])
-    w_cols = [_load(w_smem.at[c], col_layout) for c in range(chunks)]
-    a_mu0, a_var0, n0 = init_smem[0], init_smem[1], init_smem[2]
-    rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _COLS), 0, layout=layout)
-    cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _COLS), 1, layout=layout)
-    upper = cols >= rows   # [t, s]: step s at or after step t (suffix sums)
-    step_in_block = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=row_layout)
+  def kernel(x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref):
+    gmem = (x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref)
+    pl.run_scoped(
+        lambda *scoped: _program(p, plgpu, gmem, *scoped),
+        (plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # x
+         plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # dy
+         plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # dx
+         plgpu.SMEM((p.wgs * p.stages, 2, p.block_t), jnp.float32),                      # mu, rstd
+         plgpu.SMEM((p.wgs, p.chunks, p.cols), jnp.float32),                             # w^
+         plgpu.SMEM((p.wgs, _INIT), jnp.float32),                                        # carry in
+         plgpu.SMEM((p.wgs, 2 * p.blocks, _ROWS), jnp.float32),                          # scans
+         plgpu.SMEM(xch_shape, jnp.float32),                                             # exchange
+         plgpu.SMEM((p.wgs, 2 * p.chunks + 1, p.cols), jnp.float32)),                    # outputs
+        (plgpu.Barrier(num_arrivals=2 * p.chunks + 2, num_barriers=p.wgs * p.stages),    # tile loaded
+         plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs),                              # w^, carry in
+         plgpu.Barrier(num_arrivals=p.wgs, num_barriers=2)),                             # sums exchanged
+        collective_axes="wg",
+    )
 
-    def suffix(vec, slot):
-      """Inclusive suffix sums of a row vector over its 64 steps, and its total (a scalar)."""
-      vec_smem.at[slot][...] = vec
-      plgpu.commit_smem()   # (a warpgroup barrier: the stores are visible to all threads)
-      col = _load(vec_smem.at[slot], col_layout)
-      spread = lax.broadcast_in_dim(col, (_ROWS, _COLS), [1])
-      return jnp.sum(jnp.where(upper, spread, 0.0), axis=1), jnp.sum(col)
-
-    def tile_body(indices, *refs):
-      x_s, dy_s = refs[:chunks], refs[chunks:2 * chunks]
-      mu_s, r_s = refs[2 * chunks], refs[2 * chunks + 1]
-      dx_s = refs[2 * chunks + 2:3 * chunks + 2]
-      a_mu, a_var, dw_acc, db_acc = refs[3 * chunks + 2]
-      tile = n_tiles - 1 - indices[0]
-      dw_acc, db_acc = list(dw_acc), list(db_acc)
-      per_block = []
-      for j in range(blocks):
-        steps = pl.ds(j * _ROWS, _ROWS)
-        mu = _load(mu_s.at[steps], row_layout)
-        r = _load(r_s.at[steps], row_layout)
-        r_b = lax.broadcast_in_dim(r, (_ROWS, _COLS), [0])
-        mur_b = lax.broadcast_in_dim(mu * r, (_ROWS, _COLS), [0])
-        se = s1 = s2 = None
-        xh_c, dyw_c = [], []
-        for c in range(chunks):
-          xf = _load(x_s[c].at[steps], layout).astype(jnp.float32)
-          dyf = _load(dy_s[c].at[steps], layout).astype(jnp.float32)
-          xh = xf * r_b - mur_b
-          dyw = dyf * lax.broadcast_in_dim(w_cols[c], (_ROWS, _COLS), [1])
-          parts = (jnp.sum(xh, axis=1), jnp.sum(dyw, axis=1), jnp.sum(dyw * xh, axis=1))
-          se, s1, s2 = parts if se is None else (se + parts[0], s1 + parts[1], s2 + parts[2])
-          dw_acc[c] = dw_acc[c] + dyf * xh
-          db_acc[c] = db_acc[c] + dyf
-          xh_c.append(xh)
-          dyw_c.append(dyw)
-        t = (tile * block_t + j * _ROWS + step_in_block).astype(jnp.float32)
-        n = n0 + t + 1.0
-        inv_n = 1.0 / n
-        lm = -r * s1 * inv_n
-        lv = -0.5 * r * r * s2 * inv_n
-        z = jnp.where(n > 1.0, (2.0 / k) * se / (r * jnp.maximum(n - 1.0, 1.0)), 0.0)
-        per_block.append((r, lm, lv, z, xh_c, dyw_c))
-      # Round 1: suffix sums of lv within each block; the blocks after a block add their totals.
-      sv, lv_tot = zip(*[suffix(blk[2], j) for j, blk in enumerate(per_block)])
-      a_var_blk = [None] * blocks
-      a_var_blk[-1] = a_var
-      for j in range(blocks - 2, -1, -1):
-        a_var_blk[j] = a_var_blk[j + 1] + lv_tot[j + 1]
-      h_var = [sv[j] + a_var_blk[j] for j in range(blocks)]
-      # Round 2: suffix sums of q = lm - z H_var.
-      q = [blk[1] - blk[3] * h_var[j] for j, blk in enumerate(per_block)]
-      sq, q_tot = zip(*[suffix(q[j], blocks + j) for j in range(blocks)])
-      a_mu_blk = [None] * blocks
-      a_mu_blk[-1] = a_mu
-      for j in range(blocks - 2, -1, -1):
-        a_mu_blk[j] = a_mu_blk[j + 1] + q_tot[j + 1]
-      for j, (r, _, _, z, xh_c, dyw_c) in enumerate(per_block):
-        h_mu = sq[j] + z * h_var[j] + a_mu_blk[j]
-        shift = lax.broadcast_in_dim(h_mu * (1.0 / k), (_ROWS, _COLS), [0])
-        scale = lax.broadcast_in_dim(h_var[j] * (2.0 / k) / r, (_ROWS, _COLS), [0])
-        r_b = lax.broadcast_in_dim(r, (_ROWS, _COLS), [0])
-        for c in range(chunks):
-          dx = r_b * dyw_c[c] + shift + scale * xh_c[c]
-          dx_s[c].at[pl.ds(j * _ROWS, _ROWS)][...] = dx.astype(dtype)
-      return (a_mu_blk[0] + q_tot[0], a_var_blk[0] + lv_tot[0], tuple(dw_acc), tuple(db_acc))
-
-    def tile_spec(c):
-      return plgpu.BlockSpec((None, block_t, _COLS), lambda i: (b, n_tiles - 1 - i, g * chunks + c),
-                             transforms=tile_transforms)
-
-    row_spec = plgpu.BlockSpec((None, None, block_t), lambda i: (b, g, n_tiles - 1 - i))
-    zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _COLS), jnp.float32), layout)
-    carry = (a_mu0, a_var0, (zeros,) * chunks, (zeros,) * chunks)
-    a_mu, a_var, dw_acc, db_acc = plgpu.emit_pipeline(
-        tile_body, grid=(n_tiles,),
-        in_specs=[tile_spec(c) for c in range(chunks)] * 2 + [row_spec, row_spec],
-        out_specs=[tile_spec(c) for c in range(chunks)],
-        max_concurrent_steps=stages, init_carry=carry,
-    )(*([x_ref] * chunks), *([dy_ref] * chunks), mu_ref, rstd_ref, *([dx_ref] * chunks))
-    for c in range(chunks):
-      parts_smem.at[c][...] = jnp.sum(dw_acc[c], axis=0)
-      parts_smem.at[chunks + c][...] = jnp.sum(db_acc[c], axis=0)
-    parts_smem.at[2 * chunks][...] = plgpu.layout_cast(jnp.zeros((_COLS,), jnp.float32), col_layout)
-    parts_smem[2 * chunks, 0] = n0 * a_mu
-    parts_smem[2 * chunks, 1] = n0 * a_var
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(parts_smem, parts_ref.at[b, g])
-    plgpu.wait_smem_to_gmem(0)
-
-  out_type = (jax.ShapeDtypeStruct((batch, length, groups * k), dtype),
-              jax.ShapeDtypeStruct((batch, groups, 2 * chunks + 1, _COLS), jnp.float32))
-  scratch = (plgpu.SMEM((chunks, _COLS), jnp.float32),
-             plgpu.SMEM((_INIT,), jnp.float32),
-             plgpu.SMEM((2 * blocks, _ROWS), jnp.float32),
-             plgpu.SMEM((2 * chunks + 1, _COLS), jnp.float32),
-             plgpu.Barrier(num_arrivals=2, num_barriers=1))
+  out_type = (jax.ShapeDtypeStruct((p.batch, p.length, p.groups * p.k), p.dtype),
+              jax.ShapeDtypeStruct((p.batch, p.groups, p.wgs, 2 * p.chunks + 1, p.cols), jnp.float32))
   return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch,
+      kernel, out_type=out_type,
       # Mosaic GPU launches the LAST grid axis fastest: the groups of one sequence run together.
-      grid=(batch, groups), grid_names=("b", "g"),
+      grid=(p.batch, p.groups), grid_names=("b", "g"), num_threads=p.wgs, thread_name="wg",
       **({"interpret": interpret} if interpret else {}),
   )
+
+
+def _program(p: _Plan, plgpu, gmem, smem, barriers):
+  """One warpgroup of the program of (b, g): its ring of tiles, walked in reverse time order."""
+  x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref = gmem
+  x_ring, dy_ring, dx_ring, row_ring, w_smem, init_smem, scan_smem, xch_smem, out_smem = smem
+  loaded, prologue, exchanged = barriers
+  b, g, wg = lax.axis_index("b"), lax.axis_index("g"), lax.axis_index("wg")
+  layout = plgpu.Layout.WGMMA
+  col_layout = layout.reduce(0)   # a vector over the columns, replicated over warps
+  plgpu.copy_gmem_to_smem(w_ref.at[g, wg], w_smem.at[wg], prologue.at[wg])
+  plgpu.copy_gmem_to_smem(init_ref.at[b, g], init_smem.at[wg], prologue.at[wg])
+  plgpu.barrier_wait(prologue.at[wg])
+  w_cols = [_load(w_smem.at[wg, c], col_layout) for c in range(p.chunks)]
+  a_mu0, a_var0, n0 = init_smem[wg, 0], init_smem[wg, 1], init_smem[wg, 2]
+
+  def ring(slot, c):
+    return (wg * p.stages + slot) * p.chunks + c
+
+  def tile_cols(c):
+    return pl.ds((g * p.wgs * p.chunks + wg * p.chunks + c) * p.cols, p.cols)
+
+  def fetch(i, slot):
+    """TMA loads of the i-th tile of the walk (tile n_tiles - 1 - i) into ring slot `slot`."""
+    steps = pl.ds((p.n_tiles - 1 - i) * p.block_t, p.block_t)
+    bar = loaded.at[wg * p.stages + slot]
+    for c in range(p.chunks):
+      plgpu.copy_gmem_to_smem(x_ref.at[b, steps, tile_cols(c)], x_ring.at[ring(slot, c)], bar)
+      plgpu.copy_gmem_to_smem(dy_ref.at[b, steps, tile_cols(c)], dy_ring.at[ring(slot, c)], bar)
+    plgpu.copy_gmem_to_smem(mu_ref.at[b, g, steps], row_ring.at[wg * p.stages + slot, 0], bar)
+    plgpu.copy_gmem_to_smem(rstd_ref.at[b, g, steps], row_ring.at[wg * p.stages + slot, 1], bar)
+
+  for i in range(min(p.stages, p.n_tiles)):
+    fetch(i, i)
+  tiles = _TileMath(p, plgpu, w_cols, n0, scan_smem.at[wg], xch_smem, exchanged, wg)
+
+  def step(i, carry):
+    slot = lax.rem(i, p.stages)
+    plgpu.barrier_wait(loaded.at[wg * p.stages + slot])
+    plgpu.wait_smem_to_gmem(p.stages - 1, wait_read_only=True)   # dx slot's last store has read it
+    refs = ([x_ring.at[ring(slot, c)] for c in range(p.chunks)],
+            [dy_ring.at[ring(slot, c)] for c in range(p.chunks)],
+            row_ring.at[wg * p.stages + slot], [dx_ring.at[ring(slot, c)] for c in range(p.chunks)])
+    carry = tiles(i, refs, carry)
+    plgpu.commit_smem()   # dx written, the input slot read by every thread of the warpgroup
+    steps = pl.ds((p.n_tiles - 1 - i) * p.block_t, p.block_t)
+    for c in range(p.chunks):
+      plgpu.copy_smem_to_gmem(dx_ring.at[ring(slot, c)], dx_ref.at[b, steps, tile_cols(c)],
+                              commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+
+    @pl.when(i + p.stages < p.n_tiles)
+    def _():
+      fetch(i + p.stages, slot)
+
+    return carry
+
+  zeros = plgpu.layout_cast(jnp.zeros((_ROWS, p.cols), jnp.float32), layout)
+  carry = (a_mu0, a_var0, (zeros,) * p.chunks, (zeros,) * p.chunks)
+  a_mu, a_var, dw_acc, db_acc = lax.fori_loop(0, p.n_tiles, step, carry)
+  out = out_smem.at[wg]
+  for c in range(p.chunks):
+    out.at[c][...] = jnp.sum(dw_acc[c], axis=0)
+    out.at[p.chunks + c][...] = jnp.sum(db_acc[c], axis=0)
+  out.at[2 * p.chunks][...] = plgpu.layout_cast(jnp.zeros((p.cols,), jnp.float32), col_layout)
+  out[2 * p.chunks, 0] = n0 * a_mu
+  out[2 * p.chunks, 1] = n0 * a_var
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out, parts_ref.at[b, g, wg])
+  plgpu.wait_smem_to_gmem(0)
+
+
+class _TileMath:
+  """The reverse recurrence through one tile (see the module docstring), for one warpgroup."""
+
+  def __init__(self, p: _Plan, plgpu, w_cols, n0, scan_smem, xch_smem, exchanged, wg):
+    self.p, self.plgpu, self.w_cols, self.n0 = p, plgpu, w_cols, n0
+    self.scan_smem, self.xch_smem, self.exchanged, self.wg = scan_smem, xch_smem, exchanged, wg
+    self.layout = plgpu.Layout.WGMMA
+    self.row_layout = self.layout.reduce(1)   # a vector over the steps (rows) of a block
+    self.col_layout = self.layout.reduce(0)
+
+  def bcast_rows(self, vec, cols):
+    return lax.broadcast_in_dim(vec, (_ROWS, cols), [0])
+
+  def __call__(self, i, refs, carry):
+    p = self.p
+    x_s, dy_s, rows_s, dx_s = refs
+    a_mu, a_var, dw_acc, db_acc = carry
+    dw_acc, db_acc = list(dw_acc), list(db_acc)
+    blocks, sums = [], []
+    for j in range(p.blocks):
+      blk, blk_sums = self.block_sums(j, x_s, dy_s, rows_s, dw_acc, db_acc)
+      blocks.append(blk)
+      sums.append(blk_sums)
+    if p.wgs > 1:
+      sums = self.exchange(i, sums)
+    tile = p.n_tiles - 1 - i
+    terms = [self.step_terms(tile, j, blocks[j][0], *sums[j]) for j in range(p.blocks)]
+    # Round 1: suffix sums of lv within each block; the blocks after a block add their totals.
+    sv, lv_tot = zip(*[self.suffix(lv, j) for j, (_, lv, _) in enumerate(terms)])
+    a_var_blk = self.carry_back(a_var, lv_tot)
+    h_var = [sv[j] + a_var_blk[j] for j in range(p.blocks)]
+    # Round 2: suffix sums of q = lm - z H_var.
+    q = [lm - z * h_var[j] for j, (lm, _, z) in enumerate(terms)]
+    sq, q_tot = zip(*[self.suffix(q[j], p.blocks + j) for j in range(p.blocks)])
+    a_mu_blk = self.carry_back(a_mu, q_tot)
+    for j, (r, xh_c, dyw_c) in enumerate(blocks):
+      h_mu = sq[j] + terms[j][2] * h_var[j] + a_mu_blk[j]
+      shift = self.bcast_rows(h_mu * (1.0 / p.k), p.cols)
+      scale = self.bcast_rows(h_var[j] * (2.0 / p.k) / r, p.cols)
+      r_b = self.bcast_rows(r, p.cols)
+      for c in range(p.chunks):
+        dx = r_b * dyw_c[c] + shift + scale * xh_c[c]
+        dx_s[c].at[pl.ds(j * _ROWS, _ROWS)][...] = dx.astype(p.dtype)
+    return (a_mu_blk[0] + q_tot[0], a_var_blk[0] + lv_tot[0], tuple(dw_acc), tuple(db_acc))
+
+  def block_sums(self, j, x_s, dy_s, rows_s, dw_acc, db_acc):
+    """Steps j*64 .. j*64+63: xh, dyw per chunk, the per-step sums over this warpgroup's features
+    (se, s1, s2) and the dw, db partials (accumulated in place)."""
+    p = self.p
+    steps = pl.ds(j * _ROWS, _ROWS)
+    mu = _load(rows_s.at[0, steps], self.row_layout)
+    r = _load(rows_s.at[1, steps], self.row_layout)
+    r_b = self.bcast_rows(r, p.cols)
+    mur_b = self.bcast_rows(mu * r, p.cols)
+    se = s1 = s2 = None
+    xh_c, dyw_c = [], []
+    for c in range(p.chunks):
+      xf = _load(x_s[c].at[steps], self.layout).astype(jnp.float32)
+      dyf = _load(dy_s[c].at[steps], self.layout).astype(jnp.float32)
+      xh = xf * r_b - mur_b
+      dyw = dyf * lax.broadcast_in_dim(self.w_cols[c], (_ROWS, p.cols), [1])
+      parts = (jnp.sum(xh, axis=1), jnp.sum(dyw, axis=1), jnp.sum(dyw * xh, axis=1))
+      se, s1, s2 = parts if se is None else (se + parts[0], s1 + parts[1], s2 + parts[2])
+      dw_acc[c] = dw_acc[c] + dyf * xh
+      db_acc[c] = db_acc[c] + dyf
+      xh_c.append(xh)
+      dyw_c.append(dyw)
+    return (r, xh_c, dyw_c), (se, s1, s2)
+
+  def exchange(self, i, sums):
+    """Per-step sums over the whole group: each warpgroup adds the other's (through shared memory;
+    slots alternate with the tile's parity so that a slot is rewritten only after both read it).
+    The addition commutes, so both warpgroups hold bitwise the same sums, scans and carries."""
+    slot = lax.rem(i, 2)
+    mine = self.xch_smem.at[slot, self.wg]
+    for j, blk_sums in enumerate(sums):
+      for q, vec in enumerate(blk_sums):
+        mine.at[q, j][...] = vec
+    self.plgpu.barrier_arrive(self.exchanged.at[slot])
+    self.plgpu.barrier_wait(self.exchanged.at[slot])
+    theirs = self.xch_smem.at[slot, 1 - self.wg]
+    return [tuple(vec + _load(theirs.at[q, j], self.row_layout) for q, vec in enumerate(blk_sums))
+            for j, blk_sums in enumerate(sums)]
+
+  def step_terms(self, tile, j, r, se, s1, s2):
+    """lm, lv, z of the block's steps (row vectors; see the module docstring)."""
+    p = self.p
+    in_block = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=self.row_layout)
+    n = self.n0 + (tile * p.block_t + j * _ROWS + in_block + 1).astype(jnp.float32)
+    inv_n = 1.0 / n
+    lm = -r * s1 * inv_n
+    lv = -0.5 * r * r * s2 * inv_n
+    z = jnp.where(n > 1.0, (2.0 / p.k) * se / (r * jnp.maximum(n - 1.0, 1.0)), 0.0)
+    return lm, lv, z
+
+  def suffix(self, vec, slot):
+    """Inclusive suffix sums of a row vector over its 64 steps, and its total (a scalar): the
+    vector goes through shared memory into the column layout, is spread over [64, 64] (t, s),
+    masked to s >= t and summed along s."""
+    self.scan_smem.at[slot][...] = vec
+    self.plgpu.commit_smem()   # (a warpgroup barrier: the stores are visible to all threads)
+    col = _load(self.scan_smem.at[slot], self.col_layout)
+    spread = lax.broadcast_in_dim(col, (_ROWS, _ROWS), [1])
+    rows = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 0, layout=self.layout)
+    cols = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 1, layout=self.layout)
+    return jnp.sum(jnp.where(cols >= rows, spread, 0.0), axis=1), jnp.sum(col)
+
+  def carry_back(self, after_tile, totals):
+    """The adjoint arriving at each block from after it: the tile's carry plus later blocks' totals."""
+    out = [after_tile] * self.p.blocks
+    for j in range(self.p.blocks - 2, -1, -1):
+      out[j] = out[j + 1] + totals[j + 1]
+    return out

@@ -67,25 +67,32 @@ def _interpreter(monkeypatch):
   yield from mosaic_gpu_interpreter(monkeypatch)
 
 
-# (batch, length, dim, groups, block_t, stages, dtype, mean, n0)
+# (batch, length, dim, groups, block_t, stages, wgs, dtype, mean, n0). wgs = 2: two warpgroups split
+# the group's features and exchange their per-step sums every tile (the exchange's slots and
+# barriers are what the race detector watches).
 CASES = {
     # Prior state on one sequence only (count 0 on the other: its state adjoints are 0).
-    "f32_k64_t64": (2, 256, 128, 2, 64, 2, jnp.float32, 0.0, (0, 5)),
+    "f32_k64_t64": (2, 256, 128, 2, 64, 2, 1, jnp.float32, 0.0, (0, 5)),
+    "f32_k64_t64_wgs2": (2, 256, 128, 2, 64, 2, 2, jnp.float32, 0.0, (0, 5)),
     # Two 64-step blocks per tile: the suffix sums chain from the later block to the earlier.
-    "f32_k64_t128": (2, 512, 256, 4, 128, 2, jnp.float32, 0.0, (3, 0)),
-    # K = 128: two 64-feature chunks per group (row sums add across chunks).
-    "f32_k128_t64": (2, 256, 256, 2, 64, 2, jnp.float32, 0.0, (7, 2)),
+    "f32_k64_t128": (2, 512, 256, 4, 128, 2, 1, jnp.float32, 0.0, (3, 0)),
+    # K = 128: two 64-feature chunks per group (row sums add across chunks); with 2 warpgroups,
+    # one 64-feature chunk each.
+    "f32_k128_t64": (2, 256, 256, 2, 64, 2, 1, jnp.float32, 0.0, (7, 2)),
+    "f32_k128_t128_wgs2": (1, 256, 256, 2, 128, 1, 2, jnp.float32, 0.0, (7,)),
     # A large mean: e_t = sum(xh) / (K r) has no cancellation where m_t - mu_{t-1} would.
-    "f32_mean100": (2, 256, 128, 2, 128, 1, jnp.float32, 100.0, (0, 4)),
-    "bf16_k64_t128": (2, 512, 256, 4, 128, 3, jnp.bfloat16, 0.0, (2, 9)),
-    "bf16_mean100_n0_zero": (2, 256, 128, 2, 64, 4, jnp.bfloat16, 100.0, (0, 0)),
+    "f32_mean100": (2, 256, 128, 2, 128, 1, 1, jnp.float32, 100.0, (0, 4)),
+    "bf16_k64_t128": (2, 512, 256, 4, 128, 3, 1, jnp.bfloat16, 0.0, (2, 9)),
+    # 32 features per warpgroup: [T, 32] boxes with a 64-byte swizzle.
+    "bf16_mean100_wgs2": (1, 256, 128, 2, 128, 3, 2, jnp.bfloat16, 100.0, (3,)),
+    "bf16_mean100_n0_zero": (2, 256, 128, 2, 64, 4, 1, jnp.bfloat16, 100.0, (0, 0)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_reference_in_the_interpreter(rng, _interpreter, case):
   params, gpu_callbacks = _interpreter
-  batch, length, dim, groups, block_t, stages, dtype, mean, n0 = CASES[case]
+  batch, length, dim, groups, block_t, stages, wgs, dtype, mean, n0 = CASES[case]
   # Inputs rounded to the kernel's dtype first: the reference sees exactly the kernel's values.
   rounded = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
   x = rounded(mean + rng.standard_normal((batch, length, dim)))
@@ -101,7 +108,8 @@ def test_kernel_matches_reference_in_the_interpreter(rng, _interpreter, case):
   got = tb.timestep_norm_bwd_mgpu(
       jnp.asarray(x, dtype), jnp.asarray(dy, dtype), jnp.asarray(w + 1.0), jnp.asarray(mu_run),
       jnp.asarray(rstd_run), jnp.asarray(n0), jnp.asarray(mu0), jnp.asarray(var0), jnp.asarray(g_mu),
-      jnp.asarray(g_var), num_groups=groups, eps=EPS, block_t=block_t, stages=stages, interpret=params)
+      jnp.asarray(g_var), num_groups=groups, eps=EPS, block_t=block_t, stages=stages, wgs=wgs,
+      interpret=params)
   assert not gpu_callbacks.get_races().races_found
   dx, dw, db, d_mu0, d_var0 = got
   assert dx.shape == x.shape and dx.dtype == dtype
@@ -127,8 +135,8 @@ def _shapes(batch, length, dim, groups, dtype=jnp.bfloat16):
           *(s((batch, groups), f32) for _ in range(4)))
 
 
-@pytest.mark.parametrize("block_t,stages", [(128, 4), (64, 8)])
-def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages):
+@pytest.mark.parametrize("block_t,stages,wgs", [(128, 4, 1), (64, 8, 1), (128, 4, 2), (256, 2, 2)])
+def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs):
   """At the benchmark shape: one Mosaic GPU call with the right outputs, asking for no more shared
   memory than smem_bytes counts."""
   batch, length, dim, groups = 1, 32768, 4096, 64
@@ -147,7 +155,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages):
   except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
     pass
   fn = lambda *a: tb.timestep_norm_bwd_mgpu(*a, num_groups=groups, eps=EPS, block_t=block_t,  # noqa: E731
-                                            stages=stages)
+                                            stages=stages, wgs=wgs)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*_shapes(batch, length, dim, groups))
   assert exported.mlir_module().count(f"custom_call @{tb.MOSAIC_GPU_CALL}(") == 1
   dx, dw, db, d_mu0, d_var0 = exported.out_avals
@@ -155,7 +163,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages):
   assert dw.shape == db.shape == (dim,) and d_mu0.shape == d_var0.shape == (batch, groups)
   assert len(smem_requests) == captured  # one kernel launch (when the module could be seen)
   for request in smem_requests:
-    assert int(request) <= tb.smem_bytes(block_t, stages, 1, 2) <= tb._SMEM_LIMIT
+    assert int(request) <= tb.smem_bytes(block_t, stages, dim // groups, 2, wgs) <= tb._SMEM_LIMIT
 
 
 @pytest.mark.parametrize("change,message", [
@@ -166,6 +174,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages):
     (dict(block_t=96, length=384), "block_t 96 is not a multiple of 64"),
     (dict(dtype=jnp.int32), "unsupported"),
     (dict(stages=5), "KiB of shared memory"),
+    (dict(wgs=4), "wgs .compute warpgroups per program. must be 1 or 2"),
     (dict(mu_dtype=jnp.bfloat16), "mu_run must be float32"),
 ])
 def test_unsupported_inputs_raise(change, message):
@@ -178,4 +187,5 @@ def test_unsupported_inputs_raise(change, message):
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda *a: tb.timestep_norm_bwd_mgpu(*a, num_groups=groups, eps=EPS,
                                                         block_t=change.get("block_t", 128),
-                                                        stages=change.get("stages", 4), **extra), *args)
+                                                        stages=change.get("stages", 4),
+                                                        wgs=change.get("wgs", 1), **extra), *args)

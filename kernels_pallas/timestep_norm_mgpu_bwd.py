@@ -29,17 +29,18 @@ from A_mu_{L-1} = g_mu / n_{L-1}, A_var_{L-1} = g_var / n_{L-1} (the final state
 H_mu / K + 2 H_var (x - mu) / K.) mu0 and var0 enter only through mu_t and r_t, so the kernel
 does not read them; with n0 = 0 both state adjoints are 0.
 
-Per tile (T = block_t steps, read as T / 64 blocks of [64, 64] features; K / 64 column chunks):
-  1. x, dy -> float32 in registers (WGMMA layout: a thread holds 2 rows x 16 columns of a block);
+Per tile (T = block_t steps, read as T / 64 blocks of 64 steps; a warpgroup's K / wgs features as
+column chunks of up to 64, each a [64, cols] register block):
+  1. x, dy -> float32 in registers (WGMMA layout: a thread holds 2 rows x cols / 4 columns of a block);
      xh = x r - mu r (one FMA), dyw = dy w^; row sums se, s1, s2 (in-thread adds, 2 shuffle rounds);
-     dw, db partials accumulate in registers ([64, 64] per chunk, summed over rows once at the end).
+     dw, db partials accumulate in registers ([64, cols] per chunk, summed over rows at the end).
   2. Suffix sums of lv, then of q = lm - z H_var, over each 64-step block: Mosaic GPU has no scan,
      so a row vector goes through shared memory into the column layout (a store, one warpgroup
      barrier, a load), is broadcast over a [64, 64] block, masked (s >= t) and summed along rows
      (S_t = sum_s [s >= t] a_s). A block's total (for the blocks before it, and the carry) is the sum
      of the column-layout copy (replicated over warps: in-thread adds and 2 shuffle rounds).
-     Round 1 (lv) needs no carry; round 2 (q) needs A_var, known after round 1. Two barriers per
-     tile whatever T.
+     Round 1 (lv) needs no carry; round 2 (q) needs A_var, known after round 1. Two warpgroup
+     barriers per tile whatever T (and two more around the ring: the dx slot's wait, the commit).
   3. dx = r dyw + H_mu / K + (2 H_var / (K r)) xh, cast, stored into the ring's dx slot.
   The carry (A_mu, A_var) and the dw / db partials are the loop carry over tiles.
 Cycle estimate (one warpgroup, T = 128, K = 64, per thread of the 128): ~14 instructions per
@@ -75,6 +76,12 @@ float32, shared memory over 227 KiB.
 
 Outputs: dx [B, L, D] in x.dtype, dw [D] and db [D] float32 (per-program partials [B, G, K] summed
 over B outside the kernel), d_mu0, d_var0 [B, G] float32.
+
+Status: checked on the CPU only (tests/test_timestep_norm_mgpu_bwd.py): under Mosaic GPU's
+interpreter against jax.vjp of the reference op in float64, and lowered for CUDA at the benchmark
+shape under jax 0.10.2 and 0.11.2. Not yet compiled or timed on a GPU; the probe
+experiments/gpu_checks/probe_tsn_mgpu_bwd.py times (block_t, stages, wgs) variants against the
+current backward and the slab-walk floor. Not wired into timestep_norm.py's dispatch.
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ def smem_bytes(block_t: int, stages: int, k: int, itemsize: int, wgs: int = 1) -
   the exchange of per-step sums between warpgroups."""
   blocks = block_t // _ROWS
   per_stage = wgs * (3 * block_t * (k // wgs) * itemsize + 2 * block_t * 4)
-  per_wg = (k // wgs + _INIT + 2 * blocks * _ROWS + (2 * (k // wgs) + max(k // wgs, _COLS))) * 4
+  per_wg = (k // wgs + _INIT + 2 * blocks * _ROWS + (2 * (k // wgs) + min(k // wgs, _COLS))) * 4
   exchange = 2 * wgs * 3 * block_t * 4 if wgs > 1 else 0
   return stages * per_stage + wgs * per_wg + exchange + _SMEM_SLACK
 

@@ -13,7 +13,8 @@ iters 15, inner 10; device time per call):
   * "floor": the slab walk dx = x + dy of probe_slab_stream (64 Mosaic GPU programs, the same
     bytes and access pattern with no arithmetic).
 For every new variant: max relative errors (max |a - b| / max |b|) of dx, dw, db and of the state's
-adjoints against the current kernel. A variant that fails (lowering, shared memory, runtime) is
+adjoints against the current kernel (both run with a prior state of count 5 and nonzero cotangents
+of the final state, so every output is exercised). A variant that fails (lowering, shared memory, runtime) is
 recorded with its error instead of stopping the probe. --dump-dir: Mosaic GPU writes each kernel's
 PTX, ptxas report (registers, spills) and SASS there. --interpret: a CPU smoke test of this script
 at small shapes (the new kernel under Mosaic GPU's interpreter; times meaningless).
@@ -62,6 +63,7 @@ from kernels_pallas import timestep_norm_mgpu_bwd as mgpu_bwd  # noqa: E402
 from megalodon_jax.ops import timestep_norm as tsn  # noqa: E402
 
 EPS = 1e-5
+PRIOR_COUNT = 5
 
 
 def _rel_err(got, want) -> float:
@@ -70,37 +72,38 @@ def _rel_err(got, want) -> float:
 
 
 def _inputs(length: int, dim: int, groups: int):
-  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  keys = jax.random.split(jax.random.PRNGKey(0), 8)
   x = jax.random.normal(keys[0], (1, length, dim), jnp.bfloat16)
   dy = jax.random.normal(keys[1], (1, length, dim), jnp.bfloat16)
   weight = 0.1 * jax.random.normal(keys[2], (dim,), jnp.float32)
   bias = 0.1 * jax.random.normal(keys[3], (dim,), jnp.float32)
   g_mu = jax.random.normal(keys[4], (1, groups), jnp.float32)
   g_var = jax.random.normal(keys[5], (1, groups), jnp.float32)
-  return x, dy, weight, bias, g_mu, g_var
+  state = tsn.TimestepNormState(jnp.full((1,), PRIOR_COUNT, jnp.int32),
+                                jax.random.normal(keys[6], (1, groups), jnp.float32),
+                                0.5 + jax.random.uniform(keys[7], (1, groups), jnp.float32))
+  return x, dy, weight, bias, g_mu, g_var, state
 
 
 @functools.partial(jax.jit, static_argnames=("groups",))
-def _saved_stats(x, *, groups: int):
-  """mu_run, rstd_run [B, G, L] float32 from the XLA associative scan (prior state: count 0)."""
+def _saved_stats(x, state, *, groups: int):
+  """mu_run, rstd_run [B, G, L] float32 from the XLA associative scan."""
   batch, length, _ = x.shape
-  state = tsn.initial_state(batch, groups)
   mean, var = tsn.step_stats(x, groups)
   valid = jnp.ones((batch, length), jnp.bool_)
   mu, sigma2, _ = tsn._prefix_associative(state, valid, jnp.zeros_like(valid), mean, var)
   return jnp.moveaxis(mu, 1, 2), jnp.moveaxis(jax.lax.rsqrt(sigma2 + EPS), 1, 2)
 
 
-def _current_backward(x, weight, bias, groups: int, interpret: bool):
+def _current_backward(x, weight, bias, state, groups: int, interpret: bool):
   """(jitted backward taking (vjp_fn, cotangents), vjp_fn) of the current Pallas kernel."""
   def forward(x, weight, bias, mean0, var0):
-    state = tsn.TimestepNormState(jnp.zeros((x.shape[0],), jnp.int32), mean0, var0)
-    y, final = tsn_kernel.timestep_norm_pallas(x, weight, bias, num_groups=groups, eps=EPS, state=state,
+    prior = tsn.TimestepNormState(state.count, mean0, var0)
+    y, final = tsn_kernel.timestep_norm_pallas(x, weight, bias, num_groups=groups, eps=EPS, state=prior,
                                                interpret=interpret)
     return y, final.mean, final.var
 
-  zeros = jnp.zeros((x.shape[0], groups), jnp.float32)
-  _, vjp_fn = jax.vjp(forward, x, weight, bias, zeros, zeros)
+  _, vjp_fn = jax.vjp(forward, x, weight, bias, state.mean, state.var)
   # vjp_fn is a pytree (its residuals are leaves): passed as an argument, not baked in as constants.
   return jax.jit(lambda fn, cts: fn(cts)), vjp_fn
 
@@ -114,7 +117,7 @@ def main() -> None:
     interpreter = mosaic_gpu_interpreter(pytest.MonkeyPatch())
     interpret_params, _ = next(interpreter)
   timing = dict(warmup=3, iters=15, inner=10) if not ARGS.interpret else dict(warmup=0, iters=1, inner=1)
-  x, dy, weight, bias, g_mu, g_var = _inputs(length, dim, groups)
+  x, dy, weight, bias, g_mu, g_var, state = _inputs(length, dim, groups)
   rows = []
 
   def record(name, fn, args, extra=None):
@@ -133,26 +136,24 @@ def main() -> None:
       print(f"{name:28s} FAILED {entry['failure'][:300]}", flush=True)
       return None
 
-  backward, vjp_fn = _current_backward(x, weight, bias, groups, ARGS.interpret)
+  backward, vjp_fn = _current_backward(x, weight, bias, state, groups, ARGS.interpret)
   cts = (dy, g_mu, g_var)
   want = record("current (timestep_norm_pallas vjp)", backward, (vjp_fn, cts))
-  mu_run, rstd_run = _saved_stats(x, groups=groups)
+  mu_run, rstd_run = _saved_stats(x, state, groups=groups)
   w_hat = weight + 1.0
-  n0 = jnp.zeros((1,), jnp.float32)
-  state0 = jnp.zeros((1, groups), jnp.float32)
+  n0 = state.count.astype(jnp.float32)
   for variant in ARGS.variants.split(","):
     block_t, stages, wgs = (int(v) for v in variant.split("x"))
     fn = jax.jit(functools.partial(mgpu_bwd.timestep_norm_bwd_mgpu, num_groups=groups, eps=EPS,
                                    block_t=block_t, stages=stages, wgs=wgs,
                                    interpret=interpret_params or False))
-    args = (x, dy, w_hat, mu_run, rstd_run, n0, state0, state0, g_mu, g_var)
+    args = (x, dy, w_hat, mu_run, rstd_run, n0, state.mean, state.var, g_mu, g_var)
     got = record(f"mgpu T{block_t} s{stages} w{wgs}", fn, args,
                  {"block_t": block_t, "stages": stages, "wgs": wgs})
     if got is not None and want is not None:
       dx, dw, db, d_mu0, d_var0 = got
       errs = {"dx": _rel_err(dx, want[0]), "dw": _rel_err(dw, want[1]), "db": _rel_err(db, want[2]),
-              # n0 = 0: both are exactly 0 here; reported as max |.| (the current kernel's too).
-              "d_mu0_abs": float(jnp.max(jnp.abs(d_mu0))), "d_var0_abs": float(jnp.max(jnp.abs(d_var0)))}
+              "d_mu0": _rel_err(d_mu0, want[3]), "d_var0": _rel_err(d_var0, want[4])}
       rows[-1]["errors"] = errs
       print("    errors vs current: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
   if not ARGS.interpret:

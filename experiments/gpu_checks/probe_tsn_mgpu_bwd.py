@@ -1,23 +1,26 @@
 """The single-pass TimestepNorm backward in Mosaic GPU against the current backward (GPU probe, < 2 min).
 
-  python3 experiments/gpu_checks/probe_tsn_mgpu_bwd.py --json OUT.json [--dump-dir DIR]
+  python3 experiments/gpu_checks/probe_tsn_mgpu_bwd.py --json OUT.json [--dump ptxas|all] | tee LOG
 
 At B=1, L=32768, D=4096, G=64 bf16 (SPEC §3's benchmark shape), times (harness.time_fn, warmup 3,
 iters 15, inner 10; device time per call):
   * "current": the backward of kernels_pallas.timestep_norm.timestep_norm_pallas at its GPU default
     (jax.vjp's function applied to a fixed cotangent: backward only);
   * "mgpu T.. s.. w..": kernels_pallas.timestep_norm_mgpu_bwd for a few (block_t, stages, compute
-    warpgroups: 1, or 2 splitting each group's 64 features into halves), with the
-    small XLA ops around it (its inputs mu_run / rstd_run are made once, untimed, by the XLA
-    associative scan, as the single-pass forward would save them);
+    warpgroups: 1, or 2 splitting each group's 64 features into halves), with the small XLA ops
+    around it (its inputs mu_run / rstd_run are made once, untimed, by the XLA associative scan,
+    as the single-pass forward would save them);
   * "floor": the slab walk dx = x + dy of probe_slab_stream (64 Mosaic GPU programs, the same
     bytes and access pattern with no arithmetic).
 For every new variant: max relative errors (max |a - b| / max |b|) of dx, dw, db and of the state's
 adjoints against the current kernel (both run with a prior state of count 5 and nonzero cotangents
-of the final state, so every output is exercised). A variant that fails (lowering, shared memory, runtime) is
-recorded with its error instead of stopping the probe. --dump-dir: Mosaic GPU writes each kernel's
-PTX, ptxas report (registers, spills) and SASS there. --interpret: a CPU smoke test of this script
-at small shapes (the new kernel under Mosaic GPU's interpreter; times meaningless).
+of the final state, so every output is exercised). A variant that fails (lowering, shared memory,
+runtime) is recorded with its error instead of stopping the probe. --dump ptxas: Mosaic GPU prints ptxas's
+report (registers, spills) of every kernel it compiles to stdout, after the "compiling <variant>"
+line; --dump all: also the PTX and SASS (large: redirect to a file). (Not MOSAIC_GPU_DUMP_TO: it
+also dumps the MLIR before and after every pass, hundreds of MB for these unrolled bodies.)
+--interpret: a CPU smoke test of this script at small shapes (the new kernel under Mosaic GPU's
+interpreter; times meaningless).
 """
 
 from __future__ import annotations
@@ -37,18 +40,19 @@ def _parse():
   parser.add_argument("--length", type=int, default=32768)
   parser.add_argument("--dim", type=int, default=4096)
   parser.add_argument("--groups", type=int, default=64)
-  parser.add_argument("--variants", default="64x4x1,64x8x1,128x2x1,128x4x1,256x2x1,64x4x2,64x8x2,128x2x2,"
-                      "128x4x2,256x2x2", help="comma-separated block_t x stages x warpgroups")
-  parser.add_argument("--dump-dir", default=None, help="MOSAIC_GPU_DUMP_TO: PTX, ptxas -v and SASS")
+  parser.add_argument("--variants", default="64x4x1,64x8x1,128x4x1,64x4x2,64x8x2,128x2x2,128x4x2,256x2x2",
+                      help="comma-separated block_t x stages x warpgroups")
+  parser.add_argument("--dump", choices=("none", "ptxas", "all"), default="none",
+                      help="Mosaic GPU compiler reports on stdout (ptxas -v; all: PTX and SASS too)")
   parser.add_argument("--interpret", action="store_true", help="CPU smoke test (interpreter)")
   return parser.parse_args()
 
 
 ARGS = _parse()
-if ARGS.dump_dir:  # read by Mosaic GPU when it compiles a kernel
-  os.makedirs(ARGS.dump_dir, exist_ok=True)
-  os.environ.update(MOSAIC_GPU_DUMP_TO=ARGS.dump_dir, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1",
-                    MOSAIC_GPU_DUMP_SASS="1")
+if ARGS.dump != "none":  # read by Mosaic GPU when it compiles a kernel
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+  if ARGS.dump == "all":
+    os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_SASS="1")
 if ARGS.interpret:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -122,6 +126,7 @@ def main() -> None:
 
   def record(name, fn, args, extra=None):
     entry = {"name": name, **(extra or {})}
+    print(f"compiling {name}", flush=True)
     try:
       out = jax.block_until_ready(fn(*args))
       stats = time_fn(fn, *args, **timing)

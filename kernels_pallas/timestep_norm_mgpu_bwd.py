@@ -115,6 +115,12 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
+def _recip(a):
+  """1 / a for a > 0 as rsqrt(a)^2: with approx_math one MUFU op and a multiply (~3e-7 relative)."""
+  ra = lax.rsqrt(a)
+  return ra * ra
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static shape of one launch. Each of the `wgs` warpgroups of a program owns K / wgs features of
@@ -272,6 +278,13 @@ def _build_kernel(plan: _Plan, interpret):
       kernel, out_type=out_type,
       # Mosaic GPU launches the LAST grid axis fastest: the groups of one sequence run together.
       grid=(p.batch, p.groups), grid_names=("b", "g"), num_threads=p.wgs, thread_name="wg",
+      # No automatic warpgroup barriers around every shared-memory store (two per store: ~16 of the
+      # 22 barriers of a tile at T = 128). Every cross-thread use of shared memory here is ordered
+      # explicitly: scan vectors by commit_smem between store and load (and the later barriers of
+      # the tile before a slot is rewritten), dx slots by wait_smem_to_gmem before and commit_smem
+      # after the writes, the exchange by the mbarrier (release / acquire per thread) and its
+      # parity slots, the outputs by commit_smem. approx_math: rsqrt.approx (see _recip).
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True),
       **({"interpret": interpret} if interpret else {}),
   )
 
@@ -338,9 +351,10 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
   for c in range(p.chunks):
     out.at[c][...] = jnp.sum(dw_acc[c], axis=0)
     out.at[p.chunks + c][...] = jnp.sum(db_acc[c], axis=0)
-  out.at[2 * p.chunks][...] = plgpu.layout_cast(jnp.zeros((p.cols,), jnp.float32), col_layout)
-  out[2 * p.chunks, 0] = n0 * a_mu
-  out[2 * p.chunks, 1] = n0 * a_var
+  # [d_mu0, d_var0, 0, ...] as one vector store (separate scalar stores into a row just written
+  # would race between threads: no automatic barriers, see _build_kernel).
+  idx = plgpu.broadcasted_iota(jnp.int32, (p.cols,), 0, layout=col_layout)
+  out.at[2 * p.chunks][...] = jnp.where(idx == 0, n0 * a_mu, jnp.where(idx == 1, n0 * a_var, 0.0))
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(out, parts_ref.at[b, g, wg])
   plgpu.wait_smem_to_gmem(0)
@@ -374,17 +388,17 @@ class _TileMath:
     tile = p.n_tiles - 1 - i
     terms = [self.step_terms(tile, j, blocks[j][0], *sums[j]) for j in range(p.blocks)]
     # Round 1: suffix sums of lv within each block; the blocks after a block add their totals.
-    sv, lv_tot = zip(*[self.suffix(lv, j) for j, (_, lv, _) in enumerate(terms)])
+    sv, lv_tot = zip(*[self.suffix(lv, j) for j, (_, lv, _, _) in enumerate(terms)])
     a_var_blk = self.carry_back(a_var, lv_tot)
     h_var = [sv[j] + a_var_blk[j] for j in range(p.blocks)]
     # Round 2: suffix sums of q = lm - z H_var.
-    q = [lm - z * h_var[j] for j, (lm, _, z) in enumerate(terms)]
+    q = [lm - z * h_var[j] for j, (lm, _, z, _) in enumerate(terms)]
     sq, q_tot = zip(*[self.suffix(q[j], p.blocks + j) for j in range(p.blocks)])
     a_mu_blk = self.carry_back(a_mu, q_tot)
     for j, (r, xh_c, dyw_c) in enumerate(blocks):
       h_mu = sq[j] + terms[j][2] * h_var[j] + a_mu_blk[j]
       shift = self.bcast_rows(h_mu * (1.0 / p.k), p.cols)
-      scale = self.bcast_rows(h_var[j] * (2.0 / p.k) / r, p.cols)
+      scale = self.bcast_rows(h_var[j] * (2.0 / p.k) * terms[j][3], p.cols)
       r_b = self.bcast_rows(r, p.cols)
       for c in range(p.chunks):
         dx = r_b * dyw_c[c] + shift + scale * xh_c[c]
@@ -431,15 +445,19 @@ class _TileMath:
             for j, blk_sums in enumerate(sums)]
 
   def step_terms(self, tile, j, r, se, s1, s2):
-    """lm, lv, z of the block's steps (row vectors; see the module docstring)."""
+    """lm, lv, z and 1 / r of the block's steps (row vectors; see the module docstring).
+
+    Reciprocals as squared approximate rsqrt (MUFU, ~3e-7 relative; approx_math): an IEEE division
+    is ~10 instructions with a slow path, and there are three per step."""
     p = self.p
     in_block = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=self.row_layout)
     n = self.n0 + (tile * p.block_t + j * _ROWS + in_block + 1).astype(jnp.float32)
-    inv_n = 1.0 / n
+    inv_n = _recip(n)
+    inv_r = lax.rsqrt(r * r)
     lm = -r * s1 * inv_n
     lv = -0.5 * r * r * s2 * inv_n
-    z = jnp.where(n > 1.0, (2.0 / p.k) * se / (r * jnp.maximum(n - 1.0, 1.0)), 0.0)
-    return lm, lv, z
+    z = jnp.where(n > 1.0, (2.0 / p.k) * se * inv_r * _recip(jnp.maximum(n - 1.0, 1.0)), 0.0)
+    return lm, lv, z, inv_r
 
   def suffix(self, vec, slot):
     """Inclusive suffix sums of a row vector over its 64 steps, and its total (a scalar): the

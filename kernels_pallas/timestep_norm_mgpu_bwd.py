@@ -31,33 +31,40 @@ does not read them; with n0 = 0 both state adjoints are 0.
 
 Per tile (T = block_t steps, read as T / 64 blocks of 64 steps; a warpgroup's K / wgs features as
 column chunks of up to 64, each a [64, cols] register block):
-  1. x, dy -> float32 in registers (WGMMA layout: a thread holds 2 rows x cols / 4 columns of a block);
+  1. x, dy -> float32 in registers (WGMMA layout: a thread holds 2 rows x cols / 4 columns of a
+     block);
      xh = x r - mu r (one FMA), dyw = dy w^; row sums se, s1, s2 (in-thread adds, 2 shuffle rounds);
      dw, db partials accumulate in registers ([64, cols] per chunk, summed over rows at the end).
   2. Suffix sums of lv, then of q = lm - z H_var, over each 64-step block: Mosaic GPU has no scan,
      so a row vector goes through shared memory into the column layout (a store, one warpgroup
      barrier, a load), is broadcast over a [64, 64] block, masked (s >= t) and summed along rows
-     (S_t = sum_s [s >= t] a_s). A block's total (for the blocks before it, and the carry) is the sum
-     of the column-layout copy (replicated over warps: in-thread adds and 2 shuffle rounds).
+     (S_t = sum_s [s >= t] a_s): with the mask held in registers as float 0 / 1 (mask_regs, 32
+     registers), one FMA per element; else an iota compare and a select, then an add. A block's
+     total (for the blocks before it, and the carry) is the sum of the column-layout copy
+     (replicated over warps: in-thread adds and 2 shuffle rounds).
      Round 1 (lv) needs no carry; round 2 (q) needs A_var, known after round 1. Two warpgroup
      barriers per tile whatever T (and two more around the ring: the dx slot's wait, the commit).
   3. dx = r dyw + H_mu / K + (2 H_var / (K r)) xh, cast, stored into the ring's dx slot.
   The carry (A_mu, A_var) and the dw / db partials are the loop carry over tiles.
-Cycle estimate (one warpgroup, T = 128, K = 64, per thread of the 128): ~14 instructions per
-element (1 shared load per element of x and dy together, 2 conversions, 9 FMA-class ops, a
-conversion and half a store back) over 64 elements ~ 900, the two scan rounds ~4 x 70 (select +
-add over a [64, 64] block, in-thread sums, shuffles) plus stores, loads and totals ~ 350: ~1,250
-issue slots per warp (one warp per SM sub-partition, so latencies are hidden only by ILP) for a
-tile that TMA moves in ~1,650-1,800 cycles at 3.3 TB/s over 64 SMs. The critical path (loads,
-row sums, two smem round trips, dx) is ~600-900 cycles; the prefetched tiles (stages) cover TMA
-latency. A single warpgroup is therefore at best just under the memory time; hence wgs = 2.
+Cycle estimate (one warpgroup, K = 64, per thread of the 128 and per 64-step block): 32 elements
+of ~13 instructions (x and dy: one shared load per element together and 2 conversions; 9
+FMA-class ops: xh, dyw, three row sums, dw, db, two for dx; half a conversion and half a store
+back) ~ 420; the two scan rounds ~2 x 40 (mask_regs: 32 FMA, in-thread sums, shuffles; ~70 with
+compare and select) plus stores, loads and totals ~ 120; ~550 issue slots per warp (one warp per
+SM sub-partition: latencies hidden only by ILP) for 64 steps that TMA moves in ~820-900 cycles at
+3.3 TB/s over 64 SMs. The critical path of a tile (loads, row sums, two shared-memory round
+trips, dx) is ~600-900 cycles; the prefetched tiles (stages) cover TMA latency. (Counted from the
+lowered module: per 128-step tile ~390 vector adds, ~240 multiplies, 48 shuffles, 6 barriers.)
+Whether ptxas contracts the multiply-adds into FFMA decides ~20% of that; the SASS will tell.
 
 Two warpgroups (wgs = 2): each takes half of the group's features ([T, K / 2] boxes, its own ring,
 TMA loads and stores), so each does half of the per-element work with half the registers. After
 the row sums, each writes its partial per-step sums (se, s1, s2) to shared memory, arrives on an
 mbarrier and adds the other's (slots alternate with the tile's parity); from there both run the
 same scans on bitwise the same sums (the addition commutes), so their carries agree without
-further exchange. Per warp ~450 + 350 issue slots, two warps per sub-partition.
+further exchange. Per warp and 64-step block ~210 + 120 issue slots, two warps per sub-partition:
+more instructions per SM than one warpgroup (the scans run twice) but twice the warps to hide
+latency, and half the registers for the tile (room for the mask).
 
 Pipeline (per warpgroup, written out rather than plgpu.emit_pipeline, whose run_scoped buffers
 cannot be per-warpgroup in a multi-warpgroup kernel): a ring of `stages` slots of x, dy [T, K /
@@ -133,6 +140,7 @@ class _Plan:
   block_t: int
   stages: int
   wgs: int
+  mask_regs: bool
 
   @property
   def cols(self) -> int:
@@ -153,6 +161,15 @@ class _Plan:
   @property
   def itemsize(self) -> int:
     return jnp.dtype(self.dtype).itemsize
+
+
+def _default_mask_regs(block_t: int, k: int, wgs: int) -> bool:
+  """Whether the 32 mask registers fit beside the tile's: xh and dyw stay in registers from the row
+  sums to dx (2 T (K / wgs) / 128 per thread) and the dw, db partials take 2 x 64 (K / wgs) / 128;
+  allow 168 of the 255 (the rest: w^, row vectors, addresses, temporaries). True for T = 64 with
+  one warpgroup and T <= 128 with two (K = 64)."""
+  per_thread = (2 * block_t * (k // wgs) + 2 * _ROWS * (k // wgs)) // 128
+  return per_thread + 32 <= 168
 
 
 def smem_bytes(block_t: int, stages: int, k: int, itemsize: int, wgs: int = 1) -> int:
@@ -210,7 +227,8 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
 
 def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, g_var, *,
                            num_groups: int, eps: float, block_t: int = 128, stages: int = 4,
-                           wgs: int = 1, padding_mask=None, segment_ids=None, interpret=False):
+                           wgs: int = 1, mask_regs: bool | None = None, padding_mask=None,
+                           segment_ids=None, interpret=False):
   """TimestepNorm's backward in one pass over x and dy (Pallas Mosaic GPU, Hopper).
 
   x, dy: [B, L, D] (bfloat16, float16 or float32; dy as x); w_hat: [D] float32 (weight + 1);
@@ -220,6 +238,8 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   cotangents of the final state's mean and var. eps: unused (rstd_run has it).
   block_t: steps per tile (a multiple of 64 dividing L); stages: tiles in flight (TMA ring depth);
   wgs: compute warpgroups per program (1, or 2 splitting the group's features).
+  mask_regs: hold the suffix-sum mask in registers (32 a thread; one FMA per masked element instead
+  of a compare and a select); None: when the tile's own registers leave room (see _default_mask_regs).
   padding_mask, segment_ids: must be None (ValueError otherwise: use the Triton kernels).
   interpret: Mosaic GPU interpreter parameters (tests) or False.
   Returns dx [B, L, D] in x.dtype, dw [D], db [D], d_mu0 [B, G], d_var0 [B, G] (float32).
@@ -228,7 +248,10 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, num_groups=num_groups, block_t=block_t,
          stages=stages, wgs=wgs, padding_mask=padding_mask, segment_ids=segment_ids)
   batch, length, dim = x.shape
-  plan = _Plan(batch, length, num_groups, dim // num_groups, x.dtype, block_t, stages, wgs)
+  if mask_regs is None:
+    mask_regs = _default_mask_regs(block_t, dim // num_groups, wgs)
+  plan = _Plan(batch, length, num_groups, dim // num_groups, x.dtype, block_t, stages, wgs,
+               bool(mask_regs))
   n0 = n0.astype(jnp.float32)
   n_last = (n0 + length)[:, None]
   init = jnp.stack([g_mu.astype(jnp.float32) / n_last, g_var.astype(jnp.float32) / n_last,
@@ -369,6 +392,15 @@ class _TileMath:
     self.layout = plgpu.Layout.WGMMA
     self.row_layout = self.layout.reduce(1)   # a vector over the steps (rows) of a block
     self.col_layout = self.layout.reduce(0)
+    # mask_regs: the [64, 64] suffix mask as float 0 / 1 made once and held in registers (32 per
+    # thread), so that a masked sum is one FMA per element; else an iota compare and a select.
+    self.upper = self.suffix_mask(1.0, 0.0) if p.mask_regs else None
+
+  def suffix_mask(self, inside, outside):
+    """[t, s] = inside where s >= t (step s at or after step t), else outside (WGMMA layout)."""
+    rows = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 0, layout=self.layout)
+    cols = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 1, layout=self.layout)
+    return jnp.where(cols >= rows, inside, outside)
 
   def bcast_rows(self, vec, cols):
     return lax.broadcast_in_dim(vec, (_ROWS, cols), [0])
@@ -467,9 +499,8 @@ class _TileMath:
     self.plgpu.commit_smem()   # (a warpgroup barrier: the stores are visible to all threads)
     col = _load(self.scan_smem.at[slot], self.col_layout)
     spread = lax.broadcast_in_dim(col, (_ROWS, _ROWS), [1])
-    rows = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 0, layout=self.layout)
-    cols = self.plgpu.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), 1, layout=self.layout)
-    return jnp.sum(jnp.where(cols >= rows, spread, 0.0), axis=1), jnp.sum(col)
+    masked = self.upper * spread if self.upper is not None else self.suffix_mask(spread, 0.0)
+    return jnp.sum(masked, axis=1), jnp.sum(col)
 
   def carry_back(self, after_tile, totals):
     """The adjoint arriving at each block from after it: the tile's carry plus later blocks' totals."""

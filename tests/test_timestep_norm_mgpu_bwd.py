@@ -69,11 +69,14 @@ def _interpreter(monkeypatch):
 
 # (batch, length, dim, groups, block_t, stages, wgs, dtype, mean, n0). wgs = 2: two warpgroups split
 # the group's features and exchange their per-step sums every tile (the exchange's slots and
-# barriers are what the race detector watches).
+# barriers are what the race detector watches). The suffix mask is held in registers (mask_regs)
+# by default at T = 64 (one warpgroup) and with two warpgroups up to T = 128; the other cases
+# select with an iota compare; "..._select" forces the latter.
 CASES = {
     # Prior state on one sequence only (count 0 on the other: its state adjoints are 0).
     "f32_k64_t64": (2, 256, 128, 2, 64, 2, 1, jnp.float32, 0.0, (0, 5)),
     "f32_k64_t64_wgs2": (2, 256, 128, 2, 64, 2, 2, jnp.float32, 0.0, (0, 5)),
+    "f32_k64_t64_wgs2_select": (2, 256, 128, 2, 64, 2, 2, jnp.float32, 0.0, (0, 5)),
     # Two 64-step blocks per tile: the suffix sums chain from the later block to the earlier.
     "f32_k64_t128": (2, 512, 256, 4, 128, 2, 1, jnp.float32, 0.0, (3, 0)),
     # K = 128: two 64-feature chunks per group (row sums add across chunks); with 2 warpgroups,
@@ -109,7 +112,7 @@ def test_kernel_matches_reference_in_the_interpreter(rng, _interpreter, case):
       jnp.asarray(x, dtype), jnp.asarray(dy, dtype), jnp.asarray(w + 1.0), jnp.asarray(mu_run),
       jnp.asarray(rstd_run), jnp.asarray(n0), jnp.asarray(mu0), jnp.asarray(var0), jnp.asarray(g_mu),
       jnp.asarray(g_var), num_groups=groups, eps=EPS, block_t=block_t, stages=stages, wgs=wgs,
-      interpret=params)
+      mask_regs=False if case.endswith("_select") else None, interpret=params)
   assert not gpu_callbacks.get_races().races_found
   dx, dw, db, d_mu0, d_var0 = got
   assert dx.shape == x.shape and dx.dtype == dtype
@@ -135,8 +138,10 @@ def _shapes(batch, length, dim, groups, dtype=jnp.bfloat16):
           *(s((batch, groups), f32) for _ in range(4)))
 
 
-@pytest.mark.parametrize("block_t,stages,wgs", [(128, 4, 1), (64, 8, 1), (128, 4, 2), (256, 2, 2)])
-def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs):
+@pytest.mark.parametrize("block_t,stages,wgs,mask_regs", [(128, 4, 1, None), (64, 8, 1, None),
+                                                          (64, 8, 1, False), (128, 4, 2, None),
+                                                          (256, 2, 2, None), (256, 2, 2, True)])
+def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs):
   """At the benchmark shape: one Mosaic GPU call with the right outputs, asking for no more shared
   memory than smem_bytes counts."""
   batch, length, dim, groups = 1, 32768, 4096, 64
@@ -155,7 +160,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs):
   except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
     pass
   fn = lambda *a: tb.timestep_norm_bwd_mgpu(*a, num_groups=groups, eps=EPS, block_t=block_t,  # noqa: E731
-                                            stages=stages, wgs=wgs)
+                                            stages=stages, wgs=wgs, mask_regs=mask_regs)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*_shapes(batch, length, dim, groups))
   assert exported.mlir_module().count(f"custom_call @{tb.MOSAIC_GPU_CALL}(") == 1
   dx, dw, db, d_mu0, d_var0 = exported.out_avals

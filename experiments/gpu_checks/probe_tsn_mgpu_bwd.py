@@ -6,8 +6,9 @@ At B=1, L=32768, D=4096, G=64 bf16 (SPEC §3's benchmark shape), times (harness.
 iters 15, inner 10; device time per call):
   * "current": the backward of kernels_pallas.timestep_norm.timestep_norm_pallas at its GPU default
     (jax.vjp's function applied to a fixed cotangent: backward only);
-  * "mgpu T.. s.. w..": kernels_pallas.timestep_norm_mgpu_bwd for a few (block_t, stages, compute
-    warpgroups: 1, or 2 splitting each group's 64 features into halves), with the small XLA ops
+  * "mgpu T.. s.. w.. mask|select": kernels_pallas.timestep_norm_mgpu_bwd for a few (block_t,
+    stages, compute warpgroups: 1, or 2 splitting each group's 64 features into halves; the suffix
+    mask held in registers or made by compare and select), with the small XLA ops
     around it (its inputs mu_run / rstd_run are made once, untimed, by the XLA associative scan,
     as the single-pass forward would save them);
   * "floor": the slab walk dx = x + dy of probe_slab_stream (64 Mosaic GPU programs, the same
@@ -40,8 +41,9 @@ def _parse():
   parser.add_argument("--length", type=int, default=32768)
   parser.add_argument("--dim", type=int, default=4096)
   parser.add_argument("--groups", type=int, default=64)
-  parser.add_argument("--variants", default="64x4x1,64x8x1,128x4x1,64x4x2,64x8x2,128x2x2,128x4x2,256x2x2",
-                      help="comma-separated block_t x stages x warpgroups")
+  parser.add_argument("--variants", default="64x4x1,64x8x1,64x8x1s,128x4x1,64x8x2,128x2x2,128x4x2,128x4x2s,256x2x2",
+                      help="comma-separated block_t x stages x warpgroups, 's' appended: the suffix mask "
+                      "by compare and select (mask_regs=False; default: the kernel's choice)")
   parser.add_argument("--dump", choices=("none", "ptxas", "all"), default="none",
                       help="Mosaic GPU compiler reports on stdout (ptxas -v; all: PTX and SASS too)")
   parser.add_argument("--interpret", action="store_true", help="CPU smoke test (interpreter)")
@@ -148,13 +150,15 @@ def main() -> None:
   w_hat = weight + 1.0
   n0 = state.count.astype(jnp.float32)
   for variant in ARGS.variants.split(","):
-    block_t, stages, wgs = (int(v) for v in variant.split("x"))
+    select = variant.endswith("s")
+    block_t, stages, wgs = (int(v) for v in variant.rstrip("s").split("x"))
+    mask_regs = False if select else mgpu_bwd._default_mask_regs(block_t, dim // groups, wgs)
     fn = jax.jit(functools.partial(mgpu_bwd.timestep_norm_bwd_mgpu, num_groups=groups, eps=EPS,
-                                   block_t=block_t, stages=stages, wgs=wgs,
+                                   block_t=block_t, stages=stages, wgs=wgs, mask_regs=mask_regs,
                                    interpret=interpret_params or False))
     args = (x, dy, w_hat, mu_run, rstd_run, n0, state.mean, state.var, g_mu, g_var)
-    got = record(f"mgpu T{block_t} s{stages} w{wgs}", fn, args,
-                 {"block_t": block_t, "stages": stages, "wgs": wgs})
+    got = record(f"mgpu T{block_t} s{stages} w{wgs} {'mask' if mask_regs else 'select'}", fn, args,
+                 {"block_t": block_t, "stages": stages, "wgs": wgs, "mask_regs": mask_regs})
     if got is not None and want is not None:
       dx, dw, db, d_mu0, d_var0 = got
       errs = {"dx": _rel_err(dx, want[0]), "dw": _rel_err(dw, want[1]), "db": _rel_err(db, want[2]),

@@ -78,8 +78,8 @@ reverse time order (tile n_tiles - 1 - i at step i).
 
 Unsupported (ValueError from `_check`, so that a dispatcher can fall back to the Triton kernels of
 kernels_pallas/timestep_norm.py): padding masks, segment ids, K = D / G not a multiple of 64, L not
-a multiple of block_t, block_t not a multiple of 64, dtypes other than bfloat16 / float16 /
-float32, shared memory over 227 KiB.
+a multiple of block_t, block_t not a multiple of 64 or over 256, dtypes other than bfloat16 /
+float16 / float32, shared memory over 227 KiB.
 
 Outputs: dx [B, L, D] in x.dtype, dw [D] and db [D] float32 (per-program partials [B, G, K] summed
 over B outside the kernel), d_mu0, d_var0 [B, G] float32.
@@ -108,6 +108,7 @@ _ROWS = 64  # steps per register block: one [64, 64] WGMMA-layout array
 _SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
 _SMEM_SLACK = 6144  # barriers, 1 KiB alignment of swizzled buffers, Mosaic GPU's reduction scratch (2 KiB)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_MAX_BLOCK_T = 256  # a TMA box has at most 256 rows
 # Per program: A_mu, A_var at the last step, n0, then padding: Mosaic GPU copies multiples of 128 bytes.
 _INIT = 32
 
@@ -203,8 +204,8 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
                      f"multiple of {_COLS} (use the Triton kernels otherwise)")
   if wgs not in (1, 2):
     raise ValueError(f"wgs (compute warpgroups per program) must be 1 or 2, got {wgs}")
-  if block_t <= 0 or block_t % _ROWS:
-    raise ValueError(f"block_t {block_t} is not a multiple of {_ROWS}")
+  if block_t <= 0 or block_t % _ROWS or block_t > _MAX_BLOCK_T:
+    raise ValueError(f"block_t {block_t} is not a multiple of {_ROWS} up to {_MAX_BLOCK_T}")
   if length % block_t:
     raise ValueError(f"sequence length {length} is not a multiple of block_t {block_t} (use the "
                      "Triton kernels, or a block_t dividing it)")

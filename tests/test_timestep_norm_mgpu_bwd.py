@@ -177,6 +177,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs):
     (dict(dim=192, groups=4), "multiple of 64"),  # K = 48
     (dict(length=320), "not a multiple of block_t 128"),
     (dict(block_t=96, length=384), "block_t 96 is not a multiple of 64"),
+    (dict(block_t=512, stages=1), "block_t 512 is not a multiple of 64 up to 256"),
     (dict(dtype=jnp.int32), "unsupported"),
     (dict(stages=5), "KiB of shared memory"),
     (dict(wgs=4), "wgs .compute warpgroups per program. must be 1 or 2"),

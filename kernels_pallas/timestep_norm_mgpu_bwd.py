@@ -292,7 +292,8 @@ def _build_kernel(plan: _Plan, interpret):
          plgpu.SMEM((p.wgs, 2 * p.chunks + 1, p.cols), jnp.float32)),                    # outputs
         (plgpu.Barrier(num_arrivals=2 * p.chunks + 2, num_barriers=p.wgs * p.stages),    # tile loaded
          plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs),                              # w^, carry in
-         plgpu.Barrier(num_arrivals=p.wgs, num_barriers=2)),                             # sums exchanged
+         plgpu.Barrier(num_arrivals=p.wgs, num_barriers=2),                              # sums exchanged
+         plgpu.Barrier(num_arrivals=1, num_barriers=1)),                                 # wg 0 reduced
         collective_axes="wg",
     )
 
@@ -317,7 +318,7 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
   """One warpgroup of the program of (b, g): its ring of tiles, walked in reverse time order."""
   x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref = gmem
   x_ring, dy_ring, dx_ring, row_ring, w_smem, init_smem, scan_smem, xch_smem, out_smem = smem
-  loaded, prologue, exchanged = barriers
+  loaded, prologue, exchanged, reduced = barriers
   b, g, wg = lax.axis_index("b"), lax.axis_index("g"), lax.axis_index("wg")
   layout = plgpu.Layout.WGMMA
   col_layout = layout.reduce(0)   # a vector over the columns, replicated over warps
@@ -372,9 +373,22 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
   carry = (a_mu0, a_var0, (zeros,) * p.chunks, (zeros,) * p.chunks)
   a_mu, a_var, dw_acc, db_acc = lax.fori_loop(0, p.n_tiles, step, carry)
   out = out_smem.at[wg]
+  # The column sums reduce across warps through Mosaic GPU's one reduction scratch buffer, which
+  # all warpgroups share: with two, the second waits until the first is done with it. (The CPU
+  # interpreter does not model that buffer; this ordering is by reading, not by test.)
+  if p.wgs > 1:
+    @pl.when(wg == 1)
+    def _():
+      plgpu.barrier_wait(reduced.at[0])
+
   for c in range(p.chunks):
     out.at[c][...] = jnp.sum(dw_acc[c], axis=0)
     out.at[p.chunks + c][...] = jnp.sum(db_acc[c], axis=0)
+  if p.wgs > 1:
+    @pl.when(wg == 0)
+    def _():
+      plgpu.barrier_arrive(reduced.at[0])
+
   # [d_mu0, d_var0, 0, ...] as one vector store (separate scalar stores into a row just written
   # would race between threads: no automatic barriers, see _build_kernel).
   idx = plgpu.broadcasted_iota(jnp.int32, (p.cols,), 0, layout=col_layout)

@@ -66,6 +66,35 @@ further exchange. Per warp and 64-step block ~210 + 120 issue slots, two warps p
 more instructions per SM than one warpgroup (the scans run twice) but twice the warps to hide
 latency, and half the registers for the tile (room for the mask).
 
+Tiles in parallel (tile_wgs = W of 2 or 4, wgs = 1): with one warpgroup per SM (64 programs on
+132 SMs at B = 1, G = 64) every dependent instruction of a tile's chain is exposed (measured ~2,600
+cycles per 64-step tile against ~550 issue slots). Instead W warpgroups work on different tiles:
+warpgroup w takes tiles w, w + W, w + 2W, ... of the reverse walk (its own TMA ring of `stages`
+slots: stages x W tiles in flight). The recurrence through a tile is affine in the carry entering
+it (A_mu, A_var), so all but a few FMAs per step need no carry (_TileMath.prepare): the row sums,
+dw / db, then three suffix sums within the tile, lv and z (one shared-memory round trip) and
+u = lm - z sv (another), give per step sv, P = su + z sv and Q = z - sz with
+  H_var_t = sv_t + A_var,   H_mu_t = P_t + A_var Q_t + A_mu,
+and the tile's totals Lv, U, Z with the carry leaving it A_var' = A_var + Lv, A_mu' = A_mu + U -
+A_var Z. Only then does warpgroup w wait for the carry (an mbarrier per receiving warpgroup; two
+floats in shared memory, stored by every thread, each arriving with release semantics, read after
+the wait's acquire), compute the outgoing carry (two scalar FMAs), hand it to warpgroup w + 1 mod W
+at once (the serial chain: wait, two loads, two FMAs, two stores, arrive) and write dx (an
+elementwise pass with per-step coefficients). Warpgroup 0 hands the final state's cotangents to
+itself before the walk; the last tile hands nothing on. A hand-over slot is rewritten for the
+receiver's next tile only after the receiver has read it (the next write follows the receiver's
+own hand-over through the chain). dw, db partials stay per warpgroup and are summed outside the
+kernel; d_mu0, d_var0 come from the last warpgroup (it holds the walk's last tile). The final column
+sums through Mosaic GPU's shared reduction scratch take turns (warpgroup w after w - 1).
+Registers (per thread, T = 64, K = 64): the dw, db partials 64, w^ 16 (the column vector), the
+per-step vectors ~12, the elementwise pass's temporaries ~20-40. W = 2 (255 a thread) also holds xh
+and dyw across the wait (64) and the mask (32): ~200. W = 4 (512 threads: 128 a thread) re-reads
+x and dy from the ring for dx (reload_tile; one multiply, two conversions and two shared loads
+more per element) and makes the mask by compare and select: ~110-130, tight (ptxas may have to
+serialise the loads of the elementwise pass; the probe's --dump ptxas shows the count). Issue
+slots per 64-step tile rise by the third suffix sum (~40-70) and, with reload, ~5 per element
+(~160); with W warps per SM sub-partition the latencies overlap across tiles.
+
 Pipeline (per warpgroup, written out rather than plgpu.emit_pipeline, whose run_scoped buffers
 cannot be per-warpgroup in a multi-warpgroup kernel): a ring of `stages` slots of x, dy [T, K /
 wgs] (a 128- or 64-byte swizzle), mu, rstd [T] and dx; slot s is refilled by TMA for tile i +
@@ -78,17 +107,21 @@ reverse time order (tile n_tiles - 1 - i at step i).
 
 Unsupported (ValueError from `_check`, so that a dispatcher can fall back to the Triton kernels of
 kernels_pallas/timestep_norm.py): padding masks, segment ids, K = D / G not a multiple of 64, L not
-a multiple of block_t, block_t not a multiple of 64 or over 256, dtypes other than bfloat16 /
-float16 / float32, shared memory over 227 KiB.
+a multiple of block_t, block_t not a multiple of 64 or over 256, L / block_t tiles not a multiple
+of tile_wgs, tile_wgs > 1 with wgs = 2, dtypes other than bfloat16 / float16 / float32, shared
+memory over 227 KiB.
 
 Outputs: dx [B, L, D] in x.dtype, dw [D] and db [D] float32 (per-program partials [B, G, K] summed
 over B outside the kernel), d_mu0, d_var0 [B, G] float32.
 
-Status: checked on the CPU only (tests/test_timestep_norm_mgpu_bwd.py): under Mosaic GPU's
-interpreter against jax.vjp of the reference op in float64, and lowered for CUDA at the benchmark
-shape under jax 0.10.2 and 0.11.2. Not yet compiled or timed on a GPU; the probe
-experiments/gpu_checks/probe_tsn_mgpu_bwd.py times (block_t, stages, wgs) variants against the
-current backward and the slab-walk floor. Not wired into timestep_norm.py's dispatch.
+Status: W = 1 and wgs = 2 timed on an H200 (B = 1, L = 32768, D = 4096, G = 64 bf16): 0.673 ms at
+T = 64 with 4 stages, against 0.479 ms for the current two-pass backward and a 0.234-0.256 ms floor
+(the same bytes walked without math); dx, dw, db and the state adjoints agree with it (wgs = 2's
+dw, db were wrong before its reduction turns were added; not yet re-run). tile_wgs > 1: checked on
+the CPU only (tests/test_timestep_norm_mgpu_bwd.py: Mosaic GPU's interpreter against jax.vjp of the
+reference op in float64, and lowering for CUDA at the benchmark shape under jax 0.10.2 and 0.11.2);
+the probe experiments/gpu_checks/probe_tsn_mgpu_bwd.py times (block_t, stages, wgs, tile_wgs)
+variants against the current backward and the floor. Not wired into timestep_norm.py's dispatch.
 """
 
 from __future__ import annotations
@@ -106,7 +139,7 @@ MOSAIC_GPU_CALL = "mosaic_gpu_v2"
 _COLS = 64  # features per TMA box and register block: 128 bytes of bf16, the widest swizzle
 _ROWS = 64  # steps per register block: one [64, 64] WGMMA-layout array
 _SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
-_SMEM_SLACK = 6144  # barriers, 1 KiB alignment of swizzled buffers, Mosaic GPU's reduction scratch (2 KiB)
+_SMEM_SLACK = 7168  # barriers, alignment of the buffers (up to 1 KiB each), Mosaic GPU's reduction scratch (2 KiB)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_BLOCK_T = 256  # a TMA box has at most 256 rows
 # Per program: A_mu, A_var at the last step, n0, then padding: Mosaic GPU copies multiples of 128 bytes.
@@ -142,6 +175,13 @@ class _Plan:
   stages: int
   wgs: int
   mask_regs: bool
+  tile_wgs: int = 1
+  reload_tile: bool = False
+
+  @property
+  def threads(self) -> int:
+    """Warpgroups per program (one of wgs, tile_wgs is 1)."""
+    return self.wgs * self.tile_wgs
 
   @property
   def cols(self) -> int:
@@ -164,28 +204,44 @@ class _Plan:
     return jnp.dtype(self.dtype).itemsize
 
 
-def _default_mask_regs(block_t: int, k: int, wgs: int) -> bool:
+def _register_budget(threads: int) -> int:
+  """Registers a thread may hold without spilling: 255, or the 64 K of the SM over the program's
+  threads (128 with 4 warpgroups)."""
+  return min(255, 65536 // (128 * threads))
+
+
+def _default_reload_tile(tile_wgs: int) -> bool:
+  """Whether dx re-reads x and dy from the ring instead of keeping xh, dyw in registers across the
+  wait for the carry: with 4 tile warpgroups (128 registers a thread) the 64 a thread of a [64, 64]
+  tile's xh and dyw do not fit beside the 64 of the dw, db partials."""
+  return tile_wgs >= 4
+
+
+def _default_mask_regs(block_t: int, k: int, wgs: int, tile_wgs: int = 1, reload_tile: bool = False) -> bool:
   """Whether the 32 mask registers fit beside the tile's: xh and dyw stay in registers from the row
-  sums to dx (2 T (K / wgs) / 128 per thread) and the dw, db partials take 2 x 64 (K / wgs) / 128;
-  allow 168 of the 255 (the rest: w^, row vectors, addresses, temporaries). True for T = 64 with
-  one warpgroup and T <= 128 with two (K = 64)."""
-  per_thread = (2 * block_t * (k // wgs) + 2 * _ROWS * (k // wgs)) // 128
-  return per_thread + 32 <= 168
+  sums to dx (2 T (K / wgs) / 128 per thread, unless reload_tile) and the dw, db partials take
+  2 x 64 (K / wgs) / 128; allow 168 of 255 (the rest: w^, row vectors, addresses, temporaries), or
+  the budget less 40 with more than two warpgroups. True for T = 64 with one warpgroup, T <= 128
+  with two (K = 64), T = 64 with two tile warpgroups; False with four."""
+  held = 0 if reload_tile else 2 * block_t * (k // wgs)
+  per_thread = (held + 2 * _ROWS * (k // wgs)) // 128
+  threads = wgs * tile_wgs
+  return per_thread + 32 <= (168 if threads <= 2 else _register_budget(threads) - 40)
 
 
-def smem_bytes(block_t: int, stages: int, k: int, itemsize: int, wgs: int = 1) -> int:
+def smem_bytes(block_t: int, stages: int, k: int, itemsize: int, wgs: int = 1, tile_wgs: int = 1) -> int:
   """Shared memory of one program: per stage and warpgroup its x, dy, dx tiles [block_t, K / wgs]
-  and the mu, rstd rows; per warpgroup the scan vectors, w^, the initial carry and the outputs;
-  the exchange of per-step sums between warpgroups."""
-  blocks = block_t // _ROWS
-  per_stage = wgs * (3 * block_t * (k // wgs) * itemsize + 2 * block_t * 4)
-  per_wg = (k // wgs + _INIT + 2 * blocks * _ROWS + (2 * (k // wgs) + min(k // wgs, _COLS))) * 4
+  and the mu, rstd rows; per warpgroup the scan vectors, w^, the initial carry, the carry handed
+  over and the outputs; the exchange of per-step sums between warpgroups."""
+  blocks, threads = block_t // _ROWS, wgs * tile_wgs
+  per_stage = threads * (3 * block_t * (k // wgs) * itemsize + 2 * block_t * 4)
+  per_wg = (k // wgs + _INIT + 2 + 3 * blocks * _ROWS + (2 * (k // wgs) + min(k // wgs, _COLS))) * 4
   exchange = 2 * wgs * 3 * block_t * 4 if wgs > 1 else 0
-  return stages * per_stage + wgs * per_wg + exchange + _SMEM_SLACK
+  return stages * per_stage + threads * per_wg + exchange + _SMEM_SLACK
 
 
 def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, block_t: int,
-           stages: int, wgs: int, padding_mask, segment_ids) -> None:
+           stages: int, wgs: int, tile_wgs: int, padding_mask, segment_ids) -> None:
   """Configurations this kernel supports (anything else: ValueError naming what to change)."""
   if padding_mask is not None:
     raise ValueError("padding masks are not supported by the Mosaic GPU TimestepNorm backward: use "
@@ -204,11 +260,18 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
                      f"multiple of {_COLS} (use the Triton kernels otherwise)")
   if wgs not in (1, 2):
     raise ValueError(f"wgs (compute warpgroups per program) must be 1 or 2, got {wgs}")
+  if tile_wgs not in (1, 2, 4):
+    raise ValueError(f"tile_wgs (warpgroups on different tiles) must be 1, 2 or 4, got {tile_wgs}")
+  if tile_wgs > 1 and wgs > 1:
+    raise ValueError("tile_wgs > 1 needs wgs = 1 (warpgroups split either tiles or features)")
   if block_t <= 0 or block_t % _ROWS or block_t > _MAX_BLOCK_T:
     raise ValueError(f"block_t {block_t} is not a multiple of {_ROWS} up to {_MAX_BLOCK_T}")
   if length % block_t:
     raise ValueError(f"sequence length {length} is not a multiple of block_t {block_t} (use the "
                      "Triton kernels, or a block_t dividing it)")
+  if (length // block_t) % tile_wgs:
+    raise ValueError(f"{length // block_t} tiles of {block_t} steps do not divide among tile_wgs = {tile_wgs} "
+                     "warpgroups")
   if stages < 1:
     raise ValueError(f"stages must be >= 1, got {stages}")
   want = {"w_hat": (w_hat, (dim,)), "mu_run": (mu_run, (batch, num_groups, length)),
@@ -220,7 +283,7 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
   for name in ("mu_run", "rstd_run"):
     if want[name][0].dtype != jnp.float32:
       raise ValueError(f"{name} must be float32, got {want[name][0].dtype}")
-  need = smem_bytes(block_t, stages, dim // num_groups, jnp.dtype(x.dtype).itemsize, wgs)
+  need = smem_bytes(block_t, stages, dim // num_groups, jnp.dtype(x.dtype).itemsize, wgs, tile_wgs)
   if need > _SMEM_LIMIT:
     raise ValueError(f"block_t {block_t} with {stages} stages needs {need / 1024:.1f} KiB of shared "
                      f"memory, over {_SMEM_LIMIT // 1024} KiB: use fewer stages or a smaller block_t")
@@ -228,8 +291,9 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
 
 def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, g_var, *,
                            num_groups: int, eps: float, block_t: int = 128, stages: int = 4,
-                           wgs: int = 1, mask_regs: bool | None = None, padding_mask=None,
-                           segment_ids=None, interpret=False):
+                           wgs: int = 1, tile_wgs: int = 1, mask_regs: bool | None = None,
+                           reload_tile: bool | None = None, padding_mask=None, segment_ids=None,
+                           interpret=False):
   """TimestepNorm's backward in one pass over x and dy (Pallas Mosaic GPU, Hopper).
 
   x, dy: [B, L, D] (bfloat16, float16 or float32; dy as x); w_hat: [D] float32 (weight + 1);
@@ -237,22 +301,32 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   n0: [B] float32 count of the prior state; mu0, var0: [B, G] the prior mean / var (unused: the
   gradients do not depend on them beyond mu_run / rstd_run); g_mu, g_var: [B, G] float32
   cotangents of the final state's mean and var. eps: unused (rstd_run has it).
-  block_t: steps per tile (a multiple of 64 dividing L); stages: tiles in flight (TMA ring depth);
-  wgs: compute warpgroups per program (1, or 2 splitting the group's features).
+  block_t: steps per tile (a multiple of 64 dividing L); stages: TMA ring depth of each warpgroup
+  (tiles in flight: stages x warpgroups);
+  wgs: compute warpgroups per program (1, or 2 splitting the group's features);
+  tile_wgs: warpgroups per program working on different tiles (1, 2 or 4; wgs must then be 1, and
+  the tiles must divide among them): warpgroup w takes tiles w, w + W, ... of the reverse walk, does
+  all that does not need the carry, then takes the carry from warpgroup w - 1, hands its own to
+  w + 1 and writes dx (see "Tiles in parallel").
   mask_regs: hold the suffix-sum mask in registers (32 a thread; one FMA per masked element instead
   of a compare and a select); None: when the tile's own registers leave room (see _default_mask_regs).
+  reload_tile: (tile_wgs > 1) dx re-reads x and dy from shared memory instead of holding xh and dyw
+  in registers across the carry wait; None: with 4 tile warpgroups (_default_reload_tile).
   padding_mask, segment_ids: must be None (ValueError otherwise: use the Triton kernels).
   interpret: Mosaic GPU interpreter parameters (tests) or False.
   Returns dx [B, L, D] in x.dtype, dw [D], db [D], d_mu0 [B, G], d_var0 [B, G] (float32).
   """
   del mu0, var0, eps
   _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, num_groups=num_groups, block_t=block_t,
-         stages=stages, wgs=wgs, padding_mask=padding_mask, segment_ids=segment_ids)
+         stages=stages, wgs=wgs, tile_wgs=tile_wgs, padding_mask=padding_mask, segment_ids=segment_ids)
   batch, length, dim = x.shape
+  if reload_tile is None:
+    reload_tile = _default_reload_tile(tile_wgs)
+  reload_tile = bool(reload_tile) and tile_wgs > 1
   if mask_regs is None:
-    mask_regs = _default_mask_regs(block_t, dim // num_groups, wgs)
+    mask_regs = _default_mask_regs(block_t, dim // num_groups, wgs, tile_wgs, reload_tile)
   plan = _Plan(batch, length, num_groups, dim // num_groups, x.dtype, block_t, stages, wgs,
-               bool(mask_regs))
+               bool(mask_regs), tile_wgs, reload_tile)
   n0 = n0.astype(jnp.float32)
   n_last = (n0 + length)[:, None]
   init = jnp.stack([g_mu.astype(jnp.float32) / n_last, g_var.astype(jnp.float32) / n_last,
@@ -260,11 +334,16 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   init = jnp.pad(init, ((0, 0), (0, 0), (0, _INIT - 3)))                      # [B, G, _INIT]
   w4 = w_hat.astype(jnp.float32).reshape(num_groups, wgs, plan.chunks, plan.cols)
   dx, parts = _build_kernel(plan, interpret)(x, dy, mu_run, rstd_run, w4, init)
-  # parts [B, G, wgs, 2 chunks + 1, cols]: the feature order is (g, wg, chunk, col).
+  # parts [B, G, warpgroups, 2 chunks + 1, cols]: with wgs = 2 the feature order is (g, wg, chunk,
+  # col); with tile_wgs > 1 every warpgroup has partials of all K features (summed here). The state
+  # adjoints: those of the last warpgroup (with wgs = 2 both hold the same; with tile_wgs > 1 the
+  # last holds the walk's last tile).
   chunks = plan.chunks
-  dw = jnp.sum(parts[:, :, :, :chunks], axis=0).reshape(dim)
-  db = jnp.sum(parts[:, :, :, chunks:2 * chunks], axis=0).reshape(dim)
-  return dx, dw, db, parts[:, :, 0, 2 * chunks, 0], parts[:, :, 0, 2 * chunks, 1]
+  dw, db = parts[:, :, :, :chunks], parts[:, :, :, chunks:2 * chunks]
+  if tile_wgs > 1:
+    dw, db = (jnp.sum(a, axis=2, keepdims=True) for a in (dw, db))
+  dw, db = (jnp.sum(a, axis=0).reshape(dim) for a in (dw, db))
+  return dx, dw, db, parts[:, :, -1, 2 * chunks, 0], parts[:, :, -1, 2 * chunks, 1]
 
 
 def _build_kernel(plan: _Plan, interpret):
@@ -274,7 +353,7 @@ def _build_kernel(plan: _Plan, interpret):
   p = plan
   swizzle = plgpu.find_swizzle(p.cols * p.itemsize * 8)
   tile_transforms = (plgpu.TilingTransform((8, swizzle // p.itemsize)), plgpu.SwizzleTransform(swizzle))
-  n_ring = p.wgs * p.stages * p.chunks   # [T, cols] tiles per ring array
+  n_ring = p.threads * p.stages * p.chunks   # [T, cols] tiles per ring array
   xch_shape = (2, p.wgs, 3, p.blocks, _ROWS) if p.wgs > 1 else (1, 1, 1, 1, _ROWS)   # (unused at 1)
 
   def kernel(x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref):
@@ -284,31 +363,34 @@ def _build_kernel(plan: _Plan, interpret):
         (plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # x
          plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # dy
          plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # dx
-         plgpu.SMEM((p.wgs * p.stages, 2, p.block_t), jnp.float32),                      # mu, rstd
-         plgpu.SMEM((p.wgs, p.chunks, p.cols), jnp.float32),                             # w^
-         plgpu.SMEM((p.wgs, _INIT), jnp.float32),                                        # carry in
-         plgpu.SMEM((p.wgs, 2 * p.blocks, _ROWS), jnp.float32),                          # scans
+         plgpu.SMEM((p.threads * p.stages, 2, p.block_t), jnp.float32),                  # mu, rstd
+         plgpu.SMEM((p.threads, p.chunks, p.cols), jnp.float32),                         # w^
+         plgpu.SMEM((p.threads, _INIT), jnp.float32),                                    # carry in
+         plgpu.SMEM((p.threads, 3 * p.blocks, _ROWS), jnp.float32),                      # scans
          plgpu.SMEM(xch_shape, jnp.float32),                                             # exchange
-         plgpu.SMEM((p.wgs, 2 * p.chunks + 1, p.cols), jnp.float32)),                    # outputs
-        (plgpu.Barrier(num_arrivals=2 * p.chunks + 2, num_barriers=p.wgs * p.stages),    # tile loaded
-         plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs),                              # w^, carry in
+         plgpu.SMEM((p.threads, 2), jnp.float32),                                        # carry handed over
+         plgpu.SMEM((p.threads, 2 * p.chunks + 1, p.cols), jnp.float32)),                # outputs
+        (plgpu.Barrier(num_arrivals=2 * p.chunks + 2, num_barriers=p.threads * p.stages),  # tile loaded
+         plgpu.Barrier(num_arrivals=2, num_barriers=p.threads),                          # w^, carry in
          plgpu.Barrier(num_arrivals=p.wgs, num_barriers=2),                              # sums exchanged
-         plgpu.Barrier(num_arrivals=1, num_barriers=1)),                                 # wg 0 reduced
+         plgpu.Barrier(num_arrivals=1, num_barriers=p.tile_wgs),                         # carry handed over
+         plgpu.Barrier(num_arrivals=1, num_barriers=max(p.threads - 1, 1))),             # wg w reduced
         collective_axes="wg",
     )
 
   out_type = (jax.ShapeDtypeStruct((p.batch, p.length, p.groups * p.k), p.dtype),
-              jax.ShapeDtypeStruct((p.batch, p.groups, p.wgs, 2 * p.chunks + 1, p.cols), jnp.float32))
+              jax.ShapeDtypeStruct((p.batch, p.groups, p.threads, 2 * p.chunks + 1, p.cols), jnp.float32))
   return plgpu.kernel(
       kernel, out_type=out_type,
       # Mosaic GPU launches the LAST grid axis fastest: the groups of one sequence run together.
-      grid=(p.batch, p.groups), grid_names=("b", "g"), num_threads=p.wgs, thread_name="wg",
+      grid=(p.batch, p.groups), grid_names=("b", "g"), num_threads=p.threads, thread_name="wg",
       # No automatic warpgroup barriers around every shared-memory store (two per store: ~16 of the
       # 22 barriers of a tile at T = 128). Every cross-thread use of shared memory here is ordered
       # explicitly: scan vectors by commit_smem between store and load (and the later barriers of
       # the tile before a slot is rewritten), dx slots by wait_smem_to_gmem before and commit_smem
-      # after the writes, the exchange by the mbarrier (release / acquire per thread) and its
-      # parity slots, the outputs by commit_smem. approx_math: rsqrt.approx (see _recip).
+      # after the writes, the exchange and the handed-over carry by mbarriers (release / acquire per
+      # thread) and their slots' reuse rules, the outputs by commit_smem. approx_math: rsqrt.approx
+      # (see _recip).
       compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True),
       **({"interpret": interpret} if interpret else {}),
   )
@@ -317,26 +399,33 @@ def _build_kernel(plan: _Plan, interpret):
 def _program(p: _Plan, plgpu, gmem, smem, barriers):
   """One warpgroup of the program of (b, g): its ring of tiles, walked in reverse time order."""
   x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref = gmem
-  x_ring, dy_ring, dx_ring, row_ring, w_smem, init_smem, scan_smem, xch_smem, out_smem = smem
-  loaded, prologue, exchanged, reduced = barriers
+  x_ring, dy_ring, dx_ring, row_ring, w_smem, init_smem, scan_smem, xch_smem, hand_smem, out_smem = smem
+  loaded, prologue, exchanged, handed, reduced = barriers
   b, g, wg = lax.axis_index("b"), lax.axis_index("g"), lax.axis_index("wg")
+  fw = wg if p.wgs > 1 else 0         # which part of the features (wgs = 2)
+  tw = wg if p.tile_wgs > 1 else 0    # which tiles of the walk: tw, tw + tile_wgs, ...
   layout = plgpu.Layout.WGMMA
   col_layout = layout.reduce(0)   # a vector over the columns, replicated over warps
-  plgpu.copy_gmem_to_smem(w_ref.at[g, wg], w_smem.at[wg], prologue.at[wg])
+  plgpu.copy_gmem_to_smem(w_ref.at[g, fw], w_smem.at[wg], prologue.at[wg])
   plgpu.copy_gmem_to_smem(init_ref.at[b, g], init_smem.at[wg], prologue.at[wg])
   plgpu.barrier_wait(prologue.at[wg])
   w_cols = [_load(w_smem.at[wg, c], col_layout) for c in range(p.chunks)]
   a_mu0, a_var0, n0 = init_smem[wg, 0], init_smem[wg, 1], init_smem[wg, 2]
+  n_local = p.n_tiles // p.tile_wgs   # tiles of this warpgroup
 
   def ring(slot, c):
     return (wg * p.stages + slot) * p.chunks + c
 
   def tile_cols(c):
-    return pl.ds((g * p.wgs * p.chunks + wg * p.chunks + c) * p.cols, p.cols)
+    return pl.ds((g * p.wgs * p.chunks + fw * p.chunks + c) * p.cols, p.cols)
 
-  def fetch(i, slot):
-    """TMA loads of the i-th tile of the walk (tile n_tiles - 1 - i) into ring slot `slot`."""
-    steps = pl.ds((p.n_tiles - 1 - i) * p.block_t, p.block_t)
+  def walk_steps(k):
+    """The steps of this warpgroup's k-th tile: tile n_tiles - 1 - i of the sequence, i = k W + w."""
+    return pl.ds((p.n_tiles - 1 - (k * p.tile_wgs + tw)) * p.block_t, p.block_t)
+
+  def fetch(k, slot):
+    """TMA loads of this warpgroup's k-th tile into ring slot `slot`."""
+    steps = walk_steps(k)
     bar = loaded.at[wg * p.stages + slot]
     for c in range(p.chunks):
       plgpu.copy_gmem_to_smem(x_ref.at[b, steps, tile_cols(c)], x_ring.at[ring(slot, c)], bar)
@@ -344,53 +433,86 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
     plgpu.copy_gmem_to_smem(mu_ref.at[b, g, steps], row_ring.at[wg * p.stages + slot, 0], bar)
     plgpu.copy_gmem_to_smem(rstd_ref.at[b, g, steps], row_ring.at[wg * p.stages + slot, 1], bar)
 
-  for i in range(min(p.stages, p.n_tiles)):
-    fetch(i, i)
+  for k in range(min(p.stages, n_local)):
+    fetch(k, k)
   tiles = _TileMath(p, plgpu, w_cols, n0, scan_smem.at[wg], xch_smem, exchanged, wg)
 
-  def step(i, carry):
-    slot = lax.rem(i, p.stages)
+  def hand(to, a_mu, a_var):
+    """The carry (A_mu, A_var) after a tile, to the warpgroup of the next tile of the walk. Every
+    thread stores the same two floats and arrives (release); the receiver's threads wait (acquire).
+    Slot `to` is rewritten for the receiver's next tile only after the receiver has read it: the
+    next carry into `to` follows, through the chain of hand-overs, the receiver's own hand-over,
+    which follows its read (W >= 2)."""
+    hand_smem[to, 0] = a_mu
+    hand_smem[to, 1] = a_var
+    plgpu.barrier_arrive(handed.at[to])
+
+  if p.tile_wgs > 1:
+    # The walk's first tile takes the final state's cotangents: warpgroup 0 hands them to itself.
+    @pl.when(tw == 0)
+    def _():
+      hand(0, a_mu0, a_var0)
+
+  def step(k, carry):
+    slot = lax.rem(k, p.stages)
     plgpu.barrier_wait(loaded.at[wg * p.stages + slot])
     plgpu.wait_smem_to_gmem(p.stages - 1, wait_read_only=True)   # dx slot's last store has read it
     refs = ([x_ring.at[ring(slot, c)] for c in range(p.chunks)],
             [dy_ring.at[ring(slot, c)] for c in range(p.chunks)],
             row_ring.at[wg * p.stages + slot], [dx_ring.at[ring(slot, c)] for c in range(p.chunks)])
-    carry = tiles(i, refs, carry)
+    i = k * p.tile_wgs + tw   # the tile's place in the walk
+    if p.tile_wgs == 1:
+      carry = tiles(i, refs, carry)
+    else:
+      _, _, dw_acc, db_acc = carry
+      dw_acc, db_acc = list(dw_acc), list(db_acc)
+      pre = tiles.prepare(i, refs, dw_acc, db_acc)   # all that does not need the carry
+      plgpu.barrier_wait(handed.at[tw])
+      a_mu, a_var = hand_smem[tw, 0], hand_smem[tw, 1]
+      a_mu_out, a_var_out = tiles.carry_out(pre, a_mu, a_var)
+
+      @pl.when(i + 1 < p.n_tiles)   # first, since the next warpgroup waits on it (none after the last)
+      def _():
+        hand(lax.rem(tw + 1, p.tile_wgs), a_mu_out, a_var_out)
+
+      tiles.finish(pre, refs, a_mu, a_var)
+      carry = (a_mu_out, a_var_out, tuple(dw_acc), tuple(db_acc))
     plgpu.commit_smem()   # dx written, the input slot read by every thread of the warpgroup
-    steps = pl.ds((p.n_tiles - 1 - i) * p.block_t, p.block_t)
+    steps = walk_steps(k)
     for c in range(p.chunks):
       plgpu.copy_smem_to_gmem(dx_ring.at[ring(slot, c)], dx_ref.at[b, steps, tile_cols(c)],
                               commit_group=False)
     plgpu.commit_smem_to_gmem_group()
 
-    @pl.when(i + p.stages < p.n_tiles)
+    @pl.when(k + p.stages < n_local)
     def _():
-      fetch(i + p.stages, slot)
+      fetch(k + p.stages, slot)
 
     return carry
 
   zeros = plgpu.layout_cast(jnp.zeros((_ROWS, p.cols), jnp.float32), layout)
   carry = (a_mu0, a_var0, (zeros,) * p.chunks, (zeros,) * p.chunks)
-  a_mu, a_var, dw_acc, db_acc = lax.fori_loop(0, p.n_tiles, step, carry)
+  a_mu, a_var, dw_acc, db_acc = lax.fori_loop(0, n_local, step, carry)
   out = out_smem.at[wg]
   # The column sums reduce across warps through Mosaic GPU's one reduction scratch buffer, which
-  # all warpgroups share: with two, the second waits until the first is done with it. (The CPU
+  # all warpgroups share: with several, they take turns (warpgroup w after w - 1). (The CPU
   # interpreter does not model that buffer; this ordering is by reading, not by test.)
-  if p.wgs > 1:
-    @pl.when(wg == 1)
+  if p.threads > 1:
+    @pl.when(wg > 0)
     def _():
-      plgpu.barrier_wait(reduced.at[0])
+      plgpu.barrier_wait(reduced.at[wg - 1])
 
   for c in range(p.chunks):
     out.at[c][...] = jnp.sum(dw_acc[c], axis=0)
     out.at[p.chunks + c][...] = jnp.sum(db_acc[c], axis=0)
-  if p.wgs > 1:
-    @pl.when(wg == 0)
+  if p.threads > 1:
+    @pl.when(wg < p.threads - 1)
     def _():
-      plgpu.barrier_arrive(reduced.at[0])
+      plgpu.barrier_arrive(reduced.at[wg])
 
   # [d_mu0, d_var0, 0, ...] as one vector store (separate scalar stores into a row just written
-  # would race between threads: no automatic barriers, see _build_kernel).
+  # would race between threads: no automatic barriers, see _build_kernel). With tile_wgs > 1 only
+  # the last warpgroup's (it holds the walk's last tile) is used.
   idx = plgpu.broadcasted_iota(jnp.int32, (p.cols,), 0, layout=col_layout)
   out.at[2 * p.chunks][...] = jnp.where(idx == 0, n0 * a_mu, jnp.where(idx == 1, n0 * a_var, 0.0))
   plgpu.commit_smem()
@@ -452,29 +574,113 @@ class _TileMath:
         dx_s[c].at[pl.ds(j * _ROWS, _ROWS)][...] = dx.astype(p.dtype)
     return (a_mu_blk[0] + q_tot[0], a_var_blk[0] + lv_tot[0], tuple(dw_acc), tuple(db_acc))
 
-  def block_sums(self, j, x_s, dy_s, rows_s, dw_acc, db_acc):
-    """Steps j*64 .. j*64+63: xh, dyw per chunk, the per-step sums over this warpgroup's features
-    (se, s1, s2) and the dw, db partials (accumulated in place)."""
+  # Tiles in parallel (tile_wgs > 1): the recurrence through a tile is affine in the carry that
+  # enters it, so everything but a few FMAs per step is computed before the carry is known.
+  def prepare(self, i, refs, dw_acc, db_acc):
+    """The carry-free part of the walk's i-th tile (dw_acc, db_acc accumulated in place): per step
+    sv (the suffix sum of lv within the tile), P and Q with H_var = sv + A_var and
+    H_mu = P + A_var Q + A_mu, and the tile's totals (Lv, U, Z) with A_var' = A_var + Lv and
+    A_mu' = A_mu + U - A_var Z for the carry leaving it (the carry entering is A_mu, A_var).
+
+    From the module docstring with a_t the suffix sums within the tile and the carry added:
+    H_var_t = sv_t + A_var; q_t = lm_t - z_t H_var_t = u_t - z_t A_var with u = lm - z sv; so
+    H_mu_t = A_mu + sum_{s >= t} q_s + z_t H_var_t = (su_t + z_t sv_t) + A_var (z_t - sz_t) + A_mu.
+    Three suffix sums (lv and z together, then u) instead of two, none waiting for the carry."""
+    p = self.p
+    x_s, dy_s, rows_s, _ = refs
+    blocks, sums = [], []
+    for j in range(p.blocks):
+      blk, blk_sums = self.block_sums(j, x_s, dy_s, rows_s, dw_acc, db_acc, keep=not p.reload_tile)
+      blocks.append(blk)
+      sums.append(blk_sums)
+    tile = p.n_tiles - 1 - i
+    terms = [self.step_terms(tile, j, blocks[j][0], *sums[j]) for j in range(p.blocks)]
+    nb = p.blocks
+    # Round 1: lv and z of every block through shared memory at once (one warpgroup barrier).
+    scans = self.suffixes([t[1] for t in terms] + [t[2] for t in terms], list(range(2 * nb)))
+    sv, lv_tot = self.within_tile([scans[j] for j in range(nb)])
+    sz, z_tot = self.within_tile([scans[nb + j] for j in range(nb)])
+    # Round 2: u = lm - z sv.
+    u = [terms[j][0] - terms[j][2] * sv[j] for j in range(nb)]
+    su, u_tot = self.within_tile(self.suffixes(u, list(range(2 * nb, 3 * nb))))
+    coef = [(sv[j], su[j] + terms[j][2] * sv[j], terms[j][2] - sz[j], terms[j][3]) for j in range(nb)]
+    return blocks, coef, (lv_tot, u_tot, z_tot)
+
+  def carry_out(self, pre, a_mu, a_var):
+    """The carry leaving the tile from the one entering it (two scalar FMAs: the serial part)."""
+    lv_tot, u_tot, z_tot = pre[2]
+    return a_mu + u_tot - a_var * z_tot, a_var + lv_tot
+
+  def finish(self, pre, refs, a_mu, a_var):
+    """dx of the tile given the carry entering it, into the ring's dx slot."""
+    p = self.p
+    x_s, dy_s, rows_s, dx_s = refs
+    blocks, coef, _ = pre
+    for j, (r, mur, xh_c, dyw_c) in enumerate(blocks):
+      sv, pc, qc, inv_r = coef[j]
+      h_mu = pc + a_var * qc + a_mu
+      shift = self.bcast_rows(h_mu * (1.0 / p.k), p.cols)
+      scale = self.bcast_rows((sv + a_var) * (2.0 / p.k) * inv_r, p.cols)
+      r_b = self.bcast_rows(r, p.cols)
+      for c in range(p.chunks):
+        if p.reload_tile:   # x and dy again from the ring (the slot is refilled only after this)
+          xh_c[c], dyw_c[c] = self.xh_dyw(j, c, x_s, dy_s, r_b, self.bcast_rows(mur, p.cols))[:2]
+        dx = r_b * dyw_c[c] + shift + scale * xh_c[c]
+        dx_s[c].at[pl.ds(j * _ROWS, _ROWS)][...] = dx.astype(p.dtype)
+
+  def suffixes(self, vecs, slots):
+    """Inclusive suffix sums of row vectors over their 64 steps and their totals (scalars), as
+    `suffix` but with one warpgroup barrier for all of them."""
+    for vec, slot in zip(vecs, slots):
+      self.scan_smem.at[slot][...] = vec
+    self.plgpu.commit_smem()
+    return [self.masked_sum(_load(self.scan_smem.at[slot], self.col_layout)) for slot in slots]
+
+  def within_tile(self, scans):
+    """Per-block suffix sums and totals -> suffix sums within the tile (later blocks' totals
+    added) and the tile's total."""
+    sums, tots = zip(*scans)
+    out, after = list(sums), None
+    for j in range(self.p.blocks - 1, -1, -1):
+      if after is not None:
+        out[j] = sums[j] + after
+      after = tots[j] if after is None else after + tots[j]
+    return out, after
+
+  def block_sums(self, j, x_s, dy_s, rows_s, dw_acc, db_acc, keep=True):
+    """Steps j*64 .. j*64+63: xh, dyw per chunk (kept: the registers are then live until dx), the
+    per-step sums over this warpgroup's features (se, s1, s2) and the dw, db partials (accumulated
+    in place)."""
     p = self.p
     steps = pl.ds(j * _ROWS, _ROWS)
     mu = _load(rows_s.at[0, steps], self.row_layout)
     r = _load(rows_s.at[1, steps], self.row_layout)
+    mur = mu * r
     r_b = self.bcast_rows(r, p.cols)
-    mur_b = self.bcast_rows(mu * r, p.cols)
+    mur_b = self.bcast_rows(mur, p.cols)
     se = s1 = s2 = None
     xh_c, dyw_c = [], []
     for c in range(p.chunks):
-      xf = _load(x_s[c].at[steps], self.layout).astype(jnp.float32)
-      dyf = _load(dy_s[c].at[steps], self.layout).astype(jnp.float32)
-      xh = xf * r_b - mur_b
-      dyw = dyf * lax.broadcast_in_dim(self.w_cols[c], (_ROWS, p.cols), [1])
+      xh, dyw, dyf = self.xh_dyw(j, c, x_s, dy_s, r_b, mur_b)
       parts = (jnp.sum(xh, axis=1), jnp.sum(dyw, axis=1), jnp.sum(dyw * xh, axis=1))
       se, s1, s2 = parts if se is None else (se + parts[0], s1 + parts[1], s2 + parts[2])
       dw_acc[c] = dw_acc[c] + dyf * xh
       db_acc[c] = db_acc[c] + dyf
-      xh_c.append(xh)
-      dyw_c.append(dyw)
-    return (r, xh_c, dyw_c), (se, s1, s2)
+      xh_c.append(xh if keep else None)
+      dyw_c.append(dyw if keep else None)
+    if p.tile_wgs == 1:
+      return (r, xh_c, dyw_c), (se, s1, s2)
+    return (r, mur, xh_c, dyw_c), (se, s1, s2)
+
+  def xh_dyw(self, j, c, x_s, dy_s, r_b, mur_b):
+    """xh, dyw and dy (float32) of chunk c of block j from the ring."""
+    p = self.p
+    steps = pl.ds(j * _ROWS, _ROWS)
+    xf = _load(x_s[c].at[steps], self.layout).astype(jnp.float32)
+    dyf = _load(dy_s[c].at[steps], self.layout).astype(jnp.float32)
+    xh = xf * r_b - mur_b
+    dyw = dyf * lax.broadcast_in_dim(self.w_cols[c], (_ROWS, p.cols), [1])
+    return xh, dyw, dyf
 
   def exchange(self, i, sums):
     """Per-step sums over the whole group: each warpgroup adds the other's (through shared memory;
@@ -512,7 +718,10 @@ class _TileMath:
     masked to s >= t and summed along s."""
     self.scan_smem.at[slot][...] = vec
     self.plgpu.commit_smem()   # (a warpgroup barrier: the stores are visible to all threads)
-    col = _load(self.scan_smem.at[slot], self.col_layout)
+    return self.masked_sum(_load(self.scan_smem.at[slot], self.col_layout))
+
+  def masked_sum(self, col):
+    """Suffix sums (row layout) and total of a vector over 64 steps held in the column layout."""
     spread = lax.broadcast_in_dim(col, (_ROWS, _ROWS), [1])
     masked = self.upper * spread if self.upper is not None else self.suffix_mask(spread, 0.0)
     return jnp.sum(masked, axis=1), jnp.sum(col)

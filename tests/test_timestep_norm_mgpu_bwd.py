@@ -89,13 +89,26 @@ CASES = {
     # 32 features per warpgroup: [T, 32] boxes with a 64-byte swizzle.
     "bf16_mean100_wgs2": (1, 256, 128, 2, 128, 3, 2, jnp.bfloat16, 100.0, (3,)),
     "bf16_mean100_n0_zero": (2, 256, 128, 2, 64, 4, 1, jnp.bfloat16, 100.0, (0, 0)),
+    # tile_wgs (a last dict of keyword arguments): warpgroups on different tiles hand the carry on
+    # through shared memory (slots and barriers the race detector watches); 2 or more tiles each,
+    # with ring refills (stages below the tiles per warpgroup).
+    "f32_k64_t64_tiles2": (2, 512, 128, 2, 64, 2, 1, jnp.float32, 0.0, (0, 5), dict(tile_wgs=2)),
+    "f32_k64_t64_tiles2_reload_select": (1, 512, 128, 2, 64, 1, 1, jnp.float32, 0.0, (5,),
+                                         dict(tile_wgs=2, reload_tile=True, mask_regs=False)),
+    "f32_k64_t64_tiles4": (1, 512, 128, 2, 64, 1, 1, jnp.float32, 0.0, (3,), dict(tile_wgs=4)),
+    "f32_k64_t64_tiles4_keep_mask": (2, 512, 128, 2, 64, 1, 1, jnp.float32, 0.0, (3, 0),
+                                     dict(tile_wgs=4, reload_tile=False, mask_regs=True)),
+    # K = 128 (two chunks) and two 64-step blocks per tile.
+    "bf16_k128_t128_tiles2": (1, 512, 256, 2, 128, 1, 1, jnp.bfloat16, 0.0, (7,), dict(tile_wgs=2)),
+    "bf16_mean100_tiles4": (2, 512, 128, 2, 64, 2, 1, jnp.bfloat16, 100.0, (0, 4), dict(tile_wgs=4)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_reference_in_the_interpreter(rng, _interpreter, case):
   params, gpu_callbacks = _interpreter
-  batch, length, dim, groups, block_t, stages, wgs, dtype, mean, n0 = CASES[case]
+  batch, length, dim, groups, block_t, stages, wgs, dtype, mean, n0, *extra = CASES[case]
+  extra = extra[0] if extra else {"mask_regs": False if case.endswith("_select") else None}
   # Inputs rounded to the kernel's dtype first: the reference sees exactly the kernel's values.
   rounded = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
   x = rounded(mean + rng.standard_normal((batch, length, dim)))
@@ -112,7 +125,7 @@ def test_kernel_matches_reference_in_the_interpreter(rng, _interpreter, case):
       jnp.asarray(x, dtype), jnp.asarray(dy, dtype), jnp.asarray(w + 1.0), jnp.asarray(mu_run),
       jnp.asarray(rstd_run), jnp.asarray(n0), jnp.asarray(mu0), jnp.asarray(var0), jnp.asarray(g_mu),
       jnp.asarray(g_var), num_groups=groups, eps=EPS, block_t=block_t, stages=stages, wgs=wgs,
-      mask_regs=False if case.endswith("_select") else None, interpret=params)
+      interpret=params, **extra)
   assert not gpu_callbacks.get_races().races_found
   dx, dw, db, d_mu0, d_var0 = got
   assert dx.shape == x.shape and dx.dtype == dtype
@@ -138,10 +151,11 @@ def _shapes(batch, length, dim, groups, dtype=jnp.bfloat16):
           *(s((batch, groups), f32) for _ in range(4)))
 
 
-@pytest.mark.parametrize("block_t,stages,wgs,mask_regs", [(128, 4, 1, None), (64, 8, 1, None),
-                                                          (64, 8, 1, False), (128, 4, 2, None),
-                                                          (256, 2, 2, None), (256, 2, 2, True)])
-def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs):
+@pytest.mark.parametrize("block_t,stages,wgs,mask_regs,tile_wgs", [
+    (128, 4, 1, None, 1), (64, 8, 1, None, 1), (64, 8, 1, False, 1), (128, 4, 2, None, 1),
+    (256, 2, 2, None, 1), (256, 2, 2, True, 1),
+    (64, 4, 1, None, 2), (64, 3, 1, False, 2), (64, 2, 1, None, 4), (64, 1, 1, True, 4)])
+def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs, tile_wgs):
   """At the benchmark shape: one Mosaic GPU call with the right outputs, asking for no more shared
   memory than smem_bytes counts."""
   batch, length, dim, groups = 1, 32768, 4096, 64
@@ -160,7 +174,8 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs):
   except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
     pass
   fn = lambda *a: tb.timestep_norm_bwd_mgpu(*a, num_groups=groups, eps=EPS, block_t=block_t,  # noqa: E731
-                                            stages=stages, wgs=wgs, mask_regs=mask_regs)
+                                            stages=stages, wgs=wgs, mask_regs=mask_regs,
+                                            tile_wgs=tile_wgs)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*_shapes(batch, length, dim, groups))
   assert exported.mlir_module().count(f"custom_call @{tb.MOSAIC_GPU_CALL}(") == 1
   dx, dw, db, d_mu0, d_var0 = exported.out_avals
@@ -168,7 +183,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs):
   assert dw.shape == db.shape == (dim,) and d_mu0.shape == d_var0.shape == (batch, groups)
   assert len(smem_requests) == captured  # one kernel launch (when the module could be seen)
   for request in smem_requests:
-    assert int(request) <= tb.smem_bytes(block_t, stages, dim // groups, 2, wgs) <= tb._SMEM_LIMIT
+    assert int(request) <= tb.smem_bytes(block_t, stages, dim // groups, 2, wgs, tile_wgs) <= tb._SMEM_LIMIT
 
 
 @pytest.mark.parametrize("change,message", [
@@ -181,6 +196,10 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs):
     (dict(dtype=jnp.int32), "unsupported"),
     (dict(stages=5), "KiB of shared memory"),
     (dict(wgs=4), "wgs .compute warpgroups per program. must be 1 or 2"),
+    (dict(tile_wgs=3), "tile_wgs .warpgroups on different tiles. must be 1, 2 or 4"),
+    (dict(tile_wgs=2, wgs=2), "tile_wgs > 1 needs wgs = 1"),
+    (dict(tile_wgs=4, length=256, block_t=128), "2 tiles of 128 steps do not divide among tile_wgs = 4"),
+    (dict(tile_wgs=4, stages=3, block_t=64), "KiB of shared memory"),
     (dict(mu_dtype=jnp.bfloat16), "mu_run must be float32"),
 ])
 def test_unsupported_inputs_raise(change, message):
@@ -194,4 +213,5 @@ def test_unsupported_inputs_raise(change, message):
     jax.eval_shape(lambda *a: tb.timestep_norm_bwd_mgpu(*a, num_groups=groups, eps=EPS,
                                                         block_t=change.get("block_t", 128),
                                                         stages=change.get("stages", 4),
-                                                        wgs=change.get("wgs", 1), **extra), *args)
+                                                        wgs=change.get("wgs", 1),
+                                                        tile_wgs=change.get("tile_wgs", 1), **extra), *args)

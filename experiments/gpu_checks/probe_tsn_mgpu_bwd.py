@@ -6,9 +6,10 @@ At B=1, L=32768, D=4096, G=64 bf16 (SPEC §3's benchmark shape), times (harness.
 iters 15, inner 10; device time per call):
   * "current": the backward of kernels_pallas.timestep_norm.timestep_norm_pallas at its GPU default
     (jax.vjp's function applied to a fixed cotangent: backward only);
-  * "mgpu T.. s.. w.. mask|select": kernels_pallas.timestep_norm_mgpu_bwd for a few (block_t,
-    stages, compute warpgroups: 1, or 2 splitting each group's 64 features into halves; the suffix
-    mask held in registers or made by compare and select), with the small XLA ops
+  * "mgpu T.. s.. w.. t.. mask|select [reload]": kernels_pallas.timestep_norm_mgpu_bwd for a few
+    (block_t, stages per warpgroup, wgs: 1, or 2 splitting each group's 64 features into halves,
+    tile_wgs: 1, 2 or 4 warpgroups on different tiles handing the carry on; the suffix mask held in
+    registers or made by compare and select; reload: dx re-reads x and dy), with the small XLA ops
     around it (its inputs mu_run / rstd_run are made once, untimed, by the XLA associative scan,
     as the single-pass forward would save them);
   * "floor": the slab walk dx = x + dy of probe_slab_stream (64 Mosaic GPU programs, the same
@@ -30,6 +31,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -41,9 +43,12 @@ def _parse():
   parser.add_argument("--length", type=int, default=32768)
   parser.add_argument("--dim", type=int, default=4096)
   parser.add_argument("--groups", type=int, default=64)
-  parser.add_argument("--variants", default="64x4x1,64x8x1,64x8x1s,128x4x1,64x8x2,128x2x2,128x4x2,128x4x2s,256x2x2",
-                      help="comma-separated block_t x stages x warpgroups, 's' appended: the suffix mask "
-                      "by compare and select (mask_regs=False; default: the kernel's choice)")
+  parser.add_argument("--variants", default="64x4x1,64x2x1t2,64x3x1t2,64x4x1t2,64x1x1t4,64x2x1t4,64x2x1t4m",
+                      help="comma-separated block_t x stages x wgs [t tile_wgs] [flags]: stages per "
+                      "warpgroup (tiles in flight: stages x tile_wgs); flags 's': the suffix mask by compare "
+                      "and select, 'm': in registers (default: the kernel's choice); 'r': dx re-reads x and "
+                      "dy from the ring, 'k': keeps xh, dyw in registers (tile_wgs > 1; default: re-read "
+                      "with 4)")
   parser.add_argument("--dump", choices=("none", "ptxas", "all"), default="none",
                       help="Mosaic GPU compiler reports on stdout (ptxas -v; all: PTX and SASS too)")
   parser.add_argument("--interpret", action="store_true", help="CPU smoke test (interpreter)")
@@ -135,12 +140,12 @@ def main() -> None:
       entry["median_ms"] = stats["median_ms"]
       entry["p10_ms"], entry["p90_ms"] = stats["p10_ms"], stats["p90_ms"]
       rows.append(entry)
-      print(f"{name:28s} {stats['median_ms']:8.4f} ms", flush=True)
+      print(f"{name:40s} {stats['median_ms']:8.4f} ms", flush=True)
       return out
     except Exception as e:  # noqa: BLE001  (a variant that fails is a finding, not a crash)
       entry["failure"] = f"{type(e).__name__}: {str(e)[:800]}"
       rows.append(entry)
-      print(f"{name:28s} FAILED {entry['failure'][:300]}", flush=True)
+      print(f"{name:40s} FAILED {entry['failure'][:300]}", flush=True)
       return None
 
   backward, vjp_fn = _current_backward(x, weight, bias, state, groups, ARGS.interpret)
@@ -150,15 +155,23 @@ def main() -> None:
   w_hat = weight + 1.0
   n0 = state.count.astype(jnp.float32)
   for variant in ARGS.variants.split(","):
-    select = variant.endswith("s")
-    block_t, stages, wgs = (int(v) for v in variant.rstrip("s").split("x"))
-    mask_regs = False if select else mgpu_bwd._default_mask_regs(block_t, dim // groups, wgs)
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:t(\d+))?([smrk]*)", variant)
+    if match is None:
+      raise SystemExit(f"variant {variant!r}: block_t x stages x wgs [t tile_wgs] [s|m] [r|k]")
+    block_t, stages, wgs, tile_wgs = (int(v or 1) for v in match.groups()[:4])
+    flags = match.group(5)
+    reload_tile = tile_wgs > 1 and ("r" in flags or ("k" not in flags and mgpu_bwd._default_reload_tile(tile_wgs)))
+    mask_regs = ("m" in flags or ("s" not in flags and mgpu_bwd._default_mask_regs(
+        block_t, dim // groups, wgs, tile_wgs, reload_tile)))
     fn = jax.jit(functools.partial(mgpu_bwd.timestep_norm_bwd_mgpu, num_groups=groups, eps=EPS,
-                                   block_t=block_t, stages=stages, wgs=wgs, mask_regs=mask_regs,
+                                   block_t=block_t, stages=stages, wgs=wgs, tile_wgs=tile_wgs,
+                                   mask_regs=mask_regs, reload_tile=reload_tile,
                                    interpret=interpret_params or False))
     args = (x, dy, w_hat, mu_run, rstd_run, n0, state.mean, state.var, g_mu, g_var)
-    got = record(f"mgpu T{block_t} s{stages} w{wgs} {'mask' if mask_regs else 'select'}", fn, args,
-                 {"block_t": block_t, "stages": stages, "wgs": wgs, "mask_regs": mask_regs})
+    name = (f"mgpu T{block_t} s{stages} w{wgs} t{tile_wgs} {'mask' if mask_regs else 'select'}"
+            f"{' reload' if reload_tile else ''}")
+    got = record(name, fn, args, {"block_t": block_t, "stages": stages, "wgs": wgs, "tile_wgs": tile_wgs,
+                                  "mask_regs": mask_regs, "reload_tile": reload_tile})
     if got is not None and want is not None:
       dx, dw, db, d_mu0, d_var0 = got
       errs = {"dx": _rel_err(dx, want[0]), "dw": _rel_err(dw, want[1]), "db": _rel_err(db, want[2]),

@@ -47,15 +47,13 @@ EPS = 1e-5
 VARIANTS = (
     ("W2 T128 S6 wgmma tma (default)", dict()),
     ("W2 T128 S4 wgmma tma", dict(stages=4)),
+    ("W2 T128 S4 wgmma tma strict-sync", dict(stages=4, strict_sync=True)),
     ("W2 T128 S6 wgmma tma auto-barriers", dict(auto_barriers=True)),
-    ("W2 T128 S6 wide tma", dict(tile_layout="wide")),
-    ("W2 T128 S6 wide direct", dict(tile_layout="wide", y_store="direct")),
-    ("W2 T128 S4 wide direct", dict(stages=4, tile_layout="wide", y_store="direct")),
-    ("W1 T128 S8 wgmma tma", dict(compute_wgs=1, stages=8)),
+    ("W2 T128 S6 wide direct strict-sync", dict(tile_layout="wide", y_store="direct", strict_sync=True)),
     ("W3 T128 S4 wgmma tma", dict(compute_wgs=3, stages=4)),
-    ("W3 T128 S4 wide direct", dict(compute_wgs=3, stages=4, tile_layout="wide", y_store="direct")),
-    ("W2 T64 S10 wgmma tma", dict(block_t=64, stages=10)),
+    ("W3 T128 S4 wgmma tma strict-sync", dict(compute_wgs=3, stages=4, strict_sync=True)),
     ("W4 T64 S6 wgmma tma", dict(block_t=64, compute_wgs=4, stages=6)),
+    ("W4 T64 S6 wgmma tma strict-sync", dict(block_t=64, compute_wgs=4, stages=6, strict_sync=True)),
 )
 
 
@@ -131,7 +129,7 @@ def _run(args, interpret) -> None:
   variants, timing = VARIANTS, dict(warmup=3, iters=15, inner=10)
   if interpret is not None:
     length, dim, groups = 512, 128, 2
-    variants, timing = VARIANTS[:1] + VARIANTS[4:5], dict(warmup=1, iters=1, inner=1)
+    variants, timing = VARIANTS[:1] + VARIANTS[4:5] + VARIANTS[2:3], dict(warmup=1, iters=1, inner=1)
   x, weight, bias, state = _inputs(batch, length, dim, groups)
   rows = []
   header = {"device": str(jax.devices()[0]), "jax": jax.__version__,

@@ -33,6 +33,7 @@ if "--cpu" in sys.argv:
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from experiments.benchmarks.harness import time_fn  # noqa: E402
@@ -179,7 +180,18 @@ def _run(args, interpret) -> None:
     return {"err_y_vs_current": _max_abs(y, y_cur), "err_y_rel_vs_current": _max_rel(y, y_cur),
             "err_mu_run_vs_xla": _max_abs(mu_run, mu_xla), "err_rstd_run_rel_vs_xla": _max_rel(rstd_run, rstd_xla),
             "err_mean_vs_current": _max_abs(mean_f, state_cur.mean),
-            "err_var_rel_vs_current": _max_rel(var_f, state_cur.var)}
+            "err_var_rel_vs_current": _max_rel(var_f, state_cur.var), **_bad_steps(mu_run, mu_xla)}
+
+  def _bad_steps(mu_run, want):
+    """Where mu_run is wrong ([B, G, L] -> which steps, groups and tile positions): a diagnostic for races."""
+    bad = ~(jnp.abs(mu_run - want) <= 1e-3)  # NaN counts as bad
+    steps = np.flatnonzero(np.asarray(jnp.any(bad, axis=(0, 1))))
+    groups_bad = np.flatnonzero(np.asarray(jnp.any(bad, axis=(0, 2))))
+    if steps.size == 0:
+      return {"bad_steps": 0}
+    return {"bad_steps": int(steps.size), "bad_groups": int(groups_bad.size), "first_bad_steps": steps[:8].tolist(),
+            "last_bad_steps": steps[-8:].tolist(), "bad_step_mod_128": sorted(set((steps % 128).tolist()))[:16],
+            "bad_tile_mod_8": sorted(set(((steps // 64) % 8).tolist()))}
 
   for name, options in variants:
     fn = jax.jit(functools.partial(tm.timestep_norm_fwd_mgpu, num_groups=groups, eps=EPS, interpret=interpret,

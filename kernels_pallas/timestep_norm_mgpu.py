@@ -227,11 +227,13 @@ def _split3(a):
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "eps", "block_t", "stages", "compute_wgs",
-                                             "tile_layout", "y_store", "auto_barriers", "interpret"))
+                                             "tile_layout", "y_store", "auto_barriers", "strict_sync",
+                                             "interpret"))
 def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: jax.Array, mu0: jax.Array,
                            var0: jax.Array, *, num_groups: int, eps: float, block_t: int = 128,
                            stages: int = 6, compute_wgs: int = 2, tile_layout: str = "wgmma",
-                           y_store: str = "tma", auto_barriers: bool = False, interpret=None):
+                           y_store: str = "tma", auto_barriers: bool = False, strict_sync: bool = False,
+                           interpret=None):
   """TimestepNorm forward on a Hopper GPU (Pallas Mosaic GPU), single pass over x.
 
   x: [B, L, D] bfloat16 / float16; w_hat (= weight + 1), bias: [D] float32; n0: [B] float32 prior
@@ -247,6 +249,11 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
   the slot is refilled as soon as the tile is in registers).
   auto_barriers: let Pallas put a warpgroup barrier around every shared-memory store (False: the
   kernel's own commit_smem calls order everything; see "Synchronisation" in the module docstring).
+  strict_sync: a diagnostic (on the H200 some settings wrote wrong per-step outputs
+    while the final state is right). Every tile's TMA stores are waited for in full (not just
+    their reads) before any buffer is reused, and the step vectors are fenced and barriered before
+    the carry is published. If a failing setting passes with it, the fault is in the store / reuse
+    ordering; if not, it is elsewhere (layouts, the lowering).
   interpret: passed to plgpu.kernel (tests run the kernel under Mosaic GPU's CPU interpreter).
   No padding mask / segment ids (ValueError).
   """
@@ -382,6 +389,8 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       out.at[_MU][...] = mu
       out.at[_RSTD][...] = rstd
       out.at[_VAR][...] = var
+      if strict_sync:
+        plgpu.commit_smem()
       if wgs > 1:
         @pl.when(i + 1 < n_tiles)
         def _():
@@ -401,8 +410,11 @@ def timestep_norm_fwd_mgpu(x: jax.Array, w_hat: jax.Array, bias: jax.Array, n0: 
       plgpu.commit_smem_to_gmem_group()
 
       # The previous tile's stores have read their buffers (step vectors, and y's slot): refill it.
+      if strict_sync:  # diagnostic: every store of this tile finished (reads and writes) before any reuse
+        plgpu.wait_smem_to_gmem(0)
       if not first:
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        if not strict_sync:
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)
         if not direct:
           @pl.when(j - 1 + stages < steps)
           def _():

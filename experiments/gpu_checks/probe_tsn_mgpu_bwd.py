@@ -62,6 +62,11 @@ if ARGS.dump != "none":  # read by Mosaic GPU when it compiles a kernel
     os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_SASS="1")
 if ARGS.interpret:
   os.environ["JAX_PLATFORMS"] = "cpu"
+  # The interpreter runs each warpgroup as an XLA CPU execution blocking in its barrier waits; the
+  # CPU client's thread pool grows with the host devices, and with fewer threads than warpgroups
+  # (2 cores, tile_wgs = 4) the programs deadlock (tests/conftest.py sets the same).
+  from megalodon_jax.xla_flags import add_xla_flags
+  add_xla_flags("--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -66,11 +66,12 @@ further exchange. Per warp and 64-step block ~210 + 120 issue slots, two warps p
 more instructions per SM than one warpgroup (the scans run twice) but twice the warps to hide
 latency, and half the registers for the tile (room for the mask).
 
-Tiles in parallel (tile_wgs = W of 2 or 4, wgs = 1): with one warpgroup per SM (64 programs on
+Tiles in parallel (tile_wgs = W of 2 to 4, wgs = 1): with one warpgroup per SM (64 programs on
 132 SMs at B = 1, G = 64) every dependent instruction of a tile's chain is exposed (measured ~2,600
 cycles per 64-step tile against ~550 issue slots). Instead W warpgroups work on different tiles:
 warpgroup w takes tiles w, w + W, w + 2W, ... of the reverse walk (its own TMA ring of `stages`
-slots: stages x W tiles in flight). The recurrence through a tile is affine in the carry entering
+slots: stages x W tiles in flight; with W not dividing the tiles the last warpgroups take one
+fewer, a dynamic trip count). The recurrence through a tile is affine in the carry entering
 it (A_mu, A_var), so all but a few FMAs per step need no carry (_TileMath.prepare): the row sums,
 dw / db, then three suffix sums within the tile, lv and z (one shared-memory round trip) and
 u = lm - z sv (another), give per step sv, P = su + z sv and Q = z - sz with
@@ -84,32 +85,36 @@ elementwise pass with per-step coefficients). Warpgroup 0 hands the final state'
 itself before the walk; the last tile hands nothing on. A hand-over slot is rewritten for the
 receiver's next tile only after the receiver has read it (the next write follows the receiver's
 own hand-over through the chain). dw, db partials stay per warpgroup and are summed outside the
-kernel; d_mu0, d_var0 come from the last warpgroup (it holds the walk's last tile). The final column
+kernel; d_mu0, d_var0 come from warpgroup (n_tiles - 1) mod W (it holds the walk's last tile). The final column
 sums through Mosaic GPU's shared reduction scratch take turns (warpgroup w after w - 1).
 Registers (per thread, T = 64, K = 64): the dw, db partials 64, w^ 16 (the column vector), the
 per-step vectors ~12, the elementwise pass's temporaries ~20-40. W = 2 (255 a thread) also holds xh
-and dyw across the wait (64) and the mask (32): ~200. W = 4 (512 threads: 128 a thread) re-reads
-x and dy from the ring for dx (reload_tile; one multiply, two conversions and two shared loads
-more per element) and makes the mask by compare and select: ~110-130, tight (ptxas may have to
-serialise the loads of the elementwise pass; the probe's --dump ptxas shows the count). Issue
-slots per 64-step tile rise by the third suffix sum (~40-70) and, with reload, ~5 per element
-(~160); with W warps per SM sub-partition the latencies overlap across tiles.
+and dyw across the wait (64) and the mask (32): 176 counted, 253 measured (no spills; so ~77 for
+everything else where ptxas has room). W = 3 (384 threads: 168 a thread) and W = 4 (128) re-read
+x and dy from the ring for dx and w^ from shared memory at every use (reload_tile; one multiply,
+two conversions, two shared loads more per element and 4 vector loads of w^ per use) and make the
+mask by compare and select: W = 3 counts 64 (partials) + ~12 (row vectors: r, mu r, sv, P, Q,
+1 / r, the step's n) + 3 x 16 (round 1's column vectors, if ptxas keeps all three loaded) + ~20-30
+(addresses, loop state, the elementwise temporaries: x, dy packed, xh, dyw for a few elements at
+a time) ~ 145-155 of 168. W = 4 spilled 500-700 bytes at 128 with w^ held (measured): 16 fewer
+now. Issue slots per 64-step tile rise by the third suffix sum (~40-70) and, with reload, ~5 per
+element (~160); with W warps per SM sub-partition the latencies overlap across tiles.
 
 Pipeline (per warpgroup, written out rather than plgpu.emit_pipeline, whose run_scoped buffers
 cannot be per-warpgroup in a multi-warpgroup kernel): a ring of `stages` slots of x, dy [T, K /
-wgs] (a 128- or 64-byte swizzle), mu, rstd [T] and dx; slot s is refilled by TMA for tile i +
-stages once tile i's compute is done (a warpgroup barrier orders the reads before the refill);
-dx leaves by a TMA store, and a slot's dx buffer is rewritten only after its previous store has
-read it (wait_smem_to_gmem(stages - 1)).
+wgs] (a 128- or 64-byte swizzle), mu, rstd [T]; slot s is refilled by TMA for tile i + stages once
+tile i's compute is done (a warpgroup barrier orders the reads before the refill); dx goes to two
+buffers (one with one stage) whatever the ring's depth and leaves by a TMA store; a buffer is
+rewritten only after its previous store has read it (wait_smem_to_gmem(1)). (8 KiB a buffer at
+T = 64, K = 64 bf16: W = 3 fits 3 stages, W = 2 fits 5.)
 
 Grid (B, G), last axis fastest: the programs of one sequence run together; tiles are walked in
 reverse time order (tile n_tiles - 1 - i at step i).
 
 Unsupported (ValueError from `_check`, so that a dispatcher can fall back to the Triton kernels of
 kernels_pallas/timestep_norm.py): padding masks, segment ids, K = D / G not a multiple of 64, L not
-a multiple of block_t, block_t not a multiple of 64 or over 256, L / block_t tiles not a multiple
-of tile_wgs, tile_wgs > 1 with wgs = 2, dtypes other than bfloat16 / float16 / float32, shared
-memory over 227 KiB.
+a multiple of block_t, block_t not a multiple of 64 or over 256, tile_wgs > 1 with wgs = 2, fewer
+tiles than tile_wgs, dtypes other than bfloat16 / float16 / float32, shared memory over 227 KiB.
 
 Outputs: dx [B, L, D] in x.dtype, dw [D] and db [D] float32 (per-program partials [B, G, K] summed
 over B outside the kernel), d_mu0, d_var0 [B, G] float32.
@@ -118,15 +123,19 @@ Status: W = 1 and wgs = 2 timed on an H200 (B = 1, L = 32768, D = 4096, G = 64 b
 T = 64 with 4 stages, against 0.479 ms for the current two-pass backward and a 0.234-0.256 ms floor
 (the same bytes walked without math); dx, dw, db and the state adjoints agree with it (wgs = 2's
 dw, db were wrong before its reduction turns were added; not yet re-run). tile_wgs > 1: checked on
-the CPU only (tests/test_timestep_norm_mgpu_bwd.py: Mosaic GPU's interpreter against jax.vjp of the
+the CPU (tests/test_timestep_norm_mgpu_bwd.py: Mosaic GPU's interpreter against jax.vjp of the
 reference op in float64, and lowering for CUDA at the benchmark shape under jax 0.10.2 and 0.11.2);
 the probe experiments/gpu_checks/probe_tsn_mgpu_bwd.py times (block_t, stages, wgs, tile_wgs)
-variants against the current backward and the floor. Not wired into timestep_norm.py's dispatch.
+variants against the current backward and the floor. tile_wgs = 2 (e9075c6, H200): T = 64 with
+2-4 stages 0.403-0.415 ms (253 registers, no spills); tile_wgs = 4: 0.73-0.85 ms (128 registers,
+500-700 bytes of spills). tile_wgs = 3 (168 registers) with reload: the CPU only so far. Not wired
+into timestep_norm.py's dispatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import jax
@@ -196,6 +205,10 @@ class _Plan:
     return self.length // self.block_t
 
   @property
+  def dx_slots(self) -> int:
+    return _dx_slots(self.stages)
+
+  @property
   def blocks(self) -> int:
     return self.block_t // _ROWS
 
@@ -204,40 +217,50 @@ class _Plan:
     return jnp.dtype(self.dtype).itemsize
 
 
+def _dx_slots(stages: int) -> int:
+  """dx buffers per warpgroup: two (the tile being written and the one whose TMA store may still
+  read its buffer) whatever the input ring's depth; one with one stage."""
+  return min(stages, 2)
+
+
 def _register_budget(threads: int) -> int:
   """Registers a thread may hold without spilling: 255, or the 64 K of the SM over the program's
-  threads (128 with 4 warpgroups)."""
+  threads (170 with 3 warpgroups, which ptxas rounds down to 168; 128 with 4)."""
   return min(255, 65536 // (128 * threads))
 
 
 def _default_reload_tile(tile_wgs: int) -> bool:
-  """Whether dx re-reads x and dy from the ring instead of keeping xh, dyw in registers across the
-  wait for the carry: with 4 tile warpgroups (128 registers a thread) the 64 a thread of a [64, 64]
-  tile's xh and dyw do not fit beside the 64 of the dw, db partials."""
-  return tile_wgs >= 4
+  """Whether dx re-reads x and dy (and w^ at every use) from shared memory instead of keeping xh,
+  dyw (and w^) in registers across the wait for the carry: with 3 or 4 tile warpgroups (168 or 128
+  registers a thread) the 64 a thread of a [64, 64] tile's xh and dyw do not fit beside the 64 of
+  the dw, db partials."""
+  return tile_wgs >= 3
 
 
 def _default_mask_regs(block_t: int, k: int, wgs: int, tile_wgs: int = 1, reload_tile: bool = False) -> bool:
   """Whether the 32 mask registers fit beside the tile's: xh and dyw stay in registers from the row
   sums to dx (2 T (K / wgs) / 128 per thread, unless reload_tile) and the dw, db partials take
   2 x 64 (K / wgs) / 128; allow 168 of 255 (the rest: w^, row vectors, addresses, temporaries), or
-  the budget less 40 with more than two warpgroups. True for T = 64 with one warpgroup, T <= 128
-  with two (K = 64), T = 64 with two tile warpgroups; False with four."""
+  with more than two warpgroups the budget less 80 (W = 2 at T = 64 with the mask used 253 a
+  thread: 176 counted, ~77 for the rest; w^ is then re-read, see reload_tile). True for T = 64 with
+  one warpgroup, T <= 128 with two (K = 64), T = 64 with two tile warpgroups; False with three
+  (64 + 32 + 80 > 170) or four."""
   held = 0 if reload_tile else 2 * block_t * (k // wgs)
   per_thread = (held + 2 * _ROWS * (k // wgs)) // 128
   threads = wgs * tile_wgs
-  return per_thread + 32 <= (168 if threads <= 2 else _register_budget(threads) - 40)
+  return per_thread + 32 <= (168 if threads <= 2 else _register_budget(threads) - 80)
 
 
 def smem_bytes(block_t: int, stages: int, k: int, itemsize: int, wgs: int = 1, tile_wgs: int = 1) -> int:
-  """Shared memory of one program: per stage and warpgroup its x, dy, dx tiles [block_t, K / wgs]
-  and the mu, rstd rows; per warpgroup the scan vectors, w^, the initial carry, the carry handed
-  over and the outputs; the exchange of per-step sums between warpgroups."""
+  """Shared memory of one program: per stage and warpgroup its x, dy tiles [block_t, K / wgs] and
+  the mu, rstd rows; per warpgroup its dx buffers (_dx_slots), the scan vectors, w^, the initial
+  carry, the carry handed over and the outputs; the exchange of per-step sums between warpgroups."""
   blocks, threads = block_t // _ROWS, wgs * tile_wgs
-  per_stage = threads * (3 * block_t * (k // wgs) * itemsize + 2 * block_t * 4)
+  per_stage = threads * (2 * block_t * (k // wgs) * itemsize + 2 * block_t * 4)
+  dx = threads * _dx_slots(stages) * block_t * (k // wgs) * itemsize
   per_wg = (k // wgs + _INIT + 2 + 3 * blocks * _ROWS + (2 * (k // wgs) + min(k // wgs, _COLS))) * 4
   exchange = 2 * wgs * 3 * block_t * 4 if wgs > 1 else 0
-  return stages * per_stage + threads * per_wg + exchange + _SMEM_SLACK
+  return stages * per_stage + dx + threads * per_wg + exchange + _SMEM_SLACK
 
 
 def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, block_t: int,
@@ -260,8 +283,8 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
                      f"multiple of {_COLS} (use the Triton kernels otherwise)")
   if wgs not in (1, 2):
     raise ValueError(f"wgs (compute warpgroups per program) must be 1 or 2, got {wgs}")
-  if tile_wgs not in (1, 2, 4):
-    raise ValueError(f"tile_wgs (warpgroups on different tiles) must be 1, 2 or 4, got {tile_wgs}")
+  if tile_wgs not in (1, 2, 3, 4):
+    raise ValueError(f"tile_wgs (warpgroups on different tiles) must be 1 to 4, got {tile_wgs}")
   if tile_wgs > 1 and wgs > 1:
     raise ValueError("tile_wgs > 1 needs wgs = 1 (warpgroups split either tiles or features)")
   if block_t <= 0 or block_t % _ROWS or block_t > _MAX_BLOCK_T:
@@ -269,8 +292,8 @@ def _check(x, dy, w_hat, mu_run, rstd_run, n0, g_mu, g_var, *, num_groups: int, 
   if length % block_t:
     raise ValueError(f"sequence length {length} is not a multiple of block_t {block_t} (use the "
                      "Triton kernels, or a block_t dividing it)")
-  if (length // block_t) % tile_wgs:
-    raise ValueError(f"{length // block_t} tiles of {block_t} steps do not divide among tile_wgs = {tile_wgs} "
+  if length // block_t < tile_wgs:
+    raise ValueError(f"{length // block_t} tiles of {block_t} steps: fewer than tile_wgs = {tile_wgs} "
                      "warpgroups")
   if stages < 1:
     raise ValueError(f"stages must be >= 1, got {stages}")
@@ -304,14 +327,15 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   block_t: steps per tile (a multiple of 64 dividing L); stages: TMA ring depth of each warpgroup
   (tiles in flight: stages x warpgroups);
   wgs: compute warpgroups per program (1, or 2 splitting the group's features);
-  tile_wgs: warpgroups per program working on different tiles (1, 2 or 4; wgs must then be 1, and
-  the tiles must divide among them): warpgroup w takes tiles w, w + W, ... of the reverse walk, does
+  tile_wgs: warpgroups per program working on different tiles (1 to 4; wgs must then be 1, and
+  there must be at least tile_wgs tiles): warpgroup w takes tiles w, w + W, ... of the reverse walk, does
   all that does not need the carry, then takes the carry from warpgroup w - 1, hands its own to
   w + 1 and writes dx (see "Tiles in parallel").
   mask_regs: hold the suffix-sum mask in registers (32 a thread; one FMA per masked element instead
   of a compare and a select); None: when the tile's own registers leave room (see _default_mask_regs).
   reload_tile: (tile_wgs > 1) dx re-reads x and dy from shared memory instead of holding xh and dyw
-  in registers across the carry wait; None: with 4 tile warpgroups (_default_reload_tile).
+  in registers across the carry wait, and w^ is read from shared memory at every use; None: with 3
+  or 4 tile warpgroups (_default_reload_tile).
   padding_mask, segment_ids: must be None (ValueError otherwise: use the Triton kernels).
   interpret: Mosaic GPU interpreter parameters (tests) or False.
   Returns dx [B, L, D] in x.dtype, dw [D], db [D], d_mu0 [B, G], d_var0 [B, G] (float32).
@@ -336,14 +360,15 @@ def timestep_norm_bwd_mgpu(x, dy, w_hat, mu_run, rstd_run, n0, mu0, var0, g_mu, 
   dx, parts = _build_kernel(plan, interpret)(x, dy, mu_run, rstd_run, w4, init)
   # parts [B, G, warpgroups, 2 chunks + 1, cols]: with wgs = 2 the feature order is (g, wg, chunk,
   # col); with tile_wgs > 1 every warpgroup has partials of all K features (summed here). The state
-  # adjoints: those of the last warpgroup (with wgs = 2 both hold the same; with tile_wgs > 1 the
-  # last holds the walk's last tile).
+  # adjoints: those of the warpgroup holding the walk's last tile ((n_tiles - 1) mod tile_wgs; with
+  # wgs = 2 both hold the same).
   chunks = plan.chunks
   dw, db = parts[:, :, :, :chunks], parts[:, :, :, chunks:2 * chunks]
   if tile_wgs > 1:
     dw, db = (jnp.sum(a, axis=2, keepdims=True) for a in (dw, db))
   dw, db = (jnp.sum(a, axis=0).reshape(dim) for a in (dw, db))
-  return dx, dw, db, parts[:, :, -1, 2 * chunks, 0], parts[:, :, -1, 2 * chunks, 1]
+  last = (plan.n_tiles - 1) % tile_wgs if tile_wgs > 1 else -1
+  return dx, dw, db, parts[:, :, last, 2 * chunks, 0], parts[:, :, last, 2 * chunks, 1]
 
 
 def _build_kernel(plan: _Plan, interpret):
@@ -354,6 +379,7 @@ def _build_kernel(plan: _Plan, interpret):
   swizzle = plgpu.find_swizzle(p.cols * p.itemsize * 8)
   tile_transforms = (plgpu.TilingTransform((8, swizzle // p.itemsize)), plgpu.SwizzleTransform(swizzle))
   n_ring = p.threads * p.stages * p.chunks   # [T, cols] tiles per ring array
+  n_dx = p.threads * p.dx_slots * p.chunks
   xch_shape = (2, p.wgs, 3, p.blocks, _ROWS) if p.wgs > 1 else (1, 1, 1, 1, _ROWS)   # (unused at 1)
 
   def kernel(x_ref, dy_ref, mu_ref, rstd_ref, w_ref, init_ref, dx_ref, parts_ref):
@@ -362,7 +388,7 @@ def _build_kernel(plan: _Plan, interpret):
         lambda *scoped: _program(p, plgpu, gmem, *scoped),
         (plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # x
          plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # dy
-         plgpu.SMEM((n_ring, p.block_t, p.cols), p.dtype, transforms=tile_transforms),   # dx
+         plgpu.SMEM((n_dx, p.block_t, p.cols), p.dtype, transforms=tile_transforms),     # dx
          plgpu.SMEM((p.threads * p.stages, 2, p.block_t), jnp.float32),                  # mu, rstd
          plgpu.SMEM((p.threads, p.chunks, p.cols), jnp.float32),                         # w^
          plgpu.SMEM((p.threads, _INIT), jnp.float32),                                    # carry in
@@ -409,12 +435,22 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
   plgpu.copy_gmem_to_smem(w_ref.at[g, fw], w_smem.at[wg], prologue.at[wg])
   plgpu.copy_gmem_to_smem(init_ref.at[b, g], init_smem.at[wg], prologue.at[wg])
   plgpu.barrier_wait(prologue.at[wg])
-  w_cols = [_load(w_smem.at[wg, c], col_layout) for c in range(p.chunks)]
+  if p.reload_tile:   # w^ (16 registers a thread per chunk) read from shared memory at every use
+    w_cols = lambda c: _load(w_smem.at[wg, c], col_layout)  # noqa: E731
+  else:
+    w_held = [_load(w_smem.at[wg, c], col_layout) for c in range(p.chunks)]
+    w_cols = w_held.__getitem__
   a_mu0, a_var0, n0 = init_smem[wg, 0], init_smem[wg, 1], init_smem[wg, 2]
-  n_local = p.n_tiles // p.tile_wgs   # tiles of this warpgroup
+  # Tiles of this warpgroup (tw, tw + W, ... below n_tiles): with W not dividing n_tiles the last
+  # warpgroups take one fewer (a traced count; the loop's trip count is then dynamic).
+  max_local = -(-p.n_tiles // p.tile_wgs)
+  n_local = max_local if p.n_tiles % p.tile_wgs == 0 else (p.n_tiles - tw + p.tile_wgs - 1) // p.tile_wgs
 
   def ring(slot, c):
     return (wg * p.stages + slot) * p.chunks + c
+
+  def dx_buf(k, c):
+    return (wg * p.dx_slots + lax.rem(k, p.dx_slots)) * p.chunks + c
 
   def tile_cols(c):
     return pl.ds((g * p.wgs * p.chunks + fw * p.chunks + c) * p.cols, p.cols)
@@ -433,8 +469,11 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
     plgpu.copy_gmem_to_smem(mu_ref.at[b, g, steps], row_ring.at[wg * p.stages + slot, 0], bar)
     plgpu.copy_gmem_to_smem(rstd_ref.at[b, g, steps], row_ring.at[wg * p.stages + slot, 1], bar)
 
-  for k in range(min(p.stages, n_local)):
-    fetch(k, k)
+  for k in range(min(p.stages, max_local)):
+    if isinstance(n_local, int):
+      fetch(k, k)
+    else:
+      pl.when(k < n_local)(functools.partial(fetch, k, k))
   tiles = _TileMath(p, plgpu, w_cols, n0, scan_smem.at[wg], xch_smem, exchanged, wg)
 
   def hand(to, a_mu, a_var):
@@ -456,10 +495,10 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
   def step(k, carry):
     slot = lax.rem(k, p.stages)
     plgpu.barrier_wait(loaded.at[wg * p.stages + slot])
-    plgpu.wait_smem_to_gmem(p.stages - 1, wait_read_only=True)   # dx slot's last store has read it
+    plgpu.wait_smem_to_gmem(p.dx_slots - 1, wait_read_only=True)   # dx buffer's last store has read it
     refs = ([x_ring.at[ring(slot, c)] for c in range(p.chunks)],
             [dy_ring.at[ring(slot, c)] for c in range(p.chunks)],
-            row_ring.at[wg * p.stages + slot], [dx_ring.at[ring(slot, c)] for c in range(p.chunks)])
+            row_ring.at[wg * p.stages + slot], [dx_ring.at[dx_buf(k, c)] for c in range(p.chunks)])
     i = k * p.tile_wgs + tw   # the tile's place in the walk
     if p.tile_wgs == 1:
       carry = tiles(i, refs, carry)
@@ -480,7 +519,7 @@ def _program(p: _Plan, plgpu, gmem, smem, barriers):
     plgpu.commit_smem()   # dx written, the input slot read by every thread of the warpgroup
     steps = walk_steps(k)
     for c in range(p.chunks):
-      plgpu.copy_smem_to_gmem(dx_ring.at[ring(slot, c)], dx_ref.at[b, steps, tile_cols(c)],
+      plgpu.copy_smem_to_gmem(dx_ring.at[dx_buf(k, c)], dx_ref.at[b, steps, tile_cols(c)],
                               commit_group=False)
     plgpu.commit_smem_to_gmem_group()
 
@@ -679,7 +718,7 @@ class _TileMath:
     xf = _load(x_s[c].at[steps], self.layout).astype(jnp.float32)
     dyf = _load(dy_s[c].at[steps], self.layout).astype(jnp.float32)
     xh = xf * r_b - mur_b
-    dyw = dyf * lax.broadcast_in_dim(self.w_cols[c], (_ROWS, p.cols), [1])
+    dyw = dyf * lax.broadcast_in_dim(self.w_cols(c), (_ROWS, p.cols), [1])
     return xh, dyw, dyf
 
   def exchange(self, i, sums):

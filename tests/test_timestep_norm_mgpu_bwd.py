@@ -101,6 +101,16 @@ CASES = {
     # K = 128 (two chunks) and two 64-step blocks per tile.
     "bf16_k128_t128_tiles2": (1, 512, 256, 2, 128, 1, 1, jnp.bfloat16, 0.0, (7,), dict(tile_wgs=2)),
     "bf16_mean100_tiles4": (2, 512, 128, 2, 64, 2, 1, jnp.bfloat16, 100.0, (0, 4), dict(tile_wgs=4)),
+    # Three tile warpgroups: 7 tiles (warpgroup 0 takes 3, the others 2: a dynamic trip count, the
+    # walk's last tile and the state adjoints on warpgroup 0), 6 tiles (even), 5 tiles of 128 steps
+    # (the last on warpgroup 1); the default re-reads x, dy and w^ and selects the mask; "_mask"
+    # holds it, "_keep" keeps xh, dyw and w^ in registers.
+    "f32_k64_t64_tiles3_uneven": (2, 448, 128, 2, 64, 1, 1, jnp.float32, 0.0, (0, 5), dict(tile_wgs=3)),
+    "bf16_k64_t64_tiles3_uneven": (1, 448, 128, 2, 64, 2, 1, jnp.bfloat16, 0.0, (4,), dict(tile_wgs=3)),
+    "f32_k64_t64_tiles3_even_mask": (1, 384, 128, 2, 64, 1, 1, jnp.float32, 0.0, (3,),
+                                     dict(tile_wgs=3, mask_regs=True)),
+    "bf16_k64_t128_tiles3_keep": (1, 640, 128, 2, 128, 1, 1, jnp.bfloat16, 100.0, (7,),
+                                   dict(tile_wgs=3, reload_tile=False)),
 }
 
 
@@ -154,7 +164,8 @@ def _shapes(batch, length, dim, groups, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("block_t,stages,wgs,mask_regs,tile_wgs", [
     (128, 4, 1, None, 1), (64, 8, 1, None, 1), (64, 8, 1, False, 1), (128, 4, 2, None, 1),
     (256, 2, 2, None, 1), (256, 2, 2, True, 1),
-    (64, 4, 1, None, 2), (64, 3, 1, False, 2), (64, 2, 1, None, 4), (64, 1, 1, True, 4)])
+    (64, 4, 1, None, 2), (64, 3, 1, False, 2), (64, 5, 1, None, 2), (64, 2, 1, None, 4), (64, 1, 1, True, 4),
+    (64, 2, 1, None, 3), (64, 3, 1, None, 3), (64, 3, 1, True, 3)])
 def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs, tile_wgs):
   """At the benchmark shape: one Mosaic GPU call with the right outputs, asking for no more shared
   memory than smem_bytes counts."""
@@ -194,12 +205,13 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs, ti
     (dict(block_t=96, length=384), "block_t 96 is not a multiple of 64"),
     (dict(block_t=512, stages=1), "block_t 512 is not a multiple of 64 up to 256"),
     (dict(dtype=jnp.int32), "unsupported"),
-    (dict(stages=5), "KiB of shared memory"),
+    (dict(stages=6), "KiB of shared memory"),
     (dict(wgs=4), "wgs .compute warpgroups per program. must be 1 or 2"),
-    (dict(tile_wgs=3), "tile_wgs .warpgroups on different tiles. must be 1, 2 or 4"),
+    (dict(tile_wgs=5), "tile_wgs .warpgroups on different tiles. must be 1 to 4"),
     (dict(tile_wgs=2, wgs=2), "tile_wgs > 1 needs wgs = 1"),
-    (dict(tile_wgs=4, length=256, block_t=128), "2 tiles of 128 steps do not divide among tile_wgs = 4"),
+    (dict(tile_wgs=4, length=256, block_t=128), "2 tiles of 128 steps: fewer than tile_wgs = 4"),
     (dict(tile_wgs=4, stages=3, block_t=64), "KiB of shared memory"),
+    (dict(tile_wgs=3, stages=4, block_t=64), "KiB of shared memory"),
     (dict(mu_dtype=jnp.bfloat16), "mu_run must be float32"),
 ])
 def test_unsupported_inputs_raise(change, message):

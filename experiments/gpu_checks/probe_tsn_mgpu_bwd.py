@@ -8,10 +8,10 @@ iters 15, inner 10; device time per call):
     (jax.vjp's function applied to a fixed cotangent: backward only);
   * "mgpu T.. s.. w.. t.. mask|select [reload]": kernels_pallas.timestep_norm_mgpu_bwd for a few
     (block_t, stages per warpgroup, wgs: 1, or 2 splitting each group's 64 features into halves,
-    tile_wgs: 1, 2 or 4 warpgroups on different tiles handing the carry on; the suffix mask held in
-    registers or made by compare and select; reload: dx re-reads x and dy), with the small XLA ops
-    around it (its inputs mu_run / rstd_run are made once, untimed, by the XLA associative scan,
-    as the single-pass forward would save them);
+    tile_wgs: 1 to 4 warpgroups on different tiles handing the carry on; the suffix mask held in
+    registers or made by compare and select; reload: dx re-reads x and dy, w^ is re-read at every
+    use), with the small XLA ops around it (its inputs mu_run / rstd_run are made once, untimed, by
+    the XLA associative scan, as the single-pass forward would save them);
   * "floor": the slab walk dx = x + dy of probe_slab_stream (64 Mosaic GPU programs, the same
     bytes and access pattern with no arithmetic).
 For every new variant: max relative errors (max |a - b| / max |b|) of dx, dw, db and of the state's
@@ -43,12 +43,12 @@ def _parse():
   parser.add_argument("--length", type=int, default=32768)
   parser.add_argument("--dim", type=int, default=4096)
   parser.add_argument("--groups", type=int, default=64)
-  parser.add_argument("--variants", default="64x4x1,64x2x1t2,64x3x1t2,64x4x1t2,64x1x1t4,64x2x1t4,64x2x1t4m",
+  parser.add_argument("--variants", default="64x4x1t2,64x5x1t2,64x2x1t3,64x3x1t3,64x3x1t3m,64x3x1t3k,64x2x1t4",
                       help="comma-separated block_t x stages x wgs [t tile_wgs] [flags]: stages per "
                       "warpgroup (tiles in flight: stages x tile_wgs); flags 's': the suffix mask by compare "
                       "and select, 'm': in registers (default: the kernel's choice); 'r': dx re-reads x and "
-                      "dy from the ring, 'k': keeps xh, dyw in registers (tile_wgs > 1; default: re-read "
-                      "with 4)")
+                      "dy from the ring and w^ at every use, 'k': keeps xh, dyw, w^ in registers (tile_wgs > 1; "
+                      "default: re-read with 3 or 4)")
   parser.add_argument("--dump", choices=("none", "ptxas", "all"), default="none",
                       help="Mosaic GPU compiler reports on stdout (ptxas -v; all: PTX and SASS too)")
   parser.add_argument("--interpret", action="store_true", help="CPU smoke test (interpreter)")
@@ -62,6 +62,11 @@ if ARGS.dump != "none":  # read by Mosaic GPU when it compiles a kernel
     os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_SASS="1")
 if ARGS.interpret:
   os.environ["JAX_PLATFORMS"] = "cpu"
+  # The interpreter runs each warpgroup as an XLA CPU execution blocking in its barrier waits; the
+  # CPU client's thread pool grows with the host devices, and with fewer threads than warpgroups
+  # (2 cores, tile_wgs = 4) the programs deadlock (tests/conftest.py sets the same).
+  from megalodon_jax.xla_flags import add_xla_flags
+  add_xla_flags("--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

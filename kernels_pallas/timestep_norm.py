@@ -1765,6 +1765,10 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
     backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "triton" and not interpret and config is None:
+    single = _single_pass_or_none(x, weight, bias, num_groups, eps, state, padding_mask, segment_ids)
+    if single is not None:
+      return single
   config = config or default_config(backend)
   if config.tiled is not None and backend != "triton":
     raise ValueError("KernelConfig.tiled selects a Triton (GPU) design; use backend='triton' or "
@@ -1774,6 +1778,24 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
   return _timestep_norm_pallas(x, weight, bias, state, padding_mask, segment_ids,
                                num_groups=num_groups, eps=float(eps), interpret=bool(interpret),
                                config=config, backend=backend)
+
+
+def _single_pass_or_none(x, weight, bias, num_groups, eps, state, padding_mask, segment_ids):
+  """The single-pass Mosaic GPU kernels' result (kernels_pallas/timestep_norm_single_pass.py) when they take the
+  call: a Hopper GPU, no padding mask or segment ids, shapes they tile; None otherwise (the Triton kernels run).
+  MEGALODON_TSN_SINGLE_PASS=0 always returns None; =1 raises instead of returning None."""
+  from kernels_pallas import timestep_norm_single_pass as single  # Mosaic GPU: imported only on this path
+  wanted = single.mode()
+  if wanted == "off":
+    return None
+  reason = single.why_not(x.shape, x.dtype, num_groups, padding_mask, segment_ids)
+  if reason is not None:
+    if wanted == "force":
+      raise ValueError(f"{single.ENV}=1 but the single-pass TimestepNorm kernels cannot take this call: {reason}")
+    return None
+  if state is None:
+    state = tsn_ops.initial_state(x.shape[0], num_groups)
+  return single.timestep_norm_single_pass(x, weight, bias, state, num_groups=num_groups, eps=float(eps))
 
 
 # The Triton default: the tiled design with the step-wise backward, scans over tiles in one pass

@@ -2,14 +2,18 @@
 
 jax 0.10.2 can run a Pallas Mosaic GPU kernel on the CPU (`plgpu.kernel(..., interpret=params)`):
 each warpgroup is a thread, and barriers, TMA copies and wgmma are simulated, with a race
-detector. Three things our kernels use are missing there, and `mosaic_gpu_interpreter` supplies
+detector. Some things our kernels use are missing there, and `mosaic_gpu_interpreter` supplies
 them for one test's duration:
   * wgmma on an operand read through `plgpu.transpose_ref` (the interpreter's wgmma callback
     rejects the transposed view; here the view is read plainly and transposed in numpy);
+  * wgmma with its A operand in registers (an array, not a shared-memory ref: jax's callback takes
+    every operand for an allocation key);
   * `plgpu.load` of shared memory with a register layout (a plain load here);
   * a CPU rule for `layout_cast` (the identity: layouts are register arrangements);
   * race checks on wgmma's shared-memory operands (jax's wgmma callback reads them unchecked, so a
-    TMA refilling a slot that a wgmma still reads went unseen).
+    TMA refilling a slot that a wgmma still reads went unseen);
+  * predicated TMA stores (`copy_smem_to_gmem(..., predicate=p)`, which `plgpu.emit_pipeline` issues
+    for its outputs): the store happens where p holds.
 It runs wgmma synchronously, so it checks the barrier protocol, TMA offsets, indexing, masks and
 epilogues, not the asynchronous wgmma waits. The modules are private: on a jax that lays them
 out differently the fixture fails with the import error (the GPU tests then remain).
@@ -43,6 +47,8 @@ def mosaic_gpu_interpreter(monkeypatch):
                          platform="cpu")
 
   def read(memory, key, transforms, thread, info):
+    if np.ndim(key) == 2:  # an operand in registers arrives as its value (keys are 1-D integer arrays)
+      return np.asarray(key)
     transforms = gpu_callbacks._remove_noop_transforms(transforms)
     permutation = None
     if transforms and isinstance(transforms[-1], state_types.TransposeTransform):
@@ -72,12 +78,20 @@ def mosaic_gpu_interpreter(monkeypatch):
     memory.store_buffer_content(acc_key, span, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
     return token
 
-  def load(src, idx, *, layout=None, optimized=True):
+  def load(src, idx=(), *, layout=None, optimized=True):
     del optimized
     value = src[...] if idx == () else src[idx]
     return value if layout is None else gpu_core.layout_cast(value, layout)
 
+  copy_smem_to_gmem = gpu_callbacks.copy_smem_to_gmem
+
+  def predicated_copy_smem_to_gmem(*, token, predicate, **kwargs):
+    if predicate is not None and not bool(np.asarray(predicate)):
+      return token
+    return copy_smem_to_gmem(token=token, predicate=None, **kwargs)
+
   monkeypatch.setattr(gpu_callbacks, "wgmma", wgmma)
+  monkeypatch.setattr(gpu_callbacks, "copy_smem_to_gmem", predicated_copy_smem_to_gmem)
   monkeypatch.setattr(plgpu, "load", load)
   faulthandler.dump_traceback_later(_DEADLOCK_SECONDS, exit=True)
   try:

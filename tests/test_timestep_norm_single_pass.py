@@ -1,0 +1,102 @@
+"""kernels_pallas/timestep_norm_single_pass.py on the CPU: the Mosaic GPU forward and backward joined by their
+custom VJP, run under Mosaic GPU's interpreter, against megalodon_jax.ops.timestep_norm (values, the returned
+state, and gradients in x, weight, bias and the incoming state); and the dispatch switch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import timestep_norm as tsn_kernel
+from kernels_pallas import timestep_norm_single_pass as single
+from megalodon_jax.ops import timestep_norm as tsn_ops
+
+_EPS = 1e-5
+
+
+@pytest.fixture
+def _interpreter(monkeypatch):
+  from tests.mgpu_interpreter import mosaic_gpu_interpreter
+  yield from mosaic_gpu_interpreter(monkeypatch)
+
+
+def _problem(batch=1, length=512, dim=128, groups=2, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.PRNGKey(3), 7)
+  x = (0.5 + jax.random.normal(keys[0], (batch, length, dim)) * (0.5 + jax.random.uniform(keys[1], (dim,))))
+  weight = 0.1 * jax.random.normal(keys[2], (dim,))
+  bias = 0.1 * jax.random.normal(keys[3], (dim,))
+  state = tsn_ops.TimestepNormState(jnp.full((batch,), 7, jnp.int32),
+                                    0.5 + 0.1 * jax.random.normal(keys[4], (batch, groups)),
+                                    1.0 + 0.2 * jax.random.uniform(keys[5], (batch, groups)))
+  dy = jax.random.normal(keys[6], (batch, length, dim))
+  return x.astype(dtype), weight, bias, state, dy.astype(dtype)
+
+
+def _loss(fn, dy):
+  def loss(x, weight, bias, mean, var, count):
+    y, st = fn(x, weight, bias, tsn_ops.TimestepNormState(count, mean, var))
+    # The final state's mean and var enter the loss too, so their cotangents reach the backward.
+    return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32)) + jnp.sum(st.mean * 0.3) + jnp.sum(st.var * 0.7)
+  return loss
+
+
+def test_single_pass_matches_the_sequential_op_in_the_interpreter(_interpreter):
+  params, gpu_callbacks = _interpreter
+  groups = 2
+  x, weight, bias, state, dy = _problem(groups=groups, dtype=jnp.bfloat16)  # the kernels take 16-bit x
+
+  def kernel(x, weight, bias, st):
+    return single.timestep_norm_single_pass(x, weight, bias, st, num_groups=groups, eps=_EPS, interpret=params)
+
+  def reference(x, weight, bias, st):
+    return tsn_ops.timestep_norm(x, weight, bias, num_groups=groups, eps=_EPS, state=st, method="sequential")
+
+  y, st = kernel(x, weight, bias, state)
+  want_y, want_st = reference(x, weight, bias, state)
+  assert not gpu_callbacks.get_races().races_found
+  # y (bfloat16 in both): the float32 statistics differ in their last bits, so y may round to the
+  # neighbouring bfloat16 value (2^-8 relative).
+  y32, want32 = np.asarray(y, np.float32), np.asarray(want_y, np.float32)
+  assert np.max(np.abs(y32 - want32)) <= 2.0 ** -8 * np.max(np.abs(want32))
+  np.testing.assert_array_equal(np.asarray(st.count), np.asarray(want_st.count))
+  np.testing.assert_allclose(np.asarray(st.mean), np.asarray(want_st.mean), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(st.var), np.asarray(want_st.var), rtol=1e-5)
+  args = (x, weight, bias, state.mean, state.var, state.count)
+  got = jax.grad(_loss(kernel, dy), argnums=(0, 1, 2, 3, 4))(*args)
+  want = jax.grad(_loss(reference, dy), argnums=(0, 1, 2, 3, 4))(*args)
+  # dx is bfloat16 (the neighbouring value at worst, 2^-8); the parameter and state gradients are float32
+  # sums taken in other orders (tiles, warpgroups) than the sequential scan's.
+  for name, g, w, tol in zip(("dx", "dweight", "dbias", "dmean0", "dvar0"), got, want,
+                             (2.0 ** -8, 1e-4, 1e-4, 1e-4, 1e-4)):
+    w32 = np.asarray(w, np.float32)
+    assert np.max(np.abs(np.asarray(g, np.float32) - w32)) <= tol * np.max(np.abs(w32)), name
+
+
+def test_switch_values(monkeypatch):
+  for value, expected in (("", "auto"), ("0", "off"), ("1", "force")):
+    monkeypatch.setenv(single.ENV, value)
+    assert single.mode() == expected
+  monkeypatch.setenv(single.ENV, "yes")
+  with pytest.raises(ValueError, match="MEGALODON_TSN_SINGLE_PASS='yes'"):
+    single.mode()
+
+
+def test_not_taken_without_a_hopper_gpu_and_forcing_it_says_why(monkeypatch):
+  x, weight, bias, state, _ = _problem()
+  assert "Hopper" in single.why_not(x.shape, x.dtype, 2, None, None)  # this CPU
+  monkeypatch.setenv(single.ENV, "1")
+  with pytest.raises(ValueError, match="cannot take this call: needs a compute-capability 9.x"):
+    tsn_kernel._single_pass_or_none(x, weight, bias, 2, _EPS, state, None, None)
+  monkeypatch.setenv(single.ENV, "0")
+  assert tsn_kernel._single_pass_or_none(x, weight, bias, 2, _EPS, state, None, None) is None
+
+
+def test_unsupported_calls_fall_back(monkeypatch):
+  monkeypatch.setattr(single, "_on_hopper", lambda: True)
+  shape = (1, 32768, 4096)
+  assert single.why_not(shape, jnp.bfloat16, 64, None, None) is None  # the benchmark shape is taken
+  assert "segment ids" in single.why_not(shape, jnp.bfloat16, 64, None, jnp.zeros(shape[:2], jnp.int32))
+  assert single.why_not((1, 32768, 4096), jnp.bfloat16, 128, None, None) is not None  # 32 features per group
+  assert single.why_not((1, 1000, 4096), jnp.bfloat16, 64, None, None) is not None  # L not a multiple of the tiles

@@ -28,6 +28,7 @@ import pytest
 from kernels_pallas import chunk_attention as ca
 from kernels_pallas import scores_mgpu as sm
 from tests.mgpu_lowering import lowered_attention_module as _lowered_attention_module
+from tests.mgpu_lowering import capture_smem_requests
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _HOT = 30.0  # a query row scaled by this has a bound far (> 64 in base 2) above its diagonal maximum
@@ -170,20 +171,7 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode
 ], ids=lambda x: "-".join(f"{k}{'' if v is True else v}" for k, v in x.items()) if isinstance(x, dict) else None)
 def test_kernel_lowers_for_cuda(monkeypatch, batch, length, heads, dk, chunk, dtype, p_dtype, bounded, schedule):
   """One Mosaic GPU call with the right outputs, asking for no more shared memory than smem_bytes counts."""
-  smem_requests, captured = [], False
-  try:
-    from jax.experimental.mosaic.gpu import core as mosaic_core
-    serde = mosaic_core._run_serde_pass
-
-    def capture(module, **kwargs):  # the kernel module just before it is serialised into the call
-      if kwargs.get("serialize"):
-        smem_requests.extend(re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", str(module)))
-      return serde(module, **kwargs)
-
-    monkeypatch.setattr(mosaic_core, "_run_serde_pass", capture)
-    captured = True
-  except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
-    pass
+  smem_requests, captured = capture_smem_requests(monkeypatch)
   q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
   bound = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32) if bounded else None
   fn = lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=1.0, p_dtype=p_dtype,  # noqa: E731

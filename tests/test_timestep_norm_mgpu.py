@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kernels_pallas import timestep_norm_mgpu as tm
+from tests.mgpu_lowering import capture_smem_requests
 
 _EPS = 1e-5
 
@@ -187,20 +186,7 @@ def test_reciprocal_is_accurate():
 def test_kernel_lowers_for_cuda(monkeypatch, config):
   """The benchmark shape (by default): one Mosaic GPU call with the right outputs, its shared memory
   within smem_bytes."""
-  smem_requests, captured = [], False
-  try:
-    from jax.experimental.mosaic.gpu import core as mosaic_core
-    serde = mosaic_core._run_serde_pass
-
-    def capture(module, **kwargs):  # the kernel module just before it is serialised into the call
-      if kwargs.get("serialize"):
-        smem_requests.extend(re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", str(module)))
-      return serde(module, **kwargs)
-
-    monkeypatch.setattr(mosaic_core, "_run_serde_pass", capture)
-    captured = True
-  except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
-    pass
+  smem_requests, captured = capture_smem_requests(monkeypatch)
   config = dict(config)
   batch, length, dim, groups = config.pop("shape", (1, 32768, 4096, 64))
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731

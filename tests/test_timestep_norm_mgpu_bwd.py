@@ -10,8 +10,6 @@ walk in numpy, rounded to float32 as the forward kernel would save them.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 
 from kernels_pallas import timestep_norm_mgpu_bwd as tb
 from megalodon_jax.ops import timestep_norm as tsn
+from tests.mgpu_lowering import capture_smem_requests
 
 EPS = 1e-5
 
@@ -170,20 +169,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, block_t, stages, wgs, mask_regs, ti
   """At the benchmark shape: one Mosaic GPU call with the right outputs, asking for no more shared
   memory than smem_bytes counts."""
   batch, length, dim, groups = 1, 32768, 4096, 64
-  smem_requests, captured = [], False
-  try:
-    from jax.experimental.mosaic.gpu import core as mosaic_core
-    serde = mosaic_core._run_serde_pass
-
-    def capture(module, **kwargs):  # the kernel module just before it is serialised into the call
-      if kwargs.get("serialize"):
-        smem_requests.extend(re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", str(module)))
-      return serde(module, **kwargs)
-
-    monkeypatch.setattr(mosaic_core, "_run_serde_pass", capture)
-    captured = True
-  except (ImportError, AttributeError):  # private: another jax may not have it (the count is then unchecked)
-    pass
+  smem_requests, captured = capture_smem_requests(monkeypatch)
   fn = lambda *a: tb.timestep_norm_bwd_mgpu(*a, num_groups=groups, eps=EPS, block_t=block_t,  # noqa: E731
                                             stages=stages, wgs=wgs, mask_regs=mask_regs,
                                             tile_wgs=tile_wgs)

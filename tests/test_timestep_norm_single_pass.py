@@ -42,13 +42,16 @@ def _loss(fn, dy):
   return loss
 
 
-def test_single_pass_matches_the_sequential_op_in_the_interpreter(_interpreter):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_single_pass_matches_the_sequential_op_in_the_interpreter(_interpreter, splits):
+  # splits=2: both halves of the sequence run at once, joined by the step sums' state and adjoint at the half.
   params, gpu_callbacks = _interpreter
   groups = 2
   x, weight, bias, state, dy = _problem(groups=groups, dtype=jnp.bfloat16)  # the kernels take 16-bit x
 
   def kernel(x, weight, bias, st):
-    return single.timestep_norm_single_pass(x, weight, bias, st, num_groups=groups, eps=_EPS, interpret=params)
+    return single.timestep_norm_single_pass(x, weight, bias, st, num_groups=groups, eps=_EPS, interpret=params,
+                                            splits=splits)
 
   def reference(x, weight, bias, st):
     return tsn_ops.timestep_norm(x, weight, bias, num_groups=groups, eps=_EPS, state=st, method="sequential")
@@ -72,6 +75,82 @@ def test_single_pass_matches_the_sequential_op_in_the_interpreter(_interpreter):
                              (2.0 ** -8, 1e-4, 1e-4, 1e-4, 1e-4)):
     w32 = np.asarray(w, np.float32)
     assert np.max(np.abs(np.asarray(g, np.float32) - w32)) <= tol * np.max(np.abs(w32)), name
+
+
+def _float64_running_stats(x, state, groups):
+  """numpy float64 running (mu [B, G, L], rstd [B, G, L]) and the state after every step, by Welford steps."""
+  xg = np.asarray(x, np.float64).reshape(*x.shape[:2], groups, -1)
+  m, v = xg.mean(-1), xg.var(-1)
+  n = np.asarray(state.count, np.float64)
+  mu, var = np.asarray(state.mean, np.float64).copy(), np.asarray(state.var, np.float64).copy()
+  mus, rstds = [], []
+  for t in range(x.shape[1]):
+    n1 = n + 1
+    delta = m[:, t] - mu
+    mu = mu + delta / n1[:, None]
+    var = (n[:, None] * var + v[:, t]) / n1[:, None] + delta ** 2 * (n / n1 ** 2)[:, None]
+    n = n1
+    mus.append(mu)
+    rstds.append(1.0 / np.sqrt(var + _EPS))
+  return np.stack(mus, -1), np.stack(rstds, -1)
+
+
+def test_state_after_the_first_half_matches_float64_welford():
+  groups = 2
+  x, _, _, state, _ = _problem(groups=groups, dtype=jnp.bfloat16)
+  half = x.shape[1] // 2
+  n0 = jnp.asarray(state.count, jnp.float32)
+  count, mean, var = single._state_after_first_half(x, n0, state.mean, state.var, groups, True)
+  mu64, rstd64 = _float64_running_stats(x[:, :half], state, groups)
+  np.testing.assert_array_equal(np.asarray(count), np.asarray(state.count) + half)
+  np.testing.assert_allclose(np.asarray(mean), mu64[..., -1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(var), rstd64[..., -1] ** -2 - _EPS, rtol=1e-5)
+
+
+def test_adjoint_at_the_half_is_the_gradient_of_the_second_half_in_its_starting_state():
+  # The closed form's (d mean, d var) of the state the second half starts from, against autodiff of the float32
+  # sequential op run on the second half alone from that state.
+  groups = 2
+  x, weight, bias, state, dy = _problem(groups=groups)
+  half = x.shape[1] // 2
+  n0 = jnp.asarray(state.count, jnp.float32)
+  n_mid, mu_mid, var_mid = single._state_after_first_half(x, n0, state.mean, state.var, groups, True)
+  g_mu, g_var = 0.3 * jnp.ones_like(mu_mid), 0.7 * jnp.ones_like(mu_mid)
+  mid = tsn_ops.TimestepNormState(jnp.asarray(n_mid, jnp.int32), mu_mid, var_mid)
+
+  def loss(mean, var):
+    y, st = tsn_ops.timestep_norm(x[:, half:], weight, bias, num_groups=groups, eps=_EPS,
+                                  state=tsn_ops.TimestepNormState(mid.count, mean, var), method="sequential")
+    return jnp.sum(y * dy[:, half:]) + jnp.sum(st.mean * g_mu) + jnp.sum(st.var * g_var)
+
+  want = jax.grad(loss, argnums=(0, 1))(mu_mid, var_mid)
+  mu_run, rstd_run = _float64_running_stats(x[:, half:], mid, groups)
+  # The [2B, G, L / 2] layout of the split kernels: the second half at odd rows (the first half's rows unused).
+  as_split = lambda a: single._stack_halves(jnp.full(a.shape, np.nan, jnp.float32), jnp.asarray(a, jnp.float32))  # noqa: E731
+  got = single._adjoint_at_half(x, dy, weight + 1.0, as_split(mu_run), as_split(rstd_run), n_mid, mu_mid, g_mu,
+                                g_var, groups, True)
+  for name, g, w in zip(("d mean", "d var"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=2e-4 * np.max(np.abs(w)), err_msg=name)
+
+
+def test_time_splits_choice(monkeypatch):
+  monkeypatch.delenv(single.SPLITS_ENV, raising=False)
+  monkeypatch.setattr(single, "_sm_count", lambda: 132)
+  assert single.time_splits(1, 32768, 4096, 64) == 2          # 64 programs -> 128 on 132 SMs
+  assert single.time_splits(4, 32768, 4096, 64) == 1          # 512 programs already fill the GPU
+  assert single.time_splits(1, 32768 + 64, 4096, 64) == 1     # the halves would not hold whole tiles
+  assert single.time_splits(1, 32768, 64 * 192, 64) == 1      # K = 192: the step sums need a power of 2
+  monkeypatch.setattr(single, "_sm_count", lambda: 100)
+  assert single.time_splits(1, 32768, 4096, 64) == 1          # 128 programs would take two waves
+  monkeypatch.setenv(single.SPLITS_ENV, "1")
+  assert single.time_splits(1, 32768, 4096, 64) == 1
+  monkeypatch.setenv(single.SPLITS_ENV, "2")
+  assert single.time_splits(4, 32768, 4096, 64) == 2
+  with pytest.raises(ValueError, match="multiple of"):
+    single.time_splits(1, 32768 + 64, 4096, 64)
+  monkeypatch.setenv(single.SPLITS_ENV, "3")
+  with pytest.raises(ValueError, match="use 1, 2"):
+    single.time_splits(1, 32768, 4096, 64)
 
 
 def test_switch_values(monkeypatch):

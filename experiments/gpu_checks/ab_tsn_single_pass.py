@@ -1,5 +1,5 @@
-"""Interleaved A/B of TimestepNorm fwd+bwd: the single-pass Mosaic GPU kernels against the two-pass Triton kernels,
-one process (separate bench_ops runs of the single pass read 0.673-0.827 ms on different allocations).
+"""Interleaved A/B of TimestepNorm fwd+bwd: the single-pass Mosaic GPU kernels (the default, which splits each
+sequence in two halves run at once where that fits, and unsplit) against the two-pass Triton kernels, one process (separate bench_ops runs of the single pass read 0.673-0.827 ms on different allocations).
 
   python3 experiments/gpu_checks/ab_tsn_single_pass.py --rounds 10 --json OUT.json
 """
@@ -33,6 +33,8 @@ def main() -> None:
   state = tsn_ops.initial_state(b, groups)
   impls = {
       "single_pass": lambda x, w, bb: single.timestep_norm_single_pass(x, w, bb, state, num_groups=groups, eps=1e-5)[0],
+      "single_pass_unsplit": lambda x, w, bb: single.timestep_norm_single_pass(x, w, bb, state, num_groups=groups,
+                                                                               eps=1e-5, splits=1)[0],
       "two_pass": lambda x, w, bb: tsn_kernel.timestep_norm_pallas(x, w, bb, num_groups=groups, eps=1e-5,
                                                                    config=tsn_kernel.default_config("triton"))[0],
   }

@@ -12,6 +12,7 @@ ordering race would show as a run that differs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
@@ -29,6 +30,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--json", default=None)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--splits", default="1,2", help="time splits of the single pass to check (comma-separated)")
   args = parser.parse_args()
   b, length, dim, groups = 1, 32768, 4096, 64
   keys = jax.random.split(jax.random.PRNGKey(1), 7)
@@ -41,13 +43,17 @@ def main() -> None:
   count0 = jnp.full((b,), 1000, jnp.int32)
   dy = jax.random.normal(keys[6], (b, length, dim)).astype(jnp.bfloat16)
 
+  splits = [int(v) for v in args.splits.split(",")]
   impls = {
-      "single": lambda x, w, bb, st: single.timestep_norm_single_pass(x, w, bb, st, num_groups=groups, eps=EPS),
+      f"single_s{n}": functools.partial(single.timestep_norm_single_pass, num_groups=groups, eps=EPS, splits=n)
+      for n in splits
+  }
+  impls.update({
       "triton": lambda x, w, bb, st: tsn_kernel.timestep_norm_pallas(x, w, bb, num_groups=groups, eps=EPS, state=st,
                                                                       config=tsn_kernel.default_config("triton")),
       "xla": lambda x, w, bb, st: tsn_ops.timestep_norm(x.astype(jnp.float32), w, bb, num_groups=groups, eps=EPS,
                                                         state=st, method="associative"),
-  }
+  })
 
   def outputs(fn):
     def loss(x, w, bb, m, v):
@@ -60,15 +66,16 @@ def main() -> None:
     return {n: np.asarray(a, np.float32) for n, a in zip(names, (y, m, v, *grads))}
 
   results = {}
-  want = {name: outputs(fn) for name, fn in impls.items() if name != "single"}
+  want = {name: outputs(fn) for name, fn in impls.items() if not name.startswith("single")}
   for r in range(args.repeats):
-    got = outputs(impls["single"])
-    for ref_name, ref in want.items():
-      errs = {n: float(np.max(np.abs(got[n] - ref[n])) / max(float(np.max(np.abs(ref[n]))), 1e-30)) for n in got}
-      errs["finite"] = bool(all(np.isfinite(a).all() for a in got.values()))
-      results[f"run{r}_vs_{ref_name}"] = errs
-      print(f"run {r} single vs {ref_name}: " + " ".join(f"{n} {e:.1e}" if isinstance(e, float) else f"{n} {e}"
-                                                        for n, e in errs.items()), flush=True)
+    for n in splits:
+      got = outputs(impls[f"single_s{n}"])
+      for ref_name, ref in want.items():
+        errs = {k: float(np.max(np.abs(got[k] - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-30)) for k in got}
+        errs["finite"] = bool(all(np.isfinite(a).all() for a in got.values()))
+        results[f"run{r}_splits{n}_vs_{ref_name}"] = errs
+        print(f"run {r} single (splits {n}) vs {ref_name}: " + " ".join(
+            f"{k} {e:.1e}" if isinstance(e, float) else f"{k} {e}" for k, e in errs.items()), flush=True)
   triton_vs_xla = {n: float(np.max(np.abs(want["triton"][n] - want["xla"][n])) / max(float(np.max(np.abs(
       want["xla"][n]))), 1e-30)) for n in want["xla"]}
   print("triton vs xla (for scale): " + " ".join(f"{n} {e:.1e}" for n, e in triton_vs_xla.items()))

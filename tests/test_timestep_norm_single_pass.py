@@ -179,3 +179,35 @@ def test_unsupported_calls_fall_back(monkeypatch):
   assert "segment ids" in single.why_not(shape, jnp.bfloat16, 64, None, jnp.zeros(shape[:2], jnp.int32))
   assert single.why_not((1, 32768, 4096), jnp.bfloat16, 128, None, None) is not None  # 32 features per group
   assert single.why_not((1, 1000, 4096), jnp.bfloat16, 64, None, None) is not None  # L not a multiple of the tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2])
+def test_single_pass_matches_the_sequential_op_on_hopper(splits):
+  """Compiled on the GPU (run with MEGALODON_TEST_PLATFORM=gpu -m gpu on an H100 / H200): the single pass, whole
+  and in two halves at once, against the float32 sequential op (values, state, gradients)."""
+  if not single._on_hopper():
+    pytest.fail("needs a compute-capability 9.x GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  groups = 8
+  x, weight, bias, state, dy = _problem(batch=2, length=2048, dim=512, groups=groups, dtype=jnp.bfloat16)
+
+  def kernel(x, weight, bias, st):
+    return single.timestep_norm_single_pass(x, weight, bias, st, num_groups=groups, eps=_EPS, splits=splits)
+
+  def reference(x, weight, bias, st):
+    return tsn_ops.timestep_norm(x.astype(jnp.float32), weight, bias, num_groups=groups, eps=_EPS, state=st,
+                                 method="sequential")
+
+  y, st = jax.jit(kernel)(x, weight, bias, state)
+  want_y, want_st = jax.jit(reference)(x, weight, bias, state)
+  y32, want32 = np.asarray(y, np.float32), np.asarray(want_y, np.float32)
+  assert np.max(np.abs(y32 - want32)) <= 2.0 ** -8 * np.max(np.abs(want32))
+  np.testing.assert_allclose(np.asarray(st.mean), np.asarray(want_st.mean), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(st.var), np.asarray(want_st.var), rtol=1e-4)
+  args = (x, weight, bias, state.mean, state.var, state.count)
+  got = jax.jit(jax.grad(_loss(kernel, dy), argnums=(0, 1, 2, 3, 4)))(*args)
+  want = jax.jit(jax.grad(_loss(reference, dy), argnums=(0, 1, 2, 3, 4)))(*args)
+  for name, g, w, tol in zip(("dx", "dweight", "dbias", "dmean0", "dvar0"), got, want,
+                             (2.0 ** -7, 1e-3, 1e-3, 1e-3, 1e-3)):
+    w32 = np.asarray(w, np.float32)
+    assert np.max(np.abs(np.asarray(g, np.float32) - w32)) <= tol * np.max(np.abs(w32)), name

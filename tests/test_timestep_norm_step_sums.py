@@ -99,3 +99,23 @@ def test_lowers_to_triton_for_cuda():
   text = exported.mlir_module()
   for name in ("timestep_norm_half_moments", "timestep_norm_half_adjoint"):
     assert f'name = "{name}"' in text, name
+
+
+@pytest.mark.gpu
+def test_kernels_match_their_references_on_the_gpu():
+  """Compiled by Triton on the GPU (run with MEGALODON_TEST_PLATFORM=gpu -m gpu): both kernels at the default and
+  the single pass's tilings against their plain-JAX references (float32 XLA on the same GPU)."""
+  if jax.default_backend() != "gpu":
+    pytest.fail("needs a GPU (run with MEGALODON_TEST_PLATFORM=gpu)")
+  groups = 4
+  x, dy, w_hat, mu_run, rstd_run, n_mid, mu_mid = _inputs(groups=groups)
+  for tiling in (ss.DEFAULT, ss.Tiling(block_t=32, block_groups=2, num_warps=2)):
+    mean, var = ss.tile_moments(x, num_groups=groups, tiling=tiling)
+    ref_mean, ref_var = ss.tile_moments_reference(x, num_groups=groups, block_t=tiling.block_t)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(var), np.asarray(ref_var), rtol=1e-4)
+    a, b = ss.tile_adjoint_sums(x, dy, w_hat, mu_run, rstd_run, n_mid, mu_mid, num_groups=groups, tiling=tiling)
+    ref = ss.tile_adjoint_sums_reference(x, dy, w_hat, mu_run, rstd_run, n_mid, mu_mid, num_groups=groups,
+                                         block_t=tiling.block_t)
+    for got, r in zip((a, b), ref):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(r), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))))

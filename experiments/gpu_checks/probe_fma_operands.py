@@ -16,6 +16,11 @@ the same instruction counts that differ only in operand sharing:
   cema_2s       the same step for K / 2 = 4 orders with TWO states each (two time streams of the
                 same channel) that share q and c: as many FMAs and state registers as cema_1s
   cema_2s_k8    8 orders with two streams each (twice the work and ILP of cema_1s)
+  cema_1s_k16   16 orders, one stream (the forward scan's lane: all N = 16 orders in one thread)
+  bwd_k4, bwd_k8  the backward scan's step for 4 / 8 orders a lane: u = q u + dy, u' = q u' + u,
+                A += x u, A' += x u', dx += Re(c u): 14 FMA-class instructions per order
+
+The GPU first runs shared_ab for ~0.3 s so that the clocks have left idle before the first sample.
 
 Each lane (one thread: block 128, 4 warps, as the scans) runs `--steps` steps; step inputs come
 from 8 per-lane registers in turn (the scans read a prefetched row per step). Reported: FMA-class
@@ -79,6 +84,37 @@ def _ab_kernel(x_ref, p_ref, o_ref, *, steps: int, chains: int, shared: bool, fm
   o_ref[...] = sum(ys[1:], ys[0])
 
 
+def _bwd_kernel(x_ref, p_ref, o_ref, *, steps: int, orders: int, fma):
+  """The backward scan's per-order step (kernels_pallas/cema.py's docstring), K orders a lane."""
+  x = x_ref[...]
+  row = lambda r, k: p_ref[r, pl.ds(k * BLOCK, BLOCK)]  # noqa: E731
+  qre, qim = [row(0, k) for k in range(orders)], [row(1, k) for k in range(orders)]
+  cre, cim = [row(2, k) for k in range(orders)], [row(3, k) for k in range(orders)]
+  dys = [x * (1.0 + 1e-3 * j) for j in range(UNROLL)]
+  xs = [x * (0.5 - 1e-3 * j) for j in range(UNROLL)]
+  # per order: ur, ui, vr, vi (u'), ar, ai (A), br, bi (A'); then 2 dx chains
+  state = tuple(x * (1e-2 * (k + 1)) for k in range(8 * orders)) + (jnp.zeros_like(x),) * 2
+
+  def body(_, state):
+    st, dx = list(state[:8 * orders]), list(state[8 * orders:])
+    for j in range(UNROLL):
+      dx = [d * 0.5 for d in dx]
+      for k in range(orders):
+        ur, ui, vr, vi, ar, ai, br, bi = st[8 * k:8 * k + 8]
+        nvr = fma(qre[k], vr, fma(-qim[k], vi, ur))
+        nvi = fma(qre[k], vi, fma(qim[k], vr, ui))
+        nur = fma(qre[k], ur, fma(-qim[k], ui, dys[j]))
+        nui = fma(qim[k], ur, qre[k] * ui)
+        ar, ai = fma(xs[j], nur, ar), fma(xs[j], nui, ai)
+        br, bi = fma(xs[j], nvr, br), fma(xs[j], nvi, bi)
+        dx[k % 2] = fma(-cim[k], nui, fma(cre[k], nur, dx[k % 2]))
+        st[8 * k:8 * k + 8] = [nur, nui, nvr, nvi, ar, ai, br, bi]
+    return tuple(st) + tuple(dx)
+
+  state = jax.lax.fori_loop(0, steps // UNROLL, body, state)
+  o_ref[...] = sum(state[1:], state[0])
+
+
 def _cema_kernel(x_ref, p_ref, o_ref, *, steps: int, orders: int, streams: int, fma):
   """Per order k: q_k, c_k (per lane); per stream: state s and an output sum (two chains)."""
   x = x_ref[...]
@@ -123,6 +159,9 @@ PATTERNS = {
     "cema_1s": (dict(kind="cema", orders=8, streams=1), 8 * 6 + 2),
     "cema_2s": (dict(kind="cema", orders=4, streams=2), 4 * 2 * 6 + 4),
     "cema_2s_k8": (dict(kind="cema", orders=8, streams=2), 8 * 2 * 6 + 4),
+    "cema_1s_k16": (dict(kind="cema", orders=16, streams=1), 16 * 6 + 2),
+    "bwd_k4": (dict(kind="bwd", orders=4), 4 * 14 + 2),
+    "bwd_k8": (dict(kind="bwd", orders=8), 8 * 14 + 2),
 }
 
 
@@ -134,6 +173,9 @@ def build(name: str, lanes: int, steps: int, interpret: bool):
   if kind == "ab":
     kernel = functools.partial(_ab_kernel, steps=steps, fma=fma, **cfg)
     rows, cols = 2, cfg["chains"] * BLOCK
+  elif kind == "bwd":
+    kernel = functools.partial(_bwd_kernel, steps=steps, fma=fma, **cfg)
+    rows, cols = 4, cfg["orders"] * BLOCK
   else:
     kernel = functools.partial(_cema_kernel, steps=steps, fma=fma, **cfg)
     rows, cols = 4, cfg["orders"] * BLOCK
@@ -165,18 +207,26 @@ def main(argv=None) -> int:
   parser.add_argument("--patterns", default=",".join(PATTERNS))
   parser.add_argument("--json", default=None, help="write the rows here")
   parser.add_argument("--smoke", action="store_true", help="interpreter, tiny sizes (CPU)")
+  parser.add_argument("--no-warm", action="store_true", help="skip the clock warm-up and the ceiling "
+                      "(under ncu: --kernel-name regex:fma_ --launch-count N)")
   args = parser.parse_args(argv)
   interpret = args.smoke or jax.default_backend() == "cpu"
   lanes, steps = (BLOCK * 2, 2 * UNROLL) if args.smoke else (args.lanes, args.steps)
   rows = []
   base = None
+  if not interpret and not args.no_warm:  # clocks up before the first sample
+    fn, x, params, _ = build("shared_ab", lanes, steps, interpret)
+    for _ in range(600):
+      out = fn(x, params)
+    jax.block_until_ready(out)
   print(f"{'pattern':<12} {'ms':>9} {'TFLOP/s':>9} {'vs shared':>10}")
   for name in args.patterns.split(","):
     fn, x, params, per_step = build(name, lanes, steps, interpret)
     out = fn(x, params)
     if not bool(jnp.all(jnp.isfinite(out))):
       raise RuntimeError(f"{name}: non-finite result")
-    stats = harness.time_fn(fn, x, params, warmup=2, iters=1 if args.smoke else args.iters, inner=1)
+    stats = harness.time_fn(fn, x, params, warmup=2, iters=1 if args.smoke else args.iters,
+                            inner=1 if args.smoke else 5)  # inner 5: the host's ~0.2 ms per call hidden
     fmas = float(lanes) * steps * per_step
     tflops = 2 * fmas / (stats["median_ms"] * 1e-3) / 1e12
     base = tflops if name == "shared_ab" else base
@@ -184,6 +234,12 @@ def main(argv=None) -> int:
     rows.append({"pattern": name, "median_ms": stats["median_ms"], "tflops": tflops,
                  "fma_per_lane_step": per_step, "vs_shared_ab": ratio})
     print(f"{name:<12} {stats['median_ms']:9.3f} {tflops:9.2f} {ratio:10.3f}")
+  if not interpret and not args.no_warm:  # bench_ops' ceiling kernel (8 elements a thread, 4 chains each), same run
+    from experiments.benchmarks import bench_ops
+    ceiling = bench_ops.measure_fma_rate_pallas(chains=4, inline_asm=True, iters=args.iters)
+    rows.append({"pattern": "bench_ops_ceiling_4chains_ptx", "median_ms": ceiling["median_ms"],
+                 "tflops": ceiling["tflops"], "vs_shared_ab": ceiling["tflops"] / base})
+    print(f"{'ceiling':<12} {ceiling['median_ms']:9.3f} {ceiling['tflops']:9.2f} {ceiling['tflops'] / base:10.3f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind, "lanes": lanes,

@@ -197,6 +197,14 @@ class CemaKernelConfig:
     multiply). It holds 2 S coefficient registers per order, so S and the orders per lane
     (summary_split) trade registers. 0 or 1: one step at a time. S must divide block_t; tiles
     with a segment reset, and a chunk's steps after its last whole tile, run step by step.
+  summary_block_t: time steps per prefetched tile of both chunk-summary kernels (0: block_t). The
+    summaries do ~2.5 multiply-adds per step and order against the scans' 6-14, so one tile of
+    lookahead hides less of the load latency there (ncu: long-scoreboard stalls of 0.9-1.2 cycles
+    per issued instruction in the summaries, 0.2 in the backward scan). A power of two that
+    summary_block divides; a chunk's steps after its last whole tile run step by step. On an
+    H200 at B=1, L=32768, D=4096 (bench_ops, 10 calls a sample, one run): 0 (16-step tiles) 3.193,
+    32 3.162, 64 3.209 ms fwd+bwd, within the spread, so the default stays 0
+    (experiments/results/2026-11-30_nvidia-h200_ops-cema-summary-tiles.json).
   summary_split: lanes per channel of both chunk-summary kernels (their results leave in
     natural layout, so their tiling is free); 0 keeps the pass's own split. The program keeps
     its number of lanes (block_d * split of the tiling it replaces).
@@ -237,6 +245,7 @@ class CemaKernelConfig:
   ptx_shuffle: bool = True
   bwd_summary_tiling: str = "backward"
   summary_block: int = 0
+  summary_block_t: int = 0
   summary_split: int = 0
   sum_chains: int = 4
   pallas_powers: bool = True
@@ -264,6 +273,11 @@ class CemaKernelConfig:
     if self.summary_block < 0 or (self.summary_block > 1 and self.block_t % self.summary_block):
       raise ValueError(f"CemaKernelConfig.summary_block={self.summary_block} must be 0, 1 or a "
                        f"divisor of block_t={self.block_t}.")
+    if self.summary_block_t:
+      if self.summary_block_t < 0 or self.summary_block_t & (self.summary_block_t - 1) or (
+          self.summary_block > 1 and self.summary_block_t % self.summary_block):
+        raise ValueError(f"CemaKernelConfig.summary_block_t={self.summary_block_t} must be 0 or a "
+                         f"power of two that summary_block={self.summary_block} divides.")
     if self.sum_chains < 1:
       raise ValueError(f"CemaKernelConfig.sum_chains must be >= 1; got {self.sum_chains}.")
     if self.summary_split:
@@ -1022,7 +1036,8 @@ def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKerne
     inputs["pwre"], inputs["pwim"] = _lane_planes(powers, split)
   spec = _ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=keep is not None,
                    has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
-                   groups=groups, split=split, block_d=block_d, block_t=cfg.block_t,
+                   groups=groups, split=split, block_d=block_d,
+                   block_t=cfg.summary_block_t or cfg.block_t,
                    chunk=plan.chunk, ptx_fma=cfg.ptx_fma and not interpret, ptx_shuffle=False,
                    in_names=tuple(inputs), out_names=("fre", "fim"), summary_block=block)
   state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)

@@ -640,7 +640,7 @@ def test_lane_sums_are_ptx_shuffles_only_with_one_lane_per_thread():
 def test_blocked_summaries_lower_to_triton():
   """summary_block / summary_split lower for CUDA (both chunk-summary kernels get the powers)."""
   cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), block_t=16, num_chunks=4,
-                            summary_block=8, summary_split=2)
+                            summary_block=8, summary_split=2, summary_block_t=32)
   text = _lowered_gpu_gradient_text(cfg)
   # 4 scans and 3 power tables (see the preset-shape test), besides the default's combine kernels.
   combines = text.count('name = "cema_combine"') + text.count('name = "cema_bwd_totals"')
@@ -650,17 +650,20 @@ def test_blocked_summaries_lower_to_triton():
   assert "cema_fwd_chunk_states" in text and "cema_bwd_chunk_states" in text
 
 
-def test_blocked_summaries_match_float64_for_slow_decay():
+@pytest.mark.parametrize("summary_block_t", [0, 32])
+def test_blocked_summaries_match_float64_for_slow_decay(summary_block_t):
   """Chunk summaries in blocks of 16 against a float64 recurrence, |q| close to 1 and fast
   rotations, 3 chunks of 48 steps (the last 44: two whole tiles and a 12-step remainder), in
-  both directions."""
+  both directions. With summary_block_t=32 the summaries walk 32-step tiles (the scans' 16):
+  one whole tile a chunk, then a 16- or 12-step remainder step by step."""
   rng = np.random.default_rng(13)
   dim, ndim, length = 4, 4, 140
   mags = 1 - 10.0 ** rng.uniform(-5, -1, (dim, ndim))
   q = mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
   x = rng.normal(size=(1, length, dim)).astype(np.float32)
   cfg = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3,
-                           summary_block=16, summary_split=4)
+                           summary_block=16, summary_split=4,
+                           summary_block_t=summary_block_t).validate(ndim)
   plan = K._plan(length, cfg)
   assert plan == K._Plan(48, 3, 44)
   for reverse in (False, True):
@@ -674,6 +677,47 @@ def test_blocked_summaries_match_float64_for_slow_decay():
       for t in (reversed(steps) if reverse else steps):
         s = qs * s + x[0, t, :, None]
       np.testing.assert_allclose(np.asarray(got[0, c]), s, rtol=0, atol=2e-5 * np.abs(s).max())
+
+
+def test_summary_tiles_change_no_value_and_reject_bad_lengths(monkeypatch):
+  """summary_block_t: the whole op (values and gradients) with 32-step summary tiles equals the
+  default's 16 (same blocked updates; the chunks of 24 steps end with an 8-step remainder), and
+  lengths that are not a power of two, or that summary_block does not divide, are refused."""
+  rng = np.random.default_rng(21)
+  dim, ndim, length = 8, 4, 96
+  mags = rng.uniform(0.5, 0.999, size=(dim, ndim))
+  q = jnp.asarray(mags * np.exp(1j * rng.uniform(-np.pi, np.pi, mags.shape)), jnp.complex64)
+  coeffs = CemaCoefficients(jnp.asarray(rng.uniform(0.1, 1.0, (dim, ndim)), jnp.float32), q,
+                            jnp.asarray(rng.normal(size=(dim, ndim)) + 1j * rng.normal(size=(dim, ndim)),
+                                        jnp.complex64))
+  x = jnp.asarray(rng.normal(size=(1, length, dim)), jnp.float32)
+  omega = jnp.asarray(rng.normal(size=(dim,)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, length, dim)), jnp.float32)
+  base = dataclasses.replace(K.default_config(1, length, dim, ndim), num_chunks=4, block_t=8,
+                             summary_block=4)
+
+  def value_and_grads(cfg):
+    loss = lambda x, c: jnp.sum(w * K.cema_pallas(x, c, omega, config=cfg))  # noqa: E731
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, coeffs)
+
+  tiles = []  # (mode, block_t) of every scan launch: the knob must reach the summary kernels only
+  launch = K._launch
+
+  def recording_launch(spec, *args, **kwargs):
+    tiles.append((spec.mode, spec.block_t))
+    return launch(spec, *args, **kwargs)
+
+  monkeypatch.setattr(K, "_launch", recording_launch)
+  want = value_and_grads(base)
+  assert sorted(set(tiles)) == [("bwd", 8), ("fwd", 8), ("local", 8)]
+  tiles.clear()
+  got = value_and_grads(dataclasses.replace(base, summary_block_t=16))
+  assert sorted(set(tiles)) == [("bwd", 8), ("fwd", 8), ("local", 16)]
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6 * float(np.max(np.abs(b))))
+  for bad in (24, 2, -16):
+    with pytest.raises(ValueError, match="summary_block_t"):
+      dataclasses.replace(base, summary_block_t=bad).validate(ndim)
 
 
 def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():

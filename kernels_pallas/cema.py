@@ -63,7 +63,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from kernels_pallas.triton_backend import plgpu
 
 from megalodon_jax.ops.cema import CemaCoefficients
 # Double-float complex product (exact float32 partial products, so FMA contraction cannot change

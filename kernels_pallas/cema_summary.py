@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from kernels_pallas.triton_backend import plgpu
 
 from kernels_pallas.cema import _plain_fma, _ptx_fma
 from megalodon_jax.ops.cema import cema_powers

@@ -52,7 +52,7 @@ import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
+from kernels_pallas.triton_backend import plgpu
 import jax.numpy as jnp
 import numpy as np
 

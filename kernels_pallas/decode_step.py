@@ -46,7 +46,7 @@ def _triton_options(interpret: bool | None, num_warps: int, num_stages: int = 1)
     interpret = jax.default_backend() != "gpu"
   if interpret:
     return True, {}
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   return False, {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
 
 

@@ -535,7 +535,7 @@ def _load_raw(dims: _Dims, seq_refs, flags_ref, tile_idx):
   """Loads one tile as stored: ([T, Kp] per ref in seq_refs, flags [T] int32 or None).
 
   Raw values (not yet decoded) are what the prefetching loops carry to the next iteration."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   rows, in_range = _tile_rows(dims, tile_idx)
   colmask = jnp.arange(dims.kp) < dims.k
   tiles = tuple(
@@ -558,7 +558,7 @@ def _decode(dims: _Dims, tile_idx, raw):
 
 
 def _store_tile(dims: _Dims, ref, tile_idx, value):
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   rows, in_range = _tile_rows(dims, tile_idx)
   colmask = jnp.arange(dims.kp) < dims.k
   plgpu.store(ref.at[rows, :], value.astype(ref.dtype), mask=in_range[:, None] & colmask[None, :])
@@ -580,7 +580,7 @@ def _fwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: int, cu
   (flags [L]). Outputs: (y [L, Kp] and, per tile, the carry before it and its shift
   [tiles] x 4, unless summary), carry-out n, mu, var (scalars).
   """
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   refs = list(refs)
   x_ref = refs.pop(0)
   if not summary:
@@ -626,7 +626,7 @@ def _bwd_kernel(*refs, dims: _Dims, eps: float, summary: bool, prefetch: int, cu
   split (scalars); in summary mode only the split's adjoint map: v_mu, v_var, alpha, beta with
   before = (alpha u_mu + beta u_var + v_mu, alpha u_var + v_var).
   """
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   refs = list(refs)
   x_ref, dy_ref, w_ref = refs[:3]
   saved_refs = refs[3:3 + _SAVED]
@@ -706,7 +706,7 @@ def _block_specs(spec: _Spec):
 
 
 def _call(spec: _Spec, kernel, in_specs, out_specs, out_shape, name):
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   cfg = spec.config
   return pl.pallas_call(
       kernel, grid=(spec.batch * spec.dims.groups, spec.splits), in_specs=in_specs,
@@ -941,7 +941,7 @@ def _tiled_inputs(dims: _Dims, tile_idx, refs, flags_ref):
   """Tiles [T, Gb, Kp] float32 (0 outside the sequence and in padded columns) of every ref in
   refs ([L, Gb, Kp] blocks; flags [L]), and valid, reset [T, 1] bool. One indexer per access:
   Triton lowers no chained ref.at views."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   rows, in_range, mask = _tiled_masks(dims, tile_idx)
   tiles = tuple(plgpu.load(ref.at[rows, :, :], mask=mask, other=0.0,
                            eviction_policy="evict_first").astype(jnp.float32) for ref in refs)
@@ -955,7 +955,7 @@ def _tiled_inputs(dims: _Dims, tile_idx, refs, flags_ref):
 
 def _tiled_store(dims: _Dims, ref, tile_idx, value):
   """Stores a [T, Gb, Kp] tile into ref ([L, Gb, Kp])."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   rows, _, mask = _tiled_masks(dims, tile_idx)
   plgpu.store(ref.at[rows, :, :], value.astype(ref.dtype), mask=mask)
 
@@ -973,21 +973,21 @@ def _row_mask(dims: _Dims, tile_idx):
 
 def _store_rows(dims: _Dims, ref, tile_idx, value):
   """Stores per-step values [T, W] of this tile into ref ([W, L], float32)."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   steps, mask = _row_mask(dims, tile_idx)
   plgpu.store(ref.at[:, steps], value.T, mask=mask)
 
 
 def _load_rows(dims: _Dims, ref, tile_idx):
   """This tile's per-step values [T, W] of ref ([W, L]; 0 past the end)."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   steps, mask = _row_mask(dims, tile_idx)
   return plgpu.load(ref.at[:, steps], mask=mask, other=0.0).T
 
 
 def _load_features(dims: _Dims, ref):
   """[Gb, Kp] float32 per-feature parameters (0 in padded columns)."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   mask = jnp.broadcast_to((jnp.arange(dims.kp) < dims.k)[None, :], (dims.gb, dims.kp))
   return plgpu.load(ref, mask=mask, other=0.0)
 
@@ -1068,7 +1068,7 @@ def _tiled_bwd_kernel(*refs, dims: _Dims, eps: float):
   """Inputs x, dy [L, Gb, Kp], w_hat [Gb, Kp], the tile's incoming n, mu, var [Gb], the
   adjoint after the tile divided by the count there (mu, var) [Gb], (flags [L]); outputs dx
   [L, Gb, Kp] (this tile's rows) and the tile's dw, db [Gb, Kp]."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   x_ref, dy_ref, w_ref, n_ref, mu_ref, var_ref, umu_ref, uvar_ref = refs[:8]
   flags_ref = refs[8] if dims.has_flags else None
   dx_ref, dw_ref, db_ref = refs[-3:]
@@ -1172,7 +1172,7 @@ def _chain_chunk(a_mu, a_var, z, reset, carry):
 def _scan_loads(tiles: int, chunk: int, width: int, c, refs, rflag_ref):
   """Chunk c of [tiles, W] refs as [C, W] (0 past the end), its reset flags [C, 1] or None, and
   (rows, mask) for storing."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   rows = pl.ds(c * chunk, chunk)
   ok = c * chunk + jnp.arange(chunk) < tiles
   mask = jnp.broadcast_to(ok[:, None], (chunk, width))
@@ -1186,7 +1186,7 @@ def _scan_loads(tiles: int, chunk: int, width: int, c, refs, rflag_ref):
 def _tiled_fwd_scan_kernel(*refs, tiles: int, chunk: int, width: int, segmented: bool):
   """Inputs per-tile n, mu, var [tiles, W], (tile resets [tiles]), initial n, mu, var [W];
   outputs every tile's incoming n, mu, var [tiles, W] and the final n, mu, var [W]."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   refs = list(refs)
   summary_refs = refs[:3]
   rflag_ref = refs[3] if segmented else None
@@ -1210,7 +1210,7 @@ def _tiled_bwd_scan_kernel(*refs, tiles: int, chunk: int, width: int, segmented:
   """Inputs per-tile a_mu, a_var, z0 [tiles, W], (tile resets [tiles]), the final adjoint
   divided by the final count (mu, var) [W]; outputs the adjoint after every tile divided by the
   count there (mu, var) [tiles, W] and the one before the first tile (mu, var) [W]."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   refs = list(refs)
   map_refs = refs[:3]
   rflag_ref = refs[3] if segmented else None
@@ -1238,7 +1238,7 @@ def _tiled_shapes(spec: _Spec):
 
 
 def _tiled_call(spec: _Spec, kernel, grid, in_specs, out_specs, out_shape, name, warps):
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=spec.interpret, name=name,
@@ -1447,7 +1447,7 @@ def _steps_bwd_apply_kernel(x_ref, dy_ref, w_ref, a_ref, bv_ref, c_ref, mu_ref, 
   """Inputs x, dy [L, Gb, Kp], w_hat [Gb, Kp], per-step coefficients a, bv, c, mu [Gb, L];
   outputs dx [L, Gb, Kp] (the rows of this program's per_program tiles) and their dw, db
   [Gb, Kp]. Tiles past the end are fully masked."""
-  from jax.experimental.pallas import triton as plgpu
+  from kernels_pallas.triton_backend import plgpu
   w_hat = _load_features(dims, w_ref)[None]
   first = pl.program_id(1) * per_program
 

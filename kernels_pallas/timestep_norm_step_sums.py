@@ -67,7 +67,7 @@ def _layout(x_shape, num_groups: int, tiling: Tiling, first_tile: int):
 def _call(kernel, grid, in_specs, out_specs, out_shape, name, tiling: Tiling, interpret):
   kwargs = {}
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu
+    from kernels_pallas.triton_backend import plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                         interpret=bool(interpret), name=name, **kwargs)

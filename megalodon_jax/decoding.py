@@ -149,7 +149,8 @@ GPU_FUSED_SETTINGS = {1: FusedSettings(dup="reduce", stats="shifted", cema="pall
 def default_fused_settings(batch: int) -> FusedSettings:
   """The settings `generate` uses for `batch` sequences: GPU_FUSED_SETTINGS on a GPU (the single-row
   form only matters at batch 1); elsewhere the XLA paths (Pallas would run in its interpreter)."""
-  if jax.default_backend() != "gpu":
+  from megalodon_jax.ops import backend
+  if jax.default_backend() != "gpu" or not backend.gpu_kernels_usable():
     return FusedSettings()
   return GPU_FUSED_SETTINGS[1 if batch == 1 else "batched"]
 

@@ -7,8 +7,6 @@ before it (and, with packed sequences, only keys of its own segment). Scores are
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -87,13 +85,10 @@ def cached_attention_xla(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start
 PALLAS_MIN_CACHED_QUERIES = 16
 
 
-@functools.lru_cache(maxsize=None)
 def _pallas_available() -> bool:
-  try:
-    import kernels_pallas.chunk_attention  # noqa: F401
-  except ImportError:
-    return False
-  return jax.default_backend() in ("gpu", "tpu")
+  """Whether 'auto' takes the kernels: on a TPU, or on a GPU that can run Pallas' Triton kernels."""
+  from megalodon_jax.ops import backend  # the one place that decides (and warns once on a GPU)
+  return backend.has_accelerator()
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,

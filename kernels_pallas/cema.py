@@ -1957,7 +1957,7 @@ def cema_pallas(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array | No
   segment_ids: [batch, length] ints or None (the state restarts where the id changes).
   Returns y [batch, length, dim] float32, and with return_state also h_last [batch, dim, N] c64.
 
-  interpret: run the kernels in the Pallas interpreter (default: only when the backend is CPU).
+  interpret: run the kernels in the Pallas interpreter (default: off the kernels' own platform).
   block_d / block_t / config: tiling overrides (see CemaKernelConfig; block_d sets the channel
   block of both the forward and the backward scan).  platform: "gpu" (Triton kernels) or "tpu"
   (Mosaic kernels); defaults to the default backend's family.
@@ -1967,8 +1967,9 @@ def cema_pallas(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array | No
     raise TypeError(f"x must be float32 or bfloat16; got {x.dtype}. Cast it first.")
   batch, length, dim = x.shape
   ndim = p.shape[1]
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  kernel_platform = _resolve_platform(platform)
+  if interpret is None:  # natively on the kernels' own platform, interpreted anywhere else
+    interpret = jax.default_backend() != kernel_platform
   cfg = config if config is not None else default_config(batch, length, dim, ndim)
   overrides = {}
   if block_d is not None:
@@ -1978,6 +1979,6 @@ def cema_pallas(x: Array, coeffs: CemaCoefficients, omega: Array, h0: Array | No
     if cfg.summary_block > 1 and block_t % cfg.summary_block:
       overrides["summary_block"] = 0  # the preset's blocks do not fit the tile asked for
   cfg = dataclasses.replace(cfg, **overrides).validate(ndim)
-  st = _Static(cfg=cfg, interpret=bool(interpret), platform=_resolve_platform(platform))
+  st = _Static(cfg=cfg, interpret=bool(interpret), platform=kernel_platform)
   y, h_last = _cema_core(st, x, keep, p, q, eta, omega_v, h0)
   return (y, h_last) if return_state else y

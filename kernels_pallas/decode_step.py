@@ -812,7 +812,7 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
   load issued first with preload. tiles > 1: a loop over the tiles with an online softmax (sub_d
   unused), tiles t + 1 .. t + preload loaded during tile t (preload = 1 or True: one ahead);
   num_stages is Triton's pipelining depth.
-  mma (block_k >= 16, bf16 keys and values): the scores and the probabilities times the values as
+  mma (block_k >= 16, head dim dz >= 32, bf16 keys and values): the scores and the probabilities times the values as
   matrix products on the tensor cores (see _attend_block_mma; sub_d unused, and preload with tiles = 1).
 
   v_bias [H, dv]: v_new is the raw value product (any float dtype) and the new value is
@@ -850,9 +850,12 @@ def attend_step(proj, bias, scale, shift, freqs, keys, values, v_new, count, *, 
     raise ValueError(f"sumsq [batch={batch}, groups] and rms_dim > 0 go together, got sumsq "
                      f"{None if sumsq is None else sumsq.shape} and rms_dim={rms_dim}")
   _check_qk_inputs(proj, bias, scale, shift, freqs, count, batch=batch, heads=heads, dz=dz)
-  if mma and (block_k < 16 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
-    raise ValueError(f"mma needs block_k >= 16 (got {block_k}) and bf16 keys and values (got {keys.dtype}, "
-                     f"{values.dtype})")
+  if mma and (block_k < 16 or dz < 32 or keys.dtype != jnp.bfloat16 or values.dtype != jnp.bfloat16):
+    # Triton's tensor-core dot needs every dimension >= 16; the scores contract dz / 2 features. With
+    # dz = 8 the compiled kernel returned wrong values on an H200 (the interpreter does not care).
+    raise ValueError(f"mma needs block_k >= 16 (got {block_k}), a head dim >= 32 (got {dz}; the scores' "
+                     f"product contracts half of it) and bf16 keys and values (got {keys.dtype}, {values.dtype}); "
+                     "use the elementwise forms (mma=False) otherwise")
   blocks = chunk // span
   grid = (batch, heads, blocks, dv // block_d)
   interpret, kwargs = _triton_options(interpret, num_warps, num_stages)

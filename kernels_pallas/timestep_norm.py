@@ -1749,7 +1749,7 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
 
   x: [B, L, D]; weight, bias: [D] (weight applied as weight + 1); state: count [B], mean/var
   [B, G]; padding_mask: [B, L] bool (True = padded); segment_ids: [B, L] int.
-  interpret: run the Pallas interpreter (default: True when JAX's default backend is the CPU).
+  interpret: run the Pallas interpreter (default: off the backend's own platform, e.g. always on a CPU).
   config: KernelConfig tunables (tile size, warps, stages, time splits, prefetch, cumsum; or
   tiled=TiledConfig(...) for the tiled GPU design); None: default_config(backend) (Triton: the
   tiled design).
@@ -1759,12 +1759,13 @@ def timestep_norm_pallas(x: jax.Array, weight: jax.Array, bias: jax.Array, *, nu
   w.r.t. x, weight, bias and the incoming state's mean and var.
   """
   tsn_ops.check_inputs(x, weight, bias, num_groups, state, padding_mask, segment_ids)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
   if backend is None:
     backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  native = {"triton": "gpu", "mosaic": "tpu"}[backend]
+  if interpret is None:  # natively on the backend's own platform, interpreted anywhere else
+    interpret = jax.default_backend() != native
   if backend == "triton" and not interpret and config is None:
     single = _single_pass_or_none(x, weight, bias, num_groups, eps, state, padding_mask, segment_ids)
     if single is not None:

@@ -210,10 +210,10 @@ def test_gemv_partials_checks_blocks_and_lowers_for_cuda():
     (0, 4, 32, 8, {"preload": True}), (11, 4, 16, 8, {"preload": True}),
     (9, 4, 32, None, {"tiles": 2}), (C - 1, 2, 16, None, {"tiles": 4, "preload": True}),
     (5, 2, 32, None, {"tiles": 8, "preload": True}), (C - 2, 2, 32, None, {"tiles": 8, "preload": 3}),
-    (0, 16, 16, None, {"mma": True}),
-    (C - 1, 16, 32, None, {"mma": True}), (10, 16, 16, None, {"mma": True}),
-    (40, 16, 16, None, {"mma": True, "tiles": 2, "preload": True, "chunk": 64}),
-    (63, 16, 32, None, {"mma": True, "tiles": 2, "chunk": 64})])
+    (0, 16, 16, None, {"mma": True, "dz": 32}),
+    (C - 1, 16, 32, None, {"mma": True, "dz": 32}), (10, 16, 16, None, {"mma": True, "dz": 32}),
+    (40, 16, 16, None, {"mma": True, "tiles": 2, "preload": True, "chunk": 64, "dz": 32}),
+    (63, 16, 32, None, {"mma": True, "tiles": 2, "chunk": 64, "dz": 32})])
 def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k, block_d, sub_d, options):
   """The block-split attention + attend_combine against a dense float64 softmax attention over the
   cache with the new key (from q/k as the model makes them) and value written at `count`: one tile
@@ -222,11 +222,12 @@ def test_attend_step_equals_dense_attention_with_the_new_entries(count, block_k,
   products (bf16 operands, the probabilities split in two bf16 parts)."""
   options = dict(options)
   chunk = options.pop("chunk", C)
+  dz = options.pop("dz", DZ)  # mma: the scores' tensor-core product contracts dz / 2 >= 16 features
   rng = np.random.default_rng(count + block_k)
   dv = 32
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  args = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
-          normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, chunk, H, DZ).astype(jnp.bfloat16),
+  args = (normal(B, H * dz + 4).astype(jnp.bfloat16), normal(H * dz).astype(jnp.bfloat16), normal(2, H * dz),
+          normal(2, H * dz), jnp.abs(normal(dz // 2)), normal(B, chunk, H, dz).astype(jnp.bfloat16),
           normal(B, chunk, H, dv).astype(jnp.bfloat16), normal(B, H, dv).astype(jnp.bfloat16),
           jnp.asarray([count], jnp.int32))
   stats, acc, keys, values = decode_step.attend_step(*args, eps=EPS, block_k=block_k, block_d=block_d, sub_d=sub_d,
@@ -277,6 +278,13 @@ def test_attend_step_checks_shapes():
     decode_step.attend_step(*args, eps=EPS, block_k=32, tiles=3)
   with pytest.raises(ValueError, match="mma needs"):
     decode_step.attend_step(*args, eps=EPS, block_k=8, mma=True)
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  small = (normal(B, H * DZ + 4).astype(jnp.bfloat16), normal(H * DZ).astype(jnp.bfloat16), normal(2, H * DZ),
+           normal(2, H * DZ), jnp.abs(normal(DZ // 2)), normal(B, C, H, DZ).astype(jnp.bfloat16),
+           normal(B, C, H, 32).astype(jnp.bfloat16), normal(B, H, 32).astype(jnp.bfloat16), jnp.asarray([3], jnp.int32))
+  with pytest.raises(ValueError, match=f"head dim >= 32 \\(got {DZ}"):  # wrong values on a GPU, not an error
+    decode_step.attend_step(*small, eps=EPS, block_k=16, block_d=16, mma=True)
 
 
 def test_attend_combine_pallas_equals_the_xla_combine():

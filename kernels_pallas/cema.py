@@ -229,6 +229,11 @@ class CemaKernelConfig:
     gradients as the XLA combine (errors against the references equal to four digits) and
     3.347 against 3.453 ms fwd+bwd in one run
     (experiments/results/2026-11-29_nvidia-h200_ops-cema-combine-ab2.json).
+  fwd_pairs: the forward scan advances two steps at a time in tiles without a reset: the state
+    two steps on is q^2 s + q x_t + x_(t+1), and y_t comes from the earlier state as Re(c q s) plus
+    the lane's sum of Re(c) times x_t, so a pair costs 10 multiply-adds per order instead of 12,
+    for 4 more coefficient registers per order (q^2 from the double-float power kernel, c q).
+    Needs block_t >= 2; GPU only (the TPU kernels and the interpreter's TPU path ignore it).
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -251,6 +256,7 @@ class CemaKernelConfig:
   pallas_powers: bool = True
   powers_block: int = 1024
   pallas_combine: bool = True
+  fwd_pairs: bool = False
   tpu_block_d: int = 128
   tpu_block_t: int = 256
 
@@ -280,6 +286,8 @@ class CemaKernelConfig:
                          f"power of two that summary_block={self.summary_block} divides.")
     if self.sum_chains < 1:
       raise ValueError(f"CemaKernelConfig.sum_chains must be >= 1; got {self.sum_chains}.")
+    if self.fwd_pairs and self.block_t < 2:
+      raise ValueError(f"CemaKernelConfig.fwd_pairs needs block_t >= 2; got {self.block_t}.")
     if self.summary_split:
       if self.summary_split & (self.summary_split - 1) or ndim % self.summary_split:
         raise ValueError(f"CemaKernelConfig.summary_split={self.summary_split} must be 0 or a "
@@ -635,6 +643,7 @@ class _ScanSpec:
   out_names: tuple[str, ...]
   summary_block: int = 0  # mode "local": steps per blocked update (CemaKernelConfig.summary_block)
   sum_chains: int = 4     # accumulation chains of the per-step sum over orders
+  pair_steps: bool = False  # mode "fwd": two steps per update in reset-free tiles (fwd_pairs)
 
 
 def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Callable,
@@ -643,8 +652,8 @@ def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Calla
 
   load_fn(step, valid) -> tuple of per-step inputs whose last entry is the reset flag (or None);
   step_fn(carry, inputs_without_flag, step, flag_or_None) -> carry.
-  block_fn(carry, [inputs_without_flag] * block) -> carry, if given, advances `block` reset-free
-  steps at once; it runs the tiles that have no reset (block divides block_t).
+  block_fn(carry, [inputs_without_flag] * block, step) -> carry, if given, advances `block`
+  reset-free steps from `step` at once; it runs the tiles that have no reset (block divides block_t).
   """
   tile = spec.block_t
   n_tiles = length // tile
@@ -653,7 +662,7 @@ def _run_tiles(spec: _ScanSpec, length, carry, load_fn: Callable, step_fn: Calla
   def run(carry, inputs, first, use_keep):
     if block_fn is not None and not use_keep:
       for s in range(0, tile, block):
-        carry = block_fn(carry, [tuple(inputs[s + j][:-1]) for j in range(block)])
+        carry = block_fn(carry, [tuple(inputs[s + j][:-1]) for j in range(block)], first + s)
       return carry
     for s in range(tile):
       *data, k = inputs[s]
@@ -812,7 +821,8 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       pw_im = [[plgpu.load(r["pwim"].at[m, g, flat], mask=lmask, other=0.0) for g in groups]
                for m in range(block)]
 
-      def block_fn(carry, datas):
+      def block_fn(carry, datas, step):
+        del step
         sr, si = carry
         xs = [data[0] for data in datas]
         new_r, new_i = [], []
@@ -847,7 +857,34 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       store_row("y", step, chains)
       return new_r, new_i
 
-    sr, si = _run_tiles(spec, n_steps, (state_in("s0re"), state_in("s0im")), load_fn, step_fn)
+    block_fn, block = None, 1
+    if spec.pair_steps:
+      block = 2
+      q2re, q2im, cqre, cqim = coef("q2re"), coef("q2im"), coef("cqre"), coef("cqim")
+      omk = om + lane_coef("k0")  # y_t's direct term: (omega + this lane's sum of Re(c)) x_t
+
+      def block_fn(carry, datas, step):
+        sr, si = carry
+        (x0,), (x1,) = datas
+        first = [omk * x0] + [None] * (n_chains - 1)
+        second = [om * x1] + [None] * (n_chains - 1)
+        new_r, new_i = [], []
+        for g in groups:
+          # y_t = Re(c q s_(t-1)) + Re(c) x_t: no need for s_t itself.
+          _chain_add(first, g, lambda acc, g=g: _fwd_output(acc, sr[g], si[g], cqre[g], cqim[g], fma))
+          # s_(t+1) = q^2 s_(t-1) + q x_t + x_(t+1)
+          nr = fma(q2re[g], sr[g], fma(-q2im[g], si[g], fma(qre[g], x0, x1)))
+          ni = fma(q2im[g], sr[g], fma(q2re[g], si[g], qim[g] * x0))
+          _chain_add(second, g,
+                     lambda acc, nr=nr, ni=ni, g=g: _fwd_output(acc, nr, ni, cre[g], cim[g], fma))
+          new_r.append(nr)
+          new_i.append(ni)
+        store_row("y", step, first)
+        store_row("y", step + 1, second)
+        return new_r, new_i
+
+    sr, si = _run_tiles(spec, n_steps, (state_in("s0re"), state_in("s0im")), load_fn, step_fn,
+                        block_fn, block)
     state_out("fre", sr)
     state_out("fim", si)
 
@@ -1417,7 +1454,8 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
                      chunk=plan.chunk, in_names=in_names, out_names=out_names,
                      ptx_fma=cfg.ptx_fma and not interpret, sum_chains=cfg.sum_chains,
-                     ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret))
+                     ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret),
+                     pair_steps=cfg.fwd_pairs and mode == "fwd")
 
   start = None if h0 is None else h0 / pf[None]
   local = decay = s0 = None  # s0: lane planes of the state entering each chunk (None: zeros)
@@ -1448,11 +1486,17 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
   inputs = dict(x=x, **keep_in, **coefs)
   inputs["cre"], inputs["cim"] = _lane_planes(eta * pf, split)
   inputs["om"] = _lane_omega(omega, split)
+  pair_names = ()
+  if cfg.fwd_pairs:
+    inputs["q2re"], inputs["q2im"] = _lane_planes(_powers(q, (2,), cfg, interpret)[..., 0], split)
+    inputs["cqre"], inputs["cqim"] = _lane_planes(eta * pf * q, split)
+    inputs["k0"] = jnp.sum(inputs["cre"], axis=0)  # per lane: its orders' Re(c) summed
+    pair_names = ("q2re", "q2im", "cqre", "cqim", "k0")
   init_names = ()
   if s0 is not None:
     inputs["s0re"], inputs["s0im"] = s0
     init_names = ("s0re", "s0im")
-  names = ("x",) + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
+  names = ("x",) + keep_names + ("qre", "qim", "cre", "cim", "om") + pair_names + init_names
   out = _launch(spec("fwd", bool(init_names), names, ("y", "fre", "fim")), batch, plan.count,
                 inputs, {"y": jax.ShapeDtypeStruct(x.shape, jnp.float32), "fre": state,
                          "fim": state},

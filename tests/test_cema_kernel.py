@@ -140,6 +140,15 @@ CASES = {
     "one_chunk_bf16_pallas_combine": Case(
         "one_chunk_bf16_pallas_combine", use_h0=True, use_segments=True, x_dtype="bfloat16",
         config=dataclasses.replace(SMALL, reset_branch=False, pallas_combine=True)),
+    # CemaKernelConfig.fwd_pairs: the forward scan two steps at a time in reset-free tiles of 4
+    # (tiles with a reset, and the last chunk's fifth step, step by step), with resets and h0; then
+    # the training path with one lane per channel and one sum chain.
+    "chunked_h0_segments_fwd_pairs": Case(
+        "chunked_h0_segments_fwd_pairs", use_h0=True, use_segments=True,
+        config=dataclasses.replace(CHUNKED, block_t=4, fwd_pairs=True)),
+    "chunked_fwd_pairs_split1": Case(
+        "chunked_fwd_pairs_split1", use_h0=False, use_segments=False, use_state=False,
+        config=dataclasses.replace(CHUNKED, fwd_pairs=True, split=1, sum_chains=1, pallas_combine=True)),
     # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
     "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
                             config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
@@ -800,3 +809,48 @@ def _assert_powers_close_f64(value, ref, rtol=1e-6):
   assert np.all(np.isfinite(value)) and big.sum() >= 5
   np.testing.assert_array_less(np.abs(value - ref)[big] / np.abs(ref)[big], rtol)
   np.testing.assert_array_less(np.abs(value)[~big], 1e-29)
+
+
+def test_fwd_pairs_match_float64_for_slow_decay(monkeypatch):
+  """fwd_pairs (two forward steps per update, q^2 from the double-float powers) against a float64
+  recurrence with |q| close to 1 and fast rotations, 3 chunks over 300 steps: as close as the
+  step-by-step scan, and the forward launches really take the paired path."""
+  rng = np.random.default_rng(17)
+  dim, ndim, length = 4, 4, 300
+  mags = 1 - 10.0 ** rng.uniform(-5, -1, (dim, ndim))
+  q = mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
+  p = rng.uniform(0.1, 1.0, (dim, ndim))
+  eta = rng.normal(size=(dim, ndim)) + 1j * rng.normal(size=(dim, ndim))
+  omega = rng.normal(size=dim)
+  x = rng.normal(size=(1, length, dim)).astype(np.float32)
+  coeffs = CemaCoefficients(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.complex64), jnp.asarray(eta, jnp.complex64))
+  # float64 on the float32-rounded coefficients the kernels see.
+  p32, q32, eta32 = (np.asarray(v, np.float64 if v.dtype == jnp.float32 else np.complex128) for v in coeffs)
+  y64, _ = np_cema(x.astype(np.float64), p32, q32, eta32, omega.astype(np.float32).astype(np.float64), None,
+                   np.ones((1, length)))
+  base = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3, bwd_block_d=2,
+                            bwd_split=2, bwd_num_warps=1)
+  pairs = []
+  launch = K._launch
+
+  def recording_launch(spec, *args, **kwargs):
+    if spec.mode == "fwd":
+      pairs.append(spec.pair_steps)
+    return launch(spec, *args, **kwargs)
+
+  monkeypatch.setattr(K, "_launch", recording_launch)
+  errors = {}
+  for flag in (False, True):
+    y = K.cema_pallas(jnp.asarray(x), coeffs, jnp.asarray(omega, jnp.float32), interpret=True,
+                      config=dataclasses.replace(base, fwd_pairs=flag))
+    errors[flag] = rel_err(y, y64)
+  assert pairs == [False, True]
+  assert errors[True] < 2e-6 and errors[False] < 2e-6, errors
+  with pytest.raises(ValueError, match="fwd_pairs needs block_t >= 2"):
+    dataclasses.replace(base, block_t=1, fwd_pairs=True).validate(ndim)
+
+
+def test_fwd_pairs_lower_to_triton():
+  cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), fwd_pairs=True)
+  text = _lowered_gpu_gradient_text(cfg)
+  assert "cema_fwd_scan" in text and text.count('name = "cema_powers"') >= 1

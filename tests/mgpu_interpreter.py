@@ -34,7 +34,8 @@ _DEADLOCK_SECONDS = 300
 def mosaic_gpu_interpreter(monkeypatch):
   """Yields (InterpretGPUParams with race detection, the gpu_callbacks module for get_races())."""
   if jax.default_backend() != "cpu":
-    pytest.fail("the Mosaic GPU interpreter runs on the CPU backend (run this test without a GPU platform)")
+    # Interpreter-only: the compiled kernels have their own tests (marked gpu) for GPU runs.
+    pytest.skip("the Mosaic GPU interpreter runs on the CPU backend (this test runs in the CPU suite)")
   from jax._src.pallas.mosaic.interpret import utils as interpret_utils
   from jax._src.pallas.mosaic_gpu import core as gpu_core
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks

@@ -310,6 +310,7 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int
   config = _with_tiles(config, block_q, block_k)
   _check_choices(config)
   if platform == "triton":
+    _check_gpu_head_dims(dk, dv, interpret)
     plan = _triton_plan(config, interpret, float(scale), batch, heads, n_chunks, chunk_len, chunk_len,
                         dk, dv, q.dtype)
     return _attention(plan, q, k, v, segment_ids)
@@ -342,6 +343,7 @@ def cached_chunk_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, sta
   platform, interpret = _resolve_platform(platform, interpret)
   config = _with_tiles(config, block_q, block_k)
   if platform == "triton":
+    _check_gpu_head_dims(dk, dv, interpret)
     plan = _triton_plan(config, interpret, float(scale), batch, heads, 1, steps, cache_len, dk, dv,
                         q.dtype, cached=True)
     out, _ = _tr_flash_forward(plan, q, k_buf, v_buf, None, start, save_lse=False)
@@ -384,6 +386,22 @@ def _with_tiles(config: KernelConfig | None, block_q: int | None, block_k: int |
   config = KernelConfig() if config is None else config
   return dataclasses.replace(config, block_q=block_q or config.block_q, block_k=block_k or config.block_k,
                              bwd_block_q=config.bwd_block_q or block_q, bwd_block_k=config.bwd_block_k or block_k)
+
+
+# Pallas lowers a dot straight to Triton's tt.dot, without the front end's check that every dimension
+# is >= 16; decode_step's tensor-core form returned wrong values on an H200 with 4-feature products.
+MIN_GPU_HEAD_DIM = 16
+
+
+def gpu_head_dims_supported(dk: int, dv: int) -> bool:
+  """Whether the compiled GPU kernels take these head dims (their products contract dk and dv)."""
+  return dk >= MIN_GPU_HEAD_DIM and dv >= MIN_GPU_HEAD_DIM
+
+
+def _check_gpu_head_dims(dk: int, dv: int, interpret: bool) -> None:
+  if not interpret and not gpu_head_dims_supported(dk, dv):
+    raise ValueError(f"the GPU attention kernels need q/k and v head dims >= {MIN_GPU_HEAD_DIM} (got {dk} and "
+                     f"{dv}); use the XLA path (attention_impl='xla', or 'auto', which picks it) or interpret=True")
 
 
 def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:

@@ -100,3 +100,36 @@ def test_auto_cached_attention_sends_single_queries_to_xla(rng, monkeypatch, bat
   out = attention.cached_attention(q, k, v, 3)
   np.testing.assert_allclose(out, attention.cached_attention_xla(q, k, v, 3), rtol=1e-6)
   assert (used[:1] or ["xla"])[0] == expect
+
+
+@pytest.mark.parametrize("dk, dv, expect", [(8, 32, "xla"), (32, 8, "xla"), (16, 16, "pallas")])
+def test_auto_on_a_gpu_sends_small_heads_to_xla(rng, monkeypatch, dk, dv, expect):
+  """The compiled GPU kernels contract dk and dv in tensor-core products that need >= 16 features;
+  'auto' sends smaller heads to XLA, and the kernel itself refuses them when compiled."""
+  import kernels_pallas.chunk_attention as kernel
+  used = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "_pallas_available", lambda: True)
+  monkeypatch.setattr(kernel, "chunk_attention",
+                      lambda q, k, v, chunk_size, segment_ids: used.append("pallas")
+                      or attention.chunked_attention_xla(q, k, v, chunk_size=chunk_size, segment_ids=segment_ids))
+  monkeypatch.setattr(kernel, "cached_chunk_attention",
+                      lambda *a: used.append("pallas") or attention.cached_attention_xla(*a))
+  q = jnp.asarray(rng.standard_normal((2, 16, 2, dk)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, 16, 2, dk)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, 16, 2, dv)), jnp.float32)
+  out = attention.chunked_attention(q, k, v, chunk_size=8)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(attention.chunked_attention_xla(q, k, v, chunk_size=8)),
+                             rtol=1e-6, atol=1e-6)
+  attention.cached_attention(q, k, v, 0)
+  assert used == ([] if expect == "xla" else ["pallas", "pallas"])
+
+
+def test_gpu_kernel_refuses_small_heads_when_compiled(rng):
+  import kernels_pallas.chunk_attention as kernel
+  q = jnp.asarray(rng.standard_normal((1, 16, 1, 8)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((1, 16, 1, 32)), jnp.float32)
+  with pytest.raises(ValueError, match="head dims >= 16 \\(got 8 and 32\\)"):
+    kernel.chunk_attention(q, q, v, chunk_size=8, platform="triton", interpret=False)
+  with pytest.raises(ValueError, match="head dims >= 16"):
+    kernel.cached_chunk_attention(q[:, :1], q, v, 0, platform="triton", interpret=False)

@@ -91,6 +91,14 @@ def _pallas_available() -> bool:
   return backend.has_accelerator()
 
 
+def _kernel_takes(dk: int, dv: int) -> bool:
+  """'auto' on a GPU: the compiled kernels' products need head dims >= 16 (smaller ones go to XLA)."""
+  if jax.default_backend() != "gpu":
+    return True
+  from kernels_pallas import chunk_attention as kernel
+  return kernel.gpu_head_dims_supported(dk, dv)
+
+
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int,
                       segment_ids: jax.Array | None = None, impl: str = "auto",
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -99,7 +107,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: i
   impl: 'xla', 'pallas' (error if unavailable) or 'auto' (Pallas on GPU/TPU when no attention
   dropout is asked for, XLA otherwise).
   """
-  use_pallas = impl == "pallas" or (impl == "auto" and dropout_rate == 0.0 and _pallas_available())
+  use_pallas = impl == "pallas" or (impl == "auto" and dropout_rate == 0.0 and _pallas_available()
+                                    and _kernel_takes(q.shape[-1], v.shape[-1]))
   if use_pallas:
     if dropout_rate > 0.0:
       raise ConfigError("the Pallas attention kernel has no attention dropout; set attention_impl='xla' "
@@ -122,7 +131,8 @@ def cached_attention(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: ja
   Python dispatches each step, against 5.4 ms with the kernel), so those stay on the kernel."""
   batch, steps, heads = q.shape[:3]
   xla_is_faster = steps < PALLAS_MIN_CACHED_QUERIES and (batch == 1 or heads == 1)
-  if impl == "pallas" or (impl == "auto" and _pallas_available() and not xla_is_faster):
+  if impl == "pallas" or (impl == "auto" and _pallas_available() and not xla_is_faster
+                          and _kernel_takes(q.shape[-1], v_buf.shape[-1])):
     from kernels_pallas import chunk_attention as kernel
     return kernel.cached_chunk_attention(q, k_buf, v_buf, start)
   return cached_attention_xla(q, k_buf, v_buf, start)

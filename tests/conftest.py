@@ -27,6 +27,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -48,3 +49,55 @@ def pytest_report_header(config):
   precision = jax.config.jax_default_matmul_precision or "default"
   return (f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}, "
           f"float32 matmul precision: {precision}")
+
+
+# Kernel tests lower the GPU kernels for CUDA on the CPU. jax 0.10.2 does that as it is; jax 0.11
+# asks the device for its compute capability and, with no GPU, wants an abstract one set through an
+# abstract mesh. These modules get an H100 (compute capability 9.0, as the H200) for every test.
+_CUDA_LOWERING_MODULES = {
+    "test_cema_kernel", "test_cema_summary_kernel", "test_chunk_attention_kernel", "test_decode_step_kernel",
+    "test_timestep_norm_kernel", "test_timestep_norm_step_sums", "test_timestep_norm_single_pass",
+    "test_block_matmul_mgpu", "test_bwd_tiles_mgpu", "test_scores_mgpu", "test_timestep_norm_mgpu",
+    "test_timestep_norm_mgpu_bwd", "test_triton_backend"}
+_ABSTRACT_GPU_KIND = "NVIDIA H100 80GB HBM3"
+
+
+def _probe_kernel(x_ref, o_ref):
+  o_ref[...] = x_ref[...] + 1.0
+
+
+def _cuda_lowering_needs_abstract_gpu() -> bool:
+  """Whether this jax, on the CPU, lowers a Triton kernel for CUDA only with an abstract GPU."""
+  if jax.default_backend() != "cpu":
+    return False
+  from jax.experimental import pallas as pl
+  from kernels_pallas.triton_backend import plgpu
+  try:
+    call = pl.pallas_call(_probe_kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                          compiler_params=plgpu.CompilerParams(num_warps=1))
+    jax.jit(call).trace(jax.ShapeDtypeStruct((16,), jnp.float32)).lower(lowering_platforms=("cuda",))
+  except RuntimeError as error:
+    return "abstract GPU" in str(error)
+  except Exception:  # noqa: BLE001 -- no Triton at all: nothing an abstract device would fix
+    return False
+  return False
+
+
+_NEEDS_ABSTRACT_GPU = None
+
+
+@pytest.fixture(autouse=True)
+def _abstract_gpu_for_cuda_lowering(request):
+  global _NEEDS_ABSTRACT_GPU
+  if request.module.__name__.rsplit(".", 1)[-1] not in _CUDA_LOWERING_MODULES:
+    yield
+    return
+  if _NEEDS_ABSTRACT_GPU is None:
+    _NEEDS_ABSTRACT_GPU = _cuda_lowering_needs_abstract_gpu()
+  if not _NEEDS_ABSTRACT_GPU:
+    yield
+    return
+  from jax._src import mesh as mesh_lib  # AbstractDevice has no public name yet
+  device = mesh_lib.AbstractDevice(device_kind=_ABSTRACT_GPU_KIND, num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((), (), abstract_device=device)):
+    yield

@@ -233,7 +233,8 @@ class CemaKernelConfig:
     two steps on is q^2 s + q x_t + x_(t+1), and y_t comes from the earlier state as Re(c q s) plus
     the lane's sum of Re(c) times x_t, so a pair costs 10 multiply-adds per order instead of 12,
     for 4 more coefficient registers per order (q^2 from the double-float power kernel, c q).
-    Needs block_t >= 2; GPU only (the TPU kernels and the interpreter's TPU path ignore it).
+    Needs block_t >= 2; GPU only (the TPU kernels and the interpreter's TPU path ignore it). On in
+    default_config since session 19 (compiled values checked on an H200).
   tpu_block_d, tpu_block_t: lane and time block of the TPU kernels (multiples of 128 and 16 on
     hardware unless they cover the whole axis).
   """
@@ -313,8 +314,11 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   # Blocked chunk summaries, 4 steps per block on 2 lanes per channel: on an H200 at B=1,
   # L=32768, D=4096 they took 0.588 / 0.594 ms (forward / backward summaries) against 0.631 /
   # 0.673 step by step (experiments/results/gpu_checks/2026-11-29_nvidia-h200_cema_summaries_ab.json).
+  # fwd_pairs: on an H200 at that shape fwd+bwd 3.098 against 3.176 ms step by step over three
+  # interleaved rounds, y within 2.8e-7 of the stepwise forward's
+  # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_cema_fwd_pairs_check.json).
   base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4,
-                          summary_split=_largest_split(ndim, 2))
+                          summary_split=_largest_split(ndim, 2), fwd_pairs=True)
   programs = batch * pl.cdiv(dim, base.block_d)
   wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
   chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))

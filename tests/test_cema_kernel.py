@@ -557,9 +557,11 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
   text = exported.mlir_module()
   # Four scans (chunk summaries and main pass, each direction) and three double-float power tables
-  # (each direction's summary powers q^1..q^S, the forward's chunk decay q^chunk).
-  assert text.count("__gpu$xla.gpu.triton") == 7 + 4 * pallas_combine
-  assert text.count('name = "cema_powers"') == 3
+  # (each direction's summary powers q^1..q^S, the forward's chunk decay q^chunk), and with
+  # fwd_pairs (on in the default tiling) a fourth for the paired forward's q^2.
+  assert cfg.fwd_pairs
+  assert text.count("__gpu$xla.gpu.triton") == 8 + 4 * pallas_combine
+  assert text.count('name = "cema_powers"') == 4
   assert text.count('name = "cema_combine"') == 3 * pallas_combine
   assert text.count('name = "cema_bwd_totals"') == pallas_combine
   for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
@@ -651,11 +653,13 @@ def test_blocked_summaries_lower_to_triton():
   cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), block_t=16, num_chunks=4,
                             summary_block=8, summary_split=2, summary_block_t=32)
   text = _lowered_gpu_gradient_text(cfg)
-  # 4 scans and 3 power tables (see the preset-shape test), besides the default's combine kernels.
+  # 4 scans and 3 power tables (see the preset-shape test; a fourth, q^2, for fwd_pairs, on in the
+  # default tiling), besides the default's combine kernels.
+  assert cfg.fwd_pairs
   combines = text.count('name = "cema_combine"') + text.count('name = "cema_bwd_totals"')
   assert combines >= 3  # forward s, backward u, the backward's totals
-  assert text.count("__gpu$xla.gpu.triton") == 7 + combines
-  assert text.count('name = "cema_powers"') == 3
+  assert text.count("__gpu$xla.gpu.triton") == 8 + combines
+  assert text.count('name = "cema_powers"') == 4
   assert "cema_fwd_chunk_states" in text and "cema_bwd_chunk_states" in text
 
 

@@ -1,10 +1,12 @@
-"""CemaKernelConfig.fwd_pairs on the GPU: compiled values and gradients against the default forward
+"""CemaKernelConfig.fwd_pairs on the GPU: compiled values and gradients against the stepwise forward
 and against the float32 sequential reference, at the benchmark shape (B=1, L=32768, D=4096, N=16).
 
-Timing is bench_ops' job (`--variant cema:fwd_pairs=true`); this script only checks that the paired
-forward computes the same function when compiled (the tests run it in the interpreter).
+Each config is one jitted forward + backward program (y and the gradients), compiled once: on an H200
+each fwd+bwd compiles and runs once in 41-45 s (session 19). --rounds N also times the two programs in N interleaved rounds;
+bench_ops (`--variant cema:fwd_pairs=true`) is the op benchmark proper.
 
   python experiments/gpu_checks/check_cema_fwd_pairs.py --json "$OUT/cema_fwd_pairs_check.json"
+  python experiments/gpu_checks/check_cema_fwd_pairs.py --rounds 5   # and time fwd+bwd, interleaved
   python experiments/gpu_checks/check_cema_fwd_pairs.py --reference   # also y against the lax.scan reference
   python experiments/gpu_checks/check_cema_fwd_pairs.py --smoke   # CPU interpreter, tiny shape
 
@@ -19,12 +21,15 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from experiments.benchmarks import harness  # noqa: E402
 
 from kernels_pallas import cema as K  # noqa: E402
 from megalodon_jax.ops.cema import cema_coefficients  # noqa: E402
@@ -35,6 +40,8 @@ def main() -> None:
   parser.add_argument("--json", default=None)
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--reference", action="store_true", help="also compare y with the sequential lax.scan")
+  parser.add_argument("--rounds", type=int, default=0, help="also time fwd+bwd of both configs in this many "
+                      "interleaved rounds (5 samples of 10 calls each per round)")
   args = parser.parse_args()
   batch, length, dim, ndim = (1, 96, 8, 4) if args.smoke else (1, 32768, 4096, 16)
   keys = jax.random.split(jax.random.key(0), 6)
@@ -47,33 +54,55 @@ def main() -> None:
   if args.smoke:
     base = dataclasses.replace(base, block_d=4, bwd_block_d=4, num_warps=1, bwd_num_warps=1, num_chunks=3)
 
-  def run(cfg):
-    loss = lambda x, c, om: jnp.sum(w * K.cema_pallas(x, c, om, config=cfg))  # noqa: E731
-    y = jax.jit(lambda x, c, om: K.cema_pallas(x, c, om, config=cfg))(x, coeffs, omega)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, coeffs, omega)
-    return [np.asarray(v, np.float64 if not jnp.iscomplexobj(v) else np.complex128)
-            for v in [y] + jax.tree_util.tree_leaves(grads)]
+  def program(cfg):
+    """One jitted forward + backward (y and the gradients of sum(w * y)): one compile per config."""
+    def value_and_grads(x, c, om):
+      y, vjp = jax.vjp(lambda x, c, om: K.cema_pallas(x, c, om, config=cfg), x, c, om)
+      return y, vjp(w.astype(y.dtype))
+    return jax.jit(value_and_grads)
+
+  def as_numpy(out):
+    return [np.asarray(v, np.complex128 if jnp.iscomplexobj(v) else np.float64) for v in jax.tree_util.tree_leaves(out)]
 
   names = ["y", "dx", "dp", "dq", "deta", "domega"]
   rel = lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))  # noqa: E731
-  default = run(base)
-  print("default compiled and run", flush=True)
-  pairs = run(dataclasses.replace(base, fwd_pairs=True))
-  rows = [{"quantity": n, "pairs_vs_default": rel(a, b)} for n, a, b in zip(names, pairs, default)]
+  programs, outputs, compile_s = {}, {}, {}
+  for label, cfg in (("steps", dataclasses.replace(base, fwd_pairs=False)),
+                     ("pairs", dataclasses.replace(base, fwd_pairs=True))):
+    start = time.perf_counter()
+    programs[label] = program(cfg)
+    outputs[label] = as_numpy(jax.block_until_ready(programs[label](x, coeffs, omega)))
+    compile_s[label] = time.perf_counter() - start
+    print(f"{label}: compiled and ran in {compile_s[label]:.1f} s", flush=True)
+  rows = [{"quantity": n, "pairs_vs_steps": rel(a, b)}
+          for n, a, b in zip(names, outputs["pairs"], outputs["steps"])]
   for row in rows:
-    print(f"{row['quantity']}: pairs vs default {row['pairs_vs_default']:.3e}", flush=True)
-  ok = all(r["pairs_vs_default"] < 1e-4 for r in rows)
+    print(f"{row['quantity']}: pairs vs steps {row['pairs_vs_steps']:.3e}", flush=True)
+  ok = all(r["pairs_vs_steps"] < 1e-4 for r in rows)
   if args.reference or args.smoke:
     y_ref = np.asarray(jax.jit(K.cema_reference)(x, coeffs, omega), np.float64)
-    rows.append({"quantity": "y vs sequential reference", "default": rel(default[0], y_ref),
-                 "pairs": rel(pairs[0], y_ref)})
-    print(f"y vs sequential reference: default {rows[-1]['default']:.3e}, pairs {rows[-1]['pairs']:.3e}", flush=True)
+    rows.append({"quantity": "y vs sequential reference", "steps": rel(outputs["steps"][0], y_ref),
+                 "pairs": rel(outputs["pairs"][0], y_ref)})
+    print(f"y vs sequential reference: steps {rows[-1]['steps']:.3e}, pairs {rows[-1]['pairs']:.3e}", flush=True)
     ok = ok and rows[-1]["pairs"] < 1e-4
   print("OK" if ok else "MISMATCH", flush=True)
+  timing = {}
+  if args.rounds:
+    # Interleaved rounds of fwd+bwd (the program above, which also returns y), median per config.
+    samples = {label: [] for label in programs}
+    for _ in range(args.rounds):
+      for label, fn in programs.items():
+        samples[label].append(harness.time_fn(fn, x, coeffs, omega, warmup=1, iters=5, inner=10)["median_ms"])
+    for label, values in samples.items():
+      timing[label] = {"median_ms": float(np.median(values)), "rounds_ms": values}
+    ratio = timing["steps"]["median_ms"] / timing["pairs"]["median_ms"]
+    print(f"fwd+bwd over {args.rounds} interleaved rounds: steps {timing['steps']['median_ms']:.3f} ms, "
+          f"pairs {timing['pairs']['median_ms']:.3f} ms ({ratio:.3f}x)", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind, "shape": [batch, length, dim, ndim],
-                 "rows": rows, "ok": ok}, f, indent=1)
+                 "rows": rows, "ok": ok,
+                 "compile_and_first_run_s": compile_s, "fwdbwd_timing": timing}, f, indent=1)
 
 
 if __name__ == "__main__":

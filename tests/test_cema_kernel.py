@@ -858,3 +858,23 @@ def test_fwd_pairs_lower_to_triton():
   cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), fwd_pairs=True)
   text = _lowered_gpu_gradient_text(cfg)
   assert "cema_fwd_scan" in text and text.count('name = "cema_powers"') >= 1
+
+
+@pytest.mark.parametrize("mode", ["split", "strided"])
+def test_toeplitz_probe_kernel_matches_float64(mode):
+  """The session-19 probe's per-channel Toeplitz kernel (experiments/gpu_checks/
+  probe_cema_toeplitz_triton.py; bf16 x, the float32 kernel as three bf16 parts) in the
+  interpreter against a float64 product: y[c T + t, d] = sum_{s <= t} k[d, t - s] x[c T + s, d]."""
+  from experiments.gpu_checks.probe_cema_toeplitz_triton import toeplitz_pallas
+  batch, block, chunks, dim = 2, 16, 4, 8
+  x = jax.random.normal(jax.random.key(3), (batch, chunks * block, dim), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(4), (dim, block), jnp.float32)
+  y = np.asarray(toeplitz_pallas(x, k, mode=mode, block=block, ct=2, dc=4, interpret=True))
+  xs = np.asarray(x, np.float64).reshape(batch, chunks, block, dim)
+  kk = np.asarray(k, np.float64)
+  ref = np.zeros_like(xs)
+  for t in range(block):
+    for s in range(t + 1):
+      ref[:, :, t, :] += kk[:, t - s] * xs[:, :, s, :]
+  ref = ref.reshape(batch, chunks * block, dim)
+  np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.max(np.abs(ref)))

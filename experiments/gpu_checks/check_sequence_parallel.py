@@ -851,7 +851,8 @@ def shrink_cema_tiles() -> None:
   default = cema_kernels.default_config
 
   def small_tiles(*shape):
-    return dataclasses.replace(default(*shape), block_t=1, summary_block=0)  # blocks need whole tiles
+    # Blocked summaries and paired forward steps need tiles of several steps.
+    return dataclasses.replace(default(*shape), block_t=1, summary_block=0, fwd_pairs=False)
 
   cema_kernels.default_config = small_tiles
 

@@ -288,7 +288,8 @@ class CemaKernelConfig:
     if self.sum_chains < 1:
       raise ValueError(f"CemaKernelConfig.sum_chains must be >= 1; got {self.sum_chains}.")
     if self.fwd_pairs and self.block_t < 2:
-      raise ValueError(f"CemaKernelConfig.fwd_pairs needs block_t >= 2; got {self.block_t}.")
+      raise ValueError(f"CemaKernelConfig.fwd_pairs needs block_t >= 2; got {self.block_t}. "
+                       "Set fwd_pairs=False for one-step tiles.")
     if self.summary_split:
       if self.summary_split & (self.summary_split - 1) or ndim % self.summary_split:
         raise ValueError(f"CemaKernelConfig.summary_split={self.summary_split} must be 0 or a "

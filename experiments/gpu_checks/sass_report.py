@@ -4,6 +4,7 @@
     python experiments/gpu_checks/sass_report.py --config "{'num_chunks': 16}" --out /tmp/sass
     python experiments/gpu_checks/sass_report.py --op timestep_norm --config "{'block_t': 32}"
     python experiments/gpu_checks/sass_report.py --op chunk_attention --out /tmp/attn_sass
+    python experiments/gpu_checks/sass_report.py --op cema_toeplitz_probe --config "{'block': 32, 'dc': 16}"
 
 Step 1 (this Python, with JAX): cross-lowers the op's value-and-gradient for CUDA (CEMA at B=1,
 L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64; chunked attention at bench_ops'
@@ -127,7 +128,26 @@ def _attention_gradient(overrides: dict):
   return jax.grad(loss, argnums=(0, 1, 2)), avals, None
 
 
-OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient, "chunk_attention": _attention_gradient}
+def _toeplitz_probe(overrides: dict):
+  """Session 19's per-channel Toeplitz probe (experiments/gpu_checks/probe_cema_toeplitz_triton.py),
+  forward only, at B=1, L=32768, D=4096; overrides: mode, block, ct, dc, num_warps."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.gpu_checks.probe_cema_toeplitz_triton import toeplitz_pallas
+
+  settings = {"mode": "split", "block": 64, "ct": 64, "dc": 8, "num_warps": 4, **overrides}
+  print(settings)
+  spec = jax.ShapeDtypeStruct
+  avals = (spec((1, 32768, 4096), jnp.bfloat16), spec((4096, settings["block"]), jnp.float32))
+  warps = collections.defaultdict(lambda: settings["num_warps"])
+  return functools.partial(toeplitz_pallas, **settings), avals, warps
+
+
+OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient, "chunk_attention": _attention_gradient,
+       "cema_toeplitz_probe": _toeplitz_probe}
 
 
 def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
@@ -198,7 +218,8 @@ def main() -> None:
   parser.add_argument("--op", default="cema", choices=sorted(OPS))
   parser.add_argument("--config", default="{}",
                       help="overrides, as a dict: CemaKernelConfig fields, TiledConfig fields "
-                           "for timestep_norm, KernelConfig fields for chunk_attention")
+                           "for timestep_norm, KernelConfig fields for chunk_attention, mode / block / "
+                           "ct / dc / num_warps for cema_toeplitz_probe")
   parser.add_argument("--out", default="/tmp/cema_sass")
   parser.add_argument("--triton-python", default=sys.executable,
                       help="a Python with triton installed (may differ from the JAX one)")

@@ -45,6 +45,18 @@ def rng():
   return np.random.default_rng(zlib.crc32(name.encode()))
 
 
+@pytest.fixture
+def host_without_hopper(monkeypatch):
+  """The kernel dispatch a host without a Hopper GPU sees (the CPU in CI), on any host.
+
+  Tests that count the Mosaic GPU calls in a lowered module leave the kernels they do not name on
+  'auto'; on an H100/H200 (MEGALODON_TEST_PLATFORM=gpu) 'auto' picks Mosaic GPU for those too and
+  the counts change."""
+  from kernels_pallas import chunk_attention, timestep_norm_single_pass
+  monkeypatch.setattr(chunk_attention, "_is_hopper", lambda: False)
+  monkeypatch.setattr(timestep_norm_single_pass, "_on_hopper", lambda: False)
+
+
 def pytest_report_header(config):
   precision = jax.config.jax_default_matmul_precision or "default"
   return (f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}, "

@@ -94,9 +94,10 @@ def test_auto_cached_attention_sends_single_queries_to_xla(rng, monkeypatch, bat
   used = []
   monkeypatch.setattr(attention, "_pallas_available", lambda: True)
   monkeypatch.setattr(kernel, "cached_chunk_attention", lambda *a: used.append("pallas") or attention.cached_attention_xla(*a))
-  q = jnp.asarray(rng.standard_normal((batch, steps, heads, 8)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((batch, 32, heads, 8)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((batch, 32, heads, 4)), jnp.float32)
+  # Head dims of 16: on a GPU, 'auto' sends smaller heads to XLA whatever the query count.
+  q = jnp.asarray(rng.standard_normal((batch, steps, heads, 16)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((batch, 32, heads, 16)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((batch, 32, heads, 16)), jnp.float32)
   out = attention.cached_attention(q, k, v, 3)
   np.testing.assert_allclose(out, attention.cached_attention_xla(q, k, v, 3), rtol=1e-6)
   assert (used[:1] or ["xla"])[0] == expect

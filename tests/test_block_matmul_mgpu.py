@@ -175,14 +175,14 @@ def test_unsupported_shapes_raise(change, message):
     (192, 576, False, jnp.bfloat16, 0),  # chunk not a multiple of 128: Triton throughout
     (256, 512, False, jnp.float32, 0),  # float32 inputs: Triton throughout
 ])
-def test_chunk_attention_sends_block_matmuls_to_mosaic_gpu(chunk, length, segments, dtype, expected):
+def test_chunk_attention_sends_block_matmuls_to_mosaic_gpu(host_without_hopper, chunk, length, segments, dtype, expected):
   module = _lowered_attention_module(ca.KernelConfig(matmul_impl="mgpu"), chunk, length, segments, dtype)
   assert module.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == expected
   default = _lowered_attention_module(ca.KernelConfig(), chunk, length, segments, dtype)
   assert default.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 0
 
 
-def test_auto_matmul_is_triton_off_hopper_and_follows_the_environment(monkeypatch):
+def test_auto_matmul_is_triton_off_hopper_and_follows_the_environment(host_without_hopper, monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL", raising=False)
   assert ca._resolve_kernel_impl("matmul", "auto") == "triton"  # the CPU is no Hopper GPU
   assert ca._resolve_kernel_impl("matmul", "mgpu") == "mgpu"

@@ -242,7 +242,7 @@ def test_unsupported_shapes_raise(change, message):
     ("mgpu", "mgpu", 256, 512, False, jnp.float32, 0),  # float32 inputs: Triton throughout
     ("auto", "triton", 256, 512, False, jnp.bfloat16, 0),  # 'auto' is Triton off Hopper (the CPU here)
 ])
-def test_chunk_attention_sends_tiles_to_mosaic_gpu(monkeypatch, tiles_impl, matmul_impl, chunk, length, segments,
+def test_chunk_attention_sends_tiles_to_mosaic_gpu(host_without_hopper, monkeypatch, tiles_impl, matmul_impl, chunk, length, segments,
                                                     dtype, expected):
   monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
   config = ca.KernelConfig(matmul_impl=matmul_impl, tiles_impl=tiles_impl)
@@ -250,7 +250,7 @@ def test_chunk_attention_sends_tiles_to_mosaic_gpu(monkeypatch, tiles_impl, matm
   assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == expected
 
 
-def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypatch):
+def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(host_without_hopper, monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_TILES", raising=False)
   assert ca._resolve_kernel_impl("tiles", "auto") == "triton"  # the CPU is no Hopper GPU
   monkeypatch.setattr(ca, "_is_hopper", lambda: True)
@@ -269,7 +269,7 @@ def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(monkeypat
     ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
 
 
-def test_persistent_schedule_follows_the_environment(monkeypatch):
+def test_persistent_schedule_follows_the_environment(host_without_hopper, monkeypatch):
   """The op's tiles call: the persistent schedule with one program per SM and 5 stages by default;
   MEGALODON_ATTENTION_TILES_PERSISTENT=<int> sets the programs (0: one tile per program, 4 stages)
   and MEGALODON_ATTENTION_TILES_STAGES=<int> the ring depth; anything else says what to set."""

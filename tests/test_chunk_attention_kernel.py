@@ -259,7 +259,7 @@ def _lower_natively(fn, target, *avals):
     ("mosaic", 2, 64, 96, "blocks"),  # small heads: transposed layout
 ])
 @pytest.mark.parametrize("segments", [False, True])
-def test_kernels_lower_natively(platform, heads, dk, dv, fwd_impl, segments):
+def test_kernels_lower_natively(host_without_hopper, platform, heads, dk, dv, fwd_impl, segments):
   batch, length, chunk = 1, 512, 256
   target = {"triton": "cuda", "mosaic": "tpu"}[platform]
   config = ca.KernelConfig(fwd_impl=fwd_impl)

@@ -307,7 +307,7 @@ def test_mosaic_gpu_scores_match_triton_on_hopper(rng, mode, schedule):
     (dict(dtype=jnp.float32), 0),
     (dict(block_k=64), 0),  # 128 x 64 score tiles
 ])
-def test_chunk_attention_sends_scores_to_mosaic_gpu(change, expected):
+def test_chunk_attention_sends_scores_to_mosaic_gpu(host_without_hopper, change, expected):
   change = dict(change)
   shape = {key: change.pop(key) for key in ("chunk", "length", "segments", "dtype") if key in change}
   # Triton block matmuls: the only Mosaic GPU call left is the scores kernel's.
@@ -316,7 +316,7 @@ def test_chunk_attention_sends_scores_to_mosaic_gpu(change, expected):
   assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == expected
 
 
-def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypatch):
+def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(host_without_hopper, monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_SCORES", raising=False)
   assert ca._resolve_kernel_impl("scores", "auto") == "triton"  # the CPU is no Hopper GPU
   monkeypatch.setattr(ca, "_is_hopper", lambda: True)
@@ -350,7 +350,7 @@ def test_auto_scores_are_mgpu_on_hopper_only_and_follow_the_environment(monkeypa
     ({"P_BUFFERS": "3"}, "1 or 2"),
     ({"STAGES": "0"}, "MEGALODON_ATTENTION_SCORES_STAGES='0'"),
 ])
-def test_chunk_attention_passes_the_scores_schedule_switches(monkeypatch, env, expected):
+def test_chunk_attention_passes_the_scores_schedule_switches(host_without_hopper, monkeypatch, env, expected):
   """MEGALODON_ATTENTION_SCORES_{OVERLAP,STAGES,P_BUFFERS,UNIFORM} reach chunk_scores_mgpu (read when traced)."""
   for name in ("OVERLAP", "STAGES", "P_BUFFERS", "UNIFORM"):
     monkeypatch.delenv(f"MEGALODON_ATTENTION_SCORES_{name}", raising=False)

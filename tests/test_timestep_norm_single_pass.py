@@ -162,7 +162,7 @@ def test_switch_values(monkeypatch):
     single.mode()
 
 
-def test_not_taken_without_a_hopper_gpu_and_forcing_it_says_why(monkeypatch):
+def test_not_taken_without_a_hopper_gpu_and_forcing_it_says_why(host_without_hopper, monkeypatch):
   x, weight, bias, state, _ = _problem()
   assert "Hopper" in single.why_not(x.shape, x.dtype, 2, None, None)  # this CPU
   monkeypatch.setenv(single.ENV, "1")

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
@@ -50,13 +51,19 @@ F32 = jnp.float32
 BF16 = jnp.bfloat16
 
 
-def _split3(a):
-  """float32 a = hi + mid + lo, three bf16 parts."""
-  hi = a.astype(BF16)
-  r = a - hi.astype(F32)
-  mid = r.astype(BF16)
-  lo = (r - mid.astype(F32)).astype(BF16)
-  return hi, mid, lo
+def _split3(a, interpret=False):
+  """float32 a = hi + mid + lo, three bf16 parts.
+
+  In the interpreter the kernel body runs as XLA code, and XLA on a GPU may keep a float32 value
+  through a bf16 round trip (excess precision), which would leave the remainders zero; there the
+  roundings are made explicit with reduce_precision (which Pallas' Triton lowering does not have)."""
+  to_bf16 = (lambda v: lax.reduce_precision(v, exponent_bits=8, mantissa_bits=7)) if interpret else (
+      lambda v: v.astype(BF16).astype(F32))
+  hi = to_bf16(a)
+  r = a - hi
+  mid = to_bf16(r)
+  lo = r - mid
+  return hi.astype(BF16), mid.astype(BF16), lo.astype(BF16)
 
 
 def _stack_last(parts):
@@ -69,25 +76,25 @@ def _stack_last(parts):
   return both.reshape(*both.shape[:-2], both.shape[-2] * 2)
 
 
-def _channel_product(xd, kd_row_fn, block):
+def _channel_product(xd, kd_row_fn, block, interpret):
   """xd: [Ct, T] bf16 -> [Ct, T] float32, y[c, t] = sum_{s <= t} k[t - s] x[c, s]."""
   lag = jnp.arange(block)[:, None] - jnp.arange(block)[None, :]  # [t, s]
   toe = jnp.where(lag >= 0, kd_row_fn(jnp.maximum(lag, 0)), 0.0)
   out = None
-  for part in _split3(toe):
+  for part in _split3(toe, interpret):
     term = jnp.dot(xd, part.T, preferred_element_type=F32)
     out = term if out is None else out + term
   return out
 
 
-def _kernel(x_ref, k_ref, y_ref, *, mode, dc, block, ct):
+def _kernel(x_ref, k_ref, y_ref, *, mode, dc, block, ct, interpret):
   """x_ref, y_ref: [Ct, T, Dc] blocks; k_ref: [Dc, T]."""
   if mode == "split":
     tiles = [t.reshape(ct, block) for t in jnp.split(x_ref[...], dc, axis=-1)]
   ys = []
   for d in range(dc):
     xd = tiles[d] if mode == "split" else x_ref[:, :, d]
-    y = _channel_product(xd, lambda idx, d=d: k_ref[d, idx], block)
+    y = _channel_product(xd, lambda idx, d=d: k_ref[d, idx], block, interpret)
     if mode == "split":
       ys.append(y)
     else:
@@ -102,7 +109,7 @@ def toeplitz_pallas(x, k, *, mode="split", block=64, ct=64, dc=16, num_warps=4, 
   chunks = length // block
   xv = x.reshape(batch, chunks, block, dim)
   spec = pl.BlockSpec((None, ct, block, dc), lambda b, j, i: (b, i, 0, j))
-  kernel = functools.partial(_kernel, mode=mode, dc=dc, block=block, ct=ct)
+  kernel = functools.partial(_kernel, mode=mode, dc=dc, block=block, ct=ct, interpret=interpret)
   y = pl.pallas_call(
       kernel, grid=(batch, dim // dc, chunks // ct),
       in_specs=[spec, pl.BlockSpec((dc, block), lambda b, j, i: (j, 0))], out_specs=spec,

@@ -32,7 +32,8 @@ if [[ ${#files[@]} -eq 0 ]]; then
          tests/test_chunk_attention_kernel.py tests/test_timestep_norm_kernel.py
          tests/test_timestep_norm_single_pass.py tests/test_timestep_norm_step_sums.py
          tests/test_block_matmul_mgpu.py tests/test_bwd_tiles_mgpu.py tests/test_scores_mgpu.py
-         tests/test_decode_step_kernel.py tests/test_attention.py tests/test_model.py tests/test_decoding.py)
+         tests/test_decode_step_kernel.py tests/test_attention.py tests/test_model.py tests/test_decoding.py
+         tests/test_cema.py tests/test_timestep_norm.py)
 fi
 status=0
 for file in "${files[@]}"; do

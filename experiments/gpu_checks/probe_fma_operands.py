@@ -19,6 +19,12 @@ the same instruction counts that differ only in operand sharing:
   cema_1s_k16   16 orders, one stream (the forward scan's lane: all N = 16 orders in one thread)
   bwd_k4, bwd_k8  the backward scan's step for 4 / 8 orders a lane: u = q u + dy, u' = q u' + u,
                 A += x u, A' += x u', dx += Re(c u): 14 FMA-class instructions per order
+  bwd_k8_late   bwd_k8 with the accumulations after all of a step's state updates, x-major
+  bwd_k8_dx4    bwd_k8 with four dx chains instead of two
+  bwd_2s_k4     4 orders with two time streams each, sharing q and c (as many states as bwd_k8)
+
+`python experiments/gpu_checks/sass_report.py --op fma_probe` compiles these kernels for sm_90a on
+a machine without a GPU and counts their register reads per FP32 instruction.
 
 The GPU first runs shared_ab for ~0.3 s so that the clocks have left idle before the first sample.
 
@@ -84,31 +90,47 @@ def _ab_kernel(x_ref, p_ref, o_ref, *, steps: int, chains: int, shared: bool, fm
   o_ref[...] = sum(ys[1:], ys[0])
 
 
-def _bwd_kernel(x_ref, p_ref, o_ref, *, steps: int, orders: int, fma):
-  """The backward scan's per-order step (kernels_pallas/cema.py's docstring), K orders a lane."""
+def _bwd_kernel(x_ref, p_ref, o_ref, *, steps: int, orders: int, fma, streams: int = 1,
+                dx_chains: int = 2, late: bool = False):
+  """The backward scan's per-order step (kernels_pallas/cema.py's docstring), K orders a lane.
+
+  streams: time streams of one channel per lane (two share each order's q and c); dx_chains: the
+  per-step output sum's chains per stream; late: the accumulations (A, A', dx) after all the
+  step's state updates, x-major, instead of right after each order's update. Session 20 compiled
+  these to see whether the source order changes ptxas' operand reuse (it did not)."""
   x = x_ref[...]
   row = lambda r, k: p_ref[r, pl.ds(k * BLOCK, BLOCK)]  # noqa: E731
   qre, qim = [row(0, k) for k in range(orders)], [row(1, k) for k in range(orders)]
   cre, cim = [row(2, k) for k in range(orders)], [row(3, k) for k in range(orders)]
-  dys = [x * (1.0 + 1e-3 * j) for j in range(UNROLL)]
-  xs = [x * (0.5 - 1e-3 * j) for j in range(UNROLL)]
-  # per order: ur, ui, vr, vi (u'), ar, ai (A), br, bi (A'); then 2 dx chains
-  state = tuple(x * (1e-2 * (k + 1)) for k in range(8 * orders)) + (jnp.zeros_like(x),) * 2
+  dys = [[x * (1.0 + 1e-3 * (j + UNROLL * m)) for j in range(UNROLL)] for m in range(streams)]
+  xs = [[x * (0.5 - 1e-3 * (j + UNROLL * m)) for j in range(UNROLL)] for m in range(streams)]
+  size = 8 * orders * streams
+  # per order and stream: ur, ui, vr, vi (u'), ar, ai (A), br, bi (A'); then the dx chains
+  state = tuple(x * (1e-2 * (k + 1)) for k in range(size)) + (jnp.zeros_like(x),) * (dx_chains * streams)
+
+  def accumulate(st, dx, i, m, k, j):
+    nur, nui, nvr, nvi, ar, ai, br, bi = st[i:i + 8]
+    st[i + 4:i + 8] = [fma(xs[m][j], nur, ar), fma(xs[m][j], nui, ai), fma(xs[m][j], nvr, br),
+                       fma(xs[m][j], nvi, bi)]
+    c = m * dx_chains + k % dx_chains
+    dx[c] = fma(-cim[k], nui, fma(cre[k], nur, dx[c]))
 
   def body(_, state):
-    st, dx = list(state[:8 * orders]), list(state[8 * orders:])
+    st, dx = list(state[:size]), list(state[size:])
     for j in range(UNROLL):
       dx = [d * 0.5 for d in dx]
       for k in range(orders):
-        ur, ui, vr, vi, ar, ai, br, bi = st[8 * k:8 * k + 8]
-        nvr = fma(qre[k], vr, fma(-qim[k], vi, ur))
-        nvi = fma(qre[k], vi, fma(qim[k], vr, ui))
-        nur = fma(qre[k], ur, fma(-qim[k], ui, dys[j]))
-        nui = fma(qim[k], ur, qre[k] * ui)
-        ar, ai = fma(xs[j], nur, ar), fma(xs[j], nui, ai)
-        br, bi = fma(xs[j], nvr, br), fma(xs[j], nvi, bi)
-        dx[k % 2] = fma(-cim[k], nui, fma(cre[k], nur, dx[k % 2]))
-        st[8 * k:8 * k + 8] = [nur, nui, nvr, nvi, ar, ai, br, bi]
+        for m in range(streams):
+          i = 8 * (k * streams + m)
+          ur, ui, vr, vi = st[i:i + 4]
+          st[i:i + 4] = [fma(qre[k], ur, fma(-qim[k], ui, dys[m][j])), fma(qim[k], ur, qre[k] * ui),
+                         fma(qre[k], vr, fma(-qim[k], vi, ur)), fma(qre[k], vi, fma(qim[k], vr, ui))]
+          if not late:
+            accumulate(st, dx, i, m, k, j)
+      if late:
+        for m in range(streams):
+          for k in range(orders):
+            accumulate(st, dx, 8 * (k * streams + m), m, k, j)
     return tuple(st) + tuple(dx)
 
   state = jax.lax.fori_loop(0, steps // UNROLL, body, state)
@@ -162,6 +184,10 @@ PATTERNS = {
     "cema_1s_k16": (dict(kind="cema", orders=16, streams=1), 16 * 6 + 2),
     "bwd_k4": (dict(kind="bwd", orders=4), 4 * 14 + 2),
     "bwd_k8": (dict(kind="bwd", orders=8), 8 * 14 + 2),
+    # session 20: the same step written otherwise (same multiply-adds; a 4-chain dx adds 2 multiplies)
+    "bwd_k8_late": (dict(kind="bwd", orders=8, late=True), 8 * 14 + 2),
+    "bwd_k8_dx4": (dict(kind="bwd", orders=8, dx_chains=4), 8 * 14 + 4),
+    "bwd_2s_k4": (dict(kind="bwd", orders=4, streams=2), 2 * 4 * 14 + 4),
 }
 
 

@@ -5,6 +5,7 @@
     python experiments/gpu_checks/sass_report.py --op timestep_norm --config "{'block_t': 32}"
     python experiments/gpu_checks/sass_report.py --op chunk_attention --out /tmp/attn_sass
     python experiments/gpu_checks/sass_report.py --op cema_toeplitz_probe --config "{'block': 32, 'dc': 16}"
+    python experiments/gpu_checks/sass_report.py --op fma_probe --config "{'patterns': 'bwd_k8,bwd_2s_k4'}"
 
 Step 1 (this Python, with JAX): cross-lowers the op's value-and-gradient for CUDA (CEMA at B=1,
 L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64; chunked attention at bench_ops'
@@ -13,7 +14,9 @@ kernel's Triton IR (.ttir).  Step 2 (--triton-python,
 default this Python): compiles each .ttir with Triton for sm_90a (num_warps from the config) and
 disassembles it.  Prints per kernel: registers per thread, local memory (spills), shared memory,
 block-wide barriers, and the mix of instructions in its main loop (the largest backward branch;
-the whole kernel when it has none), e.g. how many are FP32 arithmetic.
+the whole kernel when it has none), e.g. how many are FP32 arithmetic, and how many registers that
+arithmetic reads from the register file rather than the operand reuse cache (the CEMA scans' issue
+rate tracks it only loosely: docs/cema_tensor_core_plan.md).
 Caveat: triton.compile on a .ttir file starts after Triton's own TTIR passes, which XLA does run;
 one of them folds `acc + dot(a, b)` into the dot's accumulator. Kernels written that way (the
 attention block matmuls) show here an extra float32 tile, its FADDs and spills that the GPU build
@@ -146,8 +149,25 @@ def _toeplitz_probe(overrides: dict):
   return functools.partial(toeplitz_pallas, **settings), avals, warps
 
 
+def _fma_probe(overrides: dict):
+  """The register-operand probe's kernels (experiments/gpu_checks/probe_fma_operands.py), one per
+  pattern, at its default size; overrides: patterns (a comma-separated list of its PATTERNS)."""
+  import jax
+
+  from experiments.gpu_checks import probe_fma_operands as probe
+
+  names = overrides.get("patterns", ",".join(probe.PATTERNS)).split(",")
+  built = [probe.build(name, probe.BLOCK * 132 * 16, 4096, interpret=False) for name in names]
+
+  def run_all(*args):
+    return [fn(*args[2 * i:2 * i + 2]) for i, (fn, *_rest) in enumerate(built)]
+
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for _, x, p, _ in built for a in (x, p)]
+  return run_all, avals, collections.defaultdict(lambda: 4)
+
+
 OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient, "chunk_attention": _attention_gradient,
-       "cema_toeplitz_probe": _toeplitz_probe}
+       "cema_toeplitz_probe": _toeplitz_probe, "fma_probe": _fma_probe}
 
 
 def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
@@ -187,10 +207,15 @@ def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:
   return saved
 
 
-def loop_mix(sass: str) -> str:
-  """Instruction counts of the largest loop (a branch back to an earlier address)."""
-  body = [(int(m.group(1), 16), m.group(2).strip())
+def _listing(sass: str) -> list[tuple[int, str]]:
+  """(address, instruction text) of every instruction in a cuobjdump --dump-sass listing."""
+  return [(int(m.group(1), 16), m.group(2).strip())
           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def _loop_range(body: list[tuple[int, str]]) -> tuple[int, int]:
+  """Address range of the largest loop (a branch back to an earlier address); the whole kernel
+  when there is none."""
   best = None
   for addr, text in body:
     if "BRA" not in text:
@@ -201,15 +226,63 @@ def loop_mix(sass: str) -> str:
       count = sum(1 for a, _ in body if lo <= a <= addr)
       if best is None or count > best[0]:
         best = (count, lo, addr)
-  if best is None:  # no loop (one tile per program): the whole kernel
-    best = (len(body), body[0][0], body[-1][0])
-  count, lo, hi = best
+  return (body[0][0], body[-1][0]) if best is None else best[1:]
+
+
+def loop_mix(sass: str) -> str:
+  """Instruction counts of the largest loop (a branch back to an earlier address)."""
+  body = _listing(sass)
+  lo, hi = _loop_range(body)  # no loop (one tile per program): the whole kernel
+  count = sum(1 for a, _ in body if lo <= a <= hi)
   ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
                             for a, t in body if lo <= a <= hi)
   fp = ops["FFMA"] + ops["FMUL"] + ops["FADD"]
   top = " ".join(f"{k}:{v}" for k, v in ops.most_common(10))
   what = "loop" if count < len(body) else "kernel (no loop)"
   return f"{what}: {count} instructions, {fp / count:.0%} FP32 arithmetic; {top}"
+
+
+def operand_reads(sass: str) -> str:
+  """Register reads of the FP32 arithmetic (FFMA, FMUL, FADD) in the largest loop.
+
+  A source register counts as read from the register file unless the instruction before it in
+  the listing named the same register in the same operand slot with .reuse (the operand reuse
+  cache). Also counted: FFMAs whose three file reads all fall in one of the two register banks
+  (even / odd register numbers), the case ptxas steers clear of."""
+  body = _listing(sass)
+  lo, hi = _loop_range(body)
+  previous: dict[int, int] = {}
+  count = reads = reused = one_bank = 0
+  for addr, text in body:
+    if not lo <= addr <= hi:
+      continue
+    text = re.sub(r"^@!?U?P\w+\s+", "", text)
+    opcode = text.split()[0]
+    sources = [o.strip() for o in text[len(opcode):].split(",")][1:]
+    from_file, from_cache, current = set(), 0, {}
+    for slot, operand in enumerate(sources):
+      match = re.search(r"\bR(\d+)(\.reuse)?", operand)
+      if not match:
+        continue
+      register = int(match.group(1))
+      if match.group(2):
+        current[slot] = register
+      if previous.get(slot) == register:
+        from_cache += 1
+      else:
+        from_file.add(register)
+    previous = current
+    if opcode.split(".")[0] not in ("FFMA", "FMUL", "FADD"):
+      continue
+    count += 1
+    reads += len(from_file)
+    reused += from_cache
+    if len(from_file) == 3 and len({r % 2 for r in from_file}) == 1:
+      one_bank += 1
+  if not count:
+    return "operand reads: no FP32 arithmetic"
+  return (f"operand reads: {reads / count:.2f} registers per FP32 instruction from the file, "
+          f"{reused / count:.2f} from the reuse cache; {one_bank / count:.0%} with three reads in one bank")
 
 
 def main() -> None:
@@ -240,6 +313,7 @@ def main() -> None:
     if any(mma.values()):  # which tensor-core path Triton took: wgmma (HGMMA) or mma.sync (HMMA)
       print(f"  tensor-core instructions: {mma['HGMMA']} HGMMA (wgmma), {mma['HMMA']} HMMA (mma.sync)")
     print("  " + loop_mix(sass), flush=True)
+    print("  " + operand_reads(sass), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks import harness  # noqa: E402
+from experiments.gpu_checks.cema_problem import benchmark_problem  # noqa: E402
 
 from kernels_pallas import cema as K  # noqa: E402
-from megalodon_jax.ops.cema import cema_coefficients  # noqa: E402
 
 
 def main() -> None:
@@ -43,16 +43,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=0, help="also time fwd+bwd of both configs in this many "
                       "interleaved rounds (5 samples of 10 calls each per round)")
   args = parser.parse_args()
-  batch, length, dim, ndim = (1, 96, 8, 4) if args.smoke else (1, 32768, 4096, 16)
-  keys = jax.random.split(jax.random.key(0), 6)
-  x = jax.random.normal(keys[0], (batch, length, dim), jnp.float32).astype(jnp.bfloat16)
-  coeffs = cema_coefficients(jax.random.normal(keys[1], (dim, ndim, 1)), jax.random.normal(keys[2], (dim, ndim, 1)),
-                             jax.random.normal(keys[3], (dim, 1, 1)), 0.5 * jax.random.normal(keys[4], (dim, ndim, 2)))
-  omega = jax.random.normal(keys[5], (dim,))
-  w = jax.random.normal(jax.random.key(1), (batch, length, dim), jnp.float32)
-  base = K.default_config(batch, length, dim, ndim)
-  if args.smoke:
-    base = dataclasses.replace(base, block_d=4, bwd_block_d=4, num_warps=1, bwd_num_warps=1, num_chunks=3)
+  x, coeffs, omega, w, base, (batch, length, dim, ndim) = benchmark_problem(args.smoke)
 
   def program(cfg):
     """One jitted forward + backward (y and the gradients of sum(w * y)): one compile per config."""

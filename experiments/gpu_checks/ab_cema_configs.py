@@ -24,11 +24,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from experiments.benchmarks import harness  # noqa: E402
-from experiments.gpu_checks.cema_problem import benchmark_problem  # noqa: E402
+
+from experiments.gpu_checks.cema_problem import (  # noqa: E402
+    as_float64, benchmark_problem, fwd_bwd_program, interleaved_medians, relative_difference)
 from kernels_pallas import cema as K  # noqa: E402
 
 OUTPUTS = ("y", "dx", "dp", "dq", "deta", "domega")
@@ -67,39 +66,26 @@ def main(argv=None) -> int:
   for label, cfg in configs.items():
     cfg.validate(ndim)
 
-  def program(cfg):
-    def value_and_grads(x, c, om):
-      y, vjp = jax.vjp(lambda x, c, om: K.cema_pallas(x, c, om, config=cfg), x, c, om)
-      return y, vjp(w.astype(y.dtype))
-    return jax.jit(value_and_grads)
-
-  def as_numpy(out):
-    return [np.asarray(v, np.complex128 if jnp.iscomplexobj(v) else np.float64) for v in jax.tree_util.tree_leaves(out)]
-
-  rel = lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))  # noqa: E731
   programs, rows = {}, []
   reference = None
   for label, cfg in configs.items():
     start = time.perf_counter()
-    programs[label] = program(cfg)
-    values = as_numpy(jax.block_until_ready(programs[label](x, coeffs, omega)))
+    programs[label] = fwd_bwd_program(cfg, w)
+    values = as_float64(jax.block_until_ready(programs[label](x, coeffs, omega)))
     seconds = time.perf_counter() - start
     reference = values if reference is None else reference
-    diffs = {name: rel(a, b) for name, a, b in zip(OUTPUTS, values, reference)}
+    diffs = {name: relative_difference(a, b) for name, a, b in zip(OUTPUTS, values, reference)}
     rows.append({"variant": label, "config": dataclasses.asdict(cfg), "compile_and_first_run_s": seconds,
                  "vs_default": diffs})
     worst = max(diffs.values())
     print(f"{label}: compiled and ran in {seconds:.1f} s; largest difference from default {worst:.2e}", flush=True)
   if args.rounds and not args.smoke:
-    samples = {label: [] for label in programs}
-    for _ in range(args.rounds):
-      for label, fn in programs.items():
-        samples[label].append(harness.time_fn(fn, x, coeffs, omega, warmup=1, iters=5, inner=10)["median_ms"])
+    timing = interleaved_medians(programs, (x, coeffs, omega), args.rounds)
     print(f"{'variant':<16} {'fwd+bwd ms':>10} {'vs default':>10}")
     for row in rows:
-      values = samples[row["variant"]]
-      row["fwdbwd_median_ms"], row["rounds_ms"] = float(np.median(values)), values
-      row["speedup_vs_default"] = float(np.median(samples["default"])) / row["fwdbwd_median_ms"]
+      row["fwdbwd_median_ms"] = timing[row["variant"]]["median_ms"]
+      row["rounds_ms"] = timing[row["variant"]]["rounds_ms"]
+      row["speedup_vs_default"] = timing["default"]["median_ms"] / row["fwdbwd_median_ms"]
       print(f"{row['variant']:<16} {row['fwdbwd_median_ms']:10.3f} {row['speedup_vs_default']:10.3f}", flush=True)
   if args.json:
     with open(args.json, "w") as f:

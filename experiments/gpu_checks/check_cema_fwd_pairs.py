@@ -26,12 +26,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.benchmarks import harness  # noqa: E402
-from experiments.gpu_checks.cema_problem import benchmark_problem  # noqa: E402
 
+
+from experiments.gpu_checks.cema_problem import (  # noqa: E402
+    as_float64, benchmark_problem, fwd_bwd_program, interleaved_medians, relative_difference)
 from kernels_pallas import cema as K  # noqa: E402
 
 
@@ -45,47 +45,31 @@ def main() -> None:
   args = parser.parse_args()
   x, coeffs, omega, w, base, (batch, length, dim, ndim) = benchmark_problem(args.smoke)
 
-  def program(cfg):
-    """One jitted forward + backward (y and the gradients of sum(w * y)): one compile per config."""
-    def value_and_grads(x, c, om):
-      y, vjp = jax.vjp(lambda x, c, om: K.cema_pallas(x, c, om, config=cfg), x, c, om)
-      return y, vjp(w.astype(y.dtype))
-    return jax.jit(value_and_grads)
-
-  def as_numpy(out):
-    return [np.asarray(v, np.complex128 if jnp.iscomplexobj(v) else np.float64) for v in jax.tree_util.tree_leaves(out)]
-
   names = ["y", "dx", "dp", "dq", "deta", "domega"]
-  rel = lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))  # noqa: E731
   programs, outputs, compile_s = {}, {}, {}
   for label, cfg in (("steps", dataclasses.replace(base, fwd_pairs=False)),
                      ("pairs", dataclasses.replace(base, fwd_pairs=True))):
     start = time.perf_counter()
-    programs[label] = program(cfg)
-    outputs[label] = as_numpy(jax.block_until_ready(programs[label](x, coeffs, omega)))
+    programs[label] = fwd_bwd_program(cfg, w)
+    outputs[label] = as_float64(jax.block_until_ready(programs[label](x, coeffs, omega)))
     compile_s[label] = time.perf_counter() - start
     print(f"{label}: compiled and ran in {compile_s[label]:.1f} s", flush=True)
-  rows = [{"quantity": n, "pairs_vs_steps": rel(a, b)}
+  rows = [{"quantity": n, "pairs_vs_steps": relative_difference(a, b)}
           for n, a, b in zip(names, outputs["pairs"], outputs["steps"])]
   for row in rows:
     print(f"{row['quantity']}: pairs vs steps {row['pairs_vs_steps']:.3e}", flush=True)
   ok = all(r["pairs_vs_steps"] < 1e-4 for r in rows)
   if args.reference or args.smoke:
     y_ref = np.asarray(jax.jit(K.cema_reference)(x, coeffs, omega), np.float64)
-    rows.append({"quantity": "y vs sequential reference", "steps": rel(outputs["steps"][0], y_ref),
-                 "pairs": rel(outputs["pairs"][0], y_ref)})
+    rows.append({"quantity": "y vs sequential reference", "steps": relative_difference(outputs["steps"][0], y_ref),
+                 "pairs": relative_difference(outputs["pairs"][0], y_ref)})
     print(f"y vs sequential reference: steps {rows[-1]['steps']:.3e}, pairs {rows[-1]['pairs']:.3e}", flush=True)
     ok = ok and rows[-1]["pairs"] < 1e-4
   print("OK" if ok else "MISMATCH", flush=True)
   timing = {}
   if args.rounds:
-    # Interleaved rounds of fwd+bwd (the program above, which also returns y), median per config.
-    samples = {label: [] for label in programs}
-    for _ in range(args.rounds):
-      for label, fn in programs.items():
-        samples[label].append(harness.time_fn(fn, x, coeffs, omega, warmup=1, iters=5, inner=10)["median_ms"])
-    for label, values in samples.items():
-      timing[label] = {"median_ms": float(np.median(values)), "rounds_ms": values}
+    # Interleaved rounds of fwd+bwd (the programs above, which also return y), median per config.
+    timing = interleaved_medians(programs, (x, coeffs, omega), args.rounds)
     ratio = timing["steps"]["median_ms"] / timing["pairs"]["median_ms"]
     print(f"fwd+bwd over {args.rounds} interleaved rounds: steps {timing['steps']['median_ms']:.3f} ms, "
           f"pairs {timing['pairs']['median_ms']:.3f} ms ({ratio:.3f}x)", flush=True)

@@ -34,11 +34,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from experiments.benchmarks import harness  # noqa: E402
-from experiments.gpu_checks.cema_problem import benchmark_problem  # noqa: E402
+from experiments.gpu_checks.cema_problem import (  # noqa: E402
+    as_float64, benchmark_problem, interleaved_medians, relative_difference)
 from kernels_pallas import cema as K  # noqa: E402
 
 _OLD_LINE = "offset_eltype = ir.IntegerType.get_signless(64 if full_size > 2**32 else 32)"
@@ -90,22 +88,15 @@ def main(argv=None) -> int:
       with context():  # the kernels are lowered while the program compiles, here
         compiled = jax.jit(fn).lower(x, coeffs, omega).compile()
       programs[label] = compiled
-      outputs[label] = [np.asarray(v, np.complex128 if jnp.iscomplexobj(v) else np.float64)
-                        for v in jax.tree_util.tree_leaves(compiled(x, coeffs, omega))]
+      outputs[label] = as_float64(compiled(x, coeffs, omega))
       print(f"{label}: compiled and ran in {time.perf_counter() - start:.1f} s", flush=True)
   for name in ("fwd", "fwdbwd"):
-    worst = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-                for a, b in zip(outputs[f"{name}_offsets64"], outputs[f"{name}_offsets32"]))
+    worst = max(relative_difference(a, b) for a, b in zip(outputs[f"{name}_offsets64"], outputs[f"{name}_offsets32"]))
     rows.append({"program": name, "largest_difference": worst})
     print(f"{name}: 64-bit against 32-bit offsets, largest difference {worst:.2e}", flush=True)
   timing = {}
   if args.rounds and not args.smoke:
-    samples = {label: [] for label in programs}
-    for _ in range(args.rounds):
-      for label, fn in programs.items():
-        samples[label].append(harness.time_fn(fn, x, coeffs, omega, warmup=1, iters=5, inner=10)["median_ms"])
-    for label, values in samples.items():
-      timing[label] = {"median_ms": float(np.median(values)), "rounds_ms": values}
+    timing = interleaved_medians(programs, (x, coeffs, omega), args.rounds)
     for name in ("fwd", "fwdbwd"):
       a, b = timing[f"{name}_offsets32"]["median_ms"], timing[f"{name}_offsets64"]["median_ms"]
       print(f"{name}: 32-bit offsets {a:.3f} ms, 64-bit {b:.3f} ms ({a / b:.3f}x)", flush=True)

@@ -878,3 +878,50 @@ def test_toeplitz_probe_kernel_matches_float64(mode):
       ref[:, :, t, :] += kk[:, t - s] * xs[:, :, s, :]
   ref = ref.reshape(batch, chunks * block, dim)
   np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.max(np.abs(ref)))
+
+
+def test_bounded_index_is_the_identity_on_its_range():
+  for limit in (1, 2, 5, 16, 300, 32768):
+    values = jnp.arange(limit, dtype=jnp.int32)
+    np.testing.assert_array_equal(K._bounded(values, limit), values)
+  # The mask is the power of two above the range: 300 -> 511, so 511 stays and 512 wraps to 0.
+  assert int(K._bounded(jnp.int32(511), 300)) == 511 and int(K._bounded(jnp.int32(512), 300)) == 0
+
+
+@pytest.mark.parametrize("fwd_pairs", [False, True])
+def test_bounded_offsets_change_no_value_or_gradient(fwd_pairs):
+  """bounded_offsets masks the batch index, the channel block and each tile's first step (forward
+  and reverse walks). At B=3 (batch mask 3), 3 channel blocks (mask 3), three chunks of 8, 8 and 5
+  steps with resets and h0, every value and gradient equals the unmasked kernel's, and y and
+  h_last match the float64 recurrence."""
+  rng = np.random.default_rng(5)
+  batch, length, dim, ndim = 3, 21, 6, 4
+  x = rng.normal(size=(batch, length, dim)).astype(np.float32)
+  p = rng.uniform(0.1, 1.0, (dim, ndim))
+  q = rng.uniform(0.5, 0.95, (dim, ndim)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
+  eta = rng.normal(size=(dim, ndim)) + 1j * rng.normal(size=(dim, ndim))
+  omega = rng.normal(size=dim).astype(np.float32)
+  h0 = (rng.normal(size=(batch, dim, ndim)) + 1j * rng.normal(size=(batch, dim, ndim))).astype(np.complex64)
+  segment_ids = segments_with_resets_at(np.zeros((batch, length), np.int32), {0: (1, 8), 2: (9, 17)})
+  coeffs = CemaCoefficients(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.complex64), jnp.asarray(eta, jnp.complex64))
+  w = rng.normal(size=(batch, length, dim)).astype(np.float32)
+  w_h = rng.normal(size=(batch, dim, ndim)).astype(np.float32)
+  base = dataclasses.replace(CHUNKED, block_d=2, bwd_block_d=2, block_t=4, split=2, bwd_split=2,
+                             fwd_pairs=fwd_pairs)
+
+  def run(cfg):
+    def loss(x, h0):
+      y, h_last = K.cema_pallas(x, coeffs, jnp.asarray(omega), h0, segment_ids=jnp.asarray(segment_ids),
+                                return_state=True, interpret=True, config=cfg)
+      return jnp.sum(w * y) + jnp.sum(w_h * jnp.real(h_last)), (y, h_last)
+    (_, (y, h_last)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(jnp.asarray(x), jnp.asarray(h0))
+    return [np.asarray(v) for v in (y, h_last, *grads)]
+
+  bounded = run(dataclasses.replace(base, bounded_offsets=True))
+  plain = run(dataclasses.replace(base, bounded_offsets=False))
+  for a, b in zip(bounded, plain):
+    np.testing.assert_array_equal(a, b)
+  p32, q32, eta32 = (np.asarray(v, np.float64 if v.dtype == jnp.float32 else np.complex128) for v in coeffs)
+  y64, h64 = np_cema(x.astype(np.float64), p32, q32, eta32, omega.astype(np.float64), h0,
+                     np_keep(segment_ids, batch, length))
+  assert rel_err(bounded[0], y64) < 1e-5 and rel_err(bounded[1], h64) < 1e-5

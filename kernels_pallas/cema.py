@@ -172,6 +172,9 @@ class CemaKernelConfig:
     state per order (u, u', two complex accumulators), so fewer orders per lane keep it in
     registers.
   block_t: time steps per statically unrolled tile (the next tile's inputs load meanwhile).
+  bwd_block_t: the same for the backward scan alone (0: block_t). Its prefetched tile of dy and x
+    is part of its register count, which sets how many programs share an SM. A power of two; with
+    more steps than block_t, a chunk's steps after its last whole tile run one at a time.
   num_chunks: parallel time chunks of both scans (1 = one sequential walk per program); fewer are
     used when the sequence has fewer than num_chunks tiles.
   reset_branch: with segment_ids, run tiles without a reset through a copy of the step code that
@@ -203,8 +206,9 @@ class CemaKernelConfig:
     per issued instruction in the summaries, 0.2 in the backward scan). A power of two that
     summary_block divides; a chunk's steps after its last whole tile run step by step. On an
     H200 at B=1, L=32768, D=4096 (bench_ops, 10 calls a sample, one run): 0 (16-step tiles) 3.193,
-    32 3.162, 64 3.209 ms fwd+bwd, within the spread, so the default stays 0
-    (experiments/results/2026-11-30_nvidia-h200_ops-cema-summary-tiles.json).
+    32 3.162, 64 3.209 ms fwd+bwd (experiments/results/2026-11-30_nvidia-h200_ops-cema-summary-tiles.json);
+    after bounded_offsets, 32 was 1.0-1.1% faster than 16 in four interleaved A/Bs, and
+    default_config sets it.
   summary_split: lanes per channel of both chunk-summary kernels (their results leave in
     natural layout, so their tiling is free); 0 keeps the pass's own split. The program keeps
     its number of lanes (block_d * split of the tiling it replaces).
@@ -214,8 +218,11 @@ class CemaKernelConfig:
     multiply-adds), which the next step's independent state updates can hide.
   pallas_powers: the double-float power tables (summary powers, chunk decays) as one Pallas kernel
     each (_accurate_powers_pallas); False: XLA's unrolled chain (_accurate_powers, tens of small
-    kernels), the same values. powers_block: lanes per program of those kernels (64 programs at
-    D = 4096, N = 16 with 1024; the q^chunk table is a 13-squaring dependent chain per lane).
+    kernels), the same values. powers_block: lanes per program of those kernels (256 programs at
+    D = 4096, N = 16 with 256; the q^chunk table is a 13-squaring dependent chain per lane). With
+    1024 (64 programs, half the SMs idle) the largest table took 54 us, and fwd+bwd read 2.751
+    against 2.672 ms for 256 and 2.677 for 128 in an interleaved A/B on an H200
+    (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_powers_block.json).
   pallas_combine: the combine over chunks that gives each chunk its starting state (the forward's
     s entering each chunk; the backward's u entering each chunk from the end) as ONE small Pallas
     kernel (_combine_states) reading the chunk-summary kernel's lane planes and writing the main
@@ -252,6 +259,7 @@ class CemaKernelConfig:
   bwd_block_d: int = 64
   bwd_split: int = 2
   bwd_num_warps: int = 4
+  bwd_block_t: int = 0
   num_chunks: int = 1
   reset_branch: bool = True
   ptx_fma: bool = True
@@ -262,7 +270,7 @@ class CemaKernelConfig:
   summary_split: int = 0
   sum_chains: int = 4
   pallas_powers: bool = True
-  powers_block: int = 1024
+  powers_block: int = 256
   pallas_combine: bool = True
   fwd_pairs: bool = False
   bounded_offsets: bool = True
@@ -275,6 +283,8 @@ class CemaKernelConfig:
       value = getattr(self, name)
       if value < 1 or value & (value - 1):
         raise ValueError(f"CemaKernelConfig.{name} must be a power of two; got {value}.")
+    if self.bwd_block_t < 0 or self.bwd_block_t & (self.bwd_block_t - 1):
+      raise ValueError(f"CemaKernelConfig.bwd_block_t must be 0 or a power of two; got {self.bwd_block_t}.")
     for name in ("split", "bwd_split"):
       if ndim % getattr(self, name):
         raise ValueError(f"CemaKernelConfig.{name}={getattr(self, name)} must divide N={ndim}.")
@@ -317,8 +327,8 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   """Tiling for an H100/H200-class GPU: enough (batch, channel block, chunk) programs to fill it.
 
   One lane per channel in the forward (all N orders in registers, no lane shuffles), two in the
-  backward and in the blocked chunk summaries; time chunks are added until about _TARGET_PROGRAMS programs exist, but never shorter
-  than _MIN_CHUNK steps (short sequences run as one chunk).
+  backward and in the blocked chunk summaries; time chunks are added until about _TARGET_PROGRAMS
+  programs exist, but never shorter than _MIN_CHUNK steps (short sequences run as one chunk).
   """
   # Blocked chunk summaries, 4 steps per block on 2 lanes per channel: on an H200 at B=1,
   # L=32768, D=4096 they took 0.588 / 0.594 ms (forward / backward summaries) against 0.631 /
@@ -326,8 +336,10 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   # fwd_pairs: on an H200 at that shape fwd+bwd 3.098 against 3.176 ms step by step over three
   # interleaved rounds, y within 2.8e-7 of the stepwise forward's
   # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_cema_fwd_pairs_check.json).
+  # 32-step summary tiles: 1.0-1.1% faster fwd+bwd than 16 in each of four interleaved A/Bs
+  # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_{bounded_offsets,after_bounded,bwd_block_t}.json).
   base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4,
-                          summary_split=_largest_split(ndim, 2), fwd_pairs=True)
+                          summary_split=_largest_split(ndim, 2), summary_block_t=32, fwd_pairs=True)
   programs = batch * pl.cdiv(dim, base.block_d)
   wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
   chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))
@@ -1579,7 +1591,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
     return _ScanSpec(mode=mode, reverse=True, has_init=has_init, has_keep=keep is not None,
                      has_g=has_g and mode == "bwd", reset_branch=cfg.reset_branch,
                      length=length, dim=dim, groups=groups, split=split,
-                     block_d=cfg.bwd_block_d, block_t=cfg.block_t, chunk=plan.chunk,
+                     block_d=cfg.bwd_block_d, block_t=cfg.bwd_block_t or cfg.block_t, chunk=plan.chunk,
                      in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret,
                      sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.bwd_block_d, cfg.bwd_num_warps,

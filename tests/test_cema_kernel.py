@@ -692,7 +692,7 @@ def test_blocked_summaries_match_float64_for_slow_decay(summary_block_t):
       np.testing.assert_allclose(np.asarray(got[0, c]), s, rtol=0, atol=2e-5 * np.abs(s).max())
 
 
-def test_summary_tiles_change_no_value_and_reject_bad_lengths(monkeypatch):
+def test_summary_and_backward_tiles_change_no_value_and_reject_bad_lengths(monkeypatch):
   """summary_block_t: the whole op (values and gradients) with 32-step summary tiles equals the
   default's 16 (same blocked updates; the chunks of 24 steps end with an 8-step remainder), and
   lengths that are not a power of two, or that summary_block does not divide, are refused."""
@@ -707,7 +707,7 @@ def test_summary_tiles_change_no_value_and_reject_bad_lengths(monkeypatch):
   omega = jnp.asarray(rng.normal(size=(dim,)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(1, length, dim)), jnp.float32)
   base = dataclasses.replace(K.default_config(1, length, dim, ndim), num_chunks=4, block_t=8,
-                             summary_block=4)
+                             summary_block=4, summary_block_t=0)
 
   def value_and_grads(cfg):
     loss = lambda x, c: jnp.sum(w * K.cema_pallas(x, c, omega, config=cfg))  # noqa: E731
@@ -731,6 +731,15 @@ def test_summary_tiles_change_no_value_and_reject_bad_lengths(monkeypatch):
   for bad in (24, 2, -16):
     with pytest.raises(ValueError, match="summary_block_t"):
       dataclasses.replace(base, summary_block_t=bad).validate(ndim)
+  # bwd_block_t reaches the backward scan alone; 16-step tiles leave the chunks of 24 an 8-step remainder.
+  for bwd_block_t in (4, 16):
+    tiles.clear()
+    got = value_and_grads(dataclasses.replace(base, bwd_block_t=bwd_block_t))
+    assert sorted(set(tiles)) == [("bwd", bwd_block_t), ("fwd", 8), ("local", 8)]
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6 * float(np.max(np.abs(b))))
+  with pytest.raises(ValueError, match="bwd_block_t"):
+    dataclasses.replace(base, bwd_block_t=12).validate(ndim)
 
 
 def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():

@@ -675,7 +675,8 @@ class _ScanSpec:
 
 @dataclasses.dataclass(frozen=True)
 class _Step:
-  """A step of a chunk's walk, base + offset: base traced (a multiple of the tile), offset static.
+  """A step of a chunk's walk, base + offset: base traced (a tile's first step, or a step after the
+  last whole tile), offset static.
 
   The two stay apart until the row address is formed (_gpu_scan_kernel's time_of), so the static
   offset ends up as a constant of the address: see _bounded.
@@ -694,7 +695,7 @@ def _bounded(value: Array, limit: int) -> Array:
   so LLVM may split a step's constant out of the address (and ptxas fold it into the load's
   immediate) only if it can prove that no int32 add on the way overflows. The mask gives it the
   bound on each dynamic index; without it every row load costs an IADD3, a LEA and a LEA.HI.X.
-  Used only where an out-of-range value can come from a masked-off prefetch (any address will do).
+  Values outside [0, limit) reach it only from masked-off prefetches, where any address will do.
   """
   return lax.bitwise_and(value, jnp.int32(pl.next_power_of_2(max(limit, 1)) - 1))
 

@@ -645,6 +645,7 @@ class _ScanSpec:
   """Static description of one scan-kernel launch.
 
   mode "local": s = k q s + x from zero over each chunk; writes only each chunk's final state.
+    Program c walks time chunk c + chunk_offset and writes its state at c (_summary_chunks).
   mode "fwd": the forward scan from each chunk's starting state; writes y and final states.
   mode "bwd": the reverse-time adjoint scan (see the module docstring); writes dx and per-chunk
     final states and accumulators.
@@ -671,6 +672,7 @@ class _ScanSpec:
   pair_steps: bool = False  # mode "fwd": two steps per update in reset-free tiles (fwd_pairs)
   bounded_offsets: bool = True  # CemaKernelConfig.bounded_offsets
   batch: int = 0          # B (set by _launch; bounds the batch index in row addresses)
+  chunk_offset: int = 0   # mode "local": the time chunk of program c is c + chunk_offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -812,7 +814,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   omask = d_out < spec.dim
   first_lane = lmask & (lane % spec.split == 0)
   groups = range(spec.groups)
-  t_lo = c * spec.chunk
+  t_lo = (c + spec.chunk_offset) * spec.chunk
   n_steps = jnp.minimum(spec.chunk, spec.length - t_lo)
   n_chains = min(spec.sum_chains, spec.groups)
   fma = _ptx_fma if spec.ptx_fma else _plain_fma
@@ -1096,26 +1098,43 @@ def _natural(out: dict[str, Array], re: str, im: str, dim: int, split: int) -> A
   return _from_lanes(lax.complex(out[re], out[im]), dim, split)
 
 
+def _summary_chunks(plan: _Plan, reverse: bool, all_chunks: bool = False) -> tuple[int, int]:
+  """(first, count): the chunks first .. first + count - 1 whose summaries are computed.
+
+  The combine over chunks carries a state across every chunk but the one its walk ends on, so
+  that chunk's summary is never read: the forward's last chunk (its final state comes from the
+  main scan; the backward's lagged correction multiplies it by the lagged sum entering the last
+  chunk, which is zero) and the backward's first (u entering chunk 0 is all the scan needs; the
+  h0 and g terms come from the scan's own outputs). So C - 1 chunks: 0 .. C - 2 forward, 1 .. C - 1
+  in reverse. all_chunks: every chunk (for tests and probes).
+  """
+  if all_chunks or plan.count == 1:
+    return 0, plan.count
+  return int(reverse), plan.count - 1
+
+
 def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig, plan: _Plan,
                      *, reverse: bool, split: int, block_d: int, num_warps: int, interpret: bool,
-                     name: str) -> Array:
-  """Every chunk's final state of s = k q s + x from a zero start (mode "local").
+                     name: str, all_chunks: bool = False) -> Array:
+  """The chunks' final states of s = k q s + x from a zero start (mode "local").
 
   x: [B, L, D] (the forward's x, or the backward's dy with reverse=True and keep holding the
   reverse scan's flags); q: [D, N] c64.  split / block_d / num_warps: the tiling of the pass it
   serves, replaced by CemaKernelConfig.summary_split when that is set.
-  Returns [B, C, D, N] complex64.
+  Returns [B, C', D, N] complex64: slot i holds chunk first + i of _summary_chunks (C' = C - 1
+  chunks, the ones a combine reads; with all_chunks every chunk).
   """
   (re, im), split = _chunk_summary_planes(x, keep, q, cfg, plan, reverse=reverse, split=split,
                                           block_d=block_d, num_warps=num_warps,
-                                          interpret=interpret, name=name)
+                                          interpret=interpret, name=name, all_chunks=all_chunks)
   return _natural({"fre": re, "fim": im}, "fre", "fim", x.shape[2], split)
 
 
 def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig,
                           plan: _Plan, *, reverse: bool, split: int, block_d: int, num_warps: int,
-                          interpret: bool, name: str) -> tuple[tuple[Array, Array], int]:
-  """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C, G, D * S'] f32, S')."""
+                          interpret: bool, name: str,
+                          all_chunks: bool = False) -> tuple[tuple[Array, Array], int]:
+  """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C', G, D * S'] f32, S')."""
   batch, length, dim = x.shape
   ndim = q.shape[1]
   if cfg.summary_split:
@@ -1131,15 +1150,16 @@ def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKerne
   if block:
     powers = jnp.moveaxis(_powers(q, tuple(range(1, block + 1)), cfg, interpret), -1, 0)  # [S, D, N]
     inputs["pwre"], inputs["pwim"] = _lane_planes(powers, split)
+  first, count = _summary_chunks(plan, reverse, all_chunks)
   spec = _ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=keep is not None,
                    has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
                    groups=groups, split=split, block_d=block_d,
                    block_t=cfg.summary_block_t or cfg.block_t,
                    chunk=plan.chunk, ptx_fma=cfg.ptx_fma and not interpret, ptx_shuffle=False,
                    in_names=tuple(inputs), out_names=("fre", "fim"), summary_block=block,
-                   bounded_offsets=cfg.bounded_offsets)
-  state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
-  out = _launch(spec, batch, plan.count, inputs, {"fre": state, "fim": state},
+                   bounded_offsets=cfg.bounded_offsets, chunk_offset=first)
+  state = jax.ShapeDtypeStruct((batch, count, groups, dim * split), jnp.float32)
+  out = _launch(spec, batch, count, inputs, {"fre": state, "fim": state},
                 interpret=interpret, num_warps=num_warps, name=name)
   return (out["fre"], out["fim"]), split
 
@@ -1154,7 +1174,7 @@ class _CombineSpec:
   out_split: int    # lanes per channel of the starting-state planes
   block: int        # state entries per program
   reverse: bool     # walk the chunks from the last to the first
-  has_local: bool   # chunk summaries present (else a pure decay of the start)
+  has_local: bool   # chunk summaries present (else a pure decay of the start), C - 1 of them
   has_flags: bool   # per-chunk survival flags present
   has_start: bool   # the first chunk's state is given (else zero)
   first_decay: bool  # the first carry of the walk has its own decay (a shorter last chunk)
@@ -1200,8 +1220,11 @@ def _combine_kernel(*refs, spec: _CombineSpec):
   index = {c: jnp.int32(c) for c in order}
   walk = order[:-1]  # the chunks carried across, in walk order
   flags = [plgpu.load(r["flags"].at[b, index[c]]) for c in walk] if spec.has_flags else None
-  local = ([(plgpu.load(r["lre"].at[b, index[c], in_pos], mask=mask, other=0.0),
-             plgpu.load(r["lim"].at[b, index[c], in_pos], mask=mask, other=0.0)) for c in walk]
+  # The summaries hold the walked chunks only (_summary_chunks): chunk c at slot c, or c - 1 in
+  # reverse (the walk ends on chunk 0, which has none).
+  slot = {c: jnp.int32(c - 1 if spec.reverse else c) for c in walk}
+  local = ([(plgpu.load(r["lre"].at[b, slot[c], in_pos], mask=mask, other=0.0),
+             plgpu.load(r["lim"].at[b, slot[c], in_pos], mask=mask, other=0.0)) for c in walk]
            if spec.has_local else None)
   decays = [decay] * len(walk)
   if spec.first_decay and walk:
@@ -1231,13 +1254,15 @@ def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Arr
                     block: int = 128, num_warps: int = 4) -> tuple[Array, Array]:
   """The state entering every chunk, from the chunk summaries, as one Pallas kernel.
 
-  local: lane planes [B, C, N / in_split, D * in_split] f32 (re, im) of each chunk's final state
-  from a zero start, or None (zeros); decay: [D, N] c64, the decay across one chunk; flags:
+  local: lane planes [B, C - 1, N / in_split, D * in_split] f32 (re, im) of the final states from
+  a zero start of the chunks the walk carries across (_summary_chunks: slot c holds chunk c, or
+  c + 1 with reverse), or None (zeros); decay: [D, N] c64, the decay across one chunk; flags:
   [B, C] f32 (chunk c's survival flag, applied to the state carried across it) or None; start:
   [B, D, N] c64 or None (zero), the state entering the first chunk of the walk; first_decay:
   [D, N] c64 or None, the decay across the first chunk of the walk when it differs.
-  Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + local[c].
-  reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + local[c].
+  With F_c chunk c's summary (local[:, c] forward, local[:, c - 1] reverse):
+  Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + F_c.
+  reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + F_c.
   Returns lane planes [B, C, N / out_split, D * out_split] f32 (re, im).
   block = 32 num_warps: one entry per thread, so the C prefetched summaries (2 C registers) fit
   for any C <= _MAX_CHUNKS, and B D N / 128 programs (512 at D = 4096, N = 16) spread the
@@ -1250,7 +1275,9 @@ def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Arr
                       block=block, reverse=reverse, has_local=local is not None,
                       has_flags=flags is not None, has_start=start is not None,
                       first_decay=first_decay is not None)
-  inputs = [] if local is None else [a.reshape(batch, count, size) for a in local]
+  if local is not None and local[0].shape[:2] != (batch, count - 1):
+    raise ValueError(f"combine: summaries of {count - 1} chunks expected; got shape {local[0].shape}.")
+  inputs = [] if local is None else [a.reshape(batch, count - 1, size) for a in local]
   inputs += list(_split_complex(decay.reshape(-1)))
   if first_decay is not None:
     inputs += list(_split_complex(first_decay.reshape(-1)))
@@ -1345,6 +1372,8 @@ def _totals_kernel(*refs, spec: _TotalsSpec):
   def lagged(b, prefix, decay, flags, after):
     """The lagged walk of _gpu_backward.lagged: (final, correction) for one batch row."""
     cur = corr = None  # cur: the lagged sum entering chunk c (None: zero, at the last chunk)
+    # The forward's summaries stop at chunk C - 2 (slot c = chunk c): the last chunk's would be
+    # multiplied by the zero lagged sum entering it.
     for group in groups(list(range(count - 1, -1, -1))):
       data = {c: (pair(prefix, b, c), pair("l", b, c, local_pos) if c < count - 1 else None)
               for c in group}
@@ -1420,8 +1449,9 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
   """Everything _gpu_backward needs from the backward scan's per-chunk outputs, as one kernel.
 
   out: the scan's planes [B, C, N / split, D * split] f32 (ure .. bim, the g ones) and ctom
-  [B, C, D * split]; local: the forward's chunk-local states as lane planes [B, C, N / local_split,
-  D * local_split] f32 (re, im), decay: [D, N] c64 (both None for one chunk); q: [D, N] c64.
+  [B, C, D * split]; local: the forward's chunk-local states of chunks 0 .. C - 2 (its summaries,
+  _summary_chunks) as lane planes [B, C - 1, N / local_split, D * local_split] f32 (re, im),
+  decay: [D, N] c64 (both None for one chunk); q: [D, N] c64.
   Returns natural-layout totals (XLA's order of operations per chunk step; sums over chunks and
   batch ascending, the lagged correction in the walk's order, last chunk first, where XLA adds
   it first chunk first):
@@ -1451,7 +1481,9 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
     if has_h0:
       inputs.update({n: plane(out[n]) for n in ("egre", "egim")})
   if walk:
-    inputs["lre"], inputs["lim"] = (plane(a) for a in local)
+    if local[0].shape[:2] != (batch, count - 1):
+      raise ValueError(f"totals: summaries of {count - 1} chunks expected; got shape {local[0].shape}.")
+    inputs["lre"], inputs["lim"] = (a.reshape(batch, count - 1, -1) for a in local)
     inputs["decre"], inputs["decim"] = _split_complex(decay.reshape(-1))
     inputs["qre"], inputs["qim"] = _split_complex(q.reshape(-1))
     if flags.bwd is not None:
@@ -1495,8 +1527,9 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
 
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
   """Forward scan: y [B, L, D] f32, h_last [B, D, N] c64, and the backward's residuals
-  (chunk-local states F [B, C, D, N] c64, with pallas_combine the summary kernel's lane planes
-  (re, im) [B, C, N / S, D * S] f32 instead, S = summary_split or split; and decay q^chunk [D, N];
+  (chunk-local states F of chunks 0 .. C - 2 (the last one's is never read, _summary_chunks)
+  [B, C - 1, D, N] c64, with pallas_combine the summary kernel's lane planes (re, im)
+  [B, C - 1, N / S, D * S] f32 instead, S = summary_split or split; and decay q^chunk [D, N];
   both None for one chunk)."""
   batch, length, dim = x.shape
   ndim = p.shape[1]
@@ -1603,13 +1636,15 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   if plan.count > 1 and has_g and plan.last != plan.chunk:
     decays[last] = _powers(q, (plan.last,), cfg, interpret)[..., 0]
 
-  def run_back(incoming, local_parts, flag):
-    """in[c - 1] = flag_c decay_c in[c] + local_c from in[last]; returns in[0..last], in[-1]."""
+  def run_back(incoming, part_of, flag):
+    """in[c - 1] = flag_c decay_c in[c] + part_of(c) from in[last]; returns in[0..last].
+
+    part_of(c): chunk c's own part [B, D, N] (asked for c = last .. 1 only), or None for none."""
     values = [None] * plan.count
     values[last] = incoming
     for c in range(last, 0, -1):
       carried = None if values[c] is None else _times(flag, c, decays[c] * values[c])
-      part = None if local_parts is None else local_parts[:, c]
+      part = part_of(c)
       values[c - 1] = part if carried is None else (carried if part is None else carried + part)
     return values
 
@@ -1632,7 +1667,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
           reverse=True, interpret=interpret)
     else:
       summaries = _chunk_summaries(dy, keep_rev, q, cfg, plan, **summary_args)
-      u_in = run_back(None, summaries, flags.bwd)
+      u_in = run_back(None, lambda c: summaries[:, c - 1], flags.bwd)  # chunks 1 .. C - 1
       u_in[last] = jnp.zeros_like(u_in[0])
       inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
     init_names = ("u0re", "u0im")
@@ -1651,7 +1686,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
           reverse=True, interpret=interpret,
           first_decay=None if decays[last] is decay else decays[last])
     else:
-      eg_in = run_back(g_last, None, flags.bwd)
+      eg_in = run_back(g_last, lambda c: None, flags.bwd)
       inputs["e0re"], inputs["e0im"] = _lane_planes(jnp.stack(eg_in, axis=1), split)
     names += ("p", "e0re", "e0im")
     g_names = ("egre", "egim", "fgre", "fgim", "pg", "bgre", "bgim")
@@ -1690,13 +1725,13 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
   def lagged(kernel_final):
     """True lagged sums entering each chunk (in[c]) and after time 0 (in[-1]), plus the
     correction sum_c after_c in[c] F_c to the kernel's sum_t x_t (lagged) of zero-start chunks."""
-    values = run_back(jnp.zeros_like(kernel_final[:, 0]), kernel_final, flags.bwd)
+    values = run_back(jnp.zeros_like(kernel_final[:, 0]), lambda c: kernel_final[:, c], flags.bwd)
     before = _times(flags.bwd, 0, decays[0] * values[0]) if plan.count > 1 else 0.0
     final = before + kernel_final[:, 0]
     correction = 0.0
-    if plan.count > 1:
-      for c in range(plan.count):
-        correction = correction + _times(flags.after, c, values[c]) * local[:, c]
+    # in[last] is zero, so the last chunk adds nothing (and the forward kept no F for it).
+    for c in range(plan.count - 1):
+      correction = correction + _times(flags.after, c, values[c]) * local[:, c]
     return final, correction
 
   acc_a = jnp.sum(nat("are", "aim"), axis=1)                         # [B, D, N]

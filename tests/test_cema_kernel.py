@@ -338,7 +338,8 @@ def test_pallas_combine_matches_the_xla_combine(name):
 def test_pallas_combine_on_the_chunk_plan():
   """The combine kernel alone against the XLA loops it replaces, on one chunk plan: forward (h0,
   flags) and reverse (zero start; g start with the last chunk's own decay), summaries and states
-  on different lanes per channel."""
+  on different lanes per channel. The summaries hold the walked chunks only (0 .. C - 2 forward,
+  1 .. C - 1 in reverse), so a wrong slot would read another chunk's."""
   rng = np.random.default_rng(5)
   batch, count, dim, ndim = 2, 5, 6, 8
   cplx = lambda *shape: jnp.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape),  # noqa: E731
@@ -348,7 +349,7 @@ def test_pallas_combine_on_the_chunk_plan():
   flags = jnp.asarray(rng.random((batch, count)) < 0.7, jnp.float32)
   natural = lambda planes, split: K._from_lanes(lax.complex(*planes), dim, split)  # noqa: E731
   for s_in, s_out in ((2, 2), (4, 1), (1, 8)):
-    planes = K._lane_planes(local, s_in)
+    planes = K._lane_planes(local[:, :-1], s_in)
     got = natural(K._combine_states(planes, s_in, decay, flags, start, s_out, batch=batch,
                                     count=count, reverse=False, interpret=True, block=16), s_out)
     want, cur = [start], start
@@ -356,6 +357,7 @@ def test_pallas_combine_on_the_chunk_plan():
       cur = K._times(flags, c, decay * cur) + local[:, c]
       want.append(cur)
     np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
+    planes = K._lane_planes(local[:, 1:], s_in)
     got = natural(K._combine_states(planes, s_in, decay, flags, None, s_out, batch=batch,
                                     count=count, reverse=True, interpret=True), s_out)
     want, cur = [jnp.zeros_like(start)], None
@@ -409,7 +411,9 @@ def _backward_totals_xla(out, local, decay, q, flags, *, dim, split, has_g):
 def test_backward_totals_on_the_chunk_plan(count):
   """The totals kernel alone against the XLA code it replaces: every total and first, with and
   without resets and the g part, the forward's chunk-local states on other lanes per channel
-  than the scan's planes, a partial last block of entries (48 = 32 + 16) and one chunk (no walk)."""
+  than the scan's planes, a partial last block of entries (48 = 32 + 16) and one chunk (no walk).
+  The kernel gets the forward's summaries of chunks 0 .. C - 2 only; the XLA code, all C (the
+  last one times the zero lagged sum entering it)."""
   rng = np.random.default_rng(9)
   batch, dim, ndim = 2, 6, 8
   cplx = lambda *shape: jnp.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape),  # noqa: E731
@@ -427,7 +431,7 @@ def test_backward_totals_on_the_chunk_plan(count):
       for has_g in (False, True):
         want = _backward_totals_xla(out, local, decay, q, flags, dim=dim, split=split,
                                     has_g=has_g)
-        got = K._backward_totals(out, K._lane_planes(local, local_split) if count > 1 else None,
+        got = K._backward_totals(out, K._lane_planes(local[:, :-1], local_split) if count > 1 else None,
                                  local_split, decay if count > 1 else None, q, flags,
                                  batch=batch, count=count, dim=dim, split=split, has_g=has_g,
                                  has_h0=True, interpret=True, block=32, prefetch=2)
@@ -435,13 +439,81 @@ def test_backward_totals_on_the_chunk_plan(count):
         for key in want:
           np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-5, err_msg=key)
         # Without h0 only the batch totals leave.
-        lean = K._backward_totals(out, K._lane_planes(local, local_split) if count > 1 else None,
+        lean = K._backward_totals(out, K._lane_planes(local[:, :-1], local_split) if count > 1 else None,
                                   local_split, decay if count > 1 else None, q, flags,
                                   batch=batch, count=count, dim=dim, split=split, has_g=has_g,
                                   has_h0=False, interpret=True)
         assert not {"u_first", "v_final", "q_g_first", "f_final"} & set(lean)
         for key in lean:
           np.testing.assert_allclose(lean[key], want[key], rtol=1e-6, atol=1e-5, err_msg=key)
+
+
+def test_summaries_skip_the_chunk_no_combine_reads():
+  """The chunk-summary kernels run over C - 1 chunks: the forward's skip the last chunk, the
+  backward's the first (_summary_chunks). Each kept chunk's summary equals, bit for bit, the one
+  of a launch over every chunk, with segment resets, B = 3, a shorter last chunk (8 + 8 + 8 + 3
+  steps), step by step and in blocks."""
+  rng = np.random.default_rng(23)
+  batch, length, dim, ndim = 3, 27, 6, 4
+  x = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  keep = jnp.asarray(np_keep(segments_with_resets_at(np.zeros((batch, length), np.int32),
+                                                     {0: (1, 8, 17), 2: (9, 24)}), batch, length), jnp.float32)
+  mags = rng.uniform(0.5, 0.95, (dim, ndim))
+  q = jnp.asarray(mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim))), jnp.complex64)
+  for summary_block in (0, 2):
+    cfg = dataclasses.replace(CHUNKED, block_t=4, num_chunks=4, summary_block=summary_block)
+    plan = K._plan(length, cfg)
+    assert plan == K._Plan(8, 4, 3)
+    for reverse, first in ((False, 0), (True, 1)):
+      assert K._summary_chunks(plan, reverse) == (first, 3)
+      flags = K._reverse_keep(keep) if reverse else keep
+      args = dict(reverse=reverse, split=2, block_d=2, num_warps=1, interpret=True, name="summaries")
+      every = K._chunk_summaries(x, flags, q, cfg, plan, all_chunks=True, **args)
+      kept = K._chunk_summaries(x, flags, q, cfg, plan, **args)
+      assert every.shape[1] == 4 and kept.shape[1] == 3
+      np.testing.assert_array_equal(np.asarray(kept), np.asarray(every[:, first:first + 3]))
+  assert K._summary_chunks(K._Plan(21, 1, 21), True) == (0, 1)
+
+
+@pytest.mark.parametrize("pallas_combine", [True, False])
+def test_skipped_summaries_keep_values_and_gradients(monkeypatch, pallas_combine):
+  """End to end with the summaries of C - 1 chunks: h0, segment resets (one on a chunk's first
+  step), the g part (the loss reads h_last), B = 3 and four chunks of 8, 8, 8 and 3 steps. y,
+  h_last and every gradient match the lax.scan reference; both summary launches cover 3 chunks."""
+  rng = np.random.default_rng(29)
+  batch, length, dim, ndim = 3, 27, 6, 4
+  x = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  p = jnp.asarray(rng.uniform(0.1, 1.0, (dim, ndim)), jnp.float32)
+  q = jnp.asarray(rng.uniform(0.5, 0.95, (dim, ndim)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim))),
+                  jnp.complex64)
+  eta = jnp.asarray(rng.normal(size=(dim, ndim)) + 1j * rng.normal(size=(dim, ndim)), jnp.complex64)
+  omega = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(batch, dim, ndim)) + 1j * rng.normal(size=(batch, dim, ndim)), jnp.complex64)
+  seg = jnp.asarray(segments_with_resets_at(np.zeros((batch, length), np.int32), {0: (1, 8, 17), 2: (9, 24)}))
+  w, w_h = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((batch, length, dim), (batch, dim, ndim)))
+  cfg = dataclasses.replace(CHUNKED, block_t=4, num_chunks=4, summary_block=2, pallas_combine=pallas_combine)
+  chunks = []
+  launch = K._launch
+
+  def recording_launch(spec, batch, num_chunks, *args, **kwargs):
+    if spec.mode == "local":
+      chunks.append((spec.reverse, spec.chunk_offset, num_chunks))
+    return launch(spec, batch, num_chunks, *args, **kwargs)
+
+  monkeypatch.setattr(K, "_launch", recording_launch)
+
+  def run(fn):
+    def loss(x, p, q, eta, omega, h0):
+      y, h_last = fn(x, CemaCoefficients(p, q, eta), omega, h0, segment_ids=seg, return_state=True)
+      return jnp.sum(w * y) + jnp.sum(w_h * jnp.real(h_last)), (y, h_last)
+    (_, aux), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(x, p, q, eta, omega, h0)
+    return [np.asarray(v) for v in (*aux, *grads)]
+
+  got = run(functools.partial(K.cema_pallas, interpret=True, config=cfg))
+  assert sorted(chunks) == [(False, 0, 3), (True, 1, 3)]
+  want = run(K.cema_reference)
+  for name, a, b in zip(("y", "h_last", "dx", "dp", "dq", "deta", "domega", "dh0"), got, want):
+    assert rel_err(a, b) < RTOL, name
 
 
 def test_bf16_input_gradient_is_rounded_float32_gradient():
@@ -682,7 +754,7 @@ def test_blocked_summaries_match_float64_for_slow_decay(summary_block_t):
   for reverse in (False, True):
     got = K._chunk_summaries(jnp.asarray(x), None, jnp.asarray(q, jnp.complex64), cfg, plan,
                              reverse=reverse, split=2, block_d=2, num_warps=1, interpret=True,
-                             name="summaries")
+                             name="summaries", all_chunks=True)
     qs = np.asarray(jnp.asarray(q, jnp.complex64), np.complex128)
     for c in range(plan.count):
       steps = range(c * plan.chunk, min((c + 1) * plan.chunk, length))

@@ -216,11 +216,12 @@ class CemaKernelConfig:
     backward scans. Each chain beyond the first costs a multiply to start it and an add to
     combine it, per step and lane; fewer chains make the sum a longer dependent run (2 N / split
     multiply-adds), which the next step's independent state updates can hide.
-  pallas_powers: the double-float power tables (summary powers, chunk decays) as one Pallas kernel
-    each (_accurate_powers_pallas); False: XLA's unrolled chain (_accurate_powers, tens of small
-    kernels), the same values. powers_block: lanes per program of those kernels (256 programs at
-    D = 4096, N = 16 with 256; the q^chunk table is a 13-squaring dependent chain per lane). With
-    1024 (64 programs, half the SMs idle) the largest table took 54 us, and fwd+bwd read 2.751
+  pallas_powers: the double-float power table (summary powers, chunk decays, fwd_pairs' q^2; one
+    for both passes, _power_exponents) as one Pallas kernel (_accurate_powers_pallas); False: XLA's
+    unrolled chain (_accurate_powers, tens of small kernels), the same values. powers_block: lanes
+    per program of that kernel (256 programs at D = 4096, N = 16 with 256; q^chunk is a
+    13-squaring dependent chain per lane). When each table had its own kernel, with 1024 (64
+    programs, half the SMs idle) the largest table took 54 us, and fwd+bwd read 2.751
     against 2.672 ms for 256 and 2.677 for 128 in an interleaved A/B on an H200
     (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_powers_block.json).
   pallas_combine: the combine over chunks that gives each chunk its starting state (the forward's
@@ -508,11 +509,20 @@ def _accurate_powers_pallas(q: Array, exponents: tuple[int, ...], *, interpret: 
   """_accurate_powers as ONE Pallas kernel (lanes over q's entries): XLA runs the reference's
   unrolled double-float chain as tens of small kernels (~0.2 ms of a CEMA fwd+bwd at D = 4096).
   The same float32 operations, so the same values up to the compiler's contraction of the low-part
-  products into fused multiply-adds (see ops.cema)."""
+  products into fused multiply-adds (see ops.cema). Each exponent's chain is its own (the squares
+  q^(2^k) are shared, the same values for any exponent set), so a power does not depend on which
+  other exponents share the call."""
+  re, im = _accurate_power_planes_pallas(q, exponents, interpret=interpret, block=block)
+  return jnp.moveaxis(lax.complex(re, im), 0, -1).reshape(jnp.shape(q) + (re.shape[0],))
+
+
+def _accurate_power_planes_pallas(q: Array, exponents: tuple[int, ...], *, interpret: bool,
+                                  block: int = 1024) -> tuple[Array, Array]:
+  """_accurate_powers_pallas in the kernel's own layout: float32 planes (re, im) [E, size of q],
+  row i holding q^exponents[i] for q's entries in their (row-major) order."""
   exps = tuple(int(e) for e in exponents)
   if not exps or min(exps) < 0:
     raise ValueError(f"exponents must be non-negative integers; got {exponents}.")
-  shape = q.shape
   q = jnp.asarray(q).astype(jnp.complex64).reshape(-1)
   size = q.shape[0]
   while size % block:
@@ -525,7 +535,7 @@ def _accurate_powers_pallas(q: Array, exponents: tuple[int, ...], *, interpret: 
       functools.partial(_powers_kernel, exponents=exps), grid=(size // block,), in_specs=[lanes, lanes],
       out_specs=[out, out], out_shape=[plane, plane], interpret=interpret, name="cema_powers", **kwargs,
   )(jnp.real(q), jnp.imag(q))
-  return jnp.moveaxis(lax.complex(re, im), 0, -1).reshape(shape + (len(exps),))
+  return re, im
 
 
 def _binary_power_parts(q, exponent: int):
@@ -629,11 +639,15 @@ def _power_tables_pallas_jvp(block, count, offset, interpret, primals, tangents)
   return (high, low), (high * high_e * ratio, low * low_e * ratio)
 
 
-def _powers(q: Array, exponents: tuple[int, ...], cfg: "CemaKernelConfig", interpret: bool) -> Array:
-  """The GPU passes' power tables, by CemaKernelConfig.pallas_powers."""
+def _power_table(q: Array, exponents: tuple[int, ...], cfg: "CemaKernelConfig",
+                 interpret: bool) -> tuple[Array, Array]:
+  """q^e [D, N] for each static e of exponents, as float32 planes (re, im) [E, D * N] (row i:
+  q^exponents[i], entries in q's order d * N + n), by CemaKernelConfig.pallas_powers: one Pallas
+  kernel, or XLA's unrolled chain (the same values, each exponent computed on its own)."""
   if cfg.pallas_powers:
-    return _accurate_powers_pallas(q, exponents, interpret=interpret, block=cfg.powers_block)
-  return _accurate_powers(q, exponents)
+    return _accurate_power_planes_pallas(q, exponents, interpret=interpret, block=cfg.powers_block)
+  table = _accurate_powers(q, exponents)  # [D, N, E]
+  return _split_complex(jnp.moveaxis(table, -1, 0).reshape(len(exponents), -1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1048,6 +1062,46 @@ def _plan(length: int, cfg: CemaKernelConfig) -> _Plan:
   return _Plan(chunk, count, length - (count - 1) * chunk)
 
 
+def _power_exponents(cfg: CemaKernelConfig, plan: _Plan) -> tuple[int, ...]:
+  """The exponents of the ONE power table the GPU passes share (_power_table), in its row order.
+
+  Rows 0 .. S - 1: q^1 .. q^S for the blocked chunk summaries of both passes (the summary kernels
+  read those rows); then, unless already there, q^chunk (the decay across a chunk, for the
+  combines and the backward's totals), q^last (the shorter last chunk's, for the backward's g
+  walk) and q^2 (fwd_pairs; a backward that pairs steps would add it here too). The forward
+  computes it once and hands it to the backward as a residual; empty: no table.
+  """
+  exps = []
+  if plan.count > 1:
+    if cfg.summary_block > 1:
+      exps += range(1, cfg.summary_block + 1)
+    exps += [plan.chunk, plan.last]
+  if cfg.fwd_pairs:
+    exps.append(2)
+  return tuple(dict.fromkeys(exps))  # first occurrences, in order
+
+
+def _table_power(table: tuple[Array, Array], exps: tuple[int, ...], exponent: int,
+                 shape: tuple[int, ...]) -> Array:
+  """q^exponent [*shape] complex64 from the power table's planes (exps: its _power_exponents)."""
+  row = exps.index(exponent)
+  return lax.complex(table[0][row], table[1][row]).reshape(shape)
+
+
+class _Residuals(NamedTuple):
+  """What the GPU backward takes from the GPU forward besides the inputs (custom-VJP residuals).
+
+  local: the forward's chunk summaries of chunks 0 .. C - 2 (_summary_chunks): lane planes (re,
+    im) [B, C - 1, N / S, D * S] f32 with pallas_combine (S = summary_split or split), else
+    [B, C - 1, D, N] c64; None for one chunk.
+  powers: the power table (re, im) [E, D * N] f32, row i = q^(_power_exponents(cfg, plan)[i]);
+    None when that is empty. The backward's summaries read q^1 .. q^S from it, its combines and
+    totals the decays, so the backward launches no power kernel.
+  """
+  local: tuple[Array, Array] | Array | None
+  powers: tuple[Array, Array] | None
+
+
 class _Flags(NamedTuple):
   """Per-chunk reset bookkeeping, all [B, C] float32 (1 = no reset) or None without segments."""
   fwd: Array | None    # prod_{t in c} k_t: the state entering chunk c survives it (forward)
@@ -1115,25 +1169,28 @@ def _summary_chunks(plan: _Plan, reverse: bool, all_chunks: bool = False) -> tup
 
 def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig, plan: _Plan,
                      *, reverse: bool, split: int, block_d: int, num_warps: int, interpret: bool,
-                     name: str, all_chunks: bool = False) -> Array:
+                     name: str, all_chunks: bool = False,
+                     powers: tuple[Array, Array] | None = None) -> Array:
   """The chunks' final states of s = k q s + x from a zero start (mode "local").
 
   x: [B, L, D] (the forward's x, or the backward's dy with reverse=True and keep holding the
   reverse scan's flags); q: [D, N] c64.  split / block_d / num_warps: the tiling of the pass it
-  serves, replaced by CemaKernelConfig.summary_split when that is set.
+  serves, replaced by CemaKernelConfig.summary_split when that is set. powers: a power table
+  (_power_table) whose rows 0 .. S - 1 hold q^1 .. q^S, for summary_block S > 1 (None: its own).
   Returns [B, C', D, N] complex64: slot i holds chunk first + i of _summary_chunks (C' = C - 1
   chunks, the ones a combine reads; with all_chunks every chunk).
   """
   (re, im), split = _chunk_summary_planes(x, keep, q, cfg, plan, reverse=reverse, split=split,
                                           block_d=block_d, num_warps=num_warps,
-                                          interpret=interpret, name=name, all_chunks=all_chunks)
+                                          interpret=interpret, name=name, all_chunks=all_chunks,
+                                          powers=powers)
   return _natural({"fre": re, "fim": im}, "fre", "fim", x.shape[2], split)
 
 
 def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig,
                           plan: _Plan, *, reverse: bool, split: int, block_d: int, num_warps: int,
-                          interpret: bool, name: str,
-                          all_chunks: bool = False) -> tuple[tuple[Array, Array], int]:
+                          interpret: bool, name: str, all_chunks: bool = False,
+                          powers: tuple[Array, Array] | None = None) -> tuple[tuple[Array, Array], int]:
   """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C', G, D * S'] f32, S')."""
   batch, length, dim = x.shape
   ndim = q.shape[1]
@@ -1148,7 +1205,10 @@ def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKerne
     inputs["keep"] = keep
   inputs["qre"], inputs["qim"] = _lane_planes(q, split)
   if block:
-    powers = jnp.moveaxis(_powers(q, tuple(range(1, block + 1)), cfg, interpret), -1, 0)  # [S, D, N]
+    if powers is None:
+      powers = _power_table(q, tuple(range(1, block + 1)), cfg, interpret)
+    # Rows 0 .. S - 1 of the table: q^1 .. q^S as [S, D, N].
+    powers = lax.complex(powers[0][:block], powers[1][:block]).reshape(block, dim, ndim)
     inputs["pwre"], inputs["pwim"] = _lane_planes(powers, split)
   first, count = _summary_chunks(plan, reverse, all_chunks)
   spec = _ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=keep is not None,
@@ -1526,11 +1586,8 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
 
 
 def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret: bool):
-  """Forward scan: y [B, L, D] f32, h_last [B, D, N] c64, and the backward's residuals
-  (chunk-local states F of chunks 0 .. C - 2 (the last one's is never read, _summary_chunks)
-  [B, C - 1, D, N] c64, with pallas_combine the summary kernel's lane planes (re, im)
-  [B, C - 1, N / S, D * S] f32 instead, S = summary_split or split; and decay q^chunk [D, N];
-  both None for one chunk)."""
+  """Forward scan: y [B, L, D] f32, h_last [B, D, N] c64, and the backward's _Residuals (the
+  chunk summaries of chunks 0 .. C - 2 and the power table)."""
   batch, length, dim = x.shape
   ndim = p.shape[1]
   plan = _plan(length, cfg)
@@ -1552,12 +1609,15 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                      pair_steps=cfg.fwd_pairs and mode == "fwd", bounded_offsets=cfg.bounded_offsets)
 
   start = None if h0 is None else h0 / pf[None]
-  local = decay = s0 = None  # s0: lane planes of the state entering each chunk (None: zeros)
+  # Every power of q both passes use, in one kernel (the backward takes the table as a residual).
+  exps = _power_exponents(cfg, plan)
+  powers = _power_table(q, exps, cfg, interpret) if exps else None
+  local = s0 = None  # s0: lane planes of the state entering each chunk (None: zeros)
+  decay = _table_power(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
   if plan.count > 1 and cfg.pallas_combine:
     planes, local_split = _chunk_summary_planes(
         x, keep, q, cfg, plan, reverse=False, split=split, block_d=cfg.block_d,
-        num_warps=cfg.num_warps, interpret=interpret, name="cema_fwd_chunk_states")
-    decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
+        num_warps=cfg.num_warps, interpret=interpret, name="cema_fwd_chunk_states", powers=powers)
     s0 = _combine_states(planes, local_split, decay, _chunk_flags(keep, plan).fwd, start, split,
                          batch=batch, count=plan.count, reverse=False, interpret=interpret)
     # The backward's residual stays in the summary kernel's lane planes: the backward's totals
@@ -1566,8 +1626,7 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
   elif plan.count > 1:
     local = _chunk_summaries(x, keep, q, cfg, plan, reverse=False, split=split,
                              block_d=cfg.block_d, num_warps=cfg.num_warps, interpret=interpret,
-                             name="cema_fwd_chunk_states")
-    decay = _powers(q, (plan.chunk,), cfg, interpret)[..., 0]
+                             name="cema_fwd_chunk_states", powers=powers)
     flags = _chunk_flags(keep, plan)
     current = jnp.zeros_like(local[:, 0]) if start is None else start
     starts = [current]
@@ -1582,7 +1641,7 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
   inputs["om"] = _lane_omega(omega, split)
   pair_names = ()
   if cfg.fwd_pairs:
-    inputs["q2re"], inputs["q2im"] = _lane_planes(_powers(q, (2,), cfg, interpret)[..., 0], split)
+    inputs["q2re"], inputs["q2im"] = _lane_planes(_table_power(powers, exps, 2, (dim, ndim)), split)
     inputs["cqre"], inputs["cqim"] = _lane_planes(eta * pf * q, split)
     inputs["k0"] = jnp.sum(inputs["cre"], axis=0)  # per lane: its orders' Re(c) summed
     pair_names = ("q2re", "q2im", "cqre", "cqim", "k0")
@@ -1596,16 +1655,17 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
                          "fim": state},
                 interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_scan")
   s_last = _from_lanes(lax.complex(out["fre"][:, -1], out["fim"][:, -1]), dim, split)
-  return out["y"], pf * s_last, local, decay
+  return out["y"], pf * s_last, _Residuals(local=local, powers=powers)
 
 
-def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
+def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
                   cfg: CemaKernelConfig, interpret: bool):
   """One reverse scan for every cotangent (module docstring).
 
-  dy: [B, L, D] f32; g_last: [B, D, N] c64 or None (a symbolic zero); local, decay: the
-  forward's chunk residuals.  Returns dx (x.dtype), ct_p [D, N], ct_q, ct_eta [D, N] c64,
-  ct_omega [D], ct_h0 [B, D, N] c64 (None with pallas_combine and no h0: nothing reads it).
+  dy: [B, L, D] f32; g_last: [B, D, N] c64 or None (a symbolic zero); res: the forward's
+  _Residuals (chunk summaries, power table).  Returns dx (x.dtype), ct_p [D, N], ct_q, ct_eta
+  [D, N] c64, ct_omega [D], ct_h0 [B, D, N] c64 (None with pallas_combine and no h0: nothing
+  reads it).
   """
   batch, length, dim = x.shape
   ndim = p.shape[1]
@@ -1631,10 +1691,13 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.bwd_block_d, cfg.bwd_num_warps,
                                               interpret), bounded_offsets=cfg.bounded_offsets)
 
+  local, powers = res
+  exps = _power_exponents(cfg, plan)  # the forward's table: no power kernel here
+  decay = _table_power(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
   # Decay across chunk c (its own length), applied from the later chunk to the earlier one.
   decays = [decay] * plan.count
   if plan.count > 1 and has_g and plan.last != plan.chunk:
-    decays[last] = _powers(q, (plan.last,), cfg, interpret)[..., 0]
+    decays[last] = _table_power(powers, exps, plan.last, (dim, ndim))
 
   def run_back(incoming, part_of, flag):
     """in[c - 1] = flag_c decay_c in[c] + part_of(c) from in[last]; returns in[0..last].
@@ -1658,7 +1721,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, local, decay,
     summary_args = dict(reverse=True, split=cfg.split if forward_tiling else split,
                         block_d=cfg.block_d if forward_tiling else cfg.bwd_block_d,
                         num_warps=cfg.num_warps if forward_tiling else cfg.bwd_num_warps,
-                        interpret=interpret, name="cema_bwd_chunk_states")
+                        interpret=interpret, name="cema_bwd_chunk_states", powers=powers)
     if cfg.pallas_combine:
       # u entering the last chunk is zero, so its decay (decays[last]) never enters.
       planes, summary_split = _chunk_summary_planes(dy, keep_rev, q, cfg, plan, **summary_args)
@@ -2029,8 +2092,7 @@ def _forward_impl(st: _Static, x, keep, p, q, eta, omega, h0):
   if st.platform == "tpu":
     y, h_last = _tpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
     return y, h_last, ()
-  y, h_last, local, decay = _gpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
-  return y, h_last, (local, decay)
+  return _gpu_forward(x, keep, p, q, eta, omega, h0, st.cfg, st.interpret)
 
 
 def _backward_impl(st: _Static, x, keep, p, q, eta, omega, h0, dy, g_last, extra):
@@ -2041,7 +2103,7 @@ def _backward_impl(st: _Static, x, keep, p, q, eta, omega, h0, dy, g_last, extra
                                              st.interpret)
     ct_q, ct_eta = _tpu_param(x, dy, keep, p, q, eta, h0, g_last, st.cfg, st.interpret)
     return dx, ct_p, ct_q, ct_eta, ct_omega, ct_h0
-  return _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, *extra, st.cfg, st.interpret)
+  return _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, extra, st.cfg, st.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

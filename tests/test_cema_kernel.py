@@ -628,12 +628,12 @@ def test_gpu_kernels_lower_to_triton_at_preset_shape(pallas_combine):
       jax.jit(value_and_grads), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
   text = exported.mlir_module()
-  # Four scans (chunk summaries and main pass, each direction) and three double-float power tables
-  # (each direction's summary powers q^1..q^S, the forward's chunk decay q^chunk), and with
-  # fwd_pairs (on in the default tiling) a fourth for the paired forward's q^2.
+  # Four scans (chunk summaries and main pass, each direction) and ONE double-float power table
+  # for both passes (the summary powers q^1..q^S, the chunk decay q^chunk and, with fwd_pairs, on
+  # in the default tiling, the paired forward's q^2; the backward takes it as a residual).
   assert cfg.fwd_pairs
-  assert text.count("__gpu$xla.gpu.triton") == 8 + 4 * pallas_combine
-  assert text.count('name = "cema_powers"') == 4
+  assert text.count("__gpu$xla.gpu.triton") == 5 + 4 * pallas_combine
+  assert text.count('name = "cema_powers"') == 1
   assert text.count('name = "cema_combine"') == 3 * pallas_combine
   assert text.count('name = "cema_bwd_totals"') == pallas_combine
   for name in ("cema_fwd_chunk_states", "cema_fwd_scan", "cema_bwd_chunk_states", "cema_bwd_scan"):
@@ -725,13 +725,12 @@ def test_blocked_summaries_lower_to_triton():
   cfg = dataclasses.replace(K.default_config(1, 64, 8, 4), block_t=16, num_chunks=4,
                             summary_block=8, summary_split=2, summary_block_t=32)
   text = _lowered_gpu_gradient_text(cfg)
-  # 4 scans and 3 power tables (see the preset-shape test; a fourth, q^2, for fwd_pairs, on in the
-  # default tiling), besides the default's combine kernels.
+  # 4 scans and one power table (see the preset-shape test), besides the default's combine kernels.
   assert cfg.fwd_pairs
   combines = text.count('name = "cema_combine"') + text.count('name = "cema_bwd_totals"')
   assert combines >= 3  # forward s, backward u, the backward's totals
-  assert text.count("__gpu$xla.gpu.triton") == 8 + combines
-  assert text.count('name = "cema_powers"') == 4
+  assert text.count("__gpu$xla.gpu.triton") == 5 + combines
+  assert text.count('name = "cema_powers"') == 1
   assert "cema_fwd_chunk_states" in text and "cema_bwd_chunk_states" in text
 
 
@@ -844,6 +843,57 @@ def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():
                                rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="powers_block must be a power of two"):
     K.cema_pallas(x, coeffs, jnp.zeros((8,)), config=dataclasses.replace(cfg, powers_block=3))
+
+
+def test_one_power_table_serves_both_passes():
+  """The GPU passes' powers come from ONE table (_power_exponents): q^1..q^S first (the summary
+  kernels read those rows), then q^chunk, a shorter last chunk's q^last and fwd_pairs' q^2 unless
+  already there. Every row equals, bit for bit, the power computed alone (Pallas kernel and XLA
+  chain), so merging the tables changes no value; the backward lowers without a power kernel."""
+  cfg = dataclasses.replace(K.default_config(1, 32768, 4096, 16), summary_block=4, fwd_pairs=True)
+  assert K._power_exponents(cfg, K._Plan(2048, 16, 2048)) == (1, 2, 3, 4, 2048)
+  assert K._power_exponents(cfg, K._Plan(32, 3, 8)) == (1, 2, 3, 4, 32, 8)
+  assert K._power_exponents(cfg, K._Plan(32, 3, 3)) == (1, 2, 3, 4, 32)
+  assert K._power_exponents(dataclasses.replace(cfg, summary_block=0), K._Plan(32, 3, 8)) == (32, 8, 2)
+  assert K._power_exponents(cfg, K._Plan(300, 1, 300)) == (2,)
+  assert K._power_exponents(dataclasses.replace(cfg, fwd_pairs=False), K._Plan(300, 1, 300)) == ()
+
+  rng = np.random.default_rng(31)
+  mags = rng.uniform(0.3, 0.99999, size=(6, 4))
+  q = jnp.asarray(mags * np.exp(1j * rng.uniform(-np.pi, np.pi, mags.shape)), jnp.complex64)
+  exps = (1, 2, 3, 4, 2048, 5, 4097)
+  for pallas_powers in (True, False):
+    small = dataclasses.replace(cfg, pallas_powers=pallas_powers, powers_block=8)
+    table = jax.jit(lambda q, e=exps, c=small: K._power_table(q, e, c, True))(q)
+    assert table[0].shape == (len(exps), 24)
+    for i, e in enumerate(exps):
+      alone = jax.jit(lambda q, e=e, c=small: K._power_table(q, (e,), c, True))(q)
+      np.testing.assert_array_equal(np.asarray(table[0][i]), np.asarray(alone[0][0]), err_msg=f"re q^{e}")
+      np.testing.assert_array_equal(np.asarray(table[1][i]), np.asarray(alone[1][0]), err_msg=f"im q^{e}")
+      # The same values through the complex helpers the power table replaced.
+      if pallas_powers:
+        want = K._accurate_powers_pallas(q, (e,), interpret=True, block=8)
+      else:
+        want = jax.jit(lambda q, e=e: K._accurate_powers(q, (e,)))(q)
+      np.testing.assert_array_equal(np.asarray(K._table_power(table, exps, e, (6, 4))), np.asarray(want)[..., 0])
+
+  # The backward alone (g part, resets, a shorter last chunk: it needs q^S, q^chunk and q^last)
+  # reads them from the forward's residual.
+  x = jnp.zeros((2, 72, 8), jnp.float32)
+  p, q8 = jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64)
+  eta, keep = jnp.ones((8, 4), jnp.complex64), jnp.ones((2, 72), jnp.float32)
+  small = dataclasses.replace(K.default_config(1, 72, 8, 4), block_t=16, num_chunks=4, split=1, bwd_split=4,
+                              summary_split=2, pallas_combine=True)
+  assert K._plan(72, small) == K._Plan(32, 3, 8)
+  for pallas_combine in (True, False):
+    c = dataclasses.replace(small, pallas_combine=pallas_combine)
+    _, _, res = K._gpu_forward(x, keep, p, q8, eta, jnp.zeros((8,)), None, c, True)
+    assert res.powers[0].shape == (6, 32)
+    g = jnp.ones((2, 8, 4), jnp.complex64)
+    text = jax.jit(lambda x, res, c=c: K._gpu_backward(x, keep, p, q8, eta, jnp.zeros((8,)), None, x, g, res, c,
+                                                       False)).trace(x, res).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "cema_bwd_scan" in text and 'name = "cema_powers"' not in text
 
 
 def test_power_tables_kernel_matches_float64_and_the_xla_tables():

@@ -204,14 +204,14 @@ def pass_timings(x, params, w, cfg, args) -> dict:
                                   x, iters=args.iters)
   forward = jax.jit(lambda x: K._gpu_forward(x, None, p, q, eta, om, None, cfg, interp))
   out["pass_fwd"] = bench(forward, x, iters=args.iters)
-  _, _, local, decay = forward(x)
+  _, _, residuals = forward(x)
   if K._plan(x.shape[1], cfg).count > 1:
     out["pass_bwd_local"] = bench(jax.jit(lambda d: local_pass(d, q, cfg, reverse=True,
                                                                interpret=interp)),
                                   dy, iters=args.iters)
-  backward = jax.jit(lambda x, dy, local, decay: K._gpu_backward(
-      x, None, p, q, eta, om, None, dy, None, local, decay, cfg, interp))
-  out["pass_bwd"] = bench(backward, x, dy, local, decay, iters=args.iters)
+  backward = jax.jit(lambda x, dy, residuals: K._gpu_backward(
+      x, None, p, q, eta, om, None, dy, None, residuals, cfg, interp))
+  out["pass_bwd"] = bench(backward, x, dy, residuals, iters=args.iters)
   return out
 
 

@@ -802,6 +802,13 @@ def test_summary_and_backward_tiles_change_no_value_and_reject_bad_lengths(monke
   for bad in (24, 2, -16):
     with pytest.raises(ValueError, match="summary_block_t"):
       dataclasses.replace(base, summary_block_t=bad).validate(ndim)
+  # summary_num_warps: one warp per summary program, with and without summary_split.
+  for changes in (dict(summary_num_warps=1), dict(summary_num_warps=1, summary_split=1)):
+    got = value_and_grads(dataclasses.replace(base, **changes))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6 * float(np.max(np.abs(b))))
+  with pytest.raises(ValueError, match="summary_num_warps"):
+    dataclasses.replace(base, summary_num_warps=3).validate(ndim)
   # bwd_block_t reaches the backward scan alone; 16-step tiles leave the chunks of 24 an 8-step remainder.
   for bwd_block_t in (4, 16):
     tiles.clear()

@@ -660,8 +660,8 @@ class _ScanSpec:
   mode "bwd": the reverse-time adjoint scan (see the module docstring); writes dx and per-chunk
     final states and accumulators.
   Coefficients are float32 in q's natural order: qre, qim, cre, cim, cqre, cqim, p [D * N], the
-  power table pwre, pwim [E, D * N] (_power_table; rows 0 .. S - 1 hold q^1 .. q^S), om [D];
-  only k0 is per lane [D * split]. States are lane planes [B, C, N / split, D * split].
+  power table pwre, pwim [E, D * N] (_power_table; rows 0 .. S - 1 hold q^1 .. q^S), om [D].
+  States are lane planes [B, C, N / split, D * split].
   """
   mode: str
   reverse: bool        # walk each chunk from its last step to its first
@@ -848,9 +848,6 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     at = (lambda i: r[name].at[i]) if row is None else (lambda i: r[name].at[row, i])
     return [plgpu.load(at(natural + g * spec.split), mask=lmask, other=0.0) for g in groups]
 
-  def lane_coef(name):
-    return plgpu.load(r[name].at[flat], mask=lmask, other=0.0)
-
   def channel_coef(name):
     # [D] per channel, on the channel's first lane (0 on its others, which must not add it twice).
     return plgpu.load(r[name].at[d_lane], mask=first_lane, other=0.0)
@@ -945,7 +942,8 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       block = 2
       q2re, q2im = coef("pwre", spec.q2_row), coef("pwim", spec.q2_row)
       cqre, cqim = coef("cqre"), coef("cqim")
-      omk = om + lane_coef("k0")  # y_t's direct term: (omega + this lane's sum of Re(c)) x_t
+      # y_t's direct term: (omega + this lane's sum of Re(c), g ascending) x_t.
+      omk = om + functools.reduce(jnp.add, cre)
 
       def block_fn(carry, datas, step):
         sr, si = carry
@@ -1681,10 +1679,7 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     inputs["pwre"], inputs["pwim"] = powers  # the kernel reads q^2's row in place
     extra["q2_row"] = exps.index(2)
     inputs["cqre"], inputs["cqim"] = _split_complex((c * q).reshape(-1))
-    # Per lane (d, j): its orders' Re(c) summed, in the lane layout's order (the same reduce as
-    # over the lane planes the kernel used to get).
-    inputs["k0"] = jnp.sum(_to_lanes(jnp.real(c), split), axis=0)
-    pair_names = ("pwre", "pwim", "cqre", "cqim", "k0")
+    pair_names = ("pwre", "pwim", "cqre", "cqim")
   init_names = ()
   if s0 is not None:
     inputs["s0re"], inputs["s0im"] = s0

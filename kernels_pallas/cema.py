@@ -212,12 +212,6 @@ class CemaKernelConfig:
   summary_split: lanes per channel of both chunk-summary kernels (their results leave in
     natural layout, so their tiling is free); 0 keeps the pass's own split. The program keeps
     its number of lanes (block_d * split of the tiling it replaces).
-  summary_num_warps: warps per program of both chunk-summary kernels, one lane per thread
-    (32 * summary_num_warps lanes); 0 keeps the lanes and warps of the tiling they replace. Every
-    summary program walks a whole chunk, so the GPU's balance between SMs is set by how many such
-    units there are: at B=1, D=4096 with 16 chunks, 15 chunks x 32 programs of 128 lanes give an
-    SM at most 4 where the mean is 3.64 (a 9% tail); programs of 32 lanes make the units four
-    times finer.
   sum_chains: independent accumulation chains of each step's sum over orders in the forward and
     backward scans. Each chain beyond the first costs a multiply to start it and an add to
     combine it, per step and lane; fewer chains make the sum a longer dependent run (2 N / split
@@ -275,7 +269,6 @@ class CemaKernelConfig:
   summary_block: int = 0
   summary_block_t: int = 0
   summary_split: int = 0
-  summary_num_warps: int = 0
   sum_chains: int = 4
   pallas_powers: bool = True
   powers_block: int = 256
@@ -316,9 +309,6 @@ class CemaKernelConfig:
     if self.fwd_pairs and self.block_t < 2:
       raise ValueError(f"CemaKernelConfig.fwd_pairs needs block_t >= 2; got {self.block_t}. "
                        "Set fwd_pairs=False for one-step tiles.")
-    if self.summary_num_warps < 0 or self.summary_num_warps & (self.summary_num_warps - 1):
-      raise ValueError(f"CemaKernelConfig.summary_num_warps must be 0 or a power of two; got "
-                       f"{self.summary_num_warps}.")
     if self.summary_split:
       if self.summary_split & (self.summary_split - 1) or ndim % self.summary_split:
         raise ValueError(f"CemaKernelConfig.summary_split={self.summary_split} must be 0 or a "
@@ -378,6 +368,10 @@ def _from_lanes(a: Array, dim: int, split: int) -> Array:
   return a.reshape(*lead, dim, groups * split)
 
 
+def _lane_omega(omega: Array, split: int) -> Array:
+  """omega [D] -> [D * split] with omega on lane j = 0 of each channel, 0 elsewhere."""
+  lanes = jnp.zeros((omega.shape[0], split), jnp.float32).at[:, 0].set(omega)
+  return lanes.reshape(-1)
 
 # ----------------------------------------------------------------------------------------------
 # Step algebra shared by the GPU and TPU kernels.  Arrays are any broadcast-compatible float32
@@ -669,9 +663,6 @@ class _ScanSpec:
   mode "fwd": the forward scan from each chunk's starting state; writes y and final states.
   mode "bwd": the reverse-time adjoint scan (see the module docstring); writes dx and per-chunk
     final states and accumulators.
-  Coefficients are float32 in q's natural order: qre, qim, cre, cim, cqre, cqim, p [D * N], the
-  power table pwre, pwim [E, D * N] (_power_table; rows 0 .. S - 1 hold q^1 .. q^S), om [D].
-  States are lane planes [B, C, N / split, D * split].
   """
   mode: str
   reverse: bool        # walk each chunk from its last step to its first
@@ -696,7 +687,6 @@ class _ScanSpec:
   bounded_offsets: bool = True  # CemaKernelConfig.bounded_offsets
   batch: int = 0          # B (set by _launch; bounds the batch index in row addresses)
   chunk_offset: int = 0   # mode "local": the time chunk of program c is c + chunk_offset
-  q2_row: int = 0         # mode "fwd" with pair_steps: the row of q^2 in the power table pwre / pwim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -849,18 +839,11 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
       return bound(t_lo + n_steps - 1 - step.base, spec.length) - step.offset
     return bound(t_lo + step.base, spec.length) + step.offset
 
-  # Coefficients come in q's natural order d * N + n ([D * N], or row `row` of a power table
-  # [E, D * N]), so XLA does no layout conversion per kernel and split: each lane gathers its
-  # orders n = g * split + lane % split, once per program.
-  natural = d_lane * (spec.groups * spec.split) + lane % spec.split
+  def coef(name):
+    return [plgpu.load(r[name].at[g, flat], mask=lmask, other=0.0) for g in groups]
 
-  def coef(name, row=None):
-    at = (lambda i: r[name].at[i]) if row is None else (lambda i: r[name].at[row, i])
-    return [plgpu.load(at(natural + g * spec.split), mask=lmask, other=0.0) for g in groups]
-
-  def channel_coef(name):
-    # [D] per channel, on the channel's first lane (0 on its others, which must not add it twice).
-    return plgpu.load(r[name].at[d_lane], mask=first_lane, other=0.0)
+  def lane_coef(name):
+    return plgpu.load(r[name].at[flat], mask=lmask, other=0.0)
 
   def zeros():
     return [jnp.zeros((lanes,), jnp.float32) for _ in groups]
@@ -908,8 +891,10 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     if spec.summary_block > 1:
       block = spec.summary_block
       # powers[m][g] = q^(m + 1), m = 0..block-1 (loaded once; q is fixed per channel and order).
-      pw_re = [coef("pwre", m) for m in range(block)]
-      pw_im = [coef("pwim", m) for m in range(block)]
+      pw_re = [[plgpu.load(r["pwre"].at[m, g, flat], mask=lmask, other=0.0) for g in groups]
+               for m in range(block)]
+      pw_im = [[plgpu.load(r["pwim"].at[m, g, flat], mask=lmask, other=0.0) for g in groups]
+               for m in range(block)]
 
       def block_fn(carry, datas, step):
         del step
@@ -928,7 +913,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     state_out("fim", si)
 
   elif spec.mode == "fwd":
-    cre, cim, om = coef("cre"), coef("cim"), channel_coef("om")
+    cre, cim, om = coef("cre"), coef("cim"), lane_coef("om")
 
     def load_fn(step, valid):
       return load_row("x", step, valid), load_keep(step, valid)
@@ -950,10 +935,8 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     block_fn, block = None, 1
     if spec.pair_steps:
       block = 2
-      q2re, q2im = coef("pwre", spec.q2_row), coef("pwim", spec.q2_row)
-      cqre, cqim = coef("cqre"), coef("cqim")
-      # y_t's direct term: (omega + this lane's sum of Re(c), g ascending) x_t.
-      omk = om + functools.reduce(jnp.add, cre)
+      q2re, q2im, cqre, cqim = coef("q2re"), coef("q2im"), coef("cqre"), coef("cqim")
+      omk = om + lane_coef("k0")  # y_t's direct term: (omega + this lane's sum of Re(c)) x_t
 
       def block_fn(carry, datas, step):
         sr, si = carry
@@ -981,7 +964,7 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
     state_out("fim", si)
 
   elif spec.mode == "bwd":
-    cre, cim, om = coef("cre"), coef("cim"), channel_coef("om")
+    cre, cim, om = coef("cre"), coef("cim"), lane_coef("om")
     pp = coef("p") if spec.has_g else None
 
     def load_fn(step, valid):
@@ -1098,29 +1081,11 @@ def _power_exponents(cfg: CemaKernelConfig, plan: _Plan) -> tuple[int, ...]:
   return tuple(dict.fromkeys(exps))  # first occurrences, in order
 
 
-class _TableRow(NamedTuple):
-  """q^e [D, N] as row `row` of a power table's float32 planes re, im [E, D * N] (_power_table):
-  the combine and totals kernels read it in place, with no XLA slice per use."""
-  re: Array
-  im: Array
-  row: int
-  shape: tuple[int, int]  # (D, N)
-
-  @classmethod
-  def of(cls, value: Array) -> "_TableRow":
-    """A [D, N] complex value as a table of one row."""
-    re, im = _split_complex(value.reshape(1, -1))
-    return cls(re, im, 0, tuple(value.shape))
-
-  def value(self) -> Array:
-    """The power as [D, N] complex64."""
-    return lax.complex(self.re[self.row], self.im[self.row]).reshape(self.shape)
-
-
-def _table_row(table: tuple[Array, Array], exps: tuple[int, ...], exponent: int,
-               shape: tuple[int, int]) -> _TableRow:
-  """q^exponent in the power table's planes (exps: its _power_exponents)."""
-  return _TableRow(table[0], table[1], exps.index(exponent), shape)
+def _table_power(table: tuple[Array, Array], exps: tuple[int, ...], exponent: int,
+                 shape: tuple[int, ...]) -> Array:
+  """q^exponent [*shape] complex64 from the power table's planes (exps: its _power_exponents)."""
+  row = exps.index(exponent)
+  return lax.complex(table[0][row], table[1][row]).reshape(shape)
 
 
 class _Residuals(NamedTuple):
@@ -1229,21 +1194,22 @@ def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKerne
   """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C', G, D * S'] f32, S')."""
   batch, length, dim = x.shape
   ndim = q.shape[1]
-  if cfg.summary_split or cfg.summary_num_warps:
-    lanes = 32 * cfg.summary_num_warps if cfg.summary_num_warps else block_d * split
-    split = cfg.summary_split or split
+  if cfg.summary_split:
+    lanes = block_d * split
+    split = cfg.summary_split
     block_d = max(1, lanes // split)
-    num_warps = cfg.summary_num_warps or num_warps
   groups = ndim // split
   block = cfg.summary_block if cfg.summary_block > 1 else 0
   inputs = {"x": x}
   if keep is not None:
     inputs["keep"] = keep
-  inputs["qre"], inputs["qim"] = _split_complex(q.reshape(-1))
+  inputs["qre"], inputs["qim"] = _lane_planes(q, split)
   if block:
-    # The kernel reads rows 0 .. S - 1 of the table, q^1 .. q^S, in place.
-    inputs["pwre"], inputs["pwim"] = (powers if powers is not None
-                                      else _power_table(q, tuple(range(1, block + 1)), cfg, interpret))
+    if powers is None:
+      powers = _power_table(q, tuple(range(1, block + 1)), cfg, interpret)
+    # Rows 0 .. S - 1 of the table: q^1 .. q^S as [S, D, N].
+    powers = lax.complex(powers[0][:block], powers[1][:block]).reshape(block, dim, ndim)
+    inputs["pwre"], inputs["pwim"] = _lane_planes(powers, split)
   first, count = _summary_chunks(plan, reverse, all_chunks)
   spec = _ScanSpec(mode="local", reverse=reverse, has_init=False, has_keep=keep is not None,
                    has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
@@ -1272,8 +1238,6 @@ class _CombineSpec:
   has_flags: bool   # per-chunk survival flags present
   has_start: bool   # the first chunk's state is given (else zero)
   first_decay: bool  # the first carry of the walk has its own decay (a shorter last chunk)
-  decay_row: int = 0        # the decays' rows of their tables "decre", "decim" ([E, D * N])
-  first_decay_row: int = 0  # and "fdre", "fdim"
 
 
 def _combine_kernel(*refs, spec: _CombineSpec):
@@ -1299,10 +1263,10 @@ def _combine_kernel(*refs, spec: _CombineSpec):
   in_pos = (n // s_in) * (dim * s_in) + d * s_in + n % s_in
   natural = d * ndim + n
 
-  def table_row(name, row):
-    return plgpu.load(r[name].at[row, natural], mask=mask, other=0.0)
+  def natural_plane(name):
+    return plgpu.load(r[name].at[natural], mask=mask, other=0.0)
 
-  decay = table_row("decre", spec.decay_row), table_row("decim", spec.decay_row)
+  decay = natural_plane("decre"), natural_plane("decim")
   if spec.has_start:
     cur = (plgpu.load(r["hre"].at[b, natural], mask=mask, other=0.0),
            plgpu.load(r["him"].at[b, natural], mask=mask, other=0.0))
@@ -1324,7 +1288,7 @@ def _combine_kernel(*refs, spec: _CombineSpec):
            if spec.has_local else None)
   decays = [decay] * len(walk)
   if spec.first_decay and walk:
-    decays[0] = table_row("fdre", spec.first_decay_row), table_row("fdim", spec.first_decay_row)
+    decays[0] = natural_plane("fdre"), natural_plane("fdim")
 
   def store(c, value):
     plgpu.store(r["ore"].at[b, index[c], out_pos], value[0], mask=mask)
@@ -1344,18 +1308,18 @@ def _combine_kernel(*refs, spec: _CombineSpec):
     store(order[i + 1], cur)
 
 
-def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: _TableRow,
+def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: Array,
                     flags: Array | None, start: Array | None, out_split: int, *, batch: int,
-                    count: int, reverse: bool, interpret: bool, first_decay: _TableRow | None = None,
+                    count: int, reverse: bool, interpret: bool, first_decay: Array | None = None,
                     block: int = 128, num_warps: int = 4) -> tuple[Array, Array]:
   """The state entering every chunk, from the chunk summaries, as one Pallas kernel.
 
   local: lane planes [B, C - 1, N / in_split, D * in_split] f32 (re, im) of the final states from
   a zero start of the chunks the walk carries across (_summary_chunks: slot c holds chunk c, or
-  c + 1 with reverse), or None (zeros); decay: q^chunk [D, N] as a _TableRow, the decay across
-  one chunk; flags: [B, C] f32 (chunk c's survival flag, applied to the state carried across it)
-  or None; start: [B, D, N] c64 or None (zero), the state entering the first chunk of the walk;
-  first_decay: a _TableRow or None, the decay across the first chunk of the walk when it differs.
+  c + 1 with reverse), or None (zeros); decay: [D, N] c64, the decay across one chunk; flags:
+  [B, C] f32 (chunk c's survival flag, applied to the state carried across it) or None; start:
+  [B, D, N] c64 or None (zero), the state entering the first chunk of the walk; first_decay:
+  [D, N] c64 or None, the decay across the first chunk of the walk when it differs.
   With F_c chunk c's summary (local[:, c] forward, local[:, c - 1] reverse):
   Forward: out[0] = start, out[c + 1] = flags[c] (decay out[c]) + F_c.
   reverse: out[C - 1] = start, out[c - 1] = flags[c] (decay out[c]) + F_c.
@@ -1370,14 +1334,13 @@ def _combine_states(local: tuple[Array, Array] | None, in_split: int, decay: _Ta
   spec = _CombineSpec(count=count, dim=dim, ndim=ndim, in_split=in_split, out_split=out_split,
                       block=block, reverse=reverse, has_local=local is not None,
                       has_flags=flags is not None, has_start=start is not None,
-                      first_decay=first_decay is not None, decay_row=decay.row,
-                      first_decay_row=0 if first_decay is None else first_decay.row)
+                      first_decay=first_decay is not None)
   if local is not None and local[0].shape[:2] != (batch, count - 1):
     raise ValueError(f"combine: summaries of {count - 1} chunks expected; got shape {local[0].shape}.")
   inputs = [] if local is None else [a.reshape(batch, count - 1, size) for a in local]
-  inputs += [decay.re, decay.im]
+  inputs += list(_split_complex(decay.reshape(-1)))
   if first_decay is not None:
-    inputs += [first_decay.re, first_decay.im]
+    inputs += list(_split_complex(first_decay.reshape(-1)))
   if flags is not None:
     inputs.append(flags.astype(jnp.float32))
   if start is not None:
@@ -1409,7 +1372,6 @@ class _TotalsSpec:
   has_flags: bool   # segment resets (per-chunk flags)
   in_names: tuple[str, ...]
   out_names: tuple[str, ...]
-  decay_row: int = 0  # q^chunk's row of the power table "decre", "decim" ([E, D * N])
 
 
 def _totals_kernel(*refs, spec: _TotalsSpec):
@@ -1434,11 +1396,9 @@ def _totals_kernel(*refs, spec: _TotalsSpec):
   natural = jnp.where(mask, d * ndim + n, pos)
   local_pos = (n // s_loc) * (dim * s_loc) + d * s_loc + n % s_loc
   # ct_omega: the scan's per-lane sum of dy x [B, C, D * S], read by the programs of group 0;
-  # it leaves as [D] from each channel's first lane (n = 0), so no XLA slice follows. The other
-  # entries, masked off, keep out-of-range positions of their own, as natural's do.
+  # it leaves at natural (d, n) like the rest (column n = 0 is the first lane of channel d), as a
+  # masked store to a [D] vector would share addresses between masked-off lanes.
   om_mask = pos < row
-  om_first = mask & (n == 0)
-  om_at = jnp.where(om_first, d, dim + pos)
   index = [jnp.int32(c) for c in range(count)]  # traced chunk indices (see _combine_kernel)
   zero = jnp.zeros((spec.block,), jnp.float32)
 
@@ -1492,7 +1452,7 @@ def _totals_kernel(*refs, spec: _TotalsSpec):
 
   walk = count > 1
   if walk:
-    decay = tuple(plgpu.load(r[name].at[spec.decay_row, natural], mask=mask, other=0.0)
+    decay = tuple(plgpu.load(r[name].at[natural], mask=mask, other=0.0)
                   for name in ("decre", "decim"))
     q = tuple(plgpu.load(r[name].at[natural], mask=mask, other=0.0) for name in ("qre", "qim"))
   sum_names = ("are", "aim", "bre", "bim", "ctom") + (("pg", "bgre", "bgim") if spec.has_g else ())
@@ -1539,14 +1499,11 @@ def _totals_kernel(*refs, spec: _TotalsSpec):
   else:
     totals = lax.fori_loop(0, spec.batch, per_batch, totals)
   for name, value in zip(spec.out_names[:n_totals], totals):
-    if name == "ctom_t":
-      plgpu.store(r[name].at[om_at], value, mask=om_first)
-      continue
     plgpu.store(r[name].at[natural], value, mask=mask)
 
 
 def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, local_split: int,
-                     decay: _TableRow | None, q: Array, flags: _Flags, *, batch: int, count: int,
+                     decay: Array | None, q: Array, flags: _Flags, *, batch: int, count: int,
                      dim: int, split: int, has_g: bool, has_h0: bool, interpret: bool,
                      block: int = 128, num_warps: int = 4, prefetch: int = 8) -> dict[str, Array]:
   """Everything _gpu_backward needs from the backward scan's per-chunk outputs, as one kernel.
@@ -1554,7 +1511,7 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
   out: the scan's planes [B, C, N / split, D * split] f32 (ure .. bim, the g ones) and ctom
   [B, C, D * split]; local: the forward's chunk-local states of chunks 0 .. C - 2 (its summaries,
   _summary_chunks) as lane planes [B, C - 1, N / local_split, D * local_split] f32 (re, im),
-  decay: q^chunk [D, N] as a _TableRow (both None for one chunk); q: [D, N] c64.
+  decay: [D, N] c64 (both None for one chunk); q: [D, N] c64.
   Returns natural-layout totals (XLA's order of operations per chunk step; sums over chunks and
   batch ascending, the lagged correction in the walk's order, last chunk first, where XLA adds
   it first chunk first):
@@ -1587,7 +1544,7 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
     if local[0].shape[:2] != (batch, count - 1):
       raise ValueError(f"totals: summaries of {count - 1} chunks expected; got shape {local[0].shape}.")
     inputs["lre"], inputs["lim"] = (a.reshape(batch, count - 1, -1) for a in local)
-    inputs["decre"], inputs["decim"] = decay.re, decay.im
+    inputs["decre"], inputs["decim"] = _split_complex(decay.reshape(-1))
     inputs["qre"], inputs["qim"] = _split_complex(q.reshape(-1))
     if flags.bwd is not None:
       inputs["flags"] = flags.bwd.astype(jnp.float32)
@@ -1595,7 +1552,7 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
   total = jax.ShapeDtypeStruct((size,), jnp.float32)
   first = jax.ShapeDtypeStruct((batch, size), jnp.float32)
   shapes = {"atre": total, "atim": total, "btre": total, "btim": total,
-            "ctom_t": jax.ShapeDtypeStruct((dim,), jnp.float32)}
+            "ctom_t": total}
   if has_g:
     shapes.update(pg_t=total, bgtre=total, bgtim=total)
   if has_h0:
@@ -1605,7 +1562,7 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
   spec = _TotalsSpec(batch=batch, count=count, dim=dim, ndim=ndim, split=split,
                      local_split=local_split, block=block, prefetch=prefetch, has_g=has_g,
                      has_h0=has_h0, has_flags=walk and flags.bwd is not None,
-                     in_names=tuple(inputs), out_names=tuple(shapes), decay_row=decay.row if walk else 0)
+                     in_names=tuple(inputs), out_names=tuple(shapes))
   kwargs = {} if interpret else {
       "compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=1)}
   res = pl.pallas_call(
@@ -1618,7 +1575,7 @@ def _backward_totals(out: dict[str, Array], local: tuple[Array, Array] | None, l
     return lax.complex(res[re], res[im]).reshape(*lead, dim, ndim)
 
   totals = {"acc_a": cplx("atre", "atim"), "acc_b": cplx("btre", "btim"),
-            "ct_omega": res["ctom_t"]}
+            "ct_omega": res["ctom_t"].reshape(dim, ndim)[:, 0]}
   if has_g:
     totals.update(pg=res["pg_t"].reshape(dim, ndim), acc_bg=cplx("bgtre", "bgtim"))
   if has_h0:
@@ -1637,28 +1594,26 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
   split = cfg.split
   groups = ndim // split
   pf = _folded_p(p)
-  # The kernels read the coefficients in natural order (_ScanSpec): no per-split layouts.
-  coefs = dict(zip(("qre", "qim"), _split_complex(q.reshape(-1))))
+  coefs = dict(zip(("qre", "qim"), _lane_planes(q, split)))
   keep_in = {} if keep is None else {"keep": keep}
   keep_names = tuple(keep_in)
   state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
 
-  def spec(mode, has_init, in_names, out_names, **extra):
+  def spec(mode, has_init, in_names, out_names):
     return _ScanSpec(mode=mode, reverse=False, has_init=has_init, has_keep=keep is not None,
                      has_g=False, reset_branch=cfg.reset_branch, length=length, dim=dim,
                      groups=groups, split=split, block_d=cfg.block_d, block_t=cfg.block_t,
                      chunk=plan.chunk, in_names=in_names, out_names=out_names,
                      ptx_fma=cfg.ptx_fma and not interpret, sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.block_d, cfg.num_warps, interpret),
-                     pair_steps=cfg.fwd_pairs and mode == "fwd", bounded_offsets=cfg.bounded_offsets,
-                     **extra)
+                     pair_steps=cfg.fwd_pairs and mode == "fwd", bounded_offsets=cfg.bounded_offsets)
 
   start = None if h0 is None else h0 / pf[None]
   # Every power of q both passes use, in one kernel (the backward takes the table as a residual).
   exps = _power_exponents(cfg, plan)
   powers = _power_table(q, exps, cfg, interpret) if exps else None
   local = s0 = None  # s0: lane planes of the state entering each chunk (None: zeros)
-  decay = _table_row(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
+  decay = _table_power(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
   if plan.count > 1 and cfg.pallas_combine:
     planes, local_split = _chunk_summary_planes(
         x, keep, q, cfg, plan, reverse=False, split=split, block_d=cfg.block_d,
@@ -1676,27 +1631,26 @@ def _gpu_forward(x, keep, p, q, eta, omega, h0, cfg: CemaKernelConfig, interpret
     current = jnp.zeros_like(local[:, 0]) if start is None else start
     starts = [current]
     for c in range(plan.count - 1):
-      current = _times(flags.fwd, c, decay.value() * current) + local[:, c]
+      current = _times(flags.fwd, c, decay * current) + local[:, c]
       starts.append(current)
     s0 = _lane_planes(jnp.stack(starts, axis=1), split)
   elif start is not None:
     s0 = _lane_planes(start[:, None], split)
   inputs = dict(x=x, **keep_in, **coefs)
-  c = eta * pf
-  inputs["cre"], inputs["cim"] = _split_complex(c.reshape(-1))
-  inputs["om"] = omega  # [D]: the kernel puts it on each channel's first lane
-  pair_names, extra = (), {}
+  inputs["cre"], inputs["cim"] = _lane_planes(eta * pf, split)
+  inputs["om"] = _lane_omega(omega, split)
+  pair_names = ()
   if cfg.fwd_pairs:
-    inputs["pwre"], inputs["pwim"] = powers  # the kernel reads q^2's row in place
-    extra["q2_row"] = exps.index(2)
-    inputs["cqre"], inputs["cqim"] = _split_complex((c * q).reshape(-1))
-    pair_names = ("pwre", "pwim", "cqre", "cqim")
+    inputs["q2re"], inputs["q2im"] = _lane_planes(_table_power(powers, exps, 2, (dim, ndim)), split)
+    inputs["cqre"], inputs["cqim"] = _lane_planes(eta * pf * q, split)
+    inputs["k0"] = jnp.sum(inputs["cre"], axis=0)  # per lane: its orders' Re(c) summed
+    pair_names = ("q2re", "q2im", "cqre", "cqim", "k0")
   init_names = ()
   if s0 is not None:
     inputs["s0re"], inputs["s0im"] = s0
     init_names = ("s0re", "s0im")
   names = ("x",) + keep_names + ("qre", "qim", "cre", "cim", "om") + pair_names + init_names
-  out = _launch(spec("fwd", bool(init_names), names, ("y", "fre", "fim"), **extra), batch, plan.count,
+  out = _launch(spec("fwd", bool(init_names), names, ("y", "fre", "fim")), batch, plan.count,
                 inputs, {"y": jax.ShapeDtypeStruct(x.shape, jnp.float32), "fre": state,
                          "fim": state},
                 interpret=interpret, num_warps=cfg.num_warps, name="cema_fwd_scan")
@@ -1723,7 +1677,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
   keep_in = {} if keep is None else {"keep": keep_rev}
   keep_names = tuple(keep_in)
   flags = _chunk_flags(keep, plan)
-  coefs = dict(zip(("qre", "qim"), _split_complex(q.reshape(-1))))  # natural order (_ScanSpec)
+  coefs = dict(zip(("qre", "qim"), _lane_planes(q, split)))
   state = jax.ShapeDtypeStruct((batch, plan.count, groups, dim * split), jnp.float32)
   last = plan.count - 1
 
@@ -1739,11 +1693,11 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
 
   local, powers = res
   exps = _power_exponents(cfg, plan)  # the forward's table: no power kernel here
-  decay = _table_row(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
+  decay = _table_power(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
   # Decay across chunk c (its own length), applied from the later chunk to the earlier one.
   decays = [decay] * plan.count
   if plan.count > 1 and has_g and plan.last != plan.chunk:
-    decays[last] = _table_row(powers, exps, plan.last, (dim, ndim))
+    decays[last] = _table_power(powers, exps, plan.last, (dim, ndim))
 
   def run_back(incoming, part_of, flag):
     """in[c - 1] = flag_c decay_c in[c] + part_of(c) from in[last]; returns in[0..last].
@@ -1752,7 +1706,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
     values = [None] * plan.count
     values[last] = incoming
     for c in range(last, 0, -1):
-      carried = None if values[c] is None else _times(flag, c, decays[c].value() * values[c])
+      carried = None if values[c] is None else _times(flag, c, decays[c] * values[c])
       part = part_of(c)
       values[c - 1] = part if carried is None else (carried if part is None else carried + part)
     return values
@@ -1780,15 +1734,15 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
       u_in[last] = jnp.zeros_like(u_in[0])
       inputs["u0re"], inputs["u0im"] = _lane_planes(jnp.stack(u_in, axis=1), split)
     init_names = ("u0re", "u0im")
-  inputs["cre"], inputs["cim"] = _split_complex((eta * p).reshape(-1))
-  inputs["om"] = omega
+  inputs["cre"], inputs["cim"] = _lane_planes(eta * p, split)
+  inputs["om"] = _lane_omega(omega, split)
   names = ("dy", "x") + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
   out_names = ("dx", "ure", "uim", "vre", "vim", "are", "aim", "bre", "bim", "ctom")
   out_shapes = {n: state for n in out_names}
   out_shapes["dx"] = jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_shapes["ctom"] = jax.ShapeDtypeStruct((batch, plan.count, dim * split), jnp.float32)
   if has_g:
-    inputs["p"] = p.reshape(-1)
+    inputs["p"] = _to_lanes(p, split)
     if cfg.pallas_combine and plan.count > 1:
       inputs["e0re"], inputs["e0im"] = _combine_states(
           None, split, decay, flags.bwd, g_last, split, batch=batch, count=plan.count,
@@ -1835,7 +1789,7 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
     """True lagged sums entering each chunk (in[c]) and after time 0 (in[-1]), plus the
     correction sum_c after_c in[c] F_c to the kernel's sum_t x_t (lagged) of zero-start chunks."""
     values = run_back(jnp.zeros_like(kernel_final[:, 0]), lambda c: kernel_final[:, c], flags.bwd)
-    before = _times(flags.bwd, 0, decays[0].value() * values[0]) if plan.count > 1 else 0.0
+    before = _times(flags.bwd, 0, decays[0] * values[0]) if plan.count > 1 else 0.0
     final = before + kernel_final[:, 0]
     correction = 0.0
     # in[last] is zero, so the last chunk adds nothing (and the forward kept no F for it).

@@ -348,12 +348,9 @@ def test_pallas_combine_on_the_chunk_plan():
   decay, first = 0.9 * cplx(dim, ndim) / 2, 0.9 * cplx(dim, ndim) / 2
   flags = jnp.asarray(rng.random((batch, count)) < 0.7, jnp.float32)
   natural = lambda planes, split: K._from_lanes(lax.complex(*planes), dim, split)  # noqa: E731
-  # The kernel reads the decays as rows of a power table: here q^chunk in row 1 of three.
-  table = K._split_complex(jnp.stack([first, decay, first + decay]).reshape(3, -1))
-  decay_row, first_row = K._TableRow(*table, 1, (dim, ndim)), K._TableRow.of(first)
   for s_in, s_out in ((2, 2), (4, 1), (1, 8)):
     planes = K._lane_planes(local[:, :-1], s_in)
-    got = natural(K._combine_states(planes, s_in, decay_row, flags, start, s_out, batch=batch,
+    got = natural(K._combine_states(planes, s_in, decay, flags, start, s_out, batch=batch,
                                     count=count, reverse=False, interpret=True, block=16), s_out)
     want, cur = [start], start
     for c in range(count - 1):
@@ -361,15 +358,15 @@ def test_pallas_combine_on_the_chunk_plan():
       want.append(cur)
     np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
     planes = K._lane_planes(local[:, 1:], s_in)
-    got = natural(K._combine_states(planes, s_in, decay_row, flags, None, s_out, batch=batch,
+    got = natural(K._combine_states(planes, s_in, decay, flags, None, s_out, batch=batch,
                                     count=count, reverse=True, interpret=True), s_out)
     want, cur = [jnp.zeros_like(start)], None
     for c in range(count - 1, 0, -1):
       cur = local[:, c] if cur is None else K._times(flags, c, decay * cur) + local[:, c]
       want.insert(0, cur)
     np.testing.assert_allclose(got, jnp.stack(want, 1), rtol=1e-6, atol=1e-6)
-    got = natural(K._combine_states(None, s_in, decay_row, flags, start, s_out, batch=batch,
-                                    count=count, reverse=True, interpret=True, first_decay=first_row),
+    got = natural(K._combine_states(None, s_in, decay, flags, start, s_out, batch=batch,
+                                    count=count, reverse=True, interpret=True, first_decay=first),
                   s_out)
     want, cur = [start], start
     for c in range(count - 1, 0, -1):
@@ -435,7 +432,7 @@ def test_backward_totals_on_the_chunk_plan(count):
         want = _backward_totals_xla(out, local, decay, q, flags, dim=dim, split=split,
                                     has_g=has_g)
         got = K._backward_totals(out, K._lane_planes(local[:, :-1], local_split) if count > 1 else None,
-                                 local_split, K._TableRow.of(decay) if count > 1 else None, q, flags,
+                                 local_split, decay if count > 1 else None, q, flags,
                                  batch=batch, count=count, dim=dim, split=split, has_g=has_g,
                                  has_h0=True, interpret=True, block=32, prefetch=2)
         assert set(got) == set(want)
@@ -443,7 +440,7 @@ def test_backward_totals_on_the_chunk_plan(count):
           np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-5, err_msg=key)
         # Without h0 only the batch totals leave.
         lean = K._backward_totals(out, K._lane_planes(local[:, :-1], local_split) if count > 1 else None,
-                                  local_split, K._TableRow.of(decay) if count > 1 else None, q, flags,
+                                  local_split, decay if count > 1 else None, q, flags,
                                   batch=batch, count=count, dim=dim, split=split, has_g=has_g,
                                   has_h0=False, interpret=True)
         assert not {"u_first", "v_final", "q_g_first", "f_final"} & set(lean)
@@ -678,21 +675,6 @@ def test_pallas_combine_lowers_with_resets_h0_and_a_shorter_last_chunk():
   assert text.count('name = "cema_bwd_totals"') == 1
 
 
-def test_fwd_bwd_glue_is_few_xla_ops_on_natural_coefficients():
-  """experiments/gpu_checks/count_cema_launches.py on a small chunked shape (default tiling: fwd
-  pairs, blocked summaries on 2 lanes, the backward on 2): the value-and-gradient lowers to 8
-  Pallas calls (one power table), and the CEMA op's own XLA glue is elementwise only: no scatter,
-  pad, slice, transpose or reduce (the scans read their coefficients in natural order, omega as it
-  is and the powers in place, and sum k0 themselves)."""
-  from experiments.gpu_checks.count_cema_launches import count_ops, lower_cema_gradient, summary
-  lowered, cfg = lower_cema_gradient({"num_chunks": 4}, length=64, dim=8, ndim=4)
-  assert cfg.fwd_pairs and cfg.summary_block > 1 and K._plan(64, cfg).count == 4
-  counts = count_ops(lowered.compiler_ir("stablehlo"), big=64 * 8)
-  assert sum(counts["pallas"].values()) == 8 and counts["pallas"]["cema_powers"] == 1
-  own = summary(counts)["after CSE, CEMA op only"]
-  assert own["total"] == own["elementwise"] <= 30, own
-
-
 def test_ptx_fma_off_leaves_no_inline_assembly():
   x = jnp.zeros((1, 64, 8), jnp.float32)
   coeffs = CemaCoefficients(jnp.full((8, 4), 0.5), jnp.full((8, 4), 0.9 + 0.1j, jnp.complex64),
@@ -820,13 +802,6 @@ def test_summary_and_backward_tiles_change_no_value_and_reject_bad_lengths(monke
   for bad in (24, 2, -16):
     with pytest.raises(ValueError, match="summary_block_t"):
       dataclasses.replace(base, summary_block_t=bad).validate(ndim)
-  # summary_num_warps: one warp per summary program, with and without summary_split.
-  for changes in (dict(summary_num_warps=1), dict(summary_num_warps=1, summary_split=1)):
-    got = value_and_grads(dataclasses.replace(base, **changes))
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6 * float(np.max(np.abs(b))))
-  with pytest.raises(ValueError, match="summary_num_warps"):
-    dataclasses.replace(base, summary_num_warps=3).validate(ndim)
   # bwd_block_t reaches the backward scan alone; 16-step tiles leave the chunks of 24 an 8-step remainder.
   for bwd_block_t in (4, 16):
     tiles.clear()
@@ -900,7 +875,7 @@ def test_one_power_table_serves_both_passes():
         want = K._accurate_powers_pallas(q, (e,), interpret=True, block=8)
       else:
         want = jax.jit(lambda q, e=e: K._accurate_powers(q, (e,)))(q)
-      np.testing.assert_array_equal(np.asarray(K._table_row(table, exps, e, (6, 4)).value()), np.asarray(want)[..., 0])
+      np.testing.assert_array_equal(np.asarray(K._table_power(table, exps, e, (6, 4))), np.asarray(want)[..., 0])
 
   # The backward alone (g part, resets, a shorter last chunk: it needs q^S, q^chunk and q^last)
   # reads them from the forward's residual.

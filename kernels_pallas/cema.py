@@ -327,9 +327,9 @@ def _largest_split(ndim: int, cap: int) -> int:
 def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelConfig:
   """Tiling for an H100/H200-class GPU: enough (batch, channel block, chunk) programs to fill it.
 
-  One lane per channel in the forward (all N orders in registers, no lane shuffles), two in the
-  backward and in the blocked chunk summaries; time chunks are added until about _TARGET_PROGRAMS
-  programs exist, but never shorter than _MIN_CHUNK steps (short sequences run as one chunk).
+  One lane per channel in the forward and in the blocked chunk summaries (all N orders in
+  registers, no lane shuffles), two in the backward; time chunks are added until about
+  _TARGET_PROGRAMS programs exist, but never shorter than _MIN_CHUNK steps (short sequences run as one chunk).
   """
   # Blocked chunk summaries, 4 steps per block on 2 lanes per channel: on an H200 at B=1,
   # L=32768, D=4096 they took 0.588 / 0.594 ms (forward / backward summaries) against 0.631 /
@@ -339,8 +339,12 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_cema_fwd_pairs_check.json).
   # 32-step summary tiles: 1.0-1.1% faster fwd+bwd than 16 in each of four interleaved A/Bs
   # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_{bounded_offsets,after_bounded,bwd_block_t}.json).
-  base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4,
-                          summary_split=_largest_split(ndim, 2), summary_block_t=32, fwd_pairs=True)
+  # All N orders on one lane in the chunk summaries (summary_split=1): 0.6-1.3% faster fwd+bwd than
+  # two lanes in three interleaved A/Bs on H200s, with 43 instructions per channel and step against
+  # 46.5 in the offline SASS (254 registers: two programs an SM, where two lanes ran three)
+  # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_{ss1,summary_warps,versions}.json).
+  base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4, summary_split=1,
+                          summary_block_t=32, fwd_pairs=True)
   programs = batch * pl.cdiv(dim, base.block_d)
   wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
   chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))

@@ -1011,6 +1011,50 @@ def test_toeplitz_probe_kernel_matches_float64(mode):
   np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.max(np.abs(ref)))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tensor_core_summary_probe_matches_float64(reverse):
+  """The session-23 probe's chunk summaries as batched bf16 dots (experiments/gpu_checks/
+  probe_cema_summary_tc.py: Horner over 16-step blocks, the powers as three bf16 parts) in the
+  interpreter against a float64 sum: S[b, c, n, d] = sum_l q^(T - 1 - l) x[b, c T + l, d] (reverse:
+  q^l), at B = 2 with |q| up to 0.999 and phases over (0, pi)."""
+  from experiments.gpu_checks import probe_cema_summary_tc as probe
+  batch, chunks, steps, dim, ndim = 2, 16, 48, 8, 16
+  rng = np.random.default_rng(5)
+  q = rng.uniform(0.5, 0.999, (dim, ndim)) * np.exp(1j * rng.uniform(0, np.pi, (dim, ndim)))
+  q = q.astype(np.complex64).astype(np.complex128)
+  x = jnp.asarray(rng.standard_normal((batch, chunks * steps, dim)), jnp.bfloat16)
+  parts, q16 = probe.power_parts(q, reverse=reverse)
+  re, im = probe.summary_tc(x, parts, q16, chunks=chunks, block_d=4, num_warps=4, reverse=reverse,
+                            interpret=True, prefetch=2)
+  ref = probe.reference(np.asarray(x, np.float64), q, chunks, reverse)
+  got = np.asarray(re) + 1j * np.asarray(im)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.max(np.abs(ref)))
+
+
+def test_tensor_core_summary_probe_lowers_to_a_batched_triton_dot():
+  """The probe's primitive reaches Triton as one 3-D tt.dot per bf16 part and plane."""
+  from experiments.gpu_checks import probe_cema_summary_tc as probe
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  texts = []
+  original = registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = original(*args, **kwargs)
+    texts.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  spec = jax.ShapeDtypeStruct
+  fn = functools.partial(probe.summary_tc, chunks=16, block_d=8, num_warps=4, reverse=False, interpret=False)
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    jax.jit(fn).trace(spec((1, 16 * 32, 64), jnp.bfloat16), spec((64, 6, 16, 16), jnp.bfloat16),
+                      spec((64, 2, 16), jnp.float32)).lower(lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = original
+  dots = [line for line in texts[0].splitlines() if "tt.dot" in line]
+  assert len(dots) == 6 and all("tensor<8x16x16xbf16>" in line for line in dots), dots
+
+
 def test_bounded_index_is_the_identity_on_its_range():
   for limit in (1, 2, 5, 16, 300, 32768):
     values = jnp.arange(limit, dtype=jnp.int32)

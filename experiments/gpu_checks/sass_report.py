@@ -6,6 +6,7 @@
     python experiments/gpu_checks/sass_report.py --op chunk_attention --out /tmp/attn_sass
     python experiments/gpu_checks/sass_report.py --op cema_toeplitz_probe --config "{'block': 32, 'dc': 16}"
     python experiments/gpu_checks/sass_report.py --op fma_probe --config "{'patterns': 'bwd_k8,bwd_2s_k4'}"
+    python experiments/gpu_checks/sass_report.py --op cema_summary_tc_probe --config "{'block_d': 8}"
 
 Step 1 (this Python, with JAX): cross-lowers the op's value-and-gradient for CUDA (CEMA at B=1,
 L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64; chunked attention at bench_ops'
@@ -166,8 +167,27 @@ def _fma_probe(overrides: dict):
   return run_all, avals, collections.defaultdict(lambda: 4)
 
 
+def _summary_tc_probe(overrides: dict):
+  """The tensor-core chunk-summary probe (experiments/gpu_checks/probe_cema_summary_tc.py), forward
+  orientation, at B=1, L=32768, D=4096, N=16, 16 chunks; overrides: block_d, num_warps, prefetch."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.gpu_checks.probe_cema_summary_tc import summary_tc
+
+  settings = {"block_d": 16, "num_warps": 4, **overrides}
+  spec = jax.ShapeDtypeStruct
+  avals = (spec((1, 32768, 4096), jnp.bfloat16), spec((4096, 6, 16, 16), jnp.bfloat16),
+           spec((4096, 2, 16), jnp.float32))
+  fn = functools.partial(summary_tc, chunks=16, reverse=False, interpret=False, **settings)
+  return fn, avals, collections.defaultdict(lambda: settings["num_warps"])
+
+
 OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient, "chunk_attention": _attention_gradient,
-       "cema_toeplitz_probe": _toeplitz_probe, "fma_probe": _fma_probe}
+       "cema_toeplitz_probe": _toeplitz_probe, "fma_probe": _fma_probe,
+       "cema_summary_tc_probe": _summary_tc_probe}
 
 
 def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:

@@ -63,6 +63,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import pallas as pl
+from kernels_pallas import cema_summary_mma
 from kernels_pallas.triton_backend import plgpu
 
 from megalodon_jax.ops.cema import CemaCoefficients
@@ -243,6 +244,12 @@ class CemaKernelConfig:
     for 4 more coefficient registers per order (q^2 from the double-float power kernel, c q).
     Needs block_t >= 2; GPU only (the TPU kernels and the interpreter's TPU path ignore it). On in
     default_config since session 19 (compiled values checked on an H200).
+  summary_mma: the forward's chunk summaries on the tensor cores (kernels_pallas.cema_summary_mma:
+    mma.sync on per-lane fragments, Horner's rule over 16-step blocks, the powers as three bf16
+    parts) where it applies: bf16 x, no segment ids, N = 16, exactly 16 equal chunks, D a
+    multiple of 16, and on a GPU after its once-per-process check; elsewhere the FMA summaries.
+    The power table then holds q^1 .. q^16. The backward's summaries stay FMA kernels (their
+    float32 cotangent is not exact in bf16).
   bounded_offsets: mask the GPU scans' dynamic row indices (batch, channel block, a tile's first
     step) to the power of two above their range, which changes no valid index but lets LLVM prove
     that the int32 row offsets do not overflow; the step within the tile then becomes a constant
@@ -274,6 +281,7 @@ class CemaKernelConfig:
   powers_block: int = 256
   pallas_combine: bool = True
   fwd_pairs: bool = False
+  summary_mma: bool = False
   bounded_offsets: bool = True
   tpu_block_d: int = 128
   tpu_block_t: int = 256
@@ -343,8 +351,11 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   # two lanes in three interleaved A/Bs on H200s, with 43 instructions per channel and step against
   # 46.5 in the offline SASS (254 registers: two programs an SM, where two lanes ran three)
   # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_{ss1,summary_warps,versions}.json).
+  # The forward's chunk summaries on the tensor cores (summary_mma) where they apply: fwd+bwd 2.588
+  # against 2.614 ms over five interleaved rounds on an H200
+  # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_summary_mma.json).
   base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4, summary_split=1,
-                          summary_block_t=32, fwd_pairs=True)
+                          summary_block_t=32, fwd_pairs=True, summary_mma=True)
   programs = batch * pl.cdiv(dim, base.block_d)
   wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
   chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))
@@ -1072,13 +1083,16 @@ def _power_exponents(cfg: CemaKernelConfig, plan: _Plan) -> tuple[int, ...]:
   Rows 0 .. S - 1: q^1 .. q^S for the blocked chunk summaries of both passes (the summary kernels
   read those rows); then, unless already there, q^chunk (the decay across a chunk, for the
   combines and the backward's totals), q^last (the shorter last chunk's, for the backward's g
-  walk) and q^2 (fwd_pairs; a backward that pairs steps would add it here too). The forward
-  computes it once and hands it to the backward as a residual; empty: no table.
+  walk) and q^2 (fwd_pairs; a backward that pairs steps would add it here too); with
+  summary_mma on a plan it can take, q^1 .. q^16 after the summary rows. The forward computes it
+  once and hands it to the backward as a residual; empty: no table.
   """
   exps = []
   if plan.count > 1:
     if cfg.summary_block > 1:
       exps += range(1, cfg.summary_block + 1)
+    if _mma_plan(cfg, plan):
+      exps += range(1, cema_summary_mma.STEP + 1)
     exps += [plan.chunk, plan.last]
   if cfg.fwd_pairs:
     exps.append(2)
@@ -1191,6 +1205,28 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
   return _natural({"fre": re, "fim": im}, "fre", "fim", x.shape[2], split)
 
 
+def _mma_plan(cfg: CemaKernelConfig, plan: _Plan) -> bool:
+  """Whether the chunk plan fits the forward's mma summaries (the inputs are checked at the call)."""
+  return (cfg.summary_mma and plan.count == cema_summary_mma.CHUNKS and plan.last == plan.chunk
+          and plan.chunk % cema_summary_mma.STEP == 0)
+
+
+def _mma_summary_planes(x: Array, q: Array, cfg: CemaKernelConfig, plan: _Plan,
+                        powers: tuple[Array, Array], first: int, count: int,
+                        interpret: bool) -> tuple[Array, Array]:
+  """The forward's summaries of chunks first .. first + count - 1 by cema_summary_mma, in the FMA
+  kernel's lane planes at one lane per channel: (re, im) [B, count, N, D] f32."""
+  dim, ndim = q.shape
+  exps = _power_exponents(cfg, plan)
+  rows = [exps.index(e) for e in range(1, cema_summary_mma.STEP + 1)]
+  ones = jnp.ones((1, dim, ndim), jnp.float32)
+  p_re = jnp.concatenate([ones, powers[0][jnp.asarray(rows)].reshape(-1, dim, ndim)])  # [17, D, N]
+  p_im = jnp.concatenate([0 * ones, powers[1][jnp.asarray(rows)].reshape(-1, dim, ndim)])
+  re, im = cema_summary_mma.summary_planes(x, *cema_summary_mma.fragment_tables(p_re, p_im),
+                                           interpret=interpret)
+  return re[:, first:first + count], im[:, first:first + count]
+
+
 def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConfig,
                           plan: _Plan, *, reverse: bool, split: int, block_d: int, num_warps: int,
                           interpret: bool, name: str, all_chunks: bool = False,
@@ -1198,6 +1234,11 @@ def _chunk_summary_planes(x: Array, keep: Array | None, q: Array, cfg: CemaKerne
   """_chunk_summaries in the kernel's lane layout: ((re, im) [B, C', G, D * S'] f32, S')."""
   batch, length, dim = x.shape
   ndim = q.shape[1]
+  if (not reverse and powers is not None and _mma_plan(cfg, plan)
+      and cema_summary_mma.supported(x, ndim, plan.count, plan.chunk, plan.last, keep is not None)
+      and cema_summary_mma.use_mma_summaries()):
+    first, count = _summary_chunks(plan, reverse, all_chunks)
+    return _mma_summary_planes(x, q, cfg, plan, powers, first, count, interpret), 1
   if cfg.summary_split:
     lanes = block_d * split
     split = cfg.summary_split

@@ -848,9 +848,13 @@ def test_powers_kernel_equals_the_xla_powers_and_lowers_for_cuda():
 def test_one_power_table_serves_both_passes():
   """The GPU passes' powers come from ONE table (_power_exponents): q^1..q^S first (the summary
   kernels read those rows), then q^chunk, a shorter last chunk's q^last and fwd_pairs' q^2 unless
-  already there. Every row equals, bit for bit, the power computed alone (Pallas kernel and XLA
-  chain), so merging the tables changes no value; the backward lowers without a power kernel."""
+  already there; with summary_mma on a plan of 16 equal chunks, q^1..q^16 after the summary rows.
+  Every row equals, bit for bit, the power computed alone (Pallas kernel and XLA chain), so
+  merging the tables changes no value; the backward lowers without a power kernel."""
   cfg = dataclasses.replace(K.default_config(1, 32768, 4096, 16), summary_block=4, fwd_pairs=True)
+  assert cfg.summary_mma
+  assert K._power_exponents(cfg, K._Plan(2048, 16, 2048)) == tuple(range(1, 17)) + (2048,)
+  cfg = dataclasses.replace(cfg, summary_mma=False)
   assert K._power_exponents(cfg, K._Plan(2048, 16, 2048)) == (1, 2, 3, 4, 2048)
   assert K._power_exponents(cfg, K._Plan(32, 3, 8)) == (1, 2, 3, 4, 32, 8)
   assert K._power_exponents(cfg, K._Plan(32, 3, 3)) == (1, 2, 3, 4, 32)

@@ -7,6 +7,7 @@
     python experiments/gpu_checks/sass_report.py --op cema_toeplitz_probe --config "{'block': 32, 'dc': 16}"
     python experiments/gpu_checks/sass_report.py --op fma_probe --config "{'patterns': 'bwd_k8,bwd_2s_k4'}"
     python experiments/gpu_checks/sass_report.py --op cema_summary_tc_probe --config "{'block_d': 8}"
+    python experiments/gpu_checks/sass_report.py --op cema_summary_mma
 
 Step 1 (this Python, with JAX): cross-lowers the op's value-and-gradient for CUDA (CEMA at B=1,
 L=32768, D=4096, N=16; TimestepNorm at B=1, L=32768, D=4096, G=64; chunked attention at bench_ops'
@@ -185,9 +186,25 @@ def _summary_tc_probe(overrides: dict):
   return fn, avals, collections.defaultdict(lambda: settings["num_warps"])
 
 
+def _summary_mma(overrides: dict):
+  """The forward's mma chunk summaries (kernels_pallas.cema_summary_mma) at B=1, L=32768, D=4096,
+  N=16; no overrides."""
+  import jax
+  import jax.numpy as jnp
+
+  from kernels_pallas import cema_summary_mma as M
+
+  del overrides
+  spec = jax.ShapeDtypeStruct
+  avals = (spec((1, 32768, 4096), jnp.bfloat16), spec((3, 4, 2, 1024, 8, 4, 4), jnp.uint32),
+           spec((4, 2, 1024, 8, 4, 4), jnp.float32))
+  fn = lambda x, b, q: M.summary_planes(x, b, q, interpret=False)  # noqa: E731
+  return fn, avals, collections.defaultdict(lambda: M.WARPS)
+
+
 OPS = {"cema": _cema_gradient, "timestep_norm": _timestep_norm_gradient, "chunk_attention": _attention_gradient,
        "cema_toeplitz_probe": _toeplitz_probe, "fma_probe": _fma_probe,
-       "cema_summary_tc_probe": _summary_tc_probe}
+       "cema_summary_tc_probe": _summary_tc_probe, "cema_summary_mma": _summary_mma}
 
 
 def dump_ttir(out_dir: str, op: str, overrides: dict) -> list[tuple[str, int]]:

@@ -15,27 +15,15 @@ import argparse
 import dataclasses
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from experiments.gpu_checks.probe_cema_summary_tc import median_call_ms
 from kernels_pallas import cema as K
 from kernels_pallas import cema_summary_mma as M
-
-
-def _time(fn, *args, reps: int, inner: int) -> float:
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner * 1e3)
-  return float(np.median(samples))
 
 
 def main():
@@ -78,7 +66,7 @@ def main():
     re, im = fn(*fargs)
     got = (np.asarray(re) + 1j * np.asarray(im))[..., :check_d]
     err = float(np.abs(got - want).max() / np.abs(want).max())
-    ms = float("nan") if args.interpret else _time(fn, *fargs, reps=args.reps, inner=args.inner)
+    ms = float("nan") if args.interpret else median_call_ms(fn, *fargs, reps=args.reps, inner=args.inner)
     rows.append({"kernel": name, "ms": ms, "max_err_rel": err})
     print(f"{name:>4}: {ms:.4f} ms, max error / max|S| {err:.2e}", flush=True)
   if args.json:

@@ -159,7 +159,8 @@ def reference(x: np.ndarray, q: np.ndarray, chunks: int, reverse: bool) -> np.nd
   return np.einsum("dnt,bctd->bcnd", w, xs)
 
 
-def _time(fn, *args, reps: int, inner: int) -> float:
+def median_call_ms(fn, *args, reps: int, inner: int) -> float:
+  """Median over `reps` samples of `inner` back-to-back calls, after one warm-up call, in ms."""
   out = fn(*args)
   jax.block_until_ready(out)
   samples = []
@@ -217,7 +218,7 @@ def main():
   re, im = (jnp.zeros((1, 1, 1, 1)),) * 2 if args.skip_fma else fma(x)
   got = (np.asarray(re) + 1j * np.asarray(im))  # [B, C, N, D] at summary_split=1
   err = float(np.abs(got[..., :check_d] - ref).max() / scale) if got.shape[2] == args.ndim else float("nan")
-  ms = float("nan") if args.interpret or args.skip_fma else _time(fma, x, reps=args.reps, inner=args.inner)
+  ms = float("nan") if args.interpret or args.skip_fma else median_call_ms(fma, x, reps=args.reps, inner=args.inner)
   rows.append({"kernel": "fma (kernels_pallas.cema)", "ms": ms, "max_err_rel": err})
   print(f"{'fma':>12}: {ms:.4f} ms, max error / max|S| {err:.2e}", flush=True)
 
@@ -231,7 +232,7 @@ def main():
       re, im = fn(x, parts, q16)
       got = np.asarray(re) + 1j * np.asarray(im)
       err = float(np.abs(got[..., :check_d] - ref).max() / scale)
-      ms = float("nan") if args.interpret else _time(fn, x, parts, q16, reps=args.reps, inner=args.inner)
+      ms = float("nan") if args.interpret else median_call_ms(fn, x, parts, q16, reps=args.reps, inner=args.inner)
     except Exception as e:  # noqa: BLE001 - a probe reports every variant
       print(f"{variant:>12}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
       rows.append({"kernel": f"tc {variant}", "error": f"{type(e).__name__}: {str(e)[:400]}"})

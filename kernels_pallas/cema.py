@@ -246,8 +246,9 @@ class CemaKernelConfig:
     default_config since session 19 (compiled values checked on an H200).
   summary_mma: the forward's chunk summaries on the tensor cores (kernels_pallas.cema_summary_mma:
     mma.sync on per-lane fragments, Horner's rule over 16-step blocks, the powers as three bf16
-    parts) where it applies: bf16 x, no segment ids, N = 16, exactly 16 equal chunks, D a
-    multiple of 16, and on a GPU after its once-per-process check; elsewhere the FMA summaries.
+    parts) where it applies: bf16 x, no segment ids, N = 16, equal chunks numbering a multiple of
+    16, D a multiple of 16, and on a GPU after its once-per-process check; elsewhere the FMA
+    summaries. Timed at the benchmark shape (16 chunks); more chunks fold into the kernel's batch.
     The power table then holds q^1 .. q^16. The backward's summaries stay FMA kernels (their
     float32 cotangent is not exact in bf16).
   bounded_offsets: mask the GPU scans' dynamic row indices (batch, channel block, a tile's first
@@ -1207,7 +1208,7 @@ def _chunk_summaries(x: Array, keep: Array | None, q: Array, cfg: CemaKernelConf
 
 def _mma_plan(cfg: CemaKernelConfig, plan: _Plan) -> bool:
   """Whether the chunk plan fits the forward's mma summaries (the inputs are checked at the call)."""
-  return (cfg.summary_mma and plan.count == cema_summary_mma.CHUNKS and plan.last == plan.chunk
+  return (cfg.summary_mma and plan.count % cema_summary_mma.CHUNKS == 0 and plan.last == plan.chunk
           and plan.chunk % cema_summary_mma.STEP == 0)
 
 
@@ -1223,7 +1224,7 @@ def _mma_summary_planes(x: Array, q: Array, cfg: CemaKernelConfig, plan: _Plan,
   p_re = jnp.concatenate([ones, powers[0][jnp.asarray(rows)].reshape(-1, dim, ndim)])  # [17, D, N]
   p_im = jnp.concatenate([0 * ones, powers[1][jnp.asarray(rows)].reshape(-1, dim, ndim)])
   re, im = cema_summary_mma.summary_planes(x, *cema_summary_mma.fragment_tables(p_re, p_im),
-                                           interpret=interpret)
+                                           interpret=interpret, chunks=plan.count)
   return re[:, first:first + count], im[:, first:first + count]
 
 

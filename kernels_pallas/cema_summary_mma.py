@@ -1,7 +1,7 @@
 """The forward's CEMA chunk summaries on the tensor cores: mma.sync on fragments built in registers.
 
-For x: [B, 16 T, D] (bf16, 16 time chunks of T steps) and q: [D, 16] (complex), every chunk's
-summary from a zero start is
+For x: [B, 16 T, D] (bf16, 16 time chunks of T steps; more chunks, in multiples of 16, fold into
+the batch) and q: [D, 16] (complex), every chunk's summary from a zero start is
   S[b, c, n, d] = sum_{l < T} q[d, n]^(T - 1 - l) x[b, c T + l, d],
 a per-channel product [16 chunks, T] x [T, N]. In blocks of 16 steps it is Horner's rule,
 acc <- q^16 acc + X_blk P with P[k, n] = q^(15 - k), and X_blk P is one mma.sync m16n8k16 per
@@ -211,9 +211,13 @@ def fragment_tables(powers_re: Array, powers_im: Array) -> tuple[Array, Array]:
   return frag, q16
 
 
-def summary_planes(x: Array, btab: Array, q16: Array, *, interpret: bool) -> tuple[Array, Array]:
-  """x [B, 16 T, D] bf16, the tables of fragment_tables -> (re, im) [B, 16, 16, D] f32: every
-  chunk's summary S[b, c, n, d] from a zero start."""
+def summary_planes(x: Array, btab: Array, q16: Array, *, interpret: bool,
+                   chunks: int = CHUNKS) -> tuple[Array, Array]:
+  """x [B, C T, D] bf16, the tables of fragment_tables -> (re, im) [B, C, 16, D] f32: every
+  chunk's summary S[b, c, n, d] from a zero start. C, a multiple of 16, is folded into the batch
+  (the kernel sums 16 chunks at once)."""
+  outer, length, dim = x.shape
+  x = x.reshape(outer * (chunks // CHUNKS), length // (chunks // CHUNKS), dim)
   batch, length, dim = x.shape
   nblocks = length // CHUNKS // STEP
   bits = lax.bitcast_convert_type(x, jnp.uint16).reshape(batch * length, dim)
@@ -226,14 +230,15 @@ def summary_planes(x: Array, btab: Array, q16: Array, *, interpret: bool) -> tup
   # Register r: chunk g + 8 (r >> 1), re / im by r & 1; order 4 n + t; channel 4 group + j.
   f = frags.reshape(batch, dim // _GROUP, _NTILES, 2, 2, 8, 4, _GROUP)  # [b, grp, n, a, part, g, t, j]
   f = f.transpose(4, 0, 3, 5, 2, 6, 1, 7)  # [part, b, a, g, n, t, grp, j]
-  f = f.reshape(2, batch, CHUNKS, ORDERS, dim)
+  f = f.reshape(2, outer, chunks, ORDERS, dim)
   return f[0], f[1]
 
 
 def supported(x: Array, ndim: int, count: int, chunk: int, last: int, has_keep: bool) -> bool:
   """Whether the kernel computes these summaries: bf16 x (exact in the mma), no segment resets, N
-  = 16, exactly 16 equal time chunks of whole 16-step blocks, and 16 channels a program."""
-  return (x.dtype == jnp.bfloat16 and not has_keep and ndim == ORDERS and count == CHUNKS
+  = 16, equal time chunks of whole 16-step blocks, 16 of them or a multiple, and 16 channels a
+  program."""
+  return (x.dtype == jnp.bfloat16 and not has_keep and ndim == ORDERS and count % CHUNKS == 0
           and last == chunk and chunk % STEP == 0 and x.shape[2] % (_GROUP * WARPS) == 0)
 
 

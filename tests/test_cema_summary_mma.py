@@ -92,13 +92,15 @@ def _coefficients(dim: int, seed: int):
 
 def _config(length: int, dim: int, **changes) -> K.CemaKernelConfig:
   base = K.default_config(2, length, dim, M.ORDERS)
-  return dataclasses.replace(base, num_chunks=M.CHUNKS, block_t=16, summary_block_t=16, **changes)
+  return dataclasses.replace(base, **{"num_chunks": M.CHUNKS, "block_t": 16, "summary_block_t": 16, **changes})
 
 
-def test_cema_with_mma_summaries_matches_the_fma_summaries_and_the_reference():
+@pytest.mark.parametrize("chunks,steps", [(16, 32), (32, 16)])
+def test_cema_with_mma_summaries_matches_the_fma_summaries_and_the_reference(chunks, steps):
   """cema_pallas (interpreter) with summary_mma on: y and every gradient against the FMA-summary
-  kernels and the sequential reference, at B = 2, 16 chunks of 32 steps, D = 16, N = 16."""
-  batch, length, dim = 2, M.CHUNKS * 32, 16
+  kernels and the sequential reference, at B = 2, D = 16, N = 16, with 16 chunks of 32 steps and
+  with 32 chunks of 16 (folded into the kernel's batch)."""
+  batch, length, dim = 2, chunks * steps, 16
   coeffs, omega = _coefficients(dim, 3)
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((batch, length, dim)), jnp.bfloat16)
@@ -111,10 +113,11 @@ def test_cema_with_mma_summaries_matches_the_fma_summaries_and_the_reference():
     (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, *coeffs, omega)
     return y, g
 
-  mma_cfg = _config(length, dim, summary_mma=True)
-  assert K._mma_plan(mma_cfg, K._plan(length, mma_cfg))
+  mma_cfg = _config(length, dim, summary_mma=True, num_chunks=chunks)
+  assert K._mma_plan(mma_cfg, K._plan(length, mma_cfg)) and K._plan(length, mma_cfg).count == chunks
   mma = grads(functools.partial(K.cema_pallas, interpret=True, config=mma_cfg))
-  fma = grads(functools.partial(K.cema_pallas, interpret=True, config=_config(length, dim)))
+  fma = grads(functools.partial(K.cema_pallas, interpret=True,
+                                config=_config(length, dim, summary_mma=False, num_chunks=chunks)))
   ref = grads(K.cema_reference)
   for got, other, want in zip(jax.tree.leaves(mma), jax.tree.leaves(fma), jax.tree.leaves(ref)):
     # dx is bf16 (x's dtype): one bf16 step from the reference's rounding is allowed there.
@@ -150,6 +153,7 @@ def test_mma_summaries_only_where_they_apply(monkeypatch):
   assert run(x, cfg) == 0
   assert run(x.astype(jnp.bfloat16), cfg, seg) == 0
   assert run(x.astype(jnp.bfloat16), dataclasses.replace(cfg, num_chunks=8)) == 0
+  assert run(x.astype(jnp.bfloat16), dataclasses.replace(cfg, num_chunks=12)) == 0
   assert run(x.astype(jnp.bfloat16), dataclasses.replace(cfg, summary_mma=False)) == 0
 
 

@@ -19,9 +19,10 @@ the four 8-byte quarters of the same 32-byte sectors, which the SM's L1 merges; 
 gather (index arrays) so that the channel group, not a memory axis, leads the tile.
 
 The mma is PTX inline assembly (a primitive of this module whose Triton lowering keeps its eight
-results; Pallas' elementwise_inline_asm lowering returns one). In the interpreter it is emulated on
-whole tiles by the PTX fragment layout, and on a GPU a once-per-process check compares the two
-before the kernel is used (use_mma_summaries).
+results; Pallas' elementwise_inline_asm lowering returns one; bf16 mma.sync needs sm_80 or later).
+In the interpreter it is emulated on whole tiles by the PTX fragment layout. On a GPU a
+once-per-process check compares the compiled kernel with a float64 sum before it is used
+(use_mma_summaries), and any failure falls back to the FMA summaries.
 
 On an H200 at B=1, L=32768, D=4096 the kernel takes 0.199 ms for all 16 chunks against 0.294 for
 the FMA summary kernel in the same process (experiments/gpu_checks/probe_cema_summary_mma.py;

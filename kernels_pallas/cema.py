@@ -244,6 +244,14 @@ class CemaKernelConfig:
     for 4 more coefficient registers per order (q^2 from the double-float power kernel, c q).
     Needs block_t >= 2; GPU only (the TPU kernels and the interpreter's TPU path ignore it). On in
     default_config since session 19 (compiled values checked on an H200).
+  bwd_pairs: the backward scan advances two steps at a time in tiles without a reset and without
+    the final-state cotangent g: u two steps back is q^2 u + q dy_(t+1) + dy_t, the later step's
+    dx comes from the carried u through c q (plus the lane's sum of Re(c) times dy_(t+1)), u'
+    is carried halved (u'/2 two steps back is q^2 u'/2 + q u + dy_(t+1) / 2, so no 2q), and the
+    parameter sums split into x_t u_t, x_t u'_t/2 and two second sums x_(t+1) u_(t+2),
+    x_(t+1) u'_(t+2)/2, combined with q once per chunk. A pair costs 26 multiply-adds per order
+    instead of 28, for 8 more registers per order (q^2, c q, the two second sums). Needs
+    block_t >= 2 (bwd_block_t when set); GPU only.
   summary_mma: the forward's chunk summaries on the tensor cores (kernels_pallas.cema_summary_mma:
     mma.sync on per-lane fragments, Horner's rule over 16-step blocks, the powers as three bf16
     parts) where it applies: bf16 x, no segment ids, N = 16, equal chunks numbering a multiple of
@@ -282,6 +290,7 @@ class CemaKernelConfig:
   powers_block: int = 256
   pallas_combine: bool = True
   fwd_pairs: bool = False
+  bwd_pairs: bool = False
   summary_mma: bool = False
   bounded_offsets: bool = True
   tpu_block_d: int = 128
@@ -318,6 +327,10 @@ class CemaKernelConfig:
     if self.fwd_pairs and self.block_t < 2:
       raise ValueError(f"CemaKernelConfig.fwd_pairs needs block_t >= 2; got {self.block_t}. "
                        "Set fwd_pairs=False for one-step tiles.")
+    if self.bwd_pairs and (self.bwd_block_t or self.block_t) < 2:
+      raise ValueError(f"CemaKernelConfig.bwd_pairs needs backward tiles of >= 2 steps; got "
+                       f"bwd_block_t={self.bwd_block_t}, block_t={self.block_t}. Set "
+                       "bwd_pairs=False for one-step tiles.")
     if self.summary_split:
       if self.summary_split & (self.summary_split - 1) or ndim % self.summary_split:
         raise ValueError(f"CemaKernelConfig.summary_split={self.summary_split} must be 0 or a "
@@ -355,8 +368,12 @@ def default_config(batch: int, length: int, dim: int, ndim: int) -> CemaKernelCo
   # The forward's chunk summaries on the tensor cores (summary_mma) where they apply: fwd+bwd 2.588
   # against 2.614 ms over five interleaved rounds on an H200
   # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_summary_mma.json).
+  # bwd_pairs with 8-step backward tiles (255 registers without spills in the offline SASS, where
+  # 16-step tiles spill): fwd+bwd 2.491 against 2.600 ms over five interleaved rounds on an H200
+  # (experiments/results/gpu_checks/2026-11-30_nvidia-h200_ab_cema_bwd_pairs.json).
   base = CemaKernelConfig(bwd_split=_largest_split(ndim, 2), summary_block=4, summary_split=1,
-                          summary_block_t=32, fwd_pairs=True, summary_mma=True)
+                          summary_block_t=32, fwd_pairs=True, summary_mma=True, bwd_pairs=True,
+                          bwd_block_t=8)
   programs = batch * pl.cdiv(dim, base.block_d)
   wanted = pl.cdiv(_TARGET_PROGRAMS, programs)
   chunks = max(1, min(wanted, length // _MIN_CHUNK, _MAX_CHUNKS))
@@ -699,7 +716,8 @@ class _ScanSpec:
   out_names: tuple[str, ...]
   summary_block: int = 0  # mode "local": steps per blocked update (CemaKernelConfig.summary_block)
   sum_chains: int = 4     # accumulation chains of the per-step sum over orders
-  pair_steps: bool = False  # mode "fwd": two steps per update in reset-free tiles (fwd_pairs)
+  pair_steps: bool = False  # modes "fwd" / "bwd": two steps per update in reset-free tiles
+                            # (fwd_pairs / bwd_pairs; never with has_g)
   bounded_offsets: bool = True  # CemaKernelConfig.bounded_offsets
   batch: int = 0          # B (set by _launch; bounds the batch index in row addresses)
   chunk_offset: int = 0   # mode "local": the time chunk of program c is c + chunk_offset
@@ -982,12 +1000,16 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
   elif spec.mode == "bwd":
     cre, cim, om = coef("cre"), coef("cim"), lane_coef("om")
     pp = coef("p") if spec.has_g else None
+    pairs = spec.pair_steps
+    # With pairs the carried u' is halved (w = u'/2) in every step form, so that the pair update
+    # needs no 2q; the second sums (x_(t+1) u_(t+2), x_(t+1) w_(t+2), x_(t+1) dy_(t+1)) are
+    # folded into the accumulators once, after the walk.
 
     def load_fn(step, valid):
       return load_row("dy", step, valid), load_row("x", step, valid), load_keep(step, valid)
 
     def step_fn(carry, data, step, k):
-      u, v, acc_a, acc_b, ctom, gpart = carry
+      u, v, acc_a, acc_b, ctom, gpart, second = carry
       dy, x = data
       chains = [om * dy] + [None] * (n_chains - 1)
       nu, nv, na, nb = ([[], []] for _ in range(4))
@@ -997,7 +1019,8 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
         if k is not None:
           ur, ui, vr, vi = k * ur, k * ui, k * vr, k * vi
         # u' = q u' + u uses u of the later step; then u = q u + dy.
-        vr, vi = (fma(qre[g], vr, fma(-qim[g], vi, ur)), fma(qre[g], vi, fma(qim[g], vr, ui)))
+        ir, ii = (0.5 * ur, 0.5 * ui) if pairs else (ur, ui)  # what enters u' (halved with pairs)
+        vr, vi = (fma(qre[g], vr, fma(-qim[g], vi, ir)), fma(qre[g], vi, fma(qim[g], vr, ii)))
         ur, ui = _fwd_update(ur, ui, dy, None, qre[g], qim[g], fma)
         _chain_add(chains, g,
                    lambda acc, ur=ur, ui=ui, g=g: _fwd_output(acc, ur, ui, cre[g], cim[g], fma))
@@ -1018,16 +1041,63 @@ def _gpu_scan_kernel(*refs, spec: _ScanSpec):
                                      fma(x, gr, acc_p), fma(x, hr, acc_gr), fma(x, hi, acc_gi))):
             out.append(value)
       store_row("dx", step, chains)
-      return nu, nv, na, nb, fma(dy, x, ctom), ng if spec.has_g else gpart
+      return nu, nv, na, nb, fma(dy, x, ctom), ng if spec.has_g else gpart, second
+
+    block_fn, block = None, 1
+    if pairs:
+      block = 2
+      q2re, q2im, cqre, cqim = coef("q2re"), coef("q2im"), coef("cqre"), coef("cqim")
+      omk = om + lane_coef("k0")  # dx_(t+1)'s direct term: (omega + the lane's sum of Re(c)) dy
+
+      def block_fn(carry, datas, step):
+        u, w, acc_a, acc_b, ctom, gpart, (a1, b1, s1) = carry
+        (dy1, x1), (dy0, x0) = datas  # the walk is reversed: the later step (t + 1) comes first
+        later = [omk * dy1] + [None] * (n_chains - 1)
+        earlier = [om * dy0] + [None] * (n_chains - 1)
+        half_dy1 = 0.5 * dy1
+        nu, nw, na, nb, na1, nb1 = ([[], []] for _ in range(6))
+        for g in groups:
+          ur, ui, wr, wi = u[0][g], u[1][g], w[0][g], w[1][g]  # u_(t+2), u'_(t+2) / 2
+          # dx_(t+1) = Re(c q u_(t+2)) + Re(c) dy_(t+1): no need for u_(t+1) itself.
+          _chain_add(later, g,
+                     lambda acc, ur=ur, ui=ui, g=g: _fwd_output(acc, ur, ui, cqre[g], cqim[g], fma))
+          # u_t = q^2 u_(t+2) + q dy_(t+1) + dy_t
+          nur = fma(q2re[g], ur, fma(-q2im[g], ui, fma(qre[g], dy1, dy0)))
+          nui = fma(q2im[g], ur, fma(q2re[g], ui, qim[g] * dy1))
+          _chain_add(earlier, g,
+                     lambda acc, nur=nur, nui=nui, g=g: _fwd_output(acc, nur, nui, cre[g], cim[g], fma))
+          # u'_t / 2 = q^2 u'_(t+2) / 2 + q u_(t+2) + dy_(t+1) / 2
+          nwr = fma(q2re[g], wr, fma(-q2im[g], wi, fma(qre[g], ur, fma(-qim[g], ui, half_dy1))))
+          nwi = fma(q2im[g], wr, fma(q2re[g], wi, fma(qre[g], ui, qim[g] * ur)))
+          for out, value in zip(
+              (nu[0], nu[1], nw[0], nw[1], na[0], na[1], nb[0], nb[1], na1[0], na1[1], nb1[0], nb1[1]),
+              (nur, nui, nwr, nwi, fma(x0, nur, acc_a[0][g]), fma(x0, nui, acc_a[1][g]),
+               fma(x0, nwr, acc_b[0][g]), fma(x0, nwi, acc_b[1][g]), fma(x1, ur, a1[0][g]),
+               fma(x1, ui, a1[1][g]), fma(x1, wr, b1[0][g]), fma(x1, wi, b1[1][g]))):
+            out.append(value)
+        store_row("dx", step, later)
+        store_row("dx", step + 1, earlier)
+        ctom = fma(dy0, x0, fma(dy1, x1, ctom))
+        return nu, nw, na, nb, ctom, gpart, (na1, nb1, fma(dy1, x1, s1))
 
     u0 = [state_in("u0re"), state_in("u0im")]
     gpart = []
     if spec.has_g:
       gpart = [[plgpu.load(r[n].at[b, c, g, flat], mask=lmask, other=0.0) for g in groups]
                for n in ("e0re", "e0im")] + [zeros() for _ in range(5)]
+    second = ([zeros(), zeros()], [zeros(), zeros()], jnp.zeros((lanes,), jnp.float32)) if pairs else ()
     carry = (u0, [zeros(), zeros()], [zeros(), zeros()], [zeros(), zeros()],
-             jnp.zeros((lanes,), jnp.float32), gpart)
-    u, v, acc_a, acc_b, ctom, gpart = _run_tiles(spec, n_steps, carry, load_fn, step_fn)
+             jnp.zeros((lanes,), jnp.float32), gpart, second)
+    u, v, acc_a, acc_b, ctom, gpart, second = _run_tiles(spec, n_steps, carry, load_fn, step_fn,
+                                                         block_fn, block)
+    if pairs:
+      # sum_t x_t u_t = A + q A1 + S1 and sum_t x_t u'_t = 2 (B + q B1) + A1 (B, B1 in halves).
+      (a1r, a1i), (b1r, b1i), s1 = second
+      acc_a = ([fma(qre[g], a1r[g], fma(-qim[g], a1i[g], acc_a[0][g] + s1)) for g in groups],
+               [fma(qre[g], a1i[g], fma(qim[g], a1r[g], acc_a[1][g])) for g in groups])
+      acc_b = ([2.0 * fma(qre[g], b1r[g], fma(-qim[g], b1i[g], acc_b[0][g])) + a1r[g] for g in groups],
+               [2.0 * fma(qre[g], b1i[g], fma(qim[g], b1r[g], acc_b[1][g])) + a1i[g] for g in groups])
+      v = ([2.0 * value for value in v[0]], [2.0 * value for value in v[1]])
     for name, values in (("ure", u[0]), ("uim", u[1]), ("vre", v[0]), ("vim", v[1]),
                          ("are", acc_a[0]), ("aim", acc_a[1]), ("bre", acc_b[0]),
                          ("bim", acc_b[1])):
@@ -1084,7 +1154,7 @@ def _power_exponents(cfg: CemaKernelConfig, plan: _Plan) -> tuple[int, ...]:
   Rows 0 .. S - 1: q^1 .. q^S for the blocked chunk summaries of both passes (the summary kernels
   read those rows); then, unless already there, q^chunk (the decay across a chunk, for the
   combines and the backward's totals), q^last (the shorter last chunk's, for the backward's g
-  walk) and q^2 (fwd_pairs; a backward that pairs steps would add it here too); with
+  walk) and q^2 (fwd_pairs, bwd_pairs); with
   summary_mma on a plan it can take, q^1 .. q^16 after the summary rows. The forward computes it
   once and hands it to the backward as a residual; empty: no table.
   """
@@ -1095,7 +1165,7 @@ def _power_exponents(cfg: CemaKernelConfig, plan: _Plan) -> tuple[int, ...]:
     if _mma_plan(cfg, plan):
       exps += range(1, cema_summary_mma.STEP + 1)
     exps += [plan.chunk, plan.last]
-  if cfg.fwd_pairs:
+  if cfg.fwd_pairs or cfg.bwd_pairs:
     exps.append(2)
   return tuple(dict.fromkeys(exps))  # first occurrences, in order
 
@@ -1735,8 +1805,10 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
                      in_names=in_names, out_names=out_names, ptx_fma=cfg.ptx_fma and not interpret,
                      sum_chains=cfg.sum_chains,
                      ptx_shuffle=_use_shuffle(cfg, split, cfg.bwd_block_d, cfg.bwd_num_warps,
-                                              interpret), bounded_offsets=cfg.bounded_offsets)
+                                              interpret), bounded_offsets=cfg.bounded_offsets,
+                     pair_steps=pairs and mode == "bwd")
 
+  pairs = cfg.bwd_pairs and not has_g
   local, powers = res
   exps = _power_exponents(cfg, plan)  # the forward's table: no power kernel here
   decay = _table_power(powers, exps, plan.chunk, (dim, ndim)) if plan.count > 1 else None
@@ -1783,6 +1855,11 @@ def _gpu_backward(x, keep, p, q, eta, omega, h0, dy, g_last, res: _Residuals,
   inputs["cre"], inputs["cim"] = _lane_planes(eta * p, split)
   inputs["om"] = _lane_omega(omega, split)
   names = ("dy", "x") + keep_names + ("qre", "qim", "cre", "cim", "om") + init_names
+  if pairs:
+    inputs["q2re"], inputs["q2im"] = _lane_planes(_table_power(powers, exps, 2, (dim, ndim)), split)
+    inputs["cqre"], inputs["cqim"] = _lane_planes(eta * p * q, split)
+    inputs["k0"] = jnp.sum(inputs["cre"], axis=0)  # per lane: its orders' Re(c) summed
+    names += ("q2re", "q2im", "cqre", "cqim", "k0")
   out_names = ("dx", "ure", "uim", "vre", "vim", "are", "aim", "bre", "bim", "ctom")
   out_shapes = {n: state for n in out_names}
   out_shapes["dx"] = jax.ShapeDtypeStruct(x.shape, x.dtype)

@@ -149,6 +149,20 @@ CASES = {
     "chunked_fwd_pairs_split1": Case(
         "chunked_fwd_pairs_split1", use_h0=False, use_segments=False, use_state=False,
         config=dataclasses.replace(CHUNKED, fwd_pairs=True, split=1, sum_chains=1, pallas_combine=True)),
+    # CemaKernelConfig.bwd_pairs: the backward scan two steps at a time in reset-free tiles of 4,
+    # with resets, h0 and the shorter last chunk's odd remainder step (tiles with a reset and the
+    # remainder step by step, carrying u' halved); then the training path (Pallas combine and
+    # totals, 2 lanes a channel); then a loss that reads h_last, whose g part turns the pairs off.
+    "chunked_h0_segments_bwd_pairs": Case(
+        "chunked_h0_segments_bwd_pairs", use_h0=True, use_segments=True, use_state=False,
+        config=dataclasses.replace(CHUNKED, block_t=4, bwd_pairs=True)),
+    "chunked_bwd_pairs_split2": Case(
+        "chunked_bwd_pairs_split2", use_h0=False, use_segments=False, use_state=False,
+        config=dataclasses.replace(CHUNKED, bwd_pairs=True, bwd_split=2, sum_chains=2,
+                                   pallas_combine=True)),
+    "chunked_h0_bwd_pairs_with_g": Case(
+        "chunked_h0_bwd_pairs_with_g", use_h0=True, use_segments=False,
+        config=dataclasses.replace(CHUNKED, bwd_pairs=True, pallas_combine=True)),
     # The Mosaic (TPU) kernel family, interpreted: 21 = 2 * 8 + 5 steps, 6 = 4 + 2 channels.
     "tpu_h0_segments": Case("tpu_h0_segments", use_h0=True, use_segments=True, platform="tpu",
                             config=dataclasses.replace(SMALL, tpu_block_d=4, tpu_block_t=8)),
@@ -860,7 +874,8 @@ def test_one_power_table_serves_both_passes():
   assert K._power_exponents(cfg, K._Plan(32, 3, 3)) == (1, 2, 3, 4, 32)
   assert K._power_exponents(dataclasses.replace(cfg, summary_block=0), K._Plan(32, 3, 8)) == (32, 8, 2)
   assert K._power_exponents(cfg, K._Plan(300, 1, 300)) == (2,)
-  assert K._power_exponents(dataclasses.replace(cfg, fwd_pairs=False), K._Plan(300, 1, 300)) == ()
+  assert K._power_exponents(dataclasses.replace(cfg, fwd_pairs=False), K._Plan(300, 1, 300)) == (2,)  # bwd_pairs
+  assert K._power_exponents(dataclasses.replace(cfg, fwd_pairs=False, bwd_pairs=False), K._Plan(300, 1, 300)) == ()
 
   rng = np.random.default_rng(31)
   mags = rng.uniform(0.3, 0.99999, size=(6, 4))
@@ -987,6 +1002,60 @@ def test_fwd_pairs_match_float64_for_slow_decay(monkeypatch):
   assert errors[True] < 2e-6 and errors[False] < 2e-6, errors
   with pytest.raises(ValueError, match="fwd_pairs needs block_t >= 2"):
     dataclasses.replace(base, block_t=1, fwd_pairs=True).validate(ndim)
+
+
+def test_bwd_pairs_match_float64_gradients_for_slow_decay(monkeypatch):
+  """bwd_pairs (two backward steps per update, u' carried halved, the second sums folded in with q
+  after the walk) against float64 gradients (experiments/cema_reference) with |q| close to 1 and
+  fast rotations, 3 chunks over 301 steps (a remainder step), 2 lanes a channel: within a small
+  factor of the step-by-step backward (both ~1e-6 here; a wrong term would be O(1)), and the
+  backward scan really takes the paired path."""
+  from experiments import cema_reference
+  rng = np.random.default_rng(23)
+  dim, ndim, length = 4, 4, 301
+  mags = 1 - 10.0 ** rng.uniform(-5, -1, (dim, ndim))
+  q = mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
+  p = rng.uniform(0.1, 1.0, (dim, ndim))
+  eta = rng.normal(size=(dim, ndim)) + 1j * rng.normal(size=(dim, ndim))
+  omega = rng.normal(size=dim).astype(np.float32)
+  x = rng.normal(size=(1, length, dim)).astype(np.float32)
+  w = rng.normal(size=(1, length, dim)).astype(np.float32)
+  coeffs = CemaCoefficients(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.complex64), jnp.asarray(eta, jnp.complex64))
+  # float64 on the float32-rounded coefficients the kernels see.
+  ref = cema_reference.reference(x, w, *(np.asarray(v) for v in coeffs), omega)
+  base = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3, bwd_block_d=2,
+                            bwd_split=2, bwd_num_warps=1)
+  pairs = []
+  launch = K._launch
+
+  def recording_launch(spec, *args, **kwargs):
+    if spec.mode == "bwd":
+      pairs.append(spec.pair_steps)
+    return launch(spec, *args, **kwargs)
+
+  monkeypatch.setattr(K, "_launch", recording_launch)
+  errors = {}
+  for flag in (False, True):
+    cfg = dataclasses.replace(base, bwd_pairs=flag)
+
+    def loss(x, coeffs, omega, cfg=cfg):
+      return jnp.sum(jnp.asarray(w) * K.cema_pallas(x, coeffs, omega, interpret=True, config=cfg))
+
+    dx, dc, _ = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), coeffs, jnp.asarray(omega))
+    errors[flag] = {name: rel_err(got, want) for name, got, want in (
+        ("dx", dx, ref.dx), ("dp", dc.p, ref.dp), ("dq", dc.q, ref.dq), ("deta", dc.eta, ref.deta))}
+  assert pairs == [False, True]
+  for name, err in errors[True].items():
+    assert err < max(3 * errors[False][name], 2e-6), (name, errors)
+  with pytest.raises(ValueError, match="bwd_pairs needs backward tiles of >= 2 steps"):
+    dataclasses.replace(base, block_t=1, bwd_pairs=True).validate(ndim)
+
+
+def test_bwd_pairs_lower_to_triton():
+  cfg = K.default_config(1, 64, 8, 4)  # the default pairs the backward's steps in 8-step tiles
+  assert cfg.bwd_pairs and cfg.bwd_block_t == 8
+  text = _lowered_gpu_gradient_text(cfg)
+  assert "cema_bwd_scan" in text
 
 
 def test_fwd_pairs_lower_to_triton():

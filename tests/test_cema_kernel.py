@@ -965,12 +965,14 @@ def _assert_powers_close_f64(value, ref, rtol=1e-6):
   np.testing.assert_array_less(np.abs(value)[~big], 1e-29)
 
 
-def test_fwd_pairs_match_float64_for_slow_decay(monkeypatch):
-  """fwd_pairs (two forward steps per update, q^2 from the double-float powers) against a float64
-  recurrence with |q| close to 1 and fast rotations, 3 chunks over 300 steps: as close as the
-  step-by-step scan, and the forward launches really take the paired path."""
-  rng = np.random.default_rng(17)
-  dim, ndim, length = 4, 4, 300
+# Tiling of the slow-decay pair tests: 3 chunks, 2 lanes a channel in both scans.
+_PAIRS_BASE = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3, bwd_block_d=2,
+                                 bwd_split=2, bwd_num_warps=1)
+
+
+def _slow_decay_problem(seed: int, length: int, dim: int = 4, ndim: int = 4):
+  """|q| between 1 - 1e-1 and 1 - 1e-5 with fast rotations: (coeffs, omega [D] f64, x [1, L, D] f32, rng)."""
+  rng = np.random.default_rng(seed)
   mags = 1 - 10.0 ** rng.uniform(-5, -1, (dim, ndim))
   q = mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
   p = rng.uniform(0.1, 1.0, (dim, ndim))
@@ -978,30 +980,43 @@ def test_fwd_pairs_match_float64_for_slow_decay(monkeypatch):
   omega = rng.normal(size=dim)
   x = rng.normal(size=(1, length, dim)).astype(np.float32)
   coeffs = CemaCoefficients(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.complex64), jnp.asarray(eta, jnp.complex64))
-  # float64 on the float32-rounded coefficients the kernels see.
-  p32, q32, eta32 = (np.asarray(v, np.float64 if v.dtype == jnp.float32 else np.complex128) for v in coeffs)
-  y64, _ = np_cema(x.astype(np.float64), p32, q32, eta32, omega.astype(np.float32).astype(np.float64), None,
-                   np.ones((1, length)))
-  base = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3, bwd_block_d=2,
-                            bwd_split=2, bwd_num_warps=1)
+  return coeffs, omega, x, rng
+
+
+def _record_pair_steps(monkeypatch, mode: str) -> list:
+  """The pair_steps flag of every scan launch of `mode`, in launch order."""
   pairs = []
   launch = K._launch
 
   def recording_launch(spec, *args, **kwargs):
-    if spec.mode == "fwd":
+    if spec.mode == mode:
       pairs.append(spec.pair_steps)
     return launch(spec, *args, **kwargs)
 
   monkeypatch.setattr(K, "_launch", recording_launch)
+  return pairs
+
+
+def test_fwd_pairs_match_float64_for_slow_decay(monkeypatch):
+  """fwd_pairs (two forward steps per update, q^2 from the double-float powers) against a float64
+  recurrence with |q| close to 1 and fast rotations, 3 chunks over 300 steps: as close as the
+  step-by-step scan, and the forward launches really take the paired path."""
+  length = 300
+  coeffs, omega, x, _ = _slow_decay_problem(17, length)
+  # float64 on the float32-rounded coefficients the kernels see.
+  p32, q32, eta32 = (np.asarray(v, np.float64 if v.dtype == jnp.float32 else np.complex128) for v in coeffs)
+  y64, _ = np_cema(x.astype(np.float64), p32, q32, eta32, omega.astype(np.float32).astype(np.float64), None,
+                   np.ones((1, length)))
+  pairs = _record_pair_steps(monkeypatch, "fwd")
   errors = {}
   for flag in (False, True):
     y = K.cema_pallas(jnp.asarray(x), coeffs, jnp.asarray(omega, jnp.float32), interpret=True,
-                      config=dataclasses.replace(base, fwd_pairs=flag))
+                      config=dataclasses.replace(_PAIRS_BASE, fwd_pairs=flag))
     errors[flag] = rel_err(y, y64)
   assert pairs == [False, True]
   assert errors[True] < 2e-6 and errors[False] < 2e-6, errors
   with pytest.raises(ValueError, match="fwd_pairs needs block_t >= 2"):
-    dataclasses.replace(base, block_t=1, fwd_pairs=True).validate(ndim)
+    dataclasses.replace(_PAIRS_BASE, block_t=1, fwd_pairs=True).validate(4)
 
 
 def test_bwd_pairs_match_float64_gradients_for_slow_decay(monkeypatch):
@@ -1011,32 +1026,15 @@ def test_bwd_pairs_match_float64_gradients_for_slow_decay(monkeypatch):
   factor of the step-by-step backward (both ~1e-6 here; a wrong term would be O(1)), and the
   backward scan really takes the paired path."""
   from experiments import cema_reference
-  rng = np.random.default_rng(23)
-  dim, ndim, length = 4, 4, 301
-  mags = 1 - 10.0 ** rng.uniform(-5, -1, (dim, ndim))
-  q = mags * np.exp(1j * rng.uniform(-np.pi, np.pi, (dim, ndim)))
-  p = rng.uniform(0.1, 1.0, (dim, ndim))
-  eta = rng.normal(size=(dim, ndim)) + 1j * rng.normal(size=(dim, ndim))
-  omega = rng.normal(size=dim).astype(np.float32)
-  x = rng.normal(size=(1, length, dim)).astype(np.float32)
-  w = rng.normal(size=(1, length, dim)).astype(np.float32)
-  coeffs = CemaCoefficients(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.complex64), jnp.asarray(eta, jnp.complex64))
+  coeffs, omega, x, rng = _slow_decay_problem(23, 301)
+  omega = omega.astype(np.float32)
+  w = rng.normal(size=x.shape).astype(np.float32)
   # float64 on the float32-rounded coefficients the kernels see.
   ref = cema_reference.reference(x, w, *(np.asarray(v) for v in coeffs), omega)
-  base = K.CemaKernelConfig(block_d=2, block_t=16, split=2, num_warps=1, num_chunks=3, bwd_block_d=2,
-                            bwd_split=2, bwd_num_warps=1)
-  pairs = []
-  launch = K._launch
-
-  def recording_launch(spec, *args, **kwargs):
-    if spec.mode == "bwd":
-      pairs.append(spec.pair_steps)
-    return launch(spec, *args, **kwargs)
-
-  monkeypatch.setattr(K, "_launch", recording_launch)
+  pairs = _record_pair_steps(monkeypatch, "bwd")
   errors = {}
   for flag in (False, True):
-    cfg = dataclasses.replace(base, bwd_pairs=flag)
+    cfg = dataclasses.replace(_PAIRS_BASE, bwd_pairs=flag)
 
     def loss(x, coeffs, omega, cfg=cfg):
       return jnp.sum(jnp.asarray(w) * K.cema_pallas(x, coeffs, omega, interpret=True, config=cfg))
@@ -1048,7 +1046,7 @@ def test_bwd_pairs_match_float64_gradients_for_slow_decay(monkeypatch):
   for name, err in errors[True].items():
     assert err < max(3 * errors[False][name], 2e-6), (name, errors)
   with pytest.raises(ValueError, match="bwd_pairs needs backward tiles of >= 2 steps"):
-    dataclasses.replace(base, block_t=1, bwd_pairs=True).validate(ndim)
+    dataclasses.replace(_PAIRS_BASE, block_t=1, bwd_pairs=True).validate(4)
 
 
 def test_bwd_pairs_lower_to_triton():

@@ -75,6 +75,17 @@ Measured on an H200 (2026-11-30), the whole attention op with all four matmuls o
 experiments/gpu_checks/probe_mgpu_matmul.py --only persistent (P = 132 and 264, 3 and 4 stages,
 forward and transposed); chunk_attention's A/B switch MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs>.
 
+Two products in one launch (`second=(m_buf2, x2)`, transposed and persistent only): the backward's
+dK = dS^T Q runs in dV = P^T dO's launch. An item's d tile index runs over the first product's d tiles,
+then the second's (dv / block_d + dk / block_d a chunk-head: 8 + 1 at the benchmark shape), so one
+global order holds both; the producer picks its TMA sources and the consumers their output by the
+item (two branches on one traced flag, the same ring and staging). Why: 4096 dV items over 132
+programs leave the last round with 4 busy programs (32 rounds for 31.03 of work), dK's 512 items 4
+rounds for 3.88; together 4608 items take 35 rounds for 34.9, and there is one launch less. On an
+H200 (2026-12-01, interleaved A/Bs of the whole op, outputs bit-identical): 4.002 against 4.047 ms
+over 15 rounds and 4.032 against 4.051 over 25 with the order reversed
+(`gpu_checks/2026-12-01_nvidia-h200_ab_matmul_pair{,_reversed}.json`).
+
 Shared memory (bf16; the H200 allows 227 KiB a block): ring stages * (block * 64 + 64 * block_d) * 2 B
 (48 KiB a stage at block 128, block_d 256), staging 2 * block * epi_cols * 2 B, row scales
 2 warpgroups * 2 slots * block * 4 B (2 KiB), barriers. At block 128, block_d 256: 3 stages with
@@ -206,13 +217,15 @@ class _Item(NamedTuple):
   m_row0: jax.Array  # row of the chunk's first query in the 2-D view of M
   x_row0: jax.Array  # row of the chunk's first key / query in the 2-D views of X and Y
   col0: jax.Array  # first column of the d tile in the 2-D views of X and Y
+  second: jax.Array | bool = False  # a d tile of the second product (`second=`), else of the first
 
 
 def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array | None, *, chunk: int,
                              block: int, block_d: int = 256, stages: int = 3, out_dtype=None,
                              release: str = "lagged", epi_cols: int | None = None,
                              transpose_m: bool = False, persistent_ctas: int | None = None,
-                             interpret=None) -> jax.Array:
+                             second: tuple[jax.Array, jax.Array] | None = None,
+                             interpret=None) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Y = rowscale * block-causal(M) @ X on a Hopper GPU (Pallas Mosaic GPU).
 
   m_buf [B, H, n*C, C] (C = chunk), x [B, n*C, H, dv], rscale [B, H, n*C] float32 or None
@@ -230,6 +243,11 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   pair, d tile, chunk-head) in one global order, program c taking items c, c + persistent_ctas, ...;
   each program's ring streams on from item to item ("Persistent schedule" in the module docstring).
   None: one program per work item (the grid schedule).
+  second: (m_buf2, x2), a second transposed product of the same chunks (the backward's dK = dS^T Q
+  beside dV = P^T dO) run in the same launch: its d tiles follow the first product's in each
+  chunk-head's items, so one persistent order covers both (no second launch, and the last round's
+  idle programs once instead of twice). Needs transpose_m, no rscale, persistent_ctas, x2 [B, L, H, d2]
+  with d2 a multiple of block_d. Returns (Y, Y2), Y2 = block-causal(M2)^T @ X2.
   """
   if transpose_m and rscale is not None:
     raise ValueError("transpose_m=True takes no rscale (the backward's transposed products have none)")
@@ -242,12 +260,23 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
   from jax.experimental.pallas import mosaic_gpu as plgpu  # Mosaic GPU: imported only when used
 
   _check(m_buf, x, rscale, chunk, block, block_d, stages)
+  if second is not None:
+    if not transpose_m or rscale is not None or persistent_ctas is None:
+      raise ValueError("second= (a second product in the same launch) needs transpose_m=True, rscale=None and "
+                       "persistent_ctas")
+    m_buf2, x_b = second
+    if m_buf2.shape != m_buf.shape or x_b.shape[:3] != x.shape[:3] or x_b.dtype != x.dtype:
+      raise ValueError(f"second=: m_buf {m_buf2.shape} and x {x_b.shape} {x_b.dtype} must match the first "
+                       f"product's chunks ({m_buf.shape}, {x.shape[:3]}, {x.dtype})")
+    _check(m_buf2, x_b, None, chunk, block, block_d, stages)
   batch, length, heads, width = x.shape
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   n_chunks = length // chunk
   nbq = chunk // block
   n_pairs = (nbq + 1) // 2
-  n_dt = width // block_d
+  n_dt1 = width // block_d  # d tiles of the first product
+  width2 = 0 if second is None else second[1].shape[-1]
+  n_dt = n_dt1 + width2 // block_d  # and of both
   total_items = batch * heads * n_chunks * n_pairs * n_dt  # the persistent schedule's
   wn = block_d // 2  # columns per consumer warpgroup
   epi = epi_cols or wn
@@ -274,9 +303,13 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
 
     b, h = lax.div(bh, heads), lax.rem(bh, heads)
     blk1, blk2 = pair, nbq - 1 - pair
+    col0, is2 = h * width + dt * block_d, False
+    if second is not None:
+      is2 = dt >= n_dt1
+      col0 = jnp.where(is2, h * width2 + (dt - n_dt1) * block_d, col0)
     return _Item(b=b, h=h, n=n, blk1=blk1, blk2=blk2, steps1=blocks_of(blk1) * kpb,
                  steps2=jnp.where(blk2 != blk1, blocks_of(blk2) * kpb, 0),  # odd nbq: the middle block once
-                 m_row0=bh * length + n * chunk, x_row0=b * length + n * chunk, col0=h * width + dt * block_d)
+                 m_row0=bh * length + n * chunk, x_row0=b * length + n * chunk, col0=col0, second=is2)
 
   # The ring and the staged stores, shared by both schedules. scoped = ((m_smem, x_smem, out_smem,
   # rs_smem), (m_bar, x_bar, consumed, rs_bar)); ring step g uses slot g % stages.
@@ -334,7 +367,15 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_buf, dst_ref.at[rows, pl.ds(col0 + e * epi, epi)])
 
-  def body(m_ref, x_ref, rs_ref, y_ref, scoped):
+  def on_product(it: _Item, fn, first_refs, second_refs):
+    """fn(*refs) with the refs of the item's product (a branch on the item when there are two)."""
+    if second is None:
+      fn(*first_refs)
+      return
+    pl.when(it.second)(lambda: fn(*second_refs))
+    pl.when(jnp.logical_not(it.second))(lambda: fn(*first_refs))
+
+  def body(m_ref, x_ref, rs_ref, y_ref, scoped, m2_ref=None, x2_ref=None, y2_ref=None):
     rs_smem, rs_bar = scoped[0][3], scoped[1][3]  # the ring and staging: ring_* and store_rows
     wg = lax.axis_index("wg")
     if persistent_ctas is None:  # one item per program, from the grid
@@ -373,11 +414,13 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
           kk = jnp.where(second, k - it.steps1, k)  # ring step within the output block's input range
           if transpose_m:  # input rows: queries from block oblk on; M tile [TK queries, block keys]
             r = oblk * block + kk * _TK
-            m_src = m_ref.at[pl.ds(it.m_row0 + r, _TK), pl.ds(oblk * block, block)]
+            m_rows, m_cols = pl.ds(it.m_row0 + r, _TK), pl.ds(oblk * block, block)
           else:  # input rows: keys from 0; M tile [block queries, TK keys]
             r = kk * _TK
-            m_src = m_ref.at[pl.ds(it.m_row0 + oblk * block, block), pl.ds(r, _TK)]
-          ring_load(scoped, g0 + k, m_src, x_ref.at[pl.ds(it.x_row0 + r, _TK), pl.ds(it.col0, block_d)])
+            m_rows, m_cols = pl.ds(it.m_row0 + oblk * block, block), pl.ds(r, _TK)
+          on_product(it, lambda m, x: ring_load(scoped, g0 + k, m.at[m_rows, m_cols],
+                                                x.at[pl.ds(it.x_row0 + r, _TK), pl.ds(it.col0, block_d)]),
+                     (m_ref, x_ref), (m2_ref, x2_ref))
 
         return g0 + it.steps1 + it.steps2
 
@@ -409,7 +452,8 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
           plgpu.barrier_wait(rs_bar.at[wg * 2 + slot])
           scale = plgpu.load(rs_smem.at[wg, slot], (), layout=plgpu.Layout.WGMMA.reduce(1))
           acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
-        store_rows(scoped, wg, acc.astype(out_dtype), y_ref, pl.ds(it.x_row0 + qblk * block, block), it.col0 + wg * wn)
+        on_product(it, lambda y: store_rows(scoped, wg, acc.astype(out_dtype), y, pl.ds(it.x_row0 + qblk * block, block),
+                                            it.col0 + wg * wn), (y_ref,), (y2_ref,))
 
       def item_blocks(u, carry):
         """The item's one or two output blocks. Row scales alternate between the two rs slots by the
@@ -454,9 +498,14 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
       plgpu.wait_smem_to_gmem(0)
 
   def entry(m_ref, x_ref, *refs):
-    rs_ref, y_ref = (None, refs[0]) if rscale is None else refs
+    extra = {}
+    if second is not None:  # inputs m, x, m2, x2; outputs y, y2
+      m2_ref, x2_ref, y_ref, y2_ref = refs
+      rs_ref, extra = None, dict(m2_ref=m2_ref, x2_ref=x2_ref, y2_ref=y2_ref)
+    else:
+      rs_ref, y_ref = (None, refs[0]) if rscale is None else refs
     pl.run_scoped(
-        lambda *scoped: body(m_ref, x_ref, rs_ref, y_ref, scoped),
+        lambda *scoped: body(m_ref, x_ref, rs_ref, y_ref, scoped, **extra),
         (plgpu.SMEM((stages, _TK, block) if transpose_m else (stages, block, _TK), dtype,
                     transforms=in_transforms),
          plgpu.SMEM((stages, _TK, block_d), dtype, transforms=in_transforms),
@@ -469,9 +518,12 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
         collective_axes="wg",
     )
 
+  out_type = jax.ShapeDtypeStruct((batch * length, heads * width), out_dtype)
+  if second is not None:
+    out_type = (out_type, jax.ShapeDtypeStruct((batch * length, heads * width2), out_dtype))
   kernel = plgpu.kernel(
       entry,
-      out_type=jax.ShapeDtypeStruct((batch * length, heads * width), out_dtype),
+      out_type=out_type,
       # Mosaic GPU launches the LAST grid axis fastest (CUDA's x; Pallas Triton launches the first):
       # the tiles of one (chunk, batch, head), which share its M rows and X columns, run together.
       # Persistent: P programs walk the same order (`_persistent_item`).
@@ -481,5 +533,8 @@ def block_causal_matmul_mgpu(m_buf: jax.Array, x: jax.Array, rscale: jax.Array |
       thread_name="wg",
       **({} if interpret is None else {"interpret": interpret}),
   )
+  if second is not None:
+    y, y2 = kernel(m2, x2, second[0].reshape(m2.shape), second[1].reshape(batch * length, heads * width2))
+    return y.reshape(batch, length, heads, width), y2.reshape(batch, length, heads, width2)
   args = (m2, x2) if rscale is None else (m2, x2, rscale)
   return kernel(*args).reshape(batch, length, heads, width)

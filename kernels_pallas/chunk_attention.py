@@ -118,6 +118,9 @@ class KernelConfig:
     bench_ops run, P V 0.938 against 1.069 ms, dV 0.967 against 1.114 (2026-11-30).
     The Mosaic GPU matmuls run their persistent schedule (one program per SM): the op 3.968 against
     4.103 ms with one program per work item, faster in 16 of 17 interleaved rounds (2026-11-30).
+    dV and dK share one launch where dv and dk have the same d-tile width (256 or 128): the op 4.002
+    and 4.032 against 4.047 and 4.051 ms for two launches in two interleaved A/Bs, bit-identical
+    (2026-12-01); MEGALODON_ATTENTION_MATMUL_PAIR=0 splits them (A/B runs).
     MEGALODON_ATTENTION_MATMUL_PERSISTENT=<programs> changes the count (0: one program per item).
   tiles_impl: GPU backward tiles kernel (S, P, dP, dS per visited tile): Pallas Triton ('triton') or
     the Mosaic GPU kernel (kernels_pallas.bwd_tiles_mgpu; 'mgpu', Hopper only) where its shapes allow
@@ -1058,8 +1061,12 @@ def _tr_backward(plan: _Plan, q, k, v, segment_ids, lse, delta, d_out):
       return _mgpu_block_matmul(m_buf, x, None, plan.bwd_geom, transpose_m=True).astype(dtype)
     return _tr_block_tmatmul(mm_plan, m_buf, x, dtype)
 
-  dv = tmatmul(p_buf, d_out, v.dtype)
-  dk = tmatmul(ds_buf, q, k.dtype)
+  if _mgpu_pair_takes(plan, p_buf, d_out, ds_buf, q):  # dV and dK in one launch
+    dv, dk = _mgpu_block_tmatmul_pair(p_buf, d_out, ds_buf, q, plan.bwd_geom)
+    dv, dk = dv.astype(v.dtype), dk.astype(k.dtype)
+  else:
+    dv = tmatmul(p_buf, d_out, v.dtype)
+    dk = tmatmul(ds_buf, q, k.dtype)
   if _mgpu_takes(plan, plan.bwd_geom, ds_buf, k):
     dq = _mgpu_block_matmul(ds_buf, k, None, plan.bwd_geom, transpose_m=False).astype(q.dtype)
   else:
@@ -1121,10 +1128,38 @@ def _mgpu_block_matmul(m_buf, x, rscale, writer: _Geom, *, transpose_m: bool):
   # for A/B runs (0: one program per work item).
   ctas = _int_env(_MATMUL_PERSISTENT_ENV, 0, "programs, e.g. 132; 0 for one program per work item")
   ctas = _sm_count() if ctas is None else ctas
-  block_d = 256 if x.shape[-1] % 256 == 0 else 128
+  block_d = _mgpu_block_d(x)
   return block_matmul_mgpu.block_causal_matmul_mgpu(
       m_buf, x, rscale, chunk=writer.q_len, block=_MGPU_BLOCK, block_d=block_d, stages=4, epi_cols=64,
       release="immediate", transpose_m=transpose_m, persistent_ctas=ctas or None)
+
+
+_MATMUL_PAIR_ENV = "MEGALODON_ATTENTION_MATMUL_PAIR"
+
+
+def _mgpu_block_d(x) -> int:
+  return 256 if x.shape[-1] % 256 == 0 else 128
+
+
+def _mgpu_pair_takes(plan: _Plan, p_buf, d_out, ds_buf, q) -> bool:
+  """Whether dV = P^T dO and dK = dS^T Q run as one Mosaic GPU launch (`block_causal_matmul_mgpu(...,
+  second=)`): both on the Mosaic GPU block matmul at one d-tile width, on its persistent schedule.
+  MEGALODON_ATTENTION_MATMUL_PAIR=0 runs them as two launches (A/B runs)."""
+  pair = _int_env(_MATMUL_PAIR_ENV, 0, "1 for one launch, 0 for two")
+  ctas = _int_env(_MATMUL_PERSISTENT_ENV, 0, "programs, e.g. 132; 0 for one program per work item")
+  return (pair != 0 and ctas != 0 and _mgpu_takes(plan, plan.bwd_geom, p_buf, d_out)
+          and _mgpu_takes(plan, plan.bwd_geom, ds_buf, q) and _mgpu_block_d(d_out) == _mgpu_block_d(q))
+
+
+def _mgpu_block_tmatmul_pair(p_buf, d_out, ds_buf, q, writer: _Geom):
+  """(dV, dK) = (P^T dO, dS^T Q) in one persistent launch: their d tiles share one item order, so the
+  last round's idle programs and the launch gap come once (the settings of `_mgpu_block_matmul`)."""
+  from kernels_pallas import block_matmul_mgpu  # Mosaic GPU: imported only when used
+  ctas = _int_env(_MATMUL_PERSISTENT_ENV, 0, "programs, e.g. 132; 0 for one program per work item")
+  return block_matmul_mgpu.block_causal_matmul_mgpu(
+      p_buf, d_out, None, chunk=writer.q_len, block=_MGPU_BLOCK, block_d=_mgpu_block_d(d_out), stages=4,
+      epi_cols=64, release="immediate", transpose_m=True, persistent_ctas=_sm_count() if ctas is None else ctas,
+      second=(ds_buf, q))
 
 
 def _mgpu_tiles_takes(plan: _Plan, q, k, v, d_out, segment_ids) -> bool:

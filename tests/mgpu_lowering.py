@@ -16,10 +16,10 @@ from kernels_pallas import chunk_attention as ca
 
 
 def lowered_attention_module(config: ca.KernelConfig, chunk: int = 256, length: int = 512, segments: bool = False,
-                             dtype=jnp.bfloat16) -> str:
-  """chunk_attention's forward + backward (batch 1, 2 heads, dk 128, dv 256) lowered for CUDA, not
-  interpreted, as MLIR text."""
-  batch, heads, dk, dv = 1, 2, 128, 256
+                             dtype=jnp.bfloat16, dk: int = 128, dv: int = 256) -> str:
+  """chunk_attention's forward + backward (batch 1, 2 heads, dk 128, dv 256 unless given) lowered for CUDA,
+  not interpreted, as MLIR text."""
+  batch, heads = 1, 2
   q = jax.ShapeDtypeStruct((batch, length, heads, dk), dtype)
   v = jax.ShapeDtypeStruct((batch, length, heads, dv), dtype)
   seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if segments else None

@@ -182,6 +182,17 @@ def test_chunk_attention_sends_block_matmuls_to_mosaic_gpu(host_without_hopper, 
   assert default.count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 0
 
 
+def test_chunk_attention_runs_dv_and_dk_in_one_launch(host_without_hopper, monkeypatch):
+  """With dk and dv both multiples of 256 (one d-tile width), the backward's dV and dK are one Mosaic GPU
+  launch (P V, dV + dK, dQ: 3 calls); MEGALODON_ATTENTION_MATMUL_PAIR=0 splits them again (4), as does a
+  dk of another width (the module's default dk 128 beside dv 256: test above)."""
+  config = ca.KernelConfig(matmul_impl="mgpu")
+  monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL_PAIR", raising=False)
+  assert _lowered_attention_module(config, dk=256, dv=512).count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 3
+  monkeypatch.setenv("MEGALODON_ATTENTION_MATMUL_PAIR", "0")
+  assert _lowered_attention_module(config, dk=256, dv=512).count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 4
+
+
 def test_auto_matmul_is_triton_off_hopper_and_follows_the_environment(host_without_hopper, monkeypatch):
   monkeypatch.delenv("MEGALODON_ATTENTION_MATMUL", raising=False)
   assert ca._resolve_kernel_impl("matmul", "auto") == "triton"  # the CPU is no Hopper GPU
@@ -432,3 +443,82 @@ def test_persistent_kernel_matches_the_reference_on_hopper(rng, chunk, length, h
   assert bool(jnp.all(jnp.isfinite(got.astype(jnp.float32))))
   assert _rel_err(got, want) < 1e-2
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(grid, np.float32))
+
+
+@pytest.mark.parametrize("dv,dk,ctas", [
+    (256, 128, 3),  # dV's two d tiles and dK's one per chunk-head item order, 3 programs
+    (128, 256, 5),  # the second product wider than the first
+])
+def test_two_products_in_one_launch_match_the_reference_in_the_interpreter(rng, mgpu_interpreter, dv, dk, ctas):
+  """second=: dV = P^T dO and dK = dS^T Q in one persistent launch (their d tiles in one item order)
+  under Mosaic GPU's CPU interpreter (race detector on), each against its float32 reference."""
+  params, gpu_callbacks = mgpu_interpreter
+  batch, heads, n_chunks, chunk, block = 1, 2, 2, 384, 128
+  length = n_chunks * chunk
+  p_buf, ds_buf = (_poison_unvisited(jnp.asarray(rng.random((batch, heads, length, chunk)) - shift, jnp.bfloat16),
+                                     chunk, block) for shift in (0.0, 0.5))
+  d_out = jnp.asarray(rng.standard_normal((batch, length, heads, dv)), jnp.bfloat16)
+  q = jnp.asarray(rng.standard_normal((batch, length, heads, dk)), jnp.bfloat16)
+  got_dv, got_dk = bm.block_causal_matmul_mgpu(p_buf, d_out, None, chunk=chunk, block=block, block_d=128, stages=3,
+                                               release="immediate", epi_cols=64, transpose_m=True,
+                                               persistent_ctas=ctas, second=(ds_buf, q), interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  for got, m_buf, x in ((got_dv, p_buf, d_out), (got_dk, ds_buf, q)):
+    want = bm.block_causal_matmul_reference(m_buf, x, None, chunk, block, transpose_m=True)
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    assert _rel_err(got, want) < 1e-2
+
+
+def test_two_products_in_one_launch_lower_for_cuda():
+  """second= at the benchmark shape (dV with dv 2048 and dK with dk 256: 9 d tiles a chunk-head) lowers
+  to one Mosaic GPU call with both outputs."""
+  batch, n_chunks, chunk, heads, dv, dk = 1, 16, 2048, 4, 2048, 256
+  length = n_chunks * chunk
+  m_buf = jax.ShapeDtypeStruct((batch, heads, length, chunk), jnp.bfloat16)
+  d_out = jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((batch, length, heads, dk), jnp.bfloat16)
+  fn = lambda p, do, ds, q: bm.block_causal_matmul_mgpu(  # noqa: E731
+      p, do, None, chunk=chunk, block=128, block_d=256, stages=4, epi_cols=64, release="immediate",
+      transpose_m=True, persistent_ctas=132, second=(ds, q))
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(m_buf, d_out, m_buf, q)
+  assert exported.mlir_module().count(f"custom_call @{bm.MOSAIC_GPU_CALL}(") == 1
+  assert [a.shape for a in exported.out_avals] == [(batch, length, heads, dv), (batch, length, heads, dk)]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(transpose_m=False), "needs transpose_m=True"), (dict(persistent_ctas=None), "persistent_ctas"),
+    (dict(second_x_heads=3), "must match the first")])
+def test_two_products_check_their_arguments(change, message):
+  batch, heads, length, chunk = 1, 2, 256, 256
+  m_buf = jnp.zeros((batch, heads, length, chunk), jnp.bfloat16)
+  x = jnp.zeros((batch, length, heads, 128), jnp.bfloat16)
+  x2 = jnp.zeros((batch, length, change.pop("second_x_heads", heads), 128), jnp.bfloat16)
+  kwargs = dict(chunk=chunk, block=128, block_d=128, transpose_m=True, persistent_ctas=4) | change
+  with pytest.raises(ValueError, match=message):
+    bm.block_causal_matmul_mgpu(m_buf, x, None, second=(m_buf, x2), **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,length,heads,dv,dk,ctas", [
+    (2048, 8192, 4, 2048, 256, 132),  # the op's widths at a quarter of its length
+    (384, 1536, 3, 512, 256, 7),  # odd nbq, few programs
+])
+def test_two_products_in_one_launch_match_two_launches_on_hopper(rng, chunk, length, heads, dv, dk, ctas):
+  """Compiled on the GPU: dV and dK from one launch (second=) bit-identical to two launches (each output
+  block sums the same wgmmas in the same order), and against the float32 reference."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, block = 1, 128
+  p_buf, ds_buf = (_poison_unvisited(jnp.asarray(rng.random((batch, heads, length, chunk), np.float32) / 64 - shift,
+                                                 jnp.bfloat16), chunk, block) for shift in (0.0, 1 / 128))
+  d_out = jnp.asarray(rng.standard_normal((batch, length, heads, dv), np.float32), jnp.bfloat16)
+  q = jnp.asarray(rng.standard_normal((batch, length, heads, dk), np.float32), jnp.bfloat16)
+  kwargs = dict(chunk=chunk, block=block, block_d=256, stages=4, epi_cols=64, release="immediate", transpose_m=True,
+                persistent_ctas=ctas)
+  got_dv, got_dk = jax.jit(lambda p, do, ds, q: bm.block_causal_matmul_mgpu(p, do, None, second=(ds, q), **kwargs))(
+      p_buf, d_out, ds_buf, q)
+  one = jax.jit(lambda m, x: bm.block_causal_matmul_mgpu(m, x, None, **kwargs))
+  for got, m_buf, x in ((got_dv, p_buf, d_out), (got_dk, ds_buf, q)):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(one(m_buf, x), np.float32))
+    want = bm.block_causal_matmul_reference(m_buf, x, None, chunk, block, transpose_m=True)
+    assert _rel_err(got, want) < 1e-2

@@ -964,17 +964,26 @@ def _drop_bound_ref(kernel, q_ref, k_ref, seg_ref, bound_ref, *refs):
   kernel(q_ref, k_ref, seg_ref, *refs)
 
 
+def _row_norms(x):
+  """|x| over the feature axis in float32: [B, L, H, d] -> [B, L, H]."""
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
+
+
+def _key_scale(k, g: _Geom, scale2: float):
+  """max_{j in chunk} |k_j| |scale2| (1 + 1e-3): [B, L, H, dk] -> [B, H, n_chunks] float32 (an XLA pass
+  over k). The bound of query row i is |q_i| times this plus 1e-3: a hair of headroom for the rounding
+  of the norms and of the MMA."""
+  k_max = jnp.max(_row_norms(k).reshape(g.batch, g.n_chunks, g.k_len, g.heads), axis=2)  # [B, n, H]
+  return (k_max * (abs(scale2) * (1.0 + 1e-3))).transpose(0, 2, 1)
+
+
 def _score_bound(q, k, g: _Geom, scale2: float):
-  """Upper bounds of every query row's scores (base 2): |q_i| max_{j in chunk} |k_j| |scale2|.
+  """Upper bounds of every query row's scores (base 2): |q_i| max_{j in chunk} |k_j| |scale2|, with headroom.
 
   q, k: [B, L, H, dk] -> [B, H, L] float32 (an XLA pass over q and k, 1/8 of v's size).
   """
-  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))  # [B, L, H]
-  k_max = jnp.max(norm(k).reshape(g.batch, g.n_chunks, g.k_len, g.heads), axis=2)  # [B, n, H]
-  q_norm = norm(q).reshape(g.batch, g.n_chunks, g.q_len, g.heads)
-  bound = q_norm * k_max[:, :, None, :] * abs(scale2)
-  # A hair of headroom for the rounding of the norms and of the MMA.
-  return (bound * (1.0 + 1e-3) + 1e-3).reshape(g.batch, g.n_chunks * g.q_len, g.heads).transpose(0, 2, 1)
+  q_norm = _row_norms(q).reshape(g.batch, g.n_chunks, g.q_len, g.heads).transpose(0, 3, 1, 2)  # [B, H, n, C]
+  return (q_norm * _key_scale(k, g, scale2)[..., None] + 1e-3).reshape(g.batch, g.heads, g.n_chunks * g.q_len)
 
 
 def _tr_block_matmul(plan: _Plan, m_buf, x, mrun, lse, out_dtype, rscale=None):
@@ -1229,13 +1238,20 @@ _SCORES_OVERLAP_ENV = "MEGALODON_ATTENTION_SCORES_OVERLAP"
 _SCORES_STAGES_ENV = "MEGALODON_ATTENTION_SCORES_STAGES"
 _SCORES_P_BUFFERS_ENV = "MEGALODON_ATTENTION_SCORES_P_BUFFERS"
 _SCORES_UNIFORM_ENV = "MEGALODON_ATTENTION_SCORES_UNIFORM"
+_SCORES_INNER_BOUND_ENV = "MEGALODON_ATTENTION_SCORES_INNER_BOUND"
 
 
 def _mgpu_scores(plan: _Plan, q, k, p_dtype):
   """The forward scores by kernels_pallas.scores_mgpu: (P~ tiles, 1 / l, lse) as `_tr_scores`."""
   from kernels_pallas import scores_mgpu  # Mosaic GPU: imported only when used
   g = plan.geom
-  bound = _score_bound(q, k, g, plan.scale * _LOG2E) if plan.fwd_scores == "bounded" else None
+  # The bounded path forms the bound in the kernel from |q_r| (Q Q^T's diagonal) and XLA's key scale,
+  # sparing an XLA pass over q; MEGALODON_ATTENTION_SCORES_INNER_BOUND=0 passes the whole bound instead
+  # (A/B runs).
+  inner = _int_env(_SCORES_INNER_BOUND_ENV, 0, "1 for the bound formed in the kernel, 0 for XLA's") != 0
+  bounded = plan.fwd_scores == "bounded"
+  bound = _score_bound(q, k, g, plan.scale * _LOG2E) if bounded and not inner else None
+  k_scale = _key_scale(k, g, plan.scale * _LOG2E) if bounded and inner else None
   # A/B switches, untimed defaults kept: MEGALODON_ATTENTION_SCORES_OVERLAP=1 for the software-pipelined
   # consumers (scores_mgpu's overlap=True), MEGALODON_ATTENTION_SCORES_STAGES=<ring depth> (default 4) and
   # MEGALODON_ATTENTION_SCORES_P_BUFFERS=2 for two P~ staging buffers per consumer (the ring then
@@ -1253,7 +1269,7 @@ def _mgpu_scores(plan: _Plan, q, k, p_dtype):
   uniform = _int_env(_SCORES_UNIFORM_ENV, 0, "0 for the old bound decision, 1 (default) for the lane-0 broadcast")
   return scores_mgpu.chunk_scores_mgpu(q, k, bound, chunk=g.q_len, scale=plan.scale, p_dtype=p_dtype,
                                        stages=stages, overlap=bool(overlap), p_buffers=p_buffers,
-                                       uniform_decision=uniform is None or bool(uniform))
+                                       uniform_decision=uniform is None or bool(uniform), k_scale=k_scale)
 
 
 def _tr_delta(plan: _Plan, out, d_out):

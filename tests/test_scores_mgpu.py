@@ -371,3 +371,76 @@ def test_chunk_attention_passes_the_scores_schedule_switches(host_without_hopper
   module = _lowered_attention_module(config)
   assert module.count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
   assert calls == [expected]
+
+
+@pytest.mark.parametrize("chunk,dk,stages,schedule,hot_rows", [
+    (512, 128, 2, {}, ()),  # every bound holds
+    (512, 128, 2, {}, ((0, 300, 0),)),  # block 2 fails its bound: pass 1's maxima, then pass 2
+    (384, 64, 3, dict(overlap=True), ((0, 200, 0),)),  # the overlapped schedule, an odd block count
+])
+def test_bound_formed_in_the_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, chunk, dk, stages,
+                                                                             schedule, hot_rows):
+  """k_scale: the kernel forms the bound |q_r| k_scale + 1e-3 itself (|q_r| from Q Q^T's diagonal by wgmma)
+  and takes the same decisions as with chunk_attention's XLA bound: the float32 reference with that bound."""
+  params, gpu_callbacks = _interpreter
+  batch, heads, n_chunks, scale = 1, 2, 2, 0.7
+  length = n_chunks * chunk
+  q, k = _inputs(rng, batch, length, heads, dk, jnp.bfloat16, hot_rows)
+  g = ca._Geom(batch, heads, n_chunks, chunk, chunk, dk, dk, sm.BLOCK, sm.BLOCK)
+  bound = ca._score_bound(q, k, g, scale * ca._LOG2E)
+  holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
+  assert holds.any() and holds.all() != bool(hot_rows)
+  k_scale = ca._key_scale(k, g, scale * ca._LOG2E)
+  p_buf, rscale, lse = sm.chunk_scores_mgpu(q, k, None, chunk=chunk, scale=scale, stages=stages, k_scale=k_scale,
+                                            interpret=params, **schedule)
+  assert not gpu_callbacks.get_races().races_found
+  rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
+  visited = _visited(n_chunks, chunk, sm.BLOCK)
+  got, want = np.where(visited, np.asarray(p_buf, np.float32), 0.0), np.where(visited, rp, 0.0)
+  row_max = np.max(np.abs(want), axis=-1, keepdims=True)
+  assert float(np.max(np.abs(got - want) / row_max)) < 8e-3
+  assert _rel_err(rscale, rrs) < 1e-5
+  assert _rel_err(lse, rlse) < 1e-5
+
+
+def test_bound_formed_in_the_kernel_lowers_for_cuda():
+  """k_scale at the benchmark shape: one Mosaic GPU call, no bound array in."""
+  q = jax.ShapeDtypeStruct((1, 32768, 4, 256), jnp.bfloat16)
+  k_scale = jax.ShapeDtypeStruct((1, 4, 16), jnp.float32)
+  fn = lambda q, k, s: sm.chunk_scores_mgpu(q, k, None, chunk=2048, scale=1.0, stages=4, k_scale=s)  # noqa: E731
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, k_scale)
+  assert exported.mlir_module().count(f"custom_call @{sm.MOSAIC_GPU_CALL}(") == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(both=True), "not both"), (dict(shape=(1, 2, 3)), "k_scale must be float32")])
+def test_key_scale_is_checked(change, message):
+  q = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
+  k_scale = jnp.zeros(change.get("shape", (1, 2, 2)), jnp.float32)
+  bound = jnp.zeros((1, 2, 512), jnp.float32) if change.get("both") else None
+  with pytest.raises(ValueError, match=message):
+    sm.chunk_scores_mgpu(q, q, bound, chunk=256, scale=1.0, k_scale=k_scale)
+
+
+@pytest.mark.gpu
+def test_bound_formed_in_the_kernel_matches_the_xla_bound_on_hopper(rng):
+  """Compiled on the GPU: the scores with k_scale (bound formed in the kernel) equal those with the XLA
+  bound (the same decisions: some blocks fail, some hold), and match the reference."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, heads, n_chunks, chunk, dk, scale = 1, 2, 2, 512, 128, 0.7
+  length = n_chunks * chunk
+  q, k = _inputs(rng, batch, length, heads, dk, jnp.bfloat16, ((0, 300, 1), (0, 700, 0)))
+  g = ca._Geom(batch, heads, n_chunks, chunk, chunk, dk, dk, sm.BLOCK, sm.BLOCK)
+  bound = ca._score_bound(q, k, g, scale * ca._LOG2E)
+  holds = _decisions(q, k, bound, chunk, sm.BLOCK, scale)
+  assert holds.any() and not holds.all()
+  inner = jax.jit(lambda q, k, s: sm.chunk_scores_mgpu(q, k, None, chunk=chunk, scale=scale, stages=4, k_scale=s))(
+      q, k, ca._key_scale(k, g, scale * ca._LOG2E))
+  outer = jax.jit(lambda q, k, b: sm.chunk_scores_mgpu(q, k, b, chunk=chunk, scale=scale, stages=4))(q, k, bound)
+  visited = _visited(n_chunks, chunk, sm.BLOCK)
+  for mine, theirs in zip(inner, outer):
+    mine, theirs = np.asarray(mine, np.float32), np.asarray(theirs, np.float32)
+    if mine.ndim == 4:
+      mine, theirs = np.where(visited, mine, 0.0), np.where(visited, theirs, 0.0)
+    np.testing.assert_array_equal(mine, theirs)

@@ -45,6 +45,20 @@ def _visited(n_chunks: int, chunk: int, block: int) -> np.ndarray:
   return np.tile(tile[None, :] <= tile[:, None], (n_chunks, 1))
 
 
+def _assert_matches_reference(outputs, q, k, chunk: int, scale: float, bound):
+  """The kernel's (p_buf, rscale, lse) against the float32 reference on the visited tiles."""
+  p_buf, rscale, lse = outputs
+  rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
+  assert p_buf.shape == rp.shape and p_buf.dtype == jnp.bfloat16
+  visited = _visited(q.shape[1] // chunk, chunk, sm.BLOCK)
+  got, want = np.where(visited, np.asarray(p_buf, np.float32), 0.0), np.where(visited, rp, 0.0)
+  # Relative to each row's largest entry: bf16 rounding of P~ (and of q, k's products in the MMA).
+  row_max = np.max(np.abs(want), axis=-1, keepdims=True)
+  assert float(np.max(np.abs(got - want) / row_max)) < 8e-3
+  assert _rel_err(rscale, rrs) < 1e-5
+  assert _rel_err(lse, rlse) < 1e-5
+
+
 def _inputs(rng, batch, length, heads, dk, dtype, hot_rows=()):
   normal = lambda: rng.standard_normal((batch, length, heads, dk)) * dk ** -0.25  # noqa: E731
   q, k = normal(), normal()
@@ -147,15 +161,7 @@ def test_kernel_matches_the_reference_in_the_interpreter(rng, _interpreter, mode
   p_buf, rscale, lse = sm.chunk_scores_mgpu(q, k, bound, chunk=chunk, scale=scale, stages=stages,
                                             interpret=params, **schedule)
   assert not gpu_callbacks.get_races().races_found
-  rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
-  assert p_buf.shape == rp.shape and p_buf.dtype == jnp.bfloat16
-  visited = _visited(n_chunks, chunk, sm.BLOCK)
-  got, want = np.where(visited, np.asarray(p_buf, np.float32), 0.0), np.where(visited, rp, 0.0)
-  # Relative to each row's largest entry: bf16 rounding of P~ (and of q, k's products in the MMA).
-  row_max = np.max(np.abs(want), axis=-1, keepdims=True)
-  assert float(np.max(np.abs(got - want) / row_max)) < 8e-3
-  assert _rel_err(rscale, rrs) < 1e-5
-  assert _rel_err(lse, rlse) < 1e-5
+  _assert_matches_reference((p_buf, rscale, lse), q, k, chunk, scale, bound)
 
 
 @pytest.mark.parametrize("batch,length,heads,dk,chunk,dtype,p_dtype,bounded,schedule", [
@@ -394,13 +400,7 @@ def test_bound_formed_in_the_kernel_matches_the_reference_in_the_interpreter(rng
   p_buf, rscale, lse = sm.chunk_scores_mgpu(q, k, None, chunk=chunk, scale=scale, stages=stages, k_scale=k_scale,
                                             interpret=params, **schedule)
   assert not gpu_callbacks.get_races().races_found
-  rp, rrs, rlse = sm.scores_reference(q, k, chunk, scale, sm.BLOCK, bound)
-  visited = _visited(n_chunks, chunk, sm.BLOCK)
-  got, want = np.where(visited, np.asarray(p_buf, np.float32), 0.0), np.where(visited, rp, 0.0)
-  row_max = np.max(np.abs(want), axis=-1, keepdims=True)
-  assert float(np.max(np.abs(got - want) / row_max)) < 8e-3
-  assert _rel_err(rscale, rrs) < 1e-5
-  assert _rel_err(lse, rlse) < 1e-5
+  _assert_matches_reference((p_buf, rscale, lse), q, k, chunk, scale, bound)
 
 
 def test_bound_formed_in_the_kernel_lowers_for_cuda():

@@ -96,12 +96,33 @@ then pairs; with whole walks per program, as first written, the group axis has l
     one from that buffer) has read it. Every store has an even number of 64-column rounds (2 or 4),
     so the alternation never breaks across stores.
 
+Delta on programs of its own (`out=O, delta=None, delta_ctas=N`; persistent schedule only). delta_i
+= rowsum(O_i dO_i) is otherwise a separate XLA pass before this kernel (1.07 GB at the benchmark shape,
+~0.29 ms at the memory floor on an H200 under the power cap, ~7% of the op), memory-bound while this
+kernel is compute-bound. Here programs 0 .. N - 1 of the P do nothing but delta: they take the query
+blocks (chunk-head, i) in the tiles' chunk-head order (block g = n + t N for program n), stream O_i and
+dO_i through the same ring ([128, 64] slots, the Q and K halves of a step), each consumer summing O * dO
+of its 64 rows, then store the block's delta rows and raise its global semaphore. Programs N .. P - 1
+run the persistent tile schedule above over P - N programs; each tile's producer waits for its block's
+semaphore halfway through its dv loads and hands the rows to the consumers through a shared-memory
+slot (one a tile parity) for dS. The delta programs start with the tiles and stream at ~60-70 GB/s
+each, so N ~ 14 of 132 keep ahead after the first chunk-head (measured on an H200, 2026-12-01: the
+kernel 1.341-1.371 ms at N = 16 / 12 against 1.42 for XLA's delta + this kernel; 8 are too few, 1.91;
+24 take too many SMs from the tiles, 1.51). Semaphores live in global memory and persist across calls,
+so they only grow: a call reads the epoch (its call count, also a semaphore) at the start, waits for
+epoch + 1, and the last program to finish advances the epoch. Waits go one way only (tiles on delta
+programs, which never wait), and the delta programs have the lowest indices, so they are placed on SMs
+first; still, every program must be able to be resident at once (at most one a SM). Earlier forms
+(branches `attn-fused-delta-sem`, `attn-diag-delta`: delta streamed by tile programs between or
+beside their tiles) were slower: one SM's stream is latency-bound and took ring slots from the tiles.
+
 Shared memory (bf16; H200: 227 KiB per block):
   ring      stages * (128 * 64 + block_k * 64) * 2 B = stages * 32 KiB (block_k 128) or 48 KiB (256)
   staging   2 warpgroups * 2 buffers * 64 * 64 * 2 B = 32 KiB
   stats     2 warpgroups * 2 query blocks * 2 (lse, delta) * 64 * 4 B = 2 KiB
   block_k 128: 4 stages 162 KiB, 6 stages 226 KiB; block_k 256: 3 stages 178 KiB, 4 stages 226 KiB
   (226 KiB is what block_matmul_mgpu's measured 4-stage configuration uses).
+  delta programs (delta_ctas): lse only in the stats (1 KiB) and 1 KiB of delta slots: 5 stages 194 KiB.
 Registers are not checked here (ptxas decides on the GPU); block_k=256 may spill.
 
 Not done (next steps if the GPU shows the need): the two consumers run in lockstep, so the tensor
@@ -256,6 +277,8 @@ def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, st
     raise ValueError(f"q, k, v, d_out must share a 16-bit float dtype (bfloat16 or float16), got "
                      f"{q.dtype}, {k.dtype}, {v.dtype}, {d_out.dtype}")
   for name, stat in (("lse", lse), ("delta", delta)):
+    if stat is None:  # delta computed by the kernel (out=)
+      continue
     if stat.shape != (batch, heads, length) or stat.dtype != jnp.float32:
       raise ValueError(f"{name} must be float32 [B, H, L] = {(batch, heads, length)}, got {stat.dtype} "
                        f"{stat.shape}")
@@ -266,9 +289,10 @@ def _check(q, k, v, d_out, lse, delta, segment_ids, chunk: int, block_k: int, st
 
 
 def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
-                   delta: jax.Array, *, chunk: int, scale: float = 1.0, segment_ids=None,
+                   delta: jax.Array | None, *, chunk: int, scale: float = 1.0, segment_ids=None,
                    block_k: int = BLOCK, stages: int = 4, spans_per_program: int | None = None,
-                   persistent_ctas: int | None = None, interpret=None):
+                   persistent_ctas: int | None = None, out: jax.Array | None = None, delta_ctas: int = 0,
+                   interpret=None):
   """P and dS tile buffers of chunked attention's backward on a Hopper GPU (Pallas Mosaic GPU).
 
   q, k [B, L, H, dk]; v, d_out [B, L, H, dv] (one 16-bit dtype); lse (base 2), delta [B, H, L]
@@ -283,8 +307,28 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   ring streams on from tile to tile ("Persistent schedule" in the module docstring). block_k 128 only,
   and not with spans_per_program. None: one program per span group (the grid above).
   segment_ids must be None (a ValueError otherwise, as for every unsupported shape).
+  out, delta_ctas: the forward's output O [B, L, H, dv] with delta=None: delta_ctas of the
+  persistent_ctas programs (1 .. persistent_ctas - 1; persistent_ctas at most the GPU's SM count) compute
+  delta = rowsum(O dO) while the others run the tiles ("Delta on programs of its own" in the module
+  docstring), and the call returns (p_buf, ds_buf, delta [B, H, L] float32).
   """
+  fused = out is not None
+  if fused == (delta is not None):
+    raise ValueError("pass exactly one of delta (rowsum(O dO) computed outside) and out (the forward's output: "
+                     "the kernel computes delta from it)")
   _check(q, k, v, d_out, lse, delta, segment_ids, chunk, block_k, stages)
+  if fused:
+    if out.shape != d_out.shape or out.dtype != d_out.dtype:
+      raise ValueError(f"out must be the forward's output, shaped and typed as d_out {d_out.dtype}{d_out.shape}, "
+                       f"got {out.dtype}{out.shape}")
+    if persistent_ctas is None:
+      raise ValueError("out (delta computed in the kernel) needs the persistent schedule: pass persistent_ctas "
+                       "(the SM count, 132 on an H200) and delta_ctas")
+    if isinstance(delta_ctas, bool) or not isinstance(delta_ctas, int) or not 0 < delta_ctas < persistent_ctas:
+      raise ValueError(f"delta_ctas {delta_ctas!r}: with out=, give 1 .. persistent_ctas - 1 = {persistent_ctas - 1} "
+                       "programs that compute delta (about 14 of 132 on an H200)")
+  elif delta_ctas:
+    raise ValueError("delta_ctas needs out= (the forward's output, from which those programs compute delta)")
   if spans_per_program is not None and spans_per_program < 1:
     raise ValueError(f"spans_per_program {spans_per_program} < 1: use None (a pair's whole walk) or >= 1")
   if persistent_ctas is not None:
@@ -313,6 +357,7 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   n_groups = -(-max_spans // per_program)
   spt = kq + kv
   total_tiles = batch * heads * n_chunks * nbq * (nbq + 1) // 2  # the persistent schedule's
+  n_ch = batch * heads * n_chunks  # chunk-heads
   scale2 = scale * _LOG2E
   swizzle = plgpu.find_swizzle(_TK * jnp.dtype(dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -501,6 +546,20 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
 
       plgpu.wait_smem_to_gmem(0)
 
+  def tile_probs(s, lse, i, j, row_off):
+    """Consumer: P of my 64 rows of tile (i, j) (persistent schedules) from S = Q_i K_j^T [64, 128]
+    float32 and the rows' lse [64] (base 2)."""
+    shape = (_HALF, BLOCK)
+    q_pos = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    k_pos = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    visible = k_pos <= q_pos + ((i - j) * BLOCK + row_off)  # as in `body`: bites on the diagonal only
+    return jnp.where(visible, jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, shape, [0])), 0.0)
+
+  def tile_ds(p, dp, delta):
+    """Consumer: dS = P (dP - delta) * scale of my 64 rows: [64, 128] float32 each, delta [64]."""
+    ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+    return ds * scale if scale != 1.0 else ds
+
   def persistent_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p_ref, ds_ref, scoped):
     """`body` for the persistent schedule: this program's tiles are c, c + P, ... of the global order
     (`_persistent_tile`), one 128 x 128 span each; ring steps count on across them (step u * spt + s
@@ -580,23 +639,192 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
         delta = plgpu.load(stat_smem.at[wg, slot, 1], (), layout=plgpu.Layout.WGMMA.reduce(1))
         _, _, _, buf_row0, i, j = tile(u)
         rows = pl.ds(buf_row0 + i * BLOCK + row_off, _HALF)
-        shape = (_HALF, BLOCK)
         g0 = u * spt
-        s = accumulate(g0, kq)
-        q_pos = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-        k_pos = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-        visible = k_pos <= q_pos + ((i - j) * BLOCK + row_off)  # as in `body`: bites on the diagonal only
-        p = jnp.where(visible, jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, shape, [0])), 0.0)
+        p = tile_probs(accumulate(g0, kq), lse, i, j, row_off)
         store(p.astype(dtype), p_ref, rows, j)
-        dp = accumulate(g0 + kq, kv)
-        ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
-        if scale != 1.0:
-          ds = ds * scale
-        store(ds.astype(dtype), ds_ref, rows, j)
+        store(tile_ds(p, accumulate(g0 + kq, kv), delta).astype(dtype), ds_ref, rows, j)
+
+      plgpu.wait_smem_to_gmem(0)
+
+  def streamed_delta_body(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, p_ref, ds_ref, delta_ref, scoped, extra):
+    """Delta on programs of its own (`delta_ctas`): programs cta < delta_ctas stream O_i and dO_i of query
+    blocks (chunk-head, i) in order through the ring, sum O * dO and store delta, raising the block's
+    semaphore; programs cta >= delta_ctas run the persistent tiles (`_persistent_tile` over the others),
+    every tile waiting for its block's delta (the producer polls halfway through its dv loads)."""
+    delta_smem, (delta_bar, pair_bar) = extra
+    (lhs_smem, rhs_smem, _, stat_smem), (lhs_bar, rhs_bar, consumed, stat_bar) = scoped
+    wg = lax.axis_index("wg")
+    cta = lax.axis_index("cta")
+    n_blocks = n_ch * nbq
+    tile_ctas = persistent_ctas - delta_ctas
+    is_delta = cta < delta_ctas
+    tcta = jnp.maximum(cta - delta_ctas, 0)
+    n_items = jnp.where(is_delta, lax.div(n_blocks - cta + (delta_ctas - 1), delta_ctas),
+                        lax.div(total_tiles - tcta + (tile_ctas - 1), tile_ctas))
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    if interpret is None:  # the interpreter runs programs one after another, the delta programs first
+      sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_blocks + 2,)))
+      epoch_sem, done_sem = sems.at[n_blocks], sems.at[n_blocks + 1]
+    else:
+      sems = None
+
+    def delta_item(u):  # a delta program's item u -> (b, h, chunk n, chunk-head, i)
+      g = cta + u * delta_ctas
+      ch, i = lax.div(g, nbq), lax.rem(g, nbq)
+      bh = lax.div(ch, n_chunks)
+      return lax.div(bh, heads), lax.rem(bh, heads), lax.rem(ch, n_chunks), ch, i
+
+    def tile(u):  # a tile program's tile u -> (b, h, chunk n, chunk-head, i, j)
+      bh, n, i, j = _persistent_tile(tcta + u * tile_ctas, n_chunks, nbq)
+      return lax.div(bh, heads), lax.rem(bh, heads), n, bh * n_chunks + n, i, j
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      load = functools.partial(ring_load, scoped, width=BLOCK)
+      target = None if sems is None else pl.semaphore_read(epoch_sem) + 1
+
+      @pl.when(is_delta)
+      def _delta_loads():
+        def run(u, carry):
+          b, h, n, _, i = delta_item(u)
+          rows = pl.ds(b * length + n * chunk + i * BLOCK, BLOCK)
+
+          @pl.loop(0, kv)
+          def _step(s):
+            cols = pl.ds(h * dv + s * _TK, _TK)
+            load(u * kv + s, o_ref.at[rows, cols], do_ref.at[rows, cols])
+
+          return carry
+
+        lax.fori_loop(0, n_items, run, 0)
+        ring_drain(scoped, n_items * kv)
+
+      @pl.when(jnp.logical_not(is_delta))
+      def _tile_loads():
+        def run(u, carry):
+          b, h, n, ch, i, j = tile(u)
+          x_row0 = b * length + n * chunk
+          q_rows, k_rows = pl.ds(x_row0 + i * BLOCK, BLOCK), pl.ds(x_row0 + j * BLOCK, BLOCK)
+          g0 = u * spt
+
+          @pl.loop(0, kq)
+          def _qk(s):
+            cols = pl.ds(h * dk + s * _TK, _TK)
+            load(g0 + s, q_ref.at[q_rows, cols], k_ref.at[k_rows, cols])
+
+          def dov(lo, hi):
+            @pl.loop(lo, hi)
+            def _dov(s):
+              cols = pl.ds(h * dv + s * _TK, _TK)
+              load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols])
+
+          dov(0, kv // 2)
+          slot = lax.rem(u, 2)
+          if sems is not None:
+            plgpu.semaphore_wait(sems.at[ch * nbq + i], target, decrement=False, memory_scope="gpu")
+          delta_smem.at[slot][...] = plgpu.load(delta_ref.at[b, h, pl.ds(n * chunk + i * BLOCK, BLOCK)], ())
+          plgpu.barrier_arrive(delta_bar.at[slot])
+          dov(kv // 2, kv)
+          return carry
+
+        lax.fori_loop(0, n_items, run, 0)
+        ring_drain(scoped, n_items * spt)
+
+      if sems is not None:  # this program is done; the last one advances the epoch
+        plgpu.semaphore_signal(done_sem, 1, memory_scope="gpu")
+
+        @pl.when(cta == 0)
+        def _advance():
+          plgpu.semaphore_wait(done_sem, persistent_ctas, memory_scope="gpu")  # back to 0
+          plgpu.semaphore_signal(epoch_sem, 1, memory_scope="gpu")
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      row_off = wg * _HALF
+      mine = pl.ds(row_off, _HALF)
+
+      @pl.when(is_delta)
+      def _delta_sums():
+        def run(u, carry):
+          b, h, n, ch, i = delta_item(u)
+
+          def step(s, dsum):
+            slot = lax.rem(u * kv + s, stages)
+            plgpu.barrier_wait(lhs_bar.at[slot])
+            plgpu.barrier_wait(rhs_bar.at[slot])
+            out = plgpu.load(lhs_smem.at[slot].at[mine], (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            d_out = plgpu.load(rhs_smem.at[slot].at[mine], (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return dsum + jnp.sum(out * d_out, axis=1)
+
+          dsum = lax.fori_loop(0, kv, step, plgpu.layout_cast(jnp.zeros((_HALF,), jnp.float32), row_layout))
+          delta_ref.at[b, h, pl.ds(n * chunk + i * BLOCK + row_off, _HALF)][...] = dsum
+          plgpu.barrier_arrive(pair_bar)  # both halves stored before the signal
+          plgpu.barrier_wait(pair_bar)
+          if sems is not None:
+            @pl.when(wg == 0)
+            def _publish():
+              plgpu.semaphore_signal(sems.at[ch * nbq + i], 1, memory_scope="gpu")
+
+          return carry
+
+        lax.fori_loop(0, n_items, run, 0)
+
+      @pl.when(jnp.logical_not(is_delta))
+      def _tiles():
+        def load_lse(slot, u):  # my 64 rows of lse for tile u -> stat slot `slot` (u % 2)
+          b, h, n, _, i, _ = tile(u)
+          plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(n * chunk + i * BLOCK + row_off, _HALF)],
+                                  stat_smem.at[wg, slot], stat_bar.at[wg * 2 + slot])
+
+        @pl.when(n_items > 0)
+        def _():
+          load_lse(0, 0)
+
+        def run(u, carry):
+          slot = lax.rem(u, 2)
+
+          @pl.when(u + 1 < n_items)  # the other slot was read at the start of tile u - 1 (see persistent_body)
+          def _():
+            load_lse(1 - slot, u + 1)
+
+          plgpu.barrier_wait(stat_bar.at[wg * 2 + slot])
+          lse = plgpu.load(stat_smem.at[wg, slot], (), layout=row_layout)
+          b, h, n, _, i, j = tile(u)
+          rows = pl.ds((b * heads + h) * length + n * chunk + i * BLOCK + row_off, _HALF)
+          g0 = u * spt
+          p = tile_probs(ring_accumulate(scoped, g0, kq, BLOCK, row_off), lse, i, j, row_off)
+          store_rows(scoped, wg, p.astype(dtype), p_ref, rows, j * BLOCK)
+          dp = ring_accumulate(scoped, g0 + kq, kv, BLOCK, row_off)
+          plgpu.barrier_wait(delta_bar.at[slot])
+          delta = plgpu.load(delta_smem.at[slot].at[mine], (), layout=row_layout)
+          store_rows(scoped, wg, tile_ds(p, dp, delta).astype(dtype), ds_ref, rows, j * BLOCK)
+          return carry
+
+        lax.fori_loop(0, n_items, run, 0)
 
       plgpu.wait_smem_to_gmem(0)
 
   def entry(*refs):
+    if fused:
+      pl.run_scoped(
+          lambda smem, bars: streamed_delta_body(*refs, (smem[:4], bars[:4]), (smem[4], bars[4:])),
+          (plgpu.SMEM((stages, BLOCK, _TK), dtype, transforms=transforms),
+           plgpu.SMEM((stages, block_k, _TK), dtype, transforms=transforms),
+           plgpu.SMEM((2, 2, _HALF, _EPI), dtype, transforms=transforms),
+           plgpu.SMEM((2, 2, _HALF), jnp.float32),  # lse [wg, slot]
+           plgpu.SMEM((2, BLOCK), jnp.float32)),  # the tiles' delta, one slot per tile parity
+          (plgpu.Barrier(num_barriers=stages),
+           plgpu.Barrier(num_barriers=stages),
+           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+           plgpu.Barrier(num_barriers=4),
+           plgpu.Barrier(num_barriers=2),
+           plgpu.Barrier(num_arrivals=2)),  # a delta item's two consumers: both halves stored
+          collective_axes="wg",
+      )
+      return
     pl.run_scoped(
         lambda *scoped: body(*refs, scoped),
         (plgpu.SMEM((stages, BLOCK, _TK), dtype, transforms=transforms),
@@ -613,15 +841,20 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
   tile_type = jax.ShapeDtypeStruct((batch * heads * length, chunk), dtype)
   kernel = plgpu.kernel(
       entry,
-      out_type=(tile_type, tile_type),
+      out_type=(tile_type, tile_type) + ((jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),) if fused else ()),
       # The last grid axis runs fastest: a chunk-head's programs run together (see the docstring).
       grid=(batch * heads, n_chunks, n_pairs, n_groups) if persistent_ctas is None else (persistent_ctas,),
       grid_names=("bh", "chunk", "pair", "group") if persistent_ctas is None else ("cta",),
       num_threads=3,
       thread_name="wg",
+      # Mosaic GPU reserves 2 KiB of shared memory for cross-warp reductions wherever a kernel reduces;
+      # delta's row sums stay within a warp, and the 5-stage ring with the O slots needs that space.
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({} if interpret is None else {"interpret": interpret}),
   )
-  p_buf, ds_buf = kernel(q2, k2, v2, do2, lse, delta)
   shape = (batch, heads, length, chunk)
+  if fused:
+    p_buf, ds_buf, delta = kernel(q2, k2, v2, do2, out.reshape(batch * length, heads * dv), lse)
+    return p_buf.reshape(shape), ds_buf.reshape(shape), delta
+  p_buf, ds_buf = kernel(q2, k2, v2, do2, lse, delta)
   return p_buf.reshape(shape), ds_buf.reshape(shape)

@@ -269,6 +269,39 @@ def test_auto_tiles_is_mgpu_on_hopper_only_and_follows_the_environment(host_with
     ca.chunk_attention(*(jnp.zeros((1, 128, 1, 64)),) * 3, chunk_size=128, config=ca.KernelConfig(tiles_impl="x"))
 
 
+def test_chunk_attention_computes_delta_in_the_tiles_kernel_by_default(host_without_hopper, monkeypatch):
+  """delta_impl 'auto' (the default): where the Mosaic GPU tiles kernel runs on its persistent schedule, 14
+  of its 132 programs compute delta from the forward's output and XLA's pass goes;
+  MEGALODON_ATTENTION_DELTA_CTAS sets how many; MEGALODON_ATTENTION_DELTA=xla, delta_impl='xla' or too few
+  persistent programs bring XLA's pass back."""
+  for name in ("MEGALODON_ATTENTION_DELTA", "MEGALODON_ATTENTION_DELTA_CTAS", "MEGALODON_ATTENTION_TILES_PERSISTENT"):
+    monkeypatch.delenv(name, raising=False)
+  xla_deltas, tiles_calls = [], []
+  real_delta, real_tiles = ca._delta, bt.bwd_tiles_mgpu
+  monkeypatch.setattr(ca, "_delta", lambda o, d: (xla_deltas.append(1), real_delta(o, d))[1])
+  monkeypatch.setattr(bt, "bwd_tiles_mgpu", lambda *a, **kw: (tiles_calls.append(kw), real_tiles(*a, **kw))[1])
+
+  def lower(config=ca.KernelConfig(matmul_impl="triton", tiles_impl="mgpu")):
+    xla_deltas.clear()
+    module = _lowered_attention_module(config, 256, 512)
+    assert module.count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+    return len(xla_deltas), tiles_calls[-1].get("out") is not None, tiles_calls[-1].get("delta_ctas")
+
+  assert lower() == (0, True, 14)
+  monkeypatch.setenv("MEGALODON_ATTENTION_DELTA_CTAS", "3")
+  assert lower() == (0, True, 3)
+  monkeypatch.setenv("MEGALODON_ATTENTION_TILES_PERSISTENT", "3")  # no program left for the tiles
+  assert lower() == (1, False, 0)
+  monkeypatch.delenv("MEGALODON_ATTENTION_TILES_PERSISTENT")
+  monkeypatch.setenv("MEGALODON_ATTENTION_DELTA", "xla")
+  assert lower() == (1, False, 0)
+  monkeypatch.delenv("MEGALODON_ATTENTION_DELTA")
+  assert lower(ca.KernelConfig(matmul_impl="triton", tiles_impl="mgpu", delta_impl="xla")) == (1, False, 0)
+  monkeypatch.setenv("MEGALODON_ATTENTION_DELTA", "fused")
+  with pytest.raises(ValueError, match="MEGALODON_ATTENTION_DELTA='fused'"):
+    lower()
+
+
 def test_persistent_schedule_follows_the_environment(host_without_hopper, monkeypatch):
   """The op's tiles call: the persistent schedule with one program per SM and 5 stages by default;
   MEGALODON_ATTENTION_TILES_PERSISTENT=<int> sets the programs (0: one tile per program, 4 stages)
@@ -423,3 +456,94 @@ def test_persistent_kernel_matches_the_reference_in_the_interpreter(rng, mgpu_in
   p_ref, ds_ref = bt.bwd_tiles_reference(q, k, v, d_out, lse, delta, chunk, scale)
   assert _visited_err(p_buf, p_ref, chunk, bt.BLOCK) < 1e-2
   assert _visited_err(ds_buf, ds_ref, chunk, bt.BLOCK) < 1e-2
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(delta="keep", out="give"), "exactly one of delta"),
+    (dict(delta=None, out=None), "exactly one of delta"),
+    (dict(delta=None, out="give"), "needs the persistent schedule"),
+    (dict(delta=None, out="wrong", persistent_ctas=4), "out must be the forward's output"),
+    (dict(delta=None, out="give", persistent_ctas=4, delta_ctas=0), "delta_ctas 0: with out="),
+    (dict(delta=None, out="give", persistent_ctas=4, delta_ctas=4), "delta_ctas 4: with out="),
+    (dict(delta=None, out="give", persistent_ctas=4, delta_ctas=True), "delta_ctas True"),
+    (dict(delta="keep", out=None, persistent_ctas=4, delta_ctas=2), "delta_ctas needs out="),
+])
+def test_delta_in_the_kernel_argument_checks(rng, change, message):
+  q, k, v, d_out = _inputs(rng, 1, 256, 1, 64, 128, jnp.bfloat16)
+  stat = jnp.zeros((1, 1, 256), jnp.float32)
+  out = {"give": d_out, "wrong": d_out[..., :64], None: None}[change["out"]]
+  delta = stat if change["delta"] == "keep" else None
+  with pytest.raises(ValueError, match=message):
+    bt.bwd_tiles_mgpu(q, k, v, d_out, stat, delta, out=out, chunk=256, persistent_ctas=change.get("persistent_ctas"),
+                      delta_ctas=change.get("delta_ctas", 1))
+
+
+@pytest.mark.parametrize("batch,heads,chunk,length,dv,stages,ctas,delta_ctas", [
+    (1, 2, 384, 768, 128, 2, 3, 1),  # 4 chunk-heads of 3 blocks: one delta program, two tile programs
+    (2, 1, 512, 512, 128, 3, 5, 2),  # 2 chunk-heads of 4 blocks over two batch rows: 2 delta, 3 tile programs
+    (1, 1, 256, 256, 128, 2, 9, 4),  # more programs than work: idle delta and tile programs
+])
+def test_delta_on_programs_of_its_own_matches_the_reference_in_the_interpreter(rng, mgpu_interpreter, batch, heads,
+                                                                               chunk, length, dv, stages, ctas,
+                                                                               delta_ctas):
+  """delta_ctas: programs 0 .. delta_ctas - 1 stream O and dO and store delta; the others run the tiles with
+  it. The interpreter runs programs one after another, the delta programs first (no semaphores there;
+  the GPU test has them)."""
+  params, gpu_callbacks = mgpu_interpreter
+  dk, scale = 64, 0.5
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.bfloat16)
+  lse, _ = _stats64(q, k, v, d_out, chunk, scale)
+  out = jnp.asarray(rng.standard_normal(v.shape), jnp.bfloat16)
+  want_delta = np.einsum("blhd,blhd->bhl", np.asarray(out, np.float64), np.asarray(d_out, np.float64))
+  p_buf, ds_buf, delta = bt.bwd_tiles_mgpu(q, k, v, d_out, lse, None, out=out, chunk=chunk, scale=scale,
+                                           stages=stages, persistent_ctas=ctas, delta_ctas=delta_ctas,
+                                           interpret=params)
+  assert not gpu_callbacks.get_races().races_found
+  assert delta.dtype == jnp.float32 and _rel_err(delta, want_delta) < 1e-5
+  p_ref, ds_ref = bt.bwd_tiles_reference(q, k, v, d_out, lse, jnp.asarray(want_delta, jnp.float32), chunk, scale)
+  assert _visited_err(p_buf, p_ref, chunk, bt.BLOCK) < 1e-2
+  assert _visited_err(ds_buf, ds_ref, chunk, bt.BLOCK) < 1e-2
+
+
+@pytest.mark.parametrize("delta_ctas", [12, 20])
+def test_delta_on_programs_of_its_own_lowers_for_cuda(delta_ctas):
+  """At the benchmark shape with 132 programs, delta_ctas of them streaming delta: one Mosaic GPU call."""
+  dims = {key: _BENCH[key] for key in ("batch", "length", "heads", "dk", "dv", "chunk")}
+  q = jax.ShapeDtypeStruct((dims["batch"], dims["length"], dims["heads"], dims["dk"]), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((dims["batch"], dims["length"], dims["heads"], dims["dv"]), jnp.bfloat16)
+  stat = jax.ShapeDtypeStruct((dims["batch"], dims["heads"], dims["length"]), jnp.float32)
+  fn = lambda q, k, v, d_out, out, lse: bt.bwd_tiles_mgpu(q, k, v, d_out, lse, None, out=out,  # noqa: E731
+                                                           chunk=dims["chunk"], stages=5, persistent_ctas=132,
+                                                           delta_ctas=delta_ctas)
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(q, q, v, v, v, stat)
+  assert exported.mlir_module().count(f"custom_call @{bt.MOSAIC_GPU_CALL}(") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,length,heads,ctas,delta_ctas", [
+    (2048, 16384, 4, 132, 16),  # 32 chunk-heads: the op's schedule at half its length
+    (384, 3072, 4, 7, 2),  # few programs: the waits bite
+])
+def test_delta_on_programs_of_its_own_matches_the_unfused_kernel_on_hopper(rng, chunk, length, heads, ctas,
+                                                                           delta_ctas):
+  """Compiled on the GPU: delta from programs of its own (the tiles waiting on global semaphores) equals
+  rowsum(O dO) to float32 rounding, and P / dS equal the unfused kernel's given that delta, in three calls in
+  a row (the semaphores' epoch advances once a call)."""
+  if not ca._is_hopper():
+    pytest.fail("needs a compute-capability 9.0 GPU (run with MEGALODON_TEST_PLATFORM=gpu on an H100/H200)")
+  batch, dk, dv, scale = 1, 128, 256, 0.5
+  q, k, v, d_out = _inputs(rng, batch, length, heads, dk, dv, jnp.bfloat16)
+  lse, _ = _stats64(q, k, v, d_out, chunk, scale)
+  mask = np.tile(np.asarray(bt.visited_tiles(chunk, bt.BLOCK)), (length // chunk, 1))
+  unfused = jax.jit(lambda *a: bt.bwd_tiles_mgpu(*a, chunk=chunk, scale=scale, stages=5, persistent_ctas=ctas))
+  fused = jax.jit(lambda q, k, v, d_out, out, lse: bt.bwd_tiles_mgpu(
+      q, k, v, d_out, lse, None, out=out, chunk=chunk, scale=scale, stages=5, persistent_ctas=ctas,
+      delta_ctas=delta_ctas))
+  for call in range(3):
+    out = jnp.asarray(rng.standard_normal(v.shape), jnp.bfloat16)  # new values each call: no stale delta passes
+    want_delta = np.einsum("blhd,blhd->bhl", np.asarray(out, np.float64), np.asarray(d_out, np.float64))
+    p_buf, ds_buf, delta = fused(q, k, v, d_out, out, lse)
+    assert _rel_err(delta, want_delta) < 1e-5, call
+    for name, got, want in zip(("p", "ds"), (p_buf, ds_buf), unfused(q, k, v, d_out, lse, delta)):
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      assert np.array_equal(np.where(mask, got, 0), np.where(mask, want, 0)), (name, call)

@@ -546,6 +546,33 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
 
       plgpu.wait_smem_to_gmem(0)
 
+  def tile_loads(scoped, refs, b, h, n, i, j, g0, halfway=None):
+    """Producer (persistent schedules): tile (i, j) of chunk n of (b, h) into ring steps g0 .. g0 + spt - 1:
+    Q_i, K_j over dk, then dO_i, V_j over dv; `halfway()`, if given, runs halfway through the dv steps.
+    refs: (q_ref, k_ref, v_ref, do_ref), the 2-D views."""
+    q_ref, k_ref, v_ref, do_ref = refs
+    load = functools.partial(ring_load, scoped, width=BLOCK)
+    x_row0 = b * length + n * chunk
+    q_rows, k_rows = pl.ds(x_row0 + i * BLOCK, BLOCK), pl.ds(x_row0 + j * BLOCK, BLOCK)
+
+    @pl.loop(0, kq)
+    def _qk(s):
+      cols = pl.ds(h * dk + s * _TK, _TK)
+      load(g0 + s, q_ref.at[q_rows, cols], k_ref.at[k_rows, cols])
+
+    def dov(lo, hi):
+      @pl.loop(lo, hi)
+      def _dov(s):
+        cols = pl.ds(h * dv + s * _TK, _TK)
+        load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols])
+
+    if halfway is None:
+      dov(0, kv)
+    else:
+      dov(0, kv // 2)
+      halfway()
+      dov(kv // 2, kv)
+
   def tile_probs(s, lse, i, j, row_off):
     """Consumer: P of my 64 rows of tile (i, j) (persistent schedules) from S = Q_i K_j^T [64, 128]
     float32 and the rows' lse [64] (base 2)."""
@@ -576,24 +603,11 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      load = functools.partial(ring_load, scoped, width=BLOCK)
 
       @pl.loop(0, n_tiles)
       def _tiles(u):
         b, h, n, _, i, j = tile(u)
-        x_row0 = b * length + n * chunk
-        q_rows, k_rows = pl.ds(x_row0 + i * BLOCK, BLOCK), pl.ds(x_row0 + j * BLOCK, BLOCK)
-        g0 = u * spt
-
-        @pl.loop(0, kq)
-        def _qk(s):
-          cols = pl.ds(h * dk + s * _TK, _TK)
-          load(g0 + s, q_ref.at[q_rows, cols], k_ref.at[k_rows, cols])
-
-        @pl.loop(0, kv)
-        def _dov(s):
-          cols = pl.ds(h * dv + s * _TK, _TK)
-          load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols])
+        tile_loads(scoped, (q_ref, k_ref, v_ref, do_ref), b, h, n, i, j, u * spt)
 
       ring_drain(scoped, n_tiles * spt)  # once per program: the ring runs on across its tiles
 
@@ -704,28 +718,15 @@ def bwd_tiles_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
       def _tile_loads():
         def run(u, carry):
           b, h, n, ch, i, j = tile(u)
-          x_row0 = b * length + n * chunk
-          q_rows, k_rows = pl.ds(x_row0 + i * BLOCK, BLOCK), pl.ds(x_row0 + j * BLOCK, BLOCK)
-          g0 = u * spt
 
-          @pl.loop(0, kq)
-          def _qk(s):
-            cols = pl.ds(h * dk + s * _TK, _TK)
-            load(g0 + s, q_ref.at[q_rows, cols], k_ref.at[k_rows, cols])
+          def fetch_delta():  # the block's delta, once its delta program raised the semaphore
+            slot = lax.rem(u, 2)
+            if sems is not None:
+              plgpu.semaphore_wait(sems.at[ch * nbq + i], target, decrement=False, memory_scope="gpu")
+            delta_smem.at[slot][...] = plgpu.load(delta_ref.at[b, h, pl.ds(n * chunk + i * BLOCK, BLOCK)], ())
+            plgpu.barrier_arrive(delta_bar.at[slot])
 
-          def dov(lo, hi):
-            @pl.loop(lo, hi)
-            def _dov(s):
-              cols = pl.ds(h * dv + s * _TK, _TK)
-              load(g0 + kq + s, do_ref.at[q_rows, cols], v_ref.at[k_rows, cols])
-
-          dov(0, kv // 2)
-          slot = lax.rem(u, 2)
-          if sems is not None:
-            plgpu.semaphore_wait(sems.at[ch * nbq + i], target, decrement=False, memory_scope="gpu")
-          delta_smem.at[slot][...] = plgpu.load(delta_ref.at[b, h, pl.ds(n * chunk + i * BLOCK, BLOCK)], ())
-          plgpu.barrier_arrive(delta_bar.at[slot])
-          dov(kv // 2, kv)
+          tile_loads(scoped, (q_ref, k_ref, v_ref, do_ref), b, h, n, i, j, u * spt, halfway=fetch_delta)
           return carry
 
         lax.fori_loop(0, n_items, run, 0)

@@ -21,7 +21,8 @@ GEMM-shaped kernels over the visited (query block, key block) tiles of each chun
                once, after the loop). (KernelConfig(fwd_scores='online'): one pass with running
                maxima per key block instead, which step 2 applies to every tile inside its loop.)
   backward  3. per visited tile: S, P = exp2(S - lse), dP = dO V^T (full dv), dS = P (dP - delta);
-               stores P and dS tiles (delta = rowsum(O * dO) comes from XLA).
+               stores P and dS tiles (delta = rowsum(O * dO) from XLA, or on Hopper from programs of
+               the Mosaic GPU tiles kernel of their own, beside the tiles: KernelConfig.delta_impl).
             4. dV = P^T dO, dK = dS^T Q (block-causal transposed matmuls), dQ = dS K.
   The matmuls of steps 2 and 4 may use finer tiles than the kernels that wrote the tiles (they
   read only tiles those kernels visited); step 3 wants wide tiles (its cost is streaming dO and V).

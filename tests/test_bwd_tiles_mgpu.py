@@ -302,6 +302,19 @@ def test_chunk_attention_computes_delta_in_the_tiles_kernel_by_default(host_with
     lower()
 
 
+@pytest.mark.parametrize("sms,delta_ctas,takes", [(132, 14, True), (114, 12, True), (20, 2, True), (8, 1, True),
+                                                   (1, 1, False)])
+def test_delta_programs_scale_with_the_sm_count(host_without_hopper, monkeypatch, sms, delta_ctas, takes):
+  """14 delta programs per 132 SMs, at least one, and the kernel only where programs are left for the tiles
+  (a one-SM device computes delta in XLA)."""
+  for name in ("MEGALODON_ATTENTION_DELTA_CTAS", "MEGALODON_ATTENTION_TILES_PERSISTENT"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(ca, "_sm_count", lambda: sms)
+  monkeypatch.setattr(ca, "_mgpu_tiles_takes", lambda *args: True)
+  assert ca._delta_ctas() == delta_ctas
+  assert ca._mgpu_delta_in_tiles(None, None, None, None, None, None) is takes
+
+
 def test_persistent_schedule_follows_the_environment(host_without_hopper, monkeypatch):
   """The op's tiles call: the persistent schedule with one program per SM and 5 stages by default;
   MEGALODON_ATTENTION_TILES_PERSISTENT=<int> sets the programs (0: one tile per program, 4 stages)
